@@ -1,0 +1,27 @@
+#include "moev/core/device.h"
+
+#include <torch/cuda.h>
+
+#include "moev/core/error.h"
+
+namespace moev {
+
+c10::Device parse_device(const std::string& name) {
+  c10::Device dev(c10::kCPU);
+  try {
+    dev = c10::Device(name);
+  } catch (const std::exception&) {
+    fail("--device: unknown device '", name, "' (expected cpu, cuda or cuda:N)");
+  }
+  if (dev.is_cuda()) {
+    MOEV_CHECK(torch::cuda::is_available(), "--device ", name,
+               ": this LibTorch build has no CUDA support or no GPU is visible; use --device cpu");
+    MOEV_CHECK(!dev.has_index() || dev.index() < static_cast<int>(torch::cuda::device_count()),
+               "--device ", name, ": only ", torch::cuda::device_count(), " CUDA device(s) visible");
+  } else {
+    MOEV_CHECK(dev.is_cpu(), "--device ", name, ": only cpu and cuda are supported");
+  }
+  return dev;
+}
+
+}  // namespace moev

@@ -1,0 +1,39 @@
+// The config of every moev model: one plain struct, filled from presets, config
+// files and CLI flags (moev/io/config.h), stored beside each checkpoint.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "moev/models/classifier.h"
+#include "moev/models/placement.h"
+#include "moev/moe/moe_layer.h"
+#include "moev/moe/router.h"
+
+namespace moev::models {
+
+struct ModelConfig {
+  std::string family = "vit";  // model family: vit
+  int64_t image_size = 28;     // input height = width, pixels
+  int64_t channels = 1;        // input channels
+  int64_t num_classes = 10;    // L
+  int64_t patch = 4;           // ViT patch side, pixels
+  int64_t width = 128;         // D
+  int64_t depth = 6;           // transformer blocks
+  int64_t heads = 4;           // attention heads
+  int64_t mlp_dim = 256;       // H of the MLP and of each expert
+  double dropout = 0.0;        // dropout after attention and MLP
+  Placement moe;               // which blocks are MoE
+  moe::RouterConfig router;    // routing of every MoE layer
+  moe::AuxWeights aux;         // auxiliary loss weights
+};
+
+// Named presets: vit-tiny, vmoe-tiny (E=8, K=2, Last-2), vit-s32, vmoe-s32.
+ModelConfig preset(const std::string& name);
+std::vector<std::string> preset_names();
+
+void validate(const ModelConfig& cfg);
+ClassifierPtr build_model(const ModelConfig& cfg);
+
+}  // namespace moev::models

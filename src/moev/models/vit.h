@@ -1,0 +1,44 @@
+// Pre-LayerNorm Vision Transformer (Dosovitskiy et al. 2021) with global average
+// pooling, and its V-MoE variant (Riquelme et al. 2021): the MLP of the blocks
+// chosen by the placement is replaced by the shared moe::MoELayer.
+#pragma once
+
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
+
+#include "moev/models/model_config.h"
+
+namespace moev::models {
+
+class ViTBlockImpl : public torch::nn::Module {
+ public:
+  ViTBlockImpl(const ModelConfig& cfg, bool use_moe);
+  // x: [B, N, D] -> [B, N, D]
+  at::Tensor forward(const at::Tensor& x);
+
+  int64_t heads;
+  torch::nn::LayerNorm ln1{nullptr}, ln2{nullptr};
+  torch::nn::Linear qkv{nullptr}, proj{nullptr}, fc1{nullptr}, fc2{nullptr};
+  moe::MoELayer moe{nullptr};
+  torch::nn::Dropout drop{nullptr};
+};
+TORCH_MODULE(ViTBlock);
+
+class ViTImpl : public Classifier {
+ public:
+  explicit ViTImpl(const ModelConfig& cfg);
+  // images: [B, C, H, W] -> logits: [B, L]
+  at::Tensor forward(const at::Tensor& images) override;
+
+  ModelConfig cfg;
+  torch::nn::Conv2d patch_embed{nullptr};
+  at::Tensor pos_embed;  // [1, N, D]
+  torch::nn::ModuleList blocks{nullptr};
+  torch::nn::LayerNorm norm{nullptr};
+  torch::nn::Linear head{nullptr};
+};
+
+}  // namespace moev::models

@@ -1,0 +1,89 @@
+#include "moev/moe/moe_layer.h"
+
+#include <cmath>
+
+#include <torch/torch.h>
+
+#include "moev/core/error.h"
+
+namespace moev::moe {
+
+MoELayerImpl::MoELayerImpl(const MoELayerOptions& o) : options(o) {
+  validate(o.router());
+  router_weight = register_parameter("router", torch::empty({o.router().num_experts, o.dim()}));
+  experts = register_module(
+      "experts", Experts(ExpertsOptions(o.router().num_experts, o.dim(), o.hidden())));
+  reset_parameters();
+}
+
+void MoELayerImpl::reset_parameters() {
+  // vmoe initialises the router kernel to zeros is an option; small random values
+  // break the symmetry between experts from the first step.
+  torch::NoGradGuard no_grad;
+  router_weight.normal_(0, 0.02);
+  experts->reset_parameters();
+}
+
+void MoELayerImpl::set_router(const RouterConfig& cfg) {
+  validate(cfg);
+  MOEV_CHECK(cfg.num_experts == options.router().num_experts, "moe.num_experts = ",
+             cfg.num_experts, " but this layer was trained with ", options.router().num_experts);
+  options.router(cfg);
+}
+
+at::Tensor MoELayerImpl::forward(const at::Tensor& x) {
+  MOEV_CHECK(x.dim() == 3 && x.size(2) == options.dim(), "MoELayer: expected [B, N, ",
+             options.dim(), "], got ", x.sizes());
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), T = B * N;
+  const auto& cfg = options.router();
+  const int64_t E = cfg.num_experts;
+  auto xf = x.reshape({T, D});
+
+  auto logits = torch::linear(xf.to(torch::kFloat), router_weight.to(torch::kFloat));
+  RoutingResult r = route(logits, cfg, N, is_training());
+  const int64_t C = r.slot_token.size(1);
+
+  // Empty slots read token 0 and write to a discarded row T with weight 0, so no
+  // mask or compaction is needed and their gradients are exactly zero.
+  auto slot_token = r.slot_token.view(-1);
+  auto empty = slot_token < 0;
+  auto read_index = slot_token.clamp_min(0);
+  auto write_index = slot_token.masked_fill(empty, T);
+  auto gate_index = r.slot_gate.view(-1).masked_fill(empty, T * E);
+  auto gates = torch::cat({r.combine_gates.reshape(-1), r.combine_gates.new_zeros({1})});
+  auto weight = gates.index_select(0, gate_index).to(x.scalar_type()).unsqueeze(1);  // [E*C, 1]
+
+  auto xd = xf.index_select(0, read_index).view({E, C, D});
+  auto yd = experts->forward(xd).view({E * C, D}) * weight;
+  auto y = torch::zeros({T + 1, D}, x.options()).index_add(0, write_index, yd).narrow(0, 0, T);
+
+  stats_.expert_count.assign(E, 0);
+  auto cnt = r.expert_count.to(torch::kCPU);
+  for (int64_t e = 0; e < E; ++e) stats_.expert_count[e] = cnt[e].item<int64_t>();
+  stats_.dropped_fraction = r.dropped_fraction;
+  stats_.capacity = r.capacity;
+  stats_.importance_loss = r.importance_loss;
+  stats_.load_loss = r.load_loss;
+  stats_.switch_loss = r.switch_loss;
+  stats_.z_loss = r.z_loss;
+  if (options.keep_routing()) routing_ = std::move(r);
+  return y.view({B, N, D});
+}
+
+at::Tensor MoELayerImpl::aux_loss() const {
+  MOEV_CHECK(stats_.importance_loss.defined(), "MoELayer::aux_loss called before forward");
+  const auto& w = options.aux();
+  return stats_.importance_loss * w.importance + stats_.load_loss * w.load +
+         stats_.switch_loss * w.switch_lb + stats_.z_loss * w.z;
+}
+
+std::vector<MoELayer> find_moe_layers(torch::nn::Module& root) {
+  std::vector<MoELayer> out;
+  if (auto* self = dynamic_cast<MoELayerImpl*>(&root))
+    out.emplace_back(std::static_pointer_cast<MoELayerImpl>(self->shared_from_this()));
+  for (auto& m : root.modules(/*include_self=*/false))
+    if (auto p = std::dynamic_pointer_cast<MoELayerImpl>(m)) out.emplace_back(p);
+  return out;
+}
+
+}  // namespace moev::moe

@@ -1,0 +1,77 @@
+// The sparse MoE layer every moev model uses in place of an FFN (V-MoE, Riquelme
+// et al. 2021; MoE in ConvNeXt/ViT, Videau et al. 2024): fp32 linear router ->
+// route() -> gather tokens into expert slots -> batched expert FFNs -> weighted
+// scatter back. Tokens dropped by capacity get zero here and keep their residual.
+//
+// Its router config can be changed after training (K, capacity, BPR, router kind)
+// because the router weights do not depend on them.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+
+#include "moev/moe/experts.h"
+#include "moev/moe/router.h"
+
+namespace moev::moe {
+
+// Weights of the auxiliary losses; the model's aux loss is their weighted sum over
+// its MoE layers.
+struct AuxWeights {
+  double importance = 0.005;  // V-MoE importance loss
+  double load = 0.005;        // V-MoE load loss (normal-CDF form)
+  double switch_lb = 0.0;     // Switch/GShard load-balancing loss
+  double z = 0.0;             // router z-loss (ST-MoE)
+};
+
+// What one forward call routed, for logs and analysis.
+struct MoEStats {
+  std::vector<int64_t> expert_count;  // slots filled per expert
+  double dropped_fraction = 0;        // assignments past capacity
+  int64_t capacity = 0;               // slots per expert per group
+  at::Tensor importance_loss, load_loss, switch_loss, z_loss;  // scalars
+};
+
+struct MoELayerOptions {
+  MoELayerOptions(int64_t dim, int64_t hidden, RouterConfig router = {})
+      : dim_(dim), hidden_(hidden), router_(router) {}
+  TORCH_ARG(int64_t, dim);          // D
+  TORCH_ARG(int64_t, hidden);       // H of each expert
+  TORCH_ARG(RouterConfig, router);  // routing; changeable at inference
+  TORCH_ARG(AuxWeights, aux);       // auxiliary loss weights
+  TORCH_ARG(bool, keep_routing) = false;  // keep last RoutingResult (analysis)
+};
+
+class MoELayerImpl : public torch::nn::Module {
+ public:
+  explicit MoELayerImpl(const MoELayerOptions& options);
+  void reset_parameters();
+
+  // x: [B, N, D] -> [B, N, D]; aux losses and stats of the call in last_stats().
+  at::Tensor forward(const at::Tensor& x);
+
+  // Weighted sum of this layer's aux losses from its last forward (scalar).
+  at::Tensor aux_loss() const;
+  const MoEStats& last_stats() const { return stats_; }
+  const RoutingResult& last_routing() const { return routing_; }
+
+  void set_router(const RouterConfig& cfg);
+  const RouterConfig& router_config() const { return options.router(); }
+
+  MoELayerOptions options;
+  at::Tensor router_weight;  // [E, D], no bias (V-MoE)
+  Experts experts{nullptr};
+
+ private:
+  MoEStats stats_;
+  RoutingResult routing_;
+};
+TORCH_MODULE(MoELayer);
+
+// Every MoE layer inside a module tree, in registration order.
+std::vector<MoELayer> find_moe_layers(torch::nn::Module& root);
+
+}  // namespace moev::moe

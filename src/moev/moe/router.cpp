@@ -1,0 +1,244 @@
+// Routing decisions for the shared MoE core: top-K token choice with capacity,
+// K-major priority (token order or BPR), dropless mode, Expert-Choice, and the
+// auxiliary losses computed from the same logits.
+//
+// Placement is an O(T*K) loop over integer tensors on the CPU: it is sequential by
+// nature (slot positions depend on every earlier assignment), tiny next to the
+// expert GEMMs, and cheaper than any sort- or cumsum-based formulation here. On a
+// CUDA device the few integer tensors it needs travel to the host and back.
+#include "moev/moe/router.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include <torch/torch.h>
+
+#include "moev/core/error.h"
+
+namespace moev::moe {
+
+RouterKind parse_router_kind(const std::string& name) {
+  if (name == "topk" || name == "top_k") return RouterKind::kTopK;
+  if (name == "expert_choice" || name == "ec") return RouterKind::kExpertChoice;
+  fail("router kind '", name, "': expected topk or expert_choice");
+}
+
+std::string to_string(RouterKind kind) {
+  return kind == RouterKind::kTopK ? "topk" : "expert_choice";
+}
+
+void validate(const RouterConfig& cfg) {
+  MOEV_CHECK(cfg.num_experts >= 1, "moe.num_experts = ", cfg.num_experts, ": expected >= 1");
+  MOEV_CHECK(cfg.k >= 1, "moe.k = ", cfg.k, ": expected >= 1");
+  MOEV_CHECK(cfg.k <= cfg.num_experts, "moe.k = ", cfg.k, " is larger than moe.num_experts = ",
+             cfg.num_experts, ": a token cannot choose more experts than exist");
+  MOEV_CHECK(cfg.capacity_factor > 0 && std::isfinite(cfg.capacity_factor),
+             "moe.capacity = ", cfg.capacity_factor, ": expected a capacity ratio > 0");
+  MOEV_CHECK(cfg.noise_std >= 0, "moe.noise_std = ", cfg.noise_std, ": expected >= 0");
+  MOEV_CHECK(cfg.group_size >= 1, "moe.group_size = ", cfg.group_size, ": expected >= 1 image");
+}
+
+int64_t expert_capacity(const RouterConfig& cfg, int64_t tokens_per_group) {
+  const double c = std::ceil(static_cast<double>(cfg.k) * static_cast<double>(tokens_per_group) *
+                             cfg.capacity_factor / static_cast<double>(cfg.num_experts));
+  return std::max<int64_t>(1, static_cast<int64_t>(c));
+}
+
+namespace {
+
+// Coefficient of variation squared along the last dim, averaged over the rest.
+// Population std, as vmoe computes it.
+torch::Tensor cv_squared(const torch::Tensor& x) {
+  auto mean = x.mean(-1);
+  auto var = (x - mean.unsqueeze(-1)).pow(2).mean(-1);
+  return (var / (mean.pow(2) + 1e-10)).mean();
+}
+
+struct Groups {
+  int64_t size;   // S: tokens per full group
+  int64_t count;  // G
+  torch::Tensor id;     // int64 [T]: group of each token
+  torch::Tensor tokens; // float [G, 1]: tokens in each group
+};
+
+Groups make_groups(int64_t T, int64_t S, const torch::Device& dev) {
+  Groups g;
+  g.size = S;
+  g.count = (T + S - 1) / S;
+  g.id = torch::arange(T, torch::TensorOptions().dtype(torch::kLong).device(dev)).div(S, "floor");
+  std::vector<float> n(g.count, static_cast<float>(S));
+  if (T % S) n.back() = static_cast<float>(T % S);
+  g.tokens = torch::tensor(n).to(dev).unsqueeze(1);
+  return g;
+}
+
+// Sum over the tokens of each group: [T, E] -> [G, E].
+torch::Tensor group_sum(const torch::Tensor& x, const Groups& g) {
+  if (x.size(0) == g.count * g.size) return x.view({g.count, g.size, x.size(1)}).sum(1);
+  return torch::zeros({g.count, x.size(1)}, x.options()).index_add(0, g.id, x);
+}
+
+void aux_losses(RoutingResult& r, const torch::Tensor& logits, const torch::Tensor& clean_probs,
+                const torch::Tensor& noisy_logits, const torch::Tensor& gates,
+                const torch::Tensor& top1, const RouterConfig& cfg, const Groups& g) {
+  const int64_t E = cfg.num_experts;
+  r.importance_loss = cv_squared(group_sum(clean_probs, g));
+
+  // Load: probability that expert e stays in the noisy top-K if its own noise were
+  // redrawn; smooth in the clean logits, unlike the hard counts.
+  const double sigma = cfg.noise_std / static_cast<double>(E);
+  if (sigma > 0) {
+    auto threshold = std::get<0>(noisy_logits.topk(cfg.k, -1)).select(-1, cfg.k - 1).unsqueeze(-1);
+    auto z = (threshold - logits) / sigma;
+    auto p = 1.0 - 0.5 * (1.0 + torch::erf(z * M_SQRT1_2));
+    r.load_loss = cv_squared(group_sum(p, g) / g.tokens);
+  } else {
+    r.load_loss = torch::zeros({}, logits.options());
+  }
+
+  auto frac = group_sum(torch::one_hot(top1, E).to(gates.scalar_type()), g) / g.tokens;
+  auto mean_gate = group_sum(gates, g) / g.tokens;
+  r.switch_loss = (frac * mean_gate).sum(-1).mean() * static_cast<double>(E);
+  r.z_loss = torch::logsumexp(logits, -1).pow(2).mean();
+}
+
+void place_topk(RoutingResult& r, const torch::Tensor& gates, const RouterConfig& cfg,
+                const Groups& g) {
+  const int64_t T = gates.size(0), E = cfg.num_experts, K = cfg.k;
+  auto top = gates.topk(K, -1);
+  r.assign_expert = std::get<1>(top);
+  auto idx_cpu = r.assign_expert.to(torch::kCPU).contiguous();
+  const int64_t* idx = idx_cpu.data_ptr<int64_t>();
+
+  // Capacity: the formula, or in dropless mode the fullest expert of any group.
+  int64_t cap = expert_capacity(cfg, g.size);
+  if (cfg.dropless) {
+    std::vector<int64_t> cnt(E);
+    cap = 1;
+    for (int64_t grp = 0; grp < g.count; ++grp) {
+      std::fill(cnt.begin(), cnt.end(), 0);
+      const int64_t t1 = std::min(T, (grp + 1) * g.size);
+      for (int64_t t = grp * g.size; t < t1; ++t)
+        for (int64_t k = 0; k < K; ++k) cap = std::max(cap, ++cnt[idx[t * K + k]]);
+    }
+  }
+  const int64_t C = cap * g.count;
+  auto slot_token = torch::full({E, C}, -1, torch::kLong);
+  auto slot_gate = torch::full({E, C}, -1, torch::kLong);
+  auto assign_slot = torch::full({T, K}, -1, torch::kLong);
+  auto count = torch::zeros({E}, torch::kLong);
+  int64_t* st = slot_token.data_ptr<int64_t>();
+  int64_t* sg = slot_gate.data_ptr<int64_t>();
+  int64_t* as = assign_slot.data_ptr<int64_t>();
+  int64_t* cnt_all = count.data_ptr<int64_t>();
+
+  torch::Tensor prio_cpu;
+  const float* prio = nullptr;
+  if (cfg.bpr) {
+    prio_cpu = std::get<0>(gates.max(-1)).to(torch::kCPU, torch::kFloat).contiguous();
+    prio = prio_cpu.data_ptr<float>();
+  }
+  std::vector<int64_t> order;
+  std::vector<int64_t> fill(E);
+  int64_t dropped = 0;
+  for (int64_t grp = 0; grp < g.count; ++grp) {
+    const int64_t t0 = grp * g.size, t1 = std::min(T, t0 + g.size);
+    const int64_t cap_g = cfg.dropless ? cap : expert_capacity(cfg, t1 - t0);
+    order.resize(t1 - t0);
+    std::iota(order.begin(), order.end(), t0);
+    if (prio)  // BPR: most confident tokens claim slots first; ties keep token order
+      std::stable_sort(order.begin(), order.end(),
+                       [prio](int64_t a, int64_t b) { return prio[a] > prio[b]; });
+    std::fill(fill.begin(), fill.end(), 0);
+    for (int64_t k = 0; k < K; ++k) {  // K-major: all first choices before any second
+      for (int64_t t : order) {
+        const int64_t e = idx[t * K + k];
+        if (fill[e] < cap_g) {
+          const int64_t c = grp * cap + fill[e]++;
+          st[e * C + c] = t;
+          sg[e * C + c] = t * E + e;
+          as[t * K + k] = c;
+        } else {
+          ++dropped;
+        }
+      }
+    }
+    for (int64_t e = 0; e < E; ++e) cnt_all[e] += fill[e];
+  }
+  const auto dev = gates.device();
+  r.slot_token = slot_token.to(dev);
+  r.slot_gate = slot_gate.to(dev);
+  r.assign_slot = assign_slot.to(dev);
+  r.expert_count = count.to(dev);
+  r.capacity = cap;
+  r.groups = g.count;
+  r.dropped_fraction = T > 0 ? static_cast<double>(dropped) / static_cast<double>(T * K) : 0.0;
+}
+
+// Expert-Choice (Zhou et al. 2022): each expert takes the `capacity` tokens of the
+// group with the highest gate for it, so load is balanced by construction and a
+// token may get any number of experts, including none.
+void place_expert_choice(RoutingResult& r, const torch::Tensor& gates, const RouterConfig& cfg,
+                         const Groups& g) {
+  const int64_t T = gates.size(0), E = cfg.num_experts;
+  const int64_t cap = std::min(expert_capacity(cfg, g.size), g.size);
+  const int64_t C = cap * g.count;
+  auto slot_token = torch::full({E, C}, -1, torch::kLong);
+  auto gates_cpu = gates.detach().to(torch::kCPU, torch::kFloat);
+  auto picked = torch::zeros({T}, torch::kLong);
+  for (int64_t grp = 0; grp < g.count; ++grp) {
+    const int64_t t0 = grp * g.size, t1 = std::min(T, t0 + g.size);
+    const int64_t take = std::min(expert_capacity(cfg, t1 - t0), t1 - t0);
+    auto top = std::get<1>(gates_cpu.slice(0, t0, t1).t().topk(take, -1)) + t0;  // [E, take]
+    slot_token.slice(1, grp * cap, grp * cap + take).copy_(top);
+    picked.index_fill_(0, top.reshape(-1), 1);
+  }
+  auto expert = torch::arange(E, torch::kLong).unsqueeze(1);
+  auto slot_gate = torch::where(slot_token >= 0, slot_token * E + expert, slot_token);
+  const auto dev = gates.device();
+  r.slot_token = slot_token.to(dev);
+  r.slot_gate = slot_gate.to(dev);
+  r.expert_count = (slot_token >= 0).sum(1).to(dev);
+  r.capacity = cap;
+  r.groups = g.count;
+  r.dropped_fraction = T > 0 ? 1.0 - picked.sum().item<double>() / static_cast<double>(T) : 0.0;
+}
+
+}  // namespace
+
+RoutingResult route(const at::Tensor& logits_in, const RouterConfig& cfg,
+                    int64_t tokens_per_image, bool training) {
+  validate(cfg);
+  MOEV_CHECK(logits_in.dim() == 2 && logits_in.size(1) == cfg.num_experts,
+             "router logits: expected [T, ", cfg.num_experts, "], got ", logits_in.sizes());
+  MOEV_CHECK(tokens_per_image >= 1, "router: tokens_per_image must be >= 1");
+  auto logits = logits_in.to(torch::kFloat);  // routing always in fp32
+  const int64_t T = logits.size(0), E = cfg.num_experts;
+  const Groups g = make_groups(T, cfg.group_size * tokens_per_image, logits.device());
+
+  auto clean_probs = torch::softmax(logits, -1);
+  torch::Tensor noisy = logits, gates = clean_probs;
+  if (training && cfg.noise_std > 0) {
+    noisy = logits + torch::randn_like(logits) * (cfg.noise_std / static_cast<double>(E));
+    gates = torch::softmax(noisy, -1);
+  }
+
+  RoutingResult r;
+  if (cfg.kind == RouterKind::kTopK) {
+    place_topk(r, gates.detach(), cfg, g);
+    r.combine_gates = gates;
+    if (cfg.renormalize) {
+      auto chosen = gates.gather(1, r.assign_expert).sum(-1, /*keepdim=*/true);
+      r.combine_gates = gates / (chosen + 1e-9);
+    }
+  } else {
+    place_expert_choice(r, gates.detach(), cfg, g);
+    r.combine_gates = gates;
+  }
+  auto top1 = std::get<1>(gates.detach().max(-1));
+  aux_losses(r, logits, clean_probs, noisy, gates, top1, cfg, g);
+  return r;
+}
+
+}  // namespace moev::moe

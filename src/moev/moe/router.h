@@ -1,0 +1,71 @@
+// Routers of the shared MoE core. A router is a function: given router logits for
+// the tokens of one call and the routing options, it decides which expert slot
+// each token goes to and with which combine weight. It knows nothing of models,
+// so it is tested on its own against dense references.
+//
+// Layout of the decision (never a dense one-hot [S, E, C] tensor):
+//   tokens are split into G routing groups of S tokens (group_size images each);
+//   each expert has `capacity` slots per group, so C = G * capacity slots per
+//   expert in all. slot_token[e, c] is the token placed there (-1: empty) and
+//   slot_gate[e, c] the index into combine_gates.view(-1) of its weight.
+//
+// V-MoE (Riquelme et al. 2021, google-research/vmoe routing.py) conventions:
+// noisy softmax gates in training, top-K choices, K-major priority with token
+// order or Batch Priority Routing, capacity ceil(K * S * C / E), selected gate
+// probabilities as combine weights (not renormalised unless asked).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <ATen/core/Tensor.h>
+
+namespace moev::moe {
+
+enum class RouterKind { kTopK, kExpertChoice };
+RouterKind parse_router_kind(const std::string& name);  // "topk" | "expert_choice"
+std::string to_string(RouterKind kind);
+
+struct RouterConfig {
+  RouterKind kind = RouterKind::kTopK;  // top-K token choice, or Expert-Choice
+  int64_t num_experts = 8;              // E
+  int64_t k = 2;                        // experts per token (top-K); EC: average per token
+  double capacity_factor = 1.05;        // C in ceil(K*S*C/E); <= 0 rejected
+  bool dropless = false;                // no capacity limit: every assignment placed
+  bool bpr = false;                     // Batch Priority Routing (order by max gate)
+  bool renormalize = false;             // divide the K selected gates by their sum
+  double noise_std = 1.0;               // train noise: eps ~ N(0, (noise_std/E)^2)
+  int64_t group_size = 8;               // images routed together (vmoe: 8)
+};
+
+// Throws moev::Error naming the field when the config cannot route (K > E, ...).
+void validate(const RouterConfig& cfg);
+
+// Slots each expert gets in one group of S tokens: ceil(K * S * C / E), at least 1.
+int64_t expert_capacity(const RouterConfig& cfg, int64_t tokens_per_group);
+
+struct RoutingResult {
+  at::Tensor combine_gates;  // float [T, E]: weights the slots point into (differentiable)
+  at::Tensor slot_token;     // int64 [E, C]: token of each slot, -1 when empty
+  at::Tensor slot_gate;      // int64 [E, C]: index into combine_gates.view(-1), -1 when empty
+  at::Tensor assign_expert;  // int64 [T, K]: top-K experts per token (undefined for EC)
+  at::Tensor assign_slot;    // int64 [T, K]: slot column c of that choice, -1 = dropped
+  at::Tensor expert_count;   // int64 [E]: slots filled per expert
+  int64_t capacity = 0;      // slots per expert per group
+  int64_t groups = 0;        // G
+  double dropped_fraction = 0;  // assignments (token, choice) that got no slot
+  // Auxiliary losses (scalars, differentiable where they have a gradient).
+  at::Tensor importance_loss;  // CV(sum_tokens softmax(clean logits))^2, mean over groups
+  at::Tensor load_loss;        // CV(sum_tokens P(expert in noisy top-K))^2
+  at::Tensor switch_loss;      // E * sum_e frac_top1_e * mean_gate_e
+  at::Tensor z_loss;           // mean_tokens logsumexp(logits)^2
+};
+
+// logits: [T, E] fp32 router logits W_r x (clean), T = B * N.
+// tokens_per_image = N, so a group is group_size * N consecutive tokens.
+// training: add noise to the gates and compute the load loss from it.
+// generator: optional RNG for the noise (undefined tensor options -> global RNG).
+RoutingResult route(const at::Tensor& logits, const RouterConfig& cfg, int64_t tokens_per_image,
+                    bool training);
+
+}  // namespace moev::moe

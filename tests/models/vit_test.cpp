@@ -1,0 +1,58 @@
+// ViT / V-MoE shapes, placement conventions and gradient flow.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "moev/core/error.h"
+#include "moev/models/model_config.h"
+#include "moev/models/placement.h"
+#include "moev/moe/moe_layer.h"
+
+using namespace moev::models;
+
+TEST(Placement, VMoEConventions) {
+  EXPECT_EQ(moe_blocks(parse_placement("last-2"), 8), (std::vector<int64_t>{5, 7}));
+  EXPECT_EQ(moe_blocks(parse_placement("last-2"), 6), (std::vector<int64_t>{3, 5}));
+  EXPECT_EQ(moe_blocks(parse_placement("last-2"), 7), (std::vector<int64_t>{3, 5}));
+  EXPECT_EQ(moe_blocks(parse_placement("every-2"), 8), (std::vector<int64_t>{1, 3, 5, 7}));
+  EXPECT_EQ(moe_blocks(parse_placement("every-3"), 8), (std::vector<int64_t>{2, 5}));
+  EXPECT_EQ(moe_blocks(parse_placement("1,4"), 6), (std::vector<int64_t>{1, 4}));
+  EXPECT_TRUE(moe_blocks(parse_placement("none"), 6).empty());
+  EXPECT_THROW(moe_blocks(parse_placement("last-4"), 6), moev::Error);
+  EXPECT_THROW(moe_blocks(parse_placement("9"), 6), moev::Error);
+  EXPECT_THROW(parse_placement("last-x"), moev::Error);
+}
+
+TEST(ViT, ShapesParamsAndGradients) {
+  torch::manual_seed(0);
+  auto cfg = preset("vmoe-tiny");
+  cfg.depth = 4;
+  auto model = build_model(cfg);
+  auto moe = moev::moe::find_moe_layers(*model);
+  ASSERT_EQ(moe.size(), 2u);  // last-2 of 4 blocks: 1 and 3
+  {
+    torch::NoGradGuard ng;  // the head starts at zero, which would block all gradients
+    for (auto& p : model->named_parameters())
+      if (p.key().find("head") == 0) p.value().normal_(0, 0.1);
+  }
+  auto x = torch::randn({4, 1, 28, 28});
+  auto y = model->forward(x);
+  EXPECT_EQ(y.sizes(), (std::vector<int64_t>{4, 10}));
+  auto loss = torch::cross_entropy_loss(y, torch::tensor({0, 1, 2, 3})) + moe[0]->aux_loss();
+  loss.backward();
+  for (auto& p : model->named_parameters()) {
+    ASSERT_TRUE(p.value().grad().defined()) << p.key();
+  }
+  EXPECT_GT(moe[1]->router_weight.grad().abs().sum().item<double>(), 0);
+  EXPECT_GT(moe[1]->experts->w2.grad().abs().sum().item<double>(), 0);
+}
+
+TEST(ViT, PresetsAndErrors) {
+  for (auto& n : preset_names()) EXPECT_NO_THROW(validate(preset(n)));
+  EXPECT_THROW(preset("vit-huge"), moev::Error);
+  auto c = preset("vmoe-tiny");
+  c.router.k = 9;
+  EXPECT_THROW(validate(c), moev::Error);
+  c = preset("vit-tiny");
+  c.patch = 5;
+  EXPECT_THROW(validate(c), moev::Error);
+}

@@ -1,0 +1,257 @@
+// Router invariants over many random cases, known answers for priority and BPR,
+// dropless equal to a dense weighted-sum reference, and aux-loss ordering.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <set>
+
+#include "moev/core/error.h"
+#include "moev/moe/router.h"
+
+using namespace moev::moe;
+
+namespace {
+
+struct Case {
+  const char* name;
+  int64_t E, K, images, tokens_per_image, group_size;
+  double capacity;
+  bool bpr, dropless;
+  RouterKind kind;
+};
+
+const Case kCases[] = {
+    {"e4k1", 4, 1, 8, 5, 4, 1.0, false, false, RouterKind::kTopK},
+    {"e8k2", 8, 2, 8, 7, 2, 1.05, false, false, RouterKind::kTopK},
+    {"e8k2_bpr", 8, 2, 8, 7, 2, 0.5, true, false, RouterKind::kTopK},
+    {"e16k2_short", 16, 2, 6, 9, 4, 0.25, false, false, RouterKind::kTopK},  // ragged last group
+    {"e8k4_dropless", 8, 4, 5, 3, 2, 1.0, false, true, RouterKind::kTopK},
+    {"e3k3", 3, 3, 4, 4, 8, 2.0, true, false, RouterKind::kTopK},
+    {"ec_e8", 8, 2, 8, 7, 2, 1.0, false, false, RouterKind::kExpertChoice},
+    {"ec_e4_ragged", 4, 1, 5, 6, 2, 0.5, false, false, RouterKind::kExpertChoice},
+};
+
+RouterConfig config_of(const Case& c) {
+  RouterConfig cfg;
+  cfg.kind = c.kind;
+  cfg.num_experts = c.E;
+  cfg.k = c.K;
+  cfg.capacity_factor = c.capacity;
+  cfg.bpr = c.bpr;
+  cfg.dropless = c.dropless;
+  cfg.group_size = c.group_size;
+  return cfg;
+}
+
+}  // namespace
+
+class RouterInvariants : public ::testing::TestWithParam<Case> {};
+
+TEST_P(RouterInvariants, SlotsConsistentNoOverflowEveryAssignmentPlacedOrDropped) {
+  const Case c = GetParam();
+  const RouterConfig cfg = config_of(c);
+  for (int seed = 0; seed < 20; ++seed) {
+    torch::manual_seed(seed);
+    const int64_t T = c.images * c.tokens_per_image;
+    auto logits = torch::randn({T, c.E}) * 2;
+    auto r = route(logits, cfg, c.tokens_per_image, /*training=*/seed % 2 == 0);
+    const int64_t S = c.group_size * c.tokens_per_image;
+    const int64_t G = (T + S - 1) / S;
+    ASSERT_EQ(r.groups, G);
+    ASSERT_EQ(r.slot_token.size(0), c.E);
+    ASSERT_EQ(r.slot_token.size(1), r.capacity * G);
+    ASSERT_FALSE(torch::isnan(r.combine_gates).any().item<bool>());
+    for (auto* l : {&r.importance_loss, &r.load_loss, &r.switch_loss, &r.z_loss})
+      ASSERT_TRUE(torch::isfinite(*l).item<bool>());
+    auto st = r.slot_token.accessor<int64_t, 2>();
+    auto sg = r.slot_gate.accessor<int64_t, 2>();
+    std::set<std::pair<int64_t, int64_t>> seen;  // (token, expert)
+    int64_t filled = 0;
+    for (int64_t e = 0; e < c.E; ++e) {
+      for (int64_t g = 0; g < G; ++g) {
+        int64_t in_group = 0;
+        bool empty_seen = false;
+        for (int64_t j = 0; j < r.capacity; ++j) {
+          const int64_t t = st[e][g * r.capacity + j];
+          if (t < 0) { empty_seen = true; continue; }
+          ASSERT_FALSE(empty_seen) << "slots fill from the front";
+          ASSERT_EQ(t / S, g) << "token routed outside its group";
+          ASSERT_EQ(sg[e][g * r.capacity + j], t * c.E + e);
+          ASSERT_TRUE(seen.insert({t, e}).second) << "token placed twice in one expert";
+          ++in_group;
+        }
+        if (!c.dropless) {
+          const int64_t Sg = std::min(S, T - g * S);
+          ASSERT_LE(in_group, expert_capacity(cfg, Sg)) << "expert over capacity";
+        }
+        filled += in_group;
+      }
+      ASSERT_EQ(r.expert_count[e].item<int64_t>(),
+                (r.slot_token[e] >= 0).sum().item<int64_t>());
+    }
+    if (c.kind == RouterKind::kExpertChoice) continue;
+    // Every (token, choice) is either in the slot its assign_slot names, or dropped.
+    auto ae = r.assign_expert.accessor<int64_t, 2>();
+    auto as = r.assign_slot.accessor<int64_t, 2>();
+    int64_t dropped = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t k = 0; k < c.K; ++k) {
+        if (as[t][k] < 0) { ++dropped; continue; }
+        ASSERT_EQ(st[ae[t][k]][as[t][k]], t);
+      }
+    }
+    ASSERT_EQ(dropped + filled, T * c.K);
+    ASSERT_NEAR(r.dropped_fraction, double(dropped) / double(T * c.K), 1e-12);
+    if (c.dropless) {
+      ASSERT_EQ(dropped, 0);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, RouterInvariants, ::testing::ValuesIn(kCases),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+TEST(Router, CapacityFormula) {
+  RouterConfig cfg;
+  cfg.num_experts = 8;
+  cfg.k = 2;
+  cfg.capacity_factor = 1.05;
+  EXPECT_EQ(expert_capacity(cfg, 8 * 49), 103);  // ceil(2*392*1.05/8) = ceil(102.9)
+  cfg.capacity_factor = 0.01;
+  EXPECT_EQ(expert_capacity(cfg, 10), 1);
+}
+
+TEST(Router, KMajorPriorityFirstChoicesBeforeSecond) {
+  // 4 tokens, 2 experts, K=2, capacity ceil(2*4*0.5/2)=2 per expert. Every token
+  // prefers expert 0, so expert 0 takes tokens 0,1 as first choices and expert 1
+  // takes tokens 0,1 as second choices... unless K-major: all first choices
+  // (0,1 placed in e0; 2,3 dropped from e0) come before second choices (e1 gets 0,1).
+  RouterConfig cfg;
+  cfg.num_experts = 2;
+  cfg.k = 2;
+  cfg.capacity_factor = 0.5;
+  cfg.group_size = 4;
+  auto logits = torch::tensor({{3.f, 0.f}, {2.f, 0.f}, {1.f, 0.f}, {0.5f, 0.f}});
+  auto r = route(logits, cfg, 1, false);
+  EXPECT_EQ(r.capacity, 2);
+  EXPECT_TRUE(torch::equal(r.slot_token, torch::tensor({{0, 1}, {0, 1}}, torch::kLong)));
+  // Now make token 3 prefer expert 1 as first choice: it must beat the second
+  // choices of tokens 0 and 1 for expert 1.
+  logits[3][1] = 5.f;
+  r = route(logits, cfg, 1, false);
+  EXPECT_EQ(r.slot_token[1][0].item<int64_t>(), 3);
+  EXPECT_EQ(r.slot_token[1][1].item<int64_t>(), 0);
+}
+
+TEST(Router, BprKeepsHighestGateTokensWhenCapacityShort) {
+  RouterConfig cfg;
+  cfg.num_experts = 2;
+  cfg.k = 1;
+  cfg.capacity_factor = 0.5;  // 8 tokens, 2 experts: 2 slots each
+  cfg.group_size = 8;
+  cfg.bpr = true;
+  torch::manual_seed(3);
+  auto logits = torch::randn({8, 2}) * 3;
+  auto r = route(logits, cfg, 1, false);
+  auto gates = torch::softmax(logits, -1);
+  auto [maxg, arg] = gates.max(-1);
+  for (int64_t e = 0; e < 2; ++e) {
+    // Tokens wanting e, sorted by confidence: the placed ones are the top ones.
+    std::vector<std::pair<float, int64_t>> want;
+    for (int64_t t = 0; t < 8; ++t)
+      if (arg[t].item<int64_t>() == e) want.push_back({maxg[t].item<float>(), t});
+    std::sort(want.rbegin(), want.rend());
+    std::set<int64_t> expect, got;
+    for (size_t i = 0; i < std::min<size_t>(2, want.size()); ++i) expect.insert(want[i].second);
+    for (int64_t j = 0; j < 2; ++j)
+      if (r.slot_token[e][j].item<int64_t>() >= 0) got.insert(r.slot_token[e][j].item<int64_t>());
+    EXPECT_EQ(got, expect) << "expert " << e;
+  }
+  // Without BPR, token order wins instead: the first tokens wanting e.
+  cfg.bpr = false;
+  r = route(logits, cfg, 1, false);
+  for (int64_t e = 0; e < 2; ++e) {
+    std::vector<int64_t> first;
+    for (int64_t t = 0; t < 8 && first.size() < 2; ++t)
+      if (arg[t].item<int64_t>() == e) first.push_back(t);
+    for (size_t j = 0; j < first.size(); ++j)
+      EXPECT_EQ(r.slot_token[e][j].item<int64_t>(), first[j]);
+  }
+}
+
+TEST(Router, RenormalizeMakesSelectedWeightsSumToOne) {
+  RouterConfig cfg;
+  cfg.num_experts = 6;
+  cfg.k = 2;
+  cfg.renormalize = true;
+  cfg.dropless = true;
+  auto logits = torch::randn({20, 6});
+  auto r = route(logits, cfg, 5, false);
+  auto w = r.combine_gates.gather(1, r.assign_expert).sum(-1);
+  EXPECT_TRUE(torch::allclose(w, torch::ones({20}), 1e-5, 1e-5));
+  cfg.renormalize = false;
+  r = route(logits, cfg, 5, false);
+  EXPECT_TRUE((r.combine_gates.gather(1, r.assign_expert).sum(-1) < 1).all().item<bool>());
+}
+
+TEST(Router, AuxLossesLargerForImbalancedRouting) {
+  RouterConfig cfg;
+  cfg.num_experts = 8;
+  cfg.k = 2;
+  torch::manual_seed(0);
+  auto balanced = torch::randn({256, 8}) * 0.1;
+  auto skewed = balanced.clone();
+  skewed.select(1, 0) += 4.0;  // every token wants expert 0
+  skewed.select(1, 1) += 3.0;
+  auto rb = route(balanced, cfg, 16, true);
+  auto rs = route(skewed, cfg, 16, true);
+  EXPECT_GT(rs.importance_loss.item<double>(), 10 * rb.importance_loss.item<double>());
+  EXPECT_GT(rs.load_loss.item<double>(), 10 * rb.load_loss.item<double>());
+  EXPECT_GT(rs.switch_loss.item<double>(), rb.switch_loss.item<double>() + 0.5);
+  EXPECT_NEAR(rb.switch_loss.item<double>(), 1.0, 0.2);  // E * sum(1/E * 1/E) = 1 when uniform
+  EXPECT_GT(rs.z_loss.item<double>(), rb.z_loss.item<double>());
+}
+
+TEST(Router, AuxLossesHaveGradients) {
+  RouterConfig cfg;
+  cfg.num_experts = 4;
+  cfg.k = 2;
+  auto logits = torch::randn({32, 4}, torch::requires_grad());
+  auto r = route(logits, cfg, 4, true);
+  for (auto* l : {&r.importance_loss, &r.load_loss, &r.switch_loss, &r.z_loss}) {
+    auto g = torch::autograd::grad({*l}, {logits}, {}, /*retain_graph=*/true)[0];
+    EXPECT_GT(g.abs().sum().item<double>(), 0);
+  }
+}
+
+TEST(Router, NoiseOnlyInTraining) {
+  RouterConfig cfg;
+  cfg.num_experts = 4;
+  cfg.k = 1;
+  auto logits = torch::randn({16, 4});
+  auto a = route(logits, cfg, 4, false), b = route(logits, cfg, 4, false);
+  EXPECT_TRUE(torch::equal(a.combine_gates, b.combine_gates));
+  EXPECT_TRUE(torch::allclose(a.combine_gates, torch::softmax(logits, -1)));
+  auto c = route(logits, cfg, 4, true);
+  EXPECT_FALSE(torch::equal(a.combine_gates, c.combine_gates));
+  // Noise scale noise_std / E keeps gates close to the clean ones.
+  EXPECT_LT((a.combine_gates - c.combine_gates).abs().max().item<double>(), 0.5);
+}
+
+TEST(Router, BadConfigsRejectedWithFieldName) {
+  RouterConfig cfg;
+  cfg.num_experts = 4;
+  cfg.k = 5;
+  try {
+    validate(cfg);
+    FAIL();
+  } catch (const moev::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("moe.k = 5"), std::string::npos) << e.what();
+  }
+  cfg.k = 2;
+  cfg.capacity_factor = 0;
+  EXPECT_THROW(validate(cfg), moev::Error);
+  cfg.capacity_factor = -1;
+  EXPECT_THROW(validate(cfg), moev::Error);
+  EXPECT_THROW(parse_router_kind("nearest"), moev::Error);
+}
