@@ -1,1 +1,38 @@
-int main() { return 0; }
+// The `moev` command: train, eval and predict for Mixture-of-Experts image
+// classifiers. Errors are printed on one line and exit with status 1.
+#include <iostream>
+
+#include <c10/util/Exception.h>
+
+#include "commands.h"
+#include "moev/core/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"moev: Mixture-of-Experts image classification (V-MoE, ViT) on LibTorch"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "moev 0.1.0");
+  std::vector<std::pair<CLI::App*, moev::app::Runner>> runners;
+  auto add = [&](moev::app::Runner r) { runners.emplace_back(app.get_subcommands({}).back(), r); };
+  add(moev::app::add_train(app));
+  add(moev::app::add_eval(app));
+  add(moev::app::add_predict(app));
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    for (auto& [cmd, run] : runners)
+      if (cmd->parsed()) return run();
+  } catch (const moev::Error& e) {
+    std::cerr << "moev: error: " << e.what() << "\n";
+    return 1;
+  } catch (const c10::Error& e) {
+    std::cerr << "moev: error: " << e.what_without_backtrace() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "moev: error: " << e.what() << "\n";
+    return 1;
+  }
+  return 1;
+}

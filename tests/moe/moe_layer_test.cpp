@@ -35,10 +35,10 @@ torch::Tensor dense_reference(MoELayerImpl& layer, const torch::Tensor& x,
   auto full = torch::gelu(torch::matmul(xf.unsqueeze(0), ex.w1) + ex.b1.unsqueeze(1));
   full = torch::matmul(full, ex.w2) + ex.b2.unsqueeze(1);  // [E, T, D]
   auto mask = torch::zeros_like(r.combine_gates);             // [T, E] placed?
-  auto st = r.slot_token.to(torch::kCPU);
-  for (int64_t e = 0; e < st.size(0); ++e)
-    for (int64_t c = 0; c < st.size(1); ++c)
-      if (st[e][c].item<int64_t>() >= 0) mask[st[e][c].item<int64_t>()][e] = 1;
+  const int64_t E = r.combine_gates.size(1);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t row = r.offsets[e]; row < r.offsets[e + 1]; ++row)
+      mask[r.token_index[row].item<int64_t>()][e] = 1;
   auto w = (mask * r.combine_gates).t().unsqueeze(-1);  // [E, T, 1]
   return (w * full).sum(0).view(x.sizes());
 }

@@ -58,54 +58,57 @@ TEST_P(RouterInvariants, SlotsConsistentNoOverflowEveryAssignmentPlacedOrDropped
     const int64_t S = c.group_size * c.tokens_per_image;
     const int64_t G = (T + S - 1) / S;
     ASSERT_EQ(r.groups, G);
-    ASSERT_EQ(r.slot_token.size(0), c.E);
-    ASSERT_EQ(r.slot_token.size(1), r.capacity * G);
+    ASSERT_EQ(static_cast<int64_t>(r.offsets.size()), c.E + 1);
+    ASSERT_EQ(r.offsets.back(), r.token_index.size(0));
     ASSERT_FALSE(torch::isnan(r.combine_gates).any().item<bool>());
     for (auto* l : {&r.importance_loss, &r.load_loss, &r.switch_loss, &r.z_loss})
       ASSERT_TRUE(torch::isfinite(*l).item<bool>());
-    auto st = r.slot_token.accessor<int64_t, 2>();
-    auto sg = r.slot_gate.accessor<int64_t, 2>();
+    auto ti = r.token_index.accessor<int64_t, 1>();
+    auto gi = r.gate_index.accessor<int64_t, 1>();
     std::set<std::pair<int64_t, int64_t>> seen;  // (token, expert)
-    int64_t filled = 0;
     for (int64_t e = 0; e < c.E; ++e) {
-      for (int64_t g = 0; g < G; ++g) {
-        int64_t in_group = 0;
-        bool empty_seen = false;
-        for (int64_t j = 0; j < r.capacity; ++j) {
-          const int64_t t = st[e][g * r.capacity + j];
-          if (t < 0) { empty_seen = true; continue; }
-          ASSERT_FALSE(empty_seen) << "slots fill from the front";
-          ASSERT_EQ(t / S, g) << "token routed outside its group";
-          ASSERT_EQ(sg[e][g * r.capacity + j], t * c.E + e);
-          ASSERT_TRUE(seen.insert({t, e}).second) << "token placed twice in one expert";
-          ++in_group;
-        }
-        if (!c.dropless) {
-          const int64_t Sg = std::min(S, T - g * S);
-          ASSERT_LE(in_group, expert_capacity(cfg, Sg)) << "expert over capacity";
-        }
-        filled += in_group;
+      ASSERT_LE(r.offsets[e], r.offsets[e + 1]);
+      std::vector<int64_t> per_group(G, 0);
+      for (int64_t row = r.offsets[e]; row < r.offsets[e + 1]; ++row) {
+        const int64_t t = ti[row];
+        ASSERT_TRUE(t >= 0 && t < T);
+        ASSERT_EQ(gi[row], t * c.E + e);
+        ASSERT_TRUE(seen.insert({t, e}).second) << "token placed twice in one expert";
+        ++per_group[t / S];
       }
-      ASSERT_EQ(r.expert_count[e].item<int64_t>(),
-                (r.slot_token[e] >= 0).sum().item<int64_t>());
+      for (int64_t g = 0; g < G && !c.dropless; ++g) {
+        const int64_t Sg = std::min(S, T - g * S);
+        ASSERT_LE(per_group[g], expert_capacity(cfg, Sg)) << "expert " << e << " over capacity";
+      }
+      ASSERT_EQ(r.expert_count[e].item<int64_t>(), r.offsets[e + 1] - r.offsets[e]);
     }
     if (c.kind == RouterKind::kExpertChoice) continue;
-    // Every (token, choice) is either in the slot its assign_slot names, or dropped.
+    // Every (token, choice) is either in the row assign_row names, or dropped.
     auto ae = r.assign_expert.accessor<int64_t, 2>();
-    auto as = r.assign_slot.accessor<int64_t, 2>();
+    auto ar = r.assign_row.accessor<int64_t, 2>();
     int64_t dropped = 0;
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t k = 0; k < c.K; ++k) {
-        if (as[t][k] < 0) { ++dropped; continue; }
-        ASSERT_EQ(st[ae[t][k]][as[t][k]], t);
+        if (ar[t][k] < 0) { ++dropped; continue; }
+        const int64_t e = ae[t][k];
+        ASSERT_TRUE(ar[t][k] >= r.offsets[e] && ar[t][k] < r.offsets[e + 1]);
+        ASSERT_EQ(ti[ar[t][k]], t);
       }
     }
-    ASSERT_EQ(dropped + filled, T * c.K);
+    ASSERT_EQ(dropped + r.token_index.size(0), T * c.K);
     ASSERT_NEAR(r.dropped_fraction, double(dropped) / double(T * c.K), 1e-12);
     if (c.dropless) {
       ASSERT_EQ(dropped, 0);
     }
   }
+}
+
+// Tokens expert e received, in placement order.
+static std::vector<int64_t> tokens_of(const RoutingResult& r, int64_t e) {
+  std::vector<int64_t> out;
+  for (int64_t row = r.offsets[e]; row < r.offsets[e + 1]; ++row)
+    out.push_back(r.token_index[row].item<int64_t>());
+  return out;
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, RouterInvariants, ::testing::ValuesIn(kCases),
@@ -134,13 +137,13 @@ TEST(Router, KMajorPriorityFirstChoicesBeforeSecond) {
   auto logits = torch::tensor({{3.f, 0.f}, {2.f, 0.f}, {1.f, 0.f}, {0.5f, 0.f}});
   auto r = route(logits, cfg, 1, false);
   EXPECT_EQ(r.capacity, 2);
-  EXPECT_TRUE(torch::equal(r.slot_token, torch::tensor({{0, 1}, {0, 1}}, torch::kLong)));
+  EXPECT_EQ(tokens_of(r, 0), (std::vector<int64_t>{0, 1}));
+  EXPECT_EQ(tokens_of(r, 1), (std::vector<int64_t>{0, 1}));
   // Now make token 3 prefer expert 1 as first choice: it must beat the second
   // choices of tokens 0 and 1 for expert 1.
   logits[3][1] = 5.f;
   r = route(logits, cfg, 1, false);
-  EXPECT_EQ(r.slot_token[1][0].item<int64_t>(), 3);
-  EXPECT_EQ(r.slot_token[1][1].item<int64_t>(), 0);
+  EXPECT_EQ(tokens_of(r, 1), (std::vector<int64_t>{3, 0}));
 }
 
 TEST(Router, BprKeepsHighestGateTokensWhenCapacityShort) {
@@ -161,11 +164,10 @@ TEST(Router, BprKeepsHighestGateTokensWhenCapacityShort) {
     for (int64_t t = 0; t < 8; ++t)
       if (arg[t].item<int64_t>() == e) want.push_back({maxg[t].item<float>(), t});
     std::sort(want.rbegin(), want.rend());
-    std::set<int64_t> expect, got;
+    std::set<int64_t> expect;
     for (size_t i = 0; i < std::min<size_t>(2, want.size()); ++i) expect.insert(want[i].second);
-    for (int64_t j = 0; j < 2; ++j)
-      if (r.slot_token[e][j].item<int64_t>() >= 0) got.insert(r.slot_token[e][j].item<int64_t>());
-    EXPECT_EQ(got, expect) << "expert " << e;
+    auto got_v = tokens_of(r, e);
+    EXPECT_EQ(std::set<int64_t>(got_v.begin(), got_v.end()), expect) << "expert " << e;
   }
   // Without BPR, token order wins instead: the first tokens wanting e.
   cfg.bpr = false;
@@ -174,8 +176,7 @@ TEST(Router, BprKeepsHighestGateTokensWhenCapacityShort) {
     std::vector<int64_t> first;
     for (int64_t t = 0; t < 8 && first.size() < 2; ++t)
       if (arg[t].item<int64_t>() == e) first.push_back(t);
-    for (size_t j = 0; j < first.size(); ++j)
-      EXPECT_EQ(r.slot_token[e][j].item<int64_t>(), first[j]);
+    EXPECT_EQ(tokens_of(r, e), first);
   }
 }
 

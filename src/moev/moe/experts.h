@@ -1,8 +1,12 @@
 // E independent FFN experts (D -> H, GELU, H -> D) stored as stacked weights
-// [E, D, H] and [E, H, D] so that all experts run as one batched matmul.
+// [E, D, H] and [E, H, D]. They run as a grouped GEMM over rows sorted by expert
+// (expert e owns rows offsets[e] .. offsets[e+1]): every FLOP is useful work, none
+// is spent on padding, and forward/backward write into buffers allocated once
+// per call rather than per expert.
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
@@ -22,8 +26,8 @@ class ExpertsImpl : public torch::nn::Module {
   explicit ExpertsImpl(const ExpertsOptions& options);
   void reset_parameters();
 
-  // x: [E, C, D] -> [E, C, D]; row c of expert e is processed by expert e only.
-  at::Tensor forward(const at::Tensor& x);
+  // x: [A, D] rows sorted by expert, offsets: E + 1 row offsets -> [A, D]
+  at::Tensor forward(const at::Tensor& x, const std::vector<int64_t>& offsets);
 
   ExpertsOptions options;
   at::Tensor w1, b1, w2, b2;  // [E, D, H], [E, H], [E, H, D], [E, D]

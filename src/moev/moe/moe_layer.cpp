@@ -41,21 +41,13 @@ at::Tensor MoELayerImpl::forward(const at::Tensor& x) {
 
   auto logits = torch::linear(xf.to(torch::kFloat), router_weight.to(torch::kFloat));
   RoutingResult r = route(logits, cfg, N, is_training());
-  const int64_t C = r.slot_token.size(1);
 
-  // Empty slots read token 0 and write to a discarded row T with weight 0, so no
-  // mask or compaction is needed and their gradients are exactly zero.
-  auto slot_token = r.slot_token.view(-1);
-  auto empty = slot_token < 0;
-  auto read_index = slot_token.clamp_min(0);
-  auto write_index = slot_token.masked_fill(empty, T);
-  auto gate_index = r.slot_gate.view(-1).masked_fill(empty, T * E);
-  auto gates = torch::cat({r.combine_gates.reshape(-1), r.combine_gates.new_zeros({1})});
-  auto weight = gates.index_select(0, gate_index).to(x.scalar_type()).unsqueeze(1);  // [E*C, 1]
-
-  auto xd = xf.index_select(0, read_index).view({E, C, D});
-  auto yd = experts->forward(xd).view({E * C, D}) * weight;
-  auto y = torch::zeros({T + 1, D}, x.options()).index_add(0, write_index, yd).narrow(0, 0, T);
+  // Gather the placed assignments (rows sorted by expert), run the experts as a
+  // grouped GEMM, weight each row by its gate and add it back to its token.
+  auto weight = r.combine_gates.reshape(-1).index_select(0, r.gate_index).to(x.scalar_type());
+  auto xd = xf.index_select(0, r.token_index);
+  auto yd = experts->forward(xd, r.offsets) * weight.unsqueeze(1);
+  auto y = torch::zeros({T, D}, x.options()).index_add_(0, r.token_index, yd);
 
   stats_.expert_count.assign(E, 0);
   auto cnt = r.expert_count.to(torch::kCPU);

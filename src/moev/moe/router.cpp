@@ -2,10 +2,11 @@
 // K-major priority (token order or BPR), dropless mode, Expert-Choice, and the
 // auxiliary losses computed from the same logits.
 //
-// Placement is an O(T*K) loop over integer tensors on the CPU: it is sequential by
-// nature (slot positions depend on every earlier assignment), tiny next to the
-// expert GEMMs, and cheaper than any sort- or cumsum-based formulation here. On a
-// CUDA device the few integer tensors it needs travel to the host and back.
+// Placement is an O(T*K) loop on the CPU: it is sequential by nature (a position
+// depends on every earlier assignment), tiny next to the expert GEMMs, and cheaper
+// than any sort- or cumsum-based formulation here. It also yields the packed,
+// expert-sorted row order directly, so dispatch needs no sort. On a CUDA device
+// the few integer tensors it needs travel to the host and back.
 #include "moev/moe/router.h"
 
 #include <algorithm>
@@ -103,35 +104,34 @@ void aux_losses(RoutingResult& r, const torch::Tensor& logits, const torch::Tens
   r.z_loss = torch::logsumexp(logits, -1).pow(2).mean();
 }
 
+// Writes the packed layout from per-assignment (expert, position-in-expert)
+// decisions: rows sorted by expert, each expert's rows in placement order.
+void pack(RoutingResult& r, const std::vector<int64_t>& count, const std::vector<int64_t>& tok,
+          const std::vector<int64_t>& exp, const std::vector<int64_t>& pos, int64_t E,
+          const torch::Device& dev) {
+  r.offsets.assign(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) r.offsets[e + 1] = r.offsets[e] + count[e];
+  const int64_t A = r.offsets[E];
+  auto token_index = torch::empty({A}, torch::kLong);
+  auto gate_index = torch::empty({A}, torch::kLong);
+  int64_t* ti = token_index.data_ptr<int64_t>();
+  int64_t* gi = gate_index.data_ptr<int64_t>();
+  for (size_t i = 0; i < tok.size(); ++i) {
+    const int64_t row = r.offsets[exp[i]] + pos[i];
+    ti[row] = tok[i];
+    gi[row] = tok[i] * E + exp[i];
+  }
+  r.token_index = token_index.to(dev);
+  r.gate_index = gate_index.to(dev);
+  r.expert_count = torch::tensor(count, torch::kLong).to(dev);
+}
+
 void place_topk(RoutingResult& r, const torch::Tensor& gates, const RouterConfig& cfg,
                 const Groups& g) {
   const int64_t T = gates.size(0), E = cfg.num_experts, K = cfg.k;
-  auto top = gates.topk(K, -1);
-  r.assign_expert = std::get<1>(top);
+  r.assign_expert = std::get<1>(gates.topk(K, -1));
   auto idx_cpu = r.assign_expert.to(torch::kCPU).contiguous();
   const int64_t* idx = idx_cpu.data_ptr<int64_t>();
-
-  // Capacity: the formula, or in dropless mode the fullest expert of any group.
-  int64_t cap = expert_capacity(cfg, g.size);
-  if (cfg.dropless) {
-    std::vector<int64_t> cnt(E);
-    cap = 1;
-    for (int64_t grp = 0; grp < g.count; ++grp) {
-      std::fill(cnt.begin(), cnt.end(), 0);
-      const int64_t t1 = std::min(T, (grp + 1) * g.size);
-      for (int64_t t = grp * g.size; t < t1; ++t)
-        for (int64_t k = 0; k < K; ++k) cap = std::max(cap, ++cnt[idx[t * K + k]]);
-    }
-  }
-  const int64_t C = cap * g.count;
-  auto slot_token = torch::full({E, C}, -1, torch::kLong);
-  auto slot_gate = torch::full({E, C}, -1, torch::kLong);
-  auto assign_slot = torch::full({T, K}, -1, torch::kLong);
-  auto count = torch::zeros({E}, torch::kLong);
-  int64_t* st = slot_token.data_ptr<int64_t>();
-  int64_t* sg = slot_gate.data_ptr<int64_t>();
-  int64_t* as = assign_slot.data_ptr<int64_t>();
-  int64_t* cnt_all = count.data_ptr<int64_t>();
 
   torch::Tensor prio_cpu;
   const float* prio = nullptr;
@@ -139,15 +139,21 @@ void place_topk(RoutingResult& r, const torch::Tensor& gates, const RouterConfig
     prio_cpu = std::get<0>(gates.max(-1)).to(torch::kCPU, torch::kFloat).contiguous();
     prio = prio_cpu.data_ptr<float>();
   }
-  std::vector<int64_t> order;
-  std::vector<int64_t> fill(E);
-  int64_t dropped = 0;
+  // Pass 1: decide every (token, choice) -> position in its expert, or dropped.
+  auto assign_pos = torch::full({T, K}, -1, torch::kLong);  // position in expert, -1 dropped
+  int64_t* ap = assign_pos.data_ptr<int64_t>();
+  std::vector<int64_t> count(E, 0), fill(E), order, tok, exp, pos;
+  tok.reserve(T * K);
+  exp.reserve(T * K);
+  pos.reserve(T * K);
+  int64_t dropped = 0, cap_seen = 0;
+  const int64_t cap_full = cfg.dropless ? T * K : expert_capacity(cfg, g.size);
   for (int64_t grp = 0; grp < g.count; ++grp) {
     const int64_t t0 = grp * g.size, t1 = std::min(T, t0 + g.size);
-    const int64_t cap_g = cfg.dropless ? cap : expert_capacity(cfg, t1 - t0);
+    const int64_t cap_g = cfg.dropless ? T * K : expert_capacity(cfg, t1 - t0);
     order.resize(t1 - t0);
     std::iota(order.begin(), order.end(), t0);
-    if (prio)  // BPR: most confident tokens claim slots first; ties keep token order
+    if (prio)  // BPR: most confident tokens claim capacity first; ties keep token order
       std::stable_sort(order.begin(), order.end(),
                        [prio](int64_t a, int64_t b) { return prio[a] > prio[b]; });
     std::fill(fill.begin(), fill.end(), 0);
@@ -155,23 +161,25 @@ void place_topk(RoutingResult& r, const torch::Tensor& gates, const RouterConfig
       for (int64_t t : order) {
         const int64_t e = idx[t * K + k];
         if (fill[e] < cap_g) {
-          const int64_t c = grp * cap + fill[e]++;
-          st[e * C + c] = t;
-          sg[e * C + c] = t * E + e;
-          as[t * K + k] = c;
+          ++fill[e];
+          ap[t * K + k] = count[e];
+          tok.push_back(t);
+          exp.push_back(e);
+          pos.push_back(count[e]++);
         } else {
           ++dropped;
         }
       }
     }
-    for (int64_t e = 0; e < E; ++e) cnt_all[e] += fill[e];
+    for (int64_t e = 0; e < E; ++e) cap_seen = std::max(cap_seen, fill[e]);
   }
+  // Pass 2: positions -> rows of the packed layout.
   const auto dev = gates.device();
-  r.slot_token = slot_token.to(dev);
-  r.slot_gate = slot_gate.to(dev);
-  r.assign_slot = assign_slot.to(dev);
-  r.expert_count = count.to(dev);
-  r.capacity = cap;
+  pack(r, count, tok, exp, pos, E, dev);
+  auto offs = torch::tensor(std::vector<int64_t>(r.offsets.begin(), r.offsets.end() - 1), torch::kLong);
+  r.assign_row = torch::where(assign_pos >= 0, assign_pos + offs.index_select(0, idx_cpu.view(-1)).view({T, K}),
+                              assign_pos).to(dev);
+  r.capacity = cfg.dropless ? std::max<int64_t>(cap_seen, 1) : cap_full;
   r.groups = g.count;
   r.dropped_fraction = T > 0 ? static_cast<double>(dropped) / static_cast<double>(T * K) : 0.0;
 }
@@ -182,27 +190,30 @@ void place_topk(RoutingResult& r, const torch::Tensor& gates, const RouterConfig
 void place_expert_choice(RoutingResult& r, const torch::Tensor& gates, const RouterConfig& cfg,
                          const Groups& g) {
   const int64_t T = gates.size(0), E = cfg.num_experts;
-  const int64_t cap = std::min(expert_capacity(cfg, g.size), g.size);
-  const int64_t C = cap * g.count;
-  auto slot_token = torch::full({E, C}, -1, torch::kLong);
   auto gates_cpu = gates.detach().to(torch::kCPU, torch::kFloat);
-  auto picked = torch::zeros({T}, torch::kLong);
+  std::vector<int64_t> count(E, 0), tok, exp, pos;
+  std::vector<char> picked(T, 0);
   for (int64_t grp = 0; grp < g.count; ++grp) {
     const int64_t t0 = grp * g.size, t1 = std::min(T, t0 + g.size);
     const int64_t take = std::min(expert_capacity(cfg, t1 - t0), t1 - t0);
-    auto top = std::get<1>(gates_cpu.slice(0, t0, t1).t().topk(take, -1)) + t0;  // [E, take]
-    slot_token.slice(1, grp * cap, grp * cap + take).copy_(top);
-    picked.index_fill_(0, top.reshape(-1), 1);
+    auto top = std::get<1>(gates_cpu.slice(0, t0, t1).t().topk(take, -1)).contiguous();  // [E, take]
+    const int64_t* tp = top.data_ptr<int64_t>();
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t j = 0; j < take; ++j) {
+        const int64_t t = t0 + tp[e * take + j];
+        tok.push_back(t);
+        exp.push_back(e);
+        pos.push_back(count[e]++);
+        picked[t] = 1;
+      }
+    }
   }
-  auto expert = torch::arange(E, torch::kLong).unsqueeze(1);
-  auto slot_gate = torch::where(slot_token >= 0, slot_token * E + expert, slot_token);
-  const auto dev = gates.device();
-  r.slot_token = slot_token.to(dev);
-  r.slot_gate = slot_gate.to(dev);
-  r.expert_count = (slot_token >= 0).sum(1).to(dev);
-  r.capacity = cap;
+  pack(r, count, tok, exp, pos, E, gates.device());
+  r.capacity = std::min(expert_capacity(cfg, g.size), g.size);
   r.groups = g.count;
-  r.dropped_fraction = T > 0 ? 1.0 - picked.sum().item<double>() / static_cast<double>(T) : 0.0;
+  int64_t none = 0;
+  for (char p : picked) none += p ? 0 : 1;
+  r.dropped_fraction = T > 0 ? static_cast<double>(none) / static_cast<double>(T) : 0.0;
 }
 
 }  // namespace

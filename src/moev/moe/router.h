@@ -3,11 +3,12 @@
 // each token goes to and with which combine weight. It knows nothing of models,
 // so it is tested on its own against dense references.
 //
-// Layout of the decision (never a dense one-hot [S, E, C] tensor):
-//   tokens are split into G routing groups of S tokens (group_size images each);
-//   each expert has `capacity` slots per group, so C = G * capacity slots per
-//   expert in all. slot_token[e, c] is the token placed there (-1: empty) and
-//   slot_gate[e, c] the index into combine_gates.view(-1) of its weight.
+// Layout of the decision (never a dense one-hot [S, E, C] tensor): tokens are
+// split into G routing groups of S tokens (group_size images each); each expert
+// takes at most `capacity` assignments per group. The A placed assignments are
+// listed sorted by expert: rows offsets[e] .. offsets[e+1] of token_index belong
+// to expert e. The experts then run as one grouped GEMM over those rows, so no
+// FLOP is spent on empty capacity slots.
 //
 // V-MoE (Riquelme et al. 2021, google-research/vmoe routing.py) conventions:
 // noisy softmax gates in training, top-K choices, K-major priority with token
@@ -17,6 +18,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 
@@ -45,13 +47,14 @@ void validate(const RouterConfig& cfg);
 int64_t expert_capacity(const RouterConfig& cfg, int64_t tokens_per_group);
 
 struct RoutingResult {
-  at::Tensor combine_gates;  // float [T, E]: weights the slots point into (differentiable)
-  at::Tensor slot_token;     // int64 [E, C]: token of each slot, -1 when empty
-  at::Tensor slot_gate;      // int64 [E, C]: index into combine_gates.view(-1), -1 when empty
+  at::Tensor combine_gates;  // float [T, E]: weights the rows point into (differentiable)
+  at::Tensor token_index;    // int64 [A]: token of each placed assignment, sorted by expert
+  at::Tensor gate_index;     // int64 [A]: index of its weight in combine_gates.view(-1)
+  std::vector<int64_t> offsets;  // E + 1 row offsets of the experts in token_index
   at::Tensor assign_expert;  // int64 [T, K]: top-K experts per token (undefined for EC)
-  at::Tensor assign_slot;    // int64 [T, K]: slot column c of that choice, -1 = dropped
-  at::Tensor expert_count;   // int64 [E]: slots filled per expert
-  int64_t capacity = 0;      // slots per expert per group
+  at::Tensor assign_row;     // int64 [T, K]: row of that choice in token_index, -1 = dropped
+  at::Tensor expert_count;   // int64 [E]: assignments placed per expert
+  int64_t capacity = 0;      // assignments per expert per group (dropless: largest seen)
   int64_t groups = 0;        // G
   double dropped_fraction = 0;  // assignments (token, choice) that got no slot
   // Auxiliary losses (scalars, differentiable where they have a gradient).

@@ -1,0 +1,36 @@
+// Subcommands of the `moev` program. Each registers its flags on a CLI11
+// subcommand and returns the function that runs it; all flag parsing that fills
+// configs goes through ConfigFlags (apps/config_flags_cmd.cpp).
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "moev/io/run_config.h"
+
+namespace moev::app {
+
+using Runner = std::function<int()>;
+
+// Flags that fill an io::RunConfig: --config, --model, --set and shorthands.
+struct ConfigFlags {
+  std::string config_file;
+  std::string preset;
+  std::vector<std::string> sets;
+  std::vector<std::string> shorthand;  // filled by the shorthand flags, as key=value
+  bool print_config = false;
+  bool help_config = false;
+  void add_to(CLI::App* cmd);
+  io::RunConfig resolve() const;  // defaults <- preset <- file <- shorthands <- --set
+};
+
+Runner add_train(CLI::App& app);
+Runner add_eval(CLI::App& app);
+Runner add_predict(CLI::App& app);
+
+bool stderr_is_terminal();
+
+}  // namespace moev::app

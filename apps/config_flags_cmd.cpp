@@ -1,0 +1,47 @@
+// The one place where CLI flags become config values.
+#include <iostream>
+#include <unistd.h>
+
+#include "commands.h"
+#include "moev/core/error.h"
+
+namespace moev::app {
+
+bool stderr_is_terminal() { return ::isatty(STDERR_FILENO) == 1; }
+
+void ConfigFlags::add_to(CLI::App* cmd) {
+  cmd->add_option("-c,--config", config_file, "config file (.toml or .json)");
+  cmd->add_option("-m,--model", preset, "model preset: vit-tiny, vmoe-tiny, vit-s32, vmoe-s32");
+  cmd->add_option("--set", sets, "override any config key: section.key=value (repeatable)");
+  auto shorthand_flag = [this, cmd](const std::string& flag, const std::string& key,
+                                    const std::string& help) {
+    cmd->add_option_function<std::string>(
+        flag, [this, key](const std::string& v) { shorthand.push_back(key + "=" + v); },
+        help + " (= --set " + key + "=...)");
+  };
+  shorthand_flag("--epochs", "train.epochs", "training epochs");
+  shorthand_flag("--batch-size", "train.batch_size", "batch size");
+  shorthand_flag("--lr", "train.lr", "peak learning rate");
+  shorthand_flag("--seed", "train.seed", "random seed");
+  shorthand_flag("--threads", "train.threads", "threads, 0 = all cores");
+  shorthand_flag("--device", "train.device", "cpu or cuda[:N]");
+  shorthand_flag("--out", "train.out_dir", "run directory");
+  shorthand_flag("--max-steps", "train.max_steps", "stop after N steps");
+  shorthand_flag("--data", "data.path", "dataset directory");
+  shorthand_flag("--format", "data.format", "fashion-mnist, folder or cifar10");
+  shorthand_flag("--experts", "moe.num_experts", "experts per MoE layer");
+  shorthand_flag("--moe", "model.moe", "MoE placement: none, every-N, last-N or 3,5");
+  cmd->add_flag("--print-config", print_config, "print the resolved config as JSON and exit");
+  cmd->add_flag("--help-config", help_config, "list every config key and exit");
+}
+
+io::RunConfig ConfigFlags::resolve() const {
+  io::RunConfig cfg;
+  if (!preset.empty()) cfg.model = models::preset(preset);
+  if (!config_file.empty()) io::apply_file(cfg, config_file);
+  for (const auto& s : shorthand) io::apply_override(cfg, s);
+  for (const auto& s : sets) io::apply_override(cfg, s);
+  return cfg;
+}
+
+}  // namespace moev::app

@@ -1,0 +1,72 @@
+// `moev predict`: classify PNG/JPEG files with a checkpoint; top-k classes with
+// probabilities, as text or JSON.
+#include <cstdio>
+#include <iostream>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "commands.h"
+#include "moev/core/device.h"
+#include "moev/core/error.h"
+#include "moev/data/batch_loader.h"
+#include "moev/data/image_folder.h"
+#include "moev/train/trained_model.h"
+#include "moev/train/trainer.h"
+
+namespace moev::app {
+
+namespace {
+struct PredictFlags {
+  std::string checkpoint, device = "cpu";
+  std::vector<std::string> images;
+  int64_t top = 3;
+  int threads = 0;
+  bool json = false;
+};
+}  // namespace
+
+Runner add_predict(CLI::App& app) {
+  auto* cmd = app.add_subcommand("predict", "classify image files (PNG or JPEG)");
+  auto f = std::make_shared<PredictFlags>();
+  cmd->add_option("--checkpoint", f->checkpoint, "checkpoint file")->required();
+  cmd->add_option("images", f->images, "image files")->required();
+  cmd->add_option("--top", f->top, "classes to print per image");
+  cmd->add_option("--threads", f->threads, "threads, 0 = all cores");
+  cmd->add_option("--device", f->device, "cpu or cuda[:N]");
+  cmd->add_flag("--json", f->json, "print JSON");
+  return [f]() {
+    train::set_threads(f->threads);
+    const auto device = parse_device(f->device);
+    auto t = train::load_trained(f->checkpoint, device);
+    const auto& m = t.cfg.model;
+    MOEV_CHECK(f->top >= 1, "--top ", f->top, ": expected >= 1");
+    const int64_t k = std::min(f->top, m.num_classes);
+    std::vector<torch::Tensor> imgs;
+    for (const auto& path : f->images)
+      imgs.push_back(data::decode_image_file(path, m.image_size, m.image_size, m.channels));
+    auto x = data::normalize_images(torch::stack(imgs), t.cfg.data.mean, t.cfg.data.std).to(device);
+    torch::Tensor probs;
+    {
+      c10::InferenceMode guard;
+      probs = torch::softmax(t.model->forward(x), -1).to(torch::kCPU);
+    }
+    auto [p, idx] = probs.topk(k, -1);
+    nlohmann::json out = nlohmann::json::array();
+    for (size_t i = 0; i < f->images.size(); ++i) {
+      nlohmann::json preds = nlohmann::json::array();
+      if (!f->json) std::printf("%s\n", f->images[i].c_str());
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t c = idx[i][j].item<int64_t>();
+        const double pr = p[i][j].item<double>();
+        preds.push_back({{"class", t.class_names[c]}, {"label", c}, {"probability", pr}});
+        if (!f->json) std::printf("  %-14s %.4f\n", t.class_names[c].c_str(), pr);
+      }
+      out.push_back({{"image", f->images[i]}, {"top", preds}});
+    }
+    if (f->json) std::cout << out.dump(2) << "\n";
+    return 0;
+  };
+}
+
+}  // namespace moev::app

@@ -1,0 +1,214 @@
+// moev's speed figures, printed as ratios measured in one run (machines are
+// noisy; ratios within one run are not):
+//   - fp32 matmul GFLOP/s of this machine (the peak MFU is measured against);
+//   - the MoE layer (E=8, K=2, C=1.05) against a dense FFN of the same active
+//     FLOPs (D -> K*H -> D on the same tokens);
+//   - the MoE layer at E = 4..64 with K = 2 and the same tokens;
+//   - capacity 1.05 against 0.5;
+//   - training and inference images/s of the tiny V-MoE and the dense tiny ViT
+//     (batch 128), their model FLOP utilisation, and the ratio to the Python
+//     (PyTorch eager, same LibTorch 1.13 backend) reference figures.
+// Run: ./build/bench/moev_bench [--threads N] [--quick]
+#include <benchmark/benchmark.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <string>
+#include <thread>
+
+#include "moev/models/model_config.h"
+#include "moev/moe/moe_layer.h"
+
+namespace {
+
+// Python reference (PyTorch eager 1.13, both cores) for the tiny V-MoE: width 128,
+// 6 blocks, patch 4, MLP 256, E=8, K=2 in blocks 3 and 5, batch 128.
+constexpr double kPythonTrainImgS = 175.0;
+constexpr double kPythonEvalImgS = 550.0;
+
+// The MoE layer's shape in these figures: ViT-S/32-like width, 64 images of 49 tokens.
+constexpr int64_t kD = 512, kH = 1024, kTokens = 64 * 49, kTokensPerImage = 49;
+bool g_quick = false;
+
+moev::moe::MoELayer make_layer(int64_t E, int64_t K, double C) {
+  moev::moe::RouterConfig rc;
+  rc.num_experts = E;
+  rc.k = K;
+  rc.capacity_factor = C;
+  auto layer = moev::moe::MoELayer(moev::moe::MoELayerOptions(kD, kH, rc));
+  {
+    torch::NoGradGuard ng;  // a trained-like router: spread, not uniform
+    layer->router_weight.normal_(0, 0.05);
+  }
+  return layer;
+}
+
+void BM_Matmul(benchmark::State& state) {
+  const int64_t n = state.range(0);
+  auto a = torch::randn({n, n}), b = torch::randn({n, n});
+  for (auto _ : state) benchmark::DoNotOptimize(torch::mm(a, b));
+  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * n * n * n, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_DenseFFN(benchmark::State& state) {
+  const int64_t K = 2;
+  auto fc1 = torch::nn::Linear(kD, K * kH), fc2 = torch::nn::Linear(K * kH, kD);
+  auto x = torch::randn({kTokens / kTokensPerImage, kTokensPerImage, kD});
+  c10::InferenceMode g;
+  for (auto _ : state) benchmark::DoNotOptimize(fc2(torch::gelu(fc1(x))));
+}
+
+void BM_MoELayer(benchmark::State& state, int64_t E, double C) {
+  auto layer = make_layer(E, 2, C);
+  layer->eval();
+  auto x = torch::randn({kTokens / kTokensPerImage, kTokensPerImage, kD});
+  c10::InferenceMode g;
+  for (auto _ : state) benchmark::DoNotOptimize(layer->forward(x));
+}
+
+void BM_DenseFFNTrain(benchmark::State& state) {
+  auto fc1 = torch::nn::Linear(kD, 2 * kH), fc2 = torch::nn::Linear(2 * kH, kD);
+  auto x = torch::randn({kTokens / kTokensPerImage, kTokensPerImage, kD}, torch::requires_grad());
+  for (auto _ : state) fc2(torch::gelu(fc1(x))).sum().backward();
+}
+
+void BM_MoELayerTrain(benchmark::State& state) {
+  auto layer = make_layer(8, 2, 1.05);
+  layer->train();
+  auto x = torch::randn({kTokens / kTokensPerImage, kTokensPerImage, kD}, torch::requires_grad());
+  for (auto _ : state) {
+    auto y = layer->forward(x).sum();
+    (y + layer->aux_loss()).backward();
+  }
+}
+
+void model_bench(benchmark::State& state, const char* preset, bool train) {
+  auto cfg = moev::models::preset(preset);
+  torch::manual_seed(0);
+  auto model = moev::models::build_model(cfg);
+  const int64_t B = 128;
+  auto x = torch::randn({B, cfg.channels, cfg.image_size, cfg.image_size});
+  auto y = torch::randint(0, cfg.num_classes, {B}, torch::kLong);
+  auto layers = moev::moe::find_moe_layers(*model);
+  if (train) {
+    model->train();
+    for (auto _ : state) {
+      model->zero_grad();
+      auto loss = torch::cross_entropy_loss(model->forward(x), y);
+      for (auto& l : layers) loss = loss + l->aux_loss();
+      loss.backward();
+    }
+  } else {
+    model->eval();
+    c10::InferenceMode g;
+    for (auto _ : state) benchmark::DoNotOptimize(model->forward(x));
+  }
+  state.counters["img/s"] = benchmark::Counter(double(B), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// Forward FLOPs per image of the ViT/V-MoE presets (matmuls only; MoE blocks
+// count K experts per token).
+double forward_flops_per_image(const moev::models::ModelConfig& c) {
+  const double N = double(c.image_size / c.patch) * double(c.image_size / c.patch);
+  const double D = double(c.width), H = double(c.mlp_dim);
+  const double patch = 2 * N * D * double(c.patch * c.patch * c.channels);
+  const double attn = 2 * N * D * 3 * D + 2 * N * D * D + 2 * 2 * N * N * D;
+  const double mlp = 2 * 2 * N * D * H;
+  const auto moe_at = moev::models::moe_blocks(c.moe, c.depth);
+  double total = patch;
+  for (int64_t b = 0; b < c.depth; ++b) {
+    const bool moe = std::find(moe_at.begin(), moe_at.end(), b) != moe_at.end();
+    total += attn + (moe ? double(c.router.k) * mlp + 2 * N * D * double(c.router.num_experts) : mlp);
+  }
+  return total + 2 * D * double(c.num_classes);
+}
+
+class Collect : public benchmark::ConsoleReporter {
+ public:
+  std::map<std::string, double> ns, counter;
+  void ReportRuns(const std::vector<Run>& runs) override {
+    ConsoleReporter::ReportRuns(runs);
+    for (const auto& r : runs) {
+      // Names without the "/min_time:..." suffix Google Benchmark appends.
+      std::string name = r.benchmark_name();
+      name = name.substr(0, name.find("/min_time"));
+      ns[name] = r.GetAdjustedRealTime();
+      for (const auto& [k, v] : r.counters) counter[name + ":" + k] = v;
+    }
+  }
+};
+
+double get(const std::map<std::string, double>& m, const std::string& k) {
+  auto it = m.find(k);
+  return it == m.end() ? 0.0 : it->second;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int threads = static_cast<int>(std::thread::hardware_concurrency());
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0) { g_quick = true; continue; }
+    if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) { threads = std::atoi(argv[++i]); continue; }
+    args.push_back(argv[i]);
+  }
+  at::set_num_threads(threads);
+  std::printf("moev_bench: %d thread(s)\n", at::get_num_threads());
+
+  benchmark::RegisterBenchmark("matmul", BM_Matmul)->Arg(g_quick ? 128 : 1024)->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("dense_ffn", BM_DenseFFN)->Unit(benchmark::kMillisecond);
+  for (int64_t E : {4, 8, 16, 32, 64})
+    benchmark::RegisterBenchmark(("moe/E" + std::to_string(E) + "/C105").c_str(), BM_MoELayer, E, 1.05)
+        ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("moe/E8/C050", BM_MoELayer, 8, 0.5)->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("dense_ffn_train", BM_DenseFFNTrain)->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("moe_train/E8/C105", BM_MoELayerTrain)->Unit(benchmark::kMillisecond);
+  if (!g_quick) {
+    for (const char* p : {"vmoe-tiny", "vit-tiny"}) {
+      benchmark::RegisterBenchmark((std::string(p) + "/train").c_str(), model_bench, p, true)
+          ->Unit(benchmark::kMillisecond)->MinTime(3.0);
+      benchmark::RegisterBenchmark((std::string(p) + "/eval").c_str(), model_bench, p, false)
+          ->Unit(benchmark::kMillisecond)->MinTime(3.0);
+    }
+  }
+  int bargc = static_cast<int>(args.size());
+  benchmark::Initialize(&bargc, args.data());
+  Collect rep;
+  benchmark::RunSpecifiedBenchmarks(&rep);
+
+  const auto& t = rep.ns;
+  const double peak = get(rep.counter, std::string("matmul/") + (g_quick ? "128" : "1024") + ":GFLOP/s") / 1e9;
+  std::printf("\n== moev figures (one run, %d threads) ==\n", at::get_num_threads());
+  std::printf("fp32 matmul peak: %.1f GFLOP/s\n", peak);
+  const double dense = get(t, "dense_ffn"), e8 = get(t, "moe/E8/C105");
+  std::printf("MoE layer (D=%lld, H=%lld, %lld tokens, E=8, K=2, C=1.05) / dense FFN same active FLOPs: %.2fx  (target <= 1.30)\n",
+              (long long)kD, (long long)kH, (long long)kTokens, e8 / dense);
+  std::printf("  training (fwd+bwd) MoE / dense: %.2fx\n", get(t, "moe_train/E8/C105") / get(t, "dense_ffn_train"));
+  std::printf("MoE time by E (K=2, C=1.05):");
+  double tmin = 1e300, tmax = 0;
+  for (int E : {4, 8, 16, 32, 64}) {
+    const double v = get(t, "moe/E" + std::to_string(E) + "/C105");
+    tmin = std::min(tmin, v);
+    tmax = std::max(tmax, v);
+    std::printf(" E%d %.2fms", E, v);
+  }
+  std::printf("\n  E=64 / E=4: %.2fx, max/min over E: %.2fx  (target <= 1.25)\n",
+              get(t, "moe/E64/C105") / get(t, "moe/E4/C105"), tmax / tmin);
+  std::printf("capacity 1.05 / 0.5 time: %.2fx faster at 0.5  (target >= 1.6)\n", e8 / get(t, "moe/E8/C050"));
+  if (!g_quick) {
+    for (const char* p : {"vmoe-tiny", "vit-tiny"}) {
+      const double tr = get(rep.counter, std::string(p) + "/train:img/s");
+      const double ev = get(rep.counter, std::string(p) + "/eval:img/s");
+      const double f = forward_flops_per_image(moev::models::preset(p));
+      std::printf("%s (batch 128): train %.0f img/s (MFU %.0f%%), eval %.0f img/s (MFU %.0f%%)\n", p, tr,
+                  100 * 3 * f * tr / (peak * 1e9), ev, 100 * f * ev / (peak * 1e9));
+      if (std::string(p) == "vmoe-tiny")
+        std::printf("  vs Python eager reference (%.0f train, %.0f eval img/s): train %.2fx (target >= 2), eval %.2fx (target >= 2.5)\n",
+                    kPythonTrainImgS, kPythonEvalImgS, tr / kPythonTrainImgS, ev / kPythonEvalImgS);
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,151 @@
+// Image-folder reading with stb_image (decode) and stb_image_resize (resize),
+// both from libstb. Files are decoded on several threads because a large folder
+// is decoded once up front; each thread writes its own slice of one tensor.
+#include "moev/data/image_folder.h"
+
+#include <stb/stb_image.h>
+#include <stb/stb_image_resize.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "moev/core/error.h"
+
+namespace moev::data {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr int64_t kMaxSide = 1 << 15;
+
+bool is_hidden(const fs::path& path) { return path.filename().string().rfind('.', 0) == 0; }
+
+bool has_image_extension(const fs::path& path) {
+  std::string ext = path.extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(),
+                 [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+  return ext == ".png" || ext == ".jpg" || ext == ".jpeg";
+}
+
+void check_geometry(int64_t height, int64_t width, int64_t channels) {
+  MOEV_CHECK(height >= 1 && height <= kMaxSide && width >= 1 && width <= kMaxSide, "image size ",
+             height, "x", width, " outside 1..", kMaxSide);
+  MOEV_CHECK(channels == 1 || channels == 3, "image channels ", channels, ", expected 1 or 3");
+}
+
+std::vector<fs::path> sorted_entries(const fs::path& dir) {
+  std::vector<fs::path> entries;
+  try {
+    for (const auto& entry : fs::directory_iterator(dir)) entries.push_back(entry.path());
+  } catch (const fs::filesystem_error& e) {
+    fail("cannot list ", dir.string(), ": ", e.code().message());
+  }
+  std::sort(entries.begin(), entries.end());
+  return entries;
+}
+
+// Decodes path into dst, uint8 [C, H, W] contiguous.
+void decode_into(const std::string& path, int64_t height, int64_t width, int64_t channels,
+                 uint8_t* dst) {
+  int w = 0, h = 0, file_channels = 0;
+  std::unique_ptr<unsigned char, void (*)(void*)> pixels(
+      stbi_load(path.c_str(), &w, &h, &file_channels, static_cast<int>(channels)), stbi_image_free);
+  MOEV_CHECK(pixels != nullptr, "file ", path,
+             " is not a PNG/JPEG image (stb_image: ", stbi_failure_reason(), ")");
+
+  const unsigned char* hwc = pixels.get();
+  std::vector<unsigned char> resized;
+  if (h != height || w != width) {
+    resized.resize(static_cast<size_t>(height * width * channels));
+    const int ok = stbir_resize_uint8(pixels.get(), w, h, /*input_stride=*/0, resized.data(),
+                                      static_cast<int>(width), static_cast<int>(height),
+                                      /*output_stride=*/0, static_cast<int>(channels));
+    MOEV_CHECK(ok == 1, "cannot resize ", path, " from ", w, "x", h, " to ", width, "x", height);
+    hwc = resized.data();
+  }
+  // stb gives interleaved HWC; torch convolutions want planar CHW.
+  const int64_t plane = height * width;
+  for (int64_t p = 0; p < plane; ++p) {
+    for (int64_t c = 0; c < channels; ++c) dst[c * plane + p] = hwc[p * channels + c];
+  }
+}
+
+}  // namespace
+
+torch::Tensor decode_image_file(const std::string& path, int64_t height, int64_t width,
+                                int64_t channels) {
+  check_geometry(height, width, channels);
+  MOEV_CHECK(fs::is_regular_file(path), "image file ", path, " not found (or not a file)");
+  torch::Tensor image = torch::empty({channels, height, width}, torch::kUInt8);
+  decode_into(path, height, width, channels, image.data_ptr<uint8_t>());
+  return image;
+}
+
+ImageSet read_image_folder(const std::string& root, int64_t height, int64_t width,
+                           int64_t channels) {
+  check_geometry(height, width, channels);
+  MOEV_CHECK(fs::is_directory(root), "image folder ", root, " not found");
+
+  ImageSet set;
+  std::vector<std::string> files;
+  std::vector<int64_t> labels;
+  // Plain files next to the class folders (READMEs, synset lists) are not classes.
+  for (const fs::path& class_dir : sorted_entries(root)) {
+    if (is_hidden(class_dir) || !fs::is_directory(class_dir)) continue;
+    const auto label = static_cast<int64_t>(set.class_names.size());
+    const size_t before = files.size();
+    for (const fs::path& file : sorted_entries(class_dir)) {
+      if (is_hidden(file)) continue;
+      MOEV_CHECK(fs::is_regular_file(file) && has_image_extension(file), "file ", file.string(),
+                 " in image folder ", root, " is not a PNG/JPEG image (.png, .jpg, .jpeg)");
+      files.push_back(file.string());
+      labels.push_back(label);
+    }
+    MOEV_CHECK(files.size() > before, "class folder ", class_dir.string(), " holds no images");
+    set.class_names.push_back(class_dir.filename().string());
+  }
+  MOEV_CHECK(!files.empty(), "image folder ", root,
+             " has no class subfolders; expected root/<class>/<image>.png");
+
+  const auto n = static_cast<int64_t>(files.size());
+  set.images = torch::empty({n, channels, height, width}, torch::kUInt8);
+  set.labels = torch::tensor(labels, torch::kInt64);
+  set.source = root;
+
+  uint8_t* images = set.images.data_ptr<uint8_t>();
+  const int64_t image_bytes = channels * height * width;
+  std::atomic<int64_t> next{0};
+  std::mutex error_mutex;
+  int64_t error_index = n;  // the first failing file in order, so the message is stable
+  std::exception_ptr error;
+  auto work = [&] {
+    for (int64_t i; (i = next.fetch_add(1)) < n;) {
+      try {
+        decode_into(files[i], height, width, channels, images + i * image_bytes);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (i < error_index) {
+          error_index = i;
+          error = std::current_exception();
+        }
+      }
+    }
+  };
+  const auto hardware = static_cast<int64_t>(std::max(1u, std::thread::hardware_concurrency()));
+  const int64_t num_threads = std::min<int64_t>({hardware, 16, (n + 63) / 64});
+  std::vector<std::thread> threads;
+  for (int64_t t = 1; t < num_threads; ++t) threads.emplace_back(work);
+  work();
+  for (auto& thread : threads) thread.join();
+  if (error) std::rethrow_exception(error);
+  return set;
+}
+
+}  // namespace moev::data

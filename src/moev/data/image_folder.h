@@ -1,0 +1,24 @@
+// Reads an ImageNet-style folder tree (root/<class>/<image>.{png,jpg,jpeg}) into
+// an ImageSet, decoding and resizing every image once with stb_image. Also
+// decodes a single file for `moev predict`.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "moev/data/image_set.h"
+
+namespace moev::data {
+
+// Classes are the subdirectories of root sorted by name (label = rank); files in
+// each are sorted by name. Every image is resized to height x width and turned
+// into `channels` (1 = luminance, 3 = RGB). Hidden files (".*") are skipped; any
+// other non-image or undecodable file is an error naming it.
+ImageSet read_image_folder(const std::string& root, int64_t height, int64_t width,
+                           int64_t channels);
+
+// One PNG/JPEG file -> uint8 [C, H, W], resized and converted like read_image_folder.
+torch::Tensor decode_image_file(const std::string& path, int64_t height, int64_t width,
+                                int64_t channels);
+
+}  // namespace moev::data

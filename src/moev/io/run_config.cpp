@@ -1,0 +1,266 @@
+#include "moev/io/run_config.h"
+
+#include <fstream>
+#include <functional>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+#include <toml++/toml.h>
+
+#include "moev/core/error.h"
+
+namespace moev::io {
+
+using nlohmann::json;
+
+namespace {
+
+struct Field {
+  std::string key;   // section.name
+  std::string help;  // one line
+  std::function<void(RunConfig&, const json&, const std::string&)> set;
+  std::function<json(const RunConfig&)> get;
+};
+
+std::string type_name(const json& v) {
+  std::string s = v.dump();
+  return s.size() > 40 ? s.substr(0, 40) + "..." : s;
+}
+
+template <typename T>
+void read_value(const json& v, T& out, const std::string& where) {
+  if constexpr (std::is_same_v<T, bool>) {
+    MOEV_CHECK(v.is_boolean(), where, ": expected true or false, got ", type_name(v));
+    out = v.get<bool>();
+  } else if constexpr (std::is_integral_v<T>) {
+    MOEV_CHECK(v.is_number_integer(), where, ": expected an integer, got ", type_name(v));
+    if constexpr (std::is_unsigned_v<T>)
+      MOEV_CHECK(v.get<int64_t>() >= 0, where, ": expected a non-negative integer, got ", type_name(v));
+    out = v.get<T>();
+  } else if constexpr (std::is_floating_point_v<T>) {
+    MOEV_CHECK(v.is_number(), where, ": expected a number, got ", type_name(v));
+    out = v.get<T>();
+  } else if constexpr (std::is_same_v<T, std::string>) {
+    MOEV_CHECK(v.is_string(), where, ": expected a string, got ", type_name(v));
+    out = v.get<std::string>();
+  } else {  // std::vector<float>
+    MOEV_CHECK(v.is_array(), where, ": expected a list of numbers, got ", type_name(v));
+    out.clear();
+    for (const auto& x : v) {
+      MOEV_CHECK(x.is_number(), where, ": expected a list of numbers, got ", type_name(v));
+      out.push_back(x.get<float>());
+    }
+  }
+}
+
+template <typename Access>
+Field field(std::string key, std::string help, Access access) {
+  Field f;
+  f.key = std::move(key);
+  f.help = std::move(help);
+  f.set = [access](RunConfig& c, const json& v, const std::string& where) {
+    read_value(v, access(c), where);
+  };
+  f.get = [access](const RunConfig& c) { return json(access(const_cast<RunConfig&>(c))); };
+  return f;
+}
+
+#define MOEV_FIELD(key, member, help) \
+  field(key, help, [](RunConfig& c) -> auto& { return c.member; })
+
+const std::vector<Field>& fields() {
+  static const std::vector<Field> kFields = [] {
+    std::vector<Field> f = {
+        MOEV_FIELD("model.family", model.family, "model family: vit"),
+        MOEV_FIELD("model.image_size", model.image_size, "input height = width, pixels"),
+        MOEV_FIELD("model.channels", model.channels, "input channels"),
+        MOEV_FIELD("model.num_classes", model.num_classes, "classes"),
+        MOEV_FIELD("model.patch", model.patch, "ViT patch side, pixels"),
+        MOEV_FIELD("model.width", model.width, "token width D"),
+        MOEV_FIELD("model.depth", model.depth, "transformer blocks"),
+        MOEV_FIELD("model.heads", model.heads, "attention heads"),
+        MOEV_FIELD("model.mlp_dim", model.mlp_dim, "MLP / expert hidden width H"),
+        MOEV_FIELD("model.dropout", model.dropout, "dropout rate"),
+        MOEV_FIELD("moe.num_experts", model.router.num_experts, "experts per MoE layer E"),
+        MOEV_FIELD("moe.k", model.router.k, "experts per token K"),
+        MOEV_FIELD("moe.capacity", model.router.capacity_factor, "capacity ratio C"),
+        MOEV_FIELD("moe.dropless", model.router.dropless, "no capacity limit"),
+        MOEV_FIELD("moe.bpr", model.router.bpr, "Batch Priority Routing"),
+        MOEV_FIELD("moe.renormalize", model.router.renormalize, "renormalise the K gates"),
+        MOEV_FIELD("moe.noise_std", model.router.noise_std, "router noise (std * 1/E)"),
+        MOEV_FIELD("moe.group_size", model.router.group_size, "images per routing group"),
+        MOEV_FIELD("moe.importance_weight", model.aux.importance, "importance loss weight"),
+        MOEV_FIELD("moe.load_weight", model.aux.load, "load loss weight"),
+        MOEV_FIELD("moe.switch_weight", model.aux.switch_lb, "Switch load-balancing loss weight"),
+        MOEV_FIELD("moe.z_weight", model.aux.z, "router z-loss weight"),
+        MOEV_FIELD("data.format", data.format, "fashion-mnist | folder | cifar10"),
+        MOEV_FIELD("data.path", data.path, "dataset directory (folder: training root)"),
+        MOEV_FIELD("data.test_path", data.test_path, "folder format: test root"),
+        MOEV_FIELD("data.mean", data.mean, "per-channel mean (empty: from training set)"),
+        MOEV_FIELD("data.std", data.std, "per-channel std (empty: from training set)"),
+        MOEV_FIELD("data.augment", data.augment, "random crop and flip in training"),
+        MOEV_FIELD("data.crop_padding", data.crop_padding, "random crop padding, pixels"),
+        MOEV_FIELD("data.hflip", data.hflip, "random horizontal flip"),
+        MOEV_FIELD("data.train_limit", data.train_limit, "first N training images (0: all)"),
+        MOEV_FIELD("data.test_limit", data.test_limit, "first N test images (0: all)"),
+        MOEV_FIELD("train.epochs", train.epochs, "passes over the training set"),
+        MOEV_FIELD("train.batch_size", train.batch_size, "batch size B"),
+        MOEV_FIELD("train.lr", train.lr, "peak learning rate"),
+        MOEV_FIELD("train.min_lr", train.min_lr, "final learning rate of the cosine"),
+        MOEV_FIELD("train.warmup_steps", train.warmup_steps, "linear warmup steps"),
+        MOEV_FIELD("train.weight_decay", train.weight_decay, "AdamW decoupled weight decay"),
+        MOEV_FIELD("train.beta1", train.beta1, "AdamW beta1"),
+        MOEV_FIELD("train.beta2", train.beta2, "AdamW beta2"),
+        MOEV_FIELD("train.label_smoothing", train.label_smoothing, "label smoothing"),
+        MOEV_FIELD("train.clip_grad_norm", train.clip_grad_norm, "gradient norm clip (0: off)"),
+        MOEV_FIELD("train.seed", train.seed, "random seed"),
+        MOEV_FIELD("train.threads", train.threads, "threads (0: all cores)"),
+        MOEV_FIELD("train.device", train.device, "cpu | cuda[:N]"),
+        MOEV_FIELD("train.out_dir", train.out_dir, "run directory"),
+        MOEV_FIELD("train.checkpoint_every", train.checkpoint_every, "steps between checkpoints"),
+        MOEV_FIELD("train.log_every", train.log_every, "steps between log lines"),
+        MOEV_FIELD("train.max_steps", train.max_steps, "stop after N steps (0: epochs)"),
+        MOEV_FIELD("train.eval_each_epoch", train.eval_each_epoch, "test-set eval per epoch"),
+        MOEV_FIELD("train.progress", train.progress, "progress bar on stderr"),
+    };
+    // Fields whose JSON form is a string but whose C++ type is not.
+    Field placement;
+    placement.key = "model.moe";
+    placement.help = "MoE placement: none | every-N | last-N | block list \"3,5\"";
+    placement.set = [](RunConfig& c, const json& v, const std::string& where) {
+      std::string s;
+      read_value(v, s, where);
+      c.model.moe = models::parse_placement(s);
+    };
+    placement.get = [](const RunConfig& c) { return json(models::to_string(c.model.moe)); };
+    f.push_back(placement);
+    Field router;
+    router.key = "moe.router";
+    router.help = "router kind: topk | expert_choice";
+    router.set = [](RunConfig& c, const json& v, const std::string& where) {
+      std::string s;
+      read_value(v, s, where);
+      c.model.router.kind = moe::parse_router_kind(s);
+    };
+    router.get = [](const RunConfig& c) { return json(moe::to_string(c.model.router.kind)); };
+    f.push_back(router);
+    return f;
+  }();
+  return kFields;
+}
+
+const Field* find_field(const std::string& key) {
+  for (const auto& f : fields())
+    if (f.key == key) return &f;
+  return nullptr;
+}
+
+json read_file_as_json(const std::string& path) {
+  std::ifstream in(path);
+  MOEV_CHECK(in.good(), "config file ", path, ": cannot open");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string text = ss.str();
+  const bool is_toml = path.size() > 5 && path.compare(path.size() - 5, 5, ".toml") == 0;
+  const bool is_json = path.size() > 5 && path.compare(path.size() - 5, 5, ".json") == 0;
+  MOEV_CHECK(is_toml || is_json, "config file ", path, ": expected a .toml or .json file");
+  if (is_json) {
+    try {
+      return json::parse(text);
+    } catch (const json::parse_error& e) {
+      fail("config file ", path, ": invalid JSON: ", e.what());
+    }
+  }
+  try {
+    auto table = toml::parse(text, path);
+    std::stringstream js;
+    js << toml::json_formatter{table};
+    return json::parse(js.str());
+  } catch (const toml::parse_error& e) {
+    fail("config file ", path, ":", e.source().begin.line, ": invalid TOML: ", e.description());
+  }
+}
+
+}  // namespace
+
+void apply_json(RunConfig& cfg, const json& j, const std::string& source) {
+  MOEV_CHECK(j.is_object(), source, ": expected a table of sections (model, moe, data, train)");
+  // A preset replaces the whole model config, so it goes first.
+  if (j.contains("model") && j["model"].is_object() && j["model"].contains("preset")) {
+    const auto& p = j["model"]["preset"];
+    MOEV_CHECK(p.is_string(), source, ": model.preset: expected a string");
+    cfg.model = models::preset(p.get<std::string>());
+  }
+  for (auto& [section, body] : j.items()) {
+    MOEV_CHECK(body.is_object(), source, ": '", section, "' must be a table of keys");
+    for (auto& [name, value] : body.items()) {
+      const std::string key = section + "." + name;
+      if (key == "model.preset") continue;
+      const Field* f = find_field(key);
+      MOEV_CHECK(f != nullptr, source, ": unknown config key '", key,
+                 "' (moev train --help-config lists the keys)");
+      f->set(cfg, value, source + ": " + key);
+    }
+  }
+}
+
+void apply_file(RunConfig& cfg, const std::string& path) {
+  apply_json(cfg, read_file_as_json(path), path);
+}
+
+RunConfig load_run_config(const std::string& path) {
+  RunConfig cfg;
+  apply_file(cfg, path);
+  return cfg;
+}
+
+void apply_override(RunConfig& cfg, const std::string& assignment) {
+  const auto eq = assignment.find('=');
+  MOEV_CHECK(eq != std::string::npos && eq > 0, "--set ", assignment,
+             ": expected section.key=value, e.g. train.lr=0.001");
+  const std::string key = assignment.substr(0, eq), text = assignment.substr(eq + 1);
+  const auto dot = key.find('.');
+  MOEV_CHECK(dot != std::string::npos, "--set ", assignment, ": key must be section.name");
+  json value;
+  try {
+    value = json::parse(text);
+  } catch (const json::parse_error&) {
+    value = text;  // bare words are strings: train.device=cpu
+  }
+  if (key != "model.preset" && !find_field(key))
+    fail("--set: unknown config key '", key, "' (moev train --help-config lists the keys)");
+  json j;
+  j[key.substr(0, dot)][key.substr(dot + 1)] = value;
+  apply_json(cfg, j, "--set " + assignment);
+}
+
+json to_json(const RunConfig& cfg) {
+  json j;
+  for (const auto& f : fields()) {
+    const auto dot = f.key.find('.');
+    j[f.key.substr(0, dot)][f.key.substr(dot + 1)] = f.get(cfg);
+  }
+  return j;
+}
+
+std::string to_json_string(const RunConfig& cfg) { return to_json(cfg).dump(2); }
+
+RunConfig from_json_string(const std::string& text, const std::string& source) {
+  RunConfig cfg;
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::parse_error& e) {
+    fail(source, ": invalid config JSON: ", e.what());
+  }
+  apply_json(cfg, j, source);
+  return cfg;
+}
+
+std::vector<std::pair<std::string, std::string>> config_keys() {
+  std::vector<std::pair<std::string, std::string>> out{{"model.preset", "start from a named preset"}};
+  for (const auto& f : fields()) out.emplace_back(f.key, f.help);
+  return out;
+}
+
+}  // namespace moev::io

@@ -1,0 +1,42 @@
+// The one place where configs are filled: defaults <- preset <- config file (TOML
+// or JSON) <- CLI overrides ("train.lr=0.001"). Every field has a dotted key;
+// unknown keys and ill-typed values are errors naming the file and the key.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "moev/models/model_config.h"
+#include "moev/train/train_config.h"
+
+namespace moev::io {
+
+struct RunConfig {
+  models::ModelConfig model;  // architecture and routing
+  train::DataConfig data;     // dataset and augmentation
+  train::TrainConfig train;   // optimisation and run
+};
+
+// A run config from a .toml or .json file, starting from defaults (or from the
+// preset named by its model.preset key).
+RunConfig load_run_config(const std::string& path);
+// Applies a config file's keys on top of `cfg`.
+void apply_file(RunConfig& cfg, const std::string& path);
+
+// Applies a JSON object of {section: {key: value}}; `source` names it in errors.
+void apply_json(RunConfig& cfg, const nlohmann::json& j, const std::string& source);
+
+// Applies one "section.key=value" override (value parsed as JSON, else a string).
+void apply_override(RunConfig& cfg, const std::string& assignment);
+
+// Every field, as nested JSON (stored in checkpoints, printed by --print-config).
+nlohmann::json to_json(const RunConfig& cfg);
+std::string to_json_string(const RunConfig& cfg);
+RunConfig from_json_string(const std::string& text, const std::string& source);
+
+// All dotted keys with their help text, for --help-config.
+std::vector<std::pair<std::string, std::string>> config_keys();
+
+}  // namespace moev::io

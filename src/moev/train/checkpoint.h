@@ -1,0 +1,35 @@
+// Checkpoints: one file written with torch::pickle_save, so Python's torch.load
+// opens it as a dict {"format", "config" (JSON text), "state" (JSON text),
+// "model": {name: tensor}, "optimizer": {name: tensor}, "rng": tensor}.
+// Written to a temporary file, flushed and renamed: a crash never leaves a
+// half-written checkpoint where the last good one was.
+#pragma once
+
+#include <map>
+#include <string>
+
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+
+namespace moev::train {
+
+inline constexpr const char* kCheckpointFormat = "moev-checkpoint-v1";
+
+struct Checkpoint {
+  std::string config_json;                      // io::RunConfig as JSON
+  std::string state_json;                       // trainer position (step, epoch, ...)
+  std::map<std::string, at::Tensor> model;      // parameters and buffers by name
+  std::map<std::string, at::Tensor> optimizer;  // AdamW state by name
+  at::Tensor rng;                               // CPU generator state
+};
+
+void save_checkpoint(const std::string& path, const Checkpoint& ckpt);
+Checkpoint load_checkpoint(const std::string& path);
+
+std::map<std::string, at::Tensor> module_tensors(const torch::nn::Module& module);
+// Copies tensors into the module; the first missing, extra or mis-shaped tensor
+// is an error naming it and `source`.
+void load_module_tensors(torch::nn::Module& module, const std::map<std::string, at::Tensor>& t,
+                         const std::string& source);
+
+}  // namespace moev::train

@@ -1,0 +1,68 @@
+#include "moev/train/datasets.h"
+
+#include <torch/torch.h>
+
+#include "moev/core/error.h"
+#include "moev/data/batch_loader.h"
+#include "moev/data/cifar10.h"
+#include "moev/data/idx_reader.h"
+#include "moev/data/image_folder.h"
+
+namespace moev::train {
+
+namespace {
+
+data::ImageSet open_one(const DataConfig& d, const models::ModelConfig& m, bool train) {
+  if (d.format == "fashion-mnist") return data::load_fashion_mnist(d.path, train);
+  if (d.format == "cifar10") return data::read_cifar10(d.path, train);
+  if (d.format == "folder") {
+    const std::string root = train ? d.path : (d.test_path.empty() ? d.path : d.test_path);
+    return data::read_image_folder(root, m.image_size, m.image_size, m.channels);
+  }
+  fail("data.format = '", d.format, "': expected fashion-mnist, folder or cifar10");
+}
+
+data::ImageSet limit(data::ImageSet s, int64_t n) {
+  if (n > 0 && n < s.size()) {
+    s.images = s.images.narrow(0, 0, n).contiguous();
+    s.labels = s.labels.narrow(0, 0, n).contiguous();
+  }
+  return s;
+}
+
+void check_fits(const data::ImageSet& s, const models::ModelConfig& m) {
+  MOEV_CHECK(s.images.size(1) == m.channels && s.images.size(2) == m.image_size &&
+                 s.images.size(3) == m.image_size,
+             "dataset ", s.source, " has images of ", s.images.size(1), "x", s.images.size(2), "x",
+             s.images.size(3), " but the model expects ", m.channels, "x", m.image_size, "x",
+             m.image_size, " (set model.channels / model.image_size)");
+  MOEV_CHECK(s.num_classes() <= m.num_classes, "dataset ", s.source, " has ", s.num_classes(),
+             " classes but model.num_classes = ", m.num_classes);
+}
+
+}  // namespace
+
+Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool load_train) {
+  Datasets out;
+  out.test = limit(open_one(d, m, /*train=*/false), d.test_limit);
+  check_fits(out.test, m);
+  if (load_train) {
+    out.train = limit(open_one(d, m, /*train=*/true), d.train_limit);
+    check_fits(out.train, m);
+  }
+  out.mean = d.mean;
+  out.std = d.std;
+  if (out.mean.empty() || out.std.empty()) {
+    MOEV_CHECK(load_train, "data.mean / data.std are not set and there is no training set to ",
+               "compute them from");
+    auto [mean, std] = data::channel_stats(out.train);
+    if (out.mean.empty()) out.mean = mean;
+    if (out.std.empty()) out.std = std;
+  }
+  MOEV_CHECK(static_cast<int64_t>(out.mean.size()) == m.channels &&
+                 static_cast<int64_t>(out.std.size()) == m.channels,
+             "data.mean / data.std: expected ", m.channels, " value(s), one per channel");
+  return out;
+}
+
+}  // namespace moev::train

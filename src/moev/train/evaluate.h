@@ -1,0 +1,40 @@
+// Evaluation of a classifier on an image set: top-1/top-5, loss, throughput and
+// what the MoE layers did (per-layer expert load and dropped fraction).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "moev/data/image_set.h"
+#include "moev/models/classifier.h"
+#include "moev/moe/router.h"
+
+namespace moev::train {
+
+struct EvalResult {
+  double top1 = 0, top5 = 0, loss = 0;       // fractions and mean cross-entropy
+  double images_per_s = 0;                   // forward throughput
+  int64_t images = 0;
+  std::vector<std::vector<double>> expert_load;  // [layer][expert] share of filled slots
+  std::vector<double> dropped;                   // [layer] fraction of assignments dropped
+};
+
+EvalResult evaluate(models::Classifier& model, const data::ImageSet& set,
+                    const std::vector<float>& mean, const std::vector<float>& std,
+                    int64_t batch_size, const c10::Device& device, std::ostream* progress = nullptr,
+                    bool interactive = false);
+
+// Sets K, capacity, BPR or router kind of every MoE layer (the model keeps E).
+// Unset values leave that setting as it is; bad values are moev::Errors.
+struct RouterOverrides {
+  std::optional<int64_t> k;            // experts per token
+  std::optional<double> capacity;      // capacity ratio C
+  std::optional<bool> bpr;             // Batch Priority Routing
+  std::optional<std::string> kind;     // topk | expert_choice
+};
+void apply_router_overrides(models::Classifier& model, const RouterOverrides& o);
+
+}  // namespace moev::train

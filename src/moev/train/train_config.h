@@ -1,0 +1,46 @@
+// Plain configs of data and training, with defaults and a comment per field.
+// They are filled in one place (moev/io/run_config.h) from files and flags.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moev::train {
+
+struct DataConfig {
+  std::string format = "fashion-mnist";  // fashion-mnist | folder | cifar10
+  std::string path = "/usr/share/datasets/fashion-mnist";  // dataset dir (folder: train root)
+  std::string test_path;                 // folder format: test root (other formats: = path)
+  std::vector<float> mean;               // per-channel normalisation; empty: from training set
+  std::vector<float> std;                // per-channel std; empty: from training set
+  bool augment = true;                   // random crop (padding 4 px... see crop_padding) + flip
+  int64_t crop_padding = 2;              // zero padding of the random crop, pixels
+  bool hflip = true;                     // random horizontal flip
+  int64_t train_limit = 0;               // use only the first N training images (0: all)
+  int64_t test_limit = 0;                // evaluate on the first N test images (0: all)
+};
+
+struct TrainConfig {
+  int64_t epochs = 10;            // passes over the training set
+  int64_t batch_size = 128;       // B
+  double lr = 2e-3;               // peak learning rate (AdamW)
+  double min_lr = 1e-5;           // learning rate at the end of the cosine decay
+  int64_t warmup_steps = 300;     // linear warmup from 0 to lr
+  double weight_decay = 0.05;     // decoupled weight decay on weight matrices
+  double beta1 = 0.9;             // AdamW beta1
+  double beta2 = 0.999;           // AdamW beta2
+  double label_smoothing = 0.1;   // cross-entropy label smoothing
+  double clip_grad_norm = 1.0;    // global gradient norm clip (0: off)
+  uint64_t seed = 0;              // seeds init, data order, augmentation and router noise
+  int threads = 0;                // intra-op threads (0: all cores)
+  std::string device = "cpu";     // cpu | cuda[:N]
+  std::string out_dir = "runs/default";  // checkpoints, log.jsonl
+  int64_t checkpoint_every = 200; // steps between checkpoints (0: only at the end)
+  int64_t log_every = 50;         // steps between log.jsonl lines
+  int64_t max_steps = 0;          // stop after this many steps (0: epochs decide)
+  bool eval_each_epoch = true;    // evaluate on the test set after every epoch
+  bool progress = true;           // progress bar on stderr
+};
+
+}  // namespace moev::train

@@ -1,0 +1,27 @@
+#include "moev/train/trained_model.h"
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "moev/core/error.h"
+#include "moev/train/checkpoint.h"
+
+namespace moev::train {
+
+TrainedModel load_trained(const std::string& path, const c10::Device& device) {
+  auto ckpt = load_checkpoint(path);
+  TrainedModel t;
+  t.cfg = io::from_json_string(ckpt.config_json, path);
+  t.model = models::build_model(t.cfg.model);
+  load_module_tensors(*t.model, ckpt.model, path);
+  t.model->to(device);
+  t.model->eval();
+  auto state = nlohmann::json::parse(ckpt.state_json);
+  t.step = state.value("step", int64_t{0});
+  if (state.contains("class_names")) t.class_names = state["class_names"].get<std::vector<std::string>>();
+  for (int64_t i = static_cast<int64_t>(t.class_names.size()); i < t.cfg.model.num_classes; ++i)
+    t.class_names.push_back("class " + std::to_string(i));
+  return t;
+}
+
+}  // namespace moev::train

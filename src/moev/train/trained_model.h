@@ -1,0 +1,24 @@
+// A trained model back from its checkpoint, ready for eval and predict: config,
+// weights, class names and the normalisation it was trained with.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <c10/core/Device.h>
+
+#include "moev/io/run_config.h"
+#include "moev/models/classifier.h"
+
+namespace moev::train {
+
+struct TrainedModel {
+  io::RunConfig cfg;                     // as trained (data.mean / data.std filled)
+  models::ClassifierPtr model;           // in eval mode, on the requested device
+  std::vector<std::string> class_names;  // index = label
+  int64_t step = 0;                      // training steps behind these weights
+};
+
+TrainedModel load_trained(const std::string& checkpoint, const c10::Device& device);
+
+}  // namespace moev::train

@@ -1,0 +1,242 @@
+#include "moev/train/trainer.h"
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "moev/core/device.h"
+#include "moev/core/error.h"
+#include "moev/data/batch_loader.h"
+#include "moev/moe/moe_layer.h"
+#include "moev/train/adamw.h"
+#include "moev/train/checkpoint.h"
+#include "moev/train/datasets.h"
+#include "moev/train/schedule.h"
+#include "moev/viz/progress_bar.h"
+
+namespace moev::train {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+std::string checkpoint_path(const std::string& out_dir) {
+  return (fs::path(out_dir) / "checkpoint.pt").string();
+}
+
+void set_threads(int threads) {
+  const int n = threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency());
+  at::set_num_threads(std::max(1, n));
+}
+
+namespace {
+
+struct Position {
+  int64_t step = 0, epoch = 0, batch = 0;  // next step, its epoch and batch in epoch
+};
+
+at::Tensor cpu_rng_state() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void set_cpu_rng_state(const at::Tensor& s) {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(s);
+}
+
+json eval_json(const EvalResult& e) {
+  return {{"top1", e.top1}, {"top5", e.top5}, {"loss", e.loss}, {"images_per_s", e.images_per_s},
+          {"expert_load", e.expert_load}, {"dropped", e.dropped}};
+}
+
+}  // namespace
+
+TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
+  const std::string ckpt_file = checkpoint_path(cfg.train.out_dir);
+  Checkpoint resume_from;
+  Position pos;
+  if (opts.resume) {
+    resume_from = load_checkpoint(ckpt_file);
+    // The run continues as it was configured; only how it runs may change.
+    auto saved = io::from_json_string(resume_from.config_json, ckpt_file);
+    saved.train.threads = cfg.train.threads;
+    saved.train.device = cfg.train.device;
+    saved.train.progress = cfg.train.progress;
+    saved.train.max_steps = cfg.train.max_steps;
+    saved.train.out_dir = cfg.train.out_dir;
+    cfg = saved;
+    auto st = json::parse(resume_from.state_json);
+    pos.step = st.at("step").get<int64_t>();
+    pos.epoch = st.at("epoch").get<int64_t>();
+    pos.batch = st.at("batch").get<int64_t>();
+  }
+  const auto& tc = cfg.train;
+  MOEV_CHECK(tc.batch_size >= 1, "train.batch_size = ", tc.batch_size, ": expected >= 1");
+  MOEV_CHECK(tc.epochs >= 1, "train.epochs = ", tc.epochs, ": expected >= 1");
+  MOEV_CHECK(tc.lr > 0, "train.lr = ", tc.lr, ": expected > 0");
+  set_threads(tc.threads);
+  const auto device = parse_device(tc.device);
+  models::validate(cfg.model);
+
+  Datasets ds = open_datasets(cfg.data, cfg.model, /*load_train=*/true);
+  cfg.data.mean = ds.mean;  // stored in the checkpoint, so eval/predict normalise alike
+  cfg.data.std = ds.std;
+  MOEV_CHECK(ds.train.size() >= tc.batch_size, "training set ", ds.train.source, " has ",
+             ds.train.size(), " images, fewer than train.batch_size = ", tc.batch_size);
+
+  torch::manual_seed(tc.seed);
+  auto model = models::build_model(cfg.model);
+  model->to(device);
+  AdamWOptions ao;
+  ao.beta1 = tc.beta1;
+  ao.beta2 = tc.beta2;
+  ao.weight_decay = tc.weight_decay;
+  auto named = model->named_parameters();
+  std::vector<std::pair<std::string, at::Tensor>> params;
+  for (auto& p : named) params.emplace_back(p.key(), p.value());
+  AdamW opt(params, ao);
+  if (opts.resume) {
+    load_module_tensors(*model, resume_from.model, ckpt_file);
+    opt.load_state(resume_from.optimizer, ckpt_file);
+    if (resume_from.rng.numel() > 0) set_cpu_rng_state(resume_from.rng);
+  }
+  fs::create_directories(tc.out_dir);
+  {
+    std::ofstream(fs::path(tc.out_dir) / "config.json") << io::to_json_string(cfg) << "\n";
+  }
+  std::ofstream log(fs::path(tc.out_dir) / "log.jsonl", opts.resume ? std::ios::app : std::ios::trunc);
+
+  data::LoaderOptions lo;
+  lo.batch_size = tc.batch_size;
+  lo.seed = tc.seed;
+  lo.augment = cfg.data.augment;
+  lo.crop_padding = cfg.data.crop_padding;
+  lo.hflip = cfg.data.hflip;
+  lo.mean = ds.mean;
+  lo.std = ds.std;
+  const int64_t per_epoch = ds.train.size() / tc.batch_size;  // drop_last
+  const int64_t total_steps = per_epoch * tc.epochs;
+  const int64_t stop_at = tc.max_steps > 0 ? std::min(total_steps, tc.max_steps) : total_steps;
+
+  auto moe_layers = moe::find_moe_layers(*model);
+  auto save = [&](const Position& p) {
+    Checkpoint c;
+    c.config_json = io::to_json_string(cfg);
+    c.state_json = json{{"step", p.step}, {"epoch", p.epoch}, {"batch", p.batch},
+                        {"combine_weights", cfg.model.router.renormalize
+                                                ? "renormalized over the selected K"
+                                                : "selected softmax gates (V-MoE)"},
+                        {"class_names", ds.train.class_names}}.dump();
+    c.model = module_tensors(*model);
+    c.optimizer = opt.state();
+    c.rng = cpu_rng_state();
+    save_checkpoint(ckpt_file, c);
+  };
+
+  TrainOutcome out;
+  auto ce_opts = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(tc.label_smoothing);
+  viz::ProgressBar bar(tc.progress ? opts.progress : nullptr, stop_at, "train", "step",
+                       opts.interactive, pos.step);
+  const auto t_start = std::chrono::steady_clock::now();
+  int64_t images_seen = 0, window_correct = 0, window_images = 0;
+  double window_loss = 0, window_aux = 0, ema_loss = -1, eval_seconds = 0;
+  auto t_window = t_start;
+  model->train();
+  while (pos.step < stop_at && pos.epoch < tc.epochs) {
+    data::BatchLoader loader(ds.train, lo, pos.epoch, pos.batch);
+    data::Batch batch;
+    while (pos.step < stop_at && loader.next(batch)) {
+      const double lr = learning_rate(pos.step, total_steps, tc.warmup_steps, tc.lr, tc.min_lr);
+      auto x = batch.x.to(device), y = batch.y.to(device);
+      auto logits = model->forward(x);
+      auto loss = torch::nn::functional::cross_entropy(logits, y, ce_opts);
+      at::Tensor aux;
+      for (auto& l : moe_layers) aux = aux.defined() ? aux + l->aux_loss() : l->aux_loss();
+      auto total = aux.defined() ? loss + aux : loss;
+      opt.zero_grad();
+      total.backward();
+      if (tc.clip_grad_norm > 0) torch::nn::utils::clip_grad_norm_(model->parameters(), tc.clip_grad_norm);
+      opt.step(lr);
+      ++pos.step;
+      ++pos.batch;
+
+      const double l = loss.item<double>();
+      MOEV_CHECK(std::isfinite(l), "training diverged at step ", pos.step, " (loss ", l,
+                 "); lower train.lr or raise train.warmup_steps");
+      ema_loss = ema_loss < 0 ? l : 0.98 * ema_loss + 0.02 * l;
+      window_loss += l;
+      window_aux += aux.defined() ? aux.item<double>() : 0.0;
+      window_correct += logits.argmax(1).eq(y).sum().item<int64_t>();
+      window_images += y.size(0);
+      images_seen += y.size(0);
+      char status[96];
+      std::snprintf(status, sizeof status, "ep %lld loss %.4f lr %.2e",
+                    (long long)pos.epoch + 1, ema_loss, lr);
+      bar.update(pos.step, status);
+
+      if (tc.log_every > 0 && pos.step % tc.log_every == 0) {
+        const auto now = std::chrono::steady_clock::now();
+        const double secs = std::chrono::duration<double>(now - t_window).count();
+        const double n = double(window_images) / double(y.size(0));
+        json line{{"step", pos.step}, {"epoch", pos.epoch}, {"lr", lr},
+                  {"loss", window_loss / n}, {"aux_loss", window_aux / n},
+                  {"train_acc", double(window_correct) / double(window_images)},
+                  {"images_per_s", secs > 0 ? double(window_images) / secs : 0.0}};
+        json load = json::array(), dropped = json::array();
+        for (auto& ml : moe_layers) {
+          const auto& s = ml->last_stats();
+          int64_t sum = 0;
+          for (auto c : s.expert_count) sum += c;
+          json row = json::array();
+          for (auto c : s.expert_count) row.push_back(sum ? double(c) / double(sum) : 0.0);
+          load.push_back(row);
+          dropped.push_back(s.dropped_fraction);
+        }
+        line["expert_load"] = load;
+        line["dropped"] = dropped;
+        log << line.dump() << "\n" << std::flush;
+        window_loss = window_aux = 0;
+        window_correct = window_images = 0;
+        t_window = now;
+      }
+      if (tc.checkpoint_every > 0 && pos.step % tc.checkpoint_every == 0 && pos.step < stop_at)
+        save(pos);
+    }
+    if (pos.step >= stop_at && pos.batch < per_epoch) break;  // stopped inside an epoch
+    ++pos.epoch;
+    pos.batch = 0;
+    out.epochs_done = pos.epoch;
+    if (tc.eval_each_epoch || pos.epoch == tc.epochs) {
+      const auto t_eval = std::chrono::steady_clock::now();
+      out.eval = evaluate(*model, ds.test, ds.mean, ds.std, 256, device);
+      eval_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_eval).count();
+      json line{{"step", pos.step}, {"epoch", pos.epoch}, {"eval", eval_json(out.eval)}};
+      log << line.dump() << "\n" << std::flush;
+      if (opts.progress && tc.progress) {
+        char buf[128];
+        std::snprintf(buf, sizeof buf, "epoch %lld: test top-1 %.4f top-5 %.4f loss %.4f",
+                      (long long)pos.epoch, out.eval.top1, out.eval.top5, out.eval.loss);
+        if (opts.interactive) *opts.progress << "\r\033[K";
+        *opts.progress << buf << "\n";
+      }
+      model->train();
+    }
+  }
+  bar.finish();
+  save(pos);
+  out.steps = pos.step;
+  out.finished = pos.epoch >= tc.epochs;
+  out.epochs_done = pos.epoch;
+  out.train_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count() - eval_seconds;
+  out.train_images_per_s = out.train_seconds > 0 ? double(images_seen) / out.train_seconds : 0;
+  return out;
+}
+
+}  // namespace moev::train

@@ -1,0 +1,38 @@
+// The training loop shared by every moev classifier: AdamW with warmup + cosine,
+// label smoothing, MoE auxiliary losses, gradient clipping, atomic checkpoints,
+// exact resume (model, optimizer, schedule position, data order, RNG), a JSONL
+// log and a progress bar.
+#pragma once
+
+#include <cstdint>
+#include <ostream>
+#include <string>
+
+#include "moev/io/run_config.h"
+#include "moev/train/evaluate.h"
+
+namespace moev::train {
+
+struct TrainRunOptions {
+  bool resume = false;             // continue from <out_dir>/checkpoint.pt
+  std::ostream* progress = nullptr;  // progress bar target (nullptr: none)
+  bool interactive = false;        // redraw the bar in place (a terminal)
+};
+
+struct TrainOutcome {
+  int64_t steps = 0;              // optimizer steps taken in all (incl. before resume)
+  int64_t epochs_done = 0;        // completed epochs
+  bool finished = false;          // all epochs done (false: stopped at max_steps)
+  double train_seconds = 0;       // wall time of this process's training steps
+  double train_images_per_s = 0;  // this process's training throughput
+  EvalResult eval;                // last test-set evaluation (if any)
+};
+
+std::string checkpoint_path(const std::string& out_dir);
+
+// Sets the intra-op thread count (0: all cores) once per process.
+void set_threads(int threads);
+
+TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts);
+
+}  // namespace moev::train

@@ -1,0 +1,33 @@
+// A progress bar for long work: done/total, rate, ETA and a caller's status text.
+// On a terminal it redraws one line at most 10 times a second; elsewhere (logs,
+// CI) it prints a plain line every 10% so output stays readable.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <ostream>
+#include <string>
+
+namespace moev::viz {
+
+class ProgressBar {
+ public:
+  // out == nullptr disables the bar. unit names what is counted ("step", "img").
+  ProgressBar(std::ostream* out, int64_t total, std::string label, std::string unit,
+              bool interactive, int64_t start = 0);
+  void update(int64_t done, const std::string& status = "");
+  void finish(const std::string& status = "");
+
+  static std::string format_duration(double seconds);  // "1:02:03" / "2:03"
+
+ private:
+  void draw(const std::string& status, bool final);
+  std::ostream* out_;
+  int64_t total_, start_, done_;
+  std::string label_, unit_;
+  bool interactive_;
+  int last_decile_ = -1;
+  std::chrono::steady_clock::time_point t0_, last_draw_;
+};
+
+}  // namespace moev::viz

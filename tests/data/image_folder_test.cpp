@@ -1,0 +1,174 @@
+// Image folders: PNG/JPEG files written here with stb_image_write, read back
+// through read_image_folder and decode_image_file.
+#include "moev/data/image_folder.h"
+
+#include <gtest/gtest.h>
+#include <stb/stb_image_write.h>
+#include <torch/torch.h>
+
+#include <filesystem>
+
+#include "expect_error.h"
+#include "temp_dir.h"
+
+namespace moev::data {
+namespace {
+
+namespace fs = std::filesystem;
+using moev::test::expect_error;
+using moev::test::TempDir;
+using moev::test::write_bytes;
+
+// An HWC image whose every byte differs, so any misplaced pixel shows.
+std::vector<unsigned char> pattern(int h, int w, int c, int salt) {
+  std::vector<unsigned char> px(static_cast<size_t>(h * w * c));
+  for (size_t i = 0; i < px.size(); ++i) px[i] = static_cast<unsigned char>((i * 37 + salt) % 256);
+  return px;
+}
+
+torch::Tensor hwc_to_chw(const std::vector<unsigned char>& px, int h, int w, int c) {
+  return torch::from_blob(const_cast<unsigned char*>(px.data()), {h, w, c}, torch::kUInt8)
+      .permute({2, 0, 1})
+      .contiguous();
+}
+
+void write_png(const std::string& path, const std::vector<unsigned char>& px, int h, int w, int c) {
+  ASSERT_EQ(stbi_write_png(path.c_str(), w, h, c, px.data(), w * c), 1) << path;
+}
+
+TEST(ImageFolder, PngRoundTripIsExactAndClassesAreSorted) {
+  TempDir root;
+  fs::create_directories(root.path() / "zebra");
+  fs::create_directories(root.path() / "apple");
+  const auto a0 = pattern(4, 5, 3, 1), a1 = pattern(4, 5, 3, 2), z0 = pattern(4, 5, 3, 3);
+  // "10" sorts before "2": plain name order, not numeric.
+  write_png(root.file("apple/2.png"), a0, 4, 5, 3);
+  write_png(root.file("apple/10.PNG"), a1, 4, 5, 3);
+  write_png(root.file("zebra/x.png"), z0, 4, 5, 3);
+  write_bytes(root.file("README.txt"), {'h', 'i'});      // not a class: ignored
+  write_bytes(root.file("apple/.DS_Store"), {0, 1, 2});  // hidden: ignored
+
+  const ImageSet set = read_image_folder(root.path().string(), /*height=*/4, /*width=*/5,
+                                         /*channels=*/3);
+  ASSERT_EQ(set.size(), 3);
+  EXPECT_EQ(set.class_names, (std::vector<std::string>{"apple", "zebra"}));
+  EXPECT_TRUE(torch::equal(set.labels, torch::tensor({0, 0, 1}, torch::kInt64)));
+  EXPECT_EQ(set.images.sizes(), torch::IntArrayRef({3, 3, 4, 5}));
+  EXPECT_TRUE(torch::equal(set.images[0], hwc_to_chw(a1, 4, 5, 3)));
+  EXPECT_TRUE(torch::equal(set.images[1], hwc_to_chw(a0, 4, 5, 3)));
+  EXPECT_TRUE(torch::equal(set.images[2], hwc_to_chw(z0, 4, 5, 3)));
+}
+
+TEST(ImageFolder, GrayFromRgbAndRgbFromGray) {
+  TempDir root;
+  fs::create_directories(root.path() / "c");
+  // Gray-valued RGB pixels keep their value under stb's luminance weights.
+  std::vector<unsigned char> rgb, gray;
+  for (int i = 0; i < 6; ++i) {
+    const auto v = static_cast<unsigned char>(i * 50);
+    rgb.insert(rgb.end(), {v, v, v});
+    gray.push_back(v);
+  }
+  write_png(root.file("c/rgb.png"), rgb, 2, 3, 3);
+  write_png(root.file("c/gray.png"), gray, 2, 3, 1);
+  const ImageSet one = read_image_folder(root.path().string(), 2, 3, /*channels=*/1);
+  const torch::Tensor expected = hwc_to_chw(gray, 2, 3, 1);
+  EXPECT_TRUE(torch::equal(one.images[0], expected));
+  EXPECT_TRUE(torch::equal(one.images[1], expected));
+  const ImageSet three = read_image_folder(root.path().string(), 2, 3, /*channels=*/3);
+  EXPECT_TRUE(torch::equal(three.images[0], expected.expand({3, 2, 3})));
+}
+
+TEST(ImageFolder, ResizesToTheRequestedSize) {
+  TempDir root;
+  fs::create_directories(root.path() / "c");
+  // 8 high x 16 wide: left half 20, right half 220.
+  std::vector<unsigned char> px(8 * 16);
+  for (int y = 0; y < 8; ++y)
+    for (int x = 0; x < 16; ++x) px[y * 16 + x] = x < 8 ? 20 : 220;
+  write_png(root.file("c/wide.png"), px, 8, 16, 1);
+  const ImageSet set = read_image_folder(root.path().string(), /*height=*/4, /*width=*/4, 1);
+  ASSERT_EQ(set.images.sizes(), torch::IntArrayRef({1, 1, 4, 4}));
+  const torch::Tensor img = set.images[0][0].to(torch::kInt32);
+  for (int y = 0; y < 4; ++y) {
+    EXPECT_NEAR(img[y][0].item<int>(), 20, 2);
+    EXPECT_NEAR(img[y][3].item<int>(), 220, 2);
+    EXPECT_LT(img[y][1].item<int>(), img[y][2].item<int>());
+  }
+  // Upsampling works too.
+  const torch::Tensor big = decode_image_file(root.file("c/wide.png"), 16, 32, 3);
+  EXPECT_EQ(big.sizes(), torch::IntArrayRef({3, 16, 32}));
+  EXPECT_NEAR(big[0][5][0].item<uint8_t>(), 20, 2);
+  EXPECT_NEAR(big[2][5][31].item<uint8_t>(), 220, 2);
+}
+
+TEST(ImageFolder, JpegDecodesCloseToWhatWasWritten) {
+  TempDir root;
+  fs::create_directories(root.path() / "c");
+  // A smooth gradient: JPEG at quality 100 keeps it within a few levels.
+  std::vector<unsigned char> px;
+  for (int y = 0; y < 16; ++y)
+    for (int x = 0; x < 16; ++x)
+      px.insert(px.end(), {static_cast<unsigned char>(x * 16), static_cast<unsigned char>(y * 16),
+                           static_cast<unsigned char>(128)});
+  ASSERT_EQ(stbi_write_jpg(root.file("c/a.JPEG").c_str(), 16, 16, 3, px.data(), 100), 1);
+  ASSERT_EQ(stbi_write_jpg(root.file("c/b.jpg").c_str(), 16, 16, 3, px.data(), 100), 1);
+  const ImageSet set = read_image_folder(root.path().string(), 16, 16, 3);
+  ASSERT_EQ(set.size(), 2);
+  const torch::Tensor expected = hwc_to_chw(px, 16, 16, 3).to(torch::kFloat32);
+  const float error = (set.images[0].to(torch::kFloat32) - expected).abs().mean().item<float>();
+  EXPECT_LT(error, 3.0f);
+  EXPECT_TRUE(torch::equal(set.images[0], set.images[1]));
+}
+
+TEST(ImageFolder, NonImageFileIsAnErrorNamingIt) {
+  TempDir root;
+  fs::create_directories(root.path() / "c");
+  write_png(root.file("c/ok.png"), pattern(4, 4, 1, 0), 4, 4, 1);
+  write_bytes(root.file("c/notes.txt"), {'h', 'i'});
+  expect_error([&] { read_image_folder(root.path().string(), 4, 4, 1); },
+               {root.file("c/notes.txt"), "not a PNG/JPEG image"});
+}
+
+TEST(ImageFolder, UndecodableImageIsAnErrorNamingIt) {
+  TempDir root;
+  fs::create_directories(root.path() / "c");
+  write_png(root.file("c/a.png"), pattern(4, 4, 1, 0), 4, 4, 1);
+  write_bytes(root.file("c/b.png"), {'n', 'o', 't', ' ', 'a', ' ', 'p', 'n', 'g'});
+  expect_error([&] { read_image_folder(root.path().string(), 4, 4, 1); },
+               {root.file("c/b.png"), "not a PNG/JPEG image"});
+  expect_error([&] { decode_image_file(root.file("c/b.png"), 4, 4, 1); },
+               {root.file("c/b.png"), "not a PNG/JPEG image"});
+}
+
+TEST(ImageFolder, BadArgumentsAndEmptyFolders) {
+  TempDir root;
+  expect_error([&] { read_image_folder(root.path().string(), 4, 4, 1); },
+               {root.path().string(), "no class"});
+  fs::create_directories(root.path() / "empty");
+  expect_error([&] { read_image_folder(root.path().string(), 4, 4, 1); },
+               {root.file("empty"), "no images"});
+  expect_error([&] { read_image_folder(root.file("missing"), 4, 4, 1); }, {root.file("missing")});
+  expect_error([&] { read_image_folder(root.path().string(), 4, 4, 2); }, {"channels 2"});
+  expect_error([&] { decode_image_file(root.file("none.png"), 4, 4, 3); }, {root.file("none.png")});
+}
+
+TEST(ImageFolder, ManyFilesDecodeInOrderAcrossThreads) {
+  TempDir root;
+  fs::create_directories(root.path() / "c");
+  // Enough files for several decoding threads; each image is filled with its index.
+  for (int i = 0; i < 300; ++i) {
+    char name[32];
+    std::snprintf(name, sizeof name, "c/%04d.png", i);
+    write_png(root.file(name), std::vector<unsigned char>(9, static_cast<unsigned char>(i % 256)),
+              3, 3, 1);
+  }
+  const ImageSet set = read_image_folder(root.path().string(), 3, 3, 1);
+  ASSERT_EQ(set.size(), 300);
+  for (int i = 0; i < 300; ++i) {
+    ASSERT_EQ(set.images[i][0][1][1].item<uint8_t>(), i % 256) << i;
+  }
+}
+
+}  // namespace
+}  // namespace moev::data
