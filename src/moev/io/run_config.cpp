@@ -117,6 +117,7 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("train.threads", train.threads, "threads (0: all cores)"),
         MOEV_FIELD("train.device", train.device, "cpu | cuda[:N]"),
         MOEV_FIELD("train.out_dir", train.out_dir, "run directory"),
+        MOEV_FIELD("train.init_from", train.init_from, "checkpoint whose weights start the run"),
         MOEV_FIELD("train.checkpoint_every", train.checkpoint_every, "steps between checkpoints"),
         MOEV_FIELD("train.log_every", train.log_every, "steps between log lines"),
         MOEV_FIELD("train.max_steps", train.max_steps, "stop after N steps (0: epochs)"),

@@ -36,6 +36,7 @@ struct TrainConfig {
   int threads = 0;                // intra-op threads (0: all cores)
   std::string device = "cpu";     // cpu | cuda[:N]
   std::string out_dir = "runs/default";  // checkpoints, log.jsonl
+  std::string init_from;          // start from this checkpoint's weights (fine-tuning)
   int64_t checkpoint_every = 200; // steps between checkpoints (0: only at the end)
   int64_t log_every = 50;         // steps between log.jsonl lines
   int64_t max_steps = 0;          // stop after this many steps (0: epochs decide)

@@ -101,6 +101,8 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   std::vector<std::pair<std::string, at::Tensor>> params;
   for (auto& p : named) params.emplace_back(p.key(), p.value());
   AdamW opt(params, ao);
+  if (!opts.resume && !tc.init_from.empty())
+    load_module_tensors(*model, load_checkpoint(tc.init_from).model, tc.init_from);
   if (opts.resume) {
     load_module_tensors(*model, resume_from.model, ckpt_file);
     opt.load_state(resume_from.optimizer, ckpt_file);

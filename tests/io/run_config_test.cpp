@@ -1,0 +1,60 @@
+// Config files and overrides: layering, types, and errors that name file and key.
+#include <gtest/gtest.h>
+
+#include <fstream>
+
+#include "data/expect_error.h"
+#include "data/temp_dir.h"
+#include "moev/io/run_config.h"
+
+using namespace moev;
+
+TEST(RunConfig, TomlJsonAndOverridesLayer) {
+  test::TempDir dir;
+  std::ofstream(dir.file("a.toml")) << "[model]\npreset = \"vmoe-tiny\"\nmoe = \"every-2\"\n"
+                                       "[moe]\nk = 1\ncapacity = 0.5\nbpr = true\n"
+                                       "[train]\nlr = 0.01\n";
+  auto c = io::load_run_config(dir.file("a.toml"));
+  EXPECT_EQ(c.model.router.num_experts, 8);  // from the preset
+  EXPECT_EQ(c.model.router.k, 1);
+  EXPECT_DOUBLE_EQ(c.model.router.capacity_factor, 0.5);
+  EXPECT_TRUE(c.model.router.bpr);
+  EXPECT_EQ(c.model.moe.kind, "every");
+  EXPECT_DOUBLE_EQ(c.train.lr, 0.01);
+  io::apply_override(c, "train.lr=0.002");
+  io::apply_override(c, "train.device=cpu");
+  io::apply_override(c, "moe.router=expert_choice");
+  EXPECT_DOUBLE_EQ(c.train.lr, 0.002);
+  EXPECT_EQ(c.model.router.kind, moe::RouterKind::kExpertChoice);
+  // JSON round trip keeps every field.
+  auto back = io::from_json_string(io::to_json_string(c), "roundtrip");
+  EXPECT_EQ(io::to_json_string(back), io::to_json_string(c));
+  std::ofstream(dir.file("b.json")) << R"({"moe": {"num_experts": 16}, "train": {"epochs": 3}})";
+  auto j = io::load_run_config(dir.file("b.json"));
+  EXPECT_EQ(j.model.router.num_experts, 16);
+  EXPECT_EQ(j.train.epochs, 3);
+}
+
+TEST(RunConfig, BadInputsNameFileAndKey) {
+  test::TempDir dir;
+  std::ofstream(dir.file("unknown.toml")) << "[train]\nlrr = 0.1\n";
+  test::expect_error([&] { io::load_run_config(dir.file("unknown.toml")); },
+                     {"unknown.toml", "train.lrr", "unknown config key"});
+  std::ofstream(dir.file("type.toml")) << "[train]\nepochs = \"ten\"\n";
+  test::expect_error([&] { io::load_run_config(dir.file("type.toml")); },
+                     {"type.toml", "train.epochs", "expected an integer"});
+  std::ofstream(dir.file("syntax.toml")) << "[train\nepochs = 1\n";
+  test::expect_error([&] { io::load_run_config(dir.file("syntax.toml")); },
+                     {"syntax.toml", "invalid TOML"});
+  std::ofstream(dir.file("syntax.json")) << "{\"train\": {";
+  test::expect_error([&] { io::load_run_config(dir.file("syntax.json")); },
+                     {"syntax.json", "invalid JSON"});
+  std::ofstream(dir.file("preset.toml")) << "[model]\npreset = \"vit-giant\"\n";
+  test::expect_error([&] { io::load_run_config(dir.file("preset.toml")); }, {"vit-giant"});
+  test::expect_error([&] { io::load_run_config(dir.file("missing.toml")); },
+                     {"missing.toml", "cannot open"});
+  io::RunConfig c;
+  test::expect_error([&] { io::apply_override(c, "train.lr"); }, {"section.key=value"});
+  test::expect_error([&] { io::apply_override(c, "moe.placement=last-2"); }, {"moe.placement"});
+  test::expect_error([&] { io::apply_override(c, "model.moe=last-two"); }, {"last-two"});
+}
