@@ -13,7 +13,7 @@
 #include <stb/stb_image_write.h>
 #include <zlib.h>
 
-#include "data/temp_dir.h"
+#include "support/temp_dir.h"
 
 namespace {
 

@@ -9,7 +9,7 @@
 #include <numeric>
 #include <set>
 
-#include "expect_error.h"
+#include "support/expect_error.h"
 
 namespace moev::data {
 namespace {

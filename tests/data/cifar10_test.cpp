@@ -6,8 +6,8 @@
 
 #include <fstream>
 
-#include "expect_error.h"
-#include "temp_dir.h"
+#include "support/expect_error.h"
+#include "support/temp_dir.h"
 
 namespace moev::data {
 namespace {

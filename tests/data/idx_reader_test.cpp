@@ -8,9 +8,9 @@
 
 #include <fstream>
 
-#include "expect_error.h"
+#include "support/expect_error.h"
 #include "moev/core/error.h"
-#include "temp_dir.h"
+#include "support/temp_dir.h"
 
 namespace moev::data {
 namespace {

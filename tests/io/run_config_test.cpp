@@ -3,8 +3,8 @@
 
 #include <fstream>
 
-#include "data/expect_error.h"
-#include "data/temp_dir.h"
+#include "support/expect_error.h"
+#include "support/temp_dir.h"
 #include "moev/io/run_config.h"
 
 using namespace moev;

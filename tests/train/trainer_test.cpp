@@ -9,8 +9,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "data/expect_error.h"
-#include "data/temp_dir.h"
+#include "support/expect_error.h"
+#include "support/temp_dir.h"
 #include "moev/train/checkpoint.h"
 #include "moev/train/trained_model.h"
 #include "moev/train/trainer.h"

@@ -4,9 +4,20 @@
 
 #include <torch/torch.h>
 
+#include "moev/nn/attention.h"
+
 namespace moev::models {
 
 namespace {
+// y = x W^T + b over the last dim as one addmm: LibTorch 1.13's Linear on 3-D
+// input runs matmul and a separate bias add (an extra pass over the output).
+at::Tensor linear(const torch::nn::Linear& l, const at::Tensor& x) {
+  const auto in = x.size(-1), out = l->weight.size(0);
+  auto sizes = x.sizes().vec();
+  sizes.back() = out;
+  return torch::addmm(l->bias, x.reshape({-1, in}), l->weight.t()).view(sizes);
+}
+
 void init_linear(torch::nn::Linear& l) {
   torch::NoGradGuard ng;
   torch::nn::init::xavier_uniform_(l->weight);
@@ -35,15 +46,19 @@ ViTBlockImpl::ViTBlockImpl(const ModelConfig& c, bool use_moe) : heads(c.heads) 
 }
 
 at::Tensor ViTBlockImpl::forward(const at::Tensor& x) {
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), dh = D / heads;
-  // [B, N, 3, heads, dh] -> three [B, heads, N, dh]
-  auto qkv_ = qkv->forward(ln1->forward(x)).view({B, N, 3, heads, dh}).permute({2, 0, 3, 1, 4});
-  auto q = qkv_[0], k = qkv_[1], v = qkv_[2];
-  auto attn = torch::softmax(torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(double(dh))), -1);
-  auto a = torch::matmul(attn, v).transpose(1, 2).reshape({B, N, D});
-  auto h = x + drop->forward(proj->forward(a));
+  auto qkv_ = linear(qkv, ln1->forward(x));  // [B, N, 3D]
+  at::Tensor a;
+  if (qkv_.device().is_cpu() && qkv_.scalar_type() == torch::kFloat) {
+    a = nn::fused_attention(qkv_, heads);
+  } else {  // other devices: the same computation from stock ops
+    const int64_t B = x.size(0), N = x.size(1), D = x.size(2), dh = D / heads;
+    auto t = qkv_.view({B, N, 3, heads, dh}).permute({2, 0, 3, 1, 4});
+    auto attn = torch::softmax(torch::matmul(t[0], t[1].transpose(-2, -1)) / std::sqrt(double(dh)), -1);
+    a = torch::matmul(attn, t[2]).transpose(1, 2).reshape({B, N, D});
+  }
+  auto h = x + drop->forward(linear(proj, a));
   auto z = ln2->forward(h);
-  z = moe ? moe->forward(z) : fc2->forward(torch::gelu(fc1->forward(z)));
+  z = moe ? moe->forward(z) : linear(fc2, torch::gelu(linear(fc1, z)));
   return h + drop->forward(z);
 }
 
@@ -68,7 +83,9 @@ ViTImpl::ViTImpl(const ModelConfig& c) : cfg(c) {
 }
 
 at::Tensor ViTImpl::forward(const at::Tensor& images) {
-  auto x = patch_embed->forward(images).flatten(2).transpose(1, 2) + pos_embed;  // [B, N, D]
+  // Made contiguous once here: an add keeps its input's transposed strides, and
+  // every LayerNorm downstream would copy the tokens back into order.
+  auto x = patch_embed->forward(images).flatten(2).transpose(1, 2).contiguous() + pos_embed;  // [B, N, D]
   for (auto& blk : *blocks) x = blk->as<ViTBlockImpl>()->forward(x);
   return head->forward(norm->forward(x).mean(1));
 }

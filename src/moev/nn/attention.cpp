@@ -1,0 +1,130 @@
+#include "moev/nn/attention.h"
+
+#include <cmath>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/torch.h>
+
+#include "moev/core/error.h"
+
+// Fortran BLAS from libblas.so.3 (OpenBLAS via Debian's alternatives). Inside
+// at::parallel_for OpenBLAS runs each call on the calling thread.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+
+namespace moev::nn {
+
+namespace {
+
+// Row-major helpers over strided rows: C[M x N] = alpha * op(A) op(B) + beta * C.
+// Column-major BLAS sees each row-major matrix transposed, so C^T = op(B)^T op(A)^T.
+void gemm_nn(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
+             int ldc, float alpha, float beta) {
+  sgemm_("N", "N", &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+// C = A B^T, B stored [N x K]
+void gemm_nt(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
+             int ldc, float alpha, float beta) {
+  sgemm_("T", "N", &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+// C = A^T B, A stored [K x M]
+void gemm_tn(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
+             int ldc, float alpha, float beta) {
+  sgemm_("N", "T", &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+struct FusedAttention : public torch::autograd::Function<FusedAttention> {
+  // qkv: [B, N, 3D] -> out [B, N, D]; saves the probabilities P [B, heads, N, N].
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& qkv_in,
+                            int64_t heads) {
+    auto qkv = qkv_in.contiguous();
+    const int64_t B = qkv.size(0), N = qkv.size(1), D = qkv.size(2) / 3, dh = D / heads;
+    auto out = at::empty({B, N, D}, qkv.options());
+    auto probs = at::empty({B, heads, N, N}, qkv.options());
+    const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+    const float* base = qkv.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    float* p = probs.data_ptr<float>();
+    const int n = static_cast<int>(N), d = static_cast<int>(dh), ld3 = static_cast<int>(3 * D),
+              ld = static_cast<int>(D);
+    at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / heads, h = bh % heads;
+        const float* q = base + b * N * 3 * D + h * dh;
+        const float* k = q + D;
+        const float* v = q + 2 * D;
+        float* P = p + bh * N * N;
+        gemm_nt(n, n, d, q, ld3, k, ld3, P, n, scale, 0.0f);  // S = q k^T / sqrt(dh)
+        for (int64_t i = 0; i < N; ++i) {
+          float* row = P + i * N;
+          float mx = row[0];
+          for (int64_t j = 1; j < N; ++j) mx = std::max(mx, row[j]);
+          float sum = 0;
+          for (int64_t j = 0; j < N; ++j) sum += (row[j] = std::exp(row[j] - mx));
+          const float inv = 1.0f / sum;
+          for (int64_t j = 0; j < N; ++j) row[j] *= inv;
+        }
+        gemm_nn(n, d, n, P, n, v, ld3, o + b * N * D + h * dh, ld, 1.0f, 0.0f);  // O = P v
+      }
+    });
+    ctx->save_for_backward({qkv, probs});
+    ctx->saved_data["heads"] = heads;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto& qkv = saved[0];
+    const auto& probs = saved[1];
+    const int64_t heads = ctx->saved_data["heads"].toInt();
+    const int64_t B = qkv.size(0), N = qkv.size(1), D = qkv.size(2) / 3, dh = D / heads;
+    auto go = grads[0].contiguous();
+    auto gqkv = at::empty_like(qkv);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+    const float* base = qkv.data_ptr<float>();
+    const float* gob = go.data_ptr<float>();
+    const float* pb = probs.data_ptr<float>();
+    float* gb = gqkv.data_ptr<float>();
+    const int n = static_cast<int>(N), d = static_cast<int>(dh), ld3 = static_cast<int>(3 * D),
+              ld = static_cast<int>(D);
+    at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> dP(N * N);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / heads, h = bh % heads;
+        const int64_t off = b * N * 3 * D + h * dh;
+        const float *q = base + off, *k = q + D, *v = q + 2 * D;
+        float *gq = gb + off, *gk = gq + D, *gv = gq + 2 * D;
+        const float* dO = gob + b * N * D + h * dh;
+        const float* P = pb + bh * N * N;
+        gemm_tn(n, d, n, P, n, dO, ld, gv, ld3, 1.0f, 0.0f);          // dV = P^T dO
+        gemm_nt(n, n, d, dO, ld, v, ld3, dP.data(), n, 1.0f, 0.0f);   // dP = dO v^T
+        for (int64_t i = 0; i < N; ++i) {  // dS = P * (dP - rowsum(dP * P))
+          const float* pr = P + i * N;
+          float* dr = dP.data() + i * N;
+          float dot = 0;
+          for (int64_t j = 0; j < N; ++j) dot += pr[j] * dr[j];
+          for (int64_t j = 0; j < N; ++j) dr[j] = pr[j] * (dr[j] - dot);
+        }
+        gemm_nn(n, d, n, dP.data(), n, k, ld3, gq, ld3, scale, 0.0f);  // dQ = dS k / sqrt(dh)
+        gemm_tn(n, d, n, dP.data(), n, q, ld3, gk, ld3, scale, 0.0f);  // dK = dS^T q / sqrt(dh)
+      }
+    });
+    return {gqkv, at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor fused_attention(const at::Tensor& qkv, int64_t heads) {
+  MOEV_CHECK(qkv.dim() == 3 && qkv.size(2) % (3 * heads) == 0,
+             "fused_attention: expected [B, N, 3 * heads * dh], got ", qkv.sizes());
+  MOEV_CHECK(qkv.scalar_type() == at::kFloat && qkv.device().is_cpu(),
+             "fused_attention: CPU float32 only");
+  return FusedAttention::apply(qkv, heads);
+}
+
+}  // namespace moev::nn

@@ -1,0 +1,18 @@
+// Multi-head self-attention core, fused: softmax(Q K^T / sqrt(dh)) V for every
+// (image, head) straight from the packed qkv projection, with a hand-written
+// backward. Why: LibTorch 1.13's CPU bmm walks its batch one slice at a time
+// (a select and a dispatch per image and head), which made the attention of a
+// small ViT cost more than all its GEMMs; permute/contiguous copies of q, k, v
+// and of the output are also gone.
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/core/Tensor.h>
+
+namespace moev::nn {
+
+// qkv: [B, N, 3 * D] laid out as (q | k | v), each D = heads * dh -> [B, N, D]
+at::Tensor fused_attention(const at::Tensor& qkv, int64_t heads);
+
+}  // namespace moev::nn
