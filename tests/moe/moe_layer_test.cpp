@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include "moev/moe/moe_layer.h"
+#include "support/router_configs.h"
 
 using namespace moev::moe;
 
@@ -50,15 +51,8 @@ class MoELayerCases : public ::testing::TestWithParam<LayerCase> {};
 TEST_P(MoELayerCases, MatchesDenseReferenceAndGradientsFlow) {
   const LayerCase c = GetParam();
   torch::manual_seed(7);
-  RouterConfig rc;
-  rc.kind = c.kind;
-  rc.num_experts = c.E;
-  rc.k = c.K;
-  rc.capacity_factor = c.capacity;
-  rc.dropless = c.dropless;
-  rc.bpr = c.bpr;
-  rc.renormalize = c.renormalize;
-  rc.group_size = 2;
+  const RouterConfig rc = moev::test::router_config(c.kind, c.E, c.K, c.capacity, c.bpr,
+                                                    c.dropless, /*group_size=*/2, c.renormalize);
   MoELayer layer(MoELayerOptions(c.D, c.H, rc).keep_routing(true));
   layer->eval();  // deterministic gates, so the reference sees the same routing
   {

@@ -7,6 +7,7 @@
 
 #include "moev/core/error.h"
 #include "moev/moe/router.h"
+#include "support/router_configs.h"
 
 using namespace moev::moe;
 
@@ -32,15 +33,7 @@ const Case kCases[] = {
 };
 
 RouterConfig config_of(const Case& c) {
-  RouterConfig cfg;
-  cfg.kind = c.kind;
-  cfg.num_experts = c.E;
-  cfg.k = c.K;
-  cfg.capacity_factor = c.capacity;
-  cfg.bpr = c.bpr;
-  cfg.dropless = c.dropless;
-  cfg.group_size = c.group_size;
-  return cfg;
+  return moev::test::router_config(c.kind, c.E, c.K, c.capacity, c.bpr, c.dropless, c.group_size);
 }
 
 }  // namespace
@@ -59,9 +52,15 @@ TEST_P(RouterInvariants, SlotsConsistentNoOverflowEveryAssignmentPlacedOrDropped
     const int64_t G = (T + S - 1) / S;
     ASSERT_EQ(r.groups, G);
     ASSERT_EQ(static_cast<int64_t>(r.offsets.size()), c.E + 1);
-    ASSERT_EQ(r.offsets.back(), r.token_index.size(0));
+    const int64_t A = r.offsets.back();
+    ASSERT_GE(r.token_index.size(0), A);
+    if (c.kind == RouterKind::kTopK) {
+      ASSERT_EQ(r.token_index.size(0), T * c.K) << "top-K buffers have a fixed size";
+    }
+    for (int64_t row = A; row < r.token_index.size(0); ++row)
+      ASSERT_EQ(r.gate_index[row].item<int64_t>(), T * c.E) << "padding points at the zero weight";
     ASSERT_FALSE(torch::isnan(r.combine_gates).any().item<bool>());
-    for (auto* l : {&r.importance_loss, &r.load_loss, &r.switch_loss, &r.z_loss})
+    for (auto* l : {&r.aux.importance, &r.aux.load, &r.aux.switch_lb, &r.aux.z})
       ASSERT_TRUE(torch::isfinite(*l).item<bool>());
     auto ti = r.token_index.accessor<int64_t, 1>();
     auto gi = r.gate_index.accessor<int64_t, 1>();
@@ -95,7 +94,7 @@ TEST_P(RouterInvariants, SlotsConsistentNoOverflowEveryAssignmentPlacedOrDropped
         ASSERT_EQ(ti[ar[t][k]], t);
       }
     }
-    ASSERT_EQ(dropped + r.token_index.size(0), T * c.K);
+    ASSERT_EQ(dropped + A, T * c.K);
     ASSERT_NEAR(r.dropped_fraction, double(dropped) / double(T * c.K), 1e-12);
     if (c.dropless) {
       ASSERT_EQ(dropped, 0);
@@ -206,11 +205,11 @@ TEST(Router, AuxLossesLargerForImbalancedRouting) {
   skewed.select(1, 1) += 3.0;
   auto rb = route(balanced, cfg, 16, true);
   auto rs = route(skewed, cfg, 16, true);
-  EXPECT_GT(rs.importance_loss.item<double>(), 10 * rb.importance_loss.item<double>());
-  EXPECT_GT(rs.load_loss.item<double>(), 10 * rb.load_loss.item<double>());
-  EXPECT_GT(rs.switch_loss.item<double>(), rb.switch_loss.item<double>() + 0.5);
-  EXPECT_NEAR(rb.switch_loss.item<double>(), 1.0, 0.2);  // E * sum(1/E * 1/E) = 1 when uniform
-  EXPECT_GT(rs.z_loss.item<double>(), rb.z_loss.item<double>());
+  EXPECT_GT(rs.aux.importance.item<double>(), 10 * rb.aux.importance.item<double>());
+  EXPECT_GT(rs.aux.load.item<double>(), 10 * rb.aux.load.item<double>());
+  EXPECT_GT(rs.aux.switch_lb.item<double>(), rb.aux.switch_lb.item<double>() + 0.5);
+  EXPECT_NEAR(rb.aux.switch_lb.item<double>(), 1.0, 0.2);  // E * sum(1/E * 1/E) = 1 when uniform
+  EXPECT_GT(rs.aux.z.item<double>(), rb.aux.z.item<double>());
 }
 
 TEST(Router, AuxLossesHaveGradients) {
@@ -219,7 +218,7 @@ TEST(Router, AuxLossesHaveGradients) {
   cfg.k = 2;
   auto logits = torch::randn({32, 4}, torch::requires_grad());
   auto r = route(logits, cfg, 4, true);
-  for (auto* l : {&r.importance_loss, &r.load_loss, &r.switch_loss, &r.z_loss}) {
+  for (auto* l : {&r.aux.importance, &r.aux.load, &r.aux.switch_lb, &r.aux.z}) {
     auto g = torch::autograd::grad({*l}, {logits}, {}, /*retain_graph=*/true)[0];
     EXPECT_GT(g.abs().sum().item<double>(), 0);
   }

@@ -45,6 +45,10 @@ ViTBlockImpl::ViTBlockImpl(const ModelConfig& c, bool use_moe) : heads(c.heads) 
   drop = register_module("drop", torch::nn::Dropout(c.dropout));
 }
 
+at::Tensor ViTBlockImpl::dropout(const at::Tensor& x) {
+  return drop->options.p() > 0 ? drop->forward(x) : x;  // skip the no-op pass at p = 0
+}
+
 at::Tensor ViTBlockImpl::forward(const at::Tensor& x) {
   auto qkv_ = linear(qkv, ln1->forward(x));  // [B, N, 3D]
   at::Tensor a;
@@ -56,10 +60,10 @@ at::Tensor ViTBlockImpl::forward(const at::Tensor& x) {
     auto attn = torch::softmax(torch::matmul(t[0], t[1].transpose(-2, -1)) / std::sqrt(double(dh)), -1);
     a = torch::matmul(attn, t[2]).transpose(1, 2).reshape({B, N, D});
   }
-  auto h = x + drop->forward(linear(proj, a));
+  auto h = x + dropout(linear(proj, a));
   auto z = ln2->forward(h);
   z = moe ? moe->forward(z) : linear(fc2, torch::gelu(linear(fc1, z)));
-  return h + drop->forward(z);
+  return h + dropout(z);
 }
 
 ViTImpl::ViTImpl(const ModelConfig& c) : cfg(c) {

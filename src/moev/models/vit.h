@@ -18,6 +18,7 @@ class ViTBlockImpl : public torch::nn::Module {
   ViTBlockImpl(const ModelConfig& cfg, bool use_moe);
   // x: [B, N, D] -> [B, N, D]
   at::Tensor forward(const at::Tensor& x);
+  at::Tensor dropout(const at::Tensor& x);
 
   int64_t heads;
   torch::nn::LayerNorm ln1{nullptr}, ln2{nullptr};

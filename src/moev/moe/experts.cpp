@@ -38,8 +38,9 @@ struct GroupedFFN : public torch::autograd::Function<GroupedFFN> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                             const at::Tensor& b2, const std::vector<int64_t>& offsets) {
-    const int64_t A = x.size(0), D = x.size(1), H = w1.size(2), E = w1.size(0);
-    auto hpre = at::empty({A, H}, x.options());
+    const int64_t R = x.size(0), D = x.size(1), H = w1.size(2), E = w1.size(0), A = offsets[E];
+    auto hpre = at::empty({R, H}, x.options());
+    hpre.narrow(0, A, R - A).zero_();
     for (int64_t e = 0; e < E; ++e) {
       const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
       if (n == 0) continue;
@@ -47,7 +48,8 @@ struct GroupedFFN : public torch::autograd::Function<GroupedFFN> {
       at::addmm_out(dst, b1[e], x.narrow(0, r0, n), w1[e]);
     }
     auto act = at::gelu(hpre);
-    auto out = at::empty({A, D}, x.options());
+    auto out = at::empty({R, D}, x.options());
+    out.narrow(0, A, R - A).zero_();
     for (int64_t e = 0; e < E; ++e) {
       const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
       if (n == 0) continue;
@@ -68,7 +70,9 @@ struct GroupedFFN : public torch::autograd::Function<GroupedFFN> {
     auto gy = grads[0].contiguous();
     auto gw1 = at::zeros_like(w1), gw2 = at::zeros_like(w2);
     auto gb1 = at::zeros({E, w1.size(2)}, x.options()), gb2 = at::zeros({E, w2.size(2)}, x.options());
+    const int64_t A = offsets[E], R = act.size(0);
     auto gact = at::empty_like(act);
+    gact.narrow(0, A, R - A).zero_();
     for (int64_t e = 0; e < E; ++e) {
       const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
       if (n == 0) continue;
@@ -83,6 +87,7 @@ struct GroupedFFN : public torch::autograd::Function<GroupedFFN> {
     auto ghpre = at::gelu_backward(gact, hpre);
     const bool need_x = ctx->needs_input_grad(0);
     auto gx = need_x ? at::empty_like(x) : at::Tensor();
+    if (need_x) gx.narrow(0, A, R - A).zero_();
     for (int64_t e = 0; e < E; ++e) {
       const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
       if (n == 0) continue;
@@ -104,8 +109,8 @@ struct GroupedFFN : public torch::autograd::Function<GroupedFFN> {
 
 at::Tensor ExpertsImpl::forward(const at::Tensor& x, const std::vector<int64_t>& offsets) {
   MOEV_CHECK(static_cast<int64_t>(offsets.size()) == options.num_experts() + 1 &&
-                 offsets.back() == x.size(0),
-             "Experts: offsets must hold E + 1 row offsets ending at the row count");
+                 offsets.back() <= x.size(0),
+             "Experts: offsets must hold E + 1 row offsets");
   return GroupedFFN::apply(x.contiguous(), w1, b1, w2, b2, offsets);
 }
 

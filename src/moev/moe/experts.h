@@ -26,7 +26,8 @@ class ExpertsImpl : public torch::nn::Module {
   explicit ExpertsImpl(const ExpertsOptions& options);
   void reset_parameters();
 
-  // x: [A, D] rows sorted by expert, offsets: E + 1 row offsets -> [A, D]
+  // x: [R, D] rows sorted by expert, offsets: E + 1 row offsets -> [R, D]; rows
+  // past offsets[E] are padding and come out as zeros.
   at::Tensor forward(const at::Tensor& x, const std::vector<int64_t>& offsets);
 
   ExpertsOptions options;

@@ -44,7 +44,8 @@ at::Tensor MoELayerImpl::forward(const at::Tensor& x) {
 
   // Gather the placed assignments (rows sorted by expert), run the experts as a
   // grouped GEMM, weight each row by its gate and add it back to its token.
-  auto weight = r.combine_gates.reshape(-1).index_select(0, r.gate_index).to(x.scalar_type());
+  auto gates = torch::cat({r.combine_gates.reshape(-1), r.combine_gates.new_zeros({1})});
+  auto weight = gates.index_select(0, r.gate_index).to(x.scalar_type());  // padding rows: 0
   auto xd = xf.index_select(0, r.token_index);
   auto yd = experts->forward(xd, r.offsets) * weight.unsqueeze(1);
   auto y = torch::zeros({T, D}, x.options()).index_add_(0, r.token_index, yd);
@@ -54,19 +55,16 @@ at::Tensor MoELayerImpl::forward(const at::Tensor& x) {
   for (int64_t e = 0; e < E; ++e) stats_.expert_count[e] = cnt[e].item<int64_t>();
   stats_.dropped_fraction = r.dropped_fraction;
   stats_.capacity = r.capacity;
-  stats_.importance_loss = r.importance_loss;
-  stats_.load_loss = r.load_loss;
-  stats_.switch_loss = r.switch_loss;
-  stats_.z_loss = r.z_loss;
+  stats_.aux = r.aux;
   if (options.keep_routing()) routing_ = std::move(r);
   return y.view({B, N, D});
 }
 
 at::Tensor MoELayerImpl::aux_loss() const {
-  MOEV_CHECK(stats_.importance_loss.defined(), "MoELayer::aux_loss called before forward");
+  const auto& a = stats_.aux;
+  MOEV_CHECK(a.importance.defined(), "MoELayer::aux_loss called before forward");
   const auto& w = options.aux();
-  return stats_.importance_loss * w.importance + stats_.load_loss * w.load +
-         stats_.switch_loss * w.switch_lb + stats_.z_loss * w.z;
+  return a.importance * w.importance + a.load * w.load + a.switch_lb * w.switch_lb + a.z * w.z;
 }
 
 std::vector<MoELayer> find_moe_layers(torch::nn::Module& root) {

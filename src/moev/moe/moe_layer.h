@@ -32,7 +32,7 @@ struct MoEStats {
   std::vector<int64_t> expert_count;  // slots filled per expert
   double dropped_fraction = 0;        // assignments past capacity
   int64_t capacity = 0;               // slots per expert per group
-  at::Tensor importance_loss, load_loss, switch_loss, z_loss;  // scalars
+  AuxLosses aux;                      // unweighted auxiliary losses
 };
 
 struct MoELayerOptions {

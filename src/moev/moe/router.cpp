@@ -84,7 +84,7 @@ void aux_losses(RoutingResult& r, const torch::Tensor& logits, const torch::Tens
                 const torch::Tensor& noisy_logits, const torch::Tensor& gates,
                 const torch::Tensor& top1, const RouterConfig& cfg, const Groups& g) {
   const int64_t E = cfg.num_experts;
-  r.importance_loss = cv_squared(group_sum(clean_probs, g));
+  r.aux.importance = cv_squared(group_sum(clean_probs, g));
 
   // Load: probability that expert e stays in the noisy top-K if its own noise were
   // redrawn; smooth in the clean logits, unlike the hard counts.
@@ -93,27 +93,31 @@ void aux_losses(RoutingResult& r, const torch::Tensor& logits, const torch::Tens
     auto threshold = std::get<0>(noisy_logits.topk(cfg.k, -1)).select(-1, cfg.k - 1).unsqueeze(-1);
     auto z = (threshold - logits) / sigma;
     auto p = 1.0 - 0.5 * (1.0 + torch::erf(z * M_SQRT1_2));
-    r.load_loss = cv_squared(group_sum(p, g) / g.tokens);
+    r.aux.load = cv_squared(group_sum(p, g) / g.tokens);
   } else {
-    r.load_loss = torch::zeros({}, logits.options());
+    r.aux.load = torch::zeros({}, logits.options());
   }
 
   auto frac = group_sum(torch::one_hot(top1, E).to(gates.scalar_type()), g) / g.tokens;
   auto mean_gate = group_sum(gates, g) / g.tokens;
-  r.switch_loss = (frac * mean_gate).sum(-1).mean() * static_cast<double>(E);
-  r.z_loss = torch::logsumexp(logits, -1).pow(2).mean();
+  r.aux.switch_lb = (frac * mean_gate).sum(-1).mean() * static_cast<double>(E);
+  r.aux.z = torch::logsumexp(logits, -1).pow(2).mean();
 }
 
 // Writes the packed layout from per-assignment (expert, position-in-expert)
 // decisions: rows sorted by expert, each expert's rows in placement order.
+// `rows` >= A is the padded length: rows past A read token 0 with the zero
+// weight at index T * E, so every per-call buffer has the same size from call
+// to call and the allocator reuses it instead of fragmenting the heap.
 void pack(RoutingResult& r, const std::vector<int64_t>& count, const std::vector<int64_t>& tok,
-          const std::vector<int64_t>& exp, const std::vector<int64_t>& pos, int64_t E,
-          const torch::Device& dev) {
+          const std::vector<int64_t>& exp, const std::vector<int64_t>& pos, int64_t E, int64_t T,
+          int64_t rows, const torch::Device& dev) {
   r.offsets.assign(E + 1, 0);
   for (int64_t e = 0; e < E; ++e) r.offsets[e + 1] = r.offsets[e] + count[e];
   const int64_t A = r.offsets[E];
-  auto token_index = torch::empty({A}, torch::kLong);
-  auto gate_index = torch::empty({A}, torch::kLong);
+  rows = std::max(rows, A);
+  auto token_index = torch::zeros({rows}, torch::kLong);
+  auto gate_index = torch::full({rows}, T * E, torch::kLong);
   int64_t* ti = token_index.data_ptr<int64_t>();
   int64_t* gi = gate_index.data_ptr<int64_t>();
   for (size_t i = 0; i < tok.size(); ++i) {
@@ -175,7 +179,7 @@ void place_topk(RoutingResult& r, const torch::Tensor& gates, const RouterConfig
   }
   // Pass 2: positions -> rows of the packed layout.
   const auto dev = gates.device();
-  pack(r, count, tok, exp, pos, E, dev);
+  pack(r, count, tok, exp, pos, E, T, /*rows=*/T * K, dev);
   auto offs = torch::tensor(std::vector<int64_t>(r.offsets.begin(), r.offsets.end() - 1), torch::kLong);
   r.assign_row = torch::where(assign_pos >= 0, assign_pos + offs.index_select(0, idx_cpu.view(-1)).view({T, K}),
                               assign_pos).to(dev);
@@ -208,7 +212,7 @@ void place_expert_choice(RoutingResult& r, const torch::Tensor& gates, const Rou
       }
     }
   }
-  pack(r, count, tok, exp, pos, E, gates.device());
+  pack(r, count, tok, exp, pos, E, T, /*rows=*/0, gates.device());
   r.capacity = std::min(expert_capacity(cfg, g.size), g.size);
   r.groups = g.count;
   int64_t none = 0;

@@ -46,22 +46,29 @@ void validate(const RouterConfig& cfg);
 // Slots each expert gets in one group of S tokens: ceil(K * S * C / E), at least 1.
 int64_t expert_capacity(const RouterConfig& cfg, int64_t tokens_per_group);
 
+// Auxiliary losses of one routing call (scalars, differentiable), averaged over
+// routing groups.
+struct AuxLosses {
+  at::Tensor importance;  // CV(sum_tokens softmax(clean logits))^2
+  at::Tensor load;        // CV(sum_tokens P(expert stays in the noisy top-K))^2
+  at::Tensor switch_lb;   // E * sum_e frac_top1_e * mean_gate_e (Switch/GShard)
+  at::Tensor z;           // mean_tokens logsumexp(logits)^2 (ST-MoE)
+};
+
 struct RoutingResult {
   at::Tensor combine_gates;  // float [T, E]: weights the rows point into (differentiable)
-  at::Tensor token_index;    // int64 [A]: token of each placed assignment, sorted by expert
-  at::Tensor gate_index;     // int64 [A]: index of its weight in combine_gates.view(-1)
-  std::vector<int64_t> offsets;  // E + 1 row offsets of the experts in token_index
+  at::Tensor token_index;    // int64 [R]: token of each placed assignment, sorted by expert
+  at::Tensor gate_index;     // int64 [R]: index of its weight in combine_gates.view(-1)
+  std::vector<int64_t> offsets;  // E + 1 row offsets of the experts; A = offsets[E] placed
+  // Rows A..R-1 are padding (token 0, gate index T * E = a zero weight): R = T * K
+  // for top-K routing whatever was dropped, so buffer sizes do not vary per call.
   at::Tensor assign_expert;  // int64 [T, K]: top-K experts per token (undefined for EC)
   at::Tensor assign_row;     // int64 [T, K]: row of that choice in token_index, -1 = dropped
   at::Tensor expert_count;   // int64 [E]: assignments placed per expert
   int64_t capacity = 0;      // assignments per expert per group (dropless: largest seen)
   int64_t groups = 0;        // G
   double dropped_fraction = 0;  // assignments (token, choice) that got no slot
-  // Auxiliary losses (scalars, differentiable where they have a gradient).
-  at::Tensor importance_loss;  // CV(sum_tokens softmax(clean logits))^2, mean over groups
-  at::Tensor load_loss;        // CV(sum_tokens P(expert in noisy top-K))^2
-  at::Tensor switch_loss;      // E * sum_e frac_top1_e * mean_gate_e
-  at::Tensor z_loss;           // mean_tokens logsumexp(logits)^2
+  AuxLosses aux;              // auxiliary losses of this routing
 };
 
 // logits: [T, E] fp32 router logits W_r x (clean), T = B * N.

@@ -26,7 +26,10 @@ class AdamW {
   AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOptions options);
 
   void zero_grad();
-  void step(double lr);  // one update of every parameter with a gradient
+  // One update of every parameter with a gradient. With max_grad_norm > 0 the
+  // gradients are first scaled so their global L2 norm is at most max_grad_norm
+  // (folded into the update: no separate pass). Returns the norm before clipping.
+  double step(double lr, double max_grad_norm = 0);
 
   int64_t steps() const { return steps_; }
   // "<param>.exp_avg", "<param>.exp_avg_sq" and "step".

@@ -147,7 +147,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
                        opts.interactive, pos.step);
   const auto t_start = std::chrono::steady_clock::now();
   int64_t images_seen = 0, window_correct = 0, window_images = 0;
-  double window_loss = 0, window_aux = 0, ema_loss = -1, eval_seconds = 0;
+  double window_loss = 0, window_aux = 0, window_grad_norm = 0, ema_loss = -1, eval_seconds = 0;
   auto t_window = t_start;
   model->train();
   while (pos.step < stop_at && pos.epoch < tc.epochs) {
@@ -163,8 +163,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       auto total = aux.defined() ? loss + aux : loss;
       opt.zero_grad();
       total.backward();
-      if (tc.clip_grad_norm > 0) torch::nn::utils::clip_grad_norm_(model->parameters(), tc.clip_grad_norm);
-      opt.step(lr);
+      const double grad_norm = opt.step(lr, tc.clip_grad_norm);
       ++pos.step;
       ++pos.batch;
 
@@ -173,6 +172,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
                  "); lower train.lr or raise train.warmup_steps");
       ema_loss = ema_loss < 0 ? l : 0.98 * ema_loss + 0.02 * l;
       window_loss += l;
+      window_grad_norm += grad_norm;
       window_aux += aux.defined() ? aux.item<double>() : 0.0;
       window_correct += logits.argmax(1).eq(y).sum().item<int64_t>();
       window_images += y.size(0);
@@ -188,6 +188,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
         const double n = double(window_images) / double(y.size(0));
         json line{{"step", pos.step}, {"epoch", pos.epoch}, {"lr", lr},
                   {"loss", window_loss / n}, {"aux_loss", window_aux / n},
+                  {"grad_norm", window_grad_norm / n},
                   {"train_acc", double(window_correct) / double(window_images)},
                   {"images_per_s", secs > 0 ? double(window_images) / secs : 0.0}};
         json load = json::array(), dropped = json::array();
@@ -203,7 +204,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
         line["expert_load"] = load;
         line["dropped"] = dropped;
         log << line.dump() << "\n" << std::flush;
-        window_loss = window_aux = 0;
+        window_loss = window_aux = window_grad_norm = 0;
         window_correct = window_images = 0;
         t_window = now;
       }
