@@ -124,3 +124,31 @@ TEST(MoELayer, FindsLayersInsideModules) {
   } net;
   EXPECT_EQ(find_moe_layers(net).size(), 2u);
 }
+
+TEST(Experts, GroupedGemmMatchesStockOpPathInDouble) {
+  // The CPU float32 grouped GEMM against the stock-op path other devices use,
+  // run here in float64, on uneven expert blocks (one empty) with padding rows.
+  torch::manual_seed(5);
+  Experts ex(ExpertsOptions(4, 8, 12));
+  std::vector<int64_t> offsets{0, 5, 5, 12, 20};
+  auto x = torch::randn({23, 8}, torch::requires_grad());
+  auto y = ex->forward(x, offsets);
+  Experts ex64(ExpertsOptions(4, 8, 12));
+  {
+    torch::NoGradGuard ng;
+    ex64->w1 = ex->w1.to(torch::kDouble).detach().requires_grad_();
+    ex64->b1 = ex->b1.to(torch::kDouble).detach().requires_grad_();
+    ex64->w2 = ex->w2.to(torch::kDouble).detach().requires_grad_();
+    ex64->b2 = ex->b2.to(torch::kDouble).detach().requires_grad_();
+  }
+  auto x64 = x.detach().to(torch::kDouble).requires_grad_();
+  auto y64 = ex64->forward(x64, offsets);
+  EXPECT_TRUE(torch::allclose(y.to(torch::kDouble), y64, 1e-4, 1e-5));
+  EXPECT_TRUE(torch::equal(y.narrow(0, 20, 3), torch::zeros({3, 8})));
+  auto g = torch::randn({23, 8}, torch::kDouble);
+  (y * g.to(torch::kFloat)).sum().backward();
+  (y64 * g).sum().backward();
+  EXPECT_TRUE(torch::allclose(x.grad().to(torch::kDouble), x64.grad(), 1e-4, 1e-5));
+  EXPECT_TRUE(torch::allclose(ex->w1.grad().to(torch::kDouble), ex64->w1.grad(), 1e-4, 1e-5));
+  EXPECT_TRUE(torch::allclose(ex->b2.grad().to(torch::kDouble), ex64->b2.grad(), 1e-4, 1e-5));
+}

@@ -7,34 +7,11 @@
 #include <torch/torch.h>
 
 #include "moev/core/error.h"
-
-// Fortran BLAS from libblas.so.3 (OpenBLAS via Debian's alternatives). Inside
-// at::parallel_for OpenBLAS runs each call on the calling thread.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc);
+#include "moev/nn/blas.h"
 
 namespace moev::nn {
 
 namespace {
-
-// Row-major helpers over strided rows: C[M x N] = alpha * op(A) op(B) + beta * C.
-// Column-major BLAS sees each row-major matrix transposed, so C^T = op(B)^T op(A)^T.
-void gemm_nn(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
-             int ldc, float alpha, float beta) {
-  sgemm_("N", "N", &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
-}
-// C = A B^T, B stored [N x K]
-void gemm_nt(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
-             int ldc, float alpha, float beta) {
-  sgemm_("T", "N", &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
-}
-// C = A^T B, A stored [K x M]
-void gemm_tn(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
-             int ldc, float alpha, float beta) {
-  sgemm_("N", "T", &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
-}
 
 struct FusedAttention : public torch::autograd::Function<FusedAttention> {
   // qkv: [B, N, 3D] -> out [B, N, D]; saves the probabilities P [B, heads, N, N].
