@@ -179,7 +179,9 @@ void place_topk(RoutingResult& r, const torch::Tensor& gates, const RouterConfig
   }
   // Pass 2: positions -> rows of the packed layout.
   const auto dev = gates.device();
-  pack(r, count, tok, exp, pos, E, T, /*rows=*/T * K, dev);
+  // Fixed per (batch, config): the most rows any call can place.
+  const int64_t rows = cfg.dropless ? T * K : std::min(T * K, E * cap_full * g.count);
+  pack(r, count, tok, exp, pos, E, T, rows, dev);
   auto offs = torch::tensor(std::vector<int64_t>(r.offsets.begin(), r.offsets.end() - 1), torch::kLong);
   r.assign_row = torch::where(assign_pos >= 0, assign_pos + offs.index_select(0, idx_cpu.view(-1)).view({T, K}),
                               assign_pos).to(dev);

@@ -60,8 +60,9 @@ struct RoutingResult {
   at::Tensor token_index;    // int64 [R]: token of each placed assignment, sorted by expert
   at::Tensor gate_index;     // int64 [R]: index of its weight in combine_gates.view(-1)
   std::vector<int64_t> offsets;  // E + 1 row offsets of the experts; A = offsets[E] placed
-  // Rows A..R-1 are padding (token 0, gate index T * E = a zero weight): R = T * K
-  // for top-K routing whatever was dropped, so buffer sizes do not vary per call.
+  // Rows A..R-1 are padding (token 0, gate index T * E = a zero weight). For top-K
+  // R = min(T * K, E * capacity * G), the most a call can place, so buffer sizes
+  // do not vary from call to call and the allocator reuses them.
   at::Tensor assign_expert;  // int64 [T, K]: top-K experts per token (undefined for EC)
   at::Tensor assign_row;     // int64 [T, K]: row of that choice in token_index, -1 = dropped
   at::Tensor expert_count;   // int64 [E]: assignments placed per expert
