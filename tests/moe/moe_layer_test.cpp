@@ -27,6 +27,8 @@ const LayerCase kLayerCases[] = {
     {"e64k2", 8, 16, 8, 8, 64, 2, 1.05, false, false, false, RouterKind::kTopK},
 };
 
+void PrintTo(const LayerCase& c, std::ostream* os) { *os << c.name; }
+
 // y[t] = sum over placed (t, e) of gate[t, e] * FFN_e(x[t]).
 torch::Tensor dense_reference(MoELayerImpl& layer, const torch::Tensor& x,
                               const RoutingResult& r) {

@@ -32,6 +32,8 @@ const Case kCases[] = {
     {"ec_e4_ragged", 4, 1, 5, 6, 2, 0.5, false, false, RouterKind::kExpertChoice},
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
 RouterConfig config_of(const Case& c) {
   return moev::test::router_config(c.kind, c.E, c.K, c.capacity, c.bpr, c.dropless, c.group_size);
 }
