@@ -50,9 +50,8 @@ at::Tensor MoELayerImpl::forward(const at::Tensor& x) {
   auto yd = experts->forward(xd, r.offsets) * weight.unsqueeze(1);
   auto y = torch::zeros({T, D}, x.options()).index_add_(0, r.token_index, yd);
 
-  stats_.expert_count.assign(E, 0);
-  auto cnt = r.expert_count.to(torch::kCPU);
-  for (int64_t e = 0; e < E; ++e) stats_.expert_count[e] = cnt[e].item<int64_t>();
+  stats_.expert_count.resize(E);  // from the host-side offsets: no device reads
+  for (int64_t e = 0; e < E; ++e) stats_.expert_count[e] = r.offsets[e + 1] - r.offsets[e];
   stats_.dropped_fraction = r.dropped_fraction;
   stats_.capacity = r.capacity;
   stats_.aux = r.aux;
