@@ -47,6 +47,24 @@ void sum_rows(const float* src, int64_t n, int64_t cols, float* out) {
     for (int64_t c = 0; c < cols; ++c) out[c] += src[r * cols + c];
 }
 
+// out[rows of e] = in[rows of e] w[e] + b[e] for every expert e, experts side by
+// side on the threads. in: [R, I], w: [E, I, O], b: [E, O], out: [R, O].
+void expert_linear(const at::Tensor& in, const at::Tensor& w, const at::Tensor& b, at::Tensor& out,
+                   const std::vector<int64_t>& offsets) {
+  const int64_t E = w.size(0), I = w.size(1), O = w.size(2);
+  const float *ip = in.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
+      if (n == 0) continue;
+      fill_bias(op + r0 * O, bp + e * O, n, O);
+      nn::gemm_nn(int(n), int(O), int(I), ip + r0 * I, int(I), wp + e * I * O, int(O),
+                  op + r0 * O, int(O), 1.0f, 1.0f);
+    }
+  });
+}
+
 // Grouped expert FFN with a hand-written backward. Experts run side by side on
 // the threads (at::parallel_for over experts), each with single-threaded GEMMs
 // on its own rows: with many experts the row blocks are small, and one
@@ -60,29 +78,9 @@ struct GroupedFFN : public torch::autograd::Function<GroupedFFN> {
     auto out = at::empty({R, D}, x.options());
     hpre.narrow(0, A, R - A).zero_();
     out.narrow(0, A, R - A).zero_();
-    const float *xp = x.data_ptr<float>(), *w1p = w1.data_ptr<float>(), *b1p = b1.data_ptr<float>();
-    float* hp = hpre.data_ptr<float>();
-    at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e) {
-        const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
-        if (n == 0) continue;
-        fill_bias(hp + r0 * H, b1p + e * H, n, H);
-        nn::gemm_nn(int(n), int(H), int(D), xp + r0 * D, int(D), w1p + e * D * H, int(H),
-                    hp + r0 * H, int(H), 1.0f, 1.0f);
-      }
-    });
+    expert_linear(x, w1, b1, hpre, offsets);
     auto act = at::gelu(hpre);
-    const float *ap = act.data_ptr<float>(), *w2p = w2.data_ptr<float>(), *b2p = b2.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e) {
-        const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
-        if (n == 0) continue;
-        fill_bias(op + r0 * D, b2p + e * D, n, D);
-        nn::gemm_nn(int(n), int(D), int(H), ap + r0 * H, int(H), w2p + e * H * D, int(D),
-                    op + r0 * D, int(D), 1.0f, 1.0f);
-      }
-    });
+    expert_linear(act, w2, b2, out, offsets);
     ctx->save_for_backward({x, w1, w2, hpre, act});
     ctx->saved_data["offsets"] = c10::IValue(offsets);
     return out;
