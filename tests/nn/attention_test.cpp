@@ -42,3 +42,13 @@ TEST(FusedAttention, KnownAnswerOneHotAttention) {
   auto y = moev::nn::fused_attention(qkv, 1);
   for (int64_t i = 0; i < N; ++i) EXPECT_NEAR(y[0][i][0].item<float>(), float(i + 1), 1e-4);
 }
+
+TEST(FusedAttention, InferencePathMatchesTrainingPath) {
+  // Without autograd the kernel skips the saved probabilities; same numbers.
+  torch::manual_seed(3);
+  auto qkv = torch::randn({2, 49, 3 * 4 * 32}).requires_grad_();
+  auto y_train = moev::nn::fused_attention(qkv, 4);
+  c10::InferenceMode guard;
+  auto y_eval = moev::nn::fused_attention(qkv.detach(), 4);
+  EXPECT_TRUE(torch::equal(y_train.detach(), y_eval));
+}

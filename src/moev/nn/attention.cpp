@@ -8,45 +8,46 @@
 
 #include "moev/core/error.h"
 #include "moev/nn/blas.h"
+#include "moev/nn/kernels.h"
 
 namespace moev::nn {
 
 namespace {
+
+// out = softmax(q k^T / sqrt(dh)) v for every (image, head) of a contiguous
+// qkv [B, N, 3D]. probs [B, heads, N, N] keeps the probabilities for the
+// backward; without it (inference) each thread reuses one N x N scratch.
+void attend(const at::Tensor& qkv, int64_t heads, at::Tensor& out, float* probs) {
+  const int64_t B = qkv.size(0), N = qkv.size(1), D = qkv.size(2) / 3, dh = D / heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+  const float* base = qkv.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int n = static_cast<int>(N), d = static_cast<int>(dh), ld3 = static_cast<int>(3 * D),
+            ld = static_cast<int>(D);
+  at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(probs ? 0 : N * N);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, h = bh % heads;
+      const float* q = base + b * N * 3 * D + h * dh;
+      const float* k = q + D;
+      const float* v = q + 2 * D;
+      float* P = probs ? probs + bh * N * N : scratch.data();
+      gemm_nt(n, n, d, q, ld3, k, ld3, P, n, scale, 0.0f);  // S = q k^T / sqrt(dh)
+      softmax_rows(P, N, N, N);
+      gemm_nn(n, d, n, P, n, v, ld3, o + b * N * D + h * dh, ld, 1.0f, 0.0f);  // O = P v
+    }
+  });
+}
 
 struct FusedAttention : public torch::autograd::Function<FusedAttention> {
   // qkv: [B, N, 3D] -> out [B, N, D]; saves the probabilities P [B, heads, N, N].
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& qkv_in,
                             int64_t heads) {
     auto qkv = qkv_in.contiguous();
-    const int64_t B = qkv.size(0), N = qkv.size(1), D = qkv.size(2) / 3, dh = D / heads;
+    const int64_t B = qkv.size(0), N = qkv.size(1), D = qkv.size(2) / 3;
     auto out = at::empty({B, N, D}, qkv.options());
     auto probs = at::empty({B, heads, N, N}, qkv.options());
-    const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
-    const float* base = qkv.data_ptr<float>();
-    float* o = out.data_ptr<float>();
-    float* p = probs.data_ptr<float>();
-    const int n = static_cast<int>(N), d = static_cast<int>(dh), ld3 = static_cast<int>(3 * D),
-              ld = static_cast<int>(D);
-    at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / heads, h = bh % heads;
-        const float* q = base + b * N * 3 * D + h * dh;
-        const float* k = q + D;
-        const float* v = q + 2 * D;
-        float* P = p + bh * N * N;
-        gemm_nt(n, n, d, q, ld3, k, ld3, P, n, scale, 0.0f);  // S = q k^T / sqrt(dh)
-        for (int64_t i = 0; i < N; ++i) {
-          float* row = P + i * N;
-          float mx = row[0];
-          for (int64_t j = 1; j < N; ++j) mx = std::max(mx, row[j]);
-          float sum = 0;
-          for (int64_t j = 0; j < N; ++j) sum += (row[j] = std::exp(row[j] - mx));
-          const float inv = 1.0f / sum;
-          for (int64_t j = 0; j < N; ++j) row[j] *= inv;
-        }
-        gemm_nn(n, d, n, P, n, v, ld3, o + b * N * D + h * dh, ld, 1.0f, 0.0f);  // O = P v
-      }
-    });
+    attend(qkv, heads, out, probs.data_ptr<float>());
     ctx->save_for_backward({qkv, probs});
     ctx->saved_data["heads"] = heads;
     return out;
@@ -79,13 +80,7 @@ struct FusedAttention : public torch::autograd::Function<FusedAttention> {
         const float* P = pb + bh * N * N;
         gemm_tn(n, d, n, P, n, dO, ld, gv, ld3, 1.0f, 0.0f);          // dV = P^T dO
         gemm_nt(n, n, d, dO, ld, v, ld3, dP.data(), n, 1.0f, 0.0f);   // dP = dO v^T
-        for (int64_t i = 0; i < N; ++i) {  // dS = P * (dP - rowsum(dP * P))
-          const float* pr = P + i * N;
-          float* dr = dP.data() + i * N;
-          float dot = 0;
-          for (int64_t j = 0; j < N; ++j) dot += pr[j] * dr[j];
-          for (int64_t j = 0; j < N; ++j) dr[j] = pr[j] * (dr[j] - dot);
-        }
+        softmax_backward_rows(P, dP.data(), N, N, N);  // dS = P * (dP - rowsum(dP * P))
         gemm_nn(n, d, n, dP.data(), n, k, ld3, gq, ld3, scale, 0.0f);  // dQ = dS k / sqrt(dh)
         gemm_tn(n, d, n, dP.data(), n, q, ld3, gk, ld3, scale, 0.0f);  // dK = dS^T q / sqrt(dh)
       }
@@ -101,7 +96,11 @@ at::Tensor fused_attention(const at::Tensor& qkv, int64_t heads) {
              "fused_attention: expected [B, N, 3 * heads * dh], got ", qkv.sizes());
   MOEV_CHECK(qkv.scalar_type() == at::kFloat && qkv.device().is_cpu(),
              "fused_attention: CPU float32 only");
-  return FusedAttention::apply(qkv, heads);
+  if (at::GradMode::is_enabled() && qkv.requires_grad()) return FusedAttention::apply(qkv, heads);
+  auto x = qkv.contiguous();
+  auto out = at::empty({x.size(0), x.size(1), x.size(2) / 3}, x.options());
+  attend(x, heads, out, nullptr);
+  return out;
 }
 
 }  // namespace moev::nn

@@ -1,0 +1,23 @@
+// Element-wise CPU float kernels the fused layers share, vectorised for the
+// machine they run on (AVX-512, AVX2 or baseline clones chosen at load time).
+// Why: a scalar std::exp made the attention softmax cost more than the
+// attention's GEMMs; LibTorch's own vectorised kernels are not callable on raw
+// rows inside our fused loops.
+#pragma once
+
+#include <cstdint>
+
+namespace moev::nn {
+
+// In place, each of `rows` rows of length n (stride ld): row <- softmax(row).
+void softmax_rows(float* x, int64_t rows, int64_t n, int64_t ld);
+
+// out[i] = exp(x[i]) for i < n, relative error below 2e-7 over the float range
+// (below -87.3 the result is the smallest normal float; above 88 it stays e^88).
+void exp_array(const float* x, float* out, int64_t n);
+
+// In place, each row of P (probabilities) and dP: dP <- P * (dP - sum(P * dP)),
+// the softmax backward.
+void softmax_backward_rows(const float* p, float* dp, int64_t rows, int64_t n, int64_t ld);
+
+}  // namespace moev::nn
