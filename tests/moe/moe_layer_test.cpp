@@ -128,8 +128,9 @@ TEST(MoELayer, FindsLayersInsideModules) {
 }
 
 TEST(Experts, GroupedGemmMatchesStockOpPathInDouble) {
-  // The CPU float32 grouped GEMM against the stock-op path other devices use,
-  // run here in float64, on uneven expert blocks (one empty) with padding rows.
+  // The CPU float32 grouped GEMM (raw BLAS) against the LibTorch-op path other
+  // dtypes and devices use, run here in float64, on uneven expert blocks (one
+  // empty) with padding rows.
   torch::manual_seed(5);
   Experts ex(ExpertsOptions(4, 8, 12));
   std::vector<int64_t> offsets{0, 5, 5, 12, 20};
@@ -153,4 +154,39 @@ TEST(Experts, GroupedGemmMatchesStockOpPathInDouble) {
   EXPECT_TRUE(torch::allclose(x.grad().to(torch::kDouble), x64.grad(), 1e-4, 1e-5));
   EXPECT_TRUE(torch::allclose(ex->w1.grad().to(torch::kDouble), ex64->w1.grad(), 1e-4, 1e-5));
   EXPECT_TRUE(torch::allclose(ex->b2.grad().to(torch::kDouble), ex64->b2.grad(), 1e-4, 1e-5));
+}
+
+TEST(Experts, Bf16GemmsTrackFloat32WithinBf16Rounding) {
+  // Mixed precision: bf16 GEMMs on fp32 master weights. Outputs and gradients
+  // stay within bf16's ~3 significant digits of the fp32 path, and the weight
+  // gradients come back as fp32 on the fp32 parameters.
+  torch::manual_seed(6);
+  Experts ex(ExpertsOptions(4, 32, 48));
+  Experts exb(ExpertsOptions(4, 32, 48).matmul_dtype(torch::kBFloat16));
+  {
+    torch::NoGradGuard ng;
+    exb->w1.copy_(ex->w1);
+    exb->b1.copy_(ex->b1);
+    exb->w2.copy_(ex->w2);
+    exb->b2.copy_(ex->b2);
+  }
+  std::vector<int64_t> offsets{0, 9, 9, 30, 40};
+  auto x = torch::randn({44, 32}, torch::requires_grad());
+  auto xb = x.detach().clone().requires_grad_();
+  auto y = ex->forward(x, offsets), yb = exb->forward(xb, offsets);
+  ASSERT_EQ(yb.scalar_type(), torch::kFloat);
+  auto rel = [](const at::Tensor& a, const at::Tensor& b) {
+    return ((a - b).norm() / b.norm()).item<double>();
+  };
+  EXPECT_LT(rel(yb, y), 2e-2);
+  EXPECT_TRUE(torch::equal(yb.narrow(0, 40, 4), torch::zeros({4, 32})));
+  auto g = torch::randn({44, 32});
+  (y * g).sum().backward();
+  (yb * g).sum().backward();
+  ASSERT_EQ(exb->w1.grad().scalar_type(), torch::kFloat);
+  EXPECT_LT(rel(xb.grad(), x.grad()), 2e-2);
+  EXPECT_LT(rel(exb->w1.grad(), ex->w1.grad()), 2e-2);
+  EXPECT_LT(rel(exb->w2.grad(), ex->w2.grad()), 2e-2);
+  EXPECT_LT(rel(exb->b1.grad(), ex->b1.grad()), 2e-2);
+  EXPECT_TRUE(torch::equal(exb->w1.grad()[1], torch::zeros({32, 48})));  // expert 1 has no rows
 }

@@ -52,3 +52,17 @@ TEST(FusedAttention, InferencePathMatchesTrainingPath) {
   auto y_eval = moev::nn::fused_attention(qkv.detach(), 4);
   EXPECT_TRUE(torch::equal(y_train.detach(), y_eval));
 }
+
+TEST(Attention, StockPathsMatchTheFusedKernel) {
+  // float64 takes the stock-op path other devices use: equal to the fused
+  // kernel up to float32 rounding. bf16 matmuls: within bf16 rounding.
+  torch::manual_seed(4);
+  auto qkv = torch::randn({3, 49, 3 * 4 * 32});
+  auto fused = moev::nn::fused_attention(qkv, 4);
+  auto f64 = moev::nn::attention(qkv.to(torch::kDouble), 4, torch::kFloat);
+  ASSERT_EQ(f64.scalar_type(), torch::kDouble);
+  EXPECT_TRUE(torch::allclose(f64.to(torch::kFloat), fused, 1e-4, 1e-5));
+  auto bf = moev::nn::attention(qkv, 4, torch::kBFloat16);
+  ASSERT_EQ(bf.scalar_type(), torch::kFloat);
+  EXPECT_LT(((bf - fused).norm() / fused.norm()).item<double>(), 2e-2);
+}

@@ -81,6 +81,7 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("model.heads", model.heads, "attention heads"),
         MOEV_FIELD("model.mlp_dim", model.mlp_dim, "MLP / expert hidden width H"),
         MOEV_FIELD("model.dropout", model.dropout, "dropout rate"),
+        MOEV_FIELD("model.precision", model.precision, "GEMM precision: fp32 or bf16 (mixed)"),
         MOEV_FIELD("moe.num_experts", model.router.num_experts, "experts per MoE layer E"),
         MOEV_FIELD("moe.k", model.router.k, "experts per token K"),
         MOEV_FIELD("moe.capacity", model.router.capacity_factor, "capacity ratio C"),

@@ -5,6 +5,7 @@
 
 #include "moev/core/error.h"
 #include "moev/models/vit.h"
+#include "moev/nn/linear.h"
 
 namespace moev::models {
 
@@ -56,6 +57,11 @@ void validate(const ModelConfig& c) {
              ": must be a multiple of model.heads = ", c.heads);
   MOEV_CHECK(c.depth >= 1 && c.mlp_dim >= 1, "model.depth and model.mlp_dim must be >= 1");
   MOEV_CHECK(c.dropout >= 0 && c.dropout < 1, "model.dropout = ", c.dropout, ": expected [0, 1)");
+  try {
+    nn::parse_precision(c.precision);
+  } catch (const Error& e) {
+    fail("model.", e.what());
+  }
   moe_blocks(c.moe, c.depth);
   if (c.moe.kind != "none") moe::validate(c.router);
 }

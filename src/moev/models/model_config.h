@@ -24,6 +24,7 @@ struct ModelConfig {
   int64_t heads = 4;           // attention heads
   int64_t mlp_dim = 256;       // H of the MLP and of each expert
   double dropout = 0.0;        // dropout after attention and MLP
+  std::string precision = "fp32";  // GEMM precision: fp32, or bf16 (mixed, fp32 weights)
   Placement moe;               // which blocks are MoE
   moe::RouterConfig router;    // routing of every MoE layer
   moe::AuxWeights aux;         // auxiliary loss weights

@@ -5,19 +5,11 @@
 #include <torch/torch.h>
 
 #include "moev/nn/attention.h"
+#include "moev/nn/linear.h"
 
 namespace moev::models {
 
 namespace {
-// y = x W^T + b over the last dim as one addmm: LibTorch 1.13's Linear on 3-D
-// input runs matmul and a separate bias add (an extra pass over the output).
-at::Tensor linear(const torch::nn::Linear& l, const at::Tensor& x) {
-  const auto in = x.size(-1), out = l->weight.size(0);
-  auto sizes = x.sizes().vec();
-  sizes.back() = out;
-  return torch::addmm(l->bias, x.reshape({-1, in}), l->weight.t()).view(sizes);
-}
-
 void init_linear(torch::nn::Linear& l) {
   torch::NoGradGuard ng;
   torch::nn::init::xavier_uniform_(l->weight);
@@ -25,7 +17,8 @@ void init_linear(torch::nn::Linear& l) {
 }
 }  // namespace
 
-ViTBlockImpl::ViTBlockImpl(const ModelConfig& c, bool use_moe) : heads(c.heads) {
+ViTBlockImpl::ViTBlockImpl(const ModelConfig& c, bool use_moe)
+    : heads(c.heads), matmul_dtype(nn::parse_precision(c.precision)) {
   const int64_t D = c.width;
   ln1 = register_module("ln1", torch::nn::LayerNorm(torch::nn::LayerNormOptions({D})));
   qkv = register_module("qkv", torch::nn::Linear(D, 3 * D));
@@ -35,7 +28,8 @@ ViTBlockImpl::ViTBlockImpl(const ModelConfig& c, bool use_moe) : heads(c.heads) 
   init_linear(proj);
   if (use_moe) {
     moe = register_module("moe", moe::MoELayer(moe::MoELayerOptions(D, c.mlp_dim, c.router)
-                                                   .aux(c.aux)));
+                                                   .aux(c.aux)
+                                                   .matmul_dtype(matmul_dtype)));
   } else {
     fc1 = register_module("fc1", torch::nn::Linear(D, c.mlp_dim));
     fc2 = register_module("fc2", torch::nn::Linear(c.mlp_dim, D));
@@ -45,24 +39,25 @@ ViTBlockImpl::ViTBlockImpl(const ModelConfig& c, bool use_moe) : heads(c.heads) 
   drop = register_module("drop", torch::nn::Dropout(c.dropout));
 }
 
+at::Tensor ViTBlockImpl::linear(const torch::nn::Linear& l, const at::Tensor& x) {
+  return nn::linear(x, l->weight, l->bias, matmul_dtype);
+}
+
 at::Tensor ViTBlockImpl::dropout(const at::Tensor& x) {
   return drop->options.p() > 0 ? drop->forward(x) : x;  // skip the no-op pass at p = 0
 }
 
 at::Tensor ViTBlockImpl::forward(const at::Tensor& x) {
   auto qkv_ = linear(qkv, ln1->forward(x));  // [B, N, 3D]
-  at::Tensor a;
-  if (qkv_.device().is_cpu() && qkv_.scalar_type() == torch::kFloat) {
-    a = nn::fused_attention(qkv_, heads);
-  } else {  // other devices: the same computation from stock ops
-    const int64_t B = x.size(0), N = x.size(1), D = x.size(2), dh = D / heads;
-    auto t = qkv_.view({B, N, 3, heads, dh}).permute({2, 0, 3, 1, 4});
-    auto attn = torch::softmax(torch::matmul(t[0], t[1].transpose(-2, -1)) / std::sqrt(double(dh)), -1);
-    a = torch::matmul(attn, t[2]).transpose(1, 2).reshape({B, N, D});
-  }
+  auto a = nn::attention(qkv_, heads, matmul_dtype);  // [B, N, D]
   auto h = x + dropout(linear(proj, a));
   auto z = ln2->forward(h);
-  z = moe ? moe->forward(z) : linear(fc2, torch::gelu(linear(fc1, z)));
+  if (moe) {
+    z = moe->forward(z);
+  } else {  // in bf16 the MLP's hidden activations stay bf16 between its GEMMs
+    const auto dt = matmul_dtype == torch::kBFloat16 ? matmul_dtype : z.scalar_type();
+    z = linear(fc2, torch::gelu(linear(fc1, z.to(dt)))).to(x.scalar_type());
+  }
   return h + dropout(z);
 }
 

@@ -19,8 +19,10 @@ class ViTBlockImpl : public torch::nn::Module {
   // x: [B, N, D] -> [B, N, D]
   at::Tensor forward(const at::Tensor& x);
   at::Tensor dropout(const at::Tensor& x);
+  at::Tensor linear(const torch::nn::Linear& l, const at::Tensor& x);  // in matmul_dtype
 
   int64_t heads;
+  at::ScalarType matmul_dtype;  // from ModelConfig::precision
   torch::nn::LayerNorm ln1{nullptr}, ln2{nullptr};
   torch::nn::Linear qkv{nullptr}, proj{nullptr}, fc1{nullptr}, fc2{nullptr};
   moe::MoELayer moe{nullptr};

@@ -35,40 +35,99 @@ void ExpertsImpl::reset_parameters() {
 
 namespace {
 
-// Rows [r0, r0 + n) of a [rows, cols] buffer set to a bias row.
-void fill_bias(float* dst, const float* bias, int64_t n, int64_t cols) {
-  for (int64_t r = 0; r < n; ++r) std::copy(bias, bias + cols, dst + r * cols);
-}
+// The grouped GEMMs of the experts: expert e owns rows offsets[e] .. offsets[e+1]
+// of every activation. CPU float32 runs experts side by side on the threads
+// (at::parallel_for over experts), each with single-threaded BLAS calls on raw
+// rows: with many experts the row blocks are small, and one multi-threaded GEMM
+// per expert would spend its time forking and joining. Other dtypes (bf16, whose
+// fast GEMMs only LibTorch's oneDNN path has) and devices run each expert's GEMM
+// as a LibTorch op into a slice of the same preallocated output.
+class GroupedGemm {
+ public:
+  GroupedGemm(const std::vector<int64_t>& offsets, const at::Tensor& like)
+      : offsets_(offsets), raw_(like.device().is_cpu() && like.scalar_type() == at::kFloat) {}
 
-// Row sums of an [n, cols] block into out[cols].
-void sum_rows(const float* src, int64_t n, int64_t cols, float* out) {
-  std::fill(out, out + cols, 0.0f);
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t c = 0; c < cols; ++c) out[c] += src[r * cols + c];
-}
-
-// out[rows of e] = in[rows of e] w[e] + b[e] for every expert e, experts side by
-// side on the threads. in: [R, I], w: [E, I, O], b: [E, O], out: [R, O].
-void expert_linear(const at::Tensor& in, const at::Tensor& w, const at::Tensor& b, at::Tensor& out,
-                   const std::vector<int64_t>& offsets) {
-  const int64_t E = w.size(0), I = w.size(1), O = w.size(2);
-  const float *ip = in.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
-      if (n == 0) continue;
-      fill_bias(op + r0 * O, bp + e * O, n, O);
-      nn::gemm_nn(int(n), int(O), int(I), ip + r0 * I, int(I), wp + e * I * O, int(O),
-                  op + r0 * O, int(O), 1.0f, 1.0f);
+  // out[rows e] = in[rows e] op(w[e]) (+ b[e]); w: [E, I, O], or [E, O, I] with
+  // transpose_w; in: [R, I], out: [R, O]. Rows past offsets[E] are not touched.
+  void rows_by_weight(const at::Tensor& in, const at::Tensor& w, const at::Tensor* b, at::Tensor& out,
+                      bool transpose_w) const {
+    const int64_t I = in.size(1), O = out.size(1);
+    if (!raw_) {
+      for_experts([&](int64_t e, int64_t r0, int64_t n) {
+        auto o = out.narrow(0, r0, n);
+        auto we = transpose_w ? w[e].t() : w[e];
+        if (b) at::addmm_out(o, (*b)[e], in.narrow(0, r0, n), we);
+        else at::mm_out(o, in.narrow(0, r0, n), we);
+      });
+      return;
     }
-  });
-}
+    const float* ip = in.data_ptr<float>();
+    const float* wp = w.data_ptr<float>();
+    const float* bp = b ? b->data_ptr<float>() : nullptr;
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, num_experts(), 1, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t r0 = offsets_[e], n = offsets_[e + 1] - r0;
+        if (n == 0) continue;
+        float* oe = op + r0 * O;
+        if (bp)
+          for (int64_t r = 0; r < n; ++r) std::copy(bp + e * O, bp + (e + 1) * O, oe + r * O);
+        const float* we = wp + e * I * O;
+        if (transpose_w)
+          nn::gemm_nt(int(n), int(O), int(I), ip + r0 * I, int(I), we, int(I), oe, int(O), 1.0f,
+                      bp ? 1.0f : 0.0f);
+        else
+          nn::gemm_nn(int(n), int(O), int(I), ip + r0 * I, int(I), we, int(O), oe, int(O), 1.0f,
+                      bp ? 1.0f : 0.0f);
+      }
+    });
+  }
 
-// Grouped expert FFN with a hand-written backward. Experts run side by side on
-// the threads (at::parallel_for over experts), each with single-threaded GEMMs
-// on its own rows: with many experts the row blocks are small, and one
-// multi-threaded GEMM per expert would spend its time forking and joining.
+  // gw[e] = a[rows e]^T g[rows e] and gb[e] = column sums of g[rows e];
+  // a: [R, I], g: [R, O], gw: [E, I, O], gb: [E, O]. Experts without rows get zeros.
+  void weight_grads(const at::Tensor& a, const at::Tensor& g, at::Tensor& gw, at::Tensor& gb) const {
+    gw.zero_();
+    gb.zero_();
+    const int64_t I = a.size(1), O = g.size(1);
+    if (!raw_) {
+      for_experts([&](int64_t e, int64_t r0, int64_t n) {
+        auto ge = g.narrow(0, r0, n);
+        auto gwe = gw[e], gbe = gb[e];
+        at::mm_out(gwe, a.narrow(0, r0, n).t(), ge);
+        at::sum_out(gbe, ge, {0});
+      });
+      return;
+    }
+    const float *ap = a.data_ptr<float>(), *gp = g.data_ptr<float>();
+    float *gwp = gw.data_ptr<float>(), *gbp = gb.data_ptr<float>();
+    at::parallel_for(0, num_experts(), 1, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t r0 = offsets_[e], n = offsets_[e + 1] - r0;
+        if (n == 0) continue;
+        const float* ge = gp + r0 * O;
+        nn::gemm_tn(int(I), int(O), int(n), ap + r0 * I, int(I), ge, int(O), gwp + e * I * O, int(O),
+                    1.0f, 0.0f);
+        float* gbe = gbp + e * O;
+        for (int64_t r = 0; r < n; ++r)
+          for (int64_t c = 0; c < O; ++c) gbe[c] += ge[r * O + c];
+      }
+    });
+  }
+
+ private:
+  int64_t num_experts() const { return static_cast<int64_t>(offsets_.size()) - 1; }
+  template <typename F>
+  void for_experts(F&& f) const {
+    for (int64_t e = 0; e < num_experts(); ++e)
+      if (offsets_[e + 1] > offsets_[e]) f(e, offsets_[e], offsets_[e + 1] - offsets_[e]);
+  }
+  const std::vector<int64_t>& offsets_;
+  bool raw_;
+};
+
+// The expert FFN over rows sorted by expert, with a hand-written backward that
+// writes into buffers allocated once per call (no per-expert autograd nodes, no
+// slice-backward zero fills).
 struct GroupedFFN : public torch::autograd::Function<GroupedFFN> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
@@ -78,9 +137,10 @@ struct GroupedFFN : public torch::autograd::Function<GroupedFFN> {
     auto out = at::empty({R, D}, x.options());
     hpre.narrow(0, A, R - A).zero_();
     out.narrow(0, A, R - A).zero_();
-    expert_linear(x, w1, b1, hpre, offsets);
+    GroupedGemm gg(offsets, x);
+    gg.rows_by_weight(x, w1, &b1, hpre, false);
     auto act = at::gelu(hpre);
-    expert_linear(act, w2, b2, out, offsets);
+    gg.rows_by_weight(act, w2, &b2, out, false);
     ctx->save_for_backward({x, w1, w2, hpre, act});
     ctx->saved_data["offsets"] = c10::IValue(offsets);
     return out;
@@ -93,45 +153,22 @@ struct GroupedFFN : public torch::autograd::Function<GroupedFFN> {
     const auto offsets = ctx->saved_data["offsets"].toIntVector();
     const int64_t E = w1.size(0), D = x.size(1), H = w1.size(2);
     const int64_t A = offsets[E], R = act.size(0);
+    GroupedGemm gg(offsets, x);
     auto gy = grads[0].contiguous();
-    auto gw1 = at::zeros_like(w1), gw2 = at::zeros_like(w2);
-    auto gb1 = at::zeros({E, H}, x.options()), gb2 = at::zeros({E, D}, x.options());
+    auto gw1 = at::empty_like(w1), gw2 = at::empty_like(w2);
+    auto gb1 = at::empty({E, H}, x.options()), gb2 = at::empty({E, D}, x.options());
     auto gact = at::empty_like(act);
     gact.narrow(0, A, R - A).zero_();
-    const float *gyp = gy.data_ptr<float>(), *ap = act.data_ptr<float>(), *w2p = w2.data_ptr<float>();
-    float *gap = gact.data_ptr<float>(), *gw2p = gw2.data_ptr<float>(), *gb2p = gb2.data_ptr<float>();
-    at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e) {
-        const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
-        if (n == 0) continue;
-        const float* gy_e = gyp + r0 * D;
-        nn::gemm_nt(int(n), int(H), int(D), gy_e, int(D), w2p + e * H * D, int(D), gap + r0 * H,
-                    int(H), 1.0f, 0.0f);  // d act = dy w2^T
-        nn::gemm_tn(int(H), int(D), int(n), ap + r0 * H, int(H), gy_e, int(D), gw2p + e * H * D,
-                    int(D), 1.0f, 0.0f);  // d w2 = act^T dy
-        sum_rows(gy_e, n, D, gb2p + e * D);
-      }
-    });
+    gg.rows_by_weight(gy, w2, nullptr, gact, /*transpose_w=*/true);  // d act = dy w2^T
+    gg.weight_grads(act, gy, gw2, gb2);                               // d w2 = act^T dy
     auto ghpre = at::gelu_backward(gact, hpre);
-    const bool need_x = ctx->needs_input_grad(0);
-    auto gx = need_x ? at::empty_like(x) : at::Tensor();
-    if (need_x) gx.narrow(0, A, R - A).zero_();
-    const float *ghp = ghpre.data_ptr<float>(), *xp = x.data_ptr<float>(), *w1p = w1.data_ptr<float>();
-    float *gw1p = gw1.data_ptr<float>(), *gb1p = gb1.data_ptr<float>();
-    float* gxp = need_x ? gx.data_ptr<float>() : nullptr;
-    at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e) {
-        const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
-        if (n == 0) continue;
-        const float* gh = ghp + r0 * H;
-        nn::gemm_tn(int(D), int(H), int(n), xp + r0 * D, int(D), gh, int(H), gw1p + e * D * H,
-                    int(H), 1.0f, 0.0f);  // d w1 = x^T d hpre
-        sum_rows(gh, n, H, gb1p + e * H);
-        if (gxp)
-          nn::gemm_nt(int(n), int(D), int(H), gh, int(H), w1p + e * D * H, int(H), gxp + r0 * D,
-                      int(D), 1.0f, 0.0f);  // dx = d hpre w1^T
-      }
-    });
+    gg.weight_grads(x, ghpre, gw1, gb1);  // d w1 = x^T d hpre
+    at::Tensor gx;
+    if (ctx->needs_input_grad(0)) {
+      gx = at::empty_like(x);
+      gx.narrow(0, A, R - A).zero_();
+      gg.rows_by_weight(ghpre, w1, nullptr, gx, /*transpose_w=*/true);  // dx = d hpre w1^T
+    }
     return {gx, gw1, gb1, gw2, gb2, at::Tensor()};
   }
 };
@@ -142,19 +179,12 @@ at::Tensor ExpertsImpl::forward(const at::Tensor& x, const std::vector<int64_t>&
   MOEV_CHECK(static_cast<int64_t>(offsets.size()) == options.num_experts() + 1 &&
                  offsets.back() <= x.size(0),
              "Experts: offsets must hold E + 1 row offsets");
-  if (x.scalar_type() == at::kFloat && x.device().is_cpu() && w1.scalar_type() == at::kFloat)
-    return GroupedFFN::apply(x.contiguous(), w1, b1, w2, b2, offsets);
-  // Other devices and dtypes: the same computation from stock ops, one expert at a time.
-  const int64_t E = options.num_experts(), A = offsets[E];
-  std::vector<at::Tensor> parts;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
-    if (n == 0) continue;
-    auto h = torch::gelu(torch::addmm(b1[e], x.narrow(0, r0, n), w1[e]));
-    parts.push_back(torch::addmm(b2[e], h, w2[e]));
-  }
-  parts.push_back(torch::zeros({x.size(0) - A, x.size(1)}, x.options()));
-  return torch::cat(parts);
+  const auto dt = options.matmul_dtype();
+  if (dt == at::kBFloat16 && x.scalar_type() != dt)  // mixed precision: the casts' backward brings grads back
+    return GroupedFFN::apply(x.to(dt).contiguous(), w1.to(dt), b1.to(dt), w2.to(dt), b2.to(dt),
+                             offsets)
+        .to(x.scalar_type());
+  return GroupedFFN::apply(x.contiguous(), w1, b1, w2, b2, offsets);
 }
 
 }  // namespace moev::moe

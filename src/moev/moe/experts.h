@@ -19,6 +19,7 @@ struct ExpertsOptions {
   TORCH_ARG(int64_t, num_experts);  // E
   TORCH_ARG(int64_t, dim);          // D
   TORCH_ARG(int64_t, hidden);       // H
+  TORCH_ARG(at::ScalarType, matmul_dtype) = at::kFloat;  // GEMMs: kFloat or kBFloat16
 };
 
 class ExpertsImpl : public torch::nn::Module {

@@ -12,7 +12,8 @@ MoELayerImpl::MoELayerImpl(const MoELayerOptions& o) : options(o) {
   validate(o.router());
   router_weight = register_parameter("router", torch::empty({o.router().num_experts, o.dim()}));
   experts = register_module(
-      "experts", Experts(ExpertsOptions(o.router().num_experts, o.dim(), o.hidden())));
+      "experts", Experts(ExpertsOptions(o.router().num_experts, o.dim(), o.hidden())
+                             .matmul_dtype(o.matmul_dtype())));
   reset_parameters();
 }
 

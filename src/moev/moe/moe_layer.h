@@ -43,6 +43,7 @@ struct MoELayerOptions {
   TORCH_ARG(RouterConfig, router);  // routing; changeable at inference
   TORCH_ARG(AuxWeights, aux);       // auxiliary loss weights
   TORCH_ARG(bool, keep_routing) = false;  // keep last RoutingResult (analysis)
+  TORCH_ARG(at::ScalarType, matmul_dtype) = at::kFloat;  // expert GEMMs: kFloat or kBFloat16
 };
 
 class MoELayerImpl : public torch::nn::Module {

@@ -91,6 +91,23 @@ struct FusedAttention : public torch::autograd::Function<FusedAttention> {
 
 }  // namespace
 
+at::Tensor attention(const at::Tensor& qkv, int64_t heads, at::ScalarType matmul_dtype) {
+  const bool bf16 = matmul_dtype == at::kBFloat16 && qkv.scalar_type() != at::kBFloat16;
+  if (!bf16 && qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat)
+    return fused_attention(qkv, heads);
+  MOEV_CHECK(qkv.dim() == 3 && qkv.size(2) % (3 * heads) == 0,
+             "attention: expected [B, N, 3 * heads * dh], got ", qkv.sizes());
+  const int64_t B = qkv.size(0), N = qkv.size(1), D = qkv.size(2) / 3, dh = D / heads;
+  auto t = (bf16 ? qkv.to(at::kBFloat16) : qkv)
+               .view({B, N, 3, heads, dh})
+               .permute({2, 0, 3, 1, 4})
+               .contiguous()
+               .view({3, B * heads, N, dh});
+  auto p = torch::softmax(torch::bmm(t[0] * (1.0 / std::sqrt(double(dh))), t[1].transpose(1, 2)), -1);
+  auto out = torch::bmm(p, t[2]).view({B, heads, N, dh}).transpose(1, 2).reshape({B, N, D});
+  return out.to(qkv.scalar_type());
+}
+
 at::Tensor fused_attention(const at::Tensor& qkv, int64_t heads) {
   MOEV_CHECK(qkv.dim() == 3 && qkv.size(2) % (3 * heads) == 0,
              "fused_attention: expected [B, N, 3 * heads * dh], got ", qkv.sizes());

@@ -15,4 +15,10 @@ namespace moev::nn {
 // qkv: [B, N, 3 * D] laid out as (q | k | v), each D = heads * dh -> [B, N, D]
 at::Tensor fused_attention(const at::Tensor& qkv, int64_t heads);
 
+// The same result for any dtype and device: the fused kernel for CPU float32,
+// otherwise batched matmuls from stock ops; matmul_dtype kBFloat16 runs them on
+// a bf16 copy (oneDNN's bf16 bmm) and returns qkv's dtype.
+// qkv: [B, N, 3 * D] -> [B, N, D]
+at::Tensor attention(const at::Tensor& qkv, int64_t heads, at::ScalarType matmul_dtype);
+
 }  // namespace moev::nn

@@ -1,0 +1,28 @@
+#include "moev/nn/linear.h"
+
+#include <torch/torch.h>
+
+#include "moev/core/error.h"
+
+namespace moev::nn {
+
+at::ScalarType parse_precision(const std::string& name) {
+  if (name == "fp32") return at::kFloat;
+  if (name == "bf16") return at::kBFloat16;
+  fail("precision '", name, "': expected fp32 or bf16");
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                  at::ScalarType matmul_dtype) {
+  const auto in = x.size(-1), out = weight.size(0);
+  auto sizes = x.sizes().vec();
+  sizes.back() = out;
+  auto x2 = x.reshape({-1, in});
+  if (matmul_dtype != at::kBFloat16)
+    return torch::addmm(bias, x2, weight.t()).view(sizes);
+  return torch::addmm(bias.to(matmul_dtype), x2.to(matmul_dtype), weight.to(matmul_dtype).t())
+      .to(x.scalar_type())
+      .view(sizes);
+}
+
+}  // namespace moev::nn

@@ -1,0 +1,23 @@
+// The matmul precision of a model and the one linear-layer helper every model
+// uses. "bf16" runs the GEMMs of linear layers and experts on bfloat16 copies
+// of the activations and fp32 master weights (oneDNN's AVX-512 BF16 kernels,
+// about 3x the fp32 GEMM rate on these machines), with LayerNorm, softmax,
+// residuals, router and losses in fp32: mixed precision as V-MoE trains on TPU.
+#pragma once
+
+#include <string>
+
+#include <ATen/core/Tensor.h>
+
+namespace moev::nn {
+
+// "fp32" -> kFloat, "bf16" -> kBFloat16; anything else is an error naming the value.
+at::ScalarType parse_precision(const std::string& name);
+
+// x: [..., I], weight: [O, I], bias: [O] -> [..., O] in x's dtype; with
+// matmul_dtype kBFloat16 the GEMM runs on bf16 copies, otherwise in x's dtype (one addmm: LibTorch 1.13's Linear on 3-D input adds the bias
+// in a second pass over the output).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                  at::ScalarType matmul_dtype);
+
+}  // namespace moev::nn
