@@ -17,7 +17,7 @@ namespace moev::app {
 
 namespace {
 struct EvalFlags {
-  std::string checkpoint, data, format, device = "cpu";
+  std::string checkpoint, data, format, device = "cpu", precision;
   std::optional<int64_t> k;
   std::optional<double> capacity;
   std::optional<std::string> bpr, router;
@@ -41,12 +41,13 @@ Runner add_eval(CLI::App& app) {
   cmd->add_option("--limit", f->limit, "evaluate the first N test images only");
   cmd->add_option("--threads", f->threads, "threads, 0 = all cores");
   cmd->add_option("--device", f->device, "cpu or cuda[:N]");
+  cmd->add_option("--precision", f->precision, "GEMM precision fp32 or bf16 (default: as trained)");
   cmd->add_flag("--json", f->json, "print the result as JSON");
   return [f]() {
     train::set_threads(f->threads);
     const auto device = parse_device(f->device);
     MOEV_CHECK(f->batch_size >= 1, "--batch-size ", f->batch_size, ": expected >= 1");
-    auto t = train::load_trained(f->checkpoint, device);
+    auto t = train::load_trained(f->checkpoint, device, f->precision);
     train::RouterOverrides o;
     o.k = f->k;
     o.capacity = f->capacity;

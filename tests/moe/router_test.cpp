@@ -227,6 +227,16 @@ TEST(Router, AuxLossesHaveGradients) {
   }
 }
 
+TEST(Router, AuxLossesOnlyInTraining) {
+  RouterConfig cfg;
+  cfg.num_experts = 4;
+  auto logits = torch::randn({32, 4}) * 3;
+  auto r = route(logits, cfg, 4, /*training=*/false);
+  for (auto* l : {&r.aux.importance, &r.aux.load, &r.aux.switch_lb, &r.aux.z})
+    EXPECT_EQ(l->item<double>(), 0.0);
+  EXPECT_GT(route(logits, cfg, 4, true).aux.z.item<double>(), 0.0);
+}
+
 TEST(Router, NoiseOnlyInTraining) {
   RouterConfig cfg;
   cfg.num_experts = 4;

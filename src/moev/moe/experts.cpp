@@ -65,10 +65,15 @@ class GroupedGemm {
     const float* wp = w.data_ptr<float>();
     const float* bp = b ? b->data_ptr<float>() : nullptr;
     float* op = out.data_ptr<float>();
-    at::parallel_for(0, num_experts(), 1, [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e) {
-        const int64_t r0 = offsets_[e], n = offsets_[e + 1] - r0;
-        if (n == 0) continue;
+    // Rows are independent here, so the threads split the placed rows evenly,
+    // cutting through experts where needed: uneven expert loads cannot leave a
+    // core idle.
+    const int64_t E = num_experts();
+    at::parallel_for(0, offsets_[E], 16, [&](int64_t row0, int64_t row1) {
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t r0 = std::max(row0, offsets_[e]), r1 = std::min(row1, offsets_[e + 1]);
+        if (r1 <= r0) continue;
+        const int64_t n = r1 - r0;
         float* oe = op + r0 * O;
         if (bp)
           for (int64_t r = 0; r < n; ++r) std::copy(bp + e * O, bp + (e + 1) * O, oe + r * O);
@@ -100,8 +105,11 @@ class GroupedGemm {
     }
     const float *ap = a.data_ptr<float>(), *gp = g.data_ptr<float>();
     float *gwp = gw.data_ptr<float>(), *gbp = gb.data_ptr<float>();
-    at::parallel_for(0, num_experts(), 1, [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e) {
+    // Each expert's gradient is one GEMM over its rows; the threads take runs of
+    // whole experts holding about equal numbers of rows.
+    const auto bounds = balanced_expert_runs();
+    at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t e = bounds[t0]; e < bounds[t1]; ++e) {
         const int64_t r0 = offsets_[e], n = offsets_[e + 1] - r0;
         if (n == 0) continue;
         const float* ge = gp + r0 * O;
@@ -116,6 +124,20 @@ class GroupedGemm {
 
  private:
   int64_t num_experts() const { return static_cast<int64_t>(offsets_.size()) - 1; }
+  // Expert boundaries b[0] = 0 < ... < b[T] = E cutting the placed rows into T
+  // runs of about equal size, one per thread.
+  std::vector<int64_t> balanced_expert_runs() const {
+    const int64_t E = num_experts(), T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), E));
+    std::vector<int64_t> b{0};
+    for (int64_t t = 1; t < T; ++t) {
+      const int64_t target = offsets_[E] * t / T;
+      int64_t e = b.back();
+      while (e < E && offsets_[e + 1] <= target) ++e;
+      b.push_back(std::max(e, b.back()));
+    }
+    b.push_back(E);
+    return b;
+  }
   template <typename F>
   void for_experts(F&& f) const {
     for (int64_t e = 0; e < num_experts(); ++e)

@@ -253,8 +253,13 @@ RoutingResult route(const at::Tensor& logits_in, const RouterConfig& cfg,
     place_expert_choice(r, gates.detach(), cfg, g);
     r.combine_gates = gates;
   }
-  auto top1 = std::get<1>(gates.detach().max(-1));
-  aux_losses(r, logits, clean_probs, noisy, gates, top1, cfg, g);
+  if (training) {
+    auto top1 = std::get<1>(gates.detach().max(-1));
+    aux_losses(r, logits, clean_probs, noisy, gates, top1, cfg, g);
+  } else {  // nothing trains on them; at E = 64 they cost as much as the routing
+    auto zero = torch::zeros({}, logits.options());
+    r.aux = AuxLosses{zero, zero, zero, zero};
+  }
   return r;
 }
 

@@ -69,7 +69,7 @@ struct RoutingResult {
   int64_t capacity = 0;      // assignments per expert per group (dropless: largest seen)
   int64_t groups = 0;        // G
   double dropped_fraction = 0;  // assignments (token, choice) that got no slot
-  AuxLosses aux;              // auxiliary losses of this routing
+  AuxLosses aux;              // auxiliary losses of this routing (zeros when not training)
 };
 
 // logits: [T, E] fp32 router logits W_r x (clean), T = B * N.

@@ -8,10 +8,12 @@
 
 namespace moev::train {
 
-TrainedModel load_trained(const std::string& path, const c10::Device& device) {
+TrainedModel load_trained(const std::string& path, const c10::Device& device,
+                          const std::string& precision) {
   auto ckpt = load_checkpoint(path);
   TrainedModel t;
   t.cfg = io::from_json_string(ckpt.config_json, path);
+  if (!precision.empty()) t.cfg.model.precision = precision;
   t.model = models::build_model(t.cfg.model);
   load_module_tensors(*t.model, ckpt.model, path);
   t.model->to(device);

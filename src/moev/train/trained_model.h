@@ -19,6 +19,9 @@ struct TrainedModel {
   int64_t step = 0;                      // training steps behind these weights
 };
 
-TrainedModel load_trained(const std::string& checkpoint, const c10::Device& device);
+// precision: "" keeps the model.precision it was trained with; "fp32" or "bf16"
+// runs it the other way (the weights are fp32 either way).
+TrainedModel load_trained(const std::string& checkpoint, const c10::Device& device,
+                          const std::string& precision = "");
 
 }  // namespace moev::train
