@@ -43,12 +43,15 @@ void read_value(const json& v, T& out, const std::string& where) {
   } else if constexpr (std::is_same_v<T, std::string>) {
     MOEV_CHECK(v.is_string(), where, ": expected a string, got ", type_name(v));
     out = v.get<std::string>();
-  } else {  // std::vector<float>
-    MOEV_CHECK(v.is_array(), where, ": expected a list of numbers, got ", type_name(v));
+  } else {  // std::vector of numbers
+    using Elem = typename T::value_type;
+    constexpr bool integral = std::is_integral_v<Elem>;
+    const char* what = integral ? ": expected a list of integers, got " : ": expected a list of numbers, got ";
+    MOEV_CHECK(v.is_array(), where, what, type_name(v));
     out.clear();
     for (const auto& x : v) {
-      MOEV_CHECK(x.is_number(), where, ": expected a list of numbers, got ", type_name(v));
-      out.push_back(x.get<float>());
+      MOEV_CHECK(integral ? x.is_number_integer() : x.is_number(), where, what, type_name(v));
+      out.push_back(x.get<Elem>());
     }
   }
 }
@@ -76,11 +79,15 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("model.channels", model.channels, "input channels"),
         MOEV_FIELD("model.num_classes", model.num_classes, "classes"),
         MOEV_FIELD("model.patch", model.patch, "ViT patch side, pixels"),
-        MOEV_FIELD("model.width", model.width, "token width D"),
-        MOEV_FIELD("model.depth", model.depth, "transformer blocks"),
+        MOEV_FIELD("model.width", model.width, "token width D (ViT, isotropic ConvNeXt)"),
+        MOEV_FIELD("model.depth", model.depth, "blocks (ViT, isotropic ConvNeXt)"),
         MOEV_FIELD("model.heads", model.heads, "attention heads"),
         MOEV_FIELD("model.mlp_dim", model.mlp_dim, "MLP / expert hidden width H"),
         MOEV_FIELD("model.dropout", model.dropout, "dropout rate"),
+        MOEV_FIELD("model.dims", model.dims, "ConvNeXt stage widths, e.g. [32, 64, 128]"),
+        MOEV_FIELD("model.depths", model.depths, "ConvNeXt blocks per stage, e.g. [2, 2, 4]"),
+        MOEV_FIELD("model.drop_path", model.drop_path, "ConvNeXt stochastic depth at the last block"),
+        MOEV_FIELD("model.layer_scale", model.layer_scale, "ConvNeXt layer scale initial value"),
         MOEV_FIELD("model.precision", model.precision, "GEMM precision: fp32 or bf16 (mixed)"),
         MOEV_FIELD("moe.num_experts", model.router.num_experts, "experts per MoE layer E"),
         MOEV_FIELD("moe.k", model.router.k, "experts per token K"),

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include "moev/core/error.h"
+#include "moev/models/convnext.h"
 #include "moev/models/vit.h"
 #include "moev/nn/linear.h"
 
@@ -26,6 +27,35 @@ ModelConfig vit_s32() {
   c.mlp_dim = 2048;
   return c;
 }
+// Tiny hierarchical ConvNeXt for 28 px inputs: patchify stem 2 (14x14), stages
+// 32/64/128 wide at 14, 7 and 3 px with 2, 2 and 4 blocks.
+ModelConfig convnext_tiny() {
+  ModelConfig c;
+  c.family = "convnext";
+  c.patch = 2;
+  c.dims = {32, 64, 128};
+  c.depths = {2, 2, 4};
+  c.drop_path = 0.0;
+  return c;
+}
+// Isotropic: patch 4 (7x7 tokens) at width 128, 8 blocks.
+ModelConfig convnext_iso_tiny() {
+  ModelConfig c;
+  c.family = "convnext-iso";
+  c.patch = 4;
+  c.width = 128;
+  c.depth = 8;
+  return c;
+}
+// Videau et al.'s most robust placement: MoE in the final two blocks.
+ModelConfig with_final_moe(ModelConfig c, int64_t experts) {
+  const int64_t n = num_blocks(c);
+  c.moe.kind = "list";
+  c.moe.blocks = {n - 2, n - 1};
+  c.router.num_experts = experts;
+  c.router.k = 2;
+  return c;
+}
 ModelConfig with_vmoe(ModelConfig c, int64_t experts) {
   c.moe.kind = "last";
   c.moe.n = 2;
@@ -35,26 +65,55 @@ ModelConfig with_vmoe(ModelConfig c, int64_t experts) {
 }
 }  // namespace
 
-std::vector<std::string> preset_names() { return {"vit-tiny", "vmoe-tiny", "vit-s32", "vmoe-s32"}; }
+std::vector<std::string> preset_names() {
+  return {"vit-tiny",      "vmoe-tiny",         "vit-s32",           "vmoe-s32",
+          "convnext-tiny", "convnext-moe-tiny", "convnext-iso-tiny", "convnext-iso-moe-tiny"};
+}
+
+int64_t num_blocks(const ModelConfig& c) {
+  if (c.family != "convnext") return c.depth;
+  int64_t n = 0;
+  for (auto d : c.depths) n += d;
+  return n;
+}
 
 ModelConfig preset(const std::string& name) {
   if (name == "vit-tiny") return vit_tiny();
   if (name == "vmoe-tiny") return with_vmoe(vit_tiny(), 8);
   if (name == "vit-s32") return vit_s32();
   if (name == "vmoe-s32") return with_vmoe(vit_s32(), 32);
+  if (name == "convnext-tiny") return convnext_tiny();
+  if (name == "convnext-moe-tiny") return with_final_moe(convnext_tiny(), 8);
+  if (name == "convnext-iso-tiny") return convnext_iso_tiny();
+  if (name == "convnext-iso-moe-tiny") return with_final_moe(convnext_iso_tiny(), 8);
   std::string names;
   for (auto& n : preset_names()) names += " " + n;
   fail("model preset '", name, "' is unknown; presets:", names);
 }
 
 void validate(const ModelConfig& c) {
-  MOEV_CHECK(c.family == "vit", "model.family = '", c.family, "': expected vit");
+  MOEV_CHECK(c.family == "vit" || c.family == "convnext" || c.family == "convnext-iso",
+             "model.family = '", c.family, "': expected vit, convnext or convnext-iso");
   MOEV_CHECK(c.image_size >= 1 && c.channels >= 1 && c.num_classes >= 2, "model: image_size, ",
              "channels must be >= 1 and num_classes >= 2");
   MOEV_CHECK(c.patch >= 1 && c.image_size % c.patch == 0, "model.patch = ", c.patch,
              ": must divide model.image_size = ", c.image_size);
-  MOEV_CHECK(c.width >= 1 && c.heads >= 1 && c.width % c.heads == 0, "model.width = ", c.width,
-             ": must be a multiple of model.heads = ", c.heads);
+  if (c.family == "vit")
+    MOEV_CHECK(c.width >= 1 && c.heads >= 1 && c.width % c.heads == 0, "model.width = ", c.width,
+               ": must be a multiple of model.heads = ", c.heads);
+  if (c.family == "convnext") {
+    MOEV_CHECK(!c.dims.empty() && c.dims.size() == c.depths.size(), "model.dims and model.depths: ",
+               "expected lists of the same non-zero length, got ", c.dims.size(), " and ", c.depths.size());
+    int64_t side = c.image_size / c.patch;
+    for (size_t s = 0; s < c.dims.size(); ++s) {
+      MOEV_CHECK(c.dims[s] >= 1 && c.depths[s] >= 1, "model.dims / model.depths: stage ", s,
+                 " must have width and depth >= 1");
+      if (s > 0) side /= 2;
+      MOEV_CHECK(side >= 1, "model: ", c.image_size, " px images are too small for ", c.dims.size(),
+                 " stages after a stem of ", c.patch, " px (each later stage halves the side)");
+    }
+  }
+  MOEV_CHECK(c.drop_path >= 0 && c.drop_path < 1, "model.drop_path = ", c.drop_path, ": expected [0, 1)");
   MOEV_CHECK(c.depth >= 1 && c.mlp_dim >= 1, "model.depth and model.mlp_dim must be >= 1");
   MOEV_CHECK(c.dropout >= 0 && c.dropout < 1, "model.dropout = ", c.dropout, ": expected [0, 1)");
   try {
@@ -62,13 +121,14 @@ void validate(const ModelConfig& c) {
   } catch (const Error& e) {
     fail("model.", e.what());
   }
-  moe_blocks(c.moe, c.depth);
+  moe_blocks(c.moe, num_blocks(c));
   if (c.moe.kind != "none") moe::validate(c.router);
 }
 
 ClassifierPtr build_model(const ModelConfig& c) {
   validate(c);
-  return std::make_shared<ViTImpl>(c);
+  if (c.family == "vit") return std::make_shared<ViTImpl>(c);
+  return std::make_shared<ConvNeXtImpl>(c);
 }
 
 }  // namespace moev::models

@@ -14,13 +14,17 @@
 namespace moev::models {
 
 struct ModelConfig {
-  std::string family = "vit";  // model family: vit
+  std::string family = "vit";  // model family: vit, convnext (hierarchical), convnext-iso
   int64_t image_size = 28;     // input height = width, pixels
   int64_t channels = 1;        // input channels
   int64_t num_classes = 10;    // L
-  int64_t patch = 4;           // ViT patch side, pixels
-  int64_t width = 128;         // D
-  int64_t depth = 6;           // transformer blocks
+  int64_t patch = 4;           // ViT patch / ConvNeXt stem side, pixels
+  int64_t width = 128;         // D (ViT, isotropic ConvNeXt)
+  int64_t depth = 6;           // blocks (ViT, isotropic ConvNeXt)
+  std::vector<int64_t> dims = {32, 64, 128};  // hierarchical ConvNeXt: width per stage
+  std::vector<int64_t> depths = {2, 2, 4};    // hierarchical ConvNeXt: blocks per stage
+  double drop_path = 0.0;      // ConvNeXt stochastic depth at the last block
+  double layer_scale = 1e-6;   // ConvNeXt layer scale initial value
   int64_t heads = 4;           // attention heads
   int64_t mlp_dim = 256;       // H of the MLP and of each expert
   double dropout = 0.0;        // dropout after attention and MLP
@@ -30,7 +34,12 @@ struct ModelConfig {
   moe::AuxWeights aux;         // auxiliary loss weights
 };
 
-// Named presets: vit-tiny, vmoe-tiny (E=8, K=2, Last-2), vit-s32, vmoe-s32.
+// Blocks of the model, numbered 0.. across stages: the range placements index.
+int64_t num_blocks(const ModelConfig& cfg);
+
+// Named presets: vit-tiny, vmoe-tiny (E=8, K=2, Last-2), vit-s32, vmoe-s32,
+// convnext-tiny / convnext-moe-tiny (E=8, K=2 in the last two blocks),
+// convnext-iso-tiny / convnext-iso-moe-tiny.
 ModelConfig preset(const std::string& name);
 std::vector<std::string> preset_names();
 

@@ -1,0 +1,112 @@
+#include "moev/models/convnext.h"
+
+#include <torch/torch.h>
+
+#include "moev/nn/linear.h"
+
+namespace moev::models {
+
+namespace {
+// ConvNeXt's initialisation: truncated normal(0.02) weights, zero biases.
+void init_trunc_normal(at::Tensor w, const at::Tensor& b) {
+  torch::NoGradGuard ng;
+  w.normal_(0, 0.02).clamp_(-0.04, 0.04);
+  if (b.defined()) b.zero_();
+}
+}  // namespace
+
+at::Tensor layer_norm_channels(torch::nn::LayerNormImpl& ln, const at::Tensor& x) {
+  return ln.forward(x.permute({0, 2, 3, 1})).permute({0, 3, 1, 2});
+}
+
+ConvNeXtBlockImpl::ConvNeXtBlockImpl(const ModelConfig& c, int64_t dim, bool use_moe,
+                                     double drop_path_)
+    : drop_path(drop_path_), matmul_dtype(nn::parse_precision(c.precision)) {
+  dwconv = register_module(
+      "dwconv", torch::nn::Conv2d(torch::nn::Conv2dOptions(dim, dim, 7).padding(3).groups(dim)));
+  norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim}).eps(1e-6)));
+  const int64_t hidden = 4 * dim;
+  if (use_moe) {
+    moe = register_module("moe", moe::MoELayer(moe::MoELayerOptions(dim, hidden, c.router)
+                                                   .aux(c.aux)
+                                                   .matmul_dtype(matmul_dtype)));
+  } else {
+    fc1 = register_module("fc1", torch::nn::Linear(dim, hidden));
+    fc2 = register_module("fc2", torch::nn::Linear(hidden, dim));
+    init_trunc_normal(fc1->weight, fc1->bias);
+    init_trunc_normal(fc2->weight, fc2->bias);
+  }
+  init_trunc_normal(dwconv->weight, dwconv->bias);
+  gamma = register_parameter("gamma", torch::full({dim}, c.layer_scale));
+}
+
+at::Tensor ConvNeXtBlockImpl::forward(const at::Tensor& x) {
+  const int64_t B = x.size(0), D = x.size(1), H = x.size(2), W = x.size(3);
+  // Tokens [B, H*W, D] for the MLP: every spatial position is one token.
+  auto t = norm->forward(dwconv->forward(x).permute({0, 2, 3, 1})).reshape({B, H * W, D});
+  if (moe) {
+    t = moe->forward(t);
+  } else {
+    const auto dt = matmul_dtype == torch::kBFloat16 ? matmul_dtype : t.scalar_type();
+    t = nn::linear(torch::gelu(nn::linear(t.to(dt), fc1->weight, fc1->bias, matmul_dtype)),
+                   fc2->weight, fc2->bias, matmul_dtype)
+            .to(x.scalar_type());
+  }
+  t = (t * gamma).view({B, H, W, D}).permute({0, 3, 1, 2});
+  if (is_training() && drop_path > 0) {  // stochastic depth, per image
+    auto keep = torch::empty({B, 1, 1, 1}, x.options()).bernoulli_(1.0 - drop_path);
+    t = t * keep / (1.0 - drop_path);
+  }
+  return x + t;
+}
+
+ConvNeXtImpl::ConvNeXtImpl(const ModelConfig& c) : cfg(c) {
+  const bool iso = c.family == "convnext-iso";
+  const std::vector<int64_t> dims = iso ? std::vector<int64_t>{c.width} : c.dims;
+  const std::vector<int64_t> depths = iso ? std::vector<int64_t>{c.depth} : c.depths;
+  int64_t total = 0;
+  for (auto d : depths) total += d;
+  stem = register_module("stem", torch::nn::Conv2d(torch::nn::Conv2dOptions(c.channels, dims[0], c.patch)
+                                                       .stride(c.patch)));
+  init_trunc_normal(stem->weight, stem->bias);
+  stem_norm = register_module("stem_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({dims[0]}).eps(1e-6)));
+  down_norms = register_module("down_norms", torch::nn::ModuleList());
+  down_convs = register_module("down_convs", torch::nn::ModuleList());
+  stages = register_module("stages", torch::nn::ModuleList());
+  const auto moe_at = moe_blocks(c.moe, total);
+  int64_t block = 0;
+  for (size_t s = 0; s < dims.size(); ++s) {
+    if (s > 0) {
+      down_norms->push_back(torch::nn::LayerNorm(torch::nn::LayerNormOptions({dims[s - 1]}).eps(1e-6)));
+      auto conv = torch::nn::Conv2d(torch::nn::Conv2dOptions(dims[s - 1], dims[s], 2).stride(2));
+      init_trunc_normal(conv->weight, conv->bias);
+      down_convs->push_back(conv);
+    }
+    auto stage = torch::nn::ModuleList();
+    for (int64_t i = 0; i < depths[s]; ++i, ++block) {
+      const bool use_moe = std::find(moe_at.begin(), moe_at.end(), block) != moe_at.end();
+      // Stochastic depth grows linearly from 0 at the first block to drop_path at the last.
+      const double dp = total > 1 ? c.drop_path * double(block) / double(total - 1) : c.drop_path;
+      stage->push_back(ConvNeXtBlock(c, dims[s], use_moe, dp));
+    }
+    stages->push_back(stage);
+  }
+  head_norm = register_module("head_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({dims.back()}).eps(1e-6)));
+  head = register_module("head", torch::nn::Linear(dims.back(), c.num_classes));
+  init_trunc_normal(head->weight, head->bias);
+}
+
+at::Tensor ConvNeXtImpl::forward(const at::Tensor& images) {
+  auto x = layer_norm_channels(*stem_norm, stem->forward(images)).contiguous();
+  for (size_t s = 0; s < stages->size(); ++s) {
+    if (s > 0) {
+      x = down_convs[s - 1]->as<torch::nn::Conv2dImpl>()->forward(
+          layer_norm_channels(*down_norms[s - 1]->as<torch::nn::LayerNormImpl>(), x));
+    }
+    for (auto& blk : *stages[s]->as<torch::nn::ModuleListImpl>())
+      x = blk->as<ConvNeXtBlockImpl>()->forward(x);
+  }
+  return head->forward(head_norm->forward(x.mean({2, 3})));
+}
+
+}  // namespace moev::models

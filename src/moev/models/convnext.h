@@ -1,0 +1,54 @@
+// ConvNeXt (Liu et al. 2022) and its MoE variant (Videau et al. 2024): blocks of
+// 7x7 depthwise convolution, LayerNorm, pointwise MLP (4x expansion, GELU),
+// layer scale and stochastic depth. Two forms: hierarchical (patchify stem, then
+// stages whose width doubles and resolution halves) and isotropic (one stage at
+// constant resolution, like a ViT). In the blocks chosen by the placement the
+// pointwise MLP is the shared moe::MoELayer, every spatial position a token.
+// Blocks are numbered 0.. across all stages for placement.
+#pragma once
+
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
+
+#include "moev/models/model_config.h"
+
+namespace moev::models {
+
+class ConvNeXtBlockImpl : public torch::nn::Module {
+ public:
+  ConvNeXtBlockImpl(const ModelConfig& cfg, int64_t dim, bool use_moe, double drop_path);
+  // x: [B, D, H, W] -> [B, D, H, W] (D channels; the MLP sees N = H * W tokens)
+  at::Tensor forward(const at::Tensor& x);
+
+  torch::nn::Conv2d dwconv{nullptr};
+  torch::nn::LayerNorm norm{nullptr};
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  moe::MoELayer moe{nullptr};
+  at::Tensor gamma;  // [D] layer scale
+  double drop_path;  // probability of skipping the residual branch per image
+  at::ScalarType matmul_dtype;
+};
+TORCH_MODULE(ConvNeXtBlock);
+
+class ConvNeXtImpl : public Classifier {
+ public:
+  explicit ConvNeXtImpl(const ModelConfig& cfg);
+  // images: [B, C, H, W] -> logits: [B, L]
+  at::Tensor forward(const at::Tensor& images) override;
+
+  ModelConfig cfg;
+  torch::nn::Conv2d stem{nullptr};
+  torch::nn::LayerNorm stem_norm{nullptr};
+  // downsample[s] (s >= 1) precedes stage s: LayerNorm then 2x2 stride-2 conv.
+  torch::nn::ModuleList down_norms{nullptr}, down_convs{nullptr};
+  torch::nn::ModuleList stages{nullptr};  // each a ModuleList of blocks
+  torch::nn::LayerNorm head_norm{nullptr};
+  torch::nn::Linear head{nullptr};
+};
+
+// Channels-first LayerNorm: normalises over C of [B, C, H, W].
+at::Tensor layer_norm_channels(torch::nn::LayerNormImpl& ln, const at::Tensor& x);
+
+}  // namespace moev::models

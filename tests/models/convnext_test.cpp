@@ -1,0 +1,112 @@
+// ConvNeXt / ConvNeXt-MoE: shapes of both forms, where the MoE layers go and how
+// many tokens they see, layer scale and stochastic depth, gradients, and the
+// config errors users hit.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "moev/core/error.h"
+#include "moev/models/convnext.h"
+#include "moev/models/model_config.h"
+#include "moev/moe/moe_layer.h"
+#include "support/expect_error.h"
+
+using namespace moev::models;
+
+TEST(ConvNeXt, HierarchicalShapesPlacementAndTokens) {
+  torch::manual_seed(0);
+  auto cfg = preset("convnext-moe-tiny");
+  EXPECT_EQ(num_blocks(cfg), 8);
+  EXPECT_EQ(moe_blocks(cfg.moe, num_blocks(cfg)), (std::vector<int64_t>{6, 7}));
+  auto model = build_model(cfg);
+  auto moe = moev::moe::find_moe_layers(*model);
+  ASSERT_EQ(moe.size(), 2u);
+  auto& net = dynamic_cast<ConvNeXtImpl&>(*model);
+  ASSERT_EQ(net.stages->size(), 3u);
+  // The last stage (128 wide, 3x3 after 28 -> 14 -> 7 -> 3) holds both MoE blocks.
+  auto last = net.stages[2]->as<torch::nn::ModuleListImpl>();
+  ASSERT_EQ(last->size(), 4u);
+  EXPECT_FALSE((*last)[1]->as<ConvNeXtBlockImpl>()->moe);
+  EXPECT_TRUE((*last)[2]->as<ConvNeXtBlockImpl>()->moe);
+  EXPECT_TRUE((*last)[3]->as<ConvNeXtBlockImpl>()->moe);
+
+  model->eval();
+  auto y = model->forward(torch::randn({5, 1, 28, 28}));
+  EXPECT_EQ(y.sizes(), (std::vector<int64_t>{5, 10}));
+  // Every spatial position is a token: 5 images x 3 x 3 positions x K = 2.
+  const auto& st = moe[0]->last_stats();
+  int64_t placed = 0;
+  for (auto c : st.expert_count) placed += c;
+  EXPECT_EQ(placed + std::llround(st.dropped_fraction * 5 * 9 * 2), 5 * 9 * 2);
+}
+
+TEST(ConvNeXt, IsotropicShapesAndTokens) {
+  torch::manual_seed(0);
+  auto cfg = preset("convnext-iso-moe-tiny");
+  cfg.depth = 4;
+  cfg.moe.blocks = {2, 3};
+  cfg.router.dropless = true;
+  auto model = build_model(cfg);
+  model->eval();
+  auto y = model->forward(torch::randn({3, 1, 28, 28}));
+  EXPECT_EQ(y.sizes(), (std::vector<int64_t>{3, 10}));
+  auto moe = moev::moe::find_moe_layers(*model);
+  ASSERT_EQ(moe.size(), 2u);
+  int64_t placed = 0;
+  for (auto c : moe[1]->last_stats().expert_count) placed += c;
+  EXPECT_EQ(placed, 3 * 7 * 7 * 2);  // patch 4: 7 x 7 tokens per image, dropless, K = 2
+}
+
+TEST(ConvNeXt, LayerScaleStartsNearIdentityAndDropPathIsPerImage) {
+  torch::manual_seed(1);
+  auto cfg = preset("convnext-tiny");
+  ConvNeXtBlock blk(cfg, 16, /*use_moe=*/false, /*drop_path=*/0.5);
+  auto x = torch::randn({64, 16, 5, 5});
+  blk->eval();
+  // gamma = 1e-6: the residual branch is negligible at initialisation.
+  EXPECT_LT((blk->forward(x) - x).abs().max().item<double>(), 1e-4);
+  {
+    torch::NoGradGuard ng;
+    blk->gamma.fill_(1.0);
+  }
+  blk->train();
+  auto y = blk->forward(x);
+  // Each image either skipped the branch (y == x) or took it scaled by 1 / (1 - p).
+  auto same = (y - x).abs().flatten(1).amax(1).lt(1e-7);
+  const int64_t skipped = same.sum().item<int64_t>();
+  EXPECT_GT(skipped, 10);
+  EXPECT_LT(skipped, 54);
+  blk->eval();
+  EXPECT_TRUE(torch::equal(blk->forward(x), blk->forward(x)));
+}
+
+TEST(ConvNeXt, GradientsReachEveryParameter) {
+  torch::manual_seed(2);
+  auto cfg = preset("convnext-moe-tiny");
+  cfg.layer_scale = 0.5;  // so gradients through the branches are not ~1e-6
+  auto model = build_model(cfg);
+  auto loss = torch::cross_entropy_loss(model->forward(torch::randn({8, 1, 28, 28})),
+                                        torch::arange(8) % 10);
+  for (auto& l : moev::moe::find_moe_layers(*model)) loss = loss + l->aux_loss();
+  loss.backward();
+  for (auto& p : model->named_parameters()) {
+    ASSERT_TRUE(p.value().grad().defined()) << p.key();
+    if (p.key().find("experts") != std::string::npos) continue;  // an expert may get no token
+    EXPECT_GT(p.value().grad().abs().sum().item<double>(), 0) << p.key();
+  }
+}
+
+TEST(ConvNeXt, ConfigErrorsNameTheField) {
+  auto cfg = preset("convnext-tiny");
+  cfg.depths = {2, 2};
+  moev::test::expect_error([&] { validate(cfg); }, {"model.dims", "model.depths", "3", "2"});
+  cfg = preset("convnext-tiny");
+  cfg.dims = {32, 64, 128, 256, 512};
+  cfg.depths = {1, 1, 1, 1, 1};
+  moev::test::expect_error([&] { validate(cfg); }, {"too small", "5 stages"});
+  cfg = preset("convnext-moe-tiny");
+  cfg.moe.blocks = {8};
+  moev::test::expect_error([&] { validate(cfg); }, {"8"});
+  cfg = preset("convnext-tiny");
+  cfg.family = "resnet";
+  moev::test::expect_error([&] { validate(cfg); }, {"model.family", "resnet", "convnext"});
+}
