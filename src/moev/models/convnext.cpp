@@ -47,10 +47,7 @@ at::Tensor ConvNeXtBlockImpl::forward(const at::Tensor& x) {
   if (moe) {
     t = moe->forward(t);
   } else {
-    const auto dt = matmul_dtype == torch::kBFloat16 ? matmul_dtype : t.scalar_type();
-    t = nn::linear(torch::gelu(nn::linear(t.to(dt), fc1->weight, fc1->bias, matmul_dtype)),
-                   fc2->weight, fc2->bias, matmul_dtype)
-            .to(x.scalar_type());
+    t = nn::mlp(t, fc1->weight, fc1->bias, fc2->weight, fc2->bias, matmul_dtype);
   }
   t = (t * gamma).view({B, H, W, D}).permute({0, 3, 1, 2});
   if (is_training() && drop_path > 0) {  // stochastic depth, per image

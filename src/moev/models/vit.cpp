@@ -54,9 +54,8 @@ at::Tensor ViTBlockImpl::forward(const at::Tensor& x) {
   auto z = ln2->forward(h);
   if (moe) {
     z = moe->forward(z);
-  } else {  // in bf16 the MLP's hidden activations stay bf16 between its GEMMs
-    const auto dt = matmul_dtype == torch::kBFloat16 ? matmul_dtype : z.scalar_type();
-    z = linear(fc2, torch::gelu(linear(fc1, z.to(dt)))).to(x.scalar_type());
+  } else {
+    z = nn::mlp(z, fc1->weight, fc1->bias, fc2->weight, fc2->bias, matmul_dtype);
   }
   return h + dropout(z);
 }

@@ -25,4 +25,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
       .view(sizes);
 }
 
+at::Tensor mlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+               const at::Tensor& b2, at::ScalarType matmul_dtype) {
+  const auto dt = matmul_dtype == at::kBFloat16 ? matmul_dtype : x.scalar_type();
+  return linear(torch::gelu(linear(x.to(dt), w1, b1, matmul_dtype)), w2, b2, matmul_dtype)
+      .to(x.scalar_type());
+}
+
 }  // namespace moev::nn

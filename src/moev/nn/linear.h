@@ -20,4 +20,9 @@ at::ScalarType parse_precision(const std::string& name);
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                   at::ScalarType matmul_dtype);
 
+// The dense FFN, x: [..., D] -> [..., D] in x's dtype: fc2(GELU(fc1(x))). In
+// bf16 the hidden activations stay bf16 between the two GEMMs (no cast passes).
+at::Tensor mlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+               const at::Tensor& b2, at::ScalarType matmul_dtype);
+
 }  // namespace moev::nn
