@@ -57,6 +57,10 @@ TEST(RunConfig, BadInputsNameFileAndKey) {
   test::expect_error([&] { io::apply_override(c, "train.lr"); }, {"section.key=value"});
   test::expect_error([&] { io::apply_override(c, "moe.placement=last-2"); }, {"moe.placement"});
   test::expect_error([&] { io::apply_override(c, "model.moe=last-two"); }, {"last-two"});
+  io::apply_override(c, "moe.router_logits=dot");
+  test::expect_error([&] { moev::moe::validate(c.model.router); },
+                     {"moe.router_logits", "dot", "linear or cosine"});
+  io::apply_override(c, "moe.router_logits=cosine");
   io::apply_override(c, "model.precision=fp16");  // checked with the model, like every field
   test::expect_error([&] { models::validate(c.model); }, {"model.precision", "fp16", "bf16"});
 }

@@ -118,6 +118,48 @@ TEST(MoELayer, InferenceOverridesChangeRoutingWithoutRetraining) {
   EXPECT_THROW(layer->set_router(rc), std::exception);
 }
 
+// Cosine logits are cos(P x, e_i) / tau: bounded by 1 / tau whatever the token
+// norm, unchanged when a token is scaled, and every router parameter (projection,
+// embeddings, temperature) gets a gradient through the combine weights.
+TEST(MoELayer, CosineRouterIsScaleFreeBoundedAndTrainable) {
+  torch::manual_seed(3);
+  RouterConfig rc;
+  rc.num_experts = 8;
+  rc.k = 2;
+  rc.logits = "cosine";
+  rc.cosine_dim = 6;
+  MoELayer layer(MoELayerOptions(16, 32, rc));
+  ASSERT_TRUE(layer->router_proj.defined());
+  EXPECT_EQ(layer->router_weight.sizes(), (std::vector<int64_t>{8, 6}));
+  auto x = torch::randn({40, 16});
+  auto logits = layer->router_logits(x);
+  ASSERT_EQ(logits.sizes(), (std::vector<int64_t>{40, 8}));
+  const double bound = std::exp(layer->router_scale.item<double>());
+  EXPECT_NEAR(bound, 1 / 0.07, 1e-3);
+  EXPECT_LE(logits.abs().max().item<double>(), bound * (1 + 1e-5));
+  EXPECT_GT(logits.abs().max().item<double>(), 0.2 * bound);  // not collapsed to 0
+  EXPECT_TRUE(torch::allclose(layer->router_logits(x * 50), logits, 1e-4, 1e-4));
+  // Against the formula written out.
+  auto h = layer->router_proj.matmul(x.t()).t();
+  h = h / h.norm(2, 1, true);
+  auto e = layer->router_weight / layer->router_weight.norm(2, 1, true);
+  EXPECT_TRUE(torch::allclose(logits, h.matmul(e.t()) * bound, 1e-4, 1e-4));
+
+  layer->train();
+  auto y = layer->forward(x.view({5, 8, 16}));
+  (y.pow(2).sum() + layer->aux_loss()).backward();
+  for (auto* p : {&layer->router_proj, &layer->router_weight, &layer->router_scale})
+    EXPECT_GT(p->grad().abs().sum().item<double>(), 0);
+  // The logits are part of the architecture: eval may not switch them.
+  rc.logits = "linear";
+  EXPECT_THROW(layer->set_router(rc), std::exception);
+  rc.logits = "cosine";
+  rc.cosine_dim = 7;
+  EXPECT_THROW(layer->set_router(rc), std::exception);
+  rc.logits = "dot";
+  EXPECT_THROW(validate(rc), std::exception);
+}
+
 TEST(MoELayer, FindsLayersInsideModules) {
   struct Net : torch::nn::Module {
     Net() {

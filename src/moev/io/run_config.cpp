@@ -97,6 +97,8 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("moe.renormalize", model.router.renormalize, "renormalise the K gates"),
         MOEV_FIELD("moe.noise_std", model.router.noise_std, "router noise (std * 1/E)"),
         MOEV_FIELD("moe.group_size", model.router.group_size, "images per routing group"),
+        MOEV_FIELD("moe.router_logits", model.router.logits, "router logits: linear | cosine"),
+        MOEV_FIELD("moe.cosine_dim", model.router.cosine_dim, "cosine router projection width"),
         MOEV_FIELD("moe.importance_weight", model.aux.importance, "importance loss weight"),
         MOEV_FIELD("moe.load_weight", model.aux.load, "load loss weight"),
         MOEV_FIELD("moe.switch_weight", model.aux.switch_lb, "Switch load-balancing loss weight"),

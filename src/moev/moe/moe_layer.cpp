@@ -10,7 +10,14 @@ namespace moev::moe {
 
 MoELayerImpl::MoELayerImpl(const MoELayerOptions& o) : options(o) {
   validate(o.router());
-  router_weight = register_parameter("router", torch::empty({o.router().num_experts, o.dim()}));
+  const auto& r = o.router();
+  const bool cosine = r.logits == "cosine";
+  router_weight =
+      register_parameter("router", torch::empty({r.num_experts, cosine ? r.cosine_dim : o.dim()}));
+  if (cosine) {
+    router_proj = register_parameter("router_proj", torch::empty({r.cosine_dim, o.dim()}));
+    router_scale = register_parameter("router_scale", torch::empty({}));
+  }
   experts = register_module(
       "experts", Experts(ExpertsOptions(o.router().num_experts, o.dim(), o.hidden())
                              .matmul_dtype(o.matmul_dtype())));
@@ -22,6 +29,12 @@ void MoELayerImpl::reset_parameters() {
   // break the symmetry between experts from the first step.
   torch::NoGradGuard no_grad;
   router_weight.normal_(0, 0.02);
+  if (router_proj.defined()) {
+    // Unit-scale entries: only directions matter after the normalisation.
+    router_weight.normal_(0, 1.0);
+    router_proj.normal_(0, 1.0 / std::sqrt(static_cast<double>(options.dim())));
+    router_scale.fill_(std::log(1.0 / 0.07));  // temperature 0.07 at the start
+  }
   experts->reset_parameters();
 }
 
@@ -29,6 +42,10 @@ void MoELayerImpl::set_router(const RouterConfig& cfg) {
   validate(cfg);
   MOEV_CHECK(cfg.num_experts == options.router().num_experts, "moe.num_experts = ",
              cfg.num_experts, " but this layer was trained with ", options.router().num_experts);
+  MOEV_CHECK(cfg.logits == options.router().logits && cfg.cosine_dim == options.router().cosine_dim,
+             "moe.router_logits = '", cfg.logits, "' (cosine_dim ", cfg.cosine_dim,
+             ") but this layer was trained with '", options.router().logits, "' (cosine_dim ",
+             options.router().cosine_dim, "): the logits are part of the architecture");
   options.router(cfg);
 }
 
@@ -40,7 +57,7 @@ at::Tensor MoELayerImpl::forward(const at::Tensor& x) {
   const int64_t E = cfg.num_experts;
   auto xf = x.reshape({T, D});
 
-  auto logits = torch::linear(xf.to(torch::kFloat), router_weight.to(torch::kFloat));
+  auto logits = router_logits(xf);
   RoutingResult r = route(logits, cfg, N, is_training());
 
   // Gather the placed assignments (rows sorted by expert), run the experts as a
@@ -58,6 +75,17 @@ at::Tensor MoELayerImpl::forward(const at::Tensor& x) {
   stats_.aux = r.aux;
   if (options.keep_routing()) routing_ = std::move(r);
   return y.view({B, N, D});
+}
+
+at::Tensor MoELayerImpl::router_logits(const at::Tensor& x) const {
+  auto xf = x.to(torch::kFloat);
+  if (!router_proj.defined()) return torch::linear(xf, router_weight);
+  namespace F = torch::nn::functional;
+  const auto unit = F::NormalizeFuncOptions().dim(1).eps(1e-6);
+  auto h = F::normalize(torch::linear(xf, router_proj), unit);  // [T, Dr]
+  auto e = F::normalize(router_weight, unit);                    // [E, Dr]
+  // The temperature stays >= 0.01, so the logits stay within +-100.
+  return torch::linear(h, e) * router_scale.clamp_max(std::log(100.0)).exp();
 }
 
 at::Tensor MoELayerImpl::aux_loss() const {

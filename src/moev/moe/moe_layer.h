@@ -4,7 +4,11 @@
 // scatter back. Tokens dropped by capacity get zero here and keep their residual.
 //
 // Its router config can be changed after training (K, capacity, BPR, router kind)
-// because the router weights do not depend on them.
+// because the router weights do not depend on them. The logits are linear (V-MoE)
+// or cosine (Chi et al. 2022, one of the routers Videau et al. compare): tokens are
+// projected to a few dimensions and scored by cosine similarity with learned expert
+// embeddings under a learned temperature, which bounds the logits and keeps one
+// large-norm token from deciding the routing alone.
 #pragma once
 
 #include <cstdint>
@@ -54,6 +58,9 @@ class MoELayerImpl : public torch::nn::Module {
   // x: [B, N, D] -> [B, N, D]; aux losses and stats of the call in last_stats().
   at::Tensor forward(const at::Tensor& x);
 
+  // Router logits of flattened tokens, fp32. x: [T, D] -> [T, E]
+  at::Tensor router_logits(const at::Tensor& x) const;
+
   // Weighted sum of this layer's aux losses from its last forward (scalar).
   at::Tensor aux_loss() const;
   const MoEStats& last_stats() const { return stats_; }
@@ -63,7 +70,9 @@ class MoELayerImpl : public torch::nn::Module {
   const RouterConfig& router_config() const { return options.router(); }
 
   MoELayerOptions options;
-  at::Tensor router_weight;  // [E, D], no bias (V-MoE)
+  at::Tensor router_weight;  // linear: [E, D], no bias (V-MoE); cosine: expert embeddings [E, Dr]
+  at::Tensor router_proj;    // cosine: projection P [Dr, D] (undefined for linear)
+  at::Tensor router_scale;   // cosine: log(1 / temperature), scalar (undefined for linear)
   Experts experts{nullptr};
 
  private:

@@ -38,6 +38,9 @@ void validate(const RouterConfig& cfg) {
              "moe.capacity = ", cfg.capacity_factor, ": expected a capacity ratio > 0");
   MOEV_CHECK(cfg.noise_std >= 0, "moe.noise_std = ", cfg.noise_std, ": expected >= 0");
   MOEV_CHECK(cfg.group_size >= 1, "moe.group_size = ", cfg.group_size, ": expected >= 1 image");
+  MOEV_CHECK(cfg.logits == "linear" || cfg.logits == "cosine", "moe.router_logits = '", cfg.logits,
+             "': expected linear or cosine");
+  MOEV_CHECK(cfg.cosine_dim >= 1, "moe.cosine_dim = ", cfg.cosine_dim, ": expected >= 1");
 }
 
 int64_t expert_capacity(const RouterConfig& cfg, int64_t tokens_per_group) {

@@ -38,6 +38,10 @@ struct RouterConfig {
   bool renormalize = false;             // divide the K selected gates by their sum
   double noise_std = 1.0;               // train noise: eps ~ N(0, (noise_std/E)^2)
   int64_t group_size = 8;               // images routed together (vmoe: 8)
+  // How the layer computes the logits it routes on. Part of the architecture, so
+  // fixed at training (unlike the fields above, which eval may change).
+  std::string logits = "linear";        // linear W x (V-MoE), or cosine: cos(P x, e_i) / tau
+  int64_t cosine_dim = 16;              // cosine: width of the projection P and embeddings e_i
 };
 
 // Throws moev::Error naming the field when the config cannot route (K > E, ...).
