@@ -30,6 +30,7 @@ struct ConfigFlags {
 Runner add_train(CLI::App& app);
 Runner add_eval(CLI::App& app);
 Runner add_predict(CLI::App& app);
+Runner add_analyze(CLI::App& app);
 
 bool stderr_is_terminal();
 

@@ -1,5 +1,7 @@
-// `moev eval`: top-1/top-5 of a checkpoint on a test set, with what its MoE
+// `moev eval`: top-1/top-5 of checkpoints on a test set, with what their MoE
 // layers did; K, capacity, BPR and router kind can be changed without retraining.
+// With --shift, also on deterministic corruptions of the test set, as one table
+// (shift x checkpoint) so dense and MoE models are compared on the same images.
 #include <cstdio>
 #include <iostream>
 #include <optional>
@@ -8,6 +10,8 @@
 
 #include "commands.h"
 #include "moev/core/device.h"
+#include "moev/data/corruptions.h"
+#include "moev/io/table.h"
 #include "moev/core/error.h"
 #include "moev/train/datasets.h"
 #include "moev/train/trained_model.h"
@@ -17,7 +21,8 @@ namespace moev::app {
 
 namespace {
 struct EvalFlags {
-  std::string checkpoint, data, format, device = "cpu", precision;
+  std::vector<std::string> checkpoints, shifts;
+  std::string data, format, device = "cpu", precision, table;
   std::optional<int64_t> k;
   std::optional<double> capacity;
   std::optional<std::string> bpr, router;
@@ -30,7 +35,11 @@ struct EvalFlags {
 Runner add_eval(CLI::App& app) {
   auto* cmd = app.add_subcommand("eval", "evaluate a checkpoint on its test set");
   auto f = std::make_shared<EvalFlags>();
-  cmd->add_option("checkpoint,--checkpoint", f->checkpoint, "checkpoint file")->required();
+  cmd->add_option("checkpoint,--checkpoint", f->checkpoints, "checkpoint file(s)")->required();
+  cmd->add_option("--shift", f->shifts,
+                  "corrupted test set NAME:SEVERITY (1-5), NAME (all severities) or all; "
+                  "names: gaussian_noise, blur, rotate, contrast, occlusion (repeatable)");
+  cmd->add_option("--table", f->table, "with --shift: write the table to PREFIX.csv and PREFIX.md");
   cmd->add_option("--data", f->data, "test data directory (default: the training run's)");
   cmd->add_option("--format", f->format, "fashion-mnist, folder or cifar10");
   cmd->add_option("--k", f->k, "experts per token at inference");
@@ -43,11 +52,20 @@ Runner add_eval(CLI::App& app) {
   cmd->add_option("--device", f->device, "cpu or cuda[:N]");
   cmd->add_option("--precision", f->precision, "GEMM precision fp32 or bf16 (default: as trained)");
   cmd->add_flag("--json", f->json, "print the result as JSON");
+  cmd->footer(
+      "\nExamples:\n"
+      "  moev eval runs/vmoe/checkpoint.pt --capacity 0.5 --bpr on\n"
+      "  moev eval runs/dense/checkpoint.pt runs/moe/checkpoint.pt --shift all --table shift");
   return [f]() {
     train::set_threads(f->threads);
     const auto device = parse_device(f->device);
     MOEV_CHECK(f->batch_size >= 1, "--batch-size ", f->batch_size, ": expected >= 1");
-    auto t = train::load_trained(f->checkpoint, device, f->precision);
+    std::vector<data::Shift> shifts;
+    for (const auto& s : f->shifts) {
+      auto more = data::parse_shifts(s);
+      shifts.insert(shifts.end(), more.begin(), more.end());
+    }
+    MOEV_CHECK(f->table.empty() || !shifts.empty(), "--table needs --shift");
     train::RouterOverrides o;
     o.k = f->k;
     o.capacity = f->capacity;
@@ -56,29 +74,68 @@ Runner add_eval(CLI::App& app) {
       MOEV_CHECK(*f->bpr == "on" || *f->bpr == "off", "--bpr ", *f->bpr, ": expected on or off");
       o.bpr = *f->bpr == "on";
     }
-    train::apply_router_overrides(*t.model, o);
-    auto data = t.cfg.data;
-    if (!f->data.empty()) data.path = data.test_path = f->data;
-    if (!f->format.empty()) data.format = f->format;
-    if (f->limit > 0) data.test_limit = f->limit;
-    auto ds = train::open_datasets(data, t.cfg.model, /*load_train=*/false);
-    auto r = train::evaluate(*t.model, ds.test, ds.mean, ds.std, f->batch_size, device,
-                             f->json ? nullptr : &std::cerr, stderr_is_terminal());
-    if (f->json) {
-      nlohmann::json j{{"checkpoint", f->checkpoint}, {"images", r.images}, {"top1", r.top1},
+    // Rows: clean, then each shift; one top-1 column per checkpoint.
+    io::Table table;
+    table.header = {"test set"};
+    table.rows.assign(1 + shifts.size(), {});
+    table.rows[0] = {"clean"};
+    for (size_t i = 0; i < shifts.size(); ++i) table.rows[i + 1] = {data::to_string(shifts[i])};
+    std::vector<double> shift_mean;
+    nlohmann::json all = nlohmann::json::array();
+    for (const auto& ckpt : f->checkpoints) {
+      auto t = train::load_trained(ckpt, device, f->precision);
+      train::apply_router_overrides(*t.model, o);
+      auto data = t.cfg.data;
+      if (!f->data.empty()) data.path = data.test_path = f->data;
+      if (!f->format.empty()) data.format = f->format;
+      if (f->limit > 0) data.test_limit = f->limit;
+      auto ds = train::open_datasets(data, t.cfg.model, /*load_train=*/false);
+      auto r = train::evaluate(*t.model, ds.test, ds.mean, ds.std, f->batch_size, device,
+                               f->json ? nullptr : &std::cerr, stderr_is_terminal());
+      nlohmann::json j{{"checkpoint", ckpt}, {"images", r.images}, {"top1", r.top1},
                        {"top5", r.top5}, {"loss", r.loss}, {"images_per_s", r.images_per_s},
                        {"expert_load", r.expert_load}, {"dropped", r.dropped}};
-      std::cout << j.dump(2) << "\n";
+      if (!f->json) {
+        std::printf("%s on %lld images of %s\n", ckpt.c_str(), (long long)r.images,
+                    ds.test.source.c_str());
+        std::printf("top-1 %.4f  top-5 %.4f  loss %.4f  %.0f img/s\n", r.top1, r.top5, r.loss,
+                    r.images_per_s);
+        for (size_t l = 0; l < r.expert_load.size(); ++l) {
+          std::printf("moe layer %zu: dropped %.4f  load", l, r.dropped[l]);
+          for (double x : r.expert_load[l]) std::printf(" %.3f", x);
+          std::printf("\n");
+        }
+      }
+      table.header.push_back(ckpt);
+      table.rows[0].push_back(io::fmt(r.top1));
+      double sum = 0;
+      for (size_t i = 0; i < shifts.size(); ++i) {
+        auto shifted = data::corrupt(ds.test, shifts[i]);
+        auto rs = train::evaluate(*t.model, shifted, ds.mean, ds.std, f->batch_size, device);
+        table.rows[i + 1].push_back(io::fmt(rs.top1));
+        j["shift"][data::to_string(shifts[i])] = rs.top1;
+        sum += rs.top1;
+        if (!f->json)
+          std::fprintf(stderr, "%-18s top-1 %.4f\n", data::to_string(shifts[i]).c_str(), rs.top1);
+      }
+      shift_mean.push_back(shifts.empty() ? 0 : sum / static_cast<double>(shifts.size()));
+      all.push_back(j);
+    }
+    if (f->json) {
+      std::cout << (all.size() == 1 ? all[0] : all).dump(2) << "\n";
       return 0;
     }
-    std::printf("%s on %lld images of %s\n", f->checkpoint.c_str(), (long long)r.images,
-                ds.test.source.c_str());
-    std::printf("top-1 %.4f  top-5 %.4f  loss %.4f  %.0f img/s\n", r.top1, r.top5, r.loss,
-                r.images_per_s);
-    for (size_t l = 0; l < r.expert_load.size(); ++l) {
-      std::printf("moe layer %zu: dropped %.4f  load", l, r.dropped[l]);
-      for (double x : r.expert_load[l]) std::printf(" %.3f", x);
-      std::printf("\n");
+    if (!shifts.empty()) {
+      std::vector<std::string> mean_row = {"mean over shifts"};
+      for (double m : shift_mean) mean_row.push_back(io::fmt(m));
+      table.add(mean_row);
+      std::printf("\ntop-1 under distribution shift\n%s", table.markdown().c_str());
+      if (!f->table.empty()) {
+        io::write_text_atomic(f->table + ".csv", table.csv());
+        io::write_text_atomic(f->table + ".md", "# top-1 under distribution shift\n\n" +
+                                                    table.markdown());
+        std::printf("wrote %s.csv and %s.md\n", f->table.c_str(), f->table.c_str());
+      }
     }
     return 0;
   };

@@ -8,7 +8,7 @@
 #include "moev/core/error.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"moev: Mixture-of-Experts image classification (V-MoE, ViT) on LibTorch"};
+  CLI::App app{"moev: Mixture-of-Experts image classification (V-MoE, ViT, ConvNeXt) on LibTorch"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "moev 0.1.0");
   std::vector<std::pair<CLI::App*, moev::app::Runner>> runners;
@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   add(moev::app::add_train(app));
   add(moev::app::add_eval(app));
   add(moev::app::add_predict(app));
+  add(moev::app::add_analyze(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -13,12 +13,21 @@ namespace moev::train {
 EvalResult evaluate(models::Classifier& model, const data::ImageSet& set,
                     const std::vector<float>& mean, const std::vector<float>& std,
                     int64_t batch_size, const c10::Device& device, std::ostream* progress,
-                    bool interactive) {
+                    bool interactive, bool routing_by_class) {
   const bool was_training = model.is_training();
   model.eval();
   c10::InferenceMode guard;
   auto layers = moe::find_moe_layers(model);
   EvalResult r;
+  for (const auto& item : model.named_modules("", /*include_self=*/false))
+    if (std::dynamic_pointer_cast<moe::MoELayerImpl>(item.value())) r.layer_names.push_back(item.key());
+  const int64_t classes = set.num_classes();
+  std::vector<torch::Tensor> by_class(layers.size());
+  std::vector<bool> kept(layers.size());
+  for (size_t l = 0; l < layers.size(); ++l) {
+    kept[l] = layers[l]->options.keep_routing();
+    if (routing_by_class) layers[l]->options.keep_routing(true);
+  }
   r.expert_load.assign(layers.size(), {});
   r.dropped.assign(layers.size(), 0.0);
   std::vector<std::vector<int64_t>> counts(layers.size());
@@ -43,6 +52,19 @@ EvalResult evaluate(models::Classifier& model, const data::ImageSet& set,
       if (counts[l].empty()) counts[l].assign(s.expert_count.size(), 0);
       for (size_t e = 0; e < s.expert_count.size(); ++e) counts[l][e] += s.expert_count[e];
       r.dropped[l] += s.dropped_fraction * double(b);
+      if (routing_by_class) {
+        const auto& rr = layers[l]->last_routing();
+        const int64_t E = static_cast<int64_t>(rr.offsets.size()) - 1, placed = rr.offsets[E];
+        const int64_t tokens_per_image = rr.combine_gates.size(0) / b;
+        std::vector<int64_t> sizes(E);
+        for (int64_t e = 0; e < E; ++e) sizes[e] = rr.offsets[e + 1] - rr.offsets[e];
+        auto expert = torch::repeat_interleave(torch::arange(E, torch::kLong),
+                                               torch::tensor(sizes, torch::kLong));
+        auto token = rr.token_index.narrow(0, 0, placed).cpu();
+        auto label = y.cpu().index_select(0, token.div(tokens_per_image, "floor"));
+        auto counts = torch::bincount(expert * classes + label, {}, E * classes).view({E, classes});
+        by_class[l] = by_class[l].defined() ? by_class[l] + counts : counts;
+      }
     }
     ++batches;
     bar.update(i + b);
@@ -59,6 +81,13 @@ EvalResult evaluate(models::Classifier& model, const data::ImageSet& set,
     for (auto c : counts[l]) total += c;
     for (auto c : counts[l]) r.expert_load[l].push_back(total ? double(c) / double(total) : 0);
     r.dropped[l] = n ? r.dropped[l] / double(n) : 0;
+    layers[l]->options.keep_routing(kept[l]);
+    if (by_class[l].defined()) {
+      auto c = by_class[l].contiguous();
+      auto& out = r.class_counts.emplace_back();
+      for (int64_t e = 0; e < c.size(0); ++e)
+        out.emplace_back(c[e].data_ptr<int64_t>(), c[e].data_ptr<int64_t>() + classes);
+    }
   }
   model.train(was_training);
   return r;

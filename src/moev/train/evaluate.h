@@ -20,12 +20,16 @@ struct EvalResult {
   int64_t images = 0;
   std::vector<std::vector<double>> expert_load;  // [layer][expert] share of filled slots
   std::vector<double> dropped;                   // [layer] fraction of assignments dropped
+  std::vector<std::string> layer_names;          // [layer] module path, e.g. blocks.5.moe
+  // With routing_by_class: placed assignments per expert and true class of the
+  // image the token came from, [layer][expert][class].
+  std::vector<std::vector<std::vector<int64_t>>> class_counts;
 };
 
 EvalResult evaluate(models::Classifier& model, const data::ImageSet& set,
                     const std::vector<float>& mean, const std::vector<float>& std,
                     int64_t batch_size, const c10::Device& device, std::ostream* progress = nullptr,
-                    bool interactive = false);
+                    bool interactive = false, bool routing_by_class = false);
 
 // Sets K, capacity, BPR or router kind of every MoE layer (the model keeps E).
 // Unset values leave that setting as it is; bad values are moev::Errors.

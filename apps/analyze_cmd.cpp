@@ -1,0 +1,103 @@
+// `moev analyze`: how a trained MoE model routes its test set. Per MoE layer an
+// expert x class heatmap (PNG), load, dropped fraction and specialisation score;
+// with --capacity-curve, top-1 against inference capacity with and without BPR.
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+
+#include "commands.h"
+#include "moev/analysis/routing_report.h"
+#include "moev/core/device.h"
+#include "moev/core/error.h"
+#include "moev/io/table.h"
+#include "moev/moe/moe_layer.h"
+#include "moev/train/datasets.h"
+#include "moev/train/evaluate.h"
+#include "moev/train/trained_model.h"
+#include "moev/train/trainer.h"
+
+namespace moev::app {
+
+namespace {
+struct AnalyzeFlags {
+  std::string checkpoint, out, data, precision;
+  int64_t batch_size = 256, limit = 0;
+  int threads = 0;
+  bool capacity_curve = false;
+  std::vector<double> capacities = {0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0};
+};
+}  // namespace
+
+Runner add_analyze(CLI::App& app) {
+  auto* cmd = app.add_subcommand("analyze", "routing heatmaps, specialisation and capacity curve "
+                                            "of a trained MoE model");
+  auto f = std::make_shared<AnalyzeFlags>();
+  cmd->add_option("checkpoint,--checkpoint", f->checkpoint, "checkpoint file")->required();
+  cmd->add_option("--out", f->out, "output directory (default: analysis/ beside the checkpoint)");
+  cmd->add_option("--data", f->data, "test data directory (default: the training run's)");
+  cmd->add_flag("--capacity-curve", f->capacity_curve,
+                "also evaluate top-1 at each --capacities value, with and without BPR");
+  cmd->add_option("--capacities", f->capacities, "capacity ratios of the curve")
+      ->expected(1, 64)
+      ->capture_default_str();
+  cmd->add_option("--batch-size", f->batch_size, "images per forward pass");
+  cmd->add_option("--limit", f->limit, "use the first N test images only");
+  cmd->add_option("--threads", f->threads, "threads, 0 = all cores");
+  cmd->add_option("--precision", f->precision, "GEMM precision fp32 or bf16 (default: as trained)");
+  cmd->footer("\nExample:\n  moev analyze runs/vmoe/checkpoint.pt --capacity-curve");
+  return [f]() {
+    namespace fs = std::filesystem;
+    train::set_threads(f->threads);
+    MOEV_CHECK(f->batch_size >= 1, "--batch-size ", f->batch_size, ": expected >= 1");
+    for (double c : f->capacities)
+      MOEV_CHECK(c > 0, "--capacities: ", c, " is not a capacity ratio > 0");
+    const auto device = parse_device("cpu");
+    auto t = train::load_trained(f->checkpoint, device, f->precision);
+    auto layers = moe::find_moe_layers(*t.model);
+    MOEV_CHECK(!layers.empty(), f->checkpoint, ": the model has no MoE layers to analyse (model.moe = ",
+               models::to_string(t.cfg.model.moe), ")");
+    const std::string out =
+        f->out.empty() ? (fs::path(f->checkpoint).parent_path() / "analysis").string() : f->out;
+    auto data = t.cfg.data;
+    if (!f->data.empty()) data.path = data.test_path = f->data;
+    if (f->limit > 0) data.test_limit = f->limit;
+    auto ds = train::open_datasets(data, t.cfg.model, /*load_train=*/false);
+
+    auto r = train::evaluate(*t.model, ds.test, ds.mean, ds.std, f->batch_size, device, &std::cerr,
+                             stderr_is_terminal(), /*routing_by_class=*/true);
+    std::vector<analysis::LayerRouting> lr;
+    for (size_t l = 0; l < r.class_counts.size(); ++l)
+      lr.push_back({r.layer_names[l], r.class_counts[l], r.expert_load[l], r.dropped[l]});
+    const std::string title = fs::path(f->checkpoint).parent_path().filename().string();
+    auto files = analysis::write_routing_report(lr, t.class_names, title, out);
+    std::printf("%s: top-1 %.4f on %lld images\n", f->checkpoint.c_str(), r.top1,
+                (long long)r.images);
+    for (size_t l = 0; l < lr.size(); ++l)
+      std::printf("  %-22s specialisation %.3f  MI %.3f bits  dropped %.4f\n", lr[l].name.c_str(),
+                  analysis::specialisation(lr[l].counts),
+                  analysis::mutual_information_bits(lr[l].counts), lr[l].dropped);
+
+    if (f->capacity_curve) {
+      std::vector<analysis::CapacityPoint> points;
+      for (bool bpr : {false, true})
+        for (double c : f->capacities) {
+          train::RouterOverrides o;
+          o.capacity = c;
+          o.bpr = bpr;
+          train::apply_router_overrides(*t.model, o);
+          auto e = train::evaluate(*t.model, ds.test, ds.mean, ds.std, f->batch_size, device);
+          double dropped = 0;
+          for (double d : e.dropped) dropped += d / static_cast<double>(e.dropped.size());
+          points.push_back({c, bpr, e.top1, dropped});
+          std::fprintf(stderr, "capacity %.3f  bpr %-3s  top-1 %.4f  dropped %.4f\n", c,
+                       bpr ? "on" : "off", e.top1, dropped);
+        }
+      auto more = analysis::write_capacity_curve(points, title + ": top-1 against capacity", out);
+      files.insert(files.end(), more.begin(), more.end());
+    }
+    for (const auto& p : files) std::printf("wrote %s\n", p.c_str());
+    return 0;
+  };
+}
+
+}  // namespace moev::app

@@ -1,0 +1,145 @@
+#include "moev/analysis/routing_report.h"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+
+#include <nlohmann/json.hpp>
+
+#include "moev/core/error.h"
+#include "moev/io/table.h"
+#include "moev/viz/plot.h"
+
+namespace moev::analysis {
+
+namespace {
+struct Marginals {
+  std::vector<double> expert, cls;
+  double total = 0;
+};
+Marginals marginals(const Counts& counts) {
+  Marginals m;
+  m.expert.assign(counts.size(), 0);
+  m.cls.assign(counts.empty() ? 0 : counts[0].size(), 0);
+  for (size_t e = 0; e < counts.size(); ++e) {
+    MOEV_CHECK(counts[e].size() == m.cls.size(), "routing counts: rows differ in length");
+    for (size_t c = 0; c < counts[e].size(); ++c) {
+      const double v = static_cast<double>(counts[e][c]);
+      m.expert[e] += v;
+      m.cls[c] += v;
+      m.total += v;
+    }
+  }
+  return m;
+}
+double entropy_bits(const std::vector<double>& p, double total) {
+  double h = 0;
+  for (double v : p)
+    if (v > 0) h -= v / total * std::log2(v / total);
+  return h;
+}
+}  // namespace
+
+double mutual_information_bits(const Counts& counts) {
+  const Marginals m = marginals(counts);
+  if (m.total <= 0) return 0;
+  double mi = 0;
+  for (size_t e = 0; e < counts.size(); ++e)
+    for (size_t c = 0; c < counts[e].size(); ++c) {
+      const double p = static_cast<double>(counts[e][c]) / m.total;
+      if (p > 0) mi += p * std::log2(p * m.total * m.total / (m.expert[e] * m.cls[c]));
+    }
+  return std::max(0.0, mi);
+}
+
+double specialisation(const Counts& counts) {
+  const Marginals m = marginals(counts);
+  if (m.total <= 0) return 0;
+  const double h = std::min(entropy_bits(m.expert, m.total), entropy_bits(m.cls, m.total));
+  return h > 0 ? std::min(1.0, mutual_information_bits(counts) / h) : 0;
+}
+
+std::vector<std::vector<double>> expert_given_class(const Counts& counts) {
+  const Marginals m = marginals(counts);
+  std::vector<std::vector<double>> p(counts.size(), std::vector<double>(m.cls.size(), 0));
+  for (size_t e = 0; e < counts.size(); ++e)
+    for (size_t c = 0; c < m.cls.size(); ++c)
+      if (m.cls[c] > 0) p[e][c] = static_cast<double>(counts[e][c]) / m.cls[c];
+  return p;
+}
+
+std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& layers,
+                                              const std::vector<std::string>& class_names,
+                                              const std::string& title, const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::vector<std::string> written;
+  io::Table table;
+  table.header = {"layer", "module", "specialisation", "MI (bits)", "dropped", "max load / mean",
+                  "heatmap"};
+  nlohmann::json j = nlohmann::json::array();
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const auto& L = layers[l];
+    const double spec = specialisation(L.counts), mi = mutual_information_bits(L.counts);
+    double max_load = 0;
+    for (double v : L.load) max_load = std::max(max_load, v);
+    const double imbalance = L.load.empty() ? 0 : max_load * static_cast<double>(L.load.size());
+    const std::string png = "routing_" + std::to_string(l) + ".png";
+
+    viz::HeatmapSpec h;
+    h.title = title + "  " + L.name + "  specialisation " + io::fmt(spec, 3);
+    h.xlabel = "class (cells: P(expert | class))";
+    h.ylabel = "expert";
+    h.col_labels = class_names;
+    for (size_t e = 0; e < L.counts.size(); ++e) h.row_labels.push_back(std::to_string(e));
+    h.values = expert_given_class(L.counts);
+    h.cell = L.counts.size() > 16 ? 18 : 40;
+    h.annotate = h.cell >= 30;
+    viz::write_heatmap(h, (fs::path(dir) / png).string());
+    written.push_back((fs::path(dir) / png).string());
+
+    table.add({std::to_string(l), L.name, io::fmt(spec, 4), io::fmt(mi, 4), io::fmt(L.dropped, 4),
+               io::fmt(imbalance, 3), png});
+    j.push_back({{"layer", l}, {"module", L.name}, {"specialisation", spec},
+                 {"mutual_information_bits", mi}, {"dropped", L.dropped}, {"load", L.load},
+                 {"counts", L.counts}, {"p_expert_given_class", h.values}});
+  }
+  const std::string md = "# " + title +
+                         "\n\nSpecialisation = I(expert; class) / min(H(expert), H(class)) over "
+                         "placed assignments: 0 = routing ignores the class, 1 = it "
+                         "determines it.\n\n" +
+                         table.markdown();
+  io::write_text_atomic((fs::path(dir) / "routing.md").string(), md);
+  io::write_text_atomic((fs::path(dir) / "routing.json").string(),
+                        nlohmann::json{{"classes", class_names}, {"layers", j}}.dump(1) + "\n");
+  written.push_back((fs::path(dir) / "routing.md").string());
+  written.push_back((fs::path(dir) / "routing.json").string());
+  return written;
+}
+
+std::vector<std::string> write_capacity_curve(const std::vector<CapacityPoint>& points,
+                                              const std::string& title, const std::string& dir) {
+  namespace fs = std::filesystem;
+  io::Table t;
+  t.header = {"capacity", "bpr", "top1", "dropped"};
+  viz::PlotSpec plot;
+  plot.title = title;
+  plot.xlabel = "inference capacity ratio C";
+  plot.ylabel = "top-1 accuracy";
+  plot.log_x = true;
+  plot.series.resize(2);
+  plot.series[0].name = "token order";
+  plot.series[1].name = "BPR";
+  for (const auto& p : points) {
+    t.add({io::fmt(p.capacity, 3), p.bpr ? "on" : "off", io::fmt(p.top1, 4), io::fmt(p.dropped, 4)});
+    auto& s = plot.series[p.bpr ? 1 : 0];
+    s.x.push_back(p.capacity);
+    s.y.push_back(p.top1);
+  }
+  const auto base = fs::path(dir) / "capacity_curve";
+  io::write_text_atomic(base.string() + ".csv", t.csv());
+  io::write_text_atomic(base.string() + ".md", "# " + title + "\n\n" + t.markdown());
+  viz::write_plot(plot, base.string() + ".png");
+  return {base.string() + ".csv", base.string() + ".md", base.string() + ".png"};
+}
+
+}  // namespace moev::analysis

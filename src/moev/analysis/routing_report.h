@@ -1,0 +1,49 @@
+// What a trained MoE model's routing says about its classes: per MoE layer the
+// expert x class heatmap (the V-MoE paper's figure), expert load, dropped
+// fraction and a one-number specialisation score, written as PNG, Markdown and
+// JSON by `moev analyze`.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moev::analysis {
+
+using Counts = std::vector<std::vector<int64_t>>;  // [expert][class] placed assignments
+
+// Mutual information, in bits, between the expert an assignment went to and the
+// class of its image, under the empirical joint distribution `counts`.
+double mutual_information_bits(const Counts& counts);
+// The same normalised to [0, 1] by the smaller of H(expert) and H(class): 0 when
+// routing ignores the class, 1 when one determines the other.
+double specialisation(const Counts& counts);
+// P(expert | class): each class's assignments split over the experts (columns
+// sum to 1), [expert][class].
+std::vector<std::vector<double>> expert_given_class(const Counts& counts);
+
+struct LayerRouting {
+  std::string name;             // module path of the MoE layer
+  Counts counts;                // [expert][class]
+  std::vector<double> load;     // share of placed assignments per expert
+  double dropped = 0;           // fraction of assignments past capacity
+};
+
+// Writes <dir>/routing_<i>.png per layer, routing.md and routing.json; returns the
+// paths written. Throws moev::Error naming a file it cannot write.
+std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& layers,
+                                              const std::vector<std::string>& class_names,
+                                              const std::string& title, const std::string& dir);
+
+// One point of an accuracy-against-capacity curve.
+struct CapacityPoint {
+  double capacity = 0;
+  bool bpr = false;
+  double top1 = 0;
+  double dropped = 0;  // mean over MoE layers
+};
+// capacity_curve.csv, .md and .png in dir; returns the paths written.
+std::vector<std::string> write_capacity_curve(const std::vector<CapacityPoint>& points,
+                                              const std::string& title, const std::string& dir);
+
+}  // namespace moev::analysis

@@ -1,0 +1,26 @@
+// Result tables (sweeps, robustness, capacity curves) written as CSV for tools
+// and as Markdown for people, each file replaced atomically.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace moev::io {
+
+struct Table {
+  std::vector<std::string> header;
+  std::vector<std::vector<std::string>> rows;  // each as long as header
+
+  void add(std::vector<std::string> row);  // throws moev::Error on a length mismatch
+  std::string csv() const;
+  std::string markdown() const;
+};
+
+// Writes text to path through a temporary file and a rename; creates the parent
+// directory. Throws moev::Error naming the path on failure.
+void write_text_atomic(const std::string& path, const std::string& text);
+
+// A number as table text: fixed decimals.
+std::string fmt(double v, int decimals = 4);
+
+}  // namespace moev::io

@@ -1,0 +1,119 @@
+// The PNG pictures: written files decode to the right size, series land where
+// their coordinates say, heatmap cells take the colour of their value, and bad
+// specs are clear errors.
+#include <gtest/gtest.h>
+
+#include <stb/stb_image.h>
+
+#include <memory>
+
+#include "moev/viz/canvas.h"
+#include "moev/viz/plot.h"
+#include "support/expect_error.h"
+#include "support/temp_dir.h"
+
+using namespace moev;
+
+namespace {
+struct Png {
+  int w = 0, h = 0;
+  std::vector<unsigned char> px;
+  viz::Rgb at(int x, int y) const {
+    const unsigned char* p = &px[(static_cast<size_t>(y) * w + x) * 3];
+    return {p[0], p[1], p[2]};
+  }
+  int count(viz::Rgb c) const {
+    int n = 0;
+    for (size_t i = 0; i < px.size(); i += 3)
+      n += px[i] == c.r && px[i + 1] == c.g && px[i + 2] == c.b;
+    return n;
+  }
+};
+Png load_png(const std::string& path) {
+  Png p;
+  int ch = 0;
+  unsigned char* data = stbi_load(path.c_str(), &p.w, &p.h, &ch, 3);
+  EXPECT_NE(data, nullptr) << path;
+  if (data) p.px.assign(data, data + static_cast<size_t>(p.w) * p.h * 3);
+  stbi_image_free(data);
+  return p;
+}
+bool same(viz::Rgb a, viz::Rgb b) { return a.r == b.r && a.g == b.g && a.b == b.b; }
+}  // namespace
+
+TEST(Plot, NiceTicksAndLabels) {
+  auto near = [](std::vector<double> got, std::vector<double> want) {
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-12);
+  };
+  near(viz::nice_ticks(0, 1, 5), {0, 0.2, 0.4, 0.6, 0.8, 1.0});
+  near(viz::nice_ticks(0.83, 0.91, 4), {0.84, 0.86, 0.88, 0.9});
+  near(viz::nice_ticks(-3, 7, 2), {0, 5});
+  EXPECT_EQ(viz::tick_label(2e6), "2M");
+  EXPECT_EQ(viz::tick_label(0.125), "0.125");
+  EXPECT_EQ(viz::tick_label(25000), "25k");
+}
+
+TEST(Plot, SeriesAndTextAreDrawnWhereTheirCoordinatesSay) {
+  test::TempDir dir;
+  viz::PlotSpec spec;
+  spec.title = "accuracy";
+  spec.xlabel = "capacity";
+  spec.ylabel = "top-1";
+  spec.log_x = true;
+  viz::Series a, b;
+  a.name = "bpr", a.x = {0.125, 0.5, 2}, a.y = {0.2, 0.6, 0.9};
+  b.name = "token order", b.x = a.x, b.y = {0.1, 0.3, 0.9};
+  spec.series = {a, b};
+  viz::write_plot(spec, dir.file("p.png"));
+  const Png p = load_png(dir.file("p.png"));
+  ASSERT_EQ(p.w, spec.width);
+  ASSERT_EQ(p.h, spec.height);
+  EXPECT_GT(p.count(viz::palette(0)), 100);
+  EXPECT_GT(p.count(viz::palette(1)), 100);
+  EXPECT_GT(p.count(viz::kBlack), 500);  // frame and text
+  // The first series rises left to right: its pixels in the right third sit
+  // higher (smaller y) on average than in the left third.
+  double yl = 0, yr = 0;
+  int nl = 0, nr = 0;
+  for (int y = 0; y < p.h; ++y)
+    for (int x = 0; x < p.w; ++x)
+      if (same(p.at(x, y), viz::palette(0)) && x < p.w - 200) {  // the legend is right
+        if (x < p.w / 4) yl += y, ++nl;
+        if (x > p.w / 2) yr += y, ++nr;
+      }
+  ASSERT_GT(nl, 0);
+  ASSERT_GT(nr, 0);
+  EXPECT_LT(yr / nr, yl / nl - 50);
+
+  spec.series[0].y.pop_back();
+  test::expect_error([&] { viz::write_plot(spec, dir.file("bad.png")); },
+                     {"bad.png", "bpr", "3 x values but 2 y values"});
+  spec.series[0].y.push_back(1);
+  spec.series[0].x[0] = 0;
+  test::expect_error([&] { viz::write_plot(spec, dir.file("bad.png")); }, {"log x axis", "x > 0"});
+  test::expect_error([&] { viz::write_plot(spec, "/proc/nonexistent/x.png"); }, {"x.png"});
+}
+
+TEST(Plot, HeatmapCellsTakeTheColourOfTheirValue) {
+  test::TempDir dir;
+  viz::HeatmapSpec h;
+  h.title = "layer 5";
+  h.row_labels = {"e0", "e1"};
+  h.col_labels = {"shirt", "bag", "boot"};
+  h.values = {{0, 0.5, 1.0}, {0.25, 0.75, 0}};
+  h.annotate = false;
+  viz::write_heatmap(h, dir.file("h.png"));
+  const Png p = load_png(dir.file("h.png"));
+  // Count the pixels of each value's colour: about one cell each (0 appears twice;
+  // the frame covers a cell's edge).
+  const int cell = h.cell * h.cell * 9 / 10;
+  EXPECT_GE(p.count(viz::colormap(1.0)), cell);
+  EXPECT_GE(p.count(viz::colormap(0.5)), cell);
+  EXPECT_GE(p.count(viz::colormap(0.75)), cell);
+  EXPECT_GE(p.count(viz::colormap(0.25)), cell);
+  EXPECT_GE(p.count(viz::colormap(0.0)), 2 * cell);
+  EXPECT_FALSE(same(viz::colormap(0), viz::colormap(1)));
+  h.values[1].pop_back();
+  test::expect_error([&] { viz::write_heatmap(h, dir.file("bad.png")); }, {"rows differ"});
+}
