@@ -31,6 +31,7 @@ Runner add_train(CLI::App& app);
 Runner add_eval(CLI::App& app);
 Runner add_predict(CLI::App& app);
 Runner add_analyze(CLI::App& app);
+Runner add_sweep(CLI::App& app);
 
 bool stderr_is_terminal();
 

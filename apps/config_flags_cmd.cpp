@@ -11,7 +11,9 @@ bool stderr_is_terminal() { return ::isatty(STDERR_FILENO) == 1; }
 
 void ConfigFlags::add_to(CLI::App* cmd) {
   cmd->add_option("-c,--config", config_file, "config file (.toml or .json)");
-  cmd->add_option("-m,--model", preset, "model preset: vit-tiny, vmoe-tiny, vit-s32, vmoe-s32");
+  cmd->add_option("-m,--model", preset,
+                  "model preset: vit-tiny, vmoe-tiny, vit-s32, vmoe-s32, convnext-tiny, "
+                  "convnext-moe-tiny, convnext-iso-tiny, convnext-iso-moe-tiny");
   cmd->add_option("--set", sets, "override any config key: section.key=value (repeatable)");
   auto shorthand_flag = [this, cmd](const std::string& flag, const std::string& key,
                                     const std::string& help) {

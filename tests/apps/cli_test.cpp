@@ -99,6 +99,28 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   expect_clean_failure("eval " + ckpt + " --k 7", {"moe.k = 7"});
   expect_clean_failure("eval " + ckpt + " --bpr maybe", {"--bpr maybe"});
 
+  // Robustness table over two checkpoints (the same one twice: equal columns).
+  auto s = run("eval " + ckpt + " " + ckpt + " --limit 64 --shift blur:2 --shift contrast:5 --table " +
+               dir.file("shift"));
+  ASSERT_EQ(s.code, 0) << s.out;
+  EXPECT_NE(s.out.find("| blur:2 |"), std::string::npos) << s.out;
+  EXPECT_NE(s.out.find("| mean over shifts |"), std::string::npos) << s.out;
+  EXPECT_TRUE(std::filesystem::exists(dir.file("shift.csv")));
+  expect_clean_failure("eval " + ckpt + " --shift fog:2", {"fog", "gaussian_noise"});
+  expect_clean_failure("eval " + ckpt + " --shift blur:7", {"blur:7", "1..5"});
+  expect_clean_failure("eval " + ckpt + " --table " + dir.file("t"), {"--table needs --shift"});
+
+  // Routing analysis: heatmap per MoE layer, report, capacity curve.
+  auto a = run("analyze " + ckpt + " --limit 64 --capacity-curve --capacities 0.5 1 --out " +
+               dir.file("an"));
+  ASSERT_EQ(a.code, 0) << a.out;
+  for (const char* f : {"routing_0.png", "routing.md", "routing.json", "capacity_curve.png",
+                        "capacity_curve.csv"})
+    EXPECT_TRUE(std::filesystem::exists(dir.file("an") + "/" + f)) << f;
+  EXPECT_NE(a.out.find("specialisation"), std::string::npos) << a.out;
+  expect_clean_failure("analyze " + ckpt + " --capacities 0", {"--capacities", "> 0"});
+  expect_clean_failure("analyze " + dir.file("none.pt"), {"none.pt"});
+
   // A real PNG of a Fashion-MNIST-sized image.
   std::vector<unsigned char> px(28 * 28);
   for (size_t i = 0; i < px.size(); ++i) px[i] = static_cast<unsigned char>(i % 251);
@@ -112,4 +134,46 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   expect_clean_failure("train " + kTiny + "--set moe.num_experts=8 --out " + dir.file("r2") +
                            " --set train.init_from=" + ckpt,
                        {"blocks.1.moe.experts", "[4, 64]"});
+}
+
+// A two-run sweep trains, tabulates, plots, and on a second call reads its runs
+// back instead of training again; bad grids fail before any training.
+TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
+  moev::test::TempDir dir;
+  const std::string common =
+      "[model]\nwidth = 32\ndepth = 2\nheads = 2\nmlp_dim = 64\n"
+      "[data]\ntrain_limit = 256\ntest_limit = 128\naugment = false\n"
+      "[train]\nepochs = 1\nbatch_size = 64\nthreads = 1\nprogress = false\n";
+  std::ofstream(dir.file("s.toml")) << "[sweep]\nmodels = [\"vit-tiny\"]\nexperts = [1, 2]\n"
+                                       "placements = [\"last-1\"]\nk = [1]\n" << common;
+  const std::string out = dir.file("sweep");
+  auto r = run("sweep --config " + dir.file("s.toml") + " --out " + out);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("vit-tiny_dense"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("vit-tiny_e2_last-1_k1"), std::string::npos) << r.out;
+  std::ifstream csv(out + "/results.csv");
+  std::string line;
+  int lines = 0;
+  while (std::getline(csv, line)) ++lines;
+  EXPECT_EQ(lines, 3);
+  EXPECT_TRUE(std::filesystem::exists(out + "/results.png"));
+  EXPECT_TRUE(std::filesystem::exists(out + "/results.md"));
+  auto again = run("sweep --config " + dir.file("s.toml") + " --out " + out);
+  ASSERT_EQ(again.code, 0) << again.out;
+  EXPECT_NE(again.out.find("done before"), std::string::npos) << again.out;
+  EXPECT_EQ(again.out.find("trained"), std::string::npos) << again.out;
+
+  auto bad = [&](const std::string& sweep, const std::vector<std::string>& needles) {
+    std::ofstream(dir.file("b.toml")) << "[sweep]\n" << sweep << common;
+    expect_clean_failure("sweep --config " + dir.file("b.toml") + " --out " + dir.file("b"), needles);
+    EXPECT_FALSE(std::filesystem::exists(dir.file("b"))) << "trained before failing";
+  };
+  bad("models = [\"vit-huge\"]\n", {"b.toml", "vit-huge"});
+  bad("models = [\"vit-tiny\"]\nexperts = [4]\nplacements = [\"last-3\"]\n",
+      {"b.toml", "vit-tiny_e4_last-3_k2"});
+  bad("models = [\"vit-tiny\"]\nexperts = [2]\nk = [3]\n", {"b.toml", "grid is empty"});
+  bad("models = []\n", {"sweep.models", "non-empty"});
+  bad("models = [\"vit-tiny\"]\nplacement = [\"last-2\"]\n", {"sweep.placement", "unknown key"});
+  expect_clean_failure("sweep --config " + dir.file("s.toml") + " --set train.lrr=1 --out " +
+                           dir.file("b"), {"train.lrr"});
 }

@@ -166,7 +166,9 @@ const Field* find_field(const std::string& key) {
   return nullptr;
 }
 
-json read_file_as_json(const std::string& path) {
+}  // namespace
+
+json read_config_file(const std::string& path) {
   std::ifstream in(path);
   MOEV_CHECK(in.good(), "config file ", path, ": cannot open");
   std::stringstream ss;
@@ -192,8 +194,6 @@ json read_file_as_json(const std::string& path) {
   }
 }
 
-}  // namespace
-
 void apply_json(RunConfig& cfg, const json& j, const std::string& source) {
   MOEV_CHECK(j.is_object(), source, ": expected a table of sections (model, moe, data, train)");
   // A preset replaces the whole model config, so it goes first.
@@ -216,7 +216,7 @@ void apply_json(RunConfig& cfg, const json& j, const std::string& source) {
 }
 
 void apply_file(RunConfig& cfg, const std::string& path) {
-  apply_json(cfg, read_file_as_json(path), path);
+  apply_json(cfg, read_config_file(path), path);
 }
 
 RunConfig load_run_config(const std::string& path) {

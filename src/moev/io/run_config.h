@@ -25,6 +25,10 @@ RunConfig load_run_config(const std::string& path);
 // Applies a config file's keys on top of `cfg`.
 void apply_file(RunConfig& cfg, const std::string& path);
 
+// A .toml or .json config file as JSON, not yet applied (for files with sections
+// of their own, like a sweep's). Errors name the file and the line.
+nlohmann::json read_config_file(const std::string& path);
+
 // Applies a JSON object of {section: {key: value}}; `source` names it in errors.
 void apply_json(RunConfig& cfg, const nlohmann::json& j, const std::string& source);
 

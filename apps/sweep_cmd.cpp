@@ -1,0 +1,74 @@
+// `moev sweep`: a grid of dense and MoE models trained with one budget, resumable,
+// summarised as results.csv / results.md / results.png. The grid is the [sweep]
+// section of a config file; its other sections are the runs' common config.
+#include <cstdio>
+#include <iostream>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "moev/core/error.h"
+#include "moev/io/table.h"
+#include "moev/train/sweep.h"
+#include "moev/train/trainer.h"
+
+namespace moev::app {
+
+namespace {
+struct SweepFlags {
+  std::string config, out = "runs/sweep";
+  std::vector<std::string> sets;
+  int64_t epochs = 0;
+  bool dry_run = false;
+};
+}  // namespace
+
+Runner add_sweep(CLI::App& app) {
+  auto* cmd = app.add_subcommand("sweep", "train a grid of dense and MoE models with one budget "
+                                          "and tabulate accuracy against cost");
+  auto f = std::make_shared<SweepFlags>();
+  cmd->add_option("-c,--config", f->config, "config file with a [sweep] section")->required();
+  cmd->add_option("--out", f->out, "sweep directory (one run directory per grid point)")
+      ->capture_default_str();
+  cmd->add_option("--set", f->sets, "override a common config key: section.key=value");
+  cmd->add_option("--epochs", f->epochs, "epochs of every run (= --set train.epochs=...)");
+  cmd->add_flag("--dry-run", f->dry_run, "list the runs and exit");
+  cmd->footer("\nRun it again with the same --out to resume an interrupted sweep.\n"
+              "Example:\n  moev sweep --config configs/sweep_fmnist.toml --out runs/sweep");
+  return [f]() {
+    auto j = io::read_config_file(f->config);
+    MOEV_CHECK(j.is_object() && j.contains("sweep"), f->config,
+               ": no [sweep] section (models, experts, placements, k)");
+    const auto grid = train::parse_sweep_grid(j["sweep"], f->config);
+    j.erase("sweep");
+    auto sets = f->sets;
+    if (f->epochs > 0) sets.push_back("train.epochs=" + std::to_string(f->epochs));
+    for (const auto& s : sets) {
+      const auto eq = s.find('='), dot = s.find('.');
+      MOEV_CHECK(eq != std::string::npos && dot != std::string::npos && dot < eq, "--set ", s,
+                 ": expected section.key=value");
+      nlohmann::json v;
+      try {
+        v = nlohmann::json::parse(s.substr(eq + 1));
+      } catch (const nlohmann::json::exception&) {
+        v = s.substr(eq + 1);
+      }
+      j[s.substr(0, dot)][s.substr(dot + 1, eq - dot - 1)] = v;
+    }
+    const auto runs = train::expand_grid(grid, j, f->config);
+    std::printf("%zu runs in %s\n", runs.size(), f->out.c_str());
+    for (const auto& r : runs) std::printf("  %s\n", r.name.c_str());
+    if (f->dry_run) return 0;
+    train::set_threads(runs.front().cfg.train.threads);
+    auto rows = train::run_sweep(runs, f->out, &std::cerr, stderr_is_terminal());
+    io::Table t;
+    t.header = {"run", "top1", "active MFLOPs", "train img/s"};
+    for (const auto& r : rows)
+      t.add({r.name, io::fmt(r.top1), io::fmt(r.flops / 1e6, 2), io::fmt(r.train_images_per_s, 0)});
+    std::printf("%swrote %s/results.csv, results.md, results.png\n", t.markdown().c_str(),
+                f->out.c_str());
+    return 0;
+  };
+}
+
+}  // namespace moev::app

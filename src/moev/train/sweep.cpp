@@ -1,0 +1,222 @@
+#include "moev/train/sweep.h"
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "moev/core/error.h"
+#include "moev/io/table.h"
+#include "moev/models/cost.h"
+#include "moev/models/placement.h"
+#include "moev/train/datasets.h"
+#include "moev/train/evaluate.h"
+#include "moev/train/trained_model.h"
+#include "moev/train/trainer.h"
+#include "moev/viz/plot.h"
+#include "moev/viz/progress_bar.h"
+
+namespace moev::train {
+
+namespace {
+using json = nlohmann::json;
+
+template <typename T>
+std::vector<T> read_list(const json& section, const char* key, const std::string& source,
+                         std::vector<T> fallback) {
+  if (!section.contains(key)) return fallback;
+  const auto& v = section[key];
+  MOEV_CHECK(v.is_array() && !v.empty(), source, ": sweep.", key, ": expected a non-empty list");
+  std::vector<T> out;
+  for (const auto& x : v) {
+    try {
+      out.push_back(x.get<T>());
+    } catch (const json::exception&) {
+      fail(source, ": sweep.", key, ": ", x.dump(), " has the wrong type");
+    }
+  }
+  return out;
+}
+
+std::string placement_spec(const std::string& p) { return p == "all" ? "every-1" : p; }
+}  // namespace
+
+SweepGrid parse_sweep_grid(const json& section, const std::string& source) {
+  MOEV_CHECK(section.is_object(), source, ": [sweep]: expected a table with models, experts, ",
+             "placements, k");
+  for (auto it = section.begin(); it != section.end(); ++it)
+    MOEV_CHECK(it.key() == "models" || it.key() == "experts" || it.key() == "placements" ||
+                   it.key() == "k",
+               source, ": sweep.", it.key(), ": unknown key; expected models, experts, placements, k");
+  SweepGrid g;
+  MOEV_CHECK(section.contains("models"), source, ": sweep.models: missing (the dense presets to ",
+             "sweep, e.g. [\"vit-tiny\", \"convnext-tiny\"])");
+  g.models = read_list<std::string>(section, "models", source, {});
+  g.experts = read_list<int64_t>(section, "experts", source, g.experts);
+  g.placements = read_list<std::string>(section, "placements", source, g.placements);
+  g.ks = read_list<int64_t>(section, "k", source, g.ks);
+  for (auto e : g.experts) MOEV_CHECK(e >= 1, source, ": sweep.experts: ", e, " is not >= 1");
+  for (auto k : g.ks) MOEV_CHECK(k >= 1, source, ": sweep.k: ", k, " is not >= 1");
+  for (const auto& p : g.placements) {
+    try {
+      models::parse_placement(placement_spec(p));
+    } catch (const Error& e) {
+      fail(source, ": sweep.placements: ", e.what());
+    }
+  }
+  return g;
+}
+
+std::vector<SweepRun> expand_grid(const SweepGrid& grid, const json& base,
+                                  const std::string& source) {
+  MOEV_CHECK(!(base.contains("model") && base["model"].contains("preset")), source,
+             ": model.preset: a sweep takes its models from sweep.models");
+  std::vector<SweepRun> runs;
+  for (const auto& m : grid.models) {
+    io::RunConfig start;
+    try {
+      start.model = models::preset(m);
+    } catch (const Error& e) {
+      fail(source, ": sweep.models: ", e.what());
+    }
+    io::apply_json(start, base, source);
+    const int64_t blocks = models::num_blocks(start.model);
+    for (auto E : grid.experts) {
+      if (E == 1) {
+        SweepRun r{m + "_dense", m, "none", 1, 0, start};
+        r.cfg.model.moe = models::parse_placement("none");
+        runs.push_back(r);
+        continue;
+      }
+      for (const auto& p : grid.placements)
+        for (auto K : grid.ks) {
+          if (K > E) continue;
+          SweepRun r{m + "_e" + std::to_string(E) + "_" + p + "_k" + std::to_string(K), m, p, E, K,
+                     start};
+          r.cfg.model.moe = models::parse_placement(placement_spec(p));
+          r.cfg.model.router.num_experts = E;
+          r.cfg.model.router.k = K;
+          try {
+            models::moe_blocks(r.cfg.model.moe, blocks);
+            models::validate(r.cfg.model);
+          } catch (const Error& e) {
+            fail(source, ": sweep run ", r.name, ": ", e.what());
+          }
+          runs.push_back(r);
+        }
+    }
+  }
+  MOEV_CHECK(!runs.empty(), source, ": the sweep grid is empty (every K larger than every E?)");
+  return runs;
+}
+
+namespace {
+json row_json(const SweepRow& r) {
+  return {{"name", r.name},     {"model", r.model},   {"placement", r.placement},
+          {"experts", r.experts}, {"k", r.k},         {"top1", r.top1},
+          {"params", r.params}, {"active_params", r.active_params}, {"flops", r.flops},
+          {"train_images_per_s", r.train_images_per_s},
+          {"eval_images_per_s", r.eval_images_per_s}};
+}
+SweepRow row_from_json(const json& j) {
+  SweepRow r;
+  r.name = j.at("name");
+  r.model = j.at("model");
+  r.placement = j.at("placement");
+  r.experts = j.at("experts");
+  r.k = j.at("k");
+  r.top1 = j.at("top1");
+  r.params = j.at("params");
+  r.active_params = j.at("active_params");
+  r.flops = j.at("flops");
+  r.train_images_per_s = j.at("train_images_per_s");
+  r.eval_images_per_s = j.at("eval_images_per_s");
+  return r;
+}
+
+void write_results(const std::vector<SweepRow>& rows, const std::string& out_dir) {
+  namespace fs = std::filesystem;
+  io::Table t;
+  t.header = {"run", "model", "E", "placement", "K", "top1", "params", "active params",
+              "MFLOPs/img", "train img/s", "eval img/s"};
+  for (const auto& r : rows)
+    t.add({r.name, r.model, std::to_string(r.experts), r.placement,
+           r.k ? std::to_string(r.k) : "-", io::fmt(r.top1), std::to_string(r.params),
+           std::to_string(r.active_params), io::fmt(r.flops / 1e6, 2), io::fmt(r.train_images_per_s, 0),
+           io::fmt(r.eval_images_per_s, 0)});
+  const auto base = (fs::path(out_dir) / "results").string();
+  io::write_text_atomic(base + ".csv", t.csv());
+  io::write_text_atomic(base + ".md", "# Sweep results\n\n" + t.markdown());
+
+  viz::PlotSpec plot;
+  plot.title = "top-1 against active forward FLOPs per image";
+  plot.xlabel = "MFLOPs per image (active)";
+  plot.ylabel = "test top-1";
+  std::map<std::string, size_t> series_of;
+  for (const auto& r : rows) {
+    if (!series_of.count(r.model)) {
+      series_of[r.model] = plot.series.size();
+      plot.series.push_back({});
+      plot.series.back().name = r.model;
+      plot.series.back().lines = false;
+    }
+    auto& s = plot.series[series_of[r.model]];
+    s.x.push_back(r.flops / 1e6);
+    s.y.push_back(r.top1);
+    s.point_labels.push_back(r.experts == 1 ? "dense"
+                                            : "E" + std::to_string(r.experts) + " " + r.placement +
+                                                  " K" + std::to_string(r.k));
+  }
+  viz::write_plot(plot, base + ".png");
+}
+}  // namespace
+
+std::vector<SweepRow> run_sweep(const std::vector<SweepRun>& runs, const std::string& out_dir,
+                                std::ostream* progress, bool interactive) {
+  namespace fs = std::filesystem;
+  std::vector<SweepRow> rows;
+  viz::ProgressBar bar(progress, static_cast<int64_t>(runs.size()), "sweep", "run", interactive);
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const auto& run = runs[i];
+    const fs::path dir = fs::path(out_dir) / run.name;
+    const fs::path result = dir / "result.json";
+    if (fs::exists(result)) {  // finished before an interruption
+      std::ifstream in(result);
+      std::stringstream ss;
+      ss << in.rdbuf();
+      try {
+        rows.push_back(row_from_json(json::parse(ss.str())));
+      } catch (const json::exception& e) {
+        fail(result.string(), ": unreadable sweep result (", e.what(), "); delete it to rerun");
+      }
+      bar.update(static_cast<int64_t>(i + 1), run.name + " (done before)");
+      continue;
+    }
+    io::RunConfig cfg = run.cfg;
+    cfg.train.out_dir = dir.string();
+    cfg.train.eval_each_epoch = false;
+    TrainRunOptions o;
+    o.resume = fs::exists(dir / "checkpoint.pt");
+    o.progress = progress;
+    o.interactive = interactive;
+    auto outcome = train_model(cfg, o);
+
+    auto t = load_trained((dir / "checkpoint.pt").string(), c10::Device(cfg.train.device));
+    auto ds = open_datasets(t.cfg.data, t.cfg.model, /*load_train=*/false);
+    auto e = evaluate(*t.model, ds.test, ds.mean, ds.std, 256, c10::Device(cfg.train.device));
+    const auto cost = models::model_cost(cfg.model);
+    SweepRow r{run.name, run.model, run.placement, run.experts, run.k, e.top1, cost.params,
+               cost.active_params, cost.flops, outcome.train_images_per_s, e.images_per_s};
+    io::write_text_atomic(result.string(), row_json(r).dump(1) + "\n");
+    rows.push_back(r);
+    write_results(rows, out_dir);  // a partial table is there to look at while it runs
+    bar.update(static_cast<int64_t>(i + 1), run.name + " top-1 " + io::fmt(r.top1));
+  }
+  bar.finish();
+  write_results(rows, out_dir);
+  return rows;
+}
+
+}  // namespace moev::train

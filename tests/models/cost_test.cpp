@@ -1,0 +1,46 @@
+// The analytic cost model against the built models: parameter counts must equal
+// the modules' numel sums, and FLOPs must follow the MoE arithmetic (K of E).
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "moev/models/cost.h"
+#include "moev/models/model_config.h"
+
+using namespace moev::models;
+
+namespace {
+int64_t numel(const ModelConfig& c) {
+  auto m = build_model(c);
+  int64_t n = 0;
+  for (const auto& p : m->parameters()) n += p.numel();
+  return n;
+}
+}  // namespace
+
+TEST(ModelCost, ParamsMatchTheBuiltModels) {
+  for (const auto& name : preset_names()) {
+    if (name == "vit-s32" || name == "vmoe-s32") continue;  // large; same code path as tiny
+    SCOPED_TRACE(name);
+    const auto c = preset(name);
+    EXPECT_EQ(model_cost(c).params, numel(c));
+  }
+  auto c = preset("convnext-moe-tiny");
+  c.router.logits = "cosine";
+  c.router.cosine_dim = 8;
+  EXPECT_EQ(model_cost(c).params, numel(c));
+}
+
+TEST(ModelCost, ActiveParamsAndFlopsFollowKOfE) {
+  auto dense = preset("vit-tiny");
+  auto moe = preset("vmoe-tiny");  // E = 8, K = 2 in 2 blocks
+  const auto cd = model_cost(dense), cm = model_cost(moe);
+  const int64_t D = dense.width, H = dense.mlp_dim;
+  const int64_t expert = D * H + H + H * D + D, router = 8 * D;
+  EXPECT_EQ(cm.params - cd.params, 2 * (7 * expert + router));
+  EXPECT_EQ(cm.active_params - cd.active_params, 2 * (expert + router));
+  const double tokens = 49;  // 28 / 4 squared
+  EXPECT_NEAR(cm.flops - cd.flops, 2 * 2 * tokens * (2.0 * D * H + 8.0 * D), 1e-6);
+  moe.router.k = 1;  // K = 1 costs the dense MLP plus the router
+  EXPECT_NEAR(model_cost(moe).flops, cd.flops + 2 * 2 * tokens * 8.0 * D, 1e-6);
+  EXPECT_GT(cd.flops, 1e6);
+}
