@@ -14,6 +14,7 @@
 #include "moev/io/table.h"
 #include "moev/core/error.h"
 #include "moev/train/datasets.h"
+#include "moev/train/replicas.h"
 #include "moev/train/trained_model.h"
 #include "moev/train/trainer.h"
 
@@ -57,7 +58,7 @@ Runner add_eval(CLI::App& app) {
       "  moev eval runs/vmoe/checkpoint.pt --capacity 0.5 --bpr on\n"
       "  moev eval runs/dense/checkpoint.pt runs/moe/checkpoint.pt --shift all --table shift");
   return [f]() {
-    train::set_threads(f->threads);
+    const int threads = train::set_threads(f->threads);
     const auto device = parse_device(f->device);
     MOEV_CHECK(f->batch_size >= 1, "--batch-size ", f->batch_size, ": expected >= 1");
     std::vector<data::Shift> shifts;
@@ -90,8 +91,13 @@ Runner add_eval(CLI::App& app) {
       if (!f->format.empty()) data.format = f->format;
       if (f->limit > 0) data.test_limit = f->limit;
       auto ds = train::open_datasets(data, t.cfg.model, /*load_train=*/false);
-      auto r = train::evaluate(*t.model, ds.test, ds.mean, ds.std, f->batch_size, device,
-                               f->json ? nullptr : &std::cerr, stderr_is_terminal());
+      // After the overrides: the replicas copy the master's routing settings.
+      train::Replicas reps(t.model, t.cfg.model, train::resolve_replicas(0, threads, f->batch_size),
+                           threads);
+      const int64_t slices_of = train::slice_multiple(t.cfg.model);
+      auto r = train::evaluate(reps, ds.test, ds.mean, ds.std, f->batch_size, device,
+                               f->json ? nullptr : &std::cerr, stderr_is_terminal(), false,
+                               slices_of);
       nlohmann::json j{{"checkpoint", ckpt}, {"images", r.images}, {"top1", r.top1},
                        {"top5", r.top5}, {"loss", r.loss}, {"images_per_s", r.images_per_s},
                        {"expert_load", r.expert_load}, {"dropped", r.dropped}};
@@ -111,7 +117,8 @@ Runner add_eval(CLI::App& app) {
       double sum = 0;
       for (size_t i = 0; i < shifts.size(); ++i) {
         auto shifted = data::corrupt(ds.test, shifts[i]);
-        auto rs = train::evaluate(*t.model, shifted, ds.mean, ds.std, f->batch_size, device);
+        auto rs = train::evaluate(reps, shifted, ds.mean, ds.std, f->batch_size, device, nullptr,
+                                  false, false, slices_of);
         table.rows[i + 1].push_back(io::fmt(rs.top1));
         j["shift"][data::to_string(shifts[i])] = rs.top1;
         sum += rs.top1;

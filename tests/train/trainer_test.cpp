@@ -82,12 +82,16 @@ TEST(Trainer, LossFallsAndCheckpointRoundTrips) {
   EXPECT_EQ(ckpt.optimizer.at("step").item<int64_t>(), 30);
 }
 
-TEST(Trainer, ResumeEqualsUninterruptedRun) {
+// Replicas > 1: each step splits the batch over model replicas on their own
+// threads; the run must stay bit-reproducible across the kill and resume.
+void expect_resume_equals_uninterrupted(int replicas) {
   test::TempDir dir;
   auto full = tiny_run(dir.file("full"));
+  full.train.replicas = replicas;
   train::train_model(full, {});
 
   auto part = tiny_run(dir.file("part"));
+  part.train.replicas = replicas;
   part.train.max_steps = 5;  // stops mid-epoch 0 (10 steps per epoch), as a kill would
   auto r1 = train::train_model(part, {});
   EXPECT_EQ(r1.steps, 5);
@@ -106,6 +110,10 @@ TEST(Trainer, ResumeEqualsUninterruptedRun) {
   for (auto& [name, v] : a.model) EXPECT_TRUE(torch::equal(v, b.model.at(name))) << name;
   for (auto& [name, v] : a.optimizer) EXPECT_TRUE(torch::equal(v, b.optimizer.at(name))) << name;
 }
+
+TEST(Trainer, ResumeEqualsUninterruptedRun) { expect_resume_equals_uninterrupted(1); }
+
+TEST(Trainer, ResumeEqualsUninterruptedRunWithTwoReplicas) { expect_resume_equals_uninterrupted(2); }
 
 TEST(Trainer, CheckpointOfAnotherArchitectureIsRefusedNamingTheTensor) {
   test::TempDir dir;

@@ -125,6 +125,8 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("train.clip_grad_norm", train.clip_grad_norm, "gradient norm clip (0: off)"),
         MOEV_FIELD("train.seed", train.seed, "random seed"),
         MOEV_FIELD("train.threads", train.threads, "threads (0: all cores)"),
+        MOEV_FIELD("train.replicas", train.replicas,
+                   "data-parallel replicas splitting each batch, one per thread (0: one per thread, 1: off)"),
         MOEV_FIELD("train.device", train.device, "cpu | cuda[:N]"),
         MOEV_FIELD("train.out_dir", train.out_dir, "run directory"),
         MOEV_FIELD("train.init_from", train.init_from, "checkpoint whose weights start the run"),

@@ -58,7 +58,7 @@ at::Tensor MoELayerImpl::forward(const at::Tensor& x) {
   auto xf = x.reshape({T, D});
 
   auto logits = router_logits(xf);
-  RoutingResult r = route(logits, cfg, N, is_training());
+  RoutingResult r = route(logits, cfg, N, is_training(), noise_);
 
   // Gather the placed assignments (rows sorted by expert), run the experts as a
   // grouped GEMM, weight each row by its gate and add it back to its token.

@@ -67,6 +67,9 @@ class MoELayerImpl : public torch::nn::Module {
   const RoutingResult& last_routing() const { return routing_; }
 
   void set_router(const RouterConfig& cfg);
+  // Training noise from this generator instead of the global one (data-parallel
+  // replicas each keep their own, so their threads draw in a fixed order).
+  void set_noise_generator(at::Generator gen) { noise_ = std::move(gen); }
   const RouterConfig& router_config() const { return options.router(); }
 
   MoELayerOptions options;
@@ -78,6 +81,7 @@ class MoELayerImpl : public torch::nn::Module {
  private:
   MoEStats stats_;
   RoutingResult routing_;
+  c10::optional<at::Generator> noise_;
 };
 TORCH_MODULE(MoELayer);
 

@@ -228,7 +228,8 @@ void place_expert_choice(RoutingResult& r, const torch::Tensor& gates, const Rou
 }  // namespace
 
 RoutingResult route(const at::Tensor& logits_in, const RouterConfig& cfg,
-                    int64_t tokens_per_image, bool training) {
+                    int64_t tokens_per_image, bool training,
+                    const c10::optional<at::Generator>& noise) {
   validate(cfg);
   MOEV_CHECK(logits_in.dim() == 2 && logits_in.size(1) == cfg.num_experts,
              "router logits: expected [T, ", cfg.num_experts, "], got ", logits_in.sizes());
@@ -240,7 +241,7 @@ RoutingResult route(const at::Tensor& logits_in, const RouterConfig& cfg,
   auto clean_probs = torch::softmax(logits, -1);
   torch::Tensor noisy = logits, gates = clean_probs;
   if (training && cfg.noise_std > 0) {
-    noisy = logits + torch::randn_like(logits) * (cfg.noise_std / static_cast<double>(E));
+    noisy = logits + at::randn(logits.sizes(), noise, logits.options()) * (cfg.noise_std / static_cast<double>(E));
     gates = torch::softmax(noisy, -1);
   }
 

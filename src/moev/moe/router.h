@@ -20,7 +20,9 @@
 #include <string>
 #include <vector>
 
+#include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
 
 namespace moev::moe {
 
@@ -79,8 +81,8 @@ struct RoutingResult {
 // logits: [T, E] fp32 router logits W_r x (clean), T = B * N.
 // tokens_per_image = N, so a group is group_size * N consecutive tokens.
 // training: add noise to the gates and compute the load loss from it.
-// generator: optional RNG for the noise (undefined tensor options -> global RNG).
+// noise: RNG of the training noise (nullopt: the global CPU generator).
 RoutingResult route(const at::Tensor& logits, const RouterConfig& cfg, int64_t tokens_per_image,
-                    bool training);
+                    bool training, const c10::optional<at::Generator>& noise = c10::nullopt);
 
 }  // namespace moev::moe

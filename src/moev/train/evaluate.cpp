@@ -6,91 +6,140 @@
 
 #include "moev/data/batch_loader.h"
 #include "moev/moe/moe_layer.h"
+#include "moev/train/replicas.h"
 #include "moev/viz/progress_bar.h"
 
 namespace moev::train {
 
-EvalResult evaluate(models::Classifier& model, const data::ImageSet& set,
-                    const std::vector<float>& mean, const std::vector<float>& std,
-                    int64_t batch_size, const c10::Device& device, std::ostream* progress,
-                    bool interactive, bool routing_by_class) {
+namespace {
+
+// What one replica saw of the batches it evaluated; merged at the end.
+struct Tally {
+  double loss_sum = 0;
+  int64_t correct1 = 0, correct5 = 0;
+  std::vector<std::vector<int64_t>> counts;  // [layer][expert] placed assignments
+  std::vector<double> dropped;               // [layer] sum of dropped fraction x images
+  std::vector<torch::Tensor> by_class;       // [layer] [E, classes]
+};
+
+// x: [b, C, H, W], y: [b] -> accumulated into t.
+void eval_slice(models::Classifier& model, const std::vector<moe::MoELayer>& layers,
+                const at::Tensor& x, const at::Tensor& y, int64_t classes, bool routing_by_class,
+                Tally& t) {
+  const int64_t b = x.size(0);
+  auto logits = model.forward(x);
+  t.loss_sum += torch::cross_entropy_loss(logits, y).item<double>() * double(b);
+  const int64_t k5 = std::min<int64_t>(5, logits.size(1));
+  auto top = std::get<1>(logits.topk(k5, -1));
+  auto hit = top.eq(y.unsqueeze(1));
+  t.correct1 += hit.select(1, 0).sum().item<int64_t>();
+  t.correct5 += hit.any(1).sum().item<int64_t>();
+  t.counts.resize(layers.size());
+  t.dropped.resize(layers.size(), 0.0);
+  t.by_class.resize(layers.size());
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const auto& s = layers[l]->last_stats();
+    if (t.counts[l].empty()) t.counts[l].assign(s.expert_count.size(), 0);
+    for (size_t e = 0; e < s.expert_count.size(); ++e) t.counts[l][e] += s.expert_count[e];
+    t.dropped[l] += s.dropped_fraction * double(b);
+    if (!routing_by_class) continue;
+    const auto& rr = layers[l]->last_routing();
+    const int64_t E = static_cast<int64_t>(rr.offsets.size()) - 1, placed = rr.offsets[E];
+    const int64_t tokens_per_image = rr.combine_gates.size(0) / b;
+    std::vector<int64_t> sizes(E);
+    for (int64_t e = 0; e < E; ++e) sizes[e] = rr.offsets[e + 1] - rr.offsets[e];
+    auto expert = torch::repeat_interleave(torch::arange(E, torch::kLong), torch::tensor(sizes, torch::kLong));
+    auto token = rr.token_index.narrow(0, 0, placed).cpu();
+    auto label = y.cpu().index_select(0, token.div(tokens_per_image, "floor"));
+    auto counts = torch::bincount(expert * classes + label, {}, E * classes).view({E, classes});
+    t.by_class[l] = t.by_class[l].defined() ? t.by_class[l] + counts : counts;
+  }
+}
+
+}  // namespace
+
+EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector<float>& mean,
+                    const std::vector<float>& std, int64_t batch_size, const c10::Device& device,
+                    std::ostream* progress, bool interactive, bool routing_by_class,
+                    int64_t slice_multiple) {
+  auto& model = reps.model(0);
   const bool was_training = model.is_training();
-  model.eval();
+  reps.train(false);
   c10::InferenceMode guard;
-  auto layers = moe::find_moe_layers(model);
+  const auto& layers = reps.moe_layers(0);
   EvalResult r;
   for (const auto& item : model.named_modules("", /*include_self=*/false))
     if (std::dynamic_pointer_cast<moe::MoELayerImpl>(item.value())) r.layer_names.push_back(item.key());
   const int64_t classes = set.num_classes();
-  std::vector<torch::Tensor> by_class(layers.size());
   std::vector<bool> kept(layers.size());
-  for (size_t l = 0; l < layers.size(); ++l) {
-    kept[l] = layers[l]->options.keep_routing();
-    if (routing_by_class) layers[l]->options.keep_routing(true);
-  }
-  r.expert_load.assign(layers.size(), {});
-  r.dropped.assign(layers.size(), 0.0);
-  std::vector<std::vector<int64_t>> counts(layers.size());
+  for (size_t l = 0; l < layers.size(); ++l) kept[l] = layers[l]->options.keep_routing();
+  for (int k = 0; k < reps.size(); ++k)
+    for (auto& layer : reps.moe_layers(k))
+      if (routing_by_class) layer->options.keep_routing(true);
+  std::vector<Tally> tally(reps.size());
   const int64_t n = set.size();
-  int64_t correct1 = 0, correct5 = 0, batches = 0;
-  double loss_sum = 0;
   viz::ProgressBar bar(progress, n, "eval", "img", interactive);
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < n; i += batch_size) {
     const int64_t b = std::min(batch_size, n - i);
     auto x = data::normalize_images(set.images.narrow(0, i, b), mean, std).to(device);
     auto y = set.labels.narrow(0, i, b).to(device);
-    auto logits = model.forward(x);
-    loss_sum += torch::cross_entropy_loss(logits, y).item<double>() * double(b);
-    const int64_t k5 = std::min<int64_t>(5, logits.size(1));
-    auto top = std::get<1>(logits.topk(k5, -1));
-    auto hit = top.eq(y.unsqueeze(1));
-    correct1 += hit.select(1, 0).sum().item<int64_t>();
-    correct5 += hit.any(1).sum().item<int64_t>();
-    for (size_t l = 0; l < layers.size(); ++l) {
-      const auto& s = layers[l]->last_stats();
-      if (counts[l].empty()) counts[l].assign(s.expert_count.size(), 0);
-      for (size_t e = 0; e < s.expert_count.size(); ++e) counts[l][e] += s.expert_count[e];
-      r.dropped[l] += s.dropped_fraction * double(b);
-      if (routing_by_class) {
-        const auto& rr = layers[l]->last_routing();
-        const int64_t E = static_cast<int64_t>(rr.offsets.size()) - 1, placed = rr.offsets[E];
-        const int64_t tokens_per_image = rr.combine_gates.size(0) / b;
-        std::vector<int64_t> sizes(E);
-        for (int64_t e = 0; e < E; ++e) sizes[e] = rr.offsets[e + 1] - rr.offsets[e];
-        auto expert = torch::repeat_interleave(torch::arange(E, torch::kLong),
-                                               torch::tensor(sizes, torch::kLong));
-        auto token = rr.token_index.narrow(0, 0, placed).cpu();
-        auto label = y.cpu().index_select(0, token.div(tokens_per_image, "floor"));
-        auto counts = torch::bincount(expert * classes + label, {}, E * classes).view({E, classes});
-        by_class[l] = by_class[l].defined() ? by_class[l] + counts : counts;
-      }
-    }
-    ++batches;
+    const auto sizes = reps.slice_sizes(b, slice_multiple);
+    const auto xs = x.split_with_sizes(sizes), ys = y.split_with_sizes(sizes);
+    reps.run(static_cast<int>(sizes.size()), [&](int k) {
+      c10::InferenceMode inner;  // thread-local: each replica thread needs its own
+      eval_slice(reps.model(k), reps.moe_layers(k), xs[k], ys[k], classes, routing_by_class, tally[k]);
+    });
     bar.update(i + b);
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   bar.finish();
+  Tally all;
+  all.counts.resize(layers.size());
+  all.dropped.assign(layers.size(), 0.0);
+  all.by_class.resize(layers.size());
+  for (const auto& t : tally) {
+    all.loss_sum += t.loss_sum;
+    all.correct1 += t.correct1;
+    all.correct5 += t.correct5;
+    for (size_t l = 0; l < t.counts.size(); ++l) {
+      if (all.counts[l].empty()) all.counts[l].assign(t.counts[l].size(), 0);
+      for (size_t e = 0; e < t.counts[l].size(); ++e) all.counts[l][e] += t.counts[l][e];
+      all.dropped[l] += t.dropped[l];
+      if (t.by_class[l].defined())
+        all.by_class[l] = all.by_class[l].defined() ? all.by_class[l] + t.by_class[l] : t.by_class[l];
+    }
+  }
   r.images = n;
-  r.top1 = n ? double(correct1) / double(n) : 0;
-  r.top5 = n ? double(correct5) / double(n) : 0;
-  r.loss = n ? loss_sum / double(n) : 0;
+  r.top1 = n ? double(all.correct1) / double(n) : 0;
+  r.top5 = n ? double(all.correct5) / double(n) : 0;
+  r.loss = n ? all.loss_sum / double(n) : 0;
   r.images_per_s = secs > 0 ? double(n) / secs : 0;
+  r.expert_load.assign(layers.size(), {});
+  r.dropped.assign(layers.size(), 0.0);
   for (size_t l = 0; l < layers.size(); ++l) {
     int64_t total = 0;
-    for (auto c : counts[l]) total += c;
-    for (auto c : counts[l]) r.expert_load[l].push_back(total ? double(c) / double(total) : 0);
-    r.dropped[l] = n ? r.dropped[l] / double(n) : 0;
-    layers[l]->options.keep_routing(kept[l]);
-    if (by_class[l].defined()) {
-      auto c = by_class[l].contiguous();
+    for (auto c : all.counts[l]) total += c;
+    for (auto c : all.counts[l]) r.expert_load[l].push_back(total ? double(c) / double(total) : 0);
+    r.dropped[l] = n ? all.dropped[l] / double(n) : 0;
+    for (int k = 0; k < reps.size(); ++k) reps.moe_layers(k)[l]->options.keep_routing(kept[l]);
+    if (all.by_class[l].defined()) {
+      auto c = all.by_class[l].contiguous();
       auto& out = r.class_counts.emplace_back();
       for (int64_t e = 0; e < c.size(0); ++e)
         out.emplace_back(c[e].data_ptr<int64_t>(), c[e].data_ptr<int64_t>() + classes);
     }
   }
-  model.train(was_training);
+  reps.train(was_training);
   return r;
+}
+
+EvalResult evaluate(models::Classifier& model, const data::ImageSet& set,
+                    const std::vector<float>& mean, const std::vector<float>& std,
+                    int64_t batch_size, const c10::Device& device, std::ostream* progress,
+                    bool interactive, bool routing_by_class) {
+  Replicas one(std::static_pointer_cast<models::Classifier>(model.shared_from_this()), {}, 1, 1);
+  return evaluate(one, set, mean, std, batch_size, device, progress, interactive, routing_by_class, 1);
 }
 
 void apply_router_overrides(models::Classifier& model, const RouterOverrides& o) {

@@ -31,6 +31,14 @@ EvalResult evaluate(models::Classifier& model, const data::ImageSet& set,
                     int64_t batch_size, const c10::Device& device, std::ostream* progress = nullptr,
                     bool interactive = false, bool routing_by_class = false);
 
+// The same, with the batches split over data-parallel replicas (one thread each),
+// in slices of whole routing groups (slice_multiple images).
+class Replicas;
+EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector<float>& mean,
+                    const std::vector<float>& std, int64_t batch_size, const c10::Device& device,
+                    std::ostream* progress = nullptr, bool interactive = false,
+                    bool routing_by_class = false, int64_t slice_multiple = 1);
+
 // Sets K, capacity, BPR or router kind of every MoE layer (the model keeps E).
 // Unset values leave that setting as it is; bad values are moev::Errors.
 struct RouterOverrides {

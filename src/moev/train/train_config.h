@@ -34,6 +34,7 @@ struct TrainConfig {
   double clip_grad_norm = 1.0;    // global gradient norm clip (0: off)
   uint64_t seed = 0;              // seeds init, data order, augmentation and router noise
   int threads = 0;                // intra-op threads (0: all cores)
+  int replicas = 0;               // data-parallel model replicas, one thread each (0: one per thread)
   std::string device = "cpu";     // cpu | cuda[:N]
   std::string out_dir = "runs/default";  // checkpoints, log.jsonl
   std::string init_from;          // start from this checkpoint's weights (fine-tuning)

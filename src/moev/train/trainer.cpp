@@ -14,6 +14,7 @@
 #include "moev/moe/moe_layer.h"
 #include "moev/train/adamw.h"
 #include "moev/train/checkpoint.h"
+#include "moev/train/replicas.h"
 #include "moev/train/datasets.h"
 #include "moev/train/schedule.h"
 #include "moev/viz/progress_bar.h"
@@ -27,9 +28,10 @@ std::string checkpoint_path(const std::string& out_dir) {
   return (fs::path(out_dir) / "checkpoint.pt").string();
 }
 
-void set_threads(int threads) {
-  const int n = threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency());
-  at::set_num_threads(std::max(1, n));
+int set_threads(int threads) {
+  const int n = std::max(1, threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency()));
+  at::set_num_threads(n);
+  return n;
 }
 
 namespace {
@@ -80,7 +82,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   MOEV_CHECK(tc.batch_size >= 1, "train.batch_size = ", tc.batch_size, ": expected >= 1");
   MOEV_CHECK(tc.epochs >= 1, "train.epochs = ", tc.epochs, ": expected >= 1");
   MOEV_CHECK(tc.lr > 0, "train.lr = ", tc.lr, ": expected > 0");
-  set_threads(tc.threads);
+  const int threads = set_threads(tc.threads);
   const auto device = parse_device(tc.device);
   models::validate(cfg.model);
 
@@ -126,7 +128,9 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   const int64_t total_steps = per_epoch * tc.epochs;
   const int64_t stop_at = tc.max_steps > 0 ? std::min(total_steps, tc.max_steps) : total_steps;
 
-  auto moe_layers = moe::find_moe_layers(*model);
+  // Replicas share the master's storage, so they are built after its weights are final.
+  Replicas reps(model, cfg.model, resolve_replicas(tc.replicas, threads, tc.batch_size), threads);
+  const int64_t slices_of = slice_multiple(cfg.model);
   auto save = [&](const Position& p) {
     Checkpoint c;
     c.config_json = io::to_json_string(cfg);
@@ -149,32 +153,51 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   int64_t images_seen = 0, window_correct = 0, window_images = 0;
   double window_loss = 0, window_aux = 0, window_grad_norm = 0, ema_loss = -1, eval_seconds = 0;
   auto t_window = t_start;
-  model->train();
+  reps.train(true);
   while (pos.step < stop_at && pos.epoch < tc.epochs) {
     data::BatchLoader loader(ds.train, lo, pos.epoch, pos.batch);
     data::Batch batch;
     while (pos.step < stop_at && loader.next(batch)) {
       const double lr = learning_rate(pos.step, total_steps, tc.warmup_steps, tc.lr, tc.min_lr);
       auto x = batch.x.to(device), y = batch.y.to(device);
-      auto logits = model->forward(x);
-      auto loss = torch::nn::functional::cross_entropy(logits, y, ce_opts);
-      at::Tensor aux;
-      for (auto& l : moe_layers) aux = aux.defined() ? aux + l->aux_loss() : l->aux_loss();
-      auto total = aux.defined() ? loss + aux : loss;
+      // Each replica's slice loss is weighted by its share of the batch, so the
+      // summed gradients are those of the whole batch's mean loss.
+      const auto sizes = reps.slice_sizes(y.size(0), slices_of);
+      const int n = static_cast<int>(sizes.size());
+      const auto xs = x.split_with_sizes(sizes), ys = y.split_with_sizes(sizes);
+      std::vector<double> slice_loss(n), slice_aux(n);
+      std::vector<int64_t> slice_correct(n);
+      if (n > 1) reps.seed_noise(tc.seed, pos.step);
       opt.zero_grad();
-      total.backward();
+      reps.run(n, [&](int r) {
+        auto logits = reps.model(r).forward(xs[r]);
+        auto loss = torch::nn::functional::cross_entropy(logits, ys[r], ce_opts);
+        at::Tensor aux;
+        for (auto& l : reps.moe_layers(r)) aux = aux.defined() ? aux + l->aux_loss() : l->aux_loss();
+        auto total = aux.defined() ? loss + aux : loss;
+        const double w = double(sizes[r]) / double(y.size(0));
+        (n > 1 ? total * w : total).backward();
+        slice_loss[r] = loss.item<double>() * w;
+        slice_aux[r] = aux.defined() ? aux.item<double>() * w : 0.0;
+        slice_correct[r] = logits.argmax(1).eq(ys[r]).sum().item<int64_t>();
+      });
+      reps.reduce_grads();
       const double grad_norm = opt.step(lr, tc.clip_grad_norm);
       ++pos.step;
       ++pos.batch;
 
-      const double l = loss.item<double>();
+      double l = 0, aux_value = 0;
+      for (int r = 0; r < n; ++r) {
+        l += slice_loss[r];
+        aux_value += slice_aux[r];
+        window_correct += slice_correct[r];
+      }
       MOEV_CHECK(std::isfinite(l), "training diverged at step ", pos.step, " (loss ", l,
                  "); lower train.lr or raise train.warmup_steps");
       ema_loss = ema_loss < 0 ? l : 0.98 * ema_loss + 0.02 * l;
       window_loss += l;
       window_grad_norm += grad_norm;
-      window_aux += aux.defined() ? aux.item<double>() : 0.0;
-      window_correct += logits.argmax(1).eq(y).sum().item<int64_t>();
+      window_aux += aux_value;
       window_images += y.size(0);
       images_seen += y.size(0);
       char status[96];
@@ -192,8 +215,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
                   {"train_acc", double(window_correct) / double(window_images)},
                   {"images_per_s", secs > 0 ? double(window_images) / secs : 0.0}};
         json load = json::array(), dropped = json::array();
-        for (auto& ml : moe_layers) {
-          const auto& s = ml->last_stats();
+        for (const auto& s : reps.last_stats(n)) {
           int64_t sum = 0;
           for (auto c : s.expert_count) sum += c;
           json row = json::array();
@@ -217,7 +239,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
     out.epochs_done = pos.epoch;
     if (tc.eval_each_epoch || pos.epoch == tc.epochs) {
       const auto t_eval = std::chrono::steady_clock::now();
-      out.eval = evaluate(*model, ds.test, ds.mean, ds.std, 256, device);
+      out.eval = evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of);
       eval_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_eval).count();
       json line{{"step", pos.step}, {"epoch", pos.epoch}, {"eval", eval_json(out.eval)}};
       log << line.dump() << "\n" << std::flush;
@@ -228,7 +250,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
         if (opts.interactive) *opts.progress << "\r\033[K";
         *opts.progress << buf << "\n";
       }
-      model->train();
+      reps.train(true);
     }
   }
   bar.finish();

@@ -30,8 +30,8 @@ struct TrainOutcome {
 
 std::string checkpoint_path(const std::string& out_dir);
 
-// Sets the intra-op thread count (0: all cores) once per process.
-void set_threads(int threads);
+// Sets the intra-op thread count (0: all cores) once per process; returns it.
+int set_threads(int threads);
 
 TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts);
 

@@ -1,0 +1,172 @@
+#include "moev/train/replicas.h"
+
+#include <algorithm>
+#include <exception>
+#include <thread>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <torch/torch.h>
+
+#include "moev/core/error.h"
+
+namespace moev::train {
+
+int resolve_replicas(int requested, int threads, int64_t batch) {
+  MOEV_CHECK(requested >= 0, "train.replicas = ", requested, ": expected >= 0 (0: one per thread)");
+  int r = requested > 0 ? requested : std::max(1, threads);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(r, batch)));
+}
+
+int64_t slice_multiple(const models::ModelConfig& cfg) {
+  return cfg.moe.kind == "none" ? 1 : std::max<int64_t>(1, cfg.router.group_size);
+}
+
+Replicas::Replicas(models::ClassifierPtr master, const models::ModelConfig& cfg, int replicas,
+                   int threads) {
+  MOEV_CHECK(replicas >= 1, "Replicas: expected >= 1 replica, got ", replicas);
+  threads_per_replica_ = std::max(1, threads / replicas);
+  models_.push_back(master);
+  auto master_params = master->parameters();
+  auto master_buffers = master->buffers();
+  auto master_moe = moe::find_moe_layers(*master);
+  const auto device = master_params.empty() ? c10::Device(c10::kCPU) : master_params[0].device();
+  for (int r = 1; r < replicas; ++r) {
+    auto m = models::build_model(cfg);
+    m->to(device);
+    torch::NoGradGuard no_grad;
+    auto ps = m->parameters();
+    auto bs = m->buffers();
+    MOEV_CHECK(ps.size() == master_params.size() && bs.size() == master_buffers.size(),
+               "Replicas: the model config does not build the master's architecture");
+    // set_data shares the master's storage: the optimizer's in-place updates reach
+    // every replica with no copies, while each keeps its own .grad.
+    for (size_t i = 0; i < ps.size(); ++i) {
+      MOEV_CHECK(ps[i].sizes() == master_params[i].sizes(),
+                 "Replicas: parameter ", i, " has shape ", ps[i].sizes(), " but the master's has ",
+                 master_params[i].sizes());
+      ps[i].set_data(master_params[i]);
+    }
+    for (size_t i = 0; i < bs.size(); ++i) bs[i].set_data(master_buffers[i]);
+    // Routing settings changed after construction (inference overrides) follow.
+    auto layers = moe::find_moe_layers(*m);
+    for (size_t i = 0; i < layers.size() && i < master_moe.size(); ++i)
+      layers[i]->set_router(master_moe[i]->router_config());
+    m->train(master->is_training());
+    models_.push_back(m);
+  }
+  for (auto& m : models_) {
+    moe_.push_back(moe::find_moe_layers(*m));
+    params_.push_back(m->parameters());
+  }
+  if (replicas > 1)
+    for (int r = 0; r < replicas; ++r) {
+      noise_.push_back(at::detail::createCPUGenerator(0));
+      for (auto& l : moe_[r]) l->set_noise_generator(noise_.back());
+    }
+}
+
+std::vector<int64_t> Replicas::slice_sizes(int64_t batch, int64_t multiple) const {
+  const int64_t R = size();
+  int64_t each = batch / R;
+  if (multiple > 1 && each >= multiple) each -= each % multiple;
+  std::vector<int64_t> out;
+  int64_t left = batch;
+  for (int64_t r = 0; r < R && left > 0; ++r) {
+    const int64_t n = r + 1 == R ? left : std::min(left, std::max<int64_t>(1, each));
+    out.push_back(n);
+    left -= n;
+  }
+  return out;
+}
+
+void Replicas::run(int n, const std::function<void(int)>& fn) const {
+  MOEV_CHECK(n >= 1 && n <= size(), "Replicas::run: ", n, " slices for ", size(), " replicas");
+  if (n == 1) {
+    fn(0);
+    return;
+  }
+  std::vector<std::exception_ptr> errors(n);
+  const int per = threads_per_replica_;
+  const bool grad = at::GradMode::is_enabled();
+  std::vector<std::thread> workers;
+  workers.reserve(n - 1);
+  for (int r = 1; r < n; ++r)
+    workers.emplace_back([&, r]() {
+      try {
+        at::set_num_threads(per);  // OpenMP's thread count is per calling thread
+        at::GradMode::set_enabled(grad);
+        fn(r);
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+    });
+  const int own = at::get_num_threads();
+  try {
+    at::set_num_threads(per);
+    fn(0);
+  } catch (...) {
+    errors[0] = std::current_exception();
+  }
+  for (auto& w : workers) w.join();
+  at::set_num_threads(own);
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+void Replicas::seed_noise(uint64_t seed, int64_t step) {
+  for (size_t r = 0; r < noise_.size(); ++r) {
+    // SplitMix-style mixing: nearby (seed, step, replica) give unrelated streams.
+    uint64_t z = seed * 0x9e3779b97f4a7c15ULL + static_cast<uint64_t>(step) * 0xbf58476d1ce4e5b9ULL +
+                 (r + 1) * 0x94d049bb133111ebULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    std::lock_guard<std::mutex> lock(noise_[r].mutex());
+    noise_[r].set_current_seed(z ^ (z >> 31));
+  }
+}
+
+void Replicas::reduce_grads() {
+  torch::NoGradGuard no_grad;
+  auto& master = params_[0];
+  for (size_t r = 1; r < params_.size(); ++r)
+    for (size_t i = 0; i < master.size(); ++i) {
+      auto& g = params_[r][i].mutable_grad();
+      if (!g.defined()) continue;
+      auto& mg = master[i].mutable_grad();
+      if (mg.defined()) mg.add_(g);
+      else mg = g.clone();
+      g.zero_();
+    }
+}
+
+void Replicas::train(bool on) {
+  for (auto& m : models_) m->train(on);
+}
+
+std::vector<moe::MoEStats> Replicas::last_stats(int n) const {
+  std::vector<moe::MoEStats> out;
+  for (size_t i = 0; i < moe_[0].size(); ++i) {
+    moe::MoEStats s = moe_[0][i]->last_stats();
+    int64_t placed = 0;
+    for (auto c : s.expert_count) placed += c;
+    double assignments = placed / std::max(1e-12, 1.0 - s.dropped_fraction);
+    double dropped = s.dropped_fraction * assignments;
+    for (int r = 1; r < n; ++r) {
+      const auto& o = moe_[r][i]->last_stats();
+      int64_t p = 0;
+      for (size_t e = 0; e < o.expert_count.size(); ++e) {
+        s.expert_count[e] += o.expert_count[e];
+        p += o.expert_count[e];
+      }
+      const double a = p / std::max(1e-12, 1.0 - o.dropped_fraction);
+      assignments += a;
+      dropped += o.dropped_fraction * a;
+    }
+    s.dropped_fraction = assignments > 0 ? dropped / assignments : 0.0;
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+}  // namespace moev::train

@@ -1,0 +1,103 @@
+// Data-parallel replicas: they share the master's weights, and a batch split over
+// them on their own threads gives the whole batch's gradients (routing groups are
+// kept whole, so routing, capacity and aux losses are the same as unsplit).
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "support/expect_error.h"
+#include "moev/train/replicas.h"
+
+using namespace moev;
+
+namespace {
+
+models::ModelConfig tiny_vmoe() {
+  auto c = models::preset("vmoe-tiny");
+  c.width = 32;
+  c.depth = 2;
+  c.heads = 2;
+  c.mlp_dim = 64;
+  c.moe = models::parse_placement("last-1");
+  c.router.num_experts = 4;
+  c.router.group_size = 4;
+  c.router.capacity_factor = 0.75;  // some tokens dropped: capacity must match too
+  c.router.noise_std = 0;           // deterministic routing for the comparison
+  return c;
+}
+
+// Mean cross-entropy plus aux losses of the batch, its gradients left in the
+// parameters of replica 0 (reduced from all replicas).
+std::vector<at::Tensor> grads(models::ClassifierPtr master, const models::ModelConfig& cfg,
+                              int replicas, const at::Tensor& x, const at::Tensor& y) {
+  train::Replicas reps(master, cfg, replicas, 2);
+  reps.train(true);
+  for (auto& p : master->parameters()) p.mutable_grad() = at::Tensor();
+  const auto sizes = reps.slice_sizes(x.size(0), cfg.router.group_size);
+  const auto xs = x.split_with_sizes(sizes), ys = y.split_with_sizes(sizes);
+  reps.run(static_cast<int>(sizes.size()), [&](int r) {
+    auto loss = torch::cross_entropy_loss(reps.model(r).forward(xs[r]), ys[r]);
+    for (auto& l : reps.moe_layers(r)) loss = loss + l->aux_loss();
+    (loss * (double(sizes[r]) / double(x.size(0)))).backward();
+  });
+  reps.reduce_grads();
+  std::vector<at::Tensor> out;
+  for (auto& p : master->parameters()) out.push_back(p.grad().clone());
+  return out;
+}
+
+}  // namespace
+
+TEST(Replicas, SplitBatchGivesTheWholeBatchGradients) {
+  torch::manual_seed(3);
+  const auto cfg = tiny_vmoe();
+  auto master = models::build_model(cfg);
+  auto x = torch::randn({32, 1, 28, 28}), y = torch::randint(0, 10, {32});
+  const auto whole = grads(master, cfg, 1, x, y);
+  const auto split = grads(master, cfg, 2, x, y);
+  ASSERT_EQ(whole.size(), split.size());
+  double max_diff = 0, max_abs = 0;
+  for (size_t i = 0; i < whole.size(); ++i) {
+    max_diff = std::max(max_diff, (whole[i] - split[i]).abs().max().item<double>());
+    max_abs = std::max(max_abs, whole[i].abs().max().item<double>());
+  }
+  EXPECT_GT(max_abs, 1e-3);  // the comparison is of real gradients
+  EXPECT_LT(max_diff, 1e-5 * std::max(1.0, max_abs)) << "max |diff| " << max_diff;
+
+  // The router gradient reached the replica too: it was summed, not overwritten.
+  const auto single = grads(master, cfg, 1, x.narrow(0, 0, 16), y.narrow(0, 0, 16));
+  double d = 0;
+  for (size_t i = 0; i < whole.size(); ++i)
+    d = std::max(d, (whole[i] - single[i] * 0.5).abs().max().item<double>());
+  EXPECT_GT(d, 1e-4);
+}
+
+TEST(Replicas, ShareTheMastersWeightsAndSliceOnGroupBoundaries) {
+  const auto cfg = tiny_vmoe();
+  auto master = models::build_model(cfg);
+  train::Replicas reps(master, cfg, 3, 2);
+  ASSERT_EQ(reps.size(), 3);
+  {
+    torch::NoGradGuard no_grad;
+    master->parameters()[0].add_(1.0);  // in place, as the optimizer updates
+  }
+  for (int r = 1; r < 3; ++r)
+    EXPECT_TRUE(torch::equal(reps.model(r).parameters()[0], master->parameters()[0]));
+
+  EXPECT_EQ(reps.slice_sizes(128, 8), (std::vector<int64_t>{40, 40, 48}));
+  EXPECT_EQ(reps.slice_sizes(2, 8), (std::vector<int64_t>{1, 1}));
+  EXPECT_EQ(reps.slice_sizes(10, 1), (std::vector<int64_t>{3, 3, 4}));
+  EXPECT_EQ(train::resolve_replicas(0, 2, 128), 2);
+  EXPECT_EQ(train::resolve_replicas(4, 2, 3), 3);
+  test::expect_error([] { train::resolve_replicas(-1, 2, 128); }, {"train.replicas = -1"});
+}
+
+TEST(Replicas, AnErrorInAReplicaThreadReachesTheCaller) {
+  const auto cfg = tiny_vmoe();
+  auto master = models::build_model(cfg);
+  train::Replicas reps(master, cfg, 2, 2);
+  test::expect_error([&] {
+    reps.run(2, [&](int r) {
+      if (r == 1) MOEV_CHECK(false, "replica ", r, " failed");
+    });
+  }, {"replica 1 failed"});
+}
