@@ -39,9 +39,11 @@ std::vector<at::Tensor> grads(models::ClassifierPtr master, const models::ModelC
     for (auto& l : reps.moe_layers(r)) loss = loss + l->aux_loss();
     (loss * (double(sizes[r]) / double(x.size(0)))).backward();
   });
-  reps.reduce_grads();
   std::vector<at::Tensor> out;
   for (auto& p : master->parameters()) out.push_back(p.grad().clone());
+  for (const auto& g : reps.replica_grads())
+    for (size_t i = 0; i < g.size(); ++i)
+      if (g[i].defined()) out[i] += g[i];
   return out;
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <utility>
@@ -25,11 +26,25 @@ class AdamW {
  public:
   AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOptions options);
 
+  // Drops the gradients (set to none): the next backward stores its gradient
+  // tensors as they come, with no zeroing pass and no add pass.
   void zero_grad();
+
+  // Runs fn(t) for t in [0, parts), possibly on several threads.
+  using Parallel = std::function<void(int parts, const std::function<void(int)>& fn)>;
+
   // One update of every parameter with a gradient. With max_grad_norm > 0 the
   // gradients are first scaled so their global L2 norm is at most max_grad_norm
   // (folded into the update: no separate pass). Returns the norm before clipping.
-  double step(double lr, double max_grad_norm = 0);
+  // extra[r][i]: replica r's gradient of parameter i (constructor order, undefined
+  // = none), summed into the master's inside the two passes (norm, update), so
+  // data-parallel replicas need no reduction pass of their own. parallel, parts:
+  // how the passes split (default: at::parallel_for over the intra-op threads);
+  // the elements are cut into `parts` equal runs, so the result depends on parts
+  // only, not on timing.
+  double step(double lr, double max_grad_norm = 0,
+              const std::vector<std::vector<at::Tensor>>& extra = {},
+              const Parallel& parallel = nullptr, int parts = 0);
 
   int64_t steps() const { return steps_; }
   // "<param>.exp_avg", "<param>.exp_avg_sq" and "step".

@@ -87,7 +87,6 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
     const auto sizes = reps.slice_sizes(b, slice_multiple);
     const auto xs = x.split_with_sizes(sizes), ys = y.split_with_sizes(sizes);
     reps.run(static_cast<int>(sizes.size()), [&](int k) {
-      c10::InferenceMode inner;  // thread-local: each replica thread needs its own
       eval_slice(reps.model(k), reps.moe_layers(k), xs[k], ys[k], classes, routing_by_class, tally[k]);
     });
     bar.update(i + b);

@@ -1,8 +1,8 @@
 #include "moev/train/replicas.h"
 
 #include <algorithm>
-#include <exception>
-#include <thread>
+
+#include <omp.h>
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
@@ -59,11 +59,15 @@ Replicas::Replicas(models::ClassifierPtr master, const models::ModelConfig& cfg,
     moe_.push_back(moe::find_moe_layers(*m));
     params_.push_back(m->parameters());
   }
-  if (replicas > 1)
-    for (int r = 0; r < replicas; ++r) {
-      noise_.push_back(at::detail::createCPUGenerator(0));
-      for (auto& l : moe_[r]) l->set_noise_generator(noise_.back());
-    }
+  if (replicas == 1) return;
+  for (int r = 0; r < replicas; ++r) {
+    noise_.push_back(at::detail::createCPUGenerator(0));
+    for (auto& l : moe_[r]) l->set_noise_generator(noise_.back());
+  }
+  errors_.resize(replicas);
+  for (int r = 1; r < replicas; ++r) workers_.emplace_back([this, r] { work(r); });
+  std::unique_lock<std::mutex> lock(mutex_);
+  done_.wait(lock, [&] { return ready_ == replicas - 1; });
 }
 
 std::vector<int64_t> Replicas::slice_sizes(int64_t batch, int64_t multiple) const {
@@ -80,37 +84,86 @@ std::vector<int64_t> Replicas::slice_sizes(int64_t batch, int64_t multiple) cons
   return out;
 }
 
-void Replicas::run(int n, const std::function<void(int)>& fn) const {
+// Threads and ATen: at::set_num_threads() also clears oneDNN's primitive cache,
+// and a thread's first ATen parallel op calls it (lazy per-thread init). Called
+// while another replica runs a oneDNN op, that frees the primitive under it; called
+// every step, it rebuilds the bf16 GEMM kernels every step. So the workers are
+// persistent, pass their lazy init once while the constructor waits, and thread
+// counts are then set per thread with omp_set_num_threads (OpenMP's per-thread
+// setting, which at::get_num_threads() reads), never globally.
+void Replicas::work(int r) {
+  at::get_num_threads();  // the lazy per-thread init, while the constructor waits
+  omp_set_num_threads(threads_per_replica_);
+  int64_t seen = 0;
+  std::unique_lock<std::mutex> lock(mutex_);
+  ++ready_;
+  done_.notify_all();
+  for (;;) {
+    wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+    if (stop_) return;
+    seen = generation_;
+    if (r >= job_n_) continue;
+    const auto* job = job_;
+    lock.unlock();
+    std::exception_ptr error;
+    try {
+      (*job)(r);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    lock.lock();
+    errors_[r] = error;
+    if (--pending_ == 0) done_.notify_all();
+  }
+}
+
+Replicas::~Replicas() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  for (auto& w : workers_) w.join();
+}
+
+void Replicas::run(int n, const std::function<void(int)>& fn) {
   MOEV_CHECK(n >= 1 && n <= size(), "Replicas::run: ", n, " slices for ", size(), " replicas");
   if (n == 1) {
     fn(0);
     return;
   }
-  std::vector<std::exception_ptr> errors(n);
-  const int per = threads_per_replica_;
   const bool grad = at::GradMode::is_enabled();
-  std::vector<std::thread> workers;
-  workers.reserve(n - 1);
-  for (int r = 1; r < n; ++r)
-    workers.emplace_back([&, r]() {
-      try {
-        at::set_num_threads(per);  // OpenMP's thread count is per calling thread
-        at::GradMode::set_enabled(grad);
-        fn(r);
-      } catch (...) {
-        errors[r] = std::current_exception();
-      }
-    });
-  const int own = at::get_num_threads();
+  const bool inference = c10::InferenceMode::is_enabled();
+  // Grad and inference modes are thread-local: the workers take the caller's.
+  const std::function<void(int)> job = [&](int r) {
+    at::AutoGradMode grad_mode(grad);
+    c10::optional<c10::InferenceMode> inference_mode;
+    if (inference) inference_mode.emplace();
+    fn(r);
+  };
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    job_ = &job;
+    job_n_ = n;
+    pending_ = n - 1;
+    std::fill(errors_.begin(), errors_.end(), nullptr);
+    ++generation_;
+  }
+  wake_.notify_all();
+  const int own = omp_get_max_threads();
+  omp_set_num_threads(threads_per_replica_);
+  std::exception_ptr error;
   try {
-    at::set_num_threads(per);
     fn(0);
   } catch (...) {
-    errors[0] = std::current_exception();
+    error = std::current_exception();
   }
-  for (auto& w : workers) w.join();
-  at::set_num_threads(own);
-  for (auto& e : errors)
+  omp_set_num_threads(own);
+  std::unique_lock<std::mutex> lock(mutex_);
+  done_.wait(lock, [&] { return pending_ == 0; });
+  job_ = nullptr;
+  if (error) std::rethrow_exception(error);
+  for (auto& e : errors_)
     if (e) std::rethrow_exception(e);
 }
 
@@ -126,18 +179,18 @@ void Replicas::seed_noise(uint64_t seed, int64_t step) {
   }
 }
 
-void Replicas::reduce_grads() {
-  torch::NoGradGuard no_grad;
-  auto& master = params_[0];
+std::vector<std::vector<at::Tensor>> Replicas::replica_grads() const {
+  std::vector<std::vector<at::Tensor>> out;
+  for (size_t r = 1; r < params_.size(); ++r) {
+    auto& g = out.emplace_back();
+    for (const auto& p : params_[r]) g.push_back(p.grad());
+  }
+  return out;
+}
+
+void Replicas::clear_grads() {
   for (size_t r = 1; r < params_.size(); ++r)
-    for (size_t i = 0; i < master.size(); ++i) {
-      auto& g = params_[r][i].mutable_grad();
-      if (!g.defined()) continue;
-      auto& mg = master[i].mutable_grad();
-      if (mg.defined()) mg.add_(g);
-      else mg = g.clone();
-      g.zero_();
-    }
+    for (auto& p : params_[r]) p.mutable_grad() = at::Tensor();
 }
 
 void Replicas::train(bool on) {
@@ -145,6 +198,7 @@ void Replicas::train(bool on) {
 }
 
 std::vector<moe::MoEStats> Replicas::last_stats(int n) const {
+  MOEV_CHECK(n >= 1 && n <= size(), "Replicas::last_stats: ", n, " slices for ", size(), " replicas");
   std::vector<moe::MoEStats> out;
   for (size_t i = 0; i < moe_[0].size(); ++i) {
     moe::MoEStats s = moe_[0][i]->last_stats();

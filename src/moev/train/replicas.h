@@ -12,8 +12,12 @@
 // generator seeded from (seed, step, replica), not from the shared global RNG.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include <ATen/core/Generator.h>
@@ -37,6 +41,9 @@ class Replicas {
   // master: the model the optimizer steps (replica 0), built from cfg and already
   // on its device, holding its final weights' storage. threads: the cores to use.
   Replicas(models::ClassifierPtr master, const models::ModelConfig& cfg, int replicas, int threads);
+  ~Replicas();
+  Replicas(const Replicas&) = delete;
+  Replicas& operator=(const Replicas&) = delete;
 
   int size() const { return static_cast<int>(models_.size()); }
   models::Classifier& model(int r) { return *models_[r]; }
@@ -46,16 +53,21 @@ class Replicas {
   // where the batch allows, the last slice taking the rest. Empty slices are left out.
   std::vector<int64_t> slice_sizes(int64_t batch, int64_t multiple) const;
 
-  // Runs fn(r) for every replica r, replica 0 on the calling thread and the others
-  // on their own threads, each with threads/size() intra-op threads; rethrows the
-  // first error. fn(r) may only touch replica r's model and its own outputs.
-  void run(int n, const std::function<void(int)>& fn) const;
+  // Runs fn(r) for replicas r < n, replica 0 on the calling thread and the others
+  // on their own (persistent) threads, each with threads/size() intra-op threads;
+  // rethrows the first error. fn(r) may only touch replica r's model and outputs.
+  void run(int n, const std::function<void(int)>& fn);
 
   // Router noise of replica r from its own generator, reseeded for this step.
   void seed_noise(uint64_t seed, int64_t step);
 
-  // Adds the replicas' gradients into the master's (replica order), zeroes theirs.
-  void reduce_grads();
+  // Gradients of replicas 1..R-1, [r - 1][i] for the master's parameter i (for
+  // AdamW::step, which sums them into the master's inside its update pass).
+  std::vector<std::vector<at::Tensor>> replica_grads() const;
+  // Drops the replicas' gradients (set to none), as AdamW::zero_grad the master's.
+  void clear_grads();
+  // AdamW::Parallel over the replica threads.
+  void parallel(int parts, const std::function<void(int)>& fn) { run(parts, fn); }
 
   void train(bool on);
 
@@ -69,6 +81,18 @@ class Replicas {
   std::vector<std::vector<at::Tensor>> params_;  // per replica, master order
   std::vector<at::Generator> noise_;
   int threads_per_replica_ = 1;
+
+  // Worker r (1..R-1) runs job_(r) when generation_ moves on and r < job_n_.
+  void work(int r);
+  std::vector<std::thread> workers_;
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int)>* job_ = nullptr;
+  int job_n_ = 0;
+  int64_t generation_ = 0;
+  int pending_ = 0, ready_ = 0;
+  bool stop_ = false;
+  std::vector<std::exception_ptr> errors_;
 };
 
 }  // namespace moev::train

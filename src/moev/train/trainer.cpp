@@ -163,31 +163,36 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       // Each replica's slice loss is weighted by its share of the batch, so the
       // summed gradients are those of the whole batch's mean loss.
       const auto sizes = reps.slice_sizes(y.size(0), slices_of);
-      const int n = static_cast<int>(sizes.size());
+      const int slices = static_cast<int>(sizes.size());
       const auto xs = x.split_with_sizes(sizes), ys = y.split_with_sizes(sizes);
-      std::vector<double> slice_loss(n), slice_aux(n);
-      std::vector<int64_t> slice_correct(n);
-      if (n > 1) reps.seed_noise(tc.seed, pos.step);
+      std::vector<double> slice_loss(slices), slice_aux(slices);
+      std::vector<int64_t> slice_correct(slices);
+      if (slices > 1) reps.seed_noise(tc.seed, pos.step);
       opt.zero_grad();
-      reps.run(n, [&](int r) {
+      reps.clear_grads();
+      reps.run(slices, [&](int r) {
         auto logits = reps.model(r).forward(xs[r]);
         auto loss = torch::nn::functional::cross_entropy(logits, ys[r], ce_opts);
         at::Tensor aux;
         for (auto& l : reps.moe_layers(r)) aux = aux.defined() ? aux + l->aux_loss() : l->aux_loss();
         auto total = aux.defined() ? loss + aux : loss;
         const double w = double(sizes[r]) / double(y.size(0));
-        (n > 1 ? total * w : total).backward();
+        (slices > 1 ? total * w : total).backward();
         slice_loss[r] = loss.item<double>() * w;
         slice_aux[r] = aux.defined() ? aux.item<double>() * w : 0.0;
         slice_correct[r] = logits.argmax(1).eq(ys[r]).sum().item<int64_t>();
       });
-      reps.reduce_grads();
-      const double grad_norm = opt.step(lr, tc.clip_grad_norm);
+      const double grad_norm =
+          reps.size() == 1
+              ? opt.step(lr, tc.clip_grad_norm)
+              : opt.step(lr, tc.clip_grad_norm, reps.replica_grads(),
+                         [&](int parts, const std::function<void(int)>& fn) { reps.parallel(parts, fn); },
+                         reps.size());
       ++pos.step;
       ++pos.batch;
 
       double l = 0, aux_value = 0;
-      for (int r = 0; r < n; ++r) {
+      for (int r = 0; r < slices; ++r) {
         l += slice_loss[r];
         aux_value += slice_aux[r];
         window_correct += slice_correct[r];
@@ -215,7 +220,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
                   {"train_acc", double(window_correct) / double(window_images)},
                   {"images_per_s", secs > 0 ? double(window_images) / secs : 0.0}};
         json load = json::array(), dropped = json::array();
-        for (const auto& s : reps.last_stats(n)) {
+        for (const auto& s : reps.last_stats(slices)) {
           int64_t sum = 0;
           for (auto c : s.expert_count) sum += c;
           json row = json::array();
@@ -241,7 +246,12 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       const auto t_eval = std::chrono::steady_clock::now();
       out.eval = evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of);
       eval_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_eval).count();
-      json line{{"step", pos.step}, {"epoch", pos.epoch}, {"eval", eval_json(out.eval)}};
+      // Wall time since this process started training, evaluations included: what
+      // a time budget counts (a resumed run starts again from 0).
+      const double elapsed =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+      json line{{"step", pos.step}, {"epoch", pos.epoch}, {"elapsed_s", elapsed},
+                {"eval", eval_json(out.eval)}};
       log << line.dump() << "\n" << std::flush;
       if (opts.progress && tc.progress) {
         char buf[128];
