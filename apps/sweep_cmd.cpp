@@ -43,18 +43,7 @@ Runner add_sweep(CLI::App& app) {
     j.erase("sweep");
     auto sets = f->sets;
     if (f->epochs > 0) sets.push_back("train.epochs=" + std::to_string(f->epochs));
-    for (const auto& s : sets) {
-      const auto eq = s.find('='), dot = s.find('.');
-      MOEV_CHECK(eq != std::string::npos && dot != std::string::npos && dot < eq, "--set ", s,
-                 ": expected section.key=value");
-      nlohmann::json v;
-      try {
-        v = nlohmann::json::parse(s.substr(eq + 1));
-      } catch (const nlohmann::json::exception&) {
-        v = s.substr(eq + 1);
-      }
-      j[s.substr(0, dot)][s.substr(dot + 1, eq - dot - 1)] = v;
-    }
+    for (const auto& s : sets) j.merge_patch(io::override_json(s));
     const auto runs = train::expand_grid(grid, j, f->config);
     std::printf("%zu runs in %s\n", runs.size(), f->out.c_str());
     for (const auto& r : runs) std::printf("  %s\n", r.name.c_str());

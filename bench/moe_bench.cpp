@@ -21,8 +21,11 @@
 #include <string>
 #include <thread>
 
+#include "moev/models/cost.h"
 #include "moev/models/model_config.h"
 #include "moev/moe/moe_layer.h"
+#include "moev/train/adamw.h"
+#include "moev/train/replicas.h"
 
 namespace {
 
@@ -87,9 +90,12 @@ void BM_MoELayerTrain(benchmark::State& state) {
   }
 }
 
-// One training step (forward, loss with aux losses, backward) or one inference
-// forward of a tiny preset on a batch of 128, as a callable.
-std::function<void()> model_step(const char* preset, const char* precision, bool train) {
+// One training step (forward, loss with aux losses, backward, AdamW update) or
+// one inference forward of a tiny preset on a batch of 128, as the trainer and
+// evaluator run it: split over `replicas` data-parallel replicas (1: the plain
+// model on all threads).
+std::function<void()> model_step(const char* preset, const char* precision, bool train, int replicas,
+                                 int threads) {
   auto cfg = moev::models::preset(preset);
   cfg.precision = precision;
   torch::manual_seed(0);
@@ -97,38 +103,33 @@ std::function<void()> model_step(const char* preset, const char* precision, bool
   const int64_t B = 128;
   auto x = torch::randn({B, cfg.channels, cfg.image_size, cfg.image_size});
   auto y = torch::randint(0, cfg.num_classes, {B}, torch::kLong);
-  auto layers = moev::moe::find_moe_layers(*model);
-  if (train) {
-    model->train();
+  auto reps = std::make_shared<moev::train::Replicas>(model, cfg, replicas, threads);
+  const auto sizes = reps->slice_sizes(B, moev::train::slice_multiple(cfg));
+  const int n = static_cast<int>(sizes.size());
+  const auto xs = x.split_with_sizes(sizes), ys = y.split_with_sizes(sizes);
+  if (!train) {
+    reps->train(false);
     return [=] {
-      model->zero_grad();
-      auto loss = torch::cross_entropy_loss(model->forward(x), y);
-      for (auto& l : layers) loss = loss + l->aux_loss();
-      loss.backward();
+      c10::InferenceMode g;
+      reps->run(n, [&](int r) { benchmark::DoNotOptimize(reps->model(r).forward(xs[r])); });
     };
   }
-  model->eval();
+  reps->train(true);
+  std::vector<std::pair<std::string, at::Tensor>> params;
+  for (auto& p : model->named_parameters()) params.emplace_back(p.key(), p.value());
+  auto opt = std::make_shared<moev::train::AdamW>(params, moev::train::AdamWOptions{});
   return [=] {
-    c10::InferenceMode g;
-    benchmark::DoNotOptimize(model->forward(x));
+    opt->zero_grad();
+    reps->clear_grads();
+    reps->run(n, [&](int r) {
+      auto loss = torch::cross_entropy_loss(reps->model(r).forward(xs[r]), ys[r]);
+      for (auto& l : reps->moe_layers(r)) loss = loss + l->aux_loss();
+      (loss * (double(sizes[r]) / double(B))).backward();
+    });
+    if (n == 1) opt->step(1e-4, 1.0);
+    else opt->step(1e-4, 1.0, reps->replica_grads(),
+                   [&](int parts, const std::function<void(int)>& fn) { reps->parallel(parts, fn); }, n);
   };
-}
-
-// Forward FLOPs per image of the ViT/V-MoE presets (matmuls only; MoE blocks
-// count K experts per token).
-double forward_flops_per_image(const moev::models::ModelConfig& c) {
-  const double N = double(c.image_size / c.patch) * double(c.image_size / c.patch);
-  const double D = double(c.width), H = double(c.mlp_dim);
-  const double patch = 2 * N * D * double(c.patch * c.patch * c.channels);
-  const double attn = 2 * N * D * 3 * D + 2 * N * D * D + 2 * 2 * N * N * D;
-  const double mlp = 2 * 2 * N * D * H;
-  const auto moe_at = moev::models::moe_blocks(c.moe, c.depth);
-  double total = patch;
-  for (int64_t b = 0; b < c.depth; ++b) {
-    const bool moe = std::find(moe_at.begin(), moe_at.end(), b) != moe_at.end();
-    total += attn + (moe ? double(c.router.k) * mlp + 2 * N * D * double(c.router.num_experts) : mlp);
-  }
-  return total + 2 * D * double(c.num_classes);
 }
 
 // Milliseconds per call of each function, measured in interleaved rounds: every
@@ -225,11 +226,17 @@ int main(int argc, char** argv) {
     });
   }
   const std::vector<const char*> presets = {"vmoe-tiny", "vit-tiny"};
+  // /dp: one data-parallel replica per thread (what `moev train` and `moev eval`
+  // do by default); without: one model over all threads.
+  const int dp = std::max(1, threads);
   if (!g_quick)
     for (const char* prec : {"fp32", "bf16"})
       for (const char* p : presets)
-        for (bool train : {true, false})
-          add(std::string(p) + "/" + prec + (train ? "/train" : "/eval"), model_step(p, prec, train));
+        for (bool train : {true, false}) {
+          const std::string name = std::string(p) + "/" + prec + (train ? "/train" : "/eval");
+          add(name, model_step(p, prec, train, 1, threads));
+          if (dp > 1) add(name + "/dp", model_step(p, prec, train, dp, threads));
+        }
   std::printf("\nfigures: %d interleaved rounds of %zu cases, fastest round kept...\n", g_quick ? 1 : rounds, fns.size());
   const auto ms = interleaved_min_ms(fns, g_quick ? 1 : rounds, g_quick ? 1.0 : 300.0);
   std::map<std::string, double> t;
@@ -258,14 +265,19 @@ int main(int argc, char** argv) {
     // twice that peak here, so bf16 figures can pass 100% in principle.
     for (const char* prec : {"fp32", "bf16"})
       for (const char* p : presets) {
-        const std::string name = std::string(p) + "/" + prec;
-        const double tr = 128.0 / (t[name + "/train"] * 1e-3), ev = 128.0 / (t[name + "/eval"] * 1e-3);
-        const double f = forward_flops_per_image(moev::models::preset(p));
-        std::printf("%s %s (batch 128): train %.0f img/s (fp32 MFU %.0f%%), eval %.0f img/s (fp32 MFU %.0f%%)\n", p,
-                    prec, tr, 100 * 3 * f * tr / (peak * 1e9), ev, 100 * f * ev / (peak * 1e9));
-        if (std::string(p) == "vmoe-tiny")
-          std::printf("  vs Python eager fp32 reference (%.0f train, %.0f eval img/s): train %.2fx (target >= 2), eval %.2fx (target >= 2.5)\n",
-                      kPythonTrainImgS, kPythonEvalImgS, tr / kPythonTrainImgS, ev / kPythonEvalImgS);
+        const double f = moev::models::model_cost(moev::models::preset(p)).flops;
+        for (const std::string mode : {"", "/dp"}) {
+          const std::string name = std::string(p) + "/" + prec;
+          if (!t.count(name + "/train" + mode)) continue;
+          const double tr = 128.0 / (t[name + "/train" + mode] * 1e-3);
+          const double ev = 128.0 / (t[name + "/eval" + mode] * 1e-3);
+          std::printf("%s %s (batch 128, %s): train %.0f img/s (fp32 MFU %.0f%%), eval %.0f img/s (fp32 MFU %.0f%%)\n",
+                      p, prec, mode.empty() ? "one model" : "one replica per thread", tr,
+                      100 * 3 * f * tr / (peak * 1e9), ev, 100 * f * ev / (peak * 1e9));
+          if (std::string(p) == "vmoe-tiny")
+            std::printf("  vs Python eager fp32 reference (%.0f train, %.0f eval img/s): train %.2fx (target >= 2), eval %.2fx (target >= 2.5)\n",
+                        kPythonTrainImgS, kPythonEvalImgS, tr / kPythonTrainImgS, ev / kPythonEvalImgS);
+        }
       }
   }
   return 0;

@@ -28,6 +28,14 @@ TEST(ModelCost, ParamsMatchTheBuiltModels) {
   c.router.logits = "cosine";
   c.router.cosine_dim = 8;
   EXPECT_EQ(model_cost(c).params, numel(c));
+  auto s = preset("vmoe-tiny");
+  s.patch = 7;
+  s.stem_channels = 24;
+  EXPECT_EQ(model_cost(s).params, numel(s));
+  s.stem_channels = 0;
+  const double plain = model_cost(s).flops;
+  s.stem_channels = 24;  // 28*28 pixels x 3x3x1x24 MACs, and the patch embedding sees 24 channels
+  EXPECT_NEAR(model_cost(s).flops - plain, 2.0 * 784 * 9 * 24 + 2.0 * 16 * 49 * 23 * 128, 1.0);
 }
 
 TEST(ModelCost, ActiveParamsAndFlopsFollowKOfE) {

@@ -46,6 +46,35 @@ TEST(ViT, ShapesParamsAndGradients) {
   EXPECT_GT(moe[1]->experts->w2.grad().abs().sum().item<double>(), 0);
 }
 
+// The conv stem: a 3x3 conv before the patch embedding; it must be trained too.
+TEST(ViT, ConvStemShapesAndGradients) {
+  torch::manual_seed(0);
+  auto cfg = preset("vit-tiny");
+  cfg.depth = 2;
+  cfg.patch = 7;
+  cfg.stem_channels = 8;
+  auto model = build_model(cfg);
+  auto x = torch::randn({3, 1, 28, 28});
+  auto y = model->forward(x);
+  EXPECT_EQ(y.sizes(), (std::vector<int64_t>{3, 10}));
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : model->named_parameters())
+      if (p.key().find("head") == 0) p.value().normal_(0, 0.1);
+  }
+  torch::cross_entropy_loss(model->forward(x), torch::tensor({0, 1, 2})).backward();
+  const auto params = model->named_parameters();
+  ASSERT_TRUE(params.contains("stem.weight"));
+  EXPECT_EQ(params["stem.weight"].sizes(), (std::vector<int64_t>{8, 1, 3, 3}));
+  EXPECT_EQ(params["patch_embed.weight"].sizes(), (std::vector<int64_t>{128, 8, 7, 7}));
+  EXPECT_GT(params["stem.weight"].grad().abs().sum().item<double>(), 0);
+  cfg.stem_channels = -1;
+  EXPECT_THROW(validate(cfg), moev::Error);
+  auto cn = preset("convnext-tiny");
+  cn.stem_channels = 8;
+  EXPECT_THROW(validate(cn), moev::Error);
+}
+
 TEST(ViT, PresetsAndErrors) {
   for (auto& n : preset_names()) EXPECT_NO_THROW(validate(preset(n)));
   EXPECT_THROW(preset("vit-huge"), moev::Error);

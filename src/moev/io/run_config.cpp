@@ -79,6 +79,8 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("model.channels", model.channels, "input channels"),
         MOEV_FIELD("model.num_classes", model.num_classes, "classes"),
         MOEV_FIELD("model.patch", model.patch, "ViT patch side, pixels"),
+        MOEV_FIELD("model.stem_channels", model.stem_channels,
+                   "ViT: channels of a 3x3 conv stem before the patch embedding (0: none)"),
         MOEV_FIELD("model.width", model.width, "token width D (ViT, isotropic ConvNeXt)"),
         MOEV_FIELD("model.depth", model.depth, "blocks (ViT, isotropic ConvNeXt)"),
         MOEV_FIELD("model.heads", model.heads, "attention heads"),
@@ -227,7 +229,7 @@ RunConfig load_run_config(const std::string& path) {
   return cfg;
 }
 
-void apply_override(RunConfig& cfg, const std::string& assignment) {
+json override_json(const std::string& assignment) {
   const auto eq = assignment.find('=');
   MOEV_CHECK(eq != std::string::npos && eq > 0, "--set ", assignment,
              ": expected section.key=value, e.g. train.lr=0.001");
@@ -244,7 +246,11 @@ void apply_override(RunConfig& cfg, const std::string& assignment) {
     fail("--set: unknown config key '", key, "' (moev train --help-config lists the keys)");
   json j;
   j[key.substr(0, dot)][key.substr(dot + 1)] = value;
-  apply_json(cfg, j, "--set " + assignment);
+  return j;
+}
+
+void apply_override(RunConfig& cfg, const std::string& assignment) {
+  apply_json(cfg, override_json(assignment), "--set " + assignment);
 }
 
 json to_json(const RunConfig& cfg) {

@@ -34,6 +34,9 @@ void apply_json(RunConfig& cfg, const nlohmann::json& j, const std::string& sour
 
 // Applies one "section.key=value" override (value parsed as JSON, else a string).
 void apply_override(RunConfig& cfg, const std::string& assignment);
+// The same override as {"section": {"key": value}}, for merging into a config
+// document (the key is checked against the known fields).
+nlohmann::json override_json(const std::string& assignment);
 
 // Every field, as nested JSON (stored in checkpoints, printed by --print-config).
 nlohmann::json to_json(const RunConfig& cfg);

@@ -47,7 +47,12 @@ ModelCost model_cost(const ModelConfig& cfg) {
   const double tokens = double(side * side);
   if (cfg.family == "vit") {
     const int64_t D = cfg.width;
-    a.linear(tokens, cfg.channels * cfg.patch * cfg.patch, D);  // patch embedding
+    int64_t in = cfg.channels;
+    if (cfg.stem_channels > 0) {  // 3x3 conv at every pixel
+      a.linear(double(cfg.image_size * cfg.image_size), cfg.channels * 9, cfg.stem_channels);
+      in = cfg.stem_channels;
+    }
+    a.linear(tokens, in * cfg.patch * cfg.patch, D);  // patch embedding
     a.c.params += side * side * D;                              // position embedding
     a.c.active_params += side * side * D;
     for (int64_t b = 0; b < blocks; ++b) {

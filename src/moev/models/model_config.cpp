@@ -113,6 +113,8 @@ void validate(const ModelConfig& c) {
                  " stages after a stem of ", c.patch, " px (each later stage halves the side)");
     }
   }
+  MOEV_CHECK(c.stem_channels >= 0 && (c.stem_channels == 0 || c.family == "vit"), "model.stem_channels = ",
+             c.stem_channels, ": expected >= 0, and 0 unless model.family = vit");
   MOEV_CHECK(c.drop_path >= 0 && c.drop_path < 1, "model.drop_path = ", c.drop_path, ": expected [0, 1)");
   MOEV_CHECK(c.depth >= 1 && c.mlp_dim >= 1, "model.depth and model.mlp_dim must be >= 1");
   MOEV_CHECK(c.dropout >= 0 && c.dropout < 1, "model.dropout = ", c.dropout, ": expected [0, 1)");

@@ -37,6 +37,7 @@ class ViTImpl : public Classifier {
   at::Tensor forward(const at::Tensor& images) override;
 
   ModelConfig cfg;
+  torch::nn::Conv2d stem{nullptr};  // 3x3, stride 1 (only with cfg.stem_channels > 0)
   torch::nn::Conv2d patch_embed{nullptr};
   at::Tensor pos_embed;  // [1, N, D]
   torch::nn::ModuleList blocks{nullptr};
