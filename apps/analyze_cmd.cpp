@@ -53,6 +53,7 @@ Runner add_analyze(CLI::App& app) {
       MOEV_CHECK(c > 0, "--capacities: ", c, " is not a capacity ratio > 0");
     const auto device = parse_device("cpu");
     auto t = train::load_trained(f->checkpoint, device, f->precision);
+    warn_precision(t.cfg.model.precision);
     auto layers = moe::find_moe_layers(*t.model);
     MOEV_CHECK(!layers.empty(), f->checkpoint, ": the model has no MoE layers to analyse (model.moe = ",
                models::to_string(t.cfg.model.moe), ")");

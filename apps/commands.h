@@ -35,4 +35,8 @@ Runner add_sweep(CLI::App& app);
 
 bool stderr_is_terminal();
 
+// One stderr line when `precision` asks for bf16 on a CPU that would run it as
+// fp32 (nn::parse_precision), so the figures a user reads are not a surprise.
+void warn_precision(const std::string& precision);
+
 }  // namespace moev::app

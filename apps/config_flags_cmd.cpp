@@ -4,10 +4,17 @@
 
 #include "commands.h"
 #include "moev/core/error.h"
+#include "moev/nn/linear.h"
 
 namespace moev::app {
 
 bool stderr_is_terminal() { return ::isatty(STDERR_FILENO) == 1; }
+
+void warn_precision(const std::string& precision) {
+  if (precision == "bf16" && !nn::native_bf16())
+    std::cerr << "moev: note: model.precision = bf16, but this CPU has no native bf16 dot products "
+                 "(AVX512_BF16 or AMX); running the GEMMs in fp32\n";
+}
 
 void ConfigFlags::add_to(CLI::App* cmd) {
   cmd->add_option("-c,--config", config_file, "config file (.toml or .json)");
@@ -43,6 +50,7 @@ io::RunConfig ConfigFlags::resolve() const {
   if (!config_file.empty()) io::apply_file(cfg, config_file);
   for (const auto& s : shorthand) io::apply_override(cfg, s);
   for (const auto& s : sets) io::apply_override(cfg, s);
+  warn_precision(cfg.model.precision);
   return cfg;
 }
 

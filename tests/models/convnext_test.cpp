@@ -60,7 +60,7 @@ TEST(ConvNeXt, LayerScaleStartsNearIdentityAndDropPathIsPerImage) {
   torch::manual_seed(1);
   auto cfg = preset("convnext-tiny");
   ConvNeXtBlock blk(cfg, 16, /*use_moe=*/false, /*drop_path=*/0.5);
-  auto x = torch::randn({64, 16, 5, 5});
+  auto x = torch::randn({64, 5, 5, 16});  // channels-last [B, H, W, D]
   blk->eval();
   // gamma = 1e-6: the residual branch is negligible at initialisation.
   EXPECT_LT((blk->forward(x) - x).abs().max().item<double>(), 1e-4);
@@ -109,4 +109,35 @@ TEST(ConvNeXt, ConfigErrorsNameTheField) {
   cfg = preset("convnext-tiny");
   cfg.family = "resnet";
   moev::test::expect_error([&] { validate(cfg); }, {"model.family", "resnet", "convnext"});
+}
+
+TEST(ConvNeXt, ChannelsLastForwardMatchesTheNchwModel) {
+  // The model runs channels-last (patchify GEMMs, the depthwise kernel); the
+  // same weights through stock NCHW Conv2d modules must give the same logits.
+  torch::manual_seed(3);
+  auto cfg = preset("convnext-tiny");
+  cfg.layer_scale = 0.5;  // make the blocks matter
+  auto model = std::dynamic_pointer_cast<ConvNeXtImpl>(build_model(cfg));
+  model->eval();
+  auto images = torch::randn({2, 1, 28, 28});
+  auto ln = [](torch::nn::LayerNormImpl& n, const at::Tensor& x) {  // over C of NCHW
+    return n.forward(x.permute({0, 2, 3, 1})).permute({0, 3, 1, 2});
+  };
+  torch::NoGradGuard ng;
+  auto x = ln(*model->stem_norm, model->stem->forward(images));
+  for (size_t s = 0; s < model->stages->size(); ++s) {
+    if (s > 0)
+      x = model->down_convs[s - 1]->as<torch::nn::Conv2dImpl>()->forward(
+          ln(*model->down_norms[s - 1]->as<torch::nn::LayerNormImpl>(), x));
+    for (auto& m : *model->stages[s]->as<torch::nn::ModuleListImpl>()) {
+      auto* blk = m->as<ConvNeXtBlockImpl>();
+      auto t = ln(*blk->norm, blk->dwconv->forward(x)).permute({0, 2, 3, 1});
+      t = blk->fc2->forward(torch::gelu(blk->fc1->forward(t))) * blk->gamma;
+      x = x + t.permute({0, 3, 1, 2});
+    }
+  }
+  EXPECT_EQ(x.size(2), 3);  // 28 -> 14 -> 7 -> 3: the last downsampling drops a row and a column
+  auto ref = model->head->forward(model->head_norm->forward(x.mean({2, 3})));
+  auto got = model->forward(images);
+  EXPECT_TRUE(torch::allclose(got, ref, 1e-4, 1e-5)) << (got - ref).abs().max().item<double>();
 }

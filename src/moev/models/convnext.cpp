@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include "moev/nn/depthwise_conv.h"
 #include "moev/nn/linear.h"
 
 namespace moev::models {
@@ -15,8 +16,13 @@ void init_trunc_normal(at::Tensor w, const at::Tensor& b) {
 }
 }  // namespace
 
-at::Tensor layer_norm_channels(torch::nn::LayerNormImpl& ln, const at::Tensor& x) {
-  return ln.forward(x.permute({0, 2, 3, 1})).permute({0, 3, 1, 2});
+at::Tensor patchify_nhwc(const at::Tensor& x, torch::nn::Conv2dImpl& conv, at::ScalarType matmul_dtype) {
+  const int64_t B = x.size(0), Ci = x.size(3), p = conv.weight.size(2), Co = conv.weight.size(0);
+  const int64_t h = x.size(1) / p, w = x.size(2) / p;
+  // [B, h, p, w, p, Ci] -> [B, h, w, p, p, Ci]: each patch's pixels in (row, column, channel) order.
+  auto patches = x.narrow(1, 0, h * p).narrow(2, 0, w * p).reshape({B, h, p, w, p, Ci}).permute({0, 1, 3, 2, 4, 5});
+  auto weight = conv.weight.permute({0, 2, 3, 1}).reshape({Co, p * p * Ci});  // same order
+  return nn::linear(patches.reshape({B, h, w, p * p * Ci}), weight, conv.bias, matmul_dtype);
 }
 
 ConvNeXtBlockImpl::ConvNeXtBlockImpl(const ModelConfig& c, int64_t dim, bool use_moe,
@@ -41,15 +47,15 @@ ConvNeXtBlockImpl::ConvNeXtBlockImpl(const ModelConfig& c, int64_t dim, bool use
 }
 
 at::Tensor ConvNeXtBlockImpl::forward(const at::Tensor& x) {
-  const int64_t B = x.size(0), D = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), D = x.size(3);
   // Tokens [B, H*W, D] for the MLP: every spatial position is one token.
-  auto t = norm->forward(dwconv->forward(x).permute({0, 2, 3, 1})).reshape({B, H * W, D});
+  auto t = norm->forward(nn::depthwise_conv_nhwc(x, dwconv->weight, dwconv->bias)).view({B, H * W, D});
   if (moe) {
     t = moe->forward(t);
   } else {
     t = nn::mlp(t, fc1->weight, fc1->bias, fc2->weight, fc2->bias, matmul_dtype);
   }
-  t = (t * gamma).view({B, H, W, D}).permute({0, 3, 1, 2});
+  t = (t * gamma).view({B, H, W, D});
   if (is_training() && drop_path > 0) {  // stochastic depth, per image
     auto keep = torch::empty({B, 1, 1, 1}, x.options()).bernoulli_(1.0 - drop_path);
     t = t * keep / (1.0 - drop_path);
@@ -57,7 +63,7 @@ at::Tensor ConvNeXtBlockImpl::forward(const at::Tensor& x) {
   return x + t;
 }
 
-ConvNeXtImpl::ConvNeXtImpl(const ModelConfig& c) : cfg(c) {
+ConvNeXtImpl::ConvNeXtImpl(const ModelConfig& c) : cfg(c), matmul_dtype(nn::parse_precision(c.precision)) {
   const bool iso = c.family == "convnext-iso";
   const std::vector<int64_t> dims = iso ? std::vector<int64_t>{c.width} : c.dims;
   const std::vector<int64_t> depths = iso ? std::vector<int64_t>{c.depth} : c.depths;
@@ -94,16 +100,16 @@ ConvNeXtImpl::ConvNeXtImpl(const ModelConfig& c) : cfg(c) {
 }
 
 at::Tensor ConvNeXtImpl::forward(const at::Tensor& images) {
-  auto x = layer_norm_channels(*stem_norm, stem->forward(images)).contiguous();
+  auto x = stem_norm->forward(patchify_nhwc(images.permute({0, 2, 3, 1}), *stem, matmul_dtype));  // [B, H, W, D]
   for (size_t s = 0; s < stages->size(); ++s) {
     if (s > 0) {
-      x = down_convs[s - 1]->as<torch::nn::Conv2dImpl>()->forward(
-          layer_norm_channels(*down_norms[s - 1]->as<torch::nn::LayerNormImpl>(), x));
+      x = patchify_nhwc(down_norms[s - 1]->as<torch::nn::LayerNormImpl>()->forward(x),
+                        *down_convs[s - 1]->as<torch::nn::Conv2dImpl>(), matmul_dtype);
     }
     for (auto& blk : *stages[s]->as<torch::nn::ModuleListImpl>())
       x = blk->as<ConvNeXtBlockImpl>()->forward(x);
   }
-  return head->forward(head_norm->forward(x.mean({2, 3})));
+  return head->forward(head_norm->forward(x.mean({1, 2})));
 }
 
 }  // namespace moev::models

@@ -4,7 +4,10 @@
 // stages whose width doubles and resolution halves) and isotropic (one stage at
 // constant resolution, like a ViT). In the blocks chosen by the placement the
 // pointwise MLP is the shared moe::MoELayer, every spatial position a token.
-// Blocks are numbered 0.. across all stages for placement.
+// Blocks are numbered 0.. across all stages for placement. Activations stay
+// channels-last ([B, H, W, D]) from the stem to the head: LayerNorm, the MLP and
+// the depthwise kernel (nn/depthwise_conv.h) all want D innermost, so no block
+// permutes. Parameters keep the shapes of the NCHW Conv2d modules.
 #pragma once
 
 #include <torch/nn/modules/container/modulelist.h>
@@ -19,7 +22,7 @@ namespace moev::models {
 class ConvNeXtBlockImpl : public torch::nn::Module {
  public:
   ConvNeXtBlockImpl(const ModelConfig& cfg, int64_t dim, bool use_moe, double drop_path);
-  // x: [B, D, H, W] -> [B, D, H, W] (D channels; the MLP sees N = H * W tokens)
+  // x: [B, H, W, D] -> [B, H, W, D] (channels-last; the MLP sees N = H * W tokens)
   at::Tensor forward(const at::Tensor& x);
 
   torch::nn::Conv2d dwconv{nullptr};
@@ -44,11 +47,16 @@ class ConvNeXtImpl : public Classifier {
   // downsample[s] (s >= 1) precedes stage s: LayerNorm then 2x2 stride-2 conv.
   torch::nn::ModuleList down_norms{nullptr}, down_convs{nullptr};
   torch::nn::ModuleList stages{nullptr};  // each a ModuleList of blocks
+  at::ScalarType matmul_dtype;
   torch::nn::LayerNorm head_norm{nullptr};
   torch::nn::Linear head{nullptr};
 };
 
-// Channels-first LayerNorm: normalises over C of [B, C, H, W].
-at::Tensor layer_norm_channels(torch::nn::LayerNormImpl& ln, const at::Tensor& x);
+// A 2x2-or-larger patchify convolution (kernel = stride = p, no padding, as the
+// stem and the downsampling layers) on channels-last input, as one GEMM over
+// the gathered patches. x: [B, H, W, Ci], conv weight [Co, Ci, p, p] ->
+// [B, H/p, W/p, Co] (trailing rows and columns that fill no patch are dropped,
+// as Conv2d does).
+at::Tensor patchify_nhwc(const at::Tensor& x, torch::nn::Conv2dImpl& conv, at::ScalarType matmul_dtype);
 
 }  // namespace moev::models

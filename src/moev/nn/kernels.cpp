@@ -4,14 +4,6 @@
 #include <cmath>
 #include <cstring>
 
-// Each hot loop is compiled three times and the best one for this CPU is picked
-// when the library loads; the loops are written so GCC vectorises them.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define MOEV_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MOEV_CLONES
-#endif
-
 namespace moev::nn {
 
 namespace {

@@ -6,9 +6,14 @@
 
 namespace moev::nn {
 
+bool native_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+  return has;
+}
+
 at::ScalarType parse_precision(const std::string& name) {
   if (name == "fp32") return at::kFloat;
-  if (name == "bf16") return at::kBFloat16;
+  if (name == "bf16") return native_bf16() ? at::kBFloat16 : at::kFloat;
   fail("precision '", name, "': expected fp32 or bf16");
 }
 

@@ -1,8 +1,11 @@
 // The matmul precision of a model and the one linear-layer helper every model
 // uses. "bf16" runs the GEMMs of linear layers and experts on bfloat16 copies
 // of the activations and fp32 master weights (oneDNN's AVX-512 BF16 kernels,
-// about 3x the fp32 GEMM rate on these machines), with LayerNorm, softmax,
+// about 2.5x the fp32 GEMM rate where the CPU has them), with LayerNorm, softmax,
 // residuals, router and losses in fp32: mixed precision as V-MoE trains on TPU.
+// On a CPU without native bf16 dot products LibTorch 1.13 falls back to a scalar
+// bf16 GEMM some 50x slower than fp32 (measured: tiny V-MoE 11 against 357
+// img/s on an AVX2 EPYC), so there "bf16" runs fp32 GEMMs instead.
 #pragma once
 
 #include <string>
@@ -11,7 +14,11 @@
 
 namespace moev::nn {
 
-// "fp32" -> kFloat, "bf16" -> kBFloat16; anything else is an error naming the value.
+// Whether this CPU has native bf16 dot products (AVX512_BF16 or AMX-BF16).
+bool native_bf16();
+
+// "fp32" -> kFloat; "bf16" -> kBFloat16 where native_bf16(), else kFloat (see
+// above); anything else is an error naming the value.
 at::ScalarType parse_precision(const std::string& name);
 
 // x: [..., I], weight: [O, I], bias: [O] -> [..., O] in x's dtype; with
