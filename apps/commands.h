@@ -9,6 +9,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "moev/dist/communicator.h"
 #include "moev/io/run_config.h"
 
 namespace moev::app {
@@ -32,6 +33,14 @@ Runner add_eval(CLI::App& app);
 Runner add_predict(CLI::App& app);
 Runner add_analyze(CLI::App& app);
 Runner add_sweep(CLI::App& app);
+Runner add_launch(CLI::App& app);
+
+// The job this process belongs to, from the torchrun environment (RANK,
+// WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME); unset:
+// a job of one. The deadline comes from train.dist_timeout.
+dist::DistConfig dist_from_environment(const io::RunConfig& cfg);
+// LOCAL_WORLD_SIZE: ranks sharing this machine's cores (1 when unset).
+int local_world_size();
 
 bool stderr_is_terminal();
 

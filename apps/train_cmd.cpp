@@ -1,6 +1,8 @@
 // `moev train`: train a model from a config, with a progress bar, checkpoints and
 // --resume.
 #include <iostream>
+#include <memory>
+#include <thread>
 
 #include "commands.h"
 #include "moev/train/trainer.h"
@@ -28,11 +30,23 @@ Runner add_train(CLI::App& app) {
       std::cout << io::to_json_string(cfg) << "\n";
       return 0;
     }
+    // A rank of a distributed job: local ranks share the cores, so "all cores"
+    // means this rank's part of them.
+    const auto dc = dist_from_environment(cfg);
+    if (cfg.train.threads == 0 && local_world_size() > 1)
+      cfg.train.threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local_world_size());
+    std::unique_ptr<dist::Communicator> comm;
+    if (dc.world_size > 1) comm = std::make_unique<dist::Communicator>(dc);
     train::TrainRunOptions o;
     o.resume = *resume;
     o.progress = &std::cerr;
     o.interactive = stderr_is_terminal();
+    o.comm = comm.get();
     auto r = train::train_model(cfg, o);
+    if (dc.rank != 0) {
+      std::cout << "rank " << dc.rank << " of " << dc.world_size << ": trained " << r.steps << " steps\n";
+      return 0;
+    }
     std::cout << "trained " << r.steps << " steps (" << r.epochs_done << " epochs) at "
               << static_cast<int64_t>(r.train_images_per_s) << " img/s";
     if (r.eval.images > 0)

@@ -13,25 +13,14 @@
 #include <stb/stb_image_write.h>
 #include <zlib.h>
 
+#include "support/run_cli.h"
 #include "support/temp_dir.h"
 
 namespace {
 
-struct Result {
-  int code;
-  std::string out;
-};
+using Result = moev::test::CliResult;
 
-Result run(const std::string& args) {
-  const std::string cmd = std::string(MOEV_CLI_PATH) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-  const int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), out};
-}
+Result run(const std::string& args) { return moev::test::run_cli(args); }
 
 // A clean failure: exit 1, the needles in the message, no crash traces.
 void expect_clean_failure(const std::string& args, const std::vector<std::string>& needles) {

@@ -162,10 +162,14 @@ Batch BatchLoader::make_batch(int64_t index) const {
   const int64_t first = index * options_.batch_size;
   const int64_t count = std::min(options_.batch_size, n - first);
   const int64_t plane = height * width;
+  // A rank's share of the batch. Every row's random draws are still taken, so an
+  // example is augmented the same way whichever rank, and how many, see it.
+  const int64_t lo = std::min(options_.rows_begin, count);
+  const int64_t hi = options_.rows_end < 0 ? count : std::min(options_.rows_end, count);
 
   Batch batch;
-  batch.x = torch::empty({count, channels, height, width}, torch::kFloat32);
-  batch.y = torch::empty({count}, torch::kInt64);
+  batch.x = torch::empty({std::max<int64_t>(0, hi - lo), channels, height, width}, torch::kFloat32);
+  batch.y = torch::empty({std::max<int64_t>(0, hi - lo)}, torch::kInt64);
   const uint8_t* images = images_.data_ptr<uint8_t>();
   const int64_t* labels = labels_.data_ptr<int64_t>();
   float* x = batch.x.data_ptr<float>();
@@ -174,10 +178,11 @@ Batch BatchLoader::make_batch(int64_t index) const {
   std::mt19937_64 rng(batch_seed(epoch_key(options_.seed, epoch_), index));
   const int64_t pad = options_.crop_padding;
   for (int64_t i = 0; i < count; ++i) {
+    if (!options_.augment && (i < lo || i >= hi)) continue;
     const int64_t example = order_[first + i];
-    y[i] = labels[example];
     const uint8_t* src = images + example * channels * plane;
-    float* dst = x + i * channels * plane;
+    float* dst = x + (i - lo) * channels * plane;
+    if (i >= lo && i < hi) y[i - lo] = labels[example];
     if (!options_.augment) {
       for (int64_t c = 0; c < channels; ++c) {
         const float* lut = lut_.data() + c * 256;
@@ -189,6 +194,7 @@ Batch BatchLoader::make_batch(int64_t index) const {
     const int64_t dy = static_cast<int64_t>(below(rng, 2 * pad + 1)) - pad;
     const int64_t dx = static_cast<int64_t>(below(rng, 2 * pad + 1)) - pad;
     const bool flip = (rng() >> 63) != 0 && options_.hflip;
+    if (i < lo || i >= hi) continue;
     // out(y, x) = in(y + dy, x' + dx) with x' = W-1-x when flipped (crop, then
     // flip, as torchvision orders them); outside the image the pixel is a
     // padded 0, normalised like any other pixel value.

@@ -31,6 +31,8 @@ struct LoaderOptions {
   std::vector<float> mean{0.2860f};  // per-channel mean of pixel/255; one value for all channels
   std::vector<float> std{0.3530f};   // per-channel std of pixel/255; one value for all channels
   int prefetch = 2;                  // batches prepared ahead by the background thread
+  int64_t rows_begin = 0;            // keep rows [rows_begin, rows_end) of every batch:
+  int64_t rows_end = -1;             //   a data-parallel rank's share (-1: to the end)
 };
 
 struct Batch {

@@ -135,6 +135,8 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("train.checkpoint_every", train.checkpoint_every, "steps between checkpoints"),
         MOEV_FIELD("train.log_every", train.log_every, "steps between log lines"),
         MOEV_FIELD("train.max_steps", train.max_steps, "stop after N steps (0: epochs)"),
+        MOEV_FIELD("train.dist_timeout", train.dist_timeout,
+                   "distributed job: seconds a rank waits for the others before failing"),
         MOEV_FIELD("train.eval_each_epoch", train.eval_each_epoch, "test-set eval per epoch"),
         MOEV_FIELD("train.progress", train.progress, "progress bar on stderr"),
     };

@@ -23,7 +23,8 @@ int64_t slice_multiple(const models::ModelConfig& cfg) {
 }
 
 Replicas::Replicas(models::ClassifierPtr master, const models::ModelConfig& cfg, int replicas,
-                   int threads) {
+                   int threads, int first_index, bool own_noise)
+    : first_index_(first_index) {
   MOEV_CHECK(replicas >= 1, "Replicas: expected >= 1 replica, got ", replicas);
   threads_per_replica_ = std::max(1, threads / replicas);
   models_.push_back(master);
@@ -59,19 +60,20 @@ Replicas::Replicas(models::ClassifierPtr master, const models::ModelConfig& cfg,
     moe_.push_back(moe::find_moe_layers(*m));
     params_.push_back(m->parameters());
   }
-  if (replicas == 1) return;
+  if (replicas == 1 && !own_noise) return;
   for (int r = 0; r < replicas; ++r) {
     noise_.push_back(at::detail::createCPUGenerator(0));
     for (auto& l : moe_[r]) l->set_noise_generator(noise_.back());
   }
+  if (replicas == 1) return;
   errors_.resize(replicas);
   for (int r = 1; r < replicas; ++r) workers_.emplace_back([this, r] { work(r); });
   std::unique_lock<std::mutex> lock(mutex_);
   done_.wait(lock, [&] { return ready_ == replicas - 1; });
 }
 
-std::vector<int64_t> Replicas::slice_sizes(int64_t batch, int64_t multiple) const {
-  const int64_t R = size();
+std::vector<int64_t> split_rows(int64_t batch, int parts, int64_t multiple) {
+  const int64_t R = std::max(1, parts);
   int64_t each = batch / R;
   if (multiple > 1 && each >= multiple) each -= each % multiple;
   std::vector<int64_t> out;
@@ -82,6 +84,10 @@ std::vector<int64_t> Replicas::slice_sizes(int64_t batch, int64_t multiple) cons
     left -= n;
   }
   return out;
+}
+
+std::vector<int64_t> Replicas::slice_sizes(int64_t batch, int64_t multiple) const {
+  return split_rows(batch, size(), multiple);
 }
 
 // Threads and ATen: at::set_num_threads() also clears oneDNN's primitive cache,
@@ -171,7 +177,7 @@ void Replicas::seed_noise(uint64_t seed, int64_t step) {
   for (size_t r = 0; r < noise_.size(); ++r) {
     // SplitMix-style mixing: nearby (seed, step, replica) give unrelated streams.
     uint64_t z = seed * 0x9e3779b97f4a7c15ULL + static_cast<uint64_t>(step) * 0xbf58476d1ce4e5b9ULL +
-                 (r + 1) * 0x94d049bb133111ebULL;
+                 (first_index_ + r + 1) * 0x94d049bb133111ebULL;
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
     std::lock_guard<std::mutex> lock(noise_[r].mutex());

@@ -36,11 +36,21 @@ int resolve_replicas(int requested, int threads, int64_t batch);
 // Images per slice that keep routing groups whole (1 for dense models).
 int64_t slice_multiple(const models::ModelConfig& cfg);
 
+// Cuts `batch` rows into at most `parts` slices: multiples of `multiple` rows
+// where the batch allows, the last slice taking the rest; empty slices left out.
+// Replicas cut a batch with it, and so do the ranks of a data-parallel job.
+std::vector<int64_t> split_rows(int64_t batch, int parts, int64_t multiple);
+
 class Replicas {
  public:
   // master: the model the optimizer steps (replica 0), built from cfg and already
   // on its device, holding its final weights' storage. threads: the cores to use.
-  Replicas(models::ClassifierPtr master, const models::ModelConfig& cfg, int replicas, int threads);
+  // first_index: the global index of replica 0 among all replicas of a
+  // data-parallel job (rank * replicas); with a job of several ranks, or several
+  // replicas, every replica draws router noise from its own generator, seeded by
+  // its global index, so R ranks of one replica route as one process of R replicas.
+  Replicas(models::ClassifierPtr master, const models::ModelConfig& cfg, int replicas, int threads,
+           int first_index = 0, bool own_noise = false);
   ~Replicas();
   Replicas(const Replicas&) = delete;
   Replicas& operator=(const Replicas&) = delete;
@@ -80,6 +90,7 @@ class Replicas {
   std::vector<std::vector<moe::MoELayer>> moe_;
   std::vector<std::vector<at::Tensor>> params_;  // per replica, master order
   std::vector<at::Generator> noise_;
+  int first_index_ = 0;
   int threads_per_replica_ = 1;
 
   // Worker r (1..R-1) runs job_(r) when generation_ moves on and r < job_n_.

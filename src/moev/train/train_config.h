@@ -43,6 +43,7 @@ struct TrainConfig {
   int64_t max_steps = 0;          // stop after this many steps (0: epochs decide)
   bool eval_each_epoch = true;    // evaluate on the test set after every epoch
   bool progress = true;           // progress bar on stderr
+  double dist_timeout = 120;      // data-parallel job: seconds a rank waits for the others before failing
 };
 
 }  // namespace moev::train

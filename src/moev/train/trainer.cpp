@@ -36,6 +36,24 @@ int set_threads(int threads) {
 
 namespace {
 
+// Sums every parameter's gradient over this rank's replicas and then over the
+// ranks, into the master's .grad. A parameter no token reached on this rank
+// (an expert with no assignments) contributes zeros, so every rank reduces the
+// same list of tensors in the same order.
+void sum_gradients_over_ranks(dist::Communicator& comm, models::Classifier& model, Replicas& reps) {
+  auto params = model.parameters();
+  const auto extra = reps.replica_grads();
+  std::vector<at::Tensor> grads;
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto& g = params[i].mutable_grad();
+    if (!g.defined()) g = torch::zeros_like(params[i]);
+    for (const auto& rg : extra)
+      if (rg[i].defined()) g.add_(rg[i]);
+    grads.push_back(g);
+  }
+  comm.all_reduce_sum(grads);
+}
+
 struct Position {
   int64_t step = 0, epoch = 0, batch = 0;  // next step, its epoch and batch in epoch
 };
@@ -83,6 +101,9 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   MOEV_CHECK(tc.epochs >= 1, "train.epochs = ", tc.epochs, ": expected >= 1");
   MOEV_CHECK(tc.lr > 0, "train.lr = ", tc.lr, ": expected > 0");
   const int threads = set_threads(tc.threads);
+  dist::Communicator* comm = opts.comm;
+  const int rank = comm ? comm->rank() : 0, world = comm ? comm->size() : 1;
+  const bool lead = rank == 0;  // writes the run directory, logs, evaluates
   const auto device = parse_device(tc.device);
   models::validate(cfg.model);
 
@@ -110,11 +131,15 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
     opt.load_state(resume_from.optimizer, ckpt_file);
     if (resume_from.rng.numel() > 0) set_cpu_rng_state(resume_from.rng);
   }
-  fs::create_directories(tc.out_dir);
-  {
+  // Every rank built the same weights from the same seed; rank 0's are sent
+  // anyway, so no rank can start from another (e.g. an older init_from file).
+  if (comm) comm->broadcast(model->parameters());
+  std::ofstream log;
+  if (lead) {
+    fs::create_directories(tc.out_dir);
     std::ofstream(fs::path(tc.out_dir) / "config.json") << io::to_json_string(cfg) << "\n";
+    log.open(fs::path(tc.out_dir) / "log.jsonl", opts.resume ? std::ios::app : std::ios::trunc);
   }
-  std::ofstream log(fs::path(tc.out_dir) / "log.jsonl", opts.resume ? std::ios::app : std::ios::trunc);
 
   data::LoaderOptions lo;
   lo.batch_size = tc.batch_size;
@@ -124,14 +149,22 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   lo.hflip = cfg.data.hflip;
   lo.mean = ds.mean;
   lo.std = ds.std;
+  const int64_t slices_of = slice_multiple(cfg.model);
+  // This rank's rows of every global batch, routing groups kept whole.
+  const auto shares = split_rows(tc.batch_size, world, slices_of);
+  MOEV_CHECK(static_cast<int>(shares.size()) == world, "train.batch_size = ", tc.batch_size,
+             " is too small to give each of ", world, " ranks a share");
+  for (int q = 0; q < rank; ++q) lo.rows_begin += shares[q];
+  lo.rows_end = lo.rows_begin + shares[rank];
   const int64_t per_epoch = ds.train.size() / tc.batch_size;  // drop_last
   const int64_t total_steps = per_epoch * tc.epochs;
   const int64_t stop_at = tc.max_steps > 0 ? std::min(total_steps, tc.max_steps) : total_steps;
 
   // Replicas share the master's storage, so they are built after its weights are final.
-  Replicas reps(model, cfg.model, resolve_replicas(tc.replicas, threads, tc.batch_size), threads);
-  const int64_t slices_of = slice_multiple(cfg.model);
+  const int n_reps = resolve_replicas(tc.replicas, threads, shares[rank]);
+  Replicas reps(model, cfg.model, n_reps, threads, rank * n_reps, /*own_noise=*/world > 1);
   auto save = [&](const Position& p) {
+    if (!lead) return;
     Checkpoint c;
     c.config_json = io::to_json_string(cfg);
     c.state_json = json{{"step", p.step}, {"epoch", p.epoch}, {"batch", p.batch},
@@ -147,7 +180,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
 
   TrainOutcome out;
   auto ce_opts = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(tc.label_smoothing);
-  viz::ProgressBar bar(tc.progress ? opts.progress : nullptr, stop_at, "train", "step",
+  viz::ProgressBar bar(tc.progress && lead ? opts.progress : nullptr, stop_at, "train", "step",
                        opts.interactive, pos.step);
   const auto t_start = std::chrono::steady_clock::now();
   int64_t images_seen = 0, window_correct = 0, window_images = 0;
@@ -167,7 +200,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       const auto xs = x.split_with_sizes(sizes), ys = y.split_with_sizes(sizes);
       std::vector<double> slice_loss(slices), slice_aux(slices);
       std::vector<int64_t> slice_correct(slices);
-      if (slices > 1) reps.seed_noise(tc.seed, pos.step);
+      reps.seed_noise(tc.seed, pos.step);
       opt.zero_grad();
       reps.clear_grads();
       reps.run(slices, [&](int r) {
@@ -176,44 +209,61 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
         at::Tensor aux;
         for (auto& l : reps.moe_layers(r)) aux = aux.defined() ? aux + l->aux_loss() : l->aux_loss();
         auto total = aux.defined() ? loss + aux : loss;
-        const double w = double(sizes[r]) / double(y.size(0));
-        (slices > 1 ? total * w : total).backward();
+        const double w = double(sizes[r]) / double(tc.batch_size);
+        (slices > 1 || world > 1 ? total * w : total).backward();
         slice_loss[r] = loss.item<double>() * w;
         slice_aux[r] = aux.defined() ? aux.item<double>() * w : 0.0;
         slice_correct[r] = logits.argmax(1).eq(ys[r]).sum().item<int64_t>();
       });
-      const double grad_norm =
-          reps.size() == 1
-              ? opt.step(lr, tc.clip_grad_norm)
-              : opt.step(lr, tc.clip_grad_norm, reps.replica_grads(),
-                         [&](int parts, const std::function<void(int)>& fn) { reps.parallel(parts, fn); },
-                         reps.size());
+      double grad_norm = 0;
+      if (world > 1) {
+        sum_gradients_over_ranks(*comm, *model, reps);
+        // The optimizer's passes cut into as many parts as the job has replicas:
+        // then the norm's summation order, and so every bit of the update, is
+        // that of one process running all of them.
+        grad_norm = opt.step(lr, tc.clip_grad_norm, {}, nullptr, world * reps.size());
+      } else if (reps.size() == 1) {
+        grad_norm = opt.step(lr, tc.clip_grad_norm);
+      } else {
+        grad_norm = opt.step(lr, tc.clip_grad_norm, reps.replica_grads(),
+                             [&](int parts, const std::function<void(int)>& fn) { reps.parallel(parts, fn); },
+                             reps.size());
+      }
       ++pos.step;
       ++pos.batch;
 
       double l = 0, aux_value = 0;
+      int64_t correct = 0;
       for (int r = 0; r < slices; ++r) {
         l += slice_loss[r];
         aux_value += slice_aux[r];
-        window_correct += slice_correct[r];
+        correct += slice_correct[r];
       }
+      if (world > 1) {  // the job's figures, not this rank's
+        auto t = torch::tensor({l, aux_value, double(correct)}, torch::kDouble);
+        comm->all_reduce_sum({t});
+        l = t[0].item<double>();
+        aux_value = t[1].item<double>();
+        correct = static_cast<int64_t>(t[2].item<double>());
+      }
+      window_correct += correct;
       MOEV_CHECK(std::isfinite(l), "training diverged at step ", pos.step, " (loss ", l,
                  "); lower train.lr or raise train.warmup_steps");
       ema_loss = ema_loss < 0 ? l : 0.98 * ema_loss + 0.02 * l;
       window_loss += l;
       window_grad_norm += grad_norm;
       window_aux += aux_value;
-      window_images += y.size(0);
-      images_seen += y.size(0);
+      window_images += tc.batch_size;
+      images_seen += tc.batch_size;
       char status[96];
       std::snprintf(status, sizeof status, "ep %lld loss %.4f lr %.2e",
                     (long long)pos.epoch + 1, ema_loss, lr);
       bar.update(pos.step, status);
 
-      if (tc.log_every > 0 && pos.step % tc.log_every == 0) {
+      if (lead && tc.log_every > 0 && pos.step % tc.log_every == 0) {
         const auto now = std::chrono::steady_clock::now();
         const double secs = std::chrono::duration<double>(now - t_window).count();
-        const double n = double(window_images) / double(y.size(0));
+        const double n = double(window_images) / double(tc.batch_size);
         json line{{"step", pos.step}, {"epoch", pos.epoch}, {"lr", lr},
                   {"loss", window_loss / n}, {"aux_loss", window_aux / n},
                   {"grad_norm", window_grad_norm / n},
@@ -242,7 +292,9 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
     ++pos.epoch;
     pos.batch = 0;
     out.epochs_done = pos.epoch;
-    if (tc.eval_each_epoch || pos.epoch == tc.epochs) {
+    if (!lead) {
+      if (tc.eval_each_epoch || pos.epoch == tc.epochs) comm->barrier();  // while rank 0 evaluates
+    } else if (tc.eval_each_epoch || pos.epoch == tc.epochs) {
       const auto t_eval = std::chrono::steady_clock::now();
       out.eval = evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of);
       eval_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_eval).count();
@@ -261,6 +313,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
         *opts.progress << buf << "\n";
       }
       reps.train(true);
+      if (comm) comm->barrier();
     }
   }
   bar.finish();

@@ -8,6 +8,7 @@
 #include <ostream>
 #include <string>
 
+#include "moev/dist/communicator.h"
 #include "moev/io/run_config.h"
 #include "moev/train/evaluate.h"
 
@@ -17,6 +18,11 @@ struct TrainRunOptions {
   bool resume = false;             // continue from <out_dir>/checkpoint.pt
   std::ostream* progress = nullptr;  // progress bar target (nullptr: none)
   bool interactive = false;        // redraw the bar in place (a terminal)
+  // A data-parallel job (nullptr: this process alone). Each rank trains on its
+  // share of every global batch of train.batch_size and the gradients are summed
+  // over ranks, so W ranks take the steps one process would; rank 0 alone writes
+  // the run directory and evaluates.
+  dist::Communicator* comm = nullptr;
 };
 
 struct TrainOutcome {

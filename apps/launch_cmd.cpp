@@ -1,0 +1,197 @@
+// `moev launch --nproc N -- train ...`: starts N local ranks of a distributed job
+// with the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+// MASTER_ADDR, MASTER_PORT) and forwards their output line by line with a rank
+// prefix. Any other launcher (torchrun, Slurm, mpirun, Kubernetes) that sets the
+// same variables starts the same job; dist_from_environment reads them.
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <map>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "commands.h"
+#include "moev/core/error.h"
+
+namespace moev::app {
+
+namespace {
+
+// An integer environment variable, or fallback when unset; a malformed value is
+// an error naming the variable.
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const long n = std::strtol(v, &end, 10);
+  MOEV_CHECK(errno == 0 && end && *end == '\0', "environment ", name, " = '", v, "': expected an integer");
+  return static_cast<int>(n);
+}
+
+std::string env_str(const char* name, const std::string& fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::string(v) : fallback;
+}
+
+struct Child {
+  pid_t pid = -1;
+  int fd = -1;          // read end of the child's stdout + stderr
+  std::string pending;  // a partial line not yet printed
+  int status = -1;      // exit code once it ended
+};
+
+void forward(Child& c, int rank, const char* data, size_t n) {
+  c.pending.append(data, n);
+  size_t start = 0, nl;
+  while ((nl = c.pending.find('\n', start)) != std::string::npos) {
+    std::cout << "[rank " << rank << "] " << c.pending.substr(start, nl - start) << "\n";
+    start = nl + 1;
+  }
+  c.pending.erase(0, start);
+  std::cout.flush();
+}
+
+}  // namespace
+
+dist::DistConfig dist_from_environment(const io::RunConfig& cfg) {
+  dist::DistConfig d;
+  d.world_size = env_int("WORLD_SIZE", 1);
+  d.rank = env_int("RANK", 0);
+  d.local_rank = env_int("LOCAL_RANK", d.rank);
+  d.master_addr = env_str("MASTER_ADDR", d.master_addr);
+  d.master_port = env_int("MASTER_PORT", d.master_port);
+  d.interface = env_str("GLOO_SOCKET_IFNAME", "");
+  d.timeout_s = cfg.train.dist_timeout;
+  dist::validate(d);
+  return d;
+}
+
+int local_world_size() { return std::max(1, env_int("LOCAL_WORLD_SIZE", 1)); }
+
+Runner add_launch(CLI::App& app) {
+  struct Flags {
+    int nproc = 2, nnodes = 1, node_rank = 0, master_port = 29500;
+    std::string master_addr = "127.0.0.1";
+    std::vector<std::string> command;
+  };
+  auto f = std::make_shared<Flags>();
+  auto* cmd = app.add_subcommand("launch", "start N local ranks of a distributed job (torchrun's environment)");
+  cmd->add_option("--nproc", f->nproc, "ranks on this machine")->check(CLI::PositiveNumber);
+  cmd->add_option("--nnodes", f->nnodes, "machines in the job")->check(CLI::PositiveNumber);
+  cmd->add_option("--node-rank", f->node_rank, "this machine's index, 0 .. nnodes-1");
+  cmd->add_option("--master-addr", f->master_addr, "host of rank 0");
+  cmd->add_option("--master-port", f->master_port, "TCP port of rank 0's store");
+  cmd->add_option("command", f->command, "the moev subcommand and its arguments, after --")->required();
+  cmd->footer(
+      "Examples:\n"
+      "  moev launch --nproc 2 -- train --config configs/vmoe_tiny_fmnist.toml --out runs/dp2\n"
+      "  # two machines, run on each with its --node-rank:\n"
+      "  moev launch --nnodes 2 --node-rank 0 --nproc 2 --master-addr 10.0.0.1 -- train ...");
+  return [f]() {
+    MOEV_CHECK(f->node_rank >= 0 && f->node_rank < f->nnodes, "--node-rank ", f->node_rank,
+               ": expected 0 .. --nnodes - 1 = ", f->nnodes - 1);
+    MOEV_CHECK(f->command.empty() || f->command[0] != "launch", "moev launch: the command to run cannot be launch");
+    const int world = f->nproc * f->nnodes;
+    std::vector<Child> kids(f->nproc);
+    for (int i = 0; i < f->nproc; ++i) {
+      int fds[2];
+      MOEV_CHECK(::pipe(fds) == 0, "moev launch: pipe: ", std::strerror(errno));
+      const pid_t pid = ::fork();
+      MOEV_CHECK(pid >= 0, "moev launch: fork: ", std::strerror(errno));
+      if (pid == 0) {
+        ::dup2(fds[1], STDOUT_FILENO);
+        ::dup2(fds[1], STDERR_FILENO);
+        ::close(fds[0]);
+        ::close(fds[1]);
+        const std::map<std::string, std::string> env = {
+            {"RANK", std::to_string(f->node_rank * f->nproc + i)},
+            {"WORLD_SIZE", std::to_string(world)},
+            {"LOCAL_RANK", std::to_string(i)},
+            {"LOCAL_WORLD_SIZE", std::to_string(f->nproc)},
+            {"MASTER_ADDR", f->master_addr},
+            {"MASTER_PORT", std::to_string(f->master_port)}};
+        for (const auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
+        std::vector<char*> argv{const_cast<char*>("moev")};
+        for (auto& a : f->command) argv.push_back(const_cast<char*>(a.c_str()));
+        argv.push_back(nullptr);
+        ::execv("/proc/self/exe", argv.data());
+        std::fprintf(stderr, "moev launch: exec failed: %s\n", std::strerror(errno));
+        ::_exit(127);
+      }
+      ::close(fds[1]);
+      kids[i].pid = pid;
+      kids[i].fd = fds[0];
+    }
+    // Forward output until every child closed its pipe; then collect exit codes.
+    // After the first failure the others get dist_timeout-like grace to fail on
+    // their own (with their own message), then they are stopped.
+    int open_fds = f->nproc;
+    std::chrono::steady_clock::time_point first_failure{};
+    bool failed = false;
+    char buf[4096];
+    while (open_fds > 0) {
+      std::vector<pollfd> pf;
+      std::vector<int> who;
+      for (int i = 0; i < f->nproc; ++i)
+        if (kids[i].fd >= 0) {
+          pf.push_back({kids[i].fd, POLLIN, 0});
+          who.push_back(i);
+        }
+      const int ready = ::poll(pf.data(), pf.size(), 1000);
+      if (ready < 0 && errno != EINTR) break;
+      for (size_t j = 0; j < pf.size(); ++j) {
+        if (!(pf[j].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+        Child& c = kids[who[j]];
+        const ssize_t n = ::read(c.fd, buf, sizeof buf);
+        if (n > 0) {
+          forward(c, who[j], buf, static_cast<size_t>(n));
+        } else {
+          if (!c.pending.empty()) forward(c, who[j], "\n", 1);
+          ::close(c.fd);
+          c.fd = -1;
+          --open_fds;
+        }
+      }
+      for (auto& c : kids) {
+        int st = 0;
+        if (c.status < 0 && c.pid > 0 && ::waitpid(c.pid, &st, WNOHANG) == c.pid) {
+          c.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+          if (c.status != 0 && !failed) {
+            failed = true;
+            first_failure = std::chrono::steady_clock::now();
+          }
+        }
+      }
+      if (failed && std::chrono::steady_clock::now() - first_failure > std::chrono::seconds(180))
+        for (auto& c : kids)
+          if (c.status < 0) ::kill(c.pid, SIGTERM);
+    }
+    int code = 0;
+    for (int i = 0; i < f->nproc; ++i) {
+      auto& c = kids[i];
+      if (c.status < 0) {
+        int st = 0;
+        ::waitpid(c.pid, &st, 0);
+        c.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+      }
+      if (c.status != 0) {
+        std::cerr << "moev launch: rank " << f->node_rank * f->nproc + i << " exited with status " << c.status
+                  << "\n";
+        if (code == 0) code = c.status;
+      }
+    }
+    return code;
+  };
+}
+
+}  // namespace moev::app

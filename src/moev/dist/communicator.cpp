@@ -1,0 +1,144 @@
+#include "moev/dist/communicator.h"
+
+#include <chrono>
+#include <map>
+
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/torch.h>
+
+#include "moev/core/error.h"
+
+namespace moev::dist {
+
+void validate(const DistConfig& c) {
+  MOEV_CHECK(c.world_size >= 1, "WORLD_SIZE = ", c.world_size, ": expected >= 1");
+  MOEV_CHECK(c.rank >= 0 && c.rank < c.world_size, "RANK = ", c.rank, ": expected 0 .. WORLD_SIZE - 1 = ",
+             c.world_size - 1);
+  MOEV_CHECK(c.local_rank >= 0, "LOCAL_RANK = ", c.local_rank, ": expected >= 0");
+  MOEV_CHECK(c.master_port > 0 && c.master_port < 65536, "MASTER_PORT = ", c.master_port,
+             ": expected a TCP port 1 .. 65535");
+  MOEV_CHECK(!c.master_addr.empty(), "MASTER_ADDR is empty: expected the host of rank 0");
+  MOEV_CHECK(c.timeout_s > 0, "train.dist_timeout = ", c.timeout_s, ": expected > 0 seconds");
+}
+
+struct Communicator::Impl {
+  c10::intrusive_ptr<c10d::TCPStore> store;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+
+  // Waits for one collective; a dead or stuck peer surfaces here as an exception
+  // from Gloo (connection closed, or the deadline passed).
+  void wait(const c10::intrusive_ptr<c10d::Work>& work, const DistConfig& cfg, const char* what) {
+    try {
+      work->wait();
+    } catch (const std::exception& e) {
+      fail("rank ", cfg.rank, " of ", cfg.world_size, ": ", what, " failed (another rank died, or none ",
+           "answered within train.dist_timeout = ", cfg.timeout_s, " s): ", first_line(e.what()));
+    }
+  }
+
+  static std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+};
+
+namespace {
+bool is_loopback(const std::string& host) {
+  return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
+}
+}  // namespace
+
+Communicator::Communicator(const DistConfig& cfg) : cfg_(cfg), impl_(std::make_unique<Impl>()) {
+  validate(cfg);
+  if (cfg.world_size == 1) return;  // a job of one: every collective is the identity
+  const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.timeout_s * 1000));
+  try {
+    c10d::TCPStoreOptions so;
+    so.port = static_cast<std::uint16_t>(cfg.master_port);
+    so.isServer = cfg.rank == 0;
+    so.numWorkers = static_cast<size_t>(cfg.world_size);
+    so.waitWorkers = true;
+    so.timeout = timeout;
+    impl_->store = c10::make_intrusive<c10d::TCPStore>(cfg.master_addr, so);
+  } catch (const std::exception& e) {
+    fail("rank ", cfg.rank, ": rendezvous at MASTER_ADDR:MASTER_PORT = ", cfg.master_addr, ":",
+         cfg.master_port, " failed within ", cfg.timeout_s, " s (is rank 0 running, and are all ",
+         cfg.world_size, " ranks started?): ", Impl::first_line(e.what()));
+  }
+  try {
+    auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+    if (!cfg.interface.empty())
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(cfg.interface));
+    else if (is_loopback(cfg.master_addr))
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    else
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    opts->threads = 1;
+    impl_->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(impl_->store, cfg.rank, cfg.world_size, opts);
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    fail("rank ", cfg.rank, ": could not connect the Gloo process group of ", cfg.world_size,
+         " ranks: ", Impl::first_line(e.what()));
+  }
+}
+
+Communicator::~Communicator() = default;
+
+void Communicator::all_reduce_sum(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes) {
+  if (size() == 1 || tensors.empty()) return;
+  // Buckets of consecutive same-dtype tensors: few collectives, bounded memory.
+  size_t i = 0;
+  while (i < tensors.size()) {
+    size_t j = i;
+    int64_t bytes = 0;
+    while (j < tensors.size() && tensors[j].scalar_type() == tensors[i].scalar_type() &&
+           (j == i || bytes + static_cast<int64_t>(tensors[j].nbytes()) <= bucket_bytes)) {
+      bytes += static_cast<int64_t>(tensors[j].nbytes());
+      ++j;
+    }
+    std::vector<at::Tensor> flat_parts;
+    for (size_t t = i; t < j; ++t) flat_parts.push_back(tensors[t].reshape(-1));
+    std::vector<at::Tensor> bucket{torch::cat(flat_parts)};
+    impl_->wait(impl_->pg->allreduce(bucket), cfg_, "all-reduce");
+    int64_t off = 0;
+    for (size_t t = i; t < j; ++t) {
+      const int64_t n = tensors[t].numel();
+      tensors[t].copy_(bucket[0].narrow(0, off, n).view_as(tensors[t]));
+      off += n;
+    }
+    i = j;
+  }
+}
+
+void Communicator::broadcast(const std::vector<at::Tensor>& tensors, int root) {
+  if (size() == 1) return;
+  c10d::BroadcastOptions o;
+  o.rootRank = root;
+  for (const auto& t : tensors) {
+    std::vector<at::Tensor> one{t.is_contiguous() ? t : t.contiguous()};
+    impl_->wait(impl_->pg->broadcast(one, o), cfg_, "broadcast");
+    if (!one[0].is_same(t)) t.copy_(one[0]);
+  }
+}
+
+at::Tensor Communicator::all_to_all(const at::Tensor& input, const std::vector<int64_t>& send_counts,
+                                    const std::vector<int64_t>& recv_counts) {
+  MOEV_CHECK(static_cast<int>(send_counts.size()) == size() && static_cast<int>(recv_counts.size()) == size(),
+             "all_to_all: expected ", size(), " send and receive counts");
+  int64_t rows = 0;
+  for (auto c : recv_counts) rows += c;
+  auto sizes = input.sizes().vec();
+  sizes[0] = rows;
+  auto out = at::empty(sizes, input.options());
+  if (size() == 1) return out.copy_(input);
+  auto in = input.contiguous();
+  auto sc = send_counts, rc = recv_counts;
+  impl_->wait(impl_->pg->alltoall_base(out, in, rc, sc), cfg_, "all-to-all");
+  return out;
+}
+
+void Communicator::barrier() {
+  if (size() == 1) return;
+  impl_->wait(impl_->pg->barrier(), cfg_, "barrier");
+}
+
+}  // namespace moev::dist
