@@ -34,6 +34,7 @@ Runner add_predict(CLI::App& app);
 Runner add_analyze(CLI::App& app);
 Runner add_sweep(CLI::App& app);
 Runner add_launch(CLI::App& app);
+Runner add_checkpoint(CLI::App& app);
 
 // The job this process belongs to, from the torchrun environment (RANK,
 // WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME); unset:

@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   add(moev::app::add_analyze(app));
   add(moev::app::add_sweep(app));
   add(moev::app::add_launch(app));
+  add(moev::app::add_checkpoint(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

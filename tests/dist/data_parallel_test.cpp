@@ -191,3 +191,36 @@ TEST(DataParallel, KilledRankMakesTheOtherFailWithinTheTimeout) {
   EXPECT_EQ(survivor.out.find("terminate called"), std::string::npos) << survivor.out;
   EXPECT_LT(waited, 10 + 5) << "rank 0 took " << waited << " s to notice";
 }
+
+TEST(ExpertParallel, TrainingMatchesDataParallelAndItsCheckpointLoadsAnywhere) {
+  moev::test::TempDir dir;
+  // Router noise off: routing is then the same however the experts are placed.
+  const std::string run = kRun + "--set moe.noise_std=0 --threads 1 --set train.replicas=1 ";
+  auto dp = moev::test::run_cli(launch(2) + run + "--max-steps 2 --out " + dir.file("dp"));
+  ASSERT_EQ(dp.code, 0) << dp.out;
+  auto ep = moev::test::run_cli(launch(2) + run + "--set train.expert_parallel=true --max-steps 2 --out " +
+                                dir.file("ep"));
+  ASSERT_EQ(ep.code, 0) << ep.out;
+  // The checkpoint holds all 4 experts, gathered from the 2 ranks.
+  const auto ckpt = moev::train::load_checkpoint(dir.file("ep") + "/checkpoint.pt");
+  EXPECT_EQ(ckpt.model.at("blocks.1.moe.experts.w1").size(0), 4);
+  EXPECT_EQ(ckpt.optimizer.at("blocks.1.moe.experts.w1.exp_avg").size(0), 4);
+  EXPECT_LT(max_diff(weights(dir.file("dp")), weights(dir.file("ep"))), 5e-4);
+  auto info = moev::test::run_cli("checkpoint info " + dir.file("ep") + "/checkpoint.pt");
+  EXPECT_EQ(info.code, 0) << info.out;
+  EXPECT_NE(info.out.find("written by   2 rank(s), experts split over them"), std::string::npos) << info.out;
+  EXPECT_NE(info.out.find("blocks.1.moe.experts.w1 [4, 32, 64]"), std::string::npos) << info.out;
+  // Resumed by one process, and by 2 ranks again with the experts split.
+  std::filesystem::copy(dir.file("ep"), dir.file("on1"), std::filesystem::copy_options::recursive);
+  auto on1 = moev::test::run_cli("train --resume --max-steps 3 --threads 1 --out " + dir.file("on1"));
+  ASSERT_EQ(on1.code, 0) << on1.out;
+  auto again = moev::test::run_cli(launch(2) + "train --resume --max-steps 3 --threads 1 --out " + dir.file("ep"));
+  ASSERT_EQ(again.code, 0) << again.out;
+  EXPECT_LT(max_diff(weights(dir.file("on1")), weights(dir.file("ep"))), 5e-4);
+  // Experts that do not split over the ranks: a clear error on every rank.
+  auto bad = moev::test::run_cli(launch(2) + kRun + "--set moe.num_experts=3 --set train.expert_parallel=true --max-steps 1 "
+                                 "--threads 1 --out " + dir.file("bad"));
+  EXPECT_NE(bad.code, 0);
+  EXPECT_NE(bad.out.find("moe.num_experts = 3 does not split evenly over the 2 ranks"), std::string::npos)
+      << bad.out;
+}

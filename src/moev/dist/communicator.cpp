@@ -136,6 +136,39 @@ at::Tensor Communicator::all_to_all(const at::Tensor& input, const std::vector<i
   return out;
 }
 
+at::Tensor Communicator::all_gather(const at::Tensor& t) {
+  if (size() == 1) return t.clone();
+  std::vector<at::Tensor> in{t.contiguous()};
+  std::vector<std::vector<at::Tensor>> out(1);
+  for (int r = 0; r < size(); ++r) out[0].push_back(at::empty_like(in[0]));
+  impl_->wait(impl_->pg->allgather(out, in), cfg_, "all-gather");
+  return torch::cat(out[0]);
+}
+
+namespace {
+struct AllToAllRows : public torch::autograd::Function<AllToAllRows> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t comm,
+                            const std::vector<int64_t>& send, const std::vector<int64_t>& recv) {
+    ctx->saved_data["comm"] = comm;
+    ctx->saved_data["send"] = c10::IValue(send);
+    ctx->saved_data["recv"] = c10::IValue(recv);
+    return reinterpret_cast<Communicator*>(comm)->all_to_all(x, send, recv);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto* comm = reinterpret_cast<Communicator*>(ctx->saved_data["comm"].toInt());
+    auto g = comm->all_to_all(grads[0], ctx->saved_data["recv"].toIntVector(),
+                              ctx->saved_data["send"].toIntVector());
+    return {g, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+}  // namespace
+
+at::Tensor all_to_all_rows(Communicator& comm, const at::Tensor& input, const std::vector<int64_t>& send_counts,
+                           const std::vector<int64_t>& recv_counts) {
+  return AllToAllRows::apply(input, reinterpret_cast<int64_t>(&comm), send_counts, recv_counts);
+}
+
 void Communicator::barrier() {
   if (size() == 1) return;
   impl_->wait(impl_->pg->barrier(), cfg_, "barrier");

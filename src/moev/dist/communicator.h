@@ -53,6 +53,8 @@ class Communicator {
   // rows from it, placed in rank order. input: [sum(send_counts), ...].
   at::Tensor all_to_all(const at::Tensor& input, const std::vector<int64_t>& send_counts,
                         const std::vector<int64_t>& recv_counts);
+  // Concatenation along dim 0 of every rank's tensor (all the same shape), in rank order.
+  at::Tensor all_gather(const at::Tensor& t);
   void barrier();
 
  private:
@@ -60,5 +62,11 @@ class Communicator {
   DistConfig cfg_;
   std::unique_ptr<Impl> impl_;
 };
+
+// all_to_all as a differentiable op: the backward sends the gradient rows back
+// the way they came (recv_counts and send_counts swapped). Expert parallelism
+// moves tokens to their experts' ranks and back with it, in forward and backward.
+at::Tensor all_to_all_rows(Communicator& comm, const at::Tensor& input, const std::vector<int64_t>& send_counts,
+                           const std::vector<int64_t>& recv_counts);
 
 }  // namespace moev::dist

@@ -137,6 +137,8 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("train.max_steps", train.max_steps, "stop after N steps (0: epochs)"),
         MOEV_FIELD("train.dist_timeout", train.dist_timeout,
                    "distributed job: seconds a rank waits for the others before failing"),
+        MOEV_FIELD("train.expert_parallel", train.expert_parallel,
+                   "distributed job: split each MoE layer's experts over the ranks (E divisible by ranks)"),
         MOEV_FIELD("train.eval_each_epoch", train.eval_each_epoch, "test-set eval per epoch"),
         MOEV_FIELD("train.progress", train.progress, "progress bar on stderr"),
     };

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include "moev/core/error.h"
+#include "moev/dist/communicator.h"
 
 namespace moev::moe {
 
@@ -63,10 +64,19 @@ at::Tensor MoELayerImpl::forward(const at::Tensor& x) {
   // Gather the placed assignments (rows sorted by expert), run the experts as a
   // grouped GEMM, weight each row by its gate and add it back to its token.
   auto gates = torch::cat({r.combine_gates.reshape(-1), r.combine_gates.new_zeros({1})});
-  auto weight = gates.index_select(0, r.gate_index).to(x.scalar_type());  // padding rows: 0
-  auto xd = xf.index_select(0, r.token_index);
-  auto yd = experts->forward(xd, r.offsets) * weight.unsqueeze(1);
-  auto y = torch::zeros({T, D}, x.options()).index_add_(0, r.token_index, yd);
+  at::Tensor y;
+  if (comm_) {  // only the A placed rows travel
+    const int64_t A = r.offsets[E];
+    auto tokens = r.token_index.narrow(0, 0, A);
+    auto weight = gates.index_select(0, r.gate_index.narrow(0, 0, A)).to(x.scalar_type());
+    auto yd = run_remote_experts(xf.index_select(0, tokens), r.offsets) * weight.unsqueeze(1);
+    y = torch::zeros({T, D}, x.options()).index_add_(0, tokens, yd);
+  } else {
+    auto weight = gates.index_select(0, r.gate_index).to(x.scalar_type());  // padding rows: 0
+    auto xd = xf.index_select(0, r.token_index);
+    auto yd = experts->forward(xd, r.offsets) * weight.unsqueeze(1);
+    y = torch::zeros({T, D}, x.options()).index_add_(0, r.token_index, yd);
+  }
 
   stats_.expert_count.resize(E);  // from the host-side offsets: no device reads
   for (int64_t e = 0; e < E; ++e) stats_.expert_count[e] = r.offsets[e + 1] - r.offsets[e];
@@ -75,6 +85,51 @@ at::Tensor MoELayerImpl::forward(const at::Tensor& x) {
   stats_.aux = r.aux;
   if (options.keep_routing()) routing_ = std::move(r);
   return y.view({B, N, D});
+}
+
+void MoELayerImpl::shard_experts(dist::Communicator* comm) {
+  MOEV_CHECK(comm && !comm_, "MoELayer::shard_experts: needs a communicator, once");
+  const int64_t E = options.router().num_experts, W = comm->size();
+  MOEV_CHECK(E % W == 0, "moe.num_experts = ", E, " does not split evenly over the ", W,
+             " ranks of expert parallelism");
+  const int64_t local = E / W, first = comm->rank() * local;
+  torch::NoGradGuard no_grad;
+  for (auto* t : {&experts->w1, &experts->b1, &experts->w2, &experts->b2})
+    t->set_data(t->narrow(0, first, local).clone());
+  experts->options.num_experts(local);
+  comm_ = comm;
+  first_expert_ = first;
+}
+
+at::Tensor MoELayerImpl::run_remote_experts(const at::Tensor& xd, const std::vector<int64_t>& offsets) {
+  const int64_t W = comm_->size(), L = experts->options.num_experts(), E = W * L;
+  // Rows per global expert go out; back come, from each source rank, its rows
+  // for each of this rank's L experts.
+  std::vector<int64_t> per_expert(E), send(W, 0), recv(W, 0);
+  for (int64_t e = 0; e < E; ++e) {
+    per_expert[e] = offsets[e + 1] - offsets[e];
+    send[e / L] += per_expert[e];
+  }
+  auto counts = comm_->all_to_all(torch::tensor(per_expert, torch::kLong), std::vector<int64_t>(W, L),
+                                  std::vector<int64_t>(W, L));  // [W * L]: source s, local expert j
+  const int64_t* c = counts.data_ptr<int64_t>();
+  for (int64_t s = 0; s < W; ++s)
+    for (int64_t j = 0; j < L; ++j) recv[s] += c[s * L + j];
+  auto xr = dist::all_to_all_rows(*comm_, xd, send, recv);  // [rows in, D], by source then expert
+  // Regroup by local expert (the grouped GEMM wants each expert's rows together).
+  std::vector<int64_t> block(W * L + 1, 0), perm, local_offsets(L + 1, 0);
+  for (int64_t i = 0; i < W * L; ++i) block[i + 1] = block[i] + c[i];
+  perm.reserve(block.back());
+  for (int64_t j = 0; j < L; ++j) {
+    for (int64_t s = 0; s < W; ++s)
+      for (int64_t k = block[s * L + j]; k < block[s * L + j + 1]; ++k) perm.push_back(k);
+    local_offsets[j + 1] = static_cast<int64_t>(perm.size());
+  }
+  std::vector<int64_t> inverse(perm.size());
+  for (size_t i = 0; i < perm.size(); ++i) inverse[perm[i]] = static_cast<int64_t>(i);
+  auto ye = experts->forward(xr.index_select(0, torch::tensor(perm, torch::kLong)), local_offsets);
+  auto yr = ye.index_select(0, torch::tensor(inverse, torch::kLong));
+  return dist::all_to_all_rows(*comm_, yr, recv, send);
 }
 
 at::Tensor MoELayerImpl::router_logits(const at::Tensor& x) const {

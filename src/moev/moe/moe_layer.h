@@ -20,6 +20,10 @@
 #include "moev/moe/experts.h"
 #include "moev/moe/router.h"
 
+namespace moev::dist {
+class Communicator;
+}
+
 namespace moev::moe {
 
 // Weights of the auxiliary losses; the model's aux loss is their weighted sum over
@@ -72,6 +76,16 @@ class MoELayerImpl : public torch::nn::Module {
   void set_noise_generator(at::Generator gen) { noise_ = std::move(gen); }
   const RouterConfig& router_config() const { return options.router(); }
 
+  // Expert parallelism over the ranks of comm: this layer keeps only experts
+  // [rank * E/W, (rank + 1) * E/W) (E divisible by W; the others' weights are
+  // dropped) and every forward sends each placed token to its expert's rank and
+  // the result back, with all-to-all in forward and backward. Routing, capacity
+  // and aux losses stay per rank, on the rank's own tokens. All ranks must run
+  // the same number of forwards (collectives).
+  void shard_experts(dist::Communicator* comm);
+  int64_t first_expert() const { return first_expert_; }  // 0 unless sharded
+  bool sharded() const { return comm_ != nullptr; }
+
   MoELayerOptions options;
   at::Tensor router_weight;  // linear: [E, D], no bias (V-MoE); cosine: expert embeddings [E, Dr]
   at::Tensor router_proj;    // cosine: projection P [Dr, D] (undefined for linear)
@@ -82,6 +96,12 @@ class MoELayerImpl : public torch::nn::Module {
   MoEStats stats_;
   RoutingResult routing_;
   c10::optional<at::Generator> noise_;
+  dist::Communicator* comm_ = nullptr;
+  int64_t first_expert_ = 0;
+
+  // Placed rows xd [A, D] (sorted by global expert) -> expert outputs [A, D],
+  // computed on the experts' ranks.
+  at::Tensor run_remote_experts(const at::Tensor& xd, const std::vector<int64_t>& offsets);
 };
 TORCH_MODULE(MoELayer);
 

@@ -43,7 +43,8 @@ struct TrainConfig {
   int64_t max_steps = 0;          // stop after this many steps (0: epochs decide)
   bool eval_each_epoch = true;    // evaluate on the test set after every epoch
   bool progress = true;           // progress bar on stderr
-  double dist_timeout = 120;      // data-parallel job: seconds a rank waits for the others before failing
+  double dist_timeout = 120;      // distributed job: seconds a rank waits for the others before failing
+  bool expert_parallel = false;   // distributed job: split each MoE layer's experts over the ranks
 };
 
 }  // namespace moev::train

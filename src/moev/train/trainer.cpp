@@ -16,6 +16,7 @@
 #include "moev/train/checkpoint.h"
 #include "moev/train/replicas.h"
 #include "moev/train/datasets.h"
+#include "moev/train/expert_shards.h"
 #include "moev/train/schedule.h"
 #include "moev/viz/progress_bar.h"
 
@@ -36,13 +37,12 @@ int set_threads(int threads) {
 
 namespace {
 
-// Sums every parameter's gradient over this rank's replicas and then over the
-// ranks, into the master's .grad. A parameter no token reached on this rank
-// (an expert with no assignments) contributes zeros, so every rank reduces the
-// same list of tensors in the same order.
-void sum_gradients_over_ranks(dist::Communicator& comm, models::Classifier& model, Replicas& reps) {
-  auto params = model.parameters();
-  const auto extra = reps.replica_grads();
+// Sums the gradients of `params` over this rank's replicas (extra[r][i]) and
+// then over the ranks, into each parameter's .grad. A parameter no token reached
+// on this rank (an expert with no assignments) contributes zeros, so every rank
+// reduces the same list of tensors in the same order.
+void sum_gradients_over_ranks(dist::Communicator& comm, const std::vector<at::Tensor>& params,
+                              const std::vector<std::vector<at::Tensor>>& extra) {
   std::vector<at::Tensor> grads;
   for (size_t i = 0; i < params.size(); ++i) {
     auto& g = params[i].mutable_grad();
@@ -52,6 +52,29 @@ void sum_gradients_over_ranks(dist::Communicator& comm, models::Classifier& mode
     grads.push_back(g);
   }
   comm.all_reduce_sum(grads);
+}
+
+// Expert parallelism: the global L2 norm of all gradients (shared ones counted
+// once, every rank's experts once) and, above max_norm > 0, every gradient
+// scaled down to it. Returns the norm before clipping.
+double clip_global_norm(dist::Communicator& comm, const std::vector<std::pair<std::string, at::Tensor>>& params,
+                        const ExpertShards& shards, double max_norm) {
+  double shared_sq = 0;
+  auto expert_sq = torch::zeros({1}, torch::kDouble);
+  for (const auto& [name, p] : params) {
+    if (!p.grad().defined()) continue;
+    const double sq = p.grad().to(torch::kDouble).pow(2).sum().item<double>();
+    if (shards.is_expert(name)) expert_sq += sq;
+    else shared_sq += sq;
+  }
+  comm.all_reduce_sum({expert_sq});
+  const double norm = std::sqrt(shared_sq + expert_sq.item<double>());
+  if (max_norm > 0 && norm > max_norm) {
+    torch::NoGradGuard ng;
+    for (const auto& [name, p] : params)
+      if (p.grad().defined()) p.grad().mul_(max_norm / (norm + 1e-6));
+  }
+  return norm;
 }
 
 struct Position {
@@ -116,24 +139,30 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   torch::manual_seed(tc.seed);
   auto model = models::build_model(cfg.model);
   model->to(device);
+  if (!opts.resume && !tc.init_from.empty())
+    load_module_tensors(*model, load_checkpoint(tc.init_from).model, tc.init_from);
+  if (opts.resume) load_module_tensors(*model, resume_from.model, ckpt_file);
+  // Expert parallelism: every rank loaded the full experts; each keeps its own.
+  std::unique_ptr<ExpertShards> shards;
+  if (tc.expert_parallel && comm) shards = std::make_unique<ExpertShards>(*model, *comm);
   AdamWOptions ao;
   ao.beta1 = tc.beta1;
   ao.beta2 = tc.beta2;
   ao.weight_decay = tc.weight_decay;
-  auto named = model->named_parameters();
   std::vector<std::pair<std::string, at::Tensor>> params;
-  for (auto& p : named) params.emplace_back(p.key(), p.value());
+  std::vector<at::Tensor> shared;  // data-parallel parameters (the same on every rank)
+  for (auto& p : model->named_parameters()) {
+    params.emplace_back(p.key(), p.value());
+    if (!shards || !shards->is_expert(p.key())) shared.push_back(p.value());
+  }
   AdamW opt(params, ao);
-  if (!opts.resume && !tc.init_from.empty())
-    load_module_tensors(*model, load_checkpoint(tc.init_from).model, tc.init_from);
   if (opts.resume) {
-    load_module_tensors(*model, resume_from.model, ckpt_file);
-    opt.load_state(resume_from.optimizer, ckpt_file);
+    opt.load_state(shards ? shards->slice(resume_from.optimizer) : resume_from.optimizer, ckpt_file);
     if (resume_from.rng.numel() > 0) set_cpu_rng_state(resume_from.rng);
   }
   // Every rank built the same weights from the same seed; rank 0's are sent
   // anyway, so no rank can start from another (e.g. an older init_from file).
-  if (comm) comm->broadcast(model->parameters());
+  if (comm) comm->broadcast(shared);
   std::ofstream log;
   if (lead) {
     fs::create_directories(tc.out_dir);
@@ -161,9 +190,16 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   const int64_t stop_at = tc.max_steps > 0 ? std::min(total_steps, tc.max_steps) : total_steps;
 
   // Replicas share the master's storage, so they are built after its weights are final.
-  const int n_reps = resolve_replicas(tc.replicas, threads, shares[rank]);
+  // Replicas share the master's tensors whole; expert shards keep one per rank.
+  const int n_reps = shards ? 1 : resolve_replicas(tc.replicas, threads, shares[rank]);
   Replicas reps(model, cfg.model, n_reps, threads, rank * n_reps, /*own_noise=*/world > 1);
-  auto save = [&](const Position& p) {
+  auto save = [&](const Position& p) {  // every rank calls it: expert shards are gathered
+    auto tensors = module_tensors(*model);
+    auto opt_state = opt.state();
+    if (shards) {
+      tensors = shards->gather(tensors);
+      opt_state = shards->gather(opt_state);
+    }
     if (!lead) return;
     Checkpoint c;
     c.config_json = io::to_json_string(cfg);
@@ -171,9 +207,10 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
                         {"combine_weights", cfg.model.router.renormalize
                                                 ? "renormalized over the selected K"
                                                 : "selected softmax gates (V-MoE)"},
+                        {"world_size", world}, {"expert_parallel", shards != nullptr},
                         {"class_names", ds.train.class_names}}.dump();
-    c.model = module_tensors(*model);
-    c.optimizer = opt.state();
+    c.model = std::move(tensors);
+    c.optimizer = std::move(opt_state);
     c.rng = cpu_rng_state();
     save_checkpoint(ckpt_file, c);
   };
@@ -216,8 +253,14 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
         slice_correct[r] = logits.argmax(1).eq(ys[r]).sum().item<int64_t>();
       });
       double grad_norm = 0;
-      if (world > 1) {
-        sum_gradients_over_ranks(*comm, *model, reps);
+      if (shards) {
+        sum_gradients_over_ranks(*comm, shared, {});
+        // Clipped here by the job's global norm (the experts' parts of it differ
+        // per rank), so the optimizer does not clip again.
+        grad_norm = clip_global_norm(*comm, params, *shards, tc.clip_grad_norm);
+        opt.step(lr, 0.0);
+      } else if (world > 1) {
+        sum_gradients_over_ranks(*comm, model->parameters(), reps.replica_grads());
         // The optimizer's passes cut into as many parts as the job has replicas:
         // then the norm's summation order, and so every bit of the update, is
         // that of one process running all of them.
@@ -292,9 +335,14 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
     ++pos.epoch;
     pos.batch = 0;
     out.epochs_done = pos.epoch;
+    const bool eval_now = tc.eval_each_epoch || pos.epoch == tc.epochs;
     if (!lead) {
-      if (tc.eval_each_epoch || pos.epoch == tc.epochs) comm->barrier();  // while rank 0 evaluates
-    } else if (tc.eval_each_epoch || pos.epoch == tc.epochs) {
+      // Expert shards: every rank runs the evaluation's forwards (each holds
+      // experts the others need); otherwise rank 0 evaluates alone.
+      if (eval_now && shards)
+        evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of);
+      if (eval_now) comm->barrier();
+    } else if (eval_now) {
       const auto t_eval = std::chrono::steady_clock::now();
       out.eval = evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of);
       eval_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_eval).count();

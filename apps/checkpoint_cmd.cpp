@@ -1,0 +1,59 @@
+// `moev checkpoint info CKPT`: what a checkpoint holds and how it is laid out:
+// the model, the training position, how many ranks wrote it, and its expert
+// tensors. Checkpoints always hold full tensors (expert shards are gathered
+// before saving), so any number of ranks can load one; this shows it.
+#include <iostream>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "moev/core/error.h"
+#include "moev/models/model_config.h"
+#include "moev/models/placement.h"
+#include "moev/train/checkpoint.h"
+
+namespace moev::app {
+
+Runner add_checkpoint(CLI::App& app) {
+  auto* cmd = app.add_subcommand("checkpoint", "inspect checkpoints");
+  cmd->require_subcommand(1);
+  auto* info = cmd->add_subcommand("info", "print a checkpoint's model, position and tensor layout");
+  auto path = std::make_shared<std::string>();
+  info->add_option("checkpoint", *path, "checkpoint file")->required();
+  return [info, path]() {
+    if (!info->parsed()) return 1;
+    const auto ckpt = train::load_checkpoint(*path);
+    const auto cfg = io::from_json_string(ckpt.config_json, *path);
+    nlohmann::json st;
+    try {
+      st = nlohmann::json::parse(ckpt.state_json);
+    } catch (const std::exception& e) {
+      fail(*path, ": state is not JSON: ", e.what());
+    }
+    const auto& m = cfg.model;
+    const auto moe_at = models::moe_blocks(m.moe, models::num_blocks(m));
+    int64_t params = 0, expert_params = 0;
+    for (const auto& [name, t] : ckpt.model) {
+      params += t.numel();
+      if (name.find(".experts.") != std::string::npos) expert_params += t.numel();
+    }
+    std::cout << "checkpoint   " << *path << " (" << train::kCheckpointFormat << ")\n"
+              << "model        " << m.family << ", " << models::num_blocks(m) << " blocks, "
+              << (moe_at.empty() ? std::string("dense") : std::to_string(moe_at.size()) + " MoE layers, E = " +
+                                                              std::to_string(m.router.num_experts) + ", K = " +
+                                                              std::to_string(m.router.k))
+              << ", precision " << m.precision << "\n"
+              << "position     step " << st.value("step", 0) << ", epoch " << st.value("epoch", 0) << "\n"
+              << "written by   " << st.value("world_size", 1) << " rank(s)"
+              << (st.value("expert_parallel", false) ? ", experts split over them" : "") << "\n"
+              << "layout       full tensors: loads on any number of ranks; with train.expert_parallel each "
+                 "rank keeps E / ranks experts of every layer\n"
+              << "tensors      " << ckpt.model.size() << " model (" << params << " values, " << expert_params
+              << " in experts), " << ckpt.optimizer.size() << " optimizer\n";
+    for (const auto& [name, t] : ckpt.model)
+      if (name.find(".experts.") != std::string::npos) std::cout << "  expert     " << name << " " << t.sizes() << "\n";
+    return 0;
+  };
+}
+
+}  // namespace moev::app
