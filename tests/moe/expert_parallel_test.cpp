@@ -60,6 +60,9 @@ TEST(ExpertParallel, TwoRanksMatchOneLayerOutputsAndGradients) {
     const int port = free_port();
     std::vector<at::Tensor> ys(2), gx(2), gw1(2), gb2(2), grouter(2);
     std::vector<int64_t> first(2);
+    // Built here, one after the other: make_layer seeds the global generator,
+    // which the two rank threads would otherwise draw from at the same time.
+    std::vector<moev::moe::MoELayer> layers{make_layer(E, capacity), make_layer(E, capacity)};
     auto rank_main = [&](int rank) {
       moev::dist::DistConfig c;
       c.rank = rank;
@@ -67,7 +70,7 @@ TEST(ExpertParallel, TwoRanksMatchOneLayerOutputsAndGradients) {
       c.master_port = port;
       c.timeout_s = 30;
       moev::dist::Communicator comm(c);
-      auto layer = make_layer(E, capacity);
+      auto& layer = layers[rank];
       layer->shard_experts(&comm);
       layer->eval();
       first[rank] = layer->first_expert();
