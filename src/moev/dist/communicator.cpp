@@ -25,12 +25,15 @@ void validate(const DistConfig& c) {
 struct Communicator::Impl {
   c10::intrusive_ptr<c10d::TCPStore> store;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  double seconds = 0;  // in wait(): from the call that issued a collective to its end
 
   // Waits for one collective; a dead or stuck peer surfaces here as an exception
   // from Gloo (connection closed, or the deadline passed).
-  void wait(const c10::intrusive_ptr<c10d::Work>& work, const DistConfig& cfg, const char* what) {
+  void wait(const c10::intrusive_ptr<c10d::Work>& work, const DistConfig& cfg, const char* what,
+            std::chrono::steady_clock::time_point issued) {
     try {
       work->wait();
+      seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - issued).count();
     } catch (const std::exception& e) {
       fail("rank ", cfg.rank, " of ", cfg.world_size, ": ", what, " failed (another rank died, or none ",
            "answered within train.dist_timeout = ", cfg.timeout_s, " s): ", first_line(e.what()));
@@ -83,6 +86,8 @@ Communicator::Communicator(const DistConfig& cfg) : cfg_(cfg), impl_(std::make_u
 
 Communicator::~Communicator() = default;
 
+double Communicator::seconds_in_collectives() const { return impl_->seconds; }
+
 void Communicator::all_reduce_sum(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes) {
   if (size() == 1 || tensors.empty()) return;
   // Buckets of consecutive same-dtype tensors: few collectives, bounded memory.
@@ -98,7 +103,8 @@ void Communicator::all_reduce_sum(const std::vector<at::Tensor>& tensors, int64_
     std::vector<at::Tensor> flat_parts;
     for (size_t t = i; t < j; ++t) flat_parts.push_back(tensors[t].reshape(-1));
     std::vector<at::Tensor> bucket{torch::cat(flat_parts)};
-    impl_->wait(impl_->pg->allreduce(bucket), cfg_, "all-reduce");
+    const auto issued = std::chrono::steady_clock::now();
+    impl_->wait(impl_->pg->allreduce(bucket), cfg_, "all-reduce", issued);
     int64_t off = 0;
     for (size_t t = i; t < j; ++t) {
       const int64_t n = tensors[t].numel();
@@ -115,7 +121,8 @@ void Communicator::broadcast(const std::vector<at::Tensor>& tensors, int root) {
   o.rootRank = root;
   for (const auto& t : tensors) {
     std::vector<at::Tensor> one{t.is_contiguous() ? t : t.contiguous()};
-    impl_->wait(impl_->pg->broadcast(one, o), cfg_, "broadcast");
+    const auto issued = std::chrono::steady_clock::now();
+    impl_->wait(impl_->pg->broadcast(one, o), cfg_, "broadcast", issued);
     if (!one[0].is_same(t)) t.copy_(one[0]);
   }
 }
@@ -132,7 +139,8 @@ at::Tensor Communicator::all_to_all(const at::Tensor& input, const std::vector<i
   if (size() == 1) return out.copy_(input);
   auto in = input.contiguous();
   auto sc = send_counts, rc = recv_counts;
-  impl_->wait(impl_->pg->alltoall_base(out, in, rc, sc), cfg_, "all-to-all");
+  const auto issued = std::chrono::steady_clock::now();
+  impl_->wait(impl_->pg->alltoall_base(out, in, rc, sc), cfg_, "all-to-all", issued);
   return out;
 }
 
@@ -141,7 +149,8 @@ at::Tensor Communicator::all_gather(const at::Tensor& t) {
   std::vector<at::Tensor> in{t.contiguous()};
   std::vector<std::vector<at::Tensor>> out(1);
   for (int r = 0; r < size(); ++r) out[0].push_back(at::empty_like(in[0]));
-  impl_->wait(impl_->pg->allgather(out, in), cfg_, "all-gather");
+  const auto issued = std::chrono::steady_clock::now();
+  impl_->wait(impl_->pg->allgather(out, in), cfg_, "all-gather", issued);
   return torch::cat(out[0]);
 }
 
@@ -171,7 +180,8 @@ at::Tensor all_to_all_rows(Communicator& comm, const at::Tensor& input, const st
 
 void Communicator::barrier() {
   if (size() == 1) return;
-  impl_->wait(impl_->pg->barrier(), cfg_, "barrier");
+  const auto issued = std::chrono::steady_clock::now();
+  impl_->wait(impl_->pg->barrier(), cfg_, "barrier", issued);
 }
 
 }  // namespace moev::dist

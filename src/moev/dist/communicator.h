@@ -39,6 +39,10 @@ class Communicator {
   Communicator(const Communicator&) = delete;
   Communicator& operator=(const Communicator&) = delete;
 
+  // Wall seconds this rank has spent inside collectives so far (waiting for
+  // peers included): what a step pays for communication.
+  double seconds_in_collectives() const;
+
   int rank() const { return cfg_.rank; }
   int size() const { return cfg_.world_size; }
   const DistConfig& config() const { return cfg_; }

@@ -222,6 +222,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   const auto t_start = std::chrono::steady_clock::now();
   int64_t images_seen = 0, window_correct = 0, window_images = 0;
   double window_loss = 0, window_aux = 0, window_grad_norm = 0, ema_loss = -1, eval_seconds = 0;
+  double window_comm = comm ? comm->seconds_in_collectives() : 0.0;
   auto t_window = t_start;
   reps.train(true);
   while (pos.step < stop_at && pos.epoch < tc.epochs) {
@@ -323,6 +324,11 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
         }
         line["expert_load"] = load;
         line["dropped"] = dropped;
+        if (comm) {  // share of this window's wall time rank 0 spent in collectives
+          const double c = comm->seconds_in_collectives();
+          line["comm_share"] = secs > 0 ? (c - window_comm) / secs : 0.0;
+          window_comm = c;
+        }
         log << line.dump() << "\n" << std::flush;
         window_loss = window_aux = window_grad_norm = 0;
         window_correct = window_images = 0;
