@@ -5,10 +5,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -18,24 +15,12 @@
 
 #include "moev/dist/communicator.h"
 #include "moev/train/checkpoint.h"
+#include "support/free_port.h"
 #include "support/run_cli.h"
 #include "support/temp_dir.h"
 
 namespace {
 
-// A TCP port nobody listens on right now.
-int free_port() {
-  const int s = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = 0;
-  ::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  ::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(s);
-  return ntohs(a.sin_port);
-}
 
 // Tiny V-MoE, big steps (no warmup, high lr) so that a wrong gradient moves the
 // weights far more than float rounding does.
@@ -65,12 +50,12 @@ double max_diff(const std::map<std::string, at::Tensor>& a, const std::map<std::
 }
 
 std::string launch(int nproc) { return "launch --nproc " + std::to_string(nproc) + " --master-port " +
-                                       std::to_string(free_port()) + " -- "; }
+                                       std::to_string(moev::test::free_port()) + " -- "; }
 
 }  // namespace
 
 TEST(Communicator, CollectivesOverLoopbackMatchTheirDefinitions) {
-  const int port = free_port();
+  const int port = moev::test::free_port();
   std::vector<at::Tensor> summed(2), bcast(2), a2a(2);
   auto rank_main = [&](int rank) {
     moev::dist::DistConfig c;
@@ -157,7 +142,7 @@ TEST(DataParallel, CheckpointOfTwoRanksResumesOnOneAndOnFour) {
 
 TEST(DataParallel, KilledRankMakesTheOtherFailWithinTheTimeout) {
   moev::test::TempDir dir;
-  const int port = free_port();
+  const int port = moev::test::free_port();
   const std::string env = "WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port);
   const std::string args =
       kRun + "--threads 1 --epochs 100000 --set train.dist_timeout=10 --out " + dir.file("r");

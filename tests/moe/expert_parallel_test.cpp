@@ -5,29 +5,16 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <thread>
 
 #include "moev/dist/communicator.h"
 #include "moev/moe/moe_layer.h"
+#include "support/free_port.h"
 
 namespace {
 
-int free_port() {
-  const int s = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  ::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(s);
-  return ntohs(a.sin_port);
-}
 
 moev::moe::MoELayer make_layer(int64_t E, double capacity) {
   moev::moe::RouterConfig rc;
@@ -57,7 +44,7 @@ TEST(ExpertParallel, TwoRanksMatchOneLayerOutputsAndGradients) {
     auto y = ref->forward(xr);
     (y * g).sum().backward();
 
-    const int port = free_port();
+    const int port = moev::test::free_port();
     std::vector<at::Tensor> ys(2), gx(2), gw1(2), gb2(2), grouter(2);
     std::vector<int64_t> first(2);
     // Built here, one after the other: make_layer seeds the global generator,
