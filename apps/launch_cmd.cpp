@@ -65,13 +65,14 @@ void forward(Child& c, int rank, const char* data, size_t n) {
 
 dist::DistConfig dist_from_environment(const io::RunConfig& cfg) {
   dist::DistConfig d;
+  d.timeout_s = cfg.train.dist_timeout;
   d.world_size = env_int("WORLD_SIZE", 1);
+  if (d.world_size == 1) return d;  // not a distributed job, whatever else the environment says
   d.rank = env_int("RANK", 0);
   d.local_rank = env_int("LOCAL_RANK", d.rank);
   d.master_addr = env_str("MASTER_ADDR", d.master_addr);
   d.master_port = env_int("MASTER_PORT", d.master_port);
   d.interface = env_str("GLOO_SOCKET_IFNAME", "");
-  d.timeout_s = cfg.train.dist_timeout;
   dist::validate(d);
   return d;
 }
