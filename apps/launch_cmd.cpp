@@ -43,6 +43,16 @@ std::string env_str(const char* name, const std::string& fallback) {
   return v && *v ? std::string(v) : fallback;
 }
 
+// The ranks' pids, for the signal handler (-1: not started).
+std::vector<pid_t> g_children;
+
+void stop_children(int sig) {
+  for (pid_t p : g_children)
+    if (p > 0) ::kill(p, sig);
+}
+
+void forward_signal(int sig) { stop_children(sig); }
+
 struct Child {
   pid_t pid = -1;
   int fd = -1;          // read end of the child's stdout + stderr
@@ -104,11 +114,18 @@ Runner add_launch(CLI::App& app) {
     MOEV_CHECK(f->command.empty() || f->command[0] != "launch", "moev launch: the command to run cannot be launch");
     const int world = f->nproc * f->nnodes;
     std::vector<Child> kids(f->nproc);
+    g_children.assign(f->nproc, -1);
+    // Ctrl-C or a scheduler's SIGTERM to the launcher reaches every rank.
+    std::signal(SIGINT, forward_signal);
+    std::signal(SIGTERM, forward_signal);
     for (int i = 0; i < f->nproc; ++i) {
       int fds[2];
-      MOEV_CHECK(::pipe(fds) == 0, "moev launch: pipe: ", std::strerror(errno));
-      const pid_t pid = ::fork();
-      MOEV_CHECK(pid >= 0, "moev launch: fork: ", std::strerror(errno));
+      // Close-on-exec: a rank must not inherit the other ranks' pipes.
+      if (::pipe2(fds, O_CLOEXEC) != 0 || (g_children[i] = ::fork()) < 0) {
+        stop_children(SIGTERM);
+        fail("moev launch: starting rank ", i, ": ", std::strerror(errno));
+      }
+      const pid_t pid = g_children[i];
       if (pid == 0) {
         ::dup2(fds[1], STDOUT_FILENO);
         ::dup2(fds[1], STDERR_FILENO);

@@ -178,10 +178,12 @@ at::Tensor all_to_all_rows(Communicator& comm, const at::Tensor& input, const st
   return AllToAllRows::apply(input, reinterpret_cast<int64_t>(&comm), send_counts, recv_counts);
 }
 
-void Communicator::barrier() {
+void Communicator::barrier(double timeout_s) {
   if (size() == 1) return;
+  c10d::BarrierOptions o;
+  if (timeout_s > 0) o.timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
   const auto issued = std::chrono::steady_clock::now();
-  impl_->wait(impl_->pg->barrier(), cfg_, "barrier", issued);
+  impl_->wait(impl_->pg->barrier(o), cfg_, "barrier", issued);
 }
 
 }  // namespace moev::dist

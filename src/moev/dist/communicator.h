@@ -59,7 +59,9 @@ class Communicator {
                         const std::vector<int64_t>& recv_counts);
   // Concatenation along dim 0 of every rank's tensor (all the same shape), in rank order.
   at::Tensor all_gather(const at::Tensor& t);
-  void barrier();
+  // timeout_s > 0: this wait's own deadline instead of the config's (ranks that
+  // wait while rank 0 evaluates alone need longer than one collective does).
+  void barrier(double timeout_s = 0);
 
  private:
   struct Impl;

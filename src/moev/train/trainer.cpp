@@ -192,7 +192,18 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   // Replicas share the master's storage, so they are built after its weights are final.
   // Replicas share the master's tensors whole; expert shards keep one per rank.
   const int n_reps = shards ? 1 : resolve_replicas(tc.replicas, threads, shares[rank]);
-  Replicas reps(model, cfg.model, n_reps, threads, rank * n_reps, /*own_noise=*/world > 1);
+  // Ranks may hold different replica counts (shares, cores): the job's replicas
+  // are numbered across ranks for their router noise, and the optimizer's norm
+  // is cut into the job's total, the same number on every rank.
+  int first_replica = 0, job_replicas = n_reps;
+  if (comm) {
+    auto counts = comm->all_gather(torch::tensor({static_cast<int64_t>(n_reps)}));
+    job_replicas = static_cast<int>(counts.sum().item<int64_t>());
+    for (int q = 0; q < rank; ++q) first_replica += static_cast<int>(counts[q].item<int64_t>());
+  }
+  Replicas reps(model, cfg.model, n_reps, threads, first_replica, /*own_noise=*/world > 1);
+  // Ranks waiting while rank 0 evaluates alone: a deadline for that, not for one collective.
+  const double eval_wait_s = 30 * tc.dist_timeout;
   auto save = [&](const Position& p) {  // every rank calls it: expert shards are gathered
     auto tensors = module_tensors(*model);
     auto opt_state = opt.state();
@@ -265,7 +276,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
         // The optimizer's passes cut into as many parts as the job has replicas:
         // then the norm's summation order, and so every bit of the update, is
         // that of one process running all of them.
-        grad_norm = opt.step(lr, tc.clip_grad_norm, {}, nullptr, world * reps.size());
+        grad_norm = opt.step(lr, tc.clip_grad_norm, {}, nullptr, job_replicas);
       } else if (reps.size() == 1) {
         grad_norm = opt.step(lr, tc.clip_grad_norm);
       } else {
@@ -347,7 +358,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       // experts the others need); otherwise rank 0 evaluates alone.
       if (eval_now && shards)
         evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of);
-      if (eval_now) comm->barrier();
+      if (eval_now) comm->barrier(eval_wait_s);
     } else if (eval_now) {
       const auto t_eval = std::chrono::steady_clock::now();
       out.eval = evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of);
@@ -367,7 +378,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
         *opts.progress << buf << "\n";
       }
       reps.train(true);
-      if (comm) comm->barrier();
+      if (comm) comm->barrier(eval_wait_s);
     }
   }
   bar.finish();
