@@ -58,12 +58,7 @@ TEST(Communicator, CollectivesOverLoopbackMatchTheirDefinitions) {
   const int port = moev::test::free_port();
   std::vector<at::Tensor> summed(2), bcast(2), a2a(2);
   auto rank_main = [&](int rank) {
-    moev::dist::DistConfig c;
-    c.rank = rank;
-    c.world_size = 2;
-    c.master_port = port;
-    c.timeout_s = 20;
-    moev::dist::Communicator comm(c);
+    moev::dist::Communicator comm(moev::test::loopback_job(rank, 2, port));
     // Two dtypes and a bucket limit that forces several buckets.
     auto f = torch::full({3, 5}, float(rank + 1)), d = torch::arange(7, torch::kDouble) * (rank + 1);
     auto g = torch::full({1000}, float(10 * rank));

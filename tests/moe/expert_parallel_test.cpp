@@ -51,12 +51,7 @@ TEST(ExpertParallel, TwoRanksMatchOneLayerOutputsAndGradients) {
     // which the two rank threads would otherwise draw from at the same time.
     std::vector<moev::moe::MoELayer> layers{make_layer(E, capacity), make_layer(E, capacity)};
     auto rank_main = [&](int rank) {
-      moev::dist::DistConfig c;
-      c.rank = rank;
-      c.world_size = 2;
-      c.master_port = port;
-      c.timeout_s = 30;
-      moev::dist::Communicator comm(c);
+      moev::dist::Communicator comm(moev::test::loopback_job(rank, 2, port));
       auto& layer = layers[rank];
       layer->shard_experts(&comm);
       layer->eval();
