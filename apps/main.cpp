@@ -20,6 +20,8 @@ int main(int argc, char** argv) {
   add(moev::app::add_sweep(app));
   add(moev::app::add_launch(app));
   add(moev::app::add_checkpoint(app));
+  add(moev::app::add_fuse(app));
+  add(moev::app::add_ablation(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

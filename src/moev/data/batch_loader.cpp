@@ -170,6 +170,10 @@ Batch BatchLoader::make_batch(int64_t index) const {
   Batch batch;
   batch.x = torch::empty({std::max<int64_t>(0, hi - lo), channels, height, width}, torch::kFloat32);
   batch.y = torch::empty({std::max<int64_t>(0, hi - lo)}, torch::kInt64);
+  batch.index = torch::empty({std::max<int64_t>(0, hi - lo)}, torch::kInt64);
+  batch.aug = torch::zeros({std::max<int64_t>(0, hi - lo)}, torch::kInt64);
+  int64_t* ex = batch.index.data_ptr<int64_t>();
+  int64_t* aug = batch.aug.data_ptr<int64_t>();
   const uint8_t* images = images_.data_ptr<uint8_t>();
   const int64_t* labels = labels_.data_ptr<int64_t>();
   float* x = batch.x.data_ptr<float>();
@@ -182,7 +186,10 @@ Batch BatchLoader::make_batch(int64_t index) const {
     const int64_t example = order_[first + i];
     const uint8_t* src = images + example * channels * plane;
     float* dst = x + (i - lo) * channels * plane;
-    if (i >= lo && i < hi) y[i - lo] = labels[example];
+    if (i >= lo && i < hi) {
+      y[i - lo] = labels[example];
+      ex[i - lo] = example;
+    }
     if (!options_.augment) {
       for (int64_t c = 0; c < channels; ++c) {
         const float* lut = lut_.data() + c * 256;
@@ -195,6 +202,7 @@ Batch BatchLoader::make_batch(int64_t index) const {
     const int64_t dx = static_cast<int64_t>(below(rng, 2 * pad + 1)) - pad;
     const bool flip = (rng() >> 63) != 0 && options_.hflip;
     if (i < lo || i >= hi) continue;
+    aug[i - lo] = ((dy + pad) * (2 * pad + 1) + (dx + pad)) * 2 + (flip ? 1 : 0);
     // out(y, x) = in(y + dy, x' + dx) with x' = W-1-x when flipped (crop, then
     // flip, as torchvision orders them); outside the image the pixel is a
     // padded 0, normalised like any other pixel value.
@@ -218,6 +226,10 @@ Batch BatchLoader::make_batch(int64_t index) const {
     }
   }
   return batch;
+}
+
+int64_t num_augmentations(const LoaderOptions& o) {
+  return o.augment ? (2 * o.crop_padding + 1) * (2 * o.crop_padding + 1) * 2 : 1;
 }
 
 torch::Tensor normalize_images(const torch::Tensor& u8, const std::vector<float>& mean,

@@ -36,9 +36,16 @@ struct LoaderOptions {
 };
 
 struct Batch {
-  torch::Tensor x;  // float [B, C, H, W], normalised
-  torch::Tensor y;  // int64 [B]
+  torch::Tensor x;      // float [B, C, H, W], normalised
+  torch::Tensor y;      // int64 [B]
+  torch::Tensor index;  // int64 [B]: each row's example in the set
+  torch::Tensor aug;    // int64 [B]: its augmentation, 0..num_augmentations()-1 (0 without augment)
 };
+
+// Distinct augmentations an example can get: (2 pad + 1)^2 crop offsets x 2 flips.
+// With the example index, Batch::aug identifies an augmented image exactly (what
+// a teacher's cached prediction is keyed by).
+int64_t num_augmentations(const LoaderOptions& options);
 
 // One epoch of batches. A new loader per epoch keeps the epoch explicit in the
 // seed and makes resuming a constructor argument rather than hidden state.

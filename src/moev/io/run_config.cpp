@@ -74,7 +74,7 @@ Field field(std::string key, std::string help, Access access) {
 const std::vector<Field>& fields() {
   static const std::vector<Field> kFields = [] {
     std::vector<Field> f = {
-        MOEV_FIELD("model.family", model.family, "model family: vit"),
+        MOEV_FIELD("model.family", model.family, "model family: vit | convnext | convnext-iso | resnest"),
         MOEV_FIELD("model.image_size", model.image_size, "input height = width, pixels"),
         MOEV_FIELD("model.channels", model.channels, "input channels"),
         MOEV_FIELD("model.num_classes", model.num_classes, "classes"),
@@ -89,6 +89,11 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("model.dims", model.dims, "ConvNeXt stage widths, e.g. [32, 64, 128]"),
         MOEV_FIELD("model.depths", model.depths, "ConvNeXt blocks per stage, e.g. [2, 2, 4]"),
         MOEV_FIELD("model.drop_path", model.drop_path, "ConvNeXt stochastic depth at the last block"),
+        MOEV_FIELD("model.branches", model.branches, "ResNeSt: expert branches N (1: plain ResNeSt)"),
+        MOEV_FIELD("model.shared_stages", model.shared_stages, "ResNeSt: stages shared by all branches"),
+        MOEV_FIELD("model.radix", model.radix, "ResNeSt: split-attention radix"),
+        MOEV_FIELD("model.cardinality", model.cardinality, "ResNeSt: cardinal groups"),
+        MOEV_FIELD("model.blur_pool", model.blur_pool, "ResNeSt: blur-pool downsampling"),
         MOEV_FIELD("model.layer_scale", model.layer_scale, "ConvNeXt layer scale initial value"),
         MOEV_FIELD("model.precision", model.precision, "GEMM precision: fp32 or bf16 (mixed)"),
         MOEV_FIELD("moe.num_experts", model.router.num_experts, "experts per MoE layer E"),
@@ -115,6 +120,8 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("data.hflip", data.hflip, "random horizontal flip"),
         MOEV_FIELD("data.train_limit", data.train_limit, "first N training images (0: all)"),
         MOEV_FIELD("data.test_limit", data.test_limit, "first N test images (0: all)"),
+        MOEV_FIELD("data.per_class", data.per_class, "train on K images per class, a seeded balanced subset (0: all)"),
+        MOEV_FIELD("data.subset_seed", data.subset_seed, "seed of the per_class subset"),
         MOEV_FIELD("train.epochs", train.epochs, "passes over the training set"),
         MOEV_FIELD("train.batch_size", train.batch_size, "batch size B"),
         MOEV_FIELD("train.lr", train.lr, "peak learning rate"),
@@ -124,6 +131,18 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("train.beta1", train.beta1, "AdamW beta1"),
         MOEV_FIELD("train.beta2", train.beta2, "AdamW beta2"),
         MOEV_FIELD("train.label_smoothing", train.label_smoothing, "label smoothing"),
+        MOEV_FIELD("train.cosine_loss", train.cosine_loss, "weight of the cosine loss 1 - cos(target, probs)"),
+        MOEV_FIELD("train.mixup_alpha", train.mixup_alpha, "mixup Beta(alpha, alpha) (0: off)"),
+        MOEV_FIELD("train.cutmix_alpha", train.cutmix_alpha, "cutmix Beta(alpha, alpha) (0: off)"),
+        MOEV_FIELD("train.mix_prob", train.mix_prob, "probability a batch is mixed"),
+        MOEV_FIELD("train.mix_switch_prob", train.mix_switch_prob, "probability of cutmix rather than mixup"),
+        MOEV_FIELD("train.mix_off_epochs", train.mix_off_epochs, "last epochs without mixup/cutmix"),
+        MOEV_FIELD("train.cooldown_epochs", train.cooldown_epochs, "epochs after the cosine at cooldown_lr"),
+        MOEV_FIELD("train.cooldown_lr", train.cooldown_lr, "learning rate of the cool-down epochs"),
+        MOEV_FIELD("train.teacher", train.teacher, "distillation: teacher checkpoint (same architecture)"),
+        MOEV_FIELD("train.distill_lambda", train.distill_lambda,
+                   "target = lambda * label-smoothed + (1 - lambda) * teacher probs"),
+        MOEV_FIELD("train.diversity_weight", train.diversity_weight, "multi-branch: diversity loss weight"),
         MOEV_FIELD("train.clip_grad_norm", train.clip_grad_norm, "gradient norm clip (0: off)"),
         MOEV_FIELD("train.seed", train.seed, "random seed"),
         MOEV_FIELD("train.threads", train.threads, "threads (0: all cores)"),
@@ -211,6 +230,9 @@ void apply_json(RunConfig& cfg, const json& j, const std::string& source) {
     cfg.model = models::preset(p.get<std::string>());
   }
   for (auto& [section, body] : j.items()) {
+    // Sections of other commands (moev sweep's grid, moev ablation's rows), so one
+    // file serves a grid and the single runs of it; those commands check them.
+    if (section == "sweep" || section == "ablation") continue;
     MOEV_CHECK(body.is_object(), source, ": '", section, "' must be a table of keys");
     for (auto& [name, value] : body.items()) {
       const std::string key = section + "." + name;

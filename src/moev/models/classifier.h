@@ -1,18 +1,32 @@
 // What every moev image classifier is to the trainer, evaluator and CLI: a module
 // mapping normalised images to class logits. MoE layers inside it are found with
 // moe::find_moe_layers, so the trainer needs no per-model code for them.
+// Multi-branch models (Sun et al.'s N expert branches on a shared trunk) also
+// show the trainer each branch's logits and embedding, for the per-branch losses
+// and the diversity loss; to everyone else they are one classifier.
 #pragma once
 
+#include <cstdint>
 #include <memory>
+#include <vector>
 
 #include <torch/nn/module.h>
 
 namespace moev::models {
 
+struct BranchOutputs {
+  std::vector<at::Tensor> logits;      // N x [B, L]
+  std::vector<at::Tensor> embeddings;  // N x [B, F] (empty for single-branch models)
+};
+
 class Classifier : public torch::nn::Module {
  public:
   // images: [B, C, H, W] -> logits: [B, L]
   virtual at::Tensor forward(const at::Tensor& images) = 0;
+
+  virtual int64_t num_branches() const { return 1; }
+  // images: [B, C, H, W] -> N x logits [B, L] and N x embeddings [B, F]
+  virtual BranchOutputs forward_branches(const at::Tensor& images) { return {{forward(images)}, {}}; }
 };
 
 using ClassifierPtr = std::shared_ptr<Classifier>;

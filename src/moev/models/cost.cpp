@@ -35,10 +35,70 @@ struct Acc {
     c.active_params += K * expert + router;
     c.flops += 2.0 * tokens * (double(K) * 2.0 * double(D) * double(H) + double(router));
   }
+  // A k x k convolution at `pixels` output positions (groups split the inputs).
+  void conv(double pixels, int64_t in, int64_t out, int64_t k, int64_t groups = 1, bool bias = false) {
+    const int64_t w = out * (in / groups) * k * k + (bias ? out : 0);
+    c.params += w;
+    c.active_params += w;
+    c.flops += 2.0 * pixels * double(out * (in / groups) * k * k);
+  }
 };
+
+// ResNeSt (models/resnest.h): every branch runs, so active = all parameters.
+ModelCost resnest_cost(const ModelConfig& cfg) {
+  Acc a;
+  auto half = [](int64_t s) { return (s + 1) / 2; };  // blur pool and the 3x3 stride-2 pools
+  int64_t s = cfg.image_size;
+  const int64_t sw = cfg.stem_channels;
+  a.conv(double(s * s), cfg.channels, sw, 3);
+  a.norm(sw);
+  for (int64_t p = cfg.patch; p > 1; p /= 2) {
+    s = half(s);
+    a.conv(double(s * s), sw, sw, 3);
+    a.norm(sw);
+  }
+  auto block = [&](Acc& acc, int64_t& side, int64_t in, int64_t out, int64_t stride) {
+    const int64_t w = out / 4, R = cfg.radix, G = cfg.cardinality;
+    int64_t inter = std::max<int64_t>(w * R / 4, 16);
+    inter = (inter + G - 1) / G * G;
+    const double px = double(side * side);
+    acc.conv(px, in, w, 1);
+    acc.norm(w);
+    acc.conv(px, w, w * R, 3, G * R);
+    acc.norm(w * R);
+    acc.conv(1, w, inter, 1, G, true);
+    acc.norm(inter);
+    acc.conv(1, inter, w * R, 1, G, true);
+    if (stride > 1) side = half(side);
+    acc.conv(double(side * side), w, out, 1);
+    acc.norm(out);
+    if (in != out || stride > 1) {
+      acc.conv(double(side * side), in, out, 1);
+      acc.norm(out);
+    }
+  };
+  auto stage = [&](Acc& acc, int64_t& side, size_t st) {
+    for (int64_t i = 0; i < cfg.depths[st]; ++i)
+      block(acc, side, i == 0 ? (st == 0 ? sw : cfg.dims[st - 1]) : cfg.dims[st], cfg.dims[st],
+            i == 0 && st > 0 ? 2 : 1);
+  };
+  for (int64_t st = 0; st < cfg.shared_stages; ++st) stage(a, s, static_cast<size_t>(st));
+  Acc branch;
+  int64_t bs = s;
+  for (size_t st = static_cast<size_t>(cfg.shared_stages); st < cfg.dims.size(); ++st) stage(branch, bs, st);
+  branch.linear(1, cfg.dims.back(), cfg.num_classes);
+  a.c.params += cfg.branches * branch.c.params;
+  a.c.active_params += cfg.branches * branch.c.params;
+  a.c.flops += double(cfg.branches) * branch.c.flops;
+  const int64_t fusion = cfg.branches * cfg.dims.back() * cfg.num_classes + cfg.num_classes;
+  a.c.params += fusion;  // used instead of the heads' mean once trained: FLOPs negligible
+  a.c.active_params += fusion;
+  return a.c;
+}
 }  // namespace
 
 ModelCost model_cost(const ModelConfig& cfg) {
+  if (cfg.family == "resnest") return resnest_cost(cfg);
   Acc a;
   const int64_t blocks = num_blocks(cfg);
   const auto moe_at = moe_blocks(cfg.moe, blocks);

@@ -5,6 +5,7 @@
 
 #include "moev/core/error.h"
 #include "moev/models/convnext.h"
+#include "moev/models/resnest.h"
 #include "moev/models/vit.h"
 #include "moev/nn/linear.h"
 
@@ -47,6 +48,51 @@ ModelConfig convnext_iso_tiny() {
   c.depth = 8;
   return c;
 }
+// ResNeSt for 28 px inputs: a stem of two 3x3 convs with a blur pool between
+// them (28 -> 14 px), stages 32/64/128 wide at 14, 7 and 4 px; the first two
+// shared, the last one per branch. Stochastic depth 0.1 at the last block;
+// radix 2. (Measured on the AVX2 EPYC, 1 thread: 713 img/s training; the same
+// stages at 28 px trained at 393.)
+ModelConfig resnest_tiny() {
+  ModelConfig c;
+  c.family = "resnest";
+  c.patch = 2;
+  c.stem_channels = 32;
+  c.dims = {32, 64, 128};
+  c.depths = {1, 1, 1};
+  c.shared_stages = 2;
+  c.drop_path = 0.1;
+  return c;
+}
+// CIFAR-sized (32 px RGB): the tiny layout twice as wide and two blocks per stage.
+ModelConfig resnest_cifar() {
+  ModelConfig c = resnest_tiny();
+  c.image_size = 32;
+  c.channels = 3;
+  c.stem_channels = 64;
+  c.dims = {64, 128, 256};
+  c.depths = {2, 2, 2};
+  return c;
+}
+// ResNeSt-50 (2s1x64d) for 224 px: stem 4x down, 3-4-6-3 blocks, the last stage per branch.
+ModelConfig resnest_50() {
+  ModelConfig c;
+  c.family = "resnest";
+  c.image_size = 224;
+  c.channels = 3;
+  c.num_classes = 1000;
+  c.patch = 4;
+  c.stem_channels = 64;
+  c.dims = {256, 512, 1024, 2048};
+  c.depths = {3, 4, 6, 3};
+  c.shared_stages = 3;
+  c.drop_path = 0.2;
+  return c;
+}
+ModelConfig with_branches(ModelConfig c, int64_t n) {
+  c.branches = n;
+  return c;
+}
 // Videau et al.'s most robust placement: MoE in the final two blocks.
 ModelConfig with_final_moe(ModelConfig c, int64_t experts) {
   const int64_t n = num_blocks(c);
@@ -63,15 +109,38 @@ ModelConfig with_vmoe(ModelConfig c, int64_t experts) {
   c.router.k = 2;
   return c;
 }
+void validate_resnest(const ModelConfig& c) {
+  MOEV_CHECK(c.branches >= 1, "model.branches = ", c.branches, ": expected >= 1 expert branch");
+  MOEV_CHECK(!c.dims.empty() && c.dims.size() == c.depths.size(), "model.dims and model.depths: ",
+             "expected lists of the same non-zero length, got ", c.dims.size(), " and ", c.depths.size());
+  const auto S = static_cast<int64_t>(c.dims.size());
+  MOEV_CHECK(c.shared_stages >= 0 && c.shared_stages < S, "model.shared_stages = ", c.shared_stages,
+             ": expected 0..", S - 1, " (at least the last of the ", S, " stages belongs to each branch)");
+  MOEV_CHECK(c.stem_channels >= 1, "model.stem_channels = ", c.stem_channels, ": ResNeSt needs a stem width >= 1");
+  MOEV_CHECK(c.patch == 1 || c.patch == 2 || c.patch == 4, "model.patch = ", c.patch,
+             ": the ResNeSt stem downsamples by 1, 2 or 4");
+  MOEV_CHECK(c.radix >= 1 && c.cardinality >= 1, "model.radix and model.cardinality must be >= 1");
+  for (int64_t s = 0; s < S; ++s) {
+    MOEV_CHECK(c.depths[s] >= 1 && c.dims[s] >= 4 && c.dims[s] % 4 == 0, "model.dims / model.depths: stage ", s,
+               " must have depth >= 1 and a width divisible by 4 (the bottleneck is a quarter), got ", c.dims[s]);
+    MOEV_CHECK((c.dims[s] / 4) % c.cardinality == 0, "model.dims[", s, "] = ", c.dims[s],
+               ": its bottleneck width ", c.dims[s] / 4, " must divide into model.cardinality = ", c.cardinality, " groups");
+  }
+  MOEV_CHECK(c.moe.kind == "none", "model.moe = '", models::to_string(c.moe),
+             "': ResNeSt has expert branches (model.branches), not token-routed MoE layers");
+}
+
 }  // namespace
 
 std::vector<std::string> preset_names() {
   return {"vit-tiny",      "vmoe-tiny",         "vit-s32",           "vmoe-s32",
-          "convnext-tiny", "convnext-moe-tiny", "convnext-iso-tiny", "convnext-iso-moe-tiny"};
+          "convnext-tiny", "convnext-moe-tiny", "convnext-iso-tiny", "convnext-iso-moe-tiny",
+          "resnest-tiny",  "resnest-mb-tiny",   "resnest-cifar",     "resnest-mb-cifar",
+          "resnest-50",    "resnest-mb-50"};
 }
 
 int64_t num_blocks(const ModelConfig& c) {
-  if (c.family != "convnext") return c.depth;
+  if (c.family != "convnext" && c.family != "resnest") return c.depth;
   int64_t n = 0;
   for (auto d : c.depths) n += d;
   return n;
@@ -86,14 +155,20 @@ ModelConfig preset(const std::string& name) {
   if (name == "convnext-moe-tiny") return with_final_moe(convnext_tiny(), 8);
   if (name == "convnext-iso-tiny") return convnext_iso_tiny();
   if (name == "convnext-iso-moe-tiny") return with_final_moe(convnext_iso_tiny(), 8);
+  if (name == "resnest-tiny") return resnest_tiny();
+  if (name == "resnest-mb-tiny") return with_branches(resnest_tiny(), 3);
+  if (name == "resnest-cifar") return resnest_cifar();
+  if (name == "resnest-mb-cifar") return with_branches(resnest_cifar(), 3);
+  if (name == "resnest-50") return resnest_50();
+  if (name == "resnest-mb-50") return with_branches(resnest_50(), 3);
   std::string names;
   for (auto& n : preset_names()) names += " " + n;
   fail("model preset '", name, "' is unknown; presets:", names);
 }
 
 void validate(const ModelConfig& c) {
-  MOEV_CHECK(c.family == "vit" || c.family == "convnext" || c.family == "convnext-iso",
-             "model.family = '", c.family, "': expected vit, convnext or convnext-iso");
+  MOEV_CHECK(c.family == "vit" || c.family == "convnext" || c.family == "convnext-iso" || c.family == "resnest",
+             "model.family = '", c.family, "': expected vit, convnext, convnext-iso or resnest");
   MOEV_CHECK(c.image_size >= 1 && c.channels >= 1 && c.num_classes >= 2, "model: image_size, ",
              "channels must be >= 1 and num_classes >= 2");
   MOEV_CHECK(c.patch >= 1 && c.image_size % c.patch == 0, "model.patch = ", c.patch,
@@ -113,8 +188,12 @@ void validate(const ModelConfig& c) {
                  " stages after a stem of ", c.patch, " px (each later stage halves the side)");
     }
   }
-  MOEV_CHECK(c.stem_channels >= 0 && (c.stem_channels == 0 || c.family == "vit"), "model.stem_channels = ",
-             c.stem_channels, ": expected >= 0, and 0 unless model.family = vit");
+  if (c.family == "resnest") validate_resnest(c);
+  else
+    MOEV_CHECK(c.stem_channels >= 0 && (c.stem_channels == 0 || c.family == "vit"), "model.stem_channels = ",
+               c.stem_channels, ": expected >= 0, and 0 unless model.family = vit or resnest");
+  MOEV_CHECK(c.branches == 1 || c.family == "resnest", "model.branches = ", c.branches,
+             ": expert branches are a ResNeSt feature (model.family = resnest)");
   MOEV_CHECK(c.drop_path >= 0 && c.drop_path < 1, "model.drop_path = ", c.drop_path, ": expected [0, 1)");
   MOEV_CHECK(c.depth >= 1 && c.mlp_dim >= 1, "model.depth and model.mlp_dim must be >= 1");
   MOEV_CHECK(c.dropout >= 0 && c.dropout < 1, "model.dropout = ", c.dropout, ": expected [0, 1)");
@@ -130,6 +209,7 @@ void validate(const ModelConfig& c) {
 ClassifierPtr build_model(const ModelConfig& c) {
   validate(c);
   if (c.family == "vit") return std::make_shared<ViTImpl>(c);
+  if (c.family == "resnest") return std::make_shared<ResNeStImpl>(c);
   return std::make_shared<ConvNeXtImpl>(c);
 }
 

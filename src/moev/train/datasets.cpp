@@ -7,6 +7,7 @@
 #include "moev/data/cifar10.h"
 #include "moev/data/idx_reader.h"
 #include "moev/data/image_folder.h"
+#include "moev/data/subset.h"
 
 namespace moev::train {
 
@@ -48,6 +49,8 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
   check_fits(out.test, m);
   if (load_train) {
     out.train = limit(open_one(d, m, /*train=*/true), d.train_limit);
+    MOEV_CHECK(d.per_class >= 0, "data.per_class = ", d.per_class, ": expected >= 0 (0: every image)");
+    if (d.per_class > 0) out.train = data::class_subset(out.train, d.per_class, d.subset_seed);
     check_fits(out.train, m);
   }
   out.mean = d.mean;

@@ -22,6 +22,12 @@ int64_t slice_multiple(const models::ModelConfig& cfg) {
   return cfg.moe.kind == "none" ? 1 : std::max<int64_t>(1, cfg.router.group_size);
 }
 
+namespace {
+bool is_running_stat(const std::string& name) {
+  return name.find("running_") != std::string::npos || name.find("num_batches_tracked") != std::string::npos;
+}
+}  // namespace
+
 Replicas::Replicas(models::ClassifierPtr master, const models::ModelConfig& cfg, int replicas,
                    int threads, int first_index, bool own_noise)
     : first_index_(first_index) {
@@ -29,7 +35,7 @@ Replicas::Replicas(models::ClassifierPtr master, const models::ModelConfig& cfg,
   threads_per_replica_ = std::max(1, threads / replicas);
   models_.push_back(master);
   auto master_params = master->parameters();
-  auto master_buffers = master->buffers();
+  auto master_buffers = master->named_buffers();
   auto master_moe = moe::find_moe_layers(*master);
   const auto device = master_params.empty() ? c10::Device(c10::kCPU) : master_params[0].device();
   for (int r = 1; r < replicas; ++r) {
@@ -37,7 +43,7 @@ Replicas::Replicas(models::ClassifierPtr master, const models::ModelConfig& cfg,
     m->to(device);
     torch::NoGradGuard no_grad;
     auto ps = m->parameters();
-    auto bs = m->buffers();
+    auto bs = m->named_buffers();
     MOEV_CHECK(ps.size() == master_params.size() && bs.size() == master_buffers.size(),
                "Replicas: the model config does not build the master's architecture");
     // set_data shares the master's storage: the optimizer's in-place updates reach
@@ -48,7 +54,18 @@ Replicas::Replicas(models::ClassifierPtr master, const models::ModelConfig& cfg,
                  master_params[i].sizes());
       ps[i].set_data(master_params[i]);
     }
-    for (size_t i = 0; i < bs.size(); ++i) bs[i].set_data(master_buffers[i]);
+    // Buffers are shared too, except what BatchNorm updates in every training
+    // forward: replicas writing one running mean from two threads would race.
+    // Each keeps its own running statistics (of its slices), and the master's
+    // are copied over whenever the replicas switch to inference (train(false)).
+    for (size_t i = 0; i < bs.size(); ++i) {
+      if (is_running_stat(bs[i].key())) {
+        bs[i].value().copy_(master_buffers[i].value());
+        own_stats_.push_back({bs[i].value(), master_buffers[i].value()});
+      } else {
+        bs[i].value().set_data(master_buffers[i].value());
+      }
+    }
     // Routing settings changed after construction (inference overrides) follow.
     auto layers = moe::find_moe_layers(*m);
     for (size_t i = 0; i < layers.size() && i < master_moe.size(); ++i)
@@ -201,6 +218,10 @@ void Replicas::clear_grads() {
 
 void Replicas::train(bool on) {
   for (auto& m : models_) m->train(on);
+  if (!on) {
+    torch::NoGradGuard ng;
+    for (auto& [own, master] : own_stats_) own.copy_(master);
+  }
 }
 
 std::vector<moe::MoEStats> Replicas::last_stats(int n) const {

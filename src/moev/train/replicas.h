@@ -90,6 +90,7 @@ class Replicas {
   std::vector<std::vector<moe::MoELayer>> moe_;
   std::vector<std::vector<at::Tensor>> params_;  // per replica, master order
   std::vector<at::Generator> noise_;
+  std::vector<std::pair<at::Tensor, at::Tensor>> own_stats_;  // (replica's, master's) BatchNorm statistics
   int first_index_ = 0;
   int threads_per_replica_ = 1;
 

@@ -19,6 +19,8 @@ struct DataConfig {
   bool hflip = true;                     // random horizontal flip
   int64_t train_limit = 0;               // use only the first N training images (0: all)
   int64_t test_limit = 0;                // evaluate on the first N test images (0: all)
+  int64_t per_class = 0;                 // train on K images per class, a seeded class-balanced subset (0: all)
+  uint64_t subset_seed = 0;              // seed of the per_class subset
 };
 
 struct TrainConfig {
@@ -31,6 +33,17 @@ struct TrainConfig {
   double beta1 = 0.9;             // AdamW beta1
   double beta2 = 0.999;           // AdamW beta2
   double label_smoothing = 0.1;   // cross-entropy label smoothing
+  double cosine_loss = 0;         // weight of the cosine loss 1 - cos(target, softmax) (Sun et al.: 1)
+  double mixup_alpha = 0;         // mixup Beta(alpha, alpha) (0: off)
+  double cutmix_alpha = 0;        // cutmix Beta(alpha, alpha) (0: off)
+  double mix_prob = 1.0;          // probability a batch is mixed (with mixup or cutmix on)
+  double mix_switch_prob = 0.5;   // with both on: probability of cutmix rather than mixup
+  int64_t mix_off_epochs = 0;     // the last epochs (of train.epochs) train on unmixed images
+  int64_t cooldown_epochs = 0;    // epochs after the cosine schedule, at cooldown_lr
+  double cooldown_lr = 1e-5;      // learning rate of the cool-down epochs
+  std::string teacher;            // distillation: the teacher's checkpoint (same architecture)
+  double distill_lambda = 0.5;    // target = lambda * label-smoothed + (1 - lambda) * teacher probs
+  double diversity_weight = 0.2;  // multi-branch models: weight of the diversity loss (Sun et al.: 0.2)
   double clip_grad_norm = 1.0;    // global gradient norm clip (0: off)
   uint64_t seed = 0;              // seeds init, data order, augmentation and router noise
   int threads = 0;                // intra-op threads (0: all cores)

@@ -17,6 +17,8 @@
 #include "moev/train/replicas.h"
 #include "moev/train/datasets.h"
 #include "moev/train/expert_shards.h"
+#include "moev/train/losses.h"
+#include "moev/train/teacher.h"
 #include "moev/train/schedule.h"
 #include "moev/viz/progress_bar.h"
 
@@ -123,6 +125,14 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   MOEV_CHECK(tc.batch_size >= 1, "train.batch_size = ", tc.batch_size, ": expected >= 1");
   MOEV_CHECK(tc.epochs >= 1, "train.epochs = ", tc.epochs, ": expected >= 1");
   MOEV_CHECK(tc.lr > 0, "train.lr = ", tc.lr, ": expected > 0");
+  MOEV_CHECK(tc.mixup_alpha >= 0 && tc.cutmix_alpha >= 0, "train.mixup_alpha / train.cutmix_alpha: expected >= 0");
+  MOEV_CHECK(tc.mix_off_epochs >= 0 && tc.mix_off_epochs <= tc.epochs, "train.mix_off_epochs = ",
+             tc.mix_off_epochs, ": expected 0..train.epochs = ", tc.epochs);
+  MOEV_CHECK(tc.cooldown_epochs >= 0, "train.cooldown_epochs = ", tc.cooldown_epochs, ": expected >= 0");
+  MOEV_CHECK(tc.distill_lambda >= 0 && tc.distill_lambda <= 1, "train.distill_lambda = ", tc.distill_lambda,
+             ": expected [0, 1]");
+  MOEV_CHECK(tc.cosine_loss >= 0 && tc.diversity_weight >= 0, "train.cosine_loss / train.diversity_weight: ",
+             "expected >= 0");
   const int threads = set_threads(tc.threads);
   dist::Communicator* comm = opts.comm;
   const int rank = comm ? comm->rank() : 0, world = comm ? comm->size() : 1;
@@ -186,8 +196,21 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   for (int q = 0; q < rank; ++q) lo.rows_begin += shares[q];
   lo.rows_end = lo.rows_begin + shares[rank];
   const int64_t per_epoch = ds.train.size() / tc.batch_size;  // drop_last
-  const int64_t total_steps = per_epoch * tc.epochs;
-  const int64_t stop_at = tc.max_steps > 0 ? std::min(total_steps, tc.max_steps) : total_steps;
+  const int64_t total_steps = per_epoch * tc.epochs;           // the warmup + cosine schedule
+  const int64_t all_epochs = tc.epochs + tc.cooldown_epochs;   // then the cool-down at cooldown_lr
+  const int64_t all_steps = per_epoch * all_epochs;
+  const int64_t stop_at = tc.max_steps > 0 ? std::min(all_steps, tc.max_steps) : all_steps;
+  // Soft targets [B, L] when anything but the label shapes them.
+  const bool mixing = tc.mixup_alpha > 0 || tc.cutmix_alpha > 0;
+  std::unique_ptr<Teacher> teacher;
+  if (!tc.teacher.empty()) teacher = std::make_unique<Teacher>(tc.teacher, cfg.model, ds.mean, ds.std);
+  const bool soft = mixing || teacher || tc.cosine_loss > 0;
+  MixOptions mix_opts;
+  mix_opts.mixup_alpha = tc.mixup_alpha;
+  mix_opts.cutmix_alpha = tc.cutmix_alpha;
+  mix_opts.prob = tc.mix_prob;
+  mix_opts.switch_prob = tc.mix_switch_prob;
+  const int64_t n_augs = data::num_augmentations(lo);
 
   // Replicas share the master's storage, so they are built after its weights are final.
   // Replicas share the master's tensors whole; expert shards keep one per rank.
@@ -227,6 +250,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   };
 
   TrainOutcome out;
+  const int64_t n_branches = model->num_branches();
   auto ce_opts = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(tc.label_smoothing);
   viz::ProgressBar bar(tc.progress && lead ? opts.progress : nullptr, stop_at, "train", "step",
                        opts.interactive, pos.step);
@@ -236,26 +260,52 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   double window_comm = comm ? comm->seconds_in_collectives() : 0.0;
   auto t_window = t_start;
   reps.train(true);
-  while (pos.step < stop_at && pos.epoch < tc.epochs) {
+  while (pos.step < stop_at && pos.epoch < all_epochs) {
     data::BatchLoader loader(ds.train, lo, pos.epoch, pos.batch);
     data::Batch batch;
     while (pos.step < stop_at && loader.next(batch)) {
-      const double lr = learning_rate(pos.step, total_steps, tc.warmup_steps, tc.lr, tc.min_lr);
+      const double lr = pos.step < total_steps
+                            ? learning_rate(pos.step, total_steps, tc.warmup_steps, tc.lr, tc.min_lr)
+                            : tc.cooldown_lr;
       auto x = batch.x.to(device), y = batch.y.to(device);
+      at::Tensor target;  // [B, L] soft targets
+      if (soft) {
+        target = smoothed_one_hot(y, cfg.model.num_classes, tc.label_smoothing);
+        if (teacher)
+          target = tc.distill_lambda * target +
+                   (1 - tc.distill_lambda) * teacher->probs(x, batch.index, batch.aug, n_augs);
+        if (mixing && pos.epoch < tc.epochs - tc.mix_off_epochs)
+          apply_mix(draw_mix(mix_opts, tc.seed, pos.step, x.size(2), x.size(3)), x, target);
+      }
       // Each replica's slice loss is weighted by its share of the batch, so the
       // summed gradients are those of the whole batch's mean loss.
       const auto sizes = reps.slice_sizes(y.size(0), slices_of);
       const int slices = static_cast<int>(sizes.size());
       const auto xs = x.split_with_sizes(sizes), ys = y.split_with_sizes(sizes);
+      const auto ts = soft ? target.split_with_sizes(sizes) : std::vector<at::Tensor>{};
       std::vector<double> slice_loss(slices), slice_aux(slices);
       std::vector<int64_t> slice_correct(slices);
       reps.seed_noise(tc.seed, pos.step);
       opt.zero_grad();
       reps.clear_grads();
       reps.run(slices, [&](int r) {
-        auto logits = reps.model(r).forward(xs[r]);
-        auto loss = torch::nn::functional::cross_entropy(logits, ys[r], ce_opts);
-        at::Tensor aux;
+        auto objective = [&](const at::Tensor& logits) {
+          if (!soft) return torch::nn::functional::cross_entropy(logits, ys[r], ce_opts);
+          auto l = soft_cross_entropy(logits, ts[r]);
+          return tc.cosine_loss > 0 ? l + tc.cosine_loss * cosine_loss(logits, ts[r]) : l;
+        };
+        at::Tensor logits, loss, aux;
+        if (n_branches > 1) {
+          // Sun et al. eq. 5-8: every branch against the target, plus the diversity
+          // loss (counted with the auxiliary losses); accuracy from the mean logits.
+          auto outs = reps.model(r).forward_branches(xs[r]);
+          for (const auto& l : outs.logits) loss = loss.defined() ? loss + objective(l) : objective(l);
+          if (tc.diversity_weight > 0) aux = tc.diversity_weight * diversity_loss(outs.logits);
+          logits = torch::stack(outs.logits).mean(0).detach();
+        } else {
+          logits = reps.model(r).forward(xs[r]);
+          loss = objective(logits);
+        }
         for (auto& l : reps.moe_layers(r)) aux = aux.defined() ? aux + l->aux_loss() : l->aux_loss();
         auto total = aux.defined() ? loss + aux : loss;
         const double w = double(sizes[r]) / double(tc.batch_size);
@@ -323,6 +373,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
                   {"loss", window_loss / n}, {"aux_loss", window_aux / n},
                   {"grad_norm", window_grad_norm / n},
                   {"train_acc", double(window_correct) / double(window_images)},
+                  {"teacher_images", teacher ? teacher->images_run() : 0},
                   {"images_per_s", secs > 0 ? double(window_images) / secs : 0.0}};
         json load = json::array(), dropped = json::array();
         for (const auto& s : reps.last_stats(slices)) {
@@ -352,7 +403,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
     ++pos.epoch;
     pos.batch = 0;
     out.epochs_done = pos.epoch;
-    const bool eval_now = tc.eval_each_epoch || pos.epoch == tc.epochs;
+    const bool eval_now = tc.eval_each_epoch || pos.epoch == all_epochs;
     if (!lead) {
       // Expert shards: every rank runs the evaluation's forwards (each holds
       // experts the others need); otherwise rank 0 evaluates alone.
@@ -384,7 +435,8 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   bar.finish();
   save(pos);
   out.steps = pos.step;
-  out.finished = pos.epoch >= tc.epochs;
+  out.finished = pos.epoch >= all_epochs;
+  out.teacher_images = teacher ? teacher->images_run() : 0;
   out.epochs_done = pos.epoch;
   out.train_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count() - eval_seconds;

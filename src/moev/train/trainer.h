@@ -1,5 +1,7 @@
-// The training loop shared by every moev classifier: AdamW with warmup + cosine,
-// label smoothing, MoE auxiliary losses, gradient clipping, atomic checkpoints,
+// The training loop shared by every moev classifier: AdamW with warmup + cosine
+// (and an optional cool-down), label smoothing or soft targets (distillation
+// from a teacher, mixup / cutmix, cosine loss), MoE auxiliary losses, the
+// per-branch and diversity losses of multi-branch models, gradient clipping, atomic checkpoints,
 // exact resume (model, optimizer, schedule position, data order, RNG), a JSONL
 // log and a progress bar.
 #pragma once
@@ -31,6 +33,7 @@ struct TrainOutcome {
   bool finished = false;          // all epochs done (false: stopped at max_steps)
   double train_seconds = 0;       // wall time of this process's training steps
   double train_images_per_s = 0;  // this process's training throughput
+  int64_t teacher_images = 0;     // distillation: images the teacher ran on (once per image and augmentation)
   EvalResult eval;                // last test-set evaluation (if any)
 };
 

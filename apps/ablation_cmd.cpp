@@ -1,0 +1,188 @@
+// `moev ablation`: Sun et al.'s Table 1 at small scale (src/moev/train/ablation.h).
+// Each run is a `moev train` or `moev fuse` child process, J at a time, its
+// output in <run>/output.log; a run is done once <run>/result.json exists, so
+// running the command again resumes (a half-trained run continues from its
+// checkpoint).
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "moev/core/error.h"
+#include "moev/io/table.h"
+#include "moev/train/ablation.h"
+#include "moev/train/trainer.h"
+
+namespace moev::app {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+struct AblationFlags {
+  std::string config, out = "runs/ablation";
+  std::vector<std::string> sets;
+  int jobs = 2;
+  int64_t fusion_epochs = 30;
+  bool dry_run = false;
+};
+
+std::string result_file(const train::AblationTask& t) { return (fs::path(t.cfg.train.out_dir) / "result.json").string(); }
+
+// The final test evaluation of a finished training run, from its log.
+json train_result(const std::string& dir) {
+  std::ifstream in(fs::path(dir) / "log.jsonl");
+  std::string line;
+  json last;
+  while (std::getline(in, line)) {
+    auto j = json::parse(line, nullptr, false);
+    if (!j.is_discarded() && j.contains("eval")) last = j;
+  }
+  MOEV_CHECK(!last.is_null(), dir, "/log.jsonl: the run finished without a test evaluation");
+  return {{"top1", last["eval"]["top1"]}, {"seconds", last.value("elapsed_s", 0.0)}};
+}
+
+pid_t spawn(const std::vector<std::string>& args, const std::string& log_path) {
+  const pid_t pid = ::fork();
+  MOEV_CHECK(pid >= 0, "ablation: fork failed: ", std::strerror(errno));
+  if (pid == 0) {
+    const int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (fd >= 0) {
+      ::dup2(fd, 1);
+      ::dup2(fd, 2);
+    }
+    std::vector<char*> argv;
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv("/proc/self/exe", argv.data());
+    std::fprintf(stderr, "moev ablation: exec failed: %s\n", std::strerror(errno));
+    ::_exit(127);
+  }
+  return pid;
+}
+}  // namespace
+
+Runner add_ablation(CLI::App& app) {
+  auto* cmd = app.add_subcommand("ablation", "multi-branch MoE ablation (branches x diversity x distillation x "
+                                             "fusion over seeds), as CSV, Markdown and a plot");
+  auto f = std::make_shared<AblationFlags>();
+  cmd->add_option("-c,--config", f->config, "config file: the runs' common config, and an [ablation] section")
+      ->required();
+  cmd->add_option("--out", f->out, "ablation directory (one run directory per row and seed)")->capture_default_str();
+  cmd->add_option("--set", f->sets, "override a common config key: section.key=value");
+  cmd->add_option("-j,--jobs", f->jobs, "runs at a time (each gets cores / jobs threads)")->capture_default_str();
+  cmd->add_option("--fusion-epochs", f->fusion_epochs, "epochs of each fusion training")->capture_default_str();
+  cmd->add_flag("--dry-run", f->dry_run, "list the runs and exit");
+  cmd->footer("\nRun it again with the same --out to resume.\nExample:\n"
+              "  moev ablation --config configs/multibranch_fmnist.toml --out runs/ablation --jobs 2");
+  return [f]() {
+    MOEV_CHECK(f->jobs >= 1, "--jobs ", f->jobs, ": expected >= 1");
+    auto j = io::read_config_file(f->config);
+    train::AblationGrid grid;
+    if (j.is_object() && j.contains("ablation")) {
+      grid = train::parse_ablation_grid(j["ablation"], f->config);
+      j.erase("ablation");
+    }
+    for (const auto& s : f->sets) j.merge_patch(io::override_json(s));
+    auto tasks = train::plan_ablation(grid, j, f->out, f->config);
+    const int cores = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+    for (auto& t : tasks) {
+      if (t.cfg.train.threads == 0) t.cfg.train.threads = std::max(1, cores / f->jobs);
+      t.cfg.train.progress = false;
+    }
+    std::printf("%zu runs in %s, %d at a time\n", tasks.size(), f->out.c_str(), f->jobs);
+    if (f->dry_run) {
+      for (const auto& t : tasks) std::printf("  %-28s %s\n", t.name.c_str(), t.row.c_str());
+      return 0;
+    }
+    std::map<std::string, size_t> by_name;
+    for (size_t i = 0; i < tasks.size(); ++i) by_name[tasks[i].name] = i;
+    enum State { kWaiting, kRunning, kDone };
+    std::vector<State> state(tasks.size(), kWaiting);
+    std::vector<double> top1(tasks.size()), seconds(tasks.size());
+    auto read_result = [&](size_t i) {
+      std::ifstream in(result_file(tasks[i]));
+      auto r = json::parse(in);
+      top1[i] = r.at("top1").get<double>();
+      seconds[i] = r.value("seconds", 0.0);
+      state[i] = kDone;
+    };
+    size_t done = 0;
+    for (size_t i = 0; i < tasks.size(); ++i)
+      if (fs::exists(result_file(tasks[i]))) {
+        read_result(i);
+        ++done;
+      }
+    if (done) std::printf("%zu runs already done\n", done);
+    std::map<pid_t, size_t> running;
+    std::string failure;
+    const auto t0 = std::chrono::steady_clock::now();
+    while (done < tasks.size()) {
+      // Start what can start.
+      for (size_t i = 0; failure.empty() && i < tasks.size() && static_cast<int>(running.size()) < f->jobs; ++i) {
+        const auto& t = tasks[i];
+        if (state[i] != kWaiting || (!t.after.empty() && state[by_name.at(t.after)] != kDone)) continue;
+        fs::create_directories(t.cfg.train.out_dir);
+        const std::string log = (fs::path(t.cfg.train.out_dir) / "output.log").string();
+        std::vector<std::string> args;
+        if (t.kind == train::AblationTask::kTrain) {
+          const std::string run = (fs::path(t.cfg.train.out_dir) / "run.json").string();
+          io::write_text_atomic(run, io::to_json_string(t.cfg) + "\n");
+          args = {"moev", "train", "--config", run};
+          if (fs::exists(train::checkpoint_path(t.cfg.train.out_dir))) args.push_back("--resume");
+        } else {
+          args = {"moev", "fuse", t.source_checkpoint, "--out",
+                  (fs::path(t.cfg.train.out_dir) / "fused.pt").string(), "--result", result_file(t),
+                  "--epochs", std::to_string(f->fusion_epochs), "--threads", std::to_string(t.cfg.train.threads)};
+        }
+        running[spawn(args, log)] = i;
+        state[i] = kRunning;
+      }
+      if (running.empty()) break;  // a failure stopped the rest
+      int status = 0;
+      const pid_t pid = ::waitpid(-1, &status, 0);
+      if (pid < 0 || !running.count(pid)) continue;
+      const size_t i = running[pid];
+      running.erase(pid);
+      const auto& t = tasks[i];
+      const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+      if (!ok) {
+        if (failure.empty())
+          failure = t.name + " failed (" + (WIFEXITED(status) ? "exit " + std::to_string(WEXITSTATUS(status))
+                                                              : "signal " + std::to_string(WTERMSIG(status))) +
+                    "); see " + (fs::path(t.cfg.train.out_dir) / "output.log").string();
+        state[i] = kWaiting;
+        continue;
+      }
+      if (t.kind == train::AblationTask::kTrain)
+        io::write_text_atomic(result_file(t), train_result(t.cfg.train.out_dir).dump(2) + "\n");
+      read_result(i);
+      ++done;
+      const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      std::fprintf(stderr, "[%3zu/%zu] %-28s top-1 %.4f  (%.0f s; %.0f s elapsed)\n", done, tasks.size(),
+                   t.name.c_str(), top1[i], seconds[i], el);
+    }
+    MOEV_CHECK(failure.empty(), "ablation: ", failure);
+    auto rows = train::summarise_ablation(tasks, top1, seconds);
+    train::write_ablation(rows, f->out);
+    io::Table t;
+    t.header = {"method", "top-1 mean (%)", "spread (sd)", "seeds"};
+    for (const auto& r : rows)
+      t.add({r.row, io::fmt(100 * r.mean, 2), io::fmt(100 * r.spread, 2), std::to_string(r.top1.size())});
+    std::printf("%swrote %s/ablation.csv, ablation.md, ablation.png\n", t.markdown().c_str(), f->out.c_str());
+    return 0;
+  };
+}
+
+}  // namespace moev::app

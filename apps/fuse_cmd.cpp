@@ -1,0 +1,54 @@
+// `moev fuse`: trains the fusion layer of a multi-branch model with its branches
+// frozen (Sun et al. section 2.3) and writes the fused model as a new checkpoint.
+#include <cstdio>
+#include <iostream>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "moev/io/table.h"
+#include "moev/train/fusion.h"
+#include "moev/train/trainer.h"
+
+namespace moev::app {
+
+namespace {
+struct FuseFlags {
+  std::string checkpoint, out, result;
+  train::FusionOptions o;
+  int threads = 0;
+};
+}  // namespace
+
+Runner add_fuse(CLI::App& app) {
+  auto* cmd = app.add_subcommand("fuse", "train the fusion layer of a multi-branch model (branches frozen)");
+  auto f = std::make_shared<FuseFlags>();
+  cmd->add_option("checkpoint", f->checkpoint, "checkpoint of a model with model.branches >= 2")->required();
+  cmd->add_option("--out", f->out, "fused checkpoint to write (default: <checkpoint dir>/fused.pt)");
+  cmd->add_option("--epochs", f->o.epochs, "passes over the training set")->capture_default_str();
+  cmd->add_option("--lr", f->o.lr, "peak learning rate")->capture_default_str();
+  cmd->add_option("--batch-size", f->o.batch_size, "batch size")->capture_default_str();
+  cmd->add_option("--threads", f->threads, "intra-op threads (0: all cores)");
+  cmd->add_option("--result", f->result, "also write the test top-1 figures to this JSON file");
+  cmd->footer("\nExample:\n  moev fuse runs/mb3/checkpoint.pt --epochs 30");
+  return [f]() {
+    train::set_threads(f->threads);
+    if (f->out.empty()) {
+      const auto slash = f->checkpoint.find_last_of('/');
+      f->out = (slash == std::string::npos ? std::string(".") : f->checkpoint.substr(0, slash)) + "/fused.pt";
+    }
+    f->o.progress = &std::cerr;
+    f->o.interactive = stderr_is_terminal();
+    auto r = train::train_fusion(f->checkpoint, f->out, f->o);
+    std::printf("test top-1: mean of branch logits %.4f, fusion %.4f (fusion trained in %.1f s)\nwrote %s\n",
+                r.mean_of_logits.top1, r.fused.top1, r.train_seconds, f->out.c_str());
+    if (!f->result.empty()) {
+      nlohmann::json j{{"top1", r.fused.top1}, {"mean_of_logits_top1", r.mean_of_logits.top1},
+                       {"seconds", r.train_seconds}, {"checkpoint", f->out}};
+      io::write_text_atomic(f->result, j.dump(2) + "\n");
+    }
+    return 0;
+  };
+}
+
+}  // namespace moev::app

@@ -1,0 +1,43 @@
+#include "moev/data/subset.h"
+
+#include <algorithm>
+#include <random>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "moev/core/error.h"
+
+namespace moev::data {
+
+ImageSet class_subset(const ImageSet& set, int64_t k, uint64_t seed) {
+  MOEV_CHECK(k >= 1, "data.per_class = ", k, ": expected >= 1 image per class");
+  const int64_t n = set.size(), L = set.num_classes();
+  MOEV_CHECK(n > 0 && L > 0, "data set ", set.source, " is empty or has no class names");
+  const auto labels = set.labels.contiguous();
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  std::vector<std::vector<int64_t>> by_class(static_cast<size_t>(L));
+  for (int64_t i = 0; i < n; ++i) by_class[lab[i]].push_back(i);
+  std::vector<int64_t> keep;
+  for (int64_t c = 0; c < L; ++c) {
+    auto& idx = by_class[c];
+    MOEV_CHECK(static_cast<int64_t>(idx.size()) >= k, "data.per_class = ", k, ": class ", c, " '",
+               set.class_names[c], "' of ", set.source, " has only ", idx.size(), " images");
+    // One stream per class, so a class's pick does not depend on the others' sizes.
+    std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(c) + 1);
+    for (int64_t i = 0; i < k; ++i) {  // partial Fisher-Yates: the first k of a shuffle
+      std::uniform_int_distribution<int64_t> pick(i, static_cast<int64_t>(idx.size()) - 1);
+      std::swap(idx[i], idx[pick(rng)]);
+    }
+    keep.insert(keep.end(), idx.begin(), idx.begin() + k);
+  }
+  std::sort(keep.begin(), keep.end());
+  auto rows = torch::tensor(keep, torch::kInt64);
+  ImageSet out = set;
+  out.images = set.images.index_select(0, rows).contiguous();
+  out.labels = set.labels.index_select(0, rows).contiguous();
+  out.source = set.source + " (" + std::to_string(k) + " per class, seed " + std::to_string(seed) + ")";
+  return out;
+}
+
+}  // namespace moev::data

@@ -1,0 +1,16 @@
+// The data-efficient regime (Sun et al.; VIPriors): K labelled images per class
+// drawn from a larger set, the same K images for a given seed on every machine.
+#pragma once
+
+#include <cstdint>
+
+#include "moev/data/image_set.h"
+
+namespace moev::data {
+
+// K examples of every class of `set`, chosen by a seeded shuffle within each
+// class and returned in the set's own order (class-balanced, deterministic per
+// seed). A class with fewer than K examples is an error naming it.
+ImageSet class_subset(const ImageSet& set, int64_t per_class, uint64_t seed);
+
+}  // namespace moev::data

@@ -1,0 +1,170 @@
+#include "moev/train/ablation.h"
+
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <set>
+
+#include "moev/core/error.h"
+#include "moev/io/table.h"
+#include "moev/viz/plot.h"
+
+namespace moev::train {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+AblationGrid parse_ablation_grid(const json& s, const std::string& source) {
+  AblationGrid g;
+  MOEV_CHECK(s.is_object(), source, ": [ablation] must be a table");
+  auto ints = [&](const char* key, std::vector<int64_t>& out, bool allow_empty) {
+    const auto& v = s[key];
+    MOEV_CHECK(v.is_array() && (allow_empty || !v.empty()), source, ": ablation.", key,
+               ": expected a", allow_empty ? "" : " non-empty", " list of integers");
+    out.clear();
+    for (const auto& x : v) {
+      MOEV_CHECK(x.is_number_integer(), source, ": ablation.", key, ": expected integers, got ", x.dump());
+      out.push_back(x.get<int64_t>());
+    }
+  };
+  for (auto it = s.begin(); it != s.end(); ++it) {
+    const auto& k = it.key();
+    if (k == "branches") ints("branches", g.branches, false);
+    else if (k == "no_diversity") ints("no_diversity", g.no_diversity, true);
+    else if (k == "seeds") {
+      MOEV_CHECK(it->is_number_integer() && it->get<int64_t>() >= 1, source, ": ablation.seeds: expected an integer >= 1");
+      g.seeds = it->get<int64_t>();
+    } else if (k == "distill" || k == "fusion") {
+      MOEV_CHECK(it->is_boolean(), source, ": ablation.", k, ": expected true or false");
+      (k == "distill" ? g.distill : g.fusion) = it->get<bool>();
+    } else {
+      fail(source, ": ablation.", k, " is not a key (branches, no_diversity, seeds, distill, fusion)");
+    }
+  }
+  for (auto n : g.branches) MOEV_CHECK(n >= 1, source, ": ablation.branches: ", n, ": expected >= 1 branch");
+  return g;
+}
+
+std::vector<AblationTask> plan_ablation(const AblationGrid& g, const json& base, const std::string& out_dir,
+                                        const std::string& source) {
+  io::RunConfig common;
+  io::apply_json(common, base, source);
+  MOEV_CHECK(common.model.family == "resnest", source, ": the ablation needs a ResNeSt model ",
+             "(model.preset = \"resnest-tiny\" or model.family = \"resnest\"), got model.family = ",
+             common.model.family);
+  std::vector<AblationTask> tasks;
+  for (int64_t seed = 0; seed < g.seeds; ++seed) {
+    for (int64_t n : g.branches) {
+      auto make = [&](const std::string& tag, const std::string& row, bool div, bool distill) {
+        AblationTask t;
+        t.name = "n" + std::to_string(n) + tag + "_s" + std::to_string(seed);
+        t.row = "N=" + std::to_string(n) + row;
+        t.branches = n;
+        t.diversity = div && n > 1;
+        t.distill = distill;
+        t.seed = static_cast<uint64_t>(seed);
+        t.cfg = common;
+        t.cfg.model.branches = n;
+        t.cfg.train.seed = t.seed;
+        t.cfg.data.subset_seed = t.seed;
+        if (!div) t.cfg.train.diversity_weight = 0;
+        t.cfg.train.out_dir = (fs::path(out_dir) / t.name).string();
+        return t;
+      };
+      auto plain = make("", "", true, false);
+      models::validate(plain.cfg.model);
+      tasks.push_back(plain);
+      if (n > 1 && std::count(g.no_diversity.begin(), g.no_diversity.end(), n))
+        tasks.push_back(make("_nodiv", " w/o diversity", false, false));
+      if (!g.distill) continue;
+      auto d = make("_distill", " + distill", true, true);
+      d.cfg.train.teacher = (fs::path(plain.cfg.train.out_dir) / "checkpoint.pt").string();
+      d.after = plain.name;
+      tasks.push_back(d);
+      if (g.fusion && n > 1) {
+        auto f = make("_distill_fusion", " + distill + fusion", true, true);
+        f.kind = AblationTask::kFuse;
+        f.fusion = true;
+        f.after = d.name;
+        f.source_checkpoint = (fs::path(d.cfg.train.out_dir) / "checkpoint.pt").string();
+        tasks.push_back(f);
+      }
+    }
+  }
+  return tasks;
+}
+
+std::vector<AblationRow> summarise_ablation(const std::vector<AblationTask>& tasks, const std::vector<double>& top1,
+                                            const std::vector<double>& seconds) {
+  MOEV_CHECK(top1.size() == tasks.size() && seconds.size() == tasks.size(),
+             "summarise_ablation: one result per task expected");
+  std::vector<AblationRow> rows;
+  std::map<std::string, size_t> at;
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    const auto& t = tasks[i];
+    if (!at.count(t.row)) {
+      at[t.row] = rows.size();
+      AblationRow r;
+      r.row = t.row;
+      r.branches = t.branches;
+      r.diversity = t.diversity;
+      r.distill = t.distill;
+      r.fusion = t.fusion;
+      rows.push_back(r);
+    }
+    auto& r = rows[at[t.row]];
+    r.top1.push_back(top1[i]);
+    r.seconds += seconds[i];
+  }
+  for (auto& r : rows) {
+    const double n = double(r.top1.size());
+    for (double v : r.top1) r.mean += v / n;
+    double ss = 0;
+    for (double v : r.top1) ss += (v - r.mean) * (v - r.mean);
+    r.spread = r.top1.size() > 1 ? std::sqrt(ss / (n - 1)) : 0.0;
+    r.seconds /= n;
+  }
+  // Table 1's order: by N, then plain, w/o diversity, distill, distill + fusion.
+  auto rank = [](const AblationRow& r) { return (r.fusion ? 3 : r.distill ? 2 : (!r.diversity && r.branches > 1) ? 1 : 0); };
+  std::stable_sort(rows.begin(), rows.end(), [&](const AblationRow& a, const AblationRow& b) {
+    return a.branches != b.branches ? a.branches < b.branches : rank(a) < rank(b);
+  });
+  return rows;
+}
+
+void write_ablation(const std::vector<AblationRow>& rows, const std::string& out_dir) {
+  io::Table csv, md;
+  csv.header = {"row", "branches", "diversity", "distill", "fusion", "seed", "top1", "seconds"};
+  md.header = {"method", "top-1 mean (%)", "spread (sd, %)", "seeds", "per seed (%)", "train s / seed"};
+  for (const auto& r : rows) {
+    std::string per;
+    for (size_t s = 0; s < r.top1.size(); ++s) {
+      csv.add({r.row, std::to_string(r.branches), r.diversity ? "1" : "0", r.distill ? "1" : "0",
+               r.fusion ? "1" : "0", std::to_string(s), io::fmt(r.top1[s]), io::fmt(r.seconds, 1)});
+      per += (s ? " / " : "") + io::fmt(100 * r.top1[s], 2);
+    }
+    md.add({r.row, io::fmt(100 * r.mean, 2), io::fmt(100 * r.spread, 2), std::to_string(r.top1.size()), per,
+            io::fmt(r.seconds, 0)});
+  }
+  io::write_text_atomic((fs::path(out_dir) / "ablation.csv").string(), csv.csv());
+  io::write_text_atomic((fs::path(out_dir) / "ablation.md").string(), md.markdown());
+  viz::PlotSpec p;
+  p.title = "Multi-branch MoE ablation: mean test top-1 over seeds";
+  p.xlabel = "expert branches N";
+  p.ylabel = "top-1 (%)";
+  const char* kinds[] = {"plain", "w/o diversity", "+ distill", "+ distill + fusion"};
+  for (int k = 0; k < 4; ++k) {
+    viz::Series s;
+    s.name = kinds[k];
+    for (const auto& r : rows) {
+      const int rk = r.fusion ? 3 : r.distill ? 2 : (!r.diversity && r.branches > 1) ? 1 : 0;
+      if (rk != k) continue;
+      s.x.push_back(double(r.branches));
+      s.y.push_back(100 * r.mean);
+    }
+    if (!s.x.empty()) p.series.push_back(s);
+  }
+  viz::write_plot(p, (fs::path(out_dir) / "ablation.png").string());
+}
+
+}  // namespace moev::train

@@ -1,0 +1,67 @@
+// `moev ablation`: the structure of Sun et al.'s Table 1 at small scale. Rows
+// N = 1, 3, 5 expert branches; for each N the plain model (with the diversity
+// loss when N > 1), without the diversity loss (for the N listed), with
+// distillation from the plain model of the same N and seed as the teacher, and
+// for N > 1 with the fusion layer trained on the distilled model. Each row runs
+// over several seeds (seed s: init, data order, and the per-class subset) and is
+// reported as mean and spread. Every run has its own directory, so an
+// interrupted ablation resumes where it stopped.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "moev/io/run_config.h"
+
+namespace moev::train {
+
+struct AblationGrid {
+  std::vector<int64_t> branches = {1, 3, 5};     // N of each row group
+  std::vector<int64_t> no_diversity = {3};       // N also run without the diversity loss
+  int64_t seeds = 3;                             // seeds 0 .. seeds-1
+  bool distill = true;                           // rows with distillation
+  bool fusion = true;                            // rows with fusion (N > 1)
+};
+
+// The [ablation] section of a config file (branches, no_diversity, seeds,
+// distill, fusion); unknown keys and bad values are errors naming `source`.
+AblationGrid parse_ablation_grid(const nlohmann::json& section, const std::string& source);
+
+struct AblationTask {
+  enum Kind { kTrain, kFuse } kind = kTrain;
+  std::string name;   // run directory under the ablation's, e.g. n3_distill_s0
+  std::string row;    // table row, e.g. "N=3 + distill"
+  int64_t branches = 1;
+  bool diversity = true, distill = false, fusion = false;
+  uint64_t seed = 0;
+  std::string after;  // the task that must finish first (teacher, model to fuse); "" none
+  io::RunConfig cfg;  // kTrain: the run (out_dir set); kFuse: the fused model's run
+  std::string source_checkpoint;  // kFuse: the checkpoint to fuse
+};
+
+// Every task, in an order that respects `after`. base: the common config (file
+// sections and overrides) on top of the defaults; its model must be a ResNeSt.
+std::vector<AblationTask> plan_ablation(const AblationGrid& grid, const nlohmann::json& base,
+                                        const std::string& out_dir, const std::string& source);
+
+struct AblationRow {
+  std::string row;
+  int64_t branches = 1;
+  bool diversity = true, distill = false, fusion = false;
+  std::vector<double> top1;       // per seed
+  double mean = 0, spread = 0;    // mean and sample standard deviation of top1
+  double seconds = 0;             // mean training seconds per seed (fusion: of the fusion step)
+};
+
+// Groups the finished tasks' results (top1[i], seconds[i] for tasks[i]) into rows.
+std::vector<AblationRow> summarise_ablation(const std::vector<AblationTask>& tasks,
+                                            const std::vector<double>& top1,
+                                            const std::vector<double>& seconds);
+
+// ablation.csv (every seed), ablation.md (mean ± spread) and ablation.png under out_dir.
+void write_ablation(const std::vector<AblationRow>& rows, const std::string& out_dir);
+
+}  // namespace moev::train

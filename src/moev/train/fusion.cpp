@@ -1,0 +1,102 @@
+#include "moev/train/fusion.h"
+
+#include <chrono>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "moev/core/error.h"
+#include "moev/data/batch_loader.h"
+#include "moev/io/run_config.h"
+#include "moev/models/resnest.h"
+#include "moev/train/adamw.h"
+#include "moev/train/checkpoint.h"
+#include "moev/train/datasets.h"
+#include "moev/train/schedule.h"
+#include "moev/viz/progress_bar.h"
+
+namespace moev::train {
+
+FusionOutcome train_fusion(const std::string& path, const std::string& out_path, const FusionOptions& o) {
+  MOEV_CHECK(o.epochs >= 1 && o.batch_size >= 1 && o.lr > 0, "fusion: epochs, batch size and lr must be positive");
+  auto ckpt = load_checkpoint(path);
+  auto cfg = io::from_json_string(ckpt.config_json, path);
+  MOEV_CHECK(cfg.model.family == "resnest" && cfg.model.branches >= 2, path, ": a fusion layer needs a ",
+             "multi-branch model (model.family = resnest, model.branches >= 2); this one is ", cfg.model.family,
+             " with ", cfg.model.branches, " branch(es)");
+  auto built = models::build_model(cfg.model);
+  load_module_tensors(*built, ckpt.model, path);
+  auto* model = dynamic_cast<models::ResNeStImpl*>(built.get());
+  // Frozen: eval mode keeps BatchNorm's statistics and switches stochastic depth
+  // off, and no branch parameter takes part in autograd.
+  model->eval();
+  for (auto& p : model->parameters()) p.set_requires_grad(false);
+  const int64_t N = cfg.model.branches, F = cfg.model.dims.back(), L = cfg.model.num_classes;
+  {
+    torch::NoGradGuard ng;
+    for (int64_t b = 0; b < N; ++b) {
+      auto* head = model->heads[b]->as<torch::nn::LinearImpl>();
+      model->fusion->weight.narrow(1, b * F, F).copy_(head->weight / double(N));
+    }
+    auto bias = torch::zeros({L});
+    for (int64_t b = 0; b < N; ++b) bias += model->heads[b]->as<torch::nn::LinearImpl>()->bias;
+    model->fusion->bias.copy_(bias / double(N));
+  }
+  model->fusion->weight.set_requires_grad(true);
+  model->fusion->bias.set_requires_grad(true);
+  AdamWOptions ao;
+  ao.weight_decay = o.weight_decay;
+  AdamW opt({{"fusion.weight", model->fusion->weight}, {"fusion.bias", model->fusion->bias}}, ao);
+
+  Datasets ds = open_datasets(cfg.data, cfg.model, /*load_train=*/true);
+  FusionOutcome res;
+  const c10::Device cpu(c10::kCPU);
+  if (o.evaluate) res.mean_of_logits = evaluate(*model, ds.test, ds.mean, ds.std, 256, cpu);
+
+  data::LoaderOptions lo;
+  lo.batch_size = std::min(o.batch_size, ds.train.size());
+  lo.seed = cfg.train.seed;
+  lo.augment = cfg.data.augment;
+  lo.crop_padding = cfg.data.crop_padding;
+  lo.hflip = cfg.data.hflip;
+  lo.mean = ds.mean;
+  lo.std = ds.std;
+  const int64_t per_epoch = ds.train.size() / lo.batch_size, total = per_epoch * o.epochs;
+  viz::ProgressBar bar(o.progress, total, "fusion", "step", o.interactive);
+  auto ce = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(o.label_smoothing);
+  const auto t0 = std::chrono::steady_clock::now();
+  int64_t step = 0;
+  for (int64_t epoch = 0; epoch < o.epochs; ++epoch) {
+    data::BatchLoader loader(ds.train, lo, epoch);
+    data::Batch batch;
+    while (loader.next(batch)) {
+      at::Tensor e;
+      {
+        torch::NoGradGuard ng;
+        e = torch::cat(model->forward_branches(batch.x).embeddings, 1);  // [B, N*F]
+      }
+      auto loss = torch::nn::functional::cross_entropy(model->fusion->forward(e), batch.y, ce);
+      opt.zero_grad();
+      loss.backward();
+      opt.step(learning_rate(step, total, std::min<int64_t>(total / 10, 100), o.lr, o.lr / 100));
+      ++step;
+      char status[48];
+      std::snprintf(status, sizeof status, "loss %.4f", loss.item<double>());
+      bar.update(step, status);
+    }
+  }
+  bar.finish();
+  res.train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  model->set_fused(true);
+  if (o.evaluate) res.fused = evaluate(*model, ds.test, ds.mean, ds.std, 256, cpu);
+
+  auto state = nlohmann::json::parse(ckpt.state_json);
+  state["fusion"] = {{"from", path}, {"epochs", o.epochs}, {"lr", o.lr}};
+  ckpt.state_json = state.dump();
+  ckpt.model = module_tensors(*model);
+  ckpt.optimizer.clear();  // the branches' optimizer state would resume nothing here
+  save_checkpoint(out_path, ckpt);
+  return res;
+}
+
+}  // namespace moev::train

@@ -1,0 +1,56 @@
+// The training objectives beyond plain cross-entropy: soft targets (label
+// smoothing, distillation, mixup/cutmix), the cosine loss of Barz & Denzler
+// 2020, and Sun et al.'s diversity loss between expert branches; and the batch
+// mixing (mixup, cutmix) that makes soft targets in the first place.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace moev::train {
+
+// y: int64 [B] -> [B, L]: 1 - eps + eps/L at the label, eps/L elsewhere (the
+// label smoothing of torch's cross_entropy, so soft and hard paths agree).
+at::Tensor smoothed_one_hot(const at::Tensor& y, int64_t num_classes, double eps);
+
+// logits [B, L], target [B, L] (rows sum to 1) -> mean over B of -sum target * log_softmax.
+at::Tensor soft_cross_entropy(const at::Tensor& logits, const at::Tensor& target);
+
+// logits [B, L], target [B, L] -> mean over B of 1 - cos(target, softmax(logits)).
+at::Tensor cosine_loss(const at::Tensor& logits, const at::Tensor& target);
+
+// Sun et al.'s diversity loss over N branches: -sum_i KL(p_i || p_mean), mean
+// over the batch, p_i = softmax(logits_i), p_mean = their mean. This direction
+// is N times the generalised Jensen-Shannon divergence of the branches, so it
+// is bounded (>= -N log N): minimising it pushes the branches apart without the
+// runaway the other direction allows (KL(p_mean || p_i) grows without bound as a
+// branch sends a class's probability to 0, so a loss of minus that can fall
+// forever by making one branch absurdly confident). Zero when all branches agree.
+// logits: N x [B, L] -> scalar
+at::Tensor diversity_loss(const std::vector<at::Tensor>& logits);
+
+// How one batch is mixed: none, mixup (x = lam x + (1 - lam) x_flip) or cutmix
+// (a box of x_flip pasted into x, lam = the area left of x). x_flip is the batch
+// in reverse order, so pairs are (i, B-1-i).
+struct Mix {
+  enum Kind { kNone, kMixup, kCutmix } kind = kNone;
+  double lam = 1;                     // weight of the image's own target
+  int64_t y0 = 0, y1 = 0, x0 = 0, x1 = 0;  // cutmix box rows [y0, y1), columns [x0, x1)
+};
+
+struct MixOptions {
+  double mixup_alpha = 0;   // Beta(alpha, alpha) of mixup's lam (0: no mixup)
+  double cutmix_alpha = 0;  // Beta(alpha, alpha) of cutmix's box area (0: no cutmix)
+  double prob = 1;          // probability that a batch is mixed at all
+  double switch_prob = 0.5; // with both on, probability of cutmix rather than mixup
+};
+
+// The mix of one batch, a pure function of (seed, step): a resumed run mixes alike.
+Mix draw_mix(const MixOptions& o, uint64_t seed, int64_t step, int64_t height, int64_t width);
+
+// Mixes x [B, C, H, W] and target [B, L] in place (as described by mix).
+void apply_mix(const Mix& mix, at::Tensor& x, at::Tensor& target);
+
+}  // namespace moev::train

@@ -1,0 +1,92 @@
+#include "moev/train/teacher.h"
+
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "moev/core/error.h"
+#include "moev/train/trained_model.h"
+
+namespace moev::train {
+
+std::string architecture_difference(const models::ModelConfig& a, const models::ModelConfig& b) {
+  // What decides the network's shape; drop rates, precision and routing noise do not.
+  static const char* kKeys[] = {"family", "image_size", "channels", "num_classes", "patch", "stem_channels",
+                                "width", "depth", "heads", "mlp_dim", "dims", "depths", "branches",
+                                "shared_stages", "radix", "cardinality", "blur_pool"};
+  io::RunConfig ra, rb;
+  ra.model = a;
+  rb.model = b;
+  const auto ja = io::to_json(ra)["model"], jb = io::to_json(rb)["model"];
+  std::ostringstream out;
+  for (const char* k : kKeys) {
+    if (!ja.contains(k) || !jb.contains(k) || ja[k] == jb[k]) continue;
+    if (out.tellp() > 0) out << ", ";
+    out << "model." << k << " " << ja[k].dump() << " vs " << jb[k].dump();
+  }
+  if (models::to_string(a.moe) != models::to_string(b.moe) ||
+      (a.moe.kind != "none" && a.router.num_experts != b.router.num_experts)) {
+    if (out.tellp() > 0) out << ", ";
+    out << "model.moe " << models::to_string(a.moe) << " (E " << a.router.num_experts << ") vs "
+        << models::to_string(b.moe) << " (E " << b.router.num_experts << ")";
+  }
+  return out.str();
+}
+
+Teacher::Teacher(const std::string& checkpoint, const models::ModelConfig& student,
+                 const std::vector<float>& mean, const std::vector<float>& std) {
+  auto t = load_trained(checkpoint, c10::Device(c10::kCPU));
+  const auto diff = architecture_difference(t.cfg.model, student);
+  MOEV_CHECK(diff.empty(), "train.teacher = ", checkpoint, ": the teacher is not a model of the student's ",
+             "architecture (", diff, "); distillation expects a teacher of the same architecture");
+  model_ = t.model;
+  model_->eval();
+  classes_ = student.num_classes;
+  // x_teacher = (x * std_s + mean_s - mean_t) / std_t, per channel.
+  const auto& tm = t.cfg.data.mean;
+  const auto& ts = t.cfg.data.std;
+  MOEV_CHECK(tm.size() == mean.size() && ts.size() == std.size(), "train.teacher = ", checkpoint,
+             ": its normalisation has ", tm.size(), " channel(s), the student's ", mean.size());
+  std::vector<float> scale, shift;
+  for (size_t c = 0; c < mean.size(); ++c) {
+    scale.push_back(std[c] / ts[c]);
+    shift.push_back((mean[c] - tm[c]) / ts[c]);
+  }
+  const auto C = static_cast<int64_t>(mean.size());
+  scale_ = torch::tensor(scale).view({1, C, 1, 1});
+  shift_ = torch::tensor(shift).view({1, C, 1, 1});
+}
+
+at::Tensor Teacher::probs(const at::Tensor& x, const at::Tensor& index, const at::Tensor& aug, int64_t n_aug) {
+  const int64_t B = x.size(0);
+  const auto idx = index.contiguous(), ag = aug.contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const int64_t* ap = ag.data_ptr<int64_t>();
+  std::vector<int64_t> missing;
+  for (int64_t i = 0; i < B; ++i)
+    if (!rows_.count(ip[i] * n_aug + ap[i])) missing.push_back(i);
+  if (!missing.empty()) {
+    torch::NoGradGuard ng;
+    auto rows = torch::tensor(missing, torch::kInt64);
+    auto xt = x.index_select(0, rows).to(torch::kCPU) * scale_ + shift_;
+    auto p = torch::softmax(model_->forward(xt), 1).contiguous();
+    const float* pp = p.data_ptr<float>();
+    for (size_t j = 0; j < missing.size(); ++j) {
+      const int64_t key = ip[missing[j]] * n_aug + ap[missing[j]];
+      if (rows_.count(key)) continue;  // the same image twice in one batch
+      rows_[key] = static_cast<int64_t>(probs_.size()) / classes_;
+      probs_.insert(probs_.end(), pp + j * classes_, pp + (j + 1) * classes_);
+    }
+    images_run_ += static_cast<int64_t>(missing.size());
+  }
+  auto out = torch::empty({B, classes_}, torch::kFloat);
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0; i < B; ++i) {
+    const float* src = probs_.data() + rows_.at(ip[i] * n_aug + ap[i]) * classes_;
+    std::copy(src, src + classes_, op + i * classes_);
+  }
+  return out.to(x.device());
+}
+
+}  // namespace moev::train

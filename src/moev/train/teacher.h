@@ -1,0 +1,51 @@
+// Distillation's teacher (Sun et al. section 2.1): a trained model of the
+// student's architecture whose probabilities join the training target,
+// target = lambda * label-smoothed + (1 - lambda) * teacher(image). The teacher
+// runs once per image and augmentation: its probabilities are cached under
+// (example index, augmentation id) from the loader, so with the 50 crop/flip
+// variants of a 28 px image and a few hundred epochs it stops running after
+// the first few dozen epochs.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "moev/io/run_config.h"
+#include "moev/models/classifier.h"
+
+namespace moev::train {
+
+class Teacher {
+ public:
+  // Loads `checkpoint` (an error names it when it is not a model of the
+  // student's architecture or classes). student_mean/std: the normalisation of
+  // the images it will be given.
+  Teacher(const std::string& checkpoint, const models::ModelConfig& student,
+          const std::vector<float>& student_mean, const std::vector<float>& student_std);
+
+  // x: [B, C, H, W] normalised as the student's, index/aug: int64 [B] from the
+  // loader -> probabilities [B, L]; runs the teacher on the rows not cached yet.
+  at::Tensor probs(const at::Tensor& x, const at::Tensor& index, const at::Tensor& aug,
+                   int64_t num_augmentations);
+
+  int64_t images_run() const { return images_run_; }  // teacher forwards so far
+  int64_t cached() const { return static_cast<int64_t>(rows_.size()); }
+
+ private:
+  models::ClassifierPtr model_;
+  int64_t classes_ = 0;
+  at::Tensor scale_, shift_;  // [1, C, 1, 1]: student normalisation -> the teacher's
+  std::unordered_map<int64_t, int64_t> rows_;  // key -> row in probs_
+  std::vector<float> probs_;                   // rows of `classes_` probabilities
+  int64_t images_run_ = 0;
+};
+
+// The fields of two model configs that make them different architectures ("" when
+// they are the same network), e.g. "model.branches 1 vs 3".
+std::string architecture_difference(const models::ModelConfig& a, const models::ModelConfig& b);
+
+}  // namespace moev::train

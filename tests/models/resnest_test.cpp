@@ -1,0 +1,112 @@
+// ResNeSt and the multi-branch model: split attention against a loop-by-loop
+// reading of the paper's definition, blur pooling against hand arithmetic,
+// branch outputs, the mean-of-logits and fused outputs, and config errors.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "support/expect_error.h"
+#include "moev/models/resnest.h"
+#include "moev/nn/blur_pool.h"
+
+using namespace moev;
+
+TEST(BlurPool, MatchesTheBinomialFilterWithReflectPadding) {
+  auto x = torch::arange(20, torch::kFloat).view({1, 1, 4, 5}) * torch::tensor({1.0f, -0.5f}).view({1, 2, 1, 1});
+  auto y = nn::blur_pool2d(x);
+  ASSERT_EQ(y.sizes(), (std::vector<int64_t>{1, 2, 2, 3}));
+  auto reflect = [](int64_t i, int64_t n) { return i < 0 ? -i : (i >= n ? 2 * n - 2 - i : i); };
+  const float k[3] = {1, 2, 1};
+  for (int64_t c = 0; c < 2; ++c)
+    for (int64_t oy = 0; oy < 2; ++oy)
+      for (int64_t ox = 0; ox < 3; ++ox) {
+        double s = 0;
+        for (int dy = -1; dy <= 1; ++dy)
+          for (int dx = -1; dx <= 1; ++dx)
+            s += k[dy + 1] * k[dx + 1] / 16.0 *
+                 x[0][c][reflect(2 * oy + dy, 4)][reflect(2 * ox + dx, 5)].item<double>();
+        EXPECT_NEAR(y[0][c][oy][ox].item<double>(), s, 1e-5);
+      }
+  // A constant image stays constant (no darkened border).
+  auto flat = nn::blur_pool2d(torch::full({1, 3, 7, 7}, 2.5f));
+  EXPECT_TRUE(torch::allclose(flat, torch::full({1, 3, 4, 4}, 2.5f)));
+}
+
+TEST(SplitAttention, MatchesAPerGroupPerRadixReference) {
+  torch::manual_seed(0);
+  const int64_t W = 8, R = 2, G = 2, c = W / G;
+  models::SplitAttentionConv sa(W, R, G);
+  sa->eval();  // BatchNorm with its running statistics: a fixed function
+  {
+    torch::NoGradGuard ng;
+    for (auto& b : sa->buffers()) if (b.is_floating_point()) b.uniform_(0.5, 1.5);
+  }
+  auto x = torch::randn({3, W, 5, 5});
+  auto out = sa->forward(x);
+  torch::NoGradGuard ng;
+  auto y = torch::relu(sa->bn0->forward(sa->conv->forward(x)));  // [B, R*W, H, W]
+  auto gap = torch::zeros({3, W});
+  for (int64_t r = 0; r < R; ++r) gap += y.narrow(1, r * W, W).mean({2, 3});
+  const int64_t inter = sa->fc1->weight.size(0), ig = inter / G;
+  auto h = torch::zeros({3, inter});
+  for (int64_t g = 0; g < G; ++g)  // grouped 1x1: group g reads gap's channels g*c..
+    h.narrow(1, g * ig, ig).copy_(torch::matmul(gap.narrow(1, g * c, c), sa->fc1->weight.narrow(0, g * ig, ig).view({ig, c}).t()) +
+                                  sa->fc1->bias.narrow(0, g * ig, ig));
+  h = torch::relu(sa->bn1->forward(h.view({3, inter, 1, 1})).view({3, inter}));
+  auto ref = torch::zeros_like(out);
+  for (int64_t g = 0; g < G; ++g) {
+    auto a = torch::matmul(h.narrow(1, g * ig, ig), sa->fc2->weight.narrow(0, g * R * c, R * c).view({R * c, ig}).t()) +
+             sa->fc2->bias.narrow(0, g * R * c, R * c);  // [B, R*c]: radix r's logits at r*c..
+    auto w = a.view({3, R, c}).softmax(1);
+    for (int64_t r = 0; r < R; ++r)
+      ref.narrow(1, g * c, c) += w.select(1, r).view({3, c, 1, 1}) * y.narrow(1, r * W + g * c, c);
+  }
+  EXPECT_TRUE(torch::allclose(out, ref, 1e-5, 1e-5)) << (out - ref).abs().max();
+}
+
+TEST(ResNeSt, BranchesGiveTheirOwnLogitsAndTheModelTheirMeanOrTheFusion) {
+  torch::manual_seed(0);
+  auto cfg = models::preset("resnest-mb-tiny");
+  ASSERT_EQ(cfg.branches, 3);
+  auto m = std::dynamic_pointer_cast<models::ResNeStImpl>(models::build_model(cfg));
+  m->eval();
+  auto x = torch::randn({4, 1, 28, 28});
+  torch::NoGradGuard ng;
+  auto outs = m->forward_branches(x);
+  ASSERT_EQ(outs.logits.size(), 3u);
+  ASSERT_EQ(outs.embeddings[0].sizes(), (std::vector<int64_t>{4, 128}));
+  ASSERT_EQ(outs.logits[2].sizes(), (std::vector<int64_t>{4, 10}));
+  EXPECT_FALSE(torch::allclose(outs.logits[0], outs.logits[1]));  // independent parameters
+  auto mean = (outs.logits[0] + outs.logits[1] + outs.logits[2]) / 3;
+  EXPECT_TRUE(torch::allclose(m->forward(x), mean, 1e-5, 1e-5));
+  m->set_fused(true);
+  auto fused = m->fusion->forward(torch::cat(outs.embeddings, 1));
+  EXPECT_TRUE(torch::allclose(m->forward(x), fused, 1e-5, 1e-5));
+  // Any input size through the global pool (test-time augmentation's larger scale).
+  EXPECT_EQ(m->forward(torch::randn({2, 1, 36, 36})).sizes(), (std::vector<int64_t>{2, 10}));
+}
+
+TEST(ResNeSt, StochasticDepthOnlyInTraining) {
+  torch::manual_seed(0);
+  auto cfg = models::preset("resnest-tiny");
+  cfg.drop_path = 0.5;
+  auto m = models::build_model(cfg);
+  auto x = torch::randn({8, 1, 28, 28});
+  m->eval();
+  torch::NoGradGuard ng;
+  EXPECT_TRUE(torch::equal(m->forward(x), m->forward(x)));
+}
+
+TEST(ResNeSt, BadConfigsAreErrors) {
+  auto c = models::preset("resnest-mb-tiny");
+  c.branches = 0;
+  test::expect_error([&] { models::validate(c); }, {"model.branches = 0", "expected >= 1"});
+  c = models::preset("resnest-tiny");
+  c.shared_stages = 3;
+  test::expect_error([&] { models::validate(c); }, {"model.shared_stages = 3", "expected 0..2"});
+  c = models::preset("resnest-tiny");
+  c.dims = {32, 64, 130};
+  test::expect_error([&] { models::validate(c); }, {"divisible by 4"});
+  auto v = models::preset("vit-tiny");
+  v.branches = 3;
+  test::expect_error([&] { models::validate(v); }, {"model.branches = 3", "ResNeSt"});
+}

@@ -1,0 +1,94 @@
+// The multi-branch training recipe end to end on real Fashion-MNIST images, at
+// toy size: distillation runs the teacher once per image and augmentation,
+// refuses a teacher of another architecture, and fusion training leaves every
+// branch weight as it was.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "support/expect_error.h"
+#include "support/temp_dir.h"
+#include "moev/train/checkpoint.h"
+#include "moev/train/fusion.h"
+#include "moev/train/trainer.h"
+
+using namespace moev;
+
+namespace {
+io::RunConfig toy(const std::string& out, int64_t branches) {
+  io::RunConfig c;
+  c.model = models::preset("resnest-tiny");
+  c.model.dims = {16, 32, 64};
+  c.model.stem_channels = 16;
+  c.model.branches = branches;
+  c.data.per_class = 5;  // 50 images
+  c.data.test_limit = 200;
+  c.train.epochs = 2;
+  c.train.batch_size = 10;
+  c.train.warmup_steps = 2;
+  c.train.threads = 1;
+  c.train.replicas = 1;
+  c.train.eval_each_epoch = false;
+  c.train.progress = false;
+  c.train.out_dir = out;
+  return c;
+}
+}  // namespace
+
+TEST(MultiBranch, TeacherRunsOncePerImageAndAugmentation) {
+  test::TempDir dir;
+  train::train_model(toy(dir.file("teacher"), 2), {});
+  auto s = toy(dir.file("student"), 2);
+  s.train.teacher = dir.file("teacher") + "/checkpoint.pt";
+  s.data.augment = false;  // one augmentation per image: epoch 2 is all cache hits
+  s.train.epochs = 3;
+  auto r = train::train_model(s, {});
+  EXPECT_EQ(r.steps, 15);
+  EXPECT_EQ(r.teacher_images, 50);
+  // With crops and flips there are 50 variants per image; 3 epochs see at most 150 of 2500.
+  s.data.augment = true;
+  s.train.out_dir = dir.file("student_aug");
+  r = train::train_model(s, {});
+  EXPECT_GT(r.teacher_images, 100);
+  EXPECT_LE(r.teacher_images, 150);
+}
+
+TEST(MultiBranch, TeacherOfAnotherArchitectureIsRefused) {
+  test::TempDir dir;
+  train::train_model(toy(dir.file("teacher"), 1), {});
+  auto s = toy(dir.file("student"), 3);
+  s.train.teacher = dir.file("teacher") + "/checkpoint.pt";
+  test::expect_error([&] { train::train_model(s, {}); },
+                     {"train.teacher = ", "not a model of the student's architecture", "model.branches 1 vs 3"});
+}
+
+TEST(MultiBranch, FusionTrainsOnlyTheFusionLayer) {
+  test::TempDir dir;
+  auto c = toy(dir.file("mb"), 3);
+  c.train.mixup_alpha = 0.8;
+  c.train.cutmix_alpha = 1.0;
+  c.train.cosine_loss = 1.0;
+  train::train_model(c, {});
+  train::FusionOptions o;
+  o.epochs = 3;
+  o.batch_size = 10;
+  o.lr = 1e-2;
+  auto res = train::train_fusion(dir.file("mb") + "/checkpoint.pt", dir.file("fused.pt"), o);
+  EXPECT_GT(res.fused.images, 0);
+  const auto before = train::load_checkpoint(dir.file("mb") + "/checkpoint.pt").model;
+  const auto after = train::load_checkpoint(dir.file("fused.pt")).model;
+  ASSERT_EQ(before.size(), after.size());
+  int changed = 0;
+  for (const auto& [name, t] : before) {
+    if (name.rfind("fusion", 0) == 0) {
+      changed += !torch::equal(t, after.at(name));
+      continue;
+    }
+    EXPECT_TRUE(torch::equal(t, after.at(name))) << name << " changed";
+  }
+  EXPECT_EQ(changed, 3);  // fusion.weight, fusion.bias, fusion_on
+  EXPECT_EQ(after.at("fusion_on").item<int64_t>(), 1);
+  // A single-branch model has nothing to fuse.
+  train::train_model(toy(dir.file("one"), 1), {});
+  test::expect_error([&] { train::train_fusion(dir.file("one") + "/checkpoint.pt", dir.file("f1.pt"), o); },
+                     {"multi-branch model", "1 branch"});
+}
