@@ -14,6 +14,7 @@
 #include "moev/io/table.h"
 #include "moev/core/error.h"
 #include "moev/train/datasets.h"
+#include "moev/train/ensemble.h"
 #include "moev/train/replicas.h"
 #include "moev/train/trained_model.h"
 #include "moev/train/trainer.h"
@@ -30,6 +31,7 @@ struct EvalFlags {
   int64_t batch_size = 256, limit = 0;
   int threads = 0;
   bool json = false;
+  bool tta = false;
 };
 }  // namespace
 
@@ -53,6 +55,7 @@ Runner add_eval(CLI::App& app) {
   cmd->add_option("--device", f->device, "cpu or cuda[:N]");
   cmd->add_option("--precision", f->precision, "GEMM precision fp32 or bf16 (default: as trained)");
   cmd->add_flag("--json", f->json, "print the result as JSON");
+  cmd->add_flag("--tta", f->tta, "also with test-time augmentation: ten crops (5 shifts x flip) and a 1.15x view");
   cmd->footer(
       "\nExamples:\n"
       "  moev eval runs/vmoe/checkpoint.pt --capacity 0.5 --bpr on\n"
@@ -102,6 +105,16 @@ Runner add_eval(CLI::App& app) {
       nlohmann::json j{{"checkpoint", ckpt}, {"images", r.images}, {"top1", r.top1},
                        {"top5", r.top5}, {"loss", r.loss}, {"images_per_s", r.images_per_s},
                        {"expert_load", r.expert_load}, {"dropped", r.dropped}};
+      if (f->tta) {  // the same test set (the run's own data), through the TTA views
+        MOEV_CHECK(f->data.empty() && f->format.empty(), "--tta evaluates the run's own test set: drop --data/--format");
+        train::EnsembleConfig one;
+        one.members = {{ckpt, 1.0}};
+        one.tta.enabled = true;
+        if (t.cfg.model.family == "vit") one.tta.scale = 0;  // a ViT's token grid is fixed
+        auto rt = train::evaluate_ensemble(one, f->limit, f->batch_size, nullptr, false).members[0];
+        j["tta_top1"] = rt.top1;
+        if (!f->json) std::printf("with test-time augmentation: top-1 %.4f  top-5 %.4f\n", rt.top1, rt.top5);
+      }
       if (!f->json) {
         std::printf("%s on %lld images of %s\n", ckpt.c_str(), (long long)r.images,
                     ds.test.source.c_str());

@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   add(moev::app::add_checkpoint(app));
   add(moev::app::add_fuse(app));
   add(moev::app::add_ablation(app));
+  add(moev::app::add_ensemble(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -166,3 +166,37 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --set train.lrr=1 --out " +
                            dir.file("b"), {"train.lrr"});
 }
+
+TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
+  moev::test::TempDir dir;
+  const std::string toy =
+      "--model resnest-tiny --set model.dims=[16,32,64] --set model.stem_channels=16 --set data.per_class=5 "
+      "--set data.test_limit=100 --batch-size 10 --epochs 1 --threads 1 --set train.replicas=1 "
+      "--set train.progress=false ";
+  expect_clean_failure("train " + toy + "--set data.per_class=7000 --out " + dir.file("a"),
+                       {"data.per_class = 7000", "'T-shirt/top'", "only 6000 images"});
+  expect_clean_failure("train " + toy + "--set model.branches=0 --out " + dir.file("a"),
+                       {"model.branches = 0", "expected >= 1"});
+  auto r = run("train " + toy + "--out " + dir.file("n1"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  expect_clean_failure("train " + toy + "--set model.branches=3 --set train.teacher=" + dir.file("n1") +
+                           "/checkpoint.pt --out " + dir.file("a"),
+                       {"train.teacher", "model.branches 1 vs 3", "same architecture"});
+  expect_clean_failure("fuse " + dir.file("n1") + "/checkpoint.pt", {"multi-branch model", "1 branch"});
+  // The happy path: N = 2 with distillation from an N = 2 teacher, fused, ensembled with TTA.
+  r = run("train " + toy + "--set model.branches=2 --out " + dir.file("t2"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  r = run("train " + toy + "--set model.branches=2 --set train.teacher=" + dir.file("t2") +
+          "/checkpoint.pt --set train.mixup_alpha=0.8 --set train.cutmix_alpha=1 --out " + dir.file("s2"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  r = run("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 1 --threads 1");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("fusion"), std::string::npos) << r.out;
+  std::ofstream(dir.file("ens.toml")) << "[ensemble]\nmembers = [\"" << dir.file("s2") << "/fused.pt\", \""
+                                      << dir.file("n1") << "/checkpoint.pt\"]\nweights = [3, 1]\ntta = true\n";
+  r = run("ensemble --config " + dir.file("ens.toml") + " --limit 50 --threads 1");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("weighted ensemble"), std::string::npos) << r.out;
+  std::ofstream(dir.file("ens_bad.toml")) << "[ensemble]\nmembers = [\"" << dir.file("nope.pt") << "\"]\n";
+  expect_clean_failure("ensemble --config " + dir.file("ens_bad.toml"), {"nope.pt"});
+}

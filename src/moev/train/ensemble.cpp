@@ -1,0 +1,162 @@
+#include "moev/train/ensemble.h"
+
+#include <chrono>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "moev/core/error.h"
+#include "moev/data/batch_loader.h"
+#include "moev/train/datasets.h"
+#include "moev/train/trained_model.h"
+#include "moev/viz/progress_bar.h"
+
+namespace moev::train {
+
+using nlohmann::json;
+
+at::Tensor predict_probs(models::Classifier& model, const at::Tensor& u8, const std::vector<float>& mean,
+                         const std::vector<float>& std, const TtaOptions& tta) {
+  torch::NoGradGuard ng;
+  auto x = data::normalize_images(u8, mean, std);
+  if (!tta.enabled) return torch::softmax(model.forward(x), 1);
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), s = tta.shift;
+  // The value a black pixel normalises to: what the training crops padded with.
+  std::vector<float> black;
+  for (int64_t c = 0; c < C; ++c) black.push_back(-mean[c] / std[c]);
+  auto bg = torch::tensor(black).view({1, C, 1, 1});
+  auto padded = torch::constant_pad_nd(x - bg, {s, s, s, s}) + bg;
+  std::vector<at::Tensor> views;
+  const int64_t offsets[5][2] = {{0, 0}, {-s, -s}, {-s, s}, {s, -s}, {s, s}};
+  for (const auto& o : offsets) {
+    if (s == 0 && (o[0] || o[1])) continue;
+    views.push_back(padded.narrow(2, s + o[0], H).narrow(3, s + o[1], W));
+  }
+  if (tta.scale > 0 && tta.scale != 1) {
+    const auto side = [&](int64_t n) { return static_cast<int64_t>(std::lround(double(n) * tta.scale)); };
+    views.push_back(torch::nn::functional::interpolate(
+        x, torch::nn::functional::InterpolateFuncOptions()
+               .size(std::vector<int64_t>{side(H), side(W)})
+               .mode(torch::kBilinear)
+               .align_corners(false)));
+  }
+  at::Tensor sum;
+  int64_t n = 0;
+  for (const auto& v : views) {
+    for (int f = 0; f < (tta.flip ? 2 : 1); ++f) {
+      auto p = torch::softmax(model.forward(f ? v.flip(3).contiguous() : v.contiguous()), 1);
+      sum = sum.defined() ? sum + p : p;
+      ++n;
+    }
+  }
+  return sum / double(n);
+}
+
+EnsembleConfig parse_ensemble(const json& s, const std::string& source) {
+  EnsembleConfig e;
+  MOEV_CHECK(s.is_object(), source, ": [ensemble] must be a table");
+  std::vector<double> weights;
+  for (auto it = s.begin(); it != s.end(); ++it) {
+    const auto& k = it.key();
+    const auto& v = *it;
+    if (k == "members") {
+      MOEV_CHECK(v.is_array() && !v.empty(), source, ": ensemble.members: expected a non-empty list of checkpoints");
+      for (const auto& m : v) {
+        MOEV_CHECK(m.is_string(), source, ": ensemble.members: expected checkpoint paths, got ", m.dump());
+        e.members.push_back({m.get<std::string>(), 1.0});
+      }
+    } else if (k == "weights") {
+      MOEV_CHECK(v.is_array(), source, ": ensemble.weights: expected a list of numbers");
+      for (const auto& w : v) {
+        MOEV_CHECK(w.is_number() && w.get<double>() >= 0, source, ": ensemble.weights: expected numbers >= 0, got ",
+                   w.dump());
+        weights.push_back(w.get<double>());
+      }
+    } else if (k == "tta" || k == "tta_flip") {
+      MOEV_CHECK(v.is_boolean(), source, ": ensemble.", k, ": expected true or false");
+      (k == "tta" ? e.tta.enabled : e.tta.flip) = v.get<bool>();
+    } else if (k == "tta_shift") {
+      MOEV_CHECK(v.is_number_integer() && v.get<int64_t>() >= 0, source, ": ensemble.tta_shift: expected an integer >= 0");
+      e.tta.shift = v.get<int64_t>();
+    } else if (k == "tta_scale") {
+      MOEV_CHECK(v.is_number() && v.get<double>() >= 0, source, ": ensemble.tta_scale: expected a number >= 0");
+      e.tta.scale = v.get<double>();
+    } else {
+      fail(source, ": ensemble.", k, " is not a key (members, weights, tta, tta_shift, tta_flip, tta_scale)");
+    }
+  }
+  MOEV_CHECK(!e.members.empty(), source, ": [ensemble] needs members = [checkpoint, ...]");
+  if (!weights.empty()) {
+    MOEV_CHECK(weights.size() == e.members.size(), source, ": ensemble.weights has ", weights.size(),
+               " numbers for ", e.members.size(), " members");
+    double total = 0;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      e.members[i].weight = weights[i];
+      total += weights[i];
+    }
+    MOEV_CHECK(total > 0, source, ": ensemble.weights are all 0");
+  }
+  return e;
+}
+
+EvalResult score_probs(const at::Tensor& probs, const at::Tensor& labels) {
+  EvalResult r;
+  r.images = labels.size(0);
+  if (r.images == 0) return r;
+  auto y = labels.view({-1, 1});
+  const int64_t k = std::min<int64_t>(5, probs.size(1));
+  auto top = std::get<1>(probs.topk(k, 1));
+  r.top1 = top.narrow(1, 0, 1).eq(y).sum().item<double>() / double(r.images);
+  r.top5 = top.eq(y).any(1).sum().item<double>() / double(r.images);
+  r.loss = -probs.gather(1, y).clamp_min(1e-12).log().mean().item<double>();
+  return r;
+}
+
+EnsembleResult evaluate_ensemble(const EnsembleConfig& cfg, int64_t limit, int64_t batch_size,
+                                 std::ostream* progress, bool interactive) {
+  MOEV_CHECK(!cfg.members.empty(), "ensemble: no members");
+  MOEV_CHECK(batch_size >= 1, "ensemble: batch size ", batch_size, ": expected >= 1");
+  std::vector<TrainedModel> models;
+  for (const auto& m : cfg.members) {
+    models.push_back(load_trained(m.checkpoint, c10::Device(c10::kCPU)));
+    const auto& a = models.front().cfg.model;
+    const auto& b = models.back().cfg.model;
+    MOEV_CHECK(a.image_size == b.image_size && a.channels == b.channels && a.num_classes == b.num_classes,
+               "ensemble: ", m.checkpoint, " takes ", b.channels, "x", b.image_size, " images into ", b.num_classes,
+               " classes, but ", cfg.members.front().checkpoint, " ", a.channels, "x", a.image_size, " into ",
+               a.num_classes);
+    MOEV_CHECK(!cfg.tta.enabled || cfg.tta.scale == 0 || cfg.tta.scale == 1 || b.family != "vit", "ensemble: ",
+               m.checkpoint, " is a ViT (fixed token grid): set tta_scale = 0");
+  }
+  auto data = models.front().cfg.data;
+  if (limit > 0) data.test_limit = limit;
+  auto ds = open_datasets(data, models.front().cfg.model, /*load_train=*/false);
+  const int64_t N = ds.test.size(), L = models.front().cfg.model.num_classes;
+  std::vector<at::Tensor> probs(models.size());
+  for (auto& p : probs) p = torch::empty({N, L});
+  viz::ProgressBar bar(progress, N * static_cast<int64_t>(models.size()), "ensemble", "img", interactive);
+  int64_t done = 0;
+  EnsembleResult res;
+  for (size_t m = 0; m < models.size(); ++m) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < N; i += batch_size) {
+      const int64_t b = std::min(batch_size, N - i);
+      probs[m].narrow(0, i, b).copy_(predict_probs(*models[m].model, ds.test.images.narrow(0, i, b),
+                                                   models[m].cfg.data.mean, models[m].cfg.data.std, cfg.tta));
+      done += b;
+      bar.update(done, cfg.members[m].checkpoint);
+    }
+    res.members.push_back(score_probs(probs[m], ds.test.labels));
+    res.members.back().images_per_s =
+        double(N) / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  bar.finish();
+  double total = 0;
+  for (const auto& m : cfg.members) total += m.weight;
+  auto mix = torch::zeros({N, L});
+  for (size_t m = 0; m < models.size(); ++m) mix += probs[m] * (cfg.members[m].weight / total);
+  res.ensemble = score_probs(mix, ds.test.labels);
+  return res;
+}
+
+}  // namespace moev::train

@@ -1,0 +1,61 @@
+// Test-time augmentation and weighted ensembles (Sun et al. section 3: ten
+// crops and a larger input size at test time; a weighted score average of
+// several models, higher weights for the better ones). Both average class
+// probabilities, so models with different normalisations or architectures mix.
+#pragma once
+
+#include <cstdint>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <nlohmann/json_fwd.hpp>
+
+#include "moev/data/image_set.h"
+#include "moev/models/classifier.h"
+#include "moev/train/evaluate.h"
+
+namespace moev::train {
+
+struct TtaOptions {
+  bool enabled = false;  // off: the plain image alone
+  int64_t shift = 2;     // crops: the centre and the four corners shifted by this many pixels
+  bool flip = true;      // and each of them mirrored (5 crops x 2 = ten crops)
+  double scale = 1.15;   // plus the image resized by this factor (0: none; needs a model with global pooling)
+};
+
+// u8 images [B, C, H, W] -> probabilities [B, L]: the mean of softmax over the
+// TTA views (or of the image alone), the images normalised with mean/std.
+at::Tensor predict_probs(models::Classifier& model, const at::Tensor& u8, const std::vector<float>& mean,
+                         const std::vector<float>& std, const TtaOptions& tta);
+
+struct EnsembleMember {
+  std::string checkpoint;
+  double weight = 1;
+};
+
+struct EnsembleConfig {
+  std::vector<EnsembleMember> members;
+  TtaOptions tta;
+};
+
+// The [ensemble] section of a config file: members = [paths], weights = [numbers]
+// (default all 1), tta = bool, tta_shift, tta_flip, tta_scale. Errors name `source`.
+EnsembleConfig parse_ensemble(const nlohmann::json& section, const std::string& source);
+
+struct EnsembleResult {
+  std::vector<EvalResult> members;  // each member alone (with the same TTA)
+  EvalResult ensemble;              // the weighted mean of their probabilities
+};
+
+// Evaluates every member and their weighted ensemble on the first member's test
+// set (limit > 0: its first `limit` images). Members must agree on image size
+// and classes.
+EnsembleResult evaluate_ensemble(const EnsembleConfig& cfg, int64_t limit, int64_t batch_size,
+                                 std::ostream* progress, bool interactive);
+
+// top-1, top-5 and mean NLL of probabilities [N, L] against labels [N].
+EvalResult score_probs(const at::Tensor& probs, const at::Tensor& labels);
+
+}  // namespace moev::train
