@@ -35,6 +35,8 @@ struct AblationFlags {
   std::vector<std::string> sets;
   int jobs = 2;
   int64_t fusion_epochs = 30;
+  std::vector<int64_t> branches, no_diversity;
+  int64_t seeds = 0;
   bool dry_run = false;
 };
 
@@ -83,6 +85,10 @@ Runner add_ablation(CLI::App& app) {
   cmd->add_option("--set", f->sets, "override a common config key: section.key=value");
   cmd->add_option("-j,--jobs", f->jobs, "runs at a time (each gets cores / jobs threads)")->capture_default_str();
   cmd->add_option("--fusion-epochs", f->fusion_epochs, "epochs of each fusion training")->capture_default_str();
+  cmd->add_option("--branches", f->branches, "N of the row groups (overrides ablation.branches)")->delimiter(',');
+  cmd->add_option("--no-diversity", f->no_diversity, "N also run without the diversity loss (overrides "
+                  "ablation.no_diversity; 0: none)")->delimiter(',');
+  cmd->add_option("--seeds", f->seeds, "seeds per row (overrides ablation.seeds)");
   cmd->add_flag("--dry-run", f->dry_run, "list the runs and exit");
   cmd->footer("\nRun it again with the same --out to resume.\nExample:\n"
               "  moev ablation --config configs/multibranch_fmnist.toml --out runs/ablation --jobs 2");
@@ -94,6 +100,10 @@ Runner add_ablation(CLI::App& app) {
       grid = train::parse_ablation_grid(j["ablation"], f->config);
       j.erase("ablation");
     }
+    if (!f->branches.empty()) grid.branches = f->branches;
+    if (!f->no_diversity.empty()) grid.no_diversity = f->no_diversity;
+    if (f->seeds > 0) grid.seeds = f->seeds;
+    for (auto n : grid.branches) MOEV_CHECK(n >= 1, "--branches ", n, ": expected >= 1 branch");
     for (const auto& s : f->sets) j.merge_patch(io::override_json(s));
     auto tasks = train::plan_ablation(grid, j, f->out, f->config);
     const int cores = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
