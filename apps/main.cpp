@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
   add(moev::app::add_fuse(app));
   add(moev::app::add_ablation(app));
   add(moev::app::add_ensemble(app));
+  add(moev::app::add_data(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,142 @@
+#include "moev/data/manifest.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <set>
+#include <sstream>
+
+#include <stb/stb_image_write.h>
+#include <torch/torch.h>
+
+#include "moev/core/error.h"
+#include "moev/data/image_folder.h"
+#include "moev/io/table.h"
+
+namespace moev::data {
+
+namespace fs = std::filesystem;
+
+std::vector<ManifestEntry> parse_manifest(const std::string& path) {
+  std::ifstream in(path);
+  MOEV_CHECK(in.good(), "manifest ", path, ": cannot open");
+  std::vector<ManifestEntry> out;
+  std::string line;
+  for (int64_t no = 1; std::getline(in, line); ++no) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.find_first_not_of(" \t") == std::string::npos) continue;
+    ManifestEntry e;
+    e.line = no;
+    size_t i = 0;
+    if (line[0] == '"') {  // quoted path: "" is a quote
+      for (i = 1;; ++i) {
+        MOEV_CHECK(i < line.size(), "manifest ", path, ":", no, ": unterminated quoted path");
+        if (line[i] == '"') {
+          if (i + 1 < line.size() && line[i + 1] == '"') {
+            e.path += '"';
+            ++i;
+            continue;
+          }
+          ++i;
+          break;
+        }
+        e.path += line[i];
+      }
+      MOEV_CHECK(i < line.size() && line[i] == ',', "manifest ", path, ":", no,
+                 ": expected a comma after the quoted path");
+    } else {
+      i = line.find(',');
+      MOEV_CHECK(i != std::string::npos, "manifest ", path, ":", no, ": expected `image path,tags`, got '", line, "'");
+      e.path = line.substr(0, i);
+    }
+    const std::string rest = line.substr(i + 1);
+    if (no == 1 && e.path == "path" && rest == "tags") continue;  // header
+    MOEV_CHECK(!e.path.empty(), "manifest ", path, ":", no, ": empty image path");
+    std::istringstream ts(rest);
+    std::string tag;
+    while (ts >> tag)
+      if (std::find(e.tags.begin(), e.tags.end(), tag) == e.tags.end()) e.tags.push_back(tag);
+    MOEV_CHECK(!e.tags.empty(), "manifest ", path, ":", no, ": image ", e.path, " has no tags");
+    out.push_back(std::move(e));
+  }
+  MOEV_CHECK(!out.empty(), "manifest ", path, ": no images");
+  return out;
+}
+
+MultiLabelSet read_manifest(const std::string& path, int64_t height, int64_t width, int64_t channels,
+                            const std::vector<std::string>& vocabulary) {
+  const auto entries = parse_manifest(path);
+  MultiLabelSet s;
+  s.source = path;
+  s.tags = vocabulary;
+  if (s.tags.empty()) {
+    std::set<std::string> all;
+    for (const auto& e : entries) all.insert(e.tags.begin(), e.tags.end());
+    s.tags.assign(all.begin(), all.end());
+  }
+  std::map<std::string, int64_t> column;
+  for (size_t t = 0; t < s.tags.size(); ++t) column[s.tags[t]] = static_cast<int64_t>(t);
+  const auto N = static_cast<int64_t>(entries.size()), T = static_cast<int64_t>(s.tags.size());
+  s.images = torch::empty({N, channels, height, width}, torch::kUInt8);
+  s.targets = torch::zeros({N, T});
+  const fs::path base = fs::path(path).parent_path();
+  for (int64_t i = 0; i < N; ++i) {
+    const auto& e = entries[i];
+    const fs::path p = fs::path(e.path).is_absolute() ? fs::path(e.path) : base / e.path;
+    MOEV_CHECK(fs::exists(p), "manifest ", path, ":", e.line, ": image ", p.string(), " does not exist");
+    for (const auto& tag : e.tags) {
+      auto it = column.find(tag);
+      MOEV_CHECK(it != column.end(), "manifest ", path, ":", e.line, ": tag '", tag,
+                 "' is not one of the model's ", T, " tags");
+      s.targets[i][it->second] = 1.0f;
+    }
+    s.images[i].copy_(decode_image_file(p.string(), height, width, channels));
+    s.paths.push_back(p.string());
+  }
+  return s;
+}
+
+std::string write_mosaics(const ImageSet& src, int64_t count, uint64_t seed, const std::string& dir,
+                          const std::string& split) {
+  MOEV_CHECK(count >= 1, "mosaics: count ", count, ": expected >= 1");
+  MOEV_CHECK(src.size() >= 4 && src.images.size(1) == 1, "mosaics: need >= 4 grey images, got ", src.images.sizes());
+  const int64_t H = src.images.size(2), W = src.images.size(3);
+  const fs::path folder = fs::path(dir) / split;
+  fs::create_directories(folder);
+  std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + std::hash<std::string>{}(split));
+  std::ostringstream csv;
+  csv << "path,tags\n";
+  std::vector<uint8_t> pix(static_cast<size_t>(4 * H * W));
+  const auto images = src.images.contiguous();
+  const uint8_t* data = images.data_ptr<uint8_t>();
+  for (int64_t m = 0; m < count; ++m) {
+    std::set<std::string> tags;
+    for (int q = 0; q < 4; ++q) {
+      const auto idx = static_cast<int64_t>(rng() % static_cast<uint64_t>(src.size()));
+      tags.insert(src.class_names[src.labels[idx].item<int64_t>()]);
+      const int64_t oy = (q / 2) * H, ox = (q % 2) * W;
+      for (int64_t y = 0; y < H; ++y)
+        std::copy(data + idx * H * W + y * W, data + idx * H * W + (y + 1) * W, pix.data() + (oy + y) * 2 * W + ox);
+    }
+    const std::string name = std::to_string(m) + ".png";
+    const std::string file = (folder / name).string();
+    MOEV_CHECK(stbi_write_png(file.c_str(), int(2 * W), int(2 * H), 1, pix.data(), int(2 * W)) != 0,
+               "mosaics: cannot write ", file);
+    std::string line;
+    for (const auto& t : tags) {
+      // Tags are single words: class names with spaces or slashes get underscores.
+      std::string w = t;
+      for (auto& ch : w)
+        if (ch == ' ' || ch == '/' || ch == ',') ch = '_';
+      line += (line.empty() ? "" : " ") + w;
+    }
+    csv << split << "/" << name << "," << line << "\n";
+  }
+  const std::string manifest = (fs::path(dir) / (split + ".csv")).string();
+  io::write_text_atomic(manifest, csv.str());
+  return manifest;
+}
+
+}  // namespace moev::data

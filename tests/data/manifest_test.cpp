@@ -1,0 +1,69 @@
+// The multi-label manifest: quoted paths, header, tags; missing files and
+// unknown tags named with their line; Fashion-MNIST mosaics written as real PNG
+// files whose tags are the classes in them, the same for a seed.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "support/expect_error.h"
+#include "support/temp_dir.h"
+#include "moev/data/idx_reader.h"
+#include "moev/data/manifest.h"
+
+using namespace moev;
+
+TEST(Manifest, ParsesQuotedPathsHeaderAndTags) {
+  test::TempDir dir;
+  std::ofstream(dir.file("m.csv")) << "path,tags\n"
+                                      "a.png,cat dog\n"
+                                      "\"b, \"\"odd\"\" name.png\",dog  dog bird\r\n"
+                                      "\n"
+                                      "/abs/c.jpg,fish\n";
+  auto e = data::parse_manifest(dir.file("m.csv"));
+  ASSERT_EQ(e.size(), 3u);
+  EXPECT_EQ(e[0].path, "a.png");
+  EXPECT_EQ(e[0].tags, (std::vector<std::string>{"cat", "dog"}));
+  EXPECT_EQ(e[1].path, "b, \"odd\" name.png");
+  EXPECT_EQ(e[1].tags, (std::vector<std::string>{"dog", "bird"}));
+  EXPECT_EQ(e[1].line, 3);
+  EXPECT_EQ(e[2].path, "/abs/c.jpg");
+  std::ofstream(dir.file("bad.csv")) << "a.png,cat\n\"b.png,dog\n";
+  test::expect_error([&] { data::parse_manifest(dir.file("bad.csv")); }, {"bad.csv:2", "unterminated"});
+  std::ofstream(dir.file("notag.csv")) << "a.png,\n";
+  test::expect_error([&] { data::parse_manifest(dir.file("notag.csv")); }, {"notag.csv:1", "no tags"});
+}
+
+TEST(Manifest, MosaicsAreRealImagesTaggedWithTheirClassesAndDeterministic) {
+  test::TempDir dir;
+  auto test_set = data::load_fashion_mnist("/usr/share/datasets/fashion-mnist", false);
+  const auto m1 = data::write_mosaics(test_set, 20, 5, dir.file("a"), "train");
+  const auto m2 = data::write_mosaics(test_set, 20, 5, dir.file("b"), "train");
+  auto s1 = data::read_manifest(m1, 56, 56, 1), s2 = data::read_manifest(m2, 56, 56, 1);
+  ASSERT_EQ(s1.size(), 20);
+  EXPECT_TRUE(torch::equal(s1.images, s2.images));
+  EXPECT_TRUE(torch::equal(s1.targets, s2.targets));
+  auto per = s1.targets.sum(1);
+  EXPECT_GE(per.min().item<float>(), 1.0f);
+  EXPECT_LE(per.max().item<float>(), 4.0f);
+  // Each quadrant is a real test image, and its class is among the mosaic's tags.
+  auto flat = test_set.images.view({test_set.size(), -1});
+  for (int64_t i = 0; i < 5; ++i) {
+    for (int q = 0; q < 4; ++q) {
+      auto quad = s1.images[i][0].narrow(0, (q / 2) * 28, 28).narrow(1, (q % 2) * 28, 28).reshape({1, -1});
+      auto hits = (flat == quad).all(1).nonzero().view({-1});
+      ASSERT_GE(hits.numel(), 1) << "mosaic " << i << " quadrant " << q;
+      std::string name = test_set.class_names[test_set.labels[hits[0]].item<int64_t>()];
+      for (auto& ch : name)
+        if (ch == ' ' || ch == '/') ch = '_';
+      auto col = std::find(s1.tags.begin(), s1.tags.end(), name) - s1.tags.begin();
+      ASSERT_LT(col, static_cast<long>(s1.tags.size())) << name;
+      EXPECT_EQ(s1.targets[i][col].item<float>(), 1.0f);
+    }
+  }
+  // A missing image and a tag outside the vocabulary are named with their line.
+  std::filesystem::remove(dir.file("a") + "/train/3.png");
+  test::expect_error([&] { data::read_manifest(m1, 56, 56, 1); }, {"train.csv:5", "3.png", "does not exist"});
+  test::expect_error([&] { data::read_manifest(m2, 56, 56, 1, {"Trouser"}); }, {"train.csv:", "is not one of the model's 1 tags"});
+}
