@@ -7,6 +7,7 @@
 
 #include "support/expect_error.h"
 #include "support/temp_dir.h"
+#include "support/toy_resnest.h"
 #include "moev/data/batch_loader.h"
 #include "moev/train/ensemble.h"
 #include "moev/train/trainer.h"
@@ -71,21 +72,7 @@ TEST(Ensemble, ScoresMatchHandCountsAndWeightsAreHonoured) {
 
   test::TempDir dir;
   auto run = [&](const std::string& name, uint64_t seed) {
-    io::RunConfig c;
-    c.model = models::preset("resnest-tiny");
-    c.model.dims = {16, 32, 64};
-    c.model.stem_channels = 16;
-    c.data.per_class = 5;
-    c.data.test_limit = 100;
-    c.train.epochs = 2;
-    c.train.batch_size = 10;
-    c.train.threads = 1;
-    c.train.replicas = 1;
-    c.train.seed = seed;
-    c.train.eval_each_epoch = false;
-    c.train.progress = false;
-    c.train.out_dir = dir.file(name);
-    train::train_model(c, {});
+    train::train_model(test::toy_resnest_run(dir.file(name), 1, seed), {});
     return dir.file(name) + "/checkpoint.pt";
   };
   const auto a = run("a", 1), b = run("b", 2);

@@ -7,6 +7,7 @@
 
 #include "support/expect_error.h"
 #include "support/temp_dir.h"
+#include "support/toy_resnest.h"
 #include "moev/train/checkpoint.h"
 #include "moev/train/fusion.h"
 #include "moev/train/trainer.h"
@@ -14,24 +15,7 @@
 using namespace moev;
 
 namespace {
-io::RunConfig toy(const std::string& out, int64_t branches) {
-  io::RunConfig c;
-  c.model = models::preset("resnest-tiny");
-  c.model.dims = {16, 32, 64};
-  c.model.stem_channels = 16;
-  c.model.branches = branches;
-  c.data.per_class = 5;  // 50 images
-  c.data.test_limit = 200;
-  c.train.epochs = 2;
-  c.train.batch_size = 10;
-  c.train.warmup_steps = 2;
-  c.train.threads = 1;
-  c.train.replicas = 1;
-  c.train.eval_each_epoch = false;
-  c.train.progress = false;
-  c.train.out_dir = out;
-  return c;
-}
+io::RunConfig toy(const std::string& out, int64_t branches) { return test::toy_resnest_run(out, branches); }
 }  // namespace
 
 TEST(MultiBranch, TeacherRunsOncePerImageAndAugmentation) {
