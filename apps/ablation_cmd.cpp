@@ -4,6 +4,7 @@
 // running the command again resumes (a half-trained run continues from its
 // checkpoint).
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -56,23 +57,37 @@ json train_result(const std::string& dir) {
 }
 
 pid_t spawn(const std::vector<std::string>& args, const std::string& log_path) {
+  // Everything the child needs is built before fork: it only redirects and execs.
+  std::vector<char*> argv;
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  const int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  MOEV_CHECK(fd >= 0, "ablation: cannot open ", log_path, ": ", std::strerror(errno));
   const pid_t pid = ::fork();
-  MOEV_CHECK(pid >= 0, "ablation: fork failed: ", std::strerror(errno));
+  if (pid < 0) {
+    ::close(fd);
+    fail("ablation: fork failed: ", std::strerror(errno));
+  }
   if (pid == 0) {
-    const int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-    if (fd >= 0) {
-      ::dup2(fd, 1);
-      ::dup2(fd, 2);
-    }
-    std::vector<char*> argv;
-    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
+    ::dup2(fd, 1);  // dup2's copies do not inherit close-on-exec
+    ::dup2(fd, 2);
     ::execv("/proc/self/exe", argv.data());
     std::fprintf(stderr, "moev ablation: exec failed: %s\n", std::strerror(errno));
     ::_exit(127);
   }
+  ::close(fd);
   return pid;
 }
+
+// Children still running when the scheduler leaves early (an error) are stopped
+// and reaped, so none goes on writing a run directory a rerun would resume.
+struct Children {
+  std::map<pid_t, size_t> running;
+  ~Children() {
+    for (const auto& [pid, task] : running) ::kill(pid, SIGTERM);
+    for (const auto& [pid, task] : running) ::waitpid(pid, nullptr, 0);
+  }
+};
 }  // namespace
 
 Runner add_ablation(CLI::App& app) {
@@ -123,7 +138,9 @@ Runner add_ablation(CLI::App& app) {
     std::vector<double> top1(tasks.size()), seconds(tasks.size());
     auto read_result = [&](size_t i) {
       std::ifstream in(result_file(tasks[i]));
-      auto r = json::parse(in);
+      auto r = json::parse(in, nullptr, false);
+      MOEV_CHECK(r.is_object() && r.contains("top1"), result_file(tasks[i]),
+                 ": not a result file (delete it to run ", tasks[i].name, " again)");
       top1[i] = r.at("top1").get<double>();
       seconds[i] = r.value("seconds", 0.0);
       state[i] = kDone;
@@ -135,7 +152,8 @@ Runner add_ablation(CLI::App& app) {
         ++done;
       }
     if (done) std::printf("%zu runs already done\n", done);
-    std::map<pid_t, size_t> running;
+    Children children;
+    auto& running = children.running;
     std::string failure;
     const auto t0 = std::chrono::steady_clock::now();
     while (done < tasks.size()) {
@@ -162,7 +180,9 @@ Runner add_ablation(CLI::App& app) {
       if (running.empty()) break;  // a failure stopped the rest
       int status = 0;
       const pid_t pid = ::waitpid(-1, &status, 0);
-      if (pid < 0 || !running.count(pid)) continue;
+      if (pid < 0 && errno == EINTR) continue;
+      MOEV_CHECK(pid > 0, "ablation: waiting for the runs failed: ", std::strerror(errno));
+      if (!running.count(pid)) continue;
       const size_t i = running[pid];
       running.erase(pid);
       const auto& t = tasks[i];
@@ -175,9 +195,15 @@ Runner add_ablation(CLI::App& app) {
         state[i] = kWaiting;
         continue;
       }
-      if (t.kind == train::AblationTask::kTrain)
-        io::write_text_atomic(result_file(t), train_result(t.cfg.train.out_dir).dump(2) + "\n");
-      read_result(i);
+      try {
+        if (t.kind == train::AblationTask::kTrain)
+          io::write_text_atomic(result_file(t), train_result(t.cfg.train.out_dir).dump(2) + "\n");
+        read_result(i);
+      } catch (const std::exception& e) {  // the others finish; the table is not written
+        if (failure.empty()) failure = t.name + ": " + e.what();
+        state[i] = kWaiting;
+        continue;
+      }
       ++done;
       const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       std::fprintf(stderr, "[%3zu/%zu] %-28s top-1 %.4f  (%.0f s; %.0f s elapsed)\n", done, tasks.size(),

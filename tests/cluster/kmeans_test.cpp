@@ -66,6 +66,12 @@ TEST(KMeans, AssignmentIsTheNearestCentroidAndEveryPointHasOne) {
   }
   auto again = cluster::kmeans(x, o);
   EXPECT_TRUE(torch::equal(again.centroids, r.centroids));
+  // With the default tolerance too, Lloyd runs more than one step on overlapping data.
+  cluster::KMeansOptions dflt;
+  dflt.k = 7;
+  auto def = cluster::kmeans(x, dflt);
+  EXPECT_GT(def.iterations, 3);
+  EXPECT_LE(def.inertia, r.inertia * 1.001);
 }
 
 TEST(KMeans, PlusPlusSeedsOnePointPerBlob) {

@@ -76,3 +76,27 @@ TEST(MultiBranch, FusionTrainsOnlyTheFusionLayer) {
   test::expect_error([&] { train::train_fusion(dir.file("one") + "/checkpoint.pt", dir.file("f1.pt"), o); },
                      {"multi-branch model", "1 branch"});
 }
+
+TEST(MultiBranch, KilledRunWithTeacherMixingAndDropPathResumesExactly) {
+  test::TempDir dir;
+  train::train_model(toy(dir.file("teacher"), 2), {});
+  auto s = toy(dir.file("full"), 2);
+  s.model.drop_path = 0.3;  // stochastic depth draws from the global generator every step
+  s.train.teacher = dir.file("teacher") + "/checkpoint.pt";
+  s.train.mixup_alpha = 0.8;
+  s.train.cutmix_alpha = 1.0;
+  s.train.epochs = 3;
+  s.train.cooldown_epochs = 1;
+  train::train_model(s, {});
+  auto cut = s;
+  cut.train.out_dir = dir.file("cut");
+  cut.train.max_steps = 13;  // inside epoch 2
+  train::train_model(cut, {});
+  cut.train.max_steps = 0;
+  train::TrainRunOptions resume;
+  resume.resume = true;
+  train::train_model(cut, resume);
+  const auto a = train::load_checkpoint(dir.file("full") + "/checkpoint.pt").model;
+  const auto b = train::load_checkpoint(dir.file("cut") + "/checkpoint.pt").model;
+  for (const auto& [name, t] : a) EXPECT_TRUE(torch::equal(t, b.at(name))) << name;
+}

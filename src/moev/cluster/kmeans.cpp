@@ -1,5 +1,6 @@
 #include "moev/cluster/kmeans.h"
 
+#include <cmath>
 #include <random>
 
 #include <torch/torch.h>
@@ -49,13 +50,13 @@ at::Tensor kmeans_pp_init(const at::Tensor& xin, int64_t k, uint64_t seed) {
   c[0] = x[static_cast<int64_t>(rng() % static_cast<uint64_t>(N))];
   auto best = sq_dist(x, c.narrow(0, 0, 1)).view({-1});
   for (int64_t j = 1; j < k; ++j) {
-    const double total = best.sum().item<double>();
+    auto cum = best.to(torch::kDouble).cumsum(0);
+    const double total = cum[N - 1].item<double>();  // the same sum the search runs over
     int64_t pick;
     if (total <= 0) {  // every point is already a centroid: take any
       pick = static_cast<int64_t>(rng() % static_cast<uint64_t>(N));
     } else {
       const double r = std::uniform_real_distribution<double>(0, total)(rng);
-      auto cum = best.to(torch::kDouble).cumsum(0);
       pick = std::min<int64_t>(N - 1, torch::searchsorted(cum, torch::tensor({r}, torch::kDouble), false, true)
                                           .item<int64_t>());
     }
@@ -113,7 +114,7 @@ KMeansResult kmeans(const at::Tensor& xin, const KMeansOptions& o) {
       const bool settled = torch::equal(idx2, idx);
       idx = idx2;
       d = d2;
-      if (settled || prev - inertia <= o.tol * prev) break;
+      if (settled || (std::isfinite(prev) && prev - inertia <= o.tol * prev)) break;
       prev = inertia;
     }
   }

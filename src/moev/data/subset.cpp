@@ -17,7 +17,11 @@ ImageSet class_subset(const ImageSet& set, int64_t k, uint64_t seed) {
   const auto labels = set.labels.contiguous();
   const int64_t* lab = labels.data_ptr<int64_t>();
   std::vector<std::vector<int64_t>> by_class(static_cast<size_t>(L));
-  for (int64_t i = 0; i < n; ++i) by_class[lab[i]].push_back(i);
+  for (int64_t i = 0; i < n; ++i) {
+    MOEV_CHECK(lab[i] >= 0 && lab[i] < L, "data set ", set.source, ": example ", i, " has label ", lab[i],
+               ", expected 0..", L - 1);
+    by_class[lab[i]].push_back(i);
+  }
   std::vector<int64_t> keep;
   for (int64_t c = 0; c < L; ++c) {
     auto& idx = by_class[c];

@@ -123,8 +123,9 @@ void validate_resnest(const ModelConfig& c) {
   for (int64_t s = 0; s < S; ++s) {
     MOEV_CHECK(c.depths[s] >= 1 && c.dims[s] >= 4 && c.dims[s] % 4 == 0, "model.dims / model.depths: stage ", s,
                " must have depth >= 1 and a width divisible by 4 (the bottleneck is a quarter), got ", c.dims[s]);
-    MOEV_CHECK((c.dims[s] / 4) % c.cardinality == 0, "model.dims[", s, "] = ", c.dims[s],
-               ": its bottleneck width ", c.dims[s] / 4, " must divide into model.cardinality = ", c.cardinality, " groups");
+    MOEV_CHECK((c.dims[s] / 4) % (c.cardinality * c.radix) == 0, "model.dims[", s, "] = ", c.dims[s],
+               ": its bottleneck width ", c.dims[s] / 4, " must divide into model.cardinality x model.radix = ",
+               c.cardinality * c.radix, " groups (the split-attention conv)");
   }
   MOEV_CHECK(c.moe.kind == "none", "model.moe = '", models::to_string(c.moe),
              "': ResNeSt has expert branches (model.branches), not token-routed MoE layers");

@@ -168,7 +168,6 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   AdamW opt(params, ao);
   if (opts.resume) {
     opt.load_state(shards ? shards->slice(resume_from.optimizer) : resume_from.optimizer, ckpt_file);
-    if (resume_from.rng.numel() > 0) set_cpu_rng_state(resume_from.rng);
   }
   // Every rank built the same weights from the same seed; rank 0's are sent
   // anyway, so no rank can start from another (e.g. an older init_from file).
@@ -260,6 +259,10 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   double window_comm = comm ? comm->seconds_in_collectives() : 0.0;
   auto t_window = t_start;
   reps.train(true);
+  // The generator as it was at the checkpoint, restored only now: building the
+  // teacher and the replicas above draws from it (weight init), and stochastic
+  // depth must see the stream the uninterrupted run saw.
+  if (opts.resume && resume_from.rng.numel() > 0) set_cpu_rng_state(resume_from.rng);
   while (pos.step < stop_at && pos.epoch < all_epochs) {
     data::BatchLoader loader(ds.train, lo, pos.epoch, pos.batch);
     data::Batch batch;
@@ -273,13 +276,21 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
         target = smoothed_one_hot(y, cfg.model.num_classes, tc.label_smoothing);
         if (teacher)
           target = tc.distill_lambda * target +
-                   (1 - tc.distill_lambda) * teacher->probs(x, batch.index, batch.aug, n_augs);
+                   (1 - tc.distill_lambda) * teacher->probs(batch.x, batch.index, batch.aug, n_augs).to(device);
+        // Pairs are (i, B-1-i) within this rank's rows: a job of W ranks mixes
+        // other pairs than one process would (the same distribution of mixes).
         if (mixing && pos.epoch < tc.epochs - tc.mix_off_epochs)
           apply_mix(draw_mix(mix_opts, tc.seed, pos.step, x.size(2), x.size(3)), x, target);
       }
       // Each replica's slice loss is weighted by its share of the batch, so the
       // summed gradients are those of the whole batch's mean loss.
       const auto sizes = reps.slice_sizes(y.size(0), slices_of);
+      // BatchNorm cannot normalise one image (split attention pools it to 1x1).
+      if (cfg.model.family == "resnest")
+        for (auto n : sizes)
+          MOEV_CHECK(n >= 2, "train.batch_size = ", tc.batch_size, " cut into ", sizes.size(), " slices (",
+                     world, " rank(s), ", reps.size(), " replica(s)) leaves a slice of ", n,
+                     " image; BatchNorm needs >= 2: raise train.batch_size or lower train.replicas");
       const int slices = static_cast<int>(sizes.size());
       const auto xs = x.split_with_sizes(sizes), ys = y.split_with_sizes(sizes);
       const auto ts = soft ? target.split_with_sizes(sizes) : std::vector<at::Tensor>{};
