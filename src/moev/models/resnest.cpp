@@ -43,7 +43,8 @@ at::Tensor drop_residual(const at::Tensor& t, double p, bool training) {
 
 SplitAttentionConvImpl::SplitAttentionConvImpl(int64_t channels, int64_t radix_, int64_t cardinality_)
     : radix(radix_), cardinality(cardinality_) {
-  // Each of the G*R groups of the 3x3 conv sees one cardinal group's channels.
+  // A grouped 3x3 conv of G*R groups: each group maps W/(G*R) input channels to
+  // W/G outputs, and the outputs come radix-major (R splits of W channels).
   conv = register_module("conv", models::conv(channels, channels * radix, 3, cardinality * radix));
   bn0 = register_module("bn0", bn(channels * radix));
   // Bottleneck of the attention MLP: a quarter of the splits' width, at least 16,

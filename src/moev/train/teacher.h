@@ -33,7 +33,6 @@ class Teacher {
                    int64_t num_augmentations);
 
   int64_t images_run() const { return images_run_; }  // teacher forwards so far
-  int64_t cached() const { return static_cast<int64_t>(rows_.size()); }
 
  private:
   models::ClassifierPtr model_;
