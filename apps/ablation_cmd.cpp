@@ -3,8 +3,6 @@
 // output in <run>/output.log; a run is done once <run>/result.json exists, so
 // running the command again resumes (a half-trained run continues from its
 // checkpoint).
-#include <fcntl.h>
-#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -19,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "children.h"
 #include "commands.h"
 #include "moev/core/error.h"
 #include "moev/io/table.h"
@@ -56,38 +55,6 @@ json train_result(const std::string& dir) {
   return {{"top1", last["eval"]["top1"]}, {"seconds", last.value("elapsed_s", 0.0)}};
 }
 
-pid_t spawn(const std::vector<std::string>& args, const std::string& log_path) {
-  // Everything the child needs is built before fork: it only redirects and execs.
-  std::vector<char*> argv;
-  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-  argv.push_back(nullptr);
-  const int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-  MOEV_CHECK(fd >= 0, "ablation: cannot open ", log_path, ": ", std::strerror(errno));
-  const pid_t pid = ::fork();
-  if (pid < 0) {
-    ::close(fd);
-    fail("ablation: fork failed: ", std::strerror(errno));
-  }
-  if (pid == 0) {
-    ::dup2(fd, 1);  // dup2's copies do not inherit close-on-exec
-    ::dup2(fd, 2);
-    ::execv("/proc/self/exe", argv.data());
-    std::fprintf(stderr, "moev ablation: exec failed: %s\n", std::strerror(errno));
-    ::_exit(127);
-  }
-  ::close(fd);
-  return pid;
-}
-
-// Children still running when the scheduler leaves early (an error) are stopped
-// and reaped, so none goes on writing a run directory a rerun would resume.
-struct Children {
-  std::map<pid_t, size_t> running;
-  ~Children() {
-    for (const auto& [pid, task] : running) ::kill(pid, SIGTERM);
-    for (const auto& [pid, task] : running) ::waitpid(pid, nullptr, 0);
-  }
-};
 }  // namespace
 
 Runner add_ablation(CLI::App& app) {
@@ -174,7 +141,7 @@ Runner add_ablation(CLI::App& app) {
                   (fs::path(t.cfg.train.out_dir) / "fused.pt").string(), "--result", result_file(t),
                   "--epochs", std::to_string(f->fusion_epochs), "--threads", std::to_string(t.cfg.train.threads)};
         }
-        running[spawn(args, log)] = i;
+        running[spawn_self(args, log, "ablation")] = i;
         state[i] = kRunning;
       }
       if (running.empty()) break;  // a failure stopped the rest

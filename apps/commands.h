@@ -39,6 +39,7 @@ Runner add_fuse(CLI::App& app);
 Runner add_ablation(CLI::App& app);
 Runner add_ensemble(CLI::App& app);
 Runner add_data(CLI::App& app);
+Runner add_hardmoe(CLI::App& app);
 
 // The job this process belongs to, from the torchrun environment (RANK,
 // WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME); unset:

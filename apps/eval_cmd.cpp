@@ -11,6 +11,7 @@
 #include "commands.h"
 #include "moev/core/device.h"
 #include "moev/data/corruptions.h"
+#include "moev/hardmoe/hard_moe.h"
 #include "moev/io/table.h"
 #include "moev/core/error.h"
 #include "moev/train/datasets.h"
@@ -96,8 +97,11 @@ Runner add_eval(CLI::App& app) {
       if (f->limit > 0) data.test_limit = f->limit;
       auto ds = train::open_datasets(data, t.cfg.model, /*load_train=*/false);
       // After the overrides: the replicas copy the master's routing settings.
-      train::Replicas reps(t.model, t.cfg.model, train::resolve_replicas(0, threads, f->batch_size),
-                           threads);
+      // A hard MoE is not rebuilt from a model config: one replica, all threads inside it.
+      train::Replicas reps(t.model, t.cfg.model,
+                           t.replicable ? train::resolve_replicas(0, threads, f->batch_size) : 1, threads);
+      auto* hard = dynamic_cast<hardmoe::HardMoEImpl*>(t.model.get());
+      if (hard) hard->reset_served();
       const int64_t slices_of = train::slice_multiple(t.cfg.model);
       auto r = train::evaluate(reps, ds.test, ds.mean, ds.std, f->batch_size, device,
                                f->json ? nullptr : &std::cerr, stderr_is_terminal(), false,
@@ -105,6 +109,13 @@ Runner add_eval(CLI::App& app) {
       nlohmann::json j{{"checkpoint", ckpt}, {"images", r.images}, {"top1", r.top1},
                        {"top5", r.top5}, {"loss", r.loss}, {"images_per_s", r.images_per_s},
                        {"expert_load", r.expert_load}, {"dropped", r.dropped}};
+      if (r.multilabel)
+        j["multilabel"] = {{"precision_at_1", r.top1}, {"k", r.k}, {"precision_at_k", r.precision_at_k},
+                           {"recall_at_k", r.recall_at_k}, {"mean_ap", r.mean_ap}};
+      std::vector<int64_t> served;
+      if (hard) served = hard->served();
+      if (hard) j["hard_moe_images_per_expert"] = served;
+      MOEV_CHECK(!f->tta || t.replicable, "--tta: ", ckpt, " is a hard MoE; evaluate it without --tta");
       if (f->tta) {  // the same test set (the run's own data), through the TTA views
         MOEV_CHECK(f->data.empty() && f->format.empty(), "--tta evaluates the run's own test set: drop --data/--format");
         train::EnsembleConfig one;
@@ -118,8 +129,18 @@ Runner add_eval(CLI::App& app) {
       if (!f->json) {
         std::printf("%s on %lld images of %s\n", ckpt.c_str(), (long long)r.images,
                     ds.test.source.c_str());
-        std::printf("top-1 %.4f  top-5 %.4f  loss %.4f  %.0f img/s\n", r.top1, r.top5, r.loss,
-                    r.images_per_s);
+        if (r.multilabel)
+          std::printf("precision@1 %.4f  precision@%lld %.4f  recall@%lld %.4f  mAP %.4f  loss %.4f  %.0f img/s\n",
+                      r.top1, (long long)r.k, r.precision_at_k, (long long)r.k, r.recall_at_k, r.mean_ap, r.loss,
+                      r.images_per_s);
+        else
+          std::printf("top-1 %.4f  top-5 %.4f  loss %.4f  %.0f img/s\n", r.top1, r.top5, r.loss,
+                      r.images_per_s);
+        if (hard) {
+          std::printf("hard MoE: images per expert");
+          for (auto c : served) std::printf(" %lld", (long long)c);
+          std::printf("\n");
+        }
         for (size_t l = 0; l < r.expert_load.size(); ++l) {
           std::printf("moe layer %zu: dropped %.4f  load", l, r.dropped[l]);
           for (double x : r.expert_load[l]) std::printf(" %.3f", x);

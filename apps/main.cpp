@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   add(moev::app::add_ablation(app));
   add(moev::app::add_ensemble(app));
   add(moev::app::add_data(app));
+  add(moev::app::add_hardmoe(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

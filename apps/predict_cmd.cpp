@@ -1,5 +1,6 @@
-// `moev predict`: classify PNG/JPEG files with a checkpoint; top-k classes with
-// probabilities, as text or JSON.
+// `moev predict`: classify PNG/JPEG files with a checkpoint (or tag them with a
+// multi-label one, hard MoEs included); top-k classes with probabilities, as
+// text or JSON.
 #include <cstdio>
 #include <iostream>
 
@@ -49,7 +50,11 @@ Runner add_predict(CLI::App& app) {
     torch::Tensor probs;
     {
       c10::InferenceMode guard;
-      probs = torch::softmax(t.model->forward(x), -1).to(torch::kCPU);
+      // A tagger trained with per-tag sigmoids answers each tag on its own;
+      // otherwise the scores are one distribution over the classes (or tags).
+      auto logits = t.model->forward(x);
+      const bool per_tag = t.cfg.data.format == "manifest" && t.cfg.train.multilabel_loss == "sigmoid";
+      probs = (per_tag ? torch::sigmoid(logits) : torch::softmax(logits, -1)).to(torch::kCPU);
     }
     auto [p, idx] = probs.topk(k, -1);
     nlohmann::json out = nlohmann::json::array();

@@ -49,7 +49,9 @@ Runner add_train(CLI::App& app) {
     }
     std::cout << "trained " << r.steps << " steps (" << r.epochs_done << " epochs) at "
               << static_cast<int64_t>(r.train_images_per_s) << " img/s";
-    if (r.eval.images > 0)
+    if (r.eval.images > 0 && r.eval.multilabel)
+      std::cout << "; test precision@1 " << r.eval.top1 << ", mAP " << r.eval.mean_ap;
+    else if (r.eval.images > 0)
       std::cout << "; test top-1 " << r.eval.top1 << ", top-5 " << r.eval.top5;
     std::cout << "\ncheckpoint: " << train::checkpoint_path(cfg.train.out_dir) << "\n";
     return 0;

@@ -13,6 +13,7 @@
 #include <stb/stb_image_write.h>
 #include <zlib.h>
 
+#include "moev/train/checkpoint.h"
 #include "support/run_cli.h"
 #include "support/temp_dir.h"
 
@@ -199,4 +200,58 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   EXPECT_NE(r.out.find("weighted ensemble"), std::string::npos) << r.out;
   std::ofstream(dir.file("ens_bad.toml")) << "[ensemble]\nmembers = [\"" << dir.file("nope.pt") << "\"]\n";
   expect_clean_failure("ensemble --config " + dir.file("ens_bad.toml"), {"nope.pt"});
+}
+
+// The hard MoE as users run it: mosaics, a trunk, clustering, experts trained
+// as two processes at once (train-all --jobs 2) and, in another directory,
+// one after the other (train-expert): the same weights to the bit. Then eval
+// and predict on the assembled model, and the bad inputs.
+TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
+  moev::test::TempDir dir;
+  auto r = run("data mosaic --out " + dir.file("mosaic") + " --train 100 --test 30 --seed 3");
+  ASSERT_EQ(r.code, 0) << r.out;
+  const std::string cfg = dir.file("hm.toml");
+  std::ofstream(cfg) << "[model]\nfamily = \"convnext\"\nimage_size = 56\nchannels = 1\nnum_classes = 10\n"
+                        "patch = 4\ndims = [8, 16, 16]\ndepths = [1, 1, 1]\n"
+                        "[data]\nformat = \"manifest\"\npath = \"" << dir.file("mosaic/train.csv")
+                     << "\"\ntest_path = \"" << dir.file("mosaic/test.csv") << "\"\n"
+                        "[train]\nepochs = 2\nbatch_size = 20\nwarmup_steps = 2\nthreads = 1\nreplicas = 1\n"
+                        "progress = false\neval_each_epoch = false\nout_dir = \"" << dir.file("run") << "\"\n"
+                        "[hardmoe]\nexperts = 2\nexpert_epochs = 1\n";
+  r = run("train --config " + cfg);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("precision@1"), std::string::npos) << r.out;
+  const std::string a = dir.file("run/hardmoe2"), b = dir.file("seq");
+  r = run("hardmoe cluster --config " + cfg);
+  ASSERT_EQ(r.code, 0) << r.out;
+  r = run("hardmoe cluster --config " + cfg + " --dir " + b);
+  ASSERT_EQ(r.code, 0) << r.out;
+  r = run("hardmoe train-all --config " + cfg + " --jobs 2 --threads 1");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("expert 1"), std::string::npos) << r.out;
+  for (const char* e : {"0", "1"}) {
+    r = run("hardmoe train-expert --config " + cfg + " --dir " + b + " --expert " + e + " --threads 1");
+    ASSERT_EQ(r.code, 0) << r.out;
+  }
+  for (const char* e : {"/expert_0/checkpoint.pt", "/expert_1/checkpoint.pt"}) {
+    auto x = moev::train::load_checkpoint(a + e).model, y = moev::train::load_checkpoint(b + e).model;
+    ASSERT_EQ(x.size(), y.size());
+    for (const auto& [name, t] : x) EXPECT_TRUE(torch::equal(t, y.at(name))) << e << " " << name;
+  }
+  r = run("eval " + a + "/hardmoe.json --threads 1");
+  ASSERT_EQ(r.code, 0) << r.out;
+  for (const char* s : {"precision@1", "mAP", "hard MoE: images per expert"})
+    EXPECT_NE(r.out.find(s), std::string::npos) << r.out;
+  r = run("predict --checkpoint " + a + "/hardmoe.json --top 2 " + dir.file("mosaic/test/0.png"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  // Bad input: an expert the partition does not have, a manifest line whose image is missing.
+  expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 2", {"--expert 2", "2 experts", "0..1"});
+  expect_clean_failure("hardmoe train-all --config " + cfg + " --dir " + dir.file("none"),
+                       {dir.file("none"), "hardmoe cluster"});
+  expect_clean_failure("train --config " + cfg + " --set train.multilabel_loss=bce --out " + dir.file("bad"),
+                       {"train.multilabel_loss = 'bce'", "softmax or sigmoid"});
+  std::ofstream(dir.file("mosaic/bad.csv")) << "path,tags\ntrain/0.png,Trouser\ntrain/missing.png,Bag\n";
+  expect_clean_failure("train --config " + cfg + " --set data.path=" + dir.file("mosaic/bad.csv") + " --out " +
+                           dir.file("bad"),
+                       {"bad.csv:3", "missing.png"});
 }

@@ -56,7 +56,7 @@ TEST(Tta, ViewsAreAveragedAsDefined) {
   auto padded = torch::constant_pad_nd(x - bg, {2, 2, 2, 2}) + bg;
   for (auto [dy, dx] : std::vector<std::pair<int, int>>{{0, 0}, {-2, -2}, {-2, 2}, {2, -2}, {2, 2}}) {
     auto v = padded.narrow(2, 2 + dy, 28).narrow(3, 2 + dx, 28).contiguous();
-    if (dy == -2 && dx == -2) EXPECT_TRUE(torch::allclose(v, xs, 1e-6, 1e-6));
+    if (dy == -2 && dx == -2) { EXPECT_TRUE(torch::allclose(v, xs, 1e-6, 1e-6)); }
     sum += torch::softmax(m->forward(v), 1) + torch::softmax(m->forward(v.flip(3).contiguous()), 1);
   }
   sum += torch::softmax(m->forward(up), 1) + torch::softmax(m->forward(up.flip(3).contiguous()), 1);

@@ -163,3 +163,26 @@ TEST(Trainer, CheckpointOpensInPython) {
   in >> ok;
   EXPECT_EQ(ok, "ok");
 }
+
+// train.freeze: the named module's parameters come out bit-identical (with two
+// replicas, which hold their own parameter handles), the rest trains; a name
+// that matches nothing is an error, not a silently trained model.
+TEST(Trainer, FrozenParametersStayExactlyAsLoaded) {
+  test::TempDir dir;
+  auto c = tiny_run(dir.file("a"));
+  c.train.epochs = 1;
+  c.train.threads = 2;
+  c.train.replicas = 2;
+  c.train.freeze = {"head", "blocks.0.ln1.weight"};
+  train::train_model(c, {});
+  torch::manual_seed(c.train.seed);
+  auto fresh = models::build_model(c.model);  // the initial weights, drawn from the same seed
+  auto init = train::module_tensors(*fresh);
+  auto trained = train::load_checkpoint(train::checkpoint_path(c.train.out_dir)).model;
+  for (const char* name : {"head.weight", "head.bias", "blocks.0.ln1.weight"})
+    EXPECT_TRUE(torch::equal(init.at(name), trained.at(name))) << name;
+  EXPECT_FALSE(torch::equal(init.at("blocks.0.ln1.bias"), trained.at("blocks.0.ln1.bias")));
+  c.train.freeze = {"haed"};
+  c.train.out_dir = dir.file("b");
+  test::expect_error([&] { train::train_model(c, {}); }, {"train.freeze", "'haed'", "names no parameter"});
+}

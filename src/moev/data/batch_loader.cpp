@@ -79,6 +79,7 @@ BatchLoader::BatchLoader(const ImageSet& set, LoaderOptions options, int64_t epo
   MOEV_CHECK(options_.crop_padding >= 0, "crop_padding ", options_.crop_padding, ", expected >= 0");
   images_ = set.images.contiguous();
   labels_ = set.labels.to(torch::kCPU).contiguous();
+  if (set.multilabel()) targets_ = set.targets.to(torch::kCPU).contiguous();
   // Checked here, once, because a bad label would otherwise surface far away,
   // inside the loss, with no file to blame.
   if (set.num_classes() > 0) {
@@ -225,6 +226,7 @@ Batch BatchLoader::make_batch(int64_t index) const {
       }
     }
   }
+  if (targets_.defined()) batch.t = targets_.index_select(0, batch.index);
   return batch;
 }
 

@@ -40,6 +40,7 @@ struct Batch {
   torch::Tensor y;      // int64 [B]
   torch::Tensor index;  // int64 [B]: each row's example in the set
   torch::Tensor aug;    // int64 [B]: its augmentation, 0..num_augmentations()-1 (0 without augment)
+  torch::Tensor t;      // float [B, T]: multi-label targets (undefined for a single-label set)
 };
 
 // Distinct augmentations an example can get: (2 pad + 1)^2 crop offsets x 2 flips.
@@ -71,6 +72,7 @@ class BatchLoader {
 
   torch::Tensor images_;  // uint8 [N, C, H, W], contiguous
   torch::Tensor labels_;  // int64 [N], contiguous
+  torch::Tensor targets_;  // float [N, T] or undefined
   LoaderOptions options_;
   int64_t epoch_;
   int64_t start_batch_;

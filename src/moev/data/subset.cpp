@@ -36,11 +36,21 @@ ImageSet class_subset(const ImageSet& set, int64_t k, uint64_t seed) {
     keep.insert(keep.end(), idx.begin(), idx.begin() + k);
   }
   std::sort(keep.begin(), keep.end());
-  auto rows = torch::tensor(keep, torch::kInt64);
-  ImageSet out = set;
-  out.images = set.images.index_select(0, rows).contiguous();
-  out.labels = set.labels.index_select(0, rows).contiguous();
+  ImageSet out = select_rows(set, keep);
   out.source = set.source + " (" + std::to_string(k) + " per class, seed " + std::to_string(seed) + ")";
+  return out;
+}
+
+ImageSet select_rows(const ImageSet& set, const std::vector<int64_t>& rows) {
+  const int64_t n = set.size();
+  for (auto r : rows)
+    MOEV_CHECK(r >= 0 && r < n, "data set ", set.source, ": row ", r, " asked for, it has ", n, " (0..", n - 1, ")");
+  auto idx = torch::tensor(rows, torch::kInt64);
+  ImageSet out = set;
+  out.images = set.images.index_select(0, idx).contiguous();
+  out.labels = set.labels.index_select(0, idx).contiguous();
+  if (set.multilabel()) out.targets = set.targets.index_select(0, idx).contiguous();
+  out.source = set.source + " (" + std::to_string(rows.size()) + " selected rows)";
   return out;
 }
 

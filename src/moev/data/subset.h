@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "moev/data/image_set.h"
 
@@ -12,5 +13,9 @@ namespace moev::data {
 // class and returned in the set's own order (class-balanced, deterministic per
 // seed). A class with fewer than K examples is an error naming it.
 ImageSet class_subset(const ImageSet& set, int64_t per_class, uint64_t seed);
+
+// The given rows of `set`, in the given order (a hard MoE expert's partition);
+// a row outside the set is an error.
+ImageSet select_rows(const ImageSet& set, const std::vector<int64_t>& rows);
 
 }  // namespace moev::data

@@ -43,6 +43,13 @@ void read_value(const json& v, T& out, const std::string& where) {
   } else if constexpr (std::is_same_v<T, std::string>) {
     MOEV_CHECK(v.is_string(), where, ": expected a string, got ", type_name(v));
     out = v.get<std::string>();
+  } else if constexpr (std::is_same_v<typename T::value_type, std::string>) {
+    MOEV_CHECK(v.is_array(), where, ": expected a list of strings, got ", type_name(v));
+    out.clear();
+    for (const auto& x : v) {
+      MOEV_CHECK(x.is_string(), where, ": expected a list of strings, got ", type_name(v));
+      out.push_back(x.get<std::string>());
+    }
   } else {  // std::vector of numbers
     using Elem = typename T::value_type;
     constexpr bool integral = std::is_integral_v<Elem>;
@@ -110,9 +117,10 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("moe.load_weight", model.aux.load, "load loss weight"),
         MOEV_FIELD("moe.switch_weight", model.aux.switch_lb, "Switch load-balancing loss weight"),
         MOEV_FIELD("moe.z_weight", model.aux.z, "router z-loss weight"),
-        MOEV_FIELD("data.format", data.format, "fashion-mnist | folder | cifar10"),
-        MOEV_FIELD("data.path", data.path, "dataset directory (folder: training root)"),
-        MOEV_FIELD("data.test_path", data.test_path, "folder format: test root"),
+        MOEV_FIELD("data.format", data.format, "fashion-mnist | folder | cifar10 | manifest"),
+        MOEV_FIELD("data.path", data.path, "dataset directory (folder: training root; manifest: training CSV)"),
+        MOEV_FIELD("data.test_path", data.test_path, "folder format: test root; manifest: test CSV"),
+        MOEV_FIELD("data.tags", data.tags, "manifest: the tag vocabulary (empty: every tag of the training manifest)"),
         MOEV_FIELD("data.mean", data.mean, "per-channel mean (empty: from training set)"),
         MOEV_FIELD("data.std", data.std, "per-channel std (empty: from training set)"),
         MOEV_FIELD("data.augment", data.augment, "random crop and flip in training"),
@@ -151,6 +159,8 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("train.device", train.device, "cpu | cuda[:N]"),
         MOEV_FIELD("train.out_dir", train.out_dir, "run directory"),
         MOEV_FIELD("train.init_from", train.init_from, "checkpoint whose weights start the run"),
+        MOEV_FIELD("train.freeze", train.freeze, "parameters kept fixed: names or module paths, e.g. [\"head\"]"),
+        MOEV_FIELD("train.multilabel_loss", train.multilabel_loss, "multi-label data: softmax (over tags) | sigmoid"),
         MOEV_FIELD("train.checkpoint_every", train.checkpoint_every, "steps between checkpoints"),
         MOEV_FIELD("train.log_every", train.log_every, "steps between log lines"),
         MOEV_FIELD("train.max_steps", train.max_steps, "stop after N steps (0: epochs)"),
@@ -230,9 +240,10 @@ void apply_json(RunConfig& cfg, const json& j, const std::string& source) {
     cfg.model = models::preset(p.get<std::string>());
   }
   for (auto& [section, body] : j.items()) {
-    // Sections of other commands (moev sweep's grid, moev ablation's rows), so one
-    // file serves a grid and the single runs of it; those commands check them.
-    if (section == "sweep" || section == "ablation") continue;
+    // Sections of other commands (moev sweep's grid, moev ablation's rows, moev
+    // hardmoe's layout), so one file serves them and the single runs they
+    // start; those commands check them.
+    if (section == "sweep" || section == "ablation" || section == "hardmoe") continue;
     MOEV_CHECK(body.is_object(), source, ": '", section, "' must be a table of keys");
     for (auto& [name, value] : body.items()) {
       const std::string key = section + "." + name;

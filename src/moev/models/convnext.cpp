@@ -99,7 +99,9 @@ ConvNeXtImpl::ConvNeXtImpl(const ModelConfig& c) : cfg(c), matmul_dtype(nn::pars
   init_trunc_normal(head->weight, head->bias);
 }
 
-at::Tensor ConvNeXtImpl::forward(const at::Tensor& images) {
+at::Tensor ConvNeXtImpl::forward(const at::Tensor& images) { return head->forward(embed(images)); }
+
+at::Tensor ConvNeXtImpl::embed(const at::Tensor& images) {
   auto x = stem_norm->forward(patchify_nhwc(images.permute({0, 2, 3, 1}), *stem, matmul_dtype));  // [B, H, W, D]
   for (size_t s = 0; s < stages->size(); ++s) {
     if (s > 0) {
@@ -109,7 +111,7 @@ at::Tensor ConvNeXtImpl::forward(const at::Tensor& images) {
     for (auto& blk : *stages[s]->as<torch::nn::ModuleListImpl>())
       x = blk->as<ConvNeXtBlockImpl>()->forward(x);
   }
-  return head->forward(head_norm->forward(x.mean({1, 2})));
+  return head_norm->forward(x.mean({1, 2}));
 }
 
 }  // namespace moev::models

@@ -40,6 +40,9 @@ class ConvNeXtImpl : public Classifier {
   explicit ConvNeXtImpl(const ModelConfig& cfg);
   // images: [B, C, H, W] -> logits: [B, L]
   at::Tensor forward(const at::Tensor& images) override;
+  // images: [B, C, H, W] -> embedding: [B, D] (pooled and normalised, the head's input)
+  at::Tensor embed(const at::Tensor& images) override;
+  std::string decoder() const override { return "head"; }
 
   ModelConfig cfg;
   torch::nn::Conv2d stem{nullptr};

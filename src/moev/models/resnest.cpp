@@ -159,6 +159,11 @@ BranchOutputs ResNeStImpl::forward_branches(const at::Tensor& images) {
   return out;
 }
 
+at::Tensor ResNeStImpl::embed(const at::Tensor& images) {
+  auto out = forward_branches(images);
+  return cfg.branches == 1 ? out.embeddings[0] : torch::cat(out.embeddings, 1);
+}
+
 at::Tensor ResNeStImpl::forward(const at::Tensor& images) {
   auto out = forward_branches(images);
   if (fused()) return fusion->forward(torch::cat(out.embeddings, 1));

@@ -61,6 +61,10 @@ class ResNeStImpl : public Classifier {
   int64_t num_branches() const override { return cfg.branches; }
   // images: [B, C, H, W] -> N x logits [B, L], N x embeddings [B, F] (F = dims.back())
   BranchOutputs forward_branches(const at::Tensor& images) override;
+  // images: [B, C, H, W] -> embedding: [B, F] (one branch) or [B, N * F] (the fusion layer's input)
+  at::Tensor embed(const at::Tensor& images) override;
+  // One branch: its head; N branches: the fusion layer (what a fused model decodes with).
+  std::string decoder() const override { return cfg.branches == 1 ? "heads.0" : "fusion"; }
 
   // Whether forward uses the fusion layer (set by fusion training; saved as a buffer).
   bool fused() const { return fusion_on.item<int64_t>() != 0; }

@@ -87,13 +87,15 @@ ViTImpl::ViTImpl(const ModelConfig& c) : cfg(c) {
   head->bias.zero_();
 }
 
-at::Tensor ViTImpl::forward(const at::Tensor& images) {
+at::Tensor ViTImpl::forward(const at::Tensor& images) { return head->forward(embed(images)); }
+
+at::Tensor ViTImpl::embed(const at::Tensor& images) {
   // Made contiguous once here: an add keeps its input's transposed strides, and
   // every LayerNorm downstream would copy the tokens back into order.
   auto pixels = stem ? torch::gelu(stem->forward(images)) : images;  // [B, C', H, W]
   auto x = patch_embed->forward(pixels).flatten(2).transpose(1, 2).contiguous() + pos_embed;  // [B, N, D]
   for (auto& blk : *blocks) x = blk->as<ViTBlockImpl>()->forward(x);
-  return head->forward(norm->forward(x).mean(1));
+  return norm->forward(x).mean(1);
 }
 
 }  // namespace moev::models

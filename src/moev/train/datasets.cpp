@@ -7,26 +7,47 @@
 #include "moev/data/cifar10.h"
 #include "moev/data/idx_reader.h"
 #include "moev/data/image_folder.h"
+#include "moev/data/manifest.h"
 #include "moev/data/subset.h"
 
 namespace moev::train {
 
 namespace {
 
-data::ImageSet open_one(const DataConfig& d, const models::ModelConfig& m, bool train) {
+// A multi-label manifest as an ImageSet: labels = each image's first tag column.
+data::ImageSet open_manifest(const std::string& path, const models::ModelConfig& m,
+                             const std::vector<std::string>& vocabulary) {
+  auto ml = data::read_manifest(path, m.image_size, m.image_size, m.channels, vocabulary);
+  data::ImageSet s;
+  s.images = ml.images;
+  s.targets = ml.targets;
+  s.labels = ml.targets.argmax(1).contiguous();  // first maximum: the lowest tag column
+  s.class_names = ml.tags;
+  s.source = ml.source;
+  return s;
+}
+
+data::ImageSet open_one(const DataConfig& d, const models::ModelConfig& m, bool train,
+                        const std::vector<std::string>& vocabulary) {
+  if (d.format == "manifest") {
+    const std::string& file = train ? d.path : d.test_path;
+    MOEV_CHECK(!file.empty(), "data.format = 'manifest' needs data.test_path: the test manifest CSV");
+    return open_manifest(file, m, vocabulary);
+  }
   if (d.format == "fashion-mnist") return data::load_fashion_mnist(d.path, train);
   if (d.format == "cifar10") return data::read_cifar10(d.path, train);
   if (d.format == "folder") {
     const std::string root = train ? d.path : (d.test_path.empty() ? d.path : d.test_path);
     return data::read_image_folder(root, m.image_size, m.image_size, m.channels);
   }
-  fail("data.format = '", d.format, "': expected fashion-mnist, folder or cifar10");
+  fail("data.format = '", d.format, "': expected fashion-mnist, folder, cifar10 or manifest");
 }
 
 data::ImageSet limit(data::ImageSet s, int64_t n) {
   if (n > 0 && n < s.size()) {
     s.images = s.images.narrow(0, 0, n).contiguous();
     s.labels = s.labels.narrow(0, 0, n).contiguous();
+    if (s.multilabel()) s.targets = s.targets.narrow(0, 0, n).contiguous();
   }
   return s;
 }
@@ -45,14 +66,22 @@ void check_fits(const data::ImageSet& s, const models::ModelConfig& m) {
 
 Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool load_train) {
   Datasets out;
-  out.test = limit(open_one(d, m, /*train=*/false), d.test_limit);
-  check_fits(out.test, m);
+  // A multi-label test set takes its tag columns from the training set (or
+  // data.tags, which a trained run stores), so a column means one tag in both.
+  std::vector<std::string> vocabulary = d.tags;
   if (load_train) {
-    out.train = limit(open_one(d, m, /*train=*/true), d.train_limit);
+    out.train = limit(open_one(d, m, /*train=*/true, vocabulary), d.train_limit);
+    if (out.train.multilabel()) vocabulary = out.train.class_names;
     MOEV_CHECK(d.per_class >= 0, "data.per_class = ", d.per_class, ": expected >= 0 (0: every image)");
+    MOEV_CHECK(d.per_class == 0 || !out.train.multilabel(), "data.per_class = ", d.per_class,
+               ": a per-class subset needs single-label data, not data.format = 'manifest'");
     if (d.per_class > 0) out.train = data::class_subset(out.train, d.per_class, d.subset_seed);
     check_fits(out.train, m);
   }
+  MOEV_CHECK(d.format != "manifest" || !vocabulary.empty(),
+             "data.tags is empty and there is no training manifest to take the tags from");
+  out.test = limit(open_one(d, m, /*train=*/false, vocabulary), d.test_limit);
+  check_fits(out.test, m);
   out.mean = d.mean;
   out.std = d.std;
   if (out.mean.empty() || out.std.empty()) {

@@ -1,11 +1,13 @@
 #include "moev/train/evaluate.h"
 
 #include <chrono>
+#include <cmath>
 
 #include <torch/torch.h>
 
 #include "moev/data/batch_loader.h"
 #include "moev/moe/moe_layer.h"
+#include "moev/train/multilabel.h"
 #include "moev/train/replicas.h"
 #include "moev/viz/progress_bar.h"
 
@@ -22,16 +24,23 @@ struct Tally {
   std::vector<torch::Tensor> by_class;       // [layer] [E, classes]
 };
 
-// x: [b, C, H, W], y: [b] -> accumulated into t.
-void eval_slice(models::Classifier& model, const std::vector<moe::MoELayer>& layers,
-                const at::Tensor& x, const at::Tensor& y, int64_t classes, bool routing_by_class,
-                Tally& t) {
+// x: [b, C, H, W], y: [b], tags: [b, T] (multi-label sets; else undefined)
+// -> accumulated into t; returns the logits [b, L].
+at::Tensor eval_slice(models::Classifier& model, const std::vector<moe::MoELayer>& layers,
+                      const at::Tensor& x, const at::Tensor& y, const at::Tensor& tags, int64_t classes,
+                      bool routing_by_class, Tally& t) {
   const int64_t b = x.size(0);
   auto logits = model.forward(x);
-  t.loss_sum += torch::cross_entropy_loss(logits, y).item<double>() * double(b);
   const int64_t k5 = std::min<int64_t>(5, logits.size(1));
   auto top = std::get<1>(logits.topk(k5, -1));
-  auto hit = top.eq(y.unsqueeze(1));
+  at::Tensor hit;  // [b, k5]: is the r-th ranked class a right answer
+  if (tags.defined()) {
+    t.loss_sum += softmax_over_tags(logits, tags).item<double>() * double(b);
+    hit = tags.gather(1, top).gt(0.5);
+  } else {
+    t.loss_sum += torch::cross_entropy_loss(logits, y).item<double>() * double(b);
+    hit = top.eq(y.unsqueeze(1));
+  }
   t.correct1 += hit.select(1, 0).sum().item<int64_t>();
   t.correct5 += hit.any(1).sum().item<int64_t>();
   t.counts.resize(layers.size());
@@ -54,6 +63,7 @@ void eval_slice(models::Classifier& model, const std::vector<moe::MoELayer>& lay
     auto counts = torch::bincount(expert * classes + label, {}, E * classes).view({E, classes});
     t.by_class[l] = t.by_class[l].defined() ? t.by_class[l] + counts : counts;
   }
+  return logits;
 }
 
 }  // namespace
@@ -78,6 +88,9 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
       if (routing_by_class) layer->options.keep_routing(true);
   std::vector<Tally> tally(reps.size());
   const int64_t n = set.size();
+  // Multi-label sets: every image's scores, for the ranking metrics at the end.
+  const bool ml = set.multilabel();
+  at::Tensor scores = ml ? torch::empty({n, set.targets.size(1)}) : at::Tensor();
   viz::ProgressBar bar(progress, n, "eval", "img", interactive);
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < n; i += batch_size) {
@@ -86,8 +99,12 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
     auto y = set.labels.narrow(0, i, b).to(device);
     const auto sizes = reps.slice_sizes(b, slice_multiple);
     const auto xs = x.split_with_sizes(sizes), ys = y.split_with_sizes(sizes);
+    const auto ts = ml ? set.targets.narrow(0, i, b).to(device).split_with_sizes(sizes) : std::vector<at::Tensor>{};
+    const auto out = ml ? scores.narrow(0, i, b).split_with_sizes(sizes) : std::vector<at::Tensor>{};
     reps.run(static_cast<int>(sizes.size()), [&](int k) {
-      eval_slice(reps.model(k), reps.moe_layers(k), xs[k], ys[k], classes, routing_by_class, tally[k]);
+      auto logits = eval_slice(reps.model(k), reps.moe_layers(k), xs[k], ys[k], ml ? ts[k] : at::Tensor(),
+                               classes, routing_by_class, tally[k]);
+      if (ml) out[k].copy_(logits);
     });
     bar.update(i + b);
   }
@@ -114,6 +131,16 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
   r.top5 = n ? double(all.correct5) / double(n) : 0;
   r.loss = n ? all.loss_sum / double(n) : 0;
   r.images_per_s = secs > 0 ? double(n) / secs : 0;
+  if (ml && n > 0) {
+    // k: the mean number of tags per image, rounded (3 for 2x2 mosaics of 10 classes).
+    const auto k = std::max<int64_t>(1, std::llround(set.targets.sum().item<double>() / double(n)));
+    const auto m = multilabel_metrics(scores, set.targets, k);
+    r.multilabel = true;
+    r.precision_at_k = m.precision_at_k;
+    r.recall_at_k = m.recall_at_k;
+    r.mean_ap = m.mean_ap;
+    r.k = k;
+  }
   r.expert_load.assign(layers.size(), {});
   r.dropped.assign(layers.size(), 0.0);
   for (size_t l = 0; l < layers.size(); ++l) {

@@ -1,5 +1,6 @@
 // Evaluation of a classifier on an image set: top-1/top-5, loss, throughput and
-// what the MoE layers did (per-layer expert load and dropped fraction).
+// what the MoE layers did (per-layer expert load and dropped fraction); on a
+// multi-label set also precision@k, recall@k and mAP.
 #pragma once
 
 #include <cstdint>
@@ -15,7 +16,12 @@
 namespace moev::train {
 
 struct EvalResult {
+  // Multi-label sets: top1 is precision@1 (the top class is one of the image's
+  // tags), top5 whether any of the top 5 is, loss the softmax-over-tags loss.
   double top1 = 0, top5 = 0, loss = 0;       // fractions and mean cross-entropy
+  bool multilabel = false;                   // the figures below are set
+  double precision_at_k = 0, recall_at_k = 0, mean_ap = 0;
+  int64_t k = 0;                             // the mean tag count per image, rounded
   double images_per_s = 0;                   // forward throughput
   int64_t images = 0;
   std::vector<std::vector<double>> expert_load;  // [layer][expert] share of filled slots

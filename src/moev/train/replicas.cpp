@@ -206,7 +206,9 @@ std::vector<std::vector<at::Tensor>> Replicas::replica_grads() const {
   std::vector<std::vector<at::Tensor>> out;
   for (size_t r = 1; r < params_.size(); ++r) {
     auto& g = out.emplace_back();
-    for (const auto& p : params_[r]) g.push_back(p.grad());
+    // The optimizer holds the trainable parameters only (frozen ones: train.freeze).
+    for (const auto& p : params_[r])
+      if (p.requires_grad()) g.push_back(p.grad());
   }
   return out;
 }

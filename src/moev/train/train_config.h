@@ -9,9 +9,10 @@
 namespace moev::train {
 
 struct DataConfig {
-  std::string format = "fashion-mnist";  // fashion-mnist | folder | cifar10
-  std::string path = "/usr/share/datasets/fashion-mnist";  // dataset dir (folder: train root)
-  std::string test_path;                 // folder format: test root (other formats: = path)
+  std::string format = "fashion-mnist";  // fashion-mnist | folder | cifar10 | manifest (multi-label CSV)
+  std::string path = "/usr/share/datasets/fashion-mnist";  // dataset dir (folder: train root; manifest: train CSV)
+  std::string test_path;                 // folder: test root; manifest: test CSV (other formats: = path)
+  std::vector<std::string> tags;         // manifest: tag vocabulary, column order (empty: the training manifest's, sorted)
   std::vector<float> mean;               // per-channel normalisation; empty: from training set
   std::vector<float> std;                // per-channel std; empty: from training set
   bool augment = true;                   // random crop (padding 4 px... see crop_padding) + flip
@@ -51,6 +52,8 @@ struct TrainConfig {
   std::string device = "cpu";     // cpu | cuda[:N]
   std::string out_dir = "runs/default";  // checkpoints, log.jsonl
   std::string init_from;          // start from this checkpoint's weights (fine-tuning)
+  std::vector<std::string> freeze;  // parameters kept fixed: a name, or a module whose parameters all are (e.g. "head")
+  std::string multilabel_loss = "softmax";  // multi-label data: softmax (over tags, Gross et al.) | sigmoid (BCE per tag)
   int64_t checkpoint_every = 200; // steps between checkpoints (0: only at the end)
   int64_t log_every = 50;         // steps between log.jsonl lines
   int64_t max_steps = 0;          // stop after this many steps (0: epochs decide)

@@ -4,12 +4,14 @@
 #include <torch/torch.h>
 
 #include "moev/core/error.h"
+#include "moev/hardmoe/hard_moe.h"
 #include "moev/train/checkpoint.h"
 
 namespace moev::train {
 
 TrainedModel load_trained(const std::string& path, const c10::Device& device,
                           const std::string& precision) {
+  if (hardmoe::is_hard_moe_file(path)) return hardmoe::load_hard_moe(path, device, precision);
   auto ckpt = load_checkpoint(path);
   TrainedModel t;
   t.cfg = io::from_json_string(ckpt.config_json, path);

@@ -17,8 +17,10 @@ struct TrainedModel {
   models::ClassifierPtr model;           // in eval mode, on the requested device
   std::vector<std::string> class_names;  // index = label
   int64_t step = 0;                      // training steps behind these weights
+  bool replicable = true;                // Replicas can rebuild it from cfg.model (a hard MoE cannot)
 };
 
+// checkpoint: a checkpoint.pt, or a hard MoE's hardmoe.json.
 // precision: "" keeps the model.precision it was trained with; "fp32" or "bf16"
 // runs it the other way (the weights are fp32 either way).
 TrainedModel load_trained(const std::string& checkpoint, const c10::Device& device,

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -11,6 +12,7 @@
 #include "moev/core/device.h"
 #include "moev/core/error.h"
 #include "moev/data/batch_loader.h"
+#include "moev/data/subset.h"
 #include "moev/moe/moe_layer.h"
 #include "moev/train/adamw.h"
 #include "moev/train/checkpoint.h"
@@ -18,6 +20,7 @@
 #include "moev/train/datasets.h"
 #include "moev/train/expert_shards.h"
 #include "moev/train/losses.h"
+#include "moev/train/multilabel.h"
 #include "moev/train/teacher.h"
 #include "moev/train/schedule.h"
 #include "moev/viz/progress_bar.h"
@@ -79,6 +82,25 @@ double clip_global_norm(dist::Communicator& comm, const std::vector<std::pair<st
   return norm;
 }
 
+// The parameter names train.freeze covers: an entry names a parameter or a
+// module (every parameter under it). An entry matching nothing is an error:
+// a misspelt freeze would otherwise train what the user meant to keep.
+std::set<std::string> frozen_parameters(torch::nn::Module& model, const std::vector<std::string>& freeze) {
+  std::set<std::string> out;
+  const auto named = model.named_parameters();
+  for (const auto& f : freeze) {
+    bool any = false;
+    for (const auto& p : named)
+      if (p.key() == f || p.key().rfind(f + ".", 0) == 0) {
+        out.insert(p.key());
+        any = true;
+      }
+    MOEV_CHECK(any, "train.freeze: '", f, "' names no parameter or module of the model (e.g. ",
+               named.is_empty() ? std::string("none") : named.begin()->key(), ")");
+  }
+  return out;
+}
+
 struct Position {
   int64_t step = 0, epoch = 0, batch = 0;  // next step, its epoch and batch in epoch
 };
@@ -96,8 +118,15 @@ void set_cpu_rng_state(const at::Tensor& s) {
 }
 
 json eval_json(const EvalResult& e) {
-  return {{"top1", e.top1}, {"top5", e.top5}, {"loss", e.loss}, {"images_per_s", e.images_per_s},
-          {"expert_load", e.expert_load}, {"dropped", e.dropped}};
+  json j{{"top1", e.top1}, {"top5", e.top5}, {"loss", e.loss}, {"images_per_s", e.images_per_s},
+         {"expert_load", e.expert_load}, {"dropped", e.dropped}};
+  if (e.multilabel) {
+    j["k"] = e.k;
+    j["precision_at_k"] = e.precision_at_k;
+    j["recall_at_k"] = e.recall_at_k;
+    j["mean_ap"] = e.mean_ap;
+  }
+  return j;
 }
 
 }  // namespace
@@ -143,6 +172,14 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   Datasets ds = open_datasets(cfg.data, cfg.model, /*load_train=*/true);
   cfg.data.mean = ds.mean;  // stored in the checkpoint, so eval/predict normalise alike
   cfg.data.std = ds.std;
+  if (!opts.train_rows.empty()) ds.train = data::select_rows(ds.train, opts.train_rows);
+  const bool multilabel = ds.train.multilabel();
+  if (multilabel) {
+    cfg.data.tags = ds.train.class_names;  // the columns eval and predict must use
+    MOEV_CHECK(tc.multilabel_loss == "softmax" || tc.multilabel_loss == "sigmoid", "train.multilabel_loss = '",
+               tc.multilabel_loss, "': expected softmax or sigmoid");
+    MOEV_CHECK(tc.teacher.empty(), "train.teacher: distillation needs single-label data, not a multi-label manifest");
+  }
   MOEV_CHECK(ds.train.size() >= tc.batch_size, "training set ", ds.train.source, " has ",
              ds.train.size(), " images, fewer than train.batch_size = ", tc.batch_size);
 
@@ -151,6 +188,17 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   model->to(device);
   if (!opts.resume && !tc.init_from.empty())
     load_module_tensors(*model, load_checkpoint(tc.init_from).model, tc.init_from);
+  if (!opts.resume && !opts.init_tensors.empty()) {
+    torch::NoGradGuard no_grad;
+    auto named = model->named_parameters();
+    for (const auto& [name, t] : opts.init_tensors) {
+      auto* p = named.find(name);
+      MOEV_CHECK(p != nullptr, "initial tensor '", name, "': the model has no such parameter");
+      MOEV_CHECK(p->sizes() == t.sizes(), "initial tensor '", name, "' has shape ", t.sizes(),
+                 " but the model's parameter has ", p->sizes());
+      p->copy_(t);
+    }
+  }
   if (opts.resume) load_module_tensors(*model, resume_from.model, ckpt_file);
   // Expert parallelism: every rank loaded the full experts; each keeps its own.
   std::unique_ptr<ExpertShards> shards;
@@ -161,10 +209,16 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   ao.weight_decay = tc.weight_decay;
   std::vector<std::pair<std::string, at::Tensor>> params;
   std::vector<at::Tensor> shared;  // data-parallel parameters (the same on every rank)
+  // Frozen parameters never get a gradient, so the optimizer leaves them exactly as loaded.
+  const auto frozen = frozen_parameters(*model, tc.freeze);
   for (auto& p : model->named_parameters()) {
+    if (frozen.count(p.key())) p.value().requires_grad_(false);
     params.emplace_back(p.key(), p.value());
     if (!shards || !shards->is_expert(p.key())) shared.push_back(p.value());
   }
+  std::vector<at::Tensor> trainable;  // in the order of the replicas' gradients
+  for (const auto& [name, p] : params)
+    if (p.requires_grad()) trainable.push_back(p);
   AdamW opt(params, ao);
   if (opts.resume) {
     opt.load_state(shards ? shards->slice(resume_from.optimizer) : resume_from.optimizer, ckpt_file);
@@ -203,7 +257,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   const bool mixing = tc.mixup_alpha > 0 || tc.cutmix_alpha > 0;
   std::unique_ptr<Teacher> teacher;
   if (!tc.teacher.empty()) teacher = std::make_unique<Teacher>(tc.teacher, cfg.model, ds.mean, ds.std);
-  const bool soft = mixing || teacher || tc.cosine_loss > 0;
+  const bool soft = mixing || teacher || tc.cosine_loss > 0 || multilabel;
   MixOptions mix_opts;
   mix_opts.mixup_alpha = tc.mixup_alpha;
   mix_opts.cutmix_alpha = tc.cutmix_alpha;
@@ -224,6 +278,9 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
     for (int q = 0; q < rank; ++q) first_replica += static_cast<int>(counts[q].item<int64_t>());
   }
   Replicas reps(model, cfg.model, n_reps, threads, first_replica, /*own_noise=*/world > 1);
+  for (int r = 1; r < reps.size(); ++r)
+    for (auto& p : reps.model(r).named_parameters())
+      if (frozen.count(p.key())) p.value().requires_grad_(false);
   // Ranks waiting while rank 0 evaluates alone: a deadline for that, not for one collective.
   const double eval_wait_s = 30 * tc.dist_timeout;
   auto save = [&](const Position& p) {  // every rank calls it: expert shards are gathered
@@ -272,7 +329,11 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
                             : tc.cooldown_lr;
       auto x = batch.x.to(device), y = batch.y.to(device);
       at::Tensor target;  // [B, L] soft targets
-      if (soft) {
+      if (multilabel) {
+        target = batch.t.to(device);
+        if (mixing && pos.epoch < tc.epochs - tc.mix_off_epochs)
+          apply_mix(draw_mix(mix_opts, tc.seed, pos.step, x.size(2), x.size(3)), x, target);
+      } else if (soft) {
         target = smoothed_one_hot(y, cfg.model.num_classes, tc.label_smoothing);
         if (teacher)
           target = tc.distill_lambda * target +
@@ -301,6 +362,8 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       reps.clear_grads();
       reps.run(slices, [&](int r) {
         auto objective = [&](const at::Tensor& logits) {
+          if (multilabel)
+            return tc.multilabel_loss == "sigmoid" ? sigmoid_bce(logits, ts[r]) : softmax_over_tags(logits, ts[r]);
           if (!soft) return torch::nn::functional::cross_entropy(logits, ys[r], ce_opts);
           auto l = soft_cross_entropy(logits, ts[r]);
           return tc.cosine_loss > 0 ? l + tc.cosine_loss * cosine_loss(logits, ts[r]) : l;
@@ -323,7 +386,9 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
         (slices > 1 || world > 1 ? total * w : total).backward();
         slice_loss[r] = loss.item<double>() * w;
         slice_aux[r] = aux.defined() ? aux.item<double>() * w : 0.0;
-        slice_correct[r] = logits.argmax(1).eq(ys[r]).sum().item<int64_t>();
+        // Multi-label: precision@1, the top class is one of the (mixed) targets' tags.
+        slice_correct[r] = multilabel ? ts[r].gather(1, logits.argmax(1, true)).gt(0).sum().item<int64_t>()
+                                      : logits.argmax(1).eq(ys[r]).sum().item<int64_t>();
       });
       double grad_norm = 0;
       if (shards) {
@@ -333,7 +398,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
         grad_norm = clip_global_norm(*comm, params, *shards, tc.clip_grad_norm);
         opt.step(lr, 0.0);
       } else if (world > 1) {
-        sum_gradients_over_ranks(*comm, model->parameters(), reps.replica_grads());
+        sum_gradients_over_ranks(*comm, trainable, reps.replica_grads());
         // The optimizer's passes cut into as many parts as the job has replicas:
         // then the norm's summation order, and so every bit of the update, is
         // that of one process running all of them.
@@ -434,8 +499,12 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       log << line.dump() << "\n" << std::flush;
       if (opts.progress && tc.progress) {
         char buf[128];
-        std::snprintf(buf, sizeof buf, "epoch %lld: test top-1 %.4f top-5 %.4f loss %.4f",
-                      (long long)pos.epoch, out.eval.top1, out.eval.top5, out.eval.loss);
+        if (out.eval.multilabel)
+          std::snprintf(buf, sizeof buf, "epoch %lld: test precision@1 %.4f mAP %.4f loss %.4f", (long long)pos.epoch,
+                        out.eval.top1, out.eval.mean_ap, out.eval.loss);
+        else
+          std::snprintf(buf, sizeof buf, "epoch %lld: test top-1 %.4f top-5 %.4f loss %.4f",
+                        (long long)pos.epoch, out.eval.top1, out.eval.top5, out.eval.loss);
         if (opts.interactive) *opts.progress << "\r\033[K";
         *opts.progress << buf << "\n";
       }

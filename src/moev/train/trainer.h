@@ -3,12 +3,17 @@
 // from a teacher, mixup / cutmix, cosine loss), MoE auxiliary losses, the
 // per-branch and diversity losses of multi-branch models, gradient clipping, atomic checkpoints,
 // exact resume (model, optimizer, schedule position, data order, RNG), a JSONL
-// log and a progress bar.
+// log and a progress bar. Multi-label data (a manifest) trains with the
+// softmax-over-tags or sigmoid loss instead of the cross-entropy.
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <ostream>
 #include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
 
 #include "moev/dist/communicator.h"
 #include "moev/io/run_config.h"
@@ -25,6 +30,12 @@ struct TrainRunOptions {
   // over ranks, so W ranks take the steps one process would; rank 0 alone writes
   // the run directory and evaluates.
   dist::Communicator* comm = nullptr;
+  // Train on these rows of the training set only (empty: all of it): a hard
+  // MoE expert's partition. Normalisation still comes from the whole set.
+  std::vector<int64_t> train_rows;
+  // Copied over the initial weights by name, in a fresh run only (after
+  // train.init_from): a hard MoE expert's shared decoder.
+  std::map<std::string, at::Tensor> init_tensors;
 };
 
 struct TrainOutcome {

@@ -1,0 +1,44 @@
+#include "children.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+
+#include "moev/core/error.h"
+
+namespace moev::app {
+
+pid_t spawn_self(const std::vector<std::string>& args, const std::string& log_path, const std::string& what) {
+  // Everything the child needs is built before fork: it only redirects and execs.
+  std::vector<char*> argv;
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  const int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  MOEV_CHECK(fd >= 0, what, ": cannot open ", log_path, ": ", std::strerror(errno));
+  const pid_t pid = ::fork();
+  if (pid < 0) {
+    ::close(fd);
+    fail(what, ": fork failed: ", std::strerror(errno));
+  }
+  if (pid == 0) {
+    ::dup2(fd, 1);  // dup2's copies do not inherit close-on-exec
+    ::dup2(fd, 2);
+    ::execv("/proc/self/exe", argv.data());
+    std::fprintf(stderr, "moev %s: exec failed: %s\n", what.c_str(), std::strerror(errno));
+    ::_exit(127);
+  }
+  ::close(fd);
+  return pid;
+}
+
+Children::~Children() {
+  for (const auto& [pid, task] : running) ::kill(pid, SIGTERM);
+  for (const auto& [pid, task] : running) ::waitpid(pid, nullptr, 0);
+}
+
+}  // namespace moev::app

@@ -1,0 +1,26 @@
+// Child processes of the `moev` command itself (ablation runs, hard MoE
+// experts): each is this binary started again with other arguments, its
+// stdout and stderr appended to a log file, so a run's output survives the
+// scheduler and a rerun can resume it.
+#pragma once
+
+#include <sys/types.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+namespace moev::app {
+
+// Starts /proc/self/exe with args (args[0] is its name), output appended to
+// log_path; `what` names the scheduler in errors. Returns the child's pid.
+pid_t spawn_self(const std::vector<std::string>& args, const std::string& log_path, const std::string& what);
+
+// Children still running when the scheduler leaves early (an error) are
+// stopped and reaped, so none goes on writing a directory a rerun would resume.
+struct Children {
+  std::map<pid_t, size_t> running;  // pid -> the scheduler's task index
+  ~Children();
+};
+
+}  // namespace moev::app

@@ -1,0 +1,278 @@
+// `moev hardmoe`: Gross et al.'s hard mixture of experts from one config file
+// whose [model]/[data]/[train] sections trained the trunk (`moev train`):
+//   cluster       trunk features -> k-means -> partition.csv, centroids.pt, hardmoe.json
+//   train-expert  expert i on its partition: one independent process (any machine)
+//   train-all     every expert, J processes at a time, one progress line each
+// Then `moev eval <dir>/hardmoe.json` and `moev predict --checkpoint <dir>/hardmoe.json`.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "children.h"
+#include "commands.h"
+#include "moev/core/error.h"
+#include "moev/hardmoe/expert_training.h"
+#include "moev/hardmoe/hardmoe_config.h"
+#include "moev/hardmoe/partition.h"
+#include "moev/train/checkpoint.h"
+#include "moev/train/trainer.h"
+#include "moev/viz/progress_bar.h"
+
+namespace moev::app {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+struct HardMoEFlags {
+  std::string config, dir, trunk;
+  std::vector<std::string> sets;
+  int64_t experts = 0, expert = -1;
+  int threads = 0, jobs = 2;
+  int64_t batch_size = 256;
+};
+
+// The file, its [hardmoe] settings (with the flags' overrides) and the
+// expert runs' overrides (the file's other sections, then --set).
+struct Resolved {
+  hardmoe::HardMoEConfig hm;
+  json overrides;
+};
+
+Resolved resolve(const HardMoEFlags& f) {
+  auto file = io::read_config_file(f.config);
+  MOEV_CHECK(file.is_object(), f.config, ": expected a table of sections");
+  io::RunConfig run;
+  io::apply_json(run, file, f.config);
+  if (f.experts > 0) {
+    file["hardmoe"]["experts"] = f.experts;
+  }
+  MOEV_CHECK(f.experts >= 0, "--experts ", f.experts, ": expected >= 1");
+  Resolved r;
+  r.hm = hardmoe::parse_hardmoe_config(file, run, f.config);
+  if (!f.dir.empty()) r.hm.dir = f.dir;
+  if (!f.trunk.empty()) r.hm.trunk = f.trunk;
+  file.erase("hardmoe");
+  for (const auto& sec : {"sweep", "ablation"}) file.erase(sec);
+  r.overrides = file;
+  for (const auto& s : f.sets) r.overrides.merge_patch(io::override_json(s));
+  if (f.threads > 0) r.overrides["train"]["threads"] = f.threads;
+  return r;
+}
+
+void add_common(CLI::App* cmd, HardMoEFlags& f) {
+  cmd->add_option("-c,--config", f.config, "config file: the trunk's run and a [hardmoe] section")->required();
+  cmd->add_option("--experts", f.experts, "experts k (overrides hardmoe.experts)");
+  cmd->add_option("--dir", f.dir, "hard MoE directory (overrides hardmoe.dir)");
+  cmd->add_option("--trunk", f.trunk, "trunk checkpoint (overrides hardmoe.trunk)");
+  cmd->add_option("--threads", f.threads, "threads (per expert process), 0 = all cores");
+}
+
+// The last log line of a run with a step, or null.
+json last_step(const std::string& run_dir) {
+  std::ifstream in(fs::path(run_dir) / "log.jsonl");
+  std::string line;
+  json last;
+  while (std::getline(in, line)) {
+    auto j = json::parse(line, nullptr, false);
+    if (!j.is_discarded() && j.contains("loss")) last = j;
+  }
+  return last;
+}
+
+}  // namespace
+
+Runner add_hardmoe(CLI::App& app) {
+  auto* cmd = app.add_subcommand("hardmoe", "hard mixture of experts: cluster the trunk's features, train experts "
+                                            "as independent jobs");
+  cmd->require_subcommand(1);
+  auto f = std::make_shared<HardMoEFlags>();
+  auto* cl = cmd->add_subcommand("cluster", "k-means on the trunk's embeddings: partition.csv, centroids.pt, "
+                                            "hardmoe.json");
+  add_common(cl, *f);
+  cl->add_option("--batch-size", f->batch_size, "images per feature-extraction pass")->capture_default_str();
+  auto* te = cmd->add_subcommand("train-expert", "train expert i on its partition (an independent process)");
+  add_common(te, *f);
+  te->add_option("--expert", f->expert, "expert index i (0..k-1)")->required();
+  te->add_option("--set", f->sets, "override an expert run's config key: section.key=value");
+  auto* ta = cmd->add_subcommand("train-all", "train every expert, J processes at a time");
+  add_common(ta, *f);
+  ta->add_option("-j,--jobs", f->jobs, "expert processes at a time (each gets cores / jobs threads)")
+      ->capture_default_str();
+  ta->add_option("--set", f->sets, "override an expert run's config key: section.key=value");
+  cmd->footer(
+      "\nExample (configs/hardmoe_mosaic.toml):\n"
+      "  moev data mosaic --out data/mosaic\n"
+      "  moev train --config configs/hardmoe_mosaic.toml            # the trunk\n"
+      "  moev hardmoe cluster --config configs/hardmoe_mosaic.toml --experts 4\n"
+      "  moev hardmoe train-expert --config configs/hardmoe_mosaic.toml --experts 4 --expert 0   # on any machine\n"
+      "  moev hardmoe train-all --config configs/hardmoe_mosaic.toml --experts 4 --jobs 2\n"
+      "  moev eval runs/hardmoe_mosaic/hardmoe4/hardmoe.json");
+
+  return [f, cl, te, ta]() -> int {
+    const auto r = resolve(*f);
+    const auto& hm = r.hm;
+    if (cl->parsed()) {
+      train::set_threads(f->threads);
+      const auto t0 = std::chrono::steady_clock::now();
+      auto p = hardmoe::cluster_trunk(hm, f->batch_size, &std::cerr, stderr_is_terminal());
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      std::printf("%lld experts from %s in %.1f s (k-means: %lld iterations, inertia %.4g)\nimages per expert:",
+                  (long long)p.experts, p.trunk.c_str(), s, (long long)p.iterations, p.inertia);
+      for (auto c : p.counts) std::printf(" %lld", (long long)c);
+      std::printf("\nwrote %s/partition.csv, centroids.pt, partition.json, hardmoe.json\n", hm.dir.c_str());
+      return 0;
+    }
+    if (te->parsed()) {
+      train::TrainRunOptions o;
+      o.progress = &std::cerr;
+      o.interactive = stderr_is_terminal();
+      auto out = hardmoe::train_expert(hm, r.overrides, f->expert, f->config, o);
+      if (out.already_done) {
+        std::printf("expert %lld is already trained (%s); delete it to train again\n", (long long)f->expert,
+                    hardmoe::expert_result_file(hm.dir, f->expert).c_str());
+        return 0;
+      }
+      std::printf("expert %lld: %lld images, %lld steps in %.1f s; test precision@1 of this expert alone %.4f\n",
+                  (long long)f->expert, (long long)out.images, out.result["steps"].get<long long>(),
+                  out.result["train_seconds"].get<double>(), out.result["test_top1"].get<double>());
+      std::printf("checkpoint: %s\n", train::checkpoint_path(hardmoe::expert_dir(hm.dir, f->expert)).c_str());
+      return 0;
+    }
+    if (!ta->parsed()) return 1;
+    // train-all: every expert a `moev hardmoe train-expert` child, so each is
+    // exactly the process a cluster scheduler would run.
+    MOEV_CHECK(f->jobs >= 1, "--jobs ", f->jobs, ": expected >= 1");
+    const auto part = hardmoe::read_partition(hm.dir);
+    const int64_t k = part.experts;
+    MOEV_CHECK(f->experts == 0 || f->experts == k, "--experts ", f->experts, ": the partition in ", hm.dir, " has ",
+               k, " experts");
+    const int cores = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+    const int threads = f->threads > 0 ? f->threads : std::max(1, cores / f->jobs);
+    const auto trunk_ckpt_cfg = io::from_json_string(train::load_checkpoint(hm.trunk).config_json, hm.trunk);
+    std::vector<int64_t> total(k);
+    for (int64_t e = 0; e < k; ++e) {
+      auto c = hardmoe::expert_run_config(hm, trunk_ckpt_cfg, r.overrides, e, f->config);
+      total[e] = part.counts[e] / c.train.batch_size * (c.train.epochs + c.train.cooldown_epochs);
+    }
+    enum State { kWaiting, kRunning, kDone, kFailed };
+    std::vector<State> state(k, kWaiting);
+    std::vector<std::string> line(k, "waiting");
+    std::vector<std::chrono::steady_clock::time_point> started(k);
+    std::vector<std::string> failures;
+    for (int64_t e = 0; e < k; ++e)
+      if (fs::exists(hardmoe::expert_result_file(hm.dir, e))) {
+        state[e] = kDone;
+        line[e] = "done earlier";
+      }
+    const bool tty = stderr_is_terminal();
+    bool drawn = false;
+    std::vector<int> printed_quarter(k, -1);
+    auto draw = [&]() {
+      if (tty) {
+        if (drawn) std::fprintf(stderr, "\033[%lldA", (long long)k);
+        for (int64_t e = 0; e < k; ++e) std::fprintf(stderr, "\r\033[Kexpert %-3lld %s\n", (long long)e, line[e].c_str());
+        drawn = true;
+        return;
+      }
+      // Not a terminal: a line per expert when it starts, at each quarter, and when it ends.
+      for (int64_t e = 0; e < k; ++e) {
+        int q = state[e] == kDone || state[e] == kFailed ? 4 : state[e] == kRunning ? 0 : -1;
+        if (state[e] == kRunning) {
+          auto j = last_step(hardmoe::expert_dir(hm.dir, e));
+          if (!j.is_null() && total[e] > 0) q = static_cast<int>(4 * j["step"].get<int64_t>() / total[e]);
+          q = std::min(q, 3);
+        }
+        if (q > printed_quarter[e]) {
+          std::fprintf(stderr, "expert %-3lld %s\n", (long long)e, line[e].c_str());
+          printed_quarter[e] = q;
+        }
+      }
+    };
+    auto status = [&](int64_t e) {
+      const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - started[e]).count();
+      auto j = last_step(hardmoe::expert_dir(hm.dir, e));
+      const int64_t step = j.is_null() ? 0 : j["step"].get<int64_t>();
+      const double frac = total[e] > 0 ? std::min(1.0, double(step) / double(total[e])) : 0.0;
+      const int width = 24, fill = static_cast<int>(frac * width);
+      std::string bar = "[" + std::string(fill, '#') + std::string(width - fill, '-') + "]";
+      char buf[256];
+      const double rate = j.is_null() ? 0.0 : j.value("images_per_s", 0.0);
+      const std::string eta = step > 0 ? viz::ProgressBar::format_duration(el / frac * (1 - frac)) : "?";
+      std::snprintf(buf, sizeof buf, "%s %3.0f%%  step %lld/%lld  %.0f img/s  ETA %s  loss %.4f", bar.c_str(),
+                    100 * frac, (long long)step, (long long)total[e], rate, eta.c_str(),
+                    j.is_null() ? 0.0 : j.value("loss", 0.0));
+      return std::string(buf);
+    };
+    Children children;
+    auto& running = children.running;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (;;) {
+      for (int64_t e = 0; e < k && static_cast<int>(running.size()) < f->jobs; ++e) {
+        if (state[e] != kWaiting) continue;
+        const std::string dir = hardmoe::expert_dir(hm.dir, e);
+        fs::create_directories(dir);
+        std::vector<std::string> args = {"moev", "hardmoe", "train-expert", "--config", f->config, "--expert",
+                                         std::to_string(e), "--dir", hm.dir, "--trunk", hm.trunk,
+                                         "--experts", std::to_string(k), "--threads", std::to_string(threads)};
+        for (const auto& s : f->sets) {
+          args.push_back("--set");
+          args.push_back(s);
+        }
+        running[spawn_self(args, (fs::path(dir) / "output.log").string(), "hardmoe train-all")] = e;
+        state[e] = kRunning;
+        started[e] = std::chrono::steady_clock::now();
+        line[e] = status(e);
+      }
+      if (running.empty()) break;
+      int st = 0;
+      const pid_t pid = ::waitpid(-1, &st, WNOHANG);
+      if (pid < 0 && errno != EINTR) fail("hardmoe train-all: waiting for the experts failed: ", std::strerror(errno));
+      if (pid > 0 && running.count(pid)) {
+        const int64_t e = static_cast<int64_t>(running[pid]);
+        running.erase(pid);
+        const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - started[e]).count();
+        if (WIFEXITED(st) && WEXITSTATUS(st) == 0 && fs::exists(hardmoe::expert_result_file(hm.dir, e))) {
+          state[e] = kDone;
+          line[e] = "done in " + viz::ProgressBar::format_duration(el) + " (" + std::to_string(part.counts[e]) +
+                    " images)";
+        } else {
+          state[e] = kFailed;
+          const std::string log = (fs::path(hardmoe::expert_dir(hm.dir, e)) / "output.log").string();
+          line[e] = "FAILED; see " + log;
+          failures.push_back("expert " + std::to_string(e) + " (see " + log + ")");
+        }
+      } else {
+        std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      }
+      for (const auto& [p, e] : running) line[e] = status(static_cast<int64_t>(e));
+      draw();
+    }
+    draw();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    // One failed expert leaves the others' results as they are; rerunning trains what is missing.
+    MOEV_CHECK(failures.empty(), "hardmoe train-all: ", failures.size(), " of ", k, " experts failed: ",
+               [&] {
+                 std::string all;
+                 for (const auto& x : failures) all += (all.empty() ? "" : ", ") + x;
+                 return all;
+               }());
+    std::printf("%lld experts trained in %s (%d at a time, %d threads each); the model: %s\n", (long long)k,
+                viz::ProgressBar::format_duration(s).c_str(), f->jobs, threads,
+                hardmoe::model_file(hm.dir).c_str());
+    return 0;
+  };
+}
+
+}  // namespace moev::app

@@ -1,0 +1,107 @@
+#include "moev/hardmoe/expert_training.h"
+
+#include <filesystem>
+#include <fstream>
+
+#include <torch/torch.h>
+
+#include "moev/core/error.h"
+#include "moev/hardmoe/partition.h"
+#include "moev/io/table.h"
+#include "moev/models/model_config.h"
+#include "moev/train/checkpoint.h"
+
+namespace moev::hardmoe {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+std::string expert_result_file(const std::string& dir, int64_t expert) {
+  return (fs::path(expert_dir(dir, expert)) / "result.json").string();
+}
+
+io::RunConfig expert_run_config(const HardMoEConfig& c, const io::RunConfig& trunk, const json& overrides,
+                                int64_t expert, const std::string& source) {
+  io::RunConfig cfg = trunk;
+  if (overrides.is_object() && !overrides.empty()) io::apply_json(cfg, overrides, source);
+  // The partition's rows index the trunk's training set, and the gater reads
+  // the same normalised pixels as the expert: the data set stays the trunk's.
+  const auto& d = trunk.data;
+  cfg.data.format = d.format;
+  cfg.data.path = d.path;
+  cfg.data.test_path = d.test_path;
+  cfg.data.train_limit = d.train_limit;
+  cfg.data.test_limit = d.test_limit;
+  cfg.data.per_class = d.per_class;
+  cfg.data.subset_seed = d.subset_seed;
+  cfg.data.mean = d.mean;
+  cfg.data.std = d.std;
+  cfg.data.tags = d.tags;
+  if (c.expert_epochs > 0) cfg.train.epochs = c.expert_epochs;
+  if (c.expert_lr > 0) cfg.train.lr = c.expert_lr;
+  if (c.expert_warmup_steps >= 0) cfg.train.warmup_steps = c.expert_warmup_steps;
+  cfg.train.seed = trunk.train.seed + static_cast<uint64_t>(expert);
+  cfg.train.out_dir = expert_dir(c.dir, expert);
+  cfg.train.init_from = c.init == "trunk" ? c.trunk : "";
+  cfg.train.teacher.clear();
+  // One test evaluation at the end: an expert alone on every test image is a
+  // diagnostic, not a figure of the model, and per epoch it would cost k times.
+  cfg.train.eval_each_epoch = false;
+  MOEV_CHECK(cfg.model.branches == 1, source, ": model.branches = ", cfg.model.branches,
+             ": a hard MoE's experts are single-branch models");
+  if (c.share_decoder) {
+    auto m = models::build_model(cfg.model);
+    const std::string dec = m->decoder();
+    if (std::find(cfg.train.freeze.begin(), cfg.train.freeze.end(), dec) == cfg.train.freeze.end())
+      cfg.train.freeze.push_back(dec);
+  }
+  return cfg;
+}
+
+ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_t expert, const std::string& source,
+                           train::TrainRunOptions opts) {
+  // Everything that can be wrong is checked before this expert's directory is touched.
+  const auto part = read_partition(c.dir);
+  opts.train_rows = partition_rows(part, expert, c.dir);
+  ExpertOutcome out;
+  out.images = static_cast<int64_t>(opts.train_rows.size());
+  const std::string result_file = expert_result_file(c.dir, expert);
+  if (fs::exists(result_file)) {
+    std::ifstream in(result_file);
+    out.result = json::parse(in, nullptr, false);
+    MOEV_CHECK(out.result.is_object(), result_file, ": not a result file (delete it to train expert ", expert,
+               " again)");
+    out.already_done = true;
+    return out;
+  }
+  auto trunk_ckpt = train::load_checkpoint(c.trunk);
+  const auto trunk_cfg = io::from_json_string(trunk_ckpt.config_json, c.trunk);
+  auto cfg = expert_run_config(c, trunk_cfg, overrides, expert, source);
+  if (c.share_decoder) {
+    // The decoder's tensors under the expert's own names (the same when the
+    // architectures match; an expert of another family names it differently).
+    auto trunk_model = models::build_model(trunk_cfg.model);
+    const std::string from = trunk_model->decoder() + ".", to = models::build_model(cfg.model)->decoder() + ".";
+    for (const auto& [name, t] : trunk_ckpt.model)
+      if (name.rfind(from, 0) == 0) opts.init_tensors[to + name.substr(from.size())] = t;
+    MOEV_CHECK(!opts.init_tensors.empty(), c.trunk, ": no tensors of the decoding layer '", trunk_model->decoder(),
+               "'");
+  }
+  opts.resume = fs::exists(train::checkpoint_path(cfg.train.out_dir));
+  auto r = train::train_model(cfg, opts);
+  MOEV_CHECK(r.finished, "expert ", expert, " stopped after ", r.steps, " steps before its last epoch (max_steps); ",
+             "run it again to continue");
+  out.result = {{"expert", expert},
+                {"images", out.images},
+                {"steps", r.steps},
+                {"epochs", r.epochs_done},
+                {"train_seconds", r.train_seconds},
+                {"train_images_per_s", r.train_images_per_s},
+                {"test_top1", r.eval.top1},
+                {"test_mean_ap", r.eval.mean_ap},
+                {"resumed", opts.resume}};
+  io::write_text_atomic(result_file, out.result.dump(2) + "\n");
+  return out;
+}
+
+}  // namespace moev::hardmoe

@@ -1,0 +1,102 @@
+#include "moev/hardmoe/hard_moe.h"
+
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "moev/cluster/kmeans.h"
+#include "moev/core/error.h"
+#include "moev/hardmoe/expert_training.h"
+#include "moev/hardmoe/hardmoe_config.h"
+#include "moev/train/trainer.h"
+
+namespace moev::hardmoe {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+HardMoEImpl::HardMoEImpl(models::ClassifierPtr trunk, std::vector<models::ClassifierPtr> experts,
+                         at::Tensor centroids)
+    : trunk_(std::move(trunk)), experts_(std::move(experts)) {
+  MOEV_CHECK(!experts_.empty(), "HardMoE: no experts");
+  MOEV_CHECK(centroids.dim() == 2 && centroids.size(0) == num_experts(), "HardMoE: ", num_experts(),
+             " experts need [", num_experts(), ", F] centroids, got ", centroids.sizes());
+  register_module("trunk", trunk_);
+  for (size_t e = 0; e < experts_.size(); ++e) register_module("experts_" + std::to_string(e), experts_[e]);
+  centroids_ = register_buffer("centroids", centroids.to(torch::kFloat32).contiguous());
+  reset_served();
+}
+
+at::Tensor HardMoEImpl::gate(const at::Tensor& images) {
+  // The gater is the trunk as trained: in inference mode whatever this module's mode.
+  const bool was = trunk_->is_training();
+  trunk_->eval();
+  auto a = cluster::nearest_centroid(trunk_->embed(images).to(centroids_.dtype()), centroids_);
+  trunk_->train(was);
+  return a;
+}
+
+at::Tensor HardMoEImpl::per_expert(const at::Tensor& images, bool logits) {
+  const auto a = gate(images).cpu();
+  const int64_t B = images.size(0);
+  at::Tensor out;
+  for (int64_t e = 0; e < num_experts(); ++e) {
+    const auto rows = a.eq(e).nonzero().squeeze(1).to(images.device());
+    if (rows.numel() == 0) continue;
+    served_[static_cast<size_t>(e)] += rows.numel();
+    auto& m = *experts_[static_cast<size_t>(e)];
+    const auto x = images.index_select(0, rows);
+    auto y = logits ? m.forward(x) : m.embed(x);
+    if (!out.defined()) out = torch::zeros({B, y.size(1)}, y.options());
+    out.index_copy_(0, rows, y);
+  }
+  return out;
+}
+
+at::Tensor HardMoEImpl::forward(const at::Tensor& images) { return per_expert(images, /*logits=*/true); }
+at::Tensor HardMoEImpl::embed(const at::Tensor& images) { return per_expert(images, /*logits=*/false); }
+std::string HardMoEImpl::decoder() const { return "experts_0." + experts_[0]->decoder(); }
+
+bool is_hard_moe_file(const std::string& path) {
+  if (fs::path(path).extension() != ".json" || !fs::is_regular_file(path)) return false;
+  std::ifstream in(path);
+  auto j = json::parse(in, nullptr, false);
+  return j.is_object() && j.value("format", std::string()) == "moev hard mixture of experts";
+}
+
+train::TrainedModel load_hard_moe(const std::string& path, const c10::Device& device, const std::string& precision) {
+  std::ifstream in(path);
+  auto j = json::parse(in, nullptr, false);
+  MOEV_CHECK(j.is_object() && j.contains("trunk") && j.contains("experts") && j.contains("centroids"), path,
+             ": not a hard MoE file (expected trunk, experts and centroids)");
+  const std::string dir = fs::path(path).parent_path().string();
+  auto t = train::load_trained(j["trunk"].get<std::string>(), device, precision);
+  const int64_t k = j["experts"].get<int64_t>();
+  MOEV_CHECK(k >= 1, path, ": experts = ", k, ": expected >= 1");
+  at::Tensor centroids;
+  const std::string cfile = (fs::path(dir) / j["centroids"].get<std::string>()).string();
+  MOEV_CHECK(fs::exists(cfile), path, ": the centroids file ", cfile, " is missing");
+  torch::load(centroids, cfile);
+  std::vector<models::ClassifierPtr> experts;
+  for (int64_t e = 0; e < k; ++e) {
+    const std::string ckpt = train::checkpoint_path(expert_dir(dir, e));
+    MOEV_CHECK(fs::exists(expert_result_file(dir, e)), path, ": expert ", e, " has not finished training (no ",
+               expert_result_file(dir, e), "); run moev hardmoe train-expert --expert ", e);
+    auto x = train::load_trained(ckpt, device, precision);
+    MOEV_CHECK(x.cfg.data.mean == t.cfg.data.mean && x.cfg.data.std == t.cfg.data.std &&
+                   x.class_names == t.class_names,
+               ckpt, ": expert ", e, " was trained with another normalisation or other classes than the trunk ",
+               j["trunk"].get<std::string>());
+    experts.push_back(x.model);
+  }
+  auto moe = HardMoE(t.model, std::move(experts), centroids);
+  moe->to(device);
+  moe->eval();
+  t.model = moe.ptr();
+  t.replicable = false;
+  return t;
+}
+
+}  // namespace moev::hardmoe

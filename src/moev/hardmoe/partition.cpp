@@ -1,0 +1,173 @@
+#include "moev/hardmoe/partition.h"
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "moev/cluster/kmeans.h"
+#include "moev/core/error.h"
+#include "moev/data/batch_loader.h"
+#include "moev/io/table.h"
+#include "moev/train/datasets.h"
+#include "moev/train/trained_model.h"
+#include "moev/viz/progress_bar.h"
+
+namespace moev::hardmoe {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+at::Tensor extract_features(models::Classifier& model, const data::ImageSet& set, const std::vector<float>& mean,
+                            const std::vector<float>& std, int64_t batch_size, const c10::Device& device,
+                            std::ostream* progress, bool interactive) {
+  MOEV_CHECK(batch_size >= 1, "feature extraction: batch size ", batch_size, ": expected >= 1");
+  const bool was_training = model.is_training();
+  model.eval();
+  c10::InferenceMode guard;
+  const int64_t n = set.size();
+  std::vector<at::Tensor> parts;
+  viz::ProgressBar bar(progress, n, "features", "img", interactive);
+  for (int64_t i = 0; i < n; i += batch_size) {
+    const int64_t b = std::min(batch_size, n - i);
+    auto x = data::normalize_images(set.images.narrow(0, i, b), mean, std).to(device);
+    parts.push_back(model.embed(x).to(torch::kCPU, torch::kFloat32));
+    bar.update(i + b);
+  }
+  bar.finish();
+  model.train(was_training);
+  MOEV_CHECK(!parts.empty(), "feature extraction: the data set ", set.source, " is empty");
+  return torch::cat(parts);
+}
+
+namespace {
+
+std::string partition_csv(const std::string& dir) { return (fs::path(dir) / "partition.csv").string(); }
+std::string centroids_file(const std::string& dir) { return (fs::path(dir) / "centroids.pt").string(); }
+std::string summary_file(const std::string& dir) { return (fs::path(dir) / "partition.json").string(); }
+
+void save_tensor_atomic(const at::Tensor& t, const std::string& path) {
+  const std::string tmp = path + ".tmp";
+  torch::save(t, tmp);
+  fs::rename(tmp, path);
+}
+
+std::vector<int64_t> read_assignment(const std::string& file, int64_t k) {
+  std::ifstream in(file);
+  MOEV_CHECK(in, file, ": cannot open (run moev hardmoe cluster first)");
+  std::string line;
+  std::getline(in, line);
+  MOEV_CHECK(line == "row,expert", file, ":1: expected the header 'row,expert', got '", line, "'");
+  std::vector<int64_t> out;
+  int64_t lineno = 1;
+  while (std::getline(in, line)) {
+    ++lineno;
+    if (line.empty()) continue;
+    int64_t row = -1, expert = -1;
+    char comma = 0;
+    std::istringstream ss(line);
+    ss >> row >> comma >> expert;
+    MOEV_CHECK(ss && comma == ',' && ss.peek() == EOF, file, ":", lineno, ": expected 'row,expert', got '", line, "'");
+    MOEV_CHECK(row == static_cast<int64_t>(out.size()), file, ":", lineno, ": row ", row, " out of order (expected ",
+               out.size(), ")");
+    MOEV_CHECK(expert >= 0 && expert < k, file, ":", lineno, ": expert ", expert, " outside 0..", k - 1);
+    out.push_back(expert);
+  }
+  return out;
+}
+
+}  // namespace
+
+Partition read_partition(const std::string& dir) {
+  std::ifstream in(summary_file(dir));
+  MOEV_CHECK(in, summary_file(dir), ": cannot open (run moev hardmoe cluster first)");
+  auto s = json::parse(in, nullptr, false);
+  MOEV_CHECK(s.is_object() && s.contains("experts") && s["experts"].is_number_integer(), summary_file(dir),
+             ": not a partition summary");
+  Partition p;
+  p.experts = s["experts"].get<int64_t>();
+  p.inertia = s.value("inertia", 0.0);
+  p.iterations = s.value("iterations", int64_t{0});
+  p.trunk = s.value("trunk", std::string());
+  p.expert_of = read_assignment(partition_csv(dir), p.experts);
+  MOEV_CHECK(static_cast<int64_t>(p.expert_of.size()) == s.value("images", int64_t{-1}), partition_csv(dir),
+             ": ", p.expert_of.size(), " rows, but ", summary_file(dir), " says ", s.value("images", int64_t{-1}));
+  p.counts.assign(static_cast<size_t>(p.experts), 0);
+  for (auto e : p.expert_of) ++p.counts[static_cast<size_t>(e)];
+  MOEV_CHECK(fs::exists(centroids_file(dir)), centroids_file(dir), ": missing (run moev hardmoe cluster again)");
+  torch::load(p.centroids, centroids_file(dir));
+  MOEV_CHECK(p.centroids.dim() == 2 && p.centroids.size(0) == p.experts, centroids_file(dir), ": expected [",
+             p.experts, ", F] centroids, got ", p.centroids.sizes());
+  return p;
+}
+
+std::vector<int64_t> partition_rows(const Partition& p, int64_t expert, const std::string& dir) {
+  MOEV_CHECK(expert >= 0 && expert < p.experts, "--expert ", expert, ": the partition in ", dir, " has ", p.experts,
+             " experts (0..", p.experts - 1, ")");
+  std::vector<int64_t> rows;
+  for (size_t i = 0; i < p.expert_of.size(); ++i)
+    if (p.expert_of[i] == expert) rows.push_back(static_cast<int64_t>(i));
+  MOEV_CHECK(!rows.empty(), "expert ", expert, ": its partition in ", dir,
+             " is empty (no training image is nearest its centroid); cluster with fewer experts");
+  return rows;
+}
+
+Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream* progress, bool interactive) {
+  auto trunk = train::load_trained(c.trunk, c10::Device(c10::kCPU));
+  MOEV_CHECK(trunk.model->num_branches() == 1, c.trunk, ": model.branches = ", trunk.model->num_branches(),
+             ": a hard MoE's trunk is a single-branch model");
+  auto ds = train::open_datasets(trunk.cfg.data, trunk.cfg.model, /*load_train=*/true);
+  const int64_t n = ds.train.size();
+  MOEV_CHECK(n >= c.experts, "hardmoe.experts = ", c.experts, ": more experts than the ", n, " training images of ",
+             ds.train.source);
+  auto features = extract_features(*trunk.model, ds.train, ds.mean, ds.std, batch_size, c10::Device(c10::kCPU),
+                                   progress, interactive);
+  cluster::KMeansOptions ko;
+  ko.k = c.experts;
+  ko.max_iters = c.kmeans_iters;
+  ko.batch_size = c.kmeans_batch;
+  ko.seed = c.seed;
+  auto km = cluster::kmeans(features, ko);
+  Partition p;
+  p.experts = c.experts;
+  p.centroids = km.centroids.contiguous();
+  p.inertia = km.inertia;
+  p.iterations = km.iterations;
+  p.trunk = fs::absolute(c.trunk).string();
+  // The gater's rule at inference, applied to the training images too, so an
+  // image is trained on by the expert it would be sent to.
+  auto assign = cluster::nearest_centroid(features, p.centroids).contiguous();
+  p.expert_of.assign(assign.data_ptr<int64_t>(), assign.data_ptr<int64_t>() + n);
+  p.counts.assign(static_cast<size_t>(p.experts), 0);
+  for (auto e : p.expert_of) ++p.counts[static_cast<size_t>(e)];
+
+  fs::create_directories(c.dir);
+  if (fs::exists(partition_csv(c.dir))) {
+    // Experts trained on the old partition would no longer match the gater.
+    bool trained = false;
+    for (const auto& entry : fs::directory_iterator(c.dir))
+      trained = trained || entry.path().filename().string().rfind("expert_", 0) == 0;
+    if (trained) {
+      auto old = read_partition(c.dir);
+      MOEV_CHECK(old.expert_of == p.expert_of, c.dir, " holds experts trained on another partition; ",
+                 "cluster into a new hardmoe.dir, or delete ", c.dir, "'s expert_* directories first");
+    }
+  }
+  std::string csv = "row,expert\n";
+  csv.reserve(csv.size() + static_cast<size_t>(n) * 8);
+  for (int64_t i = 0; i < n; ++i) csv += std::to_string(i) + "," + std::to_string(p.expert_of[i]) + "\n";
+  io::write_text_atomic(partition_csv(c.dir), csv);
+  save_tensor_atomic(p.centroids, centroids_file(c.dir));
+  json summary{{"experts", p.experts}, {"images", n}, {"counts", p.counts}, {"inertia", p.inertia},
+               {"iterations", p.iterations}, {"features", features.size(1)}, {"trunk", p.trunk},
+               {"training_set", ds.train.source}, {"seed", c.seed}};
+  io::write_text_atomic(summary_file(c.dir), summary.dump(2) + "\n");
+  json model{{"format", "moev hard mixture of experts"}, {"trunk", p.trunk}, {"experts", p.experts},
+             {"centroids", "centroids.pt"}, {"share_decoder", c.share_decoder}};
+  io::write_text_atomic(model_file(c.dir), model.dump(2) + "\n");
+  return p;
+}
+
+}  // namespace moev::hardmoe

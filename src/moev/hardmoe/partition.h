@@ -1,0 +1,53 @@
+// The gater's side of a hard mixture of experts (Gross et al. 2017): the
+// trunk's embeddings of every training image, k-means on them, and the
+// partition (which training image goes to which expert) with the centroids,
+// as files that expert jobs on other machines read. Nothing here trains.
+#pragma once
+
+#include <cstdint>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include <c10/core/Device.h>
+#include <torch/types.h>
+
+#include "moev/data/image_set.h"
+#include "moev/hardmoe/hardmoe_config.h"
+#include "moev/models/classifier.h"
+
+namespace moev::hardmoe {
+
+// images of `set`, normalised, through model.embed in eval mode, in batches:
+// -> float [N, F]. No augmentation, so the same image always gets the same row.
+at::Tensor extract_features(models::Classifier& model, const data::ImageSet& set, const std::vector<float>& mean,
+                            const std::vector<float>& std, int64_t batch_size, const c10::Device& device,
+                            std::ostream* progress = nullptr, bool interactive = false);
+
+struct Partition {
+  int64_t experts = 0;
+  std::vector<int64_t> expert_of;  // [N]: each training image's expert
+  std::vector<int64_t> counts;     // [k]: training images per expert
+  at::Tensor centroids;            // float [k, F]
+  double inertia = 0;              // k-means objective on the trunk's features
+  int64_t iterations = 0;
+  std::string trunk;               // the checkpoint whose embeddings were clustered
+};
+
+// Runs the trunk over its own training set (as the trunk's checkpoint names
+// it), clusters the embeddings and writes into c.dir: partition.csv (row,
+// expert for every training image), centroids.pt, partition.json (summary)
+// and hardmoe.json (the model, whose experts are trained later). Files are
+// written atomically; experts already trained in c.dir are not touched, but
+// a new partition with a different result is an error while they exist.
+Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream* progress, bool interactive);
+
+// What cluster_trunk wrote to `dir`; a missing or malformed file is an error
+// naming it.
+Partition read_partition(const std::string& dir);
+
+// The training rows of `expert`: an index outside 0..k-1 or an empty partition
+// is an error naming the expert and the directory.
+std::vector<int64_t> partition_rows(const Partition& p, int64_t expert, const std::string& dir);
+
+}  // namespace moev::hardmoe

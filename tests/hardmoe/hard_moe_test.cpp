@@ -1,0 +1,211 @@
+// The hard mixture of experts end to end on real mosaics of Fashion-MNIST
+// images: every training image in exactly one partition, the gater's choice
+// at inference equal to a brute-force nearest centroid, the assembled model's
+// rows equal to its experts' own outputs, the decoder shared and frozen, and
+// bad expert indices or an empty partition rejected before anything is written.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <torch/torch.h>
+
+#include "moev/data/batch_loader.h"
+#include "moev/data/idx_reader.h"
+#include "moev/data/manifest.h"
+#include "moev/hardmoe/expert_training.h"
+#include "moev/hardmoe/hard_moe.h"
+#include "moev/hardmoe/partition.h"
+#include "moev/train/checkpoint.h"
+#include "moev/train/datasets.h"
+#include "moev/train/multilabel.h"
+#include "moev/train/trained_model.h"
+#include "moev/train/trainer.h"
+#include "support/expect_error.h"
+#include "support/temp_dir.h"
+
+namespace moev {
+namespace {
+
+namespace fs = std::filesystem;
+
+// A trunk of the smallest ConvNeXt on 120 training mosaics, clustered into 3
+// experts; each test process builds it once (about two seconds on one thread).
+struct Toy {
+  test::TempDir dir;
+  io::RunConfig run;
+  hardmoe::HardMoEConfig hm;
+
+  Toy() {
+    auto fm_train = data::load_fashion_mnist("/usr/share/datasets/fashion-mnist", true);
+    auto fm_test = data::load_fashion_mnist("/usr/share/datasets/fashion-mnist", false);
+    run.model.family = "convnext";
+    run.model.image_size = 56;
+    run.model.channels = 1;
+    run.model.num_classes = 10;
+    run.model.patch = 4;
+    run.model.dims = {8, 16, 16};
+    run.model.depths = {1, 1, 1};
+    run.data.format = "manifest";
+    run.data.path = data::write_mosaics(fm_train, 120, 1, dir.file("mosaic"), "train");
+    run.data.test_path = data::write_mosaics(fm_test, 40, 1, dir.file("mosaic"), "test");
+    run.train.epochs = 2;
+    run.train.batch_size = 20;
+    run.train.warmup_steps = 2;
+    run.train.threads = 1;
+    run.train.replicas = 1;
+    run.train.progress = false;
+    run.train.eval_each_epoch = false;
+    run.train.out_dir = dir.file("trunk");
+    train::train_model(run, {});
+    hm.trunk = train::checkpoint_path(run.train.out_dir);
+    hm.dir = dir.file("hm3");
+    hm.experts = 3;
+    hm.expert_epochs = 1;
+    hardmoe::cluster_trunk(hm, 32, nullptr, false);
+  }
+  // Expert runs: the file has no overrides beyond the trunk's own run.
+  hardmoe::ExpertOutcome train(int64_t e, const std::string& dir = "") {
+    auto c = hm;
+    if (!dir.empty()) c.dir = dir;
+    return hardmoe::train_expert(c, nlohmann::json::object(), e, "test", {});
+  }
+};
+
+Toy& toy() {
+  static Toy t;
+  return t;
+}
+
+std::string bytes_of(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Brute force: the index of the smallest squared distance, lower index on ties.
+at::Tensor nearest_by_hand(const at::Tensor& x, const at::Tensor& c) {
+  auto d = (x.unsqueeze(1) - c.unsqueeze(0)).pow(2).sum(2);
+  return d.argmin(1);
+}
+
+TEST(HardMoE, EveryTrainingImageIsInExactlyOnePartitionItsNearestCentroids) {
+  auto& t = toy();
+  const auto p = hardmoe::read_partition(t.hm.dir);
+  auto trunk = train::load_trained(t.hm.trunk, c10::Device(c10::kCPU));
+  auto ds = train::open_datasets(trunk.cfg.data, trunk.cfg.model, true);
+  ASSERT_EQ(static_cast<int64_t>(p.expert_of.size()), ds.train.size());
+  int64_t sum = 0;
+  for (auto c : p.counts) {
+    EXPECT_GT(c, 0);
+    sum += c;
+  }
+  EXPECT_EQ(sum, ds.train.size());
+  // partition_rows over all experts: each row once.
+  std::vector<int> seen(p.expert_of.size(), 0);
+  for (int64_t e = 0; e < p.experts; ++e)
+    for (auto r : hardmoe::partition_rows(p, e, t.hm.dir)) ++seen[static_cast<size_t>(r)];
+  for (auto s : seen) EXPECT_EQ(s, 1);
+  auto f = hardmoe::extract_features(*trunk.model, ds.train, ds.mean, ds.std, 17, c10::Device(c10::kCPU));
+  auto want = nearest_by_hand(f, p.centroids);
+  EXPECT_TRUE(torch::equal(want, torch::tensor(p.expert_of, torch::kInt64)));
+}
+
+TEST(HardMoE, GaterPicksTheNearestCentroidAndOnlyThatExpertAnswers) {
+  auto& t = toy();
+  for (int64_t e = 0; e < 3; ++e) t.train(e);
+  auto m = train::load_trained(hardmoe::model_file(t.hm.dir), c10::Device(c10::kCPU));
+  EXPECT_FALSE(m.replicable);
+  auto* moe = dynamic_cast<hardmoe::HardMoEImpl*>(m.model.get());
+  ASSERT_NE(moe, nullptr);
+  auto trunk = train::load_trained(t.hm.trunk, c10::Device(c10::kCPU));
+  auto ds = train::open_datasets(trunk.cfg.data, trunk.cfg.model, false);
+  auto x = data::normalize_images(ds.test.images, ds.mean, ds.std);
+  torch::NoGradGuard ng;
+  const auto p = hardmoe::read_partition(t.hm.dir);
+  auto gate = moe->gate(x);
+  EXPECT_TRUE(torch::equal(gate, nearest_by_hand(trunk.model->embed(x), p.centroids)));
+  moe->reset_served();
+  auto logits = moe->forward(x);
+  int64_t served = 0;
+  for (auto s : moe->served()) served += s;
+  EXPECT_EQ(served, x.size(0));  // one expert per image, no more
+  for (int64_t e = 0; e < 3; ++e) {
+    auto expert = train::load_trained(train::checkpoint_path(hardmoe::expert_dir(t.hm.dir, e)), c10::Device(c10::kCPU));
+    auto rows = gate.eq(e).nonzero().squeeze(1);
+    if (rows.numel() == 0) continue;
+    auto want = expert.model->forward(x.index_select(0, rows));
+    EXPECT_TRUE(torch::allclose(logits.index_select(0, rows), want, 1e-5, 1e-5)) << "expert " << e;
+  }
+  // Multi-label evaluation of the assembled model: the metrics of its own scores.
+  auto r = train::evaluate(*m.model, ds.test, ds.mean, ds.std, 16, c10::Device(c10::kCPU));
+  ASSERT_TRUE(r.multilabel);
+  auto mm = train::multilabel_metrics(logits, ds.test.targets, r.k);
+  EXPECT_NEAR(r.top1, mm.precision_at_1, 1e-9);
+  EXPECT_NEAR(r.mean_ap, mm.mean_ap, 1e-9);
+  EXPECT_NEAR(r.recall_at_k, mm.recall_at_k, 1e-9);
+  EXPECT_EQ(r.k, 3);  // 2x2 mosaics of 10 classes carry 3.4 distinct tags on average
+}
+
+TEST(HardMoE, ExpertsShareTheTrunksFrozenDecoderAndTrainTheRest) {
+  auto& t = toy();
+  t.train(1);
+  const auto trunk = train::load_checkpoint(t.hm.trunk).model;
+  const auto expert = train::load_checkpoint(train::checkpoint_path(hardmoe::expert_dir(t.hm.dir, 1))).model;
+  for (const char* name : {"head.weight", "head.bias"})
+    EXPECT_TRUE(torch::equal(trunk.at(name), expert.at(name))) << name;
+  EXPECT_FALSE(torch::equal(trunk.at("stem.weight"), expert.at("stem.weight")));
+  // A second run of a finished expert does nothing.
+  EXPECT_TRUE(t.train(1).already_done);
+}
+
+TEST(HardMoE, BadExpertIndexOrEmptyPartitionFailsAndLeavesOtherExpertsAlone) {
+  auto& t = toy();
+  t.train(0);
+  const std::string ckpt0 = train::checkpoint_path(hardmoe::expert_dir(t.hm.dir, 0));
+  const std::string before = bytes_of(ckpt0), result_before = bytes_of(hardmoe::expert_result_file(t.hm.dir, 0));
+  test::expect_error([&] { t.train(3); }, {"--expert 3", "3 experts", "0..2"});
+  test::expect_error([&] { t.train(-1); }, {"--expert -1"});
+  EXPECT_FALSE(fs::exists(hardmoe::expert_dir(t.hm.dir, 3)));
+  // A partition in which expert 2 got nothing.
+  const std::string dir2 = t.dir.file("empty");
+  fs::create_directories(dir2);
+  for (const char* f : {"centroids.pt", "partition.json", "hardmoe.json"})
+    fs::copy_file(fs::path(t.hm.dir) / f, fs::path(dir2) / f);
+  const auto p = hardmoe::read_partition(t.hm.dir);
+  std::ofstream csv(fs::path(dir2) / "partition.csv");
+  csv << "row,expert\n";
+  for (size_t i = 0; i < p.expert_of.size(); ++i) csv << i << "," << (i % 2) << "\n";
+  csv.close();
+  test::expect_error([&] { t.train(2, dir2); }, {"expert 2", "is empty", dir2});
+  EXPECT_FALSE(fs::exists(hardmoe::expert_dir(dir2, 2)));
+  // A partition file that lost a row, or names an expert that does not exist.
+  std::ofstream bad(fs::path(dir2) / "partition.csv");
+  bad << "row,expert\n0,0\n1,5\n";
+  bad.close();
+  test::expect_error([&] { t.train(0, dir2); }, {"partition.csv:3", "expert 5 outside 0..2"});
+  EXPECT_EQ(bytes_of(ckpt0), before);
+  EXPECT_EQ(bytes_of(hardmoe::expert_result_file(t.hm.dir, 0)), result_before);
+  // The assembled model refuses to load while an expert is missing.
+  test::expect_error([&] { hardmoe::load_hard_moe((fs::path(dir2) / "hardmoe.json").string(), c10::Device(c10::kCPU)); },
+                     {"expert 0 has not finished", "train-expert --expert 0"});
+}
+
+TEST(HardMoE, ConfigSectionIsCheckedKeyByKey) {
+  io::RunConfig run;
+  run.train.out_dir = "runs/x";
+  auto c = hardmoe::parse_hardmoe_config(nlohmann::json::object(), run, "f.toml");
+  EXPECT_EQ(c.trunk, "runs/x/checkpoint.pt");
+  EXPECT_EQ(c.dir, "runs/x/hardmoe4");
+  test::expect_error([&] { hardmoe::parse_hardmoe_config({{"hardmoe", {{"experts", 0}}}}, run, "f.toml"); },
+                     {"f.toml: hardmoe.experts", ">= 1"});
+  test::expect_error([&] { hardmoe::parse_hardmoe_config({{"hardmoe", {{"expertz", 2}}}}, run, "f.toml"); },
+                     {"hardmoe.expertz", "unknown key"});
+  test::expect_error([&] { hardmoe::parse_hardmoe_config({{"hardmoe", {{"init", "random"}}}}, run, "f.toml"); },
+                     {"hardmoe.init", "trunk or scratch"});
+}
+
+}  // namespace
+}  // namespace moev
