@@ -44,13 +44,7 @@ std::string result_file(const train::AblationTask& t) { return (fs::path(t.cfg.t
 
 // The final test evaluation of a finished training run, from its log.
 json train_result(const std::string& dir) {
-  std::ifstream in(fs::path(dir) / "log.jsonl");
-  std::string line;
-  json last;
-  while (std::getline(in, line)) {
-    auto j = json::parse(line, nullptr, false);
-    if (!j.is_discarded() && j.contains("eval")) last = j;
-  }
+  const json last = last_log_line(dir, "eval");
   MOEV_CHECK(!last.is_null(), dir, "/log.jsonl: the run finished without a test evaluation");
   return {{"top1", last["eval"]["top1"]}, {"seconds", last.value("elapsed_s", 0.0)}};
 }

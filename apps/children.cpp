@@ -8,6 +8,8 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 
 #include "moev/core/error.h"
 
@@ -39,6 +41,17 @@ pid_t spawn_self(const std::vector<std::string>& args, const std::string& log_pa
 Children::~Children() {
   for (const auto& [pid, task] : running) ::kill(pid, SIGTERM);
   for (const auto& [pid, task] : running) ::waitpid(pid, nullptr, 0);
+}
+
+nlohmann::json last_log_line(const std::string& run_dir, const std::string& key) {
+  std::ifstream in(std::filesystem::path(run_dir) / "log.jsonl");
+  std::string line;
+  nlohmann::json last;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (!j.is_discarded() && j.contains(key)) last = std::move(j);
+  }
+  return last;
 }
 
 }  // namespace moev::app

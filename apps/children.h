@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 namespace moev::app {
 
 // Starts /proc/self/exe with args (args[0] is its name), output appended to
@@ -22,5 +24,9 @@ struct Children {
   std::map<pid_t, size_t> running;  // pid -> the scheduler's task index
   ~Children();
 };
+
+// The last line of <run_dir>/log.jsonl that has `key` (null if none): how a
+// scheduler follows, or reads the result of, a child's training run.
+nlohmann::json last_log_line(const std::string& run_dir, const std::string& key);
 
 }  // namespace moev::app

@@ -79,18 +79,6 @@ void add_common(CLI::App* cmd, HardMoEFlags& f) {
   cmd->add_option("--threads", f.threads, "threads (per expert process), 0 = all cores");
 }
 
-// The last log line of a run with a step, or null.
-json last_step(const std::string& run_dir) {
-  std::ifstream in(fs::path(run_dir) / "log.jsonl");
-  std::string line;
-  json last;
-  while (std::getline(in, line)) {
-    auto j = json::parse(line, nullptr, false);
-    if (!j.is_discarded() && j.contains("loss")) last = j;
-  }
-  return last;
-}
-
 }  // namespace
 
 Runner add_hardmoe(CLI::App& app) {
@@ -131,7 +119,7 @@ Runner add_hardmoe(CLI::App& app) {
       std::printf("%lld experts from %s in %.1f s (k-means: %lld iterations, inertia %.4g)\nimages per expert:",
                   (long long)p.experts, p.trunk.c_str(), s, (long long)p.iterations, p.inertia);
       for (auto c : p.counts) std::printf(" %lld", (long long)c);
-      std::printf("\nwrote %s/partition.csv, centroids.pt, partition.json, hardmoe.json\n", hm.dir.c_str());
+      std::printf("\nwrote %s/partition.csv, centroids.pt, partition.json, partition.png, hardmoe.json\n", hm.dir.c_str());
       return 0;
     }
     if (te->parsed()) {
@@ -190,7 +178,7 @@ Runner add_hardmoe(CLI::App& app) {
       for (int64_t e = 0; e < k; ++e) {
         int q = state[e] == kDone || state[e] == kFailed ? 4 : state[e] == kRunning ? 0 : -1;
         if (state[e] == kRunning) {
-          auto j = last_step(hardmoe::expert_dir(hm.dir, e));
+          auto j = last_log_line(hardmoe::expert_dir(hm.dir, e), "loss");
           if (!j.is_null() && total[e] > 0) q = static_cast<int>(4 * j["step"].get<int64_t>() / total[e]);
           q = std::min(q, 3);
         }
@@ -202,7 +190,7 @@ Runner add_hardmoe(CLI::App& app) {
     };
     auto status = [&](int64_t e) {
       const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - started[e]).count();
-      auto j = last_step(hardmoe::expert_dir(hm.dir, e));
+      auto j = last_log_line(hardmoe::expert_dir(hm.dir, e), "loss");
       const int64_t step = j.is_null() ? 0 : j["step"].get<int64_t>();
       const double frac = total[e] > 0 ? std::min(1.0, double(step) / double(total[e])) : 0.0;
       const int width = 24, fill = static_cast<int>(frac * width);

@@ -108,6 +108,16 @@ TEST(HardMoE, EveryTrainingImageIsInExactlyOnePartitionItsNearestCentroids) {
   for (int64_t e = 0; e < p.experts; ++e)
     for (auto r : hardmoe::partition_rows(p, e, t.hm.dir)) ++seen[static_cast<size_t>(r)];
   for (auto s : seen) EXPECT_EQ(s, 1);
+  // The summary's tag shares: expert e's images with tag t over its image count.
+  std::ifstream in(fs::path(t.hm.dir) / "partition.json");
+  auto summary = nlohmann::json::parse(in);
+  auto a = torch::tensor(p.expert_of, torch::kInt64);
+  for (int64_t e = 0; e < p.experts; ++e) {
+    auto mine = ds.train.targets.index_select(0, a.eq(e).nonzero().squeeze(1));
+    for (int64_t tag = 0; tag < mine.size(1); ++tag)
+      EXPECT_NEAR(summary["tag_share"][e][tag].get<double>(), mine.select(1, tag).mean().item<double>(), 1e-6);
+  }
+  EXPECT_TRUE(fs::exists(fs::path(t.hm.dir) / "partition.png"));
   auto f = hardmoe::extract_features(*trunk.model, ds.train, ds.mean, ds.std, 17, c10::Device(c10::kCPU));
   auto want = nearest_by_hand(f, p.centroids);
   EXPECT_TRUE(torch::equal(want, torch::tensor(p.expert_of, torch::kInt64)));

@@ -13,6 +13,7 @@
 #include "moev/io/table.h"
 #include "moev/train/datasets.h"
 #include "moev/train/trained_model.h"
+#include "moev/viz/plot.h"
 #include "moev/viz/progress_bar.h"
 
 namespace moev::hardmoe {
@@ -160,9 +161,30 @@ Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream
   for (int64_t i = 0; i < n; ++i) csv += std::to_string(i) + "," + std::to_string(p.expert_of[i]) + "\n";
   io::write_text_atomic(partition_csv(c.dir), csv);
   save_tensor_atomic(p.centroids, centroids_file(c.dir));
+  // What each expert got: the share of its images that carry each tag (class),
+  // as numbers and as a heatmap, to see what the clusters separate.
+  auto tags = ds.train.multilabel()
+                  ? ds.train.targets
+                  : torch::one_hot(ds.train.labels, ds.train.num_classes()).to(torch::kFloat32);
+  auto share = torch::zeros({p.experts, tags.size(1)}).index_add_(0, assign, tags);
+  share = (share / torch::tensor(p.counts, torch::kFloat32).clamp_min(1).unsqueeze(1)).contiguous();
+  viz::HeatmapSpec h;
+  h.title = std::to_string(p.experts) + " experts of " + fs::path(c.trunk).string();
+  h.xlabel = "tag (cells: share of the expert's training images with it)";
+  h.ylabel = "expert";
+  h.col_labels = ds.train.class_names;
+  for (int64_t e = 0; e < p.experts; ++e) {
+    h.row_labels.push_back(std::to_string(e) + " (" + std::to_string(p.counts[e]) + ")");
+    auto r = share[e];
+    h.values.emplace_back(r.data_ptr<float>(), r.data_ptr<float>() + r.numel());
+  }
+  h.cell = p.experts > 16 ? 18 : 40;
+  h.annotate = h.cell >= 30;
+  viz::write_heatmap(h, (fs::path(c.dir) / "partition.png").string());
   json summary{{"experts", p.experts}, {"images", n}, {"counts", p.counts}, {"inertia", p.inertia},
                {"iterations", p.iterations}, {"features", features.size(1)}, {"trunk", p.trunk},
-               {"training_set", ds.train.source}, {"seed", c.seed}};
+               {"training_set", ds.train.source}, {"seed", c.seed},
+               {"tags", ds.train.class_names}, {"tag_share", h.values}};
   io::write_text_atomic(summary_file(c.dir), summary.dump(2) + "\n");
   json model{{"format", "moev hard mixture of experts"}, {"trunk", p.trunk}, {"experts", p.experts},
              {"centroids", "centroids.pt"}, {"share_decoder", c.share_decoder}};

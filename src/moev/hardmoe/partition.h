@@ -36,8 +36,9 @@ struct Partition {
 
 // Runs the trunk over its own training set (as the trunk's checkpoint names
 // it), clusters the embeddings and writes into c.dir: partition.csv (row,
-// expert for every training image), centroids.pt, partition.json (summary)
-// and hardmoe.json (the model, whose experts are trained later). Files are
+// expert for every training image), centroids.pt, partition.json (summary,
+// with each expert's share of images per tag), partition.png (that share as
+// a heatmap) and hardmoe.json (the model, whose experts are trained later). Files are
 // written atomically; experts already trained in c.dir are not touched, but
 // a new partition with a different result is an error while they exist.
 Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream* progress, bool interactive);
