@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -28,6 +29,9 @@ pid_t spawn_self(const std::vector<std::string>& args, const std::string& log_pa
     fail(what, ": fork failed: ", std::strerror(errno));
   }
   if (pid == 0) {
+    // A scheduler killed outright (SIGKILL) cannot stop its children: the
+    // kernel does, so no orphan goes on writing a directory a rerun resumes.
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
     ::dup2(fd, 1);  // dup2's copies do not inherit close-on-exec
     ::dup2(fd, 2);
     ::execv("/proc/self/exe", argv.data());

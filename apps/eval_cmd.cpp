@@ -103,9 +103,10 @@ Runner add_eval(CLI::App& app) {
       auto* hard = dynamic_cast<hardmoe::HardMoEImpl*>(t.model.get());
       if (hard) hard->reset_served();
       const int64_t slices_of = train::slice_multiple(t.cfg.model);
+      const bool sigmoid_tags = t.cfg.train.multilabel_loss == "sigmoid";
       auto r = train::evaluate(reps, ds.test, ds.mean, ds.std, f->batch_size, device,
                                f->json ? nullptr : &std::cerr, stderr_is_terminal(), false,
-                               slices_of);
+                               slices_of, sigmoid_tags);
       nlohmann::json j{{"checkpoint", ckpt}, {"images", r.images}, {"top1", r.top1},
                        {"top5", r.top5}, {"loss", r.loss}, {"images_per_s", r.images_per_s},
                        {"expert_load", r.expert_load}, {"dropped", r.dropped}};
@@ -153,7 +154,7 @@ Runner add_eval(CLI::App& app) {
       for (size_t i = 0; i < shifts.size(); ++i) {
         auto shifted = data::corrupt(ds.test, shifts[i]);
         auto rs = train::evaluate(reps, shifted, ds.mean, ds.std, f->batch_size, device, nullptr,
-                                  false, false, slices_of);
+                                  false, false, slices_of, sigmoid_tags);
         table.rows[i + 1].push_back(io::fmt(rs.top1));
         j["shift"][data::to_string(shifts[i])] = rs.top1;
         sum += rs.top1;

@@ -67,7 +67,7 @@ Resolved resolve(const HardMoEFlags& f) {
   for (const auto& sec : {"sweep", "ablation"}) file.erase(sec);
   r.overrides = file;
   for (const auto& s : f.sets) r.overrides.merge_patch(io::override_json(s));
-  if (f.threads > 0) r.overrides["train"]["threads"] = f.threads;
+  if (f.threads > 0) r.hm.expert_threads = f.threads;
   return r;
 }
 
@@ -76,7 +76,7 @@ void add_common(CLI::App* cmd, HardMoEFlags& f) {
   cmd->add_option("--experts", f.experts, "experts k (overrides hardmoe.experts)");
   cmd->add_option("--dir", f.dir, "hard MoE directory (overrides hardmoe.dir)");
   cmd->add_option("--trunk", f.trunk, "trunk checkpoint (overrides hardmoe.trunk)");
-  cmd->add_option("--threads", f.threads, "threads (per expert process), 0 = all cores");
+  cmd->add_option("--threads", f.threads, "threads of clustering, or of each expert (overrides hardmoe.expert_threads)");
 }
 
 }  // namespace
@@ -96,7 +96,7 @@ Runner add_hardmoe(CLI::App& app) {
   te->add_option("--set", f->sets, "override an expert run's config key: section.key=value");
   auto* ta = cmd->add_subcommand("train-all", "train every expert, J processes at a time");
   add_common(ta, *f);
-  ta->add_option("-j,--jobs", f->jobs, "expert processes at a time (each gets cores / jobs threads)")
+  ta->add_option("-j,--jobs", f->jobs, "expert processes at a time (each with hardmoe.expert_threads threads)")
       ->capture_default_str();
   ta->add_option("--set", f->sets, "override an expert run's config key: section.key=value");
   cmd->footer(
@@ -146,8 +146,7 @@ Runner add_hardmoe(CLI::App& app) {
     const int64_t k = part.experts;
     MOEV_CHECK(f->experts == 0 || f->experts == k, "--experts ", f->experts, ": the partition in ", hm.dir, " has ",
                k, " experts");
-    const int cores = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
-    const int threads = f->threads > 0 ? f->threads : std::max(1, cores / f->jobs);
+    const int threads = hm.expert_threads;
     const auto trunk_ckpt_cfg = io::from_json_string(train::load_checkpoint(hm.trunk).config_json, hm.trunk);
     std::vector<int64_t> total(k);
     for (int64_t e = 0; e < k; ++e) {
@@ -213,7 +212,11 @@ Runner add_hardmoe(CLI::App& app) {
         fs::create_directories(dir);
         std::vector<std::string> args = {"moev", "hardmoe", "train-expert", "--config", f->config, "--expert",
                                          std::to_string(e), "--dir", hm.dir, "--trunk", hm.trunk,
-                                         "--experts", std::to_string(k), "--threads", std::to_string(threads)};
+                                         "--experts", std::to_string(k)};
+        if (f->threads > 0) {
+          args.push_back("--threads");
+          args.push_back(std::to_string(f->threads));
+        }
         for (const auto& s : f->sets) {
           args.push_back("--set");
           args.push_back(s);
@@ -256,8 +259,9 @@ Runner add_hardmoe(CLI::App& app) {
                  for (const auto& x : failures) all += (all.empty() ? "" : ", ") + x;
                  return all;
                }());
-    std::printf("%lld experts trained in %s (%d at a time, %d threads each); the model: %s\n", (long long)k,
-                viz::ProgressBar::format_duration(s).c_str(), f->jobs, threads,
+    std::printf("%lld experts trained in %s (%d at a time, %s threads each); the model: %s\n", (long long)k,
+                viz::ProgressBar::format_duration(s).c_str(), f->jobs,
+                threads > 0 ? std::to_string(threads).c_str() : "train.threads",
                 hardmoe::model_file(hm.dir).c_str());
     return 0;
   };

@@ -204,7 +204,8 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
 
 // The hard MoE as users run it: mosaics, a trunk, clustering, experts trained
 // as two processes at once (train-all --jobs 2) and, in another directory,
-// one after the other (train-expert): the same weights to the bit. Then eval
+// one after the other (train-expert), each with default threads: the same
+// weights to the bit. Then eval
 // and predict on the assembled model, and the bad inputs.
 TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
   moev::test::TempDir dir;
@@ -215,7 +216,7 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
                         "patch = 4\ndims = [8, 16, 16]\ndepths = [1, 1, 1]\n"
                         "[data]\nformat = \"manifest\"\npath = \"" << dir.file("mosaic/train.csv")
                      << "\"\ntest_path = \"" << dir.file("mosaic/test.csv") << "\"\n"
-                        "[train]\nepochs = 2\nbatch_size = 20\nwarmup_steps = 2\nthreads = 1\nreplicas = 1\n"
+                        "[train]\nepochs = 2\nbatch_size = 20\nwarmup_steps = 2\nthreads = 2\n"
                         "progress = false\neval_each_epoch = false\nout_dir = \"" << dir.file("run") << "\"\n"
                         "[hardmoe]\nexperts = 2\nexpert_epochs = 1\n";
   r = run("train --config " + cfg);
@@ -226,11 +227,12 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
   ASSERT_EQ(r.code, 0) << r.out;
   r = run("hardmoe cluster --config " + cfg + " --dir " + b);
   ASSERT_EQ(r.code, 0) << r.out;
-  r = run("hardmoe train-all --config " + cfg + " --jobs 2 --threads 1");
+  // Default threads everywhere: hardmoe.expert_threads fixes them, whoever starts the expert.
+  r = run("hardmoe train-all --config " + cfg + " --jobs 2");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("expert 1"), std::string::npos) << r.out;
   for (const char* e : {"0", "1"}) {
-    r = run("hardmoe train-expert --config " + cfg + " --dir " + b + " --expert " + e + " --threads 1");
+    r = run("hardmoe train-expert --config " + cfg + " --dir " + b + " --expert " + e);
     ASSERT_EQ(r.code, 0) << r.out;
   }
   for (const char* e : {"/expert_0/checkpoint.pt", "/expert_1/checkpoint.pt"}) {

@@ -5,6 +5,10 @@
 // bad expert indices or an empty partition rejected before anything is written.
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -152,7 +156,8 @@ TEST(HardMoE, GaterPicksTheNearestCentroidAndOnlyThatExpertAnswers) {
   // Multi-label evaluation of the assembled model: the metrics of its own scores.
   auto r = train::evaluate(*m.model, ds.test, ds.mean, ds.std, 16, c10::Device(c10::kCPU));
   ASSERT_TRUE(r.multilabel);
-  auto mm = train::multilabel_metrics(logits, ds.test.targets, r.k);
+  // Ranked by probabilities: a softmax model's logits differ by a per-image offset.
+  auto mm = train::multilabel_metrics(torch::softmax(logits, 1), ds.test.targets, r.k);
   EXPECT_NEAR(r.top1, mm.precision_at_1, 1e-9);
   EXPECT_NEAR(r.mean_ap, mm.mean_ap, 1e-9);
   EXPECT_NEAR(r.recall_at_k, mm.recall_at_k, 1e-9);
@@ -191,6 +196,25 @@ TEST(HardMoE, BadExpertIndexOrEmptyPartitionFailsAndLeavesOtherExpertsAlone) {
   csv.close();
   test::expect_error([&] { t.train(2, dir2); }, {"expert 2", "is empty", dir2});
   EXPECT_FALSE(fs::exists(hardmoe::expert_dir(dir2, 2)));
+  // One process per expert: while another holds its lock, a second one stops before writing.
+  fs::create_directories(hardmoe::expert_dir(dir2, 0));
+  const std::string lock = (fs::path(hardmoe::expert_dir(dir2, 0)) / ".lock").string();
+  const int fd = ::open(lock.c_str(), O_RDWR | O_CREAT, 0644);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);
+  test::expect_error([&] { t.train(0, dir2); }, {"expert 0 is being trained by another process", ".lock"});
+  ::close(fd);
+  EXPECT_FALSE(fs::exists(train::checkpoint_path(hardmoe::expert_dir(dir2, 0))));
+  // The assembled model refuses to load while an expert is missing.
+  test::expect_error([&] { hardmoe::load_hard_moe((fs::path(dir2) / "hardmoe.json").string(), c10::Device(c10::kCPU)); },
+                     {"expert 0 has not finished", "train-expert --expert 0"});
+  // Experts must come from the trunk the partition was made from.
+  auto other = t.hm;
+  other.dir = dir2;
+  other.trunk = t.dir.file("other.pt");
+  fs::copy_file(t.hm.trunk, other.trunk);
+  test::expect_error([&] { hardmoe::train_expert(other, nlohmann::json::object(), 0, "test", {}); },
+                     {"other.pt", "is not the one", "clustered from"});
   // A partition file that lost a row, or names an expert that does not exist.
   std::ofstream bad(fs::path(dir2) / "partition.csv");
   bad << "row,expert\n0,0\n1,5\n";
@@ -198,9 +222,6 @@ TEST(HardMoE, BadExpertIndexOrEmptyPartitionFailsAndLeavesOtherExpertsAlone) {
   test::expect_error([&] { t.train(0, dir2); }, {"partition.csv:3", "expert 5 outside 0..2"});
   EXPECT_EQ(bytes_of(ckpt0), before);
   EXPECT_EQ(bytes_of(hardmoe::expert_result_file(t.hm.dir, 0)), result_before);
-  // The assembled model refuses to load while an expert is missing.
-  test::expect_error([&] { hardmoe::load_hard_moe((fs::path(dir2) / "hardmoe.json").string(), c10::Device(c10::kCPU)); },
-                     {"expert 0 has not finished", "train-expert --expert 0"});
 }
 
 TEST(HardMoE, ConfigSectionIsCheckedKeyByKey) {

@@ -1,5 +1,11 @@
 #include "moev/hardmoe/expert_training.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -23,6 +29,7 @@ std::string expert_result_file(const std::string& dir, int64_t expert) {
 io::RunConfig expert_run_config(const HardMoEConfig& c, const io::RunConfig& trunk, const json& overrides,
                                 int64_t expert, const std::string& source) {
   io::RunConfig cfg = trunk;
+  cfg.train.max_steps = 0;  // a cap of the trunk's run is not the expert's
   if (overrides.is_object() && !overrides.empty()) io::apply_json(cfg, overrides, source);
   // The partition's rows index the trunk's training set, and the gater reads
   // the same normalised pixels as the expert: the data set stays the trunk's.
@@ -40,7 +47,10 @@ io::RunConfig expert_run_config(const HardMoEConfig& c, const io::RunConfig& tru
   if (c.expert_epochs > 0) cfg.train.epochs = c.expert_epochs;
   if (c.expert_lr > 0) cfg.train.lr = c.expert_lr;
   if (c.expert_warmup_steps >= 0) cfg.train.warmup_steps = c.expert_warmup_steps;
-  cfg.train.seed = trunk.train.seed + static_cast<uint64_t>(expert);
+  cfg.train.seed += static_cast<uint64_t>(expert);
+  // The thread count (with the replicas it implies) sets the reduction order,
+  // so it is part of the config: the same bits however many experts run at once.
+  if (c.expert_threads > 0) cfg.train.threads = c.expert_threads;
   cfg.train.out_dir = expert_dir(c.dir, expert);
   cfg.train.init_from = c.init == "trunk" ? c.trunk : "";
   cfg.train.teacher.clear();
@@ -63,6 +73,7 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
   // Everything that can be wrong is checked before this expert's directory is touched.
   const auto part = read_partition(c.dir);
   opts.train_rows = partition_rows(part, expert, c.dir);
+  opts.expect_train_size = static_cast<int64_t>(part.expert_of.size());
   ExpertOutcome out;
   out.images = static_cast<int64_t>(opts.train_rows.size());
   const std::string result_file = expert_result_file(c.dir, expert);
@@ -74,9 +85,23 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
     out.already_done = true;
     return out;
   }
-  auto trunk_ckpt = train::load_checkpoint(c.trunk);
-  const auto trunk_cfg = io::from_json_string(trunk_ckpt.config_json, c.trunk);
-  auto cfg = expert_run_config(c, trunk_cfg, overrides, expert, source);
+  HardMoEConfig hc = c;
+  hc.trunk = checked_trunk(part, c.dir, c.trunk);
+  auto trunk_ckpt = train::load_checkpoint(hc.trunk);
+  const auto trunk_cfg = io::from_json_string(trunk_ckpt.config_json, hc.trunk);
+  auto cfg = expert_run_config(hc, trunk_cfg, overrides, expert, source);
+  // One process per expert: a second one (a rerun while the first still runs,
+  // another machine on the same file system) would interleave its checkpoints.
+  fs::create_directories(cfg.train.out_dir);
+  const std::string lock_path = (fs::path(cfg.train.out_dir) / ".lock").string();
+  const int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  MOEV_CHECK(lock_fd >= 0, "expert ", expert, ": cannot open ", lock_path, ": ", std::strerror(errno));
+  struct Unlock {
+    int fd;
+    ~Unlock() { ::close(fd); }  // closing releases the lock
+  } unlock{lock_fd};
+  MOEV_CHECK(::flock(lock_fd, LOCK_EX | LOCK_NB) == 0, "expert ", expert, " is being trained by another process (",
+             lock_path, " is locked)");
   if (c.share_decoder) {
     // The decoder's tensors under the expert's own names (the same when the
     // architectures match; an expert of another family names it differently).
@@ -84,7 +109,7 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
     const std::string from = trunk_model->decoder() + ".", to = models::build_model(cfg.model)->decoder() + ".";
     for (const auto& [name, t] : trunk_ckpt.model)
       if (name.rfind(from, 0) == 0) opts.init_tensors[to + name.substr(from.size())] = t;
-    MOEV_CHECK(!opts.init_tensors.empty(), c.trunk, ": no tensors of the decoding layer '", trunk_model->decoder(),
+    MOEV_CHECK(!opts.init_tensors.empty(), hc.trunk, ": no tensors of the decoding layer '", trunk_model->decoder(),
                "'");
   }
   opts.resume = fs::exists(train::checkpoint_path(cfg.train.out_dir));

@@ -10,6 +10,7 @@
 #include "moev/core/error.h"
 #include "moev/hardmoe/expert_training.h"
 #include "moev/hardmoe/hardmoe_config.h"
+#include "moev/hardmoe/partition.h"
 #include "moev/train/trainer.h"
 
 namespace moev::hardmoe {
@@ -72,7 +73,9 @@ train::TrainedModel load_hard_moe(const std::string& path, const c10::Device& de
   MOEV_CHECK(j.is_object() && j.contains("trunk") && j.contains("experts") && j.contains("centroids"), path,
              ": not a hard MoE file (expected trunk, experts and centroids)");
   const std::string dir = fs::path(path).parent_path().string();
-  auto t = train::load_trained(j["trunk"].get<std::string>(), device, precision);
+  // The trunk as the partition knows it: relative to the directory, at the step it was clustered at.
+  const std::string trunk = checked_trunk(read_partition(dir), dir);
+  auto t = train::load_trained(trunk, device, precision);
   const int64_t k = j["experts"].get<int64_t>();
   MOEV_CHECK(k >= 1, path, ": experts = ", k, ": expected >= 1");
   at::Tensor centroids;
@@ -88,7 +91,7 @@ train::TrainedModel load_hard_moe(const std::string& path, const c10::Device& de
     MOEV_CHECK(x.cfg.data.mean == t.cfg.data.mean && x.cfg.data.std == t.cfg.data.std &&
                    x.class_names == t.class_names,
                ckpt, ": expert ", e, " was trained with another normalisation or other classes than the trunk ",
-               j["trunk"].get<std::string>());
+               trunk);
     experts.push_back(x.model);
   }
   auto moe = HardMoE(t.model, std::move(experts), centroids);

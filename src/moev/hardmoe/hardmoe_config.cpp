@@ -29,7 +29,12 @@ HardMoEConfig parse_hardmoe_config(const json& file, const io::RunConfig& run, c
     else if (key == "dir") str(c.dir);
     else if (key == "experts") integer(c.experts, 1);
     else if (key == "kmeans_iters") integer(c.kmeans_iters, 1);
-    else if (key == "kmeans_batch") integer(c.kmeans_batch, 0);
+    else if (key == "kmeans_batch") integer(c.kmeans_batch, -1);
+    else if (key == "expert_threads") {
+      int64_t t = 0;
+      integer(t, 0);
+      c.expert_threads = static_cast<int>(t);
+    }
     else if (key == "expert_epochs") integer(c.expert_epochs, 0);
     else if (key == "expert_warmup_steps") integer(c.expert_warmup_steps, -1);
     else if (key == "seed") {
@@ -47,7 +52,7 @@ HardMoEConfig parse_hardmoe_config(const json& file, const io::RunConfig& run, c
       c.expert_lr = v.get<double>();
     } else {
       fail(where, ": unknown key; expected trunk, dir, experts, kmeans_iters, kmeans_batch, seed, init, ",
-           "share_decoder, expert_epochs, expert_lr, expert_warmup_steps");
+           "share_decoder, expert_epochs, expert_lr, expert_warmup_steps, expert_threads");
     }
   }
   if (c.trunk.empty()) c.trunk = train::checkpoint_path(run.train.out_dir);

@@ -19,13 +19,14 @@ struct HardMoEConfig {
   std::string dir;                  // partition, centroids, experts, hardmoe.json ("": <train.out_dir>/hardmoe<k>)
   int64_t experts = 4;              // k: k-means clusters = experts
   int64_t kmeans_iters = 100;       // Lloyd iterations (mini-batch: batches)
-  int64_t kmeans_batch = 0;         // > 0: mini-batch k-means with this many points per batch (large data)
+  int64_t kmeans_batch = -1;        // mini-batch k-means batch (0: Lloyd; -1: 4096 above 200,000 images, else Lloyd)
   uint64_t seed = 0;                // k-means++ seeding and mini-batch sampling
   std::string init = "trunk";       // experts start from: trunk (its weights) | scratch
   bool share_decoder = true;        // experts keep the trunk's decoding layer, frozen: one embedding space
   int64_t expert_epochs = 0;        // epochs of each expert on its partition (0: train.epochs)
   double expert_lr = 0;             // peak learning rate of the experts (0: train.lr)
   int64_t expert_warmup_steps = -1; // warmup of the experts (-1: train.warmup_steps)
+  int expert_threads = 1;           // threads of each expert process, fixed so its weights do not depend on how it is run (0: train.threads)
 };
 
 // The section (may be absent: defaults); unknown keys and bad values are

@@ -11,6 +11,7 @@
 #include "moev/core/error.h"
 #include "moev/data/batch_loader.h"
 #include "moev/io/table.h"
+#include "moev/train/checkpoint.h"
 #include "moev/train/datasets.h"
 #include "moev/train/trained_model.h"
 #include "moev/viz/plot.h"
@@ -92,6 +93,8 @@ Partition read_partition(const std::string& dir) {
   p.inertia = s.value("inertia", 0.0);
   p.iterations = s.value("iterations", int64_t{0});
   p.trunk = s.value("trunk", std::string());
+  if (!p.trunk.empty() && fs::path(p.trunk).is_relative()) p.trunk = (fs::path(dir) / p.trunk).lexically_normal().string();
+  p.trunk_step = s.value("trunk_step", int64_t{-1});  // -1: not recorded (older directories)
   p.expert_of = read_assignment(partition_csv(dir), p.experts);
   MOEV_CHECK(static_cast<int64_t>(p.expert_of.size()) == s.value("images", int64_t{-1}), partition_csv(dir),
              ": ", p.expert_of.size(), " rows, but ", summary_file(dir), " says ", s.value("images", int64_t{-1}));
@@ -115,6 +118,17 @@ std::vector<int64_t> partition_rows(const Partition& p, int64_t expert, const st
   return rows;
 }
 
+std::string checked_trunk(const Partition& p, const std::string& dir, const std::string& given) {
+  MOEV_CHECK(fs::exists(p.trunk), summary_file(dir), ": its trunk ", p.trunk, " does not exist");
+  MOEV_CHECK(given.empty() || !fs::exists(given) || fs::equivalent(given, p.trunk), "the trunk ", given,
+             " is not the one ", dir, " was clustered from (", p.trunk, "): experts must share the gater's trunk");
+  const auto st = json::parse(train::load_checkpoint(p.trunk).state_json, nullptr, false);
+  const int64_t step = st.is_object() ? st.value("step", int64_t{-1}) : -1;
+  MOEV_CHECK(p.trunk_step < 0 || step == p.trunk_step, p.trunk, " is at step ", step, " but ", dir, " was clustered from it at step ",
+             p.trunk_step, ": the trunk changed since; cluster again into a new directory");
+  return p.trunk;
+}
+
 Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream* progress, bool interactive) {
   auto trunk = train::load_trained(c.trunk, c10::Device(c10::kCPU));
   MOEV_CHECK(trunk.model->num_branches() == 1, c.trunk, ": model.branches = ", trunk.model->num_branches(),
@@ -128,7 +142,9 @@ Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream
   cluster::KMeansOptions ko;
   ko.k = c.experts;
   ko.max_iters = c.kmeans_iters;
-  ko.batch_size = c.kmeans_batch;
+  // Lloyd sweeps every point each iteration; past a few hundred thousand
+  // images mini-batches reach the same centroids far sooner.
+  ko.batch_size = c.kmeans_batch >= 0 ? c.kmeans_batch : (n > 200000 ? 4096 : 0);
   ko.seed = c.seed;
   auto km = cluster::kmeans(features, ko);
   Partition p;
@@ -136,20 +152,26 @@ Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream
   p.centroids = km.centroids.contiguous();
   p.inertia = km.inertia;
   p.iterations = km.iterations;
-  p.trunk = fs::absolute(c.trunk).string();
+  p.trunk = fs::absolute(c.trunk).lexically_normal().string();
+  p.trunk_step = trunk.step;
   // The gater's rule at inference, applied to the training images too, so an
   // image is trained on by the expert it would be sent to.
   auto assign = cluster::nearest_centroid(features, p.centroids).contiguous();
   p.expert_of.assign(assign.data_ptr<int64_t>(), assign.data_ptr<int64_t>() + n);
   p.counts.assign(static_cast<size_t>(p.experts), 0);
   for (auto e : p.expert_of) ++p.counts[static_cast<size_t>(e)];
+  for (int64_t e = 0; e < p.experts; ++e)
+    MOEV_CHECK(p.counts[e] > 0, "hardmoe.experts = ", p.experts, ": expert ", e,
+               " would get no training image (its centroid is nearest to none); cluster with fewer experts");
 
   fs::create_directories(c.dir);
+  const std::string trunk_rel = fs::relative(p.trunk, fs::absolute(c.dir)).string();
   if (fs::exists(partition_csv(c.dir))) {
     // Experts trained on the old partition would no longer match the gater.
     bool trained = false;
     for (const auto& entry : fs::directory_iterator(c.dir))
-      trained = trained || entry.path().filename().string().rfind("expert_", 0) == 0;
+      trained = trained || (entry.path().filename().string().rfind("expert_", 0) == 0 &&
+                            fs::exists(entry.path() / "checkpoint.pt"));
     if (trained) {
       auto old = read_partition(c.dir);
       MOEV_CHECK(old.expert_of == p.expert_of, c.dir, " holds experts trained on another partition; ",
@@ -182,11 +204,12 @@ Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream
   h.annotate = h.cell >= 30;
   viz::write_heatmap(h, (fs::path(c.dir) / "partition.png").string());
   json summary{{"experts", p.experts}, {"images", n}, {"counts", p.counts}, {"inertia", p.inertia},
-               {"iterations", p.iterations}, {"features", features.size(1)}, {"trunk", p.trunk},
+               {"iterations", p.iterations}, {"features", features.size(1)}, {"trunk", trunk_rel},
+               {"trunk_step", p.trunk_step},
                {"training_set", ds.train.source}, {"seed", c.seed},
                {"tags", ds.train.class_names}, {"tag_share", h.values}};
   io::write_text_atomic(summary_file(c.dir), summary.dump(2) + "\n");
-  json model{{"format", "moev hard mixture of experts"}, {"trunk", p.trunk}, {"experts", p.experts},
+  json model{{"format", "moev hard mixture of experts"}, {"trunk", trunk_rel}, {"experts", p.experts},
              {"centroids", "centroids.pt"}, {"share_decoder", c.share_decoder}};
   io::write_text_atomic(model_file(c.dir), model.dump(2) + "\n");
   return p;

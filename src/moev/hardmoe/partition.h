@@ -31,7 +31,8 @@ struct Partition {
   at::Tensor centroids;            // float [k, F]
   double inertia = 0;              // k-means objective on the trunk's features
   int64_t iterations = 0;
-  std::string trunk;               // the checkpoint whose embeddings were clustered
+  std::string trunk;               // the checkpoint whose embeddings were clustered (absolute)
+  int64_t trunk_step = -1;         // its training step then: a retrained trunk is caught (-1: unknown)
 };
 
 // Runs the trunk over its own training set (as the trunk's checkpoint names
@@ -44,11 +45,17 @@ struct Partition {
 Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream* progress, bool interactive);
 
 // What cluster_trunk wrote to `dir`; a missing or malformed file is an error
-// naming it.
+// naming it. The trunk is stored relative to `dir`, so the directory moves
+// with its trunk.
 Partition read_partition(const std::string& dir);
 
 // The training rows of `expert`: an index outside 0..k-1 or an empty partition
 // is an error naming the expert and the directory.
 std::vector<int64_t> partition_rows(const Partition& p, int64_t expert, const std::string& dir);
+
+// The trunk checkpoint a hard MoE in `dir` was clustered from, checked to be
+// the same training state (step); `given` (a config's or flag's trunk, may be
+// empty) must name the same file.
+std::string checked_trunk(const Partition& p, const std::string& dir, const std::string& given = "");
 
 }  // namespace moev::hardmoe

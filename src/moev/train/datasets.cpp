@@ -60,6 +60,9 @@ void check_fits(const data::ImageSet& s, const models::ModelConfig& m) {
              m.image_size, " (set model.channels / model.image_size)");
   MOEV_CHECK(s.num_classes() <= m.num_classes, "dataset ", s.source, " has ", s.num_classes(),
              " classes but model.num_classes = ", m.num_classes);
+  // A tag column without an output (or an output without a tag) has no meaning.
+  MOEV_CHECK(!s.multilabel() || s.num_classes() == m.num_classes, "dataset ", s.source, " has ",
+             s.num_classes(), " tags but model.num_classes = ", m.num_classes, ": expected one output per tag");
 }
 
 }  // namespace

@@ -27,15 +27,15 @@ struct Tally {
 // x: [b, C, H, W], y: [b], tags: [b, T] (multi-label sets; else undefined)
 // -> accumulated into t; returns the logits [b, L].
 at::Tensor eval_slice(models::Classifier& model, const std::vector<moe::MoELayer>& layers,
-                      const at::Tensor& x, const at::Tensor& y, const at::Tensor& tags, int64_t classes,
-                      bool routing_by_class, Tally& t) {
+                      const at::Tensor& x, const at::Tensor& y, const at::Tensor& tags, bool sigmoid_tags,
+                      int64_t classes, bool routing_by_class, Tally& t) {
   const int64_t b = x.size(0);
   auto logits = model.forward(x);
   const int64_t k5 = std::min<int64_t>(5, logits.size(1));
   auto top = std::get<1>(logits.topk(k5, -1));
   at::Tensor hit;  // [b, k5]: is the r-th ranked class a right answer
   if (tags.defined()) {
-    t.loss_sum += softmax_over_tags(logits, tags).item<double>() * double(b);
+    t.loss_sum += (sigmoid_tags ? sigmoid_bce(logits, tags) : softmax_over_tags(logits, tags)).item<double>() * double(b);
     hit = tags.gather(1, top).gt(0.5);
   } else {
     t.loss_sum += torch::cross_entropy_loss(logits, y).item<double>() * double(b);
@@ -71,7 +71,7 @@ at::Tensor eval_slice(models::Classifier& model, const std::vector<moe::MoELayer
 EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector<float>& mean,
                     const std::vector<float>& std, int64_t batch_size, const c10::Device& device,
                     std::ostream* progress, bool interactive, bool routing_by_class,
-                    int64_t slice_multiple) {
+                    int64_t slice_multiple, bool sigmoid_tags) {
   auto& model = reps.model(0);
   const bool was_training = model.is_training();
   reps.train(false);
@@ -103,8 +103,10 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
     const auto out = ml ? scores.narrow(0, i, b).split_with_sizes(sizes) : std::vector<at::Tensor>{};
     reps.run(static_cast<int>(sizes.size()), [&](int k) {
       auto logits = eval_slice(reps.model(k), reps.moe_layers(k), xs[k], ys[k], ml ? ts[k] : at::Tensor(),
-                               classes, routing_by_class, tally[k]);
-      if (ml) out[k].copy_(logits);
+                               sigmoid_tags, classes, routing_by_class, tally[k]);
+      // Probabilities, not logits: AP ranks images by one tag's score, and a
+      // softmax model's logits carry a per-image offset (a hard MoE's, one per expert).
+      if (ml) out[k].copy_(sigmoid_tags ? torch::sigmoid(logits) : torch::softmax(logits, 1));
     });
     bar.update(i + b);
   }
@@ -163,9 +165,10 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
 EvalResult evaluate(models::Classifier& model, const data::ImageSet& set,
                     const std::vector<float>& mean, const std::vector<float>& std,
                     int64_t batch_size, const c10::Device& device, std::ostream* progress,
-                    bool interactive, bool routing_by_class) {
+                    bool interactive, bool routing_by_class, bool sigmoid_tags) {
   Replicas one(std::static_pointer_cast<models::Classifier>(model.shared_from_this()), {}, 1, 1);
-  return evaluate(one, set, mean, std, batch_size, device, progress, interactive, routing_by_class, 1);
+  return evaluate(one, set, mean, std, batch_size, device, progress, interactive, routing_by_class, 1,
+                  sigmoid_tags);
 }
 
 void apply_router_overrides(models::Classifier& model, const RouterOverrides& o) {

@@ -1,6 +1,8 @@
 // Evaluation of a classifier on an image set: top-1/top-5, loss, throughput and
 // what the MoE layers did (per-layer expert load and dropped fraction); on a
-// multi-label set also precision@k, recall@k and mAP.
+// multi-label set also precision@k, recall@k and mAP, ranked by the model's
+// probabilities: the softmax over tags, or per-tag sigmoids (sigmoid_tags) for
+// a model trained with train.multilabel_loss = "sigmoid"; the loss is that one.
 #pragma once
 
 #include <cstdint>
@@ -35,7 +37,7 @@ struct EvalResult {
 EvalResult evaluate(models::Classifier& model, const data::ImageSet& set,
                     const std::vector<float>& mean, const std::vector<float>& std,
                     int64_t batch_size, const c10::Device& device, std::ostream* progress = nullptr,
-                    bool interactive = false, bool routing_by_class = false);
+                    bool interactive = false, bool routing_by_class = false, bool sigmoid_tags = false);
 
 // The same, with the batches split over data-parallel replicas (one thread each),
 // in slices of whole routing groups (slice_multiple images).
@@ -43,7 +45,7 @@ class Replicas;
 EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector<float>& mean,
                     const std::vector<float>& std, int64_t batch_size, const c10::Device& device,
                     std::ostream* progress = nullptr, bool interactive = false,
-                    bool routing_by_class = false, int64_t slice_multiple = 1);
+                    bool routing_by_class = false, int64_t slice_multiple = 1, bool sigmoid_tags = false);
 
 // Sets K, capacity, BPR or router kind of every MoE layer (the model keeps E).
 // Unset values leave that setting as it is; bad values are moev::Errors.

@@ -172,8 +172,12 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   Datasets ds = open_datasets(cfg.data, cfg.model, /*load_train=*/true);
   cfg.data.mean = ds.mean;  // stored in the checkpoint, so eval/predict normalise alike
   cfg.data.std = ds.std;
+  MOEV_CHECK(opts.expect_train_size < 0 || ds.train.size() == opts.expect_train_size, "training set ",
+             ds.train.source, " has ", ds.train.size(), " images, but the rows to train on were chosen from ",
+             opts.expect_train_size, ": the data changed since (cluster again)");
   if (!opts.train_rows.empty()) ds.train = data::select_rows(ds.train, opts.train_rows);
   const bool multilabel = ds.train.multilabel();
+  const bool sigmoid_tags = multilabel && tc.multilabel_loss == "sigmoid";
   if (multilabel) {
     cfg.data.tags = ds.train.class_names;  // the columns eval and predict must use
     MOEV_CHECK(tc.multilabel_loss == "softmax" || tc.multilabel_loss == "sigmoid", "train.multilabel_loss = '",
@@ -484,11 +488,11 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       // Expert shards: every rank runs the evaluation's forwards (each holds
       // experts the others need); otherwise rank 0 evaluates alone.
       if (eval_now && shards)
-        evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of);
+        evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of, sigmoid_tags);
       if (eval_now) comm->barrier(eval_wait_s);
     } else if (eval_now) {
       const auto t_eval = std::chrono::steady_clock::now();
-      out.eval = evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of);
+      out.eval = evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of, sigmoid_tags);
       eval_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_eval).count();
       // Wall time since this process started training, evaluations included: what
       // a time budget counts (a resumed run starts again from 0).
@@ -513,6 +517,10 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
     }
   }
   bar.finish();
+  // A run resumed after its last epoch (killed while writing its last
+  // checkpoint, or run again) still reports the figures of its model.
+  if (lead && pos.epoch >= all_epochs && out.eval.images == 0 && !comm)
+    out.eval = evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of, sigmoid_tags);
   save(pos);
   out.steps = pos.step;
   out.finished = pos.epoch >= all_epochs;

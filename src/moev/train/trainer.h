@@ -33,6 +33,9 @@ struct TrainRunOptions {
   // Train on these rows of the training set only (empty: all of it): a hard
   // MoE expert's partition. Normalisation still comes from the whole set.
   std::vector<int64_t> train_rows;
+  // With train_rows: the training set's size they were chosen from (-1: any);
+  // another size means the data changed since, an error.
+  int64_t expect_train_size = -1;
   // Copied over the initial weights by name, in a fresh run only (after
   // train.init_from): a hard MoE expert's shared decoder.
   std::map<std::string, at::Tensor> init_tensors;
