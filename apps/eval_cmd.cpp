@@ -125,7 +125,7 @@ Runner add_eval(CLI::App& app) {
         if (t.cfg.model.family == "vit") one.tta.scale = 0;  // a ViT's token grid is fixed
         auto rt = train::evaluate_ensemble(one, f->limit, f->batch_size, nullptr, false).members[0];
         j["tta_top1"] = rt.top1;
-        if (!f->json) std::printf("with test-time augmentation: top-1 %.4f  top-5 %.4f\n", rt.top1, rt.top5);
+        j["tta_top5"] = rt.top5;
       }
       if (!f->json) {
         std::printf("%s on %lld images of %s\n", ckpt.c_str(), (long long)r.images,
@@ -137,6 +137,9 @@ Runner add_eval(CLI::App& app) {
         else
           std::printf("top-1 %.4f  top-5 %.4f  loss %.4f  %.0f img/s\n", r.top1, r.top5, r.loss,
                       r.images_per_s);
+        if (f->tta)
+          std::printf("with test-time augmentation: top-1 %.4f  top-5 %.4f\n", j["tta_top1"].get<double>(),
+                      j["tta_top5"].get<double>());
         if (hard) {
           std::printf("hard MoE: images per expert");
           for (auto c : served) std::printf(" %lld", (long long)c);
