@@ -116,8 +116,9 @@ Runner add_hardmoe(CLI::App& app) {
       const auto t0 = std::chrono::steady_clock::now();
       auto p = hardmoe::cluster_trunk(hm, f->batch_size, &std::cerr, stderr_is_terminal());
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      std::printf("%lld experts from %s in %.1f s (k-means: %lld iterations, inertia %.4g)\nimages per expert:",
-                  (long long)p.experts, p.trunk.c_str(), s, (long long)p.iterations, p.inertia);
+      std::printf("%lld expert%s from %s in %.1f s (k-means: %lld iterations, inertia %.4g)\nimages per expert:",
+                  (long long)p.experts, p.experts == 1 ? "" : "s", p.trunk.c_str(), s, (long long)p.iterations,
+                  p.inertia);
       for (auto c : p.counts) std::printf(" %lld", (long long)c);
       std::printf("\nwrote %s/partition.csv, centroids.pt, partition.json, partition.png, hardmoe.json\n", hm.dir.c_str());
       return 0;
@@ -259,9 +260,9 @@ Runner add_hardmoe(CLI::App& app) {
                  for (const auto& x : failures) all += (all.empty() ? "" : ", ") + x;
                  return all;
                }());
-    std::printf("%lld experts trained in %s (%d at a time, %s threads each); the model: %s\n", (long long)k,
-                viz::ProgressBar::format_duration(s).c_str(), f->jobs,
-                threads > 0 ? std::to_string(threads).c_str() : "train.threads",
+    std::printf("%lld expert%s trained in %s (%d at a time, %s thread%s each); the model: %s\n", (long long)k,
+                k == 1 ? "" : "s", viz::ProgressBar::format_duration(s).c_str(), f->jobs,
+                threads > 0 ? std::to_string(threads).c_str() : "train.threads", threads == 1 ? "" : "s",
                 hardmoe::model_file(hm.dir).c_str());
     return 0;
   };

@@ -87,3 +87,22 @@ TEST(KMeans, TooFewPointsIsAnError) {
   o.k = 10;
   test::expect_error([&] { cluster::kmeans(torch::randn({5, 3}), o); }, {"5 points cannot make k = 10"});
 }
+
+// Mini-batch k-means on overlapping data with many clusters and tiny batches,
+// where centroids drift off their seeds: still no empty cluster, the
+// assignment is the nearest centroid, and a seed fixes the result.
+TEST(KMeans, MiniBatchLeavesNoClusterEmptyAndIsDeterministic) {
+  torch::manual_seed(3);
+  auto x = torch::randn({300, 2});
+  cluster::KMeansOptions o;
+  o.k = 100;
+  o.batch_size = 4;
+  o.max_iters = 40;
+  for (uint64_t seed : {0, 1, 2, 3}) {
+    o.seed = seed;
+    auto r = cluster::kmeans(x, o);
+    EXPECT_GT(torch::bincount(r.assignment, {}, 100).min().item<int64_t>(), 0) << "seed " << seed;
+    EXPECT_TRUE(torch::equal(cluster::nearest_centroid(x, r.centroids), r.assignment));
+    EXPECT_TRUE(torch::equal(cluster::kmeans(x, o).centroids, r.centroids));
+  }
+}

@@ -78,19 +78,28 @@ KMeansResult kmeans(const at::Tensor& xin, const KMeansOptions& o) {
   double prev = std::numeric_limits<double>::infinity();
   if (o.batch_size > 0) {
     std::mt19937_64 rng(o.seed ^ 0xB5AD4ECEDA1CE2A9ull);
-    std::vector<int64_t> counts(static_cast<size_t>(k), 0);
+    auto counts = torch::zeros({k});  // points each centroid has absorbed so far
+    std::vector<int64_t> rows(static_cast<size_t>(std::min(o.batch_size, N)));
     for (int64_t it = 0; it < o.max_iters; ++it, ++r.iterations) {
-      std::vector<int64_t> rows(static_cast<size_t>(std::min(o.batch_size, N)));
       for (auto& v : rows) v = static_cast<int64_t>(rng() % static_cast<uint64_t>(N));
       auto xb = x.index_select(0, torch::tensor(rows, torch::kInt64));
       auto near = assign(xb, c).first;
-      const int64_t* np = near.data_ptr<int64_t>();
-      // Each point moves its centroid by 1/count of the way: a running mean.
-      for (int64_t i = 0; i < xb.size(0); ++i) {
-        const int64_t j = np[i];
-        const double eta = 1.0 / double(++counts[j]);
-        c[j].mul_(1 - eta).add_(xb[i], eta);
-      }
+      // Each centroid becomes the running mean of every point it has absorbed:
+      // c += (sum of its batch points - n c) / count, Sculley's 1/count step
+      // taken for the batch at once rather than point by point.
+      auto sums = torch::zeros_like(c).index_add_(0, near, xb);
+      auto n = torch::bincount(near, {}, k).to(torch::kFloat);
+      counts += n;
+      c += (sums - n.unsqueeze(1) * c) / counts.clamp_min(1).unsqueeze(1);
+    }
+    // A centroid no batch point reached may hold no point of the whole set:
+    // it takes the point farthest from its centroid, as in Lloyd below.
+    for (int64_t pass = 0; pass < k; ++pass) {
+      auto [idx, d] = assign(x, c);
+      auto empty = torch::bincount(idx, {}, k).eq(0);
+      if (!empty.any().item<bool>()) break;
+      const int64_t j = empty.nonzero()[0][0].item<int64_t>();
+      c[j] = x[d.argmax().item<int64_t>()];
     }
   } else {
     auto [idx, d] = assign(x, c);
