@@ -224,6 +224,29 @@ TEST(HardMoE, BadExpertIndexOrEmptyPartitionFailsAndLeavesOtherExpertsAlone) {
   EXPECT_EQ(bytes_of(hardmoe::expert_result_file(t.hm.dir, 0)), result_before);
 }
 
+// centroids.pt is a plain tensor to Python's torch.load, equal to what moev reads.
+TEST(HardMoE, CentroidsOpenInPython) {
+  if (std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") != 0)
+    GTEST_SKIP() << "python3-torch not installed";
+  auto& t = toy();
+  const auto c = hardmoe::read_partition(t.hm.dir).centroids;
+  const std::string script = t.dir.file("check.py"), out = t.dir.file("py.txt");
+  std::ofstream(script) << "import sys, torch\n"
+                           "c = torch.load(sys.argv[1])\n"
+                           "assert isinstance(c, torch.Tensor), type(c)\n"
+                           "print(c.shape[0], c.shape[1], repr(c.double().sum().item()))\n";
+  const std::string cmd = "/usr/bin/python3 " + script + " " + (fs::path(t.hm.dir) / "centroids.pt").string() +
+                          " > " + out;
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  std::ifstream in(out);
+  int64_t k = 0, f = 0;
+  double sum = 0;
+  in >> k >> f >> sum;
+  EXPECT_EQ(k, 3);
+  EXPECT_EQ(f, c.size(1));
+  EXPECT_NEAR(sum, c.to(torch::kDouble).sum().item<double>(), 1e-9);
+}
+
 TEST(HardMoE, ConfigSectionIsCheckedKeyByKey) {
   io::RunConfig run;
   run.train.out_dir = "runs/x";

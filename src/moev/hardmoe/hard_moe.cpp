@@ -78,10 +78,7 @@ train::TrainedModel load_hard_moe(const std::string& path, const c10::Device& de
   auto t = train::load_trained(trunk, device, precision);
   const int64_t k = j["experts"].get<int64_t>();
   MOEV_CHECK(k >= 1, path, ": experts = ", k, ": expected >= 1");
-  at::Tensor centroids;
-  const std::string cfile = (fs::path(dir) / j["centroids"].get<std::string>()).string();
-  MOEV_CHECK(fs::exists(cfile), path, ": the centroids file ", cfile, " is missing");
-  torch::load(centroids, cfile);
+  const auto centroids = load_centroids((fs::path(dir) / j["centroids"].get<std::string>()).string());
   std::vector<models::ClassifierPtr> experts;
   for (int64_t e = 0; e < k; ++e) {
     const std::string ckpt = train::checkpoint_path(expert_dir(dir, e));

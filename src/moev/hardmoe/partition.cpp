@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -50,9 +51,15 @@ std::string partition_csv(const std::string& dir) { return (fs::path(dir) / "par
 std::string centroids_file(const std::string& dir) { return (fs::path(dir) / "centroids.pt").string(); }
 std::string summary_file(const std::string& dir) { return (fs::path(dir) / "partition.json").string(); }
 
+// A pickled tensor, as torch.save writes one: Python's torch.load reads it back.
 void save_tensor_atomic(const at::Tensor& t, const std::string& path) {
   const std::string tmp = path + ".tmp";
-  torch::save(t, tmp);
+  const std::vector<char> bytes = torch::pickle_save(c10::IValue(t));
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    MOEV_CHECK(out.good(), path, ": cannot write ", tmp);
+  }
   fs::rename(tmp, path);
 }
 
@@ -82,6 +89,20 @@ std::vector<int64_t> read_assignment(const std::string& file, int64_t k) {
 
 }  // namespace
 
+at::Tensor load_centroids(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  MOEV_CHECK(in, path, ": missing (run moev hardmoe cluster again)");
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  c10::IValue v;
+  try {
+    v = torch::pickle_load(bytes);
+  } catch (const c10::Error&) {
+    fail(path, ": not a pickled tensor (written by moev hardmoe cluster?)");
+  }
+  MOEV_CHECK(v.isTensor(), path, ": holds no tensor");
+  return v.toTensor();
+}
+
 Partition read_partition(const std::string& dir) {
   std::ifstream in(summary_file(dir));
   MOEV_CHECK(in, summary_file(dir), ": cannot open (run moev hardmoe cluster first)");
@@ -100,8 +121,7 @@ Partition read_partition(const std::string& dir) {
              ": ", p.expert_of.size(), " rows, but ", summary_file(dir), " says ", s.value("images", int64_t{-1}));
   p.counts.assign(static_cast<size_t>(p.experts), 0);
   for (auto e : p.expert_of) ++p.counts[static_cast<size_t>(e)];
-  MOEV_CHECK(fs::exists(centroids_file(dir)), centroids_file(dir), ": missing (run moev hardmoe cluster again)");
-  torch::load(p.centroids, centroids_file(dir));
+  p.centroids = load_centroids(centroids_file(dir));
   MOEV_CHECK(p.centroids.dim() == 2 && p.centroids.size(0) == p.experts, centroids_file(dir), ": expected [",
              p.experts, ", F] centroids, got ", p.centroids.sizes());
   return p;

@@ -49,6 +49,9 @@ Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream
 // with its trunk.
 Partition read_partition(const std::string& dir);
 
+// centroids.pt: the [k, F] tensor (a pickled tensor; torch.load in Python reads it too).
+at::Tensor load_centroids(const std::string& path);
+
 // The training rows of `expert`: an index outside 0..k-1 or an empty partition
 // is an error naming the expert and the directory.
 std::vector<int64_t> partition_rows(const Partition& p, int64_t expert, const std::string& dir);
