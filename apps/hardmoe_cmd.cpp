@@ -55,17 +55,13 @@ Resolved resolve(const HardMoEFlags& f) {
   MOEV_CHECK(file.is_object(), f.config, ": expected a table of sections");
   io::RunConfig run;
   io::apply_json(run, file, f.config);
-  if (f.experts > 0) {
-    file["hardmoe"]["experts"] = f.experts;
-  }
   MOEV_CHECK(f.experts >= 0, "--experts ", f.experts, ": expected >= 1");
+  if (f.experts > 0) file["hardmoe"]["experts"] = f.experts;
   Resolved r;
   r.hm = hardmoe::parse_hardmoe_config(file, run, f.config);
   if (!f.dir.empty()) r.hm.dir = f.dir;
   if (!f.trunk.empty()) r.hm.trunk = f.trunk;
-  file.erase("hardmoe");
-  for (const auto& sec : {"sweep", "ablation"}) file.erase(sec);
-  r.overrides = file;
+  r.overrides = file;  // apply_json skips [hardmoe] (and other commands' sections)
   for (const auto& s : f.sets) r.overrides.merge_patch(io::override_json(s));
   if (f.threads > 0) r.hm.expert_threads = f.threads;
   return r;
