@@ -36,6 +36,7 @@ void ConfigFlags::add_to(CLI::App* cmd) {
   shorthand_flag("--device", "train.device", "cpu or cuda[:N]");
   shorthand_flag("--out", "train.out_dir", "run directory");
   shorthand_flag("--max-steps", "train.max_steps", "stop after N steps");
+  shorthand_flag("--minutes", "train.minutes", "time budget of the training steps");
   shorthand_flag("--data", "data.path", "dataset directory");
   shorthand_flag("--format", "data.format", "fashion-mnist, folder or cifar10");
   shorthand_flag("--experts", "moe.num_experts", "experts per MoE layer");

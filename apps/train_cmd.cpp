@@ -47,8 +47,9 @@ Runner add_train(CLI::App& app) {
       std::cout << "rank " << dc.rank << " of " << dc.world_size << ": trained " << r.steps << " steps\n";
       return 0;
     }
-    std::cout << "trained " << r.steps << " steps (" << r.epochs_done << " epochs) at "
-              << static_cast<int64_t>(r.train_images_per_s) << " img/s";
+    std::cout << "trained " << r.steps << " steps (" << r.epochs_done << " epochs) in "
+              << static_cast<int64_t>(r.train_seconds) << " s at " << static_cast<int64_t>(r.train_images_per_s)
+              << " img/s";
     if (r.eval.images > 0 && r.eval.multilabel)
       std::cout << "; test precision@1 " << r.eval.top1 << ", mAP " << r.eval.mean_ap;
     else if (r.eval.images > 0)

@@ -186,3 +186,74 @@ TEST(Trainer, FrozenParametersStayExactlyAsLoaded) {
   c.train.out_dir = dir.file("b");
   test::expect_error([&] { train::train_model(c, {}); }, {"train.freeze", "'haed'", "names no parameter"});
 }
+
+namespace {
+nlohmann::json checkpoint_state(const std::string& out) {
+  return nlohmann::json::parse(train::load_checkpoint(train::checkpoint_path(out)).state_json);
+}
+double last_logged_lr(const std::string& out) {
+  std::ifstream in(std::filesystem::path(out) / "log.jsonl");
+  double lr = -1;
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (j.contains("lr")) lr = j["lr"].get<double>();
+  }
+  return lr;
+}
+}  // namespace
+
+// train.minutes: the run stops when its training time reaches the budget (not at
+// train.epochs, here far away), its cosine schedule has reached the floor by
+// then, it evaluates, and a run paused and resumed spends the same budget in all.
+TEST(Trainer, TimeBudgetEndsTheScheduleOnTime) {
+  test::TempDir dir;
+  const double budget_s = 3.0;
+  auto cfg = tiny_run(dir.file("budget"));
+  cfg.train.epochs = 1000;  // 10,000 steps: far more than 3 s hold
+  cfg.train.minutes = budget_s / 60;
+  cfg.train.eval_each_epoch = false;
+  cfg.train.checkpoint_every = 0;
+  auto r = train::train_model(cfg, {});
+  EXPECT_TRUE(r.finished);
+  EXPECT_LT(r.steps, 10000);
+  EXPECT_GT(r.steps, 20);
+  EXPECT_GE(r.train_seconds, budget_s * 0.9);
+  EXPECT_LE(r.train_seconds, budget_s + 2.0);
+  EXPECT_GT(r.eval.images, 0);
+  EXPECT_LT(last_logged_lr(cfg.train.out_dir), 0.1 * cfg.train.lr);
+  auto st = checkpoint_state(cfg.train.out_dir);
+  EXPECT_EQ(st.at("planned_steps").get<int64_t>(), r.steps);
+
+  // Paused after 20 steps, then resumed: the second process gets what is left.
+  auto part = tiny_run(dir.file("part"));
+  part.train.epochs = 1000;
+  part.train.minutes = budget_s / 60;
+  part.train.eval_each_epoch = false;
+  part.train.max_steps = 20;
+  auto r1 = train::train_model(part, {});
+  EXPECT_FALSE(r1.finished);
+  const double first_s = checkpoint_state(part.train.out_dir).at("train_elapsed_s").get<double>();
+  EXPECT_GT(first_s, 0);
+  part.train.max_steps = 0;
+  train::TrainRunOptions o;
+  o.resume = true;
+  auto r2 = train::train_model(part, o);
+  EXPECT_TRUE(r2.finished);
+  EXPECT_GT(r2.steps, 20);
+  const double total_s = checkpoint_state(part.train.out_dir).at("train_elapsed_s").get<double>();
+  EXPECT_GE(total_s, budget_s * 0.9);
+  EXPECT_LE(total_s, budget_s + 2.0);
+  EXPECT_NEAR(r2.train_seconds, total_s - first_s, 0.5);
+}
+
+TEST(Trainer, TimeBudgetWithEpochCountedPhasesIsRefused) {
+  test::TempDir dir;
+  auto cfg = tiny_run(dir.file("bad"));
+  cfg.train.minutes = 1;
+  cfg.train.cooldown_epochs = 2;
+  test::expect_error([&] { train::train_model(cfg, {}); }, {"train.minutes = 1 with train.cooldown_epochs = 2"});
+  cfg.train.cooldown_epochs = 0;
+  cfg.train.minutes = -1;
+  test::expect_error([&] { train::train_model(cfg, {}); }, {"train.minutes = -1: expected >= 0"});
+}

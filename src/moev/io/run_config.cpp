@@ -164,6 +164,9 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("train.checkpoint_every", train.checkpoint_every, "steps between checkpoints"),
         MOEV_FIELD("train.log_every", train.log_every, "steps between log lines"),
         MOEV_FIELD("train.max_steps", train.max_steps, "stop after N steps (0: epochs)"),
+        MOEV_FIELD("train.minutes", train.minutes,
+                   "time budget of the training steps, evaluations excluded; the cosine schedule ends "
+                   "with it; train.epochs caps it (0: off)"),
         MOEV_FIELD("train.dist_timeout", train.dist_timeout,
                    "distributed job: seconds a rank waits for the others before failing"),
         MOEV_FIELD("train.expert_parallel", train.expert_parallel,

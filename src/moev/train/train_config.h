@@ -57,6 +57,7 @@ struct TrainConfig {
   int64_t checkpoint_every = 200; // steps between checkpoints (0: only at the end)
   int64_t log_every = 50;         // steps between log.jsonl lines
   int64_t max_steps = 0;          // stop after this many steps (0: epochs decide)
+  double minutes = 0;             // time budget of the training steps (evaluations excluded); epochs cap it (0: off)
   bool eval_each_epoch = true;    // evaluate on the test set after every epoch
   bool progress = true;           // progress bar on stderr
   double dist_timeout = 120;      // distributed job: seconds a rank waits for the others before failing

@@ -1,6 +1,7 @@
 #include "moev/train/trainer.h"
 
 #include <chrono>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -135,6 +136,8 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   const std::string ckpt_file = checkpoint_path(cfg.train.out_dir);
   Checkpoint resume_from;
   Position pos;
+  double prior_train_s = 0;  // training seconds before this process (a resumed run)
+  int64_t saved_plan = 0;    // a time-budgeted run's planned last step when it was saved
   if (opts.resume) {
     resume_from = load_checkpoint(ckpt_file);
     // The run continues as it was configured; only how it runs may change.
@@ -149,6 +152,8 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
     pos.step = st.at("step").get<int64_t>();
     pos.epoch = st.at("epoch").get<int64_t>();
     pos.batch = st.at("batch").get<int64_t>();
+    prior_train_s = st.value("train_elapsed_s", 0.0);
+    saved_plan = st.value("planned_steps", int64_t{0});
   }
   const auto& tc = cfg.train;
   MOEV_CHECK(tc.batch_size >= 1, "train.batch_size = ", tc.batch_size, ": expected >= 1");
@@ -162,6 +167,14 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
              ": expected [0, 1]");
   MOEV_CHECK(tc.cosine_loss >= 0 && tc.diversity_weight >= 0, "train.cosine_loss / train.diversity_weight: ",
              "expected >= 0");
+  MOEV_CHECK(std::isfinite(tc.minutes) && tc.minutes >= 0, "train.minutes = ", tc.minutes,
+             ": expected >= 0 (0: no time budget)");
+  const bool budgeted = tc.minutes > 0;
+  // Both are counted in epochs of a schedule whose length a budget leaves open.
+  MOEV_CHECK(!budgeted || (tc.cooldown_epochs == 0 && tc.mix_off_epochs == 0),
+             "train.minutes = ", tc.minutes, " with train.cooldown_epochs = ", tc.cooldown_epochs,
+             " / train.mix_off_epochs = ", tc.mix_off_epochs,
+             ": a time budget needs both 0 (they are counted in epochs; use train.epochs instead of minutes)");
   const int threads = set_threads(tc.threads);
   dist::Communicator* comm = opts.comm;
   const int rank = comm ? comm->rank() : 0, world = comm ? comm->size() : 1;
@@ -253,10 +266,17 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   for (int q = 0; q < rank; ++q) lo.rows_begin += shares[q];
   lo.rows_end = lo.rows_begin + shares[rank];
   const int64_t per_epoch = ds.train.size() / tc.batch_size;  // drop_last
-  const int64_t total_steps = per_epoch * tc.epochs;           // the warmup + cosine schedule
+  const int64_t epoch_steps = per_epoch * tc.epochs;           // the warmup + cosine schedule
   const int64_t all_epochs = tc.epochs + tc.cooldown_epochs;   // then the cool-down at cooldown_lr
   const int64_t all_steps = per_epoch * all_epochs;
-  const int64_t stop_at = tc.max_steps > 0 ? std::min(all_steps, tc.max_steps) : all_steps;
+  // A time budget ends the schedule where the budget does (re-planned as the run
+  // goes), train.epochs at the latest.
+  int64_t total_steps = budgeted && saved_plan > 0 ? std::min(saved_plan, epoch_steps) : epoch_steps;
+  auto stop_step = [&] {
+    const int64_t s = budgeted ? total_steps : all_steps;
+    return tc.max_steps > 0 ? std::min(s, tc.max_steps) : s;
+  };
+  int64_t stop_at = stop_step();
   // Soft targets [B, L] when anything but the label shapes them.
   const bool mixing = tc.mixup_alpha > 0 || tc.cutmix_alpha > 0;
   std::unique_ptr<Teacher> teacher;
@@ -287,6 +307,13 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       if (frozen.count(p.key())) p.value().requires_grad_(false);
   // Ranks waiting while rank 0 evaluates alone: a deadline for that, not for one collective.
   const double eval_wait_s = 30 * tc.dist_timeout;
+  auto t_start = std::chrono::steady_clock::now();  // reset when training starts
+  double eval_seconds = 0;
+  // Seconds of training steps, this process's and before it, evaluations excluded.
+  auto train_elapsed = [&] {
+    return prior_train_s +
+           std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count() - eval_seconds;
+  };
   auto save = [&](const Position& p) {  // every rank calls it: expert shards are gathered
     auto tensors = module_tensors(*model);
     auto opt_state = opt.state();
@@ -302,7 +329,13 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
                                                 ? "renormalized over the selected K"
                                                 : "selected softmax gates (V-MoE)"},
                         {"world_size", world}, {"expert_parallel", shards != nullptr},
+                        {"train_elapsed_s", train_elapsed()},
                         {"class_names", ds.train.class_names}}.dump();
+    if (budgeted) {
+      auto st = json::parse(c.state_json);
+      st["planned_steps"] = total_steps;
+      c.state_json = st.dump();
+    }
     c.model = std::move(tensors);
     c.optimizer = std::move(opt_state);
     c.rng = cpu_rng_state();
@@ -314,9 +347,13 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   auto ce_opts = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(tc.label_smoothing);
   viz::ProgressBar bar(tc.progress && lead ? opts.progress : nullptr, stop_at, "train", "step",
                        opts.interactive, pos.step);
-  const auto t_start = std::chrono::steady_clock::now();
+  t_start = std::chrono::steady_clock::now();
+  // The budget's step time, from the last (step, seconds) samples of this process,
+  // after its first steps (allocations, caches) have passed.
+  std::deque<std::pair<int64_t, double>> pace;
+  const int64_t pace_from = pos.step + 5, pace_every = 10;
   int64_t images_seen = 0, window_correct = 0, window_images = 0;
-  double window_loss = 0, window_aux = 0, window_grad_norm = 0, ema_loss = -1, eval_seconds = 0;
+  double window_loss = 0, window_aux = 0, window_grad_norm = 0, ema_loss = -1;
   double window_comm = comm ? comm->seconds_in_collectives() : 0.0;
   auto t_window = t_start;
   reps.train(true);
@@ -416,6 +453,23 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       }
       ++pos.step;
       ++pos.batch;
+      if (budgeted && pos.step >= pace_from && (pos.step - pace_from) % pace_every == 0) {
+        auto plan = torch::tensor({total_steps}, torch::kLong);
+        if (lead) {
+          const double now_s = train_elapsed();
+          pace.emplace_back(pos.step, now_s);
+          if (pace.size() > 30) pace.pop_front();
+          const double per_step = pace.size() >= 2 ? (pace.back().second - pace.front().second) /
+                                                         double(pace.back().first - pace.front().first)
+                                                   : -1;
+          if (per_step > 0 || now_s >= tc.minutes * 60)
+            plan[0] = steps_in_budget(pos.step, now_s, tc.minutes * 60, per_step, epoch_steps);
+        }
+        if (comm) comm->broadcast({plan});  // every rank follows rank 0's clock
+        total_steps = plan[0].item<int64_t>();
+        stop_at = stop_step();
+        bar.set_total(stop_at);
+      }
 
       double l = 0, aux_value = 0;
       int64_t correct = 0;
@@ -479,11 +533,13 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       if (tc.checkpoint_every > 0 && pos.step % tc.checkpoint_every == 0 && pos.step < stop_at)
         save(pos);
     }
-    if (pos.step >= stop_at && pos.batch < per_epoch) break;  // stopped inside an epoch
+    // The budget spent inside an epoch ends the run like its last epoch; max_steps only pauses it.
+    const bool budget_spent = budgeted && pos.step >= total_steps;
+    if (pos.step >= stop_at && pos.batch < per_epoch && !budget_spent) break;  // stopped inside an epoch
     ++pos.epoch;
     pos.batch = 0;
     out.epochs_done = pos.epoch;
-    const bool eval_now = tc.eval_each_epoch || pos.epoch == all_epochs;
+    const bool eval_now = tc.eval_each_epoch || pos.epoch == all_epochs || budget_spent;
     if (!lead) {
       // Expert shards: every rank runs the evaluation's forwards (each holds
       // experts the others need); otherwise rank 0 evaluates alone.
@@ -519,15 +575,15 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   bar.finish();
   // A run resumed after its last epoch (killed while writing its last
   // checkpoint, or run again) still reports the figures of its model.
-  if (lead && pos.epoch >= all_epochs && out.eval.images == 0 && !comm)
+  const bool finished = pos.epoch >= all_epochs || (budgeted && pos.step >= total_steps);
+  if (lead && finished && out.eval.images == 0 && !comm)
     out.eval = evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of, sigmoid_tags);
   save(pos);
   out.steps = pos.step;
-  out.finished = pos.epoch >= all_epochs;
+  out.finished = finished;
   out.teacher_images = teacher ? teacher->images_run() : 0;
   out.epochs_done = pos.epoch;
-  out.train_seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count() - eval_seconds;
+  out.train_seconds = train_elapsed() - prior_train_s;
   out.train_images_per_s = out.train_seconds > 0 ? double(images_seen) / out.train_seconds : 0;
   return out;
 }

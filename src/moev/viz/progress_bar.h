@@ -16,6 +16,7 @@ class ProgressBar {
   ProgressBar(std::ostream* out, int64_t total, std::string label, std::string unit,
               bool interactive, int64_t start = 0);
   void update(int64_t done, const std::string& status = "");
+  void set_total(int64_t total) { total_ = total; }  // work whose size is re-estimated (a time budget)
   void finish(const std::string& status = "");
 
   static std::string format_duration(double seconds);  // "1:02:03" / "2:03"
