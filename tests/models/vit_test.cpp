@@ -5,6 +5,7 @@
 #include "moev/core/error.h"
 #include "moev/models/model_config.h"
 #include "moev/models/placement.h"
+#include "moev/models/vit.h"
 #include "moev/moe/moe_layer.h"
 
 using namespace moev::models;
@@ -73,6 +74,33 @@ TEST(ViT, ConvStemShapesAndGradients) {
   auto cn = preset("convnext-tiny");
   cn.stem_channels = 8;
   EXPECT_THROW(validate(cn), moev::Error);
+}
+
+// The patch embedding runs as one GEMM over gathered patches: the model's
+// forward equals the same weights run through the stock Conv2d modules.
+TEST(ViT, PatchGemmForwardEqualsTheStockConvolutions) {
+  torch::manual_seed(0);
+  for (int64_t stem : {0, 8}) {
+    auto cfg = preset("vit-tiny");
+    cfg.depth = 2;
+    cfg.patch = 7;
+    cfg.stem_channels = stem;
+    auto model = std::dynamic_pointer_cast<moev::models::ViTImpl>(build_model(cfg));
+    ASSERT_TRUE(model);
+    model->eval();
+    {
+      torch::NoGradGuard ng;
+      model->head->weight.normal_(0, 0.1);
+    }
+    auto x = torch::randn({3, 1, 28, 28});
+    auto pixels = stem > 0 ? torch::gelu(model->stem->forward(x)) : x;
+    auto t = model->patch_embed->forward(pixels).flatten(2).transpose(1, 2).contiguous() + model->pos_embed;
+    for (auto& blk : *model->blocks) t = blk->as<moev::models::ViTBlockImpl>()->forward(t);
+    auto expected = model->head->forward(model->norm->forward(t).mean(1));
+    auto got = model->forward(x);
+    EXPECT_TRUE(torch::allclose(got, expected, 1e-4, 1e-5))
+        << "stem " << stem << ": max diff " << (got - expected).abs().max().item<double>();
+  }
 }
 
 TEST(ViT, PresetsAndErrors) {

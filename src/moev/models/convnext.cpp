@@ -16,15 +16,6 @@ void init_trunc_normal(at::Tensor w, const at::Tensor& b) {
 }
 }  // namespace
 
-at::Tensor patchify_nhwc(const at::Tensor& x, torch::nn::Conv2dImpl& conv, at::ScalarType matmul_dtype) {
-  const int64_t B = x.size(0), Ci = x.size(3), p = conv.weight.size(2), Co = conv.weight.size(0);
-  const int64_t h = x.size(1) / p, w = x.size(2) / p;
-  // [B, h, p, w, p, Ci] -> [B, h, w, p, p, Ci]: each patch's pixels in (row, column, channel) order.
-  auto patches = x.narrow(1, 0, h * p).narrow(2, 0, w * p).reshape({B, h, p, w, p, Ci}).permute({0, 1, 3, 2, 4, 5});
-  auto weight = conv.weight.permute({0, 2, 3, 1}).reshape({Co, p * p * Ci});  // same order
-  return nn::linear(patches.reshape({B, h, w, p * p * Ci}), weight, conv.bias, matmul_dtype);
-}
-
 ConvNeXtBlockImpl::ConvNeXtBlockImpl(const ModelConfig& c, int64_t dim, bool use_moe,
                                      double drop_path_)
     : drop_path(drop_path_), matmul_dtype(nn::parse_precision(c.precision)) {
@@ -102,11 +93,13 @@ ConvNeXtImpl::ConvNeXtImpl(const ModelConfig& c) : cfg(c), matmul_dtype(nn::pars
 at::Tensor ConvNeXtImpl::forward(const at::Tensor& images) { return head->forward(embed(images)); }
 
 at::Tensor ConvNeXtImpl::embed(const at::Tensor& images) {
-  auto x = stem_norm->forward(patchify_nhwc(images.permute({0, 2, 3, 1}), *stem, matmul_dtype));  // [B, H, W, D]
+  auto x = stem_norm->forward(
+      nn::patchify_nhwc(images.permute({0, 2, 3, 1}), stem->weight, stem->bias, matmul_dtype));  // [B, H, W, D]
   for (size_t s = 0; s < stages->size(); ++s) {
     if (s > 0) {
-      x = patchify_nhwc(down_norms[s - 1]->as<torch::nn::LayerNormImpl>()->forward(x),
-                        *down_convs[s - 1]->as<torch::nn::Conv2dImpl>(), matmul_dtype);
+      const auto& down = *down_convs[s - 1]->as<torch::nn::Conv2dImpl>();
+      x = nn::patchify_nhwc(down_norms[s - 1]->as<torch::nn::LayerNormImpl>()->forward(x), down.weight, down.bias,
+                            matmul_dtype);
     }
     for (auto& blk : *stages[s]->as<torch::nn::ModuleListImpl>())
       x = blk->as<ConvNeXtBlockImpl>()->forward(x);

@@ -55,11 +55,4 @@ class ConvNeXtImpl : public Classifier {
   torch::nn::Linear head{nullptr};
 };
 
-// A 2x2-or-larger patchify convolution (kernel = stride = p, no padding, as the
-// stem and the downsampling layers) on channels-last input, as one GEMM over
-// the gathered patches. x: [B, H, W, Ci], conv weight [Co, Ci, p, p] ->
-// [B, H/p, W/p, Co] (trailing rows and columns that fill no patch are dropped,
-// as Conv2d does).
-at::Tensor patchify_nhwc(const at::Tensor& x, torch::nn::Conv2dImpl& conv, at::ScalarType matmul_dtype);
-
 }  // namespace moev::models

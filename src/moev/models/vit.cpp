@@ -60,7 +60,7 @@ at::Tensor ViTBlockImpl::forward(const at::Tensor& x) {
   return h + dropout(z);
 }
 
-ViTImpl::ViTImpl(const ModelConfig& c) : cfg(c) {
+ViTImpl::ViTImpl(const ModelConfig& c) : cfg(c), matmul_dtype(nn::parse_precision(c.precision)) {
   const int64_t D = c.width, side = c.image_size / c.patch, N = side * side;
   // The optional stem is Xiao et al.'s (2021) "early convolutions": a patch is
   // embedded from local edge features rather than raw pixels, which makes ViTs
@@ -93,7 +93,9 @@ at::Tensor ViTImpl::embed(const at::Tensor& images) {
   // Made contiguous once here: an add keeps its input's transposed strides, and
   // every LayerNorm downstream would copy the tokens back into order.
   auto pixels = stem ? torch::gelu(stem->forward(images)) : images;  // [B, C', H, W]
-  auto x = patch_embed->forward(pixels).flatten(2).transpose(1, 2).contiguous() + pos_embed;  // [B, N, D]
+  auto x = nn::patchify_nhwc(pixels.permute({0, 2, 3, 1}), patch_embed->weight, patch_embed->bias, matmul_dtype)
+               .flatten(1, 2) +
+           pos_embed;  // [B, N, D], tokens in row-major patch order as Conv2d's flatten gives them
   for (auto& blk : *blocks) x = blk->as<ViTBlockImpl>()->forward(x);
   return norm->forward(x).mean(1);
 }

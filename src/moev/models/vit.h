@@ -41,11 +41,12 @@ class ViTImpl : public Classifier {
 
   ModelConfig cfg;
   torch::nn::Conv2d stem{nullptr};  // 3x3, stride 1 (only with cfg.stem_channels > 0)
-  torch::nn::Conv2d patch_embed{nullptr};
+  torch::nn::Conv2d patch_embed{nullptr};  // its weights; run as one GEMM over the patches
   at::Tensor pos_embed;  // [1, N, D]
   torch::nn::ModuleList blocks{nullptr};
   torch::nn::LayerNorm norm{nullptr};
   torch::nn::Linear head{nullptr};
+  at::ScalarType matmul_dtype;  // from cfg.precision
 };
 
 }  // namespace moev::models

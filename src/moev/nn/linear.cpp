@@ -37,4 +37,14 @@ at::Tensor mlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, 
       .to(x.scalar_type());
 }
 
+at::Tensor patchify_nhwc(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                         at::ScalarType matmul_dtype) {
+  const int64_t B = x.size(0), Ci = x.size(3), p = weight.size(2), Co = weight.size(0);
+  const int64_t h = x.size(1) / p, w = x.size(2) / p;
+  // [B, h, p, w, p, Ci] -> [B, h, w, p, p, Ci]: each patch's pixels in (row, column, channel) order.
+  auto patches = x.narrow(1, 0, h * p).narrow(2, 0, w * p).reshape({B, h, p, w, p, Ci}).permute({0, 1, 3, 2, 4, 5});
+  auto w2 = weight.permute({0, 2, 3, 1}).reshape({Co, p * p * Ci});  // same order
+  return linear(patches.reshape({B, h, w, p * p * Ci}), w2, bias, matmul_dtype);
+}
+
 }  // namespace moev::nn

@@ -27,6 +27,15 @@ at::ScalarType parse_precision(const std::string& name);
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                   at::ScalarType matmul_dtype);
 
+// A patchify convolution (kernel = stride = p, no padding: a ViT's patch
+// embedding, ConvNeXt's stem and downsampling) on channels-last input, as one
+// GEMM over the gathered patches; oneDNN's strided convolution and its backward
+// took ~20% of a conv-stem V-MoE step. x: [B, H, W, Ci], conv weight
+// [Co, Ci, p, p], bias [Co] -> [B, H/p, W/p, Co] (trailing rows and columns that
+// fill no patch are dropped, as Conv2d does).
+at::Tensor patchify_nhwc(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                         at::ScalarType matmul_dtype);
+
 // The dense FFN, x: [..., D] -> [..., D] in x's dtype: fc2(GELU(fc1(x))). In
 // bf16 the hidden activations stay bf16 between the two GEMMs (no cast passes).
 at::Tensor mlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
