@@ -40,7 +40,7 @@ class ViTImpl : public Classifier {
   std::string decoder() const override { return "head"; }
 
   ModelConfig cfg;
-  torch::nn::Conv2d stem{nullptr};  // 3x3, stride 1 (only with cfg.stem_channels > 0)
+  torch::nn::Conv2d stem{nullptr};  // 3x3, stride 1 (only with cfg.stem_channels > 0); its weights, run as a GEMM
   torch::nn::Conv2d patch_embed{nullptr};  // its weights; run as one GEMM over the patches
   at::Tensor pos_embed;  // [1, N, D]
   torch::nn::ModuleList blocks{nullptr};
