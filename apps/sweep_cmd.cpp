@@ -19,6 +19,7 @@ struct SweepFlags {
   std::string config, out = "runs/sweep";
   std::vector<std::string> sets;
   int64_t epochs = 0;
+  double minutes = 0;
   bool dry_run = false;
 };
 }  // namespace
@@ -32,6 +33,9 @@ Runner add_sweep(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--set", f->sets, "override a common config key: section.key=value");
   cmd->add_option("--epochs", f->epochs, "epochs of every run (= --set train.epochs=...)");
+  cmd->add_option("--minutes", f->minutes,
+                  "training minutes of every run, evaluations excluded; train.epochs caps it "
+                  "(= --set train.minutes=...)");
   cmd->add_flag("--dry-run", f->dry_run, "list the runs and exit");
   cmd->footer("\nRun it again with the same --out to resume an interrupted sweep.\n"
               "Example:\n  moev sweep --config configs/sweep_fmnist.toml --out runs/sweep");
@@ -43,6 +47,7 @@ Runner add_sweep(CLI::App& app) {
     j.erase("sweep");
     auto sets = f->sets;
     if (f->epochs > 0) sets.push_back("train.epochs=" + std::to_string(f->epochs));
+    if (f->minutes != 0) sets.push_back("train.minutes=" + std::to_string(f->minutes));
     for (const auto& s : sets) j.merge_patch(io::override_json(s));
     const auto runs = train::expand_grid(grid, j, f->config);
     std::printf("%zu runs in %s\n", runs.size(), f->out.c_str());

@@ -13,6 +13,8 @@
 #include <stb/stb_image_write.h>
 #include <zlib.h>
 
+#include <nlohmann/json.hpp>
+
 #include "moev/train/checkpoint.h"
 #include "support/run_cli.h"
 #include "support/temp_dir.h"
@@ -166,6 +168,22 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   bad("models = [\"vit-tiny\"]\nplacement = [\"last-2\"]\n", {"sweep.placement", "unknown key"});
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --set train.lrr=1 --out " +
                            dir.file("b"), {"train.lrr"});
+
+  // A time budget instead of epochs: each run stops at its 1.2 s of training,
+  // far before its 1000-epoch cap, and says so in its checkpoint.
+  const std::string timed = dir.file("timed");
+  auto t = run("sweep --config " + dir.file("s.toml") + " --minutes 0.02 --epochs 1000 --out " + timed);
+  ASSERT_EQ(t.code, 0) << t.out;
+  for (const char* name : {"vit-tiny_dense", "vit-tiny_e2_last-1_k1"}) {
+    const auto c = moev::train::load_checkpoint(timed + "/" + name + "/checkpoint.pt");
+    const auto state = nlohmann::json::parse(c.state_json);
+    EXPECT_LT(state.at("step").get<int64_t>(), 4000) << name;
+    EXPECT_EQ(state.at("planned_steps").get<int64_t>(), state.at("step").get<int64_t>()) << name;
+    EXPECT_GE(state.at("train_elapsed_s").get<double>(), 1.0) << name;
+    EXPECT_LE(state.at("train_elapsed_s").get<double>(), 3.2) << name;
+  }
+  expect_clean_failure("sweep --config " + dir.file("s.toml") + " --minutes -1 --out " + dir.file("b"),
+                       {"train.minutes = -1"});
 }
 
 TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
