@@ -90,8 +90,6 @@ ViTImpl::ViTImpl(const ModelConfig& c) : cfg(c), matmul_dtype(nn::parse_precisio
 at::Tensor ViTImpl::forward(const at::Tensor& images) { return head->forward(embed(images)); }
 
 at::Tensor ViTImpl::embed(const at::Tensor& images) {
-  // Made contiguous once here: an add keeps its input's transposed strides, and
-  // every LayerNorm downstream would copy the tokens back into order.
   // The stem as one GEMM over unfolded 3x3 windows, straight into channels-last
   // for the patch GEMM: LibTorch's direct convolution took 7 ms of weight
   // gradient per 64 images for 0.7 ms of forward.

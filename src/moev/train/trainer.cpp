@@ -324,18 +324,15 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
     if (!lead) return;
     Checkpoint c;
     c.config_json = io::to_json_string(cfg);
-    c.state_json = json{{"step", p.step}, {"epoch", p.epoch}, {"batch", p.batch},
+    json st{{"step", p.step}, {"epoch", p.epoch}, {"batch", p.batch},
                         {"combine_weights", cfg.model.router.renormalize
                                                 ? "renormalized over the selected K"
                                                 : "selected softmax gates (V-MoE)"},
                         {"world_size", world}, {"expert_parallel", shards != nullptr},
                         {"train_elapsed_s", train_elapsed()},
-                        {"class_names", ds.train.class_names}}.dump();
-    if (budgeted) {
-      auto st = json::parse(c.state_json);
-      st["planned_steps"] = total_steps;
-      c.state_json = st.dump();
-    }
+                        {"class_names", ds.train.class_names}};
+    if (budgeted) st["planned_steps"] = total_steps;
+    c.state_json = st.dump();
     c.model = std::move(tensors);
     c.optimizer = std::move(opt_state);
     c.rng = cpu_rng_state();
@@ -454,7 +451,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       ++pos.step;
       ++pos.batch;
       if (budgeted && pos.step >= pace_from && (pos.step - pace_from) % pace_every == 0) {
-        auto plan = torch::tensor({total_steps}, torch::kLong);
+        int64_t plan = total_steps;
         if (lead) {
           const double now_s = train_elapsed();
           pace.emplace_back(pos.step, now_s);
@@ -463,10 +460,14 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
                                                          double(pace.back().first - pace.front().first)
                                                    : -1;
           if (per_step > 0 || now_s >= tc.minutes * 60)
-            plan[0] = steps_in_budget(pos.step, now_s, tc.minutes * 60, per_step, epoch_steps);
+            plan = steps_in_budget(pos.step, now_s, tc.minutes * 60, per_step, epoch_steps);
         }
-        if (comm) comm->broadcast({plan});  // every rank follows rank 0's clock
-        total_steps = plan[0].item<int64_t>();
+        if (comm) {  // every rank follows rank 0's clock
+          auto t = torch::tensor({plan}, torch::kLong);
+          comm->broadcast({t});
+          plan = t[0].item<int64_t>();
+        }
+        total_steps = plan;
         stop_at = stop_step();
         bar.set_total(stop_at);
       }
