@@ -8,7 +8,8 @@
 //   - training and inference images/s of the tiny V-MoE and the dense tiny ViT
 //     (batch 128), their model FLOP utilisation, and the ratio to the Python
 //     (PyTorch eager, same LibTorch 1.13 backend) reference figures.
-// Run: ./build/bench/moev_bench [--threads N] [--rounds R] [--quick] [--no-python] [--benchmark_filter=...]
+// Run: ./build/bench/moev_bench [--threads N] [--rounds R] [--quick] [--no-python] [--no-figures]
+//      [--benchmark_filter=...]
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
@@ -39,27 +40,34 @@ struct PythonRef {
   const char* preset;
   double quoted_train, quoted_eval;   // images/s quoted in the issues
   double target_train, target_eval;   // moev / Python targets
-  double train = 0, eval = 0;         // measured here by python_reference.py (0: not run)
+  double train = 0, eval = 0;         // fp32, measured here by python_reference.py (0: not run)
+  double train_bf16 = 0, eval_bf16 = 0;  // the same under torch.autocast bf16 (0: not run)
 };
 std::vector<PythonRef> g_python = {{"vmoe-tiny", 175, 550, 2.0, 2.5}, {"convnext-moe-tiny", 430, 1500, 2.0, 2.0}};
 
 // Runs python_reference.py with Debian's python3 (which has python3-torch) and
-// fills the measured figures; a missing interpreter or module leaves them 0.
-void run_python_reference(int threads) {
-  for (auto& ref : g_python) {
+// fills the measured figures, for fp32 and, where the CPU has native bf16,
+// bf16 autocast; a missing interpreter or module leaves them 0.
+void run_python_reference(int threads, bool bf16) {
+  auto run = [&](const PythonRef& ref, const char* precision, double& train, double& eval) {
     const std::string cmd = "/usr/bin/python3 " MOEV_SOURCE_DIR "/bench/python_reference.py --model " +
-                            std::string(ref.preset) + " --threads " + std::to_string(threads) + " 2>/dev/null";
+                            std::string(ref.preset) + " --threads " + std::to_string(threads) +
+                            " --precision " + precision + " 2>/dev/null";
     FILE* pipe = ::popen(cmd.c_str(), "r");
-    if (!pipe) continue;
+    if (!pipe) return;
     char line[512] = {0};
     const bool got = std::fgets(line, sizeof line, pipe) != nullptr;
     ::pclose(pipe);
     const char* tr = got ? std::strstr(line, "\"train_img_s\": ") : nullptr;
     const char* ev = got ? std::strstr(line, "\"eval_img_s\": ") : nullptr;
     if (tr && ev) {
-      ref.train = std::atof(tr + std::strlen("\"train_img_s\": "));
-      ref.eval = std::atof(ev + std::strlen("\"eval_img_s\": "));
+      train = std::atof(tr + std::strlen("\"train_img_s\": "));
+      eval = std::atof(ev + std::strlen("\"eval_img_s\": "));
     }
+  };
+  for (auto& ref : g_python) {
+    run(ref, "fp32", ref.train, ref.eval);
+    if (bf16) run(ref, "bf16", ref.train_bf16, ref.eval_bf16);
   }
 }
 
@@ -193,10 +201,12 @@ int main(int argc, char** argv) {
   int threads = static_cast<int>(std::thread::hardware_concurrency());
   int rounds = 5;
   bool no_python = false;
+  bool no_figures = false;  // only the Google Benchmark cases (for a profiler)
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) { g_quick = true; continue; }
     if (std::strcmp(argv[i], "--no-python") == 0) { no_python = true; continue; }
+    if (std::strcmp(argv[i], "--no-figures") == 0) { no_figures = true; continue; }
     if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) { threads = std::atoi(argv[++i]); continue; }
     if (std::strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) { rounds = std::max(1, std::atoi(argv[++i])); continue; }
     args.push_back(argv[i]);
@@ -218,6 +228,7 @@ int main(int argc, char** argv) {
   int bargc = static_cast<int>(args.size());
   benchmark::Initialize(&bargc, args.data());
   benchmark::RunSpecifiedBenchmarks();
+  if (no_figures) return 0;
 
   // Part 2: the figures, every one from the same interleaved rounds.
   std::vector<std::string> names;
@@ -274,10 +285,13 @@ int main(int argc, char** argv) {
         }
   if (!g_quick && !no_python) {
     std::printf("\nPython reference: bench/python_reference.py...\n");
-    run_python_reference(threads);
-    for (const auto& ref : g_python)
-      if (ref.train > 0) std::printf("  %s: train %.0f img/s, eval %.0f img/s\n", ref.preset, ref.train, ref.eval);
+    run_python_reference(threads, moev::nn::native_bf16());
+    for (const auto& ref : g_python) {
+      if (ref.train > 0) std::printf("  %s fp32: train %.0f img/s, eval %.0f img/s\n", ref.preset, ref.train, ref.eval);
       else std::printf("  %s: not measured (needs /usr/bin/python3 with python3-torch)\n", ref.preset);
+      if (ref.train_bf16 > 0)
+        std::printf("  %s bf16 autocast: train %.0f img/s, eval %.0f img/s\n", ref.preset, ref.train_bf16, ref.eval_bf16);
+    }
   }
   std::printf("\nfigures: %d interleaved rounds of %zu cases, fastest round kept...\n", g_quick ? 1 : rounds, fns.size());
   const auto ms = interleaved_min_ms(fns, g_quick ? 1 : rounds, g_quick ? 1.0 : 300.0);
@@ -323,6 +337,13 @@ int main(int argc, char** argv) {
             if (ref.train > 0)
               std::printf("  vs Python eager fp32 measured here (%.0f train, %.0f eval img/s): train %.2fx (target >= %.1f), eval %.2fx (target >= %.1f)\n",
                           ref.train, ref.eval, tr / ref.train, ref.target_train, ev / ref.eval, ref.target_eval);
+            // Like against like: moev bf16 against Python's bf16 autocast, and
+            // against the faster of Python's two precisions (what a user would pick).
+            if (std::string(prec) == "bf16" && ref.train_bf16 > 0) {
+              const double best_tr = std::max(ref.train, ref.train_bf16), best_ev = std::max(ref.eval, ref.eval_bf16);
+              std::printf("  vs Python eager bf16 autocast measured here (%.0f train, %.0f eval img/s): train %.2fx, eval %.2fx; vs Python's faster precision: train %.2fx, eval %.2fx\n",
+                          ref.train_bf16, ref.eval_bf16, tr / ref.train_bf16, ev / ref.eval_bf16, tr / best_tr, ev / best_ev);
+            }
             std::printf("  vs Python figures quoted in the issues (%.0f train, %.0f eval img/s): train %.2fx, eval %.2fx\n",
                         ref.quoted_train, ref.quoted_eval, tr / ref.quoted_train, ev / ref.quoted_eval);
           }

@@ -16,10 +16,13 @@ and LibTorch build (Debian's python3-torch 1.13 wraps the same libtorch):
 It is written as a PyTorch user would write it in eager mode: nn.Modules, a
 V-MoE router with K-major capacity by cumulative sums, experts as stacked
 weights run one at a time on their gathered tokens, torch.optim.AdamW. It is
-not part of moev; it exists to be measured against.
+not part of moev; it exists to be measured against. `--precision bf16` runs
+forward passes under torch.autocast("cpu", torch.bfloat16), the mixed precision
+a PyTorch user would reach for (fp32 weights, bf16 matmuls and convolutions),
+to compare against moev's model.precision = "bf16".
 
-Prints one JSON line: {"model", "threads", "train_img_s", "eval_img_s"}.
-Usage: python3 bench/python_reference.py --model vmoe-tiny --threads 2
+Prints one JSON line: {"model", "precision", "threads", "train_img_s", "eval_img_s"}.
+Usage: python3 bench/python_reference.py --model vmoe-tiny --threads 2 [--precision bf16]
 """
 import argparse
 import json
@@ -110,11 +113,18 @@ class VMoE(nn.Module):
         return self.head(self.norm(x).mean(1))
 
 
+class LN(nn.LayerNorm):
+    # CPU autocast in 1.13 hands LayerNorm the bf16 output of a convolution
+    # with fp32 weights, which it refuses: normalise in fp32.
+    def forward(self, x):
+        return super().forward(x.float())
+
+
 class ConvNeXtBlock(nn.Module):
     def __init__(self, d, moe):
         super().__init__()
         self.dw = nn.Conv2d(d, d, 7, padding=3, groups=d)
-        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.norm = LN(d, eps=1e-6)
         self.mlp = MoE(d, 4 * d) if moe else nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
         self.gamma = nn.Parameter(torch.full((d,), 1e-6))
 
@@ -125,7 +135,7 @@ class ConvNeXtBlock(nn.Module):
         return x + t.permute(0, 3, 1, 2)
 
 
-class ChannelsLN(nn.LayerNorm):
+class ChannelsLN(LN):
     def forward(self, x):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
@@ -165,7 +175,9 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     a = ap.parse_args()
+    bf16 = a.precision == "bf16"
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = VMoE() if a.model == "vmoe-tiny" else ConvNeXtMoE()
@@ -175,20 +187,22 @@ def main():
 
     def train_step():
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y, label_smoothing=0.1) + sum(m.aux for m in moes if m.aux is not None)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1) + sum(m.aux for m in moes if m.aux is not None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
     def eval_step():
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             model(x)
 
     model.train()
     train_ms = fastest_ms(train_step, a.rounds, a.steps)
     model.eval()
     eval_ms = fastest_ms(eval_step, a.rounds, 2 * a.steps)
-    print(json.dumps({"model": a.model, "threads": torch.get_num_threads(),
+    print(json.dumps({"model": a.model, "precision": a.precision, "threads": torch.get_num_threads(),
                       "train_img_s": a.batch / train_ms * 1e3, "eval_img_s": a.batch / eval_ms * 1e3}))
 
 

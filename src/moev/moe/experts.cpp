@@ -147,6 +147,25 @@ class GroupedGemm {
   bool raw_;
 };
 
+// out = gelu(x w1 + b1) w2 + b2 per expert's rows; w1 [E, D, H] and w2 [E, H, D],
+// or with `transposed` [E, H, D] and [E, D, H]. Fills hpre / act when given.
+at::Tensor ffn_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                       const at::Tensor& w2, const at::Tensor& b2, const std::vector<int64_t>& offsets,
+                       bool transposed, at::Tensor* hpre_out = nullptr, at::Tensor* act_out = nullptr) {
+  const int64_t R = x.size(0), D = x.size(1), H = b1.size(1), E = w1.size(0), A = offsets[E];
+  auto hpre = at::empty({R, H}, x.options());
+  auto out = at::empty({R, D}, x.options());
+  hpre.narrow(0, A, R - A).zero_();
+  out.narrow(0, A, R - A).zero_();
+  GroupedGemm gg(offsets, x);
+  gg.rows_by_weight(x, w1, &b1, hpre, transposed);
+  auto act = at::gelu(hpre);
+  gg.rows_by_weight(act, w2, &b2, out, transposed);
+  if (hpre_out) *hpre_out = hpre;
+  if (act_out) *act_out = act;
+  return out;
+}
+
 // The expert FFN over rows sorted by expert, with a hand-written backward that
 // writes into buffers allocated once per call (no per-expert autograd nodes, no
 // slice-backward zero fills).
@@ -154,15 +173,8 @@ struct GroupedFFN : public torch::autograd::Function<GroupedFFN> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                             const at::Tensor& b2, const std::vector<int64_t>& offsets) {
-    const int64_t R = x.size(0), D = x.size(1), H = w1.size(2), E = w1.size(0), A = offsets[E];
-    auto hpre = at::empty({R, H}, x.options());
-    auto out = at::empty({R, D}, x.options());
-    hpre.narrow(0, A, R - A).zero_();
-    out.narrow(0, A, R - A).zero_();
-    GroupedGemm gg(offsets, x);
-    gg.rows_by_weight(x, w1, &b1, hpre, false);
-    auto act = at::gelu(hpre);
-    gg.rows_by_weight(act, w2, &b2, out, false);
+    at::Tensor hpre, act;
+    auto out = ffn_forward(x, w1, b1, w2, b2, offsets, /*transposed=*/false, &hpre, &act);
     ctx->save_for_backward({x, w1, w2, hpre, act});
     ctx->saved_data["offsets"] = c10::IValue(offsets);
     return out;
@@ -197,11 +209,45 @@ struct GroupedFFN : public torch::autograd::Function<GroupedFFN> {
 
 }  // namespace
 
+void ExpertsImpl::train(bool on) {
+  inference_ = InferenceWeights{};
+  torch::nn::Module::train(on);
+}
+
+const ExpertsImpl::InferenceWeights& ExpertsImpl::inference_weights(at::ScalarType dtype) {
+  auto& c = inference_;
+  if (c.w1.defined() && c.dtype == dtype && c.w1_ptr == w1.data_ptr() && c.w2_ptr == w2.data_ptr() &&
+      c.w1_version == w1._version() && c.w2_version == w2._version())
+    return c;
+  torch::NoGradGuard no_grad;
+  const bool transpose = dtype == at::kFloat && w1.device().is_cpu();  // the raw-BLAS path
+  c.w1 = (transpose ? w1.transpose(1, 2) : w1).to(dtype).contiguous();
+  c.w2 = (transpose ? w2.transpose(1, 2) : w2).to(dtype).contiguous();
+  c.b1 = b1.to(dtype).contiguous();
+  c.b2 = b2.to(dtype).contiguous();
+  c.w1_ptr = w1.data_ptr();
+  c.w2_ptr = w2.data_ptr();
+  c.w1_version = w1._version();
+  c.w2_version = w2._version();
+  c.dtype = dtype;
+  return c;
+}
+
 at::Tensor ExpertsImpl::forward(const at::Tensor& x, const std::vector<int64_t>& offsets) {
   MOEV_CHECK(static_cast<int64_t>(offsets.size()) == options.num_experts() + 1 &&
                  offsets.back() <= x.size(0),
              "Experts: offsets must hold E + 1 row offsets");
   const auto dt = options.matmul_dtype();
+  const bool wants_grad = at::GradMode::is_enabled() && (x.requires_grad() || w1.requires_grad() ||
+                                                         w2.requires_grad() || b1.requires_grad() ||
+                                                         b2.requires_grad());
+  if (!is_training() && !wants_grad) {
+    const auto mdt = dt == at::kBFloat16 ? dt : x.scalar_type();
+    const auto& c = inference_weights(mdt);
+    const bool transposed = mdt == at::kFloat && x.device().is_cpu();
+    return ffn_forward(x.to(mdt).contiguous(), c.w1, c.b1, c.w2, c.b2, offsets, transposed)
+        .to(x.scalar_type());
+  }
   if (dt == at::kBFloat16 && x.scalar_type() != dt)  // mixed precision: the casts' backward brings grads back
     return GroupedFFN::apply(x.to(dt).contiguous(), w1.to(dt), b1.to(dt), w2.to(dt), b2.to(dt),
                              offsets)

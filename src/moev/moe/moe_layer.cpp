@@ -6,6 +6,7 @@
 
 #include "moev/core/error.h"
 #include "moev/dist/communicator.h"
+#include "moev/moe/dispatch.h"
 
 namespace moev::moe {
 
@@ -63,19 +64,18 @@ at::Tensor MoELayerImpl::forward(const at::Tensor& x) {
 
   // Gather the placed assignments (rows sorted by expert), run the experts as a
   // grouped GEMM, weight each row by its gate and add it back to its token.
-  auto gates = torch::cat({r.combine_gates.reshape(-1), r.combine_gates.new_zeros({1})});
   at::Tensor y;
   if (comm_) {  // only the A placed rows travel
     const int64_t A = r.offsets[E];
+    auto gates = torch::cat({r.combine_gates.reshape(-1), r.combine_gates.new_zeros({1})});
     auto tokens = r.token_index.narrow(0, 0, A);
     auto weight = gates.index_select(0, r.gate_index.narrow(0, 0, A)).to(x.scalar_type());
     auto yd = run_remote_experts(xf.index_select(0, tokens), r.offsets) * weight.unsqueeze(1);
     y = torch::zeros({T, D}, x.options()).index_add_(0, tokens, yd);
   } else {
-    auto weight = gates.index_select(0, r.gate_index).to(x.scalar_type());  // padding rows: 0
-    auto xd = xf.index_select(0, r.token_index);
-    auto yd = experts->forward(xd, r.offsets) * weight.unsqueeze(1);
-    y = torch::zeros({T, D}, x.options()).index_add_(0, r.token_index, yd);
+    const TokenRows tr = token_rows(r, T);
+    auto yd = experts->forward(dispatch(xf, r, tr), r.offsets);
+    y = combine(yd, r.combine_gates, r, tr);
   }
 
   stats_.expert_count.resize(E);  // from the host-side offsets: no device reads

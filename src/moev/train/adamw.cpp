@@ -140,6 +140,10 @@ double AdamW::step(double lr, double max_grad_norm, const std::vector<std::vecto
         });
     });
   });
+  // The loop above wrote through raw pointers: tell readers that cache
+  // something derived from a parameter (the experts' inference copies) that it
+  // changed, as an in-place LibTorch op would.
+  for (auto& s : slots_) s.param.unsafeGetTensorImpl()->bump_version();
   return norm;
 }
 
