@@ -4,6 +4,8 @@
 #include <torch/torch.h>
 
 #include "moev/moe/moe_layer.h"
+#include "moev/nn/linear.h"
+#include "moev/train/adamw.h"
 #include "support/router_configs.h"
 
 using namespace moev::moe;
@@ -233,4 +235,62 @@ TEST(Experts, Bf16GemmsTrackFloat32WithinBf16Rounding) {
   EXPECT_LT(rel(exb->w2.grad(), ex->w2.grad()), 2e-2);
   EXPECT_LT(rel(exb->b1.grad(), ex->b1.grad()), 2e-2);
   EXPECT_TRUE(torch::equal(exb->w1.grad()[1], torch::zeros({32, 48})));  // expert 1 has no rows
+}
+
+// Inference (eval, no gradient) runs on the experts' own copies of their
+// weights: they must follow every way the weights change, and match the
+// autograd path's output.
+TEST(Experts, InferenceCopiesFollowEveryWeightUpdate) {
+  std::vector<at::ScalarType> dtypes{torch::kFloat};
+  if (moev::nn::native_bf16()) dtypes.push_back(torch::kBFloat16);
+  for (auto dt : dtypes) {
+    SCOPED_TRACE(dt == torch::kFloat ? "fp32" : "bf16");
+    const double tol = dt == torch::kFloat ? 1e-5 : 2e-2;
+    torch::manual_seed(12);
+    Experts ex(ExpertsOptions(4, 16, 24).matmul_dtype(dt));
+    ex->eval();
+    const std::vector<int64_t> offsets{0, 7, 7, 20, 26};
+    const auto x = torch::randn({30, 16});
+    auto rel = [](const at::Tensor& a, const at::Tensor& b) { return ((a - b).norm() / b.norm()).item<double>(); };
+    auto infer = [&] {
+      torch::NoGradGuard ng;
+      return ex->forward(x, offsets);
+    };
+    auto with_grad = [&] { return ex->forward(x.clone().requires_grad_(), offsets).detach(); };
+    auto y0 = infer();
+    EXPECT_LT(rel(y0, with_grad()), tol);
+    EXPECT_TRUE(torch::equal(y0.narrow(0, 26, 4), torch::zeros({4, 16}))) << "padding rows";
+    {  // in-place LibTorch ops on the weights and on a bias alone
+      torch::NoGradGuard ng;
+      ex->w1.mul_(1.5);
+    }
+    auto y1 = infer();
+    EXPECT_GT(rel(y1, y0), 1e-2);
+    EXPECT_LT(rel(y1, with_grad()), tol);
+    {
+      torch::NoGradGuard ng;
+      ex->b2.add_(0.5);
+    }
+    auto y2 = infer();
+    EXPECT_GT(rel(y2, y1), 1e-2);
+    EXPECT_LT(rel(y2, with_grad()), tol);
+    // AdamW writes through raw pointers.
+    std::vector<std::pair<std::string, at::Tensor>> params;
+    for (auto& p : ex->named_parameters()) params.emplace_back(p.key(), p.value());
+    moev::train::AdamW opt(params, moev::train::AdamWOptions{});
+    ex->train();
+    (ex->forward(x, offsets) * torch::randn({30, 16})).sum().backward();
+    opt.step(/*lr=*/0.05);
+    ex->eval();
+    auto y3 = infer();
+    EXPECT_GT(rel(y3, y2), 1e-2);
+    EXPECT_LT(rel(y3, with_grad()), tol);
+    opt.zero_grad();
+    // Another update without a mode switch (a frozen-mode caller).
+    (ex->forward(x.clone().requires_grad_(), offsets) * torch::randn({30, 16})).sum().backward();
+    opt.step(0.05);
+    auto y4 = infer();
+    EXPECT_GT(rel(y4, y3), 1e-3);
+    EXPECT_LT(rel(y4, with_grad()), tol);
+  }
 }

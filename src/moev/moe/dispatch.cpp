@@ -36,8 +36,12 @@ bool fused(const at::Tensor& t, const TokenRows& tr) {
 // Rows per parallel task: a few KB of copying, well above the fork cost.
 constexpr int64_t kGrain = 64;
 
-// gx[t] = sum of gxd over t's rows (zero without any): the backward of dispatch.
-void sum_token_rows(const float* src, float* dst, int64_t T, int64_t D, const TokenRows& tr) {
+// dst[t] = sum over t's rows a of weight(a) * src[a], in row order (zero for a
+// token without rows): combine's forward, and with weight 1 (exact) the
+// backward of dispatch.
+template <typename Weight>
+void sum_rows_per_token(const float* src, float* dst, int64_t T, int64_t D, const TokenRows& tr,
+                        const Weight& weight) {
   at::parallel_for(0, T, kGrain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       float* o = dst + t * D;
@@ -46,10 +50,14 @@ void sum_token_rows(const float* src, float* dst, int64_t T, int64_t D, const To
         std::memset(o, 0, sizeof(float) * D);
         continue;
       }
-      std::memcpy(o, src + tr.rows[p0] * D, sizeof(float) * D);
-      for (int64_t p = p0 + 1; p < p1; ++p) {
-        const float* s = src + tr.rows[p] * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += s[d];
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t a = tr.rows[p];
+        const float w = weight(a);
+        const float* s = src + a * D;
+        if (p == p0)
+          for (int64_t d = 0; d < D; ++d) o[d] = s[d] * w;
+        else
+          for (int64_t d = 0; d < D; ++d) o[d] += s[d] * w;
       }
     }
   });
@@ -81,7 +89,7 @@ struct Dispatch : public torch::autograd::Function<Dispatch> {
     const int64_t T = ctx->saved_data["T"].toInt(), D = gxd.size(1);
     TokenRows tr{ctx->saved_data["ptr"].toIntVector(), ctx->saved_data["rows"].toIntVector()};
     auto gx = at::empty({T, D}, gxd.options());
-    sum_token_rows(gxd.data_ptr<float>(), gx.data_ptr<float>(), T, D, tr);
+    sum_rows_per_token(gxd.data_ptr<float>(), gx.data_ptr<float>(), T, D, tr, [](int64_t) { return 1.0f; });
     return {gx, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -98,28 +106,7 @@ struct Combine : public torch::autograd::Function<Combine> {
     const float* gp = gates.data_ptr<float>();
     const int64_t* gi = gate_index.data_ptr<int64_t>();
     float* op = y.data_ptr<float>();
-    at::parallel_for(0, T, kGrain, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        float* o = op + t * D;
-        const int64_t p0 = tr.ptr[t], p1 = tr.ptr[t + 1];
-        if (p0 == p1) {
-          std::memset(o, 0, sizeof(float) * D);
-          continue;
-        }
-        {
-          const int64_t a = tr.rows[p0];
-          const float w = gp[gi[a]];
-          const float* s = yp + a * D;
-          for (int64_t d = 0; d < D; ++d) o[d] = s[d] * w;
-        }
-        for (int64_t p = p0 + 1; p < p1; ++p) {
-          const int64_t a = tr.rows[p];
-          const float w = gp[gi[a]];
-          const float* s = yp + a * D;
-          for (int64_t d = 0; d < D; ++d) o[d] += s[d] * w;
-        }
-      }
-    });
+    sum_rows_per_token(yp, op, T, D, tr, [gp, gi](int64_t a) { return gp[gi[a]]; });
     ctx->save_for_backward({yd, gates, token_index, gate_index});
     ctx->saved_data["A"] = static_cast<int64_t>(tr.rows.size());
     return y;

@@ -216,19 +216,16 @@ void ExpertsImpl::train(bool on) {
 
 const ExpertsImpl::InferenceWeights& ExpertsImpl::inference_weights(at::ScalarType dtype) {
   auto& c = inference_;
-  if (c.w1.defined() && c.dtype == dtype && c.w1_ptr == w1.data_ptr() && c.w2_ptr == w2.data_ptr() &&
-      c.w1_version == w1._version() && c.w2_version == w2._version())
-    return c;
+  std::vector<std::pair<const void*, int64_t>> source;
+  for (const auto* t : {&w1, &b1, &w2, &b2}) source.emplace_back(t->data_ptr(), t->_version());
+  if (c.w1.defined() && c.dtype == dtype && c.source == source) return c;
   torch::NoGradGuard no_grad;
   const bool transpose = dtype == at::kFloat && w1.device().is_cpu();  // the raw-BLAS path
   c.w1 = (transpose ? w1.transpose(1, 2) : w1).to(dtype).contiguous();
   c.w2 = (transpose ? w2.transpose(1, 2) : w2).to(dtype).contiguous();
   c.b1 = b1.to(dtype).contiguous();
   c.b2 = b2.to(dtype).contiguous();
-  c.w1_ptr = w1.data_ptr();
-  c.w2_ptr = w2.data_ptr();
-  c.w1_version = w1._version();
-  c.w2_version = w2._version();
+  c.source = std::move(source);
   c.dtype = dtype;
   return c;
 }

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include <torch/nn/module.h>
@@ -46,9 +47,7 @@ class ExpertsImpl : public torch::nn::Module {
   // weight's storage or version changes, and dropped by train().
   struct InferenceWeights {
     at::Tensor w1, b1, w2, b2;
-    const void* w1_ptr = nullptr;
-    const void* w2_ptr = nullptr;
-    int64_t w1_version = -1, w2_version = -1;
+    std::vector<std::pair<const void*, int64_t>> source;  // (storage, version) of w1, b1, w2, b2
     at::ScalarType dtype = at::kFloat;
   };
   const InferenceWeights& inference_weights(at::ScalarType dtype);

@@ -1,5 +1,9 @@
 #include "moev/nn/linear.h"
 
+#include <dlfcn.h>
+
+#include <mutex>
+
 #include <torch/torch.h>
 
 #include "moev/core/error.h"
@@ -11,9 +15,39 @@ bool native_bf16() {
   return has;
 }
 
+namespace {
+
+// bf16 GEMMs run on oneDNN primitives, one per GEMM shape, and the experts'
+// row counts change every step, so a run creates a few thousand of them. Past
+// the primitive cache's default capacity (1024) oneDNN 2.6 evicts primitives
+// while the other replica's thread may be creating or running one, and with
+// AMX kernels that race corrupts memory (seen here: a bad_alloc of ~90 TB
+// within seconds, with MoE in every block and two replicas). A cache that
+// holds every shape a run meets never evicts, and spares the JIT rebuilds too.
+// Looked up at run time: LibTorch loads libdnnl, moev does not link it itself.
+constexpr int kPrimitiveCacheCapacity = 16384;
+
+void widen_onednn_primitive_cache() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    using get_fn = int (*)(int*);
+    using set_fn = int (*)(int);
+    auto get = reinterpret_cast<get_fn>(::dlsym(RTLD_DEFAULT, "dnnl_get_primitive_cache_capacity"));
+    auto set = reinterpret_cast<set_fn>(::dlsym(RTLD_DEFAULT, "dnnl_set_primitive_cache_capacity"));
+    int now = 0;
+    if (get && set && get(&now) == 0 && now < kPrimitiveCacheCapacity) set(kPrimitiveCacheCapacity);
+  });
+}
+
+}  // namespace
+
 at::ScalarType parse_precision(const std::string& name) {
   if (name == "fp32") return at::kFloat;
-  if (name == "bf16") return native_bf16() ? at::kBFloat16 : at::kFloat;
+  if (name == "bf16") {
+    if (!native_bf16()) return at::kFloat;
+    widen_onednn_primitive_cache();
+    return at::kBFloat16;
+  }
   fail("precision '", name, "': expected fp32 or bf16");
 }
 
