@@ -78,9 +78,11 @@ struct Dispatch : public torch::autograd::Function<Dispatch> {
         else std::memset(op + a * D, 0, sizeof(float) * D);
       }
     });
-    ctx->saved_data["T"] = T;
-    ctx->saved_data["ptr"] = c10::IValue(tr.ptr);
-    ctx->saved_data["rows"] = c10::IValue(tr.rows);
+    if (x_in.requires_grad()) {  // inference keeps no copy of the token map
+      ctx->saved_data["T"] = T;
+      ctx->saved_data["ptr"] = c10::IValue(tr.ptr);
+      ctx->saved_data["rows"] = c10::IValue(tr.rows);
+    }
     return xd;
   }
 
