@@ -8,7 +8,8 @@
 //   - training and inference images/s of the tiny V-MoE and the dense tiny ViT
 //     (batch 128), their model FLOP utilisation, and the ratio to the Python
 //     (PyTorch eager, same LibTorch 1.13 backend) reference figures.
-// Run: ./build/bench/moev_bench [--threads N] [--rounds R] [--quick] [--no-python] [--no-figures]
+// Run: ./build/bench/moev_bench [--threads N] [--rounds R] [--quick] [--no-python] [--no-figures] [--min-time S]
+//      [--profile preset/precision/train|eval[/dp]]
 //      [--benchmark_filter=...]
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
@@ -88,6 +89,12 @@ moev::moe::MoELayer make_layer(int64_t E, int64_t K, double C) {
   return layer;
 }
 
+// The dense FFN the MoE layer is measured against: the models' own dense MLP
+// (nn::mlp), so in inference both run on packed weights with the GELU fused.
+at::Tensor dense_ffn(const torch::nn::Linear& fc1, const torch::nn::Linear& fc2, const at::Tensor& x) {
+  return moev::nn::mlp(x, fc1->weight, fc1->bias, fc2->weight, fc2->bias, at::kFloat);
+}
+
 void BM_Matmul(benchmark::State& state) {
   const int64_t n = state.range(0);
   auto a = torch::randn({n, n}), b = torch::randn({n, n});
@@ -100,7 +107,7 @@ void BM_DenseFFN(benchmark::State& state) {
   auto fc1 = torch::nn::Linear(kD, K * kH), fc2 = torch::nn::Linear(K * kH, kD);
   auto x = torch::randn({kTokens / kTokensPerImage, kTokensPerImage, kD});
   c10::InferenceMode g;
-  for (auto _ : state) benchmark::DoNotOptimize(fc2(torch::gelu(fc1(x))));
+  for (auto _ : state) benchmark::DoNotOptimize(dense_ffn(fc1, fc2, x));
 }
 
 void BM_MoELayer(benchmark::State& state, int64_t E, double C) {
@@ -202,21 +209,42 @@ int main(int argc, char** argv) {
   int rounds = 5;
   bool no_python = false;
   bool no_figures = false;  // only the Google Benchmark cases (for a profiler)
+  std::string profile;  // "preset/precision/train|eval[/dp]": run that model step for 20 s, nothing else
+  double min_time_arg = 0;  // seconds per Google Benchmark case (0: 0.3, or 0.01 with --quick)
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) { g_quick = true; continue; }
     if (std::strcmp(argv[i], "--no-python") == 0) { no_python = true; continue; }
     if (std::strcmp(argv[i], "--no-figures") == 0) { no_figures = true; continue; }
     if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) { threads = std::atoi(argv[++i]); continue; }
+    if (std::strcmp(argv[i], "--profile") == 0 && i + 1 < argc) { profile = argv[++i]; continue; }
+    if (std::strcmp(argv[i], "--min-time") == 0 && i + 1 < argc) { min_time_arg = std::atof(argv[++i]); continue; }
     if (std::strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) { rounds = std::max(1, std::atoi(argv[++i])); continue; }
     args.push_back(argv[i]);
   }
   at::set_num_threads(threads);
   std::printf("moev_bench: %d thread(s)\n", at::get_num_threads());
+  if (!profile.empty()) {  // one model step in a loop, for perf record
+    char preset[64] = {0}, prec[16] = {0}, mode[16] = {0}, dp[8] = {0};
+    if (std::sscanf(profile.c_str(), "%63[^/]/%15[^/]/%15[^/]/%7s", preset, prec, mode, dp) < 3) {
+      std::fprintf(stderr, "moev_bench: --profile expects preset/precision/train|eval[/dp], got '%s'\n", profile.c_str());
+      return 2;
+    }
+    const bool train = std::strcmp(mode, "train") == 0;
+    auto step = model_step(preset, prec, train, dp[0] ? threads : 1, threads);
+    using clock = std::chrono::steady_clock;
+    step();
+    int64_t calls = 0;
+    const auto t0 = clock::now();
+    while (std::chrono::duration<double>(clock::now() - t0).count() < 20) { step(); ++calls; }
+    const double s = std::chrono::duration<double>(clock::now() - t0).count();
+    std::printf("%s: %.1f img/s (%lld steps of 128)\n", profile.c_str(), 128.0 * calls / s, (long long)calls);
+    return 0;
+  }
 
   // Part 1: the individual kernels as Google Benchmark cases (--benchmark_filter
   // selects; --benchmark_filter=none skips them).
-  const double min_time = g_quick ? 0.01 : 0.3;
+  const double min_time = min_time_arg > 0 ? min_time_arg : g_quick ? 0.01 : 0.3;
   benchmark::RegisterBenchmark("matmul", BM_Matmul)->Arg(g_quick ? 128 : 1024)->Unit(benchmark::kMillisecond)->MinTime(min_time);
   benchmark::RegisterBenchmark("dense_ffn", BM_DenseFFN)->Unit(benchmark::kMillisecond)->MinTime(min_time);
   for (int64_t E : {4, 8, 16, 32, 64})
@@ -245,7 +273,7 @@ int main(int argc, char** argv) {
     auto fc1 = torch::nn::Linear(kD, 2 * kH), fc2 = torch::nn::Linear(2 * kH, kD);
     add("dense", [=]() mutable {
       c10::InferenceMode g;
-      benchmark::DoNotOptimize(fc2(torch::gelu(fc1(x))));
+      benchmark::DoNotOptimize(dense_ffn(fc1, fc2, x));
     });
     const auto xg = x.clone().requires_grad_();
     add("dense_train", [=]() mutable { fc2(torch::gelu(fc1(xg))).sum().backward(); });

@@ -55,3 +55,22 @@ TEST(Kernels, SoftmaxRowsMatchesTorchSoftmaxAndBackward) {
     EXPECT_TRUE(torch::allclose(dp.narrow(1, 0, n), xr.grad(), 1e-5, 1e-6)) << "n=" << n;
   }
 }
+
+TEST(Kernels, GeluRowsMatchesExactGeluAcrossTheRange) {
+  // Both tails (where 1 + erf cancels for a naive formula) and the middle,
+  // against LibTorch's exact GELU in double precision.
+  auto x = torch::cat({torch::linspace(-12, 12, 4801), torch::randn({1000}) * 3}).to(torch::kFloat);
+  auto y = x.clone();
+  moev::nn::gelu_rows(y.data_ptr<float>(), 1, y.numel(), y.numel());
+  const auto ref = torch::gelu(x.to(torch::kDouble));
+  const auto err = (y.to(torch::kDouble) - ref).abs();
+  // Absolute error within 2e-7 |x| (erf's 1.5e-7 times |x| / 2, plus rounding).
+  EXPECT_TRUE((err <= 2e-7 * x.to(torch::kDouble).abs() + 1e-7).all().item<bool>())
+      << "worst " << err.max().item<double>();
+  // Ignoring a stride's worth of padding: rows of 7 in a stride of 9.
+  auto m = torch::randn({3, 9});
+  auto before = m.clone();
+  moev::nn::gelu_rows(m.data_ptr<float>(), 3, 7, 9);
+  EXPECT_TRUE(torch::allclose(m.narrow(1, 0, 7), torch::gelu(before.narrow(1, 0, 7)), 1e-6, 1e-6));
+  EXPECT_TRUE(torch::equal(m.narrow(1, 7, 2), before.narrow(1, 7, 2)));
+}

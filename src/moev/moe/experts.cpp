@@ -9,6 +9,7 @@
 
 #include "moev/core/error.h"
 #include "moev/nn/blas.h"
+#include "moev/nn/packed_gemm.h"
 
 namespace moev::moe {
 
@@ -166,6 +167,30 @@ at::Tensor ffn_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tens
   return out;
 }
 
+// The same FFN in inference on weights packed by nn::pack_weight (w1 [E, P1],
+// w2 [E, P2]): the threads split the placed rows evenly, cutting through
+// experts, and each runs both GEMMs of its rows back to back, so an expert's
+// hidden rows stay in the thread's cache.
+at::Tensor packed_ffn_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                              const at::Tensor& w2, const at::Tensor& b2, const std::vector<int64_t>& offsets) {
+  const int64_t R = x.size(0), D = x.size(1), H = b1.size(1), E = b1.size(0), A = offsets[E];
+  auto out = at::empty({R, D}, x.options());
+  out.narrow(0, A, R - A).zero_();
+  const float *xp = x.data_ptr<float>(), *w1p = w1.data_ptr<float>(), *w2p = w2.data_ptr<float>();
+  const float *b1p = b1.data_ptr<float>(), *b2p = b2.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t P1 = w1.size(1), P2 = w2.size(1);
+  at::parallel_for(0, A, 16, [&](int64_t row0, int64_t row1) {
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = std::max(row0, offsets[e]), r1 = std::min(row1, offsets[e + 1]);
+      if (r1 > r0)
+        nn::packed_ffn(r1 - r0, D, H, xp + r0 * D, D, w1p + e * P1, b1p + e * H, w2p + e * P2, b2p + e * D,
+                       op + r0 * D, D);
+    }
+  });
+  return out;
+}
+
 // The expert FFN over rows sorted by expert, with a hand-written backward that
 // writes into buffers allocated once per call (no per-expert autograd nodes, no
 // slice-backward zero fills).
@@ -220,13 +245,27 @@ const ExpertsImpl::InferenceWeights& ExpertsImpl::inference_weights(at::ScalarTy
   for (const auto* t : {&w1, &b1, &w2, &b2}) source.emplace_back(t->data_ptr(), t->_version());
   if (c.w1.defined() && c.dtype == dtype && c.source == source) return c;
   torch::NoGradGuard no_grad;
+  c.source = std::move(source);
+  c.dtype = dtype;
+  // Packed copies are [E, P] (the others [E, I, O]).
+  if (dtype == at::kFloat && w1.device().is_cpu() && nn::packed_gemm_supported()) {
+    const int64_t E = options.num_experts(), D = options.dim(), H = options.hidden();
+    auto w1c = w1.contiguous(), w2c = w2.contiguous();
+    c.w1 = at::empty({E, nn::packed_size(D, H)}, w1.options());
+    c.w2 = at::empty({E, nn::packed_size(H, D)}, w2.options());
+    for (int64_t e = 0; e < E; ++e) {
+      nn::pack_weight(w1c[e].data_ptr<float>(), D, H, H, 1, c.w1[e].data_ptr<float>());
+      nn::pack_weight(w2c[e].data_ptr<float>(), H, D, D, 1, c.w2[e].data_ptr<float>());
+    }
+    c.b1 = b1.contiguous();
+    c.b2 = b2.contiguous();
+    return c;
+  }
   const bool transpose = dtype == at::kFloat && w1.device().is_cpu();  // the raw-BLAS path
   c.w1 = (transpose ? w1.transpose(1, 2) : w1).to(dtype).contiguous();
   c.w2 = (transpose ? w2.transpose(1, 2) : w2).to(dtype).contiguous();
   c.b1 = b1.to(dtype).contiguous();
   c.b2 = b2.to(dtype).contiguous();
-  c.source = std::move(source);
-  c.dtype = dtype;
   return c;
 }
 
@@ -241,6 +280,7 @@ at::Tensor ExpertsImpl::forward(const at::Tensor& x, const std::vector<int64_t>&
   if (!is_training() && !wants_grad) {
     const auto mdt = dt == at::kBFloat16 ? dt : x.scalar_type();
     const auto& c = inference_weights(mdt);
+    if (c.w1.dim() == 2) return packed_ffn_forward(x.contiguous(), c.w1, c.b1, c.w2, c.b2, offsets);
     const bool transposed = mdt == at::kFloat && x.device().is_cpu();
     return ffn_forward(x.to(mdt).contiguous(), c.w1, c.b1, c.w2, c.b2, offsets, transposed)
         .to(x.scalar_type());

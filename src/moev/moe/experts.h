@@ -40,11 +40,13 @@ class ExpertsImpl : public torch::nn::Module {
 
  private:
   // Inference (eval mode, no gradient wanted) runs on copies of the weights
-  // made once: in fp32 transposed to [E, H, D] and [E, D, H], so each expert's
-  // GEMM streams its weights row by row (when the experts outgrow the caches,
-  // as at E = 64, the stored layout's strided panels cost ~25% more per GEMM,
-  // measured); in bf16 cast once instead of at every call. Rebuilt when a
-  // weight's storage or version changes, and dropped by train().
+  // made once: in fp32 on AVX-512 CPUs packed for nn::packed_gemm ([E, P]:
+  // OpenBLAS would repack them at every GEMM); on other CPUs transposed to
+  // [E, H, D] and [E, D, H], so each expert's GEMM streams its weights row by
+  // row (when the experts outgrow the caches, as at E = 64, the stored
+  // layout's strided panels cost ~25% more per GEMM, measured); in bf16 cast
+  // once instead of at every call. Rebuilt when a weight's storage or version
+  // changes, and dropped by train().
   struct InferenceWeights {
     at::Tensor w1, b1, w2, b2;
     std::vector<std::pair<const void*, int64_t>> source;  // (storage, version) of w1, b1, w2, b2

@@ -63,6 +63,26 @@ MOEV_CLONES void softmax_rows(float* x, int64_t rows, int64_t n, int64_t ld) {
   }
 }
 
+MOEV_CLONES void gelu_rows(float* x, int64_t rows, int64_t n, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = x + r * ld;
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = row[j];
+      const float z = (v < 0 ? -v : v) * 0.70710678118654752f;
+      const float t = 1.0f / (1.0f + 0.3275911f * z);
+      float p = 1.061405429f;
+      p = p * t - 1.453152027f;
+      p = p * t + 1.421413741f;
+      p = p * t - 0.284496736f;
+      p = p * t + 0.254829592f;
+      // q = 1 - erf(z) = erfc(z): for v < 0, 1 + erf(v / sqrt 2) is q itself,
+      // with no cancellation in the far negative tail.
+      const float q = p * t * exp_approx(-z * z);
+      row[j] = 0.5f * v * (v < 0 ? q : 2.0f - q);
+    }
+  }
+}
+
 MOEV_CLONES void softmax_backward_rows(const float* p, float* dp, int64_t rows, int64_t n, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* pr = p + r * ld;

@@ -24,6 +24,11 @@ void softmax_rows(float* x, int64_t rows, int64_t n, int64_t ld);
 // (below -87.3 the result is the smallest normal float; above 88 it stays e^88).
 void exp_array(const float* x, float* out, int64_t n);
 
+// In place, each of `rows` rows of length n (stride ld): x <- GELU(x) =
+// x Phi(x), the exact (erf) form as at::gelu; erf by Abramowitz-Stegun 7.1.26
+// (absolute error below 1.5e-7, so GELU's below 1e-7 |x|).
+void gelu_rows(float* x, int64_t rows, int64_t n, int64_t ld);
+
 // In place, each row of P (probabilities) and dP: dP <- P * (dP - sum(P * dP)),
 // the softmax backward.
 void softmax_backward_rows(const float* p, float* dp, int64_t rows, int64_t n, int64_t ld);

@@ -3,10 +3,15 @@
 #include <dlfcn.h>
 
 #include <mutex>
+#include <unordered_map>
+
+#include <ATen/Parallel.h>
+#include <c10/util/intrusive_ptr.h>
 
 #include <torch/torch.h>
 
 #include "moev/core/error.h"
+#include "moev/nn/packed_gemm.h"
 
 namespace moev::nn {
 
@@ -39,6 +44,72 @@ void widen_onednn_primitive_cache() {
   });
 }
 
+// Packed copies of Linear weights for inference GEMMs, made when a weight is
+// first used without gradients and again whenever its storage or version
+// changes (optimizer steps, loaded checkpoints). Keyed by the weight's
+// TensorImpl and holding a weak reference to it: while the entry lives that
+// address cannot be reused by another tensor, and entries of freed weights are
+// swept out as new ones come in.
+class PackedWeights {
+ public:
+  // weight: [O, I] -> its nn::pack_weight panels of W = weight^T.
+  at::Tensor get(const at::Tensor& weight) {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto* key = weight.unsafeGetTensorImpl();
+    auto it = entries_.find(key);
+    if (it != entries_.end() && !it->second.owner.expired() && it->second.data == weight.data_ptr() &&
+        it->second.version == weight._version())
+      return it->second.packed;
+    if (it == entries_.end() && entries_.size() >= sweep_at_) {
+      for (auto e = entries_.begin(); e != entries_.end();) e = e->second.owner.expired() ? entries_.erase(e) : ++e;
+      sweep_at_ = std::max<size_t>(64, 2 * entries_.size());
+    }
+    const int64_t O = weight.size(0), I = weight.size(1);
+    auto packed = at::empty({packed_size(I, O)}, weight.options());
+    pack_weight(weight.data_ptr<float>(), I, O, weight.stride(1), weight.stride(0), packed.data_ptr<float>());
+    Entry entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()),
+                weight.data_ptr(), weight._version(), packed};
+    if (it != entries_.end()) it->second = std::move(entry);
+    else entries_.emplace(key, std::move(entry));
+    return packed;
+  }
+
+ private:
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> owner;
+    const void* data;
+    int64_t version;
+    at::Tensor packed;
+  };
+  std::mutex mu_;
+  std::unordered_map<const c10::TensorImpl*, Entry> entries_;
+  size_t sweep_at_ = 64;
+};
+
+PackedWeights& packed_weights() {
+  static PackedWeights* cache = new PackedWeights;  // never destroyed: tensors may outlive statics
+  return *cache;
+}
+
+// Whether a CPU fp32 layer runs on packed weights: AVX-512 and no gradient wanted.
+bool use_packed(const at::Tensor& x, at::ScalarType matmul_dtype, std::initializer_list<const at::Tensor*> params) {
+  if (matmul_dtype == at::kBFloat16 || !x.device().is_cpu() || x.scalar_type() != at::kFloat ||
+      !packed_gemm_supported())
+    return false;
+  // Weights made under InferenceMode keep no version counter, so a packed copy
+  // could not tell when they change: those take the addmm path.
+  for (const auto* p : params)
+    if (p->scalar_type() != at::kFloat || !p->device().is_cpu() || p->is_inference()) return false;
+  if (!at::GradMode::is_enabled()) return true;
+  if (x.requires_grad()) return false;
+  for (const auto* p : params)
+    if (p->requires_grad()) return false;
+  return true;
+}
+
+// Rows per thread below which a packed GEMM stays on one thread.
+constexpr int64_t kPackedGrain = 56;
+
 }  // namespace
 
 at::ScalarType parse_precision(const std::string& name) {
@@ -57,6 +128,19 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   auto sizes = x.sizes().vec();
   sizes.back() = out;
   auto x2 = x.reshape({-1, in});
+  if (use_packed(x, matmul_dtype, {&weight, &bias})) {
+    if (x2.stride(1) != 1) x2 = x2.contiguous();
+    const auto w = packed_weights().get(weight);
+    const auto b = bias.contiguous();
+    auto y = at::empty({x2.size(0), out}, x.options());
+    const float *xp = x2.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const int64_t ldx = x2.stride(0);
+    at::parallel_for(0, x2.size(0), kPackedGrain, [&](int64_t r0, int64_t r1) {
+      packed_gemm(r1 - r0, in, out, xp + r0 * ldx, ldx, wp, bp, yp + r0 * out, out, Epilogue::kNone);
+    });
+    return y.view(sizes);
+  }
   if (matmul_dtype != at::kBFloat16)
     return torch::addmm(bias, x2, weight.t()).view(sizes);
   return torch::addmm(bias.to(matmul_dtype), x2.to(matmul_dtype), weight.to(matmul_dtype).t())
@@ -66,6 +150,24 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 
 at::Tensor mlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                const at::Tensor& b2, at::ScalarType matmul_dtype) {
+  if (use_packed(x, matmul_dtype, {&w1, &b1, &w2, &b2})) {
+    // Both layers per block of rows on one thread: the hidden rows stay in L2.
+    const int64_t D = x.size(-1), H = w1.size(0), O = w2.size(0);
+    MOEV_CHECK(O == D, "mlp: fc2 must map back to the input width");
+    auto x2 = x.reshape({-1, D});
+    if (x2.stride(1) != 1) x2 = x2.contiguous();
+    const auto p1 = packed_weights().get(w1), p2 = packed_weights().get(w2);
+    const auto c1 = b1.contiguous(), c2 = b2.contiguous();
+    auto y = at::empty(x.sizes(), x.options());
+    const float *xp = x2.data_ptr<float>(), *w1p = p1.data_ptr<float>(), *w2p = p2.data_ptr<float>();
+    const float *b1p = c1.data_ptr<float>(), *b2p = c2.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const int64_t ldx = x2.stride(0);
+    at::parallel_for(0, x2.size(0), kPackedGrain, [&](int64_t r0, int64_t r1) {
+      packed_ffn(r1 - r0, D, H, xp + r0 * ldx, ldx, w1p, b1p, w2p, b2p, yp + r0 * D, D);
+    });
+    return y;
+  }
   const auto dt = matmul_dtype == at::kBFloat16 ? matmul_dtype : x.scalar_type();
   return linear(torch::gelu(linear(x.to(dt), w1, b1, matmul_dtype)), w2, b2, matmul_dtype)
       .to(x.scalar_type());

@@ -22,8 +22,11 @@ bool native_bf16();
 at::ScalarType parse_precision(const std::string& name);
 
 // x: [..., I], weight: [O, I], bias: [O] -> [..., O] in x's dtype; with
-// matmul_dtype kBFloat16 the GEMM runs on bf16 copies, otherwise in x's dtype (one addmm: LibTorch 1.13's Linear on 3-D input adds the bias
-// in a second pass over the output).
+// matmul_dtype kBFloat16 the GEMM runs on bf16 copies, otherwise in x's dtype
+// (one addmm: LibTorch 1.13's Linear on 3-D input adds the bias in a second
+// pass over the output). In fp32 on an AVX-512 CPU with no gradient wanted
+// (evaluation, teachers) it runs nn::packed_gemm on a packed copy of the
+// weight, made once per weight version and shared by every caller.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                   at::ScalarType matmul_dtype);
 
@@ -37,7 +40,9 @@ at::Tensor patchify_nhwc(const at::Tensor& x, const at::Tensor& weight, const at
                          at::ScalarType matmul_dtype);
 
 // The dense FFN, x: [..., D] -> [..., D] in x's dtype: fc2(GELU(fc1(x))). In
-// bf16 the hidden activations stay bf16 between the two GEMMs (no cast passes).
+// bf16 the hidden activations stay bf16 between the two GEMMs (no cast passes);
+// on packed weights (as linear) the GELU is fused and the hidden rows never
+// leave the cache.
 at::Tensor mlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                const at::Tensor& b2, at::ScalarType matmul_dtype);
 

@@ -1,0 +1,183 @@
+// The AVX-512 packed-weight GEMM of packed_gemm.h. The output is computed in
+// tiles of 14 rows x 32 columns held in 28 vector registers; per step of the
+// inner dimension a tile loads two vectors of its weight panel and 14 scalars
+// of A (packed 14 rows side by side, so each is a broadcast at a fixed offset)
+// and issues 28 FMAs: the FMA ports, not the loads, bound it. A block of at
+// most 140 rows of A is packed once and reused across all panels; each panel
+// (I x 32 floats: 64 KB at I = 512) is read from memory once per row block and
+// from L2 for the other tiles, while the first two tiles prefetch the next
+// panel into L2.
+#include "moev/nn/packed_gemm.h"
+
+#include <algorithm>
+#include <array>
+#include <utility>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MOEV_HAVE_X86 1
+#define MOEV_AVX512 __attribute__((target("avx512f")))
+#else
+#define MOEV_HAVE_X86 0
+#define MOEV_AVX512
+#endif
+
+#include "moev/core/error.h"
+#include "moev/nn/kernels.h"
+
+namespace moev::nn {
+
+namespace {
+
+constexpr int64_t kTileRows = 14;               // rows of a register tile
+constexpr int64_t kBlockRows = 10 * kTileRows;  // rows of A packed at a time
+
+}  // namespace
+
+bool packed_gemm_supported() {
+#if MOEV_HAVE_X86
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+int64_t packed_size(int64_t I, int64_t O) { return (O + kPanelWidth - 1) / kPanelWidth * I * kPanelWidth; }
+
+void pack_weight(const float* w, int64_t I, int64_t O, int64_t stride_i, int64_t stride_o, float* dst) {
+  const int64_t panels = (O + kPanelWidth - 1) / kPanelWidth;
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t c0 = p * kPanelWidth, nc = std::min(kPanelWidth, O - c0);
+    float* d = dst + p * I * kPanelWidth;
+    for (int64_t i = 0; i < I; ++i, d += kPanelWidth) {
+      const float* src = w + i * stride_i + c0 * stride_o;
+      for (int64_t c = 0; c < nc; ++c) d[c] = src[c * stride_o];
+      for (int64_t c = nc; c < kPanelWidth; ++c) d[c] = 0.0f;
+    }
+  }
+}
+
+#if MOEV_HAVE_X86
+namespace {
+
+// One tile: C[MR, 32] = A_tile[MR, K] P[K, 32] + bias, A_tile packed k-major
+// ([K][MR]), P one weight panel. pf: where to prefetch K cache lines into L2
+// (null: none). m0/m1: which of the 32 columns exist.
+template <int MR>
+MOEV_AVX512 inline void tile(int64_t K, const float* a, const float* p, float* c, int64_t ldc,
+                             const float* bias, __mmask16 m0, __mmask16 m1, const char* pf) {
+  __m512 acc0[MR], acc1[MR];
+  const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+  const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+#pragma GCC unroll 14
+  for (int i = 0; i < MR; ++i) {
+    acc0[i] = bias0;
+    acc1[i] = bias1;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 w0 = _mm512_loadu_ps(p), w1 = _mm512_loadu_ps(p + 16);
+    if (pf) _mm_prefetch(pf + k * 64, _MM_HINT_T1);
+#pragma GCC unroll 14
+    for (int i = 0; i < MR; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[i]);
+      acc0[i] = _mm512_fmadd_ps(ai, w0, acc0[i]);
+      acc1[i] = _mm512_fmadd_ps(ai, w1, acc1[i]);
+    }
+    a += MR;
+    p += kPanelWidth;
+  }
+#pragma GCC unroll 14
+  for (int i = 0; i < MR; ++i) {
+    _mm512_mask_storeu_ps(c + i * ldc, m0, acc0[i]);
+    _mm512_mask_storeu_ps(c + i * ldc + 16, m1, acc1[i]);
+  }
+}
+
+using TileFn = void (*)(int64_t, const float*, const float*, float*, int64_t, const float*, __mmask16,
+                        __mmask16, const char*);
+template <int... R>
+constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int, R...>) {
+  return {&tile<R + 1>...};
+}
+constexpr auto kTiles = tile_table(std::make_integer_sequence<int, kTileRows>{});
+
+// Packs rows [0, m) of A (stride lda, I columns) into tiles of kTileRows rows,
+// k-major; the last tile holds m % kTileRows rows at its own width. One gather
+// per k collects a column of the tile (a scalar transpose cost 9% of the
+// expert FFN's time).
+MOEV_AVX512 void pack_rows(const float* A, int64_t lda, int64_t m, int64_t I, float* dst) {
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int32_t>(lda)));
+  for (int64_t r0 = 0; r0 < m; r0 += kTileRows) {
+    const int64_t mr = std::min(kTileRows, m - r0);
+    const __mmask16 mask = static_cast<__mmask16>((1u << mr) - 1);
+    const float* src = A + r0 * lda;
+    float* d = dst + r0 * I;
+    for (int64_t k = 0; k < I; ++k)
+      _mm512_mask_storeu_ps(d + k * mr, mask, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, rows, src + k, 4));
+  }
+}
+
+// The per-thread buffer of packed A rows and FFN hidden rows: grown once,
+// never freed, so steady-state calls allocate nothing.
+std::vector<float>& scratch(int which) {
+  thread_local std::vector<float> buf[2];
+  return buf[which];
+}
+
+// C[m, O] = A_packed W + bias for m <= kBlockRows rows of packed A.
+MOEV_AVX512 void block_gemm(int64_t m, int64_t I, int64_t O, const float* a_packed, const float* w,
+                            const float* bias, float* C, int64_t ldc) {
+  const int64_t panels = (O + kPanelWidth - 1) / kPanelWidth, panel = I * kPanelWidth;
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t c0 = p * kPanelWidth, nc = std::min(kPanelWidth, O - c0);
+    const __mmask16 m0 = nc >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nc) - 1);
+    const __mmask16 m1 = nc >= 32 ? 0xFFFF : nc <= 16 ? 0 : static_cast<__mmask16>((1u << (nc - 16)) - 1);
+    const float* wp = w + p * panel;
+    // The next panel (or, after the last, whatever follows the weight: the
+    // next expert's, when experts are stored side by side; prefetches never fault).
+    const char* next = reinterpret_cast<const char*>(wp + panel);
+    for (int64_t r0 = 0, t = 0; r0 < m; r0 += kTileRows, ++t) {
+      const int64_t mr = std::min(kTileRows, m - r0);
+      const char* pf = t < 2 ? next + t * I * 64 : nullptr;  // two tiles prefetch K lines each
+      kTiles[mr - 1](I, a_packed + r0 * I, wp, C + r0 * ldc + c0, ldc, bias ? bias + c0 : nullptr, m0, m1,
+                     pf);
+    }
+  }
+}
+
+}  // namespace
+#endif
+
+void packed_gemm(int64_t M, int64_t I, int64_t O, const float* A, int64_t lda, const float* packed_w,
+                 const float* bias, float* C, int64_t ldc, Epilogue epilogue) {
+#if MOEV_HAVE_X86
+  MOEV_CHECK(packed_gemm_supported(), "packed_gemm: this CPU has no AVX-512");
+  auto& abuf = scratch(0);
+  if (static_cast<int64_t>(abuf.size()) < kBlockRows * I) abuf.resize(kBlockRows * I);
+  for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
+    const int64_t m = std::min(kBlockRows, M - m0);
+    pack_rows(A + m0 * lda, lda, m, I, abuf.data());
+    block_gemm(m, I, O, abuf.data(), packed_w, bias, C + m0 * ldc, ldc);
+    if (epilogue == Epilogue::kGelu) gelu_rows(C + m0 * ldc, m, O, ldc);
+  }
+#else
+  MOEV_CHECK(false, "packed_gemm: built for a CPU without AVX-512");
+#endif
+}
+
+void packed_ffn(int64_t M, int64_t D, int64_t H, const float* x, int64_t ldx, const float* w1,
+                const float* b1, const float* w2, const float* b2, float* out, int64_t ldo) {
+  auto& hidden = scratch(1);
+  if (static_cast<int64_t>(hidden.size()) < kBlockRows * H) hidden.resize(kBlockRows * H);
+  for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
+    const int64_t m = std::min(kBlockRows, M - m0);
+    packed_gemm(m, D, H, x + m0 * ldx, ldx, w1, b1, hidden.data(), H, Epilogue::kGelu);
+    packed_gemm(m, H, D, hidden.data(), H, w2, b2, out + m0 * ldo, ldo, Epilogue::kNone);
+  }
+}
+
+}  // namespace moev::nn

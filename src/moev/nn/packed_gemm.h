@@ -1,0 +1,45 @@
+// Inference GEMMs on weights packed once into column panels, for CPUs with
+// AVX-512. Why not BLAS: OpenBLAS packs the weight matrix again at every call,
+// and with many experts each GEMM has few rows (~100 at E = 64 in the bench),
+// so that repacking, which streams the cold weights from memory before any
+// arithmetic starts, was a sixth of the MoE layer's time (perf: 16.6% in
+// sgemm_incopy at E = 64 against 2.3% at E = 4). Here the weights are packed
+// when they change (the experts' inference copies), the kernel streams each
+// panel once with the next one prefetched into L2, and the bias and GELU are
+// applied while the output tile is in cache.
+#pragma once
+
+#include <cstdint>
+
+namespace moev::nn {
+
+// Whether packed_gemm runs on this CPU (AVX-512F). Elsewhere callers use BLAS.
+bool packed_gemm_supported();
+
+// Columns per packed panel: two AVX-512 vectors.
+constexpr int64_t kPanelWidth = 32;
+
+// Floats a packed [I, O] weight takes: ceil(O / 32) panels of I x 32 (the
+// last panel's missing columns are zeros).
+int64_t packed_size(int64_t I, int64_t O);
+
+// Packs the weight W[I, O], element (i, o) at w[i * stride_i + o * stride_o],
+// into dst (packed_size(I, O) floats): panel p holds columns 32p .. 32p + 31,
+// row by row.
+void pack_weight(const float* w, int64_t I, int64_t O, int64_t stride_i, int64_t stride_o, float* dst);
+
+enum class Epilogue { kNone, kGelu };  // kGelu: the exact (erf) GELU, as at::gelu
+
+// C[M, O] = epilogue(A[M, I] W + bias) on the calling thread, W packed by
+// pack_weight; rows of A and C at strides lda and ldc; bias [O] or null.
+// A and C must not overlap.
+void packed_gemm(int64_t M, int64_t I, int64_t O, const float* A, int64_t lda, const float* packed_w,
+                 const float* bias, float* C, int64_t ldc, Epilogue epilogue);
+
+// The two-layer FFN on the calling thread: out[M, D] = gelu(x W1 + b1) W2 + b2,
+// W1 [D, H] and W2 [H, D] packed; the hidden rows go through a per-thread
+// scratch of at most 140 rows, so they never leave L2.
+void packed_ffn(int64_t M, int64_t D, int64_t H, const float* x, int64_t ldx, const float* w1,
+                const float* b1, const float* w2, const float* b2, float* out, int64_t ldo);
+
+}  // namespace moev::nn
