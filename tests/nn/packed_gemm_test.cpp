@@ -1,7 +1,8 @@
 // The packed-weight inference GEMM and FFN against LibTorch's addmm and GELU,
 // over shapes that hit every remainder: rows not a multiple of the 14-row
 // tile or the 140-row block, columns not a multiple of the 32-wide panel,
-// strided rows, and an inner dimension of 1.
+// strided rows, an inner dimension of 1, and outputs on both sides of the
+// width from which A is packed.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -25,7 +26,9 @@ TEST(PackedGemm, MatchesAddmmOverRemainderShapes) {
   if (!moev::nn::packed_gemm_supported()) GTEST_SKIP() << "no AVX-512 on this CPU";
   torch::manual_seed(3);
   const std::vector<std::tuple<int64_t, int64_t, int64_t>> shapes = {
-      {1, 1, 1}, {13, 33, 40}, {14, 64, 32}, {15, 7, 31}, {141, 128, 256}, {300, 96, 70}, {29, 512, 17}};
+      {1, 1, 1}, {13, 33, 40}, {14, 64, 32}, {15, 7, 31}, {141, 128, 256}, {300, 96, 70}, {29, 512, 17},
+      // wider than 384 columns: A is packed first
+      {29, 64, 400}, {141, 33, 520}, {1, 8, 385}};
   for (auto [M, I, O] : shapes) {
     for (bool with_bias : {false, true})
       for (auto epi : {moev::nn::Epilogue::kNone, moev::nn::Epilogue::kGelu}) {
@@ -54,8 +57,8 @@ TEST(PackedGemm, MatchesAddmmOverRemainderShapes) {
 TEST(PackedGemm, FfnMatchesTwoLinearLayersWithGelu) {
   if (!moev::nn::packed_gemm_supported()) GTEST_SKIP() << "no AVX-512 on this CPU";
   torch::manual_seed(4);
-  for (int64_t M : {1, 139, 140, 141, 333}) {
-    const int64_t D = 48, H = 80;
+  for (auto [M, D, H] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {1, 48, 80}, {139, 48, 80}, {140, 48, 80}, {141, 48, 80}, {333, 48, 80}, {141, 40, 400}}) {
     auto x = torch::randn({M, D});
     auto w1 = torch::randn({D, H}) / std::sqrt(double(D)), b1 = torch::randn({H});
     auto w2 = torch::randn({H, D}) / std::sqrt(double(H)), b2 = torch::randn({D});
@@ -63,7 +66,7 @@ TEST(PackedGemm, FfnMatchesTwoLinearLayersWithGelu) {
     moev::nn::packed_ffn(M, D, H, x.data_ptr<float>(), D, packed(w1).data_ptr<float>(), b1.data_ptr<float>(),
                          packed(w2).data_ptr<float>(), b2.data_ptr<float>(), out.data_ptr<float>(), D);
     const auto ref = torch::addmm(b2, torch::gelu(torch::addmm(b1, x, w1)), w2);
-    EXPECT_TRUE(torch::allclose(out, ref, 1e-4, 1e-5)) << "M=" << M << " max err "
+    EXPECT_TRUE(torch::allclose(out, ref, 1e-4, 1e-5)) << "M=" << M << " H=" << H << " max err "
                                                        << (out - ref).abs().max().item<float>();
   }
 }
