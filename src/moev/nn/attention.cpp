@@ -9,6 +9,7 @@
 #include "moev/core/error.h"
 #include "moev/nn/blas.h"
 #include "moev/nn/kernels.h"
+#include "moev/nn/packed_gemm.h"
 
 namespace moev::nn {
 
@@ -16,7 +17,10 @@ namespace {
 
 // out = softmax(q k^T / sqrt(dh)) v for every (image, head) of a contiguous
 // qkv [B, N, 3D]. probs [B, heads, N, N] keeps the probabilities for the
-// backward; without it (inference) each thread reuses one N x N scratch.
+// backward; without it (inference) each thread reuses one N x N scratch. On
+// AVX-512 CPUs both products run as nn::packed_gemm with k^T and v packed per
+// head (N x dh floats, a copy within L1): OpenBLAS spent as long on these
+// 49 x 49 x 32 products' set-up and packing as on their arithmetic.
 void attend(const at::Tensor& qkv, int64_t heads, at::Tensor& out, float* probs) {
   const int64_t B = qkv.size(0), N = qkv.size(1), D = qkv.size(2) / 3, dh = D / heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
@@ -24,17 +28,28 @@ void attend(const at::Tensor& qkv, int64_t heads, at::Tensor& out, float* probs)
   float* o = out.data_ptr<float>();
   const int n = static_cast<int>(N), d = static_cast<int>(dh), ld3 = static_cast<int>(3 * D),
             ld = static_cast<int>(D);
+  const bool packed = packed_gemm_supported();
   at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(probs ? 0 : N * N);
+    std::vector<float> kp(packed ? packed_size(dh, N) : 0), vp(packed ? packed_size(N, dh) : 0);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
       const float* q = base + b * N * 3 * D + h * dh;
       const float* k = q + D;
       const float* v = q + 2 * D;
       float* P = probs ? probs + bh * N * N : scratch.data();
-      gemm_nt(n, n, d, q, ld3, k, ld3, P, n, scale, 0.0f);  // S = q k^T / sqrt(dh)
-      softmax_rows(P, N, N, N);
-      gemm_nn(n, d, n, P, n, v, ld3, o + b * N * D + h * dh, ld, 1.0f, 0.0f);  // O = P v
+      float* O = o + b * N * D + h * dh;
+      if (packed) {
+        pack_weight(k, dh, N, 1, ld3, kp.data());  // W[i, j] = k[j, i]
+        packed_gemm(N, dh, N, q, ld3, kp.data(), nullptr, P, N, Epilogue::kNone);  // S = q k^T
+        softmax_rows(P, N, N, N, scale);
+        pack_weight(v, N, dh, ld3, 1, vp.data());
+        packed_gemm(N, N, dh, P, N, vp.data(), nullptr, O, ld, Epilogue::kNone);  // O = P v
+      } else {
+        gemm_nt(n, n, d, q, ld3, k, ld3, P, n, scale, 0.0f);  // S = q k^T / sqrt(dh)
+        softmax_rows(P, N, N, N);
+        gemm_nn(n, d, n, P, n, v, ld3, O, ld, 1.0f, 0.0f);  // O = P v
+      }
     }
   });
 }
