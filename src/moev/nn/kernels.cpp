@@ -1,5 +1,7 @@
 #include "moev/nn/kernels.h"
 
+#include "moev/nn/simd_avx512.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -99,24 +101,6 @@ MOEV_CLONES void gelu_rows_generic(float* x, int64_t rows, int64_t n, int64_t ld
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// exp_approx on 16 lanes: the same clamps, split of ln2 and polynomial; 2^n by
-// vscalefps.
-MOEV_AVX512 inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
 }
@@ -131,7 +115,7 @@ MOEV_AVX512 void softmax_rows_avx512(float* x, int64_t rows, int64_t n, int64_t 
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
       const __mmask16 m = tail_mask(n - j);
-      const __m512 e = exp16(_mm512_mul_ps(vscale, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), vmax)));
+      const __m512 e = simd::exp16(_mm512_mul_ps(vscale, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), vmax)));
       sum = _mm512_mask_add_ps(sum, m, sum, e);
       _mm512_mask_storeu_ps(row + j, m, e);
     }
@@ -144,25 +128,11 @@ MOEV_AVX512 void softmax_rows_avx512(float* x, int64_t rows, int64_t n, int64_t 
 }
 
 MOEV_AVX512 void gelu_rows_avx512(float* x, int64_t rows, int64_t n, int64_t ld) {
-  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
   for (int64_t r = 0; r < rows; ++r) {
     float* row = x + r * ld;
     for (int64_t j = 0; j < n; j += 16) {
       const __mmask16 m = tail_mask(n - j);
-      const __m512 v = _mm512_maskz_loadu_ps(m, row + j);
-      const __m512 z = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(0.70710678118654752f));
-      const __m512 den = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, one);
-      __m512 t = _mm512_rcp14_ps(den);
-      t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, two));  // one Newton step: 2^-28
-      __m512 p = _mm512_set1_ps(1.061405429f);
-      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
-      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
-      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
-      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
-      const __m512 q = _mm512_mul_ps(_mm512_mul_ps(p, t), exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z)));
-      const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
-      const __m512 f = _mm512_mask_blend_ps(neg, _mm512_sub_ps(two, q), q);
-      _mm512_mask_storeu_ps(row + j, m, _mm512_mul_ps(_mm512_mul_ps(half, v), f));
+      _mm512_mask_storeu_ps(row + j, m, simd::gelu16(_mm512_maskz_loadu_ps(m, row + j)));
     }
   }
 }
