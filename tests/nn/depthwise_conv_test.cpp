@@ -16,7 +16,8 @@ struct Case {
 
 TEST(DepthwiseConv, MatchesGroupedConv2dForwardAndBackward) {
   for (const auto& c : std::vector<Case>{{2, 5, 4, 13, 7}, {3, 3, 3, 8, 7}, {1, 14, 14, 32, 7}, {2, 6, 5, 3, 3},
-                                         {4, 1, 2, 5, 5}}) {
+                                         {4, 1, 2, 5, 5},
+                                         {2, 5, 6, 100, 7}, {1, 4, 4, 64, 3}, {1, 3, 9, 150, 5}}) {
     torch::manual_seed(c.H * 100 + c.C);
     auto x = torch::randn({c.B, c.H, c.W, c.C}).requires_grad_();
     auto w = torch::randn({c.C, 1, c.k, c.k}).requires_grad_();
