@@ -107,9 +107,8 @@ struct FusedAttention : public torch::autograd::Function<FusedAttention> {
 }  // namespace
 
 at::Tensor attention(const at::Tensor& qkv, int64_t heads, at::ScalarType matmul_dtype) {
+  if (qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat) return fused_attention(qkv, heads);
   const bool bf16 = matmul_dtype == at::kBFloat16 && qkv.scalar_type() != at::kBFloat16;
-  if (!bf16 && qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat)
-    return fused_attention(qkv, heads);
   MOEV_CHECK(qkv.dim() == 3 && qkv.size(2) % (3 * heads) == 0,
              "attention: expected [B, N, 3 * heads * dh], got ", qkv.sizes());
   const int64_t B = qkv.size(0), N = qkv.size(1), D = qkv.size(2) / 3, dh = D / heads;
