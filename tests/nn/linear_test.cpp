@@ -73,3 +73,34 @@ TEST(PackedLinear, InferenceMatchesAutogradAndFollowsWeightUpdates) {
   ASSERT_TRUE(fc1->weight.grad().defined());
   EXPECT_GT(fc1->weight.grad().abs().sum().item<double>(), 0);
 }
+
+// bf16 GELU on moev's kernel: values and gradients within bf16 rounding of the
+// fp64 reference, through autograd and through the raw backward helper.
+TEST(Bf16Gelu, MatchesFp64GeluAndItsGradient) {
+  torch::manual_seed(22);
+  const auto x64 = torch::cat({torch::linspace(-9, 9, 2001, torch::kDouble), torch::randn({3001}, torch::kDouble) * 2});
+  const auto x = x64.to(torch::kBFloat16).requires_grad_();
+  const auto y = moev::nn::gelu(x);
+  ASSERT_EQ(y.scalar_type(), torch::kBFloat16);
+  const auto xr = x.detach().to(torch::kDouble).requires_grad_();  // the same bf16 inputs, in fp64
+  const auto ref = torch::gelu(xr);
+  const auto g = torch::randn({x.numel()}, torch::kDouble);
+  ref.backward(g);
+  y.backward(g.to(torch::kBFloat16));
+  // bf16 keeps 8 bits: relative error 2^-8 on values and gradients, plus a
+  // small absolute floor where they pass through zero.
+  auto close = [](const at::Tensor& a, const at::Tensor& b) {
+    return ((a.to(torch::kDouble) - b).abs() <= 8e-3 * b.abs() + 2e-3).all().item<bool>();
+  };
+  EXPECT_TRUE(close(y.detach(), ref.detach()));
+  const auto gref = xr.grad() * 1.0;
+  EXPECT_TRUE(close(x.grad(), gref));
+  // The raw helper (used by the experts' hand-written backward) gives the same.
+  const auto gx = moev::nn::gelu_backward(g.to(torch::kBFloat16), x.detach());
+  EXPECT_TRUE(torch::equal(gx, x.grad()));
+  // Odd lengths (masked tails) and fp32 falls back to LibTorch.
+  const auto odd = torch::randn({37}).to(torch::kBFloat16);
+  EXPECT_TRUE(close(moev::nn::gelu(odd), torch::gelu(odd.to(torch::kDouble))));
+  const auto f = torch::randn({50});
+  EXPECT_TRUE(torch::equal(moev::nn::gelu(f), torch::gelu(f)));
+}

@@ -9,6 +9,7 @@
 
 #include "moev/core/error.h"
 #include "moev/nn/blas.h"
+#include "moev/nn/linear.h"
 #include "moev/nn/packed_gemm.h"
 
 namespace moev::moe {
@@ -160,7 +161,7 @@ at::Tensor ffn_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tens
   out.narrow(0, A, R - A).zero_();
   GroupedGemm gg(offsets, x);
   gg.rows_by_weight(x, w1, &b1, hpre, transposed);
-  auto act = at::gelu(hpre);
+  auto act = nn::gelu(hpre);  // under GroupedFFN no graph is recorded
   gg.rows_by_weight(act, w2, &b2, out, transposed);
   if (hpre_out) *hpre_out = hpre;
   if (act_out) *act_out = act;
@@ -220,7 +221,7 @@ struct GroupedFFN : public torch::autograd::Function<GroupedFFN> {
     gact.narrow(0, A, R - A).zero_();
     gg.rows_by_weight(gy, w2, nullptr, gact, /*transpose_w=*/true);  // d act = dy w2^T
     gg.weight_grads(act, gy, gw2, gb2);                               // d w2 = act^T dy
-    auto ghpre = at::gelu_backward(gact, hpre);
+    auto ghpre = nn::gelu_backward(gact, hpre);
     gg.weight_grads(x, ghpre, gw1, gb1);  // d w1 = x^T d hpre
     at::Tensor gx;
     if (ctx->needs_input_grad(0)) {

@@ -136,8 +136,53 @@ MOEV_AVX512 void gelu_rows_avx512(float* x, int64_t rows, int64_t n, int64_t ld)
     }
   }
 }
+#define MOEV_AVX512BW __attribute__((target("avx512f,avx512bw,avx512vl")))
+MOEV_AVX512BW void gelu_bf16_avx512(const uint16_t* x, uint16_t* y, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    simd::store_bf16(m, y + j, simd::gelu16(simd::load_bf16(m, x + j)));
+  }
+}
+MOEV_AVX512BW void gelu_backward_bf16_avx512(const uint16_t* g, const uint16_t* x, uint16_t* gx, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 d = simd::gelu_grad16(simd::load_bf16(m, x + j));
+    simd::store_bf16(m, gx + j, _mm512_mul_ps(simd::load_bf16(m, g + j), d));
+  }
+}
 #pragma GCC diagnostic pop
 #endif
+
+bool has_avx512bw() {
+#if MOEV_X86_INTRINSICS
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+#else
+  return false;
+#endif
+}
+
+float bf16_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+uint16_t float_to_bf16(float f) {  // round to nearest even, as LibTorch
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if (f != f) return 0x7FC0;
+  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+float gelu_scalar(float v) {
+  gelu_rows_generic(&v, 1, 1, 1);
+  return v;
+}
+float gelu_grad_scalar(float v) {
+  const float cdf = 0.5f * (1.0f + std::erf(v * 0.70710678118654752f));
+  return cdf + v * 0.39894228040143268f * std::exp(-0.5f * v * v);
+}
 
 bool has_avx512() {
 #if MOEV_X86_INTRINSICS
@@ -155,6 +200,21 @@ void softmax_rows(float* x, int64_t rows, int64_t n, int64_t ld, float scale) {
   if (has_avx512()) return softmax_rows_avx512(x, rows, n, ld, scale);
 #endif
   softmax_rows_generic(x, rows, n, ld, scale);
+}
+
+void gelu_bf16(const uint16_t* x, uint16_t* y, int64_t n) {
+#if MOEV_X86_INTRINSICS
+  if (has_avx512bw()) return gelu_bf16_avx512(x, y, n);
+#endif
+  for (int64_t j = 0; j < n; ++j) y[j] = float_to_bf16(gelu_scalar(bf16_to_float(x[j])));
+}
+
+void gelu_backward_bf16(const uint16_t* grad, const uint16_t* x, uint16_t* grad_x, int64_t n) {
+#if MOEV_X86_INTRINSICS
+  if (has_avx512bw()) return gelu_backward_bf16_avx512(grad, x, grad_x, n);
+#endif
+  for (int64_t j = 0; j < n; ++j)
+    grad_x[j] = float_to_bf16(bf16_to_float(grad[j]) * gelu_grad_scalar(bf16_to_float(x[j])));
 }
 
 void gelu_rows(float* x, int64_t rows, int64_t n, int64_t ld) {

@@ -33,6 +33,13 @@ void exp_array(const float* x, float* out, int64_t n);
 // (absolute error below 1.5e-7, so GELU's below 1e-7 |x|).
 void gelu_rows(float* x, int64_t rows, int64_t n, int64_t ld);
 
+// bf16 GELU and its backward on n elements (raw bf16 bits), computed in fp32
+// as gelu_rows: y = GELU(x); grad_x = grad * GELU'(x). In place allowed.
+// LibTorch 1.13's CPU bf16 gelu converted one element at a time (~10% of a
+// bf16 training step of the tiny V-MoE).
+void gelu_bf16(const uint16_t* x, uint16_t* y, int64_t n);
+void gelu_backward_bf16(const uint16_t* grad, const uint16_t* x, uint16_t* grad_x, int64_t n);
+
 // In place, each row of P (probabilities) and dP: dP <- P * (dP - sum(P * dP)),
 // the softmax backward.
 void softmax_backward_rows(const float* p, float* dp, int64_t rows, int64_t n, int64_t ld);

@@ -11,6 +11,7 @@
 #include <torch/torch.h>
 
 #include "moev/core/error.h"
+#include "moev/nn/kernels.h"
 #include "moev/nn/packed_gemm.h"
 
 namespace moev::nn {
@@ -110,7 +111,52 @@ bool use_packed(const at::Tensor& x, at::ScalarType matmul_dtype, std::initializ
 // Rows per thread below which a packed GEMM stays on one thread.
 constexpr int64_t kPackedGrain = 56;
 
+bool bf16_kernel(const at::Tensor& x) { return x.device().is_cpu() && x.scalar_type() == at::kBFloat16; }
+
+const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+uint16_t* bits(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+// Rows per task of the element-wise bf16 kernels.
+constexpr int64_t kElementGrain = 16384;
+
+at::Tensor gelu_bf16_tensor(const at::Tensor& x_in) {
+  const auto x = x_in.contiguous();
+  auto y = at::empty_like(x);
+  const uint16_t* xp = bits(x);
+  uint16_t* yp = bits(y);
+  at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t a, int64_t b) { gelu_bf16(xp + a, yp + a, b - a); });
+  return y;
+}
+
+struct GeluBf16 : public torch::autograd::Function<GeluBf16> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x) {
+    ctx->save_for_backward({x});
+    return gelu_bf16_tensor(x);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    return {moev::nn::gelu_backward(grads[0], ctx->get_saved_variables()[0])};
+  }
+};
+
 }  // namespace
+
+at::Tensor gelu(const at::Tensor& x) {
+  if (!bf16_kernel(x)) return at::gelu(x);
+  if (at::GradMode::is_enabled() && x.requires_grad()) return GeluBf16::apply(x);
+  return gelu_bf16_tensor(x);
+}
+
+at::Tensor gelu_backward(const at::Tensor& grad_in, const at::Tensor& x_in) {
+  if (!bf16_kernel(x_in) || grad_in.scalar_type() != at::kBFloat16) return at::gelu_backward(grad_in, x_in);
+  const auto g = grad_in.contiguous(), x = x_in.contiguous();
+  auto gx = at::empty_like(x);
+  const uint16_t *gp = bits(g), *xp = bits(x);
+  uint16_t* op = bits(gx);
+  at::parallel_for(0, x.numel(), kElementGrain,
+                   [&](int64_t a, int64_t b) { gelu_backward_bf16(gp + a, xp + a, op + a, b - a); });
+  return gx;
+}
 
 at::ScalarType parse_precision(const std::string& name) {
   if (name == "fp32") return at::kFloat;
@@ -169,7 +215,7 @@ at::Tensor mlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, 
     return y;
   }
   const auto dt = matmul_dtype == at::kBFloat16 ? matmul_dtype : x.scalar_type();
-  return linear(torch::gelu(linear(x.to(dt), w1, b1, matmul_dtype)), w2, b2, matmul_dtype)
+  return linear(nn::gelu(linear(x.to(dt), w1, b1, matmul_dtype)), w2, b2, matmul_dtype)
       .to(x.scalar_type());
 }
 

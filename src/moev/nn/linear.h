@@ -39,6 +39,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 at::Tensor patchify_nhwc(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                          at::ScalarType matmul_dtype);
 
+// GELU (exact, erf), differentiable; on CPU bf16 tensors moev's vectorised
+// kernel (fp32 math, nn::gelu_bf16), elsewhere at::gelu.
+at::Tensor gelu(const at::Tensor& x);
+// grad * GELU'(x), the same kernels (for hand-written backwards).
+at::Tensor gelu_backward(const at::Tensor& grad, const at::Tensor& x);
+
 // The dense FFN, x: [..., D] -> [..., D] in x's dtype: fc2(GELU(fc1(x))). In
 // bf16 the hidden activations stay bf16 between the two GEMMs (no cast passes);
 // on packed weights (as linear) the GELU is fused and the hidden rows never

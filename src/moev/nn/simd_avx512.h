@@ -49,5 +49,40 @@ MOEV_AVX512_INLINE __m512 gelu16(__m512 v) {
   return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), f);
 }
 
+// GELU'(v) = Phi(v) + v phi(v) on 16 lanes (the derivative of gelu16's exact
+// form), Phi from the same erfc approximation.
+MOEV_AVX512_INLINE __m512 gelu_grad16(__m512 v) {
+  const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f), half = _mm512_set1_ps(0.5f);
+  const __m512 z = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(0.70710678118654752f));
+  const __m512 den = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, one);
+  __m512 t = _mm512_rcp14_ps(den);
+  t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, two));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  const __m512 e = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z));  // exp(-v^2 / 2)
+  const __m512 q = _mm512_mul_ps(_mm512_mul_ps(p, t), e);                           // erfc(|v| / sqrt 2)
+  const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 cdf = _mm512_mask_blend_ps(neg, _mm512_fnmadd_ps(half, q, one), _mm512_mul_ps(half, q));
+  return _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.39894228040143268f)), e, cdf);
+}
+
+// bf16 <-> fp32 on 16 lanes with AVX-512F alone: bf16 is the top half of a
+// float; rounding to nearest even, as LibTorch rounds (NaN stays NaN).
+#define MOEV_AVX512BW_INLINE __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline
+MOEV_AVX512BW_INLINE __m512 load_bf16(__mmask16 m, const void* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+MOEV_AVX512BW_INLINE void store_bf16(__mmask16 m, void* p, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+
 }  // namespace moev::nn::simd
 #endif
