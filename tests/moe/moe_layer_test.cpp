@@ -294,3 +294,25 @@ TEST(Experts, InferenceCopiesFollowEveryWeightUpdate) {
     EXPECT_LT(rel(y4, with_grad()), tol);
   }
 }
+
+// Experts built under InferenceMode (inference tensors keep no version
+// counter) still infer on their packed / transposed copies, equal to the same
+// experts built normally.
+TEST(Experts, InferenceTensorsAsWeights) {
+  const std::vector<int64_t> offsets{0, 5, 12, 12, 20};
+  torch::manual_seed(13);
+  Experts normal(ExpertsOptions(4, 16, 24));
+  normal->eval();
+  const auto x = torch::randn({22, 16});
+  at::Tensor y_normal;
+  {
+    torch::NoGradGuard ng;
+    y_normal = normal->forward(x, offsets);
+  }
+  c10::InferenceMode guard;
+  torch::manual_seed(13);
+  Experts inf(ExpertsOptions(4, 16, 24));
+  inf->eval();
+  ASSERT_TRUE(inf->w1.is_inference());
+  EXPECT_TRUE(torch::allclose(inf->forward(x, offsets), y_normal, 1e-6, 1e-6));
+}

@@ -243,7 +243,10 @@ void ExpertsImpl::train(bool on) {
 const ExpertsImpl::InferenceWeights& ExpertsImpl::inference_weights(at::ScalarType dtype) {
   auto& c = inference_;
   std::vector<std::pair<const void*, int64_t>> source;
-  for (const auto* t : {&w1, &b1, &w2, &b2}) source.emplace_back(t->data_ptr(), t->_version());
+  // Weights made under InferenceMode keep no version counter (and change only
+  // under it): their storage alone keys the copy.
+  for (const auto* t : {&w1, &b1, &w2, &b2})
+    source.emplace_back(t->data_ptr(), t->is_inference() ? -1 : static_cast<int64_t>(t->_version()));
   if (c.w1.defined() && c.dtype == dtype && c.source == source) return c;
   torch::NoGradGuard no_grad;
   c.source = std::move(source);
