@@ -104,8 +104,7 @@ __attribute__((target("avx512f"))) void depthwise_rows_avx512(const float* x, co
 void depthwise_rows(const float* x, const float* taps, const float* bias, float* out, Shape s, int64_t r0,
                     int64_t r1) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512) return depthwise_rows_avx512(x, taps, bias, out, s, r0, r1);
+  if (cpu_has_avx512()) return depthwise_rows_avx512(x, taps, bias, out, s, r0, r1);
 #endif
   depthwise_rows_generic(x, taps, bias, out, s, r0, r1);
 }

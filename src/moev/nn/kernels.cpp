@@ -184,7 +184,9 @@ float gelu_grad_scalar(float v) {
   return cdf + v * 0.39894228040143268f * std::exp(-0.5f * v * v);
 }
 
-bool has_avx512() {
+}  // namespace
+
+bool cpu_has_avx512() {
 #if MOEV_X86_INTRINSICS
   static const bool has = __builtin_cpu_supports("avx512f");
   return has;
@@ -193,11 +195,9 @@ bool has_avx512() {
 #endif
 }
 
-}  // namespace
-
 void softmax_rows(float* x, int64_t rows, int64_t n, int64_t ld, float scale) {
 #if MOEV_X86_INTRINSICS
-  if (has_avx512()) return softmax_rows_avx512(x, rows, n, ld, scale);
+  if (cpu_has_avx512()) return softmax_rows_avx512(x, rows, n, ld, scale);
 #endif
   softmax_rows_generic(x, rows, n, ld, scale);
 }
@@ -219,7 +219,7 @@ void gelu_backward_bf16(const uint16_t* grad, const uint16_t* x, uint16_t* grad_
 
 void gelu_rows(float* x, int64_t rows, int64_t n, int64_t ld) {
 #if MOEV_X86_INTRINSICS
-  if (has_avx512()) return gelu_rows_avx512(x, rows, n, ld);
+  if (cpu_has_avx512()) return gelu_rows_avx512(x, rows, n, ld);
 #endif
   gelu_rows_generic(x, rows, n, ld);
 }

@@ -20,6 +20,10 @@
 
 namespace moev::nn {
 
+// Whether this CPU runs AVX-512F: the hand-written kernels of src/moev/nn
+// (these, packed_gemm, the depthwise conv) take their AVX-512 paths.
+bool cpu_has_avx512();
+
 // In place, each of `rows` rows of length n (stride ld): row <- softmax(scale *
 // row), scale > 0 (attention folds its 1 / sqrt(dh) in here).
 void softmax_rows(float* x, int64_t rows, int64_t n, int64_t ld, float scale = 1.0f);

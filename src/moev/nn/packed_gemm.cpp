@@ -37,14 +37,7 @@ constexpr int64_t kBlockRows = 10 * kTileRows;  // rows of A packed at a time
 
 }  // namespace
 
-bool packed_gemm_supported() {
-#if MOEV_HAVE_X86
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-#else
-  return false;
-#endif
-}
+bool packed_gemm_supported() { return MOEV_HAVE_X86 && cpu_has_avx512(); }
 
 int64_t packed_size(int64_t I, int64_t O) { return (O + kPanelWidth - 1) / kPanelWidth * I * kPanelWidth; }
 
