@@ -116,7 +116,7 @@ bool bf16_kernel(const at::Tensor& x) { return x.device().is_cpu() && x.scalar_t
 const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
 uint16_t* bits(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
-// Rows per task of the element-wise bf16 kernels.
+// Elements per task of the element-wise bf16 kernels.
 constexpr int64_t kElementGrain = 16384;
 
 at::Tensor gelu_bf16_tensor(const at::Tensor& x_in) {
