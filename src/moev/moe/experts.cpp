@@ -37,6 +37,20 @@ void ExpertsImpl::reset_parameters() {
 
 namespace {
 
+// Splits the placed rows [0, offsets[E]) evenly over the threads, cutting
+// through experts where needed (uneven expert loads cannot leave a core idle),
+// and calls f(e, r0, r1) for each expert's part of a thread's rows.
+template <typename F>
+void parallel_rows_by_expert(const std::vector<int64_t>& offsets, const F& f) {
+  const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
+  at::parallel_for(0, offsets[E], 16, [&](int64_t row0, int64_t row1) {
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = std::max(row0, offsets[e]), r1 = std::min(row1, offsets[e + 1]);
+      if (r1 > r0) f(e, r0, r1);
+    }
+  });
+}
+
 // The grouped GEMMs of the experts: expert e owns rows offsets[e] .. offsets[e+1]
 // of every activation. CPU float32 runs experts side by side on the threads
 // (at::parallel_for over experts), each with single-threaded BLAS calls on raw
@@ -67,26 +81,19 @@ class GroupedGemm {
     const float* wp = w.data_ptr<float>();
     const float* bp = b ? b->data_ptr<float>() : nullptr;
     float* op = out.data_ptr<float>();
-    // Rows are independent here, so the threads split the placed rows evenly,
-    // cutting through experts where needed: uneven expert loads cannot leave a
-    // core idle.
-    const int64_t E = num_experts();
-    at::parallel_for(0, offsets_[E], 16, [&](int64_t row0, int64_t row1) {
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t r0 = std::max(row0, offsets_[e]), r1 = std::min(row1, offsets_[e + 1]);
-        if (r1 <= r0) continue;
-        const int64_t n = r1 - r0;
-        float* oe = op + r0 * O;
-        if (bp)
-          for (int64_t r = 0; r < n; ++r) std::copy(bp + e * O, bp + (e + 1) * O, oe + r * O);
-        const float* we = wp + e * I * O;
-        if (transpose_w)
-          nn::gemm_nt(int(n), int(O), int(I), ip + r0 * I, int(I), we, int(I), oe, int(O), 1.0f,
-                      bp ? 1.0f : 0.0f);
-        else
-          nn::gemm_nn(int(n), int(O), int(I), ip + r0 * I, int(I), we, int(O), oe, int(O), 1.0f,
-                      bp ? 1.0f : 0.0f);
-      }
+    // Rows are independent here: the threads split them evenly.
+    parallel_rows_by_expert(offsets_, [&](int64_t e, int64_t r0, int64_t r1) {
+      const int64_t n = r1 - r0;
+      float* oe = op + r0 * O;
+      if (bp)
+        for (int64_t r = 0; r < n; ++r) std::copy(bp + e * O, bp + (e + 1) * O, oe + r * O);
+      const float* we = wp + e * I * O;
+      if (transpose_w)
+        nn::gemm_nt(int(n), int(O), int(I), ip + r0 * I, int(I), we, int(I), oe, int(O), 1.0f,
+                    bp ? 1.0f : 0.0f);
+      else
+        nn::gemm_nn(int(n), int(O), int(I), ip + r0 * I, int(I), we, int(O), oe, int(O), 1.0f,
+                    bp ? 1.0f : 0.0f);
     });
   }
 
@@ -181,13 +188,9 @@ at::Tensor packed_ffn_forward(const at::Tensor& x, const at::Tensor& w1, const a
   const float *b1p = b1.data_ptr<float>(), *b2p = b2.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t P1 = w1.size(1), P2 = w2.size(1);
-  at::parallel_for(0, A, 16, [&](int64_t row0, int64_t row1) {
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t r0 = std::max(row0, offsets[e]), r1 = std::min(row1, offsets[e + 1]);
-      if (r1 > r0)
-        nn::packed_ffn(r1 - r0, D, H, xp + r0 * D, D, w1p + e * P1, b1p + e * H, w2p + e * P2, b2p + e * D,
-                       op + r0 * D, D);
-    }
+  parallel_rows_by_expert(offsets, [&](int64_t e, int64_t r0, int64_t r1) {
+    nn::packed_ffn(r1 - r0, D, H, xp + r0 * D, D, w1p + e * P1, b1p + e * H, w2p + e * P2, b2p + e * D,
+                   op + r0 * D, D);
   });
   return out;
 }

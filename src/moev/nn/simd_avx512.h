@@ -29,10 +29,9 @@ MOEV_AVX512_INLINE __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// GELU(v) = v Phi(v) on 16 lanes, erf by Abramowitz-Stegun 7.1.26 (see
-// kernels.h); for v < 0, 1 + erf is computed as erfc(|v| / sqrt 2) directly,
-// with no cancellation in the tail.
-MOEV_AVX512_INLINE __m512 gelu16(__m512 v) {
+// erfc(|v| / sqrt 2) by Abramowitz-Stegun 7.1.26 (see kernels.h), and
+// exp(-v^2 / 2) on the way: what GELU and its derivative share.
+MOEV_AVX512_INLINE __m512 erfc_abs(__m512 v, __m512* gauss) {
   const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
   const __m512 z = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(0.70710678118654752f));
   const __m512 den = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, one);
@@ -43,30 +42,29 @@ MOEV_AVX512_INLINE __m512 gelu16(__m512 v) {
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
-  const __m512 q = _mm512_mul_ps(_mm512_mul_ps(p, t), exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z)));
-  const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
-  const __m512 f = _mm512_mask_blend_ps(neg, _mm512_sub_ps(two, q), q);
-  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), f);
+  *gauss = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z));
+  return _mm512_mul_ps(_mm512_mul_ps(p, t), *gauss);
 }
 
-// GELU'(v) = Phi(v) + v phi(v) on 16 lanes (the derivative of gelu16's exact
-// form), Phi from the same erfc approximation.
-MOEV_AVX512_INLINE __m512 gelu_grad16(__m512 v) {
-  const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f), half = _mm512_set1_ps(0.5f);
-  const __m512 z = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(0.70710678118654752f));
-  const __m512 den = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, one);
-  __m512 t = _mm512_rcp14_ps(den);
-  t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, two));
-  __m512 p = _mm512_set1_ps(1.061405429f);
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
-  const __m512 e = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z));  // exp(-v^2 / 2)
-  const __m512 q = _mm512_mul_ps(_mm512_mul_ps(p, t), e);                           // erfc(|v| / sqrt 2)
+// Phi(v) = 1 - erfc / 2 for v >= 0, erfc / 2 for v < 0: computed from erfc
+// directly, with no cancellation in the negative tail.
+MOEV_AVX512_INLINE __m512 normal_cdf(__m512 v, __m512 q) {
+  const __m512 half = _mm512_set1_ps(0.5f);
   const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
-  const __m512 cdf = _mm512_mask_blend_ps(neg, _mm512_fnmadd_ps(half, q, one), _mm512_mul_ps(half, q));
-  return _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.39894228040143268f)), e, cdf);
+  return _mm512_mask_blend_ps(neg, _mm512_fnmadd_ps(half, q, _mm512_set1_ps(1.0f)), _mm512_mul_ps(half, q));
+}
+
+// GELU(v) = v Phi(v) on 16 lanes.
+MOEV_AVX512_INLINE __m512 gelu16(__m512 v) {
+  __m512 gauss;
+  return _mm512_mul_ps(v, normal_cdf(v, erfc_abs(v, &gauss)));
+}
+
+// GELU'(v) = Phi(v) + v phi(v) on 16 lanes.
+MOEV_AVX512_INLINE __m512 gelu_grad16(__m512 v) {
+  __m512 gauss;
+  const __m512 cdf = normal_cdf(v, erfc_abs(v, &gauss));
+  return _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.39894228040143268f)), gauss, cdf);
 }
 
 // bf16 <-> fp32 on 16 lanes with AVX-512F alone: bf16 is the top half of a
