@@ -180,7 +180,11 @@ std::function<void()> model_step(const char* preset, const char* precision, bool
 // round times a block of calls of each function in turn, and the fastest block
 // per function is kept. On a shared, noisy machine slow phases hit all
 // functions of a round alike, so ratios of these minima are stable where
-// back-to-back means are not.
+// back-to-back means are not. Each block starts with one untimed call: the
+// first step after another model ran pays for that model's traces (oneDNN
+// primitives evicted from its cache and re-created, caches refilled), which
+// a trainer running one model never pays; with blocks of two bf16 training
+// steps it had made them read 1.6x slower than a steady run.
 std::vector<double> interleaved_min_ms(const std::vector<std::function<void()>>& fns, int rounds,
                                        double block_ms) {
   using clock = std::chrono::steady_clock;
@@ -194,6 +198,7 @@ std::vector<double> interleaved_min_ms(const std::vector<std::function<void()>>&
   }
   for (int r = 0; r < rounds; ++r)
     for (size_t i = 0; i < fns.size(); ++i) {
+      fns[i]();
       const auto t0 = clock::now();
       for (int64_t c = 0; c < calls[i]; ++c) fns[i]();
       const double ms = std::chrono::duration<double, std::milli>(clock::now() - t0).count();

@@ -103,3 +103,30 @@ TEST(Replicas, AnErrorInAReplicaThreadReachesTheCaller) {
     });
   }, {"replica 1 failed"});
 }
+
+// What is cached per weight version (nn::linear's packed weights, the experts'
+// inference copies) must follow the master's updates in every replica: an
+// evaluation after more training once read stale weights in replica 1, whose
+// parameters shared the master's storage but not its version counter.
+TEST(Replicas, InferenceAfterAnUpdateSeesTheNewWeightsInEveryReplica) {
+  torch::manual_seed(4);
+  const auto cfg = tiny_vmoe();
+  auto master = models::build_model(cfg);
+  train::Replicas reps(master, cfg, 2, 2);
+  reps.train(false);
+  const auto x = torch::randn({8, 1, 28, 28});
+  auto eval = [&](int r) {
+    torch::NoGradGuard ng;
+    return reps.model(r).forward(x);
+  };
+  const auto before = eval(1);
+  EXPECT_TRUE(torch::allclose(before, eval(0), 1e-5, 1e-6));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : master->parameters()) p.add_(torch::randn_like(p), 0.2);  // in place, as the optimizer updates (the head starts at zero)
+  }
+  const auto after = eval(1);
+  EXPECT_TRUE(torch::allclose(after, eval(0), 1e-5, 1e-6)) << (after - eval(0)).abs().max().item<double>();
+  EXPECT_GT((after - before).abs().max().item<double>(), 1e-3);
+  EXPECT_EQ(reps.model(1).parameters()[0]._version(), master->parameters()[0]._version());
+}

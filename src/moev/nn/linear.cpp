@@ -111,6 +111,66 @@ bool use_packed(const at::Tensor& x, at::ScalarType matmul_dtype, std::initializ
 // Rows per thread below which a packed GEMM stays on one thread.
 constexpr int64_t kPackedGrain = 56;
 
+// y[M, O] = x[M, I] W + bias over the rows, W packed (pack_weight); x rows at
+// unit column stride. bias may be undefined.
+at::Tensor packed_rows(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& bias, int64_t out) {
+  const int64_t in = x2.size(1), ldx = x2.stride(0);
+  auto y = at::empty({x2.size(0), out}, x2.options());
+  const float* xp = x2.data_ptr<float>();
+  const float* wp = packed.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, x2.size(0), kPackedGrain, [&](int64_t r0, int64_t r1) {
+    packed_gemm(r1 - r0, in, out, xp + r0 * ldx, ldx, wp, bp, yp + r0 * out, out, Epilogue::kNone);
+  });
+  return y;
+}
+
+// weight [O, I] packed as the [O, I] matrix itself (the right operand of
+// dX = dY weight), not its transpose.
+at::Tensor pack_for_input_grad(const at::Tensor& weight) {
+  const int64_t O = weight.size(0), I = weight.size(1);
+  auto packed = at::empty({packed_size(O, I)}, weight.options());
+  pack_weight(weight.data_ptr<float>(), O, I, weight.stride(0), weight.stride(1), packed.data_ptr<float>());
+  return packed;
+}
+
+// fp32 training on AVX-512 CPUs: the forward and the input gradient run on
+// packed_gemm, the weight packed again at each call (O(I * O) against the
+// GEMM's O(M * I * O)); OpenBLAS re-packs both operands at every call, ~15%
+// of an fp32 training step in its copy routines. The weight gradient, a long
+// reduction over the rows, stays on BLAS.
+struct PackedLinearTrain : public torch::autograd::Function<PackedLinearTrain> {
+  // x2: [M, I], weight: [O, I], bias: [O] -> [M, O]
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x2, const at::Tensor& weight,
+                            const at::Tensor& bias) {
+    ctx->save_for_backward({x2, weight});
+    return packed_rows(x2, packed_weights().get(weight), bias.contiguous(), weight.size(0));
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &x2 = saved[0], &weight = saved[1];
+    const auto dy = grads[0].contiguous();
+    at::Tensor dx, dw, db;
+    if (ctx->needs_input_grad(0)) dx = packed_rows(dy, pack_for_input_grad(weight), {}, weight.size(1));
+    if (ctx->needs_input_grad(1)) dw = at::mm(dy.t(), x2);
+    if (ctx->needs_input_grad(2)) db = dy.sum(0);
+    return {dx, dw, db};
+  }
+};
+
+// Whether a CPU fp32 layer trains on the packed kernels (PackedLinearTrain).
+bool use_packed_training(const at::Tensor& x, at::ScalarType matmul_dtype, const at::Tensor& weight,
+                         const at::Tensor& bias) {
+  if (matmul_dtype == at::kBFloat16 || !x.device().is_cpu() || x.scalar_type() != at::kFloat ||
+      !packed_gemm_supported() || !at::GradMode::is_enabled() || !bias.defined())
+    return false;
+  for (const auto* p : {&weight, &bias})
+    if (p->scalar_type() != at::kFloat || !p->device().is_cpu() || p->is_inference()) return false;
+  return x.requires_grad() || weight.requires_grad() || bias.requires_grad();
+}
+
 bool bf16_kernel(const at::Tensor& x) { return x.device().is_cpu() && x.scalar_type() == at::kBFloat16; }
 
 const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
@@ -170,22 +230,17 @@ at::ScalarType parse_precision(const std::string& name) {
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                   at::ScalarType matmul_dtype) {
-  const auto in = x.size(-1), out = weight.size(0);
+  const auto out = weight.size(0);
   auto sizes = x.sizes().vec();
   sizes.back() = out;
-  auto x2 = x.reshape({-1, in});
+  auto x2 = x.reshape({-1, x.size(-1)});
   if (use_packed(x, matmul_dtype, {&weight, &bias})) {
     if (x2.stride(1) != 1) x2 = x2.contiguous();
-    const auto w = packed_weights().get(weight);
-    const auto b = bias.contiguous();
-    auto y = at::empty({x2.size(0), out}, x.options());
-    const float *xp = x2.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    const int64_t ldx = x2.stride(0);
-    at::parallel_for(0, x2.size(0), kPackedGrain, [&](int64_t r0, int64_t r1) {
-      packed_gemm(r1 - r0, in, out, xp + r0 * ldx, ldx, wp, bp, yp + r0 * out, out, Epilogue::kNone);
-    });
-    return y.view(sizes);
+    return packed_rows(x2, packed_weights().get(weight), bias.contiguous(), out).view(sizes);
+  }
+  if (use_packed_training(x, matmul_dtype, weight, bias)) {
+    if (x2.stride(1) != 1) x2 = x2.contiguous();
+    return PackedLinearTrain::apply(x2, weight, bias).view(sizes);
   }
   if (matmul_dtype != at::kBFloat16)
     return torch::addmm(bias, x2, weight.t()).view(sizes);

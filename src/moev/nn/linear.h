@@ -24,9 +24,10 @@ at::ScalarType parse_precision(const std::string& name);
 // x: [..., I], weight: [O, I], bias: [O] -> [..., O] in x's dtype; with
 // matmul_dtype kBFloat16 the GEMM runs on bf16 copies, otherwise in x's dtype
 // (one addmm: LibTorch 1.13's Linear on 3-D input adds the bias in a second
-// pass over the output). In fp32 on an AVX-512 CPU with no gradient wanted
-// (evaluation, teachers) it runs nn::packed_gemm on a packed copy of the
-// weight, made once per weight version and shared by every caller.
+// pass over the output). In fp32 on an AVX-512 CPU it runs nn::packed_gemm on
+// a packed copy of the weight, made once per weight version and shared by
+// every caller; in training the input gradient runs on it too (the weight
+// gradient on BLAS).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                   at::ScalarType matmul_dtype);
 

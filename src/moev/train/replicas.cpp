@@ -26,6 +26,12 @@ namespace {
 bool is_running_stat(const std::string& name) {
   return name.find("running_") != std::string::npos || name.find("num_batches_tracked") != std::string::npos;
 }
+
+// The replica's tensor becomes the master's storage and version counter.
+void share(at::Tensor& replica, const at::Tensor& master) {
+  replica.set_data(master);
+  replica.unsafeGetTensorImpl()->set_version_counter(master.unsafeGetTensorImpl()->version_counter());
+}
 }  // namespace
 
 Replicas::Replicas(models::ClassifierPtr master, const models::ModelConfig& cfg, int replicas,
@@ -47,12 +53,15 @@ Replicas::Replicas(models::ClassifierPtr master, const models::ModelConfig& cfg,
     MOEV_CHECK(ps.size() == master_params.size() && bs.size() == master_buffers.size(),
                "Replicas: the model config does not build the master's architecture");
     // set_data shares the master's storage: the optimizer's in-place updates reach
-    // every replica with no copies, while each keeps its own .grad.
+    // every replica with no copies, while each keeps its own .grad. It does not
+    // share the version counter, so the replica's would never move, and what
+    // is cached per weight version (nn::linear's packed weights) would go
+    // stale in every replica but the first: the replica takes the master's.
     for (size_t i = 0; i < ps.size(); ++i) {
       MOEV_CHECK(ps[i].sizes() == master_params[i].sizes(),
                  "Replicas: parameter ", i, " has shape ", ps[i].sizes(), " but the master's has ",
                  master_params[i].sizes());
-      ps[i].set_data(master_params[i]);
+      share(ps[i], master_params[i]);
     }
     // Buffers are shared too, except what BatchNorm updates in every training
     // forward: replicas writing one running mean from two threads would race.
@@ -63,7 +72,7 @@ Replicas::Replicas(models::ClassifierPtr master, const models::ModelConfig& cfg,
         bs[i].value().copy_(master_buffers[i].value());
         own_stats_.push_back({bs[i].value(), master_buffers[i].value()});
       } else {
-        bs[i].value().set_data(master_buffers[i].value());
+        share(bs[i].value(), master_buffers[i].value());
       }
     }
     // Routing settings changed after construction (inference overrides) follow.
