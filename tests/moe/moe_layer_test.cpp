@@ -174,7 +174,8 @@ TEST(MoELayer, FindsLayersInsideModules) {
 }
 
 TEST(Experts, GroupedGemmMatchesStockOpPathInDouble) {
-  // The CPU float32 grouped GEMM (raw BLAS) against the LibTorch-op path other
+  // The CPU float32 grouped GEMM (packed_gemm on AVX-512, else raw BLAS; the
+  // weight gradients on BLAS) against the LibTorch-op path other
   // dtypes and devices use, run here in float64, on uneven expert blocks (one
   // empty) with padding rows.
   torch::manual_seed(5);

@@ -53,8 +53,9 @@ void parallel_rows_by_expert(const std::vector<int64_t>& offsets, const F& f) {
 
 // The grouped GEMMs of the experts: expert e owns rows offsets[e] .. offsets[e+1]
 // of every activation. CPU float32 runs experts side by side on the threads
-// (at::parallel_for over experts), each with single-threaded BLAS calls on raw
-// rows: with many experts the row blocks are small, and one multi-threaded GEMM
+// (at::parallel_for over experts), each with single-threaded calls on raw
+// rows (nn::packed_gemm on AVX-512, else BLAS; BLAS for the weight gradients):
+// with many experts the row blocks are small, and one multi-threaded GEMM
 // per expert would spend its time forking and joining. Other dtypes (bf16, whose
 // fast GEMMs only LibTorch's oneDNN path has) and devices run each expert's GEMM
 // as a LibTorch op into a slice of the same preallocated output.
@@ -81,6 +82,27 @@ class GroupedGemm {
     const float* wp = w.data_ptr<float>();
     const float* bp = b ? b->data_ptr<float>() : nullptr;
     float* op = out.data_ptr<float>();
+    if (nn::packed_gemm_supported()) {
+      // Training on AVX-512: each expert's weight packed once per call (O(I * O)
+      // against its rows' O(n * I * O)) where OpenBLAS re-packs it for every
+      // block of rows; the threads split the rows evenly, as below.
+      const int64_t E = num_experts(), P = nn::packed_size(I, O);
+      auto packed = at::empty({E, P}, w.options());
+      float* pp = packed.data_ptr<float>();
+      at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+        for (int64_t e = e0; e < e1; ++e) {
+          if (offsets_[e + 1] == offsets_[e]) continue;
+          // w[e] is [I, O], or [O, I] with transpose_w: element (i, o) at o * I + i.
+          if (transpose_w) nn::pack_weight(wp + e * I * O, I, O, 1, I, pp + e * P);
+          else nn::pack_weight(wp + e * I * O, I, O, O, 1, pp + e * P);
+        }
+      });
+      parallel_rows_by_expert(offsets_, [&](int64_t e, int64_t r0, int64_t r1) {
+        nn::packed_gemm(r1 - r0, I, O, ip + r0 * I, I, pp + e * P, bp ? bp + e * O : nullptr, op + r0 * O, O,
+                        nn::Epilogue::kNone);
+      });
+      return;
+    }
     // Rows are independent here: the threads split them evenly.
     parallel_rows_by_expert(offsets_, [&](int64_t e, int64_t r0, int64_t r1) {
       const int64_t n = r1 - r0;
