@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include "moev/nn/depthwise_conv.h"
+#include "moev/nn/layer_norm.h"
 #include "moev/nn/linear.h"
 
 namespace moev::models {
@@ -40,18 +41,18 @@ ConvNeXtBlockImpl::ConvNeXtBlockImpl(const ModelConfig& c, int64_t dim, bool use
 at::Tensor ConvNeXtBlockImpl::forward(const at::Tensor& x) {
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), D = x.size(3);
   // Tokens [B, H*W, D] for the MLP: every spatial position is one token.
-  auto t = norm->forward(nn::depthwise_conv_nhwc(x, dwconv->weight, dwconv->bias)).view({B, H * W, D});
+  auto t = nn::layer_norm(norm, nn::depthwise_conv_nhwc(x, dwconv->weight, dwconv->bias)).view({B, H * W, D});
   if (moe) {
     t = moe->forward(t);
   } else {
     t = nn::mlp(t, fc1->weight, fc1->bias, fc2->weight, fc2->bias, matmul_dtype);
   }
-  t = (t * gamma).view({B, H, W, D});
+  t = t.view({B, H, W, D});
   if (is_training() && drop_path > 0) {  // stochastic depth, per image
     auto keep = torch::empty({B, 1, 1, 1}, x.options()).bernoulli_(1.0 - drop_path);
-    t = t * keep / (1.0 - drop_path);
+    return torch::addcmul(x, t, gamma * (keep / (1.0 - drop_path)));  // [B, 1, 1, D] scales
   }
-  return x + t;
+  return torch::addcmul(x, t, gamma);  // x + t * gamma in one pass
 }
 
 ConvNeXtImpl::ConvNeXtImpl(const ModelConfig& c) : cfg(c), matmul_dtype(nn::parse_precision(c.precision)) {
@@ -93,18 +94,18 @@ ConvNeXtImpl::ConvNeXtImpl(const ModelConfig& c) : cfg(c), matmul_dtype(nn::pars
 at::Tensor ConvNeXtImpl::forward(const at::Tensor& images) { return head->forward(embed(images)); }
 
 at::Tensor ConvNeXtImpl::embed(const at::Tensor& images) {
-  auto x = stem_norm->forward(
-      nn::patchify_nhwc(images.permute({0, 2, 3, 1}), stem->weight, stem->bias, matmul_dtype));  // [B, H, W, D]
+  auto x = nn::layer_norm(
+      stem_norm, nn::patchify_nhwc(images.permute({0, 2, 3, 1}), stem->weight, stem->bias, matmul_dtype));  // [B, H, W, D]
   for (size_t s = 0; s < stages->size(); ++s) {
     if (s > 0) {
       const auto& down = *down_convs[s - 1]->as<torch::nn::Conv2dImpl>();
-      x = nn::patchify_nhwc(down_norms[s - 1]->as<torch::nn::LayerNormImpl>()->forward(x), down.weight, down.bias,
+      x = nn::patchify_nhwc(nn::layer_norm(down_norms[s - 1]->as<torch::nn::LayerNormImpl>(), x), down.weight, down.bias,
                             matmul_dtype);
     }
     for (auto& blk : *stages[s]->as<torch::nn::ModuleListImpl>())
       x = blk->as<ConvNeXtBlockImpl>()->forward(x);
   }
-  return head_norm->forward(x.mean({1, 2}));
+  return nn::layer_norm(head_norm, x.mean({1, 2}));
 }
 
 }  // namespace moev::models

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include "moev/nn/attention.h"
+#include "moev/nn/layer_norm.h"
 #include "moev/nn/linear.h"
 
 namespace moev::models {
@@ -48,10 +49,10 @@ at::Tensor ViTBlockImpl::dropout(const at::Tensor& x) {
 }
 
 at::Tensor ViTBlockImpl::forward(const at::Tensor& x) {
-  auto qkv_ = linear(qkv, ln1->forward(x));  // [B, N, 3D]
+  auto qkv_ = linear(qkv, nn::layer_norm(ln1, x));  // [B, N, 3D]
   auto a = nn::attention(qkv_, heads, matmul_dtype);  // [B, N, D]
   auto h = x + dropout(linear(proj, a));
-  auto z = ln2->forward(h);
+  auto z = nn::layer_norm(ln2, h);
   if (moe) {
     z = moe->forward(z);
   } else {
@@ -107,7 +108,7 @@ at::Tensor ViTImpl::embed(const at::Tensor& images) {
   auto x = nn::patchify_nhwc(pixels, patch_embed->weight, patch_embed->bias, matmul_dtype).flatten(1, 2) +
            pos_embed;  // [B, N, D], tokens in row-major patch order as Conv2d's flatten gives them
   for (auto& blk : *blocks) x = blk->as<ViTBlockImpl>()->forward(x);
-  return norm->forward(x).mean(1);
+  return nn::layer_norm(norm, x).mean(1);
 }
 
 }  // namespace moev::models

@@ -101,9 +101,7 @@ MOEV_CLONES void gelu_rows_generic(float* x, int64_t rows, int64_t n, int64_t ld
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-}
+using simd::tail_mask;
 
 MOEV_AVX512 void softmax_rows_avx512(float* x, int64_t rows, int64_t n, int64_t ld, float scale) {
   const __m512 vscale = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);

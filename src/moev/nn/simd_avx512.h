@@ -6,10 +6,16 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+#include <cstdint>
 
 namespace moev::nn::simd {
 
 #define MOEV_AVX512_INLINE __attribute__((target("avx512f"), always_inline)) inline
+
+// Lanes of a row's last chunk: all 16, or the `left` that remain.
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
 
 // exp_approx on 16 lanes: the same clamps, split of ln2 and polynomial; 2^n by
 // vscalefps.
