@@ -185,6 +185,58 @@ TEST(Loader, CropIsAShiftWithZeroPadding) {
   EXPECT_GT(shifts_seen.size(), 10u);  // of 25 possible
 }
 
+// Random erasing: about the asked share of images differ from the un-erased
+// batch, and only inside one rectangle of 2%..1/3 of the image set to 0 (the
+// mean) in every channel; crops and flips are the same as with erasing off;
+// a rank's share of a batch is erased as in the whole batch.
+TEST(Loader, RandomErasingOneRectangleAtTheMeanLeavingCropsAndFlipsAlone) {
+  const int64_t h = 12, w = 10;
+  const ImageSet set = numbered_set(400, 2, h, w);
+  LoaderOptions o = small(40, /*augment=*/true);
+  o.crop_padding = 1;
+  const auto plain = run(set, o, 3);
+  o.random_erase = 0.5;
+  const auto erased = run(set, o, 3);
+  ASSERT_EQ(plain.size(), erased.size());
+  int64_t changed = 0, total = 0;
+  for (size_t bi = 0; bi < plain.size(); ++bi) {
+    ASSERT_TRUE(torch::equal(plain[bi].y, erased[bi].y));
+    EXPECT_TRUE(torch::equal(plain[bi].aug, erased[bi].aug));
+    for (int64_t i = 0; i < plain[bi].x.size(0); ++i, ++total) {
+      const auto diff = (plain[bi].x[i] != erased[bi].x[i]);  // [C, H, W]
+      if (!diff.any().item<bool>()) continue;
+      ++changed;
+      // The erased pixels are 0, and form one rectangle shared by the channels.
+      const auto any_c = diff.any(0);  // [H, W]
+      const auto rows = torch::nonzero(any_c.any(1)).view(-1), cols = torch::nonzero(any_c.any(0)).view(-1);
+      const int64_t r0 = rows.min().item<int64_t>(), r1 = rows.max().item<int64_t>() + 1;
+      const int64_t c0 = cols.min().item<int64_t>(), c1 = cols.max().item<int64_t>() + 1;
+      const auto box = erased[bi].x[i].slice(1, r0, r1).slice(2, c0, c1);
+      EXPECT_TRUE(torch::equal(box, torch::zeros_like(box)));
+      const double frac = double((r1 - r0) * (c1 - c0)) / double(h * w);
+      EXPECT_LE(frac, 1.0 / 3.0 + 0.05);
+      // Outside the box nothing changed.
+      auto outside = erased[bi].x[i].clone();
+      outside.slice(1, r0, r1).slice(2, c0, c1).copy_(plain[bi].x[i].slice(1, r0, r1).slice(2, c0, c1));
+      EXPECT_TRUE(torch::equal(outside, plain[bi].x[i]));
+    }
+  }
+  // p = 0.5, less the rectangles that happen to cover pixels already at the mean.
+  EXPECT_GT(changed, total * 35 / 100);
+  EXPECT_LT(changed, total * 60 / 100);
+
+  LoaderOptions half = o;
+  half.rows_begin = 10;
+  half.rows_end = 30;
+  const auto part = run(set, half, 3);
+  ASSERT_EQ(part.size(), erased.size());
+  for (size_t bi = 0; bi < part.size(); ++bi)
+    EXPECT_TRUE(torch::equal(part[bi].x, erased[bi].x.slice(0, 10, 30)));
+
+  o.random_erase = 1.5;
+  expect_error([&] { BatchLoader(set, o, 0); }, {"random_erase 1.5", "[0, 1]"});
+}
+
 TEST(Loader, DestroyedMidEpochDoesNotHang) {
   const ImageSet set = numbered_set(2000, 1, 8, 8);
   const auto start = std::chrono::steady_clock::now();

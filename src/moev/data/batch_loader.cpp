@@ -38,6 +38,39 @@ uint64_t below(std::mt19937_64& rng, uint64_t n) {
   return static_cast<uint64_t>((static_cast<unsigned __int128>(rng()) * n) >> 64);
 }
 
+// Uniform in [0, 1).
+double unit(std::mt19937_64& rng) { return static_cast<double>(rng() >> 11) * 0x1.0p-53; }
+
+// Random erasing (Zhong et al. 2017, as timm applies it): with probability p,
+// one rectangle of 2% to 1/3 of the image, aspect ratio log-uniform in
+// [0.3, 3.3], at a uniform position, set to 0 in normalised units (the
+// dataset's mean) in every channel. Up to 10 tries for a rectangle that fits.
+// Always the same number of draws per image, so the stream stays aligned.
+struct Erasure {
+  int64_t top = 0, left = 0, h = 0, w = 0;  // h = 0: nothing erased
+};
+Erasure draw_erasure(std::mt19937_64& rng, double p, int64_t height, int64_t width) {
+  const bool erase = unit(rng) < p;
+  const double area = static_cast<double>(height * width);
+  Erasure e;
+  for (int attempt = 0; attempt < 10; ++attempt) {
+    const double target = area * (0.02 + unit(rng) * (1.0 / 3.0 - 0.02));
+    const double ratio = std::exp(std::log(0.3) + unit(rng) * (std::log(3.3) - std::log(0.3)));
+    const double u = unit(rng), v = unit(rng);
+    const int64_t h = static_cast<int64_t>(std::lround(std::sqrt(target * ratio)));
+    const int64_t w = static_cast<int64_t>(std::lround(std::sqrt(target / ratio)));
+    if (!erase || e.h > 0 || h < 1 || w < 1 || h >= height || w >= width) continue;
+    e = {static_cast<int64_t>(u * static_cast<double>(height - h + 1)),
+         static_cast<int64_t>(v * static_cast<double>(width - w + 1)), h, w};
+  }
+  return e;
+}
+
+void apply_erasure(const Erasure& e, float* img, int64_t channels, int64_t height, int64_t width) {
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t y = e.top; y < e.top + e.h; ++y) std::fill_n(img + (c * height + y) * width + e.left, e.w, 0.0f);
+}
+
 // lut[c * 256 + v] = (v / 255 - mean[c]) / std[c]; training and eval both use it,
 // so they agree to the bit.
 std::vector<float> make_lut(int64_t channels, const std::vector<float>& mean,
@@ -77,6 +110,8 @@ BatchLoader::BatchLoader(const ImageSet& set, LoaderOptions options, int64_t epo
   MOEV_CHECK(options_.batch_size >= 1, "batch_size ", options_.batch_size, ", expected >= 1");
   MOEV_CHECK(options_.prefetch >= 1, "prefetch ", options_.prefetch, ", expected >= 1");
   MOEV_CHECK(options_.crop_padding >= 0, "crop_padding ", options_.crop_padding, ", expected >= 0");
+  MOEV_CHECK(options_.random_erase >= 0 && options_.random_erase <= 1, "random_erase ", options_.random_erase,
+             ", expected a probability in [0, 1]");
   images_ = set.images.contiguous();
   labels_ = set.labels.to(torch::kCPU).contiguous();
   if (set.multilabel()) targets_ = set.targets.to(torch::kCPU).contiguous();
@@ -181,6 +216,9 @@ Batch BatchLoader::make_batch(int64_t index) const {
   int64_t* y = batch.y.data_ptr<int64_t>();
 
   std::mt19937_64 rng(batch_seed(epoch_key(options_.seed, epoch_), index));
+  // Erasing draws from a stream of its own: switching it on leaves every
+  // image's crop and flip as they were.
+  std::mt19937_64 erase_rng(splitmix64(batch_seed(epoch_key(options_.seed, epoch_), index) ^ 0x6572617365ULL));
   const int64_t pad = options_.crop_padding;
   for (int64_t i = 0; i < count; ++i) {
     if (!options_.augment && (i < lo || i >= hi)) continue;
@@ -202,6 +240,8 @@ Batch BatchLoader::make_batch(int64_t index) const {
     const int64_t dy = static_cast<int64_t>(below(rng, 2 * pad + 1)) - pad;
     const int64_t dx = static_cast<int64_t>(below(rng, 2 * pad + 1)) - pad;
     const bool flip = (rng() >> 63) != 0 && options_.hflip;
+    const Erasure erasure =
+        options_.random_erase > 0 ? draw_erasure(erase_rng, options_.random_erase, height, width) : Erasure{};
     if (i < lo || i >= hi) continue;
     aug[i - lo] = ((dy + pad) * (2 * pad + 1) + (dx + pad)) * 2 + (flip ? 1 : 0);
     // out(y, x) = in(y + dy, x' + dx) with x' = W-1-x when flipped (crop, then
@@ -225,6 +265,7 @@ Batch BatchLoader::make_batch(int64_t index) const {
         }
       }
     }
+    if (erasure.h > 0) apply_erasure(erasure, dst, channels, height, width);
   }
   if (targets_.defined()) batch.t = targets_.index_select(0, batch.index);
   return batch;

@@ -28,6 +28,7 @@ struct LoaderOptions {
   bool augment = false;      // random crop and flip; for training only
   int64_t crop_padding = 4;  // random crop with zero padding: shift by up to this many pixels
   bool hflip = true;         // with augment, mirror half of the images left to right
+  double random_erase = 0;   // with augment, probability an image gets one rectangle erased (Zhong et al. 2017)
   std::vector<float> mean{0.2860f};  // per-channel mean of pixel/255; one value for all channels
   std::vector<float> std{0.3530f};   // per-channel std of pixel/255; one value for all channels
   int prefetch = 2;                  // batches prepared ahead by the background thread

@@ -59,6 +59,7 @@ FusionOutcome train_fusion(const std::string& path, const std::string& out_path,
   lo.augment = cfg.data.augment;
   lo.crop_padding = cfg.data.crop_padding;
   lo.hflip = cfg.data.hflip;
+  lo.random_erase = cfg.data.random_erase;
   lo.mean = ds.mean;
   lo.std = ds.std;
   const int64_t per_epoch = ds.train.size() / lo.batch_size, total = per_epoch * o.epochs;

@@ -18,6 +18,7 @@ struct DataConfig {
   bool augment = true;                   // random crop (padding 4 px... see crop_padding) + flip
   int64_t crop_padding = 2;              // zero padding of the random crop, pixels
   bool hflip = true;                     // random horizontal flip
+  double random_erase = 0;               // probability of erasing one random rectangle per image (0: off)
   int64_t train_limit = 0;               // use only the first N training images (0: all)
   int64_t test_limit = 0;                // evaluate on the first N test images (0: all)
   int64_t per_class = 0;                 // train on K images per class, a seeded class-balanced subset (0: all)

@@ -256,6 +256,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   lo.augment = cfg.data.augment;
   lo.crop_padding = cfg.data.crop_padding;
   lo.hflip = cfg.data.hflip;
+  lo.random_erase = cfg.data.random_erase;
   lo.mean = ds.mean;
   lo.std = ds.std;
   const int64_t slices_of = slice_multiple(cfg.model);
@@ -280,6 +281,10 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   // Soft targets [B, L] when anything but the label shapes them.
   const bool mixing = tc.mixup_alpha > 0 || tc.cutmix_alpha > 0;
   std::unique_ptr<Teacher> teacher;
+  // The teacher's predictions are cached per (example, crop and flip); an
+  // erased rectangle is not part of that key, so the cache would mix views.
+  MOEV_CHECK(tc.teacher.empty() || cfg.data.random_erase == 0, "data.random_erase = ", cfg.data.random_erase,
+             " with train.teacher: distillation caches the teacher per crop and flip, not per erasure; set data.random_erase = 0");
   if (!tc.teacher.empty()) teacher = std::make_unique<Teacher>(tc.teacher, cfg.model, ds.mean, ds.std);
   const bool soft = mixing || teacher || tc.cosine_loss > 0 || multilabel;
   MixOptions mix_opts;
