@@ -46,9 +46,20 @@ void pack_weight(const float* w, int64_t I, int64_t O, int64_t stride_i, int64_t
   for (int64_t p = 0; p < panels; ++p) {
     const int64_t c0 = p * kPanelWidth, nc = std::min(kPanelWidth, O - c0);
     float* d = dst + p * I * kPanelWidth;
+    if (stride_i == 1 && nc == kPanelWidth) {
+      // A transposed source (training packs W^T at every step): read each
+      // column's run of I floats in order rather than 32 strided floats per row.
+      for (int64_t c = 0; c < kPanelWidth; ++c) {
+        const float* src = w + (c0 + c) * stride_o;
+        for (int64_t i = 0; i < I; ++i) d[i * kPanelWidth + c] = src[i];
+      }
+      continue;
+    }
     for (int64_t i = 0; i < I; ++i, d += kPanelWidth) {
       const float* src = w + i * stride_i + c0 * stride_o;
-      for (int64_t c = 0; c < nc; ++c) d[c] = src[c * stride_o];
+      if (stride_o == 1) std::copy(src, src + nc, d);
+      else
+        for (int64_t c = 0; c < nc; ++c) d[c] = src[c * stride_o];
       for (int64_t c = nc; c < kPanelWidth; ++c) d[c] = 0.0f;
     }
   }
