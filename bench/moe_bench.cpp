@@ -43,6 +43,7 @@ struct PythonRef {
   double target_train, target_eval;   // moev / Python targets
   double train = 0, eval = 0;         // fp32, measured here by python_reference.py (0: not run)
   double train_bf16 = 0, eval_bf16 = 0;  // the same under torch.autocast bf16 (0: not run)
+  double peak = 0;                    // fp32 matmul GFLOP/s python_reference.py measured around its fp32 run
 };
 std::vector<PythonRef> g_python = {{"vmoe-tiny", 175, 550, 2.0, 2.5}, {"convnext-moe-tiny", 430, 1500, 2.0, 2.0}};
 
@@ -50,7 +51,7 @@ std::vector<PythonRef> g_python = {{"vmoe-tiny", 175, 550, 2.0, 2.5}, {"convnext
 // fills the measured figures, for fp32 and, where the CPU has native bf16,
 // bf16 autocast; a missing interpreter or module leaves them 0.
 void run_python_reference(int threads, bool bf16) {
-  auto run = [&](const PythonRef& ref, const char* precision, double& train, double& eval) {
+  auto run = [&](const PythonRef& ref, const char* precision, double& train, double& eval, double* peak) {
     const std::string cmd = "/usr/bin/python3 " MOEV_SOURCE_DIR "/bench/python_reference.py --model " +
                             std::string(ref.preset) + " --threads " + std::to_string(threads) +
                             " --precision " + precision + " 2>/dev/null";
@@ -61,14 +62,16 @@ void run_python_reference(int threads, bool bf16) {
     ::pclose(pipe);
     const char* tr = got ? std::strstr(line, "\"train_img_s\": ") : nullptr;
     const char* ev = got ? std::strstr(line, "\"eval_img_s\": ") : nullptr;
+    const char* pk = got ? std::strstr(line, "\"matmul_gflops\": ") : nullptr;
     if (tr && ev) {
       train = std::atof(tr + std::strlen("\"train_img_s\": "));
       eval = std::atof(ev + std::strlen("\"eval_img_s\": "));
     }
+    if (pk && peak) *peak = std::atof(pk + std::strlen("\"matmul_gflops\": "));
   };
   for (auto& ref : g_python) {
-    run(ref, "fp32", ref.train, ref.eval);
-    if (bf16) run(ref, "bf16", ref.train_bf16, ref.eval_bf16);
+    run(ref, "fp32", ref.train, ref.eval, &ref.peak);
+    if (bf16) run(ref, "bf16", ref.train_bf16, ref.eval_bf16, nullptr);
   }
 }
 
@@ -320,7 +323,9 @@ int main(int argc, char** argv) {
     std::printf("\nPython reference: bench/python_reference.py...\n");
     run_python_reference(threads, moev::nn::native_bf16());
     for (const auto& ref : g_python) {
-      if (ref.train > 0) std::printf("  %s fp32: train %.0f img/s, eval %.0f img/s\n", ref.preset, ref.train, ref.eval);
+      if (ref.train > 0)
+        std::printf("  %s fp32: train %.0f img/s, eval %.0f img/s (matmul %.0f GFLOP/s around the run)\n", ref.preset,
+                    ref.train, ref.eval, ref.peak);
       else std::printf("  %s: not measured (needs /usr/bin/python3 with python3-torch)\n", ref.preset);
       if (ref.train_bf16 > 0)
         std::printf("  %s bf16 autocast: train %.0f img/s, eval %.0f img/s\n", ref.preset, ref.train_bf16, ref.eval_bf16);
@@ -370,6 +375,13 @@ int main(int argc, char** argv) {
             if (ref.train > 0)
               std::printf("  vs Python eager fp32 measured here (%.0f train, %.0f eval img/s): train %.2fx (target >= %.1f), eval %.2fx (target >= %.1f)\n",
                           ref.train, ref.eval, tr / ref.train, ref.target_train, ev / ref.eval, ref.target_eval);
+            // Python runs in a separate process before the interleaved rounds, so
+            // a slow or fast phase of the machine can fall on one side only:
+            // each side's images/s per GFLOP/s of the matmul peak it measured
+            // at the time takes the phase out (both are OpenBLAS's sgemm).
+            if (ref.train > 0 && ref.peak > 0)
+              std::printf("  the same per GFLOP/s of each side's own matmul peak (moev %.0f, Python %.0f GFLOP/s): train %.2fx, eval %.2fx\n",
+                          peak, ref.peak, (tr / peak) / (ref.train / ref.peak), (ev / peak) / (ref.eval / ref.peak));
             // Like against like: moev bf16 against Python's bf16 autocast, and
             // against the faster of Python's two precisions (what a user would pick).
             if (std::string(prec) == "bf16" && ref.train_bf16 > 0) {

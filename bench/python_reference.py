@@ -21,7 +21,8 @@ forward passes under torch.autocast("cpu", torch.bfloat16), the mixed precision
 a PyTorch user would reach for (fp32 weights, bf16 matmuls and convolutions),
 to compare against moev's model.precision = "bf16".
 
-Prints one JSON line: {"model", "precision", "threads", "train_img_s", "eval_img_s"}.
+Prints one JSON line: {"model", "precision", "threads", "train_img_s", "eval_img_s",
+"matmul_gflops"} (the last: fp32 1024^3 matmul speed around the run, see matmul_gflops).
 Usage: python3 bench/python_reference.py --model vmoe-tiny --threads 2 [--precision bf16]
 """
 import argparse
@@ -168,6 +169,20 @@ def fastest_ms(fn, rounds, steps):
     return best
 
 
+def matmul_gflops(n=1024, calls=5):
+    """fp32 matmul GFLOP/s (fastest of a few calls), as moev_bench measures its peak: the
+    machine's speed at the time of this run, so moev_bench can compare runs made in
+    different phases of a noisy machine."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(calls):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best / 1e9
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="vmoe-tiny", choices=["vmoe-tiny", "convnext-moe-tiny"])
@@ -198,12 +213,15 @@ def main():
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             model(x)
 
+    peak_before = matmul_gflops()
     model.train()
     train_ms = fastest_ms(train_step, a.rounds, a.steps)
     model.eval()
     eval_ms = fastest_ms(eval_step, a.rounds, 2 * a.steps)
+    peak = max(peak_before, matmul_gflops())
     print(json.dumps({"model": a.model, "precision": a.precision, "threads": torch.get_num_threads(),
-                      "train_img_s": a.batch / train_ms * 1e3, "eval_img_s": a.batch / eval_ms * 1e3}))
+                      "train_img_s": a.batch / train_ms * 1e3, "eval_img_s": a.batch / eval_ms * 1e3,
+                      "matmul_gflops": peak}))
 
 
 if __name__ == "__main__":
