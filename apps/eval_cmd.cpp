@@ -56,7 +56,9 @@ Runner add_eval(CLI::App& app) {
   cmd->add_option("--device", f->device, "cpu or cuda[:N]");
   cmd->add_option("--precision", f->precision, "GEMM precision fp32 or bf16 (default: as trained)");
   cmd->add_flag("--json", f->json, "print the result as JSON");
-  cmd->add_flag("--tta", f->tta, "also with test-time augmentation: ten crops (5 shifts x flip) and a 1.15x view");
+  cmd->add_flag("--tta", f->tta,
+                "also with test-time augmentation: up to ten crops (5 shifts x flip, as far as the run's training "
+                "augmentation shifted and flipped) and a 1.15x view (not for ViTs)");
   cmd->footer(
       "\nExamples:\n"
       "  moev eval runs/vmoe/checkpoint.pt --capacity 0.5 --bpr on\n"
@@ -121,8 +123,7 @@ Runner add_eval(CLI::App& app) {
         MOEV_CHECK(f->data.empty() && f->format.empty(), "--tta evaluates the run's own test set: drop --data/--format");
         train::EnsembleConfig one;
         one.members = {{ckpt, 1.0}};
-        one.tta.enabled = true;
-        if (t.cfg.model.family == "vit") one.tta.scale = 0;  // a ViT's token grid is fixed
+        one.tta = train::tta_as_trained(t.cfg.data, t.cfg.model.family);
         auto rt = train::evaluate_ensemble(one, f->limit, f->batch_size, nullptr, false).members[0];
         j["tta_top1"] = rt.top1;
         j["tta_top5"] = rt.top5;

@@ -63,6 +63,31 @@ TEST(Tta, ViewsAreAveragedAsDefined) {
   EXPECT_TRUE(torch::allclose(p, sum / 12, 1e-5, 1e-6));
 }
 
+// `moev eval --tta` shows a model only the views its training did.
+TEST(Tta, AsTrainedFollowsTheTrainingAugmentation) {
+  moev::train::DataConfig d;  // defaults: crops with 2 px padding and flips
+  auto t = moev::train::tta_as_trained(d, "convnext");
+  EXPECT_TRUE(t.enabled);
+  EXPECT_EQ(t.shift, 2);
+  EXPECT_TRUE(t.flip);
+  EXPECT_GT(t.scale, 1.0);
+  d.crop_padding = 0;  // flips only, as the 15-minute V-MoE trains
+  t = moev::train::tta_as_trained(d, "vit");
+  EXPECT_EQ(t.shift, 0);
+  EXPECT_TRUE(t.flip);
+  EXPECT_EQ(t.scale, 0);
+  d.crop_padding = 1;
+  d.hflip = false;
+  t = moev::train::tta_as_trained(d, "convnext");
+  EXPECT_EQ(t.shift, 1);
+  EXPECT_FALSE(t.flip);
+  d.augment = false;
+  d.hflip = true;
+  t = moev::train::tta_as_trained(d, "convnext");
+  EXPECT_EQ(t.shift, 0);
+  EXPECT_FALSE(t.flip);
+}
+
 TEST(Ensemble, ScoresMatchHandCountsAndWeightsAreHonoured) {
   auto probs = torch::tensor({{0.1f, 0.7f, 0.2f}, {0.5f, 0.1f, 0.4f}, {0.3f, 0.3f, 0.4f}});
   auto y = torch::tensor({1, 2, 2}, torch::kInt64);

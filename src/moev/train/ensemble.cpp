@@ -1,5 +1,6 @@
 #include "moev/train/ensemble.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include <nlohmann/json.hpp>
@@ -14,6 +15,15 @@
 namespace moev::train {
 
 using nlohmann::json;
+
+TtaOptions tta_as_trained(const DataConfig& data, const std::string& family) {
+  TtaOptions t;
+  t.enabled = true;
+  t.shift = data.augment ? std::min(t.shift, data.crop_padding) : 0;
+  t.flip = data.augment && data.hflip;
+  if (family == "vit") t.scale = 0;
+  return t;
+}
 
 at::Tensor predict_probs(models::Classifier& model, const at::Tensor& u8, const std::vector<float>& mean,
                          const std::vector<float>& std, const TtaOptions& tta) {
