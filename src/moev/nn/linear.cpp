@@ -92,20 +92,31 @@ PackedWeights& packed_weights() {
   return *cache;
 }
 
-// Whether a CPU fp32 layer runs on packed weights: AVX-512 and no gradient wanted.
-bool use_packed(const at::Tensor& x, at::ScalarType matmul_dtype, std::initializer_list<const at::Tensor*> params) {
+// Whether a CPU fp32 layer can run on packed weights at all: AVX-512, fp32 GEMMs.
+// Weights made under InferenceMode keep no version counter, so a packed copy
+// could not tell when they change: those take the addmm path.
+bool packed_eligible(const at::Tensor& x, at::ScalarType matmul_dtype,
+                     std::initializer_list<const at::Tensor*> params) {
   if (matmul_dtype == at::kBFloat16 || !x.device().is_cpu() || x.scalar_type() != at::kFloat ||
       !packed_gemm_supported())
     return false;
-  // Weights made under InferenceMode keep no version counter, so a packed copy
-  // could not tell when they change: those take the addmm path.
   for (const auto* p : params)
-    if (p->scalar_type() != at::kFloat || !p->device().is_cpu() || p->is_inference()) return false;
-  if (!at::GradMode::is_enabled()) return true;
-  if (x.requires_grad()) return false;
-  for (const auto* p : params)
-    if (p->requires_grad()) return false;
+    if (!p->defined() || p->scalar_type() != at::kFloat || !p->device().is_cpu() || p->is_inference()) return false;
   return true;
+}
+
+// Whether any of x and params wants a gradient.
+bool wants_grad(const at::Tensor& x, std::initializer_list<const at::Tensor*> params) {
+  if (!at::GradMode::is_enabled()) return false;
+  if (x.requires_grad()) return true;
+  for (const auto* p : params)
+    if (p->requires_grad()) return true;
+  return false;
+}
+
+// Whether a CPU fp32 layer runs on packed weights without gradients.
+bool use_packed(const at::Tensor& x, at::ScalarType matmul_dtype, std::initializer_list<const at::Tensor*> params) {
+  return packed_eligible(x, matmul_dtype, params) && !wants_grad(x, params);
 }
 
 // Rows per thread below which a packed GEMM stays on one thread.
@@ -163,12 +174,7 @@ struct PackedLinearTrain : public torch::autograd::Function<PackedLinearTrain> {
 // Whether a CPU fp32 layer trains on the packed kernels (PackedLinearTrain).
 bool use_packed_training(const at::Tensor& x, at::ScalarType matmul_dtype, const at::Tensor& weight,
                          const at::Tensor& bias) {
-  if (matmul_dtype == at::kBFloat16 || !x.device().is_cpu() || x.scalar_type() != at::kFloat ||
-      !packed_gemm_supported() || !at::GradMode::is_enabled() || !bias.defined())
-    return false;
-  for (const auto* p : {&weight, &bias})
-    if (p->scalar_type() != at::kFloat || !p->device().is_cpu() || p->is_inference()) return false;
-  return x.requires_grad() || weight.requires_grad() || bias.requires_grad();
+  return packed_eligible(x, matmul_dtype, {&weight, &bias}) && wants_grad(x, {&weight, &bias});
 }
 
 bool bf16_kernel(const at::Tensor& x) { return x.device().is_cpu() && x.scalar_type() == at::kBFloat16; }
