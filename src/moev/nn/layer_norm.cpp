@@ -103,20 +103,28 @@ constexpr int64_t kRowGrain = 64;
 // results) do not depend on the number of threads.
 constexpr int64_t kGradChunk = 256;
 
+// y [R, D] = the normalised rows of x2 [R, D]; mean and rstd [R] filled when defined.
+at::Tensor normalise(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& bias, double eps,
+                     at::Tensor mean, at::Tensor rstd) {
+  auto y = at::empty_like(x2);
+#if MOEV_LN_KERNELS
+  const float *xp = x2.data_ptr<float>(), *wp = weight.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float* mp = mean.defined() ? mean.data_ptr<float>() : nullptr;
+  float* sp = rstd.defined() ? rstd.data_ptr<float>() : nullptr;
+  at::parallel_for(0, x2.size(0), kRowGrain, [&](int64_t r0, int64_t r1) {
+    forward_rows(xp, wp, bp, yp, r0, r1, x2.size(1), static_cast<float>(eps), mp, sp);
+  });
+#endif
+  return y;
+}
+
 struct LayerNormFn : public torch::autograd::Function<LayerNormFn> {
   // x2: [R, D] contiguous, weight, bias: [D] -> [R, D]
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x2, const at::Tensor& weight,
                             const at::Tensor& bias, double eps) {
-    const int64_t R = x2.size(0), D = x2.size(1);
-    auto y = at::empty_like(x2);
-    auto mean = at::empty({R}, x2.options()), rstd = at::empty({R}, x2.options());
-#if MOEV_LN_KERNELS
-    const float *xp = x2.data_ptr<float>(), *wp = weight.data_ptr<float>(), *bp = bias.data_ptr<float>();
-    float *yp = y.data_ptr<float>(), *mp = mean.data_ptr<float>(), *sp = rstd.data_ptr<float>();
-    at::parallel_for(0, R, kRowGrain, [&](int64_t r0, int64_t r1) {
-      forward_rows(xp, wp, bp, yp, r0, r1, D, static_cast<float>(eps), mp, sp);
-    });
-#endif
+    auto mean = at::empty({x2.size(0)}, x2.options()), rstd = at::empty({x2.size(0)}, x2.options());
+    auto y = normalise(x2, weight, bias, eps, mean, rstd);
     ctx->save_for_backward({x2, weight, mean, rstd});
     return y;
   }
@@ -180,15 +188,7 @@ at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::T
   const auto w = weight.contiguous(), b = bias.contiguous();
   if (at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() || bias.requires_grad()))
     return LayerNormFn::apply(x2, w, b, eps).view(x.sizes());
-  auto y = at::empty_like(x2);
-#if MOEV_LN_KERNELS
-  const float *xp = x2.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, x2.size(0), kRowGrain, [&](int64_t r0, int64_t r1) {
-    forward_rows(xp, wp, bp, yp, r0, r1, D, static_cast<float>(eps), nullptr, nullptr);
-  });
-#endif
-  return y.view(x.sizes());
+  return normalise(x2, w, b, eps, {}, {}).view(x.sizes());
 }
 
 }  // namespace moev::nn
