@@ -217,7 +217,7 @@ int main(int argc, char** argv) {
   int rounds = 5;
   bool no_python = false;
   bool no_figures = false;  // only the Google Benchmark cases (for a profiler)
-  std::string profile;  // "preset/precision/train|eval[/dp]": run that model step for 20 s, nothing else
+  std::string profile;  // "preset/precision/train|eval[/dp]": run that model step for 20 s (--min-time), nothing else
   double min_time_arg = 0;  // seconds per Google Benchmark case (0: 0.3, or 0.01 with --quick)
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
@@ -244,7 +244,8 @@ int main(int argc, char** argv) {
     step();
     int64_t calls = 0;
     const auto t0 = clock::now();
-    while (std::chrono::duration<double>(clock::now() - t0).count() < 20) { step(); ++calls; }
+    const double seconds = min_time_arg > 0 ? min_time_arg : 20.0;
+    while (std::chrono::duration<double>(clock::now() - t0).count() < seconds) { step(); ++calls; }
     const double s = std::chrono::duration<double>(clock::now() - t0).count();
     std::printf("%s: %.1f img/s (%lld steps of 128)\n", profile.c_str(), 128.0 * calls / s, (long long)calls);
     return 0;

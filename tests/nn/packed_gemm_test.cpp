@@ -2,7 +2,7 @@
 // over shapes that hit every remainder: rows not a multiple of the 14-row
 // tile or the 140-row block, columns not a multiple of the 32-wide panel,
 // strided rows, an inner dimension of 1, and outputs on both sides of the
-// width from which A is packed.
+// width from which A is packed; the weight-gradient product A^T B likewise.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -69,4 +69,33 @@ TEST(PackedGemm, FfnMatchesTwoLinearLayersWithGelu) {
     EXPECT_TRUE(torch::allclose(out, ref, 1e-4, 1e-5)) << "M=" << M << " H=" << H << " max err "
                                                        << (out - ref).abs().max().item<float>();
   }
+}
+
+// The weight-gradient GEMM C = A^T B in double against at::mm: reductions not
+// a multiple of the 128-row chunk (and of M = 0), outputs not a multiple of
+// the tile or panel, strided rows on every operand, and accumulation into C.
+TEST(PackedGemm, TransposedProductMatchesMmOverRemainderShapes) {
+  if (!moev::nn::packed_gemm_supported()) GTEST_SKIP() << "no AVX-512 on this CPU";
+  torch::manual_seed(5);
+  const std::vector<std::tuple<int64_t, int64_t, int64_t>> shapes = {
+      {1, 1, 1}, {0, 15, 40}, {127, 14, 32}, {128, 13, 33}, {129, 29, 64}, {300, 384, 128}, {1000, 7, 100}};
+  for (auto [M, R, N] : shapes)
+    for (bool accumulate : {false, true}) {
+      auto abig = torch::randn({M, R + 3}), bbig = torch::randn({M, N + 2});
+      auto a = abig.narrow(1, 0, R), b = bbig.narrow(1, 0, N);
+      auto cbig = torch::full({R, N + 5}, 7.0f);
+      auto c = cbig.narrow(1, 0, N);
+      const auto before = torch::randn({R, N});
+      c.copy_(before);
+      moev::nn::packed_gemm_tn(M, R, N, a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(), b.stride(0),
+                               c.data_ptr<float>(), cbig.stride(0), accumulate);
+      auto ref = torch::mm(a.to(torch::kDouble).t(), b.to(torch::kDouble));
+      if (accumulate) ref += before.to(torch::kDouble);
+      const double tol = 1e-5 * std::sqrt(double(M) + 1.0);
+      EXPECT_TRUE(torch::allclose(c.to(torch::kDouble), ref, tol, tol))
+          << "M=" << M << " R=" << R << " N=" << N << " accumulate=" << accumulate << " max err "
+          << (c.to(torch::kDouble) - ref).abs().max().item<double>();
+      EXPECT_TRUE(torch::equal(cbig.narrow(1, N, 5), torch::full({R, 5}, 7.0f)))
+          << "wrote past the last column, R=" << R << " N=" << N;
+    }
 }

@@ -139,13 +139,15 @@ class GroupedGemm {
     // Each expert's gradient is one GEMM over its rows; the threads take runs of
     // whole experts holding about equal numbers of rows.
     const auto bounds = balanced_expert_runs();
+    const bool packed = nn::packed_gemm_supported() && O >= nn::kPanelWidth;
     at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t e = bounds[t0]; e < bounds[t1]; ++e) {
         const int64_t r0 = offsets_[e], n = offsets_[e + 1] - r0;
         if (n == 0) continue;
         const float* ge = gp + r0 * O;
-        nn::gemm_tn(int(I), int(O), int(n), ap + r0 * I, int(I), ge, int(O), gwp + e * I * O, int(O),
-                    1.0f, 0.0f);
+        if (packed) nn::packed_gemm_tn(n, I, O, ap + r0 * I, I, ge, O, gwp + e * I * O, O, false);
+        else
+          nn::gemm_tn(int(I), int(O), int(n), ap + r0 * I, int(I), ge, int(O), gwp + e * I * O, int(O), 1.0f, 0.0f);
         float* gbe = gbp + e * O;
         for (int64_t r = 0; r < n; ++r)
           for (int64_t c = 0; c < O; ++c) gbe[c] += ge[r * O + c];

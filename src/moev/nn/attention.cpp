@@ -84,8 +84,10 @@ struct FusedAttention : public torch::autograd::Function<FusedAttention> {
     float* gb = gqkv.data_ptr<float>();
     const int n = static_cast<int>(N), d = static_cast<int>(dh), ld3 = static_cast<int>(3 * D),
               ld = static_cast<int>(D);
+    const bool packed = packed_gemm_supported();
     at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> dP(N * N);
+      std::vector<float> vp(packed ? packed_size(dh, N) : 0), kp(packed ? packed_size(N, dh) : 0);
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / heads, h = bh % heads;
         const int64_t off = b * N * 3 * D + h * dh;
@@ -93,6 +95,16 @@ struct FusedAttention : public torch::autograd::Function<FusedAttention> {
         float *gq = gb + off, *gk = gq + D, *gv = gq + 2 * D;
         const float* dO = gob + b * N * D + h * dh;
         const float* P = pb + bh * N * N;
+        if (packed) {  // the same four products on moev's kernels, dS scaled once for dQ and dK
+          packed_gemm_tn(N, N, dh, P, N, dO, ld, gv, ld3, false);  // dV = P^T dO
+          pack_weight(v, dh, N, 1, ld3, vp.data());                 // W[i, j] = v[j, i]
+          packed_gemm(N, dh, N, dO, ld, vp.data(), nullptr, dP.data(), N, Epilogue::kNone);  // dP = dO v^T
+          softmax_backward_rows(P, dP.data(), N, N, N, scale);  // dS / sqrt(dh)
+          pack_weight(k, N, dh, ld3, 1, kp.data());
+          packed_gemm(N, N, dh, dP.data(), N, kp.data(), nullptr, gq, ld3, Epilogue::kNone);  // dQ = dS k
+          packed_gemm_tn(N, N, dh, dP.data(), N, q, ld3, gk, ld3, false);                     // dK = dS^T q
+          continue;
+        }
         gemm_tn(n, d, n, P, n, dO, ld, gv, ld3, 1.0f, 0.0f);          // dV = P^T dO
         gemm_nt(n, n, d, dO, ld, v, ld3, dP.data(), n, 1.0f, 0.0f);   // dP = dO v^T
         softmax_backward_rows(P, dP.data(), N, N, N);  // dS = P * (dP - rowsum(dP * P))

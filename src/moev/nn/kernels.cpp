@@ -222,7 +222,7 @@ void gelu_rows(float* x, int64_t rows, int64_t n, int64_t ld) {
   gelu_rows_generic(x, rows, n, ld);
 }
 
-MOEV_CLONES void softmax_backward_rows(const float* p, float* dp, int64_t rows, int64_t n, int64_t ld) {
+MOEV_CLONES void softmax_backward_rows(const float* p, float* dp, int64_t rows, int64_t n, int64_t ld, float scale) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* pr = p + r * ld;
     float* dr = dp + r * ld;
@@ -233,7 +233,7 @@ MOEV_CLONES void softmax_backward_rows(const float* p, float* dp, int64_t rows, 
     for (; j < n; ++j) part[j & 15] += pr[j] * dr[j];
     float dot = 0;
     for (float v : part) dot += v;
-    for (j = 0; j < n; ++j) dr[j] = pr[j] * (dr[j] - dot);
+    for (j = 0; j < n; ++j) dr[j] = scale * pr[j] * (dr[j] - dot);
   }
 }
 

@@ -44,8 +44,8 @@ void gelu_rows(float* x, int64_t rows, int64_t n, int64_t ld);
 void gelu_bf16(const uint16_t* x, uint16_t* y, int64_t n);
 void gelu_backward_bf16(const uint16_t* grad, const uint16_t* x, uint16_t* grad_x, int64_t n);
 
-// In place, each row of P (probabilities) and dP: dP <- P * (dP - sum(P * dP)),
-// the softmax backward.
-void softmax_backward_rows(const float* p, float* dp, int64_t rows, int64_t n, int64_t ld);
+// In place, each row of P (probabilities) and dP: dP <- scale * P * (dP -
+// sum(P * dP)), the softmax backward (scale: of the logits, folded in).
+void softmax_backward_rows(const float* p, float* dp, int64_t rows, int64_t n, int64_t ld, float scale = 1.0f);
 
 }  // namespace moev::nn

@@ -146,11 +146,27 @@ at::Tensor pack_for_input_grad(const at::Tensor& weight) {
   return packed;
 }
 
-// fp32 training on AVX-512 CPUs: the forward and the input gradient run on
-// packed_gemm, the weight packed again at each call (O(I * O) against the
-// GEMM's O(M * I * O)); OpenBLAS re-packs both operands at every call, ~15%
-// of an fp32 training step in its copy routines. The weight gradient, a long
-// reduction over the rows, stays on BLAS.
+// dW[O, I] = dy[M, O]^T x2[M, I] on packed_gemm_tn, the threads taking
+// column panels of dW (so the sums do not depend on the thread count). Inputs
+// narrower than a panel would leave half of every FMA idle: BLAS takes those.
+at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x2) {
+  const int64_t M = dy.size(0), O = dy.size(1), I = x2.size(1);
+  if (I < kPanelWidth) return at::mm(dy.t(), x2);
+  auto dw = at::empty({O, I}, dy.options());
+  const float *gp = dy.data_ptr<float>(), *xp = x2.data_ptr<float>();
+  float* wp = dw.data_ptr<float>();
+  const int64_t ldx = x2.stride(0), panels = (I + kPanelWidth - 1) / kPanelWidth;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    const int64_t c0 = p0 * kPanelWidth, c1 = std::min(I, p1 * kPanelWidth);
+    packed_gemm_tn(M, O, c1 - c0, gp, O, xp + c0, ldx, wp + c0, I, false);
+  });
+  return dw;
+}
+
+// fp32 training on AVX-512 CPUs: all three GEMMs on moev's kernels, the
+// weight packed again at each call for the forward and the input gradient
+// (O(I * O) against the GEMM's O(M * I * O)); OpenBLAS re-packs both operands
+// at every call, ~15% of an fp32 training step in its copy routines.
 struct PackedLinearTrain : public torch::autograd::Function<PackedLinearTrain> {
   // x2: [M, I], weight: [O, I], bias: [O] -> [M, O]
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x2, const at::Tensor& weight,
@@ -165,7 +181,7 @@ struct PackedLinearTrain : public torch::autograd::Function<PackedLinearTrain> {
     const auto dy = grads[0].contiguous();
     at::Tensor dx, dw, db;
     if (ctx->needs_input_grad(0)) dx = packed_rows(dy, pack_for_input_grad(weight), {}, weight.size(1));
-    if (ctx->needs_input_grad(1)) dw = at::mm(dy.t(), x2);
+    if (ctx->needs_input_grad(1)) dw = weight_grad(dy, x2);
     if (ctx->needs_input_grad(2)) db = dy.sum(0);
     return {dx, dw, db};
   }

@@ -34,6 +34,9 @@ namespace {
 
 constexpr int64_t kTileRows = 14;               // rows of a register tile
 constexpr int64_t kBlockRows = 10 * kTileRows;  // rows of A packed at a time
+// Rows of the reduction packed at a time by packed_gemm_tn: one 16 KB panel
+// chunk, which stays in L1 while every row block of the output passes over it.
+constexpr int64_t kReduceChunk = 128;
 
 }  // namespace
 
@@ -73,23 +76,26 @@ void pack_weight(const float* w, int64_t I, int64_t O, int64_t stride_i, int64_t
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 namespace {
 
-// One tile: C[MR, 32] = A_tile[MR, K] P[K, 32] + bias, P one weight panel.
-// A_tile packed k-major ([K][MR], kPackedA) or rows of A at stride lda
-// (broadcasts straight from the rows: 3-9% slower per tile, measured, but no
-// packing pass, which costs more when the output has few panels). pf: where
-// to prefetch K cache lines into L2 (null: none). m0/m1: which of the 32
-// columns exist. kGelu: GELU applied in registers before the store (a separate
-// pass over the output cost 12% of a ConvNeXt's inference).
+// One tile: C[MR, 32] = A_tile[MR, K] P[K, 32] + bias (+ C, accumulate), P one
+// weight panel. A_tile k-major (kPackedA: element (i, k) at a[i + k * lda],
+// lda = MR when packed by pack_rows, the row stride of a matrix whose
+// transpose is A otherwise) or rows of A at stride lda (broadcasts straight
+// from the rows: 3-9% slower per tile, measured, but no packing pass, which
+// costs more when the output has few panels). pf: where to prefetch K cache
+// lines into L2 (null: none). m0/m1: which of the 32 columns exist. kGelu:
+// GELU applied in registers before the store (a separate pass over the output
+// cost 12% of a ConvNeXt's inference).
 template <int MR, bool kPackedA, bool kGelu>
-MOEV_AVX512 inline void tile(int64_t K, const float* a, int64_t lda, const float* p, float* c, int64_t ldc,
-                             const float* bias, __mmask16 m0, __mmask16 m1, const char* pf) {
+MOEV_AVX512 inline void tile(int64_t K, const float* a, int64_t lda, const float* p, int64_t ldp, float* c,
+                             int64_t ldc, const float* bias, __mmask16 m0, __mmask16 m1, const char* pf,
+                             bool accumulate) {
   __m512 acc0[MR], acc1[MR];
   const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
   const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
 #pragma GCC unroll 14
   for (int i = 0; i < MR; ++i) {
-    acc0[i] = bias0;
-    acc1[i] = bias1;
+    acc0[i] = accumulate ? _mm512_add_ps(bias0, _mm512_maskz_loadu_ps(m0, c + i * ldc)) : bias0;
+    acc1[i] = accumulate ? _mm512_add_ps(bias1, _mm512_maskz_loadu_ps(m1, c + i * ldc + 16)) : bias1;
   }
   for (int64_t k = 0; k < K; ++k) {
     const __m512 w0 = _mm512_loadu_ps(p), w1 = _mm512_loadu_ps(p + 16);
@@ -100,8 +106,8 @@ MOEV_AVX512 inline void tile(int64_t K, const float* a, int64_t lda, const float
       acc0[i] = _mm512_fmadd_ps(ai, w0, acc0[i]);
       acc1[i] = _mm512_fmadd_ps(ai, w1, acc1[i]);
     }
-    a += kPackedA ? MR : 1;
-    p += kPanelWidth;
+    a += kPackedA ? lda : 1;
+    p += ldp;
   }
 #pragma GCC unroll 14
   for (int i = 0; i < MR; ++i) {
@@ -110,8 +116,8 @@ MOEV_AVX512 inline void tile(int64_t K, const float* a, int64_t lda, const float
   }
 }
 
-using TileFn = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, const float*, __mmask16,
-                        __mmask16, const char*);
+using TileFn = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, const float*,
+                        __mmask16, __mmask16, const char*, bool);
 template <bool kPackedA, bool kGelu, int... R>
 constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int, R...>) {
   return {&tile<R + 1, kPackedA, kGelu>...};
@@ -147,8 +153,16 @@ MOEV_AVX512 void pack_rows(const float* A, int64_t lda, int64_t m, int64_t I, fl
 // The per-thread buffer of packed A rows and FFN hidden rows: grown once,
 // never freed, so steady-state calls allocate nothing.
 std::vector<float>& scratch(int which) {
-  thread_local std::vector<float> buf[2];
+  thread_local std::vector<float> buf[3];
   return buf[which];
+}
+
+// Which of a panel's two vectors' lanes hold its nc (1..32) columns.
+std::pair<__mmask16, __mmask16> column_masks(int64_t nc) {
+  const auto lanes = [](int64_t n) {
+    return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << n) - 1);
+  };
+  return {lanes(nc), lanes(nc - 16)};
 }
 
 // C[m, O] = A W + bias for m <= kBlockRows rows of A: packed by pack_rows
@@ -159,8 +173,7 @@ MOEV_AVX512 void block_gemm(int64_t m, int64_t I, int64_t O, const float* a, int
   const auto& tiles = kTiles[packed_a][gelu];
   for (int64_t p = 0; p < panels; ++p) {
     const int64_t c0 = p * kPanelWidth, nc = std::min(kPanelWidth, O - c0);
-    const __mmask16 m0 = nc >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nc) - 1);
-    const __mmask16 m1 = nc >= 32 ? 0xFFFF : nc <= 16 ? 0 : static_cast<__mmask16>((1u << (nc - 16)) - 1);
+    const auto [m0, m1] = column_masks(nc);
     const float* wp = w + p * panel;
     // The next panel (or, after the last, whatever follows the weight: the
     // next expert's, when experts are stored side by side; prefetches never fault).
@@ -168,8 +181,8 @@ MOEV_AVX512 void block_gemm(int64_t m, int64_t I, int64_t O, const float* a, int
     for (int64_t r0 = 0, t = 0; r0 < m; r0 += kTileRows, ++t) {
       const int64_t mr = std::min(kTileRows, m - r0);
       const char* pf = t < 2 ? next + t * I * 64 : nullptr;  // two tiles prefetch K lines each
-      tiles[mr - 1](I, packed_a ? a + r0 * I : a + r0 * lda, lda, wp, C + r0 * ldc + c0, ldc,
-                    bias ? bias + c0 : nullptr, m0, m1, pf);
+      tiles[mr - 1](I, packed_a ? a + r0 * I : a + r0 * lda, packed_a ? mr : lda, wp, kPanelWidth, C + r0 * ldc + c0,
+                    ldc, bias ? bias + c0 : nullptr, m0, m1, pf, false);
     }
   }
 }
@@ -194,6 +207,47 @@ void packed_gemm(int64_t M, int64_t I, int64_t O, const float* A, int64_t lda, c
   }
 #else
   MOEV_CHECK(false, "packed_gemm: built for a CPU without AVX-512");
+#endif
+}
+
+void packed_gemm_tn(int64_t M, int64_t R, int64_t N, const float* A, int64_t lda, const float* B, int64_t ldb,
+                    float* C, int64_t ldc, bool accumulate) {
+#if MOEV_HAVE_X86
+  MOEV_CHECK(packed_gemm_supported(), "packed_gemm_tn: this CPU has no AVX-512");
+  if (M == 0) {
+    if (!accumulate)
+      for (int64_t r = 0; r < R; ++r) std::fill(C + r * ldc, C + r * ldc + N, 0.0f);
+    return;
+  }
+  // One chunk of B's rows at a time, all its panels: A's chunk is then read
+  // from memory once and from L2 for the other panels, and C stays in L2. A
+  // panel's row of 32 floats is contiguous in B itself, so full panels are
+  // read in place (a copy cost 3% of a training step); only a last, partial
+  // one is packed, zero-padded.
+  const int64_t full = N / kPanelWidth, tail = N - full * kPanelWidth;
+  auto& last = scratch(2);
+  if (tail > 0 && static_cast<int64_t>(last.size()) < kReduceChunk * kPanelWidth)
+    last.resize(kReduceChunk * kPanelWidth);
+  const auto& tiles = kTiles[1][0];
+  for (int64_t k0 = 0; k0 < M; k0 += kReduceChunk) {
+    const int64_t kc = std::min(kReduceChunk, M - k0);
+    if (tail > 0) pack_weight(B + k0 * ldb + full * kPanelWidth, kc, tail, ldb, 1, last.data());
+    for (int64_t p = 0; p < full + (tail > 0); ++p) {
+      const int64_t c0 = p * kPanelWidth;
+      const auto [m0, m1] = column_masks(std::min(kPanelWidth, N - c0));
+      const float* panel = p < full ? B + k0 * ldb + c0 : last.data();
+      const int64_t ldp = p < full ? ldb : kPanelWidth;
+      // A^T's rows are A's columns: a tile's 14 values of one k are adjacent
+      // in A's row k, so A is read in place, k-major at stride lda.
+      for (int64_t r0 = 0; r0 < R; r0 += kTileRows) {
+        const int64_t mr = std::min(kTileRows, R - r0);
+        tiles[mr - 1](kc, A + k0 * lda + r0, lda, panel, ldp, C + r0 * ldc + c0, ldc, nullptr, m0, m1, nullptr,
+                      accumulate || k0 > 0);
+      }
+    }
+  }
+#else
+  MOEV_CHECK(false, "packed_gemm_tn: built for a CPU without AVX-512");
 #endif
 }
 

@@ -36,6 +36,13 @@ enum class Epilogue { kNone, kGelu };  // kGelu: the exact (erf) GELU, as at::ge
 void packed_gemm(int64_t M, int64_t I, int64_t O, const float* A, int64_t lda, const float* packed_w,
                  const float* bias, float* C, int64_t ldc, Epilogue epilogue);
 
+// C[R, N] = A[M, R]^T B[M, N] (+ C when accumulate) on the calling thread: a
+// weight gradient (dW = dY^T X), a long reduction over M rows. Neither operand
+// is packed: both are read in place, 128 rows of the reduction at a time (a
+// last panel narrower than 32 columns is copied, zero-padded). Rows of A, B and C at strides lda, ldb and ldc, unit column stride.
+void packed_gemm_tn(int64_t M, int64_t R, int64_t N, const float* A, int64_t lda, const float* B, int64_t ldb,
+                    float* C, int64_t ldc, bool accumulate);
+
 // The two-layer FFN on the calling thread: out[M, D] = gelu(x W1 + b1) W2 + b2,
 // W1 [D, H] and W2 [H, D] packed; the hidden rows go through a per-thread
 // scratch of at most 140 rows, so they never leave L2.
