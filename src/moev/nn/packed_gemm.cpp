@@ -44,20 +44,50 @@ bool packed_gemm_supported() { return MOEV_HAVE_X86 && cpu_has_avx512(); }
 
 int64_t packed_size(int64_t I, int64_t O) { return (O + kPanelWidth - 1) / kPanelWidth * I * kPanelWidth; }
 
+#if MOEV_HAVE_X86
+namespace {
+
+// Which of a panel's two vectors' lanes hold its nc (1..32) columns.
+std::pair<__mmask16, __mmask16> column_masks(int64_t nc) {
+  const auto lanes = [](int64_t n) {
+    return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << n) - 1);
+  };
+  return {lanes(nc), lanes(nc - 16)};
+}
+
+// pack_weight of a transposed source (unit stride along I): a panel row is
+// one column of the source, 32 strided floats, taken by two gathers. Training
+// packs W^T of every linear layer at each step, and attention packs k^T for
+// every image and head (a scalar transpose was 5% of the V-MoE's inference).
+MOEV_AVX512 void pack_transposed(const float* w, int64_t I, int64_t O, int64_t stride_o, float* dst) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(stride_o)));
+  for (int64_t c0 = 0; c0 < O; c0 += kPanelWidth) {
+    const int64_t nc = std::min(kPanelWidth, O - c0);
+    const auto [m0, m1] = column_masks(nc);
+    const float* src0 = w + c0 * stride_o;
+    const float* src1 = src0 + 16 * stride_o;
+    float* d = dst + c0 * I;
+    for (int64_t i = 0; i < I; ++i, d += kPanelWidth) {
+      _mm512_storeu_ps(d, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m0, idx, src0 + i, 4));
+      _mm512_storeu_ps(d + 16, m1 ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m1, idx, src1 + i, 4)
+                                  : _mm512_setzero_ps());
+    }
+  }
+}
+
+}  // namespace
+#endif
+
 void pack_weight(const float* w, int64_t I, int64_t O, int64_t stride_i, int64_t stride_o, float* dst) {
+#if MOEV_HAVE_X86
+  if (stride_i == 1 && O > 1 && stride_o < (int64_t{1} << 31) / 32 && cpu_has_avx512())
+    return pack_transposed(w, I, O, stride_o, dst);
+#endif
   const int64_t panels = (O + kPanelWidth - 1) / kPanelWidth;
   for (int64_t p = 0; p < panels; ++p) {
     const int64_t c0 = p * kPanelWidth, nc = std::min(kPanelWidth, O - c0);
     float* d = dst + p * I * kPanelWidth;
-    if (stride_i == 1 && nc == kPanelWidth) {
-      // A transposed source (training packs W^T at every step): read each
-      // column's run of I floats in order rather than 32 strided floats per row.
-      for (int64_t c = 0; c < kPanelWidth; ++c) {
-        const float* src = w + (c0 + c) * stride_o;
-        for (int64_t i = 0; i < I; ++i) d[i * kPanelWidth + c] = src[i];
-      }
-      continue;
-    }
     for (int64_t i = 0; i < I; ++i, d += kPanelWidth) {
       const float* src = w + i * stride_i + c0 * stride_o;
       if (stride_o == 1) std::copy(src, src + nc, d);
@@ -157,18 +187,13 @@ std::vector<float>& scratch(int which) {
   return buf[which];
 }
 
-// Which of a panel's two vectors' lanes hold its nc (1..32) columns.
-std::pair<__mmask16, __mmask16> column_masks(int64_t nc) {
-  const auto lanes = [](int64_t n) {
-    return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << n) - 1);
-  };
-  return {lanes(nc), lanes(nc - 16)};
-}
-
 // C[m, O] = A W + bias for m <= kBlockRows rows of A: packed by pack_rows
-// (lda ignored) or in place at stride lda.
+// (lda ignored) or in place at stride lda. next_a: the rows of A the next
+// block will read in place (null: none), prefetched into L2 during the last
+// panel, so that block does not start on activations still in L3 or memory.
 MOEV_AVX512 void block_gemm(int64_t m, int64_t I, int64_t O, const float* a, int64_t lda, bool packed_a,
-                            const float* w, const float* bias, float* C, int64_t ldc, bool gelu) {
+                            const float* w, const float* bias, float* C, int64_t ldc, bool gelu,
+                            const float* next_a) {
   const int64_t panels = (O + kPanelWidth - 1) / kPanelWidth, panel = I * kPanelWidth;
   const auto& tiles = kTiles[packed_a][gelu];
   for (int64_t p = 0; p < panels; ++p) {
@@ -180,7 +205,11 @@ MOEV_AVX512 void block_gemm(int64_t m, int64_t I, int64_t O, const float* a, int
     const char* next = reinterpret_cast<const char*>(wp + panel);
     for (int64_t r0 = 0, t = 0; r0 < m; r0 += kTileRows, ++t) {
       const int64_t mr = std::min(kTileRows, m - r0);
-      const char* pf = t < 2 ? next + t * I * 64 : nullptr;  // two tiles prefetch K lines each
+      // Two tiles prefetch K lines each of the next panel; in the last panel
+      // the others fetch the next block's A, as far as their lines reach.
+      const char* pf = t < 2                              ? next + t * I * 64
+                       : next_a && p == panels - 1 ? reinterpret_cast<const char*>(next_a) + (t - 2) * I * 64
+                                                   : nullptr;
       tiles[mr - 1](I, packed_a ? a + r0 * I : a + r0 * lda, packed_a ? mr : lda, wp, kPanelWidth, C + r0 * ldc + c0,
                     ldc, bias ? bias + c0 : nullptr, m0, m1, pf, false);
     }
@@ -191,8 +220,12 @@ MOEV_AVX512 void block_gemm(int64_t m, int64_t I, int64_t O, const float* a, int
 #pragma GCC diagnostic pop
 #endif
 
-void packed_gemm(int64_t M, int64_t I, int64_t O, const float* A, int64_t lda, const float* packed_w,
-                 const float* bias, float* C, int64_t ldc, Epilogue epilogue) {
+namespace {
+
+// packed_gemm; after: the rows of A a later call will read (null: none),
+// prefetched by the last block in place of a next block's.
+void gemm_blocks(int64_t M, int64_t I, int64_t O, const float* A, int64_t lda, const float* packed_w,
+                 const float* bias, float* C, int64_t ldc, Epilogue epilogue, const float* after) {
 #if MOEV_HAVE_X86
   MOEV_CHECK(packed_gemm_supported(), "packed_gemm: this CPU has no AVX-512");
   MOEV_CHECK(lda < (int64_t{1} << 31) / 64, "packed_gemm: row stride ", lda, " too large for the gathers");
@@ -202,12 +235,20 @@ void packed_gemm(int64_t M, int64_t I, int64_t O, const float* A, int64_t lda, c
   for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
     const int64_t m = std::min(kBlockRows, M - m0);
     if (pack_a) pack_rows(A + m0 * lda, lda, m, I, abuf.data());
+    const float* next_a = pack_a ? nullptr : m0 + kBlockRows < M ? A + (m0 + kBlockRows) * lda : after;
     block_gemm(m, I, O, pack_a ? abuf.data() : A + m0 * lda, lda, pack_a, packed_w, bias, C + m0 * ldc, ldc,
-               epilogue == Epilogue::kGelu);
+               epilogue == Epilogue::kGelu, next_a);
   }
 #else
   MOEV_CHECK(false, "packed_gemm: built for a CPU without AVX-512");
 #endif
+}
+
+}  // namespace
+
+void packed_gemm(int64_t M, int64_t I, int64_t O, const float* A, int64_t lda, const float* packed_w,
+                 const float* bias, float* C, int64_t ldc, Epilogue epilogue) {
+  gemm_blocks(M, I, O, A, lda, packed_w, bias, C, ldc, epilogue, nullptr);
 }
 
 void packed_gemm_tn(int64_t M, int64_t R, int64_t N, const float* A, int64_t lda, const float* B, int64_t ldb,
@@ -257,7 +298,8 @@ void packed_ffn(int64_t M, int64_t D, int64_t H, const float* x, int64_t ldx, co
   if (static_cast<int64_t>(hidden.size()) < kBlockRows * H) hidden.resize(kBlockRows * H);
   for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
     const int64_t m = std::min(kBlockRows, M - m0);
-    packed_gemm(m, D, H, x + m0 * ldx, ldx, w1, b1, hidden.data(), H, Epilogue::kGelu);
+    const float* next_x = m0 + kBlockRows < M ? x + (m0 + kBlockRows) * ldx : nullptr;
+    gemm_blocks(m, D, H, x + m0 * ldx, ldx, w1, b1, hidden.data(), H, Epilogue::kGelu, next_x);
     packed_gemm(m, H, D, hidden.data(), H, w2, b2, out + m0 * ldo, ldo, Epilogue::kNone);
   }
 }
