@@ -37,8 +37,9 @@ TEST(Kernels, ExpClampsBothEndsWithoutNaN) {
 }
 
 TEST(Kernels, SoftmaxRowsMatchesTorchSoftmaxAndBackward) {
-  // Odd lengths exercise the tails of the 16-wide loops; ld > n the strides.
-  for (int64_t n : {1, 7, 16, 49, 50}) {
+  // Odd lengths exercise the tails of the 16-wide loops and each register-held
+  // row length (up to 16, 32, 64) against the general loop; ld > n the strides.
+  for (int64_t n : {1, 7, 16, 17, 32, 33, 49, 50, 64, 65, 100}) {
     torch::manual_seed(n);
     const int64_t rows = 5, ld = n + 3;
     auto x = torch::randn({rows, ld}) * 10;

@@ -97,13 +97,59 @@ MOEV_CLONES void gelu_rows_generic(float* x, int64_t rows, int64_t n, int64_t ld
 #if MOEV_X86_INTRINSICS
 #define MOEV_AVX512 __attribute__((target("avx512f")))
 // GCC 12's _mm512_reduce_* start from _mm512_undefined_ps(): a false
-// -Wmaybe-uninitialized in its own header.
+// -W(maybe-)uninitialized in its own header.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 using simd::tail_mask;
 
+// Rows of at most 16 * NV values (attention over 49 tokens: NV = 4) held in
+// registers: one load and one store per element, where the general loop
+// below passes over the row three times.
+template <int NV, int R>
+MOEV_AVX512 inline void softmax_short_group(float* x, int64_t ld, const __mmask16* m, __m512 vscale) {
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  __m512 e[R][NV], mx[R], sum[R];
+  for (int r = 0; r < R; ++r) {
+    mx[r] = ninf;
+    for (int v = 0; v < NV; ++v) {
+      e[r][v] = _mm512_mask_loadu_ps(ninf, m[v], x + r * ld + 16 * v);
+      mx[r] = _mm512_max_ps(mx[r], e[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx[r]));
+    sum[r] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) {
+      e[r][v] = _mm512_maskz_mov_ps(m[v], simd::exp16(_mm512_mul_ps(vscale, _mm512_sub_ps(e[r][v], vmax))));
+      sum[r] = _mm512_add_ps(sum[r], e[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum[r]));
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(x + r * ld + 16 * v, m[v], _mm512_mul_ps(e[r][v], inv));
+  }
+}
+
+// Rows of at most 16 * NV values (attention over 49 tokens: NV = 4) held in
+// registers, two rows at a time so that one row's reductions overlap the
+// other's arithmetic: one load and one store per element, where the general
+// loop below passes over the row three times.
+template <int NV>
+MOEV_AVX512 void softmax_short_rows(float* x, int64_t rows, int64_t n, int64_t ld, float scale) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  __mmask16 m[NV];
+  for (int v = 0; v < NV; ++v) m[v] = n > 16 * v ? tail_mask(n - 16 * v) : 0;
+  int64_t r = 0;
+  for (; r + 2 <= rows; r += 2) softmax_short_group<NV, 2>(x + r * ld, ld, m, vscale);
+  if (r < rows) softmax_short_group<NV, 1>(x + r * ld, ld, m, vscale);
+}
+
 MOEV_AVX512 void softmax_rows_avx512(float* x, int64_t rows, int64_t n, int64_t ld, float scale) {
+  if (n <= 16) return softmax_short_rows<1>(x, rows, n, ld, scale);
+  if (n <= 32) return softmax_short_rows<2>(x, rows, n, ld, scale);
+  if (n <= 64) return softmax_short_rows<4>(x, rows, n, ld, scale);
   const __m512 vscale = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
   for (int64_t r = 0; r < rows; ++r) {
     float* row = x + r * ld;
