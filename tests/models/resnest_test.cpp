@@ -96,6 +96,28 @@ TEST(ResNeSt, StochasticDepthOnlyInTraining) {
   EXPECT_TRUE(torch::equal(m->forward(x), m->forward(x)));
 }
 
+TEST(ResNeSt, HeadDropoutOnlyInTrainingAndNotInTheEmbeddings) {
+  torch::manual_seed(0);
+  auto cfg = models::preset("resnest-mb-tiny");
+  cfg.dropout = 0.5;
+  cfg.drop_path = 0.0;
+  auto m = std::dynamic_pointer_cast<models::ResNeStImpl>(models::build_model(cfg));
+  auto x = torch::randn({4, 1, 28, 28});
+  torch::NoGradGuard ng;
+  m->eval();
+  const auto ref = m->forward_branches(x);
+  EXPECT_TRUE(torch::equal(m->forward(x), m->forward(x)));
+  // In training BatchNorm uses the batch statistics; fix them by evaluating
+  // the trunk in eval mode and training only the heads' dropout.
+  m->train();
+  for (auto& mod : m->modules(false))
+    if (dynamic_cast<torch::nn::BatchNorm2dImpl*>(mod.get())) mod->eval();
+  const auto a = m->forward_branches(x), b = m->forward_branches(x);
+  EXPECT_TRUE(torch::allclose(a.embeddings[0], ref.embeddings[0], 1e-5, 1e-6));  // embeddings whole
+  EXPECT_FALSE(torch::allclose(a.logits[0], b.logits[0]));                    // heads see dropout
+  EXPECT_FALSE(torch::allclose(a.logits[0], ref.logits[0]));
+}
+
 TEST(ResNeSt, BadConfigsAreErrors) {
   auto c = models::preset("resnest-mb-tiny");
   c.branches = 0;

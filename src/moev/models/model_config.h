@@ -33,7 +33,7 @@ struct ModelConfig {
   double layer_scale = 1e-6;   // ConvNeXt layer scale initial value
   int64_t heads = 4;           // attention heads
   int64_t mlp_dim = 256;       // H of the MLP and of each expert
-  double dropout = 0.0;        // dropout after attention and MLP
+  double dropout = 0.0;        // dropout after attention and MLP (ViT), before each head (ResNeSt)
   std::string precision = "fp32";  // GEMM precision: fp32, or bf16 (mixed, fp32 weights)
   Placement moe;               // which blocks are MoE
   moe::RouterConfig router;    // routing of every MoE layer

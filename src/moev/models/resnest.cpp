@@ -153,7 +153,10 @@ BranchOutputs ResNeStImpl::forward_branches(const at::Tensor& images) {
     auto h = x;
     for (auto& blk : *branches[b]->as<torch::nn::ModuleListImpl>()) h = blk->as<ResNeStBlockImpl>()->forward(h);
     auto e = h.mean({2, 3});  // [B, F]
-    out.logits.push_back(heads[b]->as<torch::nn::LinearImpl>()->forward(e));
+    // Dropout before each head in training (Sun et al.'s recipe: 0.2); the
+    // embeddings the fusion layer reads stay whole.
+    const auto d = cfg.dropout > 0 && is_training() ? torch::dropout(e, cfg.dropout, true) : e;
+    out.logits.push_back(heads[b]->as<torch::nn::LinearImpl>()->forward(d));
     out.embeddings.push_back(e);
   }
   return out;

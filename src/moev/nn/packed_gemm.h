@@ -1,12 +1,14 @@
-// Inference GEMMs on weights packed once into column panels, for CPUs with
-// AVX-512. Why not BLAS: OpenBLAS packs the weight matrix again at every call,
-// and with many experts each GEMM has few rows (~100 at E = 64 in the bench),
-// so that repacking, which streams the cold weights from memory before any
-// arithmetic starts, was a sixth of the MoE layer's time (perf: 16.6% in
-// sgemm_incopy at E = 64 against 2.3% at E = 4). Here the weights are packed
-// when they change (the experts' inference copies), the kernel streams each
-// panel once with the next one prefetched into L2, and the bias and GELU are
-// applied while the output tile is in cache.
+// moev's own GEMMs for CPUs with AVX-512: inference on weights packed once
+// into column panels, and the fp32 training GEMMs (weights packed per step,
+// weight gradients by packed_gemm_tn). Why not BLAS: OpenBLAS packs the
+// weight matrix again at every call, and with many experts each GEMM has few
+// rows (~100 at E = 64 in the bench), so that repacking, which streams the
+// cold weights from memory before any arithmetic starts, was a sixth of the
+// MoE layer's time (perf: 16.6% in sgemm_incopy at E = 64 against 2.3% at
+// E = 4). Here the weights are packed when they change (the experts'
+// inference copies), the kernel streams each panel once with the next one
+// prefetched into L2, and the bias and GELU are applied while the output tile
+// is in cache.
 #pragma once
 
 #include <cstdint>
