@@ -104,9 +104,7 @@ MOEV_CLONES void gelu_rows_generic(float* x, int64_t rows, int64_t n, int64_t ld
 
 using simd::tail_mask;
 
-// Rows of at most 16 * NV values (attention over 49 tokens: NV = 4) held in
-// registers: one load and one store per element, where the general loop
-// below passes over the row three times.
+// R consecutive rows of softmax_short_rows, their NV vectors each in registers.
 template <int NV, int R>
 MOEV_AVX512 inline void softmax_short_group(float* x, int64_t ld, const __mmask16* m, __m512 vscale) {
   const __m512 ninf = _mm512_set1_ps(-INFINITY);
