@@ -56,11 +56,6 @@ std::vector<PythonRef> g_python = {{"vmoe-tiny", 175, 550, 2.0, 2.5}, {"convnext
 void run_python_reference(int threads, bool bf16) {
   auto run = [&](const PythonRef& ref, const char* precision, double& best_train, double& best_eval, double* best_peak) {
     double train = 0, eval = 0, peak = 0;
-    auto keep = [&]() {
-      best_train = std::max(best_train, train);
-      best_eval = std::max(best_eval, eval);
-      if (best_peak) *best_peak = std::max(*best_peak, peak);
-    };
     const std::string cmd = "/usr/bin/python3 " MOEV_SOURCE_DIR "/bench/python_reference.py --model " +
                             std::string(ref.preset) + " --threads " + std::to_string(threads) +
                             " --precision " + precision + " 2>/dev/null";
@@ -83,7 +78,9 @@ void run_python_reference(int threads, bool bf16) {
     else std::printf("  %s %s: not measured (needs /usr/bin/python3 with python3-torch)", ref.preset, precision);
     if (peak > 0) std::printf(" (matmul %.0f GFLOP/s around the run)", peak);
     std::printf("\n");
-    keep();
+    best_train = std::max(best_train, train);
+    best_eval = std::max(best_eval, eval);
+    if (best_peak) *best_peak = std::max(*best_peak, peak);
   };
   for (auto& ref : g_python) {
     run(ref, "fp32", ref.train, ref.eval, &ref.peak);
