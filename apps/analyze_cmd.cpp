@@ -1,6 +1,7 @@
 // `moev analyze`: how a trained MoE model routes its test set. Per MoE layer an
 // expert x class heatmap (PNG), load, dropped fraction and specialisation score;
 // with --capacity-curve, top-1 against inference capacity with and without BPR.
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -68,15 +69,17 @@ Runner add_analyze(CLI::App& app) {
                              stderr_is_terminal(), /*routing_by_class=*/true);
     std::vector<analysis::LayerRouting> lr;
     for (size_t l = 0; l < r.class_counts.size(); ++l)
-      lr.push_back({r.layer_names[l], r.class_counts[l], r.expert_load[l], r.dropped[l]});
+      lr.push_back({r.layer_names[l], r.class_counts[l], r.expert_load[l], r.dropped[l], r.image_bits[l],
+                    r.chance_image_bits[l]});
     const std::string title = fs::path(f->checkpoint).parent_path().filename().string();
     auto files = analysis::write_routing_report(lr, t.class_names, title, out);
     std::printf("%s: top-1 %.4f on %lld images\n", f->checkpoint.c_str(), r.top1,
                 (long long)r.images);
     for (size_t l = 0; l < lr.size(); ++l)
-      std::printf("  %-22s specialisation %.3f  MI %.3f bits  dropped %.4f\n", lr[l].name.c_str(),
-                  analysis::specialisation(lr[l].counts),
-                  analysis::mutual_information_bits(lr[l].counts), lr[l].dropped);
+      std::printf("  %-22s specialisation %.3f  MI %.3f bits  experts/image %.2f (chance %.2f)  dropped %.4f\n",
+                  lr[l].name.c_str(), analysis::specialisation(lr[l].counts),
+                  analysis::mutual_information_bits(lr[l].counts), std::exp2(lr[l].image_bits),
+                  std::exp2(lr[l].chance_image_bits), lr[l].dropped);
 
     if (f->capacity_curve) {
       std::vector<analysis::CapacityPoint> points;

@@ -59,6 +59,29 @@ double specialisation(const Counts& counts) {
   return h > 0 ? std::min(1.0, mutual_information_bits(counts) / h) : 0;
 }
 
+void ImageSpread::add(const Counts& by_image) {
+  const size_t images = by_image.empty() ? 0 : by_image[0].size();
+  for (size_t i = 0; i < images; ++i) {
+    double n = 0, h = 0;
+    for (const auto& row : by_image) n += static_cast<double>(row.at(i));
+    for (const auto& row : by_image)
+      if (row[i] > 0) h -= static_cast<double>(row[i]) * std::log2(static_cast<double>(row[i]) / n);
+    weighted_bits += h;  // n_i * H_i = -sum_e c_e log2(c_e / n_i)
+    assignments += n;
+  }
+}
+
+void ImageSpread::merge(const ImageSpread& other) {
+  weighted_bits += other.weighted_bits;
+  assignments += other.assignments;
+}
+
+double ImageSpread::mean_bits() const { return assignments > 0 ? weighted_bits / assignments : 0; }
+
+double image_concentration(const LayerRouting& layer) {
+  return layer.chance_image_bits > 0 ? 1.0 - layer.image_bits / layer.chance_image_bits : 0;
+}
+
 std::vector<std::vector<double>> expert_given_class(const Counts& counts) {
   const Marginals m = marginals(counts);
   std::vector<std::vector<double>> p(counts.size(), std::vector<double>(m.cls.size(), 0));
@@ -74,8 +97,8 @@ std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& l
   namespace fs = std::filesystem;
   std::vector<std::string> written;
   io::Table table;
-  table.header = {"layer", "module", "specialisation", "MI (bits)", "dropped", "max load / mean",
-                  "heatmap"};
+  table.header = {"layer", "module", "specialisation", "MI (bits)", "experts / image",
+                  "by chance", "image concentration", "dropped", "max load / mean", "heatmap"};
   nlohmann::json j = nlohmann::json::array();
   for (size_t l = 0; l < layers.size(); ++l) {
     const auto& L = layers[l];
@@ -97,16 +120,24 @@ std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& l
     viz::write_heatmap(h, (fs::path(dir) / png).string());
     written.push_back((fs::path(dir) / png).string());
 
-    table.add({std::to_string(l), L.name, io::fmt(spec, 4), io::fmt(mi, 4), io::fmt(L.dropped, 4),
+    const double conc = image_concentration(L);
+    table.add({std::to_string(l), L.name, io::fmt(spec, 4), io::fmt(mi, 4), io::fmt(std::exp2(L.image_bits), 3),
+               io::fmt(std::exp2(L.chance_image_bits), 3), io::fmt(conc, 4), io::fmt(L.dropped, 4),
                io::fmt(imbalance, 3), png});
     j.push_back({{"layer", l}, {"module", L.name}, {"specialisation", spec},
-                 {"mutual_information_bits", mi}, {"dropped", L.dropped}, {"load", L.load},
+                 {"mutual_information_bits", mi}, {"image_entropy_bits", L.image_bits},
+                 {"chance_image_entropy_bits", L.chance_image_bits}, {"image_concentration", conc},
+                 {"dropped", L.dropped}, {"load", L.load},
                  {"counts", L.counts}, {"p_expert_given_class", h.values}});
   }
   const std::string md = "# " + title +
                          "\n\nSpecialisation = I(expert; class) / min(H(expert), H(class)) over "
                          "placed assignments: 0 = routing ignores the class, 1 = it "
-                         "determines it.\n\n" +
+                         "determines it. Experts / image = 2^H(expert | image), the "
+                         "effective number of experts an image's assignments use; by chance = "
+                         "the same with each position's tokens shuffled over the images of "
+                         "their batch; image concentration = 1 - H(expert | image) / that chance "
+                         "entropy.\n\n" +
                          table.markdown();
   io::write_text_atomic((fs::path(dir) / "routing.md").string(), md);
   io::write_text_atomic((fs::path(dir) / "routing.json").string(),

@@ -22,12 +22,32 @@ double specialisation(const Counts& counts);
 // sum to 1), [expert][class].
 std::vector<std::vector<double>> expert_given_class(const Counts& counts);
 
+// How an image's assignments spread over the experts (Videau et al. saw fewer
+// experts serve each image in deeper layers): the entropy of each image's
+// expert histogram, weighted by its assignments and accumulated over images.
+struct ImageSpread {
+  double weighted_bits = 0;  // sum over images i of n_i * H(expert | image i)
+  double assignments = 0;    // sum of n_i
+  // by_image: [expert][image] placed assignments of one batch.
+  void add(const Counts& by_image);
+  void merge(const ImageSpread& other);
+  double mean_bits() const;  // H(expert | image) in bits; 0 before any add
+};
+
 struct LayerRouting {
   std::string name;             // module path of the MoE layer
   Counts counts;                // [expert][class]
   std::vector<double> load;     // share of placed assignments per expert
   double dropped = 0;           // fraction of assignments past capacity
+  // H(expert | image) in bits, and the same with each position's tokens shuffled
+  // over the images of their batch: a layer with few tokens per image shows few
+  // experts per image by chance alone, so only the gap says routing is per image.
+  double image_bits = 0, chance_image_bits = 0;
 };
+
+// 1 - image_bits / chance_image_bits: 0 when an image's tokens spread over the
+// experts as randomly drawn tokens would, 1 when each image keeps to one set.
+double image_concentration(const LayerRouting& layer);
 
 // Writes <dir>/routing_<i>.png per layer, routing.md and routing.json; returns the
 // paths written. Throws moev::Error naming a file it cannot write.

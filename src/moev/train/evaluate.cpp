@@ -3,8 +3,10 @@
 #include <chrono>
 #include <cmath>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
+#include "moev/analysis/routing_report.h"
 #include "moev/data/batch_loader.h"
 #include "moev/moe/moe_layer.h"
 #include "moev/train/multilabel.h"
@@ -22,7 +24,16 @@ struct Tally {
   std::vector<std::vector<int64_t>> counts;  // [layer][expert] placed assignments
   std::vector<double> dropped;               // [layer] sum of dropped fraction x images
   std::vector<torch::Tensor> by_class;       // [layer] [E, classes]
+  std::vector<analysis::ImageSpread> spread, chance;  // [layer] per-image spread, and with images shuffled
 };
+
+// [E, b] int64 counts -> [expert][image]
+analysis::Counts to_counts(const at::Tensor& c) {
+  const auto a = c.contiguous();
+  analysis::Counts out(a.size(0));
+  for (int64_t e = 0; e < a.size(0); ++e) out[e].assign(a[e].data_ptr<int64_t>(), a[e].data_ptr<int64_t>() + a.size(1));
+  return out;
+}
 
 // x: [b, C, H, W], y: [b], tags: [b, T] (multi-label sets; else undefined)
 // -> accumulated into t; returns the logits [b, L].
@@ -46,6 +57,8 @@ at::Tensor eval_slice(models::Classifier& model, const std::vector<moe::MoELayer
   t.counts.resize(layers.size());
   t.dropped.resize(layers.size(), 0.0);
   t.by_class.resize(layers.size());
+  t.spread.resize(layers.size());
+  t.chance.resize(layers.size());
   for (size_t l = 0; l < layers.size(); ++l) {
     const auto& s = layers[l]->last_stats();
     if (t.counts[l].empty()) t.counts[l].assign(s.expert_count.size(), 0);
@@ -59,9 +72,21 @@ at::Tensor eval_slice(models::Classifier& model, const std::vector<moe::MoELayer
     for (int64_t e = 0; e < E; ++e) sizes[e] = rr.offsets[e + 1] - rr.offsets[e];
     auto expert = torch::repeat_interleave(torch::arange(E, torch::kLong), torch::tensor(sizes, torch::kLong));
     auto token = rr.token_index.narrow(0, 0, placed).cpu();
-    auto label = y.cpu().index_select(0, token.div(tokens_per_image, "floor"));
+    auto image = token.div(tokens_per_image, "floor");
+    auto label = y.cpu().index_select(0, image);
     auto counts = torch::bincount(expert * classes + label, {}, E * classes).view({E, classes});
     t.by_class[l] = t.by_class[l].defined() ? t.by_class[l] + counts : counts;
+    t.spread[l].add(to_counts(torch::bincount(expert * b + image, {}, E * b).view({E, b})));
+    // The chance level: each position's tokens dealt to the images at random, from
+    // a fixed seed per batch. Whole tokens move (a token's K assignments go to K
+    // different experts) and each keeps its position: routing that follows
+    // position alone spreads every image over the same experts, and a shuffle
+    // across positions would count that as image-specific.
+    auto gen = at::detail::createCPUGenerator(static_cast<uint64_t>(placed) * 131 + l);
+    auto deal = torch::rand({tokens_per_image, b}, gen, torch::kFloat).argsort(/*dim=*/int64_t{1});  // [N, b] image per slot
+    auto pos = token.remainder(tokens_per_image);
+    auto shuffled = deal.view({-1}).index_select(0, pos * b + image);
+    t.chance[l].add(to_counts(torch::bincount(expert * b + shuffled, {}, E * b).view({E, b})));
   }
   return logits;
 }
@@ -116,6 +141,8 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
   all.counts.resize(layers.size());
   all.dropped.assign(layers.size(), 0.0);
   all.by_class.resize(layers.size());
+  all.spread.resize(layers.size());
+  all.chance.resize(layers.size());
   for (const auto& t : tally) {
     all.loss_sum += t.loss_sum;
     all.correct1 += t.correct1;
@@ -126,6 +153,10 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
       all.dropped[l] += t.dropped[l];
       if (t.by_class[l].defined())
         all.by_class[l] = all.by_class[l].defined() ? all.by_class[l] + t.by_class[l] : t.by_class[l];
+      if (l < t.spread.size()) {
+        all.spread[l].merge(t.spread[l]);
+        all.chance[l].merge(t.chance[l]);
+      }
     }
   }
   r.images = n;
@@ -153,6 +184,8 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
     for (int k = 0; k < reps.size(); ++k) reps.moe_layers(k)[l]->options.keep_routing(kept[l]);
     if (all.by_class[l].defined()) {
       auto c = all.by_class[l].contiguous();
+      r.image_bits.push_back(all.spread[l].mean_bits());
+      r.chance_image_bits.push_back(all.chance[l].mean_bits());
       auto& out = r.class_counts.emplace_back();
       for (int64_t e = 0; e < c.size(0); ++e)
         out.emplace_back(c[e].data_ptr<int64_t>(), c[e].data_ptr<int64_t>() + classes);

@@ -32,6 +32,9 @@ struct EvalResult {
   // With routing_by_class: placed assignments per expert and true class of the
   // image the token came from, [layer][expert][class].
   std::vector<std::vector<std::vector<int64_t>>> class_counts;
+  // With routing_by_class: [layer] H(expert | image) in bits, and the same with
+  // each position's tokens shuffled over the images of their batch (the chance level).
+  std::vector<double> image_bits, chance_image_bits;
 };
 
 EvalResult evaluate(models::Classifier& model, const data::ImageSet& set,

@@ -1,0 +1,76 @@
+// The routing scores of `moev analyze` as pure functions, on counts whose
+// answers are known by hand: mutual information and specialisation at their
+// ends (independent, determined) and in between, the per-image spread, and the
+// report files with the new columns.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "moev/analysis/routing_report.h"
+#include "support/temp_dir.h"
+
+using namespace moev::analysis;
+
+TEST(RoutingReport, MutualInformationAtItsEnds) {
+  // Each class spread evenly over two experts: routing says nothing of the class.
+  EXPECT_NEAR(mutual_information_bits({{5, 5}, {5, 5}}), 0.0, 1e-12);
+  EXPECT_NEAR(specialisation({{5, 5}, {5, 5}}), 0.0, 1e-12);
+  // Expert e takes exactly class e: one bit with two equal classes, determined.
+  EXPECT_NEAR(mutual_information_bits({{7, 0}, {0, 7}}), 1.0, 1e-12);
+  EXPECT_NEAR(specialisation({{7, 0}, {0, 7}}), 1.0, 1e-12);
+  // Four classes onto two experts, each class kept whole: I = H(expert) = 1 bit,
+  // normalised by the smaller entropy (1 of 2 bits) to 1.
+  EXPECT_NEAR(specialisation({{3, 3, 0, 0}, {0, 0, 3, 3}}), 1.0, 1e-12);
+  // In between: p(e, c) = {{3, 1}, {1, 3}} / 8 gives 1 - H(1/4) bits.
+  const double h = -(0.25 * std::log2(0.25) + 0.75 * std::log2(0.75));
+  EXPECT_NEAR(mutual_information_bits({{3, 1}, {1, 3}}), 1.0 - h, 1e-12);
+  EXPECT_NEAR(specialisation({}), 0.0, 1e-12);
+}
+
+TEST(RoutingReport, ExpertGivenClassColumnsSumToOne) {
+  auto p = expert_given_class({{1, 0, 4}, {3, 2, 4}});
+  EXPECT_NEAR(p[0][0], 0.25, 1e-12);
+  EXPECT_NEAR(p[1][0], 0.75, 1e-12);
+  EXPECT_NEAR(p[1][1], 1.0, 1e-12);
+  EXPECT_NEAR(p[0][2] + p[1][2], 1.0, 1e-12);
+}
+
+TEST(RoutingReport, ImageSpreadWeighsEachImageByItsAssignments) {
+  ImageSpread s;
+  EXPECT_EQ(s.mean_bits(), 0.0);
+  // [expert][image]: image 0 splits 4 assignments over 4 experts (2 bits), image 1
+  // puts its 4 on one expert (0 bits), image 2 splits 8 evenly over 2 (1 bit).
+  s.add({{1, 4, 4}, {1, 0, 4}, {1, 0, 0}, {1, 0, 0}});
+  EXPECT_DOUBLE_EQ(s.assignments, 16.0);
+  EXPECT_NEAR(s.mean_bits(), (4 * 2.0 + 4 * 0.0 + 8 * 1.0) / 16.0, 1e-12);
+  ImageSpread t;
+  t.add({{2}, {2}});  // one image, two experts evenly: 1 bit over 4 assignments
+  s.merge(t);
+  EXPECT_NEAR(s.mean_bits(), (16.0 + 4.0) / 20.0, 1e-12);
+
+  LayerRouting layer;
+  layer.image_bits = 0.5;
+  layer.chance_image_bits = 2.0;
+  EXPECT_NEAR(image_concentration(layer), 0.75, 1e-12);
+  layer.chance_image_bits = 0;  // no chance level measured: no claim
+  EXPECT_EQ(image_concentration(layer), 0.0);
+}
+
+TEST(RoutingReport, WritesHeatmapsTableAndJson) {
+  moev::test::TempDir dir;
+  LayerRouting a{"blocks.1.moe", {{6, 0}, {0, 6}}, {0.5, 0.5}, 0.1, 1.0, 1.5};
+  LayerRouting b{"blocks.3.moe", {{3, 3}, {3, 3}}, {0.5, 0.5}, 0.0, 0.9, 1.0};
+  auto files = write_routing_report({a, b}, {"shirt", "bag"}, "t", dir.path().string());
+  ASSERT_EQ(files.size(), 4u);
+  for (const auto& f : files) EXPECT_TRUE(std::filesystem::exists(f)) << f;
+  std::ifstream md(dir.file("routing.md"));
+  std::stringstream ss;
+  ss << md.rdbuf();
+  const std::string text = ss.str();
+  // Layer 0: specialisation 1, experts/image 2^1 = 2, chance 2^1.5 = 2.828, concentration 1/3.
+  EXPECT_NE(text.find("| 0 | blocks.1.moe | 1.0000 | 1.0000 | 2.000 | 2.828 | 0.3333 |"), std::string::npos) << text;
+  EXPECT_NE(text.find("| 1 | blocks.3.moe | 0.0000 | 0.0000 |"), std::string::npos) << text;
+}
