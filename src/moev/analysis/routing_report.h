@@ -46,7 +46,9 @@ struct LayerRouting {
 };
 
 // 1 - image_bits / chance_image_bits: 0 when an image's tokens spread over the
-// experts as randomly drawn tokens would, 1 when each image keeps to one set.
+// experts as randomly drawn tokens would, 1 when each image keeps to one set,
+// below 0 when an image's tokens spread wider than chance (experts split images
+// by their parts).
 double image_concentration(const LayerRouting& layer);
 
 // Writes <dir>/routing_<i>.png per layer, routing.md and routing.json; returns the
