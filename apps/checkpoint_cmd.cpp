@@ -49,7 +49,11 @@ Runner add_checkpoint(CLI::App& app) {
               << "layout       full tensors: loads on any number of ranks; with train.expert_parallel each "
                  "rank keeps E / ranks experts of every layer\n"
               << "tensors      " << ckpt.model.size() << " model (" << params << " values, " << expert_params
-              << " in experts), " << ckpt.optimizer.size() << " optimizer\n";
+              << " in experts), " << ckpt.optimizer.size() << " optimizer"
+              << (ckpt.ema.empty() ? std::string()
+                                   : ", " + std::to_string(ckpt.ema.size()) + " weight average (decay " +
+                                         std::to_string(cfg.train.ema_decay) + ": what eval and predict use)")
+              << "\n";
     for (const auto& [name, t] : ckpt.model)
       if (name.find(".experts.") != std::string::npos) std::cout << "  expert     " << name << " " << t.sizes() << "\n";
     return 0;

@@ -33,6 +33,7 @@ struct EvalFlags {
   int threads = 0;
   bool json = false;
   bool tta = false;
+  bool raw_weights = false;
 };
 }  // namespace
 
@@ -56,6 +57,8 @@ Runner add_eval(CLI::App& app) {
   cmd->add_option("--device", f->device, "cpu or cuda[:N]");
   cmd->add_option("--precision", f->precision, "GEMM precision fp32 or bf16 (default: as trained)");
   cmd->add_flag("--json", f->json, "print the result as JSON");
+  cmd->add_flag("--raw-weights", f->raw_weights,
+                "the last training weights, not the run's weight average (runs with train.ema_decay)");
   cmd->add_flag("--tta", f->tta,
                 "also with test-time augmentation: up to ten crops (5 shifts x flip, as far as the run's training "
                 "augmentation shifted and flipped) and a 1.15x view (not for ViTs)");
@@ -90,7 +93,7 @@ Runner add_eval(CLI::App& app) {
     std::vector<double> shift_mean;
     nlohmann::json all = nlohmann::json::array();
     for (const auto& ckpt : f->checkpoints) {
-      auto t = train::load_trained(ckpt, device, f->precision);
+      auto t = train::load_trained(ckpt, device, f->precision, f->raw_weights);
       warn_precision(t.cfg.model.precision);
       train::apply_router_overrides(*t.model, o);
       auto data = t.cfg.data;
@@ -109,7 +112,8 @@ Runner add_eval(CLI::App& app) {
       auto r = train::evaluate(reps, ds.test, ds.mean, ds.std, f->batch_size, device,
                                f->json ? nullptr : &std::cerr, stderr_is_terminal(), false,
                                slices_of, sigmoid_tags);
-      nlohmann::json j{{"checkpoint", ckpt}, {"images", r.images}, {"top1", r.top1},
+      nlohmann::json j{{"checkpoint", ckpt}, {"weights", t.averaged ? "average" : "trained"},
+                       {"images", r.images}, {"top1", r.top1},
                        {"top5", r.top5}, {"loss", r.loss}, {"images_per_s", r.images_per_s},
                        {"expert_load", r.expert_load}, {"dropped", r.dropped}};
       if (r.multilabel)
@@ -129,8 +133,8 @@ Runner add_eval(CLI::App& app) {
         j["tta_top5"] = rt.top5;
       }
       if (!f->json) {
-        std::printf("%s on %lld images of %s\n", ckpt.c_str(), (long long)r.images,
-                    ds.test.source.c_str());
+        std::printf("%s%s on %lld images of %s\n", ckpt.c_str(), t.averaged ? " (weight average)" : "",
+                    (long long)r.images, ds.test.source.c_str());
         if (r.multilabel)
           std::printf("precision@1 %.4f  precision@%lld %.4f  recall@%lld %.4f  mAP %.4f  loss %.4f  %.0f img/s\n",
                       r.top1, (long long)r.k, r.precision_at_k, (long long)r.k, r.recall_at_k, r.mean_ap, r.loss,

@@ -84,14 +84,17 @@ TEST(Trainer, LossFallsAndCheckpointRoundTrips) {
 
 // Replicas > 1: each step splits the batch over model replicas on their own
 // threads; the run must stay bit-reproducible across the kill and resume.
-void expect_resume_equals_uninterrupted(int replicas) {
+// With a weight average (ema_decay > 0) the average must resume exactly too.
+void expect_resume_equals_uninterrupted(int replicas, double ema_decay = 0) {
   test::TempDir dir;
   auto full = tiny_run(dir.file("full"));
   full.train.replicas = replicas;
+  full.train.ema_decay = ema_decay;
   train::train_model(full, {});
 
   auto part = tiny_run(dir.file("part"));
   part.train.replicas = replicas;
+  part.train.ema_decay = ema_decay;
   part.train.max_steps = 5;  // stops mid-epoch 0 (10 steps per epoch), as a kill would
   auto r1 = train::train_model(part, {});
   EXPECT_EQ(r1.steps, 5);
@@ -109,9 +112,54 @@ void expect_resume_equals_uninterrupted(int replicas) {
   ASSERT_EQ(a.model.size(), b.model.size());
   for (auto& [name, v] : a.model) EXPECT_TRUE(torch::equal(v, b.model.at(name))) << name;
   for (auto& [name, v] : a.optimizer) EXPECT_TRUE(torch::equal(v, b.optimizer.at(name))) << name;
+  ASSERT_EQ(a.ema.size(), ema_decay > 0 ? a.model.size() : 0u);
+  ASSERT_EQ(b.ema.size(), a.ema.size());
+  for (auto& [name, v] : a.ema) EXPECT_TRUE(torch::equal(v, b.ema.at(name))) << name;
 }
 
 TEST(Trainer, ResumeEqualsUninterruptedRun) { expect_resume_equals_uninterrupted(1); }
+
+TEST(Trainer, ResumeEqualsUninterruptedRunWithWeightAverage) { expect_resume_equals_uninterrupted(2, 0.9); }
+
+// train.ema_decay: the checkpoint keeps the training weights (to resume) and the
+// average; eval and the run's own figures use the average, --raw-weights the other.
+TEST(Trainer, WeightAverageIsWhatTheRunAndItsUsersEvaluate) {
+  test::TempDir dir;
+  auto cfg = tiny_run(dir.file("run"));
+  cfg.train.ema_decay = 0.8;
+  auto r = train::train_model(cfg, {});
+  const auto path = train::checkpoint_path(cfg.train.out_dir);
+  auto ckpt = train::load_checkpoint(path);
+  ASSERT_EQ(ckpt.ema.size(), ckpt.model.size());
+  double moved = 0;
+  for (auto& [name, v] : ckpt.ema) moved += (v - ckpt.model.at(name)).abs().sum().item<double>();
+  EXPECT_GT(moved, 0) << "the average equals the last weights";
+
+  auto avg = train::load_trained(path, torch::kCPU);
+  auto raw = train::load_trained(path, torch::kCPU, "", /*raw_weights=*/true);
+  EXPECT_TRUE(avg.averaged);
+  EXPECT_FALSE(raw.averaged);
+  for (auto& [name, v] : train::module_tensors(*avg.model)) EXPECT_TRUE(torch::equal(v, ckpt.ema.at(name))) << name;
+  for (auto& [name, v] : train::module_tensors(*raw.model)) EXPECT_TRUE(torch::equal(v, ckpt.model.at(name))) << name;
+
+  // The last log line holds both figures; the run reports the average's.
+  std::ifstream in(std::filesystem::path(cfg.train.out_dir) / "log.jsonl");
+  std::string line, last;
+  while (std::getline(in, line)) last = line;
+  auto j = nlohmann::json::parse(last);
+  ASSERT_TRUE(j.contains("eval") && j.contains("eval_raw")) << last;
+  EXPECT_DOUBLE_EQ(j["eval"]["top1"].get<double>(), r.eval.top1);
+  EXPECT_NE(j["eval"]["loss"].get<double>(), j["eval_raw"]["loss"].get<double>());
+}
+
+TEST(Trainer, WeightAverageDecayOutsideZeroToOneIsRefused) {
+  test::TempDir dir;
+  for (double d : {-0.5, 1.0, 1.5}) {
+    auto cfg = tiny_run(dir.file("bad"));
+    cfg.train.ema_decay = d;
+    test::expect_error([&] { train::train_model(cfg, {}); }, {"train.ema_decay", "expected in (0, 1)"});
+  }
+}
 
 TEST(Trainer, ResumeEqualsUninterruptedRunWithTwoReplicas) { expect_resume_equals_uninterrupted(2); }
 

@@ -107,7 +107,7 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
     // architectures match; an expert of another family names it differently).
     auto trunk_model = models::build_model(trunk_cfg.model);
     const std::string from = trunk_model->decoder() + ".", to = models::build_model(cfg.model)->decoder() + ".";
-    for (const auto& [name, t] : trunk_ckpt.model)
+    for (const auto& [name, t] : train::inference_weights(trunk_ckpt))
       if (name.rfind(from, 0) == 0) opts.init_tensors[to + name.substr(from.size())] = t;
     MOEV_CHECK(!opts.init_tensors.empty(), hc.trunk, ": no tensors of the decoding layer '", trunk_model->decoder(),
                "'");

@@ -153,6 +153,8 @@ const std::vector<Field>& fields() {
                    "target = lambda * label-smoothed + (1 - lambda) * teacher probs"),
         MOEV_FIELD("train.diversity_weight", train.diversity_weight, "multi-branch: diversity loss weight"),
         MOEV_FIELD("train.clip_grad_norm", train.clip_grad_norm, "gradient norm clip (0: off)"),
+        MOEV_FIELD("train.ema_decay", train.ema_decay,
+                   "decay of a weight average (EMA) that eval, predict and distillation use (0: none; e.g. 0.999)"),
         MOEV_FIELD("train.seed", train.seed, "random seed"),
         MOEV_FIELD("train.threads", train.threads, "threads (0: all cores)"),
         MOEV_FIELD("train.replicas", train.replicas,

@@ -39,6 +39,7 @@ void save_checkpoint(const std::string& path, const Checkpoint& ckpt) {
   top.insert(std::string("model"), to_dict(ckpt.model));
   top.insert(std::string("optimizer"), to_dict(ckpt.optimizer));
   top.insert(std::string("rng"), ckpt.rng.defined() ? ckpt.rng : torch::zeros({0}, torch::kByte));
+  if (!ckpt.ema.empty()) top.insert(std::string("ema"), to_dict(ckpt.ema));
   const std::vector<char> bytes = torch::pickle_save(c10::IValue(top));
 
   const std::string tmp = path + ".tmp";
@@ -81,7 +82,12 @@ Checkpoint load_checkpoint(const std::string& path) {
   c.model = from_dict(d.at(std::string("model")), "model", path);
   c.optimizer = from_dict(d.at(std::string("optimizer")), "optimizer", path);
   c.rng = d.at(std::string("rng")).toTensor();
+  if (d.contains(std::string("ema"))) c.ema = from_dict(d.at(std::string("ema")), "ema", path);
   return c;
+}
+
+const std::map<std::string, at::Tensor>& inference_weights(const Checkpoint& ckpt) {
+  return ckpt.ema.empty() ? ckpt.model : ckpt.ema;
 }
 
 std::map<std::string, at::Tensor> module_tensors(const torch::nn::Module& module) {

@@ -1,6 +1,7 @@
 // Checkpoints: one file written with torch::pickle_save, so Python's torch.load
 // opens it as a dict {"format", "config" (JSON text), "state" (JSON text),
-// "model": {name: tensor}, "optimizer": {name: tensor}, "rng": tensor}.
+// "model": {name: tensor}, "optimizer": {name: tensor}, "rng": tensor}, and
+// "ema": {name: tensor} when the run kept a weight average (train.ema_decay).
 // Written to a temporary file, flushed and renamed: a crash never leaves a
 // half-written checkpoint where the last good one was.
 #pragma once
@@ -21,7 +22,11 @@ struct Checkpoint {
   std::map<std::string, at::Tensor> model;      // parameters and buffers by name
   std::map<std::string, at::Tensor> optimizer;  // AdamW state by name
   at::Tensor rng;                               // CPU generator state
+  std::map<std::string, at::Tensor> ema;        // weight average, names as model (empty: none kept)
 };
+
+// The weights a trained model is used with: the average when the run kept one.
+const std::map<std::string, at::Tensor>& inference_weights(const Checkpoint& ckpt);
 
 void save_checkpoint(const std::string& path, const Checkpoint& ckpt);
 Checkpoint load_checkpoint(const std::string& path);

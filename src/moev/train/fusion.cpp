@@ -25,7 +25,7 @@ FusionOutcome train_fusion(const std::string& path, const std::string& out_path,
              "multi-branch model (model.family = resnest, model.branches >= 2); this one is ", cfg.model.family,
              " with ", cfg.model.branches, " branch(es)");
   auto built = models::build_model(cfg.model);
-  load_module_tensors(*built, ckpt.model, path);
+  load_module_tensors(*built, inference_weights(ckpt), path);
   auto* model = dynamic_cast<models::ResNeStImpl*>(built.get());
   // Frozen: eval mode keeps BatchNorm's statistics and switches stochastic depth
   // off, and no branch parameter takes part in autograd.
@@ -94,7 +94,8 @@ FusionOutcome train_fusion(const std::string& path, const std::string& out_path,
   auto state = nlohmann::json::parse(ckpt.state_json);
   state["fusion"] = {{"from", path}, {"epochs", o.epochs}, {"lr", o.lr}};
   ckpt.state_json = state.dump();
-  ckpt.model = module_tensors(*model);
+  ckpt.model = module_tensors(*model);  // the branches as loaded (averaged, if averaged), the fusion layer
+  ckpt.ema.clear();
   ckpt.optimizer.clear();  // the branches' optimizer state would resume nothing here
   save_checkpoint(out_path, ckpt);
   return res;

@@ -47,6 +47,7 @@ struct TrainConfig {
   double distill_lambda = 0.5;    // target = lambda * label-smoothed + (1 - lambda) * teacher probs
   double diversity_weight = 0.2;  // multi-branch models: weight of the diversity loss (Sun et al.: 0.2)
   double clip_grad_norm = 1.0;    // global gradient norm clip (0: off)
+  double ema_decay = 0;           // decay of the weight average eval and checkpoints' users get (0: none; e.g. 0.999)
   uint64_t seed = 0;              // seeds init, data order, augmentation and router noise
   int threads = 0;                // intra-op threads (0: all cores)
   int replicas = 0;               // data-parallel model replicas, one thread each (0: one per thread)

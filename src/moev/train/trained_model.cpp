@@ -10,14 +10,15 @@
 namespace moev::train {
 
 TrainedModel load_trained(const std::string& path, const c10::Device& device,
-                          const std::string& precision) {
+                          const std::string& precision, bool raw_weights) {
   if (hardmoe::is_hard_moe_file(path)) return hardmoe::load_hard_moe(path, device, precision);
   auto ckpt = load_checkpoint(path);
   TrainedModel t;
   t.cfg = io::from_json_string(ckpt.config_json, path);
   if (!precision.empty()) t.cfg.model.precision = precision;
   t.model = models::build_model(t.cfg.model);
-  load_module_tensors(*t.model, ckpt.model, path);
+  load_module_tensors(*t.model, raw_weights ? ckpt.model : inference_weights(ckpt), path);
+  t.averaged = !raw_weights && !ckpt.ema.empty();
   t.model->to(device);
   t.model->eval();
   auto state = nlohmann::json::parse(ckpt.state_json);

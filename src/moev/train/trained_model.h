@@ -18,12 +18,14 @@ struct TrainedModel {
   std::vector<std::string> class_names;  // index = label
   int64_t step = 0;                      // training steps behind these weights
   bool replicable = true;                // Replicas can rebuild it from cfg.model (a hard MoE cannot)
+  bool averaged = false;                 // the weights are the run's average (train.ema_decay)
 };
 
 // checkpoint: a checkpoint.pt, or a hard MoE's hardmoe.json.
 // precision: "" keeps the model.precision it was trained with; "fp32" or "bf16"
 // runs it the other way (the weights are fp32 either way).
+// raw_weights: the last training weights even where the run kept an average.
 TrainedModel load_trained(const std::string& checkpoint, const c10::Device& device,
-                          const std::string& precision = "");
+                          const std::string& precision = "", bool raw_weights = false);
 
 }  // namespace moev::train

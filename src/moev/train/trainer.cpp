@@ -4,6 +4,7 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -24,6 +25,7 @@
 #include "moev/train/multilabel.h"
 #include "moev/train/teacher.h"
 #include "moev/train/schedule.h"
+#include "moev/train/weight_average.h"
 #include "moev/viz/progress_bar.h"
 
 namespace moev::train {
@@ -169,6 +171,8 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
              "expected >= 0");
   MOEV_CHECK(std::isfinite(tc.minutes) && tc.minutes >= 0, "train.minutes = ", tc.minutes,
              ": expected >= 0 (0: no time budget)");
+  MOEV_CHECK(tc.ema_decay == 0 || (tc.ema_decay > 0 && tc.ema_decay < 1), "train.ema_decay = ", tc.ema_decay,
+             ": expected in (0, 1), or 0 for no weight average");
   const bool budgeted = tc.minutes > 0;
   // Both are counted in epochs of a schedule whose length a budget leaves open.
   MOEV_CHECK(!budgeted || (tc.cooldown_epochs == 0 && tc.mix_off_epochs == 0),
@@ -204,7 +208,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   auto model = models::build_model(cfg.model);
   model->to(device);
   if (!opts.resume && !tc.init_from.empty())
-    load_module_tensors(*model, load_checkpoint(tc.init_from).model, tc.init_from);
+    load_module_tensors(*model, inference_weights(load_checkpoint(tc.init_from)), tc.init_from);
   if (!opts.resume && !opts.init_tensors.empty()) {
     torch::NoGradGuard no_grad;
     auto named = model->named_parameters();
@@ -239,6 +243,14 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   AdamW opt(params, ao);
   if (opts.resume) {
     opt.load_state(shards ? shards->slice(resume_from.optimizer) : resume_from.optimizer, ckpt_file);
+  }
+  // The average starts from the weights training starts from (init_from's included).
+  std::unique_ptr<WeightAverage> avg;
+  if (tc.ema_decay != 0) avg = std::make_unique<WeightAverage>(*model, tc.ema_decay);
+  if (avg && opts.resume) {
+    MOEV_CHECK(!resume_from.ema.empty(), ckpt_file, ": the run keeps a weight average (train.ema_decay = ",
+               tc.ema_decay, ") but the checkpoint has none");
+    avg->load(shards ? shards->slice(resume_from.ema) : resume_from.ema, ckpt_file);
   }
   // Every rank built the same weights from the same seed; rank 0's are sent
   // anyway, so no rank can start from another (e.g. an older init_from file).
@@ -322,9 +334,12 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   auto save = [&](const Position& p) {  // every rank calls it: expert shards are gathered
     auto tensors = module_tensors(*model);
     auto opt_state = opt.state();
+    std::map<std::string, at::Tensor> averaged;
+    if (avg) averaged = avg->tensors();
     if (shards) {
       tensors = shards->gather(tensors);
       opt_state = shards->gather(opt_state);
+      if (avg) averaged = shards->gather(averaged);
     }
     if (!lead) return;
     Checkpoint c;
@@ -341,7 +356,20 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
     c.model = std::move(tensors);
     c.optimizer = std::move(opt_state);
     c.rng = cpu_rng_state();
+    c.ema = std::move(averaged);
     save_checkpoint(ckpt_file, c);
+  };
+
+  // The test-set figures of the training weights (raw), or of the weight
+  // average when the run keeps one (the default).
+  auto evaluate_model = [&](bool raw = false) {
+    auto run = [&] {
+      return evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of, sigmoid_tags);
+    };
+    if (!avg || raw) return run();
+    EvalResult e;
+    avg->with_average([&] { e = run(); });
+    return e;
   };
 
   TrainOutcome out;
@@ -453,6 +481,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
                              [&](int parts, const std::function<void(int)>& fn) { reps.parallel(parts, fn); },
                              reps.size());
       }
+      if (avg) avg->update(pos.step);
       ++pos.step;
       ++pos.batch;
       if (budgeted && pos.step >= pace_from && (pos.step - pace_from) % pace_every == 0) {
@@ -549,12 +578,14 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
     if (!lead) {
       // Expert shards: every rank runs the evaluation's forwards (each holds
       // experts the others need); otherwise rank 0 evaluates alone.
-      if (eval_now && shards)
-        evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of, sigmoid_tags);
+      if (eval_now && shards) evaluate_model();
       if (eval_now) comm->barrier(eval_wait_s);
     } else if (eval_now) {
       const auto t_eval = std::chrono::steady_clock::now();
-      out.eval = evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of, sigmoid_tags);
+      out.eval = evaluate_model();
+      // What the average adds, beside it (the expert shards' evaluation needs every rank).
+      std::optional<EvalResult> raw;
+      if (avg && !shards) raw = evaluate_model(/*raw=*/true);
       eval_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_eval).count();
       // Wall time since this process started training, evaluations included: what
       // a time budget counts (a resumed run starts again from 0).
@@ -562,6 +593,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
       json line{{"step", pos.step}, {"epoch", pos.epoch}, {"elapsed_s", elapsed},
                 {"eval", eval_json(out.eval)}};
+      if (raw) line["eval_raw"] = eval_json(*raw);
       log << line.dump() << "\n" << std::flush;
       if (opts.progress && tc.progress) {
         char buf[128];
@@ -582,8 +614,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   // A run resumed after its last epoch (killed while writing its last
   // checkpoint, or run again) still reports the figures of its model.
   const bool finished = pos.epoch >= all_epochs || (budgeted && pos.step >= total_steps);
-  if (lead && finished && out.eval.images == 0 && !comm)
-    out.eval = evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of, sigmoid_tags);
+  if (lead && finished && out.eval.images == 0 && !comm) out.eval = evaluate_model();
   save(pos);
   out.steps = pos.step;
   out.finished = finished;
