@@ -8,6 +8,7 @@
 #include "moev/models/convnext.h"
 #include "moev/models/model_config.h"
 #include "moev/moe/moe_layer.h"
+#include "moev/nn/linear.h"
 #include "support/expect_error.h"
 
 using namespace moev::models;
@@ -37,6 +38,40 @@ TEST(ConvNeXt, HierarchicalShapesPlacementAndTokens) {
   int64_t placed = 0;
   for (auto c : st.expert_count) placed += c;
   EXPECT_EQ(placed + std::llround(st.dropped_fraction * 5 * 9 * 2), 5 * 9 * 2);
+}
+
+// The early 3x3 convolution (model.stem_channels) runs as a GEMM over unfolded
+// windows: the model's stem equals stock Conv2d modules on the same weights, and
+// the early convolution is trained.
+TEST(ConvNeXt, EarlyConvolutionEqualsStockConvolutionsAndTrains) {
+  torch::manual_seed(0);
+  auto cfg = preset("convnext-moe-tiny");
+  cfg.stem_channels = 8;
+  auto model = std::dynamic_pointer_cast<ConvNeXtImpl>(build_model(cfg));
+  ASSERT_TRUE(model && model->early_conv);
+  EXPECT_EQ(model->early_conv->weight.sizes(), (std::vector<int64_t>{8, 1, 3, 3}));
+  EXPECT_EQ(model->stem->weight.sizes(), (std::vector<int64_t>{32, 8, 2, 2}));
+  {
+    torch::NoGradGuard ng;
+    model->early_conv->bias.normal_(0, 0.1);
+  }
+  auto x = torch::randn({3, 1, 28, 28});
+  // The stem's output through stock modules: conv, GELU, patchify conv, LayerNorm.
+  auto expected = model->stem_norm->forward(
+      model->stem->forward(torch::gelu(model->early_conv->forward(x))).permute({0, 2, 3, 1}));
+  auto pixels = moev::nn::conv3x3_gelu_nhwc(x, model->early_conv->weight, model->early_conv->bias, at::kFloat);
+  auto got = model->stem_norm->forward(moev::nn::patchify_nhwc(pixels, model->stem->weight, model->stem->bias, at::kFloat));
+  EXPECT_TRUE(torch::allclose(got, expected, 1e-4, 1e-5)) << (got - expected).abs().max().item<float>();
+
+  model->train();
+  {
+    torch::NoGradGuard ng;
+    model->head->weight.normal_(0, 0.1);
+  }
+  torch::cross_entropy_loss(model->forward(x), torch::tensor({0, 1, 2})).backward();
+  EXPECT_GT(model->early_conv->weight.grad().abs().sum().item<double>(), 0);
+  cfg.stem_channels = -1;
+  moev::test::expect_error([&] { validate(cfg); }, {"model.stem_channels = -1"});
 }
 
 TEST(ConvNeXt, IsotropicShapesAndTokens) {

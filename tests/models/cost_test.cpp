@@ -36,6 +36,12 @@ TEST(ModelCost, ParamsMatchTheBuiltModels) {
   const double plain = model_cost(s).flops;
   s.stem_channels = 24;  // 28*28 pixels x 3x3x1x24 MACs, and the patch embedding sees 24 channels
   EXPECT_NEAR(model_cost(s).flops - plain, 2.0 * 784 * 9 * 24 + 2.0 * 16 * 49 * 23 * 128, 1.0);
+  auto cn = preset("convnext-moe-tiny");  // the same early conv before ConvNeXt's 2x2 stem
+  cn.stem_channels = 16;
+  EXPECT_EQ(model_cost(cn).params, numel(cn));
+  const double with_conv = model_cost(cn).flops;
+  cn.stem_channels = 0;
+  EXPECT_NEAR(with_conv - model_cost(cn).flops, 2.0 * 784 * 9 * 16 + 2.0 * 196 * 4 * 15 * 32, 1.0);
 }
 
 TEST(ModelCost, ActiveParamsAndFlopsFollowKOfE) {

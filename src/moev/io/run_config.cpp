@@ -87,7 +87,7 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("model.num_classes", model.num_classes, "classes"),
         MOEV_FIELD("model.patch", model.patch, "ViT patch side, pixels"),
         MOEV_FIELD("model.stem_channels", model.stem_channels,
-                   "ViT: channels of a 3x3 conv stem before the patch embedding (0: none)"),
+                   "ViT, ConvNeXt: channels of an early 3x3 conv + GELU before the patch embedding / stem (0: none); ResNeSt: stem width"),
         MOEV_FIELD("model.width", model.width, "token width D (ViT, isotropic ConvNeXt)"),
         MOEV_FIELD("model.depth", model.depth, "blocks (ViT, isotropic ConvNeXt)"),
         MOEV_FIELD("model.heads", model.heads, "attention heads"),

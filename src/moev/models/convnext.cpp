@@ -61,7 +61,16 @@ ConvNeXtImpl::ConvNeXtImpl(const ModelConfig& c) : cfg(c), matmul_dtype(nn::pars
   const std::vector<int64_t> depths = iso ? std::vector<int64_t>{c.depth} : c.depths;
   int64_t total = 0;
   for (auto d : depths) total += d;
-  stem = register_module("stem", torch::nn::Conv2d(torch::nn::Conv2dOptions(c.channels, dims[0], c.patch)
+  // The optional early convolution (as the ViT's, Xiao et al. 2021): the stem
+  // then embeds local 3x3 features instead of raw pixels, at a few percent of FLOPs.
+  if (c.stem_channels > 0) {
+    early_conv = register_module(
+        "early_conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(c.channels, c.stem_channels, 3).padding(1)));
+    init_trunc_normal(early_conv->weight, early_conv->bias);
+  }
+  stem = register_module("stem", torch::nn::Conv2d(torch::nn::Conv2dOptions(
+                                                       c.stem_channels > 0 ? c.stem_channels : c.channels, dims[0],
+                                                       c.patch)
                                                        .stride(c.patch)));
   init_trunc_normal(stem->weight, stem->bias);
   stem_norm = register_module("stem_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({dims[0]}).eps(1e-6)));
@@ -94,8 +103,9 @@ ConvNeXtImpl::ConvNeXtImpl(const ModelConfig& c) : cfg(c), matmul_dtype(nn::pars
 at::Tensor ConvNeXtImpl::forward(const at::Tensor& images) { return head->forward(embed(images)); }
 
 at::Tensor ConvNeXtImpl::embed(const at::Tensor& images) {
-  auto x = nn::layer_norm(
-      stem_norm, nn::patchify_nhwc(images.permute({0, 2, 3, 1}), stem->weight, stem->bias, matmul_dtype));  // [B, H, W, D]
+  auto pixels = early_conv ? nn::conv3x3_gelu_nhwc(images, early_conv->weight, early_conv->bias, matmul_dtype)
+                           : images.permute({0, 2, 3, 1});  // [B, H, W, C]
+  auto x = nn::layer_norm(stem_norm, nn::patchify_nhwc(pixels, stem->weight, stem->bias, matmul_dtype));  // [B, H, W, D]
   for (size_t s = 0; s < stages->size(); ++s) {
     if (s > 0) {
       const auto& down = *down_convs[s - 1]->as<torch::nn::Conv2dImpl>();

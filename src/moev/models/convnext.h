@@ -45,7 +45,8 @@ class ConvNeXtImpl : public Classifier {
   std::string decoder() const override { return "head"; }
 
   ModelConfig cfg;
-  torch::nn::Conv2d stem{nullptr};
+  torch::nn::Conv2d early_conv{nullptr};  // 3x3 stride 1 before the stem (cfg.stem_channels > 0); run as a GEMM
+  torch::nn::Conv2d stem{nullptr};        // patchify, cfg.patch
   torch::nn::LayerNorm stem_norm{nullptr};
   // downsample[s] (s >= 1) precedes stage s: LayerNorm then 2x2 stride-2 conv.
   torch::nn::ModuleList down_norms{nullptr}, down_convs{nullptr};

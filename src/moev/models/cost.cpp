@@ -105,13 +105,13 @@ ModelCost model_cost(const ModelConfig& cfg) {
   auto is_moe = [&](int64_t b) { return std::find(moe_at.begin(), moe_at.end(), b) != moe_at.end(); };
   const int64_t side = cfg.image_size / cfg.patch;
   const double tokens = double(side * side);
+  int64_t in = cfg.channels;  // channels the patch embedding / stem reads
+  if (cfg.stem_channels > 0) {  // the early 3x3 conv at every pixel
+    a.linear(double(cfg.image_size * cfg.image_size), cfg.channels * 9, cfg.stem_channels);
+    in = cfg.stem_channels;
+  }
   if (cfg.family == "vit") {
     const int64_t D = cfg.width;
-    int64_t in = cfg.channels;
-    if (cfg.stem_channels > 0) {  // 3x3 conv at every pixel
-      a.linear(double(cfg.image_size * cfg.image_size), cfg.channels * 9, cfg.stem_channels);
-      in = cfg.stem_channels;
-    }
     a.linear(tokens, in * cfg.patch * cfg.patch, D);  // patch embedding
     a.c.params += side * side * D;                              // position embedding
     a.c.active_params += side * side * D;
@@ -131,7 +131,7 @@ ModelCost model_cost(const ModelConfig& cfg) {
   const std::vector<int64_t> dims = iso ? std::vector<int64_t>{cfg.width} : cfg.dims;
   const std::vector<int64_t> depths = iso ? std::vector<int64_t>{cfg.depth} : cfg.depths;
   int64_t s = side, b = 0;
-  a.linear(double(s * s), cfg.channels * cfg.patch * cfg.patch, dims[0]);  // patchify stem
+  a.linear(double(s * s), in * cfg.patch * cfg.patch, dims[0]);  // patchify stem
   a.norm(dims[0]);
   for (size_t st = 0; st < dims.size(); ++st) {
     const int64_t d = dims[st];

@@ -191,8 +191,8 @@ void validate(const ModelConfig& c) {
   }
   if (c.family == "resnest") validate_resnest(c);
   else
-    MOEV_CHECK(c.stem_channels >= 0 && (c.stem_channels == 0 || c.family == "vit"), "model.stem_channels = ",
-               c.stem_channels, ": expected >= 0, and 0 unless model.family = vit or resnest");
+    MOEV_CHECK(c.stem_channels >= 0, "model.stem_channels = ", c.stem_channels,
+               ": expected >= 0 (0: no early 3x3 convolution)");
   MOEV_CHECK(c.branches == 1 || c.family == "resnest", "model.branches = ", c.branches,
              ": expert branches are a ResNeSt feature (model.family = resnest)");
   MOEV_CHECK(c.drop_path >= 0 && c.drop_path < 1, "model.drop_path = ", c.drop_path, ": expected [0, 1)");

@@ -19,7 +19,7 @@ struct ModelConfig {
   int64_t channels = 1;        // input channels
   int64_t num_classes = 10;    // L
   int64_t patch = 4;           // ViT patch / ConvNeXt stem side, pixels
-  int64_t stem_channels = 0;   // ViT: 3x3 conv + GELU to this many channels before the patch embedding (0: none); ResNeSt: stem width
+  int64_t stem_channels = 0;   // ViT, ConvNeXt: 3x3 conv + GELU to this many channels before the patch embedding / stem (0: none); ResNeSt: stem width
   int64_t width = 128;         // D (ViT, isotropic ConvNeXt)
   int64_t depth = 6;           // blocks (ViT, isotropic ConvNeXt)
   std::vector<int64_t> dims = {32, 64, 128};  // hierarchical ConvNeXt / ResNeSt: width per stage

@@ -306,4 +306,13 @@ at::Tensor patchify_nhwc(const at::Tensor& x, const at::Tensor& weight, const at
   return linear(patches.reshape({B, h, w, p * p * Ci}), w2, bias, matmul_dtype);
 }
 
+at::Tensor conv3x3_gelu_nhwc(const at::Tensor& images, const at::Tensor& weight, const at::Tensor& bias,
+                             at::ScalarType matmul_dtype) {
+  const int64_t B = images.size(0), Ci = images.size(1), H = images.size(2), W = images.size(3);
+  auto windows = torch::nn::functional::unfold(images, torch::nn::functional::UnfoldFuncOptions(3).padding(1))
+                     .transpose(1, 2)
+                     .reshape({B, H, W, Ci * 9});  // (channel, row, column) order, as the conv weight
+  return nn::gelu(linear(windows, weight.reshape({weight.size(0), Ci * 9}), bias, matmul_dtype));
+}
+
 }  // namespace moev::nn
