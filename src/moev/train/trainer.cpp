@@ -171,8 +171,6 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
              "expected >= 0");
   MOEV_CHECK(std::isfinite(tc.minutes) && tc.minutes >= 0, "train.minutes = ", tc.minutes,
              ": expected >= 0 (0: no time budget)");
-  MOEV_CHECK(tc.ema_decay == 0 || (tc.ema_decay > 0 && tc.ema_decay < 1), "train.ema_decay = ", tc.ema_decay,
-             ": expected in (0, 1), or 0 for no weight average");
   const bool budgeted = tc.minutes > 0;
   // Both are counted in epochs of a schedule whose length a budget leaves open.
   MOEV_CHECK(!budgeted || (tc.cooldown_epochs == 0 && tc.mix_off_epochs == 0),
