@@ -10,6 +10,8 @@
 #include "support/toy_resnest.h"
 #include "moev/train/checkpoint.h"
 #include "moev/train/fusion.h"
+#include "moev/train/teacher.h"
+#include "moev/train/trained_model.h"
 #include "moev/train/trainer.h"
 
 using namespace moev;
@@ -34,6 +36,45 @@ TEST(MultiBranch, TeacherRunsOncePerImageAndAugmentation) {
   r = train::train_model(s, {});
   EXPECT_GT(r.teacher_images, 100);
   EXPECT_LE(r.teacher_images, 150);
+}
+
+TEST(MultiBranch, TeacherOnMixRunsOnEveryBlendAndCachesTheRest) {
+  test::TempDir dir;
+  train::train_model(toy(dir.file("teacher"), 2), {});
+  const auto ckpt = dir.file("teacher") + "/checkpoint.pt";
+  auto s = toy(dir.file("student"), 2);
+  s.train.teacher = ckpt;
+  s.data.augment = false;
+  s.train.epochs = 3;
+  s.train.mix_off_epochs = 1;  // epochs 0-1 blend every batch, epoch 2 none
+  s.train.mixup_alpha = 0.8;
+  s.train.cutmix_alpha = 1.0;
+  s.train.mix_prob = 1.0;
+  auto cached = train::train_model(s, {});
+  EXPECT_EQ(cached.teacher_images, 50);  // the parts' probabilities, one forward per image
+  s.train.teacher_on_mix = true;
+  s.train.out_dir = dir.file("on_mix");
+  auto on_mix = train::train_model(s, {});
+  EXPECT_EQ(on_mix.teacher_images, 100 + 50);  // 10 blended batches of 10, then the plain epoch's 50
+  // Other targets, other weights.
+  const auto a = train::load_checkpoint(dir.file("student") + "/checkpoint.pt").model;
+  const auto b = train::load_checkpoint(dir.file("on_mix") + "/checkpoint.pt").model;
+  EXPECT_FALSE(torch::equal(a.at("heads.0.weight"), b.at("heads.0.weight")));
+
+  // The uncached probabilities are the teacher's softmax on the image given,
+  // and the cached ones agree with them.
+  auto loaded = train::load_trained(ckpt, c10::Device(c10::kCPU));
+  loaded.model->eval();
+  train::Teacher t(ckpt, s.model, loaded.cfg.data.mean, loaded.cfg.data.std);
+  torch::manual_seed(3);
+  const auto x = torch::randn({40, 1, 28, 28});
+  torch::NoGradGuard ng;
+  const auto expected = torch::softmax(loaded.model->forward(x), 1);
+  const auto p = t.probs_uncached(x);
+  EXPECT_TRUE(torch::allclose(p, expected, 1e-5, 1e-6)) << (p - expected).abs().max();
+  const auto index = torch::arange(40, torch::kInt64), aug = torch::zeros({40}, torch::kInt64);
+  EXPECT_TRUE(torch::allclose(t.probs(x, index, aug, 1), p, 1e-5, 1e-6));
+  EXPECT_EQ(t.images_run(), 80);
 }
 
 TEST(MultiBranch, TeacherOfAnotherArchitectureIsRefused) {

@@ -151,6 +151,8 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("train.teacher", train.teacher, "distillation: teacher checkpoint (same architecture)"),
         MOEV_FIELD("train.distill_lambda", train.distill_lambda,
                    "target = lambda * label-smoothed + (1 - lambda) * teacher probs"),
+        MOEV_FIELD("train.teacher_on_mix", train.teacher_on_mix,
+                   "distillation: the teacher runs on the mixup/cutmix image itself (uncached) rather than its parts"),
         MOEV_FIELD("train.diversity_weight", train.diversity_weight, "multi-branch: diversity loss weight"),
         MOEV_FIELD("train.clip_grad_norm", train.clip_grad_norm, "gradient norm clip (0: off)"),
         MOEV_FIELD("train.ema_decay", train.ema_decay,

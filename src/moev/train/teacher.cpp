@@ -71,29 +71,15 @@ at::Tensor Teacher::probs(const at::Tensor& x, const at::Tensor& index, const at
   for (int64_t i = 0; i < B; ++i)
     if (!rows_.count(ip[i] * n_aug + ap[i])) missing.push_back(i);
   if (!missing.empty()) {
-    torch::NoGradGuard ng;
     auto rows = torch::tensor(missing, torch::kInt64);
-    auto xt = x.index_select(0, rows).to(torch::kCPU) * scale_ + shift_;
-    // Fixed-size chunks, the last one padded: BLAS and oneDNN choose kernels
-    // (and so summation orders) by batch size, and a cached probability must
-    // not depend on which other images happened to miss the cache with it, or
-    // a resumed run, whose cache refills from other batches, would differ.
-    const int64_t M = static_cast<int64_t>(missing.size());
-    for (int64_t c0 = 0; c0 < M; c0 += kTeacherChunk) {
-      const int64_t n = std::min(kTeacherChunk, M - c0);
-      auto chunk = xt.narrow(0, c0, n);
-      if (n < kTeacherChunk)
-        chunk = torch::cat({chunk, torch::zeros({kTeacherChunk - n, xt.size(1), xt.size(2), xt.size(3)})});
-      auto p = torch::softmax(model_->forward(chunk), 1).narrow(0, 0, n).contiguous();
-      const float* pp = p.data_ptr<float>();
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t key = ip[missing[c0 + j]] * n_aug + ap[missing[c0 + j]];
-        if (rows_.count(key)) continue;  // the same image twice in one batch
-        rows_[key] = static_cast<int64_t>(probs_.size()) / classes_;
-        probs_.insert(probs_.end(), pp + j * classes_, pp + (j + 1) * classes_);
-      }
+    auto p = forward_chunks(x.index_select(0, rows).to(torch::kCPU) * scale_ + shift_);
+    const float* pp = p.data_ptr<float>();
+    for (size_t j = 0; j < missing.size(); ++j) {
+      const int64_t key = ip[missing[j]] * n_aug + ap[missing[j]];
+      if (rows_.count(key)) continue;  // the same image twice in one batch
+      rows_[key] = static_cast<int64_t>(probs_.size()) / classes_;
+      probs_.insert(probs_.end(), pp + j * classes_, pp + (j + 1) * classes_);
     }
-    images_run_ += M;
   }
   auto out = torch::empty({B, classes_}, torch::kFloat);
   float* op = out.data_ptr<float>();
@@ -102,6 +88,29 @@ at::Tensor Teacher::probs(const at::Tensor& x, const at::Tensor& index, const at
     std::copy(src, src + classes_, op + i * classes_);
   }
   return out.to(x.device());
+}
+
+at::Tensor Teacher::probs_uncached(const at::Tensor& x) {
+  return forward_chunks(x.to(torch::kCPU) * scale_ + shift_).to(x.device());
+}
+
+at::Tensor Teacher::forward_chunks(const at::Tensor& xt) {
+  torch::NoGradGuard ng;
+  // Fixed-size chunks, the last one padded: BLAS and oneDNN choose kernels
+  // (and so summation orders) by batch size, and a cached probability must
+  // not depend on which other images happened to miss the cache with it, or
+  // a resumed run, whose cache refills from other batches, would differ.
+  const int64_t M = xt.size(0);
+  std::vector<at::Tensor> parts;
+  for (int64_t c0 = 0; c0 < M; c0 += kTeacherChunk) {
+    const int64_t n = std::min(kTeacherChunk, M - c0);
+    auto chunk = xt.narrow(0, c0, n);
+    if (n < kTeacherChunk)
+      chunk = torch::cat({chunk, torch::zeros({kTeacherChunk - n, xt.size(1), xt.size(2), xt.size(3)})});
+    parts.push_back(torch::softmax(model_->forward(chunk), 1).narrow(0, 0, n));
+  }
+  images_run_ += M;
+  return torch::cat(parts).contiguous();
 }
 
 }  // namespace moev::train

@@ -4,7 +4,8 @@
 // runs once per image and augmentation: its probabilities are cached under
 // (example index, augmentation id) from the loader, so with the 50 crop/flip
 // variants of a 28 px image and a few hundred epochs it stops running after
-// the first few dozen epochs.
+// the first few dozen epochs. Mixed images (train.teacher_on_mix) have no key:
+// the teacher runs on each, as in Beyer et al.'s consistent teaching.
 #pragma once
 
 #include <cstdint>
@@ -32,9 +33,16 @@ class Teacher {
   at::Tensor probs(const at::Tensor& x, const at::Tensor& index, const at::Tensor& aug,
                    int64_t num_augmentations);
 
+  // x: [B, C, H, W] normalised as the student's -> probabilities [B, L], not
+  // cached: for images no key names (mixup and cutmix blends).
+  at::Tensor probs_uncached(const at::Tensor& x);
+
   int64_t images_run() const { return images_run_; }  // teacher forwards so far
 
  private:
+  // xt: [M, C, H, W] in the teacher's normalisation, on the CPU -> [M, L].
+  at::Tensor forward_chunks(const at::Tensor& xt);
+
   models::ClassifierPtr model_;
   int64_t classes_ = 0;
   at::Tensor scale_, shift_;  // [1, C, 1, 1]: student normalisation -> the teacher's
