@@ -70,14 +70,15 @@ Runner add_analyze(CLI::App& app) {
     std::vector<analysis::LayerRouting> lr;
     for (size_t l = 0; l < r.class_counts.size(); ++l)
       lr.push_back({r.layer_names[l], r.class_counts[l], r.expert_load[l], r.dropped[l], r.image_bits[l],
-                    r.chance_image_bits[l]});
+                    r.chance_image_bits[l], r.class_gate_sums[l], r.class_tokens[l]});
     const std::string title = fs::path(f->checkpoint).parent_path().filename().string();
     auto files = analysis::write_routing_report(lr, t.class_names, title, out);
     std::printf("%s: top-1 %.4f on %lld images\n", f->checkpoint.c_str(), r.top1,
                 (long long)r.images);
     for (size_t l = 0; l < lr.size(); ++l)
-      std::printf("  %-22s specialisation %.3f  MI %.3f bits  experts/image %.2f (chance %.2f)  dropped %.4f\n",
+      std::printf("  %-22s specialisation %.3f (weighted %.3f)  MI %.3f bits  experts/image %.2f (chance %.2f)  dropped %.4f\n",
                   lr[l].name.c_str(), analysis::specialisation(lr[l].counts),
+                  analysis::weighted_specialisation(lr[l].gate_sums),
                   analysis::mutual_information_bits(lr[l].counts), std::exp2(lr[l].image_bits),
                   std::exp2(lr[l].chance_image_bits), lr[l].dropped);
 

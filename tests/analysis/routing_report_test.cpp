@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "moev/analysis/routing_report.h"
+#include "moev/core/error.h"
 #include "support/temp_dir.h"
 
 using namespace moev::analysis;
@@ -38,6 +39,22 @@ TEST(RoutingReport, ExpertGivenClassColumnsSumToOne) {
   EXPECT_NEAR(p[0][2] + p[1][2], 1.0, 1e-12);
 }
 
+TEST(RoutingReport, WeightedSpecialisationCountsAssignmentsByTheirGates) {
+  // The same assignments, {{3, 1}, {1, 3}}, but the off-diagonal ones carry
+  // gates of 0 and the diagonal ones 0.5 each: weighted, routing determines the class.
+  EXPECT_NEAR(weighted_specialisation({{1.5, 0.0}, {0.0, 1.5}}), 1.0, 1e-12);
+  // Gates proportional to the counts give the unweighted score.
+  EXPECT_NEAR(weighted_specialisation({{0.3, 0.1}, {0.1, 0.3}}), specialisation({{3, 1}, {1, 3}}), 1e-12);
+  EXPECT_NEAR(weighted_specialisation({{0.2, 0.2}, {0.2, 0.2}}), 0.0, 1e-12);
+  EXPECT_THROW(weighted_specialisation({{0.2, -0.1}, {0.2, 0.2}}), moev::Error);
+  // Mean routing weight: each class's gate sums over its tokens.
+  auto w = mean_routing_weight({{1.5, 0.5}, {0.5, 2.0}}, {4.0, 5.0});
+  EXPECT_NEAR(w[0][0], 0.375, 1e-12);
+  EXPECT_NEAR(w[1][1], 0.4, 1e-12);
+  EXPECT_EQ(mean_routing_weight({{1.0}}, {0.0})[0][0], 0.0);  // a class with no tokens
+  EXPECT_THROW(mean_routing_weight({{1.0, 2.0}}, {1.0}), moev::Error);
+}
+
 TEST(RoutingReport, ImageSpreadWeighsEachImageByItsAssignments) {
   ImageSpread s;
   EXPECT_EQ(s.mean_bits(), 0.0);
@@ -61,16 +78,18 @@ TEST(RoutingReport, ImageSpreadWeighsEachImageByItsAssignments) {
 
 TEST(RoutingReport, WritesHeatmapsTableAndJson) {
   moev::test::TempDir dir;
-  LayerRouting a{"blocks.1.moe", {{6, 0}, {0, 6}}, {0.5, 0.5}, 0.1, 1.0, 1.5};
-  LayerRouting b{"blocks.3.moe", {{3, 3}, {3, 3}}, {0.5, 0.5}, 0.0, 0.9, 1.0};
+  LayerRouting a{"blocks.1.moe", {{6, 0}, {0, 6}}, {0.5, 0.5}, 0.1, 1.0, 1.5, {{3.0, 0.0}, {0.0, 3.0}}, {6, 6}};
+  LayerRouting b{"blocks.3.moe", {{3, 3}, {3, 3}}, {0.5, 0.5}, 0.0, 0.9, 1.0};  // no routing weights
   auto files = write_routing_report({a, b}, {"shirt", "bag"}, "t", dir.path().string());
-  ASSERT_EQ(files.size(), 4u);
+  ASSERT_EQ(files.size(), 5u);
+  EXPECT_TRUE(std::filesystem::exists(dir.file("routing_weight_0.png")));
+  EXPECT_FALSE(std::filesystem::exists(dir.file("routing_weight_1.png")));
   for (const auto& f : files) EXPECT_TRUE(std::filesystem::exists(f)) << f;
   std::ifstream md(dir.file("routing.md"));
   std::stringstream ss;
   ss << md.rdbuf();
   const std::string text = ss.str();
   // Layer 0: specialisation 1, experts/image 2^1 = 2, chance 2^1.5 = 2.828, concentration 1/3.
-  EXPECT_NE(text.find("| 0 | blocks.1.moe | 1.0000 | 1.0000 | 2.000 | 2.828 | 0.3333 |"), std::string::npos) << text;
-  EXPECT_NE(text.find("| 1 | blocks.3.moe | 0.0000 | 0.0000 |"), std::string::npos) << text;
+  EXPECT_NE(text.find("| 0 | blocks.1.moe | 1.0000 | 1.0000 | 1.0000 | 2.000 | 2.828 | 0.3333 |"), std::string::npos) << text;
+  EXPECT_NE(text.find("| 1 | blocks.3.moe | 0.0000 | 0.0000 | - |"), std::string::npos) << text;
 }

@@ -106,7 +106,7 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   auto a = run("analyze " + ckpt + " --limit 64 --capacity-curve --capacities 0.5 1 --out " +
                dir.file("an"));
   ASSERT_EQ(a.code, 0) << a.out;
-  for (const char* f : {"routing_0.png", "routing.md", "routing.json", "capacity_curve.png",
+  for (const char* f : {"routing_0.png", "routing_weight_0.png", "routing.md", "routing.json", "capacity_curve.png",
                         "capacity_curve.csv"})
     EXPECT_TRUE(std::filesystem::exists(dir.file("an") + "/" + f)) << f;
   EXPECT_NE(a.out.find("specialisation"), std::string::npos) << a.out;

@@ -17,7 +17,8 @@ struct Marginals {
   std::vector<double> expert, cls;
   double total = 0;
 };
-Marginals marginals(const Counts& counts) {
+template <class T>
+Marginals marginals(const std::vector<std::vector<T>>& counts) {
   Marginals m;
   m.expert.assign(counts.size(), 0);
   m.cls.assign(counts.empty() ? 0 : counts[0].size(), 0);
@@ -38,9 +39,9 @@ double entropy_bits(const std::vector<double>& p, double total) {
     if (v > 0) h -= v / total * std::log2(v / total);
   return h;
 }
-}  // namespace
 
-double mutual_information_bits(const Counts& counts) {
+template <class T>
+double mutual_information(const std::vector<std::vector<T>>& counts) {
   const Marginals m = marginals(counts);
   if (m.total <= 0) return 0;
   double mi = 0;
@@ -52,11 +53,34 @@ double mutual_information_bits(const Counts& counts) {
   return std::max(0.0, mi);
 }
 
-double specialisation(const Counts& counts) {
+template <class T>
+double normalised_mutual_information(const std::vector<std::vector<T>>& counts) {
   const Marginals m = marginals(counts);
   if (m.total <= 0) return 0;
   const double h = std::min(entropy_bits(m.expert, m.total), entropy_bits(m.cls, m.total));
-  return h > 0 ? std::min(1.0, mutual_information_bits(counts) / h) : 0;
+  return h > 0 ? std::min(1.0, mutual_information(counts) / h) : 0;
+}
+}  // namespace
+
+double mutual_information_bits(const Counts& counts) { return mutual_information(counts); }
+
+double specialisation(const Counts& counts) { return normalised_mutual_information(counts); }
+
+double weighted_specialisation(const Weights& gate_sums) {
+  for (const auto& row : gate_sums)
+    for (double v : row) MOEV_CHECK(v >= 0, "routing weights: expected >= 0, got ", v);
+  return normalised_mutual_information(gate_sums);
+}
+
+Weights mean_routing_weight(const Weights& gate_sums, const std::vector<double>& class_tokens) {
+  Weights w(gate_sums.size(), std::vector<double>(class_tokens.size(), 0));
+  for (size_t e = 0; e < gate_sums.size(); ++e) {
+    MOEV_CHECK(gate_sums[e].size() == class_tokens.size(), "routing weights: ", gate_sums[e].size(),
+               " classes in a row, ", class_tokens.size(), " class token counts");
+    for (size_t c = 0; c < class_tokens.size(); ++c)
+      if (class_tokens[c] > 0) w[e][c] = gate_sums[e][c] / class_tokens[c];
+  }
+  return w;
 }
 
 void ImageSpread::add(const Counts& by_image) {
@@ -97,8 +121,8 @@ std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& l
   namespace fs = std::filesystem;
   std::vector<std::string> written;
   io::Table table;
-  table.header = {"layer", "module", "specialisation", "MI (bits)", "experts / image",
-                  "by chance", "image concentration", "dropped", "max load / mean", "heatmap"};
+  table.header = {"layer", "module", "specialisation", "MI (bits)", "weighted specialisation", "experts / image",
+                  "by chance", "image concentration", "dropped", "max load / mean", "heatmaps"};
   nlohmann::json j = nlohmann::json::array();
   for (size_t l = 0; l < layers.size(); ++l) {
     const auto& L = layers[l];
@@ -120,20 +144,39 @@ std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& l
     viz::write_heatmap(h, (fs::path(dir) / png).string());
     written.push_back((fs::path(dir) / png).string());
 
-    const double conc = image_concentration(L);
-    table.add({std::to_string(l), L.name, io::fmt(spec, 4), io::fmt(mi, 4), io::fmt(std::exp2(L.image_bits), 3),
-               io::fmt(std::exp2(L.chance_image_bits), 3), io::fmt(conc, 4), io::fmt(L.dropped, 4),
-               io::fmt(imbalance, 3), png});
-    j.push_back({{"layer", l}, {"module", L.name}, {"specialisation", spec},
-                 {"mutual_information_bits", mi}, {"image_entropy_bits", L.image_bits},
-                 {"chance_image_entropy_bits", L.chance_image_bits}, {"image_concentration", conc},
-                 {"dropped", L.dropped}, {"load", L.load},
-                 {"counts", L.counts}, {"p_expert_given_class", h.values}});
+    nlohmann::json entry = {{"layer", l}, {"module", L.name}, {"specialisation", spec},
+                            {"mutual_information_bits", mi}, {"image_entropy_bits", L.image_bits},
+                            {"chance_image_entropy_bits", L.chance_image_bits},
+                            {"image_concentration", image_concentration(L)},
+                            {"dropped", L.dropped}, {"load", L.load},
+                            {"counts", L.counts}, {"p_expert_given_class", h.values}};
+    std::string weighted = "-", pngs = png;
+    if (!L.gate_sums.empty()) {
+      const double wspec = weighted_specialisation(L.gate_sums);
+      const std::string wpng = "routing_weight_" + std::to_string(l) + ".png";
+      viz::HeatmapSpec hw = h;
+      hw.title = title + "  " + L.name + "  weighted specialisation " + io::fmt(wspec, 3);
+      hw.xlabel = "class (cells: mean routing weight)";
+      hw.values = mean_routing_weight(L.gate_sums, L.class_tokens);
+      viz::write_heatmap(hw, (fs::path(dir) / wpng).string());
+      written.push_back((fs::path(dir) / wpng).string());
+      weighted = io::fmt(wspec, 4);
+      pngs += ", " + wpng;
+      entry["weighted_specialisation"] = wspec;
+      entry["mean_routing_weight"] = hw.values;
+      entry["class_tokens"] = L.class_tokens;
+    }
+    table.add({std::to_string(l), L.name, io::fmt(spec, 4), io::fmt(mi, 4), weighted,
+               io::fmt(std::exp2(L.image_bits), 3), io::fmt(std::exp2(L.chance_image_bits), 3),
+               io::fmt(image_concentration(L), 4), io::fmt(L.dropped, 4), io::fmt(imbalance, 3), pngs});
+    j.push_back(entry);
   }
   const std::string md = "# " + title +
                          "\n\nSpecialisation = I(expert; class) / min(H(expert), H(class)) over "
                          "placed assignments: 0 = routing ignores the class, 1 = it "
-                         "determines it. Experts / image = 2^H(expert | image), the "
+                         "determines it; weighted = the same with each assignment counted by its "
+                         "routing weight, whose mean per expert and class is the second heatmap "
+                         "(the V-MoE paper's figure). Experts / image = 2^H(expert | image), the "
                          "effective number of experts an image's assignments use; by chance = "
                          "the same with each position's tokens shuffled over the images of "
                          "their batch; image concentration = 1 - H(expert | image) / that chance "

@@ -11,6 +11,7 @@
 namespace moev::analysis {
 
 using Counts = std::vector<std::vector<int64_t>>;  // [expert][class] placed assignments
+using Weights = std::vector<std::vector<double>>;  // [expert][class] summed routing weights
 
 // Mutual information, in bits, between the expert an assignment went to and the
 // class of its image, under the empirical joint distribution `counts`.
@@ -21,6 +22,14 @@ double specialisation(const Counts& counts);
 // P(expert | class): each class's assignments split over the experts (columns
 // sum to 1), [expert][class].
 std::vector<std::vector<double>> expert_given_class(const Counts& counts);
+// The same score with every placed assignment counted by its routing weight
+// (gate) instead of 1: a token sent to an expert with a weight of 0.05 says
+// less about that expert than one sent with 0.9.
+double weighted_specialisation(const Weights& gate_sums);
+// The V-MoE paper's heatmap (Riquelme et al. 2021, figure of routing weights
+// against classes): the mean routing weight of expert e over all tokens of
+// class c, gate_sums[e][c] / class_tokens[c], [expert][class].
+Weights mean_routing_weight(const Weights& gate_sums, const std::vector<double>& class_tokens);
 
 // How an image's assignments spread over the experts (Videau et al. saw fewer
 // experts serve each image in deeper layers): the entropy of each image's
@@ -43,6 +52,8 @@ struct LayerRouting {
   // over the images of their batch: a layer with few tokens per image shows few
   // experts per image by chance alone, so only the gap says routing is per image.
   double image_bits = 0, chance_image_bits = 0;
+  Weights gate_sums;                 // [expert][class] routing weights of placed assignments (empty: not measured)
+  std::vector<double> class_tokens;  // [class] tokens this layer saw from images of each class
 };
 
 // 1 - image_bits / chance_image_bits: 0 when an image's tokens spread over the

@@ -24,8 +24,12 @@ struct Tally {
   std::vector<std::vector<int64_t>> counts;  // [layer][expert] placed assignments
   std::vector<double> dropped;               // [layer] sum of dropped fraction x images
   std::vector<torch::Tensor> by_class;       // [layer] [E, classes]
+  std::vector<torch::Tensor> gate_by_class;  // [layer] [E, classes] double: summed routing weights
+  std::vector<torch::Tensor> class_tokens;   // [layer] [classes] double: tokens per class
   std::vector<analysis::ImageSpread> spread, chance;  // [layer] per-image spread, and with images shuffled
 };
+
+void accumulate(torch::Tensor& sum, const torch::Tensor& add) { sum = sum.defined() ? sum + add : add; }
 
 // [E, b] int64 counts -> [expert][image]
 analysis::Counts to_counts(const at::Tensor& c) {
@@ -57,6 +61,8 @@ at::Tensor eval_slice(models::Classifier& model, const std::vector<moe::MoELayer
   t.counts.resize(layers.size());
   t.dropped.resize(layers.size(), 0.0);
   t.by_class.resize(layers.size());
+  t.gate_by_class.resize(layers.size());
+  t.class_tokens.resize(layers.size());
   t.spread.resize(layers.size());
   t.chance.resize(layers.size());
   for (size_t l = 0; l < layers.size(); ++l) {
@@ -76,6 +82,11 @@ at::Tensor eval_slice(models::Classifier& model, const std::vector<moe::MoELayer
     auto label = y.cpu().index_select(0, image);
     auto counts = torch::bincount(expert * classes + label, {}, E * classes).view({E, classes});
     t.by_class[l] = t.by_class[l].defined() ? t.by_class[l] + counts : counts;
+    auto gates = rr.combine_gates.reshape(-1).index_select(0, rr.gate_index.narrow(0, 0, placed)).cpu().to(torch::kDouble);
+    auto gate_sums = torch::zeros({E * classes}, torch::kDouble).index_add_(0, expert * classes + label, gates);
+    auto tokens = torch::bincount(y.cpu(), {}, classes).to(torch::kDouble) * double(tokens_per_image);
+    accumulate(t.gate_by_class[l], gate_sums.view({E, classes}));
+    accumulate(t.class_tokens[l], tokens);
     t.spread[l].add(to_counts(torch::bincount(expert * b + image, {}, E * b).view({E, b})));
     // The chance level: each position's tokens dealt to the images at random, from
     // a fixed seed per batch. Whole tokens move (a token's K assignments go to K
@@ -141,6 +152,8 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
   all.counts.resize(layers.size());
   all.dropped.assign(layers.size(), 0.0);
   all.by_class.resize(layers.size());
+  all.gate_by_class.resize(layers.size());
+  all.class_tokens.resize(layers.size());
   all.spread.resize(layers.size());
   all.chance.resize(layers.size());
   for (const auto& t : tally) {
@@ -151,8 +164,11 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
       if (all.counts[l].empty()) all.counts[l].assign(t.counts[l].size(), 0);
       for (size_t e = 0; e < t.counts[l].size(); ++e) all.counts[l][e] += t.counts[l][e];
       all.dropped[l] += t.dropped[l];
-      if (t.by_class[l].defined())
-        all.by_class[l] = all.by_class[l].defined() ? all.by_class[l] + t.by_class[l] : t.by_class[l];
+      if (t.by_class[l].defined()) {
+        accumulate(all.by_class[l], t.by_class[l]);
+        accumulate(all.gate_by_class[l], t.gate_by_class[l]);
+        accumulate(all.class_tokens[l], t.class_tokens[l]);
+      }
       if (l < t.spread.size()) {
         all.spread[l].merge(t.spread[l]);
         all.chance[l].merge(t.chance[l]);
@@ -189,6 +205,12 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
       auto& out = r.class_counts.emplace_back();
       for (int64_t e = 0; e < c.size(0); ++e)
         out.emplace_back(c[e].data_ptr<int64_t>(), c[e].data_ptr<int64_t>() + classes);
+      auto g = all.gate_by_class[l].contiguous();
+      auto& gout = r.class_gate_sums.emplace_back();
+      for (int64_t e = 0; e < g.size(0); ++e)
+        gout.emplace_back(g[e].data_ptr<double>(), g[e].data_ptr<double>() + classes);
+      auto ct = all.class_tokens[l].contiguous();
+      r.class_tokens.emplace_back(ct.data_ptr<double>(), ct.data_ptr<double>() + classes);
     }
   }
   reps.train(was_training);

@@ -32,6 +32,11 @@ struct EvalResult {
   // With routing_by_class: placed assignments per expert and true class of the
   // image the token came from, [layer][expert][class].
   std::vector<std::vector<std::vector<int64_t>>> class_counts;
+  // With routing_by_class: the routing weights (gates) of those assignments
+  // summed per expert and class, [layer][expert][class], and the tokens each
+  // class's images sent into the layer, [layer][class].
+  std::vector<std::vector<std::vector<double>>> class_gate_sums;
+  std::vector<std::vector<double>> class_tokens;
   // With routing_by_class: [layer] H(expert | image) in bits, and the same with
   // each position's tokens shuffled over the images of their batch (the chance level).
   std::vector<double> image_bits, chance_image_bits;

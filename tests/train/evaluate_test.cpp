@@ -1,0 +1,85 @@
+// Routing by class as `moev analyze` measures it, on a tiny V-MoE and real
+// Fashion-MNIST test images: with dropless top-K routing and renormalised
+// gates every token places K assignments whose weights sum to one, so the
+// per-class tallies have known totals.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "moev/io/run_config.h"
+#include "moev/models/model_config.h"
+#include "moev/train/datasets.h"
+#include "moev/train/evaluate.h"
+
+using namespace moev;
+
+TEST(Evaluate, RoutingByClassTalliesEveryTokenAndItsGates) {
+  torch::manual_seed(0);
+  io::RunConfig c;
+  c.model = models::preset("vmoe-tiny");
+  c.model.width = 32;
+  c.model.depth = 2;
+  c.model.heads = 2;
+  c.model.mlp_dim = 64;
+  c.model.moe = models::parse_placement("every-1");
+  c.model.router.num_experts = 4;
+  c.model.router.k = 2;
+  c.model.router.group_size = 4;
+  c.model.router.dropless = true;
+  c.model.router.renormalize = true;
+  c.data.test_limit = 96;
+  c.data.mean = {0.2860f};
+  c.data.std = {0.3530f};
+  auto model = models::build_model(c.model);
+  auto ds = train::open_datasets(c.data, c.model, /*load_train=*/false);
+  auto r = train::evaluate(*model, ds.test, ds.mean, ds.std, 32, torch::kCPU, nullptr, false,
+                           /*routing_by_class=*/true);
+  const int64_t classes = 10, tokens_per_image = (28 / c.model.patch) * (28 / c.model.patch);
+  auto images_of = torch::bincount(ds.test.labels, {}, classes);
+  ASSERT_EQ(r.class_gate_sums.size(), 2u);
+  ASSERT_EQ(r.class_tokens.size(), 2u);
+  for (size_t l = 0; l < 2; ++l) {
+    ASSERT_EQ(r.class_gate_sums[l].size(), 4u);
+    for (int64_t cl = 0; cl < classes; ++cl) {
+      const double tokens = static_cast<double>(images_of[cl].item<int64_t>() * tokens_per_image);
+      EXPECT_DOUBLE_EQ(r.class_tokens[l][cl], tokens) << "layer " << l << " class " << cl;
+      double gates = 0;
+      int64_t placed = 0;
+      for (int64_t e = 0; e < 4; ++e) {
+        gates += r.class_gate_sums[l][e][cl];
+        placed += r.class_counts[l][e][cl];
+        EXPECT_GE(r.class_gate_sums[l][e][cl], 0.0);
+      }
+      EXPECT_EQ(placed, 2 * int64_t(tokens)) << "layer " << l << " class " << cl;  // K per token, none dropped
+      EXPECT_NEAR(gates, tokens, 1e-3 * tokens + 1e-9) << "layer " << l << " class " << cl;
+    }
+  }
+}
+
+TEST(Evaluate, RoutingWeightsAreThePlacedGatesOnly) {
+  // Without renormalisation a token's top-2 of 4 softmax gates sum to less than
+  // 1: the tally must hold those, not the whole softmax row (which sums to 1).
+  torch::manual_seed(0);
+  io::RunConfig c;
+  c.model = models::preset("vmoe-tiny");
+  c.model.width = 32;
+  c.model.depth = 1;
+  c.model.heads = 2;
+  c.model.mlp_dim = 64;
+  c.model.moe = models::parse_placement("every-1");
+  c.model.router.num_experts = 4;
+  c.model.router.k = 2;
+  c.model.router.group_size = 4;
+  c.model.router.dropless = true;
+  c.data.test_limit = 32;
+  c.data.mean = {0.2860f};
+  c.data.std = {0.3530f};
+  auto model = models::build_model(c.model);
+  auto ds = train::open_datasets(c.data, c.model, /*load_train=*/false);
+  auto r = train::evaluate(*model, ds.test, ds.mean, ds.std, 32, torch::kCPU, nullptr, false, true);
+  double gates = 0, tokens = 0;
+  for (const auto& row : r.class_gate_sums.at(0))
+    for (double g : row) gates += g;
+  for (double t : r.class_tokens.at(0)) tokens += t;
+  EXPECT_GT(gates, 0.5 * tokens);  // the top 2 of 4 gates hold at least half
+  EXPECT_LT(gates, 0.999 * tokens);
+}
