@@ -74,6 +74,40 @@ TEST(ConvNeXt, EarlyConvolutionEqualsStockConvolutionsAndTrains) {
   moev::test::expect_error([&] { validate(cfg); }, {"model.stem_channels = -1"});
 }
 
+// model.pad_odd: a 2x2 downsampling of the 7x7 map drops its last row and
+// column unless the map is padded first. With every block an identity
+// (gamma = 0) the unpadded model never sees pixel rows 24-27; the padded one
+// does, and its MoE blocks route 4 x 4 tokens per image.
+TEST(ConvNeXt, PadOddKeepsTheLastRowAndColumn) {
+  auto x = torch::randn({5, 1, 28, 28});
+  auto x_edge = x.clone();
+  x_edge.slice(2, 24, 28).normal_();  // new bottom rows
+  for (bool pad : {false, true}) {
+    torch::manual_seed(3);
+    auto cfg = preset("convnext-moe-tiny");
+    cfg.pad_odd = pad;
+    auto model = build_model(cfg);
+    auto& net = dynamic_cast<ConvNeXtImpl&>(*model);
+    {
+      torch::NoGradGuard ng;
+      for (auto& stage : *net.stages)
+        for (auto& blk : *stage->as<torch::nn::ModuleListImpl>()) blk->as<ConvNeXtBlockImpl>()->gamma.zero_();
+    }
+    model->eval();
+    torch::NoGradGuard ng;
+    const double moved = (model->forward(x) - model->forward(x_edge)).abs().max().item<double>();
+    if (pad)
+      EXPECT_GT(moved, 1e-3);
+    else
+      EXPECT_EQ(moved, 0.0);
+    const auto& st = moev::moe::find_moe_layers(*model)[0]->last_stats();
+    int64_t placed = 0;
+    for (auto c : st.expert_count) placed += c;
+    const int64_t side = pad ? 4 : 3;
+    EXPECT_EQ(placed + std::llround(st.dropped_fraction * 5 * side * side * 2), 5 * side * side * 2);
+  }
+}
+
 TEST(ConvNeXt, IsotropicShapesAndTokens) {
   torch::manual_seed(0);
   auto cfg = preset("convnext-iso-moe-tiny");

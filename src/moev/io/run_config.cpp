@@ -96,6 +96,8 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("model.dims", model.dims, "ConvNeXt stage widths, e.g. [32, 64, 128]"),
         MOEV_FIELD("model.depths", model.depths, "ConvNeXt blocks per stage, e.g. [2, 2, 4]"),
         MOEV_FIELD("model.drop_path", model.drop_path, "ConvNeXt stochastic depth at the last block"),
+        MOEV_FIELD("model.pad_odd", model.pad_odd,
+                   "ConvNeXt: zero-pad odd-sided maps before downsampling (7x7 -> 4x4) instead of dropping the last row and column"),
         MOEV_FIELD("model.branches", model.branches, "ResNeSt: expert branches N (1: plain ResNeSt)"),
         MOEV_FIELD("model.shared_stages", model.shared_stages, "ResNeSt: stages shared by all branches"),
         MOEV_FIELD("model.radix", model.radix, "ResNeSt: split-attention radix"),

@@ -109,8 +109,12 @@ at::Tensor ConvNeXtImpl::embed(const at::Tensor& images) {
   for (size_t s = 0; s < stages->size(); ++s) {
     if (s > 0) {
       const auto& down = *down_convs[s - 1]->as<torch::nn::Conv2dImpl>();
-      x = nn::patchify_nhwc(nn::layer_norm(down_norms[s - 1]->as<torch::nn::LayerNormImpl>(), x), down.weight, down.bias,
-                            matmul_dtype);
+      x = nn::layer_norm(down_norms[s - 1]->as<torch::nn::LayerNormImpl>(), x);
+      // A 2x2 stride-2 patchify of an odd side drops its last row and column
+      // (7x7 -> 3x3 loses 13 of 49 positions); zeros after the norm keep them.
+      if (cfg.pad_odd && (x.size(1) % 2 || x.size(2) % 2))
+        x = at::constant_pad_nd(x, {0, 0, 0, x.size(2) % 2, 0, x.size(1) % 2});
+      x = nn::patchify_nhwc(x, down.weight, down.bias, matmul_dtype);
     }
     for (auto& blk : *stages[s]->as<torch::nn::ModuleListImpl>())
       x = blk->as<ConvNeXtBlockImpl>()->forward(x);

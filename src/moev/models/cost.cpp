@@ -137,7 +137,7 @@ ModelCost model_cost(const ModelConfig& cfg) {
     const int64_t d = dims[st];
     if (st > 0) {
       a.norm(dims[st - 1]);
-      s /= 2;
+      s = cfg.pad_odd ? (s + 1) / 2 : s / 2;
       a.linear(double(s * s), dims[st - 1] * 4, d);  // 2x2 stride-2 convolution
     }
     for (int64_t i = 0; i < depths[st]; ++i, ++b) {

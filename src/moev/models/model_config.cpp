@@ -184,7 +184,7 @@ void validate(const ModelConfig& c) {
     for (size_t s = 0; s < c.dims.size(); ++s) {
       MOEV_CHECK(c.dims[s] >= 1 && c.depths[s] >= 1, "model.dims / model.depths: stage ", s,
                  " must have width and depth >= 1");
-      if (s > 0) side /= 2;
+      if (s > 0) side = c.pad_odd ? (side + 1) / 2 : side / 2;
       MOEV_CHECK(side >= 1, "model: ", c.image_size, " px images are too small for ", c.dims.size(),
                  " stages after a stem of ", c.patch, " px (each later stage halves the side)");
     }

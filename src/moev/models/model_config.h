@@ -25,6 +25,7 @@ struct ModelConfig {
   std::vector<int64_t> dims = {32, 64, 128};  // hierarchical ConvNeXt / ResNeSt: width per stage
   std::vector<int64_t> depths = {2, 2, 4};    // hierarchical ConvNeXt / ResNeSt: blocks per stage
   double drop_path = 0.0;      // ConvNeXt / ResNeSt stochastic depth at the last block
+  bool pad_odd = false;        // ConvNeXt: zero-pad an odd-sided map before each 2x2 downsampling (7x7 -> 4x4, not 3x3)
   int64_t branches = 1;        // ResNeSt: expert branches N, each the unshared stages and a head
   int64_t shared_stages = 2;   // ResNeSt: stages (after the stem) shared by all branches
   int64_t radix = 2;           // ResNeSt: split-attention radix R
