@@ -9,21 +9,15 @@
 #include "moev/models/model_config.h"
 #include "moev/train/datasets.h"
 #include "moev/train/evaluate.h"
+#include "support/tiny_vmoe.h"
 
 using namespace moev;
 
 TEST(Evaluate, RoutingByClassTalliesEveryTokenAndItsGates) {
   torch::manual_seed(0);
   io::RunConfig c;
-  c.model = models::preset("vmoe-tiny");
-  c.model.width = 32;
-  c.model.depth = 2;
-  c.model.heads = 2;
-  c.model.mlp_dim = 64;
-  c.model.moe = models::parse_placement("every-1");
-  c.model.router.num_experts = 4;
+  c.model = test::tiny_vmoe(2, "every-1");
   c.model.router.k = 2;
-  c.model.router.group_size = 4;
   c.model.router.dropless = true;
   c.model.router.renormalize = true;
   c.data.test_limit = 96;
@@ -60,15 +54,8 @@ TEST(Evaluate, RoutingWeightsAreThePlacedGatesOnly) {
   // 1: the tally must hold those, not the whole softmax row (which sums to 1).
   torch::manual_seed(0);
   io::RunConfig c;
-  c.model = models::preset("vmoe-tiny");
-  c.model.width = 32;
-  c.model.depth = 1;
-  c.model.heads = 2;
-  c.model.mlp_dim = 64;
-  c.model.moe = models::parse_placement("every-1");
-  c.model.router.num_experts = 4;
+  c.model = test::tiny_vmoe(1, "every-1");
   c.model.router.k = 2;
-  c.model.router.group_size = 4;
   c.model.router.dropless = true;
   c.data.test_limit = 32;
   c.data.mean = {0.2860f};

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include "support/expect_error.h"
+#include "support/tiny_vmoe.h"
 #include "moev/train/replicas.h"
 
 using namespace moev;
@@ -12,14 +13,7 @@ using namespace moev;
 namespace {
 
 models::ModelConfig tiny_vmoe() {
-  auto c = models::preset("vmoe-tiny");
-  c.width = 32;
-  c.depth = 2;
-  c.heads = 2;
-  c.mlp_dim = 64;
-  c.moe = models::parse_placement("last-1");
-  c.router.num_experts = 4;
-  c.router.group_size = 4;
+  auto c = test::tiny_vmoe();
   c.router.capacity_factor = 0.75;  // some tokens dropped: capacity must match too
   c.router.noise_std = 0;           // deterministic routing for the comparison
   return c;

@@ -11,6 +11,7 @@
 
 #include "support/expect_error.h"
 #include "support/temp_dir.h"
+#include "support/tiny_vmoe.h"
 #include "moev/train/checkpoint.h"
 #include "moev/train/trained_model.h"
 #include "moev/train/trainer.h"
@@ -21,14 +22,7 @@ namespace {
 
 io::RunConfig tiny_run(const std::string& out) {
   io::RunConfig c;
-  c.model = models::preset("vmoe-tiny");
-  c.model.width = 32;
-  c.model.depth = 2;
-  c.model.heads = 2;
-  c.model.mlp_dim = 64;
-  c.model.moe = models::parse_placement("last-1");
-  c.model.router.num_experts = 4;
-  c.model.router.group_size = 4;
+  c.model = test::tiny_vmoe();
   c.data.train_limit = 640;
   c.data.test_limit = 256;
   c.train.batch_size = 64;
