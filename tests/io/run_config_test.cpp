@@ -1,11 +1,13 @@
 // Config files and overrides: layering, types, and errors that name file and key.
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <fstream>
 
 #include "support/expect_error.h"
 #include "support/temp_dir.h"
 #include "moev/io/run_config.h"
+#include "moev/models/model_config.h"
 
 using namespace moev;
 
@@ -63,4 +65,21 @@ TEST(RunConfig, BadInputsNameFileAndKey) {
   io::apply_override(c, "moe.router_logits=cosine");
   io::apply_override(c, "model.precision=fp16");  // checked with the model, like every field
   test::expect_error([&] { models::validate(c.model); }, {"model.precision", "fp16", "bf16"});
+}
+
+// Every config the repository ships loads (other commands' sections aside), and
+// its model passes validation and builds: an edited example fails here, not in
+// a user's first run.
+TEST(RunConfig, ShippedConfigsLoadAndBuild) {
+  int n = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(std::string(MOEV_SOURCE_DIR) + "/configs")) {
+    const auto path = entry.path().string();
+    SCOPED_TRACE(path);
+    io::RunConfig c;
+    ASSERT_NO_THROW(c = io::load_run_config(path));
+    ASSERT_NO_THROW(models::validate(c.model));
+    EXPECT_NE(models::build_model(c.model), nullptr);
+    ++n;
+  }
+  EXPECT_GE(n, 9);
 }
