@@ -13,20 +13,36 @@
 
 using namespace moev;
 
-TEST(Evaluate, RoutingByClassTalliesEveryTokenAndItsGates) {
-  torch::manual_seed(0);
+namespace {
+
+// A fresh tiny V-MoE with experts in every block, dropless top-2 routing,
+// evaluated with routing tallied by class on the first `images` test images.
+io::RunConfig routed_run(int64_t depth, bool renormalize, int64_t images) {
   io::RunConfig c;
-  c.model = test::tiny_vmoe(2, "every-1");
+  c.model = test::tiny_vmoe(depth, "every-1");
   c.model.router.k = 2;
   c.model.router.dropless = true;
-  c.model.router.renormalize = true;
-  c.data.test_limit = 96;
+  c.model.router.renormalize = renormalize;
+  c.data.test_limit = images;
   c.data.mean = {0.2860f};
   c.data.std = {0.3530f};
+  return c;
+}
+
+train::EvalResult evaluate_by_class(const io::RunConfig& c) {
+  torch::manual_seed(0);
   auto model = models::build_model(c.model);
   auto ds = train::open_datasets(c.data, c.model, /*load_train=*/false);
-  auto r = train::evaluate(*model, ds.test, ds.mean, ds.std, 32, torch::kCPU, nullptr, false,
-                           /*routing_by_class=*/true);
+  return train::evaluate(*model, ds.test, ds.mean, ds.std, 32, torch::kCPU, nullptr, false,
+                         /*routing_by_class=*/true);
+}
+
+}  // namespace
+
+TEST(Evaluate, RoutingByClassTalliesEveryTokenAndItsGates) {
+  const auto c = routed_run(2, /*renormalize=*/true, 96);
+  auto ds = train::open_datasets(c.data, c.model, /*load_train=*/false);
+  const auto r = evaluate_by_class(c);
   const int64_t classes = 10, tokens_per_image = (28 / c.model.patch) * (28 / c.model.patch);
   auto images_of = torch::bincount(ds.test.labels, {}, classes);
   ASSERT_EQ(r.class_gate_sums.size(), 2u);
@@ -52,17 +68,7 @@ TEST(Evaluate, RoutingByClassTalliesEveryTokenAndItsGates) {
 TEST(Evaluate, RoutingWeightsAreThePlacedGatesOnly) {
   // Without renormalisation a token's top-2 of 4 softmax gates sum to less than
   // 1: the tally must hold those, not the whole softmax row (which sums to 1).
-  torch::manual_seed(0);
-  io::RunConfig c;
-  c.model = test::tiny_vmoe(1, "every-1");
-  c.model.router.k = 2;
-  c.model.router.dropless = true;
-  c.data.test_limit = 32;
-  c.data.mean = {0.2860f};
-  c.data.std = {0.3530f};
-  auto model = models::build_model(c.model);
-  auto ds = train::open_datasets(c.data, c.model, /*load_train=*/false);
-  auto r = train::evaluate(*model, ds.test, ds.mean, ds.std, 32, torch::kCPU, nullptr, false, true);
+  const auto r = evaluate_by_class(routed_run(1, /*renormalize=*/false, 32));
   double gates = 0, tokens = 0;
   for (const auto& row : r.class_gate_sums.at(0))
     for (double g : row) gates += g;
