@@ -144,10 +144,11 @@ std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& l
     viz::write_heatmap(h, (fs::path(dir) / png).string());
     written.push_back((fs::path(dir) / png).string());
 
+    const double conc = image_concentration(L);
     nlohmann::json entry = {{"layer", l}, {"module", L.name}, {"specialisation", spec},
                             {"mutual_information_bits", mi}, {"image_entropy_bits", L.image_bits},
                             {"chance_image_entropy_bits", L.chance_image_bits},
-                            {"image_concentration", image_concentration(L)},
+                            {"image_concentration", conc},
                             {"dropped", L.dropped}, {"load", L.load},
                             {"counts", L.counts}, {"p_expert_given_class", h.values}};
     std::string weighted = "-", pngs = png;
@@ -168,7 +169,7 @@ std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& l
     }
     table.add({std::to_string(l), L.name, io::fmt(spec, 4), io::fmt(mi, 4), weighted,
                io::fmt(std::exp2(L.image_bits), 3), io::fmt(std::exp2(L.chance_image_bits), 3),
-               io::fmt(image_concentration(L), 4), io::fmt(L.dropped, 4), io::fmt(imbalance, 3), pngs});
+               io::fmt(conc, 4), io::fmt(L.dropped, 4), io::fmt(imbalance, 3), pngs});
     j.push_back(entry);
   }
   const std::string md = "# " + title +

@@ -81,7 +81,7 @@ at::Tensor eval_slice(models::Classifier& model, const std::vector<moe::MoELayer
     auto image = token.div(tokens_per_image, "floor");
     auto label = y.cpu().index_select(0, image);
     auto counts = torch::bincount(expert * classes + label, {}, E * classes).view({E, classes});
-    t.by_class[l] = t.by_class[l].defined() ? t.by_class[l] + counts : counts;
+    accumulate(t.by_class[l], counts);
     auto gates = rr.combine_gates.reshape(-1).index_select(0, rr.gate_index.narrow(0, 0, placed)).cpu().to(torch::kDouble);
     auto gate_sums = torch::zeros({E * classes}, torch::kDouble).index_add_(0, expert * classes + label, gates);
     auto tokens = torch::bincount(y.cpu(), {}, classes).to(torch::kDouble) * double(tokens_per_image);

@@ -398,26 +398,25 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
                             : tc.cooldown_lr;
       auto x = batch.x.to(device), y = batch.y.to(device);
       at::Tensor target;  // [B, L] soft targets
+      // Pairs are (i, B-1-i) within this rank's rows: a job of W ranks mixes
+      // other pairs than one process would (the same distribution of mixes).
+      const Mix mix = mixing && pos.epoch < tc.epochs - tc.mix_off_epochs
+                          ? draw_mix(mix_opts, tc.seed, pos.step, x.size(2), x.size(3))
+                          : Mix{};
       if (multilabel) {
         target = batch.t.to(device);
-        if (mixing && pos.epoch < tc.epochs - tc.mix_off_epochs)
-          apply_mix(draw_mix(mix_opts, tc.seed, pos.step, x.size(2), x.size(3)), x, target);
+        apply_mix(mix, x, target);
       } else if (soft) {
         target = smoothed_one_hot(y, cfg.model.num_classes, tc.label_smoothing);
-        const Mix mix = mixing && pos.epoch < tc.epochs - tc.mix_off_epochs
-                            ? draw_mix(mix_opts, tc.seed, pos.step, x.size(2), x.size(3))
-                            : Mix{};
+        auto distill = [&](const at::Tensor& teacher_probs) {
+          target = tc.distill_lambda * target + (1 - tc.distill_lambda) * teacher_probs;
+        };
         // The teacher sees the blend itself, or its cached parts' probabilities
         // are mixed like the labels.
         const bool teach_blend = teacher && tc.teacher_on_mix && mix.kind != Mix::kNone;
-        if (teacher && !teach_blend)
-          target = tc.distill_lambda * target +
-                   (1 - tc.distill_lambda) * teacher->probs(batch.x, batch.index, batch.aug, n_augs).to(device);
-        // Pairs are (i, B-1-i) within this rank's rows: a job of W ranks mixes
-        // other pairs than one process would (the same distribution of mixes).
+        if (teacher && !teach_blend) distill(teacher->probs(batch.x, batch.index, batch.aug, n_augs).to(device));
         apply_mix(mix, x, target);
-        if (teach_blend)
-          target = tc.distill_lambda * target + (1 - tc.distill_lambda) * teacher->probs_uncached(x);
+        if (teach_blend) distill(teacher->probs_uncached(x));
       }
       // Each replica's slice loss is weighted by its share of the batch, so the
       // summed gradients are those of the whole batch's mean loss.
