@@ -1,11 +1,12 @@
 // `moev ablation`: Sun et al.'s Table 1 at small scale (src/moev/train/ablation.h).
-// Each run is a `moev train` or `moev fuse` child process, J at a time, its
+// Each run is a `moev train`, `moev fuse` or `moev ensemble` child process, J at a time, its
 // output in <run>/output.log; a run is done once <run>/result.json exists, so
 // running the command again resumes (a half-trained run continues from its
 // checkpoint).
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -36,7 +37,7 @@ struct AblationFlags {
   int jobs = 2;
   int64_t fusion_epochs = 30;
   std::vector<int64_t> branches, no_diversity;
-  int64_t seeds = 0;
+  int64_t seeds = 0, teachers = 0;
   bool dry_run = false;
 };
 
@@ -65,6 +66,8 @@ Runner add_ablation(CLI::App& app) {
   cmd->add_option("--no-diversity", f->no_diversity, "N also run without the diversity loss (overrides "
                   "ablation.no_diversity; 0: none)")->delimiter(',');
   cmd->add_option("--seeds", f->seeds, "seeds per row (overrides ablation.seeds)");
+  cmd->add_option("--teachers", f->teachers, "models in each distillation teacher, > 1: an ensemble trained on "
+                  "the same images (overrides ablation.teachers)");
   cmd->add_flag("--dry-run", f->dry_run, "list the runs and exit");
   cmd->footer("\nRun it again with the same --out to resume.\nExample:\n"
               "  moev ablation --config configs/multibranch_fmnist.toml --out runs/ablation --jobs 2");
@@ -79,6 +82,7 @@ Runner add_ablation(CLI::App& app) {
     if (!f->branches.empty()) grid.branches = f->branches;
     if (!f->no_diversity.empty()) grid.no_diversity = f->no_diversity;
     if (f->seeds > 0) grid.seeds = f->seeds;
+    if (f->teachers > 0) grid.teachers = f->teachers;
     for (auto n : grid.branches) MOEV_CHECK(n >= 1, "--branches ", n, ": expected >= 1 branch");
     for (const auto& s : f->sets) j.merge_patch(io::override_json(s));
     auto tasks = train::plan_ablation(grid, j, f->out, f->config);
@@ -121,7 +125,9 @@ Runner add_ablation(CLI::App& app) {
       // Start what can start.
       for (size_t i = 0; failure.empty() && i < tasks.size() && static_cast<int>(running.size()) < f->jobs; ++i) {
         const auto& t = tasks[i];
-        if (state[i] != kWaiting || (!t.after.empty() && state[by_name.at(t.after)] != kDone)) continue;
+        if (state[i] != kWaiting ||
+            std::any_of(t.after.begin(), t.after.end(), [&](const auto& a) { return state[by_name.at(a)] != kDone; }))
+          continue;
         fs::create_directories(t.cfg.train.out_dir);
         const std::string log = (fs::path(t.cfg.train.out_dir) / "output.log").string();
         std::vector<std::string> args;
@@ -130,10 +136,15 @@ Runner add_ablation(CLI::App& app) {
           io::write_text_atomic(run, io::to_json_string(t.cfg) + "\n");
           args = {"moev", "train", "--config", run};
           if (fs::exists(train::checkpoint_path(t.cfg.train.out_dir))) args.push_back("--resume");
-        } else {
-          args = {"moev", "fuse", t.source_checkpoint, "--out",
+        } else if (t.kind == train::AblationTask::kFuse) {
+          args = {"moev", "fuse", t.source_checkpoints.at(0), "--out",
                   (fs::path(t.cfg.train.out_dir) / "fused.pt").string(), "--result", result_file(t),
                   "--epochs", std::to_string(f->fusion_epochs), "--threads", std::to_string(t.cfg.train.threads)};
+        } else {
+          const std::string members = (fs::path(t.cfg.train.out_dir) / "ensemble.json").string();
+          io::write_text_atomic(members, json{{"ensemble", {{"members", t.source_checkpoints}}}}.dump(2) + "\n");
+          args = {"moev", "ensemble", "--config", members, "--result", result_file(t),
+                  "--threads", std::to_string(t.cfg.train.threads)};
         }
         running[spawn_self(args, log, "ablation")] = i;
         state[i] = kRunning;

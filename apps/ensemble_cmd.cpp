@@ -16,7 +16,7 @@ namespace moev::app {
 
 namespace {
 struct EnsembleFlags {
-  std::string config;
+  std::string config, result;
   int64_t limit = 0, batch_size = 256;
   int threads = 0;
   bool json = false;
@@ -33,6 +33,7 @@ Runner add_ensemble(CLI::App& app) {
   cmd->add_option("--batch-size", f->batch_size, "images per forward pass")->capture_default_str();
   cmd->add_option("--threads", f->threads, "threads, 0 = all cores");
   cmd->add_flag("--json", f->json, "print the result as JSON");
+  cmd->add_option("--result", f->result, "also write it, as JSON, to this file");
   cmd->footer("\nExample config:\n  [ensemble]\n  members = [\"runs/a/fused.pt\", \"runs/b/checkpoint.pt\"]\n"
               "  weights = [3, 1]\n  tta = true   # ten crops and a 1.15x larger view");
   return [f]() {
@@ -42,12 +43,13 @@ Runner add_ensemble(CLI::App& app) {
     const auto cfg = train::parse_ensemble(j["ensemble"], f->config);
     auto r = train::evaluate_ensemble(cfg, f->limit, f->batch_size, f->json ? nullptr : &std::cerr,
                                       stderr_is_terminal());
+    nlohmann::json out{{"top1", r.ensemble.top1}, {"top5", r.ensemble.top5}, {"loss", r.ensemble.loss},
+                       {"images", r.ensemble.images}, {"members", nlohmann::json::array()}};
+    for (size_t i = 0; i < r.members.size(); ++i)
+      out["members"].push_back({{"checkpoint", cfg.members[i].checkpoint}, {"weight", cfg.members[i].weight},
+                                {"top1", r.members[i].top1}});
+    if (!f->result.empty()) io::write_text_atomic(f->result, out.dump(2) + "\n");
     if (f->json) {
-      nlohmann::json out{{"top1", r.ensemble.top1}, {"top5", r.ensemble.top5}, {"loss", r.ensemble.loss},
-                         {"images", r.ensemble.images}, {"members", nlohmann::json::array()}};
-      for (size_t i = 0; i < r.members.size(); ++i)
-        out["members"].push_back({{"checkpoint", cfg.members[i].checkpoint}, {"weight", cfg.members[i].weight},
-                                  {"top1", r.members[i].top1}});
       std::cout << out.dump(2) << "\n";
       return 0;
     }

@@ -79,7 +79,7 @@ TEST(RoutingReport, ImageSpreadWeighsEachImageByItsAssignments) {
 TEST(RoutingReport, WritesHeatmapsTableAndJson) {
   moev::test::TempDir dir;
   LayerRouting a{"blocks.1.moe", {{6, 0}, {0, 6}}, {0.5, 0.5}, 0.1, 1.0, 1.5, {{3.0, 0.0}, {0.0, 3.0}}, {6, 6}};
-  LayerRouting b{"blocks.3.moe", {{3, 3}, {3, 3}}, {0.5, 0.5}, 0.0, 0.9, 1.0};  // no routing weights
+  LayerRouting b{"blocks.3.moe", {{3, 3}, {3, 3}}, {0.5, 0.5}, 0.0, 0.9, 1.0, {}, {}};  // no routing weights
   auto files = write_routing_report({a, b}, {"shirt", "bag"}, "t", dir.path().string());
   ASSERT_EQ(files.size(), 5u);
   EXPECT_TRUE(std::filesystem::exists(dir.file("routing_weight_0.png")));

@@ -15,6 +15,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "moev/io/table.h"
 #include "moev/train/checkpoint.h"
 #include "support/run_cli.h"
 #include "support/temp_dir.h"
@@ -213,9 +214,16 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   EXPECT_NE(r.out.find("fusion"), std::string::npos) << r.out;
   std::ofstream(dir.file("ens.toml")) << "[ensemble]\nmembers = [\"" << dir.file("s2") << "/fused.pt\", \""
                                       << dir.file("n1") << "/checkpoint.pt\"]\nweights = [3, 1]\ntta = true\n";
-  r = run("ensemble --config " + dir.file("ens.toml") + " --limit 50 --threads 1");
+  r = run("ensemble --config " + dir.file("ens.toml") + " --limit 50 --threads 1 --result " + dir.file("ens.json"));
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("weighted ensemble"), std::string::npos) << r.out;
+  // --result: the figures the ablation reads its teacher rows from.
+  const auto res = nlohmann::json::parse(std::ifstream(dir.file("ens.json")));
+  EXPECT_EQ(res.at("images").get<int64_t>(), 50);
+  EXPECT_EQ(res.at("members").size(), 2u);
+  const double top1 = res.at("top1").get<double>();
+  EXPECT_TRUE(top1 >= 0 && top1 <= 1) << top1;
+  EXPECT_NE(r.out.find(moev::io::fmt(top1)), std::string::npos) << r.out;
   std::ofstream(dir.file("ens_bad.toml")) << "[ensemble]\nmembers = [\"" << dir.file("nope.pt") << "\"]\n";
   expect_clean_failure("ensemble --config " + dir.file("ens_bad.toml"), {"nope.pt"});
 }

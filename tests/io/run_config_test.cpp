@@ -35,6 +35,13 @@ TEST(RunConfig, TomlJsonAndOverridesLayer) {
   auto j = io::load_run_config(dir.file("b.json"));
   EXPECT_EQ(j.model.router.num_experts, 16);
   EXPECT_EQ(j.train.epochs, 3);
+  // A list-of-strings field takes one string as a list of one.
+  io::apply_override(c, "train.teacher=runs/t/checkpoint.pt");
+  EXPECT_EQ(c.train.teacher, std::vector<std::string>{"runs/t/checkpoint.pt"});
+  io::apply_override(c, "train.teacher=[\"a.pt\", \"b.pt\"]");
+  EXPECT_EQ(c.train.teacher, (std::vector<std::string>{"a.pt", "b.pt"}));
+  test::expect_error([&] { io::apply_override(c, "train.teacher=[1, 2]"); },
+                     {"train.teacher", "expected a string or a list of strings"});
 }
 
 TEST(RunConfig, BadInputsNameFileAndKey) {

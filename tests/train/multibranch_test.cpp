@@ -24,7 +24,7 @@ TEST(MultiBranch, TeacherRunsOncePerImageAndAugmentation) {
   test::TempDir dir;
   train::train_model(toy(dir.file("teacher"), 2), {});
   auto s = toy(dir.file("student"), 2);
-  s.train.teacher = dir.file("teacher") + "/checkpoint.pt";
+  s.train.teacher = {dir.file("teacher") + "/checkpoint.pt"};
   s.data.augment = false;  // one augmentation per image: epoch 2 is all cache hits
   s.train.epochs = 3;
   auto r = train::train_model(s, {});
@@ -43,7 +43,7 @@ TEST(MultiBranch, TeacherOnMixRunsOnEveryBlendAndCachesTheRest) {
   train::train_model(toy(dir.file("teacher"), 2), {});
   const auto ckpt = dir.file("teacher") + "/checkpoint.pt";
   auto s = toy(dir.file("student"), 2);
-  s.train.teacher = ckpt;
+  s.train.teacher = {ckpt};
   s.data.augment = false;
   s.train.epochs = 3;
   s.train.mix_off_epochs = 1;  // epochs 0-1 blend every batch, epoch 2 none
@@ -65,7 +65,7 @@ TEST(MultiBranch, TeacherOnMixRunsOnEveryBlendAndCachesTheRest) {
   // and the cached ones agree with them.
   auto loaded = train::load_trained(ckpt, c10::Device(c10::kCPU));
   loaded.model->eval();
-  train::Teacher t(ckpt, s.model, loaded.cfg.data.mean, loaded.cfg.data.std);
+  train::Teacher t({ckpt}, s.model, loaded.cfg.data.mean, loaded.cfg.data.std);
   torch::manual_seed(3);
   const auto x = torch::randn({40, 1, 28, 28});
   torch::NoGradGuard ng;
@@ -77,11 +77,43 @@ TEST(MultiBranch, TeacherOnMixRunsOnEveryBlendAndCachesTheRest) {
   EXPECT_EQ(t.images_run(), 80);
 }
 
+TEST(MultiBranch, TeacherEnsembleAveragesItsMembersProbabilities) {
+  test::TempDir dir;
+  train::train_model(toy(dir.file("a"), 2), {});
+  train::train_model(test::toy_resnest_run(dir.file("b"), 2, /*seed=*/7), {});
+  train::train_model(toy(dir.file("n1"), 1), {});
+  const auto a = dir.file("a") + "/checkpoint.pt", b = dir.file("b") + "/checkpoint.pt";
+  const auto n1 = dir.file("n1") + "/checkpoint.pt";
+  auto la = train::load_trained(a, c10::Device(c10::kCPU));
+  auto lb = train::load_trained(b, c10::Device(c10::kCPU));
+  la.model->eval();
+  lb.model->eval();
+  const auto& mean = la.cfg.data.mean;
+  const auto& sd = la.cfg.data.std;
+  train::Teacher t({a, b}, la.cfg.model, mean, sd);
+  torch::manual_seed(5);
+  const auto x = torch::randn({40, 1, 28, 28});
+  torch::NoGradGuard ng;
+  const auto pa = torch::softmax(la.model->forward(x), 1), pb = torch::softmax(lb.model->forward(x), 1);
+  ASSERT_FALSE(torch::allclose(pa, pb, 1e-3, 1e-3));  // two different members
+  const auto expected = (pa + pb) / 2;
+  const auto p = t.probs_uncached(x);
+  EXPECT_TRUE(torch::allclose(p, expected, 1e-5, 1e-6)) << (p - expected).abs().max();
+  EXPECT_TRUE(torch::allclose(p.sum(1), torch::ones({40}), 1e-5, 1e-6));
+  const auto index = torch::arange(40, torch::kInt64), aug = torch::zeros({40}, torch::kInt64);
+  EXPECT_TRUE(torch::allclose(t.probs(x, index, aug, 1), expected, 1e-5, 1e-6));
+  EXPECT_EQ(t.images_run(), 80);  // images, whatever the number of members
+
+  // One member of another architecture spoils the ensemble, and is named.
+  test::expect_error([&] { train::Teacher({a, n1}, la.cfg.model, mean, sd); },
+                     {"train.teacher = " + n1, "model.branches 1 vs 2"});
+}
+
 TEST(MultiBranch, TeacherOfAnotherArchitectureIsRefused) {
   test::TempDir dir;
   train::train_model(toy(dir.file("teacher"), 1), {});
   auto s = toy(dir.file("student"), 3);
-  s.train.teacher = dir.file("teacher") + "/checkpoint.pt";
+  s.train.teacher = {dir.file("teacher") + "/checkpoint.pt"};
   test::expect_error([&] { train::train_model(s, {}); },
                      {"train.teacher = ", "not a model of the student's architecture", "model.branches 1 vs 3"});
 }
@@ -123,7 +155,7 @@ TEST(MultiBranch, KilledRunWithTeacherMixingAndDropPathResumesExactly) {
   train::train_model(toy(dir.file("teacher"), 2), {});
   auto s = toy(dir.file("full"), 2);
   s.model.drop_path = 0.3;  // stochastic depth draws from the global generator every step
-  s.train.teacher = dir.file("teacher") + "/checkpoint.pt";
+  s.train.teacher = {dir.file("teacher") + "/checkpoint.pt"};
   s.train.mixup_alpha = 0.8;
   s.train.cutmix_alpha = 1.0;
   s.train.epochs = 3;

@@ -44,10 +44,14 @@ void read_value(const json& v, T& out, const std::string& where) {
     MOEV_CHECK(v.is_string(), where, ": expected a string, got ", type_name(v));
     out = v.get<std::string>();
   } else if constexpr (std::is_same_v<typename T::value_type, std::string>) {
-    MOEV_CHECK(v.is_array(), where, ": expected a list of strings, got ", type_name(v));
     out.clear();
+    if (v.is_string()) {  // a string is a list of one: train.teacher = "a.pt" as well as ["a.pt", "b.pt"]
+      out.push_back(v.get<std::string>());
+      return;
+    }
+    MOEV_CHECK(v.is_array(), where, ": expected a string or a list of strings, got ", type_name(v));
     for (const auto& x : v) {
-      MOEV_CHECK(x.is_string(), where, ": expected a list of strings, got ", type_name(v));
+      MOEV_CHECK(x.is_string(), where, ": expected a string or a list of strings, got ", type_name(v));
       out.push_back(x.get<std::string>());
     }
   } else {  // std::vector of numbers
@@ -150,7 +154,8 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("train.mix_off_epochs", train.mix_off_epochs, "last epochs without mixup/cutmix"),
         MOEV_FIELD("train.cooldown_epochs", train.cooldown_epochs, "epochs after the cosine at cooldown_lr"),
         MOEV_FIELD("train.cooldown_lr", train.cooldown_lr, "learning rate of the cool-down epochs"),
-        MOEV_FIELD("train.teacher", train.teacher, "distillation: teacher checkpoint (same architecture)"),
+        MOEV_FIELD("train.teacher", train.teacher,
+                   "distillation: teacher checkpoint(s) of the student's architecture; several: an ensemble, probabilities averaged"),
         MOEV_FIELD("train.distill_lambda", train.distill_lambda,
                    "target = lambda * label-smoothed + (1 - lambda) * teacher probs"),
         MOEV_FIELD("train.teacher_on_mix", train.teacher_on_mix,

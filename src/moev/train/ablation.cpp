@@ -1,5 +1,6 @@
 #include "moev/train/ablation.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -34,11 +35,15 @@ AblationGrid parse_ablation_grid(const json& s, const std::string& source) {
     else if (k == "seeds") {
       MOEV_CHECK(it->is_number_integer() && it->get<int64_t>() >= 1, source, ": ablation.seeds: expected an integer >= 1");
       g.seeds = it->get<int64_t>();
+    } else if (k == "teachers") {
+      MOEV_CHECK(it->is_number_integer() && it->get<int64_t>() >= 1, source,
+                 ": ablation.teachers: expected an integer >= 1 (models in each distillation teacher)");
+      g.teachers = it->get<int64_t>();
     } else if (k == "distill" || k == "fusion") {
       MOEV_CHECK(it->is_boolean(), source, ": ablation.", k, ": expected true or false");
       (k == "distill" ? g.distill : g.fusion) = it->get<bool>();
     } else {
-      fail(source, ": ablation.", k, " is not a key (branches, no_diversity, seeds, distill, fusion)");
+      fail(source, ": ablation.", k, " is not a key (branches, no_diversity, seeds, distill, fusion, teachers)");
     }
   }
   for (auto n : g.branches) MOEV_CHECK(n >= 1, source, ": ablation.branches: ", n, ": expected >= 1 branch");
@@ -78,21 +83,46 @@ std::vector<AblationTask> plan_ablation(const AblationGrid& g, const json& base,
         tasks.push_back(make("_nodiv", " w/o diversity", false, false));
       if (!g.distill) continue;
       auto d = make("_distill", " + distill", true, true);
-      d.cfg.train.teacher = (fs::path(plain.cfg.train.out_dir) / "checkpoint.pt").string();
-      d.after = plain.name;
+      d.cfg.train.teacher = {(fs::path(plain.cfg.train.out_dir) / "checkpoint.pt").string()};
+      d.after = {plain.name};
+      std::vector<AblationTask> members;
+      for (int64_t m = 1; m < g.teachers; ++m) {
+        auto t = make("_teacher" + std::to_string(m), "", true, false);
+        t.row.clear();
+        t.cfg.train.seed = t.seed + 1000 * static_cast<uint64_t>(m);  // another init, the same images
+        d.cfg.train.teacher.push_back((fs::path(t.cfg.train.out_dir) / "checkpoint.pt").string());
+        d.after.push_back(t.name);
+        members.push_back(t);
+      }
+      if (!members.empty()) {
+        tasks.insert(tasks.end(), members.begin(), members.end());
+        auto e = make("_teacher", " teacher (ensemble of " + std::to_string(g.teachers) + ")", true, false);
+        e.kind = AblationTask::kEnsemble;
+        e.teacher = true;
+        e.after = d.after;
+        e.source_checkpoints = d.cfg.train.teacher;
+        tasks.push_back(e);
+      }
       tasks.push_back(d);
       if (g.fusion && n > 1) {
         auto f = make("_distill_fusion", " + distill + fusion", true, true);
         f.kind = AblationTask::kFuse;
         f.fusion = true;
-        f.after = d.name;
-        f.source_checkpoint = (fs::path(d.cfg.train.out_dir) / "checkpoint.pt").string();
+        f.after = {d.name};
+        f.source_checkpoints = {(fs::path(d.cfg.train.out_dir) / "checkpoint.pt").string()};
         tasks.push_back(f);
       }
     }
   }
   return tasks;
 }
+
+namespace {
+// Table 1's order within an N: plain, w/o diversity, the teacher, distill, distill + fusion.
+int row_kind(const AblationRow& r) {
+  return r.fusion ? 4 : r.distill ? 3 : r.teacher ? 2 : (!r.diversity && r.branches > 1) ? 1 : 0;
+}
+}  // namespace
 
 std::vector<AblationRow> summarise_ablation(const std::vector<AblationTask>& tasks, const std::vector<double>& top1,
                                             const std::vector<double>& seconds) {
@@ -102,6 +132,7 @@ std::vector<AblationRow> summarise_ablation(const std::vector<AblationTask>& tas
   std::map<std::string, size_t> at;
   for (size_t i = 0; i < tasks.size(); ++i) {
     const auto& t = tasks[i];
+    if (t.row.empty()) continue;
     if (!at.count(t.row)) {
       at[t.row] = rows.size();
       AblationRow r;
@@ -110,6 +141,7 @@ std::vector<AblationRow> summarise_ablation(const std::vector<AblationTask>& tas
       r.diversity = t.diversity;
       r.distill = t.distill;
       r.fusion = t.fusion;
+      r.teacher = t.teacher;
       rows.push_back(r);
     }
     auto& r = rows[at[t.row]];
@@ -124,10 +156,8 @@ std::vector<AblationRow> summarise_ablation(const std::vector<AblationTask>& tas
     r.spread = r.top1.size() > 1 ? std::sqrt(ss / (n - 1)) : 0.0;
     r.seconds /= n;
   }
-  // Table 1's order: by N, then plain, w/o diversity, distill, distill + fusion.
-  auto rank = [](const AblationRow& r) { return (r.fusion ? 3 : r.distill ? 2 : (!r.diversity && r.branches > 1) ? 1 : 0); };
   std::stable_sort(rows.begin(), rows.end(), [&](const AblationRow& a, const AblationRow& b) {
-    return a.branches != b.branches ? a.branches < b.branches : rank(a) < rank(b);
+    return a.branches != b.branches ? a.branches < b.branches : row_kind(a) < row_kind(b);
   });
   return rows;
 }
@@ -152,13 +182,12 @@ void write_ablation(const std::vector<AblationRow>& rows, const std::string& out
   p.title = "Multi-branch MoE ablation: mean test top-1 over seeds";
   p.xlabel = "expert branches N";
   p.ylabel = "top-1 (%)";
-  const char* kinds[] = {"plain", "w/o diversity", "+ distill", "+ distill + fusion"};
-  for (int k = 0; k < 4; ++k) {
+  const char* kinds[] = {"plain", "w/o diversity", "teacher ensemble", "+ distill", "+ distill + fusion"};
+  for (int k = 0; k < 5; ++k) {
     viz::Series s;
     s.name = kinds[k];
     for (const auto& r : rows) {
-      const int rk = r.fusion ? 3 : r.distill ? 2 : (!r.diversity && r.branches > 1) ? 1 : 0;
-      if (rk != k) continue;
+      if (row_kind(r) != k) continue;
       s.x.push_back(double(r.branches));
       s.y.push_back(100 * r.mean);
     }

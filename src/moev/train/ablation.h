@@ -2,7 +2,10 @@
 // N = 1, 3, 5 expert branches; for each N the plain model (with the diversity
 // loss when N > 1), without the diversity loss (for the N listed), with
 // distillation from the plain model of the same N and seed as the teacher, and
-// for N > 1 with the fusion layer trained on the distilled model. Each row runs
+// for N > 1 with the fusion layer trained on the distilled model. With
+// `teachers` = M > 1 the teacher is an ensemble: the plain model and M - 1 more
+// of the same N trained on the same images from other initialisations (seed s's
+// member t: train.seed = s + 1000 t), reported as its own row. Each row runs
 // over several seeds (seed s: init, data order, and the per-class subset) and is
 // reported as mean and spread. Every run has its own directory, so an
 // interrupted ablation resumes where it stopped.
@@ -24,22 +27,25 @@ struct AblationGrid {
   int64_t seeds = 3;                             // seeds 0 .. seeds-1
   bool distill = true;                           // rows with distillation
   bool fusion = true;                            // rows with fusion (N > 1)
+  int64_t teachers = 1;                          // models in each distillation teacher (> 1: an ensemble)
 };
 
 // The [ablation] section of a config file (branches, no_diversity, seeds,
-// distill, fusion); unknown keys and bad values are errors naming `source`.
+// distill, fusion, teachers); unknown keys and bad values are errors naming `source`.
 AblationGrid parse_ablation_grid(const nlohmann::json& section, const std::string& source);
 
 struct AblationTask {
-  enum Kind { kTrain, kFuse } kind = kTrain;
+  // kTrain: `moev train`; kFuse: `moev fuse` on source_checkpoints[0];
+  // kEnsemble: `moev ensemble` over source_checkpoints (the teacher's accuracy).
+  enum Kind { kTrain, kFuse, kEnsemble } kind = kTrain;
   std::string name;   // run directory under the ablation's, e.g. n3_distill_s0
-  std::string row;    // table row, e.g. "N=3 + distill"
+  std::string row;    // table row, e.g. "N=3 + distill"; "" for a teacher member, not reported
   int64_t branches = 1;
-  bool diversity = true, distill = false, fusion = false;
+  bool diversity = true, distill = false, fusion = false, teacher = false;
   uint64_t seed = 0;
-  std::string after;  // the task that must finish first (teacher, model to fuse); "" none
-  io::RunConfig cfg;  // kTrain: the run (out_dir set); kFuse: the fused model's run
-  std::string source_checkpoint;  // kFuse: the checkpoint to fuse
+  std::vector<std::string> after;  // the tasks that must finish first (teachers, model to fuse)
+  io::RunConfig cfg;  // kTrain: the run (out_dir set); otherwise out_dir is the task's directory
+  std::vector<std::string> source_checkpoints;  // kFuse: the model to fuse; kEnsemble: the members
 };
 
 // Every task, in an order that respects `after`. base: the common config (file
@@ -50,13 +56,14 @@ std::vector<AblationTask> plan_ablation(const AblationGrid& grid, const nlohmann
 struct AblationRow {
   std::string row;
   int64_t branches = 1;
-  bool diversity = true, distill = false, fusion = false;
+  bool diversity = true, distill = false, fusion = false, teacher = false;
   std::vector<double> top1;       // per seed
   double mean = 0, spread = 0;    // mean and sample standard deviation of top1
   double seconds = 0;             // mean training seconds per seed (fusion: of the fusion step)
 };
 
-// Groups the finished tasks' results (top1[i], seconds[i] for tasks[i]) into rows.
+// Groups the finished tasks' results (top1[i], seconds[i] for tasks[i]) into
+// rows; tasks without a row (teacher members) are left out.
 std::vector<AblationRow> summarise_ablation(const std::vector<AblationTask>& tasks,
                                             const std::vector<double>& top1,
                                             const std::vector<double>& seconds);

@@ -38,28 +38,29 @@ std::string architecture_difference(const models::ModelConfig& a, const models::
   return out.str();
 }
 
-Teacher::Teacher(const std::string& checkpoint, const models::ModelConfig& student,
+Teacher::Teacher(const std::vector<std::string>& checkpoints, const models::ModelConfig& student,
                  const std::vector<float>& mean, const std::vector<float>& std) {
-  auto t = load_trained(checkpoint, c10::Device(c10::kCPU));
-  const auto diff = architecture_difference(t.cfg.model, student);
-  MOEV_CHECK(diff.empty(), "train.teacher = ", checkpoint, ": the teacher is not a model of the student's ",
-             "architecture (", diff, "); distillation expects a teacher of the same architecture");
-  model_ = t.model;
-  model_->eval();
+  MOEV_CHECK(!checkpoints.empty(), "train.teacher: no checkpoint given");
   classes_ = student.num_classes;
-  // x_teacher = (x * std_s + mean_s - mean_t) / std_t, per channel.
-  const auto& tm = t.cfg.data.mean;
-  const auto& ts = t.cfg.data.std;
-  MOEV_CHECK(tm.size() == mean.size() && ts.size() == std.size(), "train.teacher = ", checkpoint,
-             ": its normalisation has ", tm.size(), " channel(s), the student's ", mean.size());
-  std::vector<float> scale, shift;
-  for (size_t c = 0; c < mean.size(); ++c) {
-    scale.push_back(std[c] / ts[c]);
-    shift.push_back((mean[c] - tm[c]) / ts[c]);
+  for (const auto& checkpoint : checkpoints) {
+    auto t = load_trained(checkpoint, c10::Device(c10::kCPU));
+    const auto diff = architecture_difference(t.cfg.model, student);
+    MOEV_CHECK(diff.empty(), "train.teacher = ", checkpoint, ": the teacher is not a model of the student's ",
+               "architecture (", diff, "); distillation expects a teacher of the same architecture");
+    // x_teacher = (x * std_s + mean_s - mean_t) / std_t, per channel.
+    const auto& tm = t.cfg.data.mean;
+    const auto& ts = t.cfg.data.std;
+    MOEV_CHECK(tm.size() == mean.size() && ts.size() == std.size(), "train.teacher = ", checkpoint,
+               ": its normalisation has ", tm.size(), " channel(s), the student's ", mean.size());
+    std::vector<float> scale, shift;
+    for (size_t c = 0; c < mean.size(); ++c) {
+      scale.push_back(std[c] / ts[c]);
+      shift.push_back((mean[c] - tm[c]) / ts[c]);
+    }
+    const auto C = static_cast<int64_t>(mean.size());
+    t.model->eval();
+    members_.push_back({t.model, torch::tensor(scale).view({1, C, 1, 1}), torch::tensor(shift).view({1, C, 1, 1})});
   }
-  const auto C = static_cast<int64_t>(mean.size());
-  scale_ = torch::tensor(scale).view({1, C, 1, 1});
-  shift_ = torch::tensor(shift).view({1, C, 1, 1});
 }
 
 at::Tensor Teacher::probs(const at::Tensor& x, const at::Tensor& index, const at::Tensor& aug, int64_t n_aug) {
@@ -72,7 +73,7 @@ at::Tensor Teacher::probs(const at::Tensor& x, const at::Tensor& index, const at
     if (!rows_.count(ip[i] * n_aug + ap[i])) missing.push_back(i);
   if (!missing.empty()) {
     auto rows = torch::tensor(missing, torch::kInt64);
-    auto p = forward_chunks(x.index_select(0, rows).to(torch::kCPU) * scale_ + shift_);
+    auto p = forward_chunks(x.index_select(0, rows).to(torch::kCPU));
     const float* pp = p.data_ptr<float>();
     for (size_t j = 0; j < missing.size(); ++j) {
       const int64_t key = ip[missing[j]] * n_aug + ap[missing[j]];
@@ -91,23 +92,28 @@ at::Tensor Teacher::probs(const at::Tensor& x, const at::Tensor& index, const at
 }
 
 at::Tensor Teacher::probs_uncached(const at::Tensor& x) {
-  return forward_chunks(x.to(torch::kCPU) * scale_ + shift_).to(x.device());
+  return forward_chunks(x.to(torch::kCPU)).to(x.device());
 }
 
-at::Tensor Teacher::forward_chunks(const at::Tensor& xt) {
+at::Tensor Teacher::forward_chunks(const at::Tensor& x) {
   torch::NoGradGuard ng;
   // Fixed-size chunks, the last one padded: BLAS and oneDNN choose kernels
   // (and so summation orders) by batch size, and a cached probability must
   // not depend on which other images happened to miss the cache with it, or
   // a resumed run, whose cache refills from other batches, would differ.
-  const int64_t M = xt.size(0);
+  const int64_t M = x.size(0);
   std::vector<at::Tensor> parts;
   for (int64_t c0 = 0; c0 < M; c0 += kTeacherChunk) {
     const int64_t n = std::min(kTeacherChunk, M - c0);
-    auto chunk = xt.narrow(0, c0, n);
+    auto chunk = x.narrow(0, c0, n);
     if (n < kTeacherChunk)
-      chunk = torch::cat({chunk, torch::zeros({kTeacherChunk - n, xt.size(1), xt.size(2), xt.size(3)})});
-    parts.push_back(torch::softmax(model_->forward(chunk), 1).narrow(0, 0, n));
+      chunk = torch::cat({chunk, torch::zeros({kTeacherChunk - n, x.size(1), x.size(2), x.size(3)})});
+    at::Tensor sum;
+    for (const auto& m : members_) {
+      auto p = torch::softmax(m.model->forward(chunk * m.scale + m.shift), 1);
+      sum = sum.defined() ? sum + p : p;
+    }
+    parts.push_back((sum / static_cast<double>(members_.size())).narrow(0, 0, n));
   }
   images_run_ += M;
   return torch::cat(parts).contiguous();

@@ -5,7 +5,10 @@
 // (example index, augmentation id) from the loader, so with the 50 crop/flip
 // variants of a 28 px image and a few hundred epochs it stops running after
 // the first few dozen epochs. Mixed images (train.teacher_on_mix) have no key:
-// the teacher runs on each, as in Beyer et al.'s consistent teaching.
+// the teacher runs on each, as in Beyer et al.'s consistent teaching. Several
+// checkpoints make one teacher, an ensemble whose probabilities are averaged:
+// with 50 images per class a single model is a weak teacher, and an ensemble of
+// models trained on the same images is a stronger one that saw no more data.
 #pragma once
 
 #include <cstdint>
@@ -22,10 +25,10 @@ namespace moev::train {
 
 class Teacher {
  public:
-  // Loads `checkpoint` (an error names it when it is not a model of the
-  // student's architecture or classes). student_mean/std: the normalisation of
-  // the images it will be given.
-  Teacher(const std::string& checkpoint, const models::ModelConfig& student,
+  // Loads `checkpoints`, one or more (an error names the one that is not a
+  // model of the student's architecture or classes). student_mean/std: the
+  // normalisation of the images it will be given.
+  Teacher(const std::vector<std::string>& checkpoints, const models::ModelConfig& student,
           const std::vector<float>& student_mean, const std::vector<float>& student_std);
 
   // x: [B, C, H, W] normalised as the student's, index/aug: int64 [B] from the
@@ -40,12 +43,15 @@ class Teacher {
   int64_t images_run() const { return images_run_; }  // teacher forwards so far
 
  private:
-  // xt: [M, C, H, W] in the teacher's normalisation, on the CPU -> [M, L].
-  at::Tensor forward_chunks(const at::Tensor& xt);
+  // x: [M, C, H, W] in the student's normalisation -> [M, L], the members' mean.
+  at::Tensor forward_chunks(const at::Tensor& x);
 
-  models::ClassifierPtr model_;
+  struct Member {
+    models::ClassifierPtr model;
+    at::Tensor scale, shift;  // [1, C, 1, 1]: student normalisation -> this member's
+  };
+  std::vector<Member> members_;
   int64_t classes_ = 0;
-  at::Tensor scale_, shift_;  // [1, C, 1, 1]: student normalisation -> the teacher's
   std::unordered_map<int64_t, int64_t> rows_;  // key -> row in probs_
   std::vector<float> probs_;                   // rows of `classes_` probabilities
   int64_t images_run_ = 0;

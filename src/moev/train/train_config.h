@@ -43,7 +43,7 @@ struct TrainConfig {
   int64_t mix_off_epochs = 0;     // the last epochs (of train.epochs) train on unmixed images
   int64_t cooldown_epochs = 0;    // epochs after the cosine schedule, at cooldown_lr
   double cooldown_lr = 1e-5;      // learning rate of the cool-down epochs
-  std::string teacher;            // distillation: the teacher's checkpoint (same architecture)
+  std::vector<std::string> teacher;  // distillation: the teacher's checkpoint(s), same architecture; several average their probabilities
   double distill_lambda = 0.5;    // target = lambda * label-smoothed + (1 - lambda) * teacher probs
   bool teacher_on_mix = false;    // the teacher also runs on mixup/cutmix images (uncached), not their parts' mixed probs
   double diversity_weight = 0.2;  // multi-branch models: weight of the diversity loss (Sun et al.: 0.2)

@@ -1,0 +1,109 @@
+// The ablation's plan (which runs, in which order, with which teacher) and its
+// summary, without training anything: the runs themselves are `moev train`,
+// `moev fuse` and `moev ensemble`, tested on their own.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <map>
+
+#include <nlohmann/json.hpp>
+
+#include "support/expect_error.h"
+#include "moev/train/ablation.h"
+
+using namespace moev;
+using nlohmann::json;
+
+namespace {
+const json kBase = {{"model", {{"preset", "resnest-tiny"}}}, {"data", {{"per_class", 50}}}};
+
+std::map<std::string, const train::AblationTask*> by_name(const std::vector<train::AblationTask>& tasks) {
+  std::map<std::string, const train::AblationTask*> m;
+  for (const auto& t : tasks) m[t.name] = &t;
+  return m;
+}
+}  // namespace
+
+TEST(Ablation, TeacherEnsembleIsTrainedOnTheStudentsImagesFromOtherInits) {
+  train::AblationGrid g;
+  g.branches = {1, 3};
+  g.no_diversity = {};
+  g.seeds = 2;
+  g.teachers = 3;
+  const auto tasks = train::plan_ablation(g, kBase, "/abl", "test");
+  // Per seed: N=1 plain, 2 members, the ensemble's evaluation, distill (5);
+  // N=3 the same and fusion (6).
+  ASSERT_EQ(tasks.size(), 22u);
+  const auto m = by_name(tasks);
+  ASSERT_EQ(m.size(), tasks.size()) << "task names must be unique (they are directories)";
+  // Every dependency names a task listed before it.
+  for (size_t i = 0; i < tasks.size(); ++i)
+    for (const auto& a : tasks[i].after) {
+      auto it = std::find_if(tasks.begin(), tasks.begin() + i, [&](const auto& t) { return t.name == a; });
+      EXPECT_NE(it, tasks.begin() + i) << tasks[i].name << " waits for " << a << ", not planned before it";
+    }
+  const auto& d = *m.at("n3_distill_s1");
+  EXPECT_EQ(d.cfg.train.teacher,
+            (std::vector<std::string>{"/abl/n3_s1/checkpoint.pt", "/abl/n3_teacher1_s1/checkpoint.pt",
+                                      "/abl/n3_teacher2_s1/checkpoint.pt"}));
+  EXPECT_EQ(d.after, (std::vector<std::string>{"n3_s1", "n3_teacher1_s1", "n3_teacher2_s1"}));
+  EXPECT_EQ(d.cfg.train.seed, 1u);
+  for (int t = 1; t <= 2; ++t) {
+    const auto& member = *m.at("n3_teacher" + std::to_string(t) + "_s1");
+    EXPECT_EQ(member.kind, train::AblationTask::kTrain);
+    EXPECT_TRUE(member.row.empty());
+    EXPECT_TRUE(member.cfg.train.teacher.empty());
+    EXPECT_EQ(member.cfg.model.branches, 3);
+    EXPECT_EQ(member.cfg.data.subset_seed, 1u);             // the student's 500 images
+    EXPECT_EQ(member.cfg.train.seed, 1u + 1000u * t);       // from another initialisation
+    EXPECT_EQ(member.cfg.train.out_dir, "/abl/n3_teacher" + std::to_string(t) + "_s1");
+  }
+  const auto& e = *m.at("n3_teacher_s1");
+  EXPECT_EQ(e.kind, train::AblationTask::kEnsemble);
+  EXPECT_EQ(e.row, "N=3 teacher (ensemble of 3)");
+  EXPECT_EQ(e.source_checkpoints, d.cfg.train.teacher);
+  const auto& f = *m.at("n3_distill_fusion_s1");
+  EXPECT_EQ(f.kind, train::AblationTask::kFuse);
+  EXPECT_EQ(f.after, std::vector<std::string>{"n3_distill_s1"});
+  EXPECT_EQ(f.source_checkpoints, std::vector<std::string>{"/abl/n3_distill_s1/checkpoint.pt"});
+
+  // The summary leaves the members out and orders each N as Table 1 does.
+  std::vector<double> top1(tasks.size()), seconds(tasks.size(), 10.0);
+  for (size_t i = 0; i < tasks.size(); ++i) top1[i] = 0.8 + 0.01 * double(tasks[i].seed);
+  const auto rows = train::summarise_ablation(tasks, top1, seconds);
+  std::vector<std::string> names;
+  for (const auto& r : rows) names.push_back(r.row);
+  EXPECT_EQ(names, (std::vector<std::string>{"N=1", "N=1 teacher (ensemble of 3)", "N=1 + distill", "N=3",
+                                             "N=3 teacher (ensemble of 3)", "N=3 + distill",
+                                             "N=3 + distill + fusion"}));
+  for (const auto& r : rows) {
+    ASSERT_EQ(r.top1.size(), 2u) << r.row;
+    EXPECT_NEAR(r.mean, 0.805, 1e-12) << r.row;
+    EXPECT_NEAR(r.spread, 0.01 / std::sqrt(2.0), 1e-12) << r.row;
+  }
+}
+
+TEST(Ablation, OneTeacherIsThePlainModelOfTheSameSeed) {
+  train::AblationGrid g;
+  g.branches = {3};
+  g.seeds = 1;
+  const auto tasks = train::plan_ablation(g, kBase, "/abl", "test");
+  std::vector<std::string> names;
+  for (const auto& t : tasks) names.push_back(t.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"n3_s0", "n3_nodiv_s0", "n3_distill_s0", "n3_distill_fusion_s0"}));
+  EXPECT_EQ(tasks[1].cfg.train.diversity_weight, 0.0);
+  EXPECT_EQ(tasks[2].cfg.train.teacher, std::vector<std::string>{"/abl/n3_s0/checkpoint.pt"});
+  EXPECT_EQ(tasks[2].after, std::vector<std::string>{"n3_s0"});
+}
+
+TEST(Ablation, BadGridsAreErrorsNamingTheKey) {
+  test::expect_error([] { train::parse_ablation_grid(json{{"teachers", 0}}, "abl.toml"); },
+                     {"abl.toml", "ablation.teachers", ">= 1"});
+  test::expect_error([] { train::parse_ablation_grid(json{{"branches", json::array()}}, "abl.toml"); },
+                     {"abl.toml", "ablation.branches", "non-empty"});
+  test::expect_error([] { train::parse_ablation_grid(json{{"teacher", 2}}, "abl.toml"); },
+                     {"abl.toml", "ablation.teacher", "not a key", "teachers"});
+  const json vit = {{"model", {{"preset", "vit-tiny"}}}};
+  test::expect_error([&] { train::plan_ablation(train::AblationGrid{}, vit, "/abl", "abl.toml"); },
+                     {"abl.toml", "ResNeSt", "model.family = vit"});
+}
