@@ -111,6 +111,43 @@ TEST(PackedLinear, TrainingGradientsMatchAddmm) {
   }
 }
 
+// fp32 training of the dense FFN as one function (GELU and its derivative in
+// fc1's tiles, the backward's multiply in the next GEMM's): output and all five
+// gradients against fp64 autograd, on strided input with row counts off the
+// tiles and a hidden width over the A-packing threshold (512) and under it.
+TEST(PackedMlp, TrainingGradientsMatchFp64Autograd) {
+  torch::manual_seed(24);
+  auto rel = [](const at::Tensor& a, const at::Tensor& b) {
+    return ((a.to(torch::kDouble) - b).norm() / b.norm()).item<double>();
+  };
+  for (auto [M, D, H] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{3 * 47, 24, 96}, {200, 128, 512}}) {
+    SCOPED_TRACE("M=" + std::to_string(M) + " D=" + std::to_string(D) + " H=" + std::to_string(H));
+    const auto xbig = torch::randn({M, D + 3});
+    auto x = xbig.narrow(1, 0, D).requires_grad_(false);
+    auto xl = x.clone().requires_grad_();
+    auto w1 = (torch::randn({H, D}) / std::sqrt(double(D))).requires_grad_(), b1 = torch::randn({H}).requires_grad_();
+    auto w2 = (torch::randn({D, H}) / std::sqrt(double(H))).requires_grad_(), b2 = torch::randn({D}).requires_grad_();
+    const auto gy = torch::randn({M, D});
+    std::vector<at::Tensor> params = {w1, b1, w2, b2};
+    for (int strided = 0; strided < 2; ++strided) {
+      const auto& in = strided ? x : xl;
+      auto y = moev::nn::mlp(in, w1, b1, w2, b2, at::kFloat);
+      std::vector<at::Tensor> wrt = params;
+      if (!strided) wrt.insert(wrt.begin(), xl);
+      const auto grads = torch::autograd::grad({y}, wrt, {gy});
+      // The same in fp64 through LibTorch's autograd.
+      std::vector<at::Tensor> p64;
+      for (const auto& t : wrt) p64.push_back(t.detach().to(torch::kDouble).requires_grad_());
+      const auto x64 = strided ? x.to(torch::kDouble) : p64[0];
+      const size_t o = strided ? 0 : 1;
+      const auto y64 = torch::addmm(p64[o + 3], torch::gelu(torch::addmm(p64[o + 1], x64, p64[o].t())), p64[o + 2].t());
+      const auto g64 = torch::autograd::grad({y64}, p64, {gy.to(torch::kDouble)});
+      EXPECT_LT(rel(y, y64.detach()), 1e-6);
+      for (size_t i = 0; i < grads.size(); ++i) EXPECT_LT(rel(grads[i], g64[i]), 1e-5) << "gradient " << i;
+    }
+  }
+}
+
 // bf16 GELU on moev's kernel: values and gradients within bf16 rounding of the
 // fp64 reference, through autograd and through the raw backward helper.
 TEST(Bf16Gelu, MatchesFp64GeluAndItsGradient) {
@@ -132,12 +169,41 @@ TEST(Bf16Gelu, MatchesFp64GeluAndItsGradient) {
   EXPECT_TRUE(close(y.detach(), ref.detach()));
   const auto gref = xr.grad() * 1.0;
   EXPECT_TRUE(close(x.grad(), gref));
-  // The raw helper (used by the experts' hand-written backward) gives the same.
-  const auto gx = moev::nn::gelu_backward(g.to(torch::kBFloat16), x.detach());
-  EXPECT_TRUE(torch::equal(gx, x.grad()));
-  // Odd lengths (masked tails) and fp32 falls back to LibTorch.
+  // The helpers of hand-written backwards (the experts') give the same.
+  at::Tensor saved;
+  EXPECT_TRUE(torch::equal(moev::nn::gelu_saving(x.detach(), &saved), y.detach()));
+  EXPECT_TRUE(torch::equal(moev::nn::gelu_backward_saved(g.to(torch::kBFloat16), saved), x.grad()));
+  // Odd lengths (masked tails).
   const auto odd = torch::randn({37}).to(torch::kBFloat16);
   EXPECT_TRUE(close(moev::nn::gelu(odd), torch::gelu(odd.to(torch::kDouble))));
-  const auto f = torch::randn({50});
-  EXPECT_TRUE(torch::equal(moev::nn::gelu(f), torch::gelu(f)));
+}
+
+// fp32 GELU (moev's kernel with AVX-512, LibTorch's otherwise): values and
+// gradients against fp64, through autograd and the raw backward helper, over
+// the tails (|x| up to 9, where Phi saturates) and an odd length.
+TEST(Fp32Gelu, MatchesFp64GeluAndItsGradient) {
+  torch::manual_seed(23);
+  const auto x64 = torch::cat({torch::linspace(-9, 9, 2001, torch::kDouble), torch::randn({3001}, torch::kDouble) * 2});
+  const auto x = x64.to(torch::kFloat).requires_grad_();
+  const auto y = moev::nn::gelu(x);
+  ASSERT_EQ(y.scalar_type(), torch::kFloat);
+  const auto xr = x.detach().to(torch::kDouble).requires_grad_();
+  const auto ref = torch::gelu(xr);
+  const auto g = torch::randn({x.numel()}, torch::kDouble);
+  ref.backward(g);
+  y.backward(g.to(torch::kFloat));
+  // The erf approximation is good to 1.5e-7 absolute: a few float ulps.
+  auto close = [](const at::Tensor& a, const at::Tensor& b) {
+    return ((a.to(torch::kDouble) - b).abs() <= 2e-6 * b.abs() + 1e-6).all().item<bool>();
+  };
+  EXPECT_TRUE(close(y.detach(), ref.detach())) << (y.detach().to(torch::kDouble) - ref).abs().max();
+  EXPECT_TRUE(close(x.grad(), xr.grad())) << (x.grad().to(torch::kDouble) - xr.grad()).abs().max();
+  at::Tensor saved;
+  EXPECT_TRUE(torch::equal(moev::nn::gelu_saving(x.detach(), &saved), y.detach()));
+  EXPECT_TRUE(torch::equal(moev::nn::gelu_backward_saved(g.to(torch::kFloat), saved), x.grad()));
+  const auto odd = torch::randn({37});
+  EXPECT_TRUE(close(moev::nn::gelu(odd), torch::gelu(odd.to(torch::kDouble))));
+  // Non-contiguous input: the same values as its contiguous copy.
+  const auto m = torch::randn({6, 10}).t();
+  EXPECT_TRUE(torch::equal(moev::nn::gelu(m), moev::nn::gelu(m.contiguous())));
 }

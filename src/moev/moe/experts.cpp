@@ -64,11 +64,17 @@ class GroupedGemm {
   GroupedGemm(const std::vector<int64_t>& offsets, const at::Tensor& like)
       : offsets_(offsets), raw_(like.device().is_cpu() && like.scalar_type() == at::kFloat) {}
 
-  // out[rows e] = in[rows e] op(w[e]) (+ b[e]); w: [E, I, O], or [E, O, I] with
-  // transpose_w; in: [R, I], out: [R, O]. Rows past offsets[E] are not touched.
+  // Whether rows_by_weight applies epilogues (fp32 on AVX-512's packed GEMMs).
+  bool fuses_epilogues() const { return raw_ && nn::packed_gemm_supported(); }
+
+  // out[rows e] = epilogue(in[rows e] op(w[e]) (+ b[e])); w: [E, I, O], or
+  // [E, O, I] with transpose_w; in: [R, I], out and aux: [R, O]. Rows past
+  // offsets[E] are not touched. An epilogue other than kNone needs fuses_epilogues().
   void rows_by_weight(const at::Tensor& in, const at::Tensor& w, const at::Tensor* b, at::Tensor& out,
-                      bool transpose_w) const {
+                      bool transpose_w, nn::Epilogue epilogue = nn::Epilogue::kNone,
+                      at::Tensor* aux = nullptr) const {
     const int64_t I = in.size(1), O = out.size(1);
+    MOEV_CHECK(epilogue == nn::Epilogue::kNone || fuses_epilogues(), "rows_by_weight: no epilogues on this path");
     if (!raw_) {
       for_experts([&](int64_t e, int64_t r0, int64_t n) {
         auto o = out.narrow(0, r0, n);
@@ -97,9 +103,10 @@ class GroupedGemm {
           else nn::pack_weight(wp + e * I * O, I, O, O, 1, pp + e * P);
         }
       });
+      float* ap = aux ? aux->data_ptr<float>() : nullptr;
       parallel_rows_by_expert(offsets_, [&](int64_t e, int64_t r0, int64_t r1) {
         nn::packed_gemm(r1 - r0, I, O, ip + r0 * I, I, pp + e * P, bp ? bp + e * O : nullptr, op + r0 * O, O,
-                        nn::Epilogue::kNone);
+                        epilogue, ap ? ap + r0 * O : nullptr);
       });
       return;
     }
@@ -181,20 +188,31 @@ class GroupedGemm {
 };
 
 // out = gelu(x w1 + b1) w2 + b2 per expert's rows; w1 [E, D, H] and w2 [E, H, D],
-// or with `transposed` [E, H, D] and [E, D, H]. Fills hpre / act when given.
+// or with `transposed` [E, H, D] and [E, D, H]. Fills act and gelu_saved (what
+// nn::gelu_backward_saved needs) when given.
 at::Tensor ffn_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                        const at::Tensor& w2, const at::Tensor& b2, const std::vector<int64_t>& offsets,
-                       bool transposed, at::Tensor* hpre_out = nullptr, at::Tensor* act_out = nullptr) {
+                       bool transposed, at::Tensor* gelu_saved = nullptr, at::Tensor* act_out = nullptr) {
   const int64_t R = x.size(0), D = x.size(1), H = b1.size(1), E = w1.size(0), A = offsets[E];
-  auto hpre = at::empty({R, H}, x.options());
   auto out = at::empty({R, D}, x.options());
-  hpre.narrow(0, A, R - A).zero_();
   out.narrow(0, A, R - A).zero_();
   GroupedGemm gg(offsets, x);
-  gg.rows_by_weight(x, w1, &b1, hpre, transposed);
-  auto act = nn::gelu(hpre);  // under GroupedFFN no graph is recorded
+  at::Tensor act;
+  if (gelu_saved && gg.fuses_epilogues()) {
+    // GELU and its derivative (what gelu_backward_saved keeps on this path) from the GEMM's tiles.
+    act = at::empty({R, H}, x.options());
+    *gelu_saved = at::empty({R, H}, x.options());
+    act.narrow(0, A, R - A).zero_();
+    gelu_saved->narrow(0, A, R - A).zero_();
+    gg.rows_by_weight(x, w1, &b1, act, transposed, nn::Epilogue::kGeluGrad, gelu_saved);
+  } else {
+    auto hpre = at::empty({R, H}, x.options());
+    hpre.narrow(0, A, R - A).zero_();
+    gg.rows_by_weight(x, w1, &b1, hpre, transposed);
+    // Under GroupedFFN no graph is recorded.
+    act = gelu_saved ? nn::gelu_saving(hpre, gelu_saved) : nn::gelu(hpre);
+  }
   gg.rows_by_weight(act, w2, &b2, out, transposed);
-  if (hpre_out) *hpre_out = hpre;
   if (act_out) *act_out = act;
   return out;
 }
@@ -226,9 +244,9 @@ struct GroupedFFN : public torch::autograd::Function<GroupedFFN> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                             const at::Tensor& b2, const std::vector<int64_t>& offsets) {
-    at::Tensor hpre, act;
-    auto out = ffn_forward(x, w1, b1, w2, b2, offsets, /*transposed=*/false, &hpre, &act);
-    ctx->save_for_backward({x, w1, w2, hpre, act});
+    at::Tensor gelu_saved, act;
+    auto out = ffn_forward(x, w1, b1, w2, b2, offsets, /*transposed=*/false, &gelu_saved, &act);
+    ctx->save_for_backward({x, w1, w2, gelu_saved, act});
     ctx->saved_data["offsets"] = c10::IValue(offsets);
     return out;
   }
@@ -236,7 +254,7 @@ struct GroupedFFN : public torch::autograd::Function<GroupedFFN> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    const auto &x = saved[0], &w1 = saved[1], &w2 = saved[2], &hpre = saved[3], &act = saved[4];
+    const auto &x = saved[0], &w1 = saved[1], &w2 = saved[2], &gelu_saved = saved[3], &act = saved[4];
     const auto offsets = ctx->saved_data["offsets"].toIntVector();
     const int64_t E = w1.size(0), D = x.size(1), H = w1.size(2);
     const int64_t A = offsets[E], R = act.size(0);
@@ -244,11 +262,16 @@ struct GroupedFFN : public torch::autograd::Function<GroupedFFN> {
     auto gy = grads[0].contiguous();
     auto gw1 = at::empty_like(w1), gw2 = at::empty_like(w2);
     auto gb1 = at::empty({E, H}, x.options()), gb2 = at::empty({E, D}, x.options());
-    auto gact = at::empty_like(act);
-    gact.narrow(0, A, R - A).zero_();
-    gg.rows_by_weight(gy, w2, nullptr, gact, /*transpose_w=*/true);  // d act = dy w2^T
-    gg.weight_grads(act, gy, gw2, gb2);                               // d w2 = act^T dy
-    auto ghpre = nn::gelu_backward(gact, hpre);
+    auto ghpre = at::empty_like(act);
+    ghpre.narrow(0, A, R - A).zero_();
+    if (gg.fuses_epilogues()) {  // d hpre = (dy w2^T) * GELU'(hpre), in the GEMM's tiles
+      auto d = gelu_saved;
+      gg.rows_by_weight(gy, w2, nullptr, ghpre, /*transpose_w=*/true, nn::Epilogue::kMulAux, &d);
+    } else {
+      gg.rows_by_weight(gy, w2, nullptr, ghpre, /*transpose_w=*/true);  // d act = dy w2^T
+      ghpre = nn::gelu_backward_saved(ghpre, gelu_saved);
+    }
+    gg.weight_grads(act, gy, gw2, gb2);  // d w2 = act^T dy
     gg.weight_grads(x, ghpre, gw1, gb1);  // d w1 = x^T d hpre
     at::Tensor gx;
     if (ctx->needs_input_grad(0)) {

@@ -192,6 +192,27 @@ MOEV_AVX512BW void gelu_backward_bf16_avx512(const uint16_t* g, const uint16_t* 
     simd::store_bf16(m, gx + j, _mm512_mul_ps(simd::load_bf16(m, g + j), d));
   }
 }
+MOEV_AVX512 void gelu_f32_avx512(const float* x, float* y, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    _mm512_mask_storeu_ps(y + j, m, simd::gelu16(_mm512_maskz_loadu_ps(m, x + j)));
+  }
+}
+MOEV_AVX512 void gelu_and_grad_f32_avx512(const float* x, float* y, float* d, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    __m512 grad;
+    _mm512_mask_storeu_ps(y + j, m, simd::gelu_and_grad16(_mm512_maskz_loadu_ps(m, x + j), &grad));
+    _mm512_mask_storeu_ps(d + j, m, grad);
+  }
+}
+MOEV_AVX512 void gelu_backward_f32_avx512(const float* g, const float* x, float* gx, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 d = simd::gelu_grad16(_mm512_maskz_loadu_ps(m, x + j));
+    _mm512_mask_storeu_ps(gx + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, g + j), d));
+  }
+}
 #pragma GCC diagnostic pop
 #endif
 
@@ -257,6 +278,31 @@ void gelu_backward_bf16(const uint16_t* grad, const uint16_t* x, uint16_t* grad_
 #endif
   for (int64_t j = 0; j < n; ++j)
     grad_x[j] = float_to_bf16(bf16_to_float(grad[j]) * gelu_grad_scalar(bf16_to_float(x[j])));
+}
+
+void gelu_f32(const float* x, float* y, int64_t n) {
+#if MOEV_X86_INTRINSICS
+  if (cpu_has_avx512()) return gelu_f32_avx512(x, y, n);
+#endif
+  for (int64_t j = 0; j < n; ++j) y[j] = gelu_scalar(x[j]);
+}
+
+void gelu_and_grad_f32(const float* x, float* y, float* d, int64_t n) {
+#if MOEV_X86_INTRINSICS
+  if (cpu_has_avx512()) return gelu_and_grad_f32_avx512(x, y, d, n);
+#endif
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = x[j];  // before y[j] is written: in place allowed
+    d[j] = gelu_grad_scalar(v);
+    y[j] = gelu_scalar(v);
+  }
+}
+
+void gelu_backward_f32(const float* grad, const float* x, float* grad_x, int64_t n) {
+#if MOEV_X86_INTRINSICS
+  if (cpu_has_avx512()) return gelu_backward_f32_avx512(grad, x, grad_x, n);
+#endif
+  for (int64_t j = 0; j < n; ++j) grad_x[j] = grad[j] * gelu_grad_scalar(x[j]);
 }
 
 void gelu_rows(float* x, int64_t rows, int64_t n, int64_t ld) {

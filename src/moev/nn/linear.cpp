@@ -122,17 +122,21 @@ bool use_packed(const at::Tensor& x, at::ScalarType matmul_dtype, std::initializ
 // Rows per thread below which a packed GEMM stays on one thread.
 constexpr int64_t kPackedGrain = 56;
 
-// y[M, O] = x[M, I] W + bias over the rows, W packed (pack_weight); x rows at
-// unit column stride. bias may be undefined.
-at::Tensor packed_rows(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& bias, int64_t out) {
+// y[M, O] = epilogue(x[M, I] W + bias) over the rows, W packed (pack_weight);
+// x rows at unit column stride. bias may be undefined; aux: a contiguous
+// [M, O] for the epilogues that use one.
+at::Tensor packed_rows(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& bias, int64_t out,
+                       Epilogue epilogue = Epilogue::kNone, at::Tensor* aux = nullptr) {
   const int64_t in = x2.size(1), ldx = x2.stride(0);
   auto y = at::empty({x2.size(0), out}, x2.options());
   const float* xp = x2.data_ptr<float>();
   const float* wp = packed.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
+  float* ap = aux ? aux->data_ptr<float>() : nullptr;
   at::parallel_for(0, x2.size(0), kPackedGrain, [&](int64_t r0, int64_t r1) {
-    packed_gemm(r1 - r0, in, out, xp + r0 * ldx, ldx, wp, bp, yp + r0 * out, out, Epilogue::kNone);
+    packed_gemm(r1 - r0, in, out, xp + r0 * ldx, ldx, wp, bp, yp + r0 * out, out, epilogue,
+                ap ? ap + r0 * out : nullptr);
   });
   return y;
 }
@@ -187,57 +191,131 @@ struct PackedLinearTrain : public torch::autograd::Function<PackedLinearTrain> {
   }
 };
 
+// The dense FFN's training on the same kernels, fc2(GELU(fc1(x))) as one
+// function: GELU and its derivative come out of fc1's GEMM tiles (the
+// pre-activation is never stored), and the backward's d act = dy W2 is
+// multiplied by that derivative in its own tiles, so neither GELU nor its
+// backward makes a pass over the [M, H] activations of its own.
+struct PackedMlpTrain : public torch::autograd::Function<PackedMlpTrain> {
+  // x2: [M, D], w1: [H, D], b1: [H], w2: [D, H], b2: [D] -> [M, D]
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x2, const at::Tensor& w1,
+                            const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
+    const int64_t H = w1.size(0), D = w2.size(0);
+    auto d = at::empty({x2.size(0), H}, x2.options());  // GELU'(x W1 + b1)
+    auto act = packed_rows(x2, packed_weights().get(w1), b1.contiguous(), H, Epilogue::kGeluGrad, &d);
+    ctx->save_for_backward({x2, w1, w2, act, d});
+    return packed_rows(act, packed_weights().get(w2), b2.contiguous(), D);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &x2 = saved[0], &w1 = saved[1], &w2 = saved[2], &act = saved[3];
+    auto d = saved[4];
+    const auto dy = grads[0].contiguous();
+    auto dh = packed_rows(dy, pack_for_input_grad(w2), {}, w2.size(1), Epilogue::kMulAux, &d);
+    at::Tensor dx;
+    if (ctx->needs_input_grad(0)) dx = packed_rows(dh, pack_for_input_grad(w1), {}, w1.size(1));
+    return {dx, weight_grad(dh, x2), dh.sum(0), weight_grad(dy, act), dy.sum(0)};
+  }
+};
+
 // Whether a CPU fp32 layer trains on the packed kernels (PackedLinearTrain).
 bool use_packed_training(const at::Tensor& x, at::ScalarType matmul_dtype, const at::Tensor& weight,
                          const at::Tensor& bias) {
   return packed_eligible(x, matmul_dtype, {&weight, &bias}) && wants_grad(x, {&weight, &bias});
 }
 
-bool bf16_kernel(const at::Tensor& x) { return x.device().is_cpu() && x.scalar_type() == at::kBFloat16; }
+// moev's GELU kernels: bf16 always (LibTorch converts one element at a time),
+// fp32 with AVX-512 (LibTorch's oneDNN eltwise is slower than ours there).
+bool gelu_kernel(const at::Tensor& x) {
+  return x.device().is_cpu() &&
+         (x.scalar_type() == at::kBFloat16 || (x.scalar_type() == at::kFloat && cpu_has_avx512()));
+}
 
 const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
 uint16_t* bits(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
-// Elements per task of the element-wise bf16 kernels.
+// Elements per task of the element-wise kernels.
 constexpr int64_t kElementGrain = 16384;
 
-at::Tensor gelu_bf16_tensor(const at::Tensor& x_in) {
+at::Tensor gelu_tensor(const at::Tensor& x_in) {
   const auto x = x_in.contiguous();
   auto y = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat) {
+    const float* xp = x.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t a, int64_t b) { gelu_f32(xp + a, yp + a, b - a); });
+    return y;
+  }
   const uint16_t* xp = bits(x);
   uint16_t* yp = bits(y);
   at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t a, int64_t b) { gelu_bf16(xp + a, yp + a, b - a); });
   return y;
 }
 
-struct GeluBf16 : public torch::autograd::Function<GeluBf16> {
+// Whether gelu_saving keeps GELU'(x) (true) or x.
+bool saves_derivative(const at::Tensor& x) {
+  return x.device().is_cpu() && x.scalar_type() == at::kFloat && cpu_has_avx512();
+}
+
+// grad * GELU'(x) from x.
+at::Tensor gelu_backward_x(const at::Tensor& grad_in, const at::Tensor& x_in) {
+  if (!gelu_kernel(x_in) || grad_in.scalar_type() != x_in.scalar_type()) return at::gelu_backward(grad_in, x_in);
+  const auto g = grad_in.contiguous(), x = x_in.contiguous();
+  auto gx = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat) {
+    const float *gp = g.data_ptr<float>(), *xp = x.data_ptr<float>();
+    float* op = gx.data_ptr<float>();
+    at::parallel_for(0, x.numel(), kElementGrain,
+                     [&](int64_t a, int64_t b) { gelu_backward_f32(gp + a, xp + a, op + a, b - a); });
+    return gx;
+  }
+  const uint16_t *gp = bits(g), *xp = bits(x);
+  uint16_t* op = bits(gx);
+  at::parallel_for(0, x.numel(), kElementGrain,
+                   [&](int64_t a, int64_t b) { gelu_backward_bf16(gp + a, xp + a, op + a, b - a); });
+  return gx;
+}
+
+struct Gelu : public torch::autograd::Function<Gelu> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x) {
-    ctx->save_for_backward({x});
-    return gelu_bf16_tensor(x);
+    at::Tensor saved;
+    auto y = gelu_saving(x, &saved);
+    ctx->save_for_backward({saved});
+    return y;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    return {moev::nn::gelu_backward(grads[0], ctx->get_saved_variables()[0])};
+    return {gelu_backward_saved(grads[0], ctx->get_saved_variables()[0])};
   }
 };
 
 }  // namespace
 
 at::Tensor gelu(const at::Tensor& x) {
-  if (!bf16_kernel(x)) return at::gelu(x);
-  if (at::GradMode::is_enabled() && x.requires_grad()) return GeluBf16::apply(x);
-  return gelu_bf16_tensor(x);
+  if (!gelu_kernel(x)) return at::gelu(x);
+  if (at::GradMode::is_enabled() && x.requires_grad()) return Gelu::apply(x);
+  return gelu_tensor(x);
 }
 
-at::Tensor gelu_backward(const at::Tensor& grad_in, const at::Tensor& x_in) {
-  if (!bf16_kernel(x_in) || grad_in.scalar_type() != at::kBFloat16) return at::gelu_backward(grad_in, x_in);
-  const auto g = grad_in.contiguous(), x = x_in.contiguous();
-  auto gx = at::empty_like(x);
-  const uint16_t *gp = bits(g), *xp = bits(x);
-  uint16_t* op = bits(gx);
+at::Tensor gelu_saving(const at::Tensor& x_in, at::Tensor* saved) {
+  if (!saves_derivative(x_in)) {
+    *saved = x_in;
+    return moev::nn::gelu(x_in);
+  }
+  const auto x = x_in.contiguous();
+  auto y = at::empty_like(x), d = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float *yp = y.data_ptr<float>(), *dp = d.data_ptr<float>();
   at::parallel_for(0, x.numel(), kElementGrain,
-                   [&](int64_t a, int64_t b) { gelu_backward_bf16(gp + a, xp + a, op + a, b - a); });
-  return gx;
+                   [&](int64_t a, int64_t b) { gelu_and_grad_f32(xp + a, yp + a, dp + a, b - a); });
+  *saved = d;
+  return y;
+}
+
+at::Tensor gelu_backward_saved(const at::Tensor& grad, const at::Tensor& saved) {
+  if (!saves_derivative(saved)) return gelu_backward_x(grad, saved);
+  return grad.to(saved.scalar_type()) * saved;
 }
 
 at::ScalarType parse_precision(const std::string& name) {
@@ -290,6 +368,13 @@ at::Tensor mlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, 
       packed_ffn(r1 - r0, D, H, xp + r0 * ldx, ldx, w1p, b1p, w2p, b2p, yp + r0 * D, D);
     });
     return y;
+  }
+  if (packed_eligible(x, matmul_dtype, {&w1, &b1, &w2, &b2}) && w1.requires_grad() && w2.requires_grad() &&
+      b1.requires_grad() && b2.requires_grad()) {
+    const int64_t D = x.size(-1);
+    auto x2 = x.reshape({-1, D});
+    if (x2.stride(1) != 1) x2 = x2.contiguous();
+    return PackedMlpTrain::apply(x2, w1, b1, w2, b2).view(x.sizes());
   }
   const auto dt = matmul_dtype == at::kBFloat16 ? matmul_dtype : x.scalar_type();
   return linear(nn::gelu(linear(x.to(dt), w1, b1, matmul_dtype)), w2, b2, matmul_dtype)

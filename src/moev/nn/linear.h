@@ -48,11 +48,15 @@ at::Tensor patchify_nhwc(const at::Tensor& x, const at::Tensor& weight, const at
 at::Tensor conv3x3_gelu_nhwc(const at::Tensor& images, const at::Tensor& weight, const at::Tensor& bias,
                              at::ScalarType matmul_dtype);
 
-// GELU (exact, erf), differentiable; on CPU bf16 tensors moev's vectorised
-// kernel (fp32 math, nn::gelu_bf16), elsewhere at::gelu.
+// GELU (exact, erf), differentiable; on CPU bf16 tensors, and fp32 ones with
+// AVX-512, moev's vectorised kernels (fp32 math), elsewhere at::gelu.
 at::Tensor gelu(const at::Tensor& x);
-// grad * GELU'(x), the same kernels (for hand-written backwards).
-at::Tensor gelu_backward(const at::Tensor& grad, const at::Tensor& x);
+// For hand-written backwards: y = GELU(x), and *saved = what
+// gelu_backward_saved(grad, *saved) = grad * GELU'(x) needs. On CPU fp32 with
+// AVX-512 that is GELU'(x) itself, from the forward's own erf and exp (the
+// backward is one multiply instead of a second evaluation); otherwise x.
+at::Tensor gelu_saving(const at::Tensor& x, at::Tensor* saved);
+at::Tensor gelu_backward_saved(const at::Tensor& grad, const at::Tensor& saved);
 
 // The dense FFN, x: [..., D] -> [..., D] in x's dtype: fc2(GELU(fc1(x))). In
 // bf16 the hidden activations stay bf16 between the two GEMMs (no cast passes);

@@ -146,13 +146,12 @@ namespace {
 // transpose is A otherwise) or rows of A at stride lda (broadcasts straight
 // from the rows: 3-9% slower per tile, measured, but no packing pass, which
 // costs more when the output has few panels). pf: where to prefetch K cache
-// lines into L2 (null: none). m0/m1: which of the 32 columns exist. kGelu:
-// GELU applied in registers before the store (a separate pass over the output
-// cost 12% of a ConvNeXt's inference).
-template <int MR, bool kPackedA, bool kGelu>
+// lines into L2 (null: none). m0/m1: which of the 32 columns exist. kEpi: an
+// Epilogue, applied in registers before the store; aux at stride ldc.
+template <int MR, bool kPackedA, int kEpi>
 MOEV_AVX512 inline void tile(int64_t K, const float* a, int64_t lda, const float* p, int64_t ldp, float* c,
                              int64_t ldc, const float* bias, __mmask16 m0, __mmask16 m1, const char* pf,
-                             bool accumulate) {
+                             bool accumulate, float* aux) {
   __m512 acc0[MR], acc1[MR];
   const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
   const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
@@ -173,25 +172,41 @@ MOEV_AVX512 inline void tile(int64_t K, const float* a, int64_t lda, const float
     a += kPackedA ? lda : 1;
     p += ldp;
   }
+  constexpr auto kE = static_cast<Epilogue>(kEpi);
 #pragma GCC unroll 14
   for (int i = 0; i < MR; ++i) {
-    _mm512_mask_storeu_ps(c + i * ldc, m0, kGelu ? simd::gelu16(acc0[i]) : acc0[i]);
-    _mm512_mask_storeu_ps(c + i * ldc + 16, m1, kGelu ? simd::gelu16(acc1[i]) : acc1[i]);
+    float* ci = c + i * ldc;
+    if constexpr (kE == Epilogue::kGeluGrad) {
+      __m512 d0, d1;
+      _mm512_mask_storeu_ps(ci, m0, simd::gelu_and_grad16(acc0[i], &d0));
+      _mm512_mask_storeu_ps(ci + 16, m1, simd::gelu_and_grad16(acc1[i], &d1));
+      _mm512_mask_storeu_ps(aux + i * ldc, m0, d0);
+      _mm512_mask_storeu_ps(aux + i * ldc + 16, m1, d1);
+    } else if constexpr (kE == Epilogue::kMulAux) {
+      _mm512_mask_storeu_ps(ci, m0, _mm512_mul_ps(acc0[i], _mm512_maskz_loadu_ps(m0, aux + i * ldc)));
+      _mm512_mask_storeu_ps(ci + 16, m1, _mm512_mul_ps(acc1[i], _mm512_maskz_loadu_ps(m1, aux + i * ldc + 16)));
+    } else {
+      _mm512_mask_storeu_ps(ci, m0, kE == Epilogue::kGelu ? simd::gelu16(acc0[i]) : acc0[i]);
+      _mm512_mask_storeu_ps(ci + 16, m1, kE == Epilogue::kGelu ? simd::gelu16(acc1[i]) : acc1[i]);
+    }
   }
 }
 
 using TileFn = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, const float*,
-                        __mmask16, __mmask16, const char*, bool);
-template <bool kPackedA, bool kGelu, int... R>
+                        __mmask16, __mmask16, const char*, bool, float*);
+template <bool kPackedA, int kEpi, int... R>
 constexpr std::array<TileFn, sizeof...(R)> tile_table(std::integer_sequence<int, R...>) {
-  return {&tile<R + 1, kPackedA, kGelu>...};
+  return {&tile<R + 1, kPackedA, kEpi>...};
 }
-// [packed A][GELU]
-const std::array<TileFn, kTileRows> kTiles[2][2] = {
-    {tile_table<false, false>(std::make_integer_sequence<int, kTileRows>{}),
-     tile_table<false, true>(std::make_integer_sequence<int, kTileRows>{})},
-    {tile_table<true, false>(std::make_integer_sequence<int, kTileRows>{}),
-     tile_table<true, true>(std::make_integer_sequence<int, kTileRows>{})}};
+template <bool kPackedA, int... E>
+constexpr std::array<std::array<TileFn, kTileRows>, sizeof...(E)> epilogue_tables(std::integer_sequence<int, E...>) {
+  return {tile_table<kPackedA, E>(std::make_integer_sequence<int, kTileRows>{})...};
+}
+constexpr int kEpilogues = 4;
+// [packed A][epilogue][rows - 1]
+const std::array<std::array<TileFn, kTileRows>, kEpilogues> kTiles[2] = {
+    epilogue_tables<false>(std::make_integer_sequence<int, kEpilogues>{}),
+    epilogue_tables<true>(std::make_integer_sequence<int, kEpilogues>{})};
 
 // Outputs up to this wide read A in place; wider ones pack it (packing costs
 // about 13 / O of the tile work: 10% at O = 128, 1.3% at O = 1024).
@@ -226,10 +241,10 @@ std::vector<float>& scratch(int which) {
 // block will read in place (null: none), prefetched into L2 during the last
 // panel, so that block does not start on activations still in L3 or memory.
 MOEV_AVX512 void block_gemm(int64_t m, int64_t I, int64_t O, const float* a, int64_t lda, bool packed_a,
-                            const float* w, const float* bias, float* C, int64_t ldc, bool gelu,
-                            const float* next_a) {
+                            const float* w, const float* bias, float* C, int64_t ldc, Epilogue epilogue,
+                            float* aux, const float* next_a) {
   const int64_t panels = (O + kPanelWidth - 1) / kPanelWidth, panel = I * kPanelWidth;
-  const auto& tiles = kTiles[packed_a][gelu];
+  const auto& tiles = kTiles[packed_a][static_cast<int>(epilogue)];
   for (int64_t p = 0; p < panels; ++p) {
     const int64_t c0 = p * kPanelWidth, nc = std::min(kPanelWidth, O - c0);
     const auto [m0, m1] = column_masks(nc);
@@ -245,7 +260,7 @@ MOEV_AVX512 void block_gemm(int64_t m, int64_t I, int64_t O, const float* a, int
                        : next_a && p == panels - 1 ? reinterpret_cast<const char*>(next_a) + (t - 2) * I * 64
                                                    : nullptr;
       tiles[mr - 1](I, packed_a ? a + r0 * I : a + r0 * lda, packed_a ? mr : lda, wp, kPanelWidth, C + r0 * ldc + c0,
-                    ldc, bias ? bias + c0 : nullptr, m0, m1, pf, false);
+                    ldc, bias ? bias + c0 : nullptr, m0, m1, pf, false, aux ? aux + r0 * ldc + c0 : nullptr);
     }
   }
 }
@@ -259,10 +274,12 @@ namespace {
 // packed_gemm; after: the rows of A a later call will read (null: none),
 // prefetched by the last block in place of a next block's.
 void gemm_blocks(int64_t M, int64_t I, int64_t O, const float* A, int64_t lda, const float* packed_w,
-                 const float* bias, float* C, int64_t ldc, Epilogue epilogue, const float* after) {
+                 const float* bias, float* C, int64_t ldc, Epilogue epilogue, float* aux, const float* after) {
 #if MOEV_HAVE_X86
   MOEV_CHECK(packed_gemm_supported(), "packed_gemm: this CPU has no AVX-512");
   MOEV_CHECK(lda < (int64_t{1} << 31) / 64, "packed_gemm: row stride ", lda, " too large for the gathers");
+  MOEV_CHECK(aux || (epilogue != Epilogue::kGeluGrad && epilogue != Epilogue::kMulAux),
+             "packed_gemm: this epilogue needs its aux matrix");
   const bool pack_a = O > kPackAbove;
   auto& abuf = scratch(0);
   if (pack_a && static_cast<int64_t>(abuf.size()) < kBlockRows * I) abuf.resize(kBlockRows * I);
@@ -271,7 +288,7 @@ void gemm_blocks(int64_t M, int64_t I, int64_t O, const float* A, int64_t lda, c
     if (pack_a) pack_rows(A + m0 * lda, lda, m, I, abuf.data());
     const float* next_a = pack_a ? nullptr : m0 + kBlockRows < M ? A + (m0 + kBlockRows) * lda : after;
     block_gemm(m, I, O, pack_a ? abuf.data() : A + m0 * lda, lda, pack_a, packed_w, bias, C + m0 * ldc, ldc,
-               epilogue == Epilogue::kGelu, next_a);
+               epilogue, aux ? aux + m0 * ldc : nullptr, next_a);
   }
 #else
   MOEV_CHECK(false, "packed_gemm: built for a CPU without AVX-512");
@@ -281,8 +298,8 @@ void gemm_blocks(int64_t M, int64_t I, int64_t O, const float* A, int64_t lda, c
 }  // namespace
 
 void packed_gemm(int64_t M, int64_t I, int64_t O, const float* A, int64_t lda, const float* packed_w,
-                 const float* bias, float* C, int64_t ldc, Epilogue epilogue) {
-  gemm_blocks(M, I, O, A, lda, packed_w, bias, C, ldc, epilogue, nullptr);
+                 const float* bias, float* C, int64_t ldc, Epilogue epilogue, float* aux) {
+  gemm_blocks(M, I, O, A, lda, packed_w, bias, C, ldc, epilogue, aux, nullptr);
 }
 
 void packed_gemm_tn(int64_t M, int64_t R, int64_t N, const float* A, int64_t lda, const float* B, int64_t ldb,
@@ -303,7 +320,7 @@ void packed_gemm_tn(int64_t M, int64_t R, int64_t N, const float* A, int64_t lda
   auto& last = scratch(2);
   if (tail > 0 && static_cast<int64_t>(last.size()) < kReduceChunk * kPanelWidth)
     last.resize(kReduceChunk * kPanelWidth);
-  const auto& tiles = kTiles[1][0];
+  const auto& tiles = kTiles[1][static_cast<int>(Epilogue::kNone)];
   for (int64_t k0 = 0; k0 < M; k0 += kReduceChunk) {
     const int64_t kc = std::min(kReduceChunk, M - k0);
     if (tail > 0) pack_weight(B + k0 * ldb + full * kPanelWidth, kc, tail, ldb, 1, last.data());
@@ -317,7 +334,7 @@ void packed_gemm_tn(int64_t M, int64_t R, int64_t N, const float* A, int64_t lda
       for (int64_t r0 = 0; r0 < R; r0 += kTileRows) {
         const int64_t mr = std::min(kTileRows, R - r0);
         tiles[mr - 1](kc, A + k0 * lda + r0, lda, panel, ldp, C + r0 * ldc + c0, ldc, nullptr, m0, m1, nullptr,
-                      accumulate || k0 > 0);
+                      accumulate || k0 > 0, nullptr);
       }
     }
   }
@@ -333,7 +350,7 @@ void packed_ffn(int64_t M, int64_t D, int64_t H, const float* x, int64_t ldx, co
   for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
     const int64_t m = std::min(kBlockRows, M - m0);
     const float* next_x = m0 + kBlockRows < M ? x + (m0 + kBlockRows) * ldx : nullptr;
-    gemm_blocks(m, D, H, x + m0 * ldx, ldx, w1, b1, hidden.data(), H, Epilogue::kGelu, next_x);
+    gemm_blocks(m, D, H, x + m0 * ldx, ldx, w1, b1, hidden.data(), H, Epilogue::kGelu, nullptr, next_x);
     packed_gemm(m, H, D, hidden.data(), H, w2, b2, out + m0 * ldo, ldo, Epilogue::kNone);
   }
 }

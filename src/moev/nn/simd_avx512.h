@@ -73,6 +73,14 @@ MOEV_AVX512_INLINE __m512 gelu_grad16(__m512 v) {
   return _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.39894228040143268f)), gauss, cdf);
 }
 
+// GELU(v) and, from the same erfc and exp, *grad = GELU'(v), on 16 lanes.
+MOEV_AVX512_INLINE __m512 gelu_and_grad16(__m512 v, __m512* grad) {
+  __m512 gauss;
+  const __m512 cdf = normal_cdf(v, erfc_abs(v, &gauss));
+  *grad = _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.39894228040143268f)), gauss, cdf);
+  return _mm512_mul_ps(v, cdf);
+}
+
 // bf16 <-> fp32 on 16 lanes with AVX-512F alone: bf16 is the top half of a
 // float; rounding to nearest even, as LibTorch rounds (NaN stays NaN).
 #define MOEV_AVX512BW_INLINE __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline
