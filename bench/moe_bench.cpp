@@ -9,9 +9,10 @@
 //     (batch 128), their model FLOP utilisation, and the ratio to the Python
 //     (PyTorch eager, same LibTorch 1.13 backend) reference figures.
 // Run: ./build/bench/moev_bench [--threads N] [--rounds R] [--quick] [--no-python] [--no-figures] [--min-time S]
-//      [--profile preset/precision/train|eval[/dp]]
+//      [--profile preset/precision/train|eval[/dp] [--trace FILE]]
 //      [--benchmark_filter=...]
 #include <benchmark/benchmark.h>
+#include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/torch.h>
 
 #include <cstdio>
@@ -231,6 +232,7 @@ int main(int argc, char** argv) {
   bool no_python = false;
   bool no_figures = false;  // only the Google Benchmark cases (for a profiler)
   std::string profile;  // "preset/precision/train|eval[/dp]": run that model step for 20 s (--min-time), nothing else
+  std::string trace;    // with --profile: also write LibTorch's op trace of 3 steps (Chrome JSON) to this file
   double min_time_arg = 0;  // seconds per Google Benchmark case (0: 0.3, or 0.01 with --quick)
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
@@ -239,6 +241,7 @@ int main(int argc, char** argv) {
     if (std::strcmp(argv[i], "--no-figures") == 0) { no_figures = true; continue; }
     if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) { threads = std::atoi(argv[++i]); continue; }
     if (std::strcmp(argv[i], "--profile") == 0 && i + 1 < argc) { profile = argv[++i]; continue; }
+    if (std::strcmp(argv[i], "--trace") == 0 && i + 1 < argc) { trace = argv[++i]; continue; }
     if (std::strcmp(argv[i], "--min-time") == 0 && i + 1 < argc) { min_time_arg = std::atof(argv[++i]); continue; }
     if (std::strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) { rounds = std::max(1, std::atoi(argv[++i])); continue; }
     args.push_back(argv[i]);
@@ -255,6 +258,10 @@ int main(int argc, char** argv) {
     auto step = model_step(preset, prec, train, dp[0] ? threads : 1, threads);
     using clock = std::chrono::steady_clock;
     step();
+    if (!trace.empty()) {  // the ops LibTorch runs (perf cannot name them: its library is stripped)
+      torch::autograd::profiler::RecordProfile guard(trace);
+      for (int i = 0; i < 3; ++i) step();
+    }
     int64_t calls = 0;
     const auto t0 = clock::now();
     const double seconds = min_time_arg > 0 ? min_time_arg : 20.0;
