@@ -206,13 +206,6 @@ MOEV_AVX512 void gelu_and_grad_f32_avx512(const float* x, float* y, float* d, in
     _mm512_mask_storeu_ps(d + j, m, grad);
   }
 }
-MOEV_AVX512 void gelu_backward_f32_avx512(const float* g, const float* x, float* gx, int64_t n) {
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = tail_mask(n - j);
-    const __m512 d = simd::gelu_grad16(_mm512_maskz_loadu_ps(m, x + j));
-    _mm512_mask_storeu_ps(gx + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, g + j), d));
-  }
-}
 #pragma GCC diagnostic pop
 #endif
 
@@ -296,13 +289,6 @@ void gelu_and_grad_f32(const float* x, float* y, float* d, int64_t n) {
     d[j] = gelu_grad_scalar(v);
     y[j] = gelu_scalar(v);
   }
-}
-
-void gelu_backward_f32(const float* grad, const float* x, float* grad_x, int64_t n) {
-#if MOEV_X86_INTRINSICS
-  if (cpu_has_avx512()) return gelu_backward_f32_avx512(grad, x, grad_x, n);
-#endif
-  for (int64_t j = 0; j < n; ++j) grad_x[j] = grad[j] * gelu_grad_scalar(x[j]);
 }
 
 void gelu_rows(float* x, int64_t rows, int64_t n, int64_t ld) {

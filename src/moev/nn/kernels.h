@@ -43,13 +43,12 @@ void gelu_rows(float* x, int64_t rows, int64_t n, int64_t ld);
 // bf16 training step of the tiny V-MoE).
 void gelu_bf16(const uint16_t* x, uint16_t* y, int64_t n);
 void gelu_backward_bf16(const uint16_t* grad, const uint16_t* x, uint16_t* grad_x, int64_t n);
-// The same on fp32. LibTorch 1.13 sends fp32 gelu and its backward to oneDNN's
+// GELU on fp32. LibTorch 1.13 sends fp32 gelu and its backward to oneDNN's
 // eltwise primitive, 13% of a training step of the tiny ConvNeXt-MoE.
 // gelu_and_grad_f32 also writes d = GELU'(x) from the same erf and exp, so a
 // backward that kept d is one multiply instead of a second evaluation.
 void gelu_f32(const float* x, float* y, int64_t n);
 void gelu_and_grad_f32(const float* x, float* y, float* d, int64_t n);
-void gelu_backward_f32(const float* grad, const float* x, float* grad_x, int64_t n);
 
 // In place, each row of P (probabilities) and dP: dP <- scale * P * (dP -
 // sum(P * dP)), the softmax backward (scale: of the logits, folded in).

@@ -258,18 +258,13 @@ bool saves_derivative(const at::Tensor& x) {
   return x.device().is_cpu() && x.scalar_type() == at::kFloat && cpu_has_avx512();
 }
 
-// grad * GELU'(x) from x.
+// grad * GELU'(x) from x: bf16 on moev's kernel (fp32 on AVX-512 keeps GELU'
+// itself, see saves_derivative), the rest on LibTorch's.
 at::Tensor gelu_backward_x(const at::Tensor& grad_in, const at::Tensor& x_in) {
-  if (!gelu_kernel(x_in) || grad_in.scalar_type() != x_in.scalar_type()) return at::gelu_backward(grad_in, x_in);
+  if (!gelu_kernel(x_in) || x_in.scalar_type() != at::kBFloat16 || grad_in.scalar_type() != at::kBFloat16)
+    return at::gelu_backward(grad_in, x_in);
   const auto g = grad_in.contiguous(), x = x_in.contiguous();
   auto gx = at::empty_like(x);
-  if (x.scalar_type() == at::kFloat) {
-    const float *gp = g.data_ptr<float>(), *xp = x.data_ptr<float>();
-    float* op = gx.data_ptr<float>();
-    at::parallel_for(0, x.numel(), kElementGrain,
-                     [&](int64_t a, int64_t b) { gelu_backward_f32(gp + a, xp + a, op + a, b - a); });
-    return gx;
-  }
   const uint16_t *gp = bits(g), *xp = bits(x);
   uint16_t* op = bits(gx);
   at::parallel_for(0, x.numel(), kElementGrain,
