@@ -261,7 +261,7 @@ bool saves_derivative(const at::Tensor& x) {
 // grad * GELU'(x) from x: bf16 on moev's kernel (fp32 on AVX-512 keeps GELU'
 // itself, see saves_derivative), the rest on LibTorch's.
 at::Tensor gelu_backward_x(const at::Tensor& grad_in, const at::Tensor& x_in) {
-  if (!gelu_kernel(x_in) || x_in.scalar_type() != at::kBFloat16 || grad_in.scalar_type() != at::kBFloat16)
+  if (!x_in.device().is_cpu() || x_in.scalar_type() != at::kBFloat16 || grad_in.scalar_type() != at::kBFloat16)
     return at::gelu_backward(grad_in, x_in);
   const auto g = grad_in.contiguous(), x = x_in.contiguous();
   auto gx = at::empty_like(x);
