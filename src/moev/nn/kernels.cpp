@@ -169,15 +169,6 @@ MOEV_AVX512 void softmax_rows_avx512(float* x, int64_t rows, int64_t n, int64_t 
   }
 }
 
-MOEV_AVX512 void gelu_rows_avx512(float* x, int64_t rows, int64_t n, int64_t ld) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = x + r * ld;
-    for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 m = tail_mask(n - j);
-      _mm512_mask_storeu_ps(row + j, m, simd::gelu16(_mm512_maskz_loadu_ps(m, row + j)));
-    }
-  }
-}
 #define MOEV_AVX512BW __attribute__((target("avx512f,avx512bw,avx512vl")))
 MOEV_AVX512BW void gelu_bf16_avx512(const uint16_t* x, uint16_t* y, int64_t n) {
   for (int64_t j = 0; j < n; j += 16) {
@@ -192,6 +183,7 @@ MOEV_AVX512BW void gelu_backward_bf16_avx512(const uint16_t* g, const uint16_t* 
     simd::store_bf16(m, gx + j, _mm512_mul_ps(simd::load_bf16(m, g + j), d));
   }
 }
+// In place allowed (y == x): each lane is read before it is written.
 MOEV_AVX512 void gelu_f32_avx512(const float* x, float* y, int64_t n) {
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = tail_mask(n - j);
@@ -293,7 +285,10 @@ void gelu_and_grad_f32(const float* x, float* y, float* d, int64_t n) {
 
 void gelu_rows(float* x, int64_t rows, int64_t n, int64_t ld) {
 #if MOEV_X86_INTRINSICS
-  if (cpu_has_avx512()) return gelu_rows_avx512(x, rows, n, ld);
+  if (cpu_has_avx512()) {
+    for (int64_t r = 0; r < rows; ++r) gelu_f32_avx512(x + r * ld, x + r * ld, n);
+    return;
+  }
 #endif
   gelu_rows_generic(x, rows, n, ld);
 }
