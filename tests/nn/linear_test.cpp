@@ -111,6 +111,32 @@ TEST(PackedLinear, TrainingGradientsMatchAddmm) {
   }
 }
 
+// The weight and bias gradients of a long reduction, which the packed path
+// cuts into slices of rows times column panels: against fp64, and bit for bit
+// the same on one thread and on two (the slices' partial sums are added in a
+// fixed order).
+TEST(PackedLinear, SlicedWeightGradientMatchesFp64OnAnyThreadCount) {
+  torch::manual_seed(25);
+  const int64_t M = 3001, I = 40, O = 24;
+  const auto x = torch::randn({M, I}), gy = torch::randn({M, O});
+  auto w = torch::randn({O, I}).requires_grad_(), b = torch::randn({O}).requires_grad_();
+  const int threads = at::get_num_threads();
+  std::vector<at::Tensor> by_threads[2];
+  for (int t = 1; t <= 2; ++t) {
+    at::set_num_threads(t);
+    by_threads[t - 1] = torch::autograd::grad({moev::nn::linear(x, w, b, at::kFloat)}, {w, b}, {gy});
+  }
+  at::set_num_threads(threads);
+  const auto x64 = x.to(torch::kDouble), gy64 = gy.to(torch::kDouble);
+  const auto dw64 = gy64.t().mm(x64), db64 = gy64.sum(0);
+  for (int t = 0; t < 2; ++t) {
+    EXPECT_LT(((by_threads[t][0].to(torch::kDouble) - dw64).norm() / dw64.norm()).item<double>(), 1e-6);
+    EXPECT_LT(((by_threads[t][1].to(torch::kDouble) - db64).norm() / db64.norm()).item<double>(), 1e-6);
+  }
+  EXPECT_TRUE(torch::equal(by_threads[0][0], by_threads[1][0]));
+  EXPECT_TRUE(torch::equal(by_threads[0][1], by_threads[1][1]));
+}
+
 // fp32 training of the dense FFN as one function (GELU and its derivative in
 // fc1's tiles, the backward's multiply in the next GEMM's): output and all five
 // gradients against fp64 autograd, on strided input with row counts off the

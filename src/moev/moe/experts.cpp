@@ -9,6 +9,7 @@
 
 #include "moev/core/error.h"
 #include "moev/nn/blas.h"
+#include "moev/nn/kernels.h"
 #include "moev/nn/linear.h"
 #include "moev/nn/packed_gemm.h"
 
@@ -155,9 +156,7 @@ class GroupedGemm {
         if (packed) nn::packed_gemm_tn(n, I, O, ap + r0 * I, I, ge, O, gwp + e * I * O, O, false);
         else
           nn::gemm_tn(int(I), int(O), int(n), ap + r0 * I, int(I), ge, int(O), gwp + e * I * O, int(O), 1.0f, 0.0f);
-        float* gbe = gbp + e * O;
-        for (int64_t r = 0; r < n; ++r)
-          for (int64_t c = 0; c < O; ++c) gbe[c] += ge[r * O + c];
+        nn::column_sums(ge, n, O, gbp + e * O);
       }
     });
   }

@@ -150,20 +150,56 @@ at::Tensor pack_for_input_grad(const at::Tensor& weight) {
   return packed;
 }
 
-// dW[O, I] = dy[M, O]^T x2[M, I] on packed_gemm_tn, the threads taking
-// column panels of dW (so the sums do not depend on the thread count). Inputs
-// narrower than a panel would leave half of every FMA idle: BLAS takes those.
-at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x2) {
+// Rows of the reduction per slice of weight_grad, at least; slices at most.
+constexpr int64_t kSliceRows = 256;
+constexpr int64_t kMaxSlices = 16;
+// Floats of partial products weight_grad may keep (1 MB): the slices' extra
+// copies of dW are summed at the end.
+constexpr int64_t kPartialFloats = int64_t{1} << 18;
+
+// dW[O, I] = dy[M, O]^T x2[M, I] on packed_gemm_tn and, when db is given,
+// *db = the column sums of dy (a bias gradient, read while dy's rows are in
+// cache). The work is cut into slices of the M rows times column panels of
+// dW: panels alone left one of two threads idle at I = 32 (ConvNeXt's first
+// stage) and both bound by memory elsewhere (measured, 2 threads: 101-192
+// GFLOP/s by panels, 210-274 with slices). The slices depend on the shapes
+// only and their partial sums are added in a fixed order, so the result does
+// not depend on the thread count. Inputs narrower than a panel would leave
+// half of every FMA idle: BLAS takes those.
+at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x2, at::Tensor* db = nullptr) {
   const int64_t M = dy.size(0), O = dy.size(1), I = x2.size(1);
-  if (I < kPanelWidth) return at::mm(dy.t(), x2);
+  if (I < kPanelWidth) {
+    if (db) *db = dy.sum(0);
+    return at::mm(dy.t(), x2);
+  }
+  const int64_t slices = std::max<int64_t>(1, std::min({kMaxSlices, M / kSliceRows, kPartialFloats / (O * I)}));
+  const int64_t panels = (I + kPanelWidth - 1) / kPanelWidth;
+  // Slice 0 writes dW itself, slice s > 0 its own [O, I] of part.
   auto dw = at::empty({O, I}, dy.options());
+  auto part = at::empty({slices - 1, O, I}, dy.options());
+  auto sums = at::empty({db ? slices : 0, O}, dy.options());
   const float *gp = dy.data_ptr<float>(), *xp = x2.data_ptr<float>();
-  float* wp = dw.data_ptr<float>();
-  const int64_t ldx = x2.stride(0), panels = (I + kPanelWidth - 1) / kPanelWidth;
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    const int64_t c0 = p0 * kPanelWidth, c1 = std::min(I, p1 * kPanelWidth);
-    packed_gemm_tn(M, O, c1 - c0, gp, O, xp + c0, ldx, wp + c0, I, false);
+  float *wp = dw.data_ptr<float>(), *pp = part.data_ptr<float>(), *sp = sums.data_ptr<float>();
+  const int64_t ldx = x2.stride(0);
+  at::parallel_for(0, slices * panels, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t s = item / panels, p = item % panels;
+      const int64_t m0 = M * s / slices, m1 = M * (s + 1) / slices;
+      const int64_t c0 = p * kPanelWidth, c1 = std::min(I, c0 + kPanelWidth);
+      float* out = s == 0 ? wp : pp + (s - 1) * O * I;
+      packed_gemm_tn(m1 - m0, O, c1 - c0, gp + m0 * O, O, xp + m0 * ldx + c0, ldx, out + c0, I, false);
+      if (db && p == 0) column_sums(gp + m0 * O, m1 - m0, O, sp + s * O);
+    }
   });
+  if (slices > 1)
+    at::parallel_for(0, O * I, 4096, [&](int64_t j0, int64_t j1) {
+      for (int64_t s = 1; s < slices; ++s) add_to(pp + (s - 1) * O * I + j0, wp + j0, j1 - j0);
+    });
+  if (db) {
+    *db = sums[0].clone();
+    float* bp = db->data_ptr<float>();
+    for (int64_t s = 1; s < slices; ++s) add_to(sp + s * O, bp, O);
+  }
   return dw;
 }
 
@@ -185,8 +221,8 @@ struct PackedLinearTrain : public torch::autograd::Function<PackedLinearTrain> {
     const auto dy = grads[0].contiguous();
     at::Tensor dx, dw, db;
     if (ctx->needs_input_grad(0)) dx = packed_rows(dy, pack_for_input_grad(weight), {}, weight.size(1));
-    if (ctx->needs_input_grad(1)) dw = weight_grad(dy, x2);
-    if (ctx->needs_input_grad(2)) db = dy.sum(0);
+    if (ctx->needs_input_grad(1)) dw = weight_grad(dy, x2, ctx->needs_input_grad(2) ? &db : nullptr);
+    else if (ctx->needs_input_grad(2)) db = dy.sum(0);
     return {dx, dw, db};
   }
 };
@@ -215,7 +251,10 @@ struct PackedMlpTrain : public torch::autograd::Function<PackedMlpTrain> {
     auto dh = packed_rows(dy, pack_for_input_grad(w2), {}, w2.size(1), Epilogue::kMulAux, &d);
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) dx = packed_rows(dh, pack_for_input_grad(w1), {}, w1.size(1));
-    return {dx, weight_grad(dh, x2), dh.sum(0), weight_grad(dy, act), dy.sum(0)};
+    at::Tensor db1, db2;
+    auto dw1 = weight_grad(dh, x2, &db1);
+    auto dw2 = weight_grad(dy, act, &db2);
+    return {dx, dw1, db1, dw2, db2};
   }
 };
 

@@ -26,8 +26,8 @@ at::ScalarType parse_precision(const std::string& name);
 // (one addmm: LibTorch 1.13's Linear on 3-D input adds the bias in a second
 // pass over the output). In fp32 on an AVX-512 CPU it runs nn::packed_gemm on
 // a packed copy of the weight, made once per weight version and shared by
-// every caller; in training the input gradient runs on it too (the weight
-// gradient on BLAS).
+// every caller; in training the input and weight gradients run on moev's
+// kernels too.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                   at::ScalarType matmul_dtype);
 
