@@ -140,13 +140,17 @@ TEST(PackedLinear, SlicedWeightGradientMatchesFp64OnAnyThreadCount) {
 // fp32 training of the dense FFN as one function (GELU and its derivative in
 // fc1's tiles, the backward's multiply in the next GEMM's): output and all five
 // gradients against fp64 autograd, on strided input with row counts off the
-// tiles and a hidden width over the A-packing threshold (512) and under it.
+// tiles and a hidden width over the A-packing threshold (512) and under it;
+// the backward fused over one block of rows, over several slices of several
+// blocks (bit for bit the same on one thread and on two), and not fused
+// (weights too large for its accumulators).
 TEST(PackedMlp, TrainingGradientsMatchFp64Autograd) {
   torch::manual_seed(24);
   auto rel = [](const at::Tensor& a, const at::Tensor& b) {
     return ((a.to(torch::kDouble) - b).norm() / b.norm()).item<double>();
   };
-  for (auto [M, D, H] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{3 * 47, 24, 96}, {200, 128, 512}}) {
+  for (auto [M, D, H] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {3 * 47, 24, 96}, {200, 128, 512}, {1500, 40, 96}, {64, 256, 1040}}) {
     SCOPED_TRACE("M=" + std::to_string(M) + " D=" + std::to_string(D) + " H=" + std::to_string(H));
     const auto xbig = torch::randn({M, D + 3});
     auto x = xbig.narrow(1, 0, D).requires_grad_(false);
@@ -170,6 +174,11 @@ TEST(PackedMlp, TrainingGradientsMatchFp64Autograd) {
       const auto g64 = torch::autograd::grad({y64}, p64, {gy.to(torch::kDouble)});
       EXPECT_LT(rel(y, y64.detach()), 1e-6);
       for (size_t i = 0; i < grads.size(); ++i) EXPECT_LT(rel(grads[i], g64[i]), 1e-5) << "gradient " << i;
+      const int threads = at::get_num_threads();
+      at::set_num_threads(threads == 1 ? 2 : 1);
+      const auto other = torch::autograd::grad({moev::nn::mlp(in, w1, b1, w2, b2, at::kFloat)}, wrt, {gy});
+      at::set_num_threads(threads);
+      for (size_t i = 0; i < grads.size(); ++i) EXPECT_TRUE(torch::equal(grads[i], other[i])) << "gradient " << i;
     }
   }
 }

@@ -309,7 +309,6 @@ MOEV_CLONES void softmax_backward_rows(const float* p, float* dp, int64_t rows, 
 }
 
 MOEV_CLONES void column_sums(const float* x, int64_t rows, int64_t n, float* sums) {
-  for (int64_t c = 0; c < n; ++c) sums[c] = 0.0f;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < n; ++c) sums[c] += x[r * n + c];
 }

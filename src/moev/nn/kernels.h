@@ -54,7 +54,7 @@ void gelu_and_grad_f32(const float* x, float* y, float* d, int64_t n);
 // sum(P * dP)), the softmax backward (scale: of the logits, folded in).
 void softmax_backward_rows(const float* p, float* dp, int64_t rows, int64_t n, int64_t ld, float scale = 1.0f);
 
-// sums[c] = the sum over `rows` rows of x (stride n) of x[r, c], c < n: a
+// sums[c] += the sum over `rows` rows of x (stride n) of x[r, c], c < n: a
 // bias gradient. The rows are added in order.
 void column_sums(const float* x, int64_t rows, int64_t n, float* sums);
 

@@ -177,7 +177,7 @@ at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x2, at::Tensor* d
   // Slice 0 writes dW itself, slice s > 0 its own [O, I] of part.
   auto dw = at::empty({O, I}, dy.options());
   auto part = at::empty({slices - 1, O, I}, dy.options());
-  auto sums = at::empty({db ? slices : 0, O}, dy.options());
+  auto sums = at::zeros({db ? slices : 0, O}, dy.options());
   const float *gp = dy.data_ptr<float>(), *xp = x2.data_ptr<float>();
   float *wp = dw.data_ptr<float>(), *pp = part.data_ptr<float>(), *sp = sums.data_ptr<float>();
   const int64_t ldx = x2.stride(0);
@@ -227,6 +227,62 @@ struct PackedLinearTrain : public torch::autograd::Function<PackedLinearTrain> {
   }
 };
 
+// Rows per block of the fused FFN backward: 20 register tiles, and the block's
+// d act rows (280 x H floats) stay in L2 for the GEMMs that read them.
+constexpr int64_t kFusedRows = 280;
+// Floats of the per-slice gradient accumulators (2 H D + H + D) up to which
+// the FFN backward runs fused (they are read and written for every block, and
+// should stay in L2), and of all slices' accumulators together.
+constexpr int64_t kFusedAccFloats = int64_t{1} << 19;
+constexpr int64_t kFusedTotalFloats = int64_t{1} << 22;
+
+// The dense FFN's backward in one pass over the rows, given dy [M, D], the
+// forward's x2 [M, D] (rows at stride ldx), act = GELU(x W1^T + b1) [M, H] and
+// d = GELU'(same) [M, H]. Per block of rows: d act = (dy W2) * d into a
+// per-thread scratch, dx = d act W1, and the block's share of dW1 = d act^T x,
+// dW2 = dy^T act and both bias gradients, all while the block is in cache: as
+// four passes over [M, H] matrices, ConvNeXt's first stage (D = 32) was bound
+// by memory. Slices of rows as in weight_grad (their partial gradients added
+// in a fixed order): the result does not depend on the thread count.
+torch::autograd::variable_list mlp_backward_fused(const at::Tensor& dy, const at::Tensor& x2, const at::Tensor& act,
+                                                  const at::Tensor& d, const at::Tensor& w1, const at::Tensor& w2,
+                                                  bool want_dx) {
+  const int64_t M = dy.size(0), D = dy.size(1), H = act.size(1), ldx = x2.stride(0);
+  const int64_t acc = 2 * H * D + H + D;  // one slice's dW1 | dW2 | db1 | db2
+  const int64_t slices =
+      std::max<int64_t>(1, std::min({kMaxSlices, M / kSliceRows, kFusedTotalFloats / acc}));
+  const auto p2 = pack_for_input_grad(w2), p1 = pack_for_input_grad(w1);
+  auto part = at::zeros({slices, acc}, dy.options());
+  at::Tensor dx = want_dx ? at::empty({M, D}, dy.options()) : at::Tensor();
+  const float *gp = dy.data_ptr<float>(), *xp = x2.data_ptr<float>(), *ap = act.data_ptr<float>();
+  const float *p2p = p2.data_ptr<float>(), *p1p = p1.data_ptr<float>();
+  float *dp = d.data_ptr<float>(), *pp = part.data_ptr<float>(), *dxp = want_dx ? dx.data_ptr<float>() : nullptr;
+  at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+    thread_local std::vector<float> dh;
+    if (static_cast<int64_t>(dh.size()) < kFusedRows * H) dh.resize(kFusedRows * H);
+    for (int64_t s = s0; s < s1; ++s) {
+      float *dw1 = pp + s * acc, *dw2 = dw1 + H * D, *db1 = dw2 + D * H, *db2 = db1 + H;
+      for (int64_t m0 = M * s / slices, end = M * (s + 1) / slices; m0 < end; m0 += kFusedRows) {
+        const int64_t m = std::min(kFusedRows, end - m0);
+        const float* g = gp + m0 * D;
+        packed_gemm(m, D, H, g, D, p2p, nullptr, dh.data(), H, Epilogue::kMulAux, dp + m0 * H);
+        if (want_dx) packed_gemm(m, H, D, dh.data(), H, p1p, nullptr, dxp + m0 * D, D, Epilogue::kNone);
+        packed_gemm_tn(m, H, D, dh.data(), H, xp + m0 * ldx, ldx, dw1, D, true);
+        packed_gemm_tn(m, D, H, g, D, ap + m0 * H, H, dw2, H, true);
+        column_sums(dh.data(), m, H, db1);
+        column_sums(g, m, D, db2);
+      }
+    }
+  });
+  if (slices > 1)
+    at::parallel_for(0, acc, 4096, [&](int64_t j0, int64_t j1) {
+      for (int64_t s = 1; s < slices; ++s) add_to(pp + s * acc + j0, pp + j0, j1 - j0);
+    });
+  auto sum = part[0];
+  return {dx, sum.narrow(0, 0, H * D).view({H, D}), sum.narrow(0, 2 * H * D, H),
+          sum.narrow(0, H * D, D * H).view({D, H}), sum.narrow(0, 2 * H * D + H, D)};
+}
+
 // The dense FFN's training on the same kernels, fc2(GELU(fc1(x))) as one
 // function: GELU and its derivative come out of fc1's GEMM tiles (the
 // pre-activation is never stored), and the backward's d act = dy W2 is
@@ -248,9 +304,12 @@ struct PackedMlpTrain : public torch::autograd::Function<PackedMlpTrain> {
     const auto &x2 = saved[0], &w1 = saved[1], &w2 = saved[2], &act = saved[3];
     auto d = saved[4];
     const auto dy = grads[0].contiguous();
-    auto dh = packed_rows(dy, pack_for_input_grad(w2), {}, w2.size(1), Epilogue::kMulAux, &d);
+    const int64_t D = w2.size(0), H = w1.size(0);
+    if (2 * H * D + H + D <= kFusedAccFloats)
+      return mlp_backward_fused(dy, x2, act, d, w1, w2, ctx->needs_input_grad(0));
+    auto dh = packed_rows(dy, pack_for_input_grad(w2), {}, H, Epilogue::kMulAux, &d);
     at::Tensor dx;
-    if (ctx->needs_input_grad(0)) dx = packed_rows(dh, pack_for_input_grad(w1), {}, w1.size(1));
+    if (ctx->needs_input_grad(0)) dx = packed_rows(dh, pack_for_input_grad(w1), {}, D);
     at::Tensor db1, db2;
     auto dw1 = weight_grad(dh, x2, &db1);
     auto dw2 = weight_grad(dy, act, &db2);

@@ -321,8 +321,12 @@ void packed_gemm_tn(int64_t M, int64_t R, int64_t N, const float* A, int64_t lda
   if (tail > 0 && static_cast<int64_t>(last.size()) < kReduceChunk * kPanelWidth)
     last.resize(kReduceChunk * kPanelWidth);
   const auto& tiles = kTiles[1][static_cast<int>(Epilogue::kNone)];
-  for (int64_t k0 = 0; k0 < M; k0 += kReduceChunk) {
-    const int64_t kc = std::min(kReduceChunk, M - k0);
+  // Chunks of equal length: a short last chunk would pay the tiles' loads
+  // and stores of C for few rows (the fused backward calls this on blocks of
+  // 280 rows).
+  const int64_t chunks = (M + kReduceChunk - 1) / kReduceChunk;
+  for (int64_t q = 0, k0 = 0; q < chunks; ++q) {
+    const int64_t kc = M * (q + 1) / chunks - k0;
     if (tail > 0) pack_weight(B + k0 * ldb + full * kPanelWidth, kc, tail, ldb, 1, last.data());
     for (int64_t p = 0; p < full + (tail > 0); ++p) {
       const int64_t c0 = p * kPanelWidth;
@@ -337,6 +341,7 @@ void packed_gemm_tn(int64_t M, int64_t R, int64_t N, const float* A, int64_t lda
                       accumulate || k0 > 0, nullptr);
       }
     }
+    k0 += kc;
   }
 #else
   MOEV_CHECK(false, "packed_gemm_tn: built for a CPU without AVX-512");
