@@ -174,33 +174,45 @@ TEST(MoELayer, FindsLayersInsideModules) {
 }
 
 TEST(Experts, GroupedGemmMatchesStockOpPathInDouble) {
-  // The CPU float32 grouped GEMM (packed_gemm on AVX-512, else raw BLAS; the
-  // weight gradients on BLAS) against the LibTorch-op path other
-  // dtypes and devices use, run here in float64, on uneven expert blocks (one
-  // empty) with padding rows.
+  // The CPU float32 grouped GEMM (packed_gemm on AVX-512, the backward fused
+  // per expert and block of rows; else raw BLAS) against the LibTorch-op path
+  // other dtypes and devices use, run here in float64, on uneven expert blocks
+  // (one empty) with padding rows: tiny widths, then widths off the kernel's
+  // panels with experts of more rows than one block of the fused backward.
   torch::manual_seed(5);
-  Experts ex(ExpertsOptions(4, 8, 12));
-  std::vector<int64_t> offsets{0, 5, 5, 12, 20};
-  auto x = torch::randn({23, 8}, torch::requires_grad());
-  auto y = ex->forward(x, offsets);
-  Experts ex64(ExpertsOptions(4, 8, 12));
-  {
-    torch::NoGradGuard ng;
-    ex64->w1 = ex->w1.to(torch::kDouble).detach().requires_grad_();
-    ex64->b1 = ex->b1.to(torch::kDouble).detach().requires_grad_();
-    ex64->w2 = ex->w2.to(torch::kDouble).detach().requires_grad_();
-    ex64->b2 = ex->b2.to(torch::kDouble).detach().requires_grad_();
+  struct Case {
+    int64_t E, D, H, R;
+    std::vector<int64_t> offsets;
+  };
+  for (const auto& c : {Case{4, 8, 12, 23, {0, 5, 5, 12, 20}}, Case{3, 40, 96, 660, {0, 300, 300, 650}}}) {
+    SCOPED_TRACE("D=" + std::to_string(c.D) + " H=" + std::to_string(c.H));
+    Experts ex(ExpertsOptions(c.E, c.D, c.H));
+    auto x = torch::randn({c.R, c.D}, torch::requires_grad());
+    Experts ex64(ExpertsOptions(c.E, c.D, c.H));
+    {
+      torch::NoGradGuard ng;
+      ex64->w1 = ex->w1.to(torch::kDouble).detach().requires_grad_();
+      ex64->b1 = (ex->b1 + torch::randn_like(ex->b1) * 0.1).to(torch::kDouble).detach().requires_grad_();
+      ex->b1.copy_(ex64->b1);
+      ex64->w2 = ex->w2.to(torch::kDouble).detach().requires_grad_();
+      ex64->b2 = ex->b2.to(torch::kDouble).detach().requires_grad_();
+    }
+    auto y = ex->forward(x, c.offsets);
+    auto x64 = x.detach().to(torch::kDouble).requires_grad_();
+    auto y64 = ex64->forward(x64, c.offsets);
+    const int64_t A = c.offsets.back();
+    EXPECT_TRUE(torch::allclose(y.to(torch::kDouble), y64, 1e-4, 1e-5));
+    EXPECT_TRUE(torch::equal(y.narrow(0, A, c.R - A), torch::zeros({c.R - A, c.D})));
+    auto g = torch::randn({c.R, c.D}, torch::kDouble);
+    (y * g.to(torch::kFloat)).sum().backward();
+    (y64 * g).sum().backward();
+    EXPECT_TRUE(torch::allclose(x.grad().to(torch::kDouble), x64.grad(), 1e-4, 1e-5));
+    EXPECT_TRUE(torch::equal(x.grad().narrow(0, A, c.R - A), torch::zeros({c.R - A, c.D})));
+    EXPECT_TRUE(torch::allclose(ex->w1.grad().to(torch::kDouble), ex64->w1.grad(), 1e-4, 1e-5));
+    EXPECT_TRUE(torch::allclose(ex->b1.grad().to(torch::kDouble), ex64->b1.grad(), 1e-4, 1e-5));
+    EXPECT_TRUE(torch::allclose(ex->w2.grad().to(torch::kDouble), ex64->w2.grad(), 1e-4, 1e-5));
+    EXPECT_TRUE(torch::allclose(ex->b2.grad().to(torch::kDouble), ex64->b2.grad(), 1e-4, 1e-5));
   }
-  auto x64 = x.detach().to(torch::kDouble).requires_grad_();
-  auto y64 = ex64->forward(x64, offsets);
-  EXPECT_TRUE(torch::allclose(y.to(torch::kDouble), y64, 1e-4, 1e-5));
-  EXPECT_TRUE(torch::equal(y.narrow(0, 20, 3), torch::zeros({3, 8})));
-  auto g = torch::randn({23, 8}, torch::kDouble);
-  (y * g.to(torch::kFloat)).sum().backward();
-  (y64 * g).sum().backward();
-  EXPECT_TRUE(torch::allclose(x.grad().to(torch::kDouble), x64.grad(), 1e-4, 1e-5));
-  EXPECT_TRUE(torch::allclose(ex->w1.grad().to(torch::kDouble), ex64->w1.grad(), 1e-4, 1e-5));
-  EXPECT_TRUE(torch::allclose(ex->b2.grad().to(torch::kDouble), ex64->b2.grad(), 1e-4, 1e-5));
 }
 
 TEST(Experts, Bf16GemmsTrackFloat32WithinBf16Rounding) {

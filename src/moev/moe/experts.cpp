@@ -55,7 +55,8 @@ void parallel_rows_by_expert(const std::vector<int64_t>& offsets, const F& f) {
 // The grouped GEMMs of the experts: expert e owns rows offsets[e] .. offsets[e+1]
 // of every activation. CPU float32 runs experts side by side on the threads
 // (at::parallel_for over experts), each with single-threaded calls on raw
-// rows (nn::packed_gemm on AVX-512, else BLAS; BLAS for the weight gradients):
+// rows (nn::packed_gemm on AVX-512, where the FFN's whole backward runs per
+// expert on nn::packed_ffn_backward; else BLAS):
 // with many experts the row blocks are small, and one multi-threaded GEMM
 // per expert would spend its time forking and joining. Other dtypes (bf16, whose
 // fast GEMMs only LibTorch's oneDNN path has) and devices run each expert's GEMM
@@ -147,16 +148,48 @@ class GroupedGemm {
     // Each expert's gradient is one GEMM over its rows; the threads take runs of
     // whole experts holding about equal numbers of rows.
     const auto bounds = balanced_expert_runs();
-    const bool packed = nn::packed_gemm_supported() && O >= nn::kPanelWidth;
     at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t e = bounds[t0]; e < bounds[t1]; ++e) {
         const int64_t r0 = offsets_[e], n = offsets_[e + 1] - r0;
         if (n == 0) continue;
         const float* ge = gp + r0 * O;
-        if (packed) nn::packed_gemm_tn(n, I, O, ap + r0 * I, I, ge, O, gwp + e * I * O, O, false);
-        else
-          nn::gemm_tn(int(I), int(O), int(n), ap + r0 * I, int(I), ge, int(O), gwp + e * I * O, int(O), 1.0f, 0.0f);
+        nn::gemm_tn(int(I), int(O), int(n), ap + r0 * I, int(I), ge, int(O), gwp + e * I * O, int(O), 1.0f, 0.0f);
         nn::column_sums(ge, n, O, gbp + e * O);
+      }
+    });
+  }
+
+  // The FFN's backward (fuses_epilogues() only) per expert on
+  // nn::packed_ffn_backward, given dy [R, D], the forward's x [R, D], act and
+  // d = GELU'(hpre) [R, H]; w1 [E, D, H], w2 [E, H, D]. Writes gx (placed rows;
+  // undefined: not wanted) and the four gradients. One thread per expert, runs
+  // of experts as weight_grads.
+  void ffn_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& act, const at::Tensor& d,
+                    const at::Tensor& w1, const at::Tensor& w2, at::Tensor& gx, at::Tensor& gw1, at::Tensor& gb1,
+                    at::Tensor& gw2, at::Tensor& gb2) const {
+    MOEV_CHECK(fuses_epilogues(), "ffn_backward: needs the packed kernels");
+    const int64_t E = num_experts(), D = x.size(1), H = act.size(1);
+    const int64_t P2 = nn::packed_size(D, H), P1 = nn::packed_size(H, D);
+    for (auto* g : {&gw1, &gb1, &gw2, &gb2}) g->zero_();
+    auto packed = at::empty({E, P2 + P1}, w1.options());
+    const float *w1p = w1.data_ptr<float>(), *w2p = w2.data_ptr<float>();
+    const float *gyp = dy.data_ptr<float>(), *xp = x.data_ptr<float>(), *ap = act.data_ptr<float>();
+    const float* dp = d.data_ptr<float>();
+    float *pp = packed.data_ptr<float>(), *gxp = gx.defined() ? gx.data_ptr<float>() : nullptr;
+    float *gw1p = gw1.data_ptr<float>(), *gb1p = gb1.data_ptr<float>();
+    float *gw2p = gw2.data_ptr<float>(), *gb2p = gb2.data_ptr<float>();
+    const auto bounds = balanced_expert_runs();
+    at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t e = bounds[t0]; e < bounds[t1]; ++e) {
+        const int64_t r0 = offsets_[e], n = offsets_[e + 1] - r0;
+        if (n == 0) continue;
+        // W2^T [D, H] and W1^T [H, D] of w2[e] [H, D] and w1[e] [D, H].
+        float *w2t = pp + e * (P2 + P1), *w1t = w2t + P2;
+        nn::pack_weight(w2p + e * H * D, D, H, 1, D, w2t);
+        nn::pack_weight(w1p + e * D * H, H, D, 1, H, w1t);
+        nn::packed_ffn_backward(n, D, H, gyp + r0 * D, xp + r0 * D, D, ap + r0 * H, dp + r0 * H, w2t, w1t,
+                                gxp ? gxp + r0 * D : nullptr,
+                                {gw1p + e * D * H, gb1p + e * H, gw2p + e * H * D, gb2p + e * D, false});
       }
     });
   }
@@ -261,23 +294,22 @@ struct GroupedFFN : public torch::autograd::Function<GroupedFFN> {
     auto gy = grads[0].contiguous();
     auto gw1 = at::empty_like(w1), gw2 = at::empty_like(w2);
     auto gb1 = at::empty({E, H}, x.options()), gb2 = at::empty({E, D}, x.options());
-    auto ghpre = at::empty_like(act);
-    ghpre.narrow(0, A, R - A).zero_();
-    if (gg.fuses_epilogues()) {  // d hpre = (dy w2^T) * GELU'(hpre), in the GEMM's tiles
-      auto d = gelu_saved;
-      gg.rows_by_weight(gy, w2, nullptr, ghpre, /*transpose_w=*/true, nn::Epilogue::kMulAux, &d);
-    } else {
-      gg.rows_by_weight(gy, w2, nullptr, ghpre, /*transpose_w=*/true);  // d act = dy w2^T
-      ghpre = nn::gelu_backward_saved(ghpre, gelu_saved);
-    }
-    gg.weight_grads(act, gy, gw2, gb2);  // d w2 = act^T dy
-    gg.weight_grads(x, ghpre, gw1, gb1);  // d w1 = x^T d hpre
     at::Tensor gx;
     if (ctx->needs_input_grad(0)) {
       gx = at::empty_like(x);
       gx.narrow(0, A, R - A).zero_();
-      gg.rows_by_weight(ghpre, w1, nullptr, gx, /*transpose_w=*/true);  // dx = d hpre w1^T
     }
+    if (gg.fuses_epilogues()) {  // all of it per expert and block of rows, in cache
+      gg.ffn_backward(gy, x.contiguous(), act, gelu_saved, w1.contiguous(), w2.contiguous(), gx, gw1, gb1, gw2, gb2);
+      return {gx, gw1, gb1, gw2, gb2, at::Tensor()};
+    }
+    auto ghpre = at::empty_like(act);
+    ghpre.narrow(0, A, R - A).zero_();
+    gg.rows_by_weight(gy, w2, nullptr, ghpre, /*transpose_w=*/true);  // d act = dy w2^T
+    ghpre = nn::gelu_backward_saved(ghpre, gelu_saved);
+    gg.weight_grads(act, gy, gw2, gb2);  // d w2 = act^T dy
+    gg.weight_grads(x, ghpre, gw1, gb1);  // d w1 = x^T d hpre
+    if (gx.defined()) gg.rows_by_weight(ghpre, w1, nullptr, gx, /*transpose_w=*/true);  // dx = d hpre w1^T
     return {gx, gw1, gb1, gw2, gb2, at::Tensor()};
   }
 };

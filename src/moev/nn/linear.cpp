@@ -227,23 +227,16 @@ struct PackedLinearTrain : public torch::autograd::Function<PackedLinearTrain> {
   }
 };
 
-// Rows per block of the fused FFN backward: 20 register tiles, and the block's
-// d act rows (280 x H floats) stay in L2 for the GEMMs that read them.
-constexpr int64_t kFusedRows = 280;
 // Floats of the per-slice gradient accumulators (2 H D + H + D) up to which
-// the FFN backward runs fused (they are read and written for every block, and
-// should stay in L2), and of all slices' accumulators together.
+// the FFN backward runs fused (they are read and written for every block of
+// rows, and should stay in L2), and of all slices' accumulators together.
 constexpr int64_t kFusedAccFloats = int64_t{1} << 19;
 constexpr int64_t kFusedTotalFloats = int64_t{1} << 22;
 
-// The dense FFN's backward in one pass over the rows, given dy [M, D], the
-// forward's x2 [M, D] (rows at stride ldx), act = GELU(x W1^T + b1) [M, H] and
-// d = GELU'(same) [M, H]. Per block of rows: d act = (dy W2) * d into a
-// per-thread scratch, dx = d act W1, and the block's share of dW1 = d act^T x,
-// dW2 = dy^T act and both bias gradients, all while the block is in cache: as
-// four passes over [M, H] matrices, ConvNeXt's first stage (D = 32) was bound
-// by memory. Slices of rows as in weight_grad (their partial gradients added
-// in a fixed order): the result does not depend on the thread count.
+// The dense FFN's backward on packed_ffn_backward, given dy [M, D], the
+// forward's x2 [M, D], act [M, H] and d = GELU'(x W1^T + b1) [M, H]: slices
+// of rows as in weight_grad (their partial gradients added in a fixed order),
+// so the result does not depend on the thread count.
 torch::autograd::variable_list mlp_backward_fused(const at::Tensor& dy, const at::Tensor& x2, const at::Tensor& act,
                                                   const at::Tensor& d, const at::Tensor& w1, const at::Tensor& w2,
                                                   bool want_dx) {
@@ -255,23 +248,14 @@ torch::autograd::variable_list mlp_backward_fused(const at::Tensor& dy, const at
   auto part = at::zeros({slices, acc}, dy.options());
   at::Tensor dx = want_dx ? at::empty({M, D}, dy.options()) : at::Tensor();
   const float *gp = dy.data_ptr<float>(), *xp = x2.data_ptr<float>(), *ap = act.data_ptr<float>();
-  const float *p2p = p2.data_ptr<float>(), *p1p = p1.data_ptr<float>();
-  float *dp = d.data_ptr<float>(), *pp = part.data_ptr<float>(), *dxp = want_dx ? dx.data_ptr<float>() : nullptr;
+  const float *dp = d.data_ptr<float>(), *p2p = p2.data_ptr<float>(), *p1p = p1.data_ptr<float>();
+  float *pp = part.data_ptr<float>(), *dxp = want_dx ? dx.data_ptr<float>() : nullptr;
   at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
-    thread_local std::vector<float> dh;
-    if (static_cast<int64_t>(dh.size()) < kFusedRows * H) dh.resize(kFusedRows * H);
     for (int64_t s = s0; s < s1; ++s) {
-      float *dw1 = pp + s * acc, *dw2 = dw1 + H * D, *db1 = dw2 + D * H, *db2 = db1 + H;
-      for (int64_t m0 = M * s / slices, end = M * (s + 1) / slices; m0 < end; m0 += kFusedRows) {
-        const int64_t m = std::min(kFusedRows, end - m0);
-        const float* g = gp + m0 * D;
-        packed_gemm(m, D, H, g, D, p2p, nullptr, dh.data(), H, Epilogue::kMulAux, dp + m0 * H);
-        if (want_dx) packed_gemm(m, H, D, dh.data(), H, p1p, nullptr, dxp + m0 * D, D, Epilogue::kNone);
-        packed_gemm_tn(m, H, D, dh.data(), H, xp + m0 * ldx, ldx, dw1, D, true);
-        packed_gemm_tn(m, D, H, g, D, ap + m0 * H, H, dw2, H, true);
-        column_sums(dh.data(), m, H, db1);
-        column_sums(g, m, D, db2);
-      }
+      float* a = pp + s * acc;
+      const int64_t m0 = M * s / slices, m1 = M * (s + 1) / slices;
+      packed_ffn_backward(m1 - m0, D, H, gp + m0 * D, xp + m0 * ldx, ldx, ap + m0 * H, dp + m0 * H, p2p, p1p,
+                          dxp ? dxp + m0 * D : nullptr, {a, a + 2 * H * D, a + H * D, a + 2 * H * D + H, true});
     }
   });
   if (slices > 1)

@@ -232,7 +232,7 @@ MOEV_AVX512 void pack_rows(const float* A, int64_t lda, int64_t m, int64_t I, fl
 // The per-thread buffer of packed A rows and FFN hidden rows: grown once,
 // never freed, so steady-state calls allocate nothing.
 std::vector<float>& scratch(int which) {
-  thread_local std::vector<float> buf[3];
+  thread_local std::vector<float> buf[4];
   return buf[which];
 }
 
@@ -357,6 +357,32 @@ void packed_ffn(int64_t M, int64_t D, int64_t H, const float* x, int64_t ldx, co
     const float* next_x = m0 + kBlockRows < M ? x + (m0 + kBlockRows) * ldx : nullptr;
     gemm_blocks(m, D, H, x + m0 * ldx, ldx, w1, b1, hidden.data(), H, Epilogue::kGelu, nullptr, next_x);
     packed_gemm(m, H, D, hidden.data(), H, w2, b2, out + m0 * ldo, ldo, Epilogue::kNone);
+  }
+}
+
+void packed_ffn_backward(int64_t M, int64_t D, int64_t H, const float* dy, const float* x, int64_t ldx,
+                         const float* act, const float* d, const float* w2t, const float* w1t, float* dx,
+                         const FfnGrads& g) {
+  // 20 register tiles per block: its d act rows (kFusedRows x H floats) stay
+  // in L2 for the three GEMMs that read them.
+  constexpr int64_t kFusedRows = 2 * kBlockRows;
+  auto& dh = scratch(3);
+  if (static_cast<int64_t>(dh.size()) < kFusedRows * H) dh.resize(kFusedRows * H);
+  for (int64_t m0 = 0; m0 < M; m0 += kFusedRows) {
+    const int64_t m = std::min(kFusedRows, M - m0);
+    const float *gy = dy + m0 * D, *xb = x + m0 * ldx, *ab = act + m0 * H;
+    // The epilogue only reads aux.
+    packed_gemm(m, D, H, gy, D, w2t, nullptr, dh.data(), H, Epilogue::kMulAux, const_cast<float*>(d + m0 * H));
+    if (dx) packed_gemm(m, H, D, dh.data(), H, w1t, nullptr, dx + m0 * D, D, Epilogue::kNone);
+    if (g.out_in) {
+      packed_gemm_tn(m, H, D, dh.data(), H, xb, ldx, g.dw1, D, true);
+      packed_gemm_tn(m, D, H, gy, D, ab, H, g.dw2, H, true);
+    } else {
+      packed_gemm_tn(m, D, H, xb, ldx, dh.data(), H, g.dw1, H, true);
+      packed_gemm_tn(m, H, D, ab, H, gy, D, g.dw2, D, true);
+    }
+    column_sums(dh.data(), m, H, g.db1);
+    column_sums(gy, m, D, g.db2);
   }
 }
 

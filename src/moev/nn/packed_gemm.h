@@ -60,4 +60,27 @@ void packed_gemm_tn(int64_t M, int64_t R, int64_t N, const float* A, int64_t lda
 void packed_ffn(int64_t M, int64_t D, int64_t H, const float* x, int64_t ldx, const float* w1,
                 const float* b1, const float* w2, const float* b2, float* out, int64_t ldo);
 
+// Where packed_ffn_backward adds its gradients; layout of dW1 and dW2:
+// out_in as LibTorch's Linear weights ([H, D] and [D, H]), else in_out as the
+// experts' ([D, H] and [H, D]).
+struct FfnGrads {
+  float* dw1;
+  float* db1;  // [H]
+  float* dw2;
+  float* db2;  // [D]
+  bool out_in;
+};
+
+// The backward of out = GELU(x W1 + b1) W2 + b2 over M rows on the calling
+// thread, in blocks of rows that stay in cache: d act = (dy W2^T) * d (d =
+// GELU'(x W1 + b1), as the kGeluGrad epilogue keeps it), dx = d act W1^T (dx
+// null: not wanted), and added to g: dW1 += x^T d act, db1 += column sums of d
+// act, dW2 += act^T dy, db2 += column sums of dy. w2t: W2^T [D, H] and w1t:
+// W1^T [H, D], packed by pack_weight. Rows of dy, act, d and dx contiguous, of
+// x at stride ldx. As separate passes over the [M, H] matrices, ConvNeXt's
+// first stage (D = 32) was bound by memory.
+void packed_ffn_backward(int64_t M, int64_t D, int64_t H, const float* dy, const float* x, int64_t ldx,
+                         const float* act, const float* d, const float* w2t, const float* w1t, float* dx,
+                         const FfnGrads& g);
+
 }  // namespace moev::nn
