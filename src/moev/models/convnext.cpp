@@ -4,6 +4,7 @@
 
 #include "moev/nn/depthwise_conv.h"
 #include "moev/nn/layer_norm.h"
+#include "moev/nn/layer_scale.h"
 #include "moev/nn/linear.h"
 
 namespace moev::models {
@@ -49,10 +50,10 @@ at::Tensor ConvNeXtBlockImpl::forward(const at::Tensor& x) {
   }
   t = t.view({B, H, W, D});
   if (is_training() && drop_path > 0) {  // stochastic depth, per image
-    auto keep = torch::empty({B, 1, 1, 1}, x.options()).bernoulli_(1.0 - drop_path);
-    return torch::addcmul(x, t, gamma * (keep / (1.0 - drop_path)));  // [B, 1, 1, D] scales
+    auto keep = torch::empty({B}, x.options()).bernoulli_(1.0 - drop_path);
+    return nn::layer_scale_residual(x, t, gamma, keep.div_(1.0 - drop_path));
   }
-  return torch::addcmul(x, t, gamma);  // x + t * gamma in one pass
+  return nn::layer_scale_residual(x, t, gamma);
 }
 
 ConvNeXtImpl::ConvNeXtImpl(const ModelConfig& c) : cfg(c), matmul_dtype(nn::parse_precision(c.precision)) {
