@@ -61,3 +61,22 @@ TEST(DepthwiseConv, RejectsBadShapes) {
   EXPECT_THROW(moev::nn::depthwise_conv_nhwc(torch::randn({1, 4, 4, 3}), torch::randn({3, 1, 6, 6}), {}),
                std::exception);  // even kernel
 }
+
+// Inference's fused depthwise convolution + LayerNorm (each output row
+// normalised while in cache) against the two calls, on the kernel sizes of the
+// AVX-512 path (rows of 7 positions and their remainders, channel tails) and
+// one that takes the generic path (k = 9).
+TEST(DepthwiseConv, FusedLayerNormMatchesTheTwoCalls) {
+  torch::NoGradGuard ng;
+  for (const auto& c : std::vector<Case>{{3, 14, 14, 32, 7}, {2, 7, 7, 64, 7}, {2, 3, 3, 40, 7}, {2, 5, 9, 20, 5},
+                                         {1, 6, 4, 17, 3}, {1, 5, 5, 8, 9}}) {
+    const std::string at = "B" + std::to_string(c.B) + " H" + std::to_string(c.H) + " W" + std::to_string(c.W) +
+                           " C" + std::to_string(c.C) + " k" + std::to_string(c.k);
+    torch::manual_seed(c.W * 100 + c.C);
+    const auto x = torch::randn({c.B, c.H, c.W, c.C}), w = torch::randn({c.C, 1, c.k, c.k}) * 0.2;
+    const auto b = torch::randn({c.C}), lw = torch::randn({c.C}), lb = torch::randn({c.C});
+    const auto ref = at::layer_norm(moev::nn::depthwise_conv_nhwc(x, w, b), {c.C}, lw, lb, 1e-6);
+    const auto y = moev::nn::depthwise_conv_layer_norm_nhwc(x, w, b, lw, lb, 1e-6);
+    EXPECT_TRUE(torch::allclose(y, ref, 1e-4, 1e-4)) << at << ": " << (y - ref).abs().max();
+  }
+}

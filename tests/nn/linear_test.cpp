@@ -218,3 +218,36 @@ static void check_gelu(at::ScalarType dtype, double rel, double abs) {
 TEST(Gelu, Bf16MatchesFp64GeluAndItsGradient) { check_gelu(torch::kBFloat16, 8e-3, 2e-3); }
 // The erf approximation is good to 1.5e-7 absolute: a few float ulps.
 TEST(Gelu, Fp32MatchesFp64GeluAndItsGradient) { check_gelu(torch::kFloat, 2e-6, 1e-6); }
+
+// residual + gamma * mlp(x) in inference (gamma folded into fc2, the residual
+// added in fc2's tiles) against the composition, on strided input and rows off
+// the tiles; with gradients it is the composition itself.
+TEST(PackedMlp, ResidualWithLayerScaleMatchesTheComposition) {
+  torch::manual_seed(26);
+  for (auto [M, D, H] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{3 * 47, 32, 128}, {200, 40, 160}}) {
+    SCOPED_TRACE("M=" + std::to_string(M) + " D=" + std::to_string(D) + " H=" + std::to_string(H));
+    const auto xbig = torch::randn({M, D + 3});
+    const auto x = xbig.narrow(1, 0, D), res = torch::randn({M, D});
+    auto w1 = (torch::randn({H, D}) / std::sqrt(double(D))).requires_grad_(), b1 = torch::randn({H}).requires_grad_();
+    auto w2 = (torch::randn({D, H}) / std::sqrt(double(H))).requires_grad_(), b2 = torch::randn({D}).requires_grad_();
+    auto gamma = torch::randn({D}).requires_grad_();
+    at::Tensor y;
+    {
+      torch::NoGradGuard ng;
+      y = moev::nn::mlp_residual(x, w1, b1, w2, b2, gamma, res, at::kFloat);
+    }
+    const auto x64 = x.to(torch::kDouble);
+    const auto ref = res.to(torch::kDouble) +
+                     gamma.detach().to(torch::kDouble) *
+                         torch::addmm(b2.detach().to(torch::kDouble),
+                                      torch::gelu(torch::addmm(b1.detach().to(torch::kDouble), x64,
+                                                               w1.detach().to(torch::kDouble).t())),
+                                      w2.detach().to(torch::kDouble).t());
+    EXPECT_LT(((y.to(torch::kDouble) - ref).norm() / ref.norm()).item<double>(), 1e-6);
+    // With gradients: differentiable in every parameter.
+    const auto yg = moev::nn::mlp_residual(x, w1, b1, w2, b2, gamma, res, at::kFloat);
+    EXPECT_LT(((yg.detach().to(torch::kDouble) - ref).norm() / ref.norm()).item<double>(), 1e-6);
+    const auto grads = torch::autograd::grad({yg.sum()}, {w1, b1, w2, b2, gamma});
+    for (const auto& g : grads) EXPECT_GT(g.abs().sum().item<double>(), 0.0);
+  }
+}

@@ -42,14 +42,17 @@ ConvNeXtBlockImpl::ConvNeXtBlockImpl(const ModelConfig& c, int64_t dim, bool use
 at::Tensor ConvNeXtBlockImpl::forward(const at::Tensor& x) {
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), D = x.size(3);
   // Tokens [B, H*W, D] for the MLP: every spatial position is one token.
-  auto t = nn::layer_norm(norm, nn::depthwise_conv_nhwc(x, dwconv->weight, dwconv->bias)).view({B, H * W, D});
-  if (moe) {
-    t = moe->forward(t);
-  } else {
-    t = nn::mlp(t, fc1->weight, fc1->bias, fc2->weight, fc2->bias, matmul_dtype);
-  }
-  t = t.view({B, H, W, D});
-  if (is_training() && drop_path > 0) {  // stochastic depth, per image
+  auto t = nn::depthwise_conv_layer_norm_nhwc(x, dwconv->weight, dwconv->bias, norm->weight, norm->bias,
+                                              norm->options.eps())
+               .view({B, H * W, D});
+  const bool drops = is_training() && drop_path > 0;
+  if (!moe && !drops)
+    return nn::mlp_residual(t, fc1->weight, fc1->bias, fc2->weight, fc2->bias, gamma, x.reshape({B, H * W, D}),
+                            matmul_dtype)
+        .view({B, H, W, D});
+  t = (moe ? moe->forward(t) : nn::mlp(t, fc1->weight, fc1->bias, fc2->weight, fc2->bias, matmul_dtype))
+          .view({B, H, W, D});
+  if (drops) {  // stochastic depth, per image
     auto keep = torch::empty({B}, x.options()).bernoulli_(1.0 - drop_path);
     return nn::layer_scale_residual(x, t, gamma, keep.div_(1.0 - drop_path));
   }

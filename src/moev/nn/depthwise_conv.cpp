@@ -12,6 +12,7 @@
 
 #include "moev/core/error.h"
 #include "moev/nn/kernels.h"
+#include "moev/nn/layer_norm.h"
 #include "moev/nn/simd_avx512.h"
 
 namespace moev::nn {
@@ -20,6 +21,14 @@ namespace detail {
 
 struct Shape {
   int64_t B, H, W, C, k;
+};
+
+// A LayerNorm over the channels applied to each output row while it is in
+// cache (inference's depthwise_conv_layer_norm_nhwc).
+struct RowNorm {
+  const float* weight;
+  const float* bias;
+  float eps;
 };
 
 // Rows r = b * H + h in [r0, r1) of out = bias + depthwise(x, taps); taps is
@@ -51,63 +60,120 @@ MOEV_CLONES void depthwise_rows_generic(const float* x, const float* taps, const
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// One output position's channels c0 .. c0 + 16 NQ (the last vector masked to
-// C) summed over the taps in registers: the generic loop loads and stores the
-// output row once per tap, which made it 16% of a ConvNeXt's inference.
-template <int NQ>
-__attribute__((target("avx512f"))) inline void depthwise_point(const float* x, const float* taps, const float* bias,
-                                                               float* o, const Shape& s, int64_t b, int64_t h,
-                                                               int64_t w, int64_t i0, int64_t i1, int64_t c0) {
-  const int64_t p = s.k / 2, C = s.C;
-  __mmask16 m[NQ];
-  __m512 acc[NQ];
-  for (int q = 0; q < NQ; ++q) {
-    const int64_t left = C - c0 - 16 * q;
-    m[q] = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-    acc[q] = bias ? _mm512_maskz_loadu_ps(m[q], bias + c0 + 16 * q) : _mm512_setzero_ps();
-  }
-  const int64_t j0 = std::max<int64_t>(0, p - w), j1 = std::min<int64_t>(s.k, s.W + p - w);
-  for (int64_t i = i0; i < i1; ++i) {
-    const float* xrow = x + (b * s.H + h + i - p) * s.W * C + c0;
-    for (int64_t j = j0; j < j1; ++j) {
-      const float* xp = xrow + (w + j - p) * C;
-      const float* tp = taps + (i * s.k + j) * C + c0;
-      for (int q = 0; q < NQ; ++q)
-        acc[q] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m[q], xp + 16 * q), _mm512_maskz_loadu_ps(m[q], tp + 16 * q),
-                                 acc[q]);
-    }
-  }
-  for (int q = 0; q < NQ; ++q) _mm512_mask_storeu_ps(o + c0 + 16 * q, m[q], acc[q]);
+
+// Copies rows [h0, h1) of image b of x [B, H, W, C] into pad [H, W + 2P, C]
+// between its P zero columns on each side, which the caller has zeroed.
+template <int P>
+void pad_rows(const float* x, float* pad, const Shape& s, int64_t b, int64_t h0, int64_t h1) {
+  const int64_t C = s.C, Wp = s.W + 2 * P;
+  for (int64_t h = h0; h < h1; ++h)
+    std::copy(x + (b * s.H + h) * s.W * C, x + (b * s.H + h + 1) * s.W * C, pad + (h * Wp + P) * C);
 }
 
-__attribute__((target("avx512f"))) void depthwise_rows_avx512(const float* x, const float* taps, const float* bias,
-                                                              float* out, Shape s, int64_t r0, int64_t r1) {
-  const int64_t p = s.k / 2, C = s.C;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t b = r / s.H, h = r % s.H;
-    const int64_t i0 = std::max<int64_t>(0, p - h), i1 = std::min<int64_t>(s.k, s.H + p - h);
-    for (int64_t w = 0; w < s.W; ++w) {
-      float* o = out + (r * s.W + w) * C;
-      int64_t c0 = 0;
-      for (; c0 + 64 <= C; c0 += 64) depthwise_point<4>(x, taps, bias, o, s, b, h, w, i0, i1, c0);
-      switch ((C - c0 + 15) / 16) {
-        case 1: depthwise_point<1>(x, taps, bias, o, s, b, h, w, i0, i1, c0); break;
-        case 2: depthwise_point<2>(x, taps, bias, o, s, b, h, w, i0, i1, c0); break;
-        case 3: depthwise_point<3>(x, taps, bias, o, s, b, h, w, i0, i1, c0); break;
-        default: break;
+// thread_local scratch of rows with zero columns: [H, W + 2P, C].
+template <int P>
+float* padded_scratch(const Shape& s) {
+  thread_local std::vector<float> buf;
+  const int64_t C = s.C, Wp = s.W + 2 * P;
+  if (static_cast<int64_t>(buf.size()) < s.H * Wp * C) buf.resize(s.H * Wp * C);
+  float* pad = buf.data();
+  for (int64_t h = 0; h < s.H; ++h) {
+    std::fill(pad + h * Wp * C, pad + (h * Wp + P) * C, 0.0f);
+    std::fill(pad + (h * Wp + P + s.W) * C, pad + (h + 1) * Wp * C, 0.0f);
+  }
+  return pad;
+}
+
+// BW output positions w0 .. w0 + BW - 1 of row h, 32 channels from c0 (masks
+// m0, m1), summed over taps rows [i0, i1) in registers: per tap two loads of
+// weights serve 2 BW multiply-adds (one output position at a time loaded a
+// weight per FMA: 11% of a ConvNeXt's inference).
+template <int K, int BW>
+__attribute__((target("avx512f"))) inline void depthwise_block(const float* pad, const float* taps, const float* bias,
+                                                               float* o, const Shape& s, int64_t h, int64_t i0,
+                                                               int64_t i1, int64_t w0, int64_t c0, __mmask16 m0,
+                                                               __mmask16 m1) {
+  constexpr int P = K / 2;
+  const int64_t C = s.C, Wp = s.W + 2 * P;
+  __m512 a0[BW], a1[BW];
+  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias + c0) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + c0 + 16) : _mm512_setzero_ps();
+  for (int u = 0; u < BW; ++u) {
+    a0[u] = b0;
+    a1[u] = b1;
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* xr = pad + ((h + i - P) * Wp + w0) * C + c0;
+    const float* tr = taps + i * K * C + c0;
+    for (int j = 0; j < K; ++j) {
+      const __m512 t0 = _mm512_maskz_loadu_ps(m0, tr + j * C), t1 = _mm512_maskz_loadu_ps(m1, tr + j * C + 16);
+#pragma GCC unroll 8
+      for (int u = 0; u < BW; ++u) {
+        const float* xp = xr + (u + j) * C;
+        a0[u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, xp), t0, a0[u]);
+        a1[u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, xp + 16), t1, a1[u]);
       }
     }
+  }
+  for (int u = 0; u < BW; ++u) {
+    _mm512_mask_storeu_ps(o + (w0 + u) * C + c0, m0, a0[u]);
+    _mm512_mask_storeu_ps(o + (w0 + u) * C + c0 + 16, m1, a1[u]);
+  }
+}
+
+// Rows r0 .. r1 as depthwise_rows_generic, image by image: the input rows
+// they read are copied between zero columns, so every tap of a row is in
+// bounds; tap rows outside the image are skipped.
+template <int K>
+__attribute__((target("avx512f"))) void depthwise_rows_avx512(const float* x, const float* taps, const float* bias,
+                                                              float* out, Shape s, int64_t r0, int64_t r1,
+                                                              const RowNorm* norm) {
+  constexpr int P = K / 2, kMaxBW = 7;
+  const int64_t C = s.C;
+  float* pad = padded_scratch<P>(s);
+  for (int64_t r = r0; r < r1;) {
+    const int64_t b = r / s.H, hs = r % s.H, he = std::min(s.H, hs + (r1 - r));
+    pad_rows<P>(x, pad, s, b, std::max<int64_t>(0, hs - P), std::min(s.H, he + P));
+    for (int64_t h = hs; h < he; ++h) {
+      const int64_t i0 = std::max<int64_t>(0, P - h), i1 = std::min<int64_t>(K, s.H + P - h);
+      float* o = out + (b * s.H + h) * s.W * C;
+      for (int64_t c0 = 0; c0 < C; c0 += 32) {
+        const __mmask16 m0 = simd::tail_mask(C - c0), m1 = C - c0 > 16 ? simd::tail_mask(C - c0 - 16) : 0;
+        for (int64_t w0 = 0; w0 < s.W; w0 += kMaxBW) {
+          switch (std::min<int64_t>(kMaxBW, s.W - w0)) {
+            case 7: depthwise_block<K, 7>(pad, taps, bias, o, s, h, i0, i1, w0, c0, m0, m1); break;
+            case 6: depthwise_block<K, 6>(pad, taps, bias, o, s, h, i0, i1, w0, c0, m0, m1); break;
+            case 5: depthwise_block<K, 5>(pad, taps, bias, o, s, h, i0, i1, w0, c0, m0, m1); break;
+            case 4: depthwise_block<K, 4>(pad, taps, bias, o, s, h, i0, i1, w0, c0, m0, m1); break;
+            case 3: depthwise_block<K, 3>(pad, taps, bias, o, s, h, i0, i1, w0, c0, m0, m1); break;
+            case 2: depthwise_block<K, 2>(pad, taps, bias, o, s, h, i0, i1, w0, c0, m0, m1); break;
+            default: depthwise_block<K, 1>(pad, taps, bias, o, s, h, i0, i1, w0, c0, m0, m1); break;
+          }
+        }
+      }
+      if (norm) layer_norm_rows(o, norm->weight, norm->bias, o, s.W, C, norm->eps);
+    }
+    r += he - hs;
   }
 }
 #pragma GCC diagnostic pop
 #endif
 
+// norm: applied to the output rows when given (needs layer_norm_rows_supported()).
 void depthwise_rows(const float* x, const float* taps, const float* bias, float* out, Shape s, int64_t r0,
-                    int64_t r1) {
+                    int64_t r1, const RowNorm* norm) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (cpu_has_avx512()) return depthwise_rows_avx512(x, taps, bias, out, s, r0, r1);
+  if (cpu_has_avx512()) {
+    if (s.k == 7) return depthwise_rows_avx512<7>(x, taps, bias, out, s, r0, r1, norm);
+    if (s.k == 5) return depthwise_rows_avx512<5>(x, taps, bias, out, s, r0, r1, norm);
+    if (s.k == 3) return depthwise_rows_avx512<3>(x, taps, bias, out, s, r0, r1, norm);
+  }
 #endif
   depthwise_rows_generic(x, taps, bias, out, s, r0, r1);
+  if (norm) {
+    float* o = out + r0 * s.W * s.C;
+    layer_norm_rows(o, norm->weight, norm->bias, o, (r1 - r0) * s.W, s.C, norm->eps);
+  }
 }
 
 // Images [b0, b1): gtaps [k*k, C] += sum over positions of gy * shifted x, and
@@ -150,16 +216,9 @@ __attribute__((target("avx512f"))) void depthwise_weight_grad_avx512(const float
                                                                      float* gbias, Shape s, int64_t b0, int64_t b1) {
   constexpr int P = K / 2;
   const int64_t C = s.C, H = s.H, W = s.W, Wp = W + 2 * P;
-  thread_local std::vector<float> pad;
-  if (static_cast<int64_t>(pad.size()) < H * Wp * C) pad.resize(H * Wp * C);
-  float* xpad = pad.data();
-  for (int64_t h = 0; h < H; ++h) {  // the zero columns, never written below
-    std::fill(xpad + h * Wp * C, xpad + (h * Wp + P) * C, 0.0f);
-    std::fill(xpad + (h * Wp + P + W) * C, xpad + (h + 1) * Wp * C, 0.0f);
-  }
+  float* xpad = padded_scratch<P>(s);
   for (int64_t b = b0; b < b1; ++b) {
-    for (int64_t h = 0; h < H; ++h)
-      std::copy(x + (b * H + h) * W * C, x + (b * H + h + 1) * W * C, xpad + (h * Wp + P) * C);
+    pad_rows<P>(x, xpad, s, b, 0, H);
     const float* gimg = gy + b * H * W * C;
     for (int64_t c0 = 0; c0 < C; c0 += 32) {
       const __mmask16 m0 = simd::tail_mask(C - c0), m1 = C - c0 > 16 ? simd::tail_mask(C - c0 - 16) : 0;
@@ -227,13 +286,14 @@ Shape shape_of(const at::Tensor& x, const at::Tensor& weight) {
 }
 
 // taps: [k*k, C] -> out [B, H, W, C], rows split over the intra-op threads.
-at::Tensor run_rows(const at::Tensor& x, const at::Tensor& taps, const float* bias, Shape s) {
+at::Tensor run_rows(const at::Tensor& x, const at::Tensor& taps, const float* bias, Shape s,
+                    const detail::RowNorm* norm = nullptr) {
   auto out = at::empty({s.B, s.H, s.W, s.C}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* tp = taps.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t r0, int64_t r1) {
-    detail::depthwise_rows(xp, tp, bias, op, s, r0, r1);
+    detail::depthwise_rows(xp, tp, bias, op, s, r0, r1, norm);
   });
   return out;
 }
@@ -307,6 +367,24 @@ at::Tensor depthwise_conv_nhwc(const at::Tensor& x, const at::Tensor& weight, co
   auto y = torch::conv2d(x.permute({0, 3, 1, 2}), weight, b, /*stride=*/1, /*padding=*/k / 2,
                          /*dilation=*/1, /*groups=*/C);
   return y.permute({0, 2, 3, 1}).contiguous();
+}
+
+at::Tensor depthwise_conv_layer_norm_nhwc(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                          const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps) {
+  const bool fused = !at::GradMode::is_enabled() && layer_norm_rows_supported() && x.device().is_cpu() &&
+                     x.dim() == 4 && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+                     (!bias.defined() || bias.scalar_type() == at::kFloat) && ln_weight.scalar_type() == at::kFloat &&
+                     ln_bias.scalar_type() == at::kFloat && ln_weight.numel() == x.size(3) &&
+                     ln_bias.numel() == x.size(3);
+  if (!fused) return layer_norm(depthwise_conv_nhwc(x, weight, bias), ln_weight, ln_bias, eps);
+  MOEV_CHECK(weight.dim() == 4 && weight.size(0) == x.size(3) && weight.size(1) == 1 &&
+                 weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
+             "depthwise_conv_layer_norm_nhwc: expected x [B, H, W, C] and weight [C, 1, k, k] with odd k, got ",
+             x.sizes(), " and ", weight.sizes());
+  const auto xc = x.contiguous(), lw = ln_weight.contiguous(), lb = ln_bias.contiguous();
+  const auto b = bias.defined() ? bias.contiguous() : torch::zeros({x.size(3)}, x.options());
+  const detail::RowNorm norm{lw.data_ptr<float>(), lb.data_ptr<float>(), static_cast<float>(eps)};
+  return run_rows(xc, tap_major(weight, false), b.data_ptr<float>(), shape_of(xc, weight), &norm);
 }
 
 }  // namespace moev::nn

@@ -181,6 +181,17 @@ bool own_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
 
 }  // namespace
 
+bool layer_norm_rows_supported() { return MOEV_LN_KERNELS && cpu_has_avx512(); }
+
+void layer_norm_rows(const float* x, const float* weight, const float* bias, float* y, int64_t rows, int64_t D,
+                     float eps) {
+#if MOEV_LN_KERNELS
+  forward_rows(x, weight, bias, y, 0, rows, D, eps, nullptr, nullptr);
+#else
+  (void)x, (void)weight, (void)bias, (void)y, (void)rows, (void)D, (void)eps;
+#endif
+}
+
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
   if (!own_kernel(x, weight, bias)) return at::layer_norm(x, {x.size(-1)}, weight, bias, eps);
   const int64_t D = x.size(-1);

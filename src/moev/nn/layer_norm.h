@@ -16,6 +16,14 @@ namespace moev::nn {
 // CPU float32 on AVX-512 runs moev's kernels; elsewhere at::layer_norm.
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
 
+// Whether layer_norm_rows runs here (AVX-512).
+bool layer_norm_rows_supported();
+// For fused callers, on raw rows: y = the normalised rows [0, rows) of x [rows,
+// D] with weight and bias [D]; y may be x (in place). Needs
+// layer_norm_rows_supported().
+void layer_norm_rows(const float* x, const float* weight, const float* bias, float* y, int64_t rows, int64_t D,
+                     float eps);
+
 // The same with a torch::nn::LayerNorm's parameters and eps (ln: the module
 // holder or a LayerNormImpl pointer), which keeps the models' parameter names.
 template <typename LayerNormModule>

@@ -12,6 +12,7 @@
 
 #include "moev/core/error.h"
 #include "moev/nn/kernels.h"
+#include "moev/nn/layer_scale.h"
 #include "moev/nn/packed_gemm.h"
 
 namespace moev::nn {
@@ -426,25 +427,39 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
       .view(sizes);
 }
 
+namespace {
+
+// The packed inference FFN: out [M, D] = fc2(GELU(fc1(x2))) (+ residual [M, D],
+// contiguous, when defined), both layers per block of rows on one thread, so
+// the hidden rows stay in L2. p1, p2: the packed weights.
+at::Tensor packed_mlp_rows(const at::Tensor& x2, const at::Tensor& p1, const at::Tensor& b1, const at::Tensor& p2,
+                           const at::Tensor& b2, int64_t H, const at::Tensor& residual) {
+  const int64_t D = x2.size(1), ldx = x2.stride(0);
+  const auto c1 = b1.contiguous(), c2 = b2.contiguous();
+  auto y = at::empty({x2.size(0), D}, x2.options());
+  const float *xp = x2.data_ptr<float>(), *w1p = p1.data_ptr<float>(), *w2p = p2.data_ptr<float>();
+  const float *b1p = c1.data_ptr<float>(), *b2p = c2.data_ptr<float>();
+  const float* rp = residual.defined() ? residual.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, x2.size(0), kPackedGrain, [&](int64_t r0, int64_t r1) {
+    packed_ffn(r1 - r0, D, H, xp + r0 * ldx, ldx, w1p, b1p, w2p, b2p, yp + r0 * D, D, rp ? rp + r0 * D : nullptr);
+  });
+  return y;
+}
+
+at::Tensor rows_of(const at::Tensor& x) {
+  auto x2 = x.reshape({-1, x.size(-1)});
+  return x2.stride(1) == 1 ? x2 : x2.contiguous();
+}
+
+}  // namespace
+
 at::Tensor mlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                const at::Tensor& b2, at::ScalarType matmul_dtype) {
   if (use_packed(x, matmul_dtype, {&w1, &b1, &w2, &b2})) {
-    // Both layers per block of rows on one thread: the hidden rows stay in L2.
-    const int64_t D = x.size(-1), H = w1.size(0), O = w2.size(0);
-    MOEV_CHECK(O == D, "mlp: fc2 must map back to the input width");
-    auto x2 = x.reshape({-1, D});
-    if (x2.stride(1) != 1) x2 = x2.contiguous();
-    const auto p1 = packed_weights().get(w1), p2 = packed_weights().get(w2);
-    const auto c1 = b1.contiguous(), c2 = b2.contiguous();
-    auto y = at::empty(x.sizes(), x.options());
-    const float *xp = x2.data_ptr<float>(), *w1p = p1.data_ptr<float>(), *w2p = p2.data_ptr<float>();
-    const float *b1p = c1.data_ptr<float>(), *b2p = c2.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    const int64_t ldx = x2.stride(0);
-    at::parallel_for(0, x2.size(0), kPackedGrain, [&](int64_t r0, int64_t r1) {
-      packed_ffn(r1 - r0, D, H, xp + r0 * ldx, ldx, w1p, b1p, w2p, b2p, yp + r0 * D, D);
-    });
-    return y;
+    MOEV_CHECK(w2.size(0) == x.size(-1), "mlp: fc2 must map back to the input width");
+    return packed_mlp_rows(rows_of(x), packed_weights().get(w1), b1, packed_weights().get(w2), b2, w1.size(0), {})
+        .view(x.sizes());
   }
   if (packed_eligible(x, matmul_dtype, {&w1, &b1, &w2, &b2}) && w1.requires_grad() && w2.requires_grad() &&
       b1.requires_grad() && b2.requires_grad()) {
@@ -456,6 +471,21 @@ at::Tensor mlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, 
   const auto dt = matmul_dtype == at::kBFloat16 ? matmul_dtype : x.scalar_type();
   return linear(nn::gelu(linear(x.to(dt), w1, b1, matmul_dtype)), w2, b2, matmul_dtype)
       .to(x.scalar_type());
+}
+
+at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                        const at::Tensor& b2, const at::Tensor& gamma, const at::Tensor& residual,
+                        at::ScalarType matmul_dtype) {
+  if (!use_packed(x, matmul_dtype, {&w1, &b1, &w2, &b2, &gamma}) || residual.sizes() != x.sizes() ||
+      residual.scalar_type() != at::kFloat || !residual.device().is_cpu() || w2.size(0) != x.size(-1))
+    return layer_scale_residual(residual, mlp(x, w1, b1, w2, b2, matmul_dtype), gamma);
+  // gamma (fc2(a)) = a (gamma W2^T) + gamma b2: gamma scales fc2's output rows.
+  const auto w2g = w2 * gamma.unsqueeze(1), b2g = b2 * gamma;
+  auto p2 = at::empty({packed_size(w2.size(1), w2.size(0))}, w2.options());
+  pack_weight(w2g.data_ptr<float>(), w2.size(1), w2.size(0), 1, w2.size(1), p2.data_ptr<float>());
+  return packed_mlp_rows(rows_of(x), packed_weights().get(w1), b1, p2, b2g, w1.size(0),
+                         residual.reshape({-1, x.size(-1)}).contiguous())
+      .view(x.sizes());
 }
 
 at::Tensor patchify_nhwc(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,

@@ -31,6 +31,15 @@ at::ScalarType parse_precision(const std::string& name);
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                   at::ScalarType matmul_dtype);
 
+// residual + gamma * mlp(x, ...), gamma [D] a layer scale: the end of a
+// ConvNeXt block. x, residual: [..., D] -> [..., D]. Without gradients on
+// packed weights gamma is folded into fc2's weight and bias (packed per call)
+// and the residual added in fc2's tiles, so the block's output is written
+// once; otherwise layer_scale_residual(residual, mlp(...), gamma).
+at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                        const at::Tensor& b2, const at::Tensor& gamma, const at::Tensor& residual,
+                        at::ScalarType matmul_dtype);
+
 // A patchify convolution (kernel = stride = p, no padding: a ViT's patch
 // embedding, ConvNeXt's stem and downsampling) on channels-last input, as one
 // GEMM over the gathered patches; oneDNN's strided convolution and its backward

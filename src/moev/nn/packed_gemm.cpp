@@ -152,6 +152,16 @@ template <int MR, bool kPackedA, int kEpi>
 MOEV_AVX512 inline void tile(int64_t K, const float* a, int64_t lda, const float* p, int64_t ldp, float* c,
                              int64_t ldc, const float* bias, __mmask16 m0, __mmask16 m1, const char* pf,
                              bool accumulate, float* aux) {
+  constexpr auto kE = static_cast<Epilogue>(kEpi);
+  if constexpr (kE == Epilogue::kMulAux || kE == Epilogue::kAddAux) {
+    // The epilogue's aux rows, while the K loop runs: they come from L3 or
+    // memory, and a miss per row at the end of the tile stalled it.
+#pragma GCC unroll 14
+    for (int i = 0; i < MR; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(aux + i * ldc), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(aux + i * ldc + 16), _MM_HINT_T0);
+    }
+  }
   __m512 acc0[MR], acc1[MR];
   const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
   const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
@@ -172,7 +182,6 @@ MOEV_AVX512 inline void tile(int64_t K, const float* a, int64_t lda, const float
     a += kPackedA ? lda : 1;
     p += ldp;
   }
-  constexpr auto kE = static_cast<Epilogue>(kEpi);
 #pragma GCC unroll 14
   for (int i = 0; i < MR; ++i) {
     float* ci = c + i * ldc;
@@ -185,6 +194,9 @@ MOEV_AVX512 inline void tile(int64_t K, const float* a, int64_t lda, const float
     } else if constexpr (kE == Epilogue::kMulAux) {
       _mm512_mask_storeu_ps(ci, m0, _mm512_mul_ps(acc0[i], _mm512_maskz_loadu_ps(m0, aux + i * ldc)));
       _mm512_mask_storeu_ps(ci + 16, m1, _mm512_mul_ps(acc1[i], _mm512_maskz_loadu_ps(m1, aux + i * ldc + 16)));
+    } else if constexpr (kE == Epilogue::kAddAux) {
+      _mm512_mask_storeu_ps(ci, m0, _mm512_add_ps(acc0[i], _mm512_maskz_loadu_ps(m0, aux + i * ldc)));
+      _mm512_mask_storeu_ps(ci + 16, m1, _mm512_add_ps(acc1[i], _mm512_maskz_loadu_ps(m1, aux + i * ldc + 16)));
     } else {
       _mm512_mask_storeu_ps(ci, m0, kE == Epilogue::kGelu ? simd::gelu16(acc0[i]) : acc0[i]);
       _mm512_mask_storeu_ps(ci + 16, m1, kE == Epilogue::kGelu ? simd::gelu16(acc1[i]) : acc1[i]);
@@ -202,7 +214,7 @@ template <bool kPackedA, int... E>
 constexpr std::array<std::array<TileFn, kTileRows>, sizeof...(E)> epilogue_tables(std::integer_sequence<int, E...>) {
   return {tile_table<kPackedA, E>(std::make_integer_sequence<int, kTileRows>{})...};
 }
-constexpr int kEpilogues = 4;
+constexpr int kEpilogues = 5;
 // [packed A][epilogue][rows - 1]
 const std::array<std::array<TileFn, kTileRows>, kEpilogues> kTiles[2] = {
     epilogue_tables<false>(std::make_integer_sequence<int, kEpilogues>{}),
@@ -278,7 +290,7 @@ void gemm_blocks(int64_t M, int64_t I, int64_t O, const float* A, int64_t lda, c
 #if MOEV_HAVE_X86
   MOEV_CHECK(packed_gemm_supported(), "packed_gemm: this CPU has no AVX-512");
   MOEV_CHECK(lda < (int64_t{1} << 31) / 64, "packed_gemm: row stride ", lda, " too large for the gathers");
-  MOEV_CHECK(aux || (epilogue != Epilogue::kGeluGrad && epilogue != Epilogue::kMulAux),
+  MOEV_CHECK(aux || epilogue == Epilogue::kNone || epilogue == Epilogue::kGelu,
              "packed_gemm: this epilogue needs its aux matrix");
   const bool pack_a = O > kPackAbove;
   auto& abuf = scratch(0);
@@ -349,14 +361,18 @@ void packed_gemm_tn(int64_t M, int64_t R, int64_t N, const float* A, int64_t lda
 }
 
 void packed_ffn(int64_t M, int64_t D, int64_t H, const float* x, int64_t ldx, const float* w1,
-                const float* b1, const float* w2, const float* b2, float* out, int64_t ldo) {
+                const float* b1, const float* w2, const float* b2, float* out, int64_t ldo,
+                const float* residual) {
   auto& hidden = scratch(1);
   if (static_cast<int64_t>(hidden.size()) < kBlockRows * H) hidden.resize(kBlockRows * H);
   for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
     const int64_t m = std::min(kBlockRows, M - m0);
     const float* next_x = m0 + kBlockRows < M ? x + (m0 + kBlockRows) * ldx : nullptr;
     gemm_blocks(m, D, H, x + m0 * ldx, ldx, w1, b1, hidden.data(), H, Epilogue::kGelu, nullptr, next_x);
-    packed_gemm(m, H, D, hidden.data(), H, w2, b2, out + m0 * ldo, ldo, Epilogue::kNone);
+    // The epilogue only reads aux.
+    float* res = residual ? const_cast<float*>(residual + m0 * ldo) : nullptr;
+    packed_gemm(m, H, D, hidden.data(), H, w2, b2, out + m0 * ldo, ldo,
+                residual ? Epilogue::kAddAux : Epilogue::kNone, res);
   }
 }
 

@@ -37,13 +37,15 @@ void pack_weight(const float* w, int64_t I, int64_t O, int64_t stride_i, int64_t
 //   kGeluGrad  C = GELU(Z) and aux = GELU'(Z): a training forward, whose
 //              backward then needs only aux
 //   kMulAux    C = Z * aux, element-wise: that backward, dZ = (dY W2^T) * aux
+//   kAddAux    C = Z + aux: a residual connection (aux read only)
 // (a separate pass over the output cost 12% of a ConvNeXt's inference, and
 // 11% of its training step for GELU and its derivative).
-enum class Epilogue { kNone, kGelu, kGeluGrad, kMulAux };
+enum class Epilogue { kNone, kGelu, kGeluGrad, kMulAux, kAddAux };
 
 // C[M, O] = epilogue(A[M, I] W + bias) on the calling thread, W packed by
 // pack_weight; rows of A, C and aux at strides lda, ldc and ldc; bias [O] or
-// null; aux [M, O] for kGeluGrad and kMulAux, else unused. A and C must not overlap.
+// null; aux [M, O] for kGeluGrad, kMulAux and kAddAux, else unused. A and C
+// must not overlap.
 void packed_gemm(int64_t M, int64_t I, int64_t O, const float* A, int64_t lda, const float* packed_w,
                  const float* bias, float* C, int64_t ldc, Epilogue epilogue, float* aux = nullptr);
 
@@ -54,11 +56,13 @@ void packed_gemm(int64_t M, int64_t I, int64_t O, const float* A, int64_t lda, c
 void packed_gemm_tn(int64_t M, int64_t R, int64_t N, const float* A, int64_t lda, const float* B, int64_t ldb,
                     float* C, int64_t ldc, bool accumulate);
 
-// The two-layer FFN on the calling thread: out[M, D] = gelu(x W1 + b1) W2 + b2,
-// W1 [D, H] and W2 [H, D] packed; the hidden rows go through a per-thread
-// scratch of at most 140 rows, so they never leave L2.
+// The two-layer FFN on the calling thread: out[M, D] = gelu(x W1 + b1) W2 + b2
+// (+ residual[M, D], rows at stride ldo, when not null), W1 [D, H] and W2
+// [H, D] packed; the hidden rows go through a per-thread scratch of at most
+// 140 rows, so they never leave L2.
 void packed_ffn(int64_t M, int64_t D, int64_t H, const float* x, int64_t ldx, const float* w1,
-                const float* b1, const float* w2, const float* b2, float* out, int64_t ldo);
+                const float* b1, const float* w2, const float* b2, float* out, int64_t ldo,
+                const float* residual = nullptr);
 
 // Where packed_ffn_backward adds its gradients; layout of dW1 and dW2:
 // out_in as LibTorch's Linear weights ([H, D] and [D, H]), else in_out as the
