@@ -193,20 +193,27 @@ TEST(ConvNeXt, ChannelsLastForwardMatchesTheNchwModel) {
     return n.forward(x.permute({0, 2, 3, 1})).permute({0, 3, 1, 2});
   };
   torch::NoGradGuard ng;
-  auto x = ln(*model->stem_norm, model->stem->forward(images));
-  for (size_t s = 0; s < model->stages->size(); ++s) {
-    if (s > 0)
-      x = model->down_convs[s - 1]->as<torch::nn::Conv2dImpl>()->forward(
-          ln(*model->down_norms[s - 1]->as<torch::nn::LayerNormImpl>(), x));
-    for (auto& m : *model->stages[s]->as<torch::nn::ModuleListImpl>()) {
-      auto* blk = m->as<ConvNeXtBlockImpl>();
-      auto t = ln(*blk->norm, blk->dwconv->forward(x)).permute({0, 2, 3, 1});
-      t = blk->fc2->forward(torch::gelu(blk->fc1->forward(t))) * blk->gamma;
-      x = x + t.permute({0, 3, 1, 2});
+  auto reference = [&] {
+    auto x = ln(*model->stem_norm, model->stem->forward(images));
+    for (size_t s = 0; s < model->stages->size(); ++s) {
+      if (s > 0)
+        x = model->down_convs[s - 1]->as<torch::nn::Conv2dImpl>()->forward(
+            ln(*model->down_norms[s - 1]->as<torch::nn::LayerNormImpl>(), x));
+      for (auto& m : *model->stages[s]->as<torch::nn::ModuleListImpl>()) {
+        auto* blk = m->as<ConvNeXtBlockImpl>();
+        auto t = ln(*blk->norm, blk->dwconv->forward(x)).permute({0, 2, 3, 1});
+        t = blk->fc2->forward(torch::gelu(blk->fc1->forward(t))) * blk->gamma;
+        x = x + t.permute({0, 3, 1, 2});
+      }
     }
-  }
-  EXPECT_EQ(x.size(2), 3);  // 28 -> 14 -> 7 -> 3: the last downsampling drops a row and a column
-  auto ref = model->head->forward(model->head_norm->forward(x.mean({2, 3})));
+    EXPECT_EQ(x.size(2), 3);  // 28 -> 14 -> 7 -> 3: the last downsampling drops a row and a column
+    return model->head->forward(model->head_norm->forward(x.mean({2, 3})));
+  };
   auto got = model->forward(images);
-  EXPECT_TRUE(torch::allclose(got, ref, 1e-4, 1e-5)) << (got - ref).abs().max().item<double>();
+  EXPECT_TRUE(torch::allclose(got, reference(), 1e-4, 1e-5)) << (got - reference()).abs().max().item<double>();
+  // The patchify convolutions' packed copies follow in-place weight updates.
+  model->stem->weight.mul_(-0.5);
+  model->down_convs[0]->as<torch::nn::Conv2dImpl>()->weight.mul_(1.5);
+  got = model->forward(images);
+  EXPECT_TRUE(torch::allclose(got, reference(), 1e-4, 1e-5)) << (got - reference()).abs().max().item<double>();
 }

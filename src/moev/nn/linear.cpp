@@ -56,6 +56,13 @@ class PackedWeights {
  public:
   // weight: [O, I] -> its nn::pack_weight panels of W = weight^T.
   at::Tensor get(const at::Tensor& weight) {
+    return get(weight, [&] { return weight; });
+  }
+  // The same for the [O, I] matrix that matrix() derives from the parameter
+  // `weight` (a convolution's, reordered), called only when the copy must be
+  // (re)made: the entry follows weight's identity and version.
+  template <typename MakeMatrix>
+  at::Tensor get(const at::Tensor& weight, const MakeMatrix& matrix) {
     std::lock_guard<std::mutex> lock(mu_);
     const auto* key = weight.unsafeGetTensorImpl();
     auto it = entries_.find(key);
@@ -66,9 +73,10 @@ class PackedWeights {
       for (auto e = entries_.begin(); e != entries_.end();) e = e->second.owner.expired() ? entries_.erase(e) : ++e;
       sweep_at_ = std::max<size_t>(64, 2 * entries_.size());
     }
-    const int64_t O = weight.size(0), I = weight.size(1);
-    auto packed = at::empty({packed_size(I, O)}, weight.options());
-    pack_weight(weight.data_ptr<float>(), I, O, weight.stride(1), weight.stride(0), packed.data_ptr<float>());
+    const at::Tensor m = matrix();
+    const int64_t O = m.size(0), I = m.size(1);
+    auto packed = at::empty({packed_size(I, O)}, m.options());
+    pack_weight(m.data_ptr<float>(), I, O, m.stride(1), m.stride(0), packed.data_ptr<float>());
     Entry entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()),
                 weight.data_ptr(), weight._version(), packed};
     if (it != entries_.end()) it->second = std::move(entry);
@@ -494,8 +502,12 @@ at::Tensor patchify_nhwc(const at::Tensor& x, const at::Tensor& weight, const at
   const int64_t h = x.size(1) / p, w = x.size(2) / p;
   // [B, h, p, w, p, Ci] -> [B, h, w, p, p, Ci]: each patch's pixels in (row, column, channel) order.
   auto patches = x.narrow(1, 0, h * p).narrow(2, 0, w * p).reshape({B, h, p, w, p, Ci}).permute({0, 1, 3, 2, 4, 5});
-  auto w2 = weight.permute({0, 2, 3, 1}).reshape({Co, p * p * Ci});  // same order
-  return linear(patches.reshape({B, h, w, p * p * Ci}), w2, bias, matmul_dtype);
+  const auto matrix = [&] { return weight.permute({0, 2, 3, 1}).reshape({Co, p * p * Ci}); };  // same order
+  if (use_packed(x, matmul_dtype, {&weight, &bias}))  // the reordered weight packed once per version
+    return packed_rows(patches.reshape({B * h * w, p * p * Ci}), packed_weights().get(weight, matrix),
+                       bias.contiguous(), Co)
+        .view({B, h, w, Co});
+  return linear(patches.reshape({B, h, w, p * p * Ci}), matrix(), bias, matmul_dtype);
 }
 
 at::Tensor conv3x3_gelu_nhwc(const at::Tensor& images, const at::Tensor& weight, const at::Tensor& bias,
