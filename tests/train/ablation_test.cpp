@@ -31,9 +31,9 @@ TEST(Ablation, TeacherEnsembleIsTrainedOnTheStudentsImagesFromOtherInits) {
   g.seeds = 2;
   g.teachers = 3;
   const auto tasks = train::plan_ablation(g, kBase, "/abl", "test");
-  // Per seed: N=1 plain, 2 members, the ensemble's evaluation, distill (5);
-  // N=3 the same and fusion (6).
-  ASSERT_EQ(tasks.size(), 22u);
+  // Per seed: N=1 without stochastic depth, plain, 2 members, the ensemble's
+  // evaluation, distill (6); N=3 the same but the first and with fusion (6).
+  ASSERT_EQ(tasks.size(), 24u);
   const auto m = by_name(tasks);
   ASSERT_EQ(m.size(), tasks.size()) << "task names must be unique (they are directories)";
   // Every dependency names a task listed before it.
@@ -62,6 +62,17 @@ TEST(Ablation, TeacherEnsembleIsTrainedOnTheStudentsImagesFromOtherInits) {
   EXPECT_EQ(e.kind, train::AblationTask::kEnsemble);
   EXPECT_EQ(e.row, "N=3 teacher (ensemble of 3)");
   EXPECT_EQ(e.source_checkpoints, d.cfg.train.teacher);
+  // Table 1's first row: the same N = 1 backbone without stochastic depth
+  // (the base config's resnest-tiny has drop path 0.1), nothing else changed.
+  const auto& nosd = *m.at("n1_nosd_s1");
+  EXPECT_EQ(nosd.row, "N=1 w/o stochastic depth");
+  EXPECT_EQ(nosd.cfg.model.drop_path, 0.0);
+  EXPECT_EQ(m.at("n1_s1")->cfg.model.drop_path, 0.1);
+  EXPECT_EQ(nosd.cfg.train.seed, 1u);
+  EXPECT_EQ(nosd.cfg.data.subset_seed, 1u);
+  EXPECT_EQ(nosd.cfg.model.branches, 1);
+  EXPECT_TRUE(nosd.cfg.train.teacher.empty());
+  EXPECT_EQ(m.count("n3_nosd_s1"), 0u);
   const auto& f = *m.at("n3_distill_fusion_s1");
   EXPECT_EQ(f.kind, train::AblationTask::kFuse);
   EXPECT_EQ(f.after, std::vector<std::string>{"n3_distill_s1"});
@@ -73,7 +84,8 @@ TEST(Ablation, TeacherEnsembleIsTrainedOnTheStudentsImagesFromOtherInits) {
   const auto rows = train::summarise_ablation(tasks, top1, seconds);
   std::vector<std::string> names;
   for (const auto& r : rows) names.push_back(r.row);
-  EXPECT_EQ(names, (std::vector<std::string>{"N=1", "N=1 teacher (ensemble of 3)", "N=1 + distill", "N=3",
+  EXPECT_EQ(names, (std::vector<std::string>{"N=1 w/o stochastic depth", "N=1", "N=1 teacher (ensemble of 3)",
+                                             "N=1 + distill", "N=3",
                                              "N=3 teacher (ensemble of 3)", "N=3 + distill",
                                              "N=3 + distill + fusion"}));
   for (const auto& r : rows) {
@@ -96,6 +108,27 @@ TEST(Ablation, OneTeacherIsThePlainModelOfTheSameSeed) {
   EXPECT_EQ(tasks[2].after, std::vector<std::string>{"n3_s0"});
 }
 
+// Without stochastic depth in the base config, or with the row switched off,
+// there is no separate row for it.
+TEST(Ablation, NoStochasticDepthRowOnlyWhenTheBaseHasIt) {
+  train::AblationGrid g;
+  g.branches = {1};
+  g.seeds = 1;
+  g.distill = false;
+  auto names = [](const std::vector<train::AblationTask>& tasks) {
+    std::vector<std::string> n;
+    for (const auto& t : tasks) n.push_back(t.name);
+    return n;
+  };
+  EXPECT_EQ(names(train::plan_ablation(g, kBase, "/abl", "test")), (std::vector<std::string>{"n1_nosd_s0", "n1_s0"}));
+  json no_sd = kBase;
+  no_sd["model"]["drop_path"] = 0.0;
+  EXPECT_EQ(names(train::plan_ablation(g, no_sd, "/abl", "test")), std::vector<std::string>{"n1_s0"});
+  g = train::parse_ablation_grid(json{{"branches", {1}}, {"seeds", 1}, {"distill", false}, {"no_stochastic_depth", false}},
+                                 "abl.toml");
+  EXPECT_EQ(names(train::plan_ablation(g, kBase, "/abl", "test")), std::vector<std::string>{"n1_s0"});
+}
+
 TEST(Ablation, BadGridsAreErrorsNamingTheKey) {
   test::expect_error([] { train::parse_ablation_grid(json{{"teachers", 0}}, "abl.toml"); },
                      {"abl.toml", "ablation.teachers", ">= 1"});
@@ -103,6 +136,8 @@ TEST(Ablation, BadGridsAreErrorsNamingTheKey) {
                      {"abl.toml", "ablation.branches", "non-empty"});
   test::expect_error([] { train::parse_ablation_grid(json{{"teacher", 2}}, "abl.toml"); },
                      {"abl.toml", "ablation.teacher", "not a key", "teachers"});
+  test::expect_error([] { train::parse_ablation_grid(json{{"no_stochastic_depth", 1}}, "abl.toml"); },
+                     {"abl.toml", "ablation.no_stochastic_depth", "true or false"});
   const json vit = {{"model", {{"preset", "vit-tiny"}}}};
   test::expect_error([&] { train::plan_ablation(train::AblationGrid{}, vit, "/abl", "abl.toml"); },
                      {"abl.toml", "ResNeSt", "model.family = vit"});

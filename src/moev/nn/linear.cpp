@@ -166,6 +166,15 @@ constexpr int64_t kMaxSlices = 16;
 // copies of dW are summed at the end.
 constexpr int64_t kPartialFloats = int64_t{1} << 18;
 
+// into[j] += from[s * stride + j] for s = 0 .. count - 1 in that order, j < n,
+// on all threads: slices' partial sums added in a fixed order.
+void add_slices(float* into, const float* from, int64_t count, int64_t stride, int64_t n) {
+  if (count > 0)
+    at::parallel_for(0, n, 4096, [&](int64_t j0, int64_t j1) {
+      for (int64_t s = 0; s < count; ++s) add_to(from + s * stride + j0, into + j0, j1 - j0);
+    });
+}
+
 // dW[O, I] = dy[M, O]^T x2[M, I] on packed_gemm_tn and, when db is given,
 // *db = the column sums of dy (a bias gradient, read while dy's rows are in
 // cache). The work is cut into slices of the M rows times column panels of
@@ -200,14 +209,10 @@ at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x2, at::Tensor* d
       if (db && p == 0) column_sums(gp + m0 * O, m1 - m0, O, sp + s * O);
     }
   });
-  if (slices > 1)
-    at::parallel_for(0, O * I, 4096, [&](int64_t j0, int64_t j1) {
-      for (int64_t s = 1; s < slices; ++s) add_to(pp + (s - 1) * O * I + j0, wp + j0, j1 - j0);
-    });
+  add_slices(wp, pp, slices - 1, O * I, O * I);
   if (db) {
-    *db = sums[0].clone();
-    float* bp = db->data_ptr<float>();
-    for (int64_t s = 1; s < slices; ++s) add_to(sp + s * O, bp, O);
+    add_slices(sp, sp + O, slices - 1, O, O);
+    *db = sums[0];
   }
   return dw;
 }
@@ -267,10 +272,7 @@ torch::autograd::variable_list mlp_backward_fused(const at::Tensor& dy, const at
                           dxp ? dxp + m0 * D : nullptr, {a, a + 2 * H * D, a + H * D, a + 2 * H * D + H, true});
     }
   });
-  if (slices > 1)
-    at::parallel_for(0, acc, 4096, [&](int64_t j0, int64_t j1) {
-      for (int64_t s = 1; s < slices; ++s) add_to(pp + s * acc + j0, pp + j0, j1 - j0);
-    });
+  add_slices(pp, pp + acc, slices - 1, acc, acc);
   auto sum = part[0];
   return {dx, sum.narrow(0, 0, H * D).view({H, D}), sum.narrow(0, 2 * H * D, H),
           sum.narrow(0, H * D, D * H).view({D, H}), sum.narrow(0, 2 * H * D + H, D)};

@@ -39,11 +39,12 @@ AblationGrid parse_ablation_grid(const json& s, const std::string& source) {
       MOEV_CHECK(it->is_number_integer() && it->get<int64_t>() >= 1, source,
                  ": ablation.teachers: expected an integer >= 1 (models in each distillation teacher)");
       g.teachers = it->get<int64_t>();
-    } else if (k == "distill" || k == "fusion") {
+    } else if (k == "distill" || k == "fusion" || k == "no_stochastic_depth") {
       MOEV_CHECK(it->is_boolean(), source, ": ablation.", k, ": expected true or false");
-      (k == "distill" ? g.distill : g.fusion) = it->get<bool>();
+      (k == "distill" ? g.distill : k == "fusion" ? g.fusion : g.no_stochastic_depth) = it->get<bool>();
     } else {
-      fail(source, ": ablation.", k, " is not a key (branches, no_diversity, seeds, distill, fusion, teachers)");
+      fail(source, ": ablation.", k,
+           " is not a key (branches, no_diversity, seeds, distill, fusion, teachers, no_stochastic_depth)");
     }
   }
   for (auto n : g.branches) MOEV_CHECK(n >= 1, source, ": ablation.branches: ", n, ": expected >= 1 branch");
@@ -78,6 +79,12 @@ std::vector<AblationTask> plan_ablation(const AblationGrid& g, const json& base,
       };
       auto plain = make("", "", true, false);
       models::validate(plain.cfg.model);
+      if (n == 1 && g.no_stochastic_depth && plain.cfg.model.drop_path > 0) {
+        auto nosd = make("_nosd", " w/o stochastic depth", true, false);
+        nosd.stochastic_depth = false;
+        nosd.cfg.model.drop_path = 0;
+        tasks.push_back(nosd);
+      }
       tasks.push_back(plain);
       if (n > 1 && std::count(g.no_diversity.begin(), g.no_diversity.end(), n))
         tasks.push_back(make("_nodiv", " w/o diversity", false, false));
@@ -118,8 +125,10 @@ std::vector<AblationTask> plan_ablation(const AblationGrid& g, const json& base,
 }
 
 namespace {
-// Table 1's order within an N: plain, w/o diversity, the teacher, distill, distill + fusion.
+// Table 1's order within an N: w/o stochastic depth, plain, w/o diversity,
+// the teacher, distill, distill + fusion.
 int row_kind(const AblationRow& r) {
+  if (!r.stochastic_depth) return -1;
   return r.fusion ? 4 : r.distill ? 3 : r.teacher ? 2 : (!r.diversity && r.branches > 1) ? 1 : 0;
 }
 }  // namespace
@@ -142,6 +151,7 @@ std::vector<AblationRow> summarise_ablation(const std::vector<AblationTask>& tas
       r.distill = t.distill;
       r.fusion = t.fusion;
       r.teacher = t.teacher;
+      r.stochastic_depth = t.stochastic_depth;
       rows.push_back(r);
     }
     auto& r = rows[at[t.row]];

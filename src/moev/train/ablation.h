@@ -1,6 +1,8 @@
 // `moev ablation`: the structure of Sun et al.'s Table 1 at small scale. Rows
 // N = 1, 3, 5 expert branches; for each N the plain model (with the diversity
-// loss when N > 1), without the diversity loss (for the N listed), with
+// loss when N > 1), for N = 1 also the backbone without stochastic depth (the
+// paper's MoE-RS-50 against MoE-RS-SD-50: stochastic depth is part of its
+// recipe), without the diversity loss (for the N listed), with
 // distillation from the plain model of the same N and seed as the teacher, and
 // for N > 1 with the fusion layer trained on the distilled model. With
 // `teachers` = M > 1 the teacher is an ensemble: the plain model and M - 1 more
@@ -28,10 +30,11 @@ struct AblationGrid {
   bool distill = true;                           // rows with distillation
   bool fusion = true;                            // rows with fusion (N > 1)
   int64_t teachers = 1;                          // models in each distillation teacher (> 1: an ensemble)
+  bool no_stochastic_depth = true;               // N = 1 also without stochastic depth (Table 1's first row)
 };
 
 // The [ablation] section of a config file (branches, no_diversity, seeds,
-// distill, fusion, teachers); unknown keys and bad values are errors naming `source`.
+// distill, fusion, teachers, no_stochastic_depth); unknown keys and bad values are errors naming `source`.
 AblationGrid parse_ablation_grid(const nlohmann::json& section, const std::string& source);
 
 struct AblationTask {
@@ -41,7 +44,7 @@ struct AblationTask {
   std::string name;   // run directory under the ablation's, e.g. n3_distill_s0
   std::string row;    // table row, e.g. "N=3 + distill"; "" for a teacher member, not reported
   int64_t branches = 1;
-  bool diversity = true, distill = false, fusion = false, teacher = false;
+  bool diversity = true, distill = false, fusion = false, teacher = false, stochastic_depth = true;
   uint64_t seed = 0;
   std::vector<std::string> after;  // the tasks that must finish first (teachers, model to fuse)
   io::RunConfig cfg;  // kTrain: the run (out_dir set); otherwise out_dir is the task's directory
@@ -56,7 +59,7 @@ std::vector<AblationTask> plan_ablation(const AblationGrid& grid, const nlohmann
 struct AblationRow {
   std::string row;
   int64_t branches = 1;
-  bool diversity = true, distill = false, fusion = false, teacher = false;
+  bool diversity = true, distill = false, fusion = false, teacher = false, stochastic_depth = true;
   std::vector<double> top1;       // per seed
   double mean = 0, spread = 0;    // mean and sample standard deviation of top1
   double seconds = 0;             // mean training seconds per seed (fusion: of the fusion step)
