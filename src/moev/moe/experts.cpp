@@ -145,25 +145,18 @@ class GroupedGemm {
     }
     const float *ap = a.data_ptr<float>(), *gp = g.data_ptr<float>();
     float *gwp = gw.data_ptr<float>(), *gbp = gb.data_ptr<float>();
-    // Each expert's gradient is one GEMM over its rows; the threads take runs of
-    // whole experts holding about equal numbers of rows.
-    const auto bounds = balanced_expert_runs();
-    at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t e = bounds[t0]; e < bounds[t1]; ++e) {
-        const int64_t r0 = offsets_[e], n = offsets_[e + 1] - r0;
-        if (n == 0) continue;
-        const float* ge = gp + r0 * O;
-        nn::gemm_tn(int(I), int(O), int(n), ap + r0 * I, int(I), ge, int(O), gwp + e * I * O, int(O), 1.0f, 0.0f);
-        nn::column_sums(ge, n, O, gbp + e * O);
-      }
+    // Each expert's gradient is one GEMM over its rows.
+    parallel_whole_experts([&](int64_t e, int64_t r0, int64_t n) {
+      const float* ge = gp + r0 * O;
+      nn::gemm_tn(int(I), int(O), int(n), ap + r0 * I, int(I), ge, int(O), gwp + e * I * O, int(O), 1.0f, 0.0f);
+      nn::column_sums(ge, n, O, gbp + e * O);
     });
   }
 
   // The FFN's backward (fuses_epilogues() only) per expert on
   // nn::packed_ffn_backward, given dy [R, D], the forward's x [R, D], act and
   // d = GELU'(hpre) [R, H]; w1 [E, D, H], w2 [E, H, D]. Writes gx (placed rows;
-  // undefined: not wanted) and the four gradients. One thread per expert, runs
-  // of experts as weight_grads.
+  // undefined: not wanted) and the four gradients.
   void ffn_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& act, const at::Tensor& d,
                     const at::Tensor& w1, const at::Tensor& w2, at::Tensor& gx, at::Tensor& gw1, at::Tensor& gb1,
                     at::Tensor& gw2, at::Tensor& gb2) const {
@@ -178,24 +171,30 @@ class GroupedGemm {
     float *pp = packed.data_ptr<float>(), *gxp = gx.defined() ? gx.data_ptr<float>() : nullptr;
     float *gw1p = gw1.data_ptr<float>(), *gb1p = gb1.data_ptr<float>();
     float *gw2p = gw2.data_ptr<float>(), *gb2p = gb2.data_ptr<float>();
-    const auto bounds = balanced_expert_runs();
-    at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t e = bounds[t0]; e < bounds[t1]; ++e) {
-        const int64_t r0 = offsets_[e], n = offsets_[e + 1] - r0;
-        if (n == 0) continue;
-        // W2^T [D, H] and W1^T [H, D] of w2[e] [H, D] and w1[e] [D, H].
-        float *w2t = pp + e * (P2 + P1), *w1t = w2t + P2;
-        nn::pack_weight(w2p + e * H * D, D, H, 1, D, w2t);
-        nn::pack_weight(w1p + e * D * H, H, D, 1, H, w1t);
-        nn::packed_ffn_backward(n, D, H, gyp + r0 * D, xp + r0 * D, D, ap + r0 * H, dp + r0 * H, w2t, w1t,
-                                gxp ? gxp + r0 * D : nullptr,
-                                {gw1p + e * D * H, gb1p + e * H, gw2p + e * H * D, gb2p + e * D, false});
-      }
+    parallel_whole_experts([&](int64_t e, int64_t r0, int64_t n) {
+      // W2^T [D, H] and W1^T [H, D] of w2[e] [H, D] and w1[e] [D, H].
+      float *w2t = pp + e * (P2 + P1), *w1t = w2t + P2;
+      nn::pack_weight(w2p + e * H * D, D, H, 1, D, w2t);
+      nn::pack_weight(w1p + e * D * H, H, D, 1, H, w1t);
+      nn::packed_ffn_backward(n, D, H, gyp + r0 * D, xp + r0 * D, D, ap + r0 * H, dp + r0 * H, w2t, w1t,
+                              gxp ? gxp + r0 * D : nullptr,
+                              {gw1p + e * D * H, gb1p + e * H, gw2p + e * H * D, gb2p + e * D, false});
     });
   }
 
  private:
   int64_t num_experts() const { return static_cast<int64_t>(offsets_.size()) - 1; }
+  // f(e, r0, n) for every expert e with n > 0 rows from r0, each expert on one
+  // thread (its gradients are then sums in row order, whatever the threads),
+  // the threads taking runs of whole experts of about equal numbers of rows.
+  template <typename F>
+  void parallel_whole_experts(const F& f) const {
+    const auto bounds = balanced_expert_runs();
+    at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t e = bounds[t0]; e < bounds[t1]; ++e)
+        if (offsets_[e + 1] > offsets_[e]) f(e, offsets_[e], offsets_[e + 1] - offsets_[e]);
+    });
+  }
   // Expert boundaries b[0] = 0 < ... < b[T] = E cutting the placed rows into T
   // runs of about equal size, one per thread.
   std::vector<int64_t> balanced_expert_runs() const {
