@@ -348,13 +348,17 @@ struct DepthwiseConv : public torch::autograd::Function<DepthwiseConv> {
   }
 };
 
+void check_shapes(const char* fn, const at::Tensor& x, const at::Tensor& weight) {
+  MOEV_CHECK(x.dim() == 4 && weight.dim() == 4 && weight.size(0) == x.size(3) && weight.size(1) == 1 &&
+                 weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
+             fn, ": expected x [B, H, W, C] and weight [C, 1, k, k] with odd k, got ", x.sizes(), " and ",
+             weight.sizes());
+}
+
 }  // namespace
 
 at::Tensor depthwise_conv_nhwc(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  MOEV_CHECK(x.dim() == 4 && weight.dim() == 4 && weight.size(0) == x.size(3) && weight.size(1) == 1 &&
-                 weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
-             "depthwise_conv_nhwc: expected x [B, H, W, C] and weight [C, 1, k, k] with odd k, got ",
-             x.sizes(), " and ", weight.sizes());
+  check_shapes("depthwise_conv_nhwc", x, weight);
   const int64_t C = x.size(3), k = weight.size(2);
   auto b = bias.defined() ? bias : torch::zeros({C}, x.options());
   if (x.device().is_cpu() && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
@@ -377,10 +381,7 @@ at::Tensor depthwise_conv_layer_norm_nhwc(const at::Tensor& x, const at::Tensor&
                      ln_bias.scalar_type() == at::kFloat && ln_weight.numel() == x.size(3) &&
                      ln_bias.numel() == x.size(3);
   if (!fused) return layer_norm(depthwise_conv_nhwc(x, weight, bias), ln_weight, ln_bias, eps);
-  MOEV_CHECK(weight.dim() == 4 && weight.size(0) == x.size(3) && weight.size(1) == 1 &&
-                 weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
-             "depthwise_conv_layer_norm_nhwc: expected x [B, H, W, C] and weight [C, 1, k, k] with odd k, got ",
-             x.sizes(), " and ", weight.sizes());
+  check_shapes("depthwise_conv_layer_norm_nhwc", x, weight);
   const auto xc = x.contiguous(), lw = ln_weight.contiguous(), lb = ln_bias.contiguous();
   const auto b = bias.defined() ? bias.contiguous() : torch::zeros({x.size(3)}, x.options());
   const detail::RowNorm norm{lw.data_ptr<float>(), lb.data_ptr<float>(), static_cast<float>(eps)};
