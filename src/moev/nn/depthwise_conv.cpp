@@ -339,8 +339,7 @@ struct DepthwiseConv : public torch::autograd::Function<DepthwiseConv> {
                                       s.B * (q + 1) / parts);
       }
     });
-    for (int64_t q = 1; q < parts; ++q)
-      for (int64_t i = 0; i < per; ++i) partial[i] += partial[q * per + i];
+    for (int64_t q = 1; q < parts; ++q) add_to(partial.data() + q * per, partial.data(), per);
     auto sums = torch::from_blob(partial.data(), {per}, torch::kFloat).clone();
     auto gw = sums.narrow(0, 0, s.k * s.k * s.C).view({s.k * s.k, s.C}).t().reshape(weight.sizes());
     auto gb = sums.narrow(0, s.k * s.k * s.C, s.C);

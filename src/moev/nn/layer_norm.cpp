@@ -158,8 +158,7 @@ struct LayerNormFn : public torch::autograd::Function<LayerNormFn> {
       auto sum = at::zeros({2, D}, x2.options());
       float* s = sum.data_ptr<float>();
       const float* p = partial.data_ptr<float>();
-      for (int64_t c = 0; c < chunks; ++c)
-        for (int64_t j = 0; j < 2 * D; ++j) s[j] += p[c * 2 * D + j];
+      for (int64_t c = 0; c < chunks; ++c) add_to(p + c * 2 * D, s, 2 * D);
       dw = sum[0];
       db = sum[1];
     }

@@ -241,7 +241,8 @@ MOEV_AVX512 void pack_rows(const float* A, int64_t lda, int64_t m, int64_t I, fl
   }
 }
 
-// The per-thread buffer of packed A rows and FFN hidden rows: grown once,
+// The per-thread buffers (0: packed A rows, 1: FFN hidden rows, 2:
+// packed_gemm_tn's last panel, 3: the FFN backward's d act rows): grown once,
 // never freed, so steady-state calls allocate nothing.
 std::vector<float>& scratch(int which) {
   thread_local std::vector<float> buf[4];
