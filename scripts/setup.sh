@@ -11,7 +11,7 @@ PKGS=(build-essential cmake ccache pkg-config git
       libgtest-dev libgmock-dev libbenchmark-dev
       nlohmann-json3-dev libtomlplusplus-dev libcli11-dev
       libstb-dev zlib1g-dev libgoogle-perftools-dev
-      python3-torch)  # the Python side: checkpoint-compatibility test, bench reference
+      python3-torch python3-torchvision)  # the Python side: checkpoint-compatibility test, bench reference, AutoAugment reference
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -201,10 +201,15 @@ TEST(Loader, RandomErasingOneRectangleAtTheMeanLeavingCropsAndFlipsAlone) {
   int64_t changed = 0, total = 0;
   for (size_t bi = 0; bi < plain.size(); ++bi) {
     ASSERT_TRUE(torch::equal(plain[bi].y, erased[bi].y));
-    EXPECT_TRUE(torch::equal(plain[bi].aug, erased[bi].aug));
     for (int64_t i = 0; i < plain[bi].x.size(0); ++i, ++total) {
+      // An erased image has no crop/flip id (a teacher must not cache it); the others keep theirs.
+      const int64_t id = erased[bi].aug[i].item<int64_t>();
+      if (id >= 0) {
+        EXPECT_EQ(id, plain[bi].aug[i].item<int64_t>());
+      }
       const auto diff = (plain[bi].x[i] != erased[bi].x[i]);  // [C, H, W]
       if (!diff.any().item<bool>()) continue;
+      EXPECT_EQ(id, -1);
       ++changed;
       // The erased pixels are 0, and form one rectangle shared by the channels.
       const auto any_c = diff.any(0);  // [H, W]
@@ -235,6 +240,48 @@ TEST(Loader, RandomErasingOneRectangleAtTheMeanLeavingCropsAndFlipsAlone) {
 
   o.random_erase = 1.5;
   expect_error([&] { BatchLoader(set, o, 0); }, {"random_erase 1.5", "[0, 1]"});
+}
+
+// AutoAugment after the crop and flip: with the policy off the batches are
+// those of the plain loader; with it on, an image whose id is kept (no step
+// ran) is exactly the plain one, about the policy's share of images gets id
+// -1, the crops and flips underneath are unchanged (the policy draws from
+// streams of its own), and a rank's share of a batch is augmented as in the
+// whole batch.
+TEST(Loader, AutoAugmentAfterCropAndFlipWithItsOwnDraws) {
+  const ImageSet set = numbered_set(300, 1, 12, 12);
+  LoaderOptions o = small(30, /*augment=*/true);
+  o.crop_padding = 1;
+  const auto plain = run(set, o, 2);
+  o.auto_augment = AutoAugmentPolicy::kImageNet;
+  const auto aa = run(set, o, 2);
+  const auto again = run(set, o, 2);
+  ASSERT_EQ(plain.size(), aa.size());
+  int64_t keyless = 0, total = 0;
+  for (size_t bi = 0; bi < plain.size(); ++bi) {
+    ASSERT_TRUE(torch::equal(plain[bi].y, aa[bi].y));
+    EXPECT_TRUE(torch::equal(aa[bi].x, again[bi].x));
+    for (int64_t i = 0; i < aa[bi].x.size(0); ++i, ++total) {
+      const int64_t id = aa[bi].aug[i].item<int64_t>();
+      if (id < 0) {
+        ++keyless;
+        continue;
+      }
+      EXPECT_EQ(id, plain[bi].aug[i].item<int64_t>());
+      EXPECT_TRUE(torch::equal(aa[bi].x[i], plain[bi].x[i]));
+    }
+  }
+  EXPECT_GT(keyless, total * 65 / 100);
+  EXPECT_LT(keyless, total * 95 / 100);
+
+  LoaderOptions part = o;
+  part.rows_begin = 5;
+  part.rows_end = 20;
+  const auto share = run(set, part, 2);
+  for (size_t bi = 0; bi < share.size(); ++bi) {
+    EXPECT_TRUE(torch::equal(share[bi].x, aa[bi].x.slice(0, 5, 20)));
+    EXPECT_TRUE(torch::equal(share[bi].aug, aa[bi].aug.slice(0, 5, 20)));
+  }
 }
 
 TEST(Loader, DestroyedMidEpochDoesNotHang) {

@@ -77,6 +77,44 @@ TEST(MultiBranch, TeacherOnMixRunsOnEveryBlendAndCachesTheRest) {
   EXPECT_EQ(t.images_run(), 80);
 }
 
+// Images AutoAugment or erasing changed come with aug = -1: the teacher runs
+// on each of them every time (their probabilities are of the image given) and
+// caches only the keyed rows. A student with AutoAugment and erasing trains
+// against a teacher (erasing was refused while every image had a key).
+TEST(MultiBranch, TeacherRunsOnEveryImageWithoutAKey) {
+  test::TempDir dir;
+  train::train_model(toy(dir.file("teacher"), 2), {});
+  const auto ckpt = dir.file("teacher") + "/checkpoint.pt";
+  auto loaded = train::load_trained(ckpt, c10::Device(c10::kCPU));
+  train::Teacher t({ckpt}, loaded.cfg.model, loaded.cfg.data.mean, loaded.cfg.data.std);
+  torch::manual_seed(4);
+  const auto x = torch::randn({20, 1, 28, 28});
+  const auto index = torch::arange(20, torch::kInt64);
+  auto aug = torch::zeros({20}, torch::kInt64);
+  aug.slice(0, 0, 8).fill_(-1);
+  const auto first = t.probs(x, index, aug, 1);
+  EXPECT_EQ(t.images_run(), 20);
+  const auto x2 = torch::randn({20, 1, 28, 28});  // other pixels under the same keys
+  const auto second = t.probs(x2, index, aug, 1);
+  EXPECT_EQ(t.images_run(), 28);  // only the 8 keyless rows ran again
+  const auto fresh = t.probs_uncached(x2);
+  EXPECT_TRUE(torch::allclose(second.slice(0, 0, 8), fresh.slice(0, 0, 8), 1e-5, 1e-6));
+  EXPECT_TRUE(torch::equal(second.slice(0, 8), first.slice(0, 8)));  // cached
+  EXPECT_FALSE(torch::allclose(second.slice(0, 0, 8), first.slice(0, 0, 8), 1e-3, 1e-3));
+
+  auto s = toy(dir.file("student"), 2);
+  s.train.teacher = {ckpt};
+  s.train.epochs = 2;
+  s.data.auto_augment = "imagenet";
+  s.data.random_erase = 0.25;
+  const auto r = train::train_model(s, {});
+  EXPECT_TRUE(r.finished);
+  EXPECT_GT(r.teacher_images, 0);
+  s.data.auto_augment = "randaugment";
+  s.train.out_dir = dir.file("bad");
+  test::expect_error([&] { train::train_model(s, {}); }, {"data.auto_augment", "randaugment"});
+}
+
 TEST(MultiBranch, TeacherEnsembleAveragesItsMembersProbabilities) {
   test::TempDir dir;
   train::train_model(toy(dir.file("a"), 2), {});

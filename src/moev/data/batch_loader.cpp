@@ -12,16 +12,10 @@
 #include <random>
 
 #include "moev/core/error.h"
+#include "moev/data/random.h"
 
 namespace moev::data {
 namespace {
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
 
 uint64_t epoch_key(uint64_t seed, int64_t epoch) {
   return splitmix64(splitmix64(seed) ^ static_cast<uint64_t>(epoch));
@@ -33,14 +27,6 @@ uint64_t batch_seed(uint64_t key, int64_t batch) {
   return splitmix64(splitmix64(key ^ 0x6261746368ULL) + static_cast<uint64_t>(batch));
 }
 
-// Uniform in [0, n) by multiply-high (Lemire); the bias, n / 2^64, is negligible.
-uint64_t below(std::mt19937_64& rng, uint64_t n) {
-  return static_cast<uint64_t>((static_cast<unsigned __int128>(rng()) * n) >> 64);
-}
-
-// Uniform in [0, 1).
-double unit(std::mt19937_64& rng) { return static_cast<double>(rng() >> 11) * 0x1.0p-53; }
-
 // Random erasing (Zhong et al. 2017, as timm applies it): with probability p,
 // one rectangle of 2% to 1/3 of the image, aspect ratio log-uniform in
 // [0.3, 3.3], at a uniform position, set to 0 in normalised units (the
@@ -50,13 +36,13 @@ struct Erasure {
   int64_t top = 0, left = 0, h = 0, w = 0;  // h = 0: nothing erased
 };
 Erasure draw_erasure(std::mt19937_64& rng, double p, int64_t height, int64_t width) {
-  const bool erase = unit(rng) < p;
+  const bool erase = uniform_unit(rng) < p;
   const double area = static_cast<double>(height * width);
   Erasure e;
   for (int attempt = 0; attempt < 10; ++attempt) {
-    const double target = area * (0.02 + unit(rng) * (1.0 / 3.0 - 0.02));
-    const double ratio = std::exp(std::log(0.3) + unit(rng) * (std::log(3.3) - std::log(0.3)));
-    const double u = unit(rng), v = unit(rng);
+    const double target = area * (0.02 + uniform_unit(rng) * (1.0 / 3.0 - 0.02));
+    const double ratio = std::exp(std::log(0.3) + uniform_unit(rng) * (std::log(3.3) - std::log(0.3)));
+    const double u = uniform_unit(rng), v = uniform_unit(rng);
     const int64_t h = static_cast<int64_t>(std::lround(std::sqrt(target * ratio)));
     const int64_t w = static_cast<int64_t>(std::lround(std::sqrt(target / ratio)));
     if (!erase || e.h > 0 || h < 1 || w < 1 || h >= height || w >= width) continue;
@@ -140,7 +126,7 @@ BatchLoader::BatchLoader(const ImageSet& set, LoaderOptions options, int64_t epo
   if (options_.shuffle) {
     std::mt19937_64 rng(order_seed(epoch_key(options_.seed, epoch_)));
     for (int64_t i = n - 1; i > 0; --i) {
-      std::swap(order_[i], order_[below(rng, static_cast<uint64_t>(i + 1))]);
+      std::swap(order_[i], order_[uniform_below(rng, static_cast<uint64_t>(i + 1))]);
     }
   }
   thread_ = std::thread([this] { produce(); });
@@ -219,6 +205,8 @@ Batch BatchLoader::make_batch(int64_t index) const {
   // Erasing draws from a stream of its own: switching it on leaves every
   // image's crop and flip as they were.
   std::mt19937_64 erase_rng(splitmix64(batch_seed(epoch_key(options_.seed, epoch_), index) ^ 0x6572617365ULL));
+  const uint64_t aa_key = splitmix64(batch_seed(epoch_key(options_.seed, epoch_), index) ^ 0x6175746f6161ULL);
+  std::vector<uint8_t> crop(static_cast<size_t>(channels * plane)), scratch;
   const int64_t pad = options_.crop_padding;
   for (int64_t i = 0; i < count; ++i) {
     if (!options_.augment && (i < lo || i >= hi)) continue;
@@ -237,33 +225,44 @@ Batch BatchLoader::make_batch(int64_t index) const {
       continue;
     }
     // Always three draws per example, so the stream layout does not depend on options.
-    const int64_t dy = static_cast<int64_t>(below(rng, 2 * pad + 1)) - pad;
-    const int64_t dx = static_cast<int64_t>(below(rng, 2 * pad + 1)) - pad;
+    const int64_t dy = static_cast<int64_t>(uniform_below(rng, 2 * pad + 1)) - pad;
+    const int64_t dx = static_cast<int64_t>(uniform_below(rng, 2 * pad + 1)) - pad;
     const bool flip = (rng() >> 63) != 0 && options_.hflip;
     const Erasure erasure =
         options_.random_erase > 0 ? draw_erasure(erase_rng, options_.random_erase, height, width) : Erasure{};
     if (i < lo || i >= hi) continue;
-    aug[i - lo] = ((dy + pad) * (2 * pad + 1) + (dx + pad)) * 2 + (flip ? 1 : 0);
     // out(y, x) = in(y + dy, x' + dx) with x' = W-1-x when flipped (crop, then
     // flip, as torchvision orders them); outside the image the pixel is a
-    // padded 0, normalised like any other pixel value.
+    // padded 0. AutoAugment then works on these pixels, as on PIL images after
+    // the crop in timm's pipeline, drawing from a stream of the row's own.
+    uint8_t* px = crop.data();
     for (int64_t c = 0; c < channels; ++c) {
-      const float* lut = lut_.data() + c * 256;
       const uint8_t* in = src + c * plane;
-      float* out = dst + c * plane;
       for (int64_t oy = 0; oy < height; ++oy) {
         const int64_t sy = oy + dy;
-        float* row = out + oy * width;
+        uint8_t* row = px + c * plane + oy * width;
         if (sy < 0 || sy >= height) {
-          std::fill(row, row + width, lut[0]);
+          std::fill(row, row + width, uint8_t{0});
           continue;
         }
         const uint8_t* in_row = in + sy * width;
         for (int64_t ox = 0; ox < width; ++ox) {
           const int64_t sx = (flip ? width - 1 - ox : ox) + dx;
-          row[ox] = (sx >= 0 && sx < width) ? lut[in_row[sx]] : lut[0];
+          row[ox] = (sx >= 0 && sx < width) ? in_row[sx] : uint8_t{0};
         }
       }
+    }
+    bool policy_applied = false;
+    if (options_.auto_augment != AutoAugmentPolicy::kNone) {
+      std::mt19937_64 aa_rng(splitmix64(aa_key + static_cast<uint64_t>(i)));
+      policy_applied = auto_augment(aa_rng, px, channels, height, width, scratch);
+    }
+    // An image AutoAugment or erasing changed is not one of the finite crop/flip
+    // variants: no augmentation id names it.
+    aug[i - lo] = policy_applied || erasure.h > 0 ? -1 : ((dy + pad) * (2 * pad + 1) + (dx + pad)) * 2 + (flip ? 1 : 0);
+    for (int64_t c = 0; c < channels; ++c) {
+      const float* lut = lut_.data() + c * 256;
+      for (int64_t p = 0; p < plane; ++p) dst[c * plane + p] = lut[px[c * plane + p]];
     }
     if (erasure.h > 0) apply_erasure(erasure, dst, channels, height, width);
   }

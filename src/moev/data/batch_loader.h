@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "moev/data/auto_augment.h"
 #include "moev/data/image_set.h"
 
 namespace moev::data {
@@ -29,6 +30,7 @@ struct LoaderOptions {
   int64_t crop_padding = 4;  // random crop with zero padding: shift by up to this many pixels
   bool hflip = true;         // with augment, mirror half of the images left to right
   double random_erase = 0;   // with augment, probability an image gets one rectangle erased (Zhong et al. 2017)
+  AutoAugmentPolicy auto_augment = AutoAugmentPolicy::kNone;  // with augment, AutoAugment after the crop and flip
   std::vector<float> mean{0.2860f};  // per-channel mean of pixel/255; one value for all channels
   std::vector<float> std{0.3530f};   // per-channel std of pixel/255; one value for all channels
   int prefetch = 2;                  // batches prepared ahead by the background thread
@@ -40,7 +42,8 @@ struct Batch {
   torch::Tensor x;      // float [B, C, H, W], normalised
   torch::Tensor y;      // int64 [B]
   torch::Tensor index;  // int64 [B]: each row's example in the set
-  torch::Tensor aug;    // int64 [B]: its augmentation, 0..num_augmentations()-1 (0 without augment)
+  torch::Tensor aug;    // int64 [B]: its crop/flip variant, 0..num_augmentations()-1 (0 without augment),
+                        //   or -1 when AutoAugment or erasing changed the image (no finite id names it)
   torch::Tensor t;      // float [B, T]: multi-label targets (undefined for a single-label set)
 };
 

@@ -100,4 +100,19 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
   return out;
 }
 
+data::LoaderOptions training_loader_options(const DataConfig& data, const Datasets& ds, int64_t batch_size,
+                                            uint64_t seed) {
+  data::LoaderOptions lo;
+  lo.batch_size = batch_size;
+  lo.seed = seed;
+  lo.augment = data.augment;
+  lo.crop_padding = data.crop_padding;
+  lo.hflip = data.hflip;
+  lo.random_erase = data.random_erase;
+  lo.auto_augment = data::parse_auto_augment(data.auto_augment, "data.auto_augment");
+  lo.mean = ds.mean;
+  lo.std = ds.std;
+  return lo;
+}
+
 }  // namespace moev::train

@@ -4,6 +4,7 @@
 
 #include <vector>
 
+#include "moev/data/batch_loader.h"
 #include "moev/data/image_set.h"
 #include "moev/models/model_config.h"
 #include "moev/train/train_config.h"
@@ -17,5 +18,10 @@ struct Datasets {
 
 // Test set only when train == false (eval/predict).
 Datasets open_datasets(const DataConfig& data, const models::ModelConfig& model, bool load_train);
+
+// How training batches of `ds` are made as `data` asks (crop, flip, erasing,
+// AutoAugment, normalisation); a bad data.auto_augment is an error naming it.
+data::LoaderOptions training_loader_options(const DataConfig& data, const Datasets& ds, int64_t batch_size,
+                                            uint64_t seed);
 
 }  // namespace moev::train

@@ -53,15 +53,8 @@ FusionOutcome train_fusion(const std::string& path, const std::string& out_path,
   const c10::Device cpu(c10::kCPU);
   if (o.evaluate) res.mean_of_logits = evaluate(*model, ds.test, ds.mean, ds.std, 256, cpu);
 
-  data::LoaderOptions lo;
-  lo.batch_size = std::min(o.batch_size, ds.train.size());
-  lo.seed = cfg.train.seed;
-  lo.augment = cfg.data.augment;
-  lo.crop_padding = cfg.data.crop_padding;
-  lo.hflip = cfg.data.hflip;
-  lo.random_erase = cfg.data.random_erase;
-  lo.mean = ds.mean;
-  lo.std = ds.std;
+  const data::LoaderOptions lo =
+      training_loader_options(cfg.data, ds, std::min(o.batch_size, ds.train.size()), cfg.train.seed);
   const int64_t per_epoch = ds.train.size() / lo.batch_size, total = per_epoch * o.epochs;
   viz::ProgressBar bar(o.progress, total, "fusion", "step", o.interactive);
   auto ce = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(o.label_smoothing);

@@ -68,14 +68,18 @@ at::Tensor Teacher::probs(const at::Tensor& x, const at::Tensor& index, const at
   const auto idx = index.contiguous(), ag = aug.contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
   const int64_t* ap = ag.data_ptr<int64_t>();
-  std::vector<int64_t> missing;
+  // Rows with aug < 0 (AutoAugment, erasing) have no key: they run every time.
+  std::vector<int64_t> missing, fresh(static_cast<size_t>(B), -1);  // fresh: row in p, or -1
   for (int64_t i = 0; i < B; ++i)
-    if (!rows_.count(ip[i] * n_aug + ap[i])) missing.push_back(i);
+    if (ap[i] < 0 || !rows_.count(ip[i] * n_aug + ap[i])) missing.push_back(i);
+  at::Tensor p;
   if (!missing.empty()) {
     auto rows = torch::tensor(missing, torch::kInt64);
-    auto p = forward_chunks(x.index_select(0, rows).to(torch::kCPU));
+    p = forward_chunks(x.index_select(0, rows).to(torch::kCPU));
     const float* pp = p.data_ptr<float>();
     for (size_t j = 0; j < missing.size(); ++j) {
+      fresh[missing[j]] = static_cast<int64_t>(j);
+      if (ap[missing[j]] < 0) continue;
       const int64_t key = ip[missing[j]] * n_aug + ap[missing[j]];
       if (rows_.count(key)) continue;  // the same image twice in one batch
       rows_[key] = static_cast<int64_t>(probs_.size()) / classes_;
@@ -85,7 +89,8 @@ at::Tensor Teacher::probs(const at::Tensor& x, const at::Tensor& index, const at
   auto out = torch::empty({B, classes_}, torch::kFloat);
   float* op = out.data_ptr<float>();
   for (int64_t i = 0; i < B; ++i) {
-    const float* src = probs_.data() + rows_.at(ip[i] * n_aug + ap[i]) * classes_;
+    const float* src = ap[i] < 0 ? p.data_ptr<float>() + fresh[i] * classes_
+                                 : probs_.data() + rows_.at(ip[i] * n_aug + ap[i]) * classes_;
     std::copy(src, src + classes_, op + i * classes_);
   }
   return out.to(x.device());

@@ -4,8 +4,9 @@
 // runs once per image and augmentation: its probabilities are cached under
 // (example index, augmentation id) from the loader, so with the 50 crop/flip
 // variants of a 28 px image and a few hundred epochs it stops running after
-// the first few dozen epochs. Mixed images (train.teacher_on_mix) have no key:
-// the teacher runs on each, as in Beyer et al.'s consistent teaching. Several
+// the first few dozen epochs. Mixed images (train.teacher_on_mix) and images
+// AutoAugment or erasing changed have no key: the teacher runs on each, as in
+// Beyer et al.'s consistent teaching. Several
 // checkpoints make one teacher, an ensemble whose probabilities are averaged:
 // with 50 images per class a single model is a weak teacher, and an ensemble of
 // models trained on the same images is a stronger one that saw no more data.
@@ -32,7 +33,8 @@ class Teacher {
           const std::vector<float>& student_mean, const std::vector<float>& student_std);
 
   // x: [B, C, H, W] normalised as the student's, index/aug: int64 [B] from the
-  // loader -> probabilities [B, L]; runs the teacher on the rows not cached yet.
+  // loader -> probabilities [B, L]; runs the teacher on the rows not cached yet
+  // and on every row with aug < 0 (not cached: no key names its image).
   at::Tensor probs(const at::Tensor& x, const at::Tensor& index, const at::Tensor& aug,
                    int64_t num_augmentations);
 

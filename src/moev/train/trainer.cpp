@@ -260,15 +260,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
     log.open(fs::path(tc.out_dir) / "log.jsonl", opts.resume ? std::ios::app : std::ios::trunc);
   }
 
-  data::LoaderOptions lo;
-  lo.batch_size = tc.batch_size;
-  lo.seed = tc.seed;
-  lo.augment = cfg.data.augment;
-  lo.crop_padding = cfg.data.crop_padding;
-  lo.hflip = cfg.data.hflip;
-  lo.random_erase = cfg.data.random_erase;
-  lo.mean = ds.mean;
-  lo.std = ds.std;
+  data::LoaderOptions lo = training_loader_options(cfg.data, ds, tc.batch_size, tc.seed);
   const int64_t slices_of = slice_multiple(cfg.model);
   // This rank's rows of every global batch, routing groups kept whole.
   const auto shares = split_rows(tc.batch_size, world, slices_of);
@@ -291,10 +283,6 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   // Soft targets [B, L] when anything but the label shapes them.
   const bool mixing = tc.mixup_alpha > 0 || tc.cutmix_alpha > 0;
   std::unique_ptr<Teacher> teacher;
-  // The teacher's predictions are cached per (example, crop and flip); an
-  // erased rectangle is not part of that key, so the cache would mix views.
-  MOEV_CHECK(tc.teacher.empty() || cfg.data.random_erase == 0, "data.random_erase = ", cfg.data.random_erase,
-             " with train.teacher: distillation caches the teacher per crop and flip, not per erasure; set data.random_erase = 0");
   if (!tc.teacher.empty()) teacher = std::make_unique<Teacher>(tc.teacher, cfg.model, ds.mean, ds.std);
   const bool soft = mixing || teacher || tc.cosine_loss > 0 || multilabel;
   MixOptions mix_opts;
