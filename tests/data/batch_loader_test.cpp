@@ -42,6 +42,20 @@ std::vector<int64_t> order_of(const std::vector<Batch>& batches) {
   return order;
 }
 
+// A data-parallel rank's rows [begin, end) of every batch are those rows of
+// the whole batches, augmentation ids included.
+void expect_share_as_in_whole_batch(const ImageSet& set, LoaderOptions o, int64_t epoch,
+                                    const std::vector<Batch>& whole, int64_t begin, int64_t end) {
+  o.rows_begin = begin;
+  o.rows_end = end;
+  const auto share = run(set, o, epoch);
+  ASSERT_EQ(share.size(), whole.size());
+  for (size_t bi = 0; bi < share.size(); ++bi) {
+    EXPECT_TRUE(torch::equal(share[bi].x, whole[bi].x.slice(0, begin, end)));
+    EXPECT_TRUE(torch::equal(share[bi].aug, whole[bi].aug.slice(0, begin, end)));
+  }
+}
+
 LoaderOptions small(int64_t batch_size, bool augment) {
   LoaderOptions o;
   o.batch_size = batch_size;
@@ -230,13 +244,7 @@ TEST(Loader, RandomErasingOneRectangleAtTheMeanLeavingCropsAndFlipsAlone) {
   EXPECT_GT(changed, total * 35 / 100);
   EXPECT_LT(changed, total * 60 / 100);
 
-  LoaderOptions half = o;
-  half.rows_begin = 10;
-  half.rows_end = 30;
-  const auto part = run(set, half, 3);
-  ASSERT_EQ(part.size(), erased.size());
-  for (size_t bi = 0; bi < part.size(); ++bi)
-    EXPECT_TRUE(torch::equal(part[bi].x, erased[bi].x.slice(0, 10, 30)));
+  expect_share_as_in_whole_batch(set, o, 3, erased, 10, 30);
 
   o.random_erase = 1.5;
   expect_error([&] { BatchLoader(set, o, 0); }, {"random_erase 1.5", "[0, 1]"});
@@ -274,14 +282,7 @@ TEST(Loader, AutoAugmentAfterCropAndFlipWithItsOwnDraws) {
   EXPECT_GT(keyless, total * 65 / 100);
   EXPECT_LT(keyless, total * 95 / 100);
 
-  LoaderOptions part = o;
-  part.rows_begin = 5;
-  part.rows_end = 20;
-  const auto share = run(set, part, 2);
-  for (size_t bi = 0; bi < share.size(); ++bi) {
-    EXPECT_TRUE(torch::equal(share[bi].x, aa[bi].x.slice(0, 5, 20)));
-    EXPECT_TRUE(torch::equal(share[bi].aug, aa[bi].aug.slice(0, 5, 20)));
-  }
+  expect_share_as_in_whole_batch(set, o, 2, aa, 5, 20);
 }
 
 TEST(Loader, DestroyedMidEpochDoesNotHang) {
