@@ -85,6 +85,30 @@ TEST(ResNeSt, BranchesGiveTheirOwnLogitsAndTheModelTheirMeanOrTheFusion) {
   EXPECT_EQ(m->forward(torch::randn({2, 1, 36, 36})).sizes(), (std::vector<int64_t>{2, 10}));
 }
 
+// forward_views: branch b on views[b] only. In eval mode BatchNorm uses its
+// running statistics, so each branch's logits are those of forward_branches on
+// its own view; a wrong number of views is an error.
+TEST(ResNeSt, ViewsRunEachBranchOnItsOwnImages) {
+  torch::manual_seed(0);
+  auto m = models::build_model(models::preset("resnest-mb-tiny"));
+  m->eval();
+  std::vector<at::Tensor> x;
+  for (int v = 0; v < 3; ++v) x.push_back(torch::randn({4, 1, 28, 28}));
+  torch::NoGradGuard ng;
+  const auto outs = m->forward_views(x);
+  ASSERT_EQ(outs.logits.size(), 3u);
+  for (int b = 0; b < 3; ++b) {
+    const auto own = m->forward_branches(x[b]);
+    EXPECT_TRUE(torch::allclose(outs.logits[b], own.logits[b], 1e-5, 1e-5)) << b;
+    EXPECT_TRUE(torch::allclose(outs.embeddings[b], own.embeddings[b], 1e-5, 1e-5)) << b;
+    EXPECT_FALSE(torch::allclose(outs.logits[b], m->forward_branches(x[(b + 1) % 3]).logits[b], 1e-3, 1e-3));
+  }
+  test::expect_error([&] { m->forward_views({x[0], x[1]}); }, {"2 views for 3 branches"});
+  test::expect_error([&] { m->forward_views({x[0], x[1], torch::randn({2, 1, 28, 28})}); }, {"expected one shape"});
+  auto one = models::build_model(models::preset("resnest-tiny"));
+  test::expect_error([&] { one->forward_views({x[0], x[1]}); }, {"2 views for 1 branches"});
+}
+
 TEST(ResNeSt, StochasticDepthOnlyInTraining) {
   torch::manual_seed(0);
   auto cfg = models::preset("resnest-tiny");

@@ -162,6 +162,9 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("train.teacher_on_mix", train.teacher_on_mix,
                    "distillation: the teacher runs on the mixup/cutmix image itself (uncached) rather than its parts"),
         MOEV_FIELD("train.diversity_weight", train.diversity_weight, "multi-branch: diversity loss weight"),
+        MOEV_FIELD("train.branch_views", train.branch_views,
+                   "multi-branch: each branch trains on batches of its own (images, order, crops, mixes), "
+                   "the shared trunk on all of them (needs train.diversity_weight = 0)"),
         MOEV_FIELD("train.clip_grad_norm", train.clip_grad_norm, "gradient norm clip (0: off)"),
         MOEV_FIELD("train.ema_decay", train.ema_decay,
                    "decay of a weight average (EMA) that eval, predict and distillation use (0: none; e.g. 0.999)"),

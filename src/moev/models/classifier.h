@@ -15,6 +15,8 @@
 
 #include <torch/nn/module.h>
 
+#include "moev/core/error.h"
+
 namespace moev::models {
 
 struct BranchOutputs {
@@ -36,6 +38,12 @@ class Classifier : public torch::nn::Module {
   virtual int64_t num_branches() const { return 1; }
   // images: [B, C, H, W] -> N x logits [B, L] and N x embeddings [B, F]
   virtual BranchOutputs forward_branches(const at::Tensor& images) { return {{forward(images)}, {}}; }
+  // views: N x [B, C, H, W] -> N x logits [B, L] and N x embeddings [B, F]:
+  // branch i on views[i] alone (train.branch_views), the shared trunk on all.
+  virtual BranchOutputs forward_views(const std::vector<at::Tensor>& views) {
+    MOEV_CHECK(views.size() == 1, "forward_views: ", views.size(), " views for a model of one branch");
+    return forward_branches(views[0]);
+  }
 };
 
 using ClassifierPtr = std::shared_ptr<Classifier>;

@@ -146,11 +146,22 @@ at::Tensor ResNeStImpl::trunk(const at::Tensor& images) {
   return x;
 }
 
-BranchOutputs ResNeStImpl::forward_branches(const at::Tensor& images) {
-  auto x = trunk(images);
+BranchOutputs ResNeStImpl::forward_branches(const at::Tensor& images) { return run_branches(trunk(images), 1); }
+
+BranchOutputs ResNeStImpl::forward_views(const std::vector<at::Tensor>& views) {
+  MOEV_CHECK(static_cast<int64_t>(views.size()) == cfg.branches, "forward_views: ", views.size(),
+             " views for ", cfg.branches, " branches");
+  for (const auto& v : views)
+    MOEV_CHECK(v.sizes() == views[0].sizes(), "forward_views: views of shapes ", views[0].sizes(), " and ",
+               v.sizes(), ": expected one shape");
+  return run_branches(trunk(torch::cat(views)), cfg.branches);
+}
+
+BranchOutputs ResNeStImpl::run_branches(const at::Tensor& x, int64_t parts) {
+  const auto part = x.chunk(parts);
   BranchOutputs out;
   for (int64_t b = 0; b < cfg.branches; ++b) {
-    auto h = x;
+    auto h = parts == 1 ? x : part[b];
     for (auto& blk : *branches[b]->as<torch::nn::ModuleListImpl>()) h = blk->as<ResNeStBlockImpl>()->forward(h);
     auto e = h.mean({2, 3});  // [B, F]
     // Dropout before each head in training (Sun et al.'s recipe: 0.2); the

@@ -61,6 +61,10 @@ class ResNeStImpl : public Classifier {
   int64_t num_branches() const override { return cfg.branches; }
   // images: [B, C, H, W] -> N x logits [B, L], N x embeddings [B, F] (F = dims.back())
   BranchOutputs forward_branches(const at::Tensor& images) override;
+  // views: N x [B, C, H, W] -> N x logits [B, L], N x embeddings [B, F]: the trunk
+  // runs once on all N B images (its BatchNorm sees them together), branch i on
+  // its own view's features.
+  BranchOutputs forward_views(const std::vector<at::Tensor>& views) override;
   // images: [B, C, H, W] -> embedding: [B, F] (one branch) or [B, N * F] (the fusion layer's input)
   at::Tensor embed(const at::Tensor& images) override;
   // One branch: its head; N branches: the fusion layer (what a fused model decodes with).
@@ -80,6 +84,9 @@ class ResNeStImpl : public Classifier {
 
  private:
   at::Tensor trunk(const at::Tensor& images);  // stem and shared stages
+  // features: [P B, ...] trunk output of P = 1 or N equal parts; branch i reads
+  // part i (all of it when P = 1).
+  BranchOutputs run_branches(const at::Tensor& features, int64_t parts);
 };
 
 }  // namespace moev::models

@@ -48,6 +48,7 @@ struct TrainConfig {
   double distill_lambda = 0.5;    // target = lambda * label-smoothed + (1 - lambda) * teacher probs
   bool teacher_on_mix = false;    // the teacher also runs on mixup/cutmix images (uncached), not their parts' mixed probs
   double diversity_weight = 0.2;  // multi-branch models: weight of the diversity loss (Sun et al.: 0.2)
+  bool branch_views = false;      // multi-branch: each branch trains on batches of its own (order, crops, mixes), the trunk on all
   double clip_grad_norm = 1.0;    // global gradient norm clip (0: off)
   double ema_decay = 0;           // decay of the weight average eval and checkpoints' users get (0: none; e.g. 0.999)
   uint64_t seed = 0;              // seeds init, data order, augmentation and router noise

@@ -37,6 +37,8 @@ std::string checkpoint_path(const std::string& out_dir) {
   return (fs::path(out_dir) / "checkpoint.pt").string();
 }
 
+uint64_t branch_view_seed(uint64_t seed, int64_t view) { return seed + uint64_t(view) * 0x9E3779B97F4A7C15ull; }
+
 int set_threads(int threads) {
   const int n = std::max(1, threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency()));
   at::set_num_threads(n);
@@ -360,6 +362,14 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
 
   TrainOutcome out;
   const int64_t n_branches = model->num_branches();
+  // train.branch_views: branch b trains on the batches of a loader and mix draws
+  // of its own (view 0 those of the plain run), like a separately trained model
+  // but for the trunk they share (Havasi et al. 2021's independent inputs).
+  const int64_t views = tc.branch_views ? n_branches : 1;
+  MOEV_CHECK(views == 1 || tc.diversity_weight == 0, "train.branch_views: each branch sees other images, so ",
+             "the diversity loss (train.diversity_weight = ", tc.diversity_weight,
+             ") would compare outputs on different images; set train.diversity_weight = 0");
+  auto view_seed = [&](int64_t v) { return branch_view_seed(tc.seed, v); };
   auto ce_opts = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(tc.label_smoothing);
   viz::ProgressBar bar(tc.progress && lead ? opts.progress : nullptr, stop_at, "train", "step",
                        opts.interactive, pos.step);
@@ -378,37 +388,62 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   // depth must see the stream the uninterrupted run saw.
   if (opts.resume && resume_from.rng.numel() > 0) set_cpu_rng_state(resume_from.rng);
   while (pos.step < stop_at && pos.epoch < all_epochs) {
-    data::BatchLoader loader(ds.train, lo, pos.epoch, pos.batch);
-    data::Batch batch;
-    while (pos.step < stop_at && loader.next(batch)) {
+    std::vector<std::unique_ptr<data::BatchLoader>> loaders;
+    for (int64_t v = 0; v < views; ++v) {
+      auto lv = lo;
+      lv.seed = view_seed(v);
+      loaders.push_back(std::make_unique<data::BatchLoader>(ds.train, lv, pos.epoch, pos.batch));
+    }
+    std::vector<data::Batch> batches(views);
+    auto next_batches = [&] {
+      bool all = true;
+      for (int64_t v = 0; v < views; ++v) all = loaders[v]->next(batches[v]) && all;
+      return all;
+    };
+    while (pos.step < stop_at && next_batches()) {
       const double lr = pos.step < total_steps
                             ? learning_rate(pos.step, total_steps, tc.warmup_steps, tc.lr, tc.min_lr)
                             : tc.cooldown_lr;
-      auto x = batch.x.to(device), y = batch.y.to(device);
-      at::Tensor target;  // [B, L] soft targets
-      // Pairs are (i, B-1-i) within this rank's rows: a job of W ranks mixes
-      // other pairs than one process would (the same distribution of mixes).
-      const Mix mix = mixing && pos.epoch < tc.epochs - tc.mix_off_epochs
-                          ? draw_mix(mix_opts, tc.seed, pos.step, x.size(2), x.size(3))
-                          : Mix{};
-      if (multilabel) {
-        target = batch.t.to(device);
-        apply_mix(mix, x, target);
-      } else if (soft) {
-        target = smoothed_one_hot(y, cfg.model.num_classes, tc.label_smoothing);
-        auto distill = [&](const at::Tensor& teacher_probs) {
-          target = tc.distill_lambda * target + (1 - tc.distill_lambda) * teacher_probs;
-        };
-        // The teacher sees the blend itself, or its cached parts' probabilities
-        // are mixed like the labels.
-        const bool teach_blend = teacher && tc.teacher_on_mix && mix.kind != Mix::kNone;
-        if (teacher && !teach_blend) distill(teacher->probs(batch.x, batch.index, batch.aug, n_augs).to(device));
-        apply_mix(mix, x, target);
-        if (teach_blend) distill(teacher->probs_uncached(x));
+      const bool mix_on = mixing && pos.epoch < tc.epochs - tc.mix_off_epochs;
+      // One view's images x, labels y and soft targets [B, L] (when anything but
+      // the label shapes them), from its batch and its own mix draws.
+      auto prepare = [&](const data::Batch& batch, uint64_t seed, at::Tensor& x, at::Tensor& y, at::Tensor& target) {
+        x = batch.x.to(device);
+        y = batch.y.to(device);
+        // Pairs are (i, B-1-i) within this rank's rows: a job of W ranks mixes
+        // other pairs than one process would (the same distribution of mixes).
+        const Mix mix = mix_on ? draw_mix(mix_opts, seed, pos.step, x.size(2), x.size(3)) : Mix{};
+        if (multilabel) {
+          target = batch.t.to(device);
+          apply_mix(mix, x, target);
+        } else if (soft) {
+          target = smoothed_one_hot(y, cfg.model.num_classes, tc.label_smoothing);
+          auto distill = [&](const at::Tensor& teacher_probs) {
+            target = tc.distill_lambda * target + (1 - tc.distill_lambda) * teacher_probs;
+          };
+          // The teacher sees the blend itself, or its cached parts' probabilities
+          // are mixed like the labels.
+          const bool teach_blend = teacher && tc.teacher_on_mix && mix.kind != Mix::kNone;
+          if (teacher && !teach_blend) distill(teacher->probs(batch.x, batch.index, batch.aug, n_augs).to(device));
+          apply_mix(mix, x, target);
+          if (teach_blend) distill(teacher->probs_uncached(x));
+        }
+      };
+      // Views side by side per row ([B, V, ...] flattened), so that cutting the
+      // rows into replica slices keeps each row's views together.
+      at::Tensor x, y, target;
+      if (views == 1) {
+        prepare(batches[0], tc.seed, x, y, target);
+      } else {
+        std::vector<at::Tensor> xv(views), yv(views), tv(views);
+        for (int64_t v = 0; v < views; ++v) prepare(batches[v], view_seed(v), xv[v], yv[v], tv[v]);
+        x = torch::stack(xv, 1).flatten(0, 1);
+        y = torch::stack(yv, 1).flatten(0, 1);
+        if (tv[0].defined()) target = torch::stack(tv, 1).flatten(0, 1);
       }
       // Each replica's slice loss is weighted by its share of the batch, so the
       // summed gradients are those of the whole batch's mean loss.
-      const auto sizes = reps.slice_sizes(y.size(0), slices_of);
+      const auto sizes = reps.slice_sizes(y.size(0) / views, slices_of);
       // BatchNorm cannot normalise one image (split attention pools it to 1x1).
       if (cfg.model.family == "resnest")
         for (auto n : sizes)
@@ -416,32 +451,58 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
                      world, " rank(s), ", reps.size(), " replica(s)) leaves a slice of ", n,
                      " image; BatchNorm needs >= 2: raise train.batch_size or lower train.replicas");
       const int slices = static_cast<int>(sizes.size());
-      const auto xs = x.split_with_sizes(sizes), ys = y.split_with_sizes(sizes);
-      const auto ts = soft ? target.split_with_sizes(sizes) : std::vector<at::Tensor>{};
+      std::vector<int64_t> rows(sizes);  // of x: each image's V views
+      for (auto& n : rows) n *= views;
+      const auto xs = x.split_with_sizes(rows), ys = y.split_with_sizes(rows);
+      const auto ts = soft ? target.split_with_sizes(rows) : std::vector<at::Tensor>{};
       std::vector<double> slice_loss(slices), slice_aux(slices);
       std::vector<int64_t> slice_correct(slices);
       reps.seed_noise(tc.seed, pos.step);
       opt.zero_grad();
       reps.clear_grads();
       reps.run(slices, [&](int r) {
-        auto objective = [&](const at::Tensor& logits) {
-          if (multilabel)
-            return tc.multilabel_loss == "sigmoid" ? sigmoid_bce(logits, ts[r]) : softmax_over_tags(logits, ts[r]);
-          if (!soft) return torch::nn::functional::cross_entropy(logits, ys[r], ce_opts);
-          auto l = soft_cross_entropy(logits, ts[r]);
-          return tc.cosine_loss > 0 ? l + tc.cosine_loss * cosine_loss(logits, ts[r]) : l;
+        // Row i, view v of the slice is at i V + v: view v's rows, [n, ...].
+        auto view_of = [&](const at::Tensor& t, int64_t v) {
+          return views == 1 ? t : t.unflatten(0, {t.size(0) / views, views}).select(1, v);
         };
-        at::Tensor logits, loss, aux;
+        auto objective = [&](const at::Tensor& logits, int64_t v) {
+          const auto t = soft ? view_of(ts[r], v) : at::Tensor();
+          if (multilabel)
+            return tc.multilabel_loss == "sigmoid" ? sigmoid_bce(logits, t) : softmax_over_tags(logits, t);
+          if (!soft) return torch::nn::functional::cross_entropy(logits, view_of(ys[r], v), ce_opts);
+          auto l = soft_cross_entropy(logits, t);
+          return tc.cosine_loss > 0 ? l + tc.cosine_loss * cosine_loss(logits, t) : l;
+        };
+        // Multi-label: precision@1, the top class is one of the (mixed) targets' tags.
+        auto correct = [&](const at::Tensor& logits, int64_t v) {
+          return multilabel ? view_of(ts[r], v).gather(1, logits.argmax(1, true)).gt(0).sum().item<int64_t>()
+                            : logits.argmax(1).eq(view_of(ys[r], v)).sum().item<int64_t>();
+        };
+        at::Tensor loss, aux;
+        int64_t right = 0;
         if (n_branches > 1) {
           // Sun et al. eq. 5-8: every branch against the target, plus the diversity
-          // loss (counted with the auxiliary losses); accuracy from the mean logits.
-          auto outs = reps.model(r).forward_branches(xs[r]);
-          for (const auto& l : outs.logits) loss = loss.defined() ? loss + objective(l) : objective(l);
+          // loss (counted with the auxiliary losses); accuracy from the mean logits,
+          // or with views, each branch's on its own images.
+          models::BranchOutputs outs;
+          if (views > 1) {
+            std::vector<at::Tensor> own(views);
+            for (int64_t v = 0; v < views; ++v) own[v] = view_of(xs[r], v);
+            outs = reps.model(r).forward_views(own);
+          } else {
+            outs = reps.model(r).forward_branches(xs[r]);
+          }
+          for (int64_t b = 0; b < n_branches; ++b) {
+            const int64_t v = views > 1 ? b : 0;
+            loss = loss.defined() ? loss + objective(outs.logits[b], v) : objective(outs.logits[b], v);
+            if (views > 1) right += correct(outs.logits[b].detach(), v);
+          }
           if (tc.diversity_weight > 0) aux = tc.diversity_weight * diversity_loss(outs.logits);
-          logits = torch::stack(outs.logits).mean(0).detach();
+          if (views == 1) right = correct(torch::stack(outs.logits).mean(0).detach(), 0);
         } else {
-          logits = reps.model(r).forward(xs[r]);
-          loss = objective(logits);
+          auto logits = reps.model(r).forward(xs[r]);
+          loss = objective(logits, 0);
+          right = correct(logits.detach(), 0);
         }
         for (auto& l : reps.moe_layers(r)) aux = aux.defined() ? aux + l->aux_loss() : l->aux_loss();
         auto total = aux.defined() ? loss + aux : loss;
@@ -449,9 +510,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
         (slices > 1 || world > 1 ? total * w : total).backward();
         slice_loss[r] = loss.item<double>() * w;
         slice_aux[r] = aux.defined() ? aux.item<double>() * w : 0.0;
-        // Multi-label: precision@1, the top class is one of the (mixed) targets' tags.
-        slice_correct[r] = multilabel ? ts[r].gather(1, logits.argmax(1, true)).gt(0).sum().item<int64_t>()
-                                      : logits.argmax(1).eq(ys[r]).sum().item<int64_t>();
+        slice_correct[r] = right;
       });
       double grad_norm = 0;
       if (shards) {
@@ -519,8 +578,8 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       window_loss += l;
       window_grad_norm += grad_norm;
       window_aux += aux_value;
-      window_images += tc.batch_size;
-      images_seen += tc.batch_size;
+      window_images += tc.batch_size * views;
+      images_seen += tc.batch_size * views;
       char status[96];
       std::snprintf(status, sizeof status, "ep %lld loss %.4f lr %.2e",
                     (long long)pos.epoch + 1, ema_loss, lr);
@@ -529,7 +588,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       if (lead && tc.log_every > 0 && pos.step % tc.log_every == 0) {
         const auto now = std::chrono::steady_clock::now();
         const double secs = std::chrono::duration<double>(now - t_window).count();
-        const double n = double(window_images) / double(tc.batch_size);
+        const double n = double(window_images) / double(tc.batch_size * views);  // steps
         json line{{"step", pos.step}, {"epoch", pos.epoch}, {"lr", lr},
                   {"loss", window_loss / n}, {"aux_loss", window_aux / n},
                   {"grad_norm", window_grad_norm / n},

@@ -53,6 +53,10 @@ struct TrainOutcome {
 
 std::string checkpoint_path(const std::string& out_dir);
 
+// train.branch_views: the seed of branch `view`'s batches and mix draws (view 0:
+// the run's own, so branch 0 sees what the run without views would).
+uint64_t branch_view_seed(uint64_t seed, int64_t view);
+
 // Sets the intra-op thread count (0: all cores) once per process; returns it.
 int set_threads(int threads);
 
