@@ -24,6 +24,24 @@ using namespace moev;
 
 namespace {
 io::RunConfig toy(const std::string& out, int64_t branches) { return test::toy_resnest_run(out, branches); }
+
+// Runs `s` whole, and again killed after `cut_at` steps and resumed in dir/cut:
+// the two end with the same weights, bit for bit.
+void expect_killed_run_resumes_exactly(io::RunConfig s, int64_t cut_at, test::TempDir& dir) {
+  s.train.out_dir = dir.file("full");
+  train::train_model(s, {});
+  auto cut = s;
+  cut.train.out_dir = dir.file("cut");
+  cut.train.max_steps = cut_at;
+  train::train_model(cut, {});
+  cut.train.max_steps = 0;
+  train::TrainRunOptions resume;
+  resume.resume = true;
+  train::train_model(cut, resume);
+  const auto a = train::load_checkpoint(dir.file("full") + "/checkpoint.pt").model;
+  const auto b = train::load_checkpoint(dir.file("cut") + "/checkpoint.pt").model;
+  for (const auto& [name, t] : a) EXPECT_TRUE(torch::equal(t, b.at(name))) << name;
+}
 }  // namespace
 
 TEST(MultiBranch, TeacherRunsOncePerImageAndAugmentation) {
@@ -204,18 +222,7 @@ TEST(MultiBranch, KilledRunWithTeacherMixingAndDropPathResumesExactly) {
   s.train.cutmix_alpha = 1.0;
   s.train.epochs = 3;
   s.train.cooldown_epochs = 1;
-  train::train_model(s, {});
-  auto cut = s;
-  cut.train.out_dir = dir.file("cut");
-  cut.train.max_steps = 13;  // inside epoch 2
-  train::train_model(cut, {});
-  cut.train.max_steps = 0;
-  train::TrainRunOptions resume;
-  resume.resume = true;
-  train::train_model(cut, resume);
-  const auto a = train::load_checkpoint(dir.file("full") + "/checkpoint.pt").model;
-  const auto b = train::load_checkpoint(dir.file("cut") + "/checkpoint.pt").model;
-  for (const auto& [name, t] : a) EXPECT_TRUE(torch::equal(t, b.at(name))) << name;
+  expect_killed_run_resumes_exactly(s, 13, dir);  // inside epoch 2
 }
 
 // train.branch_views: branch b trains on the batch of its own loader (seed
@@ -285,16 +292,5 @@ TEST(MultiBranch, KilledRunWithBranchViewsResumesExactly) {
   s.model.drop_path = 0;
   s.train.replicas = 2;
   s.train.threads = 2;
-  train::train_model(s, {});
-  auto cut = s;
-  cut.train.out_dir = dir.file("cut");
-  cut.train.max_steps = 7;  // inside epoch 1
-  train::train_model(cut, {});
-  cut.train.max_steps = 0;
-  train::TrainRunOptions resume;
-  resume.resume = true;
-  train::train_model(cut, resume);
-  const auto a = train::load_checkpoint(dir.file("full") + "/checkpoint.pt").model;
-  const auto b = train::load_checkpoint(dir.file("cut") + "/checkpoint.pt").model;
-  for (const auto& [name, t] : a) EXPECT_TRUE(torch::equal(t, b.at(name))) << name;
+  expect_killed_run_resumes_exactly(s, 7, dir);  // inside epoch 1
 }
