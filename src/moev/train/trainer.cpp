@@ -431,16 +431,12 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       };
       // Views side by side per row ([B, V, ...] flattened), so that cutting the
       // rows into replica slices keeps each row's views together.
-      at::Tensor x, y, target;
-      if (views == 1) {
-        prepare(batches[0], tc.seed, x, y, target);
-      } else {
-        std::vector<at::Tensor> xv(views), yv(views), tv(views);
-        for (int64_t v = 0; v < views; ++v) prepare(batches[v], view_seed(v), xv[v], yv[v], tv[v]);
-        x = torch::stack(xv, 1).flatten(0, 1);
-        y = torch::stack(yv, 1).flatten(0, 1);
-        if (tv[0].defined()) target = torch::stack(tv, 1).flatten(0, 1);
-      }
+      std::vector<at::Tensor> xv(views), yv(views), tv(views);
+      for (int64_t v = 0; v < views; ++v) prepare(batches[v], view_seed(v), xv[v], yv[v], tv[v]);
+      auto interleave = [&](const std::vector<at::Tensor>& t) {
+        return views == 1 || !t[0].defined() ? t[0] : torch::stack(t, 1).flatten(0, 1);
+      };
+      const auto x = interleave(xv), y = interleave(yv), target = interleave(tv);
       // Each replica's slice loss is weighted by its share of the batch, so the
       // summed gradients are those of the whole batch's mean loss.
       const auto sizes = reps.slice_sizes(y.size(0) / views, slices_of);
