@@ -287,9 +287,11 @@ TEST(MultiBranch, KilledRunWithBranchViewsResumesExactly) {
   s.train.diversity_weight = 0;
   s.train.mixup_alpha = 0.8;
   s.train.cutmix_alpha = 1.0;
-  // Two replicas, each slice holding its rows' three views; stochastic depth
-  // off, as its draws from the shared generator race between replica threads.
-  s.model.drop_path = 0;
+  // Two replicas, each slice holding its rows' three views, each drawing its
+  // stochastic depth and dropout from its own generator (nn/random.h): from
+  // the shared one, the threads would take the numbers in a racing order.
+  s.model.drop_path = 0.3;
+  s.model.dropout = 0.2;
   s.train.replicas = 2;
   s.train.threads = 2;
   expect_killed_run_resumes_exactly(s, 7, dir);  // inside epoch 1

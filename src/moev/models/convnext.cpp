@@ -6,6 +6,7 @@
 #include "moev/nn/layer_norm.h"
 #include "moev/nn/layer_scale.h"
 #include "moev/nn/linear.h"
+#include "moev/nn/random.h"
 
 namespace moev::models {
 
@@ -53,8 +54,7 @@ at::Tensor ConvNeXtBlockImpl::forward(const at::Tensor& x) {
   t = (moe ? moe->forward(t) : nn::mlp(t, fc1->weight, fc1->bias, fc2->weight, fc2->bias, matmul_dtype))
           .view({B, H, W, D});
   if (drops) {  // stochastic depth, per image
-    auto keep = torch::empty({B}, x.options()).bernoulli_(1.0 - drop_path);
-    return nn::layer_scale_residual(x, t, gamma, keep.div_(1.0 - drop_path));
+    return nn::layer_scale_residual(x, t, gamma, nn::drop_path_scale(B, drop_path, x.options()));
   }
   return nn::layer_scale_residual(x, t, gamma);
 }

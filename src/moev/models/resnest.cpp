@@ -4,6 +4,7 @@
 
 #include "moev/core/error.h"
 #include "moev/nn/blur_pool.h"
+#include "moev/nn/random.h"
 
 namespace moev::models {
 
@@ -36,8 +37,7 @@ at::Tensor downsample(const at::Tensor& x, bool blur, bool max_pool = false) {
 }
 at::Tensor drop_residual(const at::Tensor& t, double p, bool training) {
   if (!training || p <= 0) return t;
-  auto keep = torch::empty({t.size(0), 1, 1, 1}, t.options()).bernoulli_(1.0 - p);
-  return t * keep / (1.0 - p);
+  return t * nn::drop_path_scale(t.size(0), p, t.options()).view({-1, 1, 1, 1});
 }
 }  // namespace
 
@@ -166,8 +166,7 @@ BranchOutputs ResNeStImpl::run_branches(const at::Tensor& x, int64_t parts) {
     auto e = h.mean({2, 3});  // [B, F]
     // Dropout before each head in training (Sun et al.'s recipe: 0.2); the
     // embeddings the fusion layer reads stay whole.
-    const auto d = cfg.dropout > 0 && is_training() ? torch::dropout(e, cfg.dropout, true) : e;
-    out.logits.push_back(heads[b]->as<torch::nn::LinearImpl>()->forward(d));
+    out.logits.push_back(heads[b]->as<torch::nn::LinearImpl>()->forward(nn::dropout(e, cfg.dropout, is_training())));
     out.embeddings.push_back(e);
   }
   return out;

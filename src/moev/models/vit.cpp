@@ -7,6 +7,7 @@
 #include "moev/nn/attention.h"
 #include "moev/nn/layer_norm.h"
 #include "moev/nn/linear.h"
+#include "moev/nn/random.h"
 
 namespace moev::models {
 
@@ -37,7 +38,7 @@ ViTBlockImpl::ViTBlockImpl(const ModelConfig& c, bool use_moe)
     init_linear(fc1);
     init_linear(fc2);
   }
-  drop = register_module("drop", torch::nn::Dropout(c.dropout));
+  dropout_p = c.dropout;
 }
 
 at::Tensor ViTBlockImpl::linear(const torch::nn::Linear& l, const at::Tensor& x) {
@@ -45,7 +46,7 @@ at::Tensor ViTBlockImpl::linear(const torch::nn::Linear& l, const at::Tensor& x)
 }
 
 at::Tensor ViTBlockImpl::dropout(const at::Tensor& x) {
-  return drop->options.p() > 0 ? drop->forward(x) : x;  // skip the no-op pass at p = 0
+  return nn::dropout(x, dropout_p, is_training());
 }
 
 at::Tensor ViTBlockImpl::forward(const at::Tensor& x) {

@@ -5,7 +5,6 @@
 
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/conv.h>
-#include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/normalization.h>
 
@@ -26,7 +25,7 @@ class ViTBlockImpl : public torch::nn::Module {
   torch::nn::LayerNorm ln1{nullptr}, ln2{nullptr};
   torch::nn::Linear qkv{nullptr}, proj{nullptr}, fc1{nullptr}, fc2{nullptr};
   moe::MoELayer moe{nullptr};
-  torch::nn::Dropout drop{nullptr};
+  double dropout_p = 0;  // after attention and MLP, from the thread's generator (nn/random.h)
 };
 TORCH_MODULE(ViTBlock);
 

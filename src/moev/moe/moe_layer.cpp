@@ -7,6 +7,7 @@
 #include "moev/core/error.h"
 #include "moev/dist/communicator.h"
 #include "moev/moe/dispatch.h"
+#include "moev/nn/random.h"
 
 namespace moev::moe {
 
@@ -60,7 +61,7 @@ at::Tensor MoELayerImpl::forward(const at::Tensor& x) {
   auto xf = x.reshape({T, D});
 
   auto logits = router_logits(xf);
-  RoutingResult r = route(logits, cfg, N, is_training(), noise_);
+  RoutingResult r = route(logits, cfg, N, is_training(), nn::thread_generator());
 
   // Gather the placed assignments (rows sorted by expert), run the experts as a
   // grouped GEMM, weight each row by its gate and add it back to its token.

@@ -71,9 +71,6 @@ class MoELayerImpl : public torch::nn::Module {
   const RoutingResult& last_routing() const { return routing_; }
 
   void set_router(const RouterConfig& cfg);
-  // Training noise from this generator instead of the global one (data-parallel
-  // replicas each keep their own, so their threads draw in a fixed order).
-  void set_noise_generator(at::Generator gen) { noise_ = std::move(gen); }
   const RouterConfig& router_config() const { return options.router(); }
 
   // Expert parallelism over the ranks of comm: this layer keeps only experts
@@ -95,7 +92,6 @@ class MoELayerImpl : public torch::nn::Module {
  private:
   MoEStats stats_;
   RoutingResult routing_;
-  c10::optional<at::Generator> noise_;
   dist::Communicator* comm_ = nullptr;
   int64_t first_expert_ = 0;
 

@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include "moev/core/error.h"
+#include "moev/nn/random.h"
 
 namespace moev::train {
 
@@ -35,7 +36,7 @@ void share(at::Tensor& replica, const at::Tensor& master) {
 }  // namespace
 
 Replicas::Replicas(models::ClassifierPtr master, const models::ModelConfig& cfg, int replicas,
-                   int threads, int first_index, bool own_noise)
+                   int threads, int first_index, bool own_generator)
     : first_index_(first_index) {
   MOEV_CHECK(replicas >= 1, "Replicas: expected >= 1 replica, got ", replicas);
   threads_per_replica_ = std::max(1, threads / replicas);
@@ -86,11 +87,8 @@ Replicas::Replicas(models::ClassifierPtr master, const models::ModelConfig& cfg,
     moe_.push_back(moe::find_moe_layers(*m));
     params_.push_back(m->parameters());
   }
-  if (replicas == 1 && !own_noise) return;
-  for (int r = 0; r < replicas; ++r) {
-    noise_.push_back(at::detail::createCPUGenerator(0));
-    for (auto& l : moe_[r]) l->set_noise_generator(noise_.back());
-  }
+  if (replicas == 1 && !own_generator) return;
+  for (int r = 0; r < replicas; ++r) generators_.push_back(at::detail::createCPUGenerator(0));
   if (replicas == 1) return;
   errors_.resize(replicas);
   for (int r = 1; r < replicas; ++r) workers_.emplace_back([this, r] { work(r); });
@@ -160,8 +158,12 @@ Replicas::~Replicas() {
 
 void Replicas::run(int n, const std::function<void(int)>& fn) {
   MOEV_CHECK(n >= 1 && n <= size(), "Replicas::run: ", n, " slices for ", size(), " replicas");
+  auto with_generator = [&](int r) {
+    nn::GeneratorScope scope(generators_.empty() ? c10::nullopt : c10::make_optional(generators_[r]));
+    fn(r);
+  };
   if (n == 1) {
-    fn(0);
+    with_generator(0);
     return;
   }
   const bool grad = at::GradMode::is_enabled();
@@ -171,7 +173,7 @@ void Replicas::run(int n, const std::function<void(int)>& fn) {
     at::AutoGradMode grad_mode(grad);
     c10::optional<c10::InferenceMode> inference_mode;
     if (inference) inference_mode.emplace();
-    fn(r);
+    with_generator(r);
   };
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -186,7 +188,7 @@ void Replicas::run(int n, const std::function<void(int)>& fn) {
   omp_set_num_threads(threads_per_replica_);
   std::exception_ptr error;
   try {
-    fn(0);
+    with_generator(0);
   } catch (...) {
     error = std::current_exception();
   }
@@ -199,15 +201,15 @@ void Replicas::run(int n, const std::function<void(int)>& fn) {
     if (e) std::rethrow_exception(e);
 }
 
-void Replicas::seed_noise(uint64_t seed, int64_t step) {
-  for (size_t r = 0; r < noise_.size(); ++r) {
+void Replicas::seed_generators(uint64_t seed, int64_t step) {
+  for (size_t r = 0; r < generators_.size(); ++r) {
     // SplitMix-style mixing: nearby (seed, step, replica) give unrelated streams.
     uint64_t z = seed * 0x9e3779b97f4a7c15ULL + static_cast<uint64_t>(step) * 0xbf58476d1ce4e5b9ULL +
                  (first_index_ + r + 1) * 0x94d049bb133111ebULL;
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    std::lock_guard<std::mutex> lock(noise_[r].mutex());
-    noise_[r].set_current_seed(z ^ (z >> 31));
+    std::lock_guard<std::mutex> lock(generators_[r].mutex());
+    generators_[r].set_current_seed(z ^ (z >> 31));
   }
 }
 

@@ -8,8 +8,9 @@
 // per core, keep both cores busy without fork/join inside every op.
 //
 // Gradients land in each replica's own .grad and are summed into the master's in
-// replica order, so a run is reproducible. Router noise draws from a per-replica
-// generator seeded from (seed, step, replica), not from the shared global RNG.
+// replica order, so a run is reproducible. Router noise, dropout and stochastic
+// depth draw from a per-replica generator seeded from (seed, step, replica)
+// (nn::GeneratorScope on the replica's thread), not from the shared global RNG.
 #pragma once
 
 #include <condition_variable>
@@ -47,10 +48,11 @@ class Replicas {
   // on its device, holding its final weights' storage. threads: the cores to use.
   // first_index: the global index of replica 0 among all replicas of a
   // data-parallel job (rank * replicas); with a job of several ranks, or several
-  // replicas, every replica draws router noise from its own generator, seeded by
-  // its global index, so R ranks of one replica route as one process of R replicas.
+  // replicas, every replica draws its random numbers (router noise, dropout,
+  // stochastic depth) from its own generator, seeded by its global index, so R
+  // ranks of one replica train as one process of R replicas.
   Replicas(models::ClassifierPtr master, const models::ModelConfig& cfg, int replicas, int threads,
-           int first_index = 0, bool own_noise = false);
+           int first_index = 0, bool own_generator = false);
   ~Replicas();
   Replicas(const Replicas&) = delete;
   Replicas& operator=(const Replicas&) = delete;
@@ -64,12 +66,13 @@ class Replicas {
   std::vector<int64_t> slice_sizes(int64_t batch, int64_t multiple) const;
 
   // Runs fn(r) for replicas r < n, replica 0 on the calling thread and the others
-  // on their own (persistent) threads, each with threads/size() intra-op threads;
-  // rethrows the first error. fn(r) may only touch replica r's model and outputs.
+  // on their own (persistent) threads, each with threads/size() intra-op threads
+  // and replica r's generator (if it has one) as the thread's; rethrows the first
+  // error. fn(r) may only touch replica r's model and outputs.
   void run(int n, const std::function<void(int)>& fn);
 
-  // Router noise of replica r from its own generator, reseeded for this step.
-  void seed_noise(uint64_t seed, int64_t step);
+  // Reseeds every replica's generator for this step.
+  void seed_generators(uint64_t seed, int64_t step);
 
   // Gradients of replicas 1..R-1, [r - 1][i] for the master's parameter i (for
   // AdamW::step, which sums them into the master's inside its update pass).
@@ -89,7 +92,7 @@ class Replicas {
   std::vector<models::ClassifierPtr> models_;
   std::vector<std::vector<moe::MoELayer>> moe_;
   std::vector<std::vector<at::Tensor>> params_;  // per replica, master order
-  std::vector<at::Generator> noise_;
+  std::vector<at::Generator> generators_;  // per replica; empty: the global one
   std::vector<std::pair<at::Tensor, at::Tensor>> own_stats_;  // (replica's, master's) BatchNorm statistics
   int first_index_ = 0;
   int threads_per_replica_ = 1;

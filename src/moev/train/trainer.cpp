@@ -306,7 +306,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
     job_replicas = static_cast<int>(counts.sum().item<int64_t>());
     for (int q = 0; q < rank; ++q) first_replica += static_cast<int>(counts[q].item<int64_t>());
   }
-  Replicas reps(model, cfg.model, n_reps, threads, first_replica, /*own_noise=*/world > 1);
+  Replicas reps(model, cfg.model, n_reps, threads, first_replica, /*own_generator=*/world > 1);
   for (int r = 1; r < reps.size(); ++r)
     for (auto& p : reps.model(r).named_parameters())
       if (frozen.count(p.key())) p.value().requires_grad_(false);
@@ -453,7 +453,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       const auto ts = soft ? target.split_with_sizes(rows) : std::vector<at::Tensor>{};
       std::vector<double> slice_loss(slices), slice_aux(slices);
       std::vector<int64_t> slice_correct(slices);
-      reps.seed_noise(tc.seed, pos.step);
+      reps.seed_generators(tc.seed, pos.step);
       opt.zero_grad();
       reps.clear_grads();
       reps.run(slices, [&](int r) {
