@@ -37,7 +37,7 @@ struct AblationFlags {
   int jobs = 2;
   int64_t fusion_epochs = 30;
   std::vector<int64_t> branches, no_diversity;
-  int64_t seeds = 0, teachers = 0;
+  int64_t seeds = 0, first_seed = -1, teachers = 0;
   bool dry_run = false;
 };
 
@@ -66,6 +66,8 @@ Runner add_ablation(CLI::App& app) {
   cmd->add_option("--no-diversity", f->no_diversity, "N also run without the diversity loss (overrides "
                   "ablation.no_diversity; 0: none)")->delimiter(',');
   cmd->add_option("--seeds", f->seeds, "seeds per row (overrides ablation.seeds)");
+  cmd->add_option("--first-seed", f->first_seed, "the first seed, so a table can grow by seeds or be split "
+                  "across machines (overrides ablation.first_seed; default 0)");
   cmd->add_option("--teachers", f->teachers, "models in each distillation teacher, > 1: an ensemble trained on "
                   "the same images (overrides ablation.teachers)");
   cmd->add_flag("--dry-run", f->dry_run, "list the runs and exit");
@@ -82,6 +84,7 @@ Runner add_ablation(CLI::App& app) {
     if (!f->branches.empty()) grid.branches = f->branches;
     if (!f->no_diversity.empty()) grid.no_diversity = f->no_diversity;
     if (f->seeds > 0) grid.seeds = f->seeds;
+    if (f->first_seed >= 0) grid.first_seed = f->first_seed;
     if (f->teachers > 0) grid.teachers = f->teachers;
     for (auto n : grid.branches) MOEV_CHECK(n >= 1, "--branches ", n, ": expected >= 1 branch");
     for (const auto& s : f->sets) j.merge_patch(io::override_json(s));

@@ -81,3 +81,16 @@ TEST(Random, DropPathScaleKeepsTheExpectationAndFollowsTheScope) {
   GeneratorScope again(seeded(5));
   EXPECT_TRUE(torch::equal(moev::nn::drop_path_scale(20000, 0.2, torch::kFloat), s));
 }
+
+// Outside a scope the mask is the one the global generator gives LibTorch's own
+// bernoulli_, so models written before scopes draw what they drew then.
+TEST(Random, DropPathKeepOutsideAScopeDrawsAsBefore) {
+  torch::manual_seed(11);
+  const auto ours = moev::nn::drop_path_keep(257, 0.3, torch::kFloat);
+  torch::manual_seed(11);
+  const auto theirs = torch::empty({257}).bernoulli_(0.7);
+  EXPECT_TRUE(torch::equal(ours, theirs));
+  EXPECT_TRUE(((ours == 0) | (ours == 1)).all().item<bool>());
+  EXPECT_FALSE((ours == 1).all().item<bool>());
+  EXPECT_THROW(moev::nn::drop_path_keep(4, -0.1, torch::kFloat), moev::Error);
+}

@@ -138,7 +138,36 @@ TEST(Ablation, BadGridsAreErrorsNamingTheKey) {
                      {"abl.toml", "ablation.teacher", "not a key", "teachers"});
   test::expect_error([] { train::parse_ablation_grid(json{{"no_stochastic_depth", 1}}, "abl.toml"); },
                      {"abl.toml", "ablation.no_stochastic_depth", "true or false"});
+  test::expect_error([] { train::parse_ablation_grid(json{{"first_seed", -1}}, "abl.toml"); },
+                     {"abl.toml", "ablation.first_seed", ">= 0"});
   const json vit = {{"model", {{"preset", "vit-tiny"}}}};
   test::expect_error([&] { train::plan_ablation(train::AblationGrid{}, vit, "/abl", "abl.toml"); },
                      {"abl.toml", "ResNeSt", "model.family = vit"});
+}
+
+// A table grown by a seed plans only that seed's runs, under the names, seeds,
+// subsets and teachers the whole table would give them, so the runs of both
+// sit side by side in one directory.
+TEST(Ablation, FirstSeedPlansTheRunsOfThoseSeedsAsTheWholeTableWould) {
+  train::AblationGrid whole;
+  whole.branches = {1, 3};
+  whole.teachers = 3;
+  const auto all = train::plan_ablation(whole, kBase, "/abl", "test");  // seeds 0-2
+  auto grown = train::parse_ablation_grid(json{{"branches", {1, 3}}, {"teachers", 3}, {"seeds", 1}, {"first_seed", 2}},
+                                          "abl.toml");
+  const auto part = train::plan_ablation(grown, kBase, "/abl", "test");
+  const auto m = by_name(all);
+  size_t seed2 = 0;
+  for (const auto& t : all) seed2 += t.seed == 2;
+  ASSERT_EQ(part.size(), seed2);
+  for (const auto& t : part) {
+    EXPECT_EQ(t.seed, 2u) << t.name;
+    ASSERT_EQ(m.count(t.name), 1u) << t.name;
+    const auto& w = *m.at(t.name);
+    EXPECT_EQ(t.cfg.train.seed, w.cfg.train.seed) << t.name;
+    EXPECT_EQ(t.cfg.data.subset_seed, w.cfg.data.subset_seed) << t.name;
+    EXPECT_EQ(t.cfg.train.teacher, w.cfg.train.teacher) << t.name;
+    EXPECT_EQ(t.after, w.after) << t.name;
+  }
+  EXPECT_EQ(by_name(part).at("n3_teacher2_s2")->cfg.train.seed, 2002u);
 }

@@ -272,10 +272,13 @@ TEST(MultiBranch, BranchViewsTrainEachBranchOnItsOwnBatch) {
                            .item<double>();
   EXPECT_GT(std::abs(plain - expected), 1e-3);
 
-  // The diversity loss compares branches on one image: refused with views.
+  // The diversity loss compares branches on one image: refused with views,
+  // before the run directory of the run it would have replaced is touched.
+  const auto log_file = std::filesystem::path(c.train.out_dir) / "log.jsonl";
+  const auto log_size = std::filesystem::file_size(log_file);
   c.train.diversity_weight = 0.2;
-  c.train.out_dir = dir.file("div");
   test::expect_error([&] { train::train_model(c, {}); }, {"train.branch_views", "train.diversity_weight = 0"});
+  EXPECT_EQ(std::filesystem::file_size(log_file), log_size);
 }
 
 // A killed run with branch views resumes exactly: every view's loader picks up

@@ -37,7 +37,10 @@ at::Tensor downsample(const at::Tensor& x, bool blur, bool max_pool = false) {
 }
 at::Tensor drop_residual(const at::Tensor& t, double p, bool training) {
   if (!training || p <= 0) return t;
-  return t * nn::drop_path_scale(t.size(0), p, t.options()).view({-1, 1, 1, 1});
+  // Scaled after the product, not through drop_path_scale: (t * keep) / (1 - p)
+  // rounds once, t * (keep / (1 - p)) twice, and the runs and checkpoints
+  // recorded with this order would no longer repeat to the digit.
+  return t * nn::drop_path_keep(t.size(0), p, t.options()).view({-1, 1, 1, 1}) / (1.0 - p);
 }
 }  // namespace
 

@@ -31,9 +31,13 @@ at::Tensor dropout(const at::Tensor& x, double p, bool training) {
   return x * keep.div_(1.0 - p);
 }
 
-at::Tensor drop_path_scale(int64_t rows, double p, const at::TensorOptions& options) {
+at::Tensor drop_path_keep(int64_t rows, double p, const at::TensorOptions& options) {
   MOEV_CHECK(p >= 0 && p < 1, "drop path probability ", p, ": expected in [0, 1)");
-  return at::empty({rows}, options).bernoulli_(1.0 - p, thread_generator()).div_(1.0 - p);
+  return at::empty({rows}, options).bernoulli_(1.0 - p, thread_generator());
+}
+
+at::Tensor drop_path_scale(int64_t rows, double p, const at::TensorOptions& options) {
+  return drop_path_keep(rows, p, options).div_(1.0 - p);
 }
 
 }  // namespace moev::nn

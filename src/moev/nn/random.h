@@ -35,9 +35,13 @@ class GeneratorScope {
 // when !training or p == 0.
 at::Tensor dropout(const at::Tensor& x, double p, bool training);
 
-// Stochastic depth's per-sample factors from the thread's generator: [rows], each
-// 0 with probability p and 1 / (1 - p) otherwise (multiply a residual branch of
-// `rows` samples by them, broadcast).
+// Stochastic depth's per-sample mask from the thread's generator: [rows], each
+// 0 with probability p and 1 otherwise (outside a scope, the numbers LibTorch's
+// `empty({rows}).bernoulli_(1 - p)` draws).
+at::Tensor drop_path_keep(int64_t rows, double p, const at::TensorOptions& options);
+
+// The mask scaled: [rows], 0 or 1 / (1 - p) (multiply a residual branch of `rows`
+// samples by them, broadcast).
 at::Tensor drop_path_scale(int64_t rows, double p, const at::TensorOptions& options);
 
 }  // namespace moev::nn

@@ -35,6 +35,10 @@ AblationGrid parse_ablation_grid(const json& s, const std::string& source) {
     else if (k == "seeds") {
       MOEV_CHECK(it->is_number_integer() && it->get<int64_t>() >= 1, source, ": ablation.seeds: expected an integer >= 1");
       g.seeds = it->get<int64_t>();
+    } else if (k == "first_seed") {
+      MOEV_CHECK(it->is_number_integer() && it->get<int64_t>() >= 0, source,
+                 ": ablation.first_seed: expected an integer >= 0");
+      g.first_seed = it->get<int64_t>();
     } else if (k == "teachers") {
       MOEV_CHECK(it->is_number_integer() && it->get<int64_t>() >= 1, source,
                  ": ablation.teachers: expected an integer >= 1 (models in each distillation teacher)");
@@ -44,7 +48,7 @@ AblationGrid parse_ablation_grid(const json& s, const std::string& source) {
       (k == "distill" ? g.distill : k == "fusion" ? g.fusion : g.no_stochastic_depth) = it->get<bool>();
     } else {
       fail(source, ": ablation.", k,
-           " is not a key (branches, no_diversity, seeds, distill, fusion, teachers, no_stochastic_depth)");
+           " is not a key (branches, no_diversity, seeds, first_seed, distill, fusion, teachers, no_stochastic_depth)");
     }
   }
   for (auto n : g.branches) MOEV_CHECK(n >= 1, source, ": ablation.branches: ", n, ": expected >= 1 branch");
@@ -59,7 +63,9 @@ std::vector<AblationTask> plan_ablation(const AblationGrid& g, const json& base,
              "(model.preset = \"resnest-tiny\" or model.family = \"resnest\"), got model.family = ",
              common.model.family);
   std::vector<AblationTask> tasks;
-  for (int64_t seed = 0; seed < g.seeds; ++seed) {
+  MOEV_CHECK(g.seeds >= 1 && g.first_seed >= 0, source, ": ablation seeds = ", g.seeds, ", first_seed = ",
+             g.first_seed, ": expected seeds >= 1 and first_seed >= 0");
+  for (int64_t seed = g.first_seed; seed < g.first_seed + g.seeds; ++seed) {
     for (int64_t n : g.branches) {
       auto make = [&](const std::string& tag, const std::string& row, bool div, bool distill) {
         AblationTask t;

@@ -26,7 +26,8 @@ namespace moev::train {
 struct AblationGrid {
   std::vector<int64_t> branches = {1, 3, 5};     // N of each row group
   std::vector<int64_t> no_diversity = {3};       // N also run without the diversity loss
-  int64_t seeds = 3;                             // seeds 0 .. seeds-1
+  int64_t seeds = 3;                             // seeds first_seed .. first_seed + seeds - 1
+  int64_t first_seed = 0;                        // the first seed (a table grown, or split across machines)
   bool distill = true;                           // rows with distillation
   bool fusion = true;                            // rows with fusion (N > 1)
   int64_t teachers = 1;                          // models in each distillation teacher (> 1: an ensemble)
@@ -34,7 +35,7 @@ struct AblationGrid {
 };
 
 // The [ablation] section of a config file (branches, no_diversity, seeds,
-// distill, fusion, teachers, no_stochastic_depth); unknown keys and bad values are errors naming `source`.
+// first_seed, distill, fusion, teachers, no_stochastic_depth); unknown keys and bad values are errors naming `source`.
 AblationGrid parse_ablation_grid(const nlohmann::json& section, const std::string& source);
 
 struct AblationTask {

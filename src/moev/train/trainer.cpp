@@ -206,6 +206,11 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
 
   torch::manual_seed(tc.seed);
   auto model = models::build_model(cfg.model);
+  const int64_t n_branches = model->num_branches();
+  // Checked before the run directory is written, so a rejected config leaves it as it was.
+  MOEV_CHECK(!tc.branch_views || n_branches == 1 || tc.diversity_weight == 0, "train.branch_views: each ",
+             "branch sees other images, so the diversity loss (train.diversity_weight = ", tc.diversity_weight,
+             ") would compare outputs on different images; set train.diversity_weight = 0");
   model->to(device);
   if (!opts.resume && !tc.init_from.empty())
     load_module_tensors(*model, inference_weights(load_checkpoint(tc.init_from)), tc.init_from);
@@ -361,14 +366,10 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   };
 
   TrainOutcome out;
-  const int64_t n_branches = model->num_branches();
   // train.branch_views: branch b trains on the batches of a loader and mix draws
   // of its own (view 0 those of the plain run), like a separately trained model
   // but for the trunk they share (Havasi et al. 2021's independent inputs).
   const int64_t views = tc.branch_views ? n_branches : 1;
-  MOEV_CHECK(views == 1 || tc.diversity_weight == 0, "train.branch_views: each branch sees other images, so ",
-             "the diversity loss (train.diversity_weight = ", tc.diversity_weight,
-             ") would compare outputs on different images; set train.diversity_weight = 0");
   auto view_seed = [&](int64_t v) { return branch_view_seed(tc.seed, v); };
   auto ce_opts = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(tc.label_smoothing);
   viz::ProgressBar bar(tc.progress && lead ? opts.progress : nullptr, stop_at, "train", "step",
