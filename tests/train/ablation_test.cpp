@@ -140,6 +140,14 @@ TEST(Ablation, BadGridsAreErrorsNamingTheKey) {
                      {"abl.toml", "ablation.no_stochastic_depth", "true or false"});
   test::expect_error([] { train::parse_ablation_grid(json{{"first_seed", -1}}, "abl.toml"); },
                      {"abl.toml", "ablation.first_seed", ">= 0"});
+  json views = kBase;
+  views["train"] = {{"branch_views", true}};
+  test::expect_error([&] { train::plan_ablation(train::AblationGrid{}, views, "/abl", "abl.toml"); },
+                     {"abl.toml", "train.branch_views", "train.diversity_weight = 0", "--no-diversity 0"});
+  views["train"]["diversity_weight"] = 0.0;
+  train::AblationGrid no_div_rows;
+  no_div_rows.no_diversity = {};
+  EXPECT_FALSE(train::plan_ablation(no_div_rows, views, "/abl", "abl.toml").empty());
   const json vit = {{"model", {{"preset", "vit-tiny"}}}};
   test::expect_error([&] { train::plan_ablation(train::AblationGrid{}, vit, "/abl", "abl.toml"); },
                      {"abl.toml", "ResNeSt", "model.family = vit"});

@@ -62,6 +62,11 @@ std::vector<AblationTask> plan_ablation(const AblationGrid& g, const json& base,
   MOEV_CHECK(common.model.family == "resnest", source, ": the ablation needs a ResNeSt model ",
              "(model.preset = \"resnest-tiny\" or model.family = \"resnest\"), got model.family = ",
              common.model.family);
+  // With branch views the diversity loss is refused (it compares branches on
+  // one image), so the rows with and without it would be one row run twice.
+  MOEV_CHECK(!common.train.branch_views || (common.train.diversity_weight == 0 && g.no_diversity.empty()), source,
+             ": train.branch_views = true needs train.diversity_weight = 0 and no rows without the diversity ",
+             "loss (ablation.no_diversity = [] or --no-diversity 0)");
   std::vector<AblationTask> tasks;
   MOEV_CHECK(g.seeds >= 1 && g.first_seed >= 0, source, ": ablation seeds = ", g.seeds, ", first_seed = ",
              g.first_seed, ": expected seeds >= 1 and first_seed >= 0");
