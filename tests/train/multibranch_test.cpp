@@ -1,7 +1,8 @@
 // The multi-branch training recipe end to end on real Fashion-MNIST images, at
 // toy size: distillation runs the teacher once per image and augmentation,
-// refuses a teacher of another architecture, and fusion training leaves every
-// branch weight as it was; with branch views each branch trains on its own batch.
+// refuses a teacher of another architecture or trained on other images, and
+// fusion training leaves every branch weight as it was; with branch views each
+// branch trains on its own batch.
 #include <filesystem>
 #include <fstream>
 
@@ -178,6 +179,38 @@ TEST(MultiBranch, TeacherOfAnotherArchitectureIsRefused) {
   s.train.teacher = {dir.file("teacher") + "/checkpoint.pt"};
   test::expect_error([&] { train::train_model(s, {}); },
                      {"train.teacher = ", "not a model of the student's architecture", "model.branches 1 vs 3"});
+}
+
+// A teacher that saw more labelled images (or other ones) would carry their
+// labels into a data-efficient student: refused, before the student's run
+// directory is written, unless train.teacher_other_data says it is meant.
+TEST(MultiBranch, TeacherTrainedOnOtherImagesIsRefused) {
+  test::TempDir dir;
+  auto t = toy(dir.file("teacher"), 2);
+  t.data.per_class = 8;
+  t.data.subset_seed = 1;
+  train::train_model(t, {});
+  auto s = toy(dir.file("student"), 2);
+  s.train.teacher = {dir.file("teacher") + "/checkpoint.pt"};
+  test::expect_error([&] { train::train_model(s, {}); },
+                     {"train.teacher = " + s.train.teacher[0], "other images", "data.per_class 8 vs 5",
+                      "data.subset_seed 1 vs 0", "train.teacher_other_data = true"});
+  EXPECT_FALSE(std::filesystem::exists(dir.file("student")));
+  s.train.teacher_other_data = true;
+  EXPECT_EQ(train::train_model(s, {}).steps, 10);
+
+  train::DataConfig a, b;
+  a.path = "/usr/share/datasets/fashion-mnist/";
+  b.path = "/usr/share/datasets/../datasets/fashion-mnist";
+  EXPECT_EQ(train::training_data_difference(a, b), "");  // one directory, two spellings
+  b.augment = false;  // augmentation is not the data
+  b.mean = {0.5f};
+  EXPECT_EQ(train::training_data_difference(a, b), "");
+  b.per_class = 50;  // all images vs a subset: the subset's seed does not matter
+  b.subset_seed = 7;
+  EXPECT_EQ(train::training_data_difference(a, b), "data.per_class 0 vs 50");
+  a.format = "cifar10";
+  EXPECT_EQ(train::training_data_difference(a, b), "data.format \"cifar10\" vs \"fashion-mnist\", data.per_class 0 vs 50");
 }
 
 TEST(MultiBranch, FusionTrainsOnlyTheFusionLayer) {

@@ -161,6 +161,9 @@ const std::vector<Field>& fields() {
                    "target = lambda * label-smoothed + (1 - lambda) * teacher probs"),
         MOEV_FIELD("train.teacher_on_mix", train.teacher_on_mix,
                    "distillation: the teacher runs on the mixup/cutmix image itself (uncached) rather than its parts"),
+        MOEV_FIELD("train.teacher_other_data", train.teacher_other_data,
+                   "distillation: allow a teacher trained on other training images than the student's (default: an "
+                   "error, since in a data-efficient run it would pass on labels the student may not see)"),
         MOEV_FIELD("train.diversity_weight", train.diversity_weight, "multi-branch: diversity loss weight"),
         MOEV_FIELD("train.branch_views", train.branch_views,
                    "multi-branch: each branch trains on batches of its own (images, order, crops, mixes), "

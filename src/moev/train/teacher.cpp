@@ -1,6 +1,8 @@
 #include "moev/train/teacher.h"
 
+#include <filesystem>
 #include <sstream>
+#include <system_error>
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -9,6 +11,8 @@
 #include "moev/train/trained_model.h"
 
 namespace moev::train {
+
+namespace fs = std::filesystem;
 
 namespace {
 constexpr int64_t kTeacherChunk = 32;  // rows per teacher forward
@@ -38,8 +42,29 @@ std::string architecture_difference(const models::ModelConfig& a, const models::
   return out.str();
 }
 
+std::string training_data_difference(const DataConfig& a, const DataConfig& b) {
+  std::ostringstream out;
+  auto add = [&](const char* key, const auto& x, const auto& y) {
+    if (x == y) return;
+    if (out.tellp() > 0) out << ", ";
+    out << "data." << key << " " << nlohmann::json(x).dump() << " vs " << nlohmann::json(y).dump();
+  };
+  // One dataset spelled two ways ("data/x" and "./data/x/") is the same dataset.
+  auto same_file = [](const std::string& x, const std::string& y) {
+    std::error_code ex, ey;
+    const auto cx = fs::weakly_canonical(x, ex), cy = fs::weakly_canonical(y, ey);
+    return x == y || (!ex && !ey && cx == cy);
+  };
+  add("format", a.format, b.format);
+  if (!same_file(a.path, b.path)) add("path", a.path, b.path);
+  add("train_limit", a.train_limit, b.train_limit);
+  add("per_class", a.per_class, b.per_class);
+  if (a.per_class > 0 && b.per_class > 0) add("subset_seed", a.subset_seed, b.subset_seed);
+  return out.str();
+}
+
 Teacher::Teacher(const std::vector<std::string>& checkpoints, const models::ModelConfig& student,
-                 const std::vector<float>& mean, const std::vector<float>& std) {
+                 const std::vector<float>& mean, const std::vector<float>& std, const DataConfig* student_data) {
   MOEV_CHECK(!checkpoints.empty(), "train.teacher: no checkpoint given");
   classes_ = student.num_classes;
   for (const auto& checkpoint : checkpoints) {
@@ -47,6 +72,12 @@ Teacher::Teacher(const std::vector<std::string>& checkpoints, const models::Mode
     const auto diff = architecture_difference(t.cfg.model, student);
     MOEV_CHECK(diff.empty(), "train.teacher = ", checkpoint, ": the teacher is not a model of the student's ",
                "architecture (", diff, "); distillation expects a teacher of the same architecture");
+    if (student_data) {
+      const auto data_diff = training_data_difference(t.cfg.data, *student_data);
+      MOEV_CHECK(data_diff.empty(), "train.teacher = ", checkpoint, ": the teacher was trained on other images than ",
+                 "the student (", data_diff, "); its probabilities would pass on labels the student does not see. ",
+                 "Train the teacher on the student's images, or set train.teacher_other_data = true if that is meant");
+    }
     // x_teacher = (x * std_s + mean_s - mean_t) / std_t, per channel.
     const auto& tm = t.cfg.data.mean;
     const auto& ts = t.cfg.data.std;

@@ -28,9 +28,12 @@ class Teacher {
  public:
   // Loads `checkpoints`, one or more (an error names the one that is not a
   // model of the student's architecture or classes). student_mean/std: the
-  // normalisation of the images it will be given.
+  // normalisation of the images it will be given. With student_data, a member
+  // trained on other images than those (training_data_difference) is an error
+  // too: in a data-efficient run it would pass on labels the student may not see.
   Teacher(const std::vector<std::string>& checkpoints, const models::ModelConfig& student,
-          const std::vector<float>& student_mean, const std::vector<float>& student_std);
+          const std::vector<float>& student_mean, const std::vector<float>& student_std,
+          const DataConfig* student_data = nullptr);
 
   // x: [B, C, H, W] normalised as the student's, index/aug: int64 [B] from the
   // loader -> probabilities [B, L]; runs the teacher on the rows not cached yet
@@ -62,5 +65,10 @@ class Teacher {
 // The fields of two model configs that make them different architectures ("" when
 // they are the same network), e.g. "model.branches 1 vs 3".
 std::string architecture_difference(const models::ModelConfig& a, const models::ModelConfig& b);
+
+// The fields of two data configs that make their training images different
+// ("" when both train on the same images), e.g. "data.per_class 500 vs 50".
+// Augmentation and normalisation do not count; paths are compared as files.
+std::string training_data_difference(const DataConfig& a, const DataConfig& b);
 
 }  // namespace moev::train

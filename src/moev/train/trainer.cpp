@@ -211,6 +211,11 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   MOEV_CHECK(!tc.branch_views || n_branches == 1 || tc.diversity_weight == 0, "train.branch_views: each ",
              "branch sees other images, so the diversity loss (train.diversity_weight = ", tc.diversity_weight,
              ") would compare outputs on different images; set train.diversity_weight = 0");
+  // Loaded (and checked) before the run directory is written, like the checks above.
+  std::unique_ptr<Teacher> teacher;
+  if (!tc.teacher.empty())
+    teacher = std::make_unique<Teacher>(tc.teacher, cfg.model, ds.mean, ds.std,
+                                        tc.teacher_other_data ? nullptr : &cfg.data);
   model->to(device);
   if (!opts.resume && !tc.init_from.empty())
     load_module_tensors(*model, inference_weights(load_checkpoint(tc.init_from)), tc.init_from);
@@ -289,8 +294,6 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   int64_t stop_at = stop_step();
   // Soft targets [B, L] when anything but the label shapes them.
   const bool mixing = tc.mixup_alpha > 0 || tc.cutmix_alpha > 0;
-  std::unique_ptr<Teacher> teacher;
-  if (!tc.teacher.empty()) teacher = std::make_unique<Teacher>(tc.teacher, cfg.model, ds.mean, ds.std);
   const bool soft = mixing || teacher || tc.cosine_loss > 0 || multilabel;
   MixOptions mix_opts;
   mix_opts.mixup_alpha = tc.mixup_alpha;
