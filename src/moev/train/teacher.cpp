@@ -16,6 +16,23 @@ namespace fs = std::filesystem;
 
 namespace {
 constexpr int64_t kTeacherChunk = 32;  // rows per teacher forward
+
+// The "key X vs Y, ..." list both checks below put into their errors, so a
+// refused teacher is explained field by field in one format.
+class Differences {
+ public:
+  void add(const std::string& key, const nlohmann::json& x, const nlohmann::json& y) {
+    if (x != y) item(key + " " + x.dump() + " vs " + y.dump());
+  }
+  void item(const std::string& text) {
+    if (out_.tellp() > 0) out_ << ", ";
+    out_ << text;
+  }
+  std::string str() const { return out_.str(); }
+
+ private:
+  std::ostringstream out_;
+};
 }  // namespace
 
 std::string architecture_difference(const models::ModelConfig& a, const models::ModelConfig& b) {
@@ -27,28 +44,20 @@ std::string architecture_difference(const models::ModelConfig& a, const models::
   ra.model = a;
   rb.model = b;
   const auto ja = io::to_json(ra)["model"], jb = io::to_json(rb)["model"];
-  std::ostringstream out;
-  for (const char* k : kKeys) {
-    if (!ja.contains(k) || !jb.contains(k) || ja[k] == jb[k]) continue;
-    if (out.tellp() > 0) out << ", ";
-    out << "model." << k << " " << ja[k].dump() << " vs " << jb[k].dump();
-  }
+  Differences out;
+  for (const char* k : kKeys)
+    if (ja.contains(k) && jb.contains(k)) out.add(std::string("model.") + k, ja[k], jb[k]);
   if (models::to_string(a.moe) != models::to_string(b.moe) ||
       (a.moe.kind != "none" && a.router.num_experts != b.router.num_experts)) {
-    if (out.tellp() > 0) out << ", ";
-    out << "model.moe " << models::to_string(a.moe) << " (E " << a.router.num_experts << ") vs "
-        << models::to_string(b.moe) << " (E " << b.router.num_experts << ")";
+    out.item("model.moe " + models::to_string(a.moe) + " (E " + std::to_string(a.router.num_experts) + ") vs " +
+             models::to_string(b.moe) + " (E " + std::to_string(b.router.num_experts) + ")");
   }
   return out.str();
 }
 
 std::string training_data_difference(const DataConfig& a, const DataConfig& b) {
-  std::ostringstream out;
-  auto add = [&](const char* key, const auto& x, const auto& y) {
-    if (x == y) return;
-    if (out.tellp() > 0) out << ", ";
-    out << "data." << key << " " << nlohmann::json(x).dump() << " vs " << nlohmann::json(y).dump();
-  };
+  Differences out;
+  auto add = [&](const char* key, const auto& x, const auto& y) { out.add(std::string("data.") + key, x, y); };
   // One dataset spelled two ways ("data/x" and "./data/x/") is the same dataset.
   auto same_file = [](const std::string& x, const std::string& y) {
     std::error_code ex, ey;
