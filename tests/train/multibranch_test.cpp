@@ -213,6 +213,24 @@ TEST(MultiBranch, TeacherTrainedOnOtherImagesIsRefused) {
   EXPECT_EQ(train::training_data_difference(a, b), "data.format \"cifar10\" vs \"fashion-mnist\", data.per_class 0 vs 50");
 }
 
+// What the refusal names: every field that shapes the network, in one list;
+// drop rates and routing noise are training choices, not architecture.
+TEST(MultiBranch, ArchitectureDifferenceNamesEveryShapingField) {
+  models::ModelConfig a, b;
+  EXPECT_EQ(train::architecture_difference(a, b), "");
+  b.drop_path = 0.3;
+  b.router.noise_std = 0.5;
+  EXPECT_EQ(train::architecture_difference(a, b), "");
+  b.branches = 3;
+  b.moe = models::parse_placement("every-2");
+  b.router.num_experts = 4;
+  EXPECT_EQ(train::architecture_difference(a, b), "model.branches 1 vs 3, model.moe none (E " +
+                                                      std::to_string(a.router.num_experts) + ") vs every-2 (E 4)");
+  a.moe = b.moe;  // same placement, other expert count
+  EXPECT_EQ(train::architecture_difference(a, b),
+            "model.branches 1 vs 3, model.moe every-2 (E " + std::to_string(a.router.num_experts) + ") vs every-2 (E 4)");
+}
+
 TEST(MultiBranch, FusionTrainsOnlyTheFusionLayer) {
   test::TempDir dir;
   auto c = toy(dir.file("mb"), 3);
