@@ -4,6 +4,7 @@
 #pragma once
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,9 @@ struct ConfigFlags {
   bool help_config = false;
   void add_to(CLI::App* cmd);
   io::RunConfig resolve() const;  // defaults <- preset <- file <- shorthands <- --set
+  // resolve(), unless --help-config or --print-config asked for a listing: then
+  // it is printed and nothing is returned (the command exits 0).
+  std::optional<io::RunConfig> resolve_or_print() const;
 };
 
 Runner add_train(CLI::App& app);
@@ -40,6 +44,7 @@ Runner add_ablation(CLI::App& app);
 Runner add_ensemble(CLI::App& app);
 Runner add_data(CLI::App& app);
 Runner add_hardmoe(CLI::App& app);
+Runner add_pretrain(CLI::App& app);
 
 // The job this process belongs to, from the torchrun environment (RANK,
 // WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME); unset:

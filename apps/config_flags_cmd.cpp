@@ -45,6 +45,19 @@ void ConfigFlags::add_to(CLI::App* cmd) {
   cmd->add_flag("--help-config", help_config, "list every config key and exit");
 }
 
+std::optional<io::RunConfig> ConfigFlags::resolve_or_print() const {
+  if (help_config) {
+    for (auto& [k, h] : io::config_keys()) std::cout << "  " << k << "  " << h << "\n";
+    return std::nullopt;
+  }
+  io::RunConfig cfg = resolve();
+  if (print_config) {
+    std::cout << io::to_json_string(cfg) << "\n";
+    return std::nullopt;
+  }
+  return cfg;
+}
+
 io::RunConfig ConfigFlags::resolve() const {
   io::RunConfig cfg;
   if (!preset.empty()) cfg.model = models::preset(preset);

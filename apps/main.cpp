@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   add(moev::app::add_sweep(app));
   add(moev::app::add_launch(app));
   add(moev::app::add_checkpoint(app));
+  add(moev::app::add_pretrain(app));
   add(moev::app::add_fuse(app));
   add(moev::app::add_ablation(app));
   add(moev::app::add_ensemble(app));

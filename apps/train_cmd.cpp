@@ -21,15 +21,9 @@ Runner add_train(CLI::App& app) {
       "  moev train --model vmoe-tiny --epochs 3 --out runs/quick\n"
       "  moev train --out runs/quick --resume");
   return [flags, resume]() {
-    if (flags->help_config) {
-      for (auto& [k, h] : io::config_keys()) std::cout << "  " << k << "  " << h << "\n";
-      return 0;
-    }
-    io::RunConfig cfg = flags->resolve();
-    if (flags->print_config) {
-      std::cout << io::to_json_string(cfg) << "\n";
-      return 0;
-    }
+    const auto resolved = flags->resolve_or_print();
+    if (!resolved) return 0;
+    io::RunConfig cfg = *resolved;
     // A rank of a distributed job: local ranks share the cores, so "all cores"
     // means this rank's part of them.
     const auto dc = dist_from_environment(cfg);

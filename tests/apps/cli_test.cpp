@@ -203,6 +203,16 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
                            "/checkpoint.pt --out " + dir.file("a"),
                        {"train.teacher", "model.branches 1 vs 3", "same architecture"});
   expect_clean_failure("fuse " + dir.file("n1") + "/checkpoint.pt", {"multi-branch model", "1 branch"});
+  // Self-supervised initialisation: a queue longer than the images allow, then a
+  // short pre-training whose checkpoint starts a supervised run.
+  expect_clean_failure("pretrain " + toy + "--queue 5000 --out " + dir.file("a"), {"queue = 5000", "at most 40"});
+  r = run("pretrain " + toy + "--set model.branches=2 --pretrain-epochs 1 --queue 20 --knn 5 --out " +
+          dir.file("ssl"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("test kNN top-1"), std::string::npos) << r.out;
+  r = run("train " + toy + "--set model.branches=2 --set train.init_from=" + dir.file("ssl") + "/pretrain.pt --out " +
+          dir.file("ssl_sup"));
+  ASSERT_EQ(r.code, 0) << r.out;
   // The happy path: N = 2 with distillation from an N = 2 teacher, fused, ensembled with TTA.
   r = run("train " + toy + "--set model.branches=2 --out " + dir.file("t2"));
   ASSERT_EQ(r.code, 0) << r.out;

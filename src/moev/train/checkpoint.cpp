@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -113,6 +114,18 @@ void load_module_tensors(torch::nn::Module& module, const std::map<std::string, 
   for (const auto& [name, _] : t)
     MOEV_CHECK(mine.count(name), source, ": checkpoint tensor '", name,
                "' has no place in this model (another architecture?)");
+}
+
+at::Tensor cpu_rng_state() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void set_cpu_rng_state(const at::Tensor& s) {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(s);
 }
 
 }  // namespace moev::train

@@ -37,4 +37,9 @@ std::map<std::string, at::Tensor> module_tensors(const torch::nn::Module& module
 void load_module_tensors(torch::nn::Module& module, const std::map<std::string, at::Tensor>& t,
                          const std::string& source);
 
+// The default CPU generator's state (stochastic depth, dropout, weight init):
+// saved with a checkpoint so a resumed run draws what the uninterrupted one did.
+at::Tensor cpu_rng_state();
+void set_cpu_rng_state(const at::Tensor& state);
+
 }  // namespace moev::train

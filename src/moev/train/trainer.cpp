@@ -39,6 +39,15 @@ std::string checkpoint_path(const std::string& out_dir) {
 
 uint64_t branch_view_seed(uint64_t seed, int64_t view) { return seed + uint64_t(view) * 0x9E3779B97F4A7C15ull; }
 
+io::RunConfig resumed_config(io::RunConfig saved, const io::RunConfig& now) {
+  saved.train.threads = now.train.threads;
+  saved.train.device = now.train.device;
+  saved.train.progress = now.train.progress;
+  saved.train.max_steps = now.train.max_steps;
+  saved.train.out_dir = now.train.out_dir;
+  return saved;
+}
+
 int set_threads(int threads) {
   const int n = std::max(1, threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency()));
   at::set_num_threads(n);
@@ -110,18 +119,6 @@ struct Position {
   int64_t step = 0, epoch = 0, batch = 0;  // next step, its epoch and batch in epoch
 };
 
-at::Tensor cpu_rng_state() {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get_state();
-}
-
-void set_cpu_rng_state(const at::Tensor& s) {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  gen.set_state(s);
-}
-
 json eval_json(const EvalResult& e) {
   json j{{"top1", e.top1}, {"top5", e.top5}, {"loss", e.loss}, {"images_per_s", e.images_per_s},
          {"expert_load", e.expert_load}, {"dropped", e.dropped}};
@@ -145,13 +142,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   if (opts.resume) {
     resume_from = load_checkpoint(ckpt_file);
     // The run continues as it was configured; only how it runs may change.
-    auto saved = io::from_json_string(resume_from.config_json, ckpt_file);
-    saved.train.threads = cfg.train.threads;
-    saved.train.device = cfg.train.device;
-    saved.train.progress = cfg.train.progress;
-    saved.train.max_steps = cfg.train.max_steps;
-    saved.train.out_dir = cfg.train.out_dir;
-    cfg = saved;
+    cfg = resumed_config(io::from_json_string(resume_from.config_json, ckpt_file), cfg);
     auto st = json::parse(resume_from.state_json);
     pos.step = st.at("step").get<int64_t>();
     pos.epoch = st.at("epoch").get<int64_t>();

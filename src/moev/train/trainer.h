@@ -57,6 +57,10 @@ std::string checkpoint_path(const std::string& out_dir);
 // the run's own, so branch 0 sees what the run without views would).
 uint64_t branch_view_seed(uint64_t seed, int64_t view);
 
+// The config a resumed run continues with: the one it was saved with, but for
+// how it runs (threads, device, progress bar, max_steps, out_dir), taken from now.
+io::RunConfig resumed_config(io::RunConfig saved, const io::RunConfig& now);
+
 // Sets the intra-op thread count (0: all cores) once per process; returns it.
 int set_threads(int threads);
 

@@ -1,0 +1,403 @@
+#include "moev/train/pretrain.h"
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "moev/core/error.h"
+#include "moev/data/batch_loader.h"
+#include "moev/data/random.h"
+#include "moev/io/table.h"
+#include "moev/moe/moe_layer.h"
+#include "moev/models/model_config.h"
+#include "moev/train/adamw.h"
+#include "moev/train/checkpoint.h"
+#include "moev/train/datasets.h"
+#include "moev/train/schedule.h"
+#include "moev/train/trainer.h"
+#include "moev/viz/plot.h"
+#include "moev/viz/progress_bar.h"
+
+namespace moev::train {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+namespace F = torch::nn::functional;
+
+at::Tensor random_view(const at::Tensor& x, uint64_t seed, double min_scale, bool flip, double jitter) {
+  MOEV_CHECK(x.dim() == 4, "random_view: images [B, C, H, W] expected, got ", x.sizes());
+  const int64_t B = x.size(0);
+  std::mt19937_64 rng(data::splitmix64(seed));
+  auto u = [&] { return data::uniform_unit(rng); };
+  auto theta = torch::zeros({B, 2, 3});
+  auto contrast = torch::empty({B, 1, 1, 1}), brightness = torch::empty({B, 1, 1, 1});
+  float* th = theta.data_ptr<float>();
+  float* c = contrast.data_ptr<float>();
+  float* br = brightness.data_ptr<float>();
+  const double log_lo = std::log(3.0 / 4.0), log_hi = std::log(4.0 / 3.0);
+  for (int64_t b = 0; b < B; ++b) {
+    // The sampling grid covers a sx by sy part of the image ([-1, 1] units),
+    // centred at (tx, ty) and kept inside it; its outermost points may fall
+    // between the last pixel centre and the edge, where the border is repeated
+    // (zero padding would darken the rims of every crop).
+    const double area = min_scale + (1.0 - min_scale) * u();
+    const double ratio = std::exp(log_lo + (log_hi - log_lo) * u());
+    const double sx = std::min(1.0, std::sqrt(area * ratio)), sy = std::min(1.0, std::sqrt(area / ratio));
+    const double tx = (2 * u() - 1) * (1 - sx), ty = (2 * u() - 1) * (1 - sy);
+    const double mirror = flip && u() < 0.5 ? -1.0 : 1.0;
+    th[b * 6 + 0] = static_cast<float>(sx * mirror);
+    th[b * 6 + 2] = static_cast<float>(tx);
+    th[b * 6 + 4] = static_cast<float>(sy);
+    th[b * 6 + 5] = static_cast<float>(ty);
+    c[b] = static_cast<float>(1 + jitter * (2 * u() - 1));
+    br[b] = static_cast<float>(jitter * (2 * u() - 1));
+  }
+  const auto grid = F::affine_grid(theta.to(x.device()), x.sizes(), /*align_corners=*/false);
+  auto v = F::grid_sample(
+      x, grid, F::GridSampleFuncOptions().mode(torch::kBilinear).padding_mode(torch::kBorder).align_corners(false));
+  if (jitter == 0) return v;
+  // Contrast about each image's own mean, then a brightness shift, both in the
+  // normalised units the model sees (one data std per unit).
+  const auto mean = v.mean({1, 2, 3}, /*keepdim=*/true);
+  return (v - mean) * contrast.to(x.device()) + mean + brightness.to(x.device());
+}
+
+at::Tensor info_nce(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue, double temperature) {
+  const auto pos = (q * k).sum(1, /*keepdim=*/true);  // [B, 1]
+  const auto neg = q.mm(queue.t());                    // [B, K]
+  const auto logits = torch::cat({pos, neg}, 1) / temperature;
+  return -torch::log_softmax(logits, 1).select(1, 0).mean();
+}
+
+double knn_top1(const at::Tensor& train, const at::Tensor& train_labels, const at::Tensor& test,
+                const at::Tensor& test_labels, int64_t k, int64_t num_classes) {
+  MOEV_CHECK(k >= 1 && train.size(0) >= 1, "knn_top1: k = ", k, " with ", train.size(0), " training rows");
+  const auto tr = F::normalize(train, F::NormalizeFuncOptions().dim(1));
+  const auto te = F::normalize(test, F::NormalizeFuncOptions().dim(1));
+  const int64_t kk = std::min(k, tr.size(0));
+  int64_t correct = 0;
+  for (int64_t begin = 0; begin < te.size(0); begin += 1024) {
+    const int64_t n = std::min<int64_t>(1024, te.size(0) - begin);
+    const auto sim = te.narrow(0, begin, n).mm(tr.t());  // [n, M]
+    const auto top = sim.topk(kk, 1);
+    const auto& idx = std::get<1>(top);
+    const auto weights = (std::get<0>(top) / 0.07).exp();
+    const auto labels = train_labels.index_select(0, idx.flatten()).view_as(idx);
+    const auto votes = torch::zeros({n, num_classes}, weights.options()).scatter_add_(1, labels, weights);
+    correct += votes.argmax(1).eq(test_labels.narrow(0, begin, n)).sum().item<int64_t>();
+  }
+  return te.size(0) > 0 ? static_cast<double>(correct) / static_cast<double>(te.size(0)) : 0.0;
+}
+
+namespace {
+
+// What the projection heads read: each branch's embedding (one branch: the
+// model's embedding).
+std::vector<at::Tensor> branch_embeddings(models::Classifier& m, const at::Tensor& x) {
+  if (m.num_branches() > 1) return m.forward_branches(x).embeddings;
+  return {m.embed(x)};
+}
+
+// key <- m key + (1 - m) query over the parameters (same architecture, same
+// order); buffers (BatchNorm statistics) stay the key encoder's own, as in MoCo.
+void momentum_update(torch::nn::Module& key, torch::nn::Module& query, double m) {
+  auto k = key.parameters(), q = query.parameters();
+  for (size_t i = 0; i < k.size(); ++i) k[i].mul_(m).add_(q[i], 1 - m);
+}
+
+std::map<std::string, at::Tensor> prefixed(const std::map<std::string, at::Tensor>& t, const std::string& p) {
+  std::map<std::string, at::Tensor> out;
+  for (const auto& [name, v] : t) out[p + name] = v;
+  return out;
+}
+
+std::map<std::string, at::Tensor> unprefixed(const std::map<std::string, at::Tensor>& t, const std::string& p) {
+  std::map<std::string, at::Tensor> out;
+  for (const auto& [name, v] : t)
+    if (name.compare(0, p.size(), p) == 0) out[name.substr(p.size())] = v;
+  return out;
+}
+
+// The test set's and the training set's embeddings, kNN top-1 of the first by the second.
+double knn_probe(models::Classifier& model, const Datasets& ds, int64_t k) {
+  model.eval();
+  auto embed_set = [&](const data::ImageSet& set) {
+    data::LoaderOptions lo;
+    lo.batch_size = 256;
+    lo.shuffle = false;
+    lo.drop_last = false;
+    lo.mean = ds.mean;
+    lo.std = ds.std;
+    data::BatchLoader loader(set, lo, 0);
+    std::vector<at::Tensor> parts;
+    data::Batch b;
+    torch::NoGradGuard ng;
+    while (loader.next(b)) parts.push_back(model.embed(b.x));
+    return torch::cat(parts);
+  };
+  const double top1 =
+      knn_top1(embed_set(ds.train), ds.train.labels, embed_set(ds.test), ds.test.labels, k, ds.train.num_classes());
+  model.train();
+  return top1;
+}
+
+json options_json(const PretrainOptions& o) {
+  return {{"epochs", o.epochs},       {"lr", o.lr},           {"weight_decay", o.weight_decay},
+          {"temperature", o.temperature}, {"momentum", o.momentum}, {"queue", o.queue},
+          {"proj_dim", o.proj_dim},   {"min_scale", o.min_scale}, {"jitter", o.jitter}};
+}
+
+// The loss curve of pretrain_log.jsonl (resumed runs included) as pretrain.png.
+void write_curve(const fs::path& log_path, int64_t per_epoch, const fs::path& png) {
+  viz::Series s;
+  s.name = "InfoNCE";
+  s.markers = false;
+  std::ifstream in(log_path);
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (!j.is_object() || !j.contains("loss")) continue;
+    s.x.push_back(j["step"].get<double>() / static_cast<double>(per_epoch));
+    s.y.push_back(j["loss"].get<double>());
+  }
+  viz::PlotSpec p;
+  p.title = "self-supervised pre-training (MoCo v2)";
+  p.xlabel = "epoch";
+  p.ylabel = "InfoNCE loss, summed over branches";
+  p.series = {s};
+  viz::write_plot(p, png.string());
+}
+
+}  // namespace
+
+PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, const PretrainOptions& o) {
+  const auto& tc = cfg.train;
+  MOEV_CHECK(!out_dir.empty(), "pretrain: no output directory");
+  MOEV_CHECK(o.epochs >= 1, "pretrain: epochs = ", o.epochs, ": expected at least 1");
+  MOEV_CHECK(o.lr > 0, "pretrain: lr = ", o.lr, ": expected > 0");
+  MOEV_CHECK(o.temperature > 0, "pretrain: temperature = ", o.temperature, ": expected > 0");
+  MOEV_CHECK(o.momentum >= 0 && o.momentum < 1, "pretrain: momentum = ", o.momentum, ": expected in [0, 1)");
+  MOEV_CHECK(o.min_scale > 0 && o.min_scale <= 1, "pretrain: min_scale = ", o.min_scale, ": expected in (0, 1]");
+  MOEV_CHECK(o.jitter >= 0 && o.jitter < 1, "pretrain: jitter = ", o.jitter, ": expected in [0, 1)");
+  MOEV_CHECK(o.queue >= 1 && o.proj_dim >= 1, "pretrain: queue = ", o.queue, " and proj_dim = ", o.proj_dim,
+             ": expected at least 1");
+  MOEV_CHECK(o.knn_k >= 0, "pretrain: knn_k = ", o.knn_k, ": expected >= 0 (0: no probe)");
+  const int64_t B = tc.batch_size;
+  MOEV_CHECK(B >= 4, "pretrain: train.batch_size = ", B,
+             ": expected at least 4 (the key encoder's BatchNorm runs on two halves of a batch)");
+  set_threads(tc.threads);
+
+  Datasets ds = open_datasets(cfg.data, cfg.model, /*load_train=*/true);
+  MOEV_CHECK(!ds.train.multilabel(), "pretrain: ", ds.train.source,
+             " is a multi-label manifest; pre-training reads single-label image sets (the labels only for the kNN probe)");
+  const int64_t M = ds.train.size();
+  MOEV_CHECK(M >= 2 * B, "pretrain: ", ds.train.source, " gives ", M, " training images, fewer than two batches of ",
+             "train.batch_size = ", B);
+  MOEV_CHECK(o.queue <= M - B, "pretrain: queue = ", o.queue, " keys, but ", ds.train.source, " gives ", M,
+             " training images: at most ", M - B, " (the images minus a batch), so that a batch's negatives are ",
+             "other images than its own");
+
+  // Both encoders are built from the same seed; the key encoder without drop
+  // path, dropout or router noise, since its output is a target.
+  torch::manual_seed(tc.seed);
+  auto model = models::build_model(cfg.model);
+  auto key_cfg = cfg.model;
+  key_cfg.drop_path = 0;
+  key_cfg.dropout = 0;
+  key_cfg.router.noise_std = 0;
+  auto key = models::build_model(key_cfg);
+  const int64_t N = model->num_branches();
+  int64_t width = 0;
+  {
+    torch::NoGradGuard ng;
+    model->eval();
+    width = branch_embeddings(*model, torch::zeros({2, cfg.model.channels, cfg.model.image_size,
+                                                    cfg.model.image_size}))[0]
+                .size(1);
+    model->train();
+  }
+  auto make_heads = [&] {
+    torch::nn::ModuleList heads;
+    for (int64_t b = 0; b < N; ++b)
+      heads->push_back(torch::nn::Sequential(torch::nn::Linear(width, width), torch::nn::ReLU(),
+                                             torch::nn::Linear(width, o.proj_dim)));
+    return heads;
+  };
+  auto proj = make_heads(), key_proj = make_heads();
+  std::vector<at::Tensor> queues;
+  for (int64_t b = 0; b < N; ++b)
+    queues.push_back(F::normalize(torch::randn({o.queue, o.proj_dim}), F::NormalizeFuncOptions().dim(1)));
+  load_module_tensors(*key, module_tensors(*model), "the query encoder");
+  load_module_tensors(*key_proj, module_tensors(*proj), "the query projection");
+  for (auto& p : key->parameters()) p.set_requires_grad(false);
+  for (auto& p : key_proj->parameters()) p.set_requires_grad(false);
+  key->train();
+  key_proj->train();
+
+  std::vector<std::pair<std::string, at::Tensor>> params;
+  for (auto& p : model->named_parameters()) params.emplace_back(p.key(), p.value());
+  for (auto& p : proj->named_parameters()) params.emplace_back("proj." + p.key(), p.value());
+  AdamWOptions ao;
+  ao.weight_decay = o.weight_decay;
+  AdamW opt(params, ao);
+
+  const fs::path dir(out_dir), ckpt_path = dir / "pretrain.pt", log_path = dir / "pretrain_log.jsonl";
+  const std::string config_text = io::to_json_string(cfg);
+  const json opts_json = options_json(o);
+  int64_t step = 0, ptr = 0;
+  at::Tensor rng;
+  if (o.resume) {
+    MOEV_CHECK(fs::exists(ckpt_path), "pretrain --resume: no checkpoint ", ckpt_path.string(), " to resume");
+    auto c = load_checkpoint(ckpt_path.string());
+    const auto state = json::parse(c.state_json);
+    MOEV_CHECK(state.contains("pretrain"), ckpt_path.string(), " is not a pre-training checkpoint");
+    // Only how the run runs may change (threads, max_steps, ...), as for moev train --resume.
+    MOEV_CHECK(io::to_json_string(resumed_config(io::from_json_string(c.config_json, ckpt_path.string()), cfg)) ==
+                   config_text,
+               "pretrain --resume: ", ckpt_path.string(),
+               " was written with another config; resume with the config it was started with");
+    const auto& saved = state.at("pretrain").at("options");
+    for (const auto& [k, v] : opts_json.items())
+      MOEV_CHECK(saved.contains(k) && saved.at(k) == v, "pretrain --resume: ", ckpt_path.string(), " ran with ", k,
+                 " = ", saved.contains(k) ? saved.at(k).dump() : "(none)", ", not ", v.dump());
+    load_module_tensors(*model, c.model, ckpt_path.string());
+    load_module_tensors(*proj, unprefixed(c.optimizer, "proj."), ckpt_path.string());
+    load_module_tensors(*key, unprefixed(c.optimizer, "key."), ckpt_path.string());
+    load_module_tensors(*key_proj, unprefixed(c.optimizer, "key_proj."), ckpt_path.string());
+    opt.load_state(unprefixed(c.optimizer, "adamw."), ckpt_path.string());
+    for (int64_t b = 0; b < N; ++b) queues[b].copy_(c.optimizer.at("queue." + std::to_string(b)));
+    step = state.at("pretrain").at("step").get<int64_t>();
+    ptr = state.at("pretrain").at("queue_ptr").get<int64_t>();
+    rng = c.rng;
+  }
+  fs::create_directories(dir);
+  std::ofstream log(log_path, o.resume ? std::ios::app : std::ios::trunc);
+  MOEV_CHECK(log.good(), "pretrain: cannot write ", log_path.string());
+
+  PretrainOutcome out;
+  out.checkpoint = ckpt_path.string();
+  if (!o.resume && o.knn_k > 0) out.knn_top1_init = knn_probe(*model, ds, o.knn_k);
+
+  auto save = [&] {
+    Checkpoint c;
+    c.config_json = config_text;
+    c.state_json = json{{"pretrain", {{"step", step}, {"queue_ptr", ptr}, {"options", opts_json}}}}.dump();
+    c.model = module_tensors(*model);
+    // The rest of the run's state, which only a resumed pre-training reads back.
+    for (auto& kv : prefixed(opt.state(), "adamw.")) c.optimizer.insert(kv);
+    for (auto& kv : prefixed(module_tensors(*proj), "proj.")) c.optimizer.insert(kv);
+    for (auto& kv : prefixed(module_tensors(*key), "key.")) c.optimizer.insert(kv);
+    for (auto& kv : prefixed(module_tensors(*key_proj), "key_proj.")) c.optimizer.insert(kv);
+    for (int64_t b = 0; b < N; ++b) c.optimizer["queue." + std::to_string(b)] = queues[b];
+    c.rng = cpu_rng_state();
+    save_checkpoint(ckpt_path.string(), c);
+  };
+
+  data::LoaderOptions lo = training_loader_options(cfg.data, ds, B, tc.seed);
+  lo.augment = false;  // the two views are random_view's
+  const int64_t per_epoch = M / B, total = per_epoch * o.epochs;
+  const int64_t warmup = std::min(10 * per_epoch, total / 5);
+  const uint64_t base = data::splitmix64(tc.seed ^ 0x6d6f636f76327373ULL);
+  auto seed_of = [&](int64_t s, int64_t what) { return data::splitmix64(base + 3 * static_cast<uint64_t>(s) + what); };
+  const auto moe_layers = moe::find_moe_layers(*model);
+  viz::ProgressBar bar(tc.progress ? o.progress : nullptr, total, "pretrain", "step", o.interactive, step);
+  double window = 0, epoch_loss = 0;
+  int64_t window_n = 0, epoch_n = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  // Restored last: everything above that draws (weight init, queues) ran as in
+  // the first process, and drop path must continue the stream it left.
+  if (rng.defined() && rng.numel() > 0) set_cpu_rng_state(rng);
+  // train.max_steps stops early (a planned interruption; --resume continues it).
+  const int64_t stop_at = tc.max_steps > 0 ? std::min(total, tc.max_steps) : total;
+  while (step < stop_at) {
+    const int64_t epoch = step / per_epoch;
+    data::BatchLoader loader(ds.train, lo, epoch, step % per_epoch);
+    epoch_loss = 0;
+    epoch_n = 0;
+    data::Batch batch;
+    while (step < stop_at && loader.next(batch)) {
+      const double lr = learning_rate(step, total, warmup, o.lr, o.lr / 100);
+      const auto v1 = random_view(batch.x, seed_of(step, 0), o.min_scale, cfg.data.hflip, o.jitter);
+      const auto v2 = random_view(batch.x, seed_of(step, 1), o.min_scale, cfg.data.hflip, o.jitter);
+      std::vector<at::Tensor> keys(N);
+      {
+        torch::NoGradGuard ng;
+        momentum_update(*key, *model, o.momentum);
+        momentum_update(*key_proj, *proj, o.momentum);
+        // Shuffle BN: the keys are computed in two halves of a random order.
+        std::vector<int64_t> order(B);
+        for (int64_t i = 0; i < B; ++i) order[i] = i;
+        std::mt19937_64 rng_perm(seed_of(step, 2));
+        for (int64_t i = B - 1; i > 0; --i)
+          std::swap(order[i], order[data::uniform_below(rng_perm, static_cast<uint64_t>(i + 1))]);
+        const auto perm = torch::tensor(order, torch::kInt64);
+        const auto shuffled = v2.index_select(0, perm);
+        const int64_t h = B / 2;
+        const auto a = branch_embeddings(*key, shuffled.narrow(0, 0, h));
+        const auto b = branch_embeddings(*key, shuffled.narrow(0, h, B - h));
+        const auto inverse = torch::empty_like(perm).index_copy_(0, perm, torch::arange(B, torch::kInt64));
+        for (int64_t n = 0; n < N; ++n)
+          keys[n] = F::normalize(key_proj->ptr(n)->as<torch::nn::SequentialImpl>()->forward(
+                                     torch::cat({a[n], b[n]}).index_select(0, inverse)),
+                                 F::NormalizeFuncOptions().dim(1));
+      }
+      const auto q_emb = branch_embeddings(*model, v1);
+      at::Tensor loss;
+      for (int64_t n = 0; n < N; ++n) {
+        const auto q = F::normalize(proj->ptr(n)->as<torch::nn::SequentialImpl>()->forward(q_emb[n]),
+                                    F::NormalizeFuncOptions().dim(1));
+        const auto l = info_nce(q, keys[n], queues[n], o.temperature);
+        loss = loss.defined() ? loss + l : l;
+      }
+      const double contrastive = loss.item<double>();
+      for (auto& l : moe_layers) loss = loss + l->aux_loss();
+      opt.zero_grad();
+      loss.backward();
+      opt.step(lr);
+      {
+        torch::NoGradGuard ng;
+        const auto slots = (torch::arange(B, torch::kInt64) + ptr).remainder(o.queue);
+        for (int64_t n = 0; n < N; ++n) queues[n].index_copy_(0, slots, keys[n]);
+        ptr = (ptr + B) % o.queue;
+      }
+      ++step;
+      window += contrastive;
+      epoch_loss += contrastive;
+      ++window_n;
+      ++epoch_n;
+      char status[48];
+      std::snprintf(status, sizeof status, "loss %.4f", contrastive);
+      bar.update(step, status);
+      if (step % std::max<int64_t>(1, tc.log_every) == 0 || step == total) {
+        log << json{{"step", step}, {"epoch", static_cast<double>(step) / per_epoch}, {"loss", window / window_n},
+                    {"lr", lr}}
+                   .dump()
+            << "\n"
+            << std::flush;
+        window = 0;
+        window_n = 0;
+      }
+      if (tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0 && step < stop_at) save();
+    }
+  }
+  bar.finish();
+  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  out.steps = step;
+  out.final_loss = epoch_n > 0 ? epoch_loss / epoch_n : 0;
+  save();
+  if (o.knn_k > 0) out.knn_top1 = knn_probe(*model, ds, o.knn_k);
+  write_curve(log_path, per_epoch, dir / "pretrain.png");
+  json result{{"steps", out.steps},     {"final_loss", out.final_loss}, {"seconds", out.seconds},
+              {"checkpoint", out.checkpoint}, {"options", opts_json}};
+  if (out.knn_top1_init >= 0) result["knn_top1_init"] = out.knn_top1_init;
+  if (out.knn_top1 >= 0) result["knn_top1"] = out.knn_top1;
+  io::write_text_atomic((dir / "pretrain.json").string(), result.dump(2) + "\n");
+  return out;
+}
+
+}  // namespace moev::train

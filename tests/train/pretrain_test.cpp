@@ -1,0 +1,160 @@
+// Self-supervised pre-training (MoCo v2): the random views stay inside the image
+// and flip as asked, InfoNCE and the kNN probe give known answers, and a toy
+// run on real Fashion-MNIST images resumes bit for bit, never touches the
+// heads (no label reaches the model) and starts a supervised run.
+#include <cmath>
+#include <filesystem>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "support/expect_error.h"
+#include "support/temp_dir.h"
+#include "support/toy_resnest.h"
+#include "moev/train/checkpoint.h"
+#include "moev/train/pretrain.h"
+#include "moev/train/trainer.h"
+
+using namespace moev;
+
+TEST(Pretrain, RandomViewReadsOnlyInsideTheImage) {
+  // A constant image stays constant under any crop if no padding is read; with
+  // jitter it only shifts, by at most the jitter.
+  const auto x = torch::full({32, 1, 28, 28}, 3.0f);
+  EXPECT_TRUE(torch::allclose(train::random_view(x, 7, 0.2, true, 0.0), x, 0, 1e-5));
+  const auto v = train::random_view(x, 7, 0.2, true, 0.4);
+  const auto per_image = v.flatten(1);
+  EXPECT_LT((per_image - per_image.mean(1, true)).abs().max().item<double>(), 1e-5);
+  EXPECT_LE((per_image.mean(1) - 3.0).abs().max().item<double>(), 0.4 + 1e-5);
+  EXPECT_GT((per_image.mean(1) - 3.0).abs().max().item<double>(), 0.05);
+}
+
+TEST(Pretrain, RandomViewCropsScalesAndFlipsAsAsked) {
+  // Left-to-right ramps: a view keeps the ramp rising unless it is mirrored, and
+  // its span is the crop's width, between sqrt(min_scale * 3/4) and 1 of the image.
+  const int64_t B = 64, W = 28;
+  const auto ramp = torch::arange(W, torch::kFloat).view({1, 1, 1, W}).expand({B, 1, W, W}).contiguous();
+  auto rising = [&](const at::Tensor& v) {
+    const auto d = v.select(1, 0).select(1, W / 2).diff(1, 1);  // [B, W - 1]
+    return d.ge(-1e-4).all(1);
+  };
+  const double min_scale = 0.25;
+  const auto plain = train::random_view(ramp, 1, min_scale, /*flip=*/false, 0.0);
+  EXPECT_TRUE(rising(plain).all().item<bool>());
+  const auto row = plain.select(1, 0).select(1, W / 2);
+  const auto span = (row.amax(1) - row.amin(1)) / static_cast<double>(W);
+  EXPECT_GE(span.min().item<double>(), std::sqrt(min_scale * 0.75) - 0.08);
+  EXPECT_LE(span.max().item<double>(), 1.0);
+  EXPECT_GT(span.max().item<double>() - span.min().item<double>(), 0.2);  // the scale varies
+  const auto flipped = train::random_view(ramp, 1, min_scale, /*flip=*/true, 0.0);
+  const int64_t mirrored = B - rising(flipped).sum().item<int64_t>();
+  EXPECT_GT(mirrored, B / 4);
+  EXPECT_LT(mirrored, 3 * B / 4);
+  // The same seed draws the same views; another seed others.
+  EXPECT_TRUE(torch::equal(flipped, train::random_view(ramp, 1, min_scale, true, 0.0)));
+  EXPECT_FALSE(torch::equal(flipped, train::random_view(ramp, 2, min_scale, true, 0.0)));
+}
+
+TEST(Pretrain, InfoNceKnownAnswerAndGradient) {
+  auto q = torch::tensor({{1.0f, 0.0f}}).requires_grad_(true);
+  const auto k = torch::tensor({{1.0f, 0.0f}});
+  const auto queue = torch::tensor({{0.0f, 1.0f}, {-1.0f, 0.0f}});
+  // logits [1, 0, -1] / 0.5 = [2, 0, -2]
+  const auto loss = train::info_nce(q, k, queue, 0.5);
+  EXPECT_NEAR(loss.item<double>(), -std::log(std::exp(2.0) / (std::exp(2.0) + 1 + std::exp(-2.0))), 1e-6);
+  loss.backward();
+  // Descending the gradient moves q towards its key and away from the negatives.
+  const auto g = q.grad();
+  EXPECT_LT((g * k).sum().item<double>(), 0);
+  EXPECT_GT((g * queue.select(0, 0)).sum().item<double>(), 0);
+}
+
+TEST(Pretrain, KnnProbeKnownAnswer) {
+  const auto train = torch::tensor({{1.0f, 0.0f}, {0.9f, 0.1f}, {0.0f, 1.0f}, {0.1f, 0.9f}});
+  const auto train_labels = torch::tensor({0, 0, 1, 1}, torch::kInt64);
+  const auto test = torch::tensor({{2.0f, 0.1f}, {0.1f, 3.0f}, {0.8f, 0.3f}});
+  // The third is nearest to class 0, labelled 1: two of three right.
+  EXPECT_NEAR(train::knn_top1(train, train_labels, test, torch::tensor({0, 1, 1}, torch::kInt64), 2, 2), 2.0 / 3.0,
+              1e-9);
+  // k = 4 lets all four vote, the nearer ones weighing more.
+  EXPECT_NEAR(train::knn_top1(train, train_labels, test, torch::tensor({0, 1, 0}, torch::kInt64), 4, 2), 1.0, 1e-9);
+}
+
+TEST(Pretrain, ToyRunResumesExactlyLeavesHeadsAndStartsTraining) {
+  test::TempDir dir;
+  auto cfg = test::toy_resnest_run(dir.file("ssl"), 2);
+  cfg.train.checkpoint_every = 4;
+  train::PretrainOptions o;
+  o.epochs = 3;  // 15 steps of 10 images
+  o.queue = 20;
+  o.proj_dim = 16;
+  o.knn_k = 5;
+  const auto full = train::pretrain(cfg, dir.file("full"), o);
+  EXPECT_EQ(full.steps, 15);
+  EXPECT_TRUE(std::isfinite(full.final_loss));
+  EXPECT_GT(full.final_loss, 0);
+  EXPECT_GE(full.knn_top1_init, 0);
+  EXPECT_LE(full.knn_top1, 1);
+  for (const char* f : {"pretrain.pt", "pretrain_log.jsonl", "pretrain.json", "pretrain.png"})
+    EXPECT_TRUE(std::filesystem::exists(dir.file("full") + "/" + f)) << f;
+
+  // Stopped after 7 steps (mid-epoch, between checkpoints) and resumed.
+  auto cut = cfg;
+  cut.train.max_steps = 7;
+  EXPECT_EQ(train::pretrain(cut, dir.file("cut"), o).steps, 7);
+  auto again = o;
+  again.resume = true;
+  EXPECT_EQ(train::pretrain(cfg, dir.file("cut"), again).steps, 15);
+  const auto a = train::load_checkpoint(dir.file("full") + "/pretrain.pt");
+  const auto b = train::load_checkpoint(dir.file("cut") + "/pretrain.pt");
+  for (const auto& [name, t] : a.model) EXPECT_TRUE(torch::equal(t, b.model.at(name))) << name;
+  for (const auto& [name, t] : a.optimizer) EXPECT_TRUE(torch::equal(t, b.optimizer.at(name))) << name;
+
+  // No label reaches the model: the heads are as initialised, the trunk is not.
+  torch::manual_seed(cfg.train.seed);
+  const auto init = train::module_tensors(*models::build_model(cfg.model));
+  int64_t heads = 0, moved = 0;
+  for (const auto& [name, t] : a.model) {
+    if (name.rfind("heads.", 0) == 0) {
+      ++heads;
+      EXPECT_TRUE(torch::equal(t, init.at(name))) << name;
+    } else if (name.find("weight") != std::string::npos && !torch::equal(t, init.at(name))) {
+      ++moved;
+    }
+  }
+  EXPECT_EQ(heads, 4);  // two branches' weight and bias
+  EXPECT_GT(moved, 10);
+
+  // The checkpoint starts a supervised run.
+  auto sup = cfg;
+  sup.train.out_dir = dir.file("sup");
+  sup.train.epochs = 1;
+  sup.train.init_from = dir.file("full") + "/pretrain.pt";
+  EXPECT_EQ(train::train_model(sup, {}).steps, 5);
+}
+
+TEST(Pretrain, BadOptionsAndResumesAreErrors) {
+  test::TempDir dir;
+  auto cfg = test::toy_resnest_run(dir.file("ssl"), 1);
+  train::PretrainOptions o;
+  o.epochs = 1;
+  o.queue = 45;  // 50 images minus a batch of 10 leaves 40
+  test::expect_error([&] { train::pretrain(cfg, dir.file("a"), o); }, {"queue = 45", "at most 40"});
+  o.queue = 20;
+  o.temperature = 0;
+  test::expect_error([&] { train::pretrain(cfg, dir.file("a"), o); }, {"temperature = 0"});
+  o.temperature = 0.2;
+  o.resume = true;
+  test::expect_error([&] { train::pretrain(cfg, dir.file("a"), o); }, {"no checkpoint", "pretrain.pt"});
+  o.resume = false;
+  o.knn_k = 0;
+  cfg.train.max_steps = 2;
+  train::pretrain(cfg, dir.file("a"), o);
+  o.resume = true;
+  o.temperature = 0.1;
+  test::expect_error([&] { train::pretrain(cfg, dir.file("a"), o); }, {"temperature = 0.2", "not 0.1"});
+  o.temperature = 0.2;
+  cfg.train.lr = 0.5;
+  test::expect_error([&] { train::pretrain(cfg, dir.file("a"), o); }, {"another config"});
+}
