@@ -2,10 +2,12 @@
 // its own training images, Sun et al.'s initialisation step; the checkpoint
 // starts a supervised run through train.init_from.
 #include <cstdio>
+#include <cstring>
 #include <iostream>
 #include <memory>
 
 #include "commands.h"
+#include "moev/core/error.h"
 #include "moev/train/pretrain.h"
 
 namespace moev::app {
@@ -32,6 +34,11 @@ Runner add_pretrain(CLI::App& app) {
       "  moev train --config configs/multibranch_fmnist.toml --set model.branches=3 \\\n"
       "      --set train.init_from=runs/ssl3/pretrain.pt --out runs/mb3_ssl");
   return [flags, o]() {
+    // The shared shorthands that would set what pre-training does not read.
+    for (const auto& a : flags->shorthand)
+      for (const char* k : {"train.epochs=", "train.lr="})
+        MOEV_CHECK(a.rfind(k, 0) != 0, "moev pretrain: ", a, " sets the supervised run's ", std::string(k, strlen(k) - 1),
+                   ", which pre-training does not read; use --pretrain-epochs / --pretrain-lr");
     const auto resolved = flags->resolve_or_print();
     if (!resolved) return 0;
     const io::RunConfig cfg = *resolved;

@@ -205,8 +205,11 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   expect_clean_failure("fuse " + dir.file("n1") + "/checkpoint.pt", {"multi-branch model", "1 branch"});
   // Self-supervised initialisation: a queue longer than the images allow, then a
   // short pre-training whose checkpoint starts a supervised run.
-  expect_clean_failure("pretrain " + toy + "--queue 5000 --out " + dir.file("a"), {"queue = 5000", "at most 40"});
-  r = run("pretrain " + toy + "--set model.branches=2 --pretrain-epochs 1 --queue 20 --knn 5 --out " +
+  expect_clean_failure("pretrain " + toy + "--out " + dir.file("a"), {"train.epochs=1", "--pretrain-epochs"});
+  std::string toy_ssl = toy;
+  toy_ssl.erase(toy_ssl.find("--epochs 1 "), std::string("--epochs 1 ").size());
+  expect_clean_failure("pretrain " + toy_ssl + "--queue 5000 --out " + dir.file("a"), {"queue = 5000", "at most 40"});
+  r = run("pretrain " + toy_ssl + "--set model.branches=2 --pretrain-epochs 1 --queue 20 --knn 5 --out " +
           dir.file("ssl"));
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("test kNN top-1"), std::string::npos) << r.out;

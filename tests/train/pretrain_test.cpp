@@ -13,14 +13,16 @@
 #include "support/temp_dir.h"
 #include "support/toy_resnest.h"
 #include "moev/train/checkpoint.h"
+#include "moev/train/fusion.h"
 #include "moev/train/pretrain.h"
+#include "moev/train/trained_model.h"
 #include "moev/train/trainer.h"
 
 using namespace moev;
 
-TEST(Pretrain, RandomViewReadsOnlyInsideTheImage) {
-  // A constant image stays constant under any crop if no padding is read; with
-  // jitter it only shifts, by at most the jitter.
+TEST(Pretrain, RandomViewJitterShiftsAConstantImageWithinBounds) {
+  // A constant image stays constant under any crop and flip; with jitter it
+  // only shifts, by at most the jitter (contrast acts about its own mean).
   const auto x = torch::full({32, 1, 28, 28}, 3.0f);
   EXPECT_TRUE(torch::allclose(train::random_view(x, 7, 0.2, true, 0.0), x, 0, 1e-5));
   const auto v = train::random_view(x, 7, 0.2, true, 0.4);
@@ -42,6 +44,12 @@ TEST(Pretrain, RandomViewCropsScalesAndFlipsAsAsked) {
   const double min_scale = 0.25;
   const auto plain = train::random_view(ramp, 1, min_scale, /*flip=*/false, 0.0);
   EXPECT_TRUE(rising(plain).all().item<bool>());
+  // Inside the image: every sample lies within [0, W - 1], and the border is
+  // repeated for at most the half pixel beyond the outermost pixel centres.
+  EXPECT_GE(plain.min().item<double>(), 0.0);
+  EXPECT_LE(plain.max().item<double>(), W - 1.0);
+  const auto steps = plain.select(1, 0).select(1, W / 2).diff(1, 1);
+  EXPECT_LE(steps.le(1e-4).sum(1).max().item<int64_t>(), 2);
   const auto row = plain.select(1, 0).select(1, W / 2);
   const auto span = (row.amax(1) - row.amin(1)) / static_cast<double>(W);
   EXPECT_GE(span.min().item<double>(), std::sqrt(min_scale * 0.75) - 0.08);
@@ -95,6 +103,7 @@ TEST(Pretrain, ToyRunResumesExactlyLeavesHeadsAndStartsTraining) {
   EXPECT_TRUE(std::isfinite(full.final_loss));
   EXPECT_GT(full.final_loss, 0);
   EXPECT_GE(full.knn_top1_init, 0);
+  EXPECT_GE(full.knn_top1, 0);
   EXPECT_LE(full.knn_top1, 1);
   for (const char* f : {"pretrain.pt", "pretrain_log.jsonl", "pretrain.json", "pretrain.png"})
     EXPECT_TRUE(std::filesystem::exists(dir.file("full") + "/" + f)) << f;
@@ -105,7 +114,11 @@ TEST(Pretrain, ToyRunResumesExactlyLeavesHeadsAndStartsTraining) {
   EXPECT_EQ(train::pretrain(cut, dir.file("cut"), o).steps, 7);
   auto again = o;
   again.resume = true;
-  EXPECT_EQ(train::pretrain(cfg, dir.file("cut"), again).steps, 15);
+  const auto resumed = train::pretrain(cfg, dir.file("cut"), again);
+  EXPECT_EQ(resumed.steps, 15);
+  // The figures a resumed run reports are the uninterrupted run's.
+  EXPECT_EQ(resumed.knn_top1_init, full.knn_top1_init);
+  EXPECT_EQ(resumed.final_loss, full.final_loss);
   const auto a = train::load_checkpoint(dir.file("full") + "/pretrain.pt");
   const auto b = train::load_checkpoint(dir.file("cut") + "/pretrain.pt");
   for (const auto& [name, t] : a.model) EXPECT_TRUE(torch::equal(t, b.model.at(name))) << name;
@@ -126,6 +139,14 @@ TEST(Pretrain, ToyRunResumesExactlyLeavesHeadsAndStartsTraining) {
   EXPECT_EQ(heads, 4);  // two branches' weight and bias
   EXPECT_GT(moved, 10);
 
+  // Where a trained model is expected it is refused, pointing to train.init_from.
+  test::expect_error([&] { train::load_trained(dir.file("full") + "/pretrain.pt", c10::Device(c10::kCPU)); },
+                     {"pretrain.pt", "pre-training checkpoint", "train.init_from"});
+  train::FusionOptions fo;
+  fo.evaluate = false;
+  test::expect_error([&] { train::train_fusion(dir.file("full") + "/pretrain.pt", dir.file("fused.pt"), fo); },
+                     {"pre-training checkpoint"});
+
   // The checkpoint starts a supervised run.
   auto sup = cfg;
   sup.train.out_dir = dir.file("sup");
@@ -141,6 +162,8 @@ TEST(Pretrain, BadOptionsAndResumesAreErrors) {
   o.epochs = 1;
   o.queue = 45;  // 50 images minus a batch of 10 leaves 40
   test::expect_error([&] { train::pretrain(cfg, dir.file("a"), o); }, {"queue = 45", "at most 40"});
+  o.queue = 5;  // shorter than a batch
+  test::expect_error([&] { train::pretrain(cfg, dir.file("a"), o); }, {"queue = 5", "at least 10"});
   o.queue = 20;
   o.temperature = 0;
   test::expect_error([&] { train::pretrain(cfg, dir.file("a"), o); }, {"temperature = 0"});

@@ -12,6 +12,7 @@
 #include "moev/train/adamw.h"
 #include "moev/train/checkpoint.h"
 #include "moev/train/datasets.h"
+#include "moev/train/pretrain.h"
 #include "moev/train/schedule.h"
 #include "moev/viz/progress_bar.h"
 
@@ -20,6 +21,7 @@ namespace moev::train {
 FusionOutcome train_fusion(const std::string& path, const std::string& out_path, const FusionOptions& o) {
   MOEV_CHECK(o.epochs >= 1 && o.batch_size >= 1 && o.lr > 0, "fusion: epochs, batch size and lr must be positive");
   auto ckpt = load_checkpoint(path);
+  refuse_pretraining_checkpoint(ckpt.state_json, path);
   auto cfg = io::from_json_string(ckpt.config_json, path);
   MOEV_CHECK(cfg.model.family == "resnest" && cfg.model.branches >= 2, path, ": a fusion layer needs a ",
              "multi-branch model (model.family = resnest, model.branches >= 2); this one is ", cfg.model.family,

@@ -94,6 +94,13 @@ double knn_top1(const at::Tensor& train, const at::Tensor& train_labels, const a
   return te.size(0) > 0 ? static_cast<double>(correct) / static_cast<double>(te.size(0)) : 0.0;
 }
 
+void refuse_pretraining_checkpoint(const std::string& state_json, const std::string& path) {
+  const auto state = json::parse(state_json, nullptr, /*allow_exceptions=*/false);
+  MOEV_CHECK(!(state.is_object() && state.contains("pretrain")), path,
+             " is a self-supervised pre-training checkpoint (moev pretrain) whose heads are untrained; start a ",
+             "supervised run from it with train.init_from=", path);
+}
+
 namespace {
 
 // What the projection heads read: each branch's embedding (one branch: the
@@ -190,6 +197,8 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
   const int64_t B = tc.batch_size;
   MOEV_CHECK(B >= 4, "pretrain: train.batch_size = ", B,
              ": expected at least 4 (the key encoder's BatchNorm runs on two halves of a batch)");
+  MOEV_CHECK(tc.device.empty() || tc.device == "cpu", "pretrain: train.device = '", tc.device,
+             "': pre-training runs on the CPU");
   set_threads(tc.threads);
 
   Datasets ds = open_datasets(cfg.data, cfg.model, /*load_train=*/true);
@@ -198,9 +207,13 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
   const int64_t M = ds.train.size();
   MOEV_CHECK(M >= 2 * B, "pretrain: ", ds.train.source, " gives ", M, " training images, fewer than two batches of ",
              "train.batch_size = ", B);
-  MOEV_CHECK(o.queue <= M - B, "pretrain: queue = ", o.queue, " keys, but ", ds.train.source, " gives ", M,
-             " training images: at most ", M - B, " (the images minus a batch), so that a batch's negatives are ",
-             "other images than its own");
+  // A batch's keys replace the oldest B of the queue at once, so it holds at
+  // least a batch; and at most the images outside one batch, so that most of
+  // a batch's negatives are other images (a queue spanning an epoch boundary
+  // may still hold an older key of an image in the batch, as in MoCo).
+  MOEV_CHECK(o.queue >= B && o.queue <= M - B, "pretrain: queue = ", o.queue, " keys, but with ", M,
+             " training images in ", ds.train.source, " and train.batch_size = ", B, " it must be at least ", B,
+             " (a batch) and at most ", M - B, " (the images minus a batch)");
 
   // Both encoders are built from the same seed; the key encoder without drop
   // path, dropout or router noise, since its output is a target.
@@ -249,7 +262,8 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
   const fs::path dir(out_dir), ckpt_path = dir / "pretrain.pt", log_path = dir / "pretrain_log.jsonl";
   const std::string config_text = io::to_json_string(cfg);
   const json opts_json = options_json(o);
-  int64_t step = 0, ptr = 0;
+  int64_t step = 0, ptr = 0, epoch_n = 0;  // epoch_n, epoch_loss: steps and loss sum of the current epoch
+  double knn_init = -1, epoch_loss = 0;
   at::Tensor rng;
   if (o.resume) {
     MOEV_CHECK(fs::exists(ckpt_path), "pretrain --resume: no checkpoint ", ckpt_path.string(), " to resume");
@@ -271,22 +285,44 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
     load_module_tensors(*key_proj, unprefixed(c.optimizer, "key_proj."), ckpt_path.string());
     opt.load_state(unprefixed(c.optimizer, "adamw."), ckpt_path.string());
     for (int64_t b = 0; b < N; ++b) queues[b].copy_(c.optimizer.at("queue." + std::to_string(b)));
-    step = state.at("pretrain").at("step").get<int64_t>();
-    ptr = state.at("pretrain").at("queue_ptr").get<int64_t>();
+    const auto& st = state.at("pretrain");
+    step = st.at("step").get<int64_t>();
+    ptr = st.at("queue_ptr").get<int64_t>();
+    knn_init = st.value("knn_top1_init", -1.0);
+    epoch_loss = st.value("epoch_loss", 0.0);
+    epoch_n = st.value("epoch_steps", int64_t{0});
     rng = c.rng;
   }
   fs::create_directories(dir);
+  // A killed run logged steps past its checkpoint; the resumed run logs them again.
+  if (o.resume && fs::exists(log_path)) {
+    std::ifstream in(log_path);
+    std::string kept, line;
+    while (std::getline(in, line)) {
+      const auto j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (j.is_object() && j.value("step", int64_t{0}) <= step) kept += line + "\n";
+    }
+    in.close();
+    io::write_text_atomic(log_path.string(), kept);
+  }
   std::ofstream log(log_path, o.resume ? std::ios::app : std::ios::trunc);
   MOEV_CHECK(log.good(), "pretrain: cannot write ", log_path.string());
 
   PretrainOutcome out;
   out.checkpoint = ckpt_path.string();
-  if (!o.resume && o.knn_k > 0) out.knn_top1_init = knn_probe(*model, ds, o.knn_k);
+  out.knn_top1_init = o.resume ? knn_init : o.knn_k > 0 ? knn_probe(*model, ds, o.knn_k) : -1.0;
 
   auto save = [&] {
     Checkpoint c;
     c.config_json = config_text;
-    c.state_json = json{{"pretrain", {{"step", step}, {"queue_ptr", ptr}, {"options", opts_json}}}}.dump();
+    c.state_json = json{{"pretrain",
+                         {{"step", step},
+                          {"queue_ptr", ptr},
+                          {"options", opts_json},
+                          {"knn_top1_init", out.knn_top1_init},
+                          {"epoch_loss", epoch_loss},
+                          {"epoch_steps", epoch_n}}}}
+                       .dump();
     c.model = module_tensors(*model);
     // The rest of the run's state, which only a resumed pre-training reads back.
     for (auto& kv : prefixed(opt.state(), "adamw.")) c.optimizer.insert(kv);
@@ -306,8 +342,8 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
   auto seed_of = [&](int64_t s, int64_t what) { return data::splitmix64(base + 3 * static_cast<uint64_t>(s) + what); };
   const auto moe_layers = moe::find_moe_layers(*model);
   viz::ProgressBar bar(tc.progress ? o.progress : nullptr, total, "pretrain", "step", o.interactive, step);
-  double window = 0, epoch_loss = 0;
-  int64_t window_n = 0, epoch_n = 0;
+  double window = 0;
+  int64_t window_n = 0;
   const auto t0 = std::chrono::steady_clock::now();
   // Restored last: everything above that draws (weight init, queues) ran as in
   // the first process, and drop path must continue the stream it left.
@@ -316,9 +352,11 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
   const int64_t stop_at = tc.max_steps > 0 ? std::min(total, tc.max_steps) : total;
   while (step < stop_at) {
     const int64_t epoch = step / per_epoch;
+    if (step % per_epoch == 0) {
+      epoch_loss = 0;
+      epoch_n = 0;
+    }
     data::BatchLoader loader(ds.train, lo, epoch, step % per_epoch);
-    epoch_loss = 0;
-    epoch_n = 0;
     data::Batch batch;
     while (step < stop_at && loader.next(batch)) {
       const double lr = learning_rate(step, total, warmup, o.lr, o.lr / 100);
@@ -373,7 +411,7 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
       char status[48];
       std::snprintf(status, sizeof status, "loss %.4f", contrastive);
       bar.update(step, status);
-      if (step % std::max<int64_t>(1, tc.log_every) == 0 || step == total) {
+      if (step % std::max<int64_t>(1, tc.log_every) == 0 || step == stop_at) {
         log << json{{"step", step}, {"epoch", static_cast<double>(step) / per_epoch}, {"loss", window / window_n},
                     {"lr", lr}}
                    .dump()

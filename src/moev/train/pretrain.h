@@ -10,9 +10,10 @@
 // a queue of keys from earlier batches. A multi-branch model gives every branch
 // its own projection, keys and queue, and the branch losses are summed, as its
 // supervised losses are, so the branches start apart and the trunk learns from
-// all of them. The key encoder runs its batch in two shuffled halves (shuffle
-// BN on one device): a query and its key never share BatchNorm statistics,
-// which would otherwise let the pair be matched through them.
+// all of them. The key encoder runs its batch in two halves of a random order
+// (MoCo's shuffle BN, approximated on one device): each key is normalised with
+// a random half of the batch rather than with exactly the images its query
+// was, which weakens matching a pair through their BatchNorm statistics.
 //
 // The result is a checkpoint of the model (heads untouched) that a supervised
 // run starts from with train.init_from.
@@ -35,7 +36,7 @@ struct PretrainOptions {
   double weight_decay = 0.05;       // AdamW decoupled weight decay (matrices only)
   double temperature = 0.2;         // InfoNCE temperature (MoCo v2: 0.2)
   double momentum = 0.99;           // key encoder: key <- m key + (1 - m) query, every step
-  int64_t queue = 256;              // negative keys per branch; at most the training images minus a batch
+  int64_t queue = 256;              // negative keys per branch; from a batch to the training images minus a batch
   int64_t proj_dim = 128;           // projection head output width
   double min_scale = 0.25;          // random resized crop: area fraction drawn from [min_scale, 1]
   double jitter = 0.4;              // contrast factor in [1 - j, 1 + j], brightness shift in [-j, j] (data stds)
@@ -48,7 +49,7 @@ struct PretrainOptions {
 struct PretrainOutcome {
   int64_t steps = 0;
   double final_loss = 0;        // InfoNCE summed over branches, mean of the last epoch's steps
-  double knn_top1_init = -1;    // kNN probe before pre-training (-1: not run, e.g. resumed)
+  double knn_top1_init = -1;    // kNN probe before pre-training (-1: not run)
   double knn_top1 = -1;         // and after
   double seconds = 0;           // training steps only
   std::string checkpoint;       // <out_dir>/pretrain.pt
@@ -61,6 +62,10 @@ struct PretrainOutcome {
 // the end; a killed run resumes from it with o.resume, exactly),
 // pretrain_log.jsonl, pretrain.json and pretrain.png (the loss curve).
 PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, const PretrainOptions& o);
+
+// Refuses a pre-training checkpoint (its heads are as initialised) where a
+// trained model is expected (eval, predict, fuse, a teacher), naming `path`.
+void refuse_pretraining_checkpoint(const std::string& state_json, const std::string& path);
 
 // A random view of each image: a random resized crop (area in [min_scale, 1],
 // aspect ratio in [3/4, 4/3]) resampled to the input size, a horizontal flip

@@ -6,6 +6,7 @@
 #include "moev/core/error.h"
 #include "moev/hardmoe/hard_moe.h"
 #include "moev/train/checkpoint.h"
+#include "moev/train/pretrain.h"
 
 namespace moev::train {
 
@@ -13,6 +14,7 @@ TrainedModel load_trained(const std::string& path, const c10::Device& device,
                           const std::string& precision, bool raw_weights) {
   if (hardmoe::is_hard_moe_file(path)) return hardmoe::load_hard_moe(path, device, precision);
   auto ckpt = load_checkpoint(path);
+  refuse_pretraining_checkpoint(ckpt.state_json, path);
   TrainedModel t;
   t.cfg = io::from_json_string(ckpt.config_json, path);
   if (!precision.empty()) t.cfg.model.precision = precision;
