@@ -42,6 +42,10 @@ Runner add_pretrain(CLI::App& app) {
     const auto resolved = flags->resolve_or_print();
     if (!resolved) return 0;
     const io::RunConfig cfg = *resolved;
+    // One process: ranks of a job would each write the same files.
+    const int world = dist_from_environment(cfg).world_size;
+    MOEV_CHECK(world == 1, "moev pretrain runs as one process, not as a rank of a distributed job (WORLD_SIZE = ",
+               world, "); run it without moev launch");
     o->progress = &std::cerr;
     o->interactive = stderr_is_terminal();
     const auto r = train::pretrain(cfg, cfg.train.out_dir, *o);

@@ -209,6 +209,9 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   std::string toy_ssl = toy;
   toy_ssl.erase(toy_ssl.find("--epochs 1 "), std::string("--epochs 1 ").size());
   expect_clean_failure("pretrain " + toy_ssl + "--queue 5000 --out " + dir.file("a"), {"queue = 5000", "at most 40"});
+  const auto ranked = moev::test::run_cli("pretrain " + toy_ssl + "--out " + dir.file("a"), "WORLD_SIZE=2 RANK=0");
+  EXPECT_EQ(ranked.code, 1) << ranked.out;
+  EXPECT_NE(ranked.out.find("one process"), std::string::npos) << ranked.out;
   r = run("pretrain " + toy_ssl + "--set model.branches=2 --pretrain-epochs 1 --queue 20 --knn 5 --out " +
           dir.file("ssl"));
   ASSERT_EQ(r.code, 0) << r.out;
