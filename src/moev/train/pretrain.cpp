@@ -263,7 +263,9 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
   const std::string config_text = io::to_json_string(cfg);
   const json opts_json = options_json(o);
   int64_t step = 0, ptr = 0, epoch_n = 0;  // epoch_n, epoch_loss: steps and loss sum of the current epoch
-  double knn_init = -1, epoch_loss = 0;
+  double epoch_loss = 0;
+  PretrainOutcome out;
+  out.checkpoint = ckpt_path.string();
   at::Tensor rng;
   if (o.resume) {
     MOEV_CHECK(fs::exists(ckpt_path), "pretrain --resume: no checkpoint ", ckpt_path.string(), " to resume");
@@ -288,7 +290,7 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
     const auto& st = state.at("pretrain");
     step = st.at("step").get<int64_t>();
     ptr = st.at("queue_ptr").get<int64_t>();
-    knn_init = st.value("knn_top1_init", -1.0);
+    out.knn_top1_init = st.value("knn_top1_init", -1.0);
     epoch_loss = st.value("epoch_loss", 0.0);
     epoch_n = st.value("epoch_steps", int64_t{0});
     rng = c.rng;
@@ -308,9 +310,7 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
   std::ofstream log(log_path, o.resume ? std::ios::app : std::ios::trunc);
   MOEV_CHECK(log.good(), "pretrain: cannot write ", log_path.string());
 
-  PretrainOutcome out;
-  out.checkpoint = ckpt_path.string();
-  out.knn_top1_init = o.resume ? knn_init : o.knn_k > 0 ? knn_probe(*model, ds, o.knn_k) : -1.0;
+  if (!o.resume && o.knn_k > 0) out.knn_top1_init = knn_probe(*model, ds, o.knn_k);
 
   auto save = [&] {
     Checkpoint c;
