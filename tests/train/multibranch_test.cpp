@@ -240,10 +240,12 @@ TEST(MultiBranch, FusionTrainsOnlyTheFusionLayer) {
   train::train_model(c, {});
   train::FusionOptions o;
   o.epochs = 3;
-  o.batch_size = 10;
+  o.batch_size = 12;  // 50 images: four batches of 12 and one of 2
   o.lr = 1e-2;
   auto res = train::train_fusion(dir.file("mb") + "/checkpoint.pt", dir.file("fused.pt"), o);
   EXPECT_GT(res.fused.images, 0);
+  EXPECT_EQ(res.steps, 15);
+  EXPECT_EQ(res.images, 150);  // no image left out of an epoch
   const auto before = train::load_checkpoint(dir.file("mb") + "/checkpoint.pt").model;
   const auto after = train::load_checkpoint(dir.file("fused.pt")).model;
   ASSERT_EQ(before.size(), after.size());

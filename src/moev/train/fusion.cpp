@@ -55,9 +55,13 @@ FusionOutcome train_fusion(const std::string& path, const std::string& out_path,
   const c10::Device cpu(c10::kCPU);
   if (o.evaluate) res.mean_of_logits = evaluate(*model, ds.test, ds.mean, ds.std, 256, cpu);
 
-  const data::LoaderOptions lo =
+  data::LoaderOptions lo =
       training_loader_options(cfg.data, ds, std::min(o.batch_size, ds.train.size()), cfg.train.seed);
-  const int64_t per_epoch = ds.train.size() / lo.batch_size, total = per_epoch * o.epochs;
+  // Every image every epoch: with 500 images and batches of 128, dropping the
+  // last batch would leave 116 out of each pass. A short batch is harmless
+  // here, since the frozen BatchNorm does not normalise over it.
+  lo.drop_last = false;
+  const int64_t per_epoch = (ds.train.size() + lo.batch_size - 1) / lo.batch_size, total = per_epoch * o.epochs;
   viz::ProgressBar bar(o.progress, total, "fusion", "step", o.interactive);
   auto ce = torch::nn::functional::CrossEntropyFuncOptions().label_smoothing(o.label_smoothing);
   const auto t0 = std::chrono::steady_clock::now();
@@ -76,12 +80,14 @@ FusionOutcome train_fusion(const std::string& path, const std::string& out_path,
       loss.backward();
       opt.step(learning_rate(step, total, std::min<int64_t>(total / 10, 100), o.lr, o.lr / 100));
       ++step;
+      res.images += batch.y.size(0);
       char status[48];
       std::snprintf(status, sizeof status, "loss %.4f", loss.item<double>());
       bar.update(step, status);
     }
   }
   bar.finish();
+  res.steps = step;
   res.train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   model->set_fused(true);
   if (o.evaluate) res.fused = evaluate(*model, ds.test, ds.mean, ds.std, 256, cpu);

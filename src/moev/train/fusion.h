@@ -29,6 +29,8 @@ struct FusionOptions {
 struct FusionOutcome {
   EvalResult mean_of_logits;  // the model before (evaluate = true)
   EvalResult fused;           // the fused model
+  int64_t steps = 0;           // optimizer steps
+  int64_t images = 0;          // training images the fusion layer saw (every image every epoch)
   double train_seconds = 0;
 };
 
