@@ -6,8 +6,11 @@
 #include <iostream>
 #include <memory>
 
+#include <nlohmann/json.hpp>
+
 #include "commands.h"
 #include "moev/core/error.h"
+#include "moev/io/run_config.h"
 #include "moev/train/pretrain.h"
 
 namespace moev::app {
@@ -17,28 +20,50 @@ Runner add_pretrain(CLI::App& app) {
   auto flags = std::make_shared<ConfigFlags>();
   auto o = std::make_shared<train::PretrainOptions>();
   flags->add_to(cmd);
-  cmd->add_option("--pretrain-epochs", o->epochs, "passes over the training images")->capture_default_str();
-  cmd->add_option("--pretrain-lr", o->lr, "peak learning rate (AdamW, warmup, cosine)")->capture_default_str();
-  cmd->add_option("--temperature", o->temperature, "InfoNCE temperature")->capture_default_str();
-  cmd->add_option("--momentum", o->momentum, "key encoder momentum")->capture_default_str();
-  cmd->add_option("--queue", o->queue, "negative keys per branch")->capture_default_str();
-  cmd->add_option("--proj-dim", o->proj_dim, "projection head output width")->capture_default_str();
-  cmd->add_option("--min-scale", o->min_scale, "random resized crop: smallest area fraction")->capture_default_str();
-  cmd->add_option("--jitter", o->jitter, "contrast and brightness jitter")->capture_default_str();
-  cmd->add_option("--knn", o->knn_k, "neighbours of the kNN probe (0: none)")->capture_default_str();
+  // Flags bind to `given`; the options are defaults <- the config's
+  // [pretrain] section <- these flags <- --set pretrain.<key>=..., as the run
+  // config's keys are.
+  auto given = std::make_shared<train::PretrainOptions>();
+  for (const auto& k : train::pretrain_keys()) {
+    auto* opt = k.integer ? cmd->add_option(k.flag, given.get()->*k.integer, k.help)
+                          : cmd->add_option(k.flag, given.get()->*k.real, k.help);
+    opt->capture_default_str();
+  }
   cmd->add_flag("--resume", o->resume, "continue from <out>/pretrain.pt");
   cmd->footer(
-      "\nWrites <train.out_dir>/pretrain.pt, pretrain_log.jsonl, pretrain.json, pretrain.png.\n"
+      "\nOptions also come from the config's [pretrain] section (keys: the flags' names, as\n"
+      "epochs, lr, weight_decay, temperature, momentum, queue, proj_dim, min_scale, jitter, knn)\n"
+      "and from --set pretrain.<key>=value.\n"
+      "Writes <train.out_dir>/pretrain.pt, pretrain_log.jsonl, pretrain.json, pretrain.png.\n"
       "Example:\n"
       "  moev pretrain --config configs/multibranch_fmnist.toml --set model.branches=3 --out runs/ssl3\n"
       "  moev train --config configs/multibranch_fmnist.toml --set model.branches=3 \\\n"
       "      --set train.init_from=runs/ssl3/pretrain.pt --out runs/mb3_ssl");
-  return [flags, o]() {
+  return [cmd, flags, o, given]() {
     // The shared shorthands that would set what pre-training does not read.
     for (const auto& a : flags->shorthand)
       for (const char* k : {"train.epochs=", "train.lr="})
         MOEV_CHECK(a.rfind(k, 0) != 0, "moev pretrain: ", a, " sets the supervised run's ", std::string(k, strlen(k) - 1),
                    ", which pre-training does not read; use --pretrain-epochs / --pretrain-lr");
+    nlohmann::json section = nlohmann::json::object();
+    if (!flags->config_file.empty()) {
+      const auto file = io::read_config_file(flags->config_file);
+      if (file.is_object() && file.contains("pretrain")) section = file["pretrain"];
+      train::apply_pretrain_section(*o, section, flags->config_file);
+    }
+    for (const auto& k : train::pretrain_keys())
+      if (cmd->get_option(k.flag)->count() > 0) {
+        if (k.integer) o.get()->*k.integer = given.get()->*k.integer;
+        else o.get()->*k.real = given.get()->*k.real;
+      }
+    // --set pretrain.<key>=... is this command's; the rest go to the run config.
+    std::vector<std::string> run_sets;
+    for (const auto& s : flags->sets) {
+      if (s.rfind("pretrain.", 0) == 0)
+        train::apply_pretrain_section(*o, io::assignment_json(s).at("pretrain"), "--set " + s);
+      else run_sets.push_back(s);
+    }
+    flags->sets = run_sets;
     const auto resolved = flags->resolve_or_print();
     if (!resolved) return 0;
     const io::RunConfig cfg = *resolved;

@@ -212,10 +212,20 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   const auto ranked = moev::test::run_cli("pretrain " + toy_ssl + "--out " + dir.file("a"), "WORLD_SIZE=2 RANK=0");
   EXPECT_EQ(ranked.code, 1) << ranked.out;
   EXPECT_NE(ranked.out.find("one process"), std::string::npos) << ranked.out;
-  r = run("pretrain " + toy_ssl + "--set model.branches=2 --pretrain-epochs 1 --queue 20 --knn 5 --out " +
-          dir.file("ssl"));
+  // Options from the config's [pretrain] section, a flag over it, --set over the flag.
+  std::ofstream(dir.file("ssl.toml")) << "[pretrain]\nepochs = 1\nqueue = 30\nknn = 5\n";
+  std::ofstream(dir.file("ssl_bad.toml")) << "[pretrain]\nqueu = 30\n";
+  expect_clean_failure("pretrain --config " + dir.file("ssl_bad.toml") + " " + toy_ssl + "--out " + dir.file("a"),
+                       {"ssl_bad.toml", "pretrain.queu is not a key", "queue"});
+  expect_clean_failure("pretrain " + toy_ssl + "--set pretrain.queue=many --out " + dir.file("a"),
+                       {"pretrain.queue=many", "expected an integer"});
+  r = run("pretrain --config " + dir.file("ssl.toml") + " " + toy_ssl +
+          "--set model.branches=2 --queue 25 --set pretrain.queue=20 --out " + dir.file("ssl"));
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("test kNN top-1"), std::string::npos) << r.out;
+  const auto ssl = nlohmann::json::parse(std::ifstream(dir.file("ssl") + "/pretrain.json"));
+  EXPECT_EQ(ssl.at("options").at("epochs"), 1) << ssl.dump();
+  EXPECT_EQ(ssl.at("options").at("queue"), 20) << ssl.dump();
   r = run("train " + toy + "--set model.branches=2 --set train.init_from=" + dir.file("ssl") + "/pretrain.pt --out " +
           dir.file("ssl_sup"));
   ASSERT_EQ(r.code, 0) << r.out;

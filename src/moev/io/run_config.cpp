@@ -263,9 +263,9 @@ void apply_json(RunConfig& cfg, const json& j, const std::string& source) {
   }
   for (auto& [section, body] : j.items()) {
     // Sections of other commands (moev sweep's grid, moev ablation's rows, moev
-    // hardmoe's layout), so one file serves them and the single runs they
-    // start; those commands check them.
-    if (section == "sweep" || section == "ablation" || section == "hardmoe") continue;
+    // hardmoe's layout, moev pretrain's options), so one file serves them and
+    // the single runs they start; those commands check them.
+    if (section == "sweep" || section == "ablation" || section == "hardmoe" || section == "pretrain") continue;
     MOEV_CHECK(body.is_object(), source, ": '", section, "' must be a table of keys");
     for (auto& [name, value] : body.items()) {
       const std::string key = section + "." + name;
@@ -288,7 +288,7 @@ RunConfig load_run_config(const std::string& path) {
   return cfg;
 }
 
-json override_json(const std::string& assignment) {
+json assignment_json(const std::string& assignment) {
   const auto eq = assignment.find('=');
   MOEV_CHECK(eq != std::string::npos && eq > 0, "--set ", assignment,
              ": expected section.key=value, e.g. train.lr=0.001");
@@ -301,10 +301,16 @@ json override_json(const std::string& assignment) {
   } catch (const json::parse_error&) {
     value = text;  // bare words are strings: train.device=cpu
   }
-  if (key != "model.preset" && !find_field(key))
-    fail("--set: unknown config key '", key, "' (moev train --help-config lists the keys)");
   json j;
   j[key.substr(0, dot)][key.substr(dot + 1)] = value;
+  return j;
+}
+
+json override_json(const std::string& assignment) {
+  json j = assignment_json(assignment);
+  const std::string key = assignment.substr(0, assignment.find('='));
+  if (key != "model.preset" && !find_field(key))
+    fail("--set: unknown config key '", key, "' (moev train --help-config lists the keys)");
   return j;
 }
 

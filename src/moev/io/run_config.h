@@ -37,6 +37,9 @@ void apply_override(RunConfig& cfg, const std::string& assignment);
 // The same override as {"section": {"key": value}}, for merging into a config
 // document (the key is checked against the known fields).
 nlohmann::json override_json(const std::string& assignment);
+// As override_json, the key unchecked: for sections other commands read
+// (moev pretrain's [pretrain]).
+nlohmann::json assignment_json(const std::string& assignment);
 
 // Every field, as nested JSON (stored in checkpoints, printed by --print-config).
 nlohmann::json to_json(const RunConfig& cfg);

@@ -1,5 +1,6 @@
 #include "moev/train/pretrain.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -94,6 +95,44 @@ double knn_top1(const at::Tensor& train, const at::Tensor& train_labels, const a
   return te.size(0) > 0 ? static_cast<double>(correct) / static_cast<double>(te.size(0)) : 0.0;
 }
 
+const std::vector<PretrainKey>& pretrain_keys() {
+  using O = PretrainOptions;
+  static const std::vector<PretrainKey> keys = {
+      {"epochs", "--pretrain-epochs", "passes over the training images", &O::epochs, nullptr},
+      {"lr", "--pretrain-lr", "peak learning rate (AdamW, warmup, cosine)", nullptr, &O::lr},
+      {"weight_decay", "--pretrain-weight-decay", "AdamW decoupled weight decay (matrices only)", nullptr,
+       &O::weight_decay},
+      {"temperature", "--temperature", "InfoNCE temperature", nullptr, &O::temperature},
+      {"momentum", "--momentum", "key encoder momentum", nullptr, &O::momentum},
+      {"queue", "--queue", "negative keys per branch", &O::queue, nullptr},
+      {"proj_dim", "--proj-dim", "projection head output width", &O::proj_dim, nullptr},
+      {"min_scale", "--min-scale", "random resized crop: smallest area fraction", nullptr, &O::min_scale},
+      {"jitter", "--jitter", "contrast and brightness jitter", nullptr, &O::jitter},
+      {"knn", "--knn", "neighbours of the kNN probe (0: none)", &O::knn_k, nullptr},
+  };
+  return keys;
+}
+
+void apply_pretrain_section(PretrainOptions& o, const json& section, const std::string& source) {
+  MOEV_CHECK(section.is_object(), source, ": [pretrain] must be a table of keys");
+  const auto& keys = pretrain_keys();
+  for (const auto& [name, v] : section.items()) {
+    const auto k = std::find_if(keys.begin(), keys.end(), [&](const PretrainKey& x) { return name == x.key; });
+    if (k == keys.end()) {
+      std::string known;
+      for (const auto& x : keys) known += std::string(known.empty() ? "" : ", ") + x.key;
+      fail(source, ": pretrain.", name, " is not a key (", known, ")");
+    }
+    if (k->integer) {
+      MOEV_CHECK(v.is_number_integer(), source, ": pretrain.", name, ": expected an integer, got ", v.dump());
+      o.*k->integer = v.get<int64_t>();
+    } else {
+      MOEV_CHECK(v.is_number(), source, ": pretrain.", name, ": expected a number, got ", v.dump());
+      o.*k->real = v.get<double>();
+    }
+  }
+}
+
 void refuse_pretraining_checkpoint(const std::string& state_json, const std::string& path) {
   const auto state = json::parse(state_json, nullptr, /*allow_exceptions=*/false);
   MOEV_CHECK(!(state.is_object() && state.contains("pretrain")), path,
@@ -154,9 +193,12 @@ double knn_probe(models::Classifier& model, const Datasets& ds, int64_t k) {
 }
 
 json options_json(const PretrainOptions& o) {
-  return {{"epochs", o.epochs},       {"lr", o.lr},           {"weight_decay", o.weight_decay},
-          {"temperature", o.temperature}, {"momentum", o.momentum}, {"queue", o.queue},
-          {"proj_dim", o.proj_dim},   {"min_scale", o.min_scale}, {"jitter", o.jitter}};
+  json j = json::object();
+  for (const auto& k : pretrain_keys()) {
+    if (k.integer == &PretrainOptions::knn_k) continue;  // the probe reads the weights, so a resume may change it
+    j[k.key] = k.integer ? json(o.*k.integer) : json(o.*k.real);
+  }
+  return j;
 }
 
 // The loss curve of pretrain_log.jsonl (resumed runs included) as pretrain.png.

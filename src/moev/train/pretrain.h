@@ -25,6 +25,7 @@
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <nlohmann/json_fwd.hpp>
 
 #include "moev/io/run_config.h"
 
@@ -54,6 +55,23 @@ struct PretrainOutcome {
   double seconds = 0;           // training steps only
   std::string checkpoint;       // <out_dir>/pretrain.pt
 };
+
+// An option of PretrainOptions as a config file's [pretrain] section, `--set
+// pretrain.<key>=...`, moev pretrain's flag and pretrain.json name it: one
+// table, so the four cannot drift apart.
+struct PretrainKey {
+  const char* key;                               // [pretrain] key, pretrain.json name
+  const char* flag;                              // moev pretrain's CLI flag
+  const char* help;                              // one line
+  int64_t PretrainOptions::*integer = nullptr;   // the field: exactly one of the two is set
+  double PretrainOptions::*real = nullptr;
+};
+const std::vector<PretrainKey>& pretrain_keys();
+
+// Sets o's fields from a [pretrain] table; a key not in pretrain_keys() or a
+// value of another type is an error naming source and the key. Ranges are
+// checked by pretrain().
+void apply_pretrain_section(PretrainOptions& o, const nlohmann::json& section, const std::string& source);
 
 // Pre-trains cfg's model on cfg's training images (the data section's subset,
 // cfg.train's batch size, seed, threads, checkpoint_every, log_every and
