@@ -40,11 +40,14 @@ Runner add_fuse(CLI::App& app) {
     f->o.progress = &std::cerr;
     f->o.interactive = stderr_is_terminal();
     auto r = train::train_fusion(f->checkpoint, f->out, f->o);
-    std::printf("test top-1: mean of branch logits %.4f, fusion %.4f (fusion trained in %.1f s)\nwrote %s\n",
-                r.mean_of_logits.top1, r.fused.top1, r.train_seconds, f->out.c_str());
+    std::printf("test top-1: mean of branch logits %.4f, fusion %.4f (fusion trained in %.1f s, %lld steps on "
+                "%lld images)\nwrote %s\n",
+                r.mean_of_logits.top1, r.fused.top1, r.train_seconds, static_cast<long long>(r.steps),
+                static_cast<long long>(r.images), f->out.c_str());
     if (!f->result.empty()) {
       nlohmann::json j{{"top1", r.fused.top1}, {"mean_of_logits_top1", r.mean_of_logits.top1},
-                       {"seconds", r.train_seconds}, {"checkpoint", f->out}};
+                       {"seconds", r.train_seconds}, {"steps", r.steps}, {"images", r.images},
+                       {"checkpoint", f->out}};
       io::write_text_atomic(f->result, j.dump(2) + "\n");
     }
     return 0;

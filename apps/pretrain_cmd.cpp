@@ -31,15 +31,20 @@ Runner add_pretrain(CLI::App& app) {
   }
   cmd->add_flag("--resume", o->resume, "continue from <out>/pretrain.pt");
   cmd->footer(
-      "\nOptions also come from the config's [pretrain] section (keys: the flags' names, as\n"
-      "epochs, lr, weight_decay, temperature, momentum, queue, proj_dim, min_scale, jitter, knn)\n"
-      "and from --set pretrain.<key>=value.\n"
+      "\nThe options also come from the config's [pretrain] section, under which the flags and\n"
+      "then --set pretrain.<key>=value go (--help-config lists the keys, --print-config the values).\n"
       "Writes <train.out_dir>/pretrain.pt, pretrain_log.jsonl, pretrain.json, pretrain.png.\n"
       "Example:\n"
       "  moev pretrain --config configs/multibranch_fmnist.toml --set model.branches=3 --out runs/ssl3\n"
       "  moev train --config configs/multibranch_fmnist.toml --set model.branches=3 \\\n"
       "      --set train.init_from=runs/ssl3/pretrain.pt --out runs/mb3_ssl");
   return [cmd, flags, o, given]() {
+    if (flags->help_config) {
+      flags->resolve_or_print();
+      for (const auto& k : train::pretrain_keys())
+        std::cout << "  pretrain." << k.key << "  " << k.help << " (" << k.flag << ")\n";
+      return 0;
+    }
     // The shared shorthands that would set what pre-training does not read.
     for (const auto& a : flags->shorthand)
       for (const char* k : {"train.epochs=", "train.lr="})
@@ -64,9 +69,13 @@ Runner add_pretrain(CLI::App& app) {
       else run_sets.push_back(s);
     }
     flags->sets = run_sets;
-    const auto resolved = flags->resolve_or_print();
-    if (!resolved) return 0;
-    const io::RunConfig cfg = *resolved;
+    const io::RunConfig cfg = flags->resolve();
+    if (flags->print_config) {
+      auto j = io::to_json(cfg);
+      j["pretrain"] = train::pretrain_section(*o);
+      std::cout << j.dump(2) << "\n";
+      return 0;
+    }
     // One process: ranks of a job would each write the same files.
     const int world = dist_from_environment(cfg).world_size;
     MOEV_CHECK(world == 1, "moev pretrain runs as one process, not as a rank of a distributed job (WORLD_SIZE = ",

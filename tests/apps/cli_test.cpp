@@ -219,6 +219,14 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
                        {"ssl_bad.toml", "pretrain.queu is not a key", "queue"});
   expect_clean_failure("pretrain " + toy_ssl + "--set pretrain.queue=many --out " + dir.file("a"),
                        {"pretrain.queue=many", "expected an integer"});
+  r = run("pretrain --config " + dir.file("ssl.toml") + " " + toy_ssl + "--queue 25 --print-config");
+  ASSERT_EQ(r.code, 0) << r.out;
+  const auto printed = nlohmann::json::parse(r.out.substr(r.out.find('{')));
+  EXPECT_EQ(printed.at("pretrain").at("queue"), 25) << r.out;
+  EXPECT_EQ(printed.at("pretrain").at("knn"), 5) << r.out;
+  r = run("pretrain --help-config");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("pretrain.queue"), std::string::npos) << r.out;
   r = run("pretrain --config " + dir.file("ssl.toml") + " " + toy_ssl +
           "--set model.branches=2 --queue 25 --set pretrain.queue=20 --out " + dir.file("ssl"));
   ASSERT_EQ(r.code, 0) << r.out;

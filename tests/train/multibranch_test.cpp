@@ -259,6 +259,8 @@ TEST(MultiBranch, FusionTrainsOnlyTheFusionLayer) {
   }
   EXPECT_EQ(changed, 3);  // fusion.weight, fusion.bias, fusion_on
   EXPECT_EQ(after.at("fusion_on").item<int64_t>(), 1);
+  const auto fused_state = nlohmann::json::parse(train::load_checkpoint(dir.file("fused.pt")).state_json);
+  EXPECT_EQ(fused_state.at("fusion").at("images"), 150);
   // A single-branch model has nothing to fuse.
   train::train_model(toy(dir.file("one"), 1), {});
   test::expect_error([&] { train::train_fusion(dir.file("one") + "/checkpoint.pt", dir.file("f1.pt"), o); },

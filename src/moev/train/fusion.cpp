@@ -93,7 +93,7 @@ FusionOutcome train_fusion(const std::string& path, const std::string& out_path,
   if (o.evaluate) res.fused = evaluate(*model, ds.test, ds.mean, ds.std, 256, cpu);
 
   auto state = nlohmann::json::parse(ckpt.state_json);
-  state["fusion"] = {{"from", path}, {"epochs", o.epochs}, {"lr", o.lr}};
+  state["fusion"] = {{"from", path}, {"epochs", o.epochs}, {"lr", o.lr}, {"steps", res.steps}, {"images", res.images}};
   ckpt.state_json = state.dump();
   ckpt.model = module_tensors(*model);  // the branches as loaded (averaged, if averaged), the fusion layer
   ckpt.ema.clear();

@@ -133,6 +133,12 @@ void apply_pretrain_section(PretrainOptions& o, const json& section, const std::
   }
 }
 
+json pretrain_section(const PretrainOptions& o) {
+  json j = json::object();
+  for (const auto& k : pretrain_keys()) j[k.key] = k.integer ? json(o.*k.integer) : json(o.*k.real);
+  return j;
+}
+
 void refuse_pretraining_checkpoint(const std::string& state_json, const std::string& path) {
   const auto state = json::parse(state_json, nullptr, /*allow_exceptions=*/false);
   MOEV_CHECK(!(state.is_object() && state.contains("pretrain")), path,
@@ -192,12 +198,11 @@ double knn_probe(models::Classifier& model, const Datasets& ds, int64_t k) {
   return top1;
 }
 
+// What a resume must repeat: every option but the probe's, which reads the
+// weights without changing them.
 json options_json(const PretrainOptions& o) {
-  json j = json::object();
-  for (const auto& k : pretrain_keys()) {
-    if (k.integer == &PretrainOptions::knn_k) continue;  // the probe reads the weights, so a resume may change it
-    j[k.key] = k.integer ? json(o.*k.integer) : json(o.*k.real);
-  }
+  json j = pretrain_section(o);
+  j.erase("knn");
   return j;
 }
 
@@ -322,7 +327,8 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
     const auto& saved = state.at("pretrain").at("options");
     for (const auto& [k, v] : opts_json.items())
       MOEV_CHECK(saved.contains(k) && saved.at(k) == v, "pretrain --resume: ", ckpt_path.string(), " ran with ", k,
-                 " = ", saved.contains(k) ? saved.at(k).dump() : "(none)", ", not ", v.dump());
+                 " = ", saved.contains(k) ? saved.at(k).dump() : "(none)", ", not ", v.dump(),
+                 "; resume with its options ([pretrain] ", k, ", its flag or --set pretrain.", k, "=...)");
     load_module_tensors(*model, c.model, ckpt_path.string());
     load_module_tensors(*proj, unprefixed(c.optimizer, "proj."), ckpt_path.string());
     load_module_tensors(*key, unprefixed(c.optimizer, "key."), ckpt_path.string());

@@ -72,6 +72,8 @@ const std::vector<PretrainKey>& pretrain_keys();
 // value of another type is an error naming source and the key. Ranges are
 // checked by pretrain().
 void apply_pretrain_section(PretrainOptions& o, const nlohmann::json& section, const std::string& source);
+// o as a [pretrain] table, every key of pretrain_keys().
+nlohmann::json pretrain_section(const PretrainOptions& o);
 
 // Pre-trains cfg's model on cfg's training images (the data section's subset,
 // cfg.train's batch size, seed, threads, checkpoint_every, log_every and
