@@ -1,12 +1,15 @@
 // `moev analyze`: how a trained MoE model routes its test set. Per MoE layer an
 // expert x class heatmap (PNG), load, dropped fraction and specialisation score;
 // with --capacity-curve, top-1 against inference capacity with and without BPR.
+// For a multi-branch model, how its branches agree (each one's top-1, pairwise
+// disagreement and double fault, the oracle).
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
 
 #include "commands.h"
+#include "moev/analysis/branch_report.h"
 #include "moev/analysis/routing_report.h"
 #include "moev/core/device.h"
 #include "moev/core/error.h"
@@ -14,6 +17,7 @@
 #include "moev/moe/moe_layer.h"
 #include "moev/train/datasets.h"
 #include "moev/train/evaluate.h"
+#include "moev/train/fusion.h"
 #include "moev/train/trained_model.h"
 #include "moev/train/trainer.h"
 
@@ -31,7 +35,7 @@ struct AnalyzeFlags {
 
 Runner add_analyze(CLI::App& app) {
   auto* cmd = app.add_subcommand("analyze", "routing heatmaps, specialisation and capacity curve "
-                                            "of a trained MoE model");
+                                            "of a trained MoE model; branch agreement of a multi-branch one");
   auto f = std::make_shared<AnalyzeFlags>();
   cmd->add_option("checkpoint,--checkpoint", f->checkpoint, "checkpoint file")->required();
   cmd->add_option("--out", f->out, "output directory (default: analysis/ beside the checkpoint)");
@@ -56,14 +60,30 @@ Runner add_analyze(CLI::App& app) {
     auto t = train::load_trained(f->checkpoint, device, f->precision);
     warn_precision(t.cfg.model.precision);
     auto layers = moe::find_moe_layers(*t.model);
-    MOEV_CHECK(!layers.empty(), f->checkpoint, ": the model has no MoE layers to analyse (model.moe = ",
-               models::to_string(t.cfg.model.moe), ")");
+    const bool branches = t.cfg.model.branches >= 2;
+    MOEV_CHECK(!layers.empty() || branches, f->checkpoint, ": the model has no MoE layers (model.moe = ",
+               models::to_string(t.cfg.model.moe), ") and one branch (model.branches = ", t.cfg.model.branches,
+               "): nothing to analyse");
+    MOEV_CHECK(!layers.empty() || !f->capacity_curve, f->checkpoint,
+               ": --capacity-curve needs MoE layers; this model has none (model.moe = none)");
     const std::string out =
         f->out.empty() ? (fs::path(f->checkpoint).parent_path() / "analysis").string() : f->out;
     auto data = t.cfg.data;
     if (!f->data.empty()) data.path = data.test_path = f->data;
     if (f->limit > 0) data.test_limit = f->limit;
     auto ds = train::open_datasets(data, t.cfg.model, /*load_train=*/false);
+    const std::string title = fs::path(f->checkpoint).parent_path().filename().string();
+    if (branches) {
+      const auto p = train::predict_branches(*t.model, ds.test, ds.mean, ds.std, f->batch_size, &std::cerr,
+                                             stderr_is_terminal());
+      const auto a = analysis::branch_agreement(p.branch, p.model, p.labels);
+      std::printf("%s: top-1 %.4f on %lld images; branches", f->checkpoint.c_str(), a.model_top1,
+                  static_cast<long long>(a.images));
+      for (double v : a.top1) std::printf(" %.4f", v);
+      std::printf("; some branch right %.4f\n", a.oracle);
+      for (const auto& path : analysis::write_branch_report(a, title, out)) std::printf("wrote %s\n", path.c_str());
+      if (layers.empty()) return 0;
+    }
 
     auto r = train::evaluate(*t.model, ds.test, ds.mean, ds.std, f->batch_size, device, &std::cerr,
                              stderr_is_terminal(), /*routing_by_class=*/true);
@@ -71,7 +91,6 @@ Runner add_analyze(CLI::App& app) {
     for (size_t l = 0; l < r.class_counts.size(); ++l)
       lr.push_back({r.layer_names[l], r.class_counts[l], r.expert_load[l], r.dropped[l], r.image_bits[l],
                     r.chance_image_bits[l], r.class_gate_sums[l], r.class_tokens[l]});
-    const std::string title = fs::path(f->checkpoint).parent_path().filename().string();
     auto files = analysis::write_routing_report(lr, t.class_names, title, out);
     std::printf("%s: top-1 %.4f on %lld images\n", f->checkpoint.c_str(), r.top1,
                 (long long)r.images);

@@ -246,6 +246,20 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   r = run("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 1 --threads 1");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("fusion"), std::string::npos) << r.out;
+  // Branch agreement: the model's top-1 in branches.json is eval's, on the same images.
+  r = run("analyze " + dir.file("s2") + "/checkpoint.pt --limit 64 --threads 1 --out " + dir.file("an2"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("some branch right"), std::string::npos) << r.out;
+  const auto agree = nlohmann::json::parse(std::ifstream(dir.file("an2") + "/branches.json"));
+  EXPECT_EQ(agree.at("images"), 64);
+  EXPECT_EQ(agree.at("top1").size(), 2u);
+  EXPECT_TRUE(std::filesystem::exists(dir.file("an2") + "/branches.png"));
+  const auto e2 = run("eval " + dir.file("s2") + "/checkpoint.pt --limit 64 --threads 1 --json");
+  ASSERT_EQ(e2.code, 0) << e2.out;
+  const auto top1_at = e2.out.find("\"top1\"");
+  ASSERT_NE(top1_at, std::string::npos) << e2.out;
+  EXPECT_NEAR(agree.at("model_top1").get<double>(), std::stod(e2.out.substr(e2.out.find(':', top1_at) + 1)), 1e-12);
+  expect_clean_failure("analyze " + dir.file("n1") + "/checkpoint.pt", {"one branch", "nothing to analyse"});
   std::ofstream(dir.file("ens.toml")) << "[ensemble]\nmembers = [\"" << dir.file("s2") << "/fused.pt\", \""
                                       << dir.file("n1") << "/checkpoint.pt\"]\nweights = [3, 1]\ntta = true\n";
   r = run("ensemble --config " + dir.file("ens.toml") + " --limit 50 --threads 1 --result " + dir.file("ens.json"));

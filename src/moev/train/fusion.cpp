@@ -102,4 +102,37 @@ FusionOutcome train_fusion(const std::string& path, const std::string& out_path,
   return res;
 }
 
+BranchPredictions predict_branches(models::Classifier& model, const data::ImageSet& set,
+                                   const std::vector<float>& mean, const std::vector<float>& std,
+                                   int64_t batch_size, std::ostream* progress, bool interactive) {
+  MOEV_CHECK(batch_size >= 1, "predict_branches: batch size ", batch_size, ": expected >= 1");
+  torch::NoGradGuard ng;
+  const bool was_training = model.is_training();
+  model.eval();
+  BranchPredictions p;
+  const int64_t n = set.size();
+  auto as_vector = [](const at::Tensor& logits) {
+    const auto c = logits.argmax(1).contiguous();
+    return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+  };
+  auto append = [](std::vector<int64_t>& to, const std::vector<int64_t>& from) {
+    to.insert(to.end(), from.begin(), from.end());
+  };
+  viz::ProgressBar bar(progress, n, "branches", "img", interactive);
+  for (int64_t i = 0; i < n; i += batch_size) {
+    const int64_t b = std::min(batch_size, n - i);
+    const auto x = data::normalize_images(set.images.narrow(0, i, b), mean, std);
+    const auto outs = model.forward_branches(x);
+    p.branch.resize(outs.logits.size());
+    for (size_t k = 0; k < outs.logits.size(); ++k) append(p.branch[k], as_vector(outs.logits[k]));
+    append(p.model, as_vector(model.forward(x)));
+    bar.update(i + b);
+  }
+  bar.finish();
+  const auto labels = set.labels.contiguous();
+  p.labels.assign(labels.data_ptr<int64_t>(), labels.data_ptr<int64_t>() + n);
+  model.train(was_training);
+  return p;
+}
+
 }  // namespace moev::train

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <ostream>
 #include <string>
+#include <vector>
 
 #include "moev/train/evaluate.h"
 
@@ -38,5 +39,16 @@ struct FusionOutcome {
 // its own training data (config's data section, same subset) and writes the
 // fused model to `out`. Errors name the checkpoint.
 FusionOutcome train_fusion(const std::string& checkpoint, const std::string& out, const FusionOptions& o);
+
+// Each branch's predicted class and the model's (its forward: the mean of the
+// branch logits, or the fusion) on every image of `set`, in eval mode, for
+// analysis::branch_agreement.
+struct BranchPredictions {
+  std::vector<std::vector<int64_t>> branch;  // [N][I]
+  std::vector<int64_t> model, labels;        // [I]
+};
+BranchPredictions predict_branches(models::Classifier& model, const data::ImageSet& set,
+                                   const std::vector<float>& mean, const std::vector<float>& std,
+                                   int64_t batch_size, std::ostream* progress = nullptr, bool interactive = false);
 
 }  // namespace moev::train
