@@ -63,9 +63,9 @@ Runner add_analyze(CLI::App& app) {
     const bool branches = t.cfg.model.branches >= 2;
     MOEV_CHECK(!layers.empty() || branches, f->checkpoint, ": the model has no MoE layers (model.moe = ",
                models::to_string(t.cfg.model.moe), ") and one branch (model.branches = ", t.cfg.model.branches,
-               "): nothing to analyse");
-    MOEV_CHECK(!layers.empty() || !f->capacity_curve, f->checkpoint,
-               ": --capacity-curve needs MoE layers; this model has none (model.moe = none)");
+               "): nothing to analyse; expected MoE layers or model.branches >= 2");
+    MOEV_CHECK(!layers.empty() || !f->capacity_curve, f->checkpoint, ": --capacity-curve needs MoE layers, and this ",
+               t.cfg.model.branches, "-branch model has none; drop --capacity-curve for its branch agreement");
     const std::string out =
         f->out.empty() ? (fs::path(f->checkpoint).parent_path() / "analysis").string() : f->out;
     auto data = t.cfg.data;

@@ -60,5 +60,5 @@ TEST(BranchReport, WritesJsonMarkdownAndHeatmap) {
   EXPECT_NEAR(j.at("pair_double_fault").get<double>(), 0.25 / 3, 1e-12);
   std::ifstream md(dir.file("out") + "/branches.md");
   const std::string text((std::istreambuf_iterator<char>(md)), std::istreambuf_iterator<char>());
-  EXPECT_NE(text.find("33.33 points"), std::string::npos) << text;  // 1 - 2/3
+  EXPECT_NE(text.find("+33.33 percentage points"), std::string::npos) << text;  // 1 - 2/3
 }

@@ -259,7 +259,18 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   const auto top1_at = e2.out.find("\"top1\"");
   ASSERT_NE(top1_at, std::string::npos) << e2.out;
   EXPECT_NEAR(agree.at("model_top1").get<double>(), std::stod(e2.out.substr(e2.out.find(':', top1_at) + 1)), 1e-12);
-  expect_clean_failure("analyze " + dir.file("n1") + "/checkpoint.pt", {"one branch", "nothing to analyse"});
+  // A fused model: its output is the fusion layer's, its branches the frozen ones.
+  r = run("analyze " + dir.file("s2") + "/fused.pt --limit 64 --threads 1 --out " + dir.file("an2f"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  const auto agree_f = nlohmann::json::parse(std::ifstream(dir.file("an2f") + "/branches.json"));
+  EXPECT_EQ(agree_f.at("top1"), agree.at("top1"));  // fusion leaves the branches as they were
+  const auto e2f = run("eval " + dir.file("s2") + "/fused.pt --limit 64 --threads 1 --json");
+  ASSERT_EQ(e2f.code, 0) << e2f.out;
+  const auto top1_f = e2f.out.find("\"top1\"");
+  ASSERT_NE(top1_f, std::string::npos) << e2f.out;
+  EXPECT_NEAR(agree_f.at("model_top1").get<double>(), std::stod(e2f.out.substr(e2f.out.find(':', top1_f) + 1)),
+              1e-12);
+  expect_clean_failure("analyze " + dir.file("n1") + "/checkpoint.pt", {"one branch", "nothing to analyse", "model.branches >= 2"});
   std::ofstream(dir.file("ens.toml")) << "[ensemble]\nmembers = [\"" << dir.file("s2") << "/fused.pt\", \""
                                       << dir.file("n1") << "/checkpoint.pt\"]\nweights = [3, 1]\ntta = true\n";
   r = run("ensemble --config " + dir.file("ens.toml") + " --limit 50 --threads 1 --result " + dir.file("ens.json"));

@@ -100,8 +100,8 @@ std::vector<std::string> write_branch_report(const BranchAgreement& a, const std
   }
   const std::string md = "# " + title + "\n\n" + std::to_string(a.images) + " test images. The model (" +
                          io::fmt(a.model_top1, 4) + " top-1) against its mean branch (" + io::fmt(mean_top1, 4) +
-                         "): " + io::fmt(100 * (a.model_top1 - mean_top1), 2) +
-                         " points; some branch right (the oracle): " + io::fmt(a.oracle, 4) +
+                         "): " + (a.model_top1 >= mean_top1 ? "+" : "") +
+                         io::fmt(100 * (a.model_top1 - mean_top1), 2) + " percentage points; some branch right (the oracle): " + io::fmt(a.oracle, 4) +
                          ". Pairs of branches disagree on " + io::fmt(pair_disagree, 4) +
                          " of the images and are both wrong on " + io::fmt(pair_fault, 4) +
                          " (means over pairs): a model gains over its branches only where they "

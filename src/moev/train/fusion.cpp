@@ -106,6 +106,9 @@ BranchPredictions predict_branches(models::Classifier& model, const data::ImageS
                                    const std::vector<float>& mean, const std::vector<float>& std,
                                    int64_t batch_size, std::ostream* progress, bool interactive) {
   MOEV_CHECK(batch_size >= 1, "predict_branches: batch size ", batch_size, ": expected >= 1");
+  // A multi-label image is right under any of its tags; these counts know one label per image.
+  MOEV_CHECK(!set.multilabel(), "branch agreement: ", set.source,
+             " is a multi-label set; it is measured on single-label sets only");
   torch::NoGradGuard ng;
   const bool was_training = model.is_training();
   model.eval();
