@@ -180,8 +180,9 @@ at::Tensor ResNeStImpl::embed(const at::Tensor& images) {
   return cfg.branches == 1 ? out.embeddings[0] : torch::cat(out.embeddings, 1);
 }
 
-at::Tensor ResNeStImpl::forward(const at::Tensor& images) {
-  auto out = forward_branches(images);
+at::Tensor ResNeStImpl::forward(const at::Tensor& images) { return combine(forward_branches(images)); }
+
+at::Tensor ResNeStImpl::combine(const BranchOutputs& out) {
   if (fused()) return fusion->forward(torch::cat(out.embeddings, 1));
   if (cfg.branches == 1) return out.logits[0];
   return torch::stack(out.logits).mean(0);

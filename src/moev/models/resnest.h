@@ -61,6 +61,8 @@ class ResNeStImpl : public Classifier {
   int64_t num_branches() const override { return cfg.branches; }
   // images: [B, C, H, W] -> N x logits [B, L], N x embeddings [B, F] (F = dims.back())
   BranchOutputs forward_branches(const at::Tensor& images) override;
+  // forward_branches' outputs -> logits [B, L]: what forward returns from them.
+  at::Tensor combine(const BranchOutputs& out);
   // views: N x [B, C, H, W] -> N x logits [B, L], N x embeddings [B, F]: the trunk
   // runs once on all N B images (its BatchNorm sees them together), branch i on
   // its own view's features.

@@ -109,6 +109,8 @@ BranchPredictions predict_branches(models::Classifier& model, const data::ImageS
   // A multi-label image is right under any of its tags; these counts know one label per image.
   MOEV_CHECK(!set.multilabel(), "branch agreement: ", set.source,
              " is a multi-label set; it is measured on single-label sets only");
+  auto* resnest = dynamic_cast<models::ResNeStImpl*>(&model);
+  MOEV_CHECK(resnest != nullptr, "branch agreement: a multi-branch (ResNeSt) model expected");
   torch::NoGradGuard ng;
   const bool was_training = model.is_training();
   model.eval();
@@ -128,7 +130,7 @@ BranchPredictions predict_branches(models::Classifier& model, const data::ImageS
     const auto outs = model.forward_branches(x);
     p.branch.resize(outs.logits.size());
     for (size_t k = 0; k < outs.logits.size(); ++k) append(p.branch[k], as_vector(outs.logits[k]));
-    append(p.model, as_vector(model.forward(x)));
+    append(p.model, as_vector(resnest->combine(outs)));  // the model's output, without a second pass
     bar.update(i + b);
   }
   bar.finish();
