@@ -31,6 +31,38 @@ TEST(BlurPool, MatchesTheBinomialFilterWithReflectPadding) {
   EXPECT_TRUE(torch::allclose(flat, torch::full({1, 3, 4, 4}, 2.5f)));
 }
 
+// The padded depthwise convolution blur pooling is defined as (and was, before
+// its own kernel): reflect padding, or replicate with a 1-pixel side.
+at::Tensor padded_blur_reference(const at::Tensor& x) {
+  const int64_t C = x.size(1);
+  auto k1 = torch::tensor({1.0, 2.0, 1.0}, x.options()) / 4.0;
+  auto k = (k1.unsqueeze(1) * k1.unsqueeze(0)).expand({C, 1, 3, 3}).contiguous();
+  torch::nn::functional::PadFuncOptions pad({1, 1, 1, 1});
+  if (x.size(2) < 2 || x.size(3) < 2) pad.mode(torch::kReplicate);
+  else pad.mode(torch::kReflect);
+  return at::conv2d(torch::nn::functional::pad(x, pad), k, at::Tensor(), at::IntArrayRef{2, 2},
+                    at::IntArrayRef{0, 0}, at::IntArrayRef{1, 1}, C);
+}
+
+TEST(BlurPool, ValuesAndGradientsMatchThePaddedConvolution) {
+  torch::manual_seed(3);
+  for (auto [h, w] : std::vector<std::pair<int64_t, int64_t>>{{7, 7}, {14, 14}, {4, 5}, {2, 3}, {1, 6}, {5, 1}, {1, 1}}) {
+    auto x = torch::randn({3, 5, h, w}, torch::kDouble).requires_grad_();
+    auto y = nn::blur_pool2d(x), ref = padded_blur_reference(x);
+    ASSERT_EQ(y.sizes(), ref.sizes()) << h << "x" << w;
+    EXPECT_TRUE(torch::allclose(y, ref, 1e-12, 1e-12)) << h << "x" << w;
+    auto g = torch::randn_like(y);
+    auto gx = torch::autograd::grad({y}, {x}, {g})[0];
+    auto gref = torch::autograd::grad({ref}, {x}, {g})[0];
+    EXPECT_TRUE(torch::allclose(gx, gref, 1e-12, 1e-12)) << h << "x" << w;
+    // float, as the model runs it; a channels-last input is read correctly.
+    auto xf = x.detach().to(torch::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
+    EXPECT_TRUE(torch::allclose(nn::blur_pool2d(xf), padded_blur_reference(xf), 1e-5, 1e-6)) << h << "x" << w;
+  }
+  test::expect_error([] { nn::blur_pool2d(torch::zeros({2, 3, 4})); }, {"blur_pool2d", "[B, C, H, W]"});
+  test::expect_error([] { nn::blur_pool2d(torch::zeros({1, 1, 4, 4}, torch::kLong)); }, {"float or double"});
+}
+
 TEST(SplitAttention, MatchesAPerGroupPerRadixReference) {
   torch::manual_seed(0);
   const int64_t W = 8, R = 2, G = 2, c = W / G;

@@ -10,8 +10,9 @@
 
 namespace moev::nn {
 
-// x: [B, C, H, W] -> [B, C, ceil(H/2), ceil(W/2)]; reflect padding of 1 (H, W >= 2),
-// so edges are not darkened by zeros. Differentiable (a depthwise conv).
+// x: [B, C, H, W] -> [B, C, ceil(H/2), ceil(W/2)]; reflect padding of 1 (H, W >= 2;
+// replicate when a side is 1 pixel), so edges are not darkened by zeros.
+// float or double; differentiable (its own backward, the filter's adjoint).
 at::Tensor blur_pool2d(const at::Tensor& x);
 
 }  // namespace moev::nn
