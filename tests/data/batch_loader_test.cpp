@@ -98,6 +98,25 @@ TEST(Loader, DropLastAndNoShuffle) {
   EXPECT_EQ(order, identity);
 }
 
+TEST(Loader, NearEqualBatchSize) {
+  EXPECT_EQ(data::near_equal_batch_size(500, 128), 125);
+  EXPECT_EQ(data::near_equal_batch_size(129, 128), 65);
+  EXPECT_EQ(data::near_equal_batch_size(50, 12), 10);
+  EXPECT_EQ(data::near_equal_batch_size(7, 128), 7);
+  for (int64_t n = 1; n <= 300; ++n)
+    for (int64_t m = 1; m <= 140; ++m) {
+      const int64_t b = data::near_equal_batch_size(n, m), k = (n + b - 1) / b;
+      ASSERT_LE(b, m) << n << " " << m;
+      ASSERT_EQ(k, (n + m - 1) / m) << n << " " << m;       // no more batches than needed
+      ASSERT_LT(k * b - n, k) << n << " " << m;             // the last one short by < k
+      ASSERT_GT(n, (k - 1) * b) << n << " " << m;           // and not empty
+      if (b > 1) {  // one less would need another batch
+        ASSERT_GT((n + b - 2) / (b - 1), k) << n << " " << m;
+      }
+    }
+  expect_error([] { data::near_equal_batch_size(0, 4); }, {"0 examples", ">= 1"});
+}
+
 TEST(Loader, DeterministicPerSeedAndEpochAndDifferentAcross) {
   const ImageSet set = numbered_set(64);
   const LoaderOptions o = small(8, /*augment=*/true);

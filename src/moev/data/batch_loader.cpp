@@ -15,6 +15,13 @@
 #include "moev/data/random.h"
 
 namespace moev::data {
+
+int64_t near_equal_batch_size(int64_t n, int64_t max_batch) {
+  MOEV_CHECK(n >= 1 && max_batch >= 1, "near_equal_batch_size: ", n, " examples in batches of ", max_batch,
+             ": expected both >= 1");
+  const int64_t batches = (n + max_batch - 1) / max_batch;
+  return (n + batches - 1) / batches;
+}
 namespace {
 
 uint64_t epoch_key(uint64_t seed, int64_t epoch) {

@@ -38,6 +38,12 @@ struct LoaderOptions {
   int64_t rows_end = -1;             //   a data-parallel rank's share (-1: to the end)
 };
 
+// For passes that keep the last batch: the smallest batch size that cuts n
+// examples into as few batches of at most max_batch as possible (n = 500,
+// max_batch = 128: 125, four full batches; n = 129: 65, the last of 64), so
+// the last batch falls short of the others by less than the batch count.
+int64_t near_equal_batch_size(int64_t n, int64_t max_batch);
+
 struct Batch {
   torch::Tensor x;      // float [B, C, H, W], normalised
   torch::Tensor y;      // int64 [B]

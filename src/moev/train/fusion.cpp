@@ -55,11 +55,13 @@ FusionOutcome train_fusion(const std::string& path, const std::string& out_path,
   const c10::Device cpu(c10::kCPU);
   if (o.evaluate) res.mean_of_logits = evaluate(*model, ds.test, ds.mean, ds.std, 256, cpu);
 
-  data::LoaderOptions lo =
-      training_loader_options(cfg.data, ds, std::min(o.batch_size, ds.train.size()), cfg.train.seed);
   // Every image every epoch: with 500 images and batches of 128, dropping the
-  // last batch would leave 116 out of each pass. A short batch is harmless
-  // here, since the frozen BatchNorm does not normalise over it.
+  // last batch would leave 116 out of each pass. The batches are made near
+  // equal instead (4 of 125, not 3 of 128 and one of 116), so that no AdamW step
+  // rests on a handful of images: 129 images at 128 would otherwise give a
+  // full step to the last one alone.
+  data::LoaderOptions lo = training_loader_options(
+      cfg.data, ds, data::near_equal_batch_size(ds.train.size(), o.batch_size), cfg.train.seed);
   lo.drop_last = false;
   const int64_t per_epoch = (ds.train.size() + lo.batch_size - 1) / lo.batch_size, total = per_epoch * o.epochs;
   viz::ProgressBar bar(o.progress, total, "fusion", "step", o.interactive);
