@@ -11,7 +11,14 @@ and LibTorch build (Debian's python3-torch 1.13 wraps the same libtorch):
                      MoE E=8, K=2, C=1.05 in blocks 3 and 5, routing groups of 8
                      images, importance + load auxiliary losses;
   convnext-moe-tiny: ConvNeXt, stem 2, dims 32/64/128, depths 2/2/4, MoE E=8,
-                     K=2 in the last two blocks.
+                     K=2 in the last two blocks;
+  resnest-mb-tiny:   Sun et al.'s multi-branch ResNeSt at 28 px: a stem of two
+                     3x3 convs (32 wide) around a blur pool, stages 32/64/128
+                     of one split-attention block (radix 2), the first two
+                     shared, the last one and a head per branch, N = 3,
+                     stochastic depth 0.1; trained as moev trains it, every
+                     branch against the target plus 0.2 times the diversity
+                     loss, evaluated on the mean of the branch logits.
 
 It is written as a PyTorch user would write it in eager mode: nn.Modules, a
 V-MoE router with K-major capacity by cumulative sums, experts as stacked
@@ -158,6 +165,78 @@ class ConvNeXtMoE(nn.Module):
         return self.head(self.norm(self.features(x).mean((2, 3))))
 
 
+def blur_pool(x):
+    # Zhang 2019's [1 2 1] x [1 2 1] / 16 filter at stride 2, reflect-padded.
+    k1 = torch.tensor([1.0, 2.0, 1.0]) / 4
+    k = (k1[:, None] * k1[None, :]).expand(x.shape[1], 1, 3, 3).contiguous()
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), k.to(x.dtype), stride=2, groups=x.shape[1])
+
+
+class SplitAttention(nn.Module):
+    def __init__(self, w, radix=2):
+        super().__init__()
+        self.radix = radix
+        self.conv = nn.Conv2d(w, w * radix, 3, padding=1, groups=radix, bias=False)
+        self.bn0 = nn.BatchNorm2d(w * radix)
+        inter = max(w * radix // 4, 16)
+        self.fc1, self.bn1, self.fc2 = nn.Conv2d(w, inter, 1), nn.BatchNorm2d(inter), nn.Conv2d(inter, w * radix, 1)
+
+    def forward(self, x):
+        b, w = x.shape[:2]
+        splits = F.relu(self.bn0(self.conv(x))).view(b, self.radix, w, *x.shape[2:])
+        gap = splits.sum(1).mean((2, 3), keepdim=True)
+        a = self.fc2(F.relu(self.bn1(self.fc1(gap)))).view(b, self.radix, w, 1, 1).softmax(1)
+        return (splits * a).sum(1)
+
+
+class ResNeStBlock(nn.Module):
+    def __init__(self, cin, cout, stride, drop_path):
+        super().__init__()
+        w = cout // 4
+        self.stride, self.drop_path = stride, drop_path
+        self.conv1, self.bn1, self.attn = nn.Conv2d(cin, w, 1, bias=False), nn.BatchNorm2d(w), SplitAttention(w)
+        self.conv3, self.bn3 = nn.Conv2d(w, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if cin != cout or stride != 1:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        t = self.attn(F.relu(self.bn1(self.conv1(x))))
+        if self.stride > 1:
+            t = blur_pool(t)
+        t = self.bn3(self.conv3(t))
+        if self.training and self.drop_path > 0:
+            t = t * (torch.rand(x.shape[0], 1, 1, 1) >= self.drop_path).to(t.dtype) / (1 - self.drop_path)
+        s = x if self.shortcut is None else self.shortcut(blur_pool(x) if self.stride > 1 else x)
+        return F.relu(s + t)
+
+
+class MultiBranchResNeSt(nn.Module):
+    def __init__(self, branches=3, shared=2, dims=(32, 64, 128), stem=32, drop_path=0.1):
+        super().__init__()
+        self.stem1 = nn.Sequential(nn.Conv2d(1, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem), nn.ReLU())
+        self.stem2 = nn.Sequential(nn.Conv2d(stem, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem), nn.ReLU())
+
+        def stage(s):
+            return ResNeStBlock(stem if s == 0 else dims[s - 1], dims[s], 2 if s > 0 else 1,
+                                drop_path * s / (len(dims) - 1))
+        self.shared = nn.Sequential(*[stage(s) for s in range(shared)])
+        self.branches = nn.ModuleList(nn.Sequential(*[stage(s) for s in range(shared, len(dims))])
+                                      for _ in range(branches))
+        self.heads = nn.ModuleList(nn.Linear(dims[-1], 10) for _ in range(branches))
+
+    def forward(self, x):  # -> N x [B, 10]
+        x = self.shared(self.stem2(blur_pool(self.stem1(x))))
+        return [h(b(x).mean((2, 3))) for b, h in zip(self.branches, self.heads)]
+
+
+def diversity_loss(logits):
+    # Sun et al.'s -sum_i KL(p_i || p_mean), as moev computes it.
+    lp = torch.stack([l.float().log_softmax(1) for l in logits])
+    log_mean = torch.logsumexp(lp, 0) - math.log(len(logits))
+    return -(lp.exp() * (lp - log_mean)).sum(2).sum(0).mean()
+
+
 def fastest_ms(fn, rounds, steps):
     fn()
     best = float("inf")
@@ -185,7 +264,7 @@ def matmul_gflops(n=1024, calls=5):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="vmoe-tiny", choices=["vmoe-tiny", "convnext-moe-tiny"])
+    ap.add_argument("--model", default="vmoe-tiny", choices=["vmoe-tiny", "convnext-moe-tiny", "resnest-mb-tiny"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
@@ -195,7 +274,7 @@ def main():
     bf16 = a.precision == "bf16"
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    model = VMoE() if a.model == "vmoe-tiny" else ConvNeXtMoE()
+    model = {"vmoe-tiny": VMoE, "convnext-moe-tiny": ConvNeXtMoE, "resnest-mb-tiny": MultiBranchResNeSt}[a.model]()
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     x, y = torch.randn(a.batch, 1, 28, 28), torch.randint(0, 10, (a.batch,))
@@ -204,14 +283,20 @@ def main():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1) + sum(m.aux for m in moes if m.aux is not None)
+        if isinstance(logits, list):  # branches: each against the target, plus the diversity loss
+            loss = sum(F.cross_entropy(l.float(), y, label_smoothing=0.1) for l in logits) + 0.2 * diversity_loss(logits)
+        else:
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1)
+        loss = loss + sum(m.aux for m in moes if m.aux is not None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
     def eval_step():
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            model(x)
+            logits = model(x)
+            if isinstance(logits, list):  # the mean of the branch logits, as moev's forward
+                torch.stack(logits).mean(0)
 
     peak_before = matmul_gflops()
     model.train()

@@ -184,6 +184,9 @@ TEST(ResNeSt, BadConfigsAreErrors) {
   c = models::preset("resnest-tiny");
   c.dims = {32, 64, 130};
   test::expect_error([&] { models::validate(c); }, {"divisible by 4"});
+  c = models::preset("resnest-tiny");
+  c.precision = "bf16";  // would silently train in fp32
+  test::expect_error([&] { models::validate(c); }, {"model.precision = 'bf16'", "fp32 only"});
   auto v = models::preset("vit-tiny");
   v.branches = 3;
   test::expect_error([&] { models::validate(v); }, {"model.branches = 3", "ResNeSt"});

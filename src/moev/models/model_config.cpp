@@ -129,6 +129,9 @@ void validate_resnest(const ModelConfig& c) {
   }
   MOEV_CHECK(c.moe.kind == "none", "model.moe = '", models::to_string(c.moe),
              "': ResNeSt has expert branches (model.branches), not token-routed MoE layers");
+  // Its convolutions run in fp32: accepting bf16 would run fp32 under a bf16 label.
+  MOEV_CHECK(c.precision == "fp32", "model.precision = '", c.precision,
+             "': ResNeSt runs fp32 only (bf16 applies to the GEMMs of vit and convnext)");
 }
 
 }  // namespace
