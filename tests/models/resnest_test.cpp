@@ -46,7 +46,8 @@ at::Tensor padded_blur_reference(const at::Tensor& x) {
 
 TEST(BlurPool, ValuesAndGradientsMatchThePaddedConvolution) {
   torch::manual_seed(3);
-  for (auto [h, w] : std::vector<std::pair<int64_t, int64_t>>{{7, 7}, {14, 14}, {4, 5}, {2, 3}, {1, 6}, {5, 1}, {1, 1}}) {
+  for (auto [h, w] : std::vector<std::pair<int64_t, int64_t>>{
+           {7, 7}, {14, 14}, {28, 28}, {4, 5}, {2, 3}, {3, 2}, {1, 6}, {5, 1}, {1, 1}, {2, 2}, {37, 70}}) {
     auto x = torch::randn({3, 5, h, w}, torch::kDouble).requires_grad_();
     auto y = nn::blur_pool2d(x), ref = padded_blur_reference(x);
     ASSERT_EQ(y.sizes(), ref.sizes()) << h << "x" << w;
@@ -55,9 +56,15 @@ TEST(BlurPool, ValuesAndGradientsMatchThePaddedConvolution) {
     auto gx = torch::autograd::grad({y}, {x}, {g})[0];
     auto gref = torch::autograd::grad({ref}, {x}, {g})[0];
     EXPECT_TRUE(torch::allclose(gx, gref, 1e-12, 1e-12)) << h << "x" << w;
-    // float, as the model runs it; a channels-last input is read correctly.
-    auto xf = x.detach().to(torch::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
-    EXPECT_TRUE(torch::allclose(nn::blur_pool2d(xf), padded_blur_reference(xf), 1e-5, 1e-6)) << h << "x" << w;
+    // float, as the model runs it (its own vectorised clones); a channels-last
+    // input is read correctly.
+    auto xf = x.detach().to(torch::kFloat).contiguous(at::MemoryFormat::ChannelsLast).requires_grad_();
+    auto yf = nn::blur_pool2d(xf), reff = padded_blur_reference(xf);
+    EXPECT_TRUE(torch::allclose(yf, reff, 1e-5, 1e-6)) << h << "x" << w;
+    auto gf = g.to(torch::kFloat);
+    EXPECT_TRUE(torch::allclose(torch::autograd::grad({yf}, {xf}, {gf})[0],
+                                torch::autograd::grad({reff}, {xf}, {gf})[0], 1e-5, 1e-6))
+        << h << "x" << w;
   }
   test::expect_error([] { nn::blur_pool2d(torch::zeros({2, 3, 4})); }, {"blur_pool2d", "[B, C, H, W]"});
   test::expect_error([] { nn::blur_pool2d(torch::zeros({1, 1, 4, 4}, torch::kLong)); }, {"float or double"});
