@@ -4,6 +4,7 @@
 
 #include "commands.h"
 #include "moev/core/error.h"
+#include "moev/models/model_config.h"
 #include "moev/nn/linear.h"
 
 namespace moev::app {
@@ -18,9 +19,9 @@ void warn_precision(const std::string& precision) {
 
 void ConfigFlags::add_to(CLI::App* cmd) {
   cmd->add_option("-c,--config", config_file, "config file (.toml or .json)");
-  cmd->add_option("-m,--model", preset,
-                  "model preset: vit-tiny, vmoe-tiny, vit-s32, vmoe-s32, convnext-tiny, "
-                  "convnext-moe-tiny, convnext-iso-tiny, convnext-iso-moe-tiny");
+  std::string presets;  // from the preset table itself, so the help cannot fall behind it
+  for (const auto& n : models::preset_names()) presets += (presets.empty() ? "" : ", ") + n;
+  cmd->add_option("-m,--model", preset, "model preset: " + presets);
   cmd->add_option("--set", sets, "override any config key: section.key=value (repeatable)");
   auto shorthand_flag = [this, cmd](const std::string& flag, const std::string& key,
                                     const std::string& help) {

@@ -8,7 +8,7 @@
 #include "moev/core/error.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"moev: Mixture-of-Experts image classification (V-MoE, ViT, ConvNeXt) on LibTorch"};
+  CLI::App app{"moev: Mixture-of-Experts image classification (V-MoE, ViT, ConvNeXt, multi-branch ResNeSt, hard MoE) on LibTorch"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "moev 0.1.0");
   std::vector<std::pair<CLI::App*, moev::app::Runner>> runners;

@@ -10,7 +10,7 @@
 namespace moev::app {
 
 Runner add_train(CLI::App& app) {
-  auto* cmd = app.add_subcommand("train", "train a model (V-MoE, ViT, ConvNeXt) on an image dataset");
+  auto* cmd = app.add_subcommand("train", "train a model (V-MoE, ViT, ConvNeXt, multi-branch ResNeSt) on an image dataset");
   auto flags = std::make_shared<ConfigFlags>();
   auto resume = std::make_shared<bool>(false);
   flags->add_to(cmd);

@@ -197,6 +197,12 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
                        {"data.per_class = 7000", "'T-shirt/top'", "only 6000 images"});
   expect_clean_failure("train " + toy + "--set model.branches=0 --out " + dir.file("a"),
                        {"model.branches = 0", "expected >= 1"});
+  expect_clean_failure("train " + toy + "--set model.precision=bf16 --out " + dir.file("a"),
+                       {"model.precision = 'bf16'", "fp32 only"});
+  const auto help = run("train --help");
+  EXPECT_EQ(help.code, 0);
+  for (const char* preset : {"resnest-mb-tiny", "resnest-mb-cifar", "resnest-mb-50", "convnext-moe-tiny"})
+    EXPECT_NE(help.out.find(preset), std::string::npos) << preset << " missing from:\n" << help.out;
   auto r = run("train " + toy + "--out " + dir.file("n1"));
   ASSERT_EQ(r.code, 0) << r.out;
   expect_clean_failure("train " + toy + "--set model.branches=3 --set train.teacher=" + dir.file("n1") +
