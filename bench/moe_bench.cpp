@@ -271,7 +271,13 @@ int main(int argc, char** argv) {
       return 2;
     }
     const bool train = std::strcmp(mode, "train") == 0;
-    auto step = model_step(preset, prec, train, dp[0] ? threads : 1, threads);
+    std::function<void()> step;
+    try {
+      step = model_step(preset, prec, train, dp[0] ? threads : 1, threads);
+    } catch (const std::exception& e) {  // an unknown preset, ResNeSt in bf16...
+      std::fprintf(stderr, "moev_bench: --profile %s: %s\n", profile.c_str(), e.what());
+      return 2;
+    }
     using clock = std::chrono::steady_clock;
     step();
     if (!trace.empty()) {  // the ops LibTorch runs (perf cannot name them: its library is stripped)

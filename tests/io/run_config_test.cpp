@@ -4,6 +4,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include <nlohmann/json.hpp>
+
 #include "support/expect_error.h"
 #include "support/temp_dir.h"
 #include "moev/io/run_config.h"
@@ -77,6 +79,21 @@ TEST(RunConfig, BadInputsNameFileAndKey) {
 // Every config the repository ships loads (other commands' sections aside), and
 // its model passes validation and builds: an edited example fails here, not in
 // a user's first run.
+TEST(RunConfig, ResNeStCheckpointRecordedAsBf16ReadsAsFp32) {
+  // Before ResNeSt refused bf16 it accepted it and ran fp32: its checkpoints still load.
+  io::RunConfig c;
+  c.model = models::preset("resnest-mb-tiny");
+  auto j = io::to_json(c);
+  j["model"]["precision"] = "bf16";
+  const auto back = io::from_json_string(j.dump(), "old.pt");
+  EXPECT_EQ(back.model.precision, "fp32");
+  models::validate(back.model);
+  c.model = models::preset("vit-tiny");  // others keep their bf16
+  j = io::to_json(c);
+  j["model"]["precision"] = "bf16";
+  EXPECT_EQ(io::from_json_string(j.dump(), "vit.pt").model.precision, "bf16");
+}
+
 TEST(RunConfig, ShippedConfigsLoadAndBuild) {
   int n = 0;
   for (const auto& entry : std::filesystem::directory_iterator(std::string(MOEV_SOURCE_DIR) + "/configs")) {

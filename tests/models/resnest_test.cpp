@@ -46,9 +46,13 @@ at::Tensor padded_blur_reference(const at::Tensor& x) {
 
 TEST(BlurPool, ValuesAndGradientsMatchThePaddedConvolution) {
   torch::manual_seed(3);
+  const int threads = at::get_num_threads();
+  // 32 planes: above the kernel's grain of 16, so two threads split them.
+  for (int t : {1, 2})
   for (auto [h, w] : std::vector<std::pair<int64_t, int64_t>>{
            {7, 7}, {14, 14}, {28, 28}, {4, 5}, {2, 3}, {3, 2}, {1, 6}, {5, 1}, {1, 1}, {2, 2}, {37, 70}}) {
-    auto x = torch::randn({3, 5, h, w}, torch::kDouble).requires_grad_();
+    at::set_num_threads(t);
+    auto x = torch::randn({4, 8, h, w}, torch::kDouble).requires_grad_();
     auto y = nn::blur_pool2d(x), ref = padded_blur_reference(x);
     ASSERT_EQ(y.sizes(), ref.sizes()) << h << "x" << w;
     EXPECT_TRUE(torch::allclose(y, ref, 1e-12, 1e-12)) << h << "x" << w;
@@ -66,6 +70,17 @@ TEST(BlurPool, ValuesAndGradientsMatchThePaddedConvolution) {
                                 torch::autograd::grad({reff}, {xf}, {gf})[0], 1e-5, 1e-6))
         << h << "x" << w;
   }
+  at::set_num_threads(threads);
+  {
+    c10::InferenceMode g;
+    auto x = torch::randn({2, 3, 9, 6});
+    EXPECT_TRUE(torch::allclose(nn::blur_pool2d(x), padded_blur_reference(x), 1e-5, 1e-6));
+  }
+  EXPECT_EQ(nn::blur_pool2d(torch::zeros({0, 3, 5, 5})).sizes(), (std::vector<int64_t>{0, 3, 3, 3}));
+  auto x = torch::randn({1, 2, 4, 4}, torch::kDouble).requires_grad_();
+  EXPECT_TRUE(torch::autograd::grad({nn::blur_pool2d(x).pow(2).sum()}, {x})[0].defined());
+  test::expect_error([&] { torch::autograd::grad({nn::blur_pool2d(x).pow(2).sum()}, {x}, {}, true, true); },
+                     {"no double backward"});
   test::expect_error([] { nn::blur_pool2d(torch::zeros({2, 3, 4})); }, {"blur_pool2d", "[B, C, H, W]"});
   test::expect_error([] { nn::blur_pool2d(torch::zeros({1, 1, 4, 4}, torch::kLong)); }, {"float or double"});
 }

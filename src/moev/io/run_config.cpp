@@ -338,6 +338,10 @@ RunConfig from_json_string(const std::string& text, const std::string& source) {
     fail(source, ": invalid config JSON: ", e.what());
   }
   apply_json(cfg, j, source);
+  // Checkpoints store their config this way. ResNeSt accepted model.precision
+  // = bf16 until session 29, while its convolutions ran in fp32 all along: such
+  // a run reads as the fp32 run it was, rather than failing to load.
+  if (cfg.model.family == "resnest" && cfg.model.precision == "bf16") cfg.model.precision = "fp32";
   return cfg;
 }
 

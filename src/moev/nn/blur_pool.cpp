@@ -171,6 +171,9 @@ struct BlurPool : public torch::autograd::Function<BlurPool> {
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    // The adjoint is computed outside autograd: a second derivative through it
+    // would silently be zero.
+    MOEV_CHECK(!torch::autograd::GradMode::is_enabled(), "blur_pool2d: no double backward (create_graph)");
     return {run(grads[0].contiguous(), ctx->saved_data["H"].toInt(), ctx->saved_data["W"].toInt(),
                 /*adjoint=*/true)};
   }
