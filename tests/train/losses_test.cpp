@@ -52,6 +52,43 @@ TEST(DiversityLoss, BoundedBelowByMinusNLogN) {
   EXPECT_NEAR(v, -3 * std::log(3.0), 1e-4);
 }
 
+TEST(DiversityLoss, OffTargetIgnoresTheSupportedClasses) {
+  torch::manual_seed(4);
+  auto y = torch::tensor({3, 0, 7, 7, 1, 9}, torch::kInt64);
+  auto a = torch::randn({6, 10}).requires_grad_(true);
+  // b differs from a only at each row's label: renormalised over the other
+  // classes the two branches agree exactly.
+  auto b = (a.detach() + 3.0 * torch::one_hot(y, 10).to(torch::kFloat)).requires_grad_(true);
+  const auto off = supported_classes(smoothed_one_hot(y, 10, 0.1));
+  EXPECT_TRUE(torch::equal(off, torch::one_hot(y, 10).to(torch::kBool)));
+  EXPECT_LT(diversity_loss({a, b}).item<double>(), -1e-3);  // with the label they differ
+  auto loss = diversity_loss({a, b}, off);
+  EXPECT_NEAR(loss.item<double>(), 0.0, 1e-6);
+  // Apart elsewhere: the loss sees it, and its gradient never touches a label's logit.
+  auto c = (a.detach() + 0.5 * torch::randn({6, 10})).requires_grad_(true);
+  auto apart = diversity_loss({a, c}, off);
+  EXPECT_LT(apart.item<double>(), -1e-3);
+  apart.backward();
+  EXPECT_EQ(a.grad().masked_select(off).abs().max().item<float>(), 0.0f);
+  EXPECT_GT(a.grad().masked_select(off.logical_not()).abs().max().item<float>(), 0.0f);
+  EXPECT_TRUE(torch::isfinite(a.grad()).all().item<bool>());
+  EXPECT_THROW(diversity_loss({a, c}, off.narrow(0, 0, 3)), std::exception);
+}
+
+TEST(DiversityLoss, SupportedClassesOfMixedAndDistilledTargets) {
+  // Mixup at lam 0.7 supports both labels; at lam 0.97 the faint one falls below 1/L.
+  auto y = torch::tensor({2}, torch::kInt64), z = torch::tensor({5}, torch::kInt64);
+  auto t = [&](double lam) { return lam * smoothed_one_hot(y, 10, 0.1) + (1 - lam) * smoothed_one_hot(z, 10, 0.1); };
+  EXPECT_EQ(supported_classes(t(0.7)).sum().item<int64_t>(), 2);
+  EXPECT_TRUE(supported_classes(t(0.7))[0][5].item<bool>());
+  EXPECT_EQ(supported_classes(t(0.97)).sum().item<int64_t>(), 1);
+  // A uniform target supports nothing, a row of any target at most L - 1 classes.
+  EXPECT_EQ(supported_classes(torch::full({1, 4}, 0.25)).sum().item<int64_t>(), 0);
+  torch::manual_seed(5);
+  auto r = torch::softmax(torch::randn({64, 10}) * 3, 1);
+  EXPECT_LE(supported_classes(r).sum(1).max().item<int64_t>(), 9);
+}
+
 TEST(SoftTargets, SmoothedOneHotCrossEntropyEqualsTorchLabelSmoothing) {
   torch::manual_seed(2);
   auto logits = torch::randn({6, 5});

@@ -17,6 +17,7 @@
 #include "moev/train/checkpoint.h"
 #include "moev/train/datasets.h"
 #include "moev/train/fusion.h"
+#include "moev/train/losses.h"
 #include "moev/train/teacher.h"
 #include "moev/train/trained_model.h"
 #include "moev/train/trainer.h"
@@ -334,6 +335,42 @@ TEST(MultiBranch, BranchViewsTrainEachBranchOnItsOwnBatch) {
   c.train.diversity_weight = 0.2;
   test::expect_error([&] { train::train_model(c, {}); }, {"train.branch_views", "train.diversity_weight = 0"});
   EXPECT_EQ(std::filesystem::file_size(log_file), log_size);
+}
+
+TEST(MultiBranch, OffTargetDiversityLeavesTheLabelOut) {
+  test::TempDir dir;
+  auto c = toy(dir.file("offt"), 2);
+  c.model.drop_path = 0;  // the first step's forward is then a fixed function of the init
+  c.model.dropout = 0;
+  c.train.diversity_weight = 0.5;
+  c.train.diversity_off_target = true;
+  c.train.max_steps = 1;
+  c.train.log_every = 1;
+  train::train_model(c, {});
+  std::ifstream in(std::filesystem::path(c.train.out_dir) / "log.jsonl");
+  std::string line;
+  ASSERT_TRUE(std::getline(in, line));
+  const double logged = nlohmann::json::parse(line).at("aux_loss").get<double>();
+
+  auto ds = train::open_datasets(c.data, c.model, /*load_train=*/true);
+  torch::manual_seed(c.train.seed);
+  auto m = models::build_model(c.model);
+  m->train();
+  data::Batch b;
+  data::BatchLoader loader(
+      ds.train, train::training_loader_options(c.data, ds, c.train.batch_size, train::branch_view_seed(c.train.seed, 0)),
+      0);
+  ASSERT_TRUE(loader.next(b));
+  torch::NoGradGuard ng;
+  const auto outs = m->forward_branches(b.x);
+  const auto label = torch::one_hot(b.y, c.model.num_classes).to(torch::kBool);
+  // At initialisation the branches nearly agree, and least on the label: the
+  // two losses differ by ~1e-5, so the logged one must match to far better.
+  const double off = 0.5 * train::diversity_loss(outs.logits, label).item<double>();
+  const double all = 0.5 * train::diversity_loss(outs.logits).item<double>();
+  ASSERT_LT(off, 0.0);
+  ASSERT_GT(std::abs(all - off), 5e-6) << "all " << all << ", off target " << off;
+  EXPECT_NEAR(logged, off, 5e-7) << "all classes: " << all;
 }
 
 // A killed run with branch views resumes exactly: every view's loader picks up

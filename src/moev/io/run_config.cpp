@@ -165,6 +165,8 @@ const std::vector<Field>& fields() {
                    "distillation: allow a teacher trained on other training images than the student's (default: an "
                    "error, since in a data-efficient run it would pass on labels the student may not see)"),
         MOEV_FIELD("train.diversity_weight", train.diversity_weight, "multi-branch: diversity loss weight"),
+        MOEV_FIELD("train.diversity_off_target", train.diversity_off_target,
+                   "multi-branch: the diversity loss only over the classes a row's target gives less than 1/L"),
         MOEV_FIELD("train.branch_views", train.branch_views,
                    "multi-branch: each branch trains on batches of its own (images, order, crops, mixes), "
                    "the shared trunk on all of them (needs train.diversity_weight = 0)"),

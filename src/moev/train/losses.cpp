@@ -25,15 +25,22 @@ at::Tensor cosine_loss(const at::Tensor& logits, const at::Tensor& target) {
   return (1 - cos).mean();
 }
 
-at::Tensor diversity_loss(const std::vector<at::Tensor>& logits) {
+at::Tensor diversity_loss(const std::vector<at::Tensor>& logits, const at::Tensor& exclude) {
   MOEV_CHECK(!logits.empty(), "diversity_loss: no branches");
+  MOEV_CHECK(!exclude.defined() || exclude.sizes() == logits[0].sizes(), "diversity_loss: exclude of shape ",
+             exclude.sizes(), ", logits of ", logits[0].sizes(), ": expected the same");
   std::vector<at::Tensor> logp;
-  for (const auto& l : logits) logp.push_back(torch::log_softmax(l, 1));
+  // An excluded class gets a logit far below the rest rather than -inf: its
+  // probability is then exactly 0 in float, and 0 * log-ratio stays 0, not NaN.
+  for (const auto& l : logits)
+    logp.push_back(torch::log_softmax(exclude.defined() ? l.masked_fill(exclude, -1e4) : l, 1));
   auto lp = torch::stack(logp);                                     // [N, B, L]
   auto log_mean = torch::logsumexp(lp, 0) - std::log(double(logits.size()));  // log p_mean, [B, L]
   auto kl = (lp.exp() * (lp - log_mean)).sum(2);                    // [N, B]
   return -kl.sum(0).mean();
 }
+
+at::Tensor supported_classes(const at::Tensor& target) { return target > 1.0 / double(target.size(1)); }
 
 namespace {
 // Beta(a, a) from two gammas: std has no beta distribution.

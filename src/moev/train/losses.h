@@ -28,8 +28,18 @@ at::Tensor cosine_loss(const at::Tensor& logits, const at::Tensor& target);
 // runaway the other direction allows (KL(p_mean || p_i) grows without bound as a
 // branch sends a class's probability to 0, so a loss of minus that can fall
 // forever by making one branch absurdly confident). Zero when all branches agree.
+// With `exclude` (bool [B, L]), each branch's distribution leaves those classes
+// out (softmax over the rest): the branches are pushed apart only on the
+// classes a row's target does not support, in the spirit of Pang et al. 2019's
+// non-maximal diversity, so the push need not cost accuracy on the label.
 // logits: N x [B, L] -> scalar
-at::Tensor diversity_loss(const std::vector<at::Tensor>& logits);
+at::Tensor diversity_loss(const std::vector<at::Tensor>& logits, const at::Tensor& exclude = {});
+
+// The classes a target supports: target [B, L] (rows sum to 1) -> bool [B, L],
+// true where the target gives a class more than the uniform share 1/L (the
+// label under label smoothing, both labels of a mix but a faint one, the
+// classes a teacher believes in). At most L - 1 per row.
+at::Tensor supported_classes(const at::Tensor& target);
 
 // How one batch is mixed: none, mixup (x = lam x + (1 - lam) x_flip) or cutmix
 // (a box of x_flip pasted into x, lam = the area left of x). x_flip is the batch

@@ -488,7 +488,13 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
             loss = loss.defined() ? loss + objective(outs.logits[b], v) : objective(outs.logits[b], v);
             if (views > 1) right += correct(outs.logits[b].detach(), v);
           }
-          if (tc.diversity_weight > 0) aux = tc.diversity_weight * diversity_loss(outs.logits);
+          if (tc.diversity_weight > 0) {
+            at::Tensor off;  // the classes left out: those the target supports
+            if (tc.diversity_off_target)
+              off = soft ? supported_classes(ts[r])
+                         : torch::one_hot(ys[r], cfg.model.num_classes).to(torch::kBool);
+            aux = tc.diversity_weight * diversity_loss(outs.logits, off);
+          }
           if (views == 1) right = correct(torch::stack(outs.logits).mean(0).detach(), 0);
         } else {
           auto logits = reps.model(r).forward(xs[r]);
