@@ -44,6 +44,23 @@ void expect_killed_run_resumes_exactly(io::RunConfig s, int64_t cut_at, test::Te
   const auto b = train::load_checkpoint(dir.file("cut") + "/checkpoint.pt").model;
   for (const auto& [name, t] : a) EXPECT_TRUE(torch::equal(t, b.at(name))) << name;
 }
+
+// Trains c for one step (logged alone) and returns that log line's `field`,
+// with the model as it stood before the step: built again from the run's seed.
+// Needs a config without random draws between init and the first forward.
+std::pair<double, models::ClassifierPtr> first_step(io::RunConfig c, const std::string& field) {
+  c.train.max_steps = 1;
+  c.train.log_every = 1;
+  train::train_model(c, {});
+  std::ifstream in(std::filesystem::path(c.train.out_dir) / "log.jsonl");
+  std::string line;
+  std::getline(in, line);
+  const double logged = nlohmann::json::parse(line).at(field).get<double>();
+  torch::manual_seed(c.train.seed);
+  auto m = models::build_model(c.model);
+  m->train();
+  return {logged, m};
+}
 }  // namespace
 
 TEST(MultiBranch, TeacherRunsOncePerImageAndAugmentation) {
@@ -292,18 +309,8 @@ TEST(MultiBranch, BranchViewsTrainEachBranchOnItsOwnBatch) {
   c.model.dropout = 0;
   c.train.branch_views = true;
   c.train.diversity_weight = 0;
-  c.train.max_steps = 1;
-  c.train.log_every = 1;
-  train::train_model(c, {});
-  std::ifstream in(std::filesystem::path(c.train.out_dir) / "log.jsonl");
-  std::string line;
-  ASSERT_TRUE(std::getline(in, line));
-  const double logged = nlohmann::json::parse(line).at("loss").get<double>();
-
+  const auto [logged, m] = first_step(c, "loss");
   auto ds = train::open_datasets(c.data, c.model, /*load_train=*/true);
-  torch::manual_seed(c.train.seed);
-  auto m = models::build_model(c.model);
-  m->train();
   std::vector<at::Tensor> x, y;
   for (int64_t v = 0; v < 2; ++v) {
     data::Batch b;
@@ -344,18 +351,8 @@ TEST(MultiBranch, OffTargetDiversityLeavesTheLabelOut) {
   c.model.dropout = 0;
   c.train.diversity_weight = 0.5;
   c.train.diversity_off_target = true;
-  c.train.max_steps = 1;
-  c.train.log_every = 1;
-  train::train_model(c, {});
-  std::ifstream in(std::filesystem::path(c.train.out_dir) / "log.jsonl");
-  std::string line;
-  ASSERT_TRUE(std::getline(in, line));
-  const double logged = nlohmann::json::parse(line).at("aux_loss").get<double>();
-
+  const auto [logged, m] = first_step(c, "aux_loss");
   auto ds = train::open_datasets(c.data, c.model, /*load_train=*/true);
-  torch::manual_seed(c.train.seed);
-  auto m = models::build_model(c.model);
-  m->train();
   data::Batch b;
   data::BatchLoader loader(
       ds.train, train::training_loader_options(c.data, ds, c.train.batch_size, train::branch_view_seed(c.train.seed, 0)),
