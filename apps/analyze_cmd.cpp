@@ -58,7 +58,7 @@ Runner add_analyze(CLI::App& app) {
       MOEV_CHECK(c > 0, "--capacities: ", c, " is not a capacity ratio > 0");
     const auto device = parse_device("cpu");
     auto t = train::load_trained(f->checkpoint, device, f->precision);
-    warn_precision(t.cfg.model.precision);
+    warn_precision(t.cfg.model);
     auto layers = moe::find_moe_layers(*t.model);
     const bool branches = t.cfg.model.branches >= 2;
     MOEV_CHECK(!layers.empty() || branches, f->checkpoint, ": the model has no MoE layers (model.moe = ",

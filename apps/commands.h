@@ -55,8 +55,9 @@ int local_world_size();
 
 bool stderr_is_terminal();
 
-// One stderr line when `precision` asks for bf16 on a CPU that would run it as
+// One stderr line when the model asks for bf16 on a CPU that would run it as
 // fp32 (nn::parse_precision), so the figures a user reads are not a surprise.
-void warn_precision(const std::string& precision);
+// Silent for ResNeSt, which refuses bf16 with an error of its own.
+void warn_precision(const models::ModelConfig& model);
 
 }  // namespace moev::app

@@ -11,8 +11,8 @@ namespace moev::app {
 
 bool stderr_is_terminal() { return ::isatty(STDERR_FILENO) == 1; }
 
-void warn_precision(const std::string& precision) {
-  if (precision == "bf16" && !nn::native_bf16())
+void warn_precision(const models::ModelConfig& model) {
+  if (model.family != "resnest" && model.precision == "bf16" && !nn::native_bf16())
     std::cerr << "moev: note: model.precision = bf16, but this CPU has no native bf16 dot products "
                  "(AVX512_BF16 or AMX); running the GEMMs in fp32\n";
 }
@@ -65,7 +65,7 @@ io::RunConfig ConfigFlags::resolve() const {
   if (!config_file.empty()) io::apply_file(cfg, config_file);
   for (const auto& s : shorthand) io::apply_override(cfg, s);
   for (const auto& s : sets) io::apply_override(cfg, s);
-  warn_precision(cfg.model.precision);
+  warn_precision(cfg.model);
   return cfg;
 }
 

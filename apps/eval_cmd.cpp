@@ -94,7 +94,7 @@ Runner add_eval(CLI::App& app) {
     nlohmann::json all = nlohmann::json::array();
     for (const auto& ckpt : f->checkpoints) {
       auto t = train::load_trained(ckpt, device, f->precision, f->raw_weights);
-      warn_precision(t.cfg.model.precision);
+      warn_precision(t.cfg.model);
       train::apply_router_overrides(*t.model, o);
       auto data = t.cfg.data;
       if (!f->data.empty()) data.path = data.test_path = f->data;

@@ -199,6 +199,10 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
                        {"model.branches = 0", "expected >= 1"});
   expect_clean_failure("train " + toy + "--set model.precision=bf16 --out " + dir.file("a"),
                        {"model.precision = 'bf16'", "fp32 only"});
+  // On a CPU without native bf16 the "running the GEMMs in fp32" note would
+  // contradict the refusal that follows it.
+  EXPECT_EQ(run("train " + toy + "--set model.precision=bf16 --out " + dir.file("a")).out.find("note:"),
+            std::string::npos);
   const auto help = run("train --help");
   EXPECT_EQ(help.code, 0);
   for (const char* preset : {"resnest-mb-tiny", "resnest-mb-cifar", "resnest-mb-50", "convnext-moe-tiny"})
