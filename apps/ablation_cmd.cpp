@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <thread>
 
@@ -37,7 +38,9 @@ struct AblationFlags {
   int jobs = 2;
   int64_t fusion_epochs = 30;
   std::vector<int64_t> branches, no_diversity;
-  int64_t seeds = 0, first_seed = -1, teachers = 0;
+  // kUnset: the flag was not given (the config's [ablation] value stands).
+  static constexpr int64_t kUnset = std::numeric_limits<int64_t>::min();
+  int64_t seeds = kUnset, first_seed = kUnset, teachers = kUnset;
   bool dry_run = false;
 };
 
@@ -83,10 +86,19 @@ Runner add_ablation(CLI::App& app) {
     }
     if (!f->branches.empty()) grid.branches = f->branches;
     if (!f->no_diversity.empty()) grid.no_diversity = f->no_diversity;
-    if (f->seeds > 0) grid.seeds = f->seeds;
-    if (f->first_seed >= 0) grid.first_seed = f->first_seed;
-    if (f->teachers > 0) grid.teachers = f->teachers;
+    // Checked here, not only by the plan, so the message names the flag.
+    auto flag = [](int64_t v, int64_t min, const char* name, int64_t& into) {
+      if (v == AblationFlags::kUnset) return;
+      MOEV_CHECK(v >= min, name, " ", v, ": expected an integer >= ", min);
+      into = v;
+    };
+    flag(f->seeds, 1, "--seeds", grid.seeds);
+    flag(f->first_seed, 0, "--first-seed", grid.first_seed);
+    flag(f->teachers, 1, "--teachers", grid.teachers);
+    MOEV_CHECK(f->fusion_epochs >= 1, "--fusion-epochs ", f->fusion_epochs, ": expected >= 1 (checked before ",
+               "any run, not after the training rows)");
     for (auto n : grid.branches) MOEV_CHECK(n >= 1, "--branches ", n, ": expected >= 1 branch");
+    if (!f->no_diversity.empty()) train::check_no_diversity(grid, "--no-diversity");
     for (const auto& s : f->sets) j.merge_patch(io::override_json(s));
     auto tasks = train::plan_ablation(grid, j, f->out, f->config);
     const int cores = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));

@@ -1,11 +1,13 @@
 // `moev fuse`: trains the fusion layer of a multi-branch model with its branches
 // frozen (Sun et al. section 2.3) and writes the fused model as a new checkpoint.
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "moev/core/error.h"
 #include "moev/io/table.h"
 #include "moev/train/fusion.h"
 #include "moev/train/trainer.h"
@@ -37,6 +39,13 @@ Runner add_fuse(CLI::App& app) {
       const auto slash = f->checkpoint.find_last_of('/');
       f->out = (slash == std::string::npos ? std::string(".") : f->checkpoint.substr(0, slash)) + "/fused.pt";
     }
+    // Checked before training, which the paths would otherwise fail after.
+    namespace fs = std::filesystem;
+    MOEV_CHECK(fs::weakly_canonical(f->out) != fs::weakly_canonical(f->checkpoint), "--out ", f->out,
+               ": is the input checkpoint; fusion writes a new file and leaves the trained run as it is");
+    for (const auto* path : {&f->out, &f->result})
+      MOEV_CHECK(path->empty() || !fs::is_directory(*path), *path, ": is a directory; expected a file to write (",
+                 path == &f->out ? "--out" : "--result", ")");
     f->o.progress = &std::cerr;
     f->o.interactive = stderr_is_terminal();
     auto r = train::train_fusion(f->checkpoint, f->out, f->o);

@@ -213,6 +213,18 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
                            "/checkpoint.pt --out " + dir.file("a"),
                        {"train.teacher", "model.branches 1 vs 3", "same architecture"});
   expect_clean_failure("fuse " + dir.file("n1") + "/checkpoint.pt", {"multi-branch model", "1 branch"});
+  expect_clean_failure("train " + toy + "--set train.label_smoothing=-0.1 --out " + dir.file("a"),
+                       {"train.label_smoothing = -0.1", "[0, 1)"});
+  // Ablation flags out of range are errors naming the flag, before any run;
+  // they once fell back to the config's values without a word.
+  std::ofstream(dir.file("abl.toml")) << "[model]\npreset = \"resnest-tiny\"\n";
+  for (const std::string bad : {"--seeds 0", "--teachers -2", "--first-seed -1", "--fusion-epochs 0"})
+    expect_clean_failure("ablation --config " + dir.file("abl.toml") + " --dry-run " + bad,
+                         {bad, "expected"});
+  expect_clean_failure("ablation --config " + dir.file("abl.toml") + " --dry-run --branches 3,3",
+                       {"N = 3 twice"});
+  expect_clean_failure("ablation --config " + dir.file("abl.toml") + " --dry-run --branches 1,3 --no-diversity 5",
+                       {"--no-diversity", "N = 5"});
   // Self-supervised initialisation: a queue longer than the images allow, then a
   // short pre-training whose checkpoint starts a supervised run.
   expect_clean_failure("pretrain " + toy + "--out " + dir.file("a"), {"train.epochs=1", "--pretrain-epochs"});
@@ -253,6 +265,12 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   r = run("train " + toy + "--set model.branches=2 --set train.teacher=" + dir.file("t2") +
           "/checkpoint.pt --set train.mixup_alpha=0.8 --set train.cutmix_alpha=1 --out " + dir.file("s2"));
   ASSERT_EQ(r.code, 0) << r.out;
+  // Writing over the trained run, or into a directory, is refused before training.
+  expect_clean_failure("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 1 --out " + dir.file("s2") +
+                           "/../s2/checkpoint.pt",
+                       {"is the input checkpoint"});
+  expect_clean_failure("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 1 --out " + dir.file("s2"),
+                       {dir.file("s2") + ": is a directory", "--out"});
   r = run("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 1 --threads 1");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("fusion"), std::string::npos) << r.out;

@@ -148,6 +148,18 @@ TEST(Ablation, BadGridsAreErrorsNamingTheKey) {
   train::AblationGrid no_div_rows;
   no_div_rows.no_diversity = {};
   EXPECT_FALSE(train::plan_ablation(no_div_rows, views, "/abl", "abl.toml").empty());
+  train::AblationGrid twice;
+  twice.branches = {1, 3, 3};
+  test::expect_error([&] { train::plan_ablation(twice, kBase, "/abl", "abl.toml"); },
+                     {"abl.toml", "N = 3 twice", "each N once"});
+  test::expect_error(
+      [] { train::parse_ablation_grid(json{{"branches", {1, 3}}, {"no_diversity", {5}}}, "abl.toml"); },
+      {"abl.toml", "no_diversity N = 5", "also in ablation branches"});
+  // N = 1 has no diversity loss to leave out.
+  test::expect_error(
+      [] { train::parse_ablation_grid(json{{"branches", {1, 3}}, {"no_diversity", {1}}}, "abl.toml"); },
+      {"no_diversity N = 1"});
+  EXPECT_NO_THROW(train::parse_ablation_grid(json{{"branches", {1, 3}}, {"no_diversity", {0}}}, "abl.toml"));
   const json vit = {{"model", {{"preset", "vit-tiny"}}}};
   test::expect_error([&] { train::plan_ablation(train::AblationGrid{}, vit, "/abl", "abl.toml"); },
                      {"abl.toml", "ResNeSt", "model.family = vit"});

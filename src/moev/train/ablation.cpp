@@ -52,7 +52,15 @@ AblationGrid parse_ablation_grid(const json& s, const std::string& source) {
     }
   }
   for (auto n : g.branches) MOEV_CHECK(n >= 1, source, ": ablation.branches: ", n, ": expected >= 1 branch");
+  if (s.contains("branches") && s.contains("no_diversity")) check_no_diversity(g, source);
   return g;
+}
+
+void check_no_diversity(const AblationGrid& g, const std::string& source) {
+  for (auto n : g.no_diversity)
+    MOEV_CHECK(n == 0 || (n >= 2 && std::count(g.branches.begin(), g.branches.end(), n)), source,
+               ": ablation no_diversity N = ", n, ": expected 0 (none) or an N >= 2 that is also in ",
+               "ablation branches");
 }
 
 std::vector<AblationTask> plan_ablation(const AblationGrid& g, const json& base, const std::string& out_dir,
@@ -67,6 +75,11 @@ std::vector<AblationTask> plan_ablation(const AblationGrid& g, const json& base,
   MOEV_CHECK(!common.train.branch_views || (common.train.diversity_weight == 0 && g.no_diversity.empty()), source,
              ": train.branch_views = true needs train.diversity_weight = 0 and no rows without the diversity ",
              "loss (ablation.no_diversity = [] or --no-diversity 0)");
+  // A repeated N would run its directories twice and count one seed's result
+  // as two.
+  for (size_t i = 0; i < g.branches.size(); ++i)
+    MOEV_CHECK(std::count(g.branches.begin(), g.branches.end(), g.branches[i]) == 1, source,
+               ": ablation branches list N = ", g.branches[i], " twice: expected each N once");
   std::vector<AblationTask> tasks;
   MOEV_CHECK(g.seeds >= 1 && g.first_seed >= 0, source, ": ablation seeds = ", g.seeds, ", first_seed = ",
              g.first_seed, ": expected seeds >= 1 and first_seed >= 0");

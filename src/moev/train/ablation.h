@@ -52,6 +52,11 @@ struct AblationTask {
   std::vector<std::string> source_checkpoints;  // kFuse: the model to fuse; kEnsemble: the members
 };
 
+// An N listed to run without the diversity loss that is not a row of at least
+// two branches would be left out without a word: an error naming `source`.
+// The command checks it where the user gave both lists (a config section, a flag).
+void check_no_diversity(const AblationGrid& g, const std::string& source);
+
 // Every task, in an order that respects `after`. base: the common config (file
 // sections and overrides) on top of the defaults; its model must be a ResNeSt.
 std::vector<AblationTask> plan_ablation(const AblationGrid& grid, const nlohmann::json& base,

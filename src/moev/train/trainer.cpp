@@ -160,8 +160,10 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   MOEV_CHECK(tc.cooldown_epochs >= 0, "train.cooldown_epochs = ", tc.cooldown_epochs, ": expected >= 0");
   MOEV_CHECK(tc.distill_lambda >= 0 && tc.distill_lambda <= 1, "train.distill_lambda = ", tc.distill_lambda,
              ": expected [0, 1]");
-  MOEV_CHECK(tc.cosine_loss >= 0 && tc.diversity_weight >= 0, "train.cosine_loss / train.diversity_weight: ",
-             "expected >= 0");
+  MOEV_CHECK(tc.cosine_loss >= 0, "train.cosine_loss = ", tc.cosine_loss, ": expected >= 0");
+  MOEV_CHECK(tc.diversity_weight >= 0, "train.diversity_weight = ", tc.diversity_weight, ": expected >= 0");
+  MOEV_CHECK(tc.label_smoothing >= 0 && tc.label_smoothing < 1, "train.label_smoothing = ", tc.label_smoothing,
+             ": expected [0, 1) (the share of a target spread over all classes)");
   MOEV_CHECK(std::isfinite(tc.minutes) && tc.minutes >= 0, "train.minutes = ", tc.minutes,
              ": expected >= 0 (0: no time budget)");
   const bool budgeted = tc.minutes > 0;
