@@ -231,6 +231,10 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   std::string toy_ssl = toy;
   toy_ssl.erase(toy_ssl.find("--epochs 1 "), std::string("--epochs 1 ").size());
   expect_clean_failure("pretrain " + toy_ssl + "--queue 5000 --out " + dir.file("a"), {"queue = 5000", "at most 40"});
+  // A temperature that overflows InfoNCE: stopped at the first step, no NaN pretrain.pt left to start from.
+  expect_clean_failure("pretrain " + toy_ssl + "--queue 20 --temperature 1e-40 --out " + dir.file("pnan"),
+                       {"pretraining diverged at step 0", "pretrain.temperature"});
+  EXPECT_FALSE(std::filesystem::exists(dir.file("pnan") + "/pretrain.pt"));
   const auto ranked = moev::test::run_cli("pretrain " + toy_ssl + "--out " + dir.file("a"), "WORLD_SIZE=2 RANK=0");
   EXPECT_EQ(ranked.code, 1) << ranked.out;
   EXPECT_NE(ranked.out.find("one process"), std::string::npos) << ranked.out;

@@ -173,6 +173,27 @@ TEST(Trainer, CheckpointOfAnotherArchitectureIsRefusedNamingTheTensor) {
   test::expect_error([&] { train::train_model(c, {}); }, {"blocks.1.fc1.bias", "missing"});
 }
 
+// A NaN weight (a run saved after diverging, a damaged file) would otherwise
+// evaluate, fuse and teach at chance level with exit 0.
+TEST(Trainer, CheckpointWithNonFiniteWeightsOrADirectoryIsRefused) {
+  test::TempDir dir;
+  auto a = tiny_run(dir.file("a"));
+  a.train.max_steps = 1;
+  train::train_model(a, {});
+  const auto path = train::checkpoint_path(a.train.out_dir);
+  auto ckpt = train::load_checkpoint(path);
+  const std::string name = "blocks.1.moe.experts.b1";
+  ASSERT_TRUE(ckpt.model.count(name));
+  ckpt.model.at(name).view(-1)[3] = std::numeric_limits<float>::quiet_NaN();
+  train::save_checkpoint(dir.file("nan.pt"), ckpt);
+  test::expect_error([&] { train::load_checkpoint(dir.file("nan.pt")); },
+                     {dir.file("nan.pt"), name, "NaN or infinite"});
+  ckpt.model.at(name).view(-1)[3] = 0.0f;
+  train::save_checkpoint(dir.file("ok.pt"), ckpt);
+  EXPECT_NO_THROW(train::load_checkpoint(dir.file("ok.pt")));
+  test::expect_error([&] { train::load_checkpoint(a.train.out_dir); }, {a.train.out_dir, "is a directory"});
+}
+
 TEST(Trainer, ResumeWithoutCheckpointIsAClearError) {
   test::TempDir dir;
   auto cfg = tiny_run(dir.file("none"));

@@ -62,6 +62,8 @@ void save_checkpoint(const std::string& path, const Checkpoint& ckpt) {
 }
 
 Checkpoint load_checkpoint(const std::string& path) {
+  MOEV_CHECK(!std::filesystem::is_directory(path), "checkpoint ", path, ": is a directory; expected a checkpoint ",
+             "file (", path, "/checkpoint.pt?)");
   std::ifstream in(path, std::ios::binary);
   MOEV_CHECK(in.good(), "checkpoint ", path, ": cannot open (no such file?)");
   std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -84,6 +86,12 @@ Checkpoint load_checkpoint(const std::string& path) {
   c.optimizer = from_dict(d.at(std::string("optimizer")), "optimizer", path);
   c.rng = d.at(std::string("rng")).toTensor();
   if (d.contains(std::string("ema"))) c.ema = from_dict(d.at(std::string("ema")), "ema", path);
+  // A model with NaN weights would evaluate, fuse and teach at exit 0 with
+  // chance-level figures; no moev model stores a non-finite weight or buffer.
+  for (const auto* weights : {&c.model, &c.ema})
+    for (const auto& [name, t] : *weights)
+      MOEV_CHECK(!t.is_floating_point() || torch::isfinite(t).all().item<bool>(), "checkpoint ", path,
+                 ": tensor '", name, "' holds NaN or infinite values (saved from a diverged run?)");
   return c;
 }
 

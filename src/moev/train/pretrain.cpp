@@ -441,6 +441,9 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
         loss = loss.defined() ? loss + l : l;
       }
       const double contrastive = loss.item<double>();
+      // Before the step, so no NaN weights reach pretrain.pt.
+      MOEV_CHECK(std::isfinite(contrastive), "pretraining diverged at step ", step, " (InfoNCE loss ", contrastive,
+                 "); lower --pretrain-lr or raise pretrain.temperature = ", o.temperature);
       for (auto& l : moe_layers) loss = loss + l->aux_loss();
       opt.zero_grad();
       loss.backward();
