@@ -80,11 +80,27 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
                ": a per-class subset needs single-label data, not data.format = 'manifest'");
     if (d.per_class > 0) out.train = data::class_subset(out.train, d.per_class, d.subset_seed);
     check_fits(out.train, m);
+    // Outputs no training image can have would be made-up classes in predict
+    // and free guesses in top-5.
+    MOEV_CHECK(out.train.num_classes() == m.num_classes, "dataset ", out.train.source, " has ",
+               out.train.num_classes(), " classes but model.num_classes = ", m.num_classes, ": expected ",
+               out.train.num_classes(), " (set model.num_classes)");
   }
   MOEV_CHECK(d.format != "manifest" || !vocabulary.empty(),
              "data.tags is empty and there is no training manifest to take the tags from");
   out.test = limit(open_one(d, m, /*train=*/false, vocabulary), d.test_limit);
   check_fits(out.test, m);
+  // Labels are indices into each set's own class list: a test folder with a
+  // class missing or named otherwise would be scored against the wrong labels.
+  if (load_train && !out.train.multilabel())
+    for (size_t c = 0; c < std::max(out.train.class_names.size(), out.test.class_names.size()); ++c) {
+      auto name = [&](const data::ImageSet& set) {
+        return c < set.class_names.size() ? "'" + set.class_names[c] + "'" : std::string("none");
+      };
+      MOEV_CHECK(name(out.train) == name(out.test), "test set ", out.test.source, ": class ", c, " is ",
+                 name(out.test), " but ", name(out.train), " in the training set ", out.train.source,
+                 ": expected the same classes in the same order");
+    }
   out.mean = d.mean;
   out.std = d.std;
   if (out.mean.empty() || out.std.empty()) {
