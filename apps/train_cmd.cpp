@@ -1,13 +1,50 @@
 // `moev train`: train a model from a config, with a progress bar, checkpoints and
 // --resume.
+#include <filesystem>
 #include <iostream>
 #include <memory>
+#include <set>
 #include <thread>
 
+#include <nlohmann/json.hpp>
+
 #include "commands.h"
+#include "moev/core/error.h"
+#include "moev/train/checkpoint.h"
 #include "moev/train/trainer.h"
 
 namespace moev::app {
+
+namespace {
+// --resume continues a run as it was saved (only threads, device, progress,
+// max_steps and out come from now). A key the user set that differs from the
+// saved run would be dropped without a word: refused, naming each. Without a
+// config file or preset only the keys named by flags count, so
+// `moev train --out DIR --resume` alone stays valid.
+void check_resume_overrides(const ConfigFlags& flags, const io::RunConfig& cfg) {
+  const auto path = train::checkpoint_path(cfg.train.out_dir);
+  if (!std::filesystem::exists(path)) return;  // train_model says what is missing
+  const auto saved = io::from_json_string(train::load_checkpoint(path).config_json, path);
+  const auto was = nlohmann::json::parse(io::to_json_string(train::resumed_config(saved, cfg))).flatten();
+  const auto now = nlohmann::json::parse(io::to_json_string(cfg)).flatten();
+  std::set<std::string> named;
+  for (const auto* list : {&flags.shorthand, &flags.sets})
+    for (const auto& kv : *list) named.insert(kv.substr(0, kv.find('=')));
+  const bool all = !flags.config_file.empty() || !flags.preset.empty();
+  std::string differ;
+  for (const auto& [pointer, value] : now.items()) {
+    if (value.is_null()) continue;  // an empty list: filled by the run (data.mean from its images)
+    // "/train/epochs" or "/model/dims/0" -> "train.epochs", "model.dims"
+    const auto second = pointer.find('/', 1), third = pointer.find('/', second + 1);
+    const auto key = pointer.substr(1, second - 1) + "." + pointer.substr(second + 1, third - second - 1);
+    const auto before = was.contains(pointer) ? was.at(pointer).dump() : std::string("(none)");
+    if ((all || named.count(key)) && before != value.dump() && differ.find(key + " ") == std::string::npos)
+      differ += "\n  " + key + " = " + value.dump() + " (the run has " + before + ")";
+  }
+  MOEV_CHECK(differ.empty(), "--resume continues ", path, " as it was saved; these settings differ from it:",
+             differ, "\ndrop them to resume, or start a new run with another --out");
+}
+}  // namespace
 
 Runner add_train(CLI::App& app) {
   auto* cmd = app.add_subcommand("train", "train a model (V-MoE, ViT, ConvNeXt, multi-branch ResNeSt) on an image dataset");
@@ -31,6 +68,7 @@ Runner add_train(CLI::App& app) {
       cfg.train.threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local_world_size());
     std::unique_ptr<dist::Communicator> comm;
     if (dc.world_size > 1) comm = std::make_unique<dist::Communicator>(dc);
+    if (*resume) check_resume_overrides(*flags, cfg);
     train::TrainRunOptions o;
     o.resume = *resume;
     o.progress = &std::cerr;

@@ -209,6 +209,13 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
     EXPECT_NE(help.out.find(preset), std::string::npos) << preset << " missing from:\n" << help.out;
   auto r = run("train " + toy + "--out " + dir.file("n1"));
   ASSERT_EQ(r.code, 0) << r.out;
+  // --resume with a setting the run does not have: refused, naming it (it was dropped silently).
+  expect_clean_failure("train " + toy + "--set model.branches=5 --set train.epochs=2 --out " + dir.file("n1") + " --resume",
+                       {"model.branches = 5 (the run has 1)", "train.epochs = 2 (the run has 1)", "another --out"});
+  r = run("train " + toy + "--out " + dir.file("n1") + " --resume");  // the same settings
+  EXPECT_EQ(r.code, 0) << r.out;
+  r = run("train --out " + dir.file("n1") + " --resume --threads 1 --set train.progress=false");  // none given
+  EXPECT_EQ(r.code, 0) << r.out;
   expect_clean_failure("train " + toy + "--set model.branches=3 --set train.teacher=" + dir.file("n1") +
                            "/checkpoint.pt --out " + dir.file("a"),
                        {"train.teacher", "model.branches 1 vs 3", "same architecture"});
