@@ -125,6 +125,21 @@ Runner add_ablation(CLI::App& app) {
       seconds[i] = r.value("seconds", 0.0);
       state[i] = kDone;
     };
+    // A run done under other settings (an edited config, another --set) would
+    // stand in the table for one it is not.
+    for (const auto& t : tasks) {
+      const auto run = fs::path(t.cfg.train.out_dir) / "run.json";
+      if (t.kind != train::AblationTask::kTrain || !fs::exists(run)) continue;
+      std::ifstream in(run);
+      const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      auto was = io::from_json_string(text, run.string());
+      was.train.threads = t.cfg.train.threads;  // how it runs, not what it computes
+      std::string differ;
+      for (const auto& d : io::config_differences(was, t.cfg)) differ += "\n  " + d;
+      MOEV_CHECK(differ.empty(), run.string(), ": run ", t.name, " of this ablation directory was started with ",
+                 "other settings than the ablation now plans:", differ, "\nuse another --out, or delete ",
+                 t.cfg.train.out_dir, " to run it again");
+    }
     size_t done = 0;
     for (size_t i = 0; i < tasks.size(); ++i)
       if (fs::exists(result_file(tasks[i]))) {

@@ -6,7 +6,6 @@
 #include <set>
 #include <thread>
 
-#include <nlohmann/json.hpp>
 
 #include "commands.h"
 #include "moev/core/error.h"
@@ -25,22 +24,14 @@ void check_resume_overrides(const ConfigFlags& flags, const io::RunConfig& cfg) 
   const auto path = train::checkpoint_path(cfg.train.out_dir);
   if (!std::filesystem::exists(path)) return;  // train_model says what is missing
   const auto saved = io::from_json_string(train::load_checkpoint(path).config_json, path);
-  const auto was = nlohmann::json::parse(io::to_json_string(train::resumed_config(saved, cfg))).flatten();
-  const auto now = nlohmann::json::parse(io::to_json_string(cfg)).flatten();
   std::set<std::string> named;
   for (const auto* list : {&flags.shorthand, &flags.sets})
     for (const auto& kv : *list) named.insert(kv.substr(0, kv.find('=')));
   const bool all = !flags.config_file.empty() || !flags.preset.empty();
+  if (!all && named.empty()) return;
   std::string differ;
-  for (const auto& [pointer, value] : now.items()) {
-    if (value.is_null()) continue;  // an empty list: filled by the run (data.mean from its images)
-    // "/train/epochs" or "/model/dims/0" -> "train.epochs", "model.dims"
-    const auto second = pointer.find('/', 1), third = pointer.find('/', second + 1);
-    const auto key = pointer.substr(1, second - 1) + "." + pointer.substr(second + 1, third - second - 1);
-    const auto before = was.contains(pointer) ? was.at(pointer).dump() : std::string("(none)");
-    if ((all || named.count(key)) && before != value.dump() && differ.find(key + " ") == std::string::npos)
-      differ += "\n  " + key + " = " + value.dump() + " (the run has " + before + ")";
-  }
+  for (const auto& d : io::config_differences(train::resumed_config(saved, cfg), cfg, all ? std::set<std::string>{} : named))
+    differ += "\n  " + d;
   MOEV_CHECK(differ.empty(), "--resume continues ", path, " as it was saved; these settings differ from it:",
              differ, "\ndrop them to resume, or start a new run with another --out");
 }

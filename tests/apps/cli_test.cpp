@@ -211,7 +211,7 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   ASSERT_EQ(r.code, 0) << r.out;
   // --resume with a setting the run does not have: refused, naming it (it was dropped silently).
   expect_clean_failure("train " + toy + "--set model.branches=5 --set train.epochs=2 --out " + dir.file("n1") + " --resume",
-                       {"model.branches = 5 (the run has 1)", "train.epochs = 2 (the run has 1)", "another --out"});
+                       {"model.branches = 5 (was: 1)", "train.epochs = 2 (was: 1)", "another --out"});
   r = run("train " + toy + "--out " + dir.file("n1") + " --resume");  // the same settings
   EXPECT_EQ(r.code, 0) << r.out;
   r = run("train --out " + dir.file("n1") + " --resume --threads 1 --set train.progress=false");  // none given
@@ -220,6 +220,7 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
                            "/checkpoint.pt --out " + dir.file("a"),
                        {"train.teacher", "model.branches 1 vs 3", "same architecture"});
   expect_clean_failure("fuse " + dir.file("n1") + "/checkpoint.pt", {"multi-branch model", "1 branch"});
+  expect_clean_failure("fuse " + dir.file("n1") + "/checkpoint.pt --lr 0", {"lr = 0", "--lr"});
   expect_clean_failure("train " + toy + "--set train.label_smoothing=-0.1 --out " + dir.file("a"),
                        {"train.label_smoothing = -0.1", "[0, 1)"});
   // Ablation flags out of range are errors naming the flag, before any run;
@@ -232,6 +233,20 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
                        {"N = 3 twice"});
   expect_clean_failure("ablation --config " + dir.file("abl.toml") + " --dry-run --branches 1,3 --no-diversity 5",
                        {"--no-diversity", "N = 5"});
+  // A rerun into the same directory under other settings: refused, not read as the old results.
+  std::ofstream(dir.file("abl1.toml"))
+      << "[ablation]\nbranches = [1]\nno_diversity = []\nseeds = 1\ndistill = false\nfusion = false\n"
+         "no_stochastic_depth = false\n[model]\npreset = \"resnest-tiny\"\ndims = [16, 32, 64]\n"
+         "stem_channels = 16\n[data]\nper_class = 5\ntest_limit = 100\n[train]\nbatch_size = 10\nepochs = 1\n"
+         "threads = 1\n";
+  auto a = run("ablation --config " + dir.file("abl1.toml") + " --jobs 1 --out " + dir.file("abl1"));
+  ASSERT_EQ(a.code, 0) << a.out;
+  a = run("ablation --config " + dir.file("abl1.toml") + " --jobs 1 --out " + dir.file("abl1"));
+  EXPECT_EQ(a.code, 0) << a.out;
+  EXPECT_NE(a.out.find("1 runs already done"), std::string::npos) << a.out;
+  expect_clean_failure("ablation --config " + dir.file("abl1.toml") + " --jobs 1 --set train.epochs=2 --out " +
+                           dir.file("abl1"),
+                       {"n1_s0", "train.epochs = 2 (was: 1)", "another --out"});
   // Self-supervised initialisation: a queue longer than the images allow, then a
   // short pre-training whose checkpoint starts a supervised run.
   expect_clean_failure("pretrain " + toy + "--out " + dir.file("a"), {"train.epochs=1", "--pretrain-epochs"});

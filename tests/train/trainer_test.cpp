@@ -192,6 +192,7 @@ TEST(Trainer, CheckpointWithNonFiniteWeightsOrADirectoryIsRefused) {
   train::save_checkpoint(dir.file("ok.pt"), ckpt);
   EXPECT_NO_THROW(train::load_checkpoint(dir.file("ok.pt")));
   test::expect_error([&] { train::load_checkpoint(a.train.out_dir); }, {a.train.out_dir, "is a directory"});
+  test::expect_error([&] { train::load_checkpoint(""); }, {"checkpoint path is empty"});
 }
 
 TEST(Trainer, ResumeWithoutCheckpointIsAClearError) {

@@ -331,6 +331,20 @@ json to_json(const RunConfig& cfg) {
 
 std::string to_json_string(const RunConfig& cfg) { return to_json(cfg).dump(2); }
 
+std::vector<std::string> config_differences(const RunConfig& was, const RunConfig& now,
+                                            const std::set<std::string>& keys) {
+  const json a = to_json(was), b = to_json(now);
+  std::vector<std::string> out;
+  for (const auto& [section, fields] : b.items())
+    for (const auto& [field, value] : fields.items()) {
+      const std::string key = section + "." + field;
+      if ((value.is_array() && value.empty()) || (!keys.empty() && !keys.count(key))) continue;
+      const auto old = a.contains(section) && a[section].contains(field) ? a[section][field].dump() : "(none)";
+      if (old != value.dump()) out.push_back(key + " = " + value.dump() + " (was: " + old + ")");
+    }
+  return out;
+}
+
 RunConfig from_json_string(const std::string& text, const std::string& source) {
   RunConfig cfg;
   json j;

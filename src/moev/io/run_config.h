@@ -3,6 +3,7 @@
 // unknown keys and ill-typed values are errors naming the file and the key.
 #pragma once
 
+#include <set>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,12 @@ nlohmann::json assignment_json(const std::string& assignment);
 nlohmann::json to_json(const RunConfig& cfg);
 std::string to_json_string(const RunConfig& cfg);
 RunConfig from_json_string(const std::string& text, const std::string& source);
+
+// Where `now` differs from `was`, one "section.key = now (was: old)" line per
+// dotted key (lists compared whole). Keys `now` leaves empty are skipped: the
+// run fills them (data.mean from its images). keys: only these, or all if empty.
+std::vector<std::string> config_differences(const RunConfig& was, const RunConfig& now,
+                                            const std::set<std::string>& keys = {});
 
 // All dotted keys with their help text, for --help-config.
 std::vector<std::pair<std::string, std::string>> config_keys();

@@ -62,6 +62,7 @@ void save_checkpoint(const std::string& path, const Checkpoint& ckpt) {
 }
 
 Checkpoint load_checkpoint(const std::string& path) {
+  MOEV_CHECK(!path.empty(), "checkpoint path is empty: expected a checkpoint file");
   MOEV_CHECK(!std::filesystem::is_directory(path), "checkpoint ", path, ": is a directory; expected a checkpoint ",
              "file (", path, "/checkpoint.pt?)");
   std::ifstream in(path, std::ios::binary);

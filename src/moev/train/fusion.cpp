@@ -19,7 +19,9 @@
 namespace moev::train {
 
 FusionOutcome train_fusion(const std::string& path, const std::string& out_path, const FusionOptions& o) {
-  MOEV_CHECK(o.epochs >= 1 && o.batch_size >= 1 && o.lr > 0, "fusion: epochs, batch size and lr must be positive");
+  MOEV_CHECK(o.epochs >= 1, "fusion: epochs = ", o.epochs, ": expected >= 1 (--epochs)");
+  MOEV_CHECK(o.batch_size >= 1, "fusion: batch size = ", o.batch_size, ": expected >= 1 (--batch-size)");
+  MOEV_CHECK(o.lr > 0, "fusion: lr = ", o.lr, ": expected > 0 (--lr)");
   auto ckpt = load_checkpoint(path);
   refuse_pretraining_checkpoint(ckpt.state_json, path);
   auto cfg = io::from_json_string(ckpt.config_json, path);
