@@ -26,7 +26,8 @@ namespace moev::app {
 namespace {
 struct AnalyzeFlags {
   std::string checkpoint, out, data, precision;
-  int64_t batch_size = 256, limit = 0;
+  int64_t batch_size = 256;
+  std::optional<int64_t> limit;
   int threads = 0;
   bool capacity_curve = false;
   std::vector<double> capacities = {0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0};
@@ -46,7 +47,7 @@ Runner add_analyze(CLI::App& app) {
       ->expected(1, 64)
       ->capture_default_str();
   cmd->add_option("--batch-size", f->batch_size, "images per forward pass");
-  cmd->add_option("--limit", f->limit, "use the first N test images only");
+  add_limit_option(cmd, f->limit);
   cmd->add_option("--threads", f->threads, "threads, 0 = all cores");
   cmd->add_option("--precision", f->precision, "GEMM precision fp32 or bf16 (default: as trained)");
   cmd->footer("\nExample:\n  moev analyze runs/vmoe/checkpoint.pt --capacity-curve");
@@ -54,6 +55,7 @@ Runner add_analyze(CLI::App& app) {
     namespace fs = std::filesystem;
     train::set_threads(f->threads);
     MOEV_CHECK(f->batch_size >= 1, "--batch-size ", f->batch_size, ": expected >= 1");
+    check_limit(f->limit);
     for (double c : f->capacities)
       MOEV_CHECK(c > 0, "--capacities: ", c, " is not a capacity ratio > 0");
     const auto device = parse_device("cpu");
@@ -70,7 +72,7 @@ Runner add_analyze(CLI::App& app) {
         f->out.empty() ? (fs::path(f->checkpoint).parent_path() / "analysis").string() : f->out;
     auto data = t.cfg.data;
     if (!f->data.empty()) data.path = data.test_path = f->data;
-    if (f->limit > 0) data.test_limit = f->limit;
+    if (f->limit) data.test_limit = *f->limit;
     auto ds = train::open_datasets(data, t.cfg.model, /*load_train=*/false);
     const std::string title = fs::path(f->checkpoint).parent_path().filename().string();
     if (branches) {

@@ -60,4 +60,9 @@ bool stderr_is_terminal();
 // Silent for ResNeSt, which refuses bf16 with an error of its own.
 void warn_precision(const models::ModelConfig& model);
 
+// --limit N of eval, analyze and ensemble: the first N test images (0: all of
+// them); unset keeps the run's data.test_limit. check_limit refuses N < 0.
+void add_limit_option(CLI::App* cmd, std::optional<int64_t>& limit);
+void check_limit(const std::optional<int64_t>& limit);
+
 }  // namespace moev::app

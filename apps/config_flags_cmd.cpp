@@ -17,6 +17,14 @@ void warn_precision(const models::ModelConfig& model) {
                  "(AVX512_BF16 or AMX); running the GEMMs in fp32\n";
 }
 
+void add_limit_option(CLI::App* cmd, std::optional<int64_t>& limit) {
+  cmd->add_option("--limit", limit, "the first N test images only (0: all; default: as the run was evaluated)");
+}
+
+void check_limit(const std::optional<int64_t>& limit) {
+  MOEV_CHECK(!limit || *limit >= 0, "--limit ", limit.value_or(0), ": expected a number of test images >= 0 (0: all)");
+}
+
 void ConfigFlags::add_to(CLI::App* cmd) {
   cmd->add_option("-c,--config", config_file, "config file (.toml or .json)");
   std::string presets;  // from the preset table itself, so the help cannot fall behind it

@@ -17,7 +17,8 @@ namespace moev::app {
 namespace {
 struct EnsembleFlags {
   std::string config, result;
-  int64_t limit = 0, batch_size = 256;
+  std::optional<int64_t> limit;
+  int64_t batch_size = 256;
   int threads = 0;
   bool json = false;
 };
@@ -29,7 +30,7 @@ Runner add_ensemble(CLI::App& app) {
   auto f = std::make_shared<EnsembleFlags>();
   cmd->add_option("-c,--config", f->config, "config file with an [ensemble] section: members, weights, tta")
       ->required();
-  cmd->add_option("--limit", f->limit, "evaluate the first N test images only");
+  add_limit_option(cmd, f->limit);
   cmd->add_option("--batch-size", f->batch_size, "images per forward pass")->capture_default_str();
   cmd->add_option("--threads", f->threads, "threads, 0 = all cores");
   cmd->add_flag("--json", f->json, "print the result as JSON");
@@ -38,6 +39,7 @@ Runner add_ensemble(CLI::App& app) {
               "  weights = [3, 1]\n  tta = true   # ten crops and a 1.15x larger view");
   return [f]() {
     train::set_threads(f->threads);
+    check_limit(f->limit);
     auto j = io::read_config_file(f->config);
     MOEV_CHECK(j.is_object() && j.contains("ensemble"), f->config, ": no [ensemble] section (members, weights)");
     const auto cfg = train::parse_ensemble(j["ensemble"], f->config);

@@ -29,7 +29,8 @@ struct EvalFlags {
   std::optional<int64_t> k;
   std::optional<double> capacity;
   std::optional<std::string> bpr, router;
-  int64_t batch_size = 256, limit = 0;
+  int64_t batch_size = 256;
+  std::optional<int64_t> limit;
   int threads = 0;
   bool json = false;
   bool tta = false;
@@ -52,7 +53,7 @@ Runner add_eval(CLI::App& app) {
   cmd->add_option("--bpr", f->bpr, "Batch Priority Routing: on or off");
   cmd->add_option("--router", f->router, "router kind: topk or expert_choice");
   cmd->add_option("--batch-size", f->batch_size, "images per forward pass");
-  cmd->add_option("--limit", f->limit, "evaluate the first N test images only");
+  add_limit_option(cmd, f->limit);
   cmd->add_option("--threads", f->threads, "threads, 0 = all cores");
   cmd->add_option("--device", f->device, "cpu or cuda[:N]");
   cmd->add_option("--precision", f->precision, "GEMM precision fp32 or bf16 (default: as trained)");
@@ -70,6 +71,7 @@ Runner add_eval(CLI::App& app) {
     const int threads = train::set_threads(f->threads);
     const auto device = parse_device(f->device);
     MOEV_CHECK(f->batch_size >= 1, "--batch-size ", f->batch_size, ": expected >= 1");
+    check_limit(f->limit);
     std::vector<data::Shift> shifts;
     for (const auto& s : f->shifts) {
       auto more = data::parse_shifts(s);
@@ -95,11 +97,13 @@ Runner add_eval(CLI::App& app) {
     for (const auto& ckpt : f->checkpoints) {
       auto t = train::load_trained(ckpt, device, f->precision, f->raw_weights);
       warn_precision(t.cfg.model);
-      train::apply_router_overrides(*t.model, o);
+      MOEV_CHECK(train::apply_router_overrides(*t.model, o) > 0 || !o.any(), ckpt,
+                 ": --k, --capacity, --bpr and --router set how MoE layers route, and this model has none (model.moe = ",
+                 models::to_string(t.cfg.model.moe), "); drop them");
       auto data = t.cfg.data;
       if (!f->data.empty()) data.path = data.test_path = f->data;
       if (!f->format.empty()) data.format = f->format;
-      if (f->limit > 0) data.test_limit = f->limit;
+      if (f->limit) data.test_limit = *f->limit;
       auto ds = train::open_datasets(data, t.cfg.model, /*load_train=*/false);
       // After the overrides: the replicas copy the master's routing settings.
       // A hard MoE is not rebuilt from a model config: one replica, all threads inside it.

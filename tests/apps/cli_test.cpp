@@ -325,6 +325,14 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   EXPECT_NEAR(agree_f.at("model_top1").get<double>(), std::stod(e2f.out.substr(e2f.out.find(':', top1_f) + 1)),
               1e-12);
   expect_clean_failure("analyze " + dir.file("n1") + "/checkpoint.pt", {"one branch", "nothing to analyse", "model.branches >= 2"});
+  // Router flags on a model without MoE layers were ignored; --limit 0 meant the run's 100 images, -3 as well.
+  expect_clean_failure("eval " + dir.file("n1") + "/checkpoint.pt --capacity 0.5",
+                       {"n1/checkpoint.pt", "--capacity", "has none (model.moe = none)"});
+  expect_clean_failure("eval " + dir.file("n1") + "/checkpoint.pt --limit -3", {"--limit -3", ">= 0"});
+  expect_clean_failure("analyze " + dir.file("s2") + "/checkpoint.pt --limit -1", {"--limit -1", ">= 0"});
+  r = run("eval " + dir.file("n1") + "/checkpoint.pt --limit 0 --threads 1 --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("\"images\": 10000"), std::string::npos) << r.out;
   std::ofstream(dir.file("ens.toml")) << "[ensemble]\nmembers = [\"" << dir.file("s2") << "/fused.pt\", \""
                                       << dir.file("n1") << "/checkpoint.pt\"]\nweights = [3, 1]\ntta = true\n";
   r = run("ensemble --config " + dir.file("ens.toml") + " --limit 50 --threads 1 --result " + dir.file("ens.json"));
@@ -339,6 +347,7 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   EXPECT_NE(r.out.find(moev::io::fmt(top1)), std::string::npos) << r.out;
   std::ofstream(dir.file("ens_bad.toml")) << "[ensemble]\nmembers = [\"" << dir.file("nope.pt") << "\"]\n";
   expect_clean_failure("ensemble --config " + dir.file("ens_bad.toml"), {"nope.pt"});
+  expect_clean_failure("ensemble --config " + dir.file("ens.toml") + " --limit -5", {"--limit -5", ">= 0"});
 }
 
 // The hard MoE as users run it: mosaics, a trunk, clustering, experts trained

@@ -9,7 +9,9 @@
 #include "support/temp_dir.h"
 #include "support/toy_resnest.h"
 #include "moev/data/batch_loader.h"
+#include "moev/train/checkpoint.h"
 #include "moev/train/ensemble.h"
+#include "moev/train/teacher.h"
 #include "moev/train/trainer.h"
 
 using namespace moev;
@@ -111,9 +113,60 @@ TEST(Ensemble, ScoresMatchHandCountsAndWeightsAreHonoured) {
   res = train::evaluate_ensemble(e, 100, 32, nullptr, false);
   EXPECT_NE(res.ensemble.loss, res.members[0].loss);
 
+  // A member from a run on other data: its labels would be scored against the first member's test set.
+  auto ckpt = train::load_checkpoint(b);
+  auto cfg = nlohmann::json::parse(ckpt.config_json);
+  cfg["data"]["path"] = dir.file("other-fashion");
+  ckpt.config_json = cfg.dump();
+  const auto c = dir.file("c.pt");
+  train::save_checkpoint(c, ckpt);
+  e.members = {{a, 1.0}, {c, 1.0}};
+  test::expect_error([&] { train::evaluate_ensemble(e, 100, 32, nullptr, false); },
+                     {c, "another test set", "data.path", "other-fashion", "other_data = true"});
+  e.other_data = true;
+  res = train::evaluate_ensemble(e, 100, 32, nullptr, false);
+  auto alone = [](const std::string& member) {
+    train::EnsembleConfig one;
+    one.members = {{member, 1.0}};
+    return one;
+  };
+  EXPECT_EQ(res.members[1].top1, train::evaluate_ensemble(alone(b), 100, 32, nullptr, false).ensemble.top1);
+  // Unset: the run's data.test_limit (200 in the toy run); 0: every test image.
+  EXPECT_EQ(train::evaluate_ensemble(alone(a), std::nullopt, 32, nullptr, false).ensemble.images, 200);
+  EXPECT_EQ(train::evaluate_ensemble(alone(a), 0, 500, nullptr, false).ensemble.images, 10000);
+
   using nlohmann::json;
+  EXPECT_TRUE(train::parse_ensemble(json{{"members", {"x.pt"}}, {"other_data", true}}, "e.toml").other_data);
   test::expect_error([] { train::parse_ensemble(json{{"members", {"x.pt", "y.pt"}}, {"weights", {1}}}, "e.toml"); },
                      {"e.toml", "ensemble.weights has 1 numbers for 2 members"});
   test::expect_error([] { train::parse_ensemble(json{{"members", {"x.pt"}}, {"wieghts", {1}}}, "e.toml"); },
                      {"ensemble.wieghts is not a key"});
+}
+
+// Which data settings make two runs' test sets differ, the rule ensembles check.
+TEST(Ensemble, TestDataDifferenceComparesWhereTestImagesComeFrom) {
+  train::DataConfig a;
+  a.path = "/usr/share/datasets/fashion-mnist";
+  auto b = a;
+  b.path = "/usr/share/datasets/../datasets/fashion-mnist/";  // the same folder spelled another way
+  b.per_class = 50;                                           // other training images, the same test set
+  b.subset_seed = 3;
+  EXPECT_EQ(train::test_data_difference(a, b), "");
+  b.path = "/data/mnist";
+  EXPECT_NE(train::test_data_difference(a, b).find("data.path"), std::string::npos);
+  // Folder: the test root, which falls back to the training root.
+  a.format = b.format = "folder";
+  a.path = "/img/train";
+  a.test_path = "/img/test";
+  b.path = "/img/train";
+  b.test_path = "";
+  EXPECT_EQ(train::test_data_difference(a, b), "data.test_path \"/img/test\" vs data.path \"/img/train\"");
+  b.path = "/other/train";
+  b.test_path = "/img/test";
+  EXPECT_EQ(train::test_data_difference(a, b), "");
+  a.format = b.format = "manifest";
+  b.tags = {"cat", "dog"};
+  EXPECT_NE(train::test_data_difference(a, b).find("data.tags"), std::string::npos);
+  b.format = "cifar10";
+  EXPECT_NE(train::test_data_difference(a, b).find("data.format"), std::string::npos);
 }

@@ -9,6 +9,7 @@
 #include "moev/core/error.h"
 #include "moev/data/batch_loader.h"
 #include "moev/train/datasets.h"
+#include "moev/train/teacher.h"
 #include "moev/train/trained_model.h"
 #include "moev/viz/progress_bar.h"
 
@@ -82,9 +83,9 @@ EnsembleConfig parse_ensemble(const json& s, const std::string& source) {
                    w.dump());
         weights.push_back(w.get<double>());
       }
-    } else if (k == "tta" || k == "tta_flip") {
+    } else if (k == "tta" || k == "tta_flip" || k == "other_data") {
       MOEV_CHECK(v.is_boolean(), source, ": ensemble.", k, ": expected true or false");
-      (k == "tta" ? e.tta.enabled : e.tta.flip) = v.get<bool>();
+      (k == "tta" ? e.tta.enabled : k == "tta_flip" ? e.tta.flip : e.other_data) = v.get<bool>();
     } else if (k == "tta_shift") {
       MOEV_CHECK(v.is_number_integer() && v.get<int64_t>() >= 0, source, ": ensemble.tta_shift: expected an integer >= 0");
       e.tta.shift = v.get<int64_t>();
@@ -92,7 +93,7 @@ EnsembleConfig parse_ensemble(const json& s, const std::string& source) {
       MOEV_CHECK(v.is_number() && v.get<double>() >= 0, source, ": ensemble.tta_scale: expected a number >= 0");
       e.tta.scale = v.get<double>();
     } else {
-      fail(source, ": ensemble.", k, " is not a key (members, weights, tta, tta_shift, tta_flip, tta_scale)");
+      fail(source, ": ensemble.", k, " is not a key (members, weights, tta, tta_shift, tta_flip, tta_scale, other_data)");
     }
   }
   MOEV_CHECK(!e.members.empty(), source, ": [ensemble] needs members = [checkpoint, ...]");
@@ -122,7 +123,7 @@ EvalResult score_probs(const at::Tensor& probs, const at::Tensor& labels) {
   return r;
 }
 
-EnsembleResult evaluate_ensemble(const EnsembleConfig& cfg, int64_t limit, int64_t batch_size,
+EnsembleResult evaluate_ensemble(const EnsembleConfig& cfg, std::optional<int64_t> test_limit, int64_t batch_size,
                                  std::ostream* progress, bool interactive) {
   MOEV_CHECK(!cfg.members.empty(), "ensemble: no members");
   MOEV_CHECK(batch_size >= 1, "ensemble: batch size ", batch_size, ": expected >= 1");
@@ -137,9 +138,16 @@ EnsembleResult evaluate_ensemble(const EnsembleConfig& cfg, int64_t limit, int64
                a.num_classes);
     MOEV_CHECK(!cfg.tta.enabled || cfg.tta.scale == 0 || cfg.tta.scale == 1 || b.family != "vit", "ensemble: ",
                m.checkpoint, " is a ViT (fixed token grid): set tta_scale = 0");
+    const auto diff = test_data_difference(models.front().cfg.data, models.back().cfg.data);
+    MOEV_CHECK(cfg.other_data || diff.empty(), "ensemble: ", m.checkpoint, " comes from a run with another test set ",
+               "than ", cfg.members.front().checkpoint, " (", diff, "); the ensemble is scored on the first member's, ",
+               "so every member should come from runs on the same data. Set other_data = true in [ensemble] if ",
+               "these are the same images");
   }
+  MOEV_CHECK(!test_limit || *test_limit >= 0, "ensemble: test image limit ", test_limit.value_or(0),
+             ": expected >= 0 (0: all)");
   auto data = models.front().cfg.data;
-  if (limit > 0) data.test_limit = limit;
+  if (test_limit) data.test_limit = *test_limit;
   auto ds = open_datasets(data, models.front().cfg.model, /*load_train=*/false);
   const int64_t N = ds.test.size(), L = models.front().cfg.model.num_classes;
   std::vector<at::Tensor> probs(models.size());

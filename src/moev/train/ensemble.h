@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -45,10 +46,12 @@ struct EnsembleMember {
 struct EnsembleConfig {
   std::vector<EnsembleMember> members;
   TtaOptions tta;
+  bool other_data = false;  // allow members whose runs had another test set than the first member's
 };
 
 // The [ensemble] section of a config file: members = [paths], weights = [numbers]
-// (default all 1), tta = bool, tta_shift, tta_flip, tta_scale. Errors name `source`.
+// (default all 1), tta = bool, tta_shift, tta_flip, tta_scale, other_data = bool.
+// Errors name `source`.
 EnsembleConfig parse_ensemble(const nlohmann::json& section, const std::string& source);
 
 struct EnsembleResult {
@@ -57,9 +60,12 @@ struct EnsembleResult {
 };
 
 // Evaluates every member and their weighted ensemble on the first member's test
-// set (limit > 0: its first `limit` images). Members must agree on image size
-// and classes.
-EnsembleResult evaluate_ensemble(const EnsembleConfig& cfg, int64_t limit, int64_t batch_size,
+// set: its first `test_limit` images (0: all; unset: as that run's
+// data.test_limit). Members must agree on image size and classes, and unless
+// cfg.other_data, must come from runs with the same test set
+// (test_data_difference): a model of other data would be scored on labels
+// that mean something else to it.
+EnsembleResult evaluate_ensemble(const EnsembleConfig& cfg, std::optional<int64_t> test_limit, int64_t batch_size,
                                  std::ostream* progress, bool interactive);
 
 // top-1, top-5 and mean NLL of probabilities [N, L] against labels [N].

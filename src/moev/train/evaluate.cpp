@@ -226,8 +226,9 @@ EvalResult evaluate(models::Classifier& model, const data::ImageSet& set,
                   sigmoid_tags);
 }
 
-void apply_router_overrides(models::Classifier& model, const RouterOverrides& o) {
-  for (auto& layer : moe::find_moe_layers(model)) {
+size_t apply_router_overrides(models::Classifier& model, const RouterOverrides& o) {
+  auto layers = moe::find_moe_layers(model);
+  for (auto& layer : layers) {
     auto cfg = layer->router_config();
     if (o.k) cfg.k = *o.k;
     if (o.capacity) cfg.capacity_factor = *o.capacity;
@@ -235,6 +236,7 @@ void apply_router_overrides(models::Classifier& model, const RouterOverrides& o)
     if (o.kind) cfg.kind = moe::parse_router_kind(*o.kind);
     layer->set_router(cfg);
   }
+  return layers.size();
 }
 
 }  // namespace moev::train

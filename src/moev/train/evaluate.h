@@ -62,7 +62,9 @@ struct RouterOverrides {
   std::optional<double> capacity;      // capacity ratio C
   std::optional<bool> bpr;             // Batch Priority Routing
   std::optional<std::string> kind;     // topk | expert_choice
+  bool any() const { return k || capacity || bpr || kind; }
 };
-void apply_router_overrides(models::Classifier& model, const RouterOverrides& o);
+// Returns the number of MoE layers changed (0 for a model without any).
+size_t apply_router_overrides(models::Classifier& model, const RouterOverrides& o);
 
 }  // namespace moev::train

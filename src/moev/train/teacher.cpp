@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <sstream>
 #include <system_error>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -33,6 +34,22 @@ class Differences {
  private:
   std::ostringstream out_;
 };
+
+// One dataset spelled two ways ("data/x" and "./data/x/") is the same dataset.
+bool same_file(const std::string& x, const std::string& y) {
+  std::error_code ex, ey;
+  const auto cx = fs::weakly_canonical(x, ex), cy = fs::weakly_canonical(y, ey);
+  return x == y || (!ex && !ey && cx == cy);
+}
+
+// Where a config's test images come from (open_datasets' rule): the folder
+// format falls back to the training root, the others read data.path's test
+// files, the manifest its own CSV.
+std::pair<const char*, std::string> test_source(const DataConfig& d) {
+  if (d.format == "manifest") return {"test_path", d.test_path};
+  if (d.format == "folder" && !d.test_path.empty()) return {"test_path", d.test_path};
+  return {"path", d.path};
+}
 }  // namespace
 
 std::string architecture_difference(const models::ModelConfig& a, const models::ModelConfig& b) {
@@ -58,17 +75,25 @@ std::string architecture_difference(const models::ModelConfig& a, const models::
 std::string training_data_difference(const DataConfig& a, const DataConfig& b) {
   Differences out;
   auto add = [&](const char* key, const auto& x, const auto& y) { out.add(std::string("data.") + key, x, y); };
-  // One dataset spelled two ways ("data/x" and "./data/x/") is the same dataset.
-  auto same_file = [](const std::string& x, const std::string& y) {
-    std::error_code ex, ey;
-    const auto cx = fs::weakly_canonical(x, ex), cy = fs::weakly_canonical(y, ey);
-    return x == y || (!ex && !ey && cx == cy);
-  };
   add("format", a.format, b.format);
   if (!same_file(a.path, b.path)) add("path", a.path, b.path);
   add("train_limit", a.train_limit, b.train_limit);
   add("per_class", a.per_class, b.per_class);
   if (a.per_class > 0 && b.per_class > 0) add("subset_seed", a.subset_seed, b.subset_seed);
+  return out.str();
+}
+
+std::string test_data_difference(const DataConfig& a, const DataConfig& b) {
+  Differences out;
+  out.add("data.format", a.format, b.format);
+  const auto ta = test_source(a), tb = test_source(b);
+  if (!same_file(ta.second, tb.second)) {
+    // "data.path "a" vs "b"", or "data.test_path "a" vs data.path "b"" when they are read from other keys.
+    const std::string other = ta.first == tb.first ? "" : "data." + std::string(tb.first) + " ";
+    out.item("data." + std::string(ta.first) + " " + nlohmann::json(ta.second).dump() + " vs " + other +
+             nlohmann::json(tb.second).dump());
+  }
+  if (a.format == "manifest" && b.format == "manifest") out.add("data.tags", a.tags, b.tags);
   return out.str();
 }
 

@@ -71,4 +71,10 @@ std::string architecture_difference(const models::ModelConfig& a, const models::
 // Augmentation and normalisation do not count; paths are compared as files.
 std::string training_data_difference(const DataConfig& a, const DataConfig& b);
 
+// The fields of two data configs that make their test sets different ("" when
+// both are scored on the same images), e.g. "data.path \"a\" vs \"b\"": the
+// format, the file or folder the test images are read from (as files), and a
+// manifest's tag vocabulary. Members of one ensemble must agree on these.
+std::string test_data_difference(const DataConfig& a, const DataConfig& b);
+
 }  // namespace moev::train
