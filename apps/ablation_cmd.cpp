@@ -146,6 +146,17 @@ Runner add_ablation(CLI::App& app) {
         read_result(i);
         ++done;
       }
+    // The same for a fusion row fused for other epochs (results from before
+    // fuse recorded its options carry none, and are taken as they are).
+    for (size_t i = 0; i < tasks.size(); ++i) {
+      if (tasks[i].kind != train::AblationTask::kFuse || state[i] != kDone) continue;
+      std::ifstream in(result_file(tasks[i]));
+      const auto r = json::parse(in, nullptr, false);
+      const auto epochs = r.value(json::json_pointer("/options/epochs"), f->fusion_epochs);
+      MOEV_CHECK(epochs == f->fusion_epochs, result_file(tasks[i]), ": ", tasks[i].name, " was fused for ", epochs,
+                 " epochs, and the ablation now plans --fusion-epochs ", f->fusion_epochs, "; use another --out, or ",
+                 "delete ", result_file(tasks[i]), " to fuse it again");
+    }
     if (done) std::printf("%zu runs already done\n", done);
     Children children;
     auto& running = children.running;

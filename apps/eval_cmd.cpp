@@ -105,6 +105,7 @@ Runner add_eval(CLI::App& app) {
       if (!f->format.empty()) data.format = f->format;
       if (f->limit) data.test_limit = *f->limit;
       auto ds = train::open_datasets(data, t.cfg.model, /*load_train=*/false);
+      if (t.class_names_stored) train::check_same_classes(ds.test, t.class_names, "the training set of " + ckpt);
       // After the overrides: the replicas copy the master's routing settings.
       // A hard MoE is not rebuilt from a model config: one replica, all threads inside it.
       train::Replicas reps(t.model, t.cfg.model,

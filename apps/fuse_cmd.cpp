@@ -56,7 +56,8 @@ Runner add_fuse(CLI::App& app) {
     if (!f->result.empty()) {
       nlohmann::json j{{"top1", r.fused.top1}, {"mean_of_logits_top1", r.mean_of_logits.top1},
                        {"seconds", r.train_seconds}, {"steps", r.steps}, {"images", r.images},
-                       {"checkpoint", f->out}};
+                       {"checkpoint", f->out},
+                       {"options", {{"epochs", f->o.epochs}, {"batch_size", f->o.batch_size}, {"lr", f->o.lr}}}};
       io::write_text_atomic(f->result, j.dump(2) + "\n");
     }
     return 0;

@@ -247,12 +247,34 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   expect_clean_failure("ablation --config " + dir.file("abl1.toml") + " --jobs 1 --set train.epochs=2 --out " +
                            dir.file("abl1"),
                        {"n1_s0", "train.epochs = 2 (was: 1)", "another --out"});
+  // A fusion row fused for other epochs (the result file fuse --result writes) is refused too, before any run.
+  std::filesystem::create_directories(dir.file("abl2") + "/n2_distill_fusion_s0");
+  std::ofstream(dir.file("abl2") + "/n2_distill_fusion_s0/result.json")
+      << R"({"top1": 0.5, "seconds": 1, "options": {"epochs": 5, "batch_size": 128, "lr": 0.001}})";
+  std::ofstream(dir.file("abl2.toml"))
+      << "[ablation]\nbranches = [2]\nno_diversity = []\nseeds = 1\nno_stochastic_depth = false\n"
+         "[model]\npreset = \"resnest-tiny\"\n";
+  expect_clean_failure("ablation --config " + dir.file("abl2.toml") + " --jobs 1 --fusion-epochs 7 --out " +
+                           dir.file("abl2"),
+                       {"n2_distill_fusion_s0", "fused for 5 epochs", "--fusion-epochs 7"});
+  EXPECT_FALSE(std::filesystem::exists(dir.file("abl2") + "/n2_s0"));
   // Self-supervised initialisation: a queue longer than the images allow, then a
   // short pre-training whose checkpoint starts a supervised run.
   expect_clean_failure("pretrain " + toy + "--out " + dir.file("a"), {"train.epochs=1", "--pretrain-epochs"});
   std::string toy_ssl = toy;
   toy_ssl.erase(toy_ssl.find("--epochs 1 "), std::string("--epochs 1 ").size());
   expect_clean_failure("pretrain " + toy_ssl + "--queue 5000 --out " + dir.file("a"), {"queue = 5000", "at most 40"});
+  // Supervised-run settings pre-training would not read: refused rather than ignored.
+  expect_clean_failure("pretrain " + toy_ssl + "--pretrain-weight-decay -1 --out " + dir.file("a"),
+                       {"weight_decay = -1", ">= 0"});
+  expect_clean_failure("pretrain " + toy_ssl + "--set train.init_from=" + dir.file("n1") + "/checkpoint.pt --out " +
+                           dir.file("a"),
+                       {"train.init_from", "random weights"});
+  expect_clean_failure("pretrain " + toy_ssl + "--set train.teacher=" + dir.file("n1") + "/checkpoint.pt --out " +
+                           dir.file("a"),
+                       {"train.teacher", "no teacher"});
+  expect_clean_failure("pretrain " + toy_ssl + "--set train.branch_views=true --out " + dir.file("a"),
+                       {"train.branch_views"});
   // A temperature that overflows InfoNCE: stopped at the first step, no NaN pretrain.pt left to start from.
   expect_clean_failure("pretrain " + toy_ssl + "--queue 20 --temperature 1e-40 --out " + dir.file("pnan"),
                        {"pretraining diverged at step 0", "pretrain.temperature"});
@@ -333,6 +355,22 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   r = run("eval " + dir.file("n1") + "/checkpoint.pt --limit 0 --threads 1 --json");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("\"images\": 10000"), std::string::npos) << r.out;
+  // Another test set through --data: its labels must mean the classes the run learnt.
+  std::vector<unsigned char> grey(28 * 28, 90);
+  for (const char* c : {"Trouser", "T-shirt/top"}) {
+    const std::string folder = dir.file("fold") + "/" + std::string(c).substr(0, 7);
+    std::filesystem::create_directories(folder);
+    ASSERT_TRUE(stbi_write_png((folder + "/0.png").c_str(), 28, 28, 1, grey.data(), 28));
+  }
+  expect_clean_failure("eval " + dir.file("n1") + "/checkpoint.pt --format folder --data " + dir.file("fold"),
+                       {"class 0 is 'T-shirt'", "but 'T-shirt/top' in the training set of", "n1/checkpoint.pt"});
+  // A config edited inside a checkpoint: the error names the file.
+  auto edited = moev::train::load_checkpoint(dir.file("n1") + "/checkpoint.pt");
+  auto edited_cfg = nlohmann::json::parse(edited.config_json);
+  edited_cfg["model"]["branches"] = 0;
+  edited.config_json = edited_cfg.dump();
+  moev::train::save_checkpoint(dir.file("edited.pt"), edited);
+  expect_clean_failure("eval " + dir.file("edited.pt"), {"edited.pt", "model.branches = 0"});
   std::ofstream(dir.file("ens.toml")) << "[ensemble]\nmembers = [\"" << dir.file("s2") << "/fused.pt\", \""
                                       << dir.file("n1") << "/checkpoint.pt\"]\nweights = [3, 1]\ntta = true\n";
   r = run("ensemble --config " + dir.file("ens.toml") + " --limit 50 --threads 1 --result " + dir.file("ens.json"));

@@ -67,6 +67,18 @@ void check_fits(const data::ImageSet& s, const models::ModelConfig& m) {
 
 }  // namespace
 
+void check_same_classes(const data::ImageSet& test, const std::vector<std::string>& classes,
+                        const std::string& learnt_from) {
+  if (test.multilabel()) return;
+  auto name = [](const std::vector<std::string>& names, size_t c) {
+    return c < names.size() ? "'" + names[c] + "'" : std::string("none");
+  };
+  for (size_t c = 0; c < std::max(classes.size(), test.class_names.size()); ++c)
+    MOEV_CHECK(name(classes, c) == name(test.class_names, c), "test set ", test.source, ": class ", c, " is ",
+               name(test.class_names, c), " but ", name(classes, c), " in ", learnt_from,
+               ": expected the same classes in the same order");
+}
+
 Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool load_train) {
   Datasets out;
   // A multi-label test set takes its tag columns from the training set (or
@@ -90,17 +102,7 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
              "data.tags is empty and there is no training manifest to take the tags from");
   out.test = limit(open_one(d, m, /*train=*/false, vocabulary), d.test_limit);
   check_fits(out.test, m);
-  // Labels are indices into each set's own class list: a test folder with a
-  // class missing or named otherwise would be scored against the wrong labels.
-  if (load_train && !out.train.multilabel())
-    for (size_t c = 0; c < std::max(out.train.class_names.size(), out.test.class_names.size()); ++c) {
-      auto name = [&](const data::ImageSet& set) {
-        return c < set.class_names.size() ? "'" + set.class_names[c] + "'" : std::string("none");
-      };
-      MOEV_CHECK(name(out.train) == name(out.test), "test set ", out.test.source, ": class ", c, " is ",
-                 name(out.test), " but ", name(out.train), " in the training set ", out.train.source,
-                 ": expected the same classes in the same order");
-    }
+  if (load_train) check_same_classes(out.test, out.train.class_names, "the training set " + out.train.source);
   out.mean = d.mean;
   out.std = d.std;
   if (out.mean.empty() || out.std.empty()) {

@@ -2,6 +2,7 @@
 // model (image size, channels, classes) and settles the normalisation.
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "moev/data/batch_loader.h"
@@ -18,6 +19,13 @@ struct Datasets {
 
 // Test set only when train == false (eval/predict).
 Datasets open_datasets(const DataConfig& data, const models::ModelConfig& model, bool load_train);
+
+// A set's labels index its own class list, so scoring a model on a test set
+// whose classes are not the ones it learnt (`classes`, from `learnt_from`), in
+// order, would compare the wrong labels: that is an error naming the first
+// class that differs. Multi-label sets map tags by name and are not checked.
+void check_same_classes(const data::ImageSet& test, const std::vector<std::string>& classes,
+                        const std::string& learnt_from);
 
 // How training batches of `ds` are made as `data` asks (crop, flip, erasing,
 // AutoAugment, normalisation); a bad data.auto_augment is an error naming it.

@@ -241,6 +241,15 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
   MOEV_CHECK(o.queue >= 1 && o.proj_dim >= 1, "pretrain: queue = ", o.queue, " and proj_dim = ", o.proj_dim,
              ": expected at least 1");
   MOEV_CHECK(o.knn_k >= 0, "pretrain: knn_k = ", o.knn_k, ": expected >= 0 (0: no probe)");
+  MOEV_CHECK(o.weight_decay >= 0, "pretrain: weight_decay = ", o.weight_decay, ": expected >= 0");
+  // Settings of a supervised run that would change what pre-training does if
+  // it read them; it does not, so a run that sets them is refused, not misled.
+  MOEV_CHECK(tc.init_from.empty(), "pretrain: train.init_from = ", tc.init_from,
+             ": pre-training starts from random weights; give train.init_from to the supervised run instead");
+  MOEV_CHECK(tc.teacher.empty(), "pretrain: train.teacher = ", tc.teacher.front(),
+             ": pre-training reads no labels and no teacher; give train.teacher to the supervised run instead");
+  MOEV_CHECK(!tc.branch_views, "pretrain: train.branch_views = true: every branch sees the same views in ",
+             "pre-training; set it in the supervised run only");
   const int64_t B = tc.batch_size;
   MOEV_CHECK(B >= 4, "pretrain: train.batch_size = ", B,
              ": expected at least 4 (the key encoder's BatchNorm runs on two halves of a batch)");

@@ -18,7 +18,11 @@ TrainedModel load_trained(const std::string& path, const c10::Device& device,
   TrainedModel t;
   t.cfg = io::from_json_string(ckpt.config_json, path);
   if (!precision.empty()) t.cfg.model.precision = precision;
-  t.model = models::build_model(t.cfg.model);
+  try {
+    t.model = models::build_model(t.cfg.model);
+  } catch (const Error& e) {  // a config edited inside the file: say which file
+    fail(path, ": the run's config: ", e.what());
+  }
   load_module_tensors(*t.model, raw_weights ? ckpt.model : inference_weights(ckpt), path);
   t.averaged = !raw_weights && !ckpt.ema.empty();
   t.model->to(device);
@@ -26,6 +30,7 @@ TrainedModel load_trained(const std::string& path, const c10::Device& device,
   auto state = nlohmann::json::parse(ckpt.state_json);
   t.step = state.value("step", int64_t{0});
   if (state.contains("class_names")) t.class_names = state["class_names"].get<std::vector<std::string>>();
+  t.class_names_stored = !t.class_names.empty();
   for (int64_t i = static_cast<int64_t>(t.class_names.size()); i < t.cfg.model.num_classes; ++i)
     t.class_names.push_back("class " + std::to_string(i));
   return t;

@@ -16,6 +16,7 @@ struct TrainedModel {
   io::RunConfig cfg;                     // as trained (data.mean / data.std filled)
   models::ClassifierPtr model;           // in eval mode, on the requested device
   std::vector<std::string> class_names;  // index = label
+  bool class_names_stored = false;       // class_names are the training set's, not "class i" stand-ins
   int64_t step = 0;                      // training steps behind these weights
   bool replicable = true;                // Replicas can rebuild it from cfg.model (a hard MoE cannot)
   bool averaged = false;                 // the weights are the run's average (train.ema_decay)
