@@ -203,6 +203,47 @@ TEST(Trainer, ResumeWithoutCheckpointIsAClearError) {
   test::expect_error([&] { train::train_model(cfg, o); }, {"checkpoint.pt", "cannot open"});
 }
 
+// A second run into a directory without resume replaced the first's log at
+// once and its checkpoint soon after; optimiser settings outside their range
+// diverged later with a message blaming train.lr.
+TEST(Trainer, ASecondRunIntoARunsDirectoryAndBadOptimiserSettingsAreRefused) {
+  test::TempDir dir;
+  auto a = tiny_run(dir.file("a"));
+  a.train.max_steps = 1;
+  train::train_model(a, {});
+  const auto log_before = logged_losses(a.train.out_dir);
+  ASSERT_FALSE(log_before.empty());
+  test::expect_error([&] { train::train_model(a, {}); },
+                     {train::checkpoint_path(a.train.out_dir), "already holds a run", "--resume"});
+  EXPECT_EQ(logged_losses(a.train.out_dir), log_before);
+  struct Bad {
+    void (*set)(io::RunConfig&);
+    const char* needle;
+  };
+  const Bad bad[] = {
+      {[](io::RunConfig& c) { c.train.beta2 = 1.0; }, "train.beta2 = 1"},
+      {[](io::RunConfig& c) { c.train.beta1 = -1; }, "train.beta1 = -1"},
+      {[](io::RunConfig& c) { c.train.min_lr = 1.0; }, "train.min_lr = 1"},
+      {[](io::RunConfig& c) { c.train.warmup_steps = -1; }, "train.warmup_steps = -1"},
+      {[](io::RunConfig& c) { c.train.max_steps = -3; }, "train.max_steps = -3"},
+      {[](io::RunConfig& c) { c.train.threads = -1; }, "train.threads = -1"},
+      {[](io::RunConfig& c) { c.data.train_limit = -1; }, "data.train_limit = -1"},
+      {[](io::RunConfig& c) { c.data.test_limit = -2; }, "data.test_limit = -2"},
+  };
+  for (const auto& b : bad) {
+    auto cfg = tiny_run(dir.file("bad"));
+    b.set(cfg);
+    test::expect_error([&] { train::train_model(cfg, {}); }, {b.needle, "expected"});
+  }
+  // A directory where the run's files cannot be written (here a directory in
+  // the way of config.json's temporary file, which fails for root too) fails
+  // before training, not at the first checkpoint.
+  std::filesystem::create_directories(dir.file("blocked") + "/config.json.tmp");
+  auto blocked = tiny_run(dir.file("blocked"));
+  test::expect_error([&] { train::train_model(blocked, {}); }, {"cannot write", "config.json"});
+  EXPECT_FALSE(std::filesystem::exists(train::checkpoint_path(blocked.train.out_dir)));
+}
+
 TEST(Trainer, CheckpointOpensInPython) {
   if (std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") != 0)
     GTEST_SKIP() << "python3-torch not installed";

@@ -43,7 +43,8 @@ data::ImageSet open_one(const DataConfig& d, const models::ModelConfig& m, bool 
   fail("data.format = '", d.format, "': expected fashion-mnist, folder, cifar10 or manifest");
 }
 
-data::ImageSet limit(data::ImageSet s, int64_t n) {
+data::ImageSet limit(data::ImageSet s, int64_t n, const char* key) {
+  MOEV_CHECK(n >= 0, key, " = ", n, ": expected >= 0 (0: every image)");
   if (n > 0 && n < s.size()) {
     s.images = s.images.narrow(0, 0, n).contiguous();
     s.labels = s.labels.narrow(0, 0, n).contiguous();
@@ -85,7 +86,7 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
   // data.tags, which a trained run stores), so a column means one tag in both.
   std::vector<std::string> vocabulary = d.tags;
   if (load_train) {
-    out.train = limit(open_one(d, m, /*train=*/true, vocabulary), d.train_limit);
+    out.train = limit(open_one(d, m, /*train=*/true, vocabulary), d.train_limit, "data.train_limit");
     if (out.train.multilabel()) vocabulary = out.train.class_names;
     MOEV_CHECK(d.per_class >= 0, "data.per_class = ", d.per_class, ": expected >= 0 (0: every image)");
     MOEV_CHECK(d.per_class == 0 || !out.train.multilabel(), "data.per_class = ", d.per_class,
@@ -100,7 +101,7 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
   }
   MOEV_CHECK(d.format != "manifest" || !vocabulary.empty(),
              "data.tags is empty and there is no training manifest to take the tags from");
-  out.test = limit(open_one(d, m, /*train=*/false, vocabulary), d.test_limit);
+  out.test = limit(open_one(d, m, /*train=*/false, vocabulary), d.test_limit, "data.test_limit");
   check_fits(out.test, m);
   if (load_train) check_same_classes(out.test, out.train.class_names, "the training set " + out.train.source);
   out.mean = d.mean;

@@ -15,6 +15,7 @@
 #include "moev/core/error.h"
 #include "moev/data/batch_loader.h"
 #include "moev/data/subset.h"
+#include "moev/io/table.h"
 #include "moev/moe/moe_layer.h"
 #include "moev/train/adamw.h"
 #include "moev/train/checkpoint.h"
@@ -139,6 +140,11 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   Position pos;
   double prior_train_s = 0;  // training seconds before this process (a resumed run)
   int64_t saved_plan = 0;    // a time-budgeted run's planned last step when it was saved
+  // A second run into a directory would replace the first's log at once and
+  // its checkpoint soon after: a forgotten --resume must not cost a long run.
+  MOEV_CHECK(opts.resume || !fs::exists(ckpt_file), ckpt_file, ": train.out_dir = ", cfg.train.out_dir,
+             " already holds a run; continue it with --resume, or train into another --out (or delete ",
+             cfg.train.out_dir, ") to start anew");
   if (opts.resume) {
     resume_from = load_checkpoint(ckpt_file);
     // The run continues as it was configured; only how it runs may change.
@@ -154,6 +160,13 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   MOEV_CHECK(tc.batch_size >= 1, "train.batch_size = ", tc.batch_size, ": expected >= 1");
   MOEV_CHECK(tc.epochs >= 1, "train.epochs = ", tc.epochs, ": expected >= 1");
   MOEV_CHECK(tc.lr > 0, "train.lr = ", tc.lr, ": expected > 0");
+  MOEV_CHECK(tc.min_lr >= 0 && tc.min_lr <= tc.lr, "train.min_lr = ", tc.min_lr, ": expected 0..train.lr = ", tc.lr,
+             " (the end of the cosine decay from train.lr)");
+  MOEV_CHECK(tc.beta1 >= 0 && tc.beta1 < 1 && tc.beta2 >= 0 && tc.beta2 < 1, "train.beta1 = ", tc.beta1,
+             ", train.beta2 = ", tc.beta2, ": AdamW's averaging factors, expected in [0, 1)");
+  MOEV_CHECK(tc.warmup_steps >= 0, "train.warmup_steps = ", tc.warmup_steps, ": expected >= 0");
+  MOEV_CHECK(tc.max_steps >= 0, "train.max_steps = ", tc.max_steps, ": expected >= 0 (0: the epochs decide)");
+  MOEV_CHECK(tc.threads >= 0, "train.threads = ", tc.threads, ": expected >= 0 (0: all cores)");
   MOEV_CHECK(tc.mixup_alpha >= 0 && tc.cutmix_alpha >= 0, "train.mixup_alpha / train.cutmix_alpha: expected >= 0");
   MOEV_CHECK(tc.mix_off_epochs >= 0 && tc.mix_off_epochs <= tc.epochs, "train.mix_off_epochs = ",
              tc.mix_off_epochs, ": expected 0..train.epochs = ", tc.epochs);
@@ -261,8 +274,12 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   std::ofstream log;
   if (lead) {
     fs::create_directories(tc.out_dir);
-    std::ofstream(fs::path(tc.out_dir) / "config.json") << io::to_json_string(cfg) << "\n";
-    log.open(fs::path(tc.out_dir) / "log.jsonl", opts.resume ? std::ios::app : std::ios::trunc);
+    // Checked now: a directory that cannot be written would otherwise fail at
+    // the first checkpoint, after the training it was to keep.
+    io::write_text_atomic((fs::path(tc.out_dir) / "config.json").string(), io::to_json_string(cfg) + "\n");
+    const auto log_path = fs::path(tc.out_dir) / "log.jsonl";
+    log.open(log_path, opts.resume ? std::ios::app : std::ios::trunc);
+    MOEV_CHECK(log.is_open(), "cannot write ", log_path.string(), " (train.out_dir = ", tc.out_dir, ")");
   }
 
   data::LoaderOptions lo = training_loader_options(cfg.data, ds, tc.batch_size, tc.seed);
