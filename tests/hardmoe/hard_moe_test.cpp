@@ -224,6 +224,37 @@ TEST(HardMoE, BadExpertIndexOrEmptyPartitionFailsAndLeavesOtherExpertsAlone) {
   EXPECT_EQ(bytes_of(hardmoe::expert_result_file(t.hm.dir, 0)), result_before);
 }
 
+// A trunk retrained to the same step (another seed, other data) passed the
+// step check, and its images went to clusters of the old feature space.
+TEST(HardMoE, ATrunkWithOtherWeightsAtTheSameStepIsRefused) {
+  auto& t = toy();
+  const std::string dir3 = t.dir.file("retrained");
+  fs::create_directories(dir3);
+  for (const char* f : {"centroids.pt", "partition.csv", "hardmoe.json"})
+    fs::copy_file(fs::path(t.hm.dir) / f, fs::path(dir3) / f);
+  const std::string copy = t.dir.file("retrained_trunk.pt");
+  auto ckpt = train::load_checkpoint(t.hm.trunk);
+  train::save_checkpoint(copy, ckpt);
+  std::ifstream in(fs::path(t.hm.dir) / "partition.json");
+  auto summary = nlohmann::json::parse(in);
+  ASSERT_EQ(summary.at("trunk_weights").get<std::string>().size(), 8u);
+  summary["trunk"] = copy;
+  std::ofstream(fs::path(dir3) / "partition.json") << summary.dump();
+  EXPECT_EQ(hardmoe::checked_trunk(hardmoe::read_partition(dir3), dir3), copy);  // the same weights
+  ASSERT_TRUE(ckpt.ema.empty());  // inference_weights are ckpt.model
+  for (auto& [name, w] : ckpt.model)
+    if (w.is_floating_point()) {
+      w.view(-1)[0] += 1e-3;
+      break;
+    }
+  train::save_checkpoint(copy, ckpt);
+  test::expect_error([&] { hardmoe::checked_trunk(hardmoe::read_partition(dir3), dir3); },
+                     {copy, "holds other weights", "retrained since"});
+  test::expect_error([&] { hardmoe::load_hard_moe((fs::path(dir3) / "hardmoe.json").string(), c10::Device(c10::kCPU)); },
+                     {"holds other weights"});
+  EXPECT_NE(train::weights_fingerprint(ckpt.model), summary.at("trunk_weights").get<std::string>());
+}
+
 // centroids.pt is a plain tensor to Python's torch.load, equal to what moev reads.
 TEST(HardMoE, CentroidsOpenInPython) {
   if (std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") != 0)

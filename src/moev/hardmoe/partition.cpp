@@ -116,6 +116,7 @@ Partition read_partition(const std::string& dir) {
   p.trunk = s.value("trunk", std::string());
   if (!p.trunk.empty() && fs::path(p.trunk).is_relative()) p.trunk = (fs::path(dir) / p.trunk).lexically_normal().string();
   p.trunk_step = s.value("trunk_step", int64_t{-1});  // -1: not recorded (older directories)
+  p.trunk_weights = s.value("trunk_weights", std::string());
   p.expert_of = read_assignment(partition_csv(dir), p.experts);
   MOEV_CHECK(static_cast<int64_t>(p.expert_of.size()) == s.value("images", int64_t{-1}), partition_csv(dir),
              ": ", p.expert_of.size(), " rows, but ", summary_file(dir), " says ", s.value("images", int64_t{-1}));
@@ -142,10 +143,15 @@ std::string checked_trunk(const Partition& p, const std::string& dir, const std:
   MOEV_CHECK(fs::exists(p.trunk), summary_file(dir), ": its trunk ", p.trunk, " does not exist");
   MOEV_CHECK(given.empty() || !fs::exists(given) || fs::equivalent(given, p.trunk), "the trunk ", given,
              " is not the one ", dir, " was clustered from (", p.trunk, "): experts must share the gater's trunk");
-  const auto st = json::parse(train::load_checkpoint(p.trunk).state_json, nullptr, false);
+  const auto ckpt = train::load_checkpoint(p.trunk);
+  const auto st = json::parse(ckpt.state_json, nullptr, false);
   const int64_t step = st.is_object() ? st.value("step", int64_t{-1}) : -1;
   MOEV_CHECK(p.trunk_step < 0 || step == p.trunk_step, p.trunk, " is at step ", step, " but ", dir, " was clustered from it at step ",
              p.trunk_step, ": the trunk changed since; cluster again into a new directory");
+  const auto weights = train::weights_fingerprint(train::inference_weights(ckpt));
+  MOEV_CHECK(p.trunk_weights.empty() || weights == p.trunk_weights, p.trunk, " holds other weights (fingerprint ",
+             weights, ") than when ", dir, " was clustered from it (", p.trunk_weights,
+             "): the trunk was retrained since; cluster again into a new directory");
   return p.trunk;
 }
 
@@ -174,6 +180,7 @@ Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream
   p.iterations = km.iterations;
   p.trunk = fs::absolute(c.trunk).lexically_normal().string();
   p.trunk_step = trunk.step;
+  p.trunk_weights = train::weights_fingerprint(train::inference_weights(train::load_checkpoint(c.trunk)));
   // The gater's rule at inference, applied to the training images too, so an
   // image is trained on by the expert it would be sent to.
   auto assign = cluster::nearest_centroid(features, p.centroids).contiguous();
@@ -225,7 +232,7 @@ Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream
   viz::write_heatmap(h, (fs::path(c.dir) / "partition.png").string());
   json summary{{"experts", p.experts}, {"images", n}, {"counts", p.counts}, {"inertia", p.inertia},
                {"iterations", p.iterations}, {"features", features.size(1)}, {"trunk", trunk_rel},
-               {"trunk_step", p.trunk_step},
+               {"trunk_step", p.trunk_step}, {"trunk_weights", p.trunk_weights},
                {"training_set", ds.train.source}, {"seed", c.seed},
                {"tags", ds.train.class_names}, {"tag_share", h.values}};
   io::write_text_atomic(summary_file(c.dir), summary.dump(2) + "\n");

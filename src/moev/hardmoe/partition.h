@@ -33,6 +33,7 @@ struct Partition {
   int64_t iterations = 0;
   std::string trunk;               // the checkpoint whose embeddings were clustered (absolute)
   int64_t trunk_step = -1;         // its training step then: a retrained trunk is caught (-1: unknown)
+  std::string trunk_weights;       // weights_fingerprint of its weights then ("": unknown, older directories)
 };
 
 // Runs the trunk over its own training set (as the trunk's checkpoint names
@@ -57,8 +58,10 @@ at::Tensor load_centroids(const std::string& path);
 std::vector<int64_t> partition_rows(const Partition& p, int64_t expert, const std::string& dir);
 
 // The trunk checkpoint a hard MoE in `dir` was clustered from, checked to be
-// the same training state (step); `given` (a config's or flag's trunk, may be
-// empty) must name the same file.
+// the same training state (step) and the same weights (a trunk retrained to the
+// same step, from another seed or data, would put images into the old
+// clusters' feature space); `given` (a config's or flag's trunk, may be empty)
+// must name the same file.
 std::string checked_trunk(const Partition& p, const std::string& dir, const std::string& given = "");
 
 }  // namespace moev::hardmoe

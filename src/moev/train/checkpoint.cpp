@@ -1,5 +1,6 @@
 #include "moev/train/checkpoint.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -7,6 +8,7 @@
 
 #include <fcntl.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include <torch/torch.h>
 
@@ -94,6 +96,27 @@ Checkpoint load_checkpoint(const std::string& path) {
       MOEV_CHECK(!t.is_floating_point() || torch::isfinite(t).all().item<bool>(), "checkpoint ", path,
                  ": tensor '", name, "' holds NaN or infinite values (saved from a diverged run?)");
   return c;
+}
+
+std::string weights_fingerprint(const std::map<std::string, at::Tensor>& tensors) {
+  uLong crc = crc32(0L, Z_NULL, 0);
+  auto add = [&](const void* p, size_t n) {
+    const auto* b = static_cast<const Bytef*>(p);
+    for (size_t done = 0; done < n;) {  // crc32 takes at most 4 GiB at a time
+      const auto chunk = static_cast<uInt>(std::min<size_t>(n - done, 1u << 30));
+      crc = crc32(crc, b + done, chunk);
+      done += chunk;
+    }
+  };
+  for (const auto& [name, t] : tensors) {
+    add(name.data(), name.size() + 1);
+    for (auto d : t.sizes()) add(&d, sizeof d);
+    const auto c = t.cpu().contiguous();
+    add(c.data_ptr(), c.numel() * c.element_size());
+  }
+  char hex[9];
+  std::snprintf(hex, sizeof hex, "%08lx", static_cast<unsigned long>(crc & 0xffffffffUL));
+  return hex;
 }
 
 const std::map<std::string, at::Tensor>& inference_weights(const Checkpoint& ckpt) {

@@ -28,6 +28,11 @@ struct Checkpoint {
 // The weights a trained model is used with: the average when the run kept one.
 const std::map<std::string, at::Tensor>& inference_weights(const Checkpoint& ckpt);
 
+// A short hex digest (CRC-32) of tensors' names, shapes and bytes: equal for
+// the same weights, different (but for a 1 in 2^32 chance) for others. Lets a
+// file that depends on a checkpoint notice that it was replaced.
+std::string weights_fingerprint(const std::map<std::string, at::Tensor>& tensors);
+
 void save_checkpoint(const std::string& path, const Checkpoint& ckpt);
 Checkpoint load_checkpoint(const std::string& path);
 
