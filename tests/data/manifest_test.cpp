@@ -33,6 +33,18 @@ TEST(Manifest, ParsesQuotedPathsHeaderAndTags) {
   test::expect_error([&] { data::parse_manifest(dir.file("bad.csv")); }, {"bad.csv:2", "unterminated"});
   std::ofstream(dir.file("notag.csv")) << "a.png,\n";
   test::expect_error([&] { data::parse_manifest(dir.file("notag.csv")); }, {"notag.csv:1", "no tags"});
+  // As spreadsheets write it: a byte order mark, quoted fields. A third field
+  // became part of a tag ("Coat,Dress"), a quoted one kept its quotes.
+  std::ofstream(dir.file("sheet.csv")) << "\xEF\xBB\xBFpath,tags\n\"a.png\",\"cat dog\"  \nb.png,bird\n";
+  e = data::parse_manifest(dir.file("sheet.csv"));
+  ASSERT_EQ(e.size(), 2u);
+  EXPECT_EQ(e[0].path, "a.png");
+  EXPECT_EQ(e[0].tags, (std::vector<std::string>{"cat", "dog"}));
+  std::ofstream(dir.file("three.csv")) << "a.png,cat\nb.png,Coat,Dress\n";
+  test::expect_error([&] { data::parse_manifest(dir.file("three.csv")); },
+                     {"three.csv:2", "'Coat,Dress' holds a comma", "two fields"});
+  std::ofstream(dir.file("q.csv")) << "a.png,\"cat dog\nb.png,bird\n";
+  test::expect_error([&] { data::parse_manifest(dir.file("q.csv")); }, {"q.csv:1", "quoted tags"});
 }
 
 TEST(Manifest, MosaicsAreRealImagesTaggedWithTheirClassesAndDeterministic) {
@@ -65,5 +77,7 @@ TEST(Manifest, MosaicsAreRealImagesTaggedWithTheirClassesAndDeterministic) {
   // A missing image and a tag outside the vocabulary are named with their line.
   std::filesystem::remove(dir.file("a") + "/train/3.png");
   test::expect_error([&] { data::read_manifest(m1, 56, 56, 1); }, {"train.csv:5", "3.png", "does not exist"});
+  std::filesystem::create_directories(dir.file("a") + "/train/3.png");  // a directory where the image was
+  test::expect_error([&] { data::read_manifest(m1, 56, 56, 1); }, {"train.csv:5", "3.png", "is not a file"});
   test::expect_error([&] { data::read_manifest(m2, 56, 56, 1, {"Trouser"}); }, {"train.csv:", "is not one of the model's 1 tags"});
 }

@@ -26,6 +26,7 @@ std::vector<ManifestEntry> parse_manifest(const std::string& path) {
   std::string line;
   for (int64_t no = 1; std::getline(in, line); ++no) {
     if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (no == 1 && line.rfind("\xEF\xBB\xBF", 0) == 0) line.erase(0, 3);  // a UTF-8 byte order mark
     if (line.find_first_not_of(" \t") == std::string::npos) continue;
     ManifestEntry e;
     e.line = no;
@@ -51,7 +52,16 @@ std::vector<ManifestEntry> parse_manifest(const std::string& path) {
       MOEV_CHECK(i != std::string::npos, "manifest ", path, ":", no, ": expected `image path,tags`, got '", line, "'");
       e.path = line.substr(0, i);
     }
-    const std::string rest = line.substr(i + 1);
+    std::string rest = line.substr(i + 1);
+    rest.erase(rest.find_last_not_of(" \t") + 1);
+    if (!rest.empty() && rest.front() == '"') {  // a quoted tags field, as spreadsheets write one
+      MOEV_CHECK(rest.size() >= 2 && rest.back() == '"' && rest.find('"', 1) == rest.size() - 1, "manifest ", path,
+                 ":", no, ": expected the quoted tags field to end the line with its quote, got ", rest);
+      rest = rest.substr(1, rest.size() - 2);
+    }
+    // Tags are words: a comma here is a third field, which would otherwise become part of a tag.
+    MOEV_CHECK(rest.find(',') == std::string::npos, "manifest ", path, ":", no, ": '", rest,
+               "' holds a comma; expected two fields, `image path,tags`, with the tags separated by spaces");
     if (no == 1 && e.path == "path" && rest == "tags") continue;  // header
     MOEV_CHECK(!e.path.empty(), "manifest ", path, ":", no, ": empty image path");
     std::istringstream ts(rest);
@@ -86,6 +96,8 @@ MultiLabelSet read_manifest(const std::string& path, int64_t height, int64_t wid
     const auto& e = entries[i];
     const fs::path p = fs::path(e.path).is_absolute() ? fs::path(e.path) : base / e.path;
     MOEV_CHECK(fs::exists(p), "manifest ", path, ":", e.line, ": image ", p.string(), " does not exist");
+    MOEV_CHECK(fs::is_regular_file(p), "manifest ", path, ":", e.line, ": image ", p.string(),
+               " is not a file (a directory?)");
     for (const auto& tag : e.tags) {
       auto it = column.find(tag);
       MOEV_CHECK(it != column.end(), "manifest ", path, ":", e.line, ": tag '", tag,
