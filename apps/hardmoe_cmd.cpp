@@ -109,6 +109,10 @@ Runner add_hardmoe(CLI::App& app) {
     const auto& hm = r.hm;
     if (cl->parsed()) {
       train::set_threads(f->threads);
+      // The experts' runs checked now (the config's data and image size against
+      // the trunk's), not after the clustering, in every expert.
+      hardmoe::expert_run_config(hm, io::from_json_string(train::load_checkpoint(hm.trunk).config_json, hm.trunk),
+                                 r.overrides, 0, f->config);
       const auto t0 = std::chrono::steady_clock::now();
       auto p = hardmoe::cluster_trunk(hm, f->batch_size, &std::cerr, stderr_is_terminal());
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -436,6 +436,16 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
   expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 2", {"--expert 2", "2 experts", "0..1"});
   expect_clean_failure("hardmoe train-all --config " + cfg + " --dir " + dir.file("none"),
                        {dir.file("none"), "hardmoe cluster"});
+  // A trunk of other data than the config's: the config's [data] would be ignored, and the experts fail late.
+  auto other = moev::train::load_checkpoint(dir.file("run") + "/checkpoint.pt");
+  auto other_cfg = nlohmann::json::parse(other.config_json);
+  other_cfg["data"]["path"] = dir.file("mosaic/test.csv");
+  other.config_json = other_cfg.dump();
+  moev::train::save_checkpoint(dir.file("other_trunk.pt"), other);
+  expect_clean_failure("hardmoe cluster --config " + cfg + " --trunk " + dir.file("other_trunk.pt") + " --dir " +
+                           dir.file("other"),
+                       {"hm.toml", "data.path", "mosaic/train.csv", "mosaic/test.csv", "the trunk"});
+  EXPECT_FALSE(std::filesystem::exists(dir.file("other")));
   expect_clean_failure("train --config " + cfg + " --set train.multilabel_loss=bce --out " + dir.file("bad"),
                        {"train.multilabel_loss = 'bce'", "softmax or sigmoid"});
   std::ofstream(dir.file("mosaic/bad.csv")) << "path,tags\ntrain/0.png,Trouser\ntrain/missing.png,Bag\n";

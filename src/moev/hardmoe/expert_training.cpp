@@ -16,6 +16,7 @@
 #include "moev/io/table.h"
 #include "moev/models/model_config.h"
 #include "moev/train/checkpoint.h"
+#include "moev/train/teacher.h"
 
 namespace moev::hardmoe {
 
@@ -33,6 +34,18 @@ io::RunConfig expert_run_config(const HardMoEConfig& c, const io::RunConfig& tru
   if (overrides.is_object() && !overrides.empty()) io::apply_json(cfg, overrides, source);
   // The partition's rows index the trunk's training set, and the gater reads
   // the same normalised pixels as the expert: the data set stays the trunk's.
+  // A config naming other data (a --trunk of another run) would be ignored, so
+  // it is refused, as are images of another size than the trunk's.
+  std::string differ = train::training_data_difference(cfg.data, trunk.data);
+  const auto test_differ = train::test_data_difference(cfg.data, trunk.data);
+  if (!test_differ.empty()) differ += (differ.empty() ? "" : ", ") + test_differ;
+  MOEV_CHECK(differ.empty(), source, ": its [data] (", differ, ", config vs trunk) is not the data the trunk ",
+             c.trunk, " was trained on, which the partition and every expert use; give the trunk's run config, ",
+             "or drop those keys");
+  MOEV_CHECK(cfg.model.image_size == trunk.model.image_size && cfg.model.channels == trunk.model.channels, source,
+             ": model.image_size = ", cfg.model.image_size, ", model.channels = ", cfg.model.channels,
+             ", but the trunk ", c.trunk, " reads ", trunk.model.channels, "x", trunk.model.image_size,
+             " images, which the experts train on too");
   const auto& d = trunk.data;
   cfg.data.format = d.format;
   cfg.data.path = d.path;
