@@ -60,6 +60,21 @@ TEST(RunConfig, BadInputsNameFileAndKey) {
   std::ofstream(dir.file("syntax.json")) << "{\"train\": {";
   test::expect_error([&] { io::load_run_config(dir.file("syntax.json")); },
                      {"syntax.json", "invalid JSON"});
+  // JSON would keep the last of two equal keys (here dropping the preset), and
+  // a number past double's range had no file or key in its message.
+  std::ofstream(dir.file("twice.json")) << R"({"model": {"preset": "vit-tiny"}, "model": {"width": 64}})";
+  test::expect_error([&] { io::load_run_config(dir.file("twice.json")); },
+                     {"twice.json", "key 'model' appears twice"});
+  std::ofstream(dir.file("twice_inner.json")) << R"({"train": {"lr": 0.1, "epochs": 2, "lr": 0.2}})";
+  test::expect_error([&] { io::load_run_config(dir.file("twice_inner.json")); }, {"key 'lr' appears twice"});
+  std::ofstream(dir.file("same_key_two_tables.json")) << R"({"model": {"width": 64}, "train": {"epochs": 2}, "data": {"augment": true}})";
+  EXPECT_NO_THROW(io::load_run_config(dir.file("same_key_two_tables.json")));
+  std::ofstream(dir.file("huge.json")) << R"({"train": {"lr": 1e400}})";
+  test::expect_error([&] { io::load_run_config(dir.file("huge.json")); }, {"huge.json", "invalid JSON", "1e400"});
+  {
+    io::RunConfig h;
+    test::expect_error([&] { io::apply_override(h, "train.lr=1e400"); }, {"--set train.lr=1e400", "not a number"});
+  }
   std::ofstream(dir.file("preset.toml")) << "[model]\npreset = \"vit-giant\"\n";
   test::expect_error([&] { io::load_run_config(dir.file("preset.toml")); }, {"vit-giant"});
   test::expect_error([&] { io::load_run_config(dir.file("missing.toml")); },

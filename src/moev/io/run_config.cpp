@@ -2,6 +2,7 @@
 
 #include <fstream>
 #include <functional>
+#include <set>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -239,11 +240,27 @@ json read_config_file(const std::string& path) {
   const bool is_json = path.size() > 5 && path.compare(path.size() - 5, 5, ".json") == 0;
   MOEV_CHECK(is_toml || is_json, "config file ", path, ": expected a .toml or .json file");
   if (is_json) {
+    // JSON keeps the last of two equal keys in a table; TOML refuses them, and
+    // so does this reader, rather than drop the first (a preset, a section).
+    std::vector<std::set<std::string>> open;
+    std::string twice;
+    auto watch = [&](int, json::parse_event_t event, json& parsed) {
+      if (event == json::parse_event_t::object_start) open.emplace_back();
+      if (event == json::parse_event_t::object_end && !open.empty()) open.pop_back();
+      if (event == json::parse_event_t::key && twice.empty() && !open.empty() &&
+          !open.back().insert(parsed.get<std::string>()).second)
+        twice = parsed.get<std::string>();
+      return true;
+    };
+    json j;
     try {
-      return json::parse(text);
-    } catch (const json::parse_error& e) {
+      j = json::parse(text, watch);
+    } catch (const json::exception& e) {  // syntax, and numbers out of range (1e400)
       fail("config file ", path, ": invalid JSON: ", e.what());
     }
+    MOEV_CHECK(twice.empty(), "config file ", path, ": key '", twice, "' appears twice in one table; expected each ",
+               "key once");
+    return j;
   }
   try {
     auto table = toml::parse(text, path);
@@ -302,6 +319,8 @@ json assignment_json(const std::string& assignment) {
     value = json::parse(text);
   } catch (const json::parse_error&) {
     value = text;  // bare words are strings: train.device=cpu
+  } catch (const json::exception& e) {
+    fail("--set ", assignment, ": ", text, " is not a number moev can hold (", e.what(), ")");
   }
   json j;
   j[key.substr(0, dot)][key.substr(dot + 1)] = value;
@@ -350,7 +369,7 @@ RunConfig from_json_string(const std::string& text, const std::string& source) {
   json j;
   try {
     j = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     fail(source, ": invalid config JSON: ", e.what());
   }
   apply_json(cfg, j, source);
