@@ -74,6 +74,15 @@ TEST(RunConfig, BadInputsNameFileAndKey) {
   {
     io::RunConfig h;
     test::expect_error([&] { io::apply_override(h, "train.lr=1e400"); }, {"--set train.lr=1e400", "not a number"});
+    // 2^64 - 1 read as -1, 2^40 threads as 0: out of range, named as written.
+    test::expect_error([&] { io::apply_override(h, "model.width=18446744073709551615"); },
+                       {"model.width", "18446744073709551615 is out of range"});
+    test::expect_error([&] { io::apply_override(h, "train.threads=1099511627776"); },
+                       {"train.threads", "1099511627776 is out of range", "2147483647"});
+    test::expect_error([&] { io::apply_override(h, "model.dims=[16,18446744073709551615]"); },
+                       {"model.dims", "out of range"});
+    io::apply_override(h, "train.seed=18446744073709551615");  // a uint64 seed holds it
+    EXPECT_EQ(h.train.seed, 18446744073709551615ull);
   }
   std::ofstream(dir.file("preset.toml")) << "[model]\npreset = \"vit-giant\"\n";
   test::expect_error([&] { io::load_run_config(dir.file("preset.toml")); }, {"vit-giant"});

@@ -7,6 +7,7 @@
 #include "moev/models/placement.h"
 #include "moev/models/vit.h"
 #include "moev/moe/moe_layer.h"
+#include "support/expect_error.h"
 
 using namespace moev::models;
 
@@ -109,4 +110,18 @@ TEST(ViT, PresetsAndErrors) {
   c = preset("vit-tiny");
   c.patch = 5;
   EXPECT_THROW(validate(c), moev::Error);
+  // Each message names the value at fault: -64 and 0 are multiples of 4, and a
+  // width of 2^32 failed in the allocator with a byte count.
+  c = preset("vit-tiny");
+  c.width = -64;
+  moev::test::expect_error([&] { validate(c); }, {"model.width = -64", "expected >= 1"});
+  c.width = 64;
+  c.heads = 0;
+  moev::test::expect_error([&] { validate(c); }, {"model.heads = 0", "expected >= 1"});
+  c.heads = 4;
+  c.width = 4294967360;
+  moev::test::expect_error([&] { validate(c); }, {"model.width = 4294967360", "at most 65536"});
+  c = preset("resnest-tiny");
+  c.dims = {32, 64, 1 << 20};
+  moev::test::expect_error([&] { validate(c); }, {"model.dims = 1048576", "at most"});
 }

@@ -2,6 +2,7 @@
 
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <set>
 #include <sstream>
 
@@ -28,6 +29,16 @@ std::string type_name(const json& v) {
   return s.size() > 40 ? s.substr(0, 40) + "..." : s;
 }
 
+// An integer JSON value that T holds as written (not 2^64 - 1 read as -1).
+template <typename T>
+bool integer_fits(const json& v) {
+  if (v.is_number_unsigned()) return v.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<T>::max());
+  const auto x = v.get<int64_t>();
+  if constexpr (std::is_unsigned_v<T>) return x >= 0;
+  else return x >= static_cast<int64_t>(std::numeric_limits<T>::min()) &&
+              x <= static_cast<int64_t>(std::numeric_limits<T>::max());
+}
+
 template <typename T>
 void read_value(const json& v, T& out, const std::string& where) {
   if constexpr (std::is_same_v<T, bool>) {
@@ -36,7 +47,10 @@ void read_value(const json& v, T& out, const std::string& where) {
   } else if constexpr (std::is_integral_v<T>) {
     MOEV_CHECK(v.is_number_integer(), where, ": expected an integer, got ", type_name(v));
     if constexpr (std::is_unsigned_v<T>)
-      MOEV_CHECK(v.get<int64_t>() >= 0, where, ": expected a non-negative integer, got ", type_name(v));
+      MOEV_CHECK(v.is_number_unsigned() || v.get<int64_t>() >= 0, where, ": expected a non-negative integer, got ",
+                 type_name(v));
+    MOEV_CHECK(integer_fits<T>(v), where, ": ", type_name(v), " is out of range; expected an integer in ",
+               +std::numeric_limits<T>::min(), "..", +std::numeric_limits<T>::max());
     out = v.get<T>();
   } else if constexpr (std::is_floating_point_v<T>) {
     MOEV_CHECK(v.is_number(), where, ": expected a number, got ", type_name(v));
@@ -63,6 +77,9 @@ void read_value(const json& v, T& out, const std::string& where) {
     out.clear();
     for (const auto& x : v) {
       MOEV_CHECK(integral ? x.is_number_integer() : x.is_number(), where, what, type_name(v));
+      if constexpr (integral)
+        MOEV_CHECK(integer_fits<Elem>(x), where, ": ", type_name(x), " is out of range; expected integers in ",
+                   +std::numeric_limits<Elem>::min(), "..", +std::numeric_limits<Elem>::max());
       out.push_back(x.get<Elem>());
     }
   }

@@ -175,11 +175,29 @@ void validate(const ModelConfig& c) {
              "model.family = '", c.family, "': expected vit, convnext, convnext-iso or resnest");
   MOEV_CHECK(c.image_size >= 1 && c.channels >= 1 && c.num_classes >= 2, "model: image_size, ",
              "channels must be >= 1 and num_classes >= 2");
+  // Sizes past these are typing slips, not models: say so, rather than fail
+  // in the allocator with a byte count and no key.
+  constexpr int64_t kMaxSide = 1 << 14, kMaxWidth = 1 << 16, kMaxClasses = 1 << 22, kMaxDepth = 1 << 10;
+  auto at_most = [](const char* key, int64_t v, int64_t max) {
+    MOEV_CHECK(v <= max, "model.", key, " = ", v, ": expected at most ", max);
+  };
+  at_most("image_size", c.image_size, kMaxSide);
+  at_most("channels", c.channels, kMaxWidth);
+  at_most("num_classes", c.num_classes, kMaxClasses);
+  at_most("width", c.width, kMaxWidth);
+  at_most("mlp_dim", c.mlp_dim, 4 * kMaxWidth);
+  at_most("stem_channels", c.stem_channels, kMaxWidth);
+  at_most("heads", c.heads, kMaxWidth);
+  at_most("depth", c.depth, kMaxDepth);
+  for (auto d : c.dims) at_most("dims", d, kMaxWidth);
+  for (auto d : c.depths) at_most("depths", d, kMaxDepth);
   MOEV_CHECK(c.patch >= 1 && c.image_size % c.patch == 0, "model.patch = ", c.patch,
              ": must divide model.image_size = ", c.image_size);
-  if (c.family == "vit")
-    MOEV_CHECK(c.width >= 1 && c.heads >= 1 && c.width % c.heads == 0, "model.width = ", c.width,
-               ": must be a multiple of model.heads = ", c.heads);
+  if (c.family == "vit") {
+    MOEV_CHECK(c.width >= 1, "model.width = ", c.width, ": expected >= 1");
+    MOEV_CHECK(c.heads >= 1, "model.heads = ", c.heads, ": expected >= 1");
+    MOEV_CHECK(c.width % c.heads == 0, "model.width = ", c.width, ": must be a multiple of model.heads = ", c.heads);
+  }
   if (c.family == "convnext") {
     MOEV_CHECK(!c.dims.empty() && c.dims.size() == c.depths.size(), "model.dims and model.depths: ",
                "expected lists of the same non-zero length, got ", c.dims.size(), " and ", c.depths.size());
