@@ -71,6 +71,9 @@ TEST(Cli, BadInputsFailCleanly) {
   expect_clean_failure("train " + kTiny + "--set moe.k=5", {"moe.k = 5", "moe.num_experts = 4"});
   expect_clean_failure("train " + kTiny + "--set moe.capacity=-1", {"moe.capacity"});
   expect_clean_failure("train " + kTiny + "--device cuda", {"--device cuda"});
+  expect_clean_failure("train " + kTiny + "--set train.threads=100000 --out " + dir.file("r"),
+                       {"threads = 100000", "expected 0..1024"});
+  expect_clean_failure("eval " + dir.file("missing.pt") + " --threads -2", {"threads = -2"});
   expect_clean_failure("eval " + dir.file("missing.pt"), {"missing.pt"});
   std::ofstream(dir.file("junk.pt")) << "not a checkpoint";
   expect_clean_failure("eval " + dir.file("junk.pt"), {"junk.pt", "not a moev checkpoint"});

@@ -50,6 +50,10 @@ io::RunConfig resumed_config(io::RunConfig saved, const io::RunConfig& now) {
 }
 
 int set_threads(int threads) {
+  // Far past any core count, threads only contend (and make a replica each).
+  constexpr int kMaxThreads = 1024;
+  MOEV_CHECK(threads >= 0 && threads <= kMaxThreads, "threads = ", threads, ": expected 0..", kMaxThreads,
+             " (0: all cores, ", std::thread::hardware_concurrency(), " here)");
   const int n = std::max(1, threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency()));
   at::set_num_threads(n);
   return n;
