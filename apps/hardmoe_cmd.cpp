@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -38,7 +39,8 @@ namespace {
 struct HardMoEFlags {
   std::string config, dir, trunk;
   std::vector<std::string> sets;
-  int64_t experts = 0, expert = -1;
+  std::optional<int64_t> experts;  // unset: hardmoe.experts
+  int64_t expert = -1;
   int threads = 0, jobs = 2;
   int64_t batch_size = 256;
 };
@@ -55,8 +57,8 @@ Resolved resolve(const HardMoEFlags& f) {
   MOEV_CHECK(file.is_object(), f.config, ": expected a table of sections");
   io::RunConfig run;
   io::apply_json(run, file, f.config);
-  MOEV_CHECK(f.experts >= 0, "--experts ", f.experts, ": expected >= 1");
-  if (f.experts > 0) file["hardmoe"]["experts"] = f.experts;
+  MOEV_CHECK(!f.experts || *f.experts >= 1, "--experts ", f.experts.value_or(0), ": expected >= 1");
+  if (f.experts) file["hardmoe"]["experts"] = *f.experts;
   Resolved r;
   r.hm = hardmoe::parse_hardmoe_config(file, run, f.config);
   if (!f.dir.empty()) r.hm.dir = f.dir;
@@ -145,8 +147,8 @@ Runner add_hardmoe(CLI::App& app) {
     MOEV_CHECK(f->jobs >= 1, "--jobs ", f->jobs, ": expected >= 1");
     const auto part = hardmoe::read_partition(hm.dir);
     const int64_t k = part.experts;
-    MOEV_CHECK(f->experts == 0 || f->experts == k, "--experts ", f->experts, ": the partition in ", hm.dir, " has ",
-               k, " experts");
+    MOEV_CHECK(!f->experts || *f->experts == k, "--experts ", f->experts.value_or(0), ": the partition in ", hm.dir,
+               " has ", k, " experts");
     const int threads = hm.expert_threads;
     const auto trunk_ckpt_cfg = io::from_json_string(train::load_checkpoint(hm.trunk).config_json, hm.trunk);
     std::vector<int64_t> total(k);

@@ -437,6 +437,10 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
   ASSERT_EQ(r.code, 0) << r.out;
   // Bad input: an expert the partition does not have, a manifest line whose image is missing.
   expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 2", {"--expert 2", "2 experts", "0..1"});
+  // Checked though the expert is done (it said "already trained" at exit 0), and 0 experts is not "unset".
+  expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 0 --set train.lr=abc",
+                       {"train.lr", "expected a number"});
+  expect_clean_failure("hardmoe cluster --config " + cfg + " --experts 0 --dir " + dir.file("zero"), {"--experts 0"});
   expect_clean_failure("hardmoe train-all --config " + cfg + " --dir " + dir.file("none"),
                        {dir.file("none"), "hardmoe cluster"});
   // A trunk of other data than the config's: the config's [data] would be ignored, and the experts fail late.

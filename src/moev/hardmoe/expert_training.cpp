@@ -90,6 +90,10 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
   ExpertOutcome out;
   out.images = static_cast<int64_t>(opts.train_rows.size());
   const std::string result_file = expert_result_file(c.dir, expert);
+  {  // the overrides' keys and types, before "already trained" could hide a typo in them
+    io::RunConfig parsed;
+    if (overrides.is_object() && !overrides.empty()) io::apply_json(parsed, overrides, source);
+  }
   if (fs::exists(result_file)) {
     std::ifstream in(result_file);
     out.result = json::parse(in, nullptr, false);
