@@ -32,6 +32,79 @@ std::map<std::string, at::Tensor> from_dict(const c10::IValue& v, const std::str
   return out;
 }
 
+// Little-endian fields of a zip archive, bounds-checked (a truncated file
+// reads as "not a zip" rather than past its end).
+struct ZipBytes {
+  const std::vector<char>& b;
+  bool has(uint64_t at, uint64_t n) const { return at <= b.size() && n <= b.size() - at; }
+  uint64_t le(uint64_t at, int n) const {
+    uint64_t v = 0;
+    for (int i = n - 1; i >= 0; --i) v = (v << 8) | static_cast<unsigned char>(b[at + i]);
+    return v;
+  }
+};
+
+// torch::pickle_load does not check the archive's CRC-32s, so a flipped byte
+// in a tensor loads as a wrong weight. Each stored (uncompressed, as torch
+// writes them) member is checked against its central-directory CRC; a file
+// that is not a readable zip is left for pickle_load to refuse.
+void verify_zip_crcs(const std::vector<char>& bytes, const std::string& path) {
+  const ZipBytes z{bytes};
+  if (bytes.size() < 22) return;
+  // End of central directory: the last record with its signature (after it, at most a comment).
+  int64_t eocd = -1;
+  const uint64_t lowest = bytes.size() > 22 + 65535 ? bytes.size() - 22 - 65535 : 0;
+  for (uint64_t at = bytes.size() - 22 + 1; at-- > lowest;)
+    if (z.le(at, 4) == 0x06054b50) {
+      eocd = static_cast<int64_t>(at);
+      break;
+    }
+  if (eocd < 0) return;
+  uint64_t entries = z.le(eocd + 10, 2), cd = z.le(eocd + 16, 4);
+  if ((entries == 0xFFFF || cd == 0xFFFFFFFF) && eocd >= 20 && z.le(eocd - 20, 4) == 0x07064b50) {  // zip64
+    const uint64_t rec = z.le(eocd - 20 + 8, 8);
+    if (!z.has(rec, 56) || z.le(rec, 4) != 0x06064b50) return;
+    entries = z.le(rec + 32, 8);
+    cd = z.le(rec + 48, 8);
+  }
+  for (uint64_t e = 0, at = cd; e < entries; ++e) {
+    MOEV_CHECK(z.has(at, 46) && z.le(at, 4) == 0x02014b50, "checkpoint ", path,
+               ": its zip directory is damaged (entry ", e, " of ", entries, "); the file is corrupt");
+    const uint64_t method = z.le(at + 10, 2), crc = z.le(at + 16, 4), name_len = z.le(at + 28, 2),
+                   extra_len = z.le(at + 30, 2), comment_len = z.le(at + 32, 2);
+    uint64_t size = z.le(at + 20, 4), local = z.le(at + 42, 4);
+    MOEV_CHECK(z.has(at + 46, name_len + extra_len), "checkpoint ", path, ": its zip directory is cut short");
+    const std::string name(bytes.data() + at + 46, name_len);
+    // Zip64 sizes and offset, in the order of the fields that hold 0xFFFFFFFF.
+    for (uint64_t x = at + 46 + name_len, end = x + extra_len; x + 4 <= end;) {
+      const uint64_t id = z.le(x, 2), len = z.le(x + 2, 2);
+      if (id == 0x0001) {
+        uint64_t f = x + 4;
+        if (z.le(at + 24, 4) == 0xFFFFFFFF) f += 8;  // uncompressed size first
+        if (z.le(at + 20, 4) == 0xFFFFFFFF) size = z.le(f, 8), f += 8;
+        if (z.le(at + 42, 4) == 0xFFFFFFFF) local = z.le(f, 8);
+      }
+      x += 4 + len;
+    }
+    MOEV_CHECK(z.has(local, 30) && z.le(local, 4) == 0x04034b50, "checkpoint ", path, ": member '", name,
+               "' points outside the file; the file is corrupt or cut short");
+    const uint64_t data = local + 30 + z.le(local + 26, 2) + z.le(local + 28, 2);
+    MOEV_CHECK(z.has(data, size), "checkpoint ", path, ": member '", name,
+               "' runs past the end of the file; the file is cut short (an interrupted copy?)");
+    if (method == 0) {
+      uLong got = crc32(0L, Z_NULL, 0);
+      for (uint64_t done = 0; done < size;) {
+        const auto chunk = static_cast<uInt>(std::min<uint64_t>(size - done, 1u << 30));
+        got = crc32(got, reinterpret_cast<const Bytef*>(bytes.data() + data + done), chunk);
+        done += chunk;
+      }
+      MOEV_CHECK((got & 0xffffffffUL) == crc, "checkpoint ", path, ": member '", name,
+                 "' fails its CRC-32 check; the file is damaged (a disk error or a bad copy)");
+    }
+    at += 46 + name_len + extra_len + comment_len;
+  }
+}
+
 }  // namespace
 
 void save_checkpoint(const std::string& path, const Checkpoint& ckpt) {
@@ -70,6 +143,7 @@ Checkpoint load_checkpoint(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   MOEV_CHECK(in.good(), "checkpoint ", path, ": cannot open (no such file?)");
   std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  verify_zip_crcs(bytes, path);
   c10::IValue v;
   try {
     v = torch::pickle_load(bytes);
