@@ -29,6 +29,11 @@ Runner add_data(CLI::App& app) {
   mosaic->add_option("--seed", f->seed, "seed of the image draws")->capture_default_str();
   return [f, mosaic]() {
     if (!mosaic->parsed()) return 1;
+    // Checked before any file is written; 10^7 mosaics is ~20 GB of PNGs, past any use of this task.
+    constexpr int64_t kMaxMosaics = 10000000;
+    MOEV_CHECK(f->train >= 1 && f->train <= kMaxMosaics, "--train ", f->train, ": expected 1..", kMaxMosaics, " mosaics");
+    MOEV_CHECK(f->test >= 1 && f->test <= kMaxMosaics, "--test ", f->test, ": expected 1..", kMaxMosaics, " mosaics");
+    MOEV_CHECK(!f->out.empty(), "--out is empty: expected a directory for the mosaics");
     const auto train = data::write_mosaics(data::load_fashion_mnist(f->source, true), f->train, f->seed, f->out, "train");
     const auto test = data::write_mosaics(data::load_fashion_mnist(f->source, false), f->test, f->seed, f->out, "test");
     std::printf("wrote %lld + %lld mosaics (56x56 PNG): %s, %s\n", (long long)f->train, (long long)f->test,

@@ -70,6 +70,8 @@ TEST(Cli, BadInputsFailCleanly) {
   expect_clean_failure("train --config " + dir.file("bad.toml"), {"bad.toml", "moe.experts"});
   expect_clean_failure("train " + kTiny + "--set moe.k=5", {"moe.k = 5", "moe.num_experts = 4"});
   expect_clean_failure("train " + kTiny + "--set moe.capacity=-1", {"moe.capacity"});
+  expect_clean_failure("train " + kTiny + "--set data.crop_padding=-2 --out " + dir.file("r"), {"data.crop_padding = -2"});
+  expect_clean_failure("train " + kTiny + "--set data.random_erase=2 --out " + dir.file("r"), {"data.random_erase = 2"});
   expect_clean_failure("train " + kTiny + "--device cuda", {"--device cuda"});
   expect_clean_failure("train " + kTiny + "--set train.threads=100000 --out " + dir.file("r"),
                        {"threads = 100000", "expected 0..1024"});
@@ -398,6 +400,10 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
 // and predict on the assembled model, and the bad inputs.
 TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
   moev::test::TempDir dir;
+  expect_clean_failure("data mosaic --out " + dir.file("m0") + " --train 0", {"--train 0", "expected 1.."});
+  expect_clean_failure("data mosaic --out " + dir.file("m0") + " --test 99999999999", {"--test 99999999999"});
+  expect_clean_failure("data mosaic --out ''", {"--out is empty"});
+  EXPECT_FALSE(std::filesystem::exists(dir.file("m0")));
   auto r = run("data mosaic --out " + dir.file("mosaic") + " --train 100 --test 30 --seed 3");
   ASSERT_EQ(r.code, 0) << r.out;
   const std::string cfg = dir.file("hm.toml");

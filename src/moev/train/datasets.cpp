@@ -121,6 +121,10 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
 
 data::LoaderOptions training_loader_options(const DataConfig& data, const Datasets& ds, int64_t batch_size,
                                             uint64_t seed) {
+  // Checked here too, so the message names the config keys (the loader's own check cannot).
+  MOEV_CHECK(data.crop_padding >= 0, "data.crop_padding = ", data.crop_padding, ": expected >= 0 pixels");
+  MOEV_CHECK(data.random_erase >= 0 && data.random_erase <= 1, "data.random_erase = ", data.random_erase,
+             ": expected a probability in [0, 1]");
   data::LoaderOptions lo;
   lo.batch_size = batch_size;
   lo.seed = seed;
