@@ -128,6 +128,13 @@ TEST(ImageFolder, NonImageFileIsAnErrorNamingIt) {
   write_bytes(root.file("c/notes.txt"), {'h', 'i'});
   expect_error([&] { read_image_folder(root.path().string(), 4, 4, 1); },
                {root.file("c/notes.txt"), "not a PNG/JPEG image"});
+  // A link to a moved file and a nested folder: said as what they are.
+  fs::remove(root.file("c/notes.txt"));
+  fs::create_symlink(root.file("gone.png"), root.file("c/link.png"));
+  expect_error([&] { read_image_folder(root.path().string(), 4, 4, 1); }, {root.file("c/link.png"), "broken link"});
+  fs::remove(root.file("c/link.png"));
+  fs::create_directories(root.file("c/more.png"));
+  expect_error([&] { read_image_folder(root.path().string(), 4, 4, 1); }, {root.file("c/more.png"), "is a directory"});
 }
 
 TEST(ImageFolder, UndecodableImageIsAnErrorNamingIt) {

@@ -103,6 +103,10 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
     const size_t before = files.size();
     for (const fs::path& file : sorted_entries(class_dir)) {
       if (is_hidden(file)) continue;
+      MOEV_CHECK(fs::exists(file), file.string(), " in image folder ", root,
+                 " is a broken link: its target does not exist");
+      MOEV_CHECK(!fs::is_directory(file), file.string(), " in image folder ", root,
+                 " is a directory; expected image files directly in each class folder");
       MOEV_CHECK(fs::is_regular_file(file) && has_image_extension(file), "file ", file.string(),
                  " in image folder ", root, " is not a PNG/JPEG image (.png, .jpg, .jpeg)");
       files.push_back(file.string());
