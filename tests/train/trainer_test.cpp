@@ -37,6 +37,14 @@ io::RunConfig tiny_run(const std::string& out) {
   return c;
 }
 
+// A run of one step into dir/a: a small real checkpoint to load, damage or start from.
+io::RunConfig one_step_run(const test::TempDir& dir) {
+  auto a = tiny_run(dir.file("a"));
+  a.train.max_steps = 1;
+  train::train_model(a, {});
+  return a;
+}
+
 std::vector<double> logged_losses(const std::string& out) {
   std::ifstream in(std::filesystem::path(out) / "log.jsonl");
   std::vector<double> v;
@@ -159,9 +167,7 @@ TEST(Trainer, ResumeEqualsUninterruptedRunWithTwoReplicas) { expect_resume_equal
 
 TEST(Trainer, CheckpointOfAnotherArchitectureIsRefusedNamingTheTensor) {
   test::TempDir dir;
-  auto a = tiny_run(dir.file("a"));
-  a.train.max_steps = 1;
-  train::train_model(a, {});
+  const auto a = one_step_run(dir);
   auto b = tiny_run(dir.file("b"));
   b.model.router.num_experts = 8;
   b.train.init_from = train::checkpoint_path(a.train.out_dir);
@@ -177,9 +183,7 @@ TEST(Trainer, CheckpointOfAnotherArchitectureIsRefusedNamingTheTensor) {
 // evaluate, fuse and teach at chance level with exit 0.
 TEST(Trainer, CheckpointWithNonFiniteWeightsOrADirectoryIsRefused) {
   test::TempDir dir;
-  auto a = tiny_run(dir.file("a"));
-  a.train.max_steps = 1;
-  train::train_model(a, {});
+  const auto a = one_step_run(dir);
   const auto path = train::checkpoint_path(a.train.out_dir);
   auto ckpt = train::load_checkpoint(path);
   const std::string name = "blocks.1.moe.experts.b1";
@@ -199,9 +203,7 @@ TEST(Trainer, CheckpointWithNonFiniteWeightsOrADirectoryIsRefused) {
 // loaded as a wrong weight at exit 0 (eval reported a loss of 2.4e9).
 TEST(Trainer, ADamagedCheckpointFailsItsCrcCheck) {
   test::TempDir dir;
-  auto a = tiny_run(dir.file("a"));
-  a.train.max_steps = 1;
-  train::train_model(a, {});
+  const auto a = one_step_run(dir);
   const auto path = train::checkpoint_path(a.train.out_dir);
   std::ifstream in(path, std::ios::binary);
   std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -236,9 +238,7 @@ TEST(Trainer, ResumeWithoutCheckpointIsAClearError) {
 // diverged later with a message blaming train.lr.
 TEST(Trainer, ASecondRunIntoARunsDirectoryAndBadOptimiserSettingsAreRefused) {
   test::TempDir dir;
-  auto a = tiny_run(dir.file("a"));
-  a.train.max_steps = 1;
-  train::train_model(a, {});
+  const auto a = one_step_run(dir);
   const auto log_before = logged_losses(a.train.out_dir);
   ASSERT_FALSE(log_before.empty());
   test::expect_error([&] { train::train_model(a, {}); },
