@@ -20,8 +20,8 @@ TrainedModel load_trained(const std::string& path, const c10::Device& device,
   if (!precision.empty()) t.cfg.model.precision = precision;
   try {
     t.model = models::build_model(t.cfg.model);
-  } catch (const Error& e) {  // a config edited inside the file: say which file
-    fail(path, ": the run's config: ", e.what());
+  } catch (const Error& e) {  // a config edited inside the file, or a --precision it cannot take: say which file
+    fail(path, ": ", e.what());
   }
   load_module_tensors(*t.model, raw_weights ? ckpt.model : inference_weights(ckpt), path);
   t.averaged = !raw_weights && !ckpt.ema.empty();
