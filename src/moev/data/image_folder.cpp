@@ -27,11 +27,22 @@ constexpr int64_t kMaxSide = 1 << 15;
 
 bool is_hidden(const fs::path& path) { return path.filename().string().rfind('.', 0) == 0; }
 
+// What stb_image decodes, so a folder takes what predict takes.
+constexpr const char* kImageExtensions[] = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".pnm", ".tga"};
+
 bool has_image_extension(const fs::path& path) {
   std::string ext = path.extension().string();
   std::transform(ext.begin(), ext.end(), ext.begin(),
                  [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
-  return ext == ".png" || ext == ".jpg" || ext == ".jpeg";
+  for (const char* e : kImageExtensions)
+    if (ext == e) return true;
+  return false;
+}
+
+std::string image_extensions() {
+  std::string out;
+  for (const char* e : kImageExtensions) out += (out.empty() ? "" : ", ") + std::string(e);
+  return out;
 }
 
 void check_geometry(int64_t height, int64_t width, int64_t channels) {
@@ -58,7 +69,7 @@ void decode_into(const std::string& path, int64_t height, int64_t width, int64_t
   std::unique_ptr<unsigned char, void (*)(void*)> pixels(
       stbi_load(path.c_str(), &w, &h, &file_channels, static_cast<int>(channels)), stbi_image_free);
   MOEV_CHECK(pixels != nullptr, "file ", path,
-             " is not a PNG/JPEG image (stb_image: ", stbi_failure_reason(), ")");
+             " is not a readable image (stb_image: ", stbi_failure_reason(), ")");
 
   const unsigned char* hwc = pixels.get();
   std::vector<unsigned char> resized;
@@ -108,7 +119,7 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
       MOEV_CHECK(!fs::is_directory(file), file.string(), " in image folder ", root,
                  " is a directory; expected image files directly in each class folder");
       MOEV_CHECK(fs::is_regular_file(file) && has_image_extension(file), "file ", file.string(),
-                 " in image folder ", root, " is not a PNG/JPEG image (.png, .jpg, .jpeg)");
+                 " in image folder ", root, " is not an image file (", image_extensions(), ")");
       files.push_back(file.string());
       labels.push_back(label);
     }

@@ -17,7 +17,7 @@ namespace moev::data {
 ImageSet read_image_folder(const std::string& root, int64_t height, int64_t width,
                            int64_t channels);
 
-// One PNG/JPEG file -> uint8 [C, H, W], resized and converted like read_image_folder.
+// One image file (PNG, JPEG, BMP, GIF, PGM/PPM, TGA) -> uint8 [C, H, W], resized and converted like read_image_folder.
 torch::Tensor decode_image_file(const std::string& path, int64_t height, int64_t width,
                                 int64_t channels);
 
