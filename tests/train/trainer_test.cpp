@@ -254,7 +254,7 @@ TEST(Trainer, ASecondRunIntoARunsDirectoryAndBadOptimiserSettingsAreRefused) {
       {[](io::RunConfig& c) { c.train.min_lr = 1.0; }, "train.min_lr = 1"},
       {[](io::RunConfig& c) { c.train.warmup_steps = -1; }, "train.warmup_steps = -1"},
       {[](io::RunConfig& c) { c.train.max_steps = -3; }, "train.max_steps = -3"},
-      {[](io::RunConfig& c) { c.train.threads = -1; }, "train.threads = -1"},
+      {[](io::RunConfig& c) { c.train.threads = -1; }, "threads = -1"},
       {[](io::RunConfig& c) { c.data.train_limit = -1; }, "data.train_limit = -1"},
       {[](io::RunConfig& c) { c.data.test_limit = -2; }, "data.test_limit = -2"},
   };

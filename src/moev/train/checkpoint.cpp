@@ -32,6 +32,17 @@ std::map<std::string, at::Tensor> from_dict(const c10::IValue& v, const std::str
   return out;
 }
 
+// CRC-32 of n bytes continued from crc; zlib takes at most 4 GiB per call.
+uLong crc32_of(uLong crc, const void* p, uint64_t n) {
+  const auto* b = static_cast<const Bytef*>(p);
+  for (uint64_t done = 0; done < n;) {
+    const auto chunk = static_cast<uInt>(std::min<uint64_t>(n - done, 1u << 30));
+    crc = crc32(crc, b + done, chunk);
+    done += chunk;
+  }
+  return crc;
+}
+
 // Little-endian fields of a zip archive, bounds-checked (a truncated file
 // reads as "not a zip" rather than past its end).
 struct ZipBytes {
@@ -92,12 +103,7 @@ void verify_zip_crcs(const std::vector<char>& bytes, const std::string& path) {
     MOEV_CHECK(z.has(data, size), "checkpoint ", path, ": member '", name,
                "' runs past the end of the file; the file is cut short (an interrupted copy?)");
     if (method == 0) {
-      uLong got = crc32(0L, Z_NULL, 0);
-      for (uint64_t done = 0; done < size;) {
-        const auto chunk = static_cast<uInt>(std::min<uint64_t>(size - done, 1u << 30));
-        got = crc32(got, reinterpret_cast<const Bytef*>(bytes.data() + data + done), chunk);
-        done += chunk;
-      }
+      const uLong got = crc32_of(crc32(0L, Z_NULL, 0), bytes.data() + data, size);
       MOEV_CHECK((got & 0xffffffffUL) == crc, "checkpoint ", path, ": member '", name,
                  "' fails its CRC-32 check; the file is damaged (a disk error or a bad copy)");
     }
@@ -174,14 +180,7 @@ Checkpoint load_checkpoint(const std::string& path) {
 
 std::string weights_fingerprint(const std::map<std::string, at::Tensor>& tensors) {
   uLong crc = crc32(0L, Z_NULL, 0);
-  auto add = [&](const void* p, size_t n) {
-    const auto* b = static_cast<const Bytef*>(p);
-    for (size_t done = 0; done < n;) {  // crc32 takes at most 4 GiB at a time
-      const auto chunk = static_cast<uInt>(std::min<size_t>(n - done, 1u << 30));
-      crc = crc32(crc, b + done, chunk);
-      done += chunk;
-    }
-  };
+  auto add = [&](const void* p, size_t n) { crc = crc32_of(crc, p, n); };
   for (const auto& [name, t] : tensors) {
     add(name.data(), name.size() + 1);
     for (auto d : t.sizes()) add(&d, sizeof d);

@@ -170,7 +170,6 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
              ", train.beta2 = ", tc.beta2, ": AdamW's averaging factors, expected in [0, 1)");
   MOEV_CHECK(tc.warmup_steps >= 0, "train.warmup_steps = ", tc.warmup_steps, ": expected >= 0");
   MOEV_CHECK(tc.max_steps >= 0, "train.max_steps = ", tc.max_steps, ": expected >= 0 (0: the epochs decide)");
-  MOEV_CHECK(tc.threads >= 0, "train.threads = ", tc.threads, ": expected >= 0 (0: all cores)");
   MOEV_CHECK(tc.mixup_alpha >= 0 && tc.cutmix_alpha >= 0, "train.mixup_alpha / train.cutmix_alpha: expected >= 0");
   MOEV_CHECK(tc.mix_off_epochs >= 0 && tc.mix_off_epochs <= tc.epochs, "train.mix_off_epochs = ",
              tc.mix_off_epochs, ": expected 0..train.epochs = ", tc.epochs);
