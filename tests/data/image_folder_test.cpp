@@ -7,6 +7,8 @@
 #include <torch/torch.h>
 
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 
 #include "support/expect_error.h"
 #include "support/temp_dir.h"
@@ -159,6 +161,32 @@ TEST(ImageFolder, UndecodableImageIsAnErrorNamingIt) {
                {root.file("c/b.png"), "not a readable image"});
   expect_error([&] { decode_image_file(root.file("c/b.png"), 4, 4, 1); },
                {root.file("c/b.png"), "not a readable image"});
+}
+
+// stb_image skips PNG chunk CRCs; a flipped pixel byte must not decode at exit 0.
+TEST(ImageFolder, DamagedOrCutPngIsAnErrorNamingIt) {
+  TempDir root;
+  fs::create_directories(root.path() / "c");
+  write_png(root.file("c/a.png"), pattern(8, 8, 3, 1), 8, 8, 3);
+  std::ifstream in(root.file("c/a.png"), std::ios::binary);
+  std::vector<unsigned char> png((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ASSERT_EQ(decode_image_file(root.file("c/a.png"), 8, 8, 3).numel(), 192);
+
+  const std::string bytes(png.begin(), png.end());
+  const size_t idat = bytes.find("IDAT");
+  ASSERT_NE(idat, std::string::npos);
+  auto flipped = png;
+  flipped[idat + 6] ^= 0x10;
+  write_bytes(root.file("c/a.png"), flipped);
+  expect_error([&] { decode_image_file(root.file("c/a.png"), 8, 8, 3); },
+               {root.file("c/a.png"), "'IDAT'", "CRC-32", "damaged"});
+  expect_error([&] { read_image_folder(root.path().string(), 8, 8, 3); }, {root.file("c/a.png"), "CRC-32"});
+
+  write_bytes(root.file("c/a.png"), std::vector<unsigned char>(png.begin(), png.end() - 12));  // IEND gone
+  expect_error([&] { decode_image_file(root.file("c/a.png"), 8, 8, 3); }, {root.file("c/a.png"), "without an IEND"});
+  write_bytes(root.file("c/a.png"), std::vector<unsigned char>(png.begin(), png.begin() + idat + 10));
+  expect_error([&] { decode_image_file(root.file("c/a.png"), 8, 8, 3); },
+               {root.file("c/a.png"), "'IDAT'", "past the end"});
 }
 
 TEST(ImageFolder, BadArgumentsAndEmptyFolders) {

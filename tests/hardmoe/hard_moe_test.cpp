@@ -240,6 +240,10 @@ TEST(HardMoE, ATrunkWithOtherWeightsAtTheSameStepIsRefused) {
   ASSERT_EQ(summary.at("trunk_weights").get<std::string>().size(), 8u);
   summary["trunk"] = copy;
   std::ofstream(fs::path(dir3) / "partition.json") << summary.dump();
+  std::ifstream model_in(fs::path(dir3) / "hardmoe.json");
+  auto model = nlohmann::json::parse(model_in);
+  model["trunk"] = copy;
+  std::ofstream(fs::path(dir3) / "hardmoe.json") << model.dump();
   EXPECT_EQ(hardmoe::checked_trunk(hardmoe::read_partition(dir3), dir3), copy);  // the same weights
   ASSERT_TRUE(ckpt.ema.empty());  // inference_weights are ckpt.model
   for (auto& [name, w] : ckpt.model)
@@ -253,6 +257,36 @@ TEST(HardMoE, ATrunkWithOtherWeightsAtTheSameStepIsRefused) {
   test::expect_error([&] { hardmoe::load_hard_moe((fs::path(dir3) / "hardmoe.json").string(), c10::Device(c10::kCPU)); },
                      {"holds other weights"});
   EXPECT_NE(train::weights_fingerprint(ckpt.model), summary.at("trunk_weights").get<std::string>());
+}
+
+// hardmoe.json repeats partition.json's trunk and expert count; an edited copy
+// used to be ignored, the model assembled from partition.json's instead.
+TEST(HardMoE, AHardMoEFileDisagreeingWithItsPartitionIsRefused) {
+  auto& t = toy();
+  const std::string dir4 = t.dir.file("edited");
+  fs::create_directories(dir4);
+  for (const char* f : {"centroids.pt", "partition.csv", "partition.json", "hardmoe.json"})
+    fs::copy_file(fs::path(t.hm.dir) / f, fs::path(dir4) / f);
+  std::ifstream in(fs::path(dir4) / "hardmoe.json");
+  const auto model = nlohmann::json::parse(in);
+  const std::string file = (fs::path(dir4) / "hardmoe.json").string();
+  auto write = [&](const char* key, const nlohmann::json& value) {
+    auto m = model;
+    m[key] = value;
+    std::ofstream(file) << m.dump();
+  };
+  const std::string other = t.dir.file("another_trunk.pt");
+  fs::copy_file(t.hm.trunk, other, fs::copy_options::overwrite_existing);
+  write("trunk", other);
+  test::expect_error([&] { hardmoe::load_hard_moe(file, c10::Device(c10::kCPU)); },
+                     {file, "another_trunk.pt", "is not", "partition.json"});
+  write("experts", 2);
+  test::expect_error([&] { hardmoe::load_hard_moe(file, c10::Device(c10::kCPU)); },
+                     {file, "experts = 2", "clustered into 3"});
+  write("experts", "3");
+  test::expect_error([&] { hardmoe::load_hard_moe(file, c10::Device(c10::kCPU)); }, {file, "experts as an integer"});
+  write("trunk", t.hm.trunk);  // the same trunk, named absolutely: accepted up to the missing experts
+  test::expect_error([&] { hardmoe::load_hard_moe(file, c10::Device(c10::kCPU)); }, {"expert 0 has not finished"});
 }
 
 // centroids.pt is a plain tensor to Python's torch.load, equal to what moev reads.

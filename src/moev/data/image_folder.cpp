@@ -8,9 +8,14 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <climits>
 #include <atomic>
 #include <cctype>
+#include <zlib.h>
+
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -62,12 +67,47 @@ std::vector<fs::path> sorted_entries(const fs::path& dir) {
   return entries;
 }
 
+uint32_t big_endian32(const unsigned char* p) {
+  return uint32_t{p[0]} << 24 | uint32_t{p[1]} << 16 | uint32_t{p[2]} << 8 | uint32_t{p[3]};
+}
+
+// stb_image skips the CRC-32 every PNG chunk carries, so a flipped byte in the
+// pixel data would decode to a wrong image at exit 0; check them first.
+void check_png_crcs(const std::string& path, const std::vector<unsigned char>& bytes) {
+  static constexpr unsigned char kSignature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  if (bytes.size() < 8 || std::memcmp(bytes.data(), kSignature, 8) != 0) return;
+  for (size_t at = 8; at < bytes.size();) {
+    MOEV_CHECK(bytes.size() - at >= 12, "file ", path, ": PNG cut short at byte ", at,
+               " (a chunk needs at least 12 bytes)");
+    const uint32_t length = big_endian32(&bytes[at]);
+    const std::string type(reinterpret_cast<const char*>(&bytes[at + 4]), 4);
+    MOEV_CHECK(length <= bytes.size() - at - 12, "file ", path, ": PNG chunk '", type, "' at byte ", at,
+               " claims ", length, " bytes, past the end of the file (cut short?)");
+    const uLong crc = crc32(crc32(0L, Z_NULL, 0), &bytes[at + 4], static_cast<uInt>(length) + 4);
+    MOEV_CHECK(crc == big_endian32(&bytes[at + 8 + length]), "file ", path, ": PNG chunk '", type,
+               "' at byte ", at, " fails its CRC-32: the file is damaged");
+    if (type == "IEND") return;
+    at += 12 + size_t{length};
+  }
+  fail("file ", path, ": PNG ends without an IEND chunk (cut short?)");
+}
+
 // Decodes path into dst, uint8 [C, H, W] contiguous.
 void decode_into(const std::string& path, int64_t height, int64_t width, int64_t channels,
                  uint8_t* dst) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  MOEV_CHECK(in, "cannot open image file ", path);
+  const auto size = static_cast<int64_t>(in.tellg());
+  MOEV_CHECK(size >= 0 && size <= INT_MAX, "file ", path, ": ", size, " bytes, outside stb_image's 0..2 GiB");
+  std::vector<unsigned char> bytes(static_cast<size_t>(size));
+  in.seekg(0);
+  MOEV_CHECK(in.read(reinterpret_cast<char*>(bytes.data()), size), "cannot read image file ", path);
+  check_png_crcs(path, bytes);
   int w = 0, h = 0, file_channels = 0;
   std::unique_ptr<unsigned char, void (*)(void*)> pixels(
-      stbi_load(path.c_str(), &w, &h, &file_channels, static_cast<int>(channels)), stbi_image_free);
+      stbi_load_from_memory(bytes.data(), static_cast<int>(bytes.size()), &w, &h, &file_channels,
+                            static_cast<int>(channels)),
+      stbi_image_free);
   MOEV_CHECK(pixels != nullptr, "file ", path,
              " is not a readable image (stb_image: ", stbi_failure_reason(), ")");
 

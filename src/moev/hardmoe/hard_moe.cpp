@@ -72,12 +72,23 @@ train::TrainedModel load_hard_moe(const std::string& path, const c10::Device& de
   auto j = json::parse(in, nullptr, false);
   MOEV_CHECK(j.is_object() && j.contains("trunk") && j.contains("experts") && j.contains("centroids"), path,
              ": not a hard MoE file (expected trunk, experts and centroids)");
+  MOEV_CHECK(j["trunk"].is_string() && j["experts"].is_number_integer() && j["centroids"].is_string(), path,
+             ": expected trunk and centroids as strings, experts as an integer");
   const std::string dir = fs::path(path).parent_path().string();
-  // The trunk as the partition knows it: relative to the directory, at the step it was clustered at.
-  const std::string trunk = checked_trunk(read_partition(dir), dir);
-  auto t = train::load_trained(trunk, device, precision);
+  const auto partition = read_partition(dir);
+  // hardmoe.json repeats what partition.json records, which is what the experts
+  // were trained against; an edited copy must not silently lose to it.
+  fs::path named = j["trunk"].get<std::string>();
+  if (named.is_relative()) named = (fs::path(dir) / named).lexically_normal();
+  MOEV_CHECK(fs::exists(named) && fs::exists(partition.trunk) && fs::equivalent(named, partition.trunk), path,
+             ": trunk = ", j["trunk"], " is not ", partition.trunk, ", the trunk ", dir,
+             " was clustered from (partition.json)");
   const int64_t k = j["experts"].get<int64_t>();
-  MOEV_CHECK(k >= 1, path, ": experts = ", k, ": expected >= 1");
+  MOEV_CHECK(k == partition.experts, path, ": experts = ", k, ", but ", dir, " was clustered into ",
+             partition.experts, " (partition.json)");
+  // The trunk as the partition knows it: relative to the directory, at the step it was clustered at.
+  const std::string trunk = checked_trunk(partition, dir);
+  auto t = train::load_trained(trunk, device, precision);
   const auto centroids = load_centroids((fs::path(dir) / j["centroids"].get<std::string>()).string());
   std::vector<models::ClassifierPtr> experts;
   for (int64_t e = 0; e < k; ++e) {
