@@ -2,14 +2,18 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
 
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/serialization/import_read.h>
 #include <torch/torch.h>
 
 #include "moev/core/error.h"
@@ -43,31 +47,48 @@ uLong crc32_of(uLong crc, const void* p, uint64_t n) {
   return crc;
 }
 
-// Little-endian fields of a zip archive, bounds-checked (a truncated file
-// reads as "not a zip" rather than past its end).
-struct ZipBytes {
-  const std::vector<char>& b;
-  bool has(uint64_t at, uint64_t n) const { return at <= b.size() && n <= b.size() - at; }
+// Little-endian fields of a zip archive read from the file as needed, so a
+// checkpoint is never held in memory whole; reads are bounds-checked (a
+// truncated file reads as "not a zip" rather than past its end).
+class ZipFile {
+ public:
+  ZipFile(int fd, uint64_t size) : fd_(fd), size_(size) {}
+  uint64_t size() const { return size_; }
+  bool has(uint64_t at, uint64_t n) const { return at <= size_ && n <= size_ - at; }
+  void read(uint64_t at, uint64_t n, char* out) const {
+    for (uint64_t done = 0; done < n;) {
+      const ssize_t got = ::pread(fd_, out + done, n - done, static_cast<off_t>(at + done));
+      MOEV_CHECK(got > 0, "read failed at byte ", at + done);
+      done += static_cast<uint64_t>(got);
+    }
+  }
   uint64_t le(uint64_t at, int n) const {
+    unsigned char b[8];
+    read(at, static_cast<uint64_t>(n), reinterpret_cast<char*>(b));
     uint64_t v = 0;
-    for (int i = n - 1; i >= 0; --i) v = (v << 8) | static_cast<unsigned char>(b[at + i]);
+    for (int i = n - 1; i >= 0; --i) v = (v << 8) | b[i];
     return v;
   }
+
+ private:
+  int fd_;
+  uint64_t size_;
 };
 
-// torch::pickle_load does not check the archive's CRC-32s, so a flipped byte
-// in a tensor loads as a wrong weight. Each stored (uncompressed, as torch
-// writes them) member is checked against its central-directory CRC; a file
-// that is not a readable zip is left for pickle_load to refuse.
-void verify_zip_crcs(const std::vector<char>& bytes, const std::string& path) {
-  const ZipBytes z{bytes};
-  if (bytes.size() < 22) return;
+// torch's zip reader is built without its CRC-32 checks, so a flipped byte in
+// a tensor loads as a wrong weight. Each stored (uncompressed, as torch writes
+// them) member is checked against its central-directory CRC, streamed through
+// one buffer; a file that is not a readable zip is left for torch to refuse.
+void verify_zip_crcs(const ZipFile& z, const std::string& path) {
+  if (z.size() < 22) return;
   // End of central directory: the last record with its signature (after it, at most a comment).
+  const uint64_t lowest = z.size() > 22 + 65535 ? z.size() - 22 - 65535 : 0;
+  std::vector<char> tail(z.size() - lowest);
+  z.read(lowest, tail.size(), tail.data());
   int64_t eocd = -1;
-  const uint64_t lowest = bytes.size() > 22 + 65535 ? bytes.size() - 22 - 65535 : 0;
-  for (uint64_t at = bytes.size() - 22 + 1; at-- > lowest;)
-    if (z.le(at, 4) == 0x06054b50) {
-      eocd = static_cast<int64_t>(at);
+  for (uint64_t at = tail.size() - 22 + 1; at-- > 0;)
+    if (std::memcmp(tail.data() + at, "PK\x05\x06", 4) == 0) {
+      eocd = static_cast<int64_t>(lowest + at);
       break;
     }
   if (eocd < 0) return;
@@ -78,6 +99,7 @@ void verify_zip_crcs(const std::vector<char>& bytes, const std::string& path) {
     entries = z.le(rec + 32, 8);
     cd = z.le(rec + 48, 8);
   }
+  std::vector<char> buffer;
   for (uint64_t e = 0, at = cd; e < entries; ++e) {
     MOEV_CHECK(z.has(at, 46) && z.le(at, 4) == 0x02014b50, "checkpoint ", path,
                ": its zip directory is damaged (entry ", e, " of ", entries, "); the file is corrupt");
@@ -85,7 +107,8 @@ void verify_zip_crcs(const std::vector<char>& bytes, const std::string& path) {
                    extra_len = z.le(at + 30, 2), comment_len = z.le(at + 32, 2);
     uint64_t size = z.le(at + 20, 4), local = z.le(at + 42, 4);
     MOEV_CHECK(z.has(at + 46, name_len + extra_len), "checkpoint ", path, ": its zip directory is cut short");
-    const std::string name(bytes.data() + at + 46, name_len);
+    std::string name(name_len, '\0');
+    z.read(at + 46, name_len, name.data());
     // Zip64 sizes and offset, in the order of the fields that hold 0xFFFFFFFF.
     for (uint64_t x = at + 46 + name_len, end = x + extra_len; x + 4 <= end;) {
       const uint64_t id = z.le(x, 2), len = z.le(x + 2, 2);
@@ -103,7 +126,14 @@ void verify_zip_crcs(const std::vector<char>& bytes, const std::string& path) {
     MOEV_CHECK(z.has(data, size), "checkpoint ", path, ": member '", name,
                "' runs past the end of the file; the file is cut short (an interrupted copy?)");
     if (method == 0) {
-      const uLong got = crc32_of(crc32(0L, Z_NULL, 0), bytes.data() + data, size);
+      buffer.resize(std::min<uint64_t>(size, 4u << 20));
+      uLong got = crc32(0L, Z_NULL, 0);
+      for (uint64_t done = 0; done < size;) {
+        const uint64_t n = std::min<uint64_t>(size - done, buffer.size());
+        z.read(data + done, n, buffer.data());
+        got = crc32(got, reinterpret_cast<const Bytef*>(buffer.data()), static_cast<uInt>(n));
+        done += n;
+      }
       MOEV_CHECK((got & 0xffffffffUL) == crc, "checkpoint ", path, ": member '", name,
                  "' fails its CRC-32 check; the file is damaged (a disk error or a bad copy)");
     }
@@ -146,13 +176,22 @@ Checkpoint load_checkpoint(const std::string& path) {
   MOEV_CHECK(!path.empty(), "checkpoint path is empty: expected a checkpoint file");
   MOEV_CHECK(!std::filesystem::is_directory(path), "checkpoint ", path, ": is a directory; expected a checkpoint ",
              "file (", path, "/checkpoint.pt?)");
-  std::ifstream in(path, std::ios::binary);
-  MOEV_CHECK(in.good(), "checkpoint ", path, ": cannot open (no such file?)");
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  verify_zip_crcs(bytes, path);
+  {
+    const struct Fd {
+      int fd;
+      ~Fd() { if (fd >= 0) ::close(fd); }
+    } file{::open(path.c_str(), O_RDONLY)};
+    MOEV_CHECK(file.fd >= 0, "checkpoint ", path, ": cannot open (no such file?)");
+    struct stat st {};
+    MOEV_CHECK(::fstat(file.fd, &st) == 0, "checkpoint ", path, ": cannot stat");
+    verify_zip_crcs(ZipFile(file.fd, static_cast<uint64_t>(st.st_size)), path);
+  }
   c10::IValue v;
   try {
-    v = torch::pickle_load(bytes);
+    // Straight from the file into each tensor's storage: pickle_load would
+    // first copy the whole file into memory, twice.
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    v = torch::jit::readArchiveAndTensors("data", "", "", c10::nullopt, c10::nullopt, c10::nullopt, reader);
   } catch (const std::exception&) {
     fail("checkpoint ", path, ": not a moev checkpoint (unreadable torch pickle)");
   }
