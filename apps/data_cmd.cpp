@@ -2,6 +2,9 @@
 // Fashion-MNIST images tagged with the set of their classes, written as PNG
 // files and train.csv / test.csv manifests (deterministic per seed).
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <system_error>
 
 #include "commands.h"
 #include "moev/data/idx_reader.h"
@@ -13,7 +16,7 @@ namespace {
 struct MosaicFlags {
   std::string out = "data/mosaic", source = "/usr/share/datasets/fashion-mnist";
   int64_t train = 20000, test = 4000;
-  uint64_t seed = 0;
+  int64_t seed = 0;
 };
 }  // namespace
 
@@ -34,10 +37,33 @@ Runner add_data(CLI::App& app) {
     MOEV_CHECK(f->train >= 1 && f->train <= kMaxMosaics, "--train ", f->train, ": expected 1..", kMaxMosaics, " mosaics");
     MOEV_CHECK(f->test >= 1 && f->test <= kMaxMosaics, "--test ", f->test, ": expected 1..", kMaxMosaics, " mosaics");
     MOEV_CHECK(!f->out.empty(), "--out is empty: expected a directory for the mosaics");
-    const auto train = data::write_mosaics(data::load_fashion_mnist(f->source, true), f->train, f->seed, f->out, "train");
-    const auto test = data::write_mosaics(data::load_fashion_mnist(f->source, false), f->test, f->seed, f->out, "test");
+    MOEV_CHECK(f->seed >= 0, "--seed ", f->seed, ": expected >= 0");
+    namespace fs = std::filesystem;
+    // A data set is never rewritten in place: an interrupted run would leave a
+    // manifest whose tags describe the images of another seed. The mosaics go
+    // to a staging directory that is renamed into place once both manifests exist.
+    const fs::path out = fs::path(f->out).lexically_normal();
+    std::error_code ec;
+    MOEV_CHECK(!fs::exists(out) || fs::is_directory(out), "--out ", f->out, " is a file; expected a directory");
+    MOEV_CHECK(!fs::exists(out) || fs::is_empty(out, ec), "--out ", f->out,
+               " is not empty (a data set made before?); choose a new directory or delete it first");
+    const fs::path stage = out.string() + ".moev-partial";
+    const fs::path marker = stage / ".moev-partial";
+    MOEV_CHECK(!fs::exists(stage) || fs::exists(marker), stage.string(),
+               " exists but was not made by moev data mosaic; move it away");
+    fs::remove_all(stage);  // an interrupted run's, by the marker
+    fs::create_directories(stage, ec);
+    MOEV_CHECK(!ec, "--out ", f->out, ": cannot create ", stage.string(), " (", ec.message(), ")");
+    std::ofstream(marker) << "moev data mosaic staging directory; renamed to " << out.string() << " when complete\n";
+    data::write_mosaics(data::load_fashion_mnist(f->source, true), f->train, static_cast<uint64_t>(f->seed),
+                        stage.string(), "train");
+    data::write_mosaics(data::load_fashion_mnist(f->source, false), f->test, static_cast<uint64_t>(f->seed),
+                        stage.string(), "test");
+    fs::remove(marker);
+    fs::rename(stage, out, ec);
+    MOEV_CHECK(!ec, "cannot rename ", stage.string(), " to ", out.string(), " (", ec.message(), ")");
     std::printf("wrote %lld + %lld mosaics (56x56 PNG): %s, %s\n", (long long)f->train, (long long)f->test,
-                train.c_str(), test.c_str());
+                (out / "train.csv").string().c_str(), (out / "test.csv").string().c_str());
     return 0;
   };
 }

@@ -23,6 +23,7 @@
 namespace {
 
 using Result = moev::test::CliResult;
+using moev::test::bytes_of;
 
 Result run(const std::string& args) { return moev::test::run_cli(args); }
 
@@ -404,8 +405,22 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
   expect_clean_failure("data mosaic --out " + dir.file("m0") + " --test 99999999999", {"--test 99999999999"});
   expect_clean_failure("data mosaic --out ''", {"--out is empty"});
   EXPECT_FALSE(std::filesystem::exists(dir.file("m0")));
+  expect_clean_failure("data mosaic --out " + dir.file("m0") + " --seed -1", {"--seed -1", ">= 0"});
+  // An interrupted run's staging directory is cleared; one moev did not make is left alone.
+  std::filesystem::create_directories(dir.file("mosaic.moev-partial"));
+  expect_clean_failure("data mosaic --out " + dir.file("mosaic"), {"mosaic.moev-partial", "not made by moev"});
+  std::ofstream(dir.file("mosaic.moev-partial/.moev-partial")) << "x";
+  std::ofstream(dir.file("mosaic.moev-partial/train.csv")) << "path,tags\n";
   auto r = run("data mosaic --out " + dir.file("mosaic") + " --train 100 --test 30 --seed 3");
   ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_FALSE(std::filesystem::exists(dir.file("mosaic.moev-partial")));
+  EXPECT_FALSE(std::filesystem::exists(dir.file("mosaic/.moev-partial")));
+  // A data set is never rewritten in place (an interrupted rewrite left old tags on new images).
+  const std::string manifest = bytes_of(dir.file("mosaic/train.csv"));
+  expect_clean_failure("data mosaic --out " + dir.file("mosaic") + " --train 100 --test 30 --seed 4",
+                       {"--out", "not empty", "new directory"});
+  EXPECT_EQ(bytes_of(dir.file("mosaic/train.csv")), manifest);
+  expect_clean_failure("data mosaic --out " + dir.file("mosaic/train.csv"), {"is a file"});
   const std::string cfg = dir.file("hm.toml");
   std::ofstream(cfg) << "[model]\nfamily = \"convnext\"\nimage_size = 56\nchannels = 1\nnum_classes = 10\n"
                         "patch = 4\ndims = [8, 16, 16]\ndepths = [1, 1, 1]\n"

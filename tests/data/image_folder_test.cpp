@@ -7,8 +7,6 @@
 #include <torch/torch.h>
 
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 
 #include "support/expect_error.h"
 #include "support/temp_dir.h"
@@ -168,11 +166,10 @@ TEST(ImageFolder, DamagedOrCutPngIsAnErrorNamingIt) {
   TempDir root;
   fs::create_directories(root.path() / "c");
   write_png(root.file("c/a.png"), pattern(8, 8, 3, 1), 8, 8, 3);
-  std::ifstream in(root.file("c/a.png"), std::ios::binary);
-  std::vector<unsigned char> png((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string bytes = moev::test::bytes_of(root.file("c/a.png"));
+  const std::vector<unsigned char> png(bytes.begin(), bytes.end());
   ASSERT_EQ(decode_image_file(root.file("c/a.png"), 8, 8, 3).numel(), 192);
 
-  const std::string bytes(png.begin(), png.end());
   const size_t idat = bytes.find("IDAT");
   ASSERT_NE(idat, std::string::npos);
   auto flipped = png;

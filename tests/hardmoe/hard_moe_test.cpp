@@ -33,6 +33,7 @@ namespace moev {
 namespace {
 
 namespace fs = std::filesystem;
+using test::bytes_of;
 
 // A trunk of the smallest ConvNeXt on 120 training mosaics, clustered into 3
 // experts; each test process builds it once (about two seconds on one thread).
@@ -80,13 +81,6 @@ struct Toy {
 Toy& toy() {
   static Toy t;
   return t;
-}
-
-std::string bytes_of(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
 }
 
 // Brute force: the index of the smallest squared distance, lower index on ties.
