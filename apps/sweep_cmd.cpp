@@ -1,6 +1,7 @@
 // `moev sweep`: a grid of dense and MoE models trained with one budget, resumable,
 // summarised as results.csv / results.md / results.png. The grid is the [sweep]
 // section of a config file; its other sections are the runs' common config.
+#include <cmath>
 #include <cstdio>
 #include <iostream>
 
@@ -32,26 +33,32 @@ Runner add_sweep(CLI::App& app) {
   cmd->add_option("--out", f->out, "sweep directory (one run directory per grid point)")
       ->capture_default_str();
   cmd->add_option("--set", f->sets, "override a common config key: section.key=value");
-  cmd->add_option("--epochs", f->epochs, "epochs of every run (= --set train.epochs=...)");
-  cmd->add_option("--minutes", f->minutes,
+  auto* epochs = cmd->add_option("--epochs", f->epochs, "epochs of every run (= --set train.epochs=...)");
+  auto* minutes = cmd->add_option("--minutes", f->minutes,
                   "training minutes of every run, evaluations excluded; train.epochs caps it "
                   "(= --set train.minutes=...)");
   cmd->add_flag("--dry-run", f->dry_run, "list the runs and exit");
   cmd->footer("\nRun it again with the same --out to resume an interrupted sweep.\n"
               "Example:\n  moev sweep --config configs/sweep_fmnist.toml --out runs/sweep");
-  return [f]() {
+  return [f, epochs, minutes]() {
+    // Checked before the grid is listed (--dry-run too); 0 used to mean "not given".
+    MOEV_CHECK(epochs->count() == 0 || f->epochs >= 1, "--epochs ", f->epochs, ": expected >= 1");
+    MOEV_CHECK(minutes->count() == 0 || (std::isfinite(f->minutes) && f->minutes > 0), "--minutes ", f->minutes,
+               ": expected a number of minutes > 0");
     auto j = io::read_config_file(f->config);
     MOEV_CHECK(j.is_object() && j.contains("sweep"), f->config,
                ": no [sweep] section (models, experts, placements, k)");
     const auto grid = train::parse_sweep_grid(j["sweep"], f->config);
     j.erase("sweep");
     auto sets = f->sets;
-    if (f->epochs > 0) sets.push_back("train.epochs=" + std::to_string(f->epochs));
-    if (f->minutes != 0) sets.push_back("train.minutes=" + std::to_string(f->minutes));
+    if (epochs->count()) sets.push_back("train.epochs=" + std::to_string(f->epochs));
+    // As JSON, which keeps every digit (std::to_string turned 1e-7 into 0, no budget).
+    if (minutes->count()) sets.push_back("train.minutes=" + nlohmann::json(f->minutes).dump());
     for (const auto& s : sets) j.merge_patch(io::override_json(s));
     const auto runs = train::expand_grid(grid, j, f->config);
     std::printf("%zu runs in %s\n", runs.size(), f->out.c_str());
     for (const auto& r : runs) std::printf("  %s\n", r.name.c_str());
+    for (const auto& p : train::skipped_points(grid)) std::printf("  (skipped: %s, K > E)\n", p.c_str());
     if (f->dry_run) return 0;
     train::set_threads(runs.front().cfg.train.threads);
     auto rows = train::run_sweep(runs, f->out, &std::cerr, stderr_is_terminal());

@@ -12,6 +12,7 @@
 #include "support/expect_error.h"
 #include "support/temp_dir.h"
 #include "support/tiny_vmoe.h"
+#include "moev/io/file_lock.h"
 #include "moev/train/checkpoint.h"
 #include "moev/train/trained_model.h"
 #include "moev/train/trainer.h"
@@ -243,6 +244,19 @@ TEST(Trainer, ASecondRunIntoARunsDirectoryAndBadOptimiserSettingsAreRefused) {
   ASSERT_FALSE(log_before.empty());
   test::expect_error([&] { train::train_model(a, {}); },
                      {train::checkpoint_path(a.train.out_dir), "already holds a run", "--resume"});
+  EXPECT_EQ(logged_losses(a.train.out_dir), log_before);
+  // Another process in the directory (here: its lock held), resuming or not.
+  {
+    const io::FileLock other((std::filesystem::path(a.train.out_dir) / ".train.lock").string(), "test");
+    train::TrainRunOptions resume;
+    resume.resume = true;
+    test::expect_error([&] { train::train_model(a, resume); },
+                       {a.train.out_dir, "in use by another process", ".train.lock"});
+    auto fresh = tiny_run(dir.file("fresh"));
+    std::filesystem::create_directories(fresh.train.out_dir);
+    const io::FileLock held((std::filesystem::path(fresh.train.out_dir) / ".train.lock").string(), "test");
+    test::expect_error([&] { train::train_model(fresh, {}); }, {"in use by another process"});
+  }
   EXPECT_EQ(logged_losses(a.train.out_dir), log_before);
   struct Bad {
     void (*set)(io::RunConfig&);

@@ -1,11 +1,5 @@
 #include "moev/hardmoe/expert_training.h"
 
-#include <fcntl.h>
-#include <sys/file.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -13,6 +7,7 @@
 
 #include "moev/core/error.h"
 #include "moev/hardmoe/partition.h"
+#include "moev/io/file_lock.h"
 #include "moev/io/table.h"
 #include "moev/models/model_config.h"
 #include "moev/train/checkpoint.h"
@@ -110,15 +105,8 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
   // One process per expert: a second one (a rerun while the first still runs,
   // another machine on the same file system) would interleave its checkpoints.
   fs::create_directories(cfg.train.out_dir);
-  const std::string lock_path = (fs::path(cfg.train.out_dir) / ".lock").string();
-  const int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  MOEV_CHECK(lock_fd >= 0, "expert ", expert, ": cannot open ", lock_path, ": ", std::strerror(errno));
-  struct Unlock {
-    int fd;
-    ~Unlock() { ::close(fd); }  // closing releases the lock
-  } unlock{lock_fd};
-  MOEV_CHECK(::flock(lock_fd, LOCK_EX | LOCK_NB) == 0, "expert ", expert, " is being trained by another process (",
-             lock_path, " is locked)");
+  const io::FileLock lock((fs::path(cfg.train.out_dir) / ".lock").string(),
+                          "expert " + std::to_string(expert) + " (" + cfg.train.out_dir + ")");
   if (c.share_decoder) {
     // The decoder's tensors under the expert's own names (the same when the
     // architectures match; an expert of another family names it differently).

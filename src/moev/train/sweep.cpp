@@ -4,6 +4,8 @@
 #include <fstream>
 #include <map>
 #include <sstream>
+#include <tuple>
+#include <type_traits>
 
 #include <nlohmann/json.hpp>
 
@@ -13,6 +15,7 @@
 #include "moev/models/placement.h"
 #include "moev/train/datasets.h"
 #include "moev/train/evaluate.h"
+#include "moev/train/checkpoint.h"
 #include "moev/train/trained_model.h"
 #include "moev/train/trainer.h"
 #include "moev/viz/plot.h"
@@ -31,6 +34,9 @@ std::vector<T> read_list(const json& section, const char* key, const std::string
   MOEV_CHECK(v.is_array() && !v.empty(), source, ": sweep.", key, ": expected a non-empty list");
   std::vector<T> out;
   for (const auto& x : v) {
+    // nlohmann would truncate 4.5 to 4 without a word.
+    MOEV_CHECK(!std::is_integral_v<T> || x.is_number_integer(), source, ": sweep.", key, ": ", x.dump(),
+               ": expected an integer");
     try {
       out.push_back(x.get<T>());
     } catch (const json::exception&) {
@@ -42,6 +48,14 @@ std::vector<T> read_list(const json& section, const char* key, const std::string
 
 std::string placement_spec(const std::string& p) { return p == "all" ? "every-1" : p; }
 }  // namespace
+
+std::vector<std::string> skipped_points(const SweepGrid& grid) {
+  std::vector<std::string> out;
+  for (auto E : grid.experts)
+    for (auto K : grid.ks)
+      if (E > 1 && K > E) out.push_back("E = " + std::to_string(E) + " with K = " + std::to_string(K));
+  return out;
+}
 
 SweepGrid parse_sweep_grid(const json& section, const std::string& source) {
   MOEV_CHECK(section.is_object(), source, ": [sweep]: expected a table with models, experts, ",
@@ -74,6 +88,15 @@ std::vector<SweepRun> expand_grid(const SweepGrid& grid, const json& base,
   MOEV_CHECK(!(base.contains("model") && base["model"].contains("preset")), source,
              ": model.preset: a sweep takes its models from sweep.models");
   std::vector<SweepRun> runs;
+  // The same model reached twice (a repeated list entry, "all" next to
+  // "every-1") would train twice and fill two rows with one result.
+  std::map<std::tuple<std::string, int64_t, int64_t, std::vector<int64_t>>, std::string> seen;
+  auto add = [&](SweepRun r, const std::vector<int64_t>& blocks) {
+    const auto [it, fresh] = seen.emplace(std::make_tuple(r.model, r.experts, r.k, blocks), r.name);
+    MOEV_CHECK(fresh, source, ": sweep runs ", it->second, " and ", r.name,
+               " are the same model; drop the repeated entry of sweep.models, experts or placements");
+    runs.push_back(std::move(r));
+  };
   for (const auto& m : grid.models) {
     io::RunConfig start;
     try {
@@ -87,7 +110,7 @@ std::vector<SweepRun> expand_grid(const SweepGrid& grid, const json& base,
       if (E == 1) {
         SweepRun r{m + "_dense", m, "none", 1, 0, start};
         r.cfg.model.moe = models::parse_placement("none");
-        runs.push_back(r);
+        add(std::move(r), {});
         continue;
       }
       for (const auto& p : grid.placements)
@@ -98,13 +121,16 @@ std::vector<SweepRun> expand_grid(const SweepGrid& grid, const json& base,
           r.cfg.model.moe = models::parse_placement(placement_spec(p));
           r.cfg.model.router.num_experts = E;
           r.cfg.model.router.k = K;
+          std::vector<int64_t> at;
           try {
-            models::moe_blocks(r.cfg.model.moe, blocks);
+            at = models::moe_blocks(r.cfg.model.moe, blocks);
             models::validate(r.cfg.model);
           } catch (const Error& e) {
             fail(source, ": sweep run ", r.name, ": ", e.what());
           }
-          runs.push_back(r);
+          MOEV_CHECK(!at.empty(), source, ": sweep.placements: '", p, "' puts no MoE layer in ", m,
+                     " (the dense baseline is experts = 1)");
+          add(std::move(r), at);
         }
     }
   }
@@ -171,6 +197,27 @@ void write_results(const std::vector<SweepRow>& rows, const std::string& out_dir
   }
   viz::write_plot(plot, base + ".png");
 }
+// A run directory is read back or resumed only if it holds the run asked for
+// now: a sweep rerun with other settings into the same --out used to report
+// the old results as the new ones, or resume half-done runs with old settings.
+void check_run_settings(const io::RunConfig& want, const std::filesystem::path& dir) {
+  namespace fs = std::filesystem;
+  const fs::path ckpt = dir / "checkpoint.pt", file = dir / "config.json";
+  if (!fs::exists(dir / "result.json") && !fs::exists(ckpt)) return;
+  io::RunConfig saved;
+  if (fs::exists(file)) {
+    std::ifstream in(file);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    saved = io::from_json_string(ss.str(), file.string());
+  } else {
+    saved = io::from_json_string(load_checkpoint(ckpt.string()).config_json, ckpt.string());
+  }
+  std::string differ;
+  for (const auto& d : io::config_differences(resumed_config(saved, want), want)) differ += "\n  " + d;
+  MOEV_CHECK(differ.empty(), "sweep run ", dir.string(), " was trained with other settings than this sweep asks for:",
+             differ, "\nsweep into another --out, or delete ", dir.string(), " to train it again");
+}
 }  // namespace
 
 std::vector<SweepRow> run_sweep(const std::vector<SweepRun>& runs, const std::string& out_dir,
@@ -182,6 +229,10 @@ std::vector<SweepRow> run_sweep(const std::vector<SweepRun>& runs, const std::st
     const auto& run = runs[i];
     const fs::path dir = fs::path(out_dir) / run.name;
     const fs::path result = dir / "result.json";
+    io::RunConfig cfg = run.cfg;
+    cfg.train.out_dir = dir.string();
+    cfg.train.eval_each_epoch = false;
+    check_run_settings(cfg, dir);
     if (fs::exists(result)) {  // finished before an interruption
       std::ifstream in(result);
       std::stringstream ss;
@@ -194,9 +245,6 @@ std::vector<SweepRow> run_sweep(const std::vector<SweepRun>& runs, const std::st
       bar.update(static_cast<int64_t>(i + 1), run.name + " (done before)");
       continue;
     }
-    io::RunConfig cfg = run.cfg;
-    cfg.train.out_dir = dir.string();
-    cfg.train.eval_each_epoch = false;
     TrainRunOptions o;
     o.resume = fs::exists(dir / "checkpoint.pt");
     o.progress = progress;

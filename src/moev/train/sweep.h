@@ -28,6 +28,9 @@ struct SweepGrid {
 // keys, empty lists and bad values are moev::Errors naming `source`.
 SweepGrid parse_sweep_grid(const nlohmann::json& section, const std::string& source);
 
+// The (E, K) pairs the grid skips because K > E, e.g. "E = 4 with K = 8".
+std::vector<std::string> skipped_points(const SweepGrid& grid);
+
 struct SweepRun {
   std::string name;  // directory name: <model>_dense or <model>_e<E>_<placement>_k<K>
   std::string model, placement;

@@ -15,6 +15,7 @@
 #include "moev/core/error.h"
 #include "moev/data/batch_loader.h"
 #include "moev/data/subset.h"
+#include "moev/io/file_lock.h"
 #include "moev/io/table.h"
 #include "moev/moe/moe_layer.h"
 #include "moev/train/adamw.h"
@@ -275,8 +276,12 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   // anyway, so no rank can start from another (e.g. an older init_from file).
   if (comm) comm->broadcast(shared);
   std::ofstream log;
+  std::optional<io::FileLock> lock;
   if (lead) {
     fs::create_directories(tc.out_dir);
+    // Two processes in one directory (two sweeps into one --out, a run started
+    // twice) would interleave logs and rename each other's checkpoints.
+    lock.emplace((fs::path(tc.out_dir) / ".train.lock").string(), "train.out_dir = " + tc.out_dir);
     // Checked now: a directory that cannot be written would otherwise fail at
     // the first checkpoint, after the training it was to keep.
     io::write_text_atomic((fs::path(tc.out_dir) / "config.json").string(), io::to_json_string(cfg) + "\n");
