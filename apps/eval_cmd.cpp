@@ -17,6 +17,7 @@
 #include "moev/train/datasets.h"
 #include "moev/train/ensemble.h"
 #include "moev/train/replicas.h"
+#include "moev/train/teacher.h"
 #include "moev/train/trained_model.h"
 #include "moev/train/trainer.h"
 
@@ -45,7 +46,7 @@ Runner add_eval(CLI::App& app) {
   cmd->add_option("--shift", f->shifts,
                   "corrupted test set NAME:SEVERITY (1-5), NAME (all severities) or all; "
                   "names: gaussian_noise, blur, rotate, contrast, occlusion (repeatable)");
-  cmd->add_option("--table", f->table, "with --shift: write the table to PREFIX.csv and PREFIX.md");
+  auto* table_option = cmd->add_option("--table", f->table, "with --shift: write the table to PREFIX.csv and PREFIX.md");
   cmd->add_option("--data", f->data, "test data directory (default: the training run's)");
   cmd->add_option("--format", f->format, "fashion-mnist, folder or cifar10");
   cmd->add_option("--k", f->k, "experts per token at inference");
@@ -67,7 +68,7 @@ Runner add_eval(CLI::App& app) {
       "\nExamples:\n"
       "  moev eval runs/vmoe/checkpoint.pt --capacity 0.5 --bpr on\n"
       "  moev eval runs/dense/checkpoint.pt runs/moe/checkpoint.pt --shift all --table shift");
-  return [f]() {
+  return [f, table_option]() {
     const int threads = train::set_threads(f->threads);
     const auto device = parse_device(f->device);
     MOEV_CHECK(f->batch_size >= 1, "--batch-size ", f->batch_size, ": expected >= 1");
@@ -77,6 +78,11 @@ Runner add_eval(CLI::App& app) {
       auto more = data::parse_shifts(s);
       shifts.insert(shifts.end(), more.begin(), more.end());
     }
+    for (size_t i = 0; i < shifts.size(); ++i)
+      for (size_t k = 0; k < i; ++k)
+        MOEV_CHECK(data::to_string(shifts[i]) != data::to_string(shifts[k]), "--shift: ", data::to_string(shifts[i]),
+                   " is asked for twice; each corruption is one row of the table");
+    MOEV_CHECK(!table_option->count() || !f->table.empty(), "--table is empty: expected a file prefix");
     MOEV_CHECK(f->table.empty() || !shifts.empty(), "--table needs --shift");
     train::RouterOverrides o;
     o.k = f->k;
@@ -94,6 +100,7 @@ Runner add_eval(CLI::App& app) {
     for (size_t i = 0; i < shifts.size(); ++i) table.rows[i + 1] = {data::to_string(shifts[i])};
     std::vector<double> shift_mean;
     nlohmann::json all = nlohmann::json::array();
+    std::optional<std::pair<train::DataConfig, int64_t>> first_test;  // the table's test set and its size
     for (const auto& ckpt : f->checkpoints) {
       auto t = train::load_trained(ckpt, device, f->precision, f->raw_weights);
       warn_precision(t.cfg.model);
@@ -106,6 +113,16 @@ Runner add_eval(CLI::App& app) {
       if (f->limit) data.test_limit = *f->limit;
       auto ds = train::open_datasets(data, t.cfg.model, /*load_train=*/false);
       if (t.class_names_stored) train::check_same_classes(ds.test, t.class_names, "the training set of " + ckpt);
+      // The shift table sets models side by side on the same images.
+      if (!shifts.empty() && first_test) {
+        auto differ = train::test_data_difference(first_test->first, data);
+        if (first_test->second != ds.test.size())
+          differ += (differ.empty() ? "" : ", ") + std::to_string(ds.test.size()) + " test images vs " +
+                    std::to_string(first_test->second);
+        MOEV_CHECK(differ.empty(), "--shift: ", ckpt, " is scored on other test images than ", f->checkpoints[0],
+                   " (", differ, "); the table compares models on the same images: set them with --data/--limit");
+      }
+      if (!first_test) first_test.emplace(data, ds.test.size());
       // After the overrides: the replicas copy the master's routing settings.
       // A hard MoE is not rebuilt from a model config: one replica, all threads inside it.
       train::Replicas reps(t.model, t.cfg.model,
@@ -177,22 +194,18 @@ Runner add_eval(CLI::App& app) {
       shift_mean.push_back(shifts.empty() ? 0 : sum / static_cast<double>(shifts.size()));
       all.push_back(j);
     }
-    if (f->json) {
-      std::cout << (all.size() == 1 ? all[0] : all).dump(2) << "\n";
-      return 0;
-    }
     if (!shifts.empty()) {
       std::vector<std::string> mean_row = {"mean over shifts"};
       for (double m : shift_mean) mean_row.push_back(io::fmt(m));
       table.add(mean_row);
-      std::printf("\ntop-1 under distribution shift\n%s", table.markdown().c_str());
-      if (!f->table.empty()) {
-        io::write_text_atomic(f->table + ".csv", table.csv());
-        io::write_text_atomic(f->table + ".md", "# top-1 under distribution shift\n\n" +
-                                                    table.markdown());
-        std::printf("wrote %s.csv and %s.md\n", f->table.c_str(), f->table.c_str());
-      }
+      if (!f->json) std::printf("\ntop-1 under distribution shift\n%s", table.markdown().c_str());
     }
+    if (!f->table.empty()) {  // with --json too (stdout then holds the JSON alone)
+      io::write_text_atomic(f->table + ".csv", table.csv());
+      io::write_text_atomic(f->table + ".md", "# top-1 under distribution shift\n\n" + table.markdown());
+      std::fprintf(f->json ? stderr : stdout, "wrote %s.csv and %s.md\n", f->table.c_str(), f->table.c_str());
+    }
+    if (f->json) std::cout << (all.size() == 1 ? all[0] : all).dump(2) << "\n";
     return 0;
   };
 }

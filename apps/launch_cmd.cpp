@@ -97,8 +97,8 @@ Runner add_launch(CLI::App& app) {
   };
   auto f = std::make_shared<Flags>();
   auto* cmd = app.add_subcommand("launch", "start N local ranks of a distributed job (torchrun's environment)");
-  cmd->add_option("--nproc", f->nproc, "ranks on this machine")->check(CLI::PositiveNumber);
-  cmd->add_option("--nnodes", f->nnodes, "machines in the job")->check(CLI::PositiveNumber);
+  cmd->add_option("--nproc", f->nproc, "ranks on this machine");
+  cmd->add_option("--nnodes", f->nnodes, "machines in the job");
   cmd->add_option("--node-rank", f->node_rank, "this machine's index, 0 .. nnodes-1");
   cmd->add_option("--master-addr", f->master_addr, "host of rank 0");
   cmd->add_option("--master-port", f->master_port, "TCP port of rank 0's store");
@@ -109,9 +109,18 @@ Runner add_launch(CLI::App& app) {
       "  # two machines, run on each with its --node-rank:\n"
       "  moev launch --nnodes 2 --node-rank 0 --nproc 2 --master-addr 10.0.0.1 -- train ...");
   return [f]() {
+    // Each rank is a LibTorch process; far past the cores they only contend.
+    constexpr int kMaxRanks = 1024;
+    MOEV_CHECK(f->nproc >= 1 && f->nproc <= kMaxRanks, "--nproc ", f->nproc, ": expected 1..", kMaxRanks,
+               " ranks on this machine");
+    MOEV_CHECK(f->nnodes >= 1 && f->nnodes <= kMaxRanks, "--nnodes ", f->nnodes, ": expected 1..", kMaxRanks);
     MOEV_CHECK(f->node_rank >= 0 && f->node_rank < f->nnodes, "--node-rank ", f->node_rank,
                ": expected 0 .. --nnodes - 1 = ", f->nnodes - 1);
-    MOEV_CHECK(f->command.empty() || f->command[0] != "launch", "moev launch: the command to run cannot be launch");
+    MOEV_CHECK(f->master_port >= 1 && f->master_port <= 65535, "--master-port ", f->master_port,
+               ": expected a TCP port, 1..65535");
+    // Only train joins a job; any other command would run N times over one output directory.
+    MOEV_CHECK(f->command[0] == "train", "'", f->command[0], "' does not run as ranks of a distributed job ",
+               "(moev launch starts train); run it without moev launch");
     const int world = f->nproc * f->nnodes;
     std::vector<Child> kids(f->nproc);
     g_children.assign(f->nproc, -1);
@@ -151,8 +160,9 @@ Runner add_launch(CLI::App& app) {
       kids[i].fd = fds[0];
     }
     // Forward output until every child closed its pipe; then collect exit codes.
-    // After the first failure the others get dist_timeout-like grace to fail on
-    // their own (with their own message), then they are stopped.
+    // After the first failure the others get a few seconds to fail on their
+    // own (with their own message), then they are stopped: a job with a dead
+    // rank cannot finish, and its peers would wait out train.dist_timeout.
     int open_fds = f->nproc;
     std::chrono::steady_clock::time_point first_failure{};
     bool failed = false;
@@ -190,7 +200,7 @@ Runner add_launch(CLI::App& app) {
           }
         }
       }
-      if (failed && std::chrono::steady_clock::now() - first_failure > std::chrono::seconds(180))
+      if (failed && std::chrono::steady_clock::now() - first_failure > std::chrono::seconds(5))
         for (auto& c : kids)
           if (c.status < 0) ::kill(c.pid, SIGTERM);
     }

@@ -108,6 +108,23 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   expect_clean_failure("eval " + ckpt + " --shift fog:2", {"fog", "gaussian_noise"});
   expect_clean_failure("eval " + ckpt + " --shift blur:7", {"blur:7", "1..5"});
   expect_clean_failure("eval " + ckpt + " --table " + dir.file("t"), {"--table needs --shift"});
+  expect_clean_failure("eval " + ckpt + " --shift blur:2 --shift all:2", {"blur:2", "twice"});
+  expect_clean_failure("eval " + ckpt + " --shift blur:2 --table ''", {"--table is empty"});
+  // --json writes the table too, and keeps stdout for the JSON.
+  auto sj = run("eval " + ckpt + " --limit 64 --shift blur:2 --json --table " + dir.file("shift_json"));
+  ASSERT_EQ(sj.code, 0) << sj.out;
+  EXPECT_TRUE(std::filesystem::exists(dir.file("shift_json.csv")));
+  EXPECT_NE(bytes_of(dir.file("shift_json.csv")).find("mean over shifts"), std::string::npos);
+  EXPECT_NE(sj.out.find("\"shift\""), std::string::npos) << sj.out;
+  // Two models scored on other images (another data.test_limit) are not set side by side.
+  auto other = moev::train::load_checkpoint(ckpt);
+  auto cfg = nlohmann::json::parse(other.config_json);
+  cfg["data"]["test_limit"] = 32;
+  other.config_json = cfg.dump();
+  moev::train::save_checkpoint(dir.file("other.pt"), other);
+  expect_clean_failure("eval " + ckpt + " " + dir.file("other.pt") + " --shift blur:2",
+                       {"other.pt", "other test images", "32 test images"});
+  EXPECT_EQ(run("eval " + ckpt + " " + dir.file("other.pt") + " --limit 64 --shift blur:2").code, 0);
 
   // Routing analysis: heatmap per MoE layer, report, capacity curve.
   auto a = run("analyze " + ckpt + " --limit 64 --capacity-curve --capacities 0.5 1 --out " +
@@ -161,6 +178,20 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   ASSERT_EQ(again.code, 0) << again.out;
   EXPECT_NE(again.out.find("done before"), std::string::npos) << again.out;
   EXPECT_EQ(again.out.find("trained"), std::string::npos) << again.out;
+  // Other settings into the same --out: the old results must not stand for them.
+  const std::string results = bytes_of(out + "/results.csv");
+  expect_clean_failure("sweep --config " + dir.file("s.toml") + " --out " + out + " --set train.lr=0.01",
+                       {"sweep run", "vit-tiny_dense", "train.lr", "another --out"});
+  EXPECT_EQ(bytes_of(out + "/results.csv"), results);
+  // A grid point skipped for K > E is named.
+  std::ofstream(dir.file("k.toml")) << "[sweep]\nmodels = [\"vit-tiny\"]\nexperts = [1, 2]\n"
+                                       "placements = [\"last-1\"]\nk = [1, 4]\n" << common;
+  auto dry = run("sweep --config " + dir.file("k.toml") + " --dry-run --out " + dir.file("b"));
+  ASSERT_EQ(dry.code, 0) << dry.out;
+  EXPECT_NE(dry.out.find("skipped: E = 2 with K = 4"), std::string::npos) << dry.out;
+  for (const char* flags : {"--epochs -3", "--epochs 0", "--minutes -1 --dry-run", "--minutes nan"})
+    expect_clean_failure("sweep --config " + dir.file("s.toml") + " " + flags + " --out " + dir.file("b"),
+                         {std::string(flags).substr(0, std::string(flags).find(' ', 3)), "expected"});
 
   auto bad = [&](const std::string& sweep, const std::vector<std::string>& needles) {
     std::ofstream(dir.file("b.toml")) << "[sweep]\n" << sweep << common;
@@ -173,6 +204,11 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   bad("models = [\"vit-tiny\"]\nexperts = [2]\nk = [3]\n", {"b.toml", "grid is empty"});
   bad("models = []\n", {"sweep.models", "non-empty"});
   bad("models = [\"vit-tiny\"]\nplacement = [\"last-2\"]\n", {"sweep.placement", "unknown key"});
+  bad("models = [\"vit-tiny\"]\nexperts = [4.5]\n", {"sweep.experts", "4.5", "integer"});
+  bad("models = [\"vit-tiny\"]\nexperts = [2]\nplacements = [\"none\"]\n", {"'none'", "no MoE layer"});
+  bad("models = [\"vit-tiny\", \"vit-tiny\"]\nexperts = [1]\n", {"vit-tiny_dense", "same model"});
+  bad("models = [\"vit-tiny\"]\nexperts = [2]\nplacements = [\"all\", \"every-1\"]\n",
+      {"vit-tiny_e2_all_k2", "vit-tiny_e2_every-1_k2", "same model"});
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --set train.lrr=1 --out " +
                            dir.file("b"), {"train.lrr"});
 
@@ -189,8 +225,6 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
     EXPECT_GE(state.at("train_elapsed_s").get<double>(), 1.0) << name;
     EXPECT_LE(state.at("train_elapsed_s").get<double>(), 3.2) << name;
   }
-  expect_clean_failure("sweep --config " + dir.file("s.toml") + " --minutes -1 --out " + dir.file("b"),
-                       {"train.minutes = -1"});
 }
 
 TEST(Cli, MultiBranchRecipeAndItsBadInputs) {

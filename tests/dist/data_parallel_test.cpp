@@ -172,6 +172,42 @@ TEST(DataParallel, KilledRankMakesTheOtherFailWithinTheTimeout) {
   EXPECT_LT(waited, 10 + 5) << "rank 0 took " << waited << " s to notice";
 }
 
+// Rank 0 cannot serve the store (its port is taken): it says so at once, and
+// the launcher stops the other rank within seconds instead of letting it wait
+// out its timeout; bad launcher flags and commands that are not distributed
+// are refused before any rank starts.
+TEST(Launch, AFailedRankStopsTheJobAndBadFlagsAreRefused) {
+  moev::test::TempDir dir;
+  const int held = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  ASSERT_EQ(::bind(held, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::listen(held, 8), 0);
+  socklen_t len = sizeof a;
+  ::getsockname(held, reinterpret_cast<sockaddr*>(&a), &len);
+  const auto start = std::chrono::steady_clock::now();
+  auto r = moev::test::run_cli("launch --nproc 2 --master-port " + std::to_string(ntohs(a.sin_port)) + " -- " + kRun +
+                               "--threads 1 --max-steps 2 --set train.dist_timeout=60 --out " + dir.file("r"));
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ::close(held);
+  EXPECT_NE(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("is in use on this machine"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("rank 1 exited with status 143"), std::string::npos) << r.out;  // stopped, not timed out
+  EXPECT_LT(took, 45) << r.out;
+  for (const auto& [args, needle] : std::vector<std::pair<std::string, std::string>>{
+           {"launch --nproc 0 -- train", "--nproc 0: expected 1..1024"},
+           {"launch --nproc 2000000000 -- train", "--nproc 2000000000"},
+           {"launch --master-port 70000 -- train", "--master-port 70000"},
+           {"launch --nproc 2 -- sweep --config x.toml", "'sweep' does not run as ranks"}}) {
+    auto bad = moev::test::run_cli(args);
+    EXPECT_EQ(bad.code, 1) << args << ": " << bad.out;
+    EXPECT_NE(bad.out.find(needle), std::string::npos) << args << ": " << bad.out;
+    EXPECT_EQ(bad.out.find("[rank"), std::string::npos) << args << ": started ranks: " << bad.out;
+  }
+}
+
 TEST(ExpertParallel, TrainingMatchesDataParallelAndItsCheckpointLoadsAnywhere) {
   moev::test::TempDir dir;
   // Router noise off: routing is then the same however the experts are placed.

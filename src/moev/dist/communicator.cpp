@@ -62,6 +62,9 @@ Communicator::Communicator(const DistConfig& cfg) : cfg_(cfg), impl_(std::make_u
     so.timeout = timeout;
     impl_->store = c10::make_intrusive<c10d::TCPStore>(cfg.master_addr, so);
   } catch (const std::exception& e) {
+    // Rank 0 serves the store: its bind fails at once, not after the timeout.
+    MOEV_CHECK(cfg.rank != 0 || std::string(e.what()).find("in use") == std::string::npos, "rank 0: MASTER_PORT = ",
+               cfg.master_port, " is in use on this machine; choose another port (moev launch --master-port)");
     fail("rank ", cfg.rank, ": rendezvous at MASTER_ADDR:MASTER_PORT = ", cfg.master_addr, ":",
          cfg.master_port, " failed within ", cfg.timeout_s, " s (is rank 0 running, and are all ",
          cfg.world_size, " ranks started?): ", Impl::first_line(e.what()));
