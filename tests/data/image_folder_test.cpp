@@ -8,6 +8,8 @@
 
 #include <filesystem>
 
+#include <zlib.h>
+
 #include "support/expect_error.h"
 #include "support/temp_dir.h"
 
@@ -159,6 +161,70 @@ TEST(ImageFolder, UndecodableImageIsAnErrorNamingIt) {
                {root.file("c/b.png"), "not a readable image"});
   expect_error([&] { decode_image_file(root.file("c/b.png"), 4, 4, 1); },
                {root.file("c/b.png"), "not a readable image"});
+}
+
+// A JPEG with an EXIF orientation tag (APP1 after SOI), little- or big-endian.
+std::vector<unsigned char> with_orientation(const std::vector<unsigned char>& jpeg, int orientation, bool big) {
+  auto u16 = [&](int v) {
+    return big ? std::vector<unsigned char>{static_cast<unsigned char>(v >> 8), static_cast<unsigned char>(v & 255)}
+               : std::vector<unsigned char>{static_cast<unsigned char>(v & 255), static_cast<unsigned char>(v >> 8)};
+  };
+  std::vector<unsigned char> tiff = big ? std::vector<unsigned char>{'M', 'M'} : std::vector<unsigned char>{'I', 'I'};
+  for (const auto& part : {u16(42), big ? std::vector<unsigned char>{0, 0, 0, 8} : std::vector<unsigned char>{8, 0, 0, 0},
+                           u16(1), u16(0x0112), u16(3), big ? std::vector<unsigned char>{0, 0, 0, 1}
+                                                            : std::vector<unsigned char>{1, 0, 0, 0},
+                           u16(orientation), u16(0), std::vector<unsigned char>(4, 0)})
+    tiff.insert(tiff.end(), part.begin(), part.end());
+  const int length = 2 + 6 + static_cast<int>(tiff.size());
+  std::vector<unsigned char> out(jpeg.begin(), jpeg.begin() + 2);
+  for (int b : {0xFF, 0xE1, length >> 8, length & 255, int{'E'}, int{'x'}, int{'i'}, int{'f'}, 0, 0})
+    out.push_back(static_cast<unsigned char>(b));
+  out.insert(out.end(), tiff.begin(), tiff.end());
+  out.insert(out.end(), jpeg.begin() + 2, jpeg.end());
+  return out;
+}
+
+// Phones store pixels as the sensor saw them and an EXIF tag saying how to turn
+// them upright; stb ignores it, so a photo was classified lying on its side.
+TEST(ImageFolder, JpegExifOrientationIsApplied) {
+  TempDir root;
+  fs::create_directories(root.path() / "c");
+  const int h = 8, w = 16;
+  ASSERT_EQ(stbi_write_jpg(root.file("c/plain.jpg").c_str(), w, h, 3, pattern(h, w, 3, 5).data(), 100), 1);
+  const std::string plain_bytes = moev::test::bytes_of(root.file("c/plain.jpg"));
+  const std::vector<unsigned char> plain(plain_bytes.begin(), plain_bytes.end());
+  const auto ref = decode_image_file(root.file("c/plain.jpg"), h, w, 3);  // [3, 8, 16]
+  // What a viewer shows for each orientation, by torch's own flips and rotations.
+  const std::vector<torch::Tensor> want = {
+      ref, ref.flip({2}), ref.flip({1, 2}), ref.flip({1}), ref.transpose(1, 2), torch::rot90(ref, -1, {1, 2}),
+      ref.transpose(1, 2).flip({1, 2}), torch::rot90(ref, 1, {1, 2})};
+  for (int o = 1; o <= 8; ++o)
+    for (bool big : {false, true}) {
+      write_bytes(root.file("c/o.jpg"), with_orientation(plain, o, big));
+      const bool swap = o >= 5;
+      const auto got = decode_image_file(root.file("c/o.jpg"), swap ? w : h, swap ? h : w, 3);
+      EXPECT_TRUE(torch::equal(got, want[o - 1].contiguous())) << "orientation " << o << (big ? " MM" : " II");
+    }
+  // Folders decode through the same path.
+  write_bytes(root.file("c/plain.jpg"), with_orientation(plain, 6, false));
+  EXPECT_TRUE(torch::equal(read_image_folder(root.path().string(), w, h, 3).images[1], want[5].contiguous()));
+}
+
+// A small file whose header claims a huge image is refused before any pixel is allocated.
+TEST(ImageFolder, HugeImageHeaderIsRefusedBeforeDecoding) {
+  TempDir root;
+  write_png(root.file("big.png"), pattern(4, 4, 1, 0), 4, 4, 1);
+  std::string png = moev::test::bytes_of(root.file("big.png"));
+  // IHDR's width and height (bytes 16..23) -> 20000 x 20000, its CRC fixed up.
+  for (int i = 0; i < 2; ++i) {
+    png[16 + 4 * i] = 0, png[17 + 4 * i] = 0, png[18 + 4 * i] = static_cast<char>(20000 >> 8);
+    png[19 + 4 * i] = static_cast<char>(20000 & 255);
+  }
+  const uLong crc = crc32(crc32(0L, Z_NULL, 0), reinterpret_cast<const Bytef*>(png.data() + 12), 17);
+  for (int i = 0; i < 4; ++i) png[29 + i] = static_cast<char>((crc >> (24 - 8 * i)) & 255);
+  write_bytes(root.file("big.png"), std::vector<unsigned char>(png.begin(), png.end()));
+  expect_error([&] { decode_image_file(root.file("big.png"), 28, 28, 1); },
+               {root.file("big.png"), "20000x20000", "pixels"});
 }
 
 // stb_image skips PNG chunk CRCs; a flipped pixel byte must not decode at exit 0.

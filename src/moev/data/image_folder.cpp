@@ -19,6 +19,8 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "moev/core/error.h"
@@ -29,6 +31,7 @@ namespace {
 namespace fs = std::filesystem;
 
 constexpr int64_t kMaxSide = 1 << 15;
+constexpr int64_t kMaxSourcePixels = int64_t{1} << 28;  // 16384 x 16384
 
 bool is_hidden(const fs::path& path) { return path.filename().string().rfind('.', 0) == 0; }
 
@@ -92,6 +95,71 @@ void check_png_crcs(const std::string& path, const std::vector<unsigned char>& b
   fail("file ", path, ": PNG ends without an IEND chunk (cut short?)");
 }
 
+// The EXIF orientation (1..8) of a JPEG, 1 when it has none or it cannot be
+// read. Cameras and phones store pixels as the sensor saw them and say in this
+// tag how to turn them upright; stb_image does not read it.
+int jpeg_orientation(const std::vector<unsigned char>& b) {
+  if (b.size() < 4 || b[0] != 0xFF || b[1] != 0xD8) return 1;
+  for (size_t at = 2; at + 4 <= b.size() && b[at] == 0xFF;) {
+    const unsigned char marker = b[at + 1];
+    if (marker == 0xFF) {  // fill byte
+      ++at;
+      continue;
+    }
+    if (marker == 0xDA || marker == 0xD9) return 1;  // image data: no tags past it
+    const size_t length = size_t{b[at + 2]} << 8 | b[at + 3], seg = at + 4;
+    if (length < 2 || at + 2 + length > b.size()) return 1;
+    const size_t end = at + 2 + length;
+    if (marker == 0xE1 && end - seg >= 14 && std::memcmp(&b[seg], "Exif\0\0", 6) == 0) {
+      const size_t tiff = seg + 6;
+      const bool le = b[tiff] == 'I' && b[tiff + 1] == 'I';
+      if (!le && !(b[tiff] == 'M' && b[tiff + 1] == 'M')) return 1;
+      auto u16 = [&](size_t p) { return le ? b[p] | b[p + 1] << 8 : b[p] << 8 | b[p + 1]; };
+      auto u32 = [&](size_t p) { return le ? uint32_t(u16(p)) | uint32_t(u16(p + 2)) << 16
+                                           : uint32_t(u16(p)) << 16 | uint32_t(u16(p + 2)); };
+      const size_t ifd = tiff + u32(tiff + 4);
+      if (ifd < tiff || ifd + 2 > end) return 1;
+      const size_t entries = u16(ifd);
+      for (size_t e = 0; e < entries && ifd + 2 + 12 * (e + 1) <= end; ++e) {
+        const size_t entry = ifd + 2 + 12 * e;
+        if (u16(entry) == 0x0112 && u16(entry + 2) == 3) {
+          const int o = u16(entry + 8);
+          return o >= 1 && o <= 8 ? o : 1;
+        }
+      }
+      return 1;
+    }
+    at = end;
+  }
+  return 1;
+}
+
+// Turns stb's HWC pixels upright as the EXIF orientation says (5..8 swap the
+// sides). Returns the new width and height.
+std::pair<int, int> apply_orientation(int orientation, std::vector<unsigned char>& out, const unsigned char* in,
+                                      int w, int h, int c) {
+  const bool swap = orientation >= 5;
+  const int ow = swap ? h : w, oh = swap ? w : h;
+  out.resize(static_cast<size_t>(ow) * oh * c);
+  for (int oy = 0; oy < oh; ++oy)
+    for (int ox = 0; ox < ow; ++ox) {
+      int sy = oy, sx = ox;
+      switch (orientation) {
+        case 2: sx = w - 1 - ox; break;                      // mirrored
+        case 3: sy = h - 1 - oy, sx = w - 1 - ox; break;     // upside down
+        case 4: sy = h - 1 - oy; break;                      // mirrored upside down
+        case 5: sy = ox, sx = oy; break;                     // transposed
+        case 6: sy = h - 1 - ox, sx = oy; break;             // turn 90 degrees clockwise
+        case 7: sy = h - 1 - ox, sx = w - 1 - oy; break;     // transversed
+        case 8: sy = ox, sx = w - 1 - oy; break;             // turn 90 degrees anticlockwise
+        default: break;
+      }
+      std::memcpy(&out[(static_cast<size_t>(oy) * ow + ox) * c], in + (static_cast<size_t>(sy) * w + sx) * c,
+                  static_cast<size_t>(c));
+    }
+  return {ow, oh};
+}
+
 // Decodes path into dst, uint8 [C, H, W] contiguous.
 void decode_into(const std::string& path, int64_t height, int64_t width, int64_t channels,
                  uint8_t* dst) {
@@ -104,6 +172,11 @@ void decode_into(const std::string& path, int64_t height, int64_t width, int64_t
   MOEV_CHECK(in.read(reinterpret_cast<char*>(bytes.data()), size), "cannot read image file ", path);
   check_png_crcs(path, bytes);
   int w = 0, h = 0, file_channels = 0;
+  // From the header, before any pixel is allocated: a small file can claim a
+  // huge image (stb alone allows 1 GiB of pixels).
+  if (stbi_info_from_memory(bytes.data(), static_cast<int>(bytes.size()), &w, &h, &file_channels) == 1)
+    MOEV_CHECK(int64_t{w} * h <= kMaxSourcePixels, "file ", path, ": a ", w, "x", h, " image, above ",
+               kMaxSourcePixels, " pixels");
   std::unique_ptr<unsigned char, void (*)(void*)> pixels(
       stbi_load_from_memory(bytes.data(), static_cast<int>(bytes.size()), &w, &h, &file_channels,
                             static_cast<int>(channels)),
@@ -112,10 +185,14 @@ void decode_into(const std::string& path, int64_t height, int64_t width, int64_t
              " is not a readable image (stb_image: ", stbi_failure_reason(), ")");
 
   const unsigned char* hwc = pixels.get();
-  std::vector<unsigned char> resized;
+  std::vector<unsigned char> upright, resized;
+  if (const int o = jpeg_orientation(bytes); o != 1) {
+    std::tie(w, h) = apply_orientation(o, upright, hwc, w, h, static_cast<int>(channels));
+    hwc = upright.data();
+  }
   if (h != height || w != width) {
     resized.resize(static_cast<size_t>(height * width * channels));
-    const int ok = stbir_resize_uint8(pixels.get(), w, h, /*input_stride=*/0, resized.data(),
+    const int ok = stbir_resize_uint8(hwc, w, h, /*input_stride=*/0, resized.data(),
                                       static_cast<int>(width), static_cast<int>(height),
                                       /*output_stride=*/0, static_cast<int>(channels));
     MOEV_CHECK(ok == 1, "cannot resize ", path, " from ", w, "x", h, " to ", width, "x", height);
