@@ -28,6 +28,19 @@ int main(int argc, char** argv) {
   add(moev::app::add_hardmoe(app));
   try {
     app.parse(argc, argv);
+  } catch (const CLI::RequiredError& e) {
+    // CLI11's "A subcommand is required" does not say which word was not one.
+    CLI::App* at = &app;
+    while (!at->get_subcommands().empty()) at = at->get_subcommands().front();
+    if (at->get_require_subcommand_min() == 0 || !at->get_subcommands().empty()) return app.exit(e);
+    std::string names;
+    for (const auto* sub : at->get_subcommands({})) names += (names.empty() ? "" : ", ") + sub->get_name();
+    const auto rest = at->remaining();
+    const std::string where = at == &app ? "moev" : "moev " + at->get_name();
+    std::cerr << "moev: error: " << where << ": "
+              << (rest.empty() ? "a subcommand is required" : "'" + rest.front() + "' is not a subcommand")
+              << "; expected one of: " << names << " (" << where << " --help)\n";
+    return 1;
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }

@@ -3,6 +3,7 @@
 // section of a config file; its other sections are the runs' common config.
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 
 #include <nlohmann/json.hpp>
@@ -45,6 +46,8 @@ Runner add_sweep(CLI::App& app) {
     MOEV_CHECK(epochs->count() == 0 || f->epochs >= 1, "--epochs ", f->epochs, ": expected >= 1");
     MOEV_CHECK(minutes->count() == 0 || (std::isfinite(f->minutes) && f->minutes > 0), "--minutes ", f->minutes,
                ": expected a number of minutes > 0");
+    MOEV_CHECK(!std::filesystem::exists(f->out) || std::filesystem::is_directory(f->out), "--out ", f->out,
+               " is a file; expected the sweep's directory");
     auto j = io::read_config_file(f->config);
     MOEV_CHECK(j.is_object() && j.contains("sweep"), f->config,
                ": no [sweep] section (models, experts, placements, k)");

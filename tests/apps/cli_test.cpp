@@ -3,6 +3,7 @@
 // train a few steps, eval with overrides, predict a PNG.
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <array>
@@ -80,6 +81,13 @@ TEST(Cli, BadInputsFailCleanly) {
   expect_clean_failure("eval " + dir.file("missing.pt"), {"missing.pt"});
   std::ofstream(dir.file("junk.pt")) << "not a checkpoint";
   expect_clean_failure("eval " + dir.file("junk.pt"), {"junk.pt", "not a moev checkpoint"});
+  // A pipe with no writer used to block the open for ever.
+  ASSERT_EQ(::mkfifo(dir.file("fifo.pt").c_str(), 0644), 0);
+  expect_clean_failure("checkpoint info " + dir.file("fifo.pt"), {"fifo.pt", "not a regular file"});
+  // A word that is not a subcommand is named, with the ones there are.
+  expect_clean_failure("bogus", {"'bogus' is not a subcommand", "train, eval"});
+  expect_clean_failure("checkpoint bogus", {"moev checkpoint", "'bogus'", "info"});
+  expect_clean_failure("data", {"moev data", "a subcommand is required", "mosaic"});
 }
 
 TEST(Cli, TrainEvalPredictAndBadPredictInput) {
@@ -189,6 +197,7 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   auto dry = run("sweep --config " + dir.file("k.toml") + " --dry-run --out " + dir.file("b"));
   ASSERT_EQ(dry.code, 0) << dry.out;
   EXPECT_NE(dry.out.find("skipped: E = 2 with K = 4"), std::string::npos) << dry.out;
+  expect_clean_failure("sweep --config " + dir.file("s.toml") + " --out " + dir.file("s.toml"), {"is a file"});
   for (const char* flags : {"--epochs -3", "--epochs 0", "--minutes -1 --dry-run", "--minutes nan"})
     expect_clean_failure("sweep --config " + dir.file("s.toml") + " " + flags + " --out " + dir.file("b"),
                          {std::string(flags).substr(0, std::string(flags).find(' ', 3)), "expected"});

@@ -278,11 +278,13 @@ TEST(Trainer, ASecondRunIntoARunsDirectoryAndBadOptimiserSettingsAreRefused) {
     test::expect_error([&] { train::train_model(cfg, {}); }, {b.needle, "expected"});
   }
   // A directory where the run's files cannot be written (here a directory in
-  // the way of config.json's temporary file, which fails for root too) fails
-  // before training, not at the first checkpoint.
-  std::filesystem::create_directories(dir.file("blocked") + "/config.json.tmp");
+  // the way of config.json, which fails for root too) fails before training,
+  // not at the first checkpoint, and leaves no temporary file behind.
+  std::filesystem::create_directories(dir.file("blocked") + "/config.json/x");
   auto blocked = tiny_run(dir.file("blocked"));
   test::expect_error([&] { train::train_model(blocked, {}); }, {"cannot write", "config.json"});
+  for (const auto& entry : std::filesystem::directory_iterator(dir.file("blocked")))
+    EXPECT_EQ(entry.path().filename().string().find(".tmp"), std::string::npos) << entry.path();
   EXPECT_FALSE(std::filesystem::exists(train::checkpoint_path(blocked.train.out_dir)));
 }
 

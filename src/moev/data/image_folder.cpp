@@ -210,7 +210,8 @@ void decode_into(const std::string& path, int64_t height, int64_t width, int64_t
 torch::Tensor decode_image_file(const std::string& path, int64_t height, int64_t width,
                                 int64_t channels) {
   check_geometry(height, width, channels);
-  MOEV_CHECK(fs::is_regular_file(path), "image file ", path, " not found (or not a file)");
+  MOEV_CHECK(fs::exists(path), "image file ", path, " not found");
+  MOEV_CHECK(fs::is_regular_file(path), "image file ", path, " is not a regular file (a directory, a pipe?)");
   torch::Tensor image = torch::empty({channels, height, width}, torch::kUInt8);
   decode_into(path, height, width, channels, image.data_ptr<uint8_t>());
   return image;

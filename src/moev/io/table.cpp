@@ -1,5 +1,8 @@
 #include "moev/io/table.h"
 
+#include <unistd.h>
+
+#include <atomic>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -55,16 +58,24 @@ void write_text_atomic(const std::string& path, const std::string& text) {
   const fs::path p(path);
   std::error_code ec;
   if (p.has_parent_path()) fs::create_directories(p.parent_path(), ec);
-  const std::string tmp = path + ".tmp";
+  // A name of this process's own: two writers of one file (or a user's
+  // "<path>.tmp") never meet in the temporary file, and a failed write leaves
+  // nothing behind.
+  static std::atomic<uint64_t> serial{0};
+  const std::string tmp = path + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(serial++);
+  auto failed = [&](const std::string& why) {
+    fs::remove(tmp, ec);
+    fail("cannot write ", path, why);
+  };
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    MOEV_CHECK(out.good(), "cannot write ", path, " (is its directory writable?)");
+    if (!out.good()) failed(" (is its directory writable?)");
     out << text;
     out.flush();
-    MOEV_CHECK(out.good(), "cannot write ", path, ": write failed");
+    if (!out.good()) failed(": write failed (disk full?)");
   }
   fs::rename(tmp, p, ec);
-  MOEV_CHECK(!ec, "cannot write ", path, ": ", ec.message());
+  if (ec) failed(": " + ec.message());
 }
 
 std::string fmt(double v, int decimals) {

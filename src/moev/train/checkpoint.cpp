@@ -176,6 +176,9 @@ Checkpoint load_checkpoint(const std::string& path) {
   MOEV_CHECK(!path.empty(), "checkpoint path is empty: expected a checkpoint file");
   MOEV_CHECK(!std::filesystem::is_directory(path), "checkpoint ", path, ": is a directory; expected a checkpoint ",
              "file (", path, "/checkpoint.pt?)");
+  // A pipe would block the open below (a FIFO without a writer) or fail its seeks.
+  MOEV_CHECK(!std::filesystem::exists(path) || std::filesystem::is_regular_file(path), "checkpoint ", path,
+             ": not a regular file (a pipe or a device?); expected a checkpoint file");
   {
     const struct Fd {
       int fd;
