@@ -42,11 +42,15 @@ Runner add_data(CLI::App& app) {
     // A data set is never rewritten in place: an interrupted run would leave a
     // manifest whose tags describe the images of another seed. The mosaics go
     // to a staging directory that is renamed into place once both manifests exist.
-    const fs::path out = fs::path(f->out).lexically_normal();
+    fs::path out = fs::path(f->out).lexically_normal();
+    if (!out.has_filename()) out = out.parent_path();  // "dir/" names dir
+    MOEV_CHECK(out.has_filename() && out.filename() != "." && out.filename() != "..", "--out ", f->out,
+               ": expected a directory name (the mosaics are staged beside it)");
     std::error_code ec;
     MOEV_CHECK(!fs::exists(out) || fs::is_directory(out), "--out ", f->out, " is a file; expected a directory");
-    MOEV_CHECK(!fs::exists(out) || fs::is_empty(out, ec), "--out ", f->out,
-               " is not empty (a data set made before?); choose a new directory or delete it first");
+    const bool empty = !fs::exists(out) || fs::is_empty(out, ec);
+    MOEV_CHECK(!ec, "--out ", f->out, ": cannot read it (", ec.message(), ")");
+    MOEV_CHECK(empty, "--out ", f->out, " is not empty (a data set made before?); choose a new directory or delete it first");
     const fs::path stage = out.string() + ".moev-partial";
     const fs::path marker = stage / ".moev-partial";
     MOEV_CHECK(!fs::exists(stage) || fs::exists(marker), stage.string(),

@@ -58,10 +58,11 @@ Runner add_sweep(CLI::App& app) {
     // As JSON, which keeps every digit (std::to_string turned 1e-7 into 0, no budget).
     if (minutes->count()) sets.push_back("train.minutes=" + nlohmann::json(f->minutes).dump());
     for (const auto& s : sets) j.merge_patch(io::override_json(s));
-    const auto runs = train::expand_grid(grid, j, f->config);
+    std::vector<std::string> skipped;
+    const auto runs = train::expand_grid(grid, j, f->config, &skipped);
     std::printf("%zu runs in %s\n", runs.size(), f->out.c_str());
     for (const auto& r : runs) std::printf("  %s\n", r.name.c_str());
-    for (const auto& p : train::skipped_points(grid)) std::printf("  (skipped: %s, K > E)\n", p.c_str());
+    for (const auto& why : skipped) std::printf("  (skipped %s)\n", why.c_str());
     if (f->dry_run) return 0;
     train::set_threads(runs.front().cfg.train.threads);
     auto rows = train::run_sweep(runs, f->out, &std::cerr, stderr_is_terminal());

@@ -196,7 +196,14 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
                                        "placements = [\"last-1\"]\nk = [1, 4]\n" << common;
   auto dry = run("sweep --config " + dir.file("k.toml") + " --dry-run --out " + dir.file("b"));
   ASSERT_EQ(dry.code, 0) << dry.out;
-  EXPECT_NE(dry.out.find("skipped: E = 2 with K = 4"), std::string::npos) << dry.out;
+  EXPECT_NE(dry.out.find("skipped vit-tiny_e2_last-1_k4: K > E"), std::string::npos) << dry.out;
+  // Two placements that pick the same blocks of this 2-block model: trained once.
+  std::ofstream(dir.file("p.toml")) << "[sweep]\nmodels = [\"vit-tiny\"]\nexperts = [2]\n"
+                                       "placements = [\"last-1\", \"every-2\"]\nk = [1]\n" << common;
+  auto same = run("sweep --config " + dir.file("p.toml") + " --dry-run --out " + dir.file("b"));
+  ASSERT_EQ(same.code, 0) << same.out;
+  EXPECT_NE(same.out.find("skipped vit-tiny_e2_every-2_k1: the same MoE blocks as vit-tiny_e2_last-1_k1"),
+            std::string::npos) << same.out;
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --out " + dir.file("s.toml"), {"is a file"});
   for (const char* flags : {"--epochs -3", "--epochs 0", "--minutes -1 --dry-run", "--minutes nan"})
     expect_clean_failure("sweep --config " + dir.file("s.toml") + " " + flags + " --out " + dir.file("b"),
@@ -215,9 +222,10 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   bad("models = [\"vit-tiny\"]\nplacement = [\"last-2\"]\n", {"sweep.placement", "unknown key"});
   bad("models = [\"vit-tiny\"]\nexperts = [4.5]\n", {"sweep.experts", "4.5", "integer"});
   bad("models = [\"vit-tiny\"]\nexperts = [2]\nplacements = [\"none\"]\n", {"'none'", "no MoE layer"});
-  bad("models = [\"vit-tiny\", \"vit-tiny\"]\nexperts = [1]\n", {"vit-tiny_dense", "same model"});
+  bad("models = [\"vit-tiny\", \"vit-tiny\"]\nexperts = [1]\n", {"sweep.models", "repeats"});
+  bad("models = [\"vit-tiny\"]\nexperts = [1, 2, 1]\n", {"sweep.experts", "1 repeats 1"});
   bad("models = [\"vit-tiny\"]\nexperts = [2]\nplacements = [\"all\", \"every-1\"]\n",
-      {"vit-tiny_e2_all_k2", "vit-tiny_e2_every-1_k2", "same model"});
+      {"sweep.placements", "\"every-1\" repeats \"all\""});
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --set train.lrr=1 --out " +
                            dir.file("b"), {"train.lrr"});
 
@@ -454,7 +462,8 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
   expect_clean_failure("data mosaic --out " + dir.file("mosaic"), {"mosaic.moev-partial", "not made by moev"});
   std::ofstream(dir.file("mosaic.moev-partial/.moev-partial")) << "x";
   std::ofstream(dir.file("mosaic.moev-partial/train.csv")) << "path,tags\n";
-  auto r = run("data mosaic --out " + dir.file("mosaic") + " --train 100 --test 30 --seed 3");
+  expect_clean_failure("data mosaic --out .", {"--out .", "expected a directory name"});
+  auto r = run("data mosaic --out " + dir.file("mosaic") + "/ --train 100 --test 30 --seed 3");  // "dir/" is dir
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_FALSE(std::filesystem::exists(dir.file("mosaic.moev-partial")));
   EXPECT_FALSE(std::filesystem::exists(dir.file("mosaic/.moev-partial")));

@@ -235,6 +235,7 @@ TEST(ImageFolder, DamagedOrCutPngIsAnErrorNamingIt) {
   const std::string bytes = moev::test::bytes_of(root.file("c/a.png"));
   const std::vector<unsigned char> png(bytes.begin(), bytes.end());
   ASSERT_EQ(decode_image_file(root.file("c/a.png"), 8, 8, 3).numel(), 192);
+  write_bytes(root.file("c/ok.png"), png);
 
   const size_t idat = bytes.find("IDAT");
   ASSERT_NE(idat, std::string::npos);
@@ -245,6 +246,13 @@ TEST(ImageFolder, DamagedOrCutPngIsAnErrorNamingIt) {
                {root.file("c/a.png"), "'IDAT'", "CRC-32", "damaged"});
   expect_error([&] { read_image_folder(root.path().string(), 8, 8, 3); }, {root.file("c/a.png"), "CRC-32"});
 
+  // A damaged ancillary chunk (here a tEXt with a wrong CRC) leaves the pixels intact, as for libpng.
+  std::vector<unsigned char> text = png;
+  const unsigned char chunk[] = {0, 0, 0, 1, 't', 'E', 'X', 't', 'x', 0xDE, 0xAD, 0xBE, 0xEF};
+  text.insert(text.begin() + static_cast<long>(idat) - 4, std::begin(chunk), std::end(chunk));
+  write_bytes(root.file("c/a.png"), text);
+  EXPECT_EQ(decode_image_file(root.file("c/a.png"), 8, 8, 3).sum().item<int64_t>(),
+            decode_image_file(root.file("c/ok.png"), 8, 8, 3).sum().item<int64_t>());
   write_bytes(root.file("c/a.png"), std::vector<unsigned char>(png.begin(), png.end() - 12));  // IEND gone
   expect_error([&] { decode_image_file(root.file("c/a.png"), 8, 8, 3); }, {root.file("c/a.png"), "without an IEND"});
   write_bytes(root.file("c/a.png"), std::vector<unsigned char>(png.begin(), png.begin() + idat + 10));

@@ -279,6 +279,15 @@ TEST(HardMoE, AHardMoEFileDisagreeingWithItsPartitionIsRefused) {
                      {file, "experts = 2", "clustered into 3"});
   write("experts", "3");
   test::expect_error([&] { hardmoe::load_hard_moe(file, c10::Device(c10::kCPU)); }, {file, "experts as an integer"});
+  // A trunk moved away since: named as missing, not as another trunk.
+  std::ifstream pin(fs::path(dir4) / "partition.json");
+  auto partition = nlohmann::json::parse(pin);
+  const auto kept = partition;
+  partition["trunk"] = t.dir.file("moved_away.pt");
+  std::ofstream(fs::path(dir4) / "partition.json") << partition.dump();
+  write("trunk", t.dir.file("moved_away.pt"));
+  test::expect_error([&] { hardmoe::load_hard_moe(file, c10::Device(c10::kCPU)); }, {"moved_away.pt", "does not exist"});
+  std::ofstream(fs::path(dir4) / "partition.json") << kept.dump();
   write("trunk", t.hm.trunk);  // the same trunk, named absolutely: accepted up to the missing experts
   test::expect_error([&] { hardmoe::load_hard_moe(file, c10::Device(c10::kCPU)); }, {"expert 0 has not finished"});
 }

@@ -245,7 +245,12 @@ TEST(Trainer, ASecondRunIntoARunsDirectoryAndBadOptimiserSettingsAreRefused) {
   test::expect_error([&] { train::train_model(a, {}); },
                      {train::checkpoint_path(a.train.out_dir), "already holds a run", "--resume"});
   EXPECT_EQ(logged_losses(a.train.out_dir), log_before);
-  // Another process in the directory (here: its lock held), resuming or not.
+  // Another process in the directory (here: its lock held), resuming or not:
+  // refused before the directory's checkpoint is even looked at.
+  {
+    const io::FileLock other((std::filesystem::path(a.train.out_dir) / ".train.lock").string(), "test");
+    test::expect_error([&] { train::train_model(a, {}); }, {"in use by another process"});
+  }
   {
     const io::FileLock other((std::filesystem::path(a.train.out_dir) / ".train.lock").string(), "test");
     train::TrainRunOptions resume;
@@ -276,6 +281,7 @@ TEST(Trainer, ASecondRunIntoARunsDirectoryAndBadOptimiserSettingsAreRefused) {
     auto cfg = tiny_run(dir.file("bad"));
     b.set(cfg);
     test::expect_error([&] { train::train_model(cfg, {}); }, {b.needle, "expected"});
+    EXPECT_FALSE(std::filesystem::exists(dir.file("bad"))) << "a refused run left its directory";
   }
   // A directory where the run's files cannot be written (here a directory in
   // the way of config.json, which fails for root too) fails before training,

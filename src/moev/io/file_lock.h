@@ -10,7 +10,8 @@ namespace moev::io {
 class FileLock {
  public:
   // Creates `path` if needed and locks it; held by another process: a
-  // moev::Error "<who> ... (<path> is locked)".
+  // moev::Error "<who> is in use by another process (<path> is locked)". On a
+  // file system without flock the object holds no lock.
   FileLock(const std::string& path, const std::string& who);
   ~FileLock();
   FileLock(const FileLock&) = delete;

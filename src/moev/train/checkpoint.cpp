@@ -1,6 +1,7 @@
 #include "moev/train/checkpoint.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -13,6 +14,7 @@
 #include <zlib.h>
 
 #include <caffe2/serialize/inline_container.h>
+#include <caffe2/serialize/read_adapter_interface.h>
 #include <torch/csrc/jit/serialization/import_read.h>
 #include <torch/torch.h>
 
@@ -47,32 +49,56 @@ uLong crc32_of(uLong crc, const void* p, uint64_t n) {
   return crc;
 }
 
-// Little-endian fields of a zip archive read from the file as needed, so a
-// checkpoint is never held in memory whole; reads are bounds-checked (a
-// truncated file reads as "not a zip" rather than past its end).
-class ZipFile {
+// A checkpoint file opened once: its zip fields are read as needed (never the
+// whole file at once) by the CRC check, and torch's reader loads the tensors
+// through the same descriptor, so the file checked is the file loaded even if
+// a running training renames a new checkpoint into place meanwhile.
+class ZipFile : public caffe2::serialize::ReadAdapterInterface {
  public:
-  ZipFile(int fd, uint64_t size) : fd_(fd), size_(size) {}
-  uint64_t size() const { return size_; }
-  bool has(uint64_t at, uint64_t n) const { return at <= size_ && n <= size_ - at; }
-  void read(uint64_t at, uint64_t n, char* out) const {
-    for (uint64_t done = 0; done < n;) {
-      const ssize_t got = ::pread(fd_, out + done, n - done, static_cast<off_t>(at + done));
-      MOEV_CHECK(got > 0, "read failed at byte ", at + done);
-      done += static_cast<uint64_t>(got);
+  explicit ZipFile(const std::string& path) : path_(path), fd_(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
+    MOEV_CHECK(fd_ >= 0, "checkpoint ", path, ": cannot open (no such file?)");
+    struct stat st {};
+    if (::fstat(fd_, &st) != 0) {
+      ::close(fd_);
+      fail("checkpoint ", path, ": cannot stat");
     }
+    size_ = static_cast<uint64_t>(st.st_size);
+  }
+  ~ZipFile() override { ::close(fd_); }
+  ZipFile(const ZipFile&) = delete;
+  ZipFile& operator=(const ZipFile&) = delete;
+
+  size_t size() const override { return size_; }
+  size_t read(uint64_t pos, void* buf, size_t n, const char* /*what*/) const override {
+    size_t done = 0;
+    while (done < n) {
+      const ssize_t got = ::pread(fd_, static_cast<char*>(buf) + done, n - done, static_cast<off_t>(pos + done));
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) break;
+      done += static_cast<size_t>(got);
+    }
+    return done;
+  }
+
+  // Bounds-checked reads: a truncated file reads as "not a zip" or "cut short"
+  // rather than past its end.
+  bool has(uint64_t at, uint64_t n) const { return at <= size_ && n <= size_ - at; }
+  void read_exact(uint64_t at, uint64_t n, char* out) const {
+    MOEV_CHECK(has(at, n) && read(at, out, n, "") == n, "checkpoint ", path_, ": read failed at byte ", at,
+               " (cut short?)");
   }
   uint64_t le(uint64_t at, int n) const {
     unsigned char b[8];
-    read(at, static_cast<uint64_t>(n), reinterpret_cast<char*>(b));
+    read_exact(at, static_cast<uint64_t>(n), reinterpret_cast<char*>(b));
     uint64_t v = 0;
     for (int i = n - 1; i >= 0; --i) v = (v << 8) | b[i];
     return v;
   }
 
  private:
+  std::string path_;
   int fd_;
-  uint64_t size_;
+  uint64_t size_ = 0;
 };
 
 // torch's zip reader is built without its CRC-32 checks, so a flipped byte in
@@ -84,7 +110,7 @@ void verify_zip_crcs(const ZipFile& z, const std::string& path) {
   // End of central directory: the last record with its signature (after it, at most a comment).
   const uint64_t lowest = z.size() > 22 + 65535 ? z.size() - 22 - 65535 : 0;
   std::vector<char> tail(z.size() - lowest);
-  z.read(lowest, tail.size(), tail.data());
+  z.read_exact(lowest, tail.size(), tail.data());
   int64_t eocd = -1;
   for (uint64_t at = tail.size() - 22 + 1; at-- > 0;)
     if (std::memcmp(tail.data() + at, "PK\x05\x06", 4) == 0) {
@@ -108,15 +134,22 @@ void verify_zip_crcs(const ZipFile& z, const std::string& path) {
     uint64_t size = z.le(at + 20, 4), local = z.le(at + 42, 4);
     MOEV_CHECK(z.has(at + 46, name_len + extra_len), "checkpoint ", path, ": its zip directory is cut short");
     std::string name(name_len, '\0');
-    z.read(at + 46, name_len, name.data());
+    z.read_exact(at + 46, name_len, name.data());
     // Zip64 sizes and offset, in the order of the fields that hold 0xFFFFFFFF.
     for (uint64_t x = at + 46 + name_len, end = x + extra_len; x + 4 <= end;) {
       const uint64_t id = z.le(x, 2), len = z.le(x + 2, 2);
       if (id == 0x0001) {
         uint64_t f = x + 4;
-        if (z.le(at + 24, 4) == 0xFFFFFFFF) f += 8;  // uncompressed size first
-        if (z.le(at + 20, 4) == 0xFFFFFFFF) size = z.le(f, 8), f += 8;
-        if (z.le(at + 42, 4) == 0xFFFFFFFF) local = z.le(f, 8);
+        auto field = [&] {  // the next 8-byte field, within this extra record
+          MOEV_CHECK(f + 8 <= x + 4 + len, "checkpoint ", path, ": member '", name,
+                     "' has a damaged zip64 record; the file is corrupt");
+          const uint64_t v = z.le(f, 8);
+          f += 8;
+          return v;
+        };
+        if (z.le(at + 24, 4) == 0xFFFFFFFF) field();  // uncompressed size first
+        if (z.le(at + 20, 4) == 0xFFFFFFFF) size = field();
+        if (z.le(at + 42, 4) == 0xFFFFFFFF) local = field();
       }
       x += 4 + len;
     }
@@ -130,7 +163,7 @@ void verify_zip_crcs(const ZipFile& z, const std::string& path) {
       uLong got = crc32(0L, Z_NULL, 0);
       for (uint64_t done = 0; done < size;) {
         const uint64_t n = std::min<uint64_t>(size - done, buffer.size());
-        z.read(data + done, n, buffer.data());
+        z.read_exact(data + done, n, buffer.data());
         got = crc32(got, reinterpret_cast<const Bytef*>(buffer.data()), static_cast<uInt>(n));
         done += n;
       }
@@ -179,21 +212,13 @@ Checkpoint load_checkpoint(const std::string& path) {
   // A pipe would block the open below (a FIFO without a writer) or fail its seeks.
   MOEV_CHECK(!std::filesystem::exists(path) || std::filesystem::is_regular_file(path), "checkpoint ", path,
              ": not a regular file (a pipe or a device?); expected a checkpoint file");
-  {
-    const struct Fd {
-      int fd;
-      ~Fd() { if (fd >= 0) ::close(fd); }
-    } file{::open(path.c_str(), O_RDONLY)};
-    MOEV_CHECK(file.fd >= 0, "checkpoint ", path, ": cannot open (no such file?)");
-    struct stat st {};
-    MOEV_CHECK(::fstat(file.fd, &st) == 0, "checkpoint ", path, ": cannot stat");
-    verify_zip_crcs(ZipFile(file.fd, static_cast<uint64_t>(st.st_size)), path);
-  }
+  auto file = std::make_shared<ZipFile>(path);
+  verify_zip_crcs(*file, path);
   c10::IValue v;
   try {
     // Straight from the file into each tensor's storage: pickle_load would
     // first copy the whole file into memory, twice.
-    caffe2::serialize::PyTorchStreamReader reader(path);
+    caffe2::serialize::PyTorchStreamReader reader(file);
     v = torch::jit::readArchiveAndTensors("data", "", "", c10::nullopt, c10::nullopt, c10::nullopt, reader);
   } catch (const std::exception&) {
     fail("checkpoint ", path, ": not a moev checkpoint (unreadable torch pickle)");

@@ -49,13 +49,16 @@ std::vector<T> read_list(const json& section, const char* key, const std::string
 std::string placement_spec(const std::string& p) { return p == "all" ? "every-1" : p; }
 }  // namespace
 
-std::vector<std::string> skipped_points(const SweepGrid& grid) {
-  std::vector<std::string> out;
-  for (auto E : grid.experts)
-    for (auto K : grid.ks)
-      if (E > 1 && K > E) out.push_back("E = " + std::to_string(E) + " with K = " + std::to_string(K));
-  return out;
+namespace {
+// A repeated entry would train one model twice and tabulate it twice.
+template <typename T, typename Key>
+void check_no_repeats(const std::vector<T>& list, const char* key, const std::string& source, Key key_of) {
+  for (size_t i = 0; i < list.size(); ++i)
+    for (size_t j = 0; j < i; ++j)
+      MOEV_CHECK(key_of(list[i]) != key_of(list[j]), source, ": sweep.", key, ": ", nlohmann::json(list[i]).dump(),
+                 " repeats ", nlohmann::json(list[j]).dump());
 }
+}  // namespace
 
 SweepGrid parse_sweep_grid(const json& section, const std::string& source) {
   MOEV_CHECK(section.is_object(), source, ": [sweep]: expected a table with models, experts, ",
@@ -71,6 +74,11 @@ SweepGrid parse_sweep_grid(const json& section, const std::string& source) {
   g.experts = read_list<int64_t>(section, "experts", source, g.experts);
   g.placements = read_list<std::string>(section, "placements", source, g.placements);
   g.ks = read_list<int64_t>(section, "k", source, g.ks);
+  const auto same = [](const auto& x) { return x; };
+  check_no_repeats(g.models, "models", source, same);
+  check_no_repeats(g.experts, "experts", source, same);
+  check_no_repeats(g.ks, "k", source, same);
+  check_no_repeats(g.placements, "placements", source, placement_spec);  // "all" is "every-1"
   for (auto e : g.experts) MOEV_CHECK(e >= 1, source, ": sweep.experts: ", e, " is not >= 1");
   for (auto k : g.ks) MOEV_CHECK(k >= 1, source, ": sweep.k: ", k, " is not >= 1");
   for (const auto& p : g.placements) {
@@ -83,19 +91,21 @@ SweepGrid parse_sweep_grid(const json& section, const std::string& source) {
   return g;
 }
 
-std::vector<SweepRun> expand_grid(const SweepGrid& grid, const json& base,
-                                  const std::string& source) {
+std::vector<SweepRun> expand_grid(const SweepGrid& grid, const json& base, const std::string& source,
+                                  std::vector<std::string>* skipped) {
   MOEV_CHECK(!(base.contains("model") && base["model"].contains("preset")), source,
              ": model.preset: a sweep takes its models from sweep.models");
   std::vector<SweepRun> runs;
-  // The same model reached twice (a repeated list entry, "all" next to
-  // "every-1") would train twice and fill two rows with one result.
+  // Two placements can pick the same blocks of one model (last-2 and every-2
+  // of a 4-block one): trained once, under the first name.
   std::map<std::tuple<std::string, int64_t, int64_t, std::vector<int64_t>>, std::string> seen;
+  auto skip = [&](const std::string& why) {
+    if (skipped) skipped->push_back(why);
+  };
   auto add = [&](SweepRun r, const std::vector<int64_t>& blocks) {
     const auto [it, fresh] = seen.emplace(std::make_tuple(r.model, r.experts, r.k, blocks), r.name);
-    MOEV_CHECK(fresh, source, ": sweep runs ", it->second, " and ", r.name,
-               " are the same model; drop the repeated entry of sweep.models, experts or placements");
-    runs.push_back(std::move(r));
+    if (fresh) runs.push_back(std::move(r));
+    else skip(r.name + ": the same MoE blocks as " + it->second);
   };
   for (const auto& m : grid.models) {
     io::RunConfig start;
@@ -115,7 +125,10 @@ std::vector<SweepRun> expand_grid(const SweepGrid& grid, const json& base,
       }
       for (const auto& p : grid.placements)
         for (auto K : grid.ks) {
-          if (K > E) continue;
+          if (K > E) {
+            skip(m + "_e" + std::to_string(E) + "_" + p + "_k" + std::to_string(K) + ": K > E");
+            continue;
+          }
           SweepRun r{m + "_e" + std::to_string(E) + "_" + p + "_k" + std::to_string(K), m, p, E, K,
                      start};
           r.cfg.model.moe = models::parse_placement(placement_spec(p));

@@ -28,9 +28,6 @@ struct SweepGrid {
 // keys, empty lists and bad values are moev::Errors naming `source`.
 SweepGrid parse_sweep_grid(const nlohmann::json& section, const std::string& source);
 
-// The (E, K) pairs the grid skips because K > E, e.g. "E = 4 with K = 8".
-std::vector<std::string> skipped_points(const SweepGrid& grid);
-
 struct SweepRun {
   std::string name;  // directory name: <model>_dense or <model>_e<E>_<placement>_k<K>
   std::string model, placement;
@@ -41,9 +38,10 @@ struct SweepRun {
 // One RunConfig per grid point: the preset, then `base` (the file's other
 // sections, already merged with CLI overrides) on top, then the grid's E, K and
 // placement. Every placement is checked against its model here, before any
-// training starts.
-std::vector<SweepRun> expand_grid(const SweepGrid& grid, const nlohmann::json& base,
-                                  const std::string& source);
+// training starts. Points skipped (K > E, or the same MoE blocks as an earlier
+// placement of the model) are described in `skipped`.
+std::vector<SweepRun> expand_grid(const SweepGrid& grid, const nlohmann::json& base, const std::string& source,
+                                  std::vector<std::string>* skipped = nullptr);
 
 struct SweepRow {
   std::string name, model, placement;

@@ -4,6 +4,7 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <optional>
 #include <set>
 #include <thread>
@@ -137,9 +138,8 @@ json eval_json(const EvalResult& e) {
   return j;
 }
 
-}  // namespace
-
-TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
+// The run itself; train_model holds the directory's lock around it.
+TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   const std::string ckpt_file = checkpoint_path(cfg.train.out_dir);
   Checkpoint resume_from;
   Position pos;
@@ -276,12 +276,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   // anyway, so no rank can start from another (e.g. an older init_from file).
   if (comm) comm->broadcast(shared);
   std::ofstream log;
-  std::optional<io::FileLock> lock;
   if (lead) {
-    fs::create_directories(tc.out_dir);
-    // Two processes in one directory (two sweeps into one --out, a run started
-    // twice) would interleave logs and rename each other's checkpoints.
-    lock.emplace((fs::path(tc.out_dir) / ".train.lock").string(), "train.out_dir = " + tc.out_dir);
     // Checked now: a directory that cannot be written would otherwise fail at
     // the first checkpoint, after the training it was to keep.
     io::write_text_atomic((fs::path(tc.out_dir) / "config.json").string(), io::to_json_string(cfg) + "\n");
@@ -698,6 +693,34 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   out.train_seconds = train_elapsed() - prior_train_s;
   out.train_images_per_s = out.train_seconds > 0 ? double(images_seen) / out.train_seconds : 0;
   return out;
+}
+}  // namespace
+
+TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
+  if (opts.comm && opts.comm->rank() != 0) return train_locked(std::move(cfg), opts);  // rank 0 writes the directory
+  // Two processes in one directory (two sweeps into one --out, a run started
+  // twice) would interleave logs and rename each other's checkpoints. Locked
+  // before anything in it is read: a run that finished or saved while this one
+  // checked for its checkpoint must be seen.
+  const fs::path dir = cfg.train.out_dir;
+  const bool created = !fs::exists(dir);
+  fs::create_directories(dir);
+  const fs::path lock_file = dir / ".train.lock";
+  std::optional<io::FileLock> lock;
+  lock.emplace(lock_file.string(), "train.out_dir = " + cfg.train.out_dir);
+  try {
+    return train_locked(std::move(cfg), opts);
+  } catch (...) {
+    // A run refused before it wrote anything leaves no directory behind.
+    lock.reset();
+    std::error_code ec;
+    if (created && fs::is_directory(dir, ec) &&
+        std::distance(fs::directory_iterator(dir, ec), fs::directory_iterator()) == 1 && fs::exists(lock_file, ec)) {
+      fs::remove(lock_file, ec);
+      fs::remove(dir, ec);
+    }
+    throw;
+  }
 }
 
 }  // namespace moev::train
