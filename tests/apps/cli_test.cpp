@@ -186,6 +186,11 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   ASSERT_EQ(again.code, 0) << again.out;
   EXPECT_NE(again.out.find("done before"), std::string::npos) << again.out;
   EXPECT_EQ(again.out.find("trained"), std::string::npos) << again.out;
+  // The same data spelled another way is the same run.
+  auto spelled = run("sweep --config " + dir.file("s.toml") + " --out " + out +
+                     " --set data.path=/usr/share/datasets/fashion-mnist/");
+  ASSERT_EQ(spelled.code, 0) << spelled.out;
+  EXPECT_NE(spelled.out.find("done before"), std::string::npos) << spelled.out;
   // Other settings into the same --out: the old results must not stand for them.
   const std::string results = bytes_of(out + "/results.csv");
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --out " + out + " --set train.lr=0.01",

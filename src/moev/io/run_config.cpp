@@ -1,5 +1,7 @@
 #include "moev/io/run_config.h"
 
+#include <filesystem>
+
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -367,15 +369,33 @@ json to_json(const RunConfig& cfg) {
 
 std::string to_json_string(const RunConfig& cfg) { return to_json(cfg).dump(2); }
 
+bool same_path(const std::string& x, const std::string& y) {
+  std::error_code ex, ey;
+  const auto cx = std::filesystem::weakly_canonical(x, ex), cy = std::filesystem::weakly_canonical(y, ey);
+  return x == y || (!ex && !ey && cx == cy);
+}
+
 std::vector<std::string> config_differences(const RunConfig& was, const RunConfig& now,
                                             const std::set<std::string>& keys) {
   const json a = to_json(was), b = to_json(now);
+  // Files named by these keys may be spelled two ways ("data/x/", "./data/x").
+  static const std::set<std::string> path_keys = {"data.path", "data.test_path", "train.init_from", "train.teacher"};
+  auto same = [](const json& x, const json& y) {
+    if (x.is_string() && y.is_string()) return same_path(x.get<std::string>(), y.get<std::string>());
+    if (!x.is_array() || !y.is_array() || x.size() != y.size()) return x == y;
+    for (size_t i = 0; i < x.size(); ++i)
+      if (!x[i].is_string() || !y[i].is_string() || !same_path(x[i].get<std::string>(), y[i].get<std::string>()))
+        return false;
+    return true;
+  };
   std::vector<std::string> out;
   for (const auto& [section, fields] : b.items())
     for (const auto& [field, value] : fields.items()) {
       const std::string key = section + "." + field;
       if ((value.is_array() && value.empty()) || (!keys.empty() && !keys.count(key))) continue;
-      const auto old = a.contains(section) && a[section].contains(field) ? a[section][field].dump() : "(none)";
+      const bool known = a.contains(section) && a[section].contains(field);
+      if (known && path_keys.count(key) && same(a[section][field], value)) continue;
+      const auto old = known ? a[section][field].dump() : "(none)";
       if (old != value.dump()) out.push_back(key + " = " + value.dump() + " (was: " + old + ")");
     }
   return out;

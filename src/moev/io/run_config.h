@@ -47,9 +47,13 @@ nlohmann::json to_json(const RunConfig& cfg);
 std::string to_json_string(const RunConfig& cfg);
 RunConfig from_json_string(const std::string& text, const std::string& source);
 
+// One file spelled two ways ("data/x" and "./data/x/") is the same file.
+bool same_path(const std::string& x, const std::string& y);
+
 // Where `now` differs from `was`, one "section.key = now (was: old)" line per
 // dotted key (lists compared whole). Keys `now` leaves empty are skipped: the
 // run fills them (data.mean from its images). keys: only these, or all if empty.
+// Paths (data.path, train.init_from, ...) are compared as files.
 std::vector<std::string> config_differences(const RunConfig& was, const RunConfig& now,
                                             const std::set<std::string>& keys = {});
 

@@ -35,13 +35,6 @@ class Differences {
   std::ostringstream out_;
 };
 
-// One dataset spelled two ways ("data/x" and "./data/x/") is the same dataset.
-bool same_file(const std::string& x, const std::string& y) {
-  std::error_code ex, ey;
-  const auto cx = fs::weakly_canonical(x, ex), cy = fs::weakly_canonical(y, ey);
-  return x == y || (!ex && !ey && cx == cy);
-}
-
 // Where a config's test images come from (open_datasets' rule): the folder
 // format falls back to the training root, the others read data.path's test
 // files, the manifest its own CSV.
@@ -76,7 +69,7 @@ std::string training_data_difference(const DataConfig& a, const DataConfig& b) {
   Differences out;
   auto add = [&](const char* key, const auto& x, const auto& y) { out.add(std::string("data.") + key, x, y); };
   add("format", a.format, b.format);
-  if (!same_file(a.path, b.path)) add("path", a.path, b.path);
+  if (!io::same_path(a.path, b.path)) add("path", a.path, b.path);
   add("train_limit", a.train_limit, b.train_limit);
   add("per_class", a.per_class, b.per_class);
   if (a.per_class > 0 && b.per_class > 0) add("subset_seed", a.subset_seed, b.subset_seed);
@@ -87,7 +80,7 @@ std::string test_data_difference(const DataConfig& a, const DataConfig& b) {
   Differences out;
   out.add("data.format", a.format, b.format);
   const auto ta = test_source(a), tb = test_source(b);
-  if (!same_file(ta.second, tb.second)) {
+  if (!io::same_path(ta.second, tb.second)) {
     // "data.path "a" vs "b"", or "data.test_path "a" vs data.path "b"" when they are read from other keys.
     const std::string other = ta.first == tb.first ? "" : "data." + std::string(tb.first) + " ";
     out.item("data." + std::string(ta.first) + " " + nlohmann::json(ta.second).dump() + " vs " + other +
