@@ -29,9 +29,7 @@ void check_resume_overrides(const ConfigFlags& flags, const io::RunConfig& cfg) 
     for (const auto& kv : *list) named.insert(kv.substr(0, kv.find('=')));
   const bool all = !flags.config_file.empty() || !flags.preset.empty();
   if (!all && named.empty()) return;
-  std::string differ;
-  for (const auto& d : io::config_differences(train::resumed_config(saved, cfg), cfg, all ? std::set<std::string>{} : named))
-    differ += "\n  " + d;
+  const auto differ = train::resume_differences(saved, cfg, all ? std::set<std::string>{} : named);
   MOEV_CHECK(differ.empty(), "--resume continues ", path, " as it was saved; these settings differ from it:",
              differ, "\ndrop them to resume, or start a new run with another --out");
 }

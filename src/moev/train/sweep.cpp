@@ -226,8 +226,7 @@ void check_run_settings(const io::RunConfig& want, const std::filesystem::path& 
   } else {
     saved = io::from_json_string(load_checkpoint(ckpt.string()).config_json, ckpt.string());
   }
-  std::string differ;
-  for (const auto& d : io::config_differences(resumed_config(saved, want), want)) differ += "\n  " + d;
+  const auto differ = resume_differences(saved, want);
   MOEV_CHECK(differ.empty(), "sweep run ", dir.string(), " was trained with other settings than this sweep asks for:",
              differ, "\nsweep into another --out, or delete ", dir.string(), " to train it again");
 }

@@ -51,6 +51,13 @@ io::RunConfig resumed_config(io::RunConfig saved, const io::RunConfig& now) {
   return saved;
 }
 
+std::string resume_differences(const io::RunConfig& saved, const io::RunConfig& now,
+                               const std::set<std::string>& keys) {
+  std::string out;
+  for (const auto& d : io::config_differences(resumed_config(saved, now), now, keys)) out += "\n  " + d;
+  return out;
+}
+
 int set_threads(int threads) {
   // Far past any core count, threads only contend (and make a replica each).
   constexpr int kMaxThreads = 1024;

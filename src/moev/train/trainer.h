@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <map>
 #include <ostream>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -60,6 +61,11 @@ uint64_t branch_view_seed(uint64_t seed, int64_t view);
 // The config a resumed run continues with: the one it was saved with, but for
 // how it runs (threads, device, progress bar, max_steps, out_dir), taken from now.
 io::RunConfig resumed_config(io::RunConfig saved, const io::RunConfig& now);
+
+// The settings of `now` that resuming `saved` would drop, one "\n  key = now
+// (was: old)" line each ("" when none); keys: only these, or all if empty.
+std::string resume_differences(const io::RunConfig& saved, const io::RunConfig& now,
+                               const std::set<std::string>& keys = {});
 
 // Sets the intra-op thread count (0: all cores) once per process; returns it.
 int set_threads(int threads);
