@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 
+#include "moev/core/bytes.h"
 #include "moev/core/error.h"
 
 namespace moev::data {
@@ -69,7 +70,7 @@ class IdxFile {
   uint32_t read_u32(const char* what) {
     unsigned char b[4];
     MOEV_CHECK(read(b, 4) == 4, "IDX file ", path_, " ends inside its header (reading ", what, ")");
-    return (uint32_t{b[0]} << 24) | (uint32_t{b[1]} << 16) | (uint32_t{b[2]} << 8) | b[3];
+    return big_endian32(b);
   }
 
   // Checks, before anything is allocated, that the file can hold what its header

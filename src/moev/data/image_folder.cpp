@@ -7,12 +7,12 @@
 #include <stb/stb_image_resize.h>
 #include <torch/torch.h>
 
-#include <algorithm>
-#include <climits>
-#include <atomic>
-#include <cctype>
 #include <zlib.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <climits>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "moev/core/bytes.h"
 #include "moev/core/error.h"
 
 namespace moev::data {
@@ -68,10 +69,6 @@ std::vector<fs::path> sorted_entries(const fs::path& dir) {
   }
   std::sort(entries.begin(), entries.end());
   return entries;
-}
-
-uint32_t big_endian32(const unsigned char* p) {
-  return uint32_t{p[0]} << 24 | uint32_t{p[1]} << 16 | uint32_t{p[2]} << 8 | uint32_t{p[3]};
 }
 
 // stb_image skips the CRC-32 every PNG chunk carries, so a flipped byte in the

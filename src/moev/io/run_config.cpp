@@ -12,6 +12,7 @@
 #include <toml++/toml.h>
 
 #include "moev/core/error.h"
+#include "moev/io/table.h"
 
 namespace moev::io {
 
@@ -250,11 +251,7 @@ const Field* find_field(const std::string& key) {
 }  // namespace
 
 json read_config_file(const std::string& path) {
-  std::ifstream in(path);
-  MOEV_CHECK(in.good(), "config file ", path, ": cannot open");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const std::string text = ss.str();
+  const std::string text = read_text(path, "config file");
   const bool is_toml = path.size() > 5 && path.compare(path.size() - 5, 5, ".toml") == 0;
   const bool is_json = path.size() > 5 && path.compare(path.size() - 5, 5, ".json") == 0;
   MOEV_CHECK(is_toml || is_json, "config file ", path, ": expected a .toml or .json file");

@@ -78,6 +78,15 @@ void write_text_atomic(const std::string& path, const std::string& text) {
   if (ec) failed(": " + ec.message());
 }
 
+std::string read_text(const std::string& path, const std::string& what) {
+  std::ifstream in(path, std::ios::binary);
+  MOEV_CHECK(in.good(), what, " ", path, ": cannot open");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  MOEV_CHECK(!in.bad(), what, " ", path, ": read failed");
+  return ss.str();
+}
+
 std::string fmt(double v, int decimals) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%.*f", decimals, v);

@@ -20,6 +20,9 @@ struct Table {
 // directory. Throws moev::Error naming the path on failure.
 void write_text_atomic(const std::string& path, const std::string& text);
 
+// The whole file as text; moev::Error naming `what` and the path when it cannot be read.
+std::string read_text(const std::string& path, const std::string& what = "file");
+
 // A number as table text: fixed decimals.
 std::string fmt(double v, int decimals = 4);
 

@@ -164,7 +164,7 @@ void verify_zip_crcs(const ZipFile& z, const std::string& path) {
       for (uint64_t done = 0; done < size;) {
         const uint64_t n = std::min<uint64_t>(size - done, buffer.size());
         z.read_exact(data + done, n, buffer.data());
-        got = crc32(got, reinterpret_cast<const Bytef*>(buffer.data()), static_cast<uInt>(n));
+        got = crc32_of(got, buffer.data(), n);
         done += n;
       }
       MOEV_CHECK((got & 0xffffffffUL) == crc, "checkpoint ", path, ": member '", name,

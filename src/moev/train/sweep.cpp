@@ -47,6 +47,11 @@ std::vector<T> read_list(const json& section, const char* key, const std::string
 }
 
 std::string placement_spec(const std::string& p) { return p == "all" ? "every-1" : p; }
+
+// A grid point's directory name: <model>_e<E>_<placement>_k<K>.
+std::string moe_run_name(const std::string& model, int64_t E, const std::string& placement, int64_t K) {
+  return model + "_e" + std::to_string(E) + "_" + placement + "_k" + std::to_string(K);
+}
 }  // namespace
 
 namespace {
@@ -126,11 +131,10 @@ std::vector<SweepRun> expand_grid(const SweepGrid& grid, const json& base, const
       for (const auto& p : grid.placements)
         for (auto K : grid.ks) {
           if (K > E) {
-            skip(m + "_e" + std::to_string(E) + "_" + p + "_k" + std::to_string(K) + ": K > E");
+            skip(moe_run_name(m, E, p, K) + ": K > E");
             continue;
           }
-          SweepRun r{m + "_e" + std::to_string(E) + "_" + p + "_k" + std::to_string(K), m, p, E, K,
-                     start};
+          SweepRun r{moe_run_name(m, E, p, K), m, p, E, K, start};
           r.cfg.model.moe = models::parse_placement(placement_spec(p));
           r.cfg.model.router.num_experts = E;
           r.cfg.model.router.k = K;
@@ -219,10 +223,7 @@ void check_run_settings(const io::RunConfig& want, const std::filesystem::path& 
   if (!fs::exists(dir / "result.json") && !fs::exists(ckpt)) return;
   io::RunConfig saved;
   if (fs::exists(file)) {
-    std::ifstream in(file);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    saved = io::from_json_string(ss.str(), file.string());
+    saved = io::from_json_string(io::read_text(file.string()), file.string());
   } else {
     saved = io::from_json_string(load_checkpoint(ckpt.string()).config_json, ckpt.string());
   }
@@ -246,11 +247,9 @@ std::vector<SweepRow> run_sweep(const std::vector<SweepRun>& runs, const std::st
     cfg.train.eval_each_epoch = false;
     check_run_settings(cfg, dir);
     if (fs::exists(result)) {  // finished before an interruption
-      std::ifstream in(result);
-      std::stringstream ss;
-      ss << in.rdbuf();
+      const std::string text = io::read_text(result.string(), "sweep result");
       try {
-        rows.push_back(row_from_json(json::parse(ss.str())));
+        rows.push_back(row_from_json(json::parse(text)));
       } catch (const json::exception& e) {
         fail(result.string(), ": unreadable sweep result (", e.what(), "); delete it to rerun");
       }
