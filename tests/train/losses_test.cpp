@@ -1,5 +1,5 @@
-// The soft-target losses, the diversity loss between branches and the batch
-// mixing, against hand-computed values and their defining properties.
+// The soft-target losses, the diversity loss and online distillation between
+// branches and the batch mixing, against hand-computed values and their defining properties.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -8,6 +8,13 @@
 #include "moev/train/losses.h"
 
 using namespace moev::train;
+
+namespace {
+// How far apart two branches' predictions are: the L1 distance of their softmaxes.
+double gap(const at::Tensor& x, const at::Tensor& y) {
+  return (torch::softmax(x, 1) - torch::softmax(y, 1)).abs().sum().item<double>();
+}
+}  // namespace
 
 TEST(DiversityLoss, ZeroWhenBranchesAgree) {
   torch::manual_seed(0);
@@ -29,9 +36,6 @@ TEST(DiversityLoss, GradientStepPushesBranchesApart) {
   torch::manual_seed(1);
   auto a = (torch::randn({16, 10}) * 0.5).requires_grad_(true);
   auto b = (a.detach() + 0.3 * torch::randn({16, 10})).requires_grad_(true);
-  auto gap = [](const at::Tensor& x, const at::Tensor& y) {
-    return (torch::softmax(x, 1) - torch::softmax(y, 1)).abs().sum().item<double>();
-  };
   const double before_gap = gap(a, b);
   auto loss = diversity_loss({a, b});
   loss.backward();
@@ -50,6 +54,42 @@ TEST(DiversityLoss, BoundedBelowByMinusNLogN) {
   const double v = diversity_loss(br).item<double>();
   EXPECT_GE(v, -3 * std::log(3.0) - 1e-5);
   EXPECT_NEAR(v, -3 * std::log(3.0), 1e-4);
+}
+
+TEST(OnlineDistillLoss, ZeroWhenBranchesAgreeAndMatchesHandComputedKl) {
+  torch::manual_seed(2);
+  auto l = torch::randn({8, 10});
+  EXPECT_NEAR(online_distill_loss({l, l.clone(), l.clone()}, 3.0).item<double>(), 0.0, 1e-6);
+  // Logits (ln 0.8, ln 0.2) and (ln 0.2, ln 0.8) at T = 1: the mean logits are
+  // equal, q is uniform, and each branch's KL(q || p_i) = 0.5 ln(0.5 / 0.8) + 0.5 ln(0.5 / 0.2).
+  auto l1 = torch::tensor({{std::log(0.8f), std::log(0.2f)}});
+  auto l2 = torch::tensor({{std::log(0.2f), std::log(0.8f)}});
+  const double kl = 0.5 * std::log(0.5 / 0.8) + 0.5 * std::log(0.5 / 0.2);
+  EXPECT_NEAR(online_distill_loss({l1, l2}, 1.0).item<double>(), 2 * kl, 1e-6);
+  // T^2 scaling: at T = 2 the softened branches (sqrt ratios) give KL times 4.
+  const double p = 2.0 / 3.0;  // softmax((ln 0.8, ln 0.2) / 2) = (2/3, 1/3)
+  const double kl2 = 0.5 * std::log(0.5 / p) + 0.5 * std::log(0.5 / (1 - p));
+  EXPECT_NEAR(online_distill_loss({l1, l2}, 2.0).item<double>(), 4 * 2 * kl2, 1e-5);
+}
+
+TEST(OnlineDistillLoss, GradientStepPullsBranchesTogetherAndLeavesTheTeacherAlone) {
+  torch::manual_seed(3);
+  auto a = (torch::randn({16, 10}) * 0.5).requires_grad_(true);
+  auto b = (a.detach() + 0.5 * torch::randn({16, 10})).requires_grad_(true);
+  const double before_gap = gap(a, b);
+  auto loss = online_distill_loss({a, b}, 3.0);
+  loss.backward();
+  // The teacher (the mean) is held fixed: each branch's gradient is that of
+  // T^2 KL(q || p_i) alone, T (p_i - q) per logit, mean over the batch.
+  {
+    torch::NoGradGuard ng;
+    auto q = torch::softmax((a + b) / 6.0, 1);
+    EXPECT_TRUE(torch::allclose(a.grad(), 3.0 * (torch::softmax(a / 3.0, 1) - q) / 16.0, 1e-5, 1e-7));
+  }
+  torch::NoGradGuard ng;
+  auto a2 = a - 2.0 * a.grad(), b2 = b - 2.0 * b.grad();
+  EXPECT_LT(online_distill_loss({a2, b2}, 3.0).item<double>(), loss.item<double>() - 1e-4);
+  EXPECT_LT(gap(a2, b2), before_gap);
 }
 
 TEST(DiversityLoss, OffTargetIgnoresTheSupportedClasses) {

@@ -369,6 +369,37 @@ TEST(MultiBranch, OffTargetDiversityLeavesTheLabelOut) {
   EXPECT_NEAR(logged, off, 5e-7) << "all classes: " << all;
 }
 
+// Online distillation is the first step's whole auxiliary loss with the
+// diversity loss off; with views it is refused like the diversity loss.
+TEST(MultiBranch, OnlineDistillationIsTheLoggedAuxLoss) {
+  test::TempDir dir;
+  auto c = toy(dir.file("od"), 3);
+  c.model.drop_path = 0;
+  c.model.dropout = 0;
+  c.train.diversity_weight = 0;
+  c.train.online_distill = 2.0;
+  c.train.online_distill_temperature = 4.0;
+  const auto [logged, m] = first_step(c, "aux_loss");
+  auto ds = train::open_datasets(c.data, c.model, /*load_train=*/true);
+  data::Batch b;
+  data::BatchLoader loader(
+      ds.train, train::training_loader_options(c.data, ds, c.train.batch_size, train::branch_view_seed(c.train.seed, 0)),
+      0);
+  ASSERT_TRUE(loader.next(b));
+  torch::NoGradGuard ng;
+  const double expected = 2.0 * train::online_distill_loss(m->forward_branches(b.x).logits, 4.0).item<double>();
+  ASSERT_GT(expected, 1e-2);  // three freshly initialised branches are far from agreeing
+  EXPECT_NEAR(logged, expected, 1e-5);
+
+  c.train.out_dir = dir.file("od_views");
+  c.train.branch_views = true;
+  test::expect_error([&] { train::train_model(c, {}); }, {"train.branch_views", "train.online_distill = 0"});
+  c.train.branch_views = false;
+  c.train.online_distill_temperature = 0;
+  test::expect_error([&] { train::train_model(c, {}); }, {"train.online_distill_temperature = 0", "expected > 0"});
+  EXPECT_FALSE(std::filesystem::exists(c.train.out_dir));
+}
+
 // A killed run with branch views resumes exactly: every view's loader picks up
 // at the batch it stopped at, and so do the views' mix draws.
 TEST(MultiBranch, KilledRunWithBranchViewsResumesExactly) {

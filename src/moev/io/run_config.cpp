@@ -188,6 +188,11 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("train.diversity_weight", train.diversity_weight, "multi-branch: diversity loss weight"),
         MOEV_FIELD("train.diversity_off_target", train.diversity_off_target,
                    "multi-branch: the diversity loss only over the classes a row's target gives less than 1/L"),
+        MOEV_FIELD("train.online_distill", train.online_distill,
+                   "multi-branch: weight of online distillation, each branch towards the branches' mean "
+                   "(Lan et al. 2018's ONE; 0: off)"),
+        MOEV_FIELD("train.online_distill_temperature", train.online_distill_temperature,
+                   "multi-branch: softmax temperature of online distillation"),
         MOEV_FIELD("train.branch_views", train.branch_views,
                    "multi-branch: each branch trains on batches of its own (images, order, crops, mixes), "
                    "the shared trunk on all of them (needs train.diversity_weight = 0)"),

@@ -40,6 +40,15 @@ at::Tensor diversity_loss(const std::vector<at::Tensor>& logits, const at::Tenso
   return -kl.sum(0).mean();
 }
 
+at::Tensor online_distill_loss(const std::vector<at::Tensor>& logits, double temperature) {
+  MOEV_CHECK(!logits.empty(), "online_distill_loss: no branches");
+  MOEV_CHECK(temperature > 0, "online_distill_loss: temperature ", temperature, ": expected > 0");
+  auto z = torch::stack(logits) / temperature;                      // [N, B, L]
+  auto log_q = torch::log_softmax(z.mean(0).detach(), 1);           // the teacher, [B, L]
+  auto kl = (log_q.exp() * (log_q - torch::log_softmax(z, 2))).sum(2);  // [N, B]
+  return kl.sum(0).mean() * (temperature * temperature);
+}
+
 at::Tensor supported_classes(const at::Tensor& target) { return target > 1.0 / double(target.size(1)); }
 
 namespace {

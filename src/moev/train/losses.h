@@ -1,6 +1,7 @@
 // The training objectives beyond plain cross-entropy: soft targets (label
 // smoothing, distillation, mixup/cutmix), the cosine loss of Barz & Denzler
-// 2020, and Sun et al.'s diversity loss between expert branches; and the batch
+// 2020, Sun et al.'s diversity loss between expert branches and its opposite,
+// online distillation between them; and the batch
 // mixing (mixup, cutmix) that makes soft targets in the first place.
 #pragma once
 
@@ -34,6 +35,17 @@ at::Tensor cosine_loss(const at::Tensor& logits, const at::Tensor& target);
 // non-maximal diversity, so the push need not cost accuracy on the label.
 // logits: N x [B, L] -> scalar
 at::Tensor diversity_loss(const std::vector<at::Tensor>& logits, const at::Tensor& exclude = {});
+
+// Online distillation between branches (Lan et al. 2018's ONE, with the
+// plain mean of the branches' logits as the on-the-fly teacher): sum over
+// branches of T^2 KL(q || p_i), q = softmax(mean logits / T) held fixed (no
+// gradient), p_i = softmax(logits_i / T), mean over the batch. The opposite
+// pull to the diversity loss: each branch is drawn towards what the branches
+// agree on, which ONE finds makes every branch better than training it alone.
+// T^2 keeps the gradient's size independent of T (Hinton et al. 2015). Zero
+// when all branches agree.
+// logits: N x [B, L] -> scalar
+at::Tensor online_distill_loss(const std::vector<at::Tensor>& logits, double temperature);
 
 // The classes a target supports: target [B, L] (rows sum to 1) -> bool [B, L],
 // true where the target gives a class more than the uniform share 1/L (the

@@ -49,6 +49,8 @@ struct TrainConfig {
   bool teacher_on_mix = false;    // the teacher also runs on mixup/cutmix images (uncached), not their parts' mixed probs
   bool teacher_other_data = false;  // distillation: allow a teacher trained on other images than the student (e.g. all labels)
   double diversity_weight = 0.2;  // multi-branch models: weight of the diversity loss (Sun et al.: 0.2)
+  double online_distill = 0;      // multi-branch: weight of online distillation towards the branches' mean (Lan et al. 2018; 0: off)
+  double online_distill_temperature = 3;  // its softmax temperature (ONE: 3)
   bool diversity_off_target = false;  // the diversity loss leaves out the classes each row's target supports
   bool branch_views = false;      // multi-branch: each branch trains on batches of its own (order, crops, mixes), the trunk on all
   double clip_grad_norm = 1.0;    // global gradient norm clip (0: off)

@@ -186,6 +186,9 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
              ": expected [0, 1]");
   MOEV_CHECK(tc.cosine_loss >= 0, "train.cosine_loss = ", tc.cosine_loss, ": expected >= 0");
   MOEV_CHECK(tc.diversity_weight >= 0, "train.diversity_weight = ", tc.diversity_weight, ": expected >= 0");
+  MOEV_CHECK(tc.online_distill >= 0, "train.online_distill = ", tc.online_distill, ": expected >= 0");
+  MOEV_CHECK(tc.online_distill_temperature > 0, "train.online_distill_temperature = ",
+             tc.online_distill_temperature, ": expected > 0");
   MOEV_CHECK(tc.label_smoothing >= 0 && tc.label_smoothing < 1, "train.label_smoothing = ", tc.label_smoothing,
              ": expected [0, 1) (the share of a target spread over all classes)");
   MOEV_CHECK(std::isfinite(tc.minutes) && tc.minutes >= 0, "train.minutes = ", tc.minutes,
@@ -228,6 +231,9 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   MOEV_CHECK(!tc.branch_views || n_branches == 1 || tc.diversity_weight == 0, "train.branch_views: each ",
              "branch sees other images, so the diversity loss (train.diversity_weight = ", tc.diversity_weight,
              ") would compare outputs on different images; set train.diversity_weight = 0");
+  MOEV_CHECK(!tc.branch_views || n_branches == 1 || tc.online_distill == 0, "train.branch_views: each ",
+             "branch sees other images, so online distillation (train.online_distill = ", tc.online_distill,
+             ") would compare outputs on different images; set train.online_distill = 0");
   // Loaded (and checked) before the run directory is written, like the checks above.
   std::unique_ptr<Teacher> teacher;
   if (!tc.teacher.empty())
@@ -523,6 +529,10 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
               off = soft ? supported_classes(ts[r])
                          : torch::one_hot(ys[r], cfg.model.num_classes).to(torch::kBool);
             aux = tc.diversity_weight * diversity_loss(outs.logits, off);
+          }
+          if (tc.online_distill > 0) {
+            auto od = tc.online_distill * online_distill_loss(outs.logits, tc.online_distill_temperature);
+            aux = aux.defined() ? aux + od : od;
           }
           if (views == 1) right = correct(torch::stack(outs.logits).mean(0).detach(), 0);
         } else {
