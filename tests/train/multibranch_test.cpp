@@ -5,6 +5,7 @@
 // branch trains on its own batch.
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -73,6 +74,24 @@ TEST(MultiBranch, TeacherRunsOncePerImageAndAugmentation) {
   auto r = train::train_model(s, {});
   EXPECT_EQ(r.steps, 15);
   EXPECT_EQ(r.teacher_images, 50);
+  // A cache of 20 keys (10 classes: 40 bytes of probabilities plus 64 per
+  // key): the other 30 images run the teacher every epoch, and the student
+  // learns exactly the same weights.
+  s.train.teacher_cache_mb = 20.5 * 104 / (1024.0 * 1024.0);
+  s.train.out_dir = dir.file("student_small_cache");
+  s.train.log_every = 5;  // the note comes with a log line
+  s.train.progress = true;
+  std::ostringstream progress;
+  train::TrainRunOptions with_progress;
+  with_progress.progress = &progress;
+  const auto capped = train::train_model(s, with_progress);
+  const std::string said = progress.str();
+  EXPECT_EQ(capped.teacher_images, 50 + 30 + 30);
+  EXPECT_NE(said.find("teacher's cache is full (20 images"), std::string::npos) << said;
+  const auto full = train::load_checkpoint(dir.file("student") + "/checkpoint.pt").model;
+  const auto small = train::load_checkpoint(dir.file("student_small_cache") + "/checkpoint.pt").model;
+  for (const auto& [name, t] : full) EXPECT_TRUE(torch::equal(t, small.at(name))) << name;
+  s.train.teacher_cache_mb = 2048;
   // With crops and flips there are 50 variants per image; 3 epochs see at most 150 of 2500.
   s.data.augment = true;
   s.train.out_dir = dir.file("student_aug");

@@ -182,6 +182,9 @@ const std::vector<Field>& fields() {
                    "target = lambda * label-smoothed + (1 - lambda) * teacher probs"),
         MOEV_FIELD("train.teacher_on_mix", train.teacher_on_mix,
                    "distillation: the teacher runs on the mixup/cutmix image itself (uncached) rather than its parts"),
+        MOEV_FIELD("train.teacher_cache_mb", train.teacher_cache_mb,
+                   "distillation: megabytes of cached teacher probabilities (per image and crop/flip); past them, "
+                   "new images run the teacher each time (0: no cache)"),
         MOEV_FIELD("train.teacher_other_data", train.teacher_other_data,
                    "distillation: allow a teacher trained on other training images than the student's (default: an "
                    "error, since in a data-efficient run it would pass on labels the student may not see)"),

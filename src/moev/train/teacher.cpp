@@ -1,5 +1,7 @@
 #include "moev/train/teacher.h"
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <sstream>
 #include <system_error>
@@ -139,7 +141,12 @@ at::Tensor Teacher::probs(const at::Tensor& x, const at::Tensor& index, const at
       fresh[missing[j]] = static_cast<int64_t>(j);
       if (ap[missing[j]] < 0) continue;
       const int64_t key = ip[missing[j]] * n_aug + ap[missing[j]];
-      if (rows_.count(key)) continue;  // the same image twice in one batch
+      if (cache_full() || rows_.count(key)) continue;  // full, or the same image twice in one batch
+      // Grown by doubling up to the limit, never past it.
+      if (probs_.size() == probs_.capacity()) {
+        const double want = std::max(2.0 * double(probs_.size()), 1024.0 * double(classes_));
+        probs_.reserve(static_cast<size_t>(std::min(want, double(max_rows_) * double(classes_))));
+      }
       rows_[key] = static_cast<int64_t>(probs_.size()) / classes_;
       probs_.insert(probs_.end(), pp + j * classes_, pp + (j + 1) * classes_);
     }
@@ -147,11 +154,19 @@ at::Tensor Teacher::probs(const at::Tensor& x, const at::Tensor& index, const at
   auto out = torch::empty({B, classes_}, torch::kFloat);
   float* op = out.data_ptr<float>();
   for (int64_t i = 0; i < B; ++i) {
-    const float* src = ap[i] < 0 ? p.data_ptr<float>() + fresh[i] * classes_
-                                 : probs_.data() + rows_.at(ip[i] * n_aug + ap[i]) * classes_;
+    const float* src = fresh[i] >= 0 ? p.data_ptr<float>() + fresh[i] * classes_
+                                     : probs_.data() + rows_.at(ip[i] * n_aug + ap[i]) * classes_;
     std::copy(src, src + classes_, op + i * classes_);
   }
   return out.to(x.device());
+}
+
+void Teacher::limit_cache(double megabytes) {
+  MOEV_CHECK(std::isfinite(megabytes) && megabytes >= 0, "teacher cache of ", megabytes,
+             " MB: expected >= 0 (0: no cache)");
+  // A key costs its probabilities plus an unordered_map node and bucket (~64 bytes).
+  const double per_key = double(classes_) * sizeof(float) + 64.0;
+  max_rows_ = static_cast<int64_t>(std::min(megabytes * 1024.0 * 1024.0 / per_key, 9e18));
 }
 
 at::Tensor Teacher::probs_uncached(const at::Tensor& x) {

@@ -47,6 +47,16 @@ class Teacher {
 
   int64_t images_run() const { return images_run_; }  // teacher forwards so far
 
+  // At most `megabytes` of cached probabilities (map entries included): past
+  // it, new keys are taught uncached, each time they come. The cache's size is
+  // images x crop/flip variants x classes, unbounded in the data: 50 images
+  // per class of ImageNet's 1000 classes with 162 variants each would want
+  // 32 GB. Results do not depend on it (a probability is the same cached or
+  // not); only how often the teacher runs does.
+  void limit_cache(double megabytes);
+  int64_t cached() const { return static_cast<int64_t>(rows_.size()); }  // keys held
+  bool cache_full() const { return cached() >= max_rows_; }
+
  private:
   // x: [M, C, H, W] in the student's normalisation -> [M, L], the members' mean.
   at::Tensor forward_chunks(const at::Tensor& x);
@@ -59,6 +69,7 @@ class Teacher {
   int64_t classes_ = 0;
   std::unordered_map<int64_t, int64_t> rows_;  // key -> row in probs_
   std::vector<float> probs_;                   // rows of `classes_` probabilities
+  int64_t max_rows_ = INT64_MAX;                // the cache's limit, in keys
   int64_t images_run_ = 0;
 };
 

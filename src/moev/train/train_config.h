@@ -47,6 +47,7 @@ struct TrainConfig {
   std::vector<std::string> teacher;  // distillation: the teacher's checkpoint(s), same architecture; several average their probabilities
   double distill_lambda = 0.5;    // target = lambda * label-smoothed + (1 - lambda) * teacher probs
   bool teacher_on_mix = false;    // the teacher also runs on mixup/cutmix images (uncached), not their parts' mixed probs
+  double teacher_cache_mb = 2048;  // distillation: memory for cached teacher probabilities; past it, taught uncached (0: none)
   bool teacher_other_data = false;  // distillation: allow a teacher trained on other images than the student (e.g. all labels)
   double diversity_weight = 0.2;  // multi-branch models: weight of the diversity loss (Sun et al.: 0.2)
   double online_distill = 0;      // multi-branch: weight of online distillation towards the branches' mean (Lan et al. 2018; 0: off)

@@ -47,6 +47,7 @@ io::RunConfig resumed_config(io::RunConfig saved, const io::RunConfig& now) {
   saved.train.device = now.train.device;
   saved.train.progress = now.train.progress;
   saved.train.max_steps = now.train.max_steps;
+  saved.train.teacher_cache_mb = now.train.teacher_cache_mb;  // how often the teacher runs, not what it says
   saved.train.out_dir = now.train.out_dir;
   return saved;
 }
@@ -186,6 +187,8 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
              ": expected [0, 1]");
   MOEV_CHECK(tc.cosine_loss >= 0, "train.cosine_loss = ", tc.cosine_loss, ": expected >= 0");
   MOEV_CHECK(tc.diversity_weight >= 0, "train.diversity_weight = ", tc.diversity_weight, ": expected >= 0");
+  MOEV_CHECK(std::isfinite(tc.teacher_cache_mb) && tc.teacher_cache_mb >= 0, "train.teacher_cache_mb = ",
+             tc.teacher_cache_mb, ": expected >= 0 (megabytes; 0: no cache)");
   MOEV_CHECK(tc.online_distill >= 0, "train.online_distill = ", tc.online_distill, ": expected >= 0");
   MOEV_CHECK(tc.online_distill_temperature > 0, "train.online_distill_temperature = ",
              tc.online_distill_temperature, ": expected > 0");
@@ -236,9 +239,11 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
              ") would compare outputs on different images; set train.online_distill = 0");
   // Loaded (and checked) before the run directory is written, like the checks above.
   std::unique_ptr<Teacher> teacher;
-  if (!tc.teacher.empty())
+  if (!tc.teacher.empty()) {
     teacher = std::make_unique<Teacher>(tc.teacher, cfg.model, ds.mean, ds.std,
                                         tc.teacher_other_data ? nullptr : &cfg.data);
+    teacher->limit_cache(tc.teacher_cache_mb);
+  }
   model->to(device);
   if (!opts.resume && !tc.init_from.empty())
     load_module_tensors(*model, inference_weights(load_checkpoint(tc.init_from)), tc.init_from);
@@ -410,6 +415,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   const int64_t pace_from = pos.step + 5, pace_every = 10;
   int64_t images_seen = 0, window_correct = 0, window_images = 0;
   double window_loss = 0, window_aux = 0, window_grad_norm = 0, ema_loss = -1;
+  bool cache_full_noted = false;  // the note that the teacher's cache filled, printed once
   double window_comm = comm ? comm->seconds_in_collectives() : 0.0;
   auto t_window = t_start;
   reps.train(true);
@@ -630,6 +636,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
                   {"grad_norm", window_grad_norm / n},
                   {"train_acc", double(window_correct) / double(window_images)},
                   {"teacher_images", teacher ? teacher->images_run() : 0},
+                  {"teacher_cached", teacher ? teacher->cached() : 0},
                   {"images_per_s", secs > 0 ? double(window_images) / secs : 0.0}};
         json load = json::array(), dropped = json::array();
         for (const auto& s : reps.last_stats(slices)) {
@@ -648,6 +655,13 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
           window_comm = c;
         }
         log << line.dump() << "\n" << std::flush;
+        if (teacher && teacher->cache_full() && !cache_full_noted && opts.progress && tc.progress) {
+          cache_full_noted = true;
+          if (opts.interactive) *opts.progress << "\r\033[K";
+          *opts.progress << "note: the teacher's cache is full (" << teacher->cached()
+                         << " images and crops, train.teacher_cache_mb = " << tc.teacher_cache_mb
+                         << "); the teacher runs on every new one from now on\n";
+        }
         window_loss = window_aux = window_grad_norm = 0;
         window_correct = window_images = 0;
         t_window = now;

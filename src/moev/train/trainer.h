@@ -59,7 +59,8 @@ std::string checkpoint_path(const std::string& out_dir);
 uint64_t branch_view_seed(uint64_t seed, int64_t view);
 
 // The config a resumed run continues with: the one it was saved with, but for
-// how it runs (threads, device, progress bar, max_steps, out_dir), taken from now.
+// how it runs (threads, device, progress bar, max_steps, out_dir, the teacher's
+// cache), taken from now.
 io::RunConfig resumed_config(io::RunConfig saved, const io::RunConfig& now);
 
 // The settings of `now` that resuming `saved` would drop, one "\n  key = now
