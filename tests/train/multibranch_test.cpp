@@ -62,6 +62,16 @@ std::pair<double, models::ClassifierPtr> first_step(io::RunConfig c, const std::
   m->train();
   return {logged, m};
 }
+// The batch the run's first step trains on (branch 0's, with views).
+data::Batch first_batch(const io::RunConfig& c) {
+  auto ds = train::open_datasets(c.data, c.model, /*load_train=*/true);
+  data::Batch b;
+  data::BatchLoader loader(
+      ds.train, train::training_loader_options(c.data, ds, c.train.batch_size, train::branch_view_seed(c.train.seed, 0)),
+      0);
+  EXPECT_TRUE(loader.next(b));
+  return b;
+}
 }  // namespace
 
 TEST(MultiBranch, TeacherRunsOncePerImageAndAugmentation) {
@@ -370,12 +380,7 @@ TEST(MultiBranch, OffTargetDiversityLeavesTheLabelOut) {
   c.train.diversity_weight = 0.5;
   c.train.diversity_off_target = true;
   const auto [logged, m] = first_step(c, "aux_loss");
-  auto ds = train::open_datasets(c.data, c.model, /*load_train=*/true);
-  data::Batch b;
-  data::BatchLoader loader(
-      ds.train, train::training_loader_options(c.data, ds, c.train.batch_size, train::branch_view_seed(c.train.seed, 0)),
-      0);
-  ASSERT_TRUE(loader.next(b));
+  const data::Batch b = first_batch(c);
   torch::NoGradGuard ng;
   const auto outs = m->forward_branches(b.x);
   const auto label = torch::one_hot(b.y, c.model.num_classes).to(torch::kBool);
@@ -399,12 +404,7 @@ TEST(MultiBranch, OnlineDistillationIsTheLoggedAuxLoss) {
   c.train.online_distill = 2.0;
   c.train.online_distill_temperature = 4.0;
   const auto [logged, m] = first_step(c, "aux_loss");
-  auto ds = train::open_datasets(c.data, c.model, /*load_train=*/true);
-  data::Batch b;
-  data::BatchLoader loader(
-      ds.train, train::training_loader_options(c.data, ds, c.train.batch_size, train::branch_view_seed(c.train.seed, 0)),
-      0);
-  ASSERT_TRUE(loader.next(b));
+  const data::Batch b = first_batch(c);
   torch::NoGradGuard ng;
   const double expected = 2.0 * train::online_distill_loss(m->forward_branches(b.x).logits, 4.0).item<double>();
   ASSERT_GT(expected, 1e-2);  // three freshly initialised branches are far from agreeing
