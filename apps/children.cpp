@@ -13,6 +13,7 @@
 #include <fstream>
 
 #include "moev/core/error.h"
+#include "moev/io/table.h"
 
 namespace moev::app {
 
@@ -48,13 +49,13 @@ Children::~Children() {
 }
 
 nlohmann::json last_log_line(const std::string& run_dir, const std::string& key) {
-  std::ifstream in(std::filesystem::path(run_dir) / "log.jsonl");
-  std::string line;
   nlohmann::json last;
-  while (std::getline(in, line)) {
+  io::last_line_where((std::filesystem::path(run_dir) / "log.jsonl").string(), [&](const std::string& line) {
     auto j = nlohmann::json::parse(line, nullptr, false);
-    if (!j.is_discarded() && j.contains(key)) last = std::move(j);
-  }
+    if (j.is_discarded() || !j.is_object() || !j.contains(key)) return false;
+    last = std::move(j);
+    return true;
+  });
   return last;
 }
 

@@ -117,6 +117,7 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
     MOEV_CHECK(!opts.init_tensors.empty(), hc.trunk, ": no tensors of the decoding layer '", trunk_model->decoder(),
                "'");
   }
+  trunk_ckpt = train::Checkpoint{};  // the decoder's tensors are in opts; the rest is not needed while training
   opts.resume = fs::exists(train::checkpoint_path(cfg.train.out_dir));
   auto r = train::train_model(cfg, opts);
   MOEV_CHECK(r.finished, "expert ", expert, " stopped after ", r.steps, " steps before its last epoch (max_steps); ",

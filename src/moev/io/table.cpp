@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <filesystem>
@@ -85,6 +86,42 @@ std::string read_text(const std::string& path, const std::string& what) {
   ss << in.rdbuf();
   MOEV_CHECK(!in.bad(), what, " ", path, ": read failed");
   return ss.str();
+}
+
+std::string last_line_where(const std::string& path, const std::function<bool(const std::string&)>& keep) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return "";
+  in.seekg(0, std::ios::end);
+  std::streamoff pos = in.tellg();
+  constexpr std::streamoff kBlock = 1 << 16;
+  std::string carry;  // the start of a line that began before the blocks read so far
+  while (pos > 0) {
+    const std::streamoff n = std::min(kBlock, pos);
+    pos -= n;
+    std::string block(static_cast<size_t>(n), '\0');
+    in.seekg(pos);
+    if (!in.read(block.data(), n)) return "";
+    block += carry;
+    // Whole lines start after the block's first newline (or at the file's start).
+    const size_t first = pos == 0 ? 0 : block.find('\n');
+    if (first == std::string::npos) {
+      carry = std::move(block);
+      continue;
+    }
+    const size_t from = pos == 0 ? 0 : first + 1;
+    for (size_t end = block.size(); end > from;) {
+      const size_t nl = block.rfind('\n', end - 1);
+      const size_t begin = nl == std::string::npos || nl < from ? from : nl + 1;
+      if (end > begin) {
+        std::string line = block.substr(begin, end - begin);
+        if (keep(line)) return line;
+      }
+      if (begin == from) break;
+      end = begin - 1;  // before the newline that ends the previous line
+    }
+    carry = block.substr(0, from);
+  }
+  return "";
 }
 
 std::string fmt(double v, int decimals) {

@@ -2,6 +2,7 @@
 // and as Markdown for people, each file replaced atomically.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,11 @@ void write_text_atomic(const std::string& path, const std::string& text);
 
 // The whole file as text; moev::Error naming `what` and the path when it cannot be read.
 std::string read_text(const std::string& path, const std::string& what = "file");
+
+// The last line of a text file for which keep(line) holds ("" when none, or
+// no such file), read backwards from the end in blocks: a scheduler follows a
+// days-long run's log (tens of MB) twice a second, and needs only its end.
+std::string last_line_where(const std::string& path, const std::function<bool(const std::string&)>& keep);
 
 // A number as table text: fixed decimals.
 std::string fmt(double v, int decimals = 4);

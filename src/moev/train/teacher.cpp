@@ -142,20 +142,19 @@ at::Tensor Teacher::probs(const at::Tensor& x, const at::Tensor& index, const at
       if (ap[missing[j]] < 0) continue;
       const int64_t key = ip[missing[j]] * n_aug + ap[missing[j]];
       if (cache_full() || rows_.count(key)) continue;  // full, or the same image twice in one batch
-      // Grown by doubling up to the limit, never past it.
-      if (probs_.size() == probs_.capacity()) {
-        const double want = std::max(2.0 * double(probs_.size()), 1024.0 * double(classes_));
-        probs_.reserve(static_cast<size_t>(std::min(want, double(max_rows_) * double(classes_))));
-      }
-      rows_[key] = static_cast<int64_t>(probs_.size()) / classes_;
-      probs_.insert(probs_.end(), pp + j * classes_, pp + (j + 1) * classes_);
+      // Chunks of fixed size, never moved: a vector grown by doubling would
+      // hold 1.5x the limit while it copies.
+      const auto row = static_cast<int64_t>(rows_.size());
+      if (row % kCacheChunkRows == 0) chunks_.emplace_back().reserve(static_cast<size_t>(kCacheChunkRows * classes_));
+      chunks_.back().insert(chunks_.back().end(), pp + j * classes_, pp + (j + 1) * classes_);
+      rows_[key] = row;
     }
   }
   auto out = torch::empty({B, classes_}, torch::kFloat);
   float* op = out.data_ptr<float>();
   for (int64_t i = 0; i < B; ++i) {
     const float* src = fresh[i] >= 0 ? p.data_ptr<float>() + fresh[i] * classes_
-                                     : probs_.data() + rows_.at(ip[i] * n_aug + ap[i]) * classes_;
+                                     : cached_row(rows_.at(ip[i] * n_aug + ap[i]));
     std::copy(src, src + classes_, op + i * classes_);
   }
   return out.to(x.device());

@@ -67,8 +67,12 @@ class Teacher {
   };
   std::vector<Member> members_;
   int64_t classes_ = 0;
-  std::unordered_map<int64_t, int64_t> rows_;  // key -> row in probs_
-  std::vector<float> probs_;                   // rows of `classes_` probabilities
+  static constexpr int64_t kCacheChunkRows = 4096;
+  const float* cached_row(int64_t row) const {
+    return chunks_[static_cast<size_t>(row / kCacheChunkRows)].data() + (row % kCacheChunkRows) * classes_;
+  }
+  std::unordered_map<int64_t, int64_t> rows_;  // key -> cached row
+  std::vector<std::vector<float>> chunks_;     // kCacheChunkRows rows of `classes_` probabilities each
   int64_t max_rows_ = INT64_MAX;                // the cache's limit, in keys
   int64_t images_run_ = 0;
 };

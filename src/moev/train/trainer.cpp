@@ -423,6 +423,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   // teacher and the replicas above draws from it (weight init), and stochastic
   // depth must see the stream the uninterrupted run saw.
   if (opts.resume && resume_from.rng.numel() > 0) set_cpu_rng_state(resume_from.rng);
+  resume_from = Checkpoint{};  // all copied into place: not held (4x the weights) for the rest of the run
   while (pos.step < stop_at && pos.epoch < all_epochs) {
     std::vector<std::unique_ptr<data::BatchLoader>> loaders;
     for (int64_t v = 0; v < views; ++v) {

@@ -1,0 +1,54 @@
+// Text-file helpers of moev::io: the last line of a file that a predicate
+// keeps, read backwards in blocks, against a forward scan of the same file.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "moev/io/table.h"
+#include "support/temp_dir.h"
+
+using namespace moev;
+
+namespace {
+// What a forward scan finds: the last line (split at '\n') that `keep` holds.
+std::string forward_scan(const std::string& text, const std::function<bool(const std::string&)>& keep) {
+  std::string found, line;
+  for (size_t at = 0; at <= text.size(); ++at) {
+    if (at == text.size() || text[at] == '\n') {
+      if (!line.empty() && keep(line)) found = line;
+      line.clear();
+    } else {
+      line += text[at];
+    }
+  }
+  return found;
+}
+}  // namespace
+
+TEST(LastLineWhere, AgreesWithAForwardScanAcrossBlockBoundaries) {
+  test::TempDir dir;
+  const std::string path = dir.file("log.jsonl");
+  // Lines of every length around the 64 KiB block, a line longer than two
+  // blocks, and a last line cut short without its newline (a log being written).
+  std::string text;
+  for (int i = 0; i < 3000; ++i) text += "{\"step\":" + std::to_string(i) + std::string(i % 97, ' ') + "}\n";
+  text += "{\"eval\":1," + std::string(150000, 'x') + "}\n";
+  for (int i = 0; i < 500; ++i) text += (i % 7 ? "{\"loss\":" : "{\"eval\":") + std::to_string(i) + "}\n";
+  text += "{\"loss\":9";
+  std::ofstream(path, std::ios::binary) << text;
+  const std::vector<std::string> keys = {"\"step\"", "\"eval\"", "\"loss\"", "\"none\"", "x}", "\"step\":0 "};
+  for (const auto& key : keys) {
+    auto has = [&](const std::string& l) { return l.find(key) != std::string::npos; };
+    EXPECT_EQ(io::last_line_where(path, has), forward_scan(text, has)) << key;
+  }
+  // The first line of the file, with the blocks' starts falling anywhere in it.
+  auto first = [](const std::string& l) { return l == "{\"step\":0}"; };
+  EXPECT_EQ(io::last_line_where(path, first), "{\"step\":0}");
+  EXPECT_EQ(io::last_line_where(dir.file("missing.jsonl"), first), "");
+  // A predicate that keeps everything is asked about the file's last line only.
+  int asked = 0;
+  EXPECT_EQ(io::last_line_where(path, [&](const std::string&) { return ++asked > 0; }), "{\"loss\":9");
+  EXPECT_EQ(asked, 1);
+}
