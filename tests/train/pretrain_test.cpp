@@ -89,6 +89,21 @@ TEST(Pretrain, KnnProbeKnownAnswer) {
   EXPECT_NEAR(train::knn_top1(train, train_labels, test, torch::tensor({0, 1, 0}, torch::kInt64), 4, 2), 1.0, 1e-9);
 }
 
+// Blocks of test rows (here of 7, 128 floats over 17 training rows) give the
+// answer the whole set in one block gives.
+TEST(Pretrain, KnnProbeInBlocksEqualsOneBlock) {
+  torch::manual_seed(5);
+  const auto train = torch::randn({17, 4});
+  const auto train_labels = torch::randint(0, 3, {17}, torch::kInt64);
+  const auto test = torch::randn({50, 4});
+  const auto test_labels = torch::randint(0, 3, {50}, torch::kInt64);
+  const double whole = train::knn_top1(train, train_labels, test, test_labels, 5, 3);
+  EXPECT_GT(whole, 0);
+  EXPECT_LT(whole, 1);
+  EXPECT_EQ(train::knn_top1(train, train_labels, test, test_labels, 5, 3, 128), whole);
+  EXPECT_EQ(train::knn_top1(train, train_labels, test, test_labels, 5, 3, 1), whole);  // a row at a time
+}
+
 TEST(Pretrain, ToyRunResumesExactlyLeavesHeadsAndStartsTraining) {
   test::TempDir dir;
   auto cfg = test::toy_resnest_run(dir.file("ssl"), 2);

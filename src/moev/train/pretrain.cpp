@@ -76,14 +76,15 @@ at::Tensor info_nce(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }
 
 double knn_top1(const at::Tensor& train, const at::Tensor& train_labels, const at::Tensor& test,
-                const at::Tensor& test_labels, int64_t k, int64_t num_classes) {
+                const at::Tensor& test_labels, int64_t k, int64_t num_classes, int64_t block_floats) {
   MOEV_CHECK(k >= 1 && train.size(0) >= 1, "knn_top1: k = ", k, " with ", train.size(0), " training rows");
   const auto tr = F::normalize(train, F::NormalizeFuncOptions().dim(1));
   const auto te = F::normalize(test, F::NormalizeFuncOptions().dim(1));
   const int64_t kk = std::min(k, tr.size(0));
   int64_t correct = 0;
-  for (int64_t begin = 0; begin < te.size(0); begin += 1024) {
-    const int64_t n = std::min<int64_t>(1024, te.size(0) - begin);
+  const int64_t rows = std::clamp<int64_t>(block_floats / tr.size(0), 1, 1024);
+  for (int64_t begin = 0; begin < te.size(0); begin += rows) {
+    const int64_t n = std::min<int64_t>(rows, te.size(0) - begin);
     const auto sim = te.narrow(0, begin, n).mm(tr.t());  // [n, M]
     const auto top = sim.topk(kk, 1);
     const auto& idx = std::get<1>(top);

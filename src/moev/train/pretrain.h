@@ -102,8 +102,11 @@ at::Tensor info_nce(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
 // Weighted kNN classification (Wu et al. 2018): each test embedding votes with
 // its k most cosine-similar training embeddings, weight exp(similarity / 0.07).
+// The test rows go in blocks whose similarities hold at most block_floats
+// (2^26: 256 MB, however many training rows; 1024 rows x 1.28M would be 5 GB).
 // train: [M, F], train_labels: [M], test: [T, F], test_labels: [T] -> top-1 fraction
 double knn_top1(const at::Tensor& train, const at::Tensor& train_labels, const at::Tensor& test,
-                const at::Tensor& test_labels, int64_t k, int64_t num_classes);
+                const at::Tensor& test_labels, int64_t k, int64_t num_classes,
+                int64_t block_floats = int64_t{1} << 26);
 
 }  // namespace moev::train

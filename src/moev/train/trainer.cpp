@@ -656,7 +656,8 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
           window_comm = c;
         }
         log << line.dump() << "\n" << std::flush;
-        if (teacher && teacher->cache_full() && !cache_full_noted && opts.progress && tc.progress) {
+        if (teacher && tc.teacher_cache_mb > 0 && teacher->cache_full() && !cache_full_noted && opts.progress &&
+            tc.progress) {
           cache_full_noted = true;
           if (opts.interactive) *opts.progress << "\r\033[K";
           *opts.progress << "note: the teacher's cache is full (" << teacher->cached()
