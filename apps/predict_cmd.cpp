@@ -44,8 +44,16 @@ Runner add_predict(CLI::App& app) {
     MOEV_CHECK(f->top >= 1, "--top ", f->top, ": expected >= 1");
     const int64_t k = std::min(f->top, m.num_classes);
     std::vector<torch::Tensor> imgs;
-    for (const auto& path : f->images)
-      imgs.push_back(data::decode_image_file(path, m.image_size, m.image_size, m.channels));
+    for (const auto& path : f->images) {
+      data::SourceSize size;
+      imgs.push_back(data::decode_image_file(path, m.image_size, m.image_size, m.channels, &size));
+      // Classified all the same, but a thumbnail blown up past 2x holds little
+      // of the detail the model learned from.
+      if (2 * size.height < m.image_size || 2 * size.width < m.image_size)
+        std::fprintf(stderr, "note: %s is %lldx%lld, upscaled to the model's %lldx%lld\n", path.c_str(),
+                     (long long)size.width, (long long)size.height, (long long)m.image_size,
+                     (long long)m.image_size);
+    }
     auto x = data::normalize_images(torch::stack(imgs), t.cfg.data.mean, t.cfg.data.std).to(device);
     torch::Tensor probs;
     {

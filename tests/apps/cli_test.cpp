@@ -152,6 +152,12 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   auto p = run("predict --checkpoint " + ckpt + " --top 2 --json " + dir.file("img.png"));
   ASSERT_EQ(p.code, 0) << p.out;
   EXPECT_NE(p.out.find("\"probability\""), std::string::npos) << p.out;
+  EXPECT_EQ(p.out.find("upscaled"), std::string::npos) << p.out;
+  // A 3x5 thumbnail is classified, with a note that it was blown up.
+  ASSERT_TRUE(stbi_write_png(dir.file("tiny.png").c_str(), 3, 5, 1, px.data(), 3));
+  p = run("predict --checkpoint " + ckpt + " " + dir.file("tiny.png"));
+  ASSERT_EQ(p.code, 0) << p.out;
+  EXPECT_NE(p.out.find("tiny.png is 3x5, upscaled to the model's 28x28"), std::string::npos) << p.out;
   std::ofstream(dir.file("notes.png")) << "this is text, not an image";
   expect_clean_failure("predict --checkpoint " + ckpt + " " + dir.file("notes.png"), {"notes.png"});
   // Another architecture's weights as the starting point of a run.

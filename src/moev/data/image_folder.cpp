@@ -159,8 +159,8 @@ std::pair<int, int> apply_orientation(int orientation, std::vector<unsigned char
   return {ow, oh};
 }
 
-// Decodes path into dst, uint8 [C, H, W] contiguous.
-void decode_into(const std::string& path, int64_t height, int64_t width, int64_t channels,
+// Decodes path into dst, uint8 [C, H, W] contiguous; returns the file's own (upright) size.
+SourceSize decode_into(const std::string& path, int64_t height, int64_t width, int64_t channels,
                  uint8_t* dst) {
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   MOEV_CHECK(in, "cannot open image file ", path);
@@ -189,6 +189,7 @@ void decode_into(const std::string& path, int64_t height, int64_t width, int64_t
     std::tie(w, h) = apply_orientation(o, upright, hwc, w, h, static_cast<int>(channels));
     hwc = upright.data();
   }
+  const SourceSize source{h, w};
   if (h != height || w != width) {
     resized.resize(static_cast<size_t>(height * width * channels));
     const int ok = stbir_resize_uint8(hwc, w, h, /*input_stride=*/0, resized.data(),
@@ -202,17 +203,19 @@ void decode_into(const std::string& path, int64_t height, int64_t width, int64_t
   for (int64_t p = 0; p < plane; ++p) {
     for (int64_t c = 0; c < channels; ++c) dst[c * plane + p] = hwc[p * channels + c];
   }
+  return source;
 }
 
 }  // namespace
 
 torch::Tensor decode_image_file(const std::string& path, int64_t height, int64_t width,
-                                int64_t channels) {
+                                int64_t channels, SourceSize* source) {
   check_geometry(height, width, channels);
   MOEV_CHECK(fs::exists(path), "image file ", path, " not found");
   MOEV_CHECK(fs::is_regular_file(path), "image file ", path, " is not a regular file (a directory, a pipe?)");
   torch::Tensor image = torch::empty({channels, height, width}, torch::kUInt8);
-  decode_into(path, height, width, channels, image.data_ptr<uint8_t>());
+  const SourceSize size = decode_into(path, height, width, channels, image.data_ptr<uint8_t>());
+  if (source) *source = size;
   return image;
 }
 

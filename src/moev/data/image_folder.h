@@ -17,8 +17,14 @@ namespace moev::data {
 ImageSet read_image_folder(const std::string& root, int64_t height, int64_t width,
                            int64_t channels);
 
-// One image file (PNG, JPEG, BMP, GIF, PGM/PPM, TGA) -> uint8 [C, H, W], resized and converted like read_image_folder.
+// An image file's own size (upright, as EXIF orientation turns it), before resizing.
+struct SourceSize {
+  int64_t height = 0, width = 0;
+};
+
+// One image file (PNG, JPEG, BMP, GIF, PGM/PPM, TGA) -> uint8 [C, H, W], resized and converted like read_image_folder;
+// with `source`, the file's own size is written there.
 torch::Tensor decode_image_file(const std::string& path, int64_t height, int64_t width,
-                                int64_t channels);
+                                int64_t channels, SourceSize* source = nullptr);
 
 }  // namespace moev::data
