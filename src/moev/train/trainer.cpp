@@ -231,12 +231,11 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   auto model = models::build_model(cfg.model);
   const int64_t n_branches = model->num_branches();
   // Checked before the run directory is written, so a rejected config leaves it as it was.
-  MOEV_CHECK(!tc.branch_views || n_branches == 1 || tc.diversity_weight == 0, "train.branch_views: each ",
-             "branch sees other images, so the diversity loss (train.diversity_weight = ", tc.diversity_weight,
-             ") would compare outputs on different images; set train.diversity_weight = 0");
-  MOEV_CHECK(!tc.branch_views || n_branches == 1 || tc.online_distill == 0, "train.branch_views: each ",
-             "branch sees other images, so online distillation (train.online_distill = ", tc.online_distill,
-             ") would compare outputs on different images; set train.online_distill = 0");
+  // Both losses compare the branches' outputs on one image.
+  for (const auto& [key, weight] : {std::pair<const char*, double>{"train.diversity_weight", tc.diversity_weight},
+                                    {"train.online_distill", tc.online_distill}})
+    MOEV_CHECK(!tc.branch_views || n_branches == 1 || weight == 0, "train.branch_views: each branch sees other ",
+               "images, so ", key, " = ", weight, " would compare outputs on different images; set ", key, " = 0");
   // Loaded (and checked) before the run directory is written, like the checks above.
   std::unique_ptr<Teacher> teacher;
   if (!tc.teacher.empty()) {
