@@ -1,5 +1,7 @@
 // The sparse MoE layer against a dense reference that runs every expert on every
 // token and weights the outputs by the routing decision, over a table of cases.
+#include <set>
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -218,36 +220,70 @@ TEST(Experts, GroupedGemmMatchesStockOpPathInDouble) {
 TEST(Experts, Bf16GemmsTrackFloat32WithinBf16Rounding) {
   // Mixed precision: bf16 GEMMs on fp32 master weights. Outputs and gradients
   // stay within bf16's ~3 significant digits of the fp32 path, and the weight
-  // gradients come back as fp32 on the fp32 parameters.
-  torch::manual_seed(6);
-  Experts ex(ExpertsOptions(4, 32, 48));
-  Experts exb(ExpertsOptions(4, 32, 48).matmul_dtype(torch::kBFloat16));
-  {
-    torch::NoGradGuard ng;
-    exb->w1.copy_(ex->w1);
-    exb->b1.copy_(ex->b1);
-    exb->w2.copy_(ex->w2);
-    exb->b2.copy_(ex->b2);
-  }
-  std::vector<int64_t> offsets{0, 9, 9, 30, 40};
-  auto x = torch::randn({44, 32}, torch::requires_grad());
-  auto xb = x.detach().clone().requires_grad_();
-  auto y = ex->forward(x, offsets), yb = exb->forward(xb, offsets);
-  ASSERT_EQ(yb.scalar_type(), torch::kFloat);
-  auto rel = [](const at::Tensor& a, const at::Tensor& b) {
-    return ((a - b).norm() / b.norm()).item<double>();
+  // gradients come back as fp32 on the fp32 parameters. The second layout's
+  // row counts (71, 130, 135) are not gemm_rows sizes, so its GEMMs run on
+  // rounded-up row counts, the last expert's past the end of the buffer.
+  struct Layout {
+    std::vector<int64_t> offsets;
+    int64_t rows;
   };
-  EXPECT_LT(rel(yb, y), 2e-2);
-  EXPECT_TRUE(torch::equal(yb.narrow(0, 40, 4), torch::zeros({4, 32})));
-  auto g = torch::randn({44, 32});
-  (y * g).sum().backward();
-  (yb * g).sum().backward();
-  ASSERT_EQ(exb->w1.grad().scalar_type(), torch::kFloat);
-  EXPECT_LT(rel(xb.grad(), x.grad()), 2e-2);
-  EXPECT_LT(rel(exb->w1.grad(), ex->w1.grad()), 2e-2);
-  EXPECT_LT(rel(exb->w2.grad(), ex->w2.grad()), 2e-2);
-  EXPECT_LT(rel(exb->b1.grad(), ex->b1.grad()), 2e-2);
-  EXPECT_TRUE(torch::equal(exb->w1.grad()[1], torch::zeros({32, 48})));  // expert 1 has no rows
+  for (const auto& [offsets, R] : {Layout{{0, 9, 9, 30, 40}, 44}, Layout{{0, 71, 71, 201, 336}, 336}}) {
+    SCOPED_TRACE(R);
+    torch::manual_seed(6);
+    Experts ex(ExpertsOptions(4, 32, 48));
+    Experts exb(ExpertsOptions(4, 32, 48).matmul_dtype(torch::kBFloat16));
+    {
+      torch::NoGradGuard ng;
+      exb->w1.copy_(ex->w1);
+      exb->b1.copy_(ex->b1);
+      exb->w2.copy_(ex->w2);
+      exb->b2.copy_(ex->b2);
+    }
+    auto x = torch::randn({R, 32}, torch::requires_grad());
+    auto xb = x.detach().clone().requires_grad_();
+    auto y = ex->forward(x, offsets), yb = exb->forward(xb, offsets);
+    ASSERT_EQ(yb.scalar_type(), torch::kFloat);
+    auto rel = [](const at::Tensor& a, const at::Tensor& b) { return ((a - b).norm() / b.norm()).item<double>(); };
+    // Expert by expert: a row taken from a neighbour would stand out against one expert's norm.
+    for (int64_t e = 0; e < 4; ++e)
+      if (const int64_t n = offsets[e + 1] - offsets[e]; n > 0) {
+        EXPECT_LT(rel(yb.narrow(0, offsets[e], n), y.narrow(0, offsets[e], n)), 2e-2) << "expert " << e;
+      }
+    EXPECT_TRUE(torch::equal(yb.narrow(0, offsets[4], R - offsets[4]), torch::zeros({R - offsets[4], 32})));
+    auto g = torch::randn({R, 32});
+    (y * g).sum().backward();
+    (yb * g).sum().backward();
+    ASSERT_EQ(exb->w1.grad().scalar_type(), torch::kFloat);
+    EXPECT_LT(rel(xb.grad(), x.grad()), 2e-2);
+    for (int64_t e : {0, 2, 3}) {
+      EXPECT_LT(rel(exb->w1.grad()[e], ex->w1.grad()[e]), 2e-2) << "expert " << e;
+      EXPECT_LT(rel(exb->w2.grad()[e], ex->w2.grad()[e]), 2e-2) << "expert " << e;
+      EXPECT_LT(rel(exb->b1.grad()[e], ex->b1.grad()[e]), 2e-2) << "expert " << e;
+    }
+    EXPECT_TRUE(torch::equal(exb->w1.grad()[1], torch::zeros({32, 48})));  // expert 1 has no rows
+  }
+}
+
+TEST(Experts, GemmRowsRoundUpByAtMostOneThirtySecondToFewSizes) {
+  // Each size is at least n and within 1/32 of it, a size rounds to itself,
+  // and the sizes up to 2^k number at most 64 + 32 (k - 6): bounded by the
+  // capacity's logarithm, not the capacity.
+  std::set<int64_t> sizes;
+  for (int64_t n = 0; n <= (int64_t{1} << 17); ++n) {
+    const int64_t m = moev::moe::gemm_rows(n);
+    ASSERT_GE(m, n);
+    if (n <= 64) {
+      ASSERT_EQ(m, n);
+    }
+    ASSERT_LE(32 * (m - n), n) << n;
+    ASSERT_EQ(moev::moe::gemm_rows(m), m) << n;
+    sizes.insert(m);
+    if (n > 64 && (n & (n - 1)) == 0) {
+      int k = 0;
+      while ((int64_t{1} << k) < n) ++k;
+      EXPECT_LE(static_cast<int64_t>(sizes.size()), 1 + 64 + 32 * (k - 6)) << n;  // + 1: zero rows
+    }
+  }
 }
 
 // Inference (eval, no gradient) runs on the experts' own copies of their

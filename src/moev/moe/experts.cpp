@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include <ATen/Parallel.h>
 
@@ -14,6 +15,14 @@
 #include "moev/nn/packed_gemm.h"
 
 namespace moev::moe {
+
+int64_t gemm_rows(int64_t n) {
+  if (n <= 64) return n;
+  int64_t top = 0;  // floor(log2 n)
+  while ((n >> (top + 1)) != 0) ++top;
+  const int64_t step = int64_t{1} << (top - 5);
+  return (n + step - 1) / step * step;
+}
 
 ExpertsImpl::ExpertsImpl(const ExpertsOptions& o) : options(o) {
   const int64_t E = o.num_experts(), D = o.dim(), H = o.hidden();
@@ -64,7 +73,9 @@ void parallel_rows_by_expert(const std::vector<int64_t>& offsets, const F& f) {
 class GroupedGemm {
  public:
   GroupedGemm(const std::vector<int64_t>& offsets, const at::Tensor& like)
-      : offsets_(offsets), raw_(like.device().is_cpu() && like.scalar_type() == at::kFloat) {}
+      : offsets_(offsets),
+        raw_(like.device().is_cpu() && like.scalar_type() == at::kFloat),
+        rounds_rows_(like.device().is_cpu() && like.scalar_type() == at::kBFloat16) {}
 
   // Whether rows_by_weight applies epilogues (fp32 on AVX-512's packed GEMMs).
   bool fuses_epilogues() const { return raw_ && nn::packed_gemm_supported(); }
@@ -78,11 +89,29 @@ class GroupedGemm {
     const int64_t I = in.size(1), O = out.size(1);
     MOEV_CHECK(epilogue == nn::Epilogue::kNone || fuses_epilogues(), "rows_by_weight: no epilogues on this path");
     if (!raw_) {
+      // An expert whose row count is not a gemm_rows size runs on that many
+      // rows (output rows depend on their input rows only, so the rows after
+      // its own, the next expert's or padding, are read and their results
+      // dropped), into a scratch block shared by the experts.
+      at::Tensor scratch_in, scratch_out;
+      const int64_t M = max_rounded_rows();
+      if (M > 0) scratch_out = at::empty({M, O}, out.options());
       for_experts([&](int64_t e, int64_t r0, int64_t n) {
-        auto o = out.narrow(0, r0, n);
+        const int64_t m = rounds_rows_ ? gemm_rows(n) : n;
+        auto o = m == n ? out.narrow(0, r0, n) : scratch_out.narrow(0, 0, m);
+        at::Tensor x;
+        if (m == n || r0 + m <= in.size(0)) {
+          x = in.narrow(0, r0, m);
+        } else {  // the last rows of the buffer: zero rows past its end
+          if (!scratch_in.defined()) scratch_in = at::zeros({M, I}, in.options());
+          x = scratch_in.narrow(0, 0, m);
+          x.narrow(0, 0, n).copy_(in.narrow(0, r0, n));
+          x.narrow(0, n, m - n).zero_();
+        }
         auto we = transpose_w ? w[e].t() : w[e];
-        if (b) at::addmm_out(o, (*b)[e], in.narrow(0, r0, n), we);
-        else at::mm_out(o, in.narrow(0, r0, n), we);
+        if (b) at::addmm_out(o, (*b)[e], x, we);
+        else at::mm_out(o, x, we);
+        if (m != n) out.narrow(0, r0, n).copy_(o.narrow(0, 0, n));
       });
       return;
     }
@@ -135,10 +164,26 @@ class GroupedGemm {
     gb.zero_();
     const int64_t I = a.size(1), O = g.size(1);
     if (!raw_) {
+      // A row count that is not a gemm_rows size is padded with zero rows, in
+      // both factors: they add nothing to the sum over rows.
+      at::Tensor pad_a, pad_g;
+      if (const int64_t M = max_rounded_rows(); M > 0) {
+        pad_a = at::empty({M, I}, a.options());
+        pad_g = at::empty({M, O}, g.options());
+      }
       for_experts([&](int64_t e, int64_t r0, int64_t n) {
-        auto ge = g.narrow(0, r0, n);
+        auto ae = a.narrow(0, r0, n), ge = g.narrow(0, r0, n);
         auto gwe = gw[e], gbe = gb[e];
-        at::mm_out(gwe, a.narrow(0, r0, n).t(), ge);
+        const int64_t m = rounds_rows_ ? gemm_rows(n) : n;
+        if (m == n) {
+          at::mm_out(gwe, ae.t(), ge);
+        } else {
+          for (auto [src, pad] : {std::pair{&ae, &pad_a}, std::pair{&ge, &pad_g}}) {
+            pad->narrow(0, 0, n).copy_(*src);
+            pad->narrow(0, n, m - n).zero_();
+          }
+          at::mm_out(gwe, pad_a.narrow(0, 0, m).t(), pad_g.narrow(0, 0, m));
+        }
         at::sum_out(gbe, ge, {0});
       });
       return;
@@ -209,6 +254,15 @@ class GroupedGemm {
     b.push_back(E);
     return b;
   }
+  // The most rows an expert's GEMM is rounded up to, over the experts whose
+  // row count gemm_rows changes (0: none).
+  int64_t max_rounded_rows() const {
+    int64_t most = 0;
+    if (rounds_rows_)
+      for (int64_t e = 0; e < num_experts(); ++e)
+        if (const int64_t n = offsets_[e + 1] - offsets_[e], m = gemm_rows(n); m != n) most = std::max(most, m);
+    return most;
+  }
   template <typename F>
   void for_experts(F&& f) const {
     for (int64_t e = 0; e < num_experts(); ++e)
@@ -216,6 +270,7 @@ class GroupedGemm {
   }
   const std::vector<int64_t>& offsets_;
   bool raw_;
+  bool rounds_rows_;  // bf16 on CPU: oneDNN's GEMMs, run at gemm_rows sizes
 };
 
 // out = gelu(x w1 + b1) w2 + b2 per expert's rows; w1 [E, D, H] and w2 [E, H, D],

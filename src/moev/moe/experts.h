@@ -57,4 +57,12 @@ class ExpertsImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Experts);
 
+// The row count at which an expert's GEMM of n rows runs on oneDNN (bf16 on
+// CPU): n itself up to 64, else n rounded up to a multiple of 2^(floor(log2 n)
+// - 5), at most 1/32 more rows. oneDNN builds one primitive per GEMM shape and
+// expert row counts change every step: unrounded, a run with C rows per expert
+// meets ~6C shapes (past its primitive cache, which must never evict; see
+// nn::parse_precision), rounded at most 64 + 32 per doubling of C.
+int64_t gemm_rows(int64_t n);
+
 }  // namespace moev::moe

@@ -25,7 +25,8 @@ bool native_bf16() {
 namespace {
 
 // bf16 GEMMs run on oneDNN primitives, one per GEMM shape, and the experts'
-// row counts change every step, so a run creates a few thousand of them. Past
+// row counts change every step; moe::gemm_rows rounds them to a few hundred
+// sizes, so a run creates a few thousand primitives at most. Past
 // the primitive cache's default capacity (1024) oneDNN 2.6 evicts primitives
 // while the other replica's thread may be creating or running one, and with
 // AMX kernels that race corrupts memory (seen here: a bad_alloc of ~90 TB
