@@ -23,7 +23,7 @@ namespace {
 void check_resume_overrides(const ConfigFlags& flags, const io::RunConfig& cfg) {
   const auto path = train::checkpoint_path(cfg.train.out_dir);
   if (!std::filesystem::exists(path)) return;  // train_model says what is missing
-  const auto saved = io::from_json_string(train::load_checkpoint(path).config_json, path);
+  const auto saved = io::from_json_string(train::load_checkpoint(path, train::CheckpointLoad::kConfig).config_json, path);
   std::set<std::string> named;
   for (const auto* list : {&flags.shorthand, &flags.sets})
     for (const auto& kv : *list) named.insert(kv.substr(0, kv.find('=')));

@@ -226,6 +226,66 @@ TEST(Trainer, ADamagedCheckpointFailsItsCrcCheck) {
   EXPECT_NO_THROW(train::load_checkpoint(path));
 }
 
+// Inference reads one copy of the weights: the average when kept, else the
+// model. A part left out is not read at all: a damaged byte in the optimizer's
+// first record fails only the load that wants the optimizer.
+TEST(Trainer, CheckpointLoadsReadOnlyThePartsAsked) {
+  test::TempDir dir;
+  auto cfg = tiny_run(dir.file("run"));
+  cfg.train.ema_decay = 0.8;
+  train::train_model(cfg, {});
+  const auto path = train::checkpoint_path(cfg.train.out_dir);
+  const auto all = train::load_checkpoint(path);
+  ASSERT_FALSE(all.optimizer.empty());
+  ASSERT_FALSE(all.ema.empty());
+  auto same = [](const std::map<std::string, at::Tensor>& a, const std::map<std::string, at::Tensor>& b) {
+    if (a.size() != b.size()) return false;
+    for (const auto& [name, t] : a)
+      if (!b.count(name) || !torch::equal(t, b.at(name))) return false;
+    return true;
+  };
+  using L = train::CheckpointLoad;
+  const auto weights = train::load_checkpoint(path, L::kWeights);
+  EXPECT_TRUE(same(weights.model, all.model));
+  EXPECT_TRUE(same(weights.ema, all.ema));
+  EXPECT_TRUE(weights.optimizer.empty());
+  const auto inference = train::load_checkpoint(path, L::kInference);
+  EXPECT_TRUE(same(train::inference_weights(inference), all.ema));
+  EXPECT_TRUE(inference.model.empty());
+  EXPECT_TRUE(inference.optimizer.empty());
+  EXPECT_TRUE(torch::equal(inference.rng, all.rng));
+  const auto config = train::load_checkpoint(path, L::kConfig);
+  EXPECT_EQ(config.config_json, all.config_json);
+  EXPECT_EQ(config.state_json, all.state_json);
+  EXPECT_TRUE(config.model.empty() && config.optimizer.empty() && config.ema.empty() && !config.rng.defined());
+
+  // Without an average, inference reads the model.
+  auto plain = all;
+  plain.ema.clear();
+  train::save_checkpoint(dir.file("plain.pt"), plain);
+  EXPECT_TRUE(same(train::load_checkpoint(dir.file("plain.pt"), L::kInference).model, all.model));
+
+  // The records are numbered in the order saved: the model's first, then the optimizer's.
+  std::ifstream in(path, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  in.close();
+  const std::string record = "/data/" + std::to_string(all.model.size());
+  auto le16 = [&](size_t at) { return static_cast<unsigned char>(bytes[at]) | static_cast<unsigned char>(bytes[at + 1]) << 8; };
+  size_t header = std::string::npos;  // the local header whose name ends in record ("/data/5", not "/data/50")
+  for (size_t at = bytes.find(record); at != std::string::npos && header == std::string::npos;
+       at = bytes.find(record, at + 1)) {
+    const auto h = bytes.rfind(std::string("PK\x03\x04", 4), at);
+    if (h != std::string::npos && h + 30 + le16(h + 26) == at + record.size()) header = h;
+  }
+  ASSERT_NE(header, std::string::npos);
+  const size_t data = header + 30 + le16(header + 26) + le16(header + 28);
+  bytes[data + 2] = static_cast<char>(bytes[data + 2] ^ 0x40);
+  std::ofstream(dir.file("damaged.pt"), std::ios::binary) << bytes;
+  test::expect_error([&] { train::load_checkpoint(dir.file("damaged.pt")); },
+                     {dir.file("damaged.pt"), record, "fails its CRC-32 check"});
+  EXPECT_TRUE(same(train::load_checkpoint(dir.file("damaged.pt"), L::kWeights).ema, all.ema));
+}
+
 TEST(Trainer, ResumeWithoutCheckpointIsAClearError) {
   test::TempDir dir;
   auto cfg = tiny_run(dir.file("none"));

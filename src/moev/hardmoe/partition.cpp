@@ -143,7 +143,7 @@ std::string checked_trunk(const Partition& p, const std::string& dir, const std:
   MOEV_CHECK(fs::exists(p.trunk), summary_file(dir), ": its trunk ", p.trunk, " does not exist");
   MOEV_CHECK(given.empty() || !fs::exists(given) || fs::equivalent(given, p.trunk), "the trunk ", given,
              " is not the one ", dir, " was clustered from (", p.trunk, "): experts must share the gater's trunk");
-  const auto ckpt = train::load_checkpoint(p.trunk);
+  const auto ckpt = train::load_checkpoint(p.trunk, train::CheckpointLoad::kInference);
   const auto st = json::parse(ckpt.state_json, nullptr, false);
   const int64_t step = st.is_object() ? st.value("step", int64_t{-1}) : -1;
   MOEV_CHECK(p.trunk_step < 0 || step == p.trunk_step, p.trunk, " is at step ", step, " but ", dir, " was clustered from it at step ",
@@ -180,7 +180,7 @@ Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream
   p.iterations = km.iterations;
   p.trunk = fs::absolute(c.trunk).lexically_normal().string();
   p.trunk_step = trunk.step;
-  p.trunk_weights = train::weights_fingerprint(train::inference_weights(train::load_checkpoint(c.trunk)));
+  p.trunk_weights = train::weights_fingerprint(train::inference_weights(train::load_checkpoint(c.trunk, train::CheckpointLoad::kInference)));
   // The gater's rule at inference, applied to the training images too, so an
   // image is trained on by the expert it would be sent to.
   auto assign = cluster::nearest_centroid(features, p.centroids).contiguous();

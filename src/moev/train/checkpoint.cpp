@@ -9,13 +9,15 @@
 #include <mutex>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
 
+#include <c10/core/CPUAllocator.h>
 #include <caffe2/serialize/inline_container.h>
 #include <caffe2/serialize/read_adapter_interface.h>
-#include <torch/csrc/jit/serialization/import_read.h>
+#include <torch/csrc/jit/serialization/unpickler.h>
 #include <torch/torch.h>
 
 #include "moev/core/error.h"
@@ -49,10 +51,10 @@ uLong crc32_of(uLong crc, const void* p, uint64_t n) {
   return crc;
 }
 
-// A checkpoint file opened once: its zip fields are read as needed (never the
-// whole file at once) by the CRC check, and torch's reader loads the tensors
-// through the same descriptor, so the file checked is the file loaded even if
-// a running training renames a new checkpoint into place meanwhile.
+// A checkpoint file opened once: its zip directory, torch's reader (the
+// pickle) and the tensor reads all go through the same descriptor, so the file
+// checked is the file loaded even if a running training renames a new
+// checkpoint into place meanwhile.
 class ZipFile : public caffe2::serialize::ReadAdapterInterface {
  public:
   explicit ZipFile(const std::string& path) : path_(path), fd_(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
@@ -101,12 +103,18 @@ class ZipFile : public caffe2::serialize::ReadAdapterInterface {
   uint64_t size_ = 0;
 };
 
-// torch's zip reader is built without its CRC-32 checks, so a flipped byte in
-// a tensor loads as a wrong weight. Each stored (uncompressed, as torch writes
-// them) member is checked against its central-directory CRC, streamed through
-// one buffer; a file that is not a readable zip is left for torch to refuse.
-void verify_zip_crcs(const ZipFile& z, const std::string& path) {
-  if (z.size() < 22) return;
+// A stored member of the zip: where its bytes start, how many, their CRC-32.
+struct Member {
+  uint64_t data = 0, size = 0, crc = 0;
+  bool stored = true;  // not compressed (torch writes every member so)
+};
+
+// The zip's members by name, from its central directory, each checked to lie
+// within the file; a file that is not a readable zip gives none and is left
+// for torch to refuse.
+std::map<std::string, Member> zip_members(const ZipFile& z, const std::string& path) {
+  std::map<std::string, Member> out;
+  if (z.size() < 22) return out;
   // End of central directory: the last record with its signature (after it, at most a comment).
   const uint64_t lowest = z.size() > 22 + 65535 ? z.size() - 22 - 65535 : 0;
   std::vector<char> tail(z.size() - lowest);
@@ -117,21 +125,23 @@ void verify_zip_crcs(const ZipFile& z, const std::string& path) {
       eocd = static_cast<int64_t>(lowest + at);
       break;
     }
-  if (eocd < 0) return;
+  if (eocd < 0) return out;
   uint64_t entries = z.le(eocd + 10, 2), cd = z.le(eocd + 16, 4);
   if ((entries == 0xFFFF || cd == 0xFFFFFFFF) && eocd >= 20 && z.le(eocd - 20, 4) == 0x07064b50) {  // zip64
     const uint64_t rec = z.le(eocd - 20 + 8, 8);
-    if (!z.has(rec, 56) || z.le(rec, 4) != 0x06064b50) return;
+    if (!z.has(rec, 56) || z.le(rec, 4) != 0x06064b50) return out;
     entries = z.le(rec + 32, 8);
     cd = z.le(rec + 48, 8);
   }
-  std::vector<char> buffer;
   for (uint64_t e = 0, at = cd; e < entries; ++e) {
     MOEV_CHECK(z.has(at, 46) && z.le(at, 4) == 0x02014b50, "checkpoint ", path,
                ": its zip directory is damaged (entry ", e, " of ", entries, "); the file is corrupt");
-    const uint64_t method = z.le(at + 10, 2), crc = z.le(at + 16, 4), name_len = z.le(at + 28, 2),
-                   extra_len = z.le(at + 30, 2), comment_len = z.le(at + 32, 2);
-    uint64_t size = z.le(at + 20, 4), local = z.le(at + 42, 4);
+    const uint64_t name_len = z.le(at + 28, 2), extra_len = z.le(at + 30, 2), comment_len = z.le(at + 32, 2);
+    Member m;
+    m.stored = z.le(at + 10, 2) == 0;
+    m.crc = z.le(at + 16, 4);
+    m.size = z.le(at + 20, 4);
+    uint64_t local = z.le(at + 42, 4);
     MOEV_CHECK(z.has(at + 46, name_len + extra_len), "checkpoint ", path, ": its zip directory is cut short");
     std::string name(name_len, '\0');
     z.read_exact(at + 46, name_len, name.data());
@@ -148,30 +158,57 @@ void verify_zip_crcs(const ZipFile& z, const std::string& path) {
           return v;
         };
         if (z.le(at + 24, 4) == 0xFFFFFFFF) field();  // uncompressed size first
-        if (z.le(at + 20, 4) == 0xFFFFFFFF) size = field();
+        if (z.le(at + 20, 4) == 0xFFFFFFFF) m.size = field();
         if (z.le(at + 42, 4) == 0xFFFFFFFF) local = field();
       }
       x += 4 + len;
     }
     MOEV_CHECK(z.has(local, 30) && z.le(local, 4) == 0x04034b50, "checkpoint ", path, ": member '", name,
                "' points outside the file; the file is corrupt or cut short");
-    const uint64_t data = local + 30 + z.le(local + 26, 2) + z.le(local + 28, 2);
-    MOEV_CHECK(z.has(data, size), "checkpoint ", path, ": member '", name,
+    m.data = local + 30 + z.le(local + 26, 2) + z.le(local + 28, 2);
+    MOEV_CHECK(z.has(m.data, m.size), "checkpoint ", path, ": member '", name,
                "' runs past the end of the file; the file is cut short (an interrupted copy?)");
-    if (method == 0) {
-      buffer.resize(std::min<uint64_t>(size, 4u << 20));
-      uLong got = crc32(0L, Z_NULL, 0);
-      for (uint64_t done = 0; done < size;) {
-        const uint64_t n = std::min<uint64_t>(size - done, buffer.size());
-        z.read_exact(data + done, n, buffer.data());
-        got = crc32_of(got, buffer.data(), n);
-        done += n;
-      }
-      MOEV_CHECK((got & 0xffffffffUL) == crc, "checkpoint ", path, ": member '", name,
-                 "' fails its CRC-32 check; the file is damaged (a disk error or a bad copy)");
-    }
+    out[name] = m;
     at += 46 + name_len + extra_len + comment_len;
   }
+  return out;
+}
+
+// Reads a stored member into out (m.size bytes), or through a bounded buffer
+// when out is null, checking its CRC-32 against the directory's: torch's zip
+// reader is built without its CRC checks, so a flipped byte in a tensor would
+// load as a wrong weight.
+void read_checked(const ZipFile& z, const std::string& name, const Member& m, char* out, const std::string& path) {
+  if (!m.stored) return;  // torch reads (and refuses) what it cannot take as stored
+  std::vector<char> buffer(out ? 0 : std::min<uint64_t>(m.size, 4u << 20));
+  uLong got = crc32(0L, Z_NULL, 0);
+  for (uint64_t done = 0; done < m.size;) {
+    const uint64_t n = std::min<uint64_t>(m.size - done, uint64_t{4} << 20);  // checked while in cache
+    char* dst = out ? out + done : buffer.data();
+    z.read_exact(m.data + done, n, dst);
+    got = crc32_of(got, dst, n);
+    done += n;
+  }
+  MOEV_CHECK((got & 0xffffffffUL) == m.crc, "checkpoint ", path, ": member '", name,
+             "' fails its CRC-32 check; the file is damaged (a disk error or a bad copy)");
+}
+
+// Storage for a tensor record whose bytes are read only if its tensor is
+// wanted: large ones on anonymous pages, which take no memory until written.
+at::DataPtr unread_storage(uint64_t bytes) {
+  if (bytes < (uint64_t{1} << 20)) return c10::GetCPUAllocator()->allocate(bytes);
+  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  MOEV_CHECK(p != MAP_FAILED, "checkpoint: cannot reserve ", bytes, " bytes for a tensor");
+  ::madvise(p, bytes, MADV_HUGEPAGE);  // read ones fault in 2 MB at a time (a quarter of the load, in 4 KB)
+  struct Mapping {
+    void* p;
+    size_t n;
+  };
+  return at::DataPtr(p, new Mapping{p, bytes}, [](void* c) {
+    auto* m = static_cast<Mapping*>(c);
+    ::munmap(m->p, m->n);
+    delete m;
+  }, at::Device(at::kCPU));
 }
 
 }  // namespace
@@ -205,7 +242,7 @@ void save_checkpoint(const std::string& path, const Checkpoint& ckpt) {
              ": cannot rename from ", tmp);
 }
 
-Checkpoint load_checkpoint(const std::string& path) {
+Checkpoint load_checkpoint(const std::string& path, CheckpointLoad what) {
   MOEV_CHECK(!path.empty(), "checkpoint path is empty: expected a checkpoint file");
   MOEV_CHECK(!std::filesystem::is_directory(path), "checkpoint ", path, ": is a directory; expected a checkpoint ",
              "file (", path, "/checkpoint.pt?)");
@@ -213,13 +250,39 @@ Checkpoint load_checkpoint(const std::string& path) {
   MOEV_CHECK(!std::filesystem::exists(path) || std::filesystem::is_regular_file(path), "checkpoint ", path,
              ": not a regular file (a pipe or a device?); expected a checkpoint file");
   auto file = std::make_shared<ZipFile>(path);
-  verify_zip_crcs(*file, path);
+  const auto members = zip_members(*file, path);
+  // The pickle and torch's small records are checked now; each tensor record
+  // as it is read, and only if its tensor is wanted.
+  std::string records;  // "<archive>/data/": torch names the tensor records <archive>/data/<key>
+  for (const auto& [name, m] : members)
+    if (name.size() >= 9 && name.compare(name.size() - 9, 9, "/data.pkl") == 0) records = name.substr(0, name.size() - 4) + "/";
+  for (const auto& [name, m] : members)
+    if (records.empty() || name.compare(0, records.size(), records) != 0) read_checked(*file, name, m, nullptr, path);
+  std::map<const void*, std::pair<std::string, const Member*>> unread;  // storage -> its record
   c10::IValue v;
   try {
-    // Straight from the file into each tensor's storage: pickle_load would
-    // first copy the whole file into memory, twice.
     caffe2::serialize::PyTorchStreamReader reader(file);
-    v = torch::jit::readArchiveAndTensors("data", "", "", c10::nullopt, c10::nullopt, c10::nullopt, reader);
+    const auto [pickle, pickle_size] = reader.getRecord("data.pkl");
+    size_t consumed = 0;
+    auto read_pickle = [&, data = static_cast<const char*>(pickle.get()), n = pickle_size](char* buf, size_t len) {
+      const size_t k = std::min(len, n - consumed);
+      std::memcpy(buf, data + consumed, k);
+      consumed += k;
+      return k;
+    };
+    auto read_record = [&](const std::string& key) {
+      const auto it = members.find(records + key);
+      MOEV_CHECK(it != members.end() && it->second.stored, "checkpoint ", path, ": tensor record '", key,
+                 "' is missing or compressed; the file is corrupt");
+      auto dp = unread_storage(it->second.size);
+      unread[dp.get()] = {it->first, &it->second};
+      return dp;
+    };
+    torch::jit::Unpickler unpickler(read_pickle, nullptr, nullptr, read_record, c10::nullopt);
+    unpickler.set_version(reader.version());
+    v = unpickler.parse_ivalue();
+  } catch (const Error&) {
+    throw;
   } catch (const std::exception&) {
     fail("checkpoint ", path, ": not a moev checkpoint (unreadable torch pickle)");
   }
@@ -232,10 +295,24 @@ Checkpoint load_checkpoint(const std::string& path) {
   Checkpoint c;
   c.config_json = d.at(std::string("config")).toStringRef();
   c.state_json = d.at(std::string("state")).toStringRef();
-  c.model = from_dict(d.at(std::string("model")), "model", path);
-  c.optimizer = from_dict(d.at(std::string("optimizer")), "optimizer", path);
+  if (what == CheckpointLoad::kConfig) return c;
+  // The tensors wanted, read into the storages the pickle made for them.
+  auto fill = [&](const at::Tensor& t) {
+    auto it = unread.find(t.storage().data());
+    if (it == unread.end()) return;  // read already (a storage shared by tensors), or empty
+    read_checked(*file, it->second.first, *it->second.second, static_cast<char*>(t.storage().data()), path);
+    unread.erase(it);
+  };
+  auto take = [&](const char* key, std::map<std::string, at::Tensor>& into) {
+    into = from_dict(d.at(std::string(key)), key, path);
+    for (const auto& [name, t] : into) fill(t);
+  };
+  const bool has_ema = d.contains(std::string("ema"));
+  if (what != CheckpointLoad::kInference || !has_ema) take("model", c.model);
+  if (what == CheckpointLoad::kEverything) take("optimizer", c.optimizer);
+  if (has_ema) take("ema", c.ema);
   c.rng = d.at(std::string("rng")).toTensor();
-  if (d.contains(std::string("ema"))) c.ema = from_dict(d.at(std::string("ema")), "ema", path);
+  fill(c.rng);
   // A model with NaN weights would evaluate, fuse and teach at exit 0 with
   // chance-level figures; no moev model stores a non-finite weight or buffer.
   for (const auto* weights : {&c.model, &c.ema})
@@ -260,6 +337,8 @@ std::string weights_fingerprint(const std::map<std::string, at::Tensor>& tensors
 }
 
 const std::map<std::string, at::Tensor>& inference_weights(const Checkpoint& ckpt) {
+  // Empty only when loaded without its weights (CheckpointLoad::kConfig): a bug, not a model.
+  MOEV_CHECK(!ckpt.model.empty() || !ckpt.ema.empty(), "inference_weights: the checkpoint was loaded without weights");
   return ckpt.ema.empty() ? ckpt.model : ckpt.ema;
 }
 

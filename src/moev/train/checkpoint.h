@@ -33,8 +33,18 @@ const std::map<std::string, at::Tensor>& inference_weights(const Checkpoint& ckp
 // file that depends on a checkpoint notice that it was replaced.
 std::string weights_fingerprint(const std::map<std::string, at::Tensor>& tensors);
 
+// What load_checkpoint reads: the parts left out stay empty, and their bytes
+// are neither read nor held (a run with AdamW and a weight average stores
+// four copies of its weights; inference needs one).
+enum class CheckpointLoad {
+  kEverything,  // all of it: to resume training
+  kWeights,     // the model and the weight average, not the optimizer's moments
+  kInference,   // what inference_weights() returns only: the average when kept, else the model
+  kConfig,      // config_json and state_json only: no tensor is read
+};
+
 void save_checkpoint(const std::string& path, const Checkpoint& ckpt);
-Checkpoint load_checkpoint(const std::string& path);
+Checkpoint load_checkpoint(const std::string& path, CheckpointLoad what = CheckpointLoad::kEverything);
 
 std::map<std::string, at::Tensor> module_tensors(const torch::nn::Module& module);
 // Copies tensors into the module; the first missing, extra or mis-shaped tensor

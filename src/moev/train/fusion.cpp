@@ -22,7 +22,7 @@ FusionOutcome train_fusion(const std::string& path, const std::string& out_path,
   MOEV_CHECK(o.epochs >= 1, "fusion: epochs = ", o.epochs, ": expected >= 1 (--epochs)");
   MOEV_CHECK(o.batch_size >= 1, "fusion: batch size = ", o.batch_size, ": expected >= 1 (--batch-size)");
   MOEV_CHECK(o.lr > 0, "fusion: lr = ", o.lr, ": expected > 0 (--lr)");
-  auto ckpt = load_checkpoint(path);
+  auto ckpt = load_checkpoint(path, CheckpointLoad::kInference);
   refuse_pretraining_checkpoint(ckpt.state_json, path);
   auto cfg = io::from_json_string(ckpt.config_json, path);
   MOEV_CHECK(cfg.model.family == "resnest" && cfg.model.branches >= 2, path, ": a fusion layer needs a ",

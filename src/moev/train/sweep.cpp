@@ -225,7 +225,7 @@ void check_run_settings(const io::RunConfig& want, const std::filesystem::path& 
   if (fs::exists(file)) {
     saved = io::from_json_string(io::read_text(file.string()), file.string());
   } else {
-    saved = io::from_json_string(load_checkpoint(ckpt.string()).config_json, ckpt.string());
+    saved = io::from_json_string(load_checkpoint(ckpt.string(), CheckpointLoad::kConfig).config_json, ckpt.string());
   }
   const auto differ = resume_differences(saved, want);
   MOEV_CHECK(differ.empty(), "sweep run ", dir.string(), " was trained with other settings than this sweep asks for:",

@@ -13,7 +13,7 @@ namespace moev::train {
 TrainedModel load_trained(const std::string& path, const c10::Device& device,
                           const std::string& precision, bool raw_weights) {
   if (hardmoe::is_hard_moe_file(path)) return hardmoe::load_hard_moe(path, device, precision);
-  auto ckpt = load_checkpoint(path);
+  auto ckpt = load_checkpoint(path, raw_weights ? CheckpointLoad::kWeights : CheckpointLoad::kInference);
   refuse_pretraining_checkpoint(ckpt.state_json, path);
   TrainedModel t;
   t.cfg = io::from_json_string(ckpt.config_json, path);

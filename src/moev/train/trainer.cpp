@@ -245,7 +245,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   }
   model->to(device);
   if (!opts.resume && !tc.init_from.empty())
-    load_module_tensors(*model, inference_weights(load_checkpoint(tc.init_from)), tc.init_from);
+    load_module_tensors(*model, inference_weights(load_checkpoint(tc.init_from, CheckpointLoad::kInference)), tc.init_from);
   if (!opts.resume && !opts.init_tensors.empty()) {
     torch::NoGradGuard no_grad;
     auto named = model->named_parameters();
