@@ -4,8 +4,11 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <csignal>
 #include <filesystem>
 #include <fstream>
+
+#include <sys/resource.h>
 
 #include <nlohmann/json.hpp>
 
@@ -284,6 +287,47 @@ TEST(Trainer, CheckpointLoadsReadOnlyThePartsAsked) {
   test::expect_error([&] { train::load_checkpoint(dir.file("damaged.pt")); },
                      {dir.file("damaged.pt"), record, "fails its CRC-32 check"});
   EXPECT_TRUE(same(train::load_checkpoint(dir.file("damaged.pt"), L::kWeights).ema, all.ema));
+}
+
+// A write that fails (here past the file-size limit, as on a full disk) is an
+// error naming the file, and the last checkpoint is left as it was, with no
+// temporary file beside it.
+TEST(Trainer, ACheckpointWriteThatFailsLeavesTheLastOneAsItWas) {
+  test::TempDir dir;
+  const auto a = one_step_run(dir);
+  auto ckpt = train::load_checkpoint(train::checkpoint_path(a.train.out_dir));
+  const auto path = dir.file("last.pt");
+  train::save_checkpoint(path, ckpt);
+  auto bytes = [](const std::string& file) {
+    std::ifstream in(file, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  };
+  const auto before = bytes(path);
+  ckpt.model["blocks.0.grown"] = torch::ones({1 << 20});  // 4 MB more than the limit below allows
+  struct Limit {  // RLIMIT_FSIZE at `size` bytes, SIGXFSZ ignored (write then fails with EFBIG), both undone after
+    rlimit old{};
+    void (*handler)(int) = SIG_DFL;
+    explicit Limit(rlim_t size) {
+      getrlimit(RLIMIT_FSIZE, &old);
+      handler = std::signal(SIGXFSZ, SIG_IGN);
+      rlimit lim = old;
+      lim.rlim_cur = std::min(size, old.rlim_max);
+      setrlimit(RLIMIT_FSIZE, &lim);
+    }
+    ~Limit() {
+      setrlimit(RLIMIT_FSIZE, &old);
+      std::signal(SIGXFSZ, handler);
+    }
+  };
+  {
+    Limit limit(before.size() + (1 << 20));
+    test::expect_error([&] { train::save_checkpoint(path, ckpt); },
+                       {path + ".tmp", "write failed", "File too large", "the last checkpoint is left as it was"});
+  }
+  EXPECT_TRUE(bytes(path) == before);
+  EXPECT_FALSE(std::filesystem::exists(path + ".tmp"));
+  train::save_checkpoint(path, ckpt);  // without the limit it writes
+  EXPECT_TRUE(torch::equal(train::load_checkpoint(path).model.at("blocks.0.grown"), torch::ones({1 << 20})));
 }
 
 TEST(Trainer, ResumeWithoutCheckpointIsAClearError) {
