@@ -99,7 +99,8 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
   }
   HardMoEConfig hc = c;
   hc.trunk = checked_trunk(part, c.dir, c.trunk);
-  auto trunk_ckpt = train::load_checkpoint(hc.trunk, train::CheckpointLoad::kInference);
+  auto trunk_ckpt = train::load_checkpoint(hc.trunk, c.share_decoder ? train::CheckpointLoad::kInference
+                                                                     : train::CheckpointLoad::kConfig);
   const auto trunk_cfg = io::from_json_string(trunk_ckpt.config_json, hc.trunk);
   auto cfg = expert_run_config(hc, trunk_cfg, overrides, expert, source);
   // One process per expert: a second one (a rerun while the first still runs,

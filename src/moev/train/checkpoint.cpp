@@ -300,8 +300,10 @@ Checkpoint load_checkpoint(const std::string& path, CheckpointLoad what) {
     };
     auto read_record = [&](const std::string& key) {
       const auto it = members.find(records + key);
-      MOEV_CHECK(it != members.end() && it->second.stored, "checkpoint ", path, ": tensor record '", key,
-                 "' is missing or compressed; the file is corrupt");
+      MOEV_CHECK(it != members.end(), "checkpoint ", path, ": tensor record '", key, "' is missing; the file is corrupt");
+      MOEV_CHECK(it->second.stored, "checkpoint ", path, ": tensor record '", key,
+                 "' is compressed, as neither moev nor torch.save writes one (re-zipped by another tool?)");
+      if (what == CheckpointLoad::kConfig) return at::DataPtr(nullptr, at::Device(at::kCPU));  // never read
       auto dp = unread_storage(it->second.size);
       unread[dp.get()] = {it->first, &it->second};
       return dp;
@@ -328,6 +330,9 @@ Checkpoint load_checkpoint(const std::string& path, CheckpointLoad what) {
   auto fill = [&](const at::Tensor& t) {
     auto it = unread.find(t.storage().data());
     if (it == unread.end()) return;  // read already (a storage shared by tensors), or empty
+    MOEV_CHECK(t.storage().nbytes() == it->second.second->size, "checkpoint ", path, ": record '", it->second.first,
+               "' holds ", it->second.second->size, " bytes but its tensor wants ", t.storage().nbytes(),
+               "; the file is corrupt");
     read_checked(*file, it->second.first, *it->second.second, static_cast<char*>(t.storage().data()), path);
     unread.erase(it);
   };
