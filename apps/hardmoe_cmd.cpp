@@ -113,7 +113,10 @@ Runner add_hardmoe(CLI::App& app) {
       train::set_threads(f->threads);
       // The experts' runs checked now (the config's data and image size against
       // the trunk's), not after the clustering, in every expert.
-      hardmoe::expert_run_config(hm, io::from_json_string(train::load_checkpoint(hm.trunk, train::CheckpointLoad::kConfig).config_json, hm.trunk),
+      hardmoe::expert_run_config(hm,
+                                 io::from_json_string(
+                                     train::load_checkpoint(hm.trunk, train::CheckpointLoad::kConfig).config_json,
+                                     hm.trunk),
                                  r.overrides, 0, f->config);
       const auto t0 = std::chrono::steady_clock::now();
       auto p = hardmoe::cluster_trunk(hm, f->batch_size, &std::cerr, stderr_is_terminal());
@@ -150,7 +153,8 @@ Runner add_hardmoe(CLI::App& app) {
     MOEV_CHECK(!f->experts || *f->experts == k, "--experts ", f->experts.value_or(0), ": the partition in ", hm.dir,
                " has ", k, " experts");
     const int threads = hm.expert_threads;
-    const auto trunk_ckpt_cfg = io::from_json_string(train::load_checkpoint(hm.trunk, train::CheckpointLoad::kConfig).config_json, hm.trunk);
+    const auto trunk_ckpt_cfg = io::from_json_string(
+        train::load_checkpoint(hm.trunk, train::CheckpointLoad::kConfig).config_json, hm.trunk);
     std::vector<int64_t> total(k);
     for (int64_t e = 0; e < k; ++e) {
       auto c = hardmoe::expert_run_config(hm, trunk_ckpt_cfg, r.overrides, e, f->config);

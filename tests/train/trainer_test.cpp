@@ -41,6 +41,31 @@ io::RunConfig tiny_run(const std::string& out) {
   return c;
 }
 
+std::string read_bytes(const std::string& file) {
+  std::ifstream in(file, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// A checkpoint's bytes with one bit flipped at `offset` into the data of its
+// tensor record "<archive>/data/<key>": after the local header's fixed 30
+// bytes, name and extra field, of the header whose name ends there ("/data/5",
+// not "/data/50"). Empty when there is no such record.
+std::string with_flipped_bit(const std::string& file, int64_t key, size_t offset) {
+  std::string bytes = read_bytes(file);
+  const std::string record = "/data/" + std::to_string(key);
+  auto le16 = [&](size_t at) {
+    return static_cast<size_t>(static_cast<unsigned char>(bytes[at]) | static_cast<unsigned char>(bytes[at + 1]) << 8);
+  };
+  for (size_t at = bytes.find(record); at != std::string::npos; at = bytes.find(record, at + 1)) {
+    const auto h = bytes.rfind(std::string("PK\x03\x04", 4), at);
+    if (h == std::string::npos || h + 30 + le16(h + 26) != at + record.size()) continue;
+    const size_t data = h + 30 + le16(h + 26) + le16(h + 28);
+    bytes[data + offset] = static_cast<char>(bytes[data + offset] ^ 0x40);
+    return bytes;
+  }
+  return {};
+}
+
 // A run of one step into dir/a: a small real checkpoint to load, damage or start from.
 io::RunConfig one_step_run(const test::TempDir& dir) {
   auto a = tiny_run(dir.file("a"));
@@ -209,17 +234,8 @@ TEST(Trainer, ADamagedCheckpointFailsItsCrcCheck) {
   test::TempDir dir;
   const auto a = one_step_run(dir);
   const auto path = train::checkpoint_path(a.train.out_dir);
-  std::ifstream in(path, std::ios::binary);
-  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  in.close();
-  // The first tensor's data: after its local header's fixed 30 bytes, name and extra field.
-  const auto name_at = bytes.find("/data/0");
-  ASSERT_NE(name_at, std::string::npos);
-  const auto header = bytes.rfind(std::string("PK\x03\x04", 4), name_at);
-  ASSERT_NE(header, std::string::npos);
-  auto le16 = [&](size_t at) { return static_cast<unsigned char>(bytes[at]) | static_cast<unsigned char>(bytes[at + 1]) << 8; };
-  const size_t data = header + 30 + le16(header + 26) + le16(header + 28);
-  bytes[data + 5] = static_cast<char>(bytes[data + 5] ^ 0x40);
+  const auto bytes = with_flipped_bit(path, 0, 5);  // the first tensor's
+  ASSERT_FALSE(bytes.empty());
   std::ofstream(dir.file("damaged.pt"), std::ios::binary) << bytes;
   test::expect_error([&] { train::load_checkpoint(dir.file("damaged.pt")); },
                      {dir.file("damaged.pt"), "/data/0", "fails its CRC-32 check"});
@@ -269,23 +285,12 @@ TEST(Trainer, CheckpointLoadsReadOnlyThePartsAsked) {
   EXPECT_TRUE(same(train::load_checkpoint(dir.file("plain.pt"), L::kInference).model, all.model));
 
   // The records are numbered in the order saved: the model's first, then the optimizer's.
-  std::ifstream in(path, std::ios::binary);
-  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  in.close();
-  const std::string record = "/data/" + std::to_string(all.model.size());
-  auto le16 = [&](size_t at) { return static_cast<unsigned char>(bytes[at]) | static_cast<unsigned char>(bytes[at + 1]) << 8; };
-  size_t header = std::string::npos;  // the local header whose name ends in record ("/data/5", not "/data/50")
-  for (size_t at = bytes.find(record); at != std::string::npos && header == std::string::npos;
-       at = bytes.find(record, at + 1)) {
-    const auto h = bytes.rfind(std::string("PK\x03\x04", 4), at);
-    if (h != std::string::npos && h + 30 + le16(h + 26) == at + record.size()) header = h;
-  }
-  ASSERT_NE(header, std::string::npos);
-  const size_t data = header + 30 + le16(header + 26) + le16(header + 28);
-  bytes[data + 2] = static_cast<char>(bytes[data + 2] ^ 0x40);
+  const auto first_moment = static_cast<int64_t>(all.model.size());
+  const auto bytes = with_flipped_bit(path, first_moment, 2);
+  ASSERT_FALSE(bytes.empty());
   std::ofstream(dir.file("damaged.pt"), std::ios::binary) << bytes;
   test::expect_error([&] { train::load_checkpoint(dir.file("damaged.pt")); },
-                     {dir.file("damaged.pt"), record, "fails its CRC-32 check"});
+                     {dir.file("damaged.pt"), "/data/" + std::to_string(first_moment), "fails its CRC-32 check"});
   EXPECT_TRUE(same(train::load_checkpoint(dir.file("damaged.pt"), L::kWeights).ema, all.ema));
 }
 
@@ -298,11 +303,7 @@ TEST(Trainer, ACheckpointWriteThatFailsLeavesTheLastOneAsItWas) {
   auto ckpt = train::load_checkpoint(train::checkpoint_path(a.train.out_dir));
   const auto path = dir.file("last.pt");
   train::save_checkpoint(path, ckpt);
-  auto bytes = [](const std::string& file) {
-    std::ifstream in(file, std::ios::binary);
-    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  };
-  const auto before = bytes(path);
+  const auto before = read_bytes(path);
   ckpt.model["blocks.0.grown"] = torch::ones({1 << 20});  // 4 MB more than the limit below allows
   struct Limit {  // RLIMIT_FSIZE at `size` bytes, SIGXFSZ ignored (write then fails with EFBIG), both undone after
     rlimit old{};
@@ -324,7 +325,7 @@ TEST(Trainer, ACheckpointWriteThatFailsLeavesTheLastOneAsItWas) {
     test::expect_error([&] { train::save_checkpoint(path, ckpt); },
                        {path + ".tmp", "write failed", "File too large", "the last checkpoint is left as it was"});
   }
-  EXPECT_TRUE(bytes(path) == before);
+  EXPECT_TRUE(read_bytes(path) == before);
   EXPECT_FALSE(std::filesystem::exists(path + ".tmp"));
   train::save_checkpoint(path, ckpt);  // without the limit it writes
   EXPECT_TRUE(torch::equal(train::load_checkpoint(path).model.at("blocks.0.grown"), torch::ones({1 << 20})));

@@ -89,10 +89,10 @@ class GroupedGemm {
     const int64_t I = in.size(1), O = out.size(1);
     MOEV_CHECK(epilogue == nn::Epilogue::kNone || fuses_epilogues(), "rows_by_weight: no epilogues on this path");
     if (!raw_) {
-      // An expert whose row count is not a gemm_rows size runs on that many
-      // rows (output rows depend on their input rows only, so the rows after
-      // its own, the next expert's or padding, are read and their results
-      // dropped), into a scratch block shared by the experts.
+      // An expert whose row count n is not a gemm_rows size runs on
+      // gemm_rows(n) rows (output rows depend on their input rows only, so the
+      // rows after its own, the next expert's or padding, are read and their
+      // results dropped), into a scratch block shared by the experts.
       at::Tensor scratch_in, scratch_out;
       const int64_t M = max_rounded_rows();
       if (M > 0) scratch_out = at::empty({M, O}, out.options());
@@ -103,7 +103,7 @@ class GroupedGemm {
         if (m == n || r0 + m <= in.size(0)) {
           x = in.narrow(0, r0, m);
         } else {  // the last rows of the buffer: zero rows past its end
-          if (!scratch_in.defined()) scratch_in = at::zeros({M, I}, in.options());
+          if (!scratch_in.defined()) scratch_in = at::empty({M, I}, in.options());
           x = scratch_in.narrow(0, 0, m);
           x.narrow(0, 0, n).copy_(in.narrow(0, r0, n));
           x.narrow(0, n, m - n).zero_();

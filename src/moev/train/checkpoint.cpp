@@ -260,7 +260,9 @@ void save_checkpoint(const std::string& path, const Checkpoint& ckpt) {
     error = e.what();
   }
   if (write_errno != 0 || !error.empty() || ::fsync(fd) != 0) {
-    const std::string why = write_errno != 0 ? std::strerror(write_errno) : !error.empty() ? error : std::strerror(errno);
+    const std::string why = write_errno != 0 ? std::strerror(write_errno)
+                            : !error.empty() ? error
+                                             : std::strerror(errno);
     ::close(fd);
     ::unlink(tmp.c_str());
     fail("checkpoint ", tmp, ": write failed (", why, "); the last checkpoint is left as it was");
@@ -283,7 +285,8 @@ Checkpoint load_checkpoint(const std::string& path, CheckpointLoad what) {
   // as it is read, and only if its tensor is wanted.
   std::string records;  // "<archive>/data/": torch names the tensor records <archive>/data/<key>
   for (const auto& [name, m] : members)
-    if (name.size() >= 9 && name.compare(name.size() - 9, 9, "/data.pkl") == 0) records = name.substr(0, name.size() - 4) + "/";
+    if (name.size() >= 9 && name.compare(name.size() - 9, 9, "/data.pkl") == 0)
+      records = name.substr(0, name.size() - 4) + "/";
   for (const auto& [name, m] : members)
     if (records.empty() || name.compare(0, records.size(), records) != 0) read_checked(*file, name, m, nullptr, path);
   std::map<const void*, std::pair<std::string, const Member*>> unread;  // storage -> its record
@@ -300,7 +303,8 @@ Checkpoint load_checkpoint(const std::string& path, CheckpointLoad what) {
     };
     auto read_record = [&](const std::string& key) {
       const auto it = members.find(records + key);
-      MOEV_CHECK(it != members.end(), "checkpoint ", path, ": tensor record '", key, "' is missing; the file is corrupt");
+      MOEV_CHECK(it != members.end(), "checkpoint ", path, ": tensor record '", key,
+                 "' is missing; the file is corrupt");
       MOEV_CHECK(it->second.stored, "checkpoint ", path, ": tensor record '", key,
                  "' is compressed, as neither moev nor torch.save writes one (re-zipped by another tool?)");
       if (what == CheckpointLoad::kConfig) return at::DataPtr(nullptr, at::Device(at::kCPU));  // never read
