@@ -1,4 +1,4 @@
-// Checkpoints: one file written with torch::pickle_save, so Python's torch.load
+// Checkpoints: one file in torch::pickle_save's format (streamed to disk), so Python's torch.load
 // opens it as a dict {"format", "config" (JSON text), "state" (JSON text),
 // "model": {name: tensor}, "optimizer": {name: tensor}, "rng": tensor}, and
 // "ema": {name: tensor} when the run kept a weight average (train.ema_decay).
