@@ -228,6 +228,49 @@ TEST(Trainer, CheckpointWithNonFiniteWeightsOrADirectoryIsRefused) {
   test::expect_error([&] { train::load_checkpoint(""); }, {"checkpoint path is empty"});
 }
 
+// The finiteness check reads exponent bits as the bytes stream in: every
+// floating type, a value in a later 4 MB block, in the average as in the
+// model; the largest, smallest and subnormal finite values still load, and a
+// NaN in the optimizer's moments is not a weight's.
+TEST(Trainer, CheckpointFinitenessCheckCoversEveryFloatTypeAndBlock) {
+  test::TempDir dir;
+  for (auto type : {torch::kFloat, torch::kDouble, torch::kHalf, torch::kBFloat16}) {
+    SCOPED_TRACE(c10::toString(type));
+    const int64_t n = (int64_t{9} << 20) / c10::elementSize(type);  // three blocks
+    train::Checkpoint ckpt;
+    ckpt.config_json = ckpt.state_json = "{}";
+    auto finite = torch::randn({n}).to(type);
+    const auto info = [&](auto tag) {
+      using T = decltype(tag);
+      return std::vector<double>{double(std::numeric_limits<T>::max()), double(std::numeric_limits<T>::lowest()),
+                                 double(std::numeric_limits<T>::min()), double(std::numeric_limits<T>::denorm_min())};
+    };
+    const auto extremes = type == torch::kFloat    ? info(float{})
+                          : type == torch::kDouble ? info(double{})
+                          : type == torch::kHalf   ? info(c10::Half{})
+                                                   : info(c10::BFloat16{});
+    for (size_t i = 0; i < extremes.size(); ++i) finite[n - 1 - static_cast<int64_t>(i)] = extremes[i];
+    ASSERT_TRUE(torch::isfinite(finite).all().item<bool>());
+    ckpt.model["w"] = finite;
+    ckpt.ema["w"] = finite.clone();
+    ckpt.optimizer["m"] = torch::full({5}, std::numeric_limits<double>::quiet_NaN()).to(type);
+    const auto path = dir.file("finite.pt");
+    train::save_checkpoint(path, ckpt);
+    const auto loaded = train::load_checkpoint(path);
+    EXPECT_TRUE(torch::equal(loaded.model.at("w"), finite));
+    for (const char* part : {"model", "ema"})
+      for (double bad : {std::numeric_limits<double>::infinity(), -std::numeric_limits<double>::infinity(),
+                         std::numeric_limits<double>::quiet_NaN()}) {
+        auto damaged = ckpt;
+        auto& w = (std::string(part) == "model" ? damaged.model : damaged.ema)["w"];
+        w = finite.clone();
+        w[n - 10] = bad;
+        train::save_checkpoint(path, damaged);
+        test::expect_error([&] { train::load_checkpoint(path); }, {path, "'w'", "NaN or infinite"});
+      }
+  }
+}
+
 // torch's reader does not check the zip's CRC-32s: a flipped byte in a tensor
 // loaded as a wrong weight at exit 0 (eval reported a loss of 2.4e9).
 TEST(Trainer, ADamagedCheckpointFailsItsCrcCheck) {
