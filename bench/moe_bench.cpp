@@ -11,6 +11,7 @@
 //     (PyTorch eager, same LibTorch 1.13 backend) reference figures.
 // Run: ./build/bench/moev_bench [--threads N] [--rounds R] [--quick] [--no-python] [--no-figures] [--min-time S]
 //      [--profile preset/precision/train|eval[/dp] [--trace FILE]]
+//      [--checkpoint GB DIR]   (a GB checkpoint saved to DIR and loaded in each mode: seconds, memory)
 //      [--benchmark_filter=...]
 #include <benchmark/benchmark.h>
 #include <torch/csrc/autograd/profiler_legacy.h>
@@ -24,6 +25,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <fstream>
 #include <thread>
 
 #include "moev/models/cost.h"
@@ -31,6 +33,7 @@
 #include "moev/moe/moe_layer.h"
 #include "moev/nn/linear.h"
 #include "moev/train/adamw.h"
+#include "moev/train/checkpoint.h"
 #include "moev/train/losses.h"
 #include "moev/train/replicas.h"
 
@@ -240,6 +243,86 @@ std::vector<double> interleaved_min_ms(const std::vector<std::function<void()>>&
   return best;
 }
 
+// This process's resident set, and its peak since the last reset_peak (kB).
+int64_t status_kb(const char* field) {
+  std::ifstream in("/proc/self/status");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind(field, 0) == 0) return std::atoll(line.c_str() + std::strlen(field));
+  return -1;
+}
+void reset_peak() { std::ofstream("/proc/self/clear_refs") << "5"; }
+
+// A checkpoint of a model with gb / 4 GB of fp32 weights in 256 MB tensors,
+// AdamW's two moments and a weight average (gb GB in all; past 4 GB the zip
+// records need zip64 sizes and offsets), saved to dir and loaded in each
+// mode: seconds and memory beyond what the process held, every tensor
+// compared. Returns the process's exit code.
+int checkpoint_figures(double gb, const std::string& dir) {
+  using clock = std::chrono::steady_clock;
+  const int64_t floats = static_cast<int64_t>(gb / 4 * (1 << 30) / 4), chunk = int64_t{64} << 20;
+  moev::train::Checkpoint c;
+  c.config_json = c.state_json = "{}";
+  for (int64_t at = 0, i = 0; at < floats; at += chunk, ++i) {
+    const auto n = std::min(chunk, floats - at);
+    const auto name = "w" + std::to_string(i);
+    c.model[name] = torch::randn({n});
+    c.optimizer[name + ".m"] = torch::randn({n});
+    c.optimizer[name + ".v"] = torch::rand({n});
+    c.ema[name] = torch::randn({n});
+  }
+  c.rng = moev::train::cpu_rng_state();
+  const std::string path = dir + "/bench_checkpoint.pt";
+  auto bytes = [](const moev::train::Checkpoint& k) {
+    double n = 0;
+    for (const auto* part : {&k.model, &k.optimizer, &k.ema})
+      for (const auto& [name, t] : *part) n += static_cast<double>(t.nbytes());
+    return n;
+  };
+  // Seconds, tensor MB/s and the peak beyond what the process held, of one save or load.
+  auto measure = [&](const char* what, const std::function<double()>& f) {
+    const auto rss = status_kb("VmRSS:");
+    reset_peak();
+    const auto t0 = clock::now();
+    const double n = f();
+    const double s = std::chrono::duration<double>(clock::now() - t0).count();
+    std::printf("  %-20s %6.2f GB %6.2f s %6.0f MB/s  peak +%.0f MB\n", what, n / (1 << 30), s, n / s / (1 << 20),
+                (status_kb("VmHWM:") - rss) / 1024.0);
+  };
+  std::printf("checkpoint of %.2f GB (weights %.2f GB, moments, average) in %s\n", gb, gb / 4, dir.c_str());
+  try {
+    measure("save", [&] {
+      moev::train::save_checkpoint(path, c);
+      return bytes(c);
+    });
+    using L = moev::train::CheckpointLoad;
+    for (auto [mode, name] : {std::pair{L::kInference, "load for inference"}, std::pair{L::kWeights, "load weights"},
+                              std::pair{L::kEverything, "load to resume"}}) {
+      moev::train::Checkpoint l;
+      measure(name, [&] {
+        l = moev::train::load_checkpoint(path, mode);
+        return bytes(l);
+      });
+      auto same = [](const std::map<std::string, at::Tensor>& a, const std::map<std::string, at::Tensor>& b) {
+        if (a.size() != b.size()) return false;
+        for (const auto& [k, v] : a)
+          if (!b.count(k) || !torch::equal(v, b.at(k))) return false;
+        return true;
+      };
+      const bool ok = same(c.ema, l.ema) && (mode == L::kInference ? l.model.empty() : same(c.model, l.model)) &&
+                      (mode == L::kEverything ? same(c.optimizer, l.optimizer) : l.optimizer.empty());
+      if (!ok) {
+        std::fprintf(stderr, "moev_bench: --checkpoint: %s loaded other tensors than were saved\n", name);
+        return 1;
+      }
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moev_bench: --checkpoint: %s\n", e.what());
+    return 1;
+  }
+  std::remove(path.c_str());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -250,6 +333,8 @@ int main(int argc, char** argv) {
   std::string profile;  // "preset/precision/train|eval[/dp]": run that model step for 20 s (--min-time), nothing else
   std::string trace;    // with --profile: also write LibTorch's op trace of 3 steps (Chrome JSON) to this file
   double min_time_arg = 0;  // seconds per Google Benchmark case (0: 0.3, or 0.01 with --quick)
+  double checkpoint_gb = 0;  // with --checkpoint: a checkpoint of this many GB, saved and loaded, nothing else
+  std::string checkpoint_dir;
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) { g_quick = true; continue; }
@@ -258,12 +343,24 @@ int main(int argc, char** argv) {
     if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) { threads = std::atoi(argv[++i]); continue; }
     if (std::strcmp(argv[i], "--profile") == 0 && i + 1 < argc) { profile = argv[++i]; continue; }
     if (std::strcmp(argv[i], "--trace") == 0 && i + 1 < argc) { trace = argv[++i]; continue; }
+    if (std::strcmp(argv[i], "--checkpoint") == 0 && i + 2 < argc) {
+      checkpoint_gb = std::atof(argv[++i]);
+      checkpoint_dir = argv[++i];
+      continue;
+    }
     if (std::strcmp(argv[i], "--min-time") == 0 && i + 1 < argc) { min_time_arg = std::atof(argv[++i]); continue; }
     if (std::strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) { rounds = std::max(1, std::atoi(argv[++i])); continue; }
     args.push_back(argv[i]);
   }
   at::set_num_threads(threads);
   std::printf("moev_bench: %d thread(s)\n", at::get_num_threads());
+  if (!checkpoint_dir.empty()) {
+    if (!(checkpoint_gb > 0)) {
+      std::fprintf(stderr, "moev_bench: --checkpoint expects a size in GB above 0 and a directory\n");
+      return 2;
+    }
+    return checkpoint_figures(checkpoint_gb, checkpoint_dir);
+  }
   if (!profile.empty()) {  // one model step in a loop, for perf record
     char preset[64] = {0}, prec[16] = {0}, mode[16] = {0}, dp[8] = {0};
     if (std::sscanf(profile.c_str(), "%63[^/]/%15[^/]/%15[^/]/%7s", preset, prec, mode, dp) < 3) {
