@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include <filesystem>
+#include <map>
 
 #include <zlib.h>
 
@@ -258,6 +259,68 @@ TEST(ImageFolder, DamagedOrCutPngIsAnErrorNamingIt) {
   write_bytes(root.file("c/a.png"), std::vector<unsigned char>(png.begin(), png.begin() + idat + 10));
   expect_error([&] { decode_image_file(root.file("c/a.png"), 8, 8, 3); },
                {root.file("c/a.png"), "'IDAT'", "past the end"});
+}
+
+// stb decodes a cut-short JPEG, GIF, BMP, TGA or PGM/PPM at exit 0, the
+// missing pixels zeros or memory never written (other values every run); a
+// width of 0 reached the resizer's assertion (abort). Each complete file
+// decodes; each cut, in its header or its pixels, is an error naming it.
+TEST(ImageFolder, CutShortOrZeroWidthImagesAreErrorsNamingThem) {
+  TempDir root;
+  using Bytes = std::vector<unsigned char>;
+  auto bytes_of = [&](const std::string& path) {
+    const std::string s = moev::test::bytes_of(path);
+    return Bytes(s.begin(), s.end());
+  };
+  const auto px = pattern(6, 7, 3, 2);
+  std::map<std::string, Bytes> files;  // name -> a complete file
+  const std::string dir = root.path().string();
+  ASSERT_EQ(stbi_write_jpg(root.file("a.jpg").c_str(), 7, 6, 3, px.data(), 90), 1);
+  ASSERT_EQ(stbi_write_bmp(root.file("a.bmp").c_str(), 7, 6, 3, px.data()), 1);
+  stbi_write_tga_with_rle = 1;
+  ASSERT_EQ(stbi_write_tga(root.file("rle.tga").c_str(), 7, 6, 3, px.data()), 1);
+  stbi_write_tga_with_rle = 0;
+  ASSERT_EQ(stbi_write_tga(root.file("raw.tga").c_str(), 7, 6, 3, px.data()), 1);
+  stbi_write_tga_with_rle = 1;
+  for (const char* name : {"a.jpg", "a.bmp", "rle.tga", "raw.tga"}) files[name] = bytes_of(root.file(name));
+  auto pnm = [](const std::string& header, size_t pixel_bytes) {
+    Bytes b(header.begin(), header.end());
+    for (size_t i = 0; i < pixel_bytes; ++i) b.push_back(static_cast<unsigned char>(i * 7));
+    return b;
+  };
+  files["a.pgm"] = pnm("P5\n# a comment\n7 6\n255\n", 42);
+  files["a.ppm"] = pnm("P6 7 6 65535\n", 7 * 6 * 3 * 2);
+  // 1x1, one colour table of two entries, a graphic control extension, one frame.
+  files["a.gif"] = {'G', 'I', 'F', '8', '9', 'a', 1, 0, 1, 0, 0x80, 0, 0, 255, 255, 255, 0, 0, 0,
+                    0x21, 0xF9, 4, 1, 0, 0, 0, 0, 0x2C, 0, 0, 0, 0, 1, 0, 1, 0, 0, 2, 2, 0x44, 1, 0, 0x3B};
+  for (const auto& [name, bytes] : files) {
+    SCOPED_TRACE(name);
+    const std::string path = root.file(name);
+    write_bytes(path, bytes);
+    const auto whole = decode_image_file(path, 6, 7, 3);
+    EXPECT_EQ(decode_image_file(path, 6, 7, 3).equal(whole), true);  // the same pixels every time
+    const size_t trailer = name == "a.gif" ? 1 : 0;                  // the GIF's trailer: past the frame stb reads
+    for (size_t keep : {bytes.size() - trailer - 1, bytes.size() / 2, size_t{20}}) {
+      write_bytes(path, Bytes(bytes.begin(), bytes.begin() + static_cast<long>(keep)));
+      expect_error([&] { decode_image_file(path, 6, 7, 3); }, {path, "cut short"});
+    }
+  }
+  // A width of 0, and a header that is not a number.
+  write_bytes(root.file("w0.pgm"), pnm("P5\n0 6\n255\n", 42));
+  expect_error([&] { decode_image_file(root.file("w0.pgm"), 6, 7, 3); }, {root.file("w0.pgm"), "0x6", "at least 1"});
+  write_bytes(root.file("m0.pgm"), pnm("P5\n7 6\n0\n", 42));
+  expect_error([&] { decode_image_file(root.file("m0.pgm"), 6, 7, 3); }, {root.file("m0.pgm"), "maximum value of 0"});
+  write_bytes(root.file("ab.pgm"), pnm("P5\nab cd\n255\n", 42));
+  expect_error([&] { decode_image_file(root.file("ab.pgm"), 6, 7, 3); }, {root.file("ab.pgm"), "expected a number"});
+  auto bmp = files["a.bmp"];
+  std::fill(bmp.begin() + 18, bmp.begin() + 22, 0);  // biWidth
+  write_bytes(root.file("w0.bmp"), bmp);
+  expect_error([&] { decode_image_file(root.file("w0.bmp"), 6, 7, 3); }, {root.file("w0.bmp"), "0x6", "at least 1"});
+  // In a folder, the whole read fails naming the file (it aborted the process).
+  fs::create_directories(root.path() / "f" / "c");
+  write_bytes(root.file("f/c/ok.ppm"), files["a.ppm"]);
+  write_bytes(root.file("f/c/w0.pgm"), pnm("P5\n0 6\n255\n", 42));
+  expect_error([&] { read_image_folder(root.file("f"), 6, 7, 3); }, {root.file("f/c/w0.pgm"), "at least 1"});
 }
 
 TEST(ImageFolder, BadArgumentsAndEmptyFolders) {

@@ -94,6 +94,142 @@ void check_png_crcs(const std::string& path, const std::vector<unsigned char>& b
   fail("file ", path, ": PNG ends without an IEND chunk (cut short?)");
 }
 
+// stb_image decodes a cut-short file without a word: a JPEG's or GIF's missing
+// data as zeros, a PGM/PPM's or TGA's pixels from memory never written (other
+// values on every run). So the file must hold what its header says it holds,
+// as PIL's "image file is truncated" demands; a width or height of 0 (which
+// stb passes on to the resizer's assertion) is refused here too.
+void check_complete(const std::string& path, const std::vector<unsigned char>& b) {
+  const size_t n = b.size();
+  auto cut = [&](const char* format, size_t needed) {
+    fail("file ", path, ": ", format, " cut short: ", n, " bytes, its header asks for ", needed,
+         " (an interrupted copy or download?)");
+  };
+  // Whether the sides are at least 1 (else an error) and small enough to count
+  // bytes with (larger ones are refused later, from stb's reading of the header).
+  auto sides = [&](const char* format, int64_t w, int64_t h) {
+    MOEV_CHECK(w >= 1 && h >= 1, "file ", path, ": ", format, " of ", w, "x", h, " pixels; expected a width and ",
+               "height of at least 1");
+    return w <= kMaxSourcePixels && h <= kMaxSourcePixels && w * h <= kMaxSourcePixels;
+  };
+  auto le16 = [&](size_t at) { return size_t{b[at]} | size_t{b[at + 1]} << 8; };
+  auto le32 = [&](size_t at) { return uint32_t(le16(at)) | uint32_t(le16(at + 2)) << 16; };
+  auto be16 = [&](size_t at) { return size_t{b[at]} << 8 | b[at + 1]; };
+  if (n >= 2 && b[0] == 0xFF && b[1] == 0xD8) {  // JPEG: the segments up to the scan, then an end marker
+    size_t at = 2;
+    while (true) {
+      if (at + 2 > n) cut("JPEG", at + 2);
+      MOEV_CHECK(b[at] == 0xFF, "file ", path, ": JPEG damaged: no marker at byte ", at);
+      const unsigned char marker = b[at + 1];
+      if (marker == 0xFF) {
+        ++at;
+        continue;
+      }
+      if (marker == 0x01 || (marker >= 0xD0 && marker <= 0xD7)) {  // markers without a length
+        at += 2;
+        continue;
+      }
+      if (at + 4 > n) cut("JPEG", at + 4);
+      const size_t end = at + 2 + be16(at + 2);
+      if (end > n) cut("JPEG", end);
+      at = end;
+      if (marker == 0xDA) break;
+    }
+    // Entropy-coded data stuffs every 0xFF it holds (0xFF 0x00), so 0xFF 0xD9 past the first scan is the end.
+    for (size_t i = at; i + 1 < n; ++i)
+      if (b[i] == 0xFF && b[i + 1] == 0xD9) return;
+    fail("file ", path, ": JPEG cut short: ", n, " bytes and no end-of-image marker (an interrupted copy or ",
+         "download?)");
+  }
+  if (n >= 6 && (std::memcmp(b.data(), "GIF87a", 6) == 0 || std::memcmp(b.data(), "GIF89a", 6) == 0)) {
+    // stb reads the first frame: the blocks up to it and its data sub-blocks must all be there.
+    if (n < 13) cut("GIF", 13);
+    sides("GIF", static_cast<int64_t>(le16(6)), static_cast<int64_t>(le16(8)));  // 16-bit: small enough
+    size_t at = 13 + ((b[10] & 0x80) ? 3 * (size_t{2} << (b[10] & 7)) : 0);
+    auto sub_blocks = [&] {
+      while (true) {
+        if (at >= n) cut("GIF", at + 1);
+        const size_t len = b[at++];
+        if (len == 0) return;
+        if (at + len > n) cut("GIF", at + len);
+        at += len;
+      }
+    };
+    while (true) {
+      if (at >= n) cut("GIF", at + 1);
+      const unsigned char block = b[at];
+      if (block == 0x21) {  // extension: a label, then data sub-blocks
+        at += 2;
+        sub_blocks();
+      } else if (block == 0x2C) {  // the first frame: descriptor, colour table, LZW code size, data
+        if (at + 11 > n) cut("GIF", at + 11);
+        at += 10 + ((b[at + 9] & 0x80) ? 3 * (size_t{2} << (b[at + 9] & 7)) : 0) + 1;
+        sub_blocks();
+        return;
+      } else {
+        return;  // the trailer or something stb refuses itself
+      }
+    }
+  }
+  if (n >= 2 && b[0] == 'P' && (b[1] == '5' || b[1] == '6')) {  // binary PGM / PPM
+    size_t at = 2;
+    auto number = [&] {  // after whitespace and # comments
+      while (at < n && (std::isspace(b[at]) || b[at] == '#'))
+        if (b[at] == '#')
+          while (at < n && b[at] != '\n') ++at;
+        else
+          ++at;
+      int64_t v = 0;
+      const size_t start = at;
+      while (at < n && std::isdigit(b[at]) && v <= (int64_t{1} << 40)) v = v * 10 + (b[at++] - '0');
+      MOEV_CHECK(at > start, "file ", path, ": PGM/PPM header damaged at byte ", start, ": expected a number");
+      return v;
+    };
+    const int64_t w = number(), h = number(), maxval = number();
+    MOEV_CHECK(maxval >= 1 && maxval <= 65535, "file ", path, ": PGM/PPM with a maximum value of ", maxval,
+               "; expected 1 to 65535");
+    if (!sides("PGM/PPM", w, h)) return;
+    const size_t needed = at + 1 + static_cast<size_t>(w * h * (b[1] == '6' ? 3 : 1) * (maxval > 255 ? 2 : 1));
+    if (n < needed) cut("PGM/PPM", needed);
+    return;
+  }
+  if (n >= 2 && b[0] == 'B' && b[1] == 'M') {  // BMP; stb decodes uncompressed ones only
+    if (n < 26) cut("BMP", 26);
+    const size_t header = le32(14);
+    const bool core = header == 12;  // OS/2's: 16-bit sides
+    if (!core && n < 34) cut("BMP", 34);
+    const int64_t w = core ? static_cast<int64_t>(le16(18)) : static_cast<int32_t>(le32(18));
+    const int64_t h = core ? static_cast<int64_t>(le16(20)) : static_cast<int32_t>(le32(22));
+    const size_t bpp = core ? le16(24) : le16(28), compression = core ? 0 : le32(30);
+    if (!sides("BMP", w, h == INT32_MIN ? 0 : std::abs(h))) return;
+    if (compression == 0 || compression == 3 || compression == 6) {
+      const size_t needed = le32(10) + (static_cast<size_t>(w) * bpp + 31) / 32 * 4 * static_cast<size_t>(std::abs(h));
+      if (n < needed) cut("BMP", needed);
+    }
+    return;
+  }
+  // TGA has no signature: judged by its header's fields, as stb does.
+  if (n >= 18 && b[1] <= 1 && (b[2] == 1 || b[2] == 2 || b[2] == 3 || b[2] == 9 || b[2] == 10 || b[2] == 11) &&
+      (b[16] == 8 || b[16] == 15 || b[16] == 16 || b[16] == 24 || b[16] == 32)) {
+    const int64_t w = static_cast<int64_t>(le16(12)), h = static_cast<int64_t>(le16(14));
+    sides("TGA", w, h);
+    const size_t pixel = (b[16] + 7) / 8;
+    size_t at = 18 + b[0] + (b[1] ? le16(5) * ((b[7] + 7) / 8) : 0);
+    const size_t pixels = static_cast<size_t>(w * h);
+    if (b[2] < 9) {
+      if (at + pixels * pixel > n) cut("TGA", at + pixels * pixel);
+      return;
+    }
+    for (size_t done = 0; done < pixels;) {  // run-length packets: a count, then one pixel or count pixels
+      if (at >= n) cut("TGA", at + 1);
+      const size_t count = (b[at] & 0x7F) + 1, bytes = (b[at] & 0x80) ? pixel : count * pixel;
+      if (at + 1 + bytes > n) cut("TGA", at + 1 + bytes);
+      at += 1 + bytes;
+      done += count;
+    }
+  }
+}
+
 // The EXIF orientation (1..8) of a JPEG, 1 when it has none or it cannot be
 // read. Cameras and phones store pixels as the sensor saw them and say in this
 // tag how to turn them upright; stb_image does not read it.
@@ -170,6 +306,7 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
   in.seekg(0);
   MOEV_CHECK(in.read(reinterpret_cast<char*>(bytes.data()), size), "cannot read image file ", path);
   check_png_crcs(path, bytes);
+  check_complete(path, bytes);
   int w = 0, h = 0, file_channels = 0;
   // From the header, before any pixel is allocated: a small file can claim a
   // huge image (stb alone allows 1 GiB of pixels).
@@ -182,6 +319,7 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
       stbi_image_free);
   MOEV_CHECK(pixels != nullptr, "file ", path,
              " is not a readable image (stb_image: ", stbi_failure_reason(), ")");
+  MOEV_CHECK(w >= 1 && h >= 1, "file ", path, ": an image of ", w, "x", h, " pixels; expected at least 1x1");
 
   const unsigned char* hwc = pixels.get();
   std::vector<unsigned char> upright, resized;
