@@ -4,6 +4,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include <sys/stat.h>
+
 #include <nlohmann/json.hpp>
 
 #include "support/expect_error.h"
@@ -84,6 +86,25 @@ TEST(RunConfig, BadInputsNameFileAndKey) {
     io::apply_override(h, "train.seed=18446744073709551615");  // a uint64 seed holds it
     EXPECT_EQ(h.train.seed, 18446744073709551615ull);
   }
+  // 200,000 levels segfaulted (an error message dumped the value recursively); TOML stops at 256 itself.
+  {
+    std::string deep = R"({"model": {"dims": )";
+    for (int i = 0; i < 200000; ++i) deep += R"({"a":)";
+    deep += "1" + std::string(200000, '}') + "}}";
+    std::ofstream(dir.file("deep.json")) << deep;
+    test::expect_error([&] { io::load_run_config(dir.file("deep.json")); }, {"deep.json", "deeper than 256"});
+    io::RunConfig h;
+    test::expect_error([&] { io::apply_override(h, "model.dims=" + std::string(100000, '[')); },
+                       {"--set model.dims", "deeper than 256"});
+    std::string ok = R"({"model": {"dims": )" + std::string(200, '[') + std::string(200, ']') + "}}";
+    std::ofstream(dir.file("shallow.json")) << ok;  // deep enough to reach the type check, which names the key
+    test::expect_error([&] { io::load_run_config(dir.file("shallow.json")); }, {"shallow.json", "model.dims"});
+  }
+  // A directory read as an empty config (the defaults, trained at exit 0); a FIFO with no writer blocked.
+  std::filesystem::create_directories(dir.file("dir.toml"));
+  test::expect_error([&] { io::load_run_config(dir.file("dir.toml")); }, {"dir.toml", "is a directory"});
+  ASSERT_EQ(::mkfifo(dir.file("fifo.toml").c_str(), 0600), 0);
+  test::expect_error([&] { io::load_run_config(dir.file("fifo.toml")); }, {"fifo.toml", "not a regular file"});
   std::ofstream(dir.file("preset.toml")) << "[model]\npreset = \"vit-giant\"\n";
   test::expect_error([&] { io::load_run_config(dir.file("preset.toml")); }, {"vit-giant"});
   test::expect_error([&] { io::load_run_config(dir.file("missing.toml")); },

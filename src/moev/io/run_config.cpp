@@ -258,6 +258,20 @@ const Field* find_field(const std::string& key) {
 
 }  // namespace
 
+namespace {
+
+// A parser callback refusing JSON nested deeper than toml++ allows TOML (256
+// levels): nothing moev reads is that deep, and an error message dumping
+// such a value recursed off the stack (200,000 levels: a segfault).
+json::parser_callback_t depth_limit(const std::string& source) {
+  return [source](int depth, json::parse_event_t, json&) {
+    MOEV_CHECK(depth <= 256, source, ": nested deeper than 256 levels; expected a table of sections and values");
+    return true;
+  };
+}
+
+}  // namespace
+
 json read_config_file(const std::string& path) {
   const std::string text = read_text(path, "config file");
   const bool is_toml = path.size() > 5 && path.compare(path.size() - 5, 5, ".toml") == 0;
@@ -268,7 +282,8 @@ json read_config_file(const std::string& path) {
     // so does this reader, rather than drop the first (a preset, a section).
     std::vector<std::set<std::string>> open;
     std::string twice;
-    auto watch = [&](int, json::parse_event_t event, json& parsed) {
+    auto watch = [&, deep = depth_limit("config file " + path)](int depth, json::parse_event_t event, json& parsed) {
+      deep(depth, event, parsed);
       if (event == json::parse_event_t::object_start) open.emplace_back();
       if (event == json::parse_event_t::object_end && !open.empty()) open.pop_back();
       if (event == json::parse_event_t::key && twice.empty() && !open.empty() &&
@@ -340,7 +355,7 @@ json assignment_json(const std::string& assignment) {
   MOEV_CHECK(dot != std::string::npos, "--set ", assignment, ": key must be section.name");
   json value;
   try {
-    value = json::parse(text);
+    value = json::parse(text, depth_limit("--set " + key));
   } catch (const json::parse_error&) {
     value = text;  // bare words are strings: train.device=cpu
   } catch (const json::exception& e) {
@@ -410,7 +425,7 @@ RunConfig from_json_string(const std::string& text, const std::string& source) {
   RunConfig cfg;
   json j;
   try {
-    j = json::parse(text);
+    j = json::parse(text, depth_limit(source));
   } catch (const json::exception& e) {
     fail(source, ": invalid config JSON: ", e.what());
   }
