@@ -24,6 +24,7 @@ pid_t spawn_self(const std::vector<std::string>& args, const std::string& log_pa
   argv.push_back(nullptr);
   const int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
   MOEV_CHECK(fd >= 0, what, ": cannot open ", log_path, ": ", std::strerror(errno));
+  const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
   if (pid < 0) {
     ::close(fd);
@@ -33,6 +34,7 @@ pid_t spawn_self(const std::vector<std::string>& args, const std::string& log_pa
     // A scheduler killed outright (SIGKILL) cannot stop its children: the
     // kernel does, so no orphan goes on writing a directory a rerun resumes.
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (::getppid() != parent) ::_exit(143);  // the scheduler died before the line above
     ::dup2(fd, 1);  // dup2's copies do not inherit close-on-exec
     ::dup2(fd, 2);
     ::execv("/proc/self/exe", argv.data());

@@ -9,6 +9,7 @@
 #include "commands.h"
 #include "moev/core/error.h"
 #include "moev/io/table.h"
+#include "moev/train/checkpoint.h"
 #include "moev/train/fusion.h"
 #include "moev/train/trainer.h"
 
@@ -43,6 +44,18 @@ Runner add_fuse(CLI::App& app) {
     namespace fs = std::filesystem;
     MOEV_CHECK(fs::weakly_canonical(f->out) != fs::weakly_canonical(f->checkpoint), "--out ", f->out,
                ": is the input checkpoint; fusion writes a new file and leaves the trained run as it is");
+    // A typo in --out replaced a training run's checkpoint (or any file) at exit 0; a new file, or an
+    // earlier fusion's output, is what --out may name.
+    if (fs::exists(f->out) && !fs::is_directory(f->out)) {
+      bool fused = false;
+      try {
+        fused = nlohmann::json::parse(train::load_checkpoint(f->out, train::CheckpointLoad::kConfig).state_json)
+                    .contains("fusion");
+      } catch (const std::exception&) {  // not a checkpoint at all
+      }
+      MOEV_CHECK(fused, "--out ", f->out, ": exists and is not the output of an earlier fuse (a run's checkpoint, ",
+                 "another file); fuse replaces only its own output: remove the file or name another --out");
+    }
     for (const auto* path : {&f->out, &f->result})
       MOEV_CHECK(path->empty() || !fs::is_directory(*path), *path, ": is a directory; expected a file to write (",
                  path == &f->out ? "--out" : "--result", ")");

@@ -16,6 +16,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -127,6 +128,7 @@ Runner add_launch(CLI::App& app) {
     // Ctrl-C or a scheduler's SIGTERM to the launcher reaches every rank.
     std::signal(SIGINT, forward_signal);
     std::signal(SIGTERM, forward_signal);
+    const pid_t launcher = ::getpid();
     for (int i = 0; i < f->nproc; ++i) {
       int fds[2];
       // Close-on-exec: a rank must not inherit the other ranks' pipes.
@@ -136,6 +138,11 @@ Runner add_launch(CLI::App& app) {
       }
       const pid_t pid = g_children[i];
       if (pid == 0) {
+        // A launcher killed outright (SIGKILL: a scheduler, the OOM killer) cannot stop its ranks: the kernel
+        // does, so none goes on training into the run directory and holding its lock. A launcher gone before
+        // this line is seen as a new parent.
+        ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+        if (::getppid() != launcher) ::_exit(143);
         ::dup2(fds[1], STDOUT_FILENO);
         ::dup2(fds[1], STDERR_FILENO);
         ::close(fds[0]);

@@ -390,6 +390,17 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   r = run("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 1 --threads 1");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("fusion"), std::string::npos) << r.out;
+  // Its own output it replaces; another run's checkpoint or any other file it refused to (it replaced them).
+  r = run("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 1 --threads 1 --out " + dir.file("s2") + "/fused.pt");
+  ASSERT_EQ(r.code, 0) << r.out;
+  const auto teacher_bytes = bytes_of(dir.file("t2") + "/checkpoint.pt");
+  expect_clean_failure("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 1 --out " + dir.file("t2") +
+                           "/checkpoint.pt",
+                       {dir.file("t2") + "/checkpoint.pt", "not the output of an earlier fuse", "--out"});
+  EXPECT_EQ(bytes_of(dir.file("t2") + "/checkpoint.pt"), teacher_bytes);
+  std::ofstream(dir.file("notes.txt")) << "mine";
+  expect_clean_failure("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 1 --out " + dir.file("notes.txt"),
+                       {dir.file("notes.txt"), "not the output of an earlier fuse"});
   // Branch agreement: the model's top-1 in branches.json is eval's, on the same images.
   r = run("analyze " + dir.file("s2") + "/checkpoint.pt --limit 64 --threads 1 --out " + dir.file("an2"));
   ASSERT_EQ(r.code, 0) << r.out;

@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <thread>
 
 #include "moev/dist/communicator.h"
@@ -170,6 +171,48 @@ TEST(DataParallel, KilledRankMakesTheOtherFailWithinTheTimeout) {
   EXPECT_NE(survivor.out.find("moev: error: rank 0 of 2"), std::string::npos) << survivor.out;
   EXPECT_EQ(survivor.out.find("terminate called"), std::string::npos) << survivor.out;
   EXPECT_LT(waited, 10 + 5) << "rank 0 took " << waited << " s to notice";
+}
+
+// Whether a process still runs (an orphan's zombie, left for whoever adopted it, does not).
+bool running(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return false;
+  const auto close = line.rfind(')');
+  return close != std::string::npos && close + 2 < line.size() && line[close + 2] != 'Z';
+}
+
+// A launcher killed outright (SIGKILL from a scheduler or the OOM killer) left
+// both ranks training on as orphans, into the run directory and under its lock.
+TEST(Launch, RanksStopWhenTheLauncherIsKilled) {
+  moev::test::TempDir dir;
+  const std::string cmd = std::string(MOEV_CLI_PATH) + " " + launch(2) + kRun +
+                          "--threads 1 --set data.train_limit=0 --out " + dir.file("r");  // silent for minutes
+  const pid_t launcher = ::fork();
+  ASSERT_GE(launcher, 0);
+  if (launcher == 0) {
+    std::freopen("/dev/null", "w", stdout);
+    std::freopen("/dev/null", "w", stderr);
+    ::execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  const auto log = dir.file("r") + "/log.jsonl";  // the ranks are training once rank 0 has logged a step
+  for (int i = 0; i < 600 && !(std::filesystem::exists(log) && std::filesystem::file_size(log) > 0); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  std::vector<pid_t> ranks;
+  std::ifstream children("/proc/" + std::to_string(launcher) + "/task/" + std::to_string(launcher) + "/children");
+  for (pid_t pid; children >> pid;) ranks.push_back(pid);
+  ASSERT_EQ(ranks.size(), 2u);
+  for (pid_t pid : ranks) EXPECT_TRUE(running(pid));
+  ::kill(launcher, SIGKILL);
+  int st = 0;
+  ::waitpid(launcher, &st, 0);
+  for (int i = 0; i < 100 && (running(ranks[0]) || running(ranks[1])); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  for (pid_t pid : ranks) {
+    EXPECT_FALSE(running(pid)) << "rank " << pid << " outlived its launcher by 10 s";
+    if (running(pid)) ::kill(pid, SIGKILL);
+  }
 }
 
 // Rank 0 cannot serve the store (its port is taken): it says so at once, and
