@@ -58,7 +58,7 @@ Runner add_ensemble(CLI::App& app) {
     io::Table t;
     t.header = {"model", "weight", "top-1", "top-5", "NLL"};
     for (size_t i = 0; i < r.members.size(); ++i)
-      t.add({cfg.members[i].checkpoint, io::fmt(cfg.members[i].weight, 2), io::fmt(r.members[i].top1),
+      t.add({cfg.members[i].checkpoint, io::fmt(cfg.members[i].weight, 4), io::fmt(r.members[i].top1),
              io::fmt(r.members[i].top5), io::fmt(r.members[i].loss)});
     t.add({"weighted ensemble", "", io::fmt(r.ensemble.top1), io::fmt(r.ensemble.top5), io::fmt(r.ensemble.loss)});
     std::printf("%s on %lld test images%s\n%s", f->config.c_str(), (long long)r.ensemble.images,

@@ -141,6 +141,21 @@ TEST(Ensemble, ScoresMatchHandCountsAndWeightsAreHonoured) {
                      {"e.toml", "ensemble.weights has 1 numbers for 2 members"});
   test::expect_error([] { train::parse_ensemble(json{{"members", {"x.pt"}}, {"wieghts", {1}}}, "e.toml"); },
                      {"ensemble.wieghts is not a key"});
+  // Weights become shares of the mix; [1e308, 1e308] summed to inf and weighed every member 0.
+  for (const auto& [given, shares] : std::vector<std::pair<json, std::vector<double>>>{
+           {json{3, 1}, {0.75, 0.25}}, {json{1e308, 1e308}, {0.5, 0.5}}, {json{0, 2e-300}, {0, 1}}}) {
+    const auto e = train::parse_ensemble(json{{"members", {"x.pt", "y.pt"}}, {"weights", given}}, "e.toml");
+    EXPECT_DOUBLE_EQ(e.members[0].weight, shares[0]) << given;
+    EXPECT_DOUBLE_EQ(e.members[1].weight, shares[1]) << given;
+  }
+  test::expect_error([] { train::parse_ensemble(json{{"members", {"x.pt", "y.pt"}}, {"weights", {0, 0}}}, "e.toml"); },
+                     {"e.toml", "all 0"});
+  test::expect_error(
+      [] {
+        train::parse_ensemble(json{{"members", {"x.pt"}}, {"weights", {std::numeric_limits<double>::infinity()}}},
+                              "e.toml");
+      },
+      {"e.toml", "expected finite numbers"});
 }
 
 // Which data settings make two runs' test sets differ, the rule ensembles check.

@@ -424,6 +424,20 @@ TEST(Trainer, ASecondRunIntoARunsDirectoryAndBadOptimiserSettingsAreRefused) {
       {[](io::RunConfig& c) { c.train.threads = -1; }, "threads = -1"},
       {[](io::RunConfig& c) { c.data.train_limit = -1; }, "data.train_limit = -1"},
       {[](io::RunConfig& c) { c.data.test_limit = -2; }, "data.test_limit = -2"},
+      // These trained at exit 0: a negative cool-down rate climbed the loss to chance, and so on.
+      {[](io::RunConfig& c) { c.train.cooldown_lr = -1; }, "train.cooldown_lr = -1"},
+      {[](io::RunConfig& c) { c.train.weight_decay = -1; }, "train.weight_decay = -1"},
+      {[](io::RunConfig& c) { c.train.clip_grad_norm = -1; }, "train.clip_grad_norm = -1"},
+      {[](io::RunConfig& c) { c.train.mix_prob = 5; }, "train.mix_prob = 5"},
+      {[](io::RunConfig& c) { c.train.mix_switch_prob = -1; }, "train.mix_switch_prob = -1"},
+      {[](io::RunConfig& c) { c.train.checkpoint_every = -5; }, "train.checkpoint_every = -5"},
+      {[](io::RunConfig& c) { c.train.log_every = -1; }, "train.log_every = -1"},
+      {[](io::RunConfig& c) { c.train.dist_timeout = 0; }, "train.dist_timeout = 0"},
+      {[](io::RunConfig& c) { c.model.aux.load = -1; }, "moe.load_weight = -1"},
+      {[](io::RunConfig& c) { c.model.aux.z = -0.5; }, "moe.z_weight = -0.5"},
+      {[](io::RunConfig& c) { c.model.router.num_experts = 100000; }, "moe.num_experts = 100000"},
+      {[](io::RunConfig& c) { c.model.depth = 0; }, "model.depth = 0"},
+      {[](io::RunConfig& c) { c.model.num_classes = 1; }, "model.num_classes = 1"},
   };
   for (const auto& b : bad) {
     auto cfg = tiny_run(dir.file("bad"));

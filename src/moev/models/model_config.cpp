@@ -173,8 +173,9 @@ ModelConfig preset(const std::string& name) {
 void validate(const ModelConfig& c) {
   MOEV_CHECK(c.family == "vit" || c.family == "convnext" || c.family == "convnext-iso" || c.family == "resnest",
              "model.family = '", c.family, "': expected vit, convnext, convnext-iso or resnest");
-  MOEV_CHECK(c.image_size >= 1 && c.channels >= 1 && c.num_classes >= 2, "model: image_size, ",
-             "channels must be >= 1 and num_classes >= 2");
+  MOEV_CHECK(c.image_size >= 1, "model.image_size = ", c.image_size, ": expected >= 1 (pixels per side)");
+  MOEV_CHECK(c.channels >= 1, "model.channels = ", c.channels, ": expected >= 1 (1: gray, 3: RGB)");
+  MOEV_CHECK(c.num_classes >= 2, "model.num_classes = ", c.num_classes, ": expected >= 2");
   // Sizes past these are typing slips, not models: say so, rather than fail
   // in the allocator with a byte count and no key.
   constexpr int64_t kMaxSide = 1 << 14, kMaxWidth = 1 << 16, kMaxClasses = 1 << 22, kMaxDepth = 1 << 10;
@@ -217,7 +218,10 @@ void validate(const ModelConfig& c) {
   MOEV_CHECK(c.branches == 1 || c.family == "resnest", "model.branches = ", c.branches,
              ": expert branches are a ResNeSt feature (model.family = resnest)");
   MOEV_CHECK(c.drop_path >= 0 && c.drop_path < 1, "model.drop_path = ", c.drop_path, ": expected [0, 1)");
-  MOEV_CHECK(c.depth >= 1 && c.mlp_dim >= 1, "model.depth and model.mlp_dim must be >= 1");
+  MOEV_CHECK(c.depth >= 1, "model.depth = ", c.depth, ": expected >= 1 (blocks)");
+  MOEV_CHECK(c.mlp_dim >= 1, "model.mlp_dim = ", c.mlp_dim, ": expected >= 1 (hidden width of an MLP)");
+  MOEV_CHECK(c.layer_scale >= 0, "model.layer_scale = ", c.layer_scale,
+             ": expected >= 0 (the initial scale of each block's residual branch)");
   MOEV_CHECK(c.dropout >= 0 && c.dropout < 1, "model.dropout = ", c.dropout, ": expected [0, 1)");
   try {
     nn::parse_precision(c.precision);
@@ -225,7 +229,13 @@ void validate(const ModelConfig& c) {
     fail("model.", e.what());
   }
   moe_blocks(c.moe, num_blocks(c));
-  if (c.moe.kind != "none") moe::validate(c.router);
+  if (c.moe.kind != "none") {
+    moe::validate(c.router);
+    // A negative weight rewards the imbalance the loss measures.
+    for (const auto& [key, w] : {std::pair{"importance_weight", c.aux.importance}, std::pair{"load_weight", c.aux.load},
+                                 std::pair{"switch_weight", c.aux.switch_lb}, std::pair{"z_weight", c.aux.z}})
+      MOEV_CHECK(w >= 0, "moe.", key, " = ", w, ": expected >= 0 (0: off)");
+  }
 }
 
 ClassifierPtr build_model(const ModelConfig& c) {

@@ -30,7 +30,9 @@ std::string to_string(RouterKind kind) {
 }
 
 void validate(const RouterConfig& cfg) {
-  MOEV_CHECK(cfg.num_experts >= 1, "moe.num_experts = ", cfg.num_experts, ": expected >= 1");
+  // Past this a typing slip, not a model: named here rather than in the allocator's byte count.
+  MOEV_CHECK(cfg.num_experts >= 1 && cfg.num_experts <= 16384, "moe.num_experts = ", cfg.num_experts,
+             ": expected 1..16384");
   MOEV_CHECK(cfg.k >= 1, "moe.k = ", cfg.k, ": expected >= 1");
   MOEV_CHECK(cfg.k <= cfg.num_experts, "moe.k = ", cfg.k, " is larger than moe.num_experts = ",
              cfg.num_experts, ": a token cannot choose more experts than exist");

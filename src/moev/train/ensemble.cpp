@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -79,7 +80,8 @@ EnsembleConfig parse_ensemble(const json& s, const std::string& source) {
     } else if (k == "weights") {
       MOEV_CHECK(v.is_array(), source, ": ensemble.weights: expected a list of numbers");
       for (const auto& w : v) {
-        MOEV_CHECK(w.is_number() && w.get<double>() >= 0, source, ": ensemble.weights: expected numbers >= 0, got ",
+        MOEV_CHECK(w.is_number() && w.get<double>() >= 0 && std::isfinite(w.get<double>()), source,
+                   ": ensemble.weights: expected finite numbers >= 0, got ",
                    w.dump());
         weights.push_back(w.get<double>());
       }
@@ -100,12 +102,13 @@ EnsembleConfig parse_ensemble(const json& s, const std::string& source) {
   if (!weights.empty()) {
     MOEV_CHECK(weights.size() == e.members.size(), source, ": ensemble.weights has ", weights.size(),
                " numbers for ", e.members.size(), " members");
+    // Each member's share of the mix, scaled by the largest weight first: the
+    // sum of [1e308, 1e308] overflowed to inf and every member then weighed 0.
+    const double largest = *std::max_element(weights.begin(), weights.end());
+    MOEV_CHECK(largest > 0, source, ": ensemble.weights are all 0");
     double total = 0;
-    for (size_t i = 0; i < weights.size(); ++i) {
-      e.members[i].weight = weights[i];
-      total += weights[i];
-    }
-    MOEV_CHECK(total > 0, source, ": ensemble.weights are all 0");
+    for (double w : weights) total += w / largest;
+    for (size_t i = 0; i < weights.size(); ++i) e.members[i].weight = weights[i] / largest / total;
   }
   return e;
 }

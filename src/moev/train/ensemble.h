@@ -40,7 +40,7 @@ at::Tensor predict_probs(models::Classifier& model, const at::Tensor& u8, const 
 
 struct EnsembleMember {
   std::string checkpoint;
-  double weight = 1;
+  double weight = 1;  // its share of the mix: parse_ensemble makes the shares sum to 1
 };
 
 struct EnsembleConfig {

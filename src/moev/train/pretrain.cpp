@@ -259,6 +259,8 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
   set_threads(tc.threads);
 
   Datasets ds = open_datasets(cfg.data, cfg.model, /*load_train=*/true);
+  MOEV_CHECK(o.knn_k <= ds.train.size(), "pretrain: knn = ", o.knn_k, ": more neighbours than the ",
+             ds.train.size(), " training images (--knn; 0: no probe)");
   MOEV_CHECK(!ds.train.multilabel(), "pretrain: ", ds.train.source,
              " is a multi-label manifest; pre-training reads single-label image sets (the labels only for the kNN probe)");
   const int64_t M = ds.train.size();

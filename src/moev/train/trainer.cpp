@@ -183,6 +183,19 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   MOEV_CHECK(tc.mix_off_epochs >= 0 && tc.mix_off_epochs <= tc.epochs, "train.mix_off_epochs = ",
              tc.mix_off_epochs, ": expected 0..train.epochs = ", tc.epochs);
   MOEV_CHECK(tc.cooldown_epochs >= 0, "train.cooldown_epochs = ", tc.cooldown_epochs, ": expected >= 0");
+  // Negative ones ran at exit 0: a negative learning rate climbs the loss, a negative decay grows the weights.
+  MOEV_CHECK(tc.cooldown_lr >= 0, "train.cooldown_lr = ", tc.cooldown_lr, ": expected >= 0");
+  MOEV_CHECK(tc.weight_decay >= 0, "train.weight_decay = ", tc.weight_decay, ": expected >= 0");
+  MOEV_CHECK(tc.clip_grad_norm >= 0, "train.clip_grad_norm = ", tc.clip_grad_norm, ": expected >= 0 (0: off)");
+  MOEV_CHECK(tc.mix_prob >= 0 && tc.mix_prob <= 1, "train.mix_prob = ", tc.mix_prob,
+             ": expected [0, 1] (the probability a batch is mixed)");
+  MOEV_CHECK(tc.mix_switch_prob >= 0 && tc.mix_switch_prob <= 1, "train.mix_switch_prob = ", tc.mix_switch_prob,
+             ": expected [0, 1] (the probability of cutmix rather than mixup)");
+  MOEV_CHECK(tc.checkpoint_every >= 0, "train.checkpoint_every = ", tc.checkpoint_every,
+             ": expected >= 0 (0: a checkpoint at the end only)");
+  MOEV_CHECK(tc.log_every >= 0, "train.log_every = ", tc.log_every, ": expected >= 0 (0: no step lines)");
+  MOEV_CHECK(std::isfinite(tc.dist_timeout) && tc.dist_timeout > 0, "train.dist_timeout = ", tc.dist_timeout,
+             ": expected > 0 seconds");
   MOEV_CHECK(tc.distill_lambda >= 0 && tc.distill_lambda <= 1, "train.distill_lambda = ", tc.distill_lambda,
              ": expected [0, 1]");
   MOEV_CHECK(tc.cosine_loss >= 0, "train.cosine_loss = ", tc.cosine_loss, ": expected >= 0");
