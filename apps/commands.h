@@ -23,10 +23,11 @@ struct ConfigFlags {
   std::string preset;
   std::vector<std::string> sets;
   std::vector<std::string> shorthand;  // filled by the shorthand flags, as key=value
+  std::vector<std::string> in_order;   // shorthands and --set values as key=value, in command-line order
   bool print_config = false;
   bool help_config = false;
   void add_to(CLI::App* cmd);
-  io::RunConfig resolve() const;  // defaults <- preset <- file <- shorthands <- --set
+  io::RunConfig resolve() const;  // defaults <- file <- --model <- shorthands and --set, the later winning
   // resolve(), unless --help-config or --print-config asked for a listing: then
   // it is printed and nothing is returned (the command exits 0).
   std::optional<io::RunConfig> resolve_or_print() const;

@@ -30,12 +30,25 @@ void ConfigFlags::add_to(CLI::App* cmd) {
   std::string presets;  // from the preset table itself, so the help cannot fall behind it
   for (const auto& n : models::preset_names()) presets += (presets.empty() ? "" : ", ") + n;
   cmd->add_option("-m,--model", preset, "model preset: " + presets);
-  cmd->add_option("--set", sets, "override any config key: section.key=value (repeatable)");
+  // Callbacks as each is parsed: of two values for one key, the one later on the line wins.
+  cmd->add_option_function<std::vector<std::string>>(
+         "--set",
+         [this](const std::vector<std::string>& v) {
+           sets.insert(sets.end(), v.begin(), v.end());
+           in_order.insert(in_order.end(), v.begin(), v.end());
+         },
+         "override any config key: section.key=value (repeatable; the last value given for a key wins)")
+      ->trigger_on_parse();
   auto shorthand_flag = [this, cmd](const std::string& flag, const std::string& key,
                                     const std::string& help) {
     cmd->add_option_function<std::string>(
-        flag, [this, key](const std::string& v) { shorthand.push_back(key + "=" + v); },
-        help + " (= --set " + key + "=...)");
+        flag,
+        [this, key](const std::string& v) {
+          shorthand.push_back(key + "=" + v);
+          in_order.push_back(key + "=" + v);
+        },
+        help + " (= --set " + key + "=...)")
+        ->trigger_on_parse();
   };
   shorthand_flag("--epochs", "train.epochs", "training epochs");
   shorthand_flag("--batch-size", "train.batch_size", "batch size");
@@ -68,11 +81,14 @@ std::optional<io::RunConfig> ConfigFlags::resolve_or_print() const {
 }
 
 io::RunConfig ConfigFlags::resolve() const {
+  // The command line goes over the file, --model too (it went under it, and a
+  // preset in the file replaced it without a word), and it goes first there,
+  // since a preset replaces every model key. Shorthands and --set then go in
+  // the order given: --set went last, so `--set train.epochs=5 --epochs 3` ran 5.
   io::RunConfig cfg;
-  if (!preset.empty()) cfg.model = models::preset(preset);
   if (!config_file.empty()) io::apply_file(cfg, config_file);
-  for (const auto& s : shorthand) io::apply_override(cfg, s);
-  for (const auto& s : sets) io::apply_override(cfg, s);
+  if (!preset.empty()) io::apply_override(cfg, "model.preset=" + preset);
+  for (const auto& s : in_order) io::apply_override(cfg, s);
   warn_precision(cfg.model);
   return cfg;
 }

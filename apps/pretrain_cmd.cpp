@@ -1,6 +1,7 @@
 // `moev pretrain`: self-supervised pre-training (MoCo v2) of a config's model on
 // its own training images, Sun et al.'s initialisation step; the checkpoint
 // starts a supervised run through train.init_from.
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
@@ -62,13 +63,13 @@ Runner add_pretrain(CLI::App& app) {
         else o.get()->*k.real = given.get()->*k.real;
       }
     // --set pretrain.<key>=... is this command's; the rest go to the run config.
-    std::vector<std::string> run_sets;
-    for (const auto& s : flags->sets) {
+    for (const auto& s : flags->sets)
       if (s.rfind("pretrain.", 0) == 0)
         train::apply_pretrain_section(*o, io::assignment_json(s).at("pretrain"), "--set " + s);
-      else run_sets.push_back(s);
-    }
-    flags->sets = run_sets;
+    auto& run_sets = flags->in_order;
+    run_sets.erase(std::remove_if(run_sets.begin(), run_sets.end(),
+                                  [](const std::string& s) { return s.rfind("pretrain.", 0) == 0; }),
+                   run_sets.end());
     const io::RunConfig cfg = flags->resolve();
     if (flags->print_config) {
       auto j = io::to_json(cfg);

@@ -70,12 +70,26 @@ TEST(Cli, BadInputsFailCleanly) {
                        {"train-images-idx3-ubyte.gz"});
   std::ofstream(dir.file("bad.toml")) << "[moe]\nexperts = 4\n";
   expect_clean_failure("train --config " + dir.file("bad.toml"), {"bad.toml", "moe.experts"});
+  // The command line goes over the file: --model lost to the file's preset without a word. Of a shorthand and
+  // --set for one key the later wins (--set won whatever the order).
+  std::ofstream(dir.file("vmoe.toml")) << "[model]\npreset = \"vmoe-tiny\"\n[train]\nepochs = 7\n";
+  for (const auto& [flags, epochs] : std::vector<std::pair<std::string, int>>{
+           {"--epochs 3", 3}, {"--set train.epochs=5 --epochs 3", 3}, {"--epochs 3 --set train.epochs=5", 5},
+           {"--set train.epochs=4 --epochs 3 --set train.epochs=5 --epochs 2", 2}}) {
+    auto printed = run("train --config " + dir.file("vmoe.toml") + " --set model.width=48 --model convnext-tiny " +
+                       flags + " --print-config");
+    ASSERT_EQ(printed.code, 0) << printed.out;
+    const auto resolved = nlohmann::json::parse(printed.out);
+    EXPECT_EQ(resolved.at("model").at("family"), "convnext") << flags << printed.out;
+    EXPECT_EQ(resolved.at("model").at("width"), 48) << flags << printed.out;  // the preset goes first
+    EXPECT_EQ(resolved.at("train").at("epochs"), epochs) << flags;
+  }
   expect_clean_failure("train " + kTiny + "--set moe.k=5", {"moe.k = 5", "moe.num_experts = 4"});
   expect_clean_failure("train " + kTiny + "--set moe.capacity=-1", {"moe.capacity"});
   expect_clean_failure("train " + kTiny + "--set data.crop_padding=-2 --out " + dir.file("r"), {"data.crop_padding = -2"});
   expect_clean_failure("train " + kTiny + "--set data.random_erase=2 --out " + dir.file("r"), {"data.random_erase = 2"});
   expect_clean_failure("train " + kTiny + "--device cuda", {"--device cuda"});
-  expect_clean_failure("train " + kTiny + "--set train.threads=100000 --out " + dir.file("r"),
+  expect_clean_failure("train --model vmoe-tiny --set train.threads=100000 --out " + dir.file("r"),
                        {"threads = 100000", "expected 0..1024"});
   expect_clean_failure("eval " + dir.file("missing.pt") + " --threads -2", {"threads = -2"});
   expect_clean_failure("eval " + dir.file("missing.pt"), {"missing.pt"});
