@@ -89,6 +89,17 @@ TEST(Cli, BadInputsFailCleanly) {
   expect_clean_failure("train " + kTiny + "--set data.crop_padding=-2 --out " + dir.file("r"), {"data.crop_padding = -2"});
   expect_clean_failure("train " + kTiny + "--set data.random_erase=2 --out " + dir.file("r"), {"data.random_erase = 2"});
   expect_clean_failure("train " + kTiny + "--device cuda", {"--device cuda"});
+  // Raw std::filesystem text before, naming neither the key nor the flag; an empty --moe made the model dense.
+  std::ofstream(dir.file("afile")) << "x";
+  expect_clean_failure("train " + kTiny + "--out " + dir.file("afile"), {"train.out_dir = ", "afile", "--out DIR"});
+  expect_clean_failure("train " + kTiny + "--out " + dir.file("afile") + "/sub",
+                       {"train.out_dir = ", "Not a directory", "--out DIR"});
+  expect_clean_failure("train " + kTiny + "--set train.out_dir=", {"train.out_dir is empty"});
+  expect_clean_failure("train " + kTiny + "--set model.moe=", {"model.moe is empty"});
+  expect_clean_failure("train " + kTiny + "--moe 1,1", {"block 1 is listed twice"});
+  auto one_block = run("train " + kTiny + "--moe 1 --print-config");
+  ASSERT_EQ(one_block.code, 0) << one_block.out;
+  EXPECT_NE(one_block.out.find("\"moe\": \"1\""), std::string::npos) << one_block.out;
   expect_clean_failure("train --model vmoe-tiny --set train.threads=100000 --out " + dir.file("r"),
                        {"threads = 100000", "expected 0..1024"});
   expect_clean_failure("eval " + dir.file("missing.pt") + " --threads -2", {"threads = -2"});

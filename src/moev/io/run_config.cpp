@@ -230,7 +230,10 @@ const std::vector<Field>& fields() {
     placement.help = "MoE placement: none | every-N | last-N | block list \"3,5\"";
     placement.set = [](RunConfig& c, const json& v, const std::string& where) {
       std::string s;
-      read_value(v, s, where);
+      if (v.is_number_integer()) s = std::to_string(v.get<int64_t>());  // one block: `--moe 5`
+      else read_value(v, s, where);
+      // An unset shell variable (`--set model.moe=$MOE`) made the model dense without a word.
+      MOEV_CHECK(!s.empty(), where, ": model.moe is empty; expected none, every-N, last-N or a block list like 3,5");
       c.model.moe = models::parse_placement(s);
     };
     placement.get = [](const RunConfig& c) { return json(models::to_string(c.model.moe)); };

@@ -61,6 +61,8 @@ Placement parse_placement(const std::string& text) {
     } catch (const std::exception&) {
       fail("moe placement '", text, "': expected every-N, last-N, none or a block list like 3,5");
     }
+    MOEV_CHECK(std::count(p.blocks.begin(), p.blocks.end(), p.blocks.back()) == 1, "moe placement '", text,
+               "': block ", p.blocks.back(), " is listed twice");
   }
   return p;
 }

@@ -748,8 +748,12 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   // before anything in it is read: a run that finished or saved while this one
   // checked for its checkpoint must be seen.
   const fs::path dir = cfg.train.out_dir;
-  const bool created = !fs::exists(dir);
-  fs::create_directories(dir);
+  MOEV_CHECK(!cfg.train.out_dir.empty(), "train.out_dir is empty: expected a run directory (--out DIR)");
+  std::error_code ec;
+  const bool created = !fs::exists(dir, ec);
+  fs::create_directories(dir, ec);
+  MOEV_CHECK(!ec && fs::is_directory(dir), "train.out_dir = ", cfg.train.out_dir, ": cannot make the run directory (",
+             ec ? ec.message() : "a file is in the way", "); expected a directory to write into (--out DIR)");
   const fs::path lock_file = dir / ".train.lock";
   std::optional<io::FileLock> lock;
   lock.emplace(lock_file.string(), "train.out_dir = " + cfg.train.out_dir);
