@@ -310,6 +310,9 @@ Checkpoint load_checkpoint(const std::string& path, CheckpointLoad what) {
              ": not a regular file (a pipe or a device?); expected a checkpoint file");
   auto file = std::make_shared<ZipFile>(path);
   const auto members = zip_members(*file, path);
+  // A zip's directory is at its end: a file that starts as one but has none was cut short, not another format.
+  MOEV_CHECK(!members.empty() || file->size() < 4 || file->le(0, 4) != 0x04034b50, "checkpoint ", path,
+             ": cut short (", file->size(), " bytes and no zip directory at the end; an interrupted copy?)");
   // The pickle and torch's small records are checked now; each tensor record
   // as it is read, and only if its tensor is wanted.
   std::string records;  // "<archive>/data/": torch names the tensor records <archive>/data/<key>
