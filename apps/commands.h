@@ -27,7 +27,7 @@ struct ConfigFlags {
   bool print_config = false;
   bool help_config = false;
   void add_to(CLI::App* cmd);
-  io::RunConfig resolve() const;  // defaults <- file <- --model <- shorthands and --set, the later winning
+  io::RunConfig resolve() const;  // defaults <- preset (--model's over the file's) <- file <- flags in order
   // resolve(), unless --help-config or --print-config asked for a listing: then
   // it is printed and nothing is returned (the command exits 0).
   std::optional<io::RunConfig> resolve_or_print() const;

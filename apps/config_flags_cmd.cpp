@@ -2,6 +2,8 @@
 #include <iostream>
 #include <unistd.h>
 
+#include <nlohmann/json.hpp>
+
 #include "commands.h"
 #include "moev/core/error.h"
 #include "moev/models/model_config.h"
@@ -81,13 +83,18 @@ std::optional<io::RunConfig> ConfigFlags::resolve_or_print() const {
 }
 
 io::RunConfig ConfigFlags::resolve() const {
-  // The command line goes over the file, --model too (it went under it, and a
-  // preset in the file replaced it without a word), and it goes first there,
-  // since a preset replaces every model key. Shorthands and --set then go in
-  // the order given: --set went last, so `--set train.epochs=5 --epochs 3` ran 5.
+  // --model names the preset in place of the file's (which replaced it without
+  // a word); the file's other model and moe keys still go over it. Shorthands
+  // and --set then go in the order given: --set went last, so
+  // `--set train.epochs=5 --epochs 3` ran 5 epochs.
   io::RunConfig cfg;
-  if (!config_file.empty()) io::apply_file(cfg, config_file);
-  if (!preset.empty()) io::apply_override(cfg, "model.preset=" + preset);
+  if (!preset.empty()) cfg.model = models::preset(preset);
+  if (!config_file.empty()) {
+    auto file = io::read_config_file(config_file);
+    if (!preset.empty() && file.is_object() && file.contains("model") && file["model"].is_object())
+      file["model"].erase("preset");
+    io::apply_json(cfg, file, config_file);
+  }
   for (const auto& s : in_order) io::apply_override(cfg, s);
   warn_precision(cfg.model);
   return cfg;

@@ -299,12 +299,26 @@ TEST(ImageFolder, CutShortOrZeroWidthImagesAreErrorsNamingThem) {
     write_bytes(path, bytes);
     const auto whole = decode_image_file(path, 6, 7, 3);
     EXPECT_EQ(decode_image_file(path, 6, 7, 3).equal(whole), true);  // the same pixels every time
-    const size_t trailer = name == "a.gif" ? 1 : 0;                  // the GIF's trailer: past the frame stb reads
+    // Past what stb reads: the GIF's trailer, the BMP's last row's padding (7 x 3 bytes padded to 24).
+    const size_t trailer = name == "a.gif" ? 1 : name == "a.bmp" ? 3 : 0;
     for (size_t keep : {bytes.size() - trailer - 1, bytes.size() / 2, size_t{20}}) {
       write_bytes(path, Bytes(bytes.begin(), bytes.begin() + static_cast<long>(keep)));
       expect_error([&] { decode_image_file(path, 6, 7, 3); }, {path, "cut short"});
     }
   }
+  // What stb reads and the checks must too: a byte of padding after a JPEG segment, a BMP without its last
+  // row's padding (7 x 3 bytes: 3 bytes short), a PGM comment ended by a carriage return.
+  auto jpeg = files["a.jpg"];
+  jpeg.insert(jpeg.begin() + 4 + (jpeg[4] << 8 | jpeg[5]), 0x00);
+  write_bytes(root.file("pad.jpg"), jpeg);
+  write_bytes(root.file("whole.jpg"), files["a.jpg"]);  // a.jpg is cut short by now
+  EXPECT_TRUE(decode_image_file(root.file("pad.jpg"), 6, 7, 3)
+                  .equal(decode_image_file(root.file("whole.jpg"), 6, 7, 3)));
+  const auto& full_bmp = files["a.bmp"];
+  write_bytes(root.file("short_pad.bmp"), Bytes(full_bmp.begin(), full_bmp.end() - 3));
+  EXPECT_EQ(decode_image_file(root.file("short_pad.bmp"), 6, 7, 3).numel(), 126);
+  write_bytes(root.file("cr.pgm"), pnm("P5\r# c\r7 6\r255\r", 42));
+  EXPECT_EQ(decode_image_file(root.file("cr.pgm"), 6, 7, 3).numel(), 126);
   // A width of 0, and a header that is not a number.
   write_bytes(root.file("w0.pgm"), pnm("P5\n0 6\n255\n", 42));
   expect_error([&] { decode_image_file(root.file("w0.pgm"), 6, 7, 3); }, {root.file("w0.pgm"), "0x6", "at least 1"});

@@ -284,6 +284,13 @@ TEST(Trainer, ADamagedCheckpointFailsItsCrcCheck) {
                      {dir.file("damaged.pt"), "/data/0", "fails its CRC-32 check"});
   // Cut short: the directory at the end is gone, and the file is refused as cut short (it read as "not a
   // moev checkpoint").
+  // A flipped bit that makes a weight infinite (1.0f = 0x3F800000 -> 0x7F800000) is damage, not a diverged run.
+  train::Checkpoint ones;
+  ones.config_json = ones.state_json = "{}";
+  ones.model["w"] = torch::ones({4});
+  train::save_checkpoint(dir.file("ones.pt"), ones);
+  std::ofstream(dir.file("inf.pt"), std::ios::binary) << with_flipped_bit(dir.file("ones.pt"), 0, 3);
+  test::expect_error([&] { train::load_checkpoint(dir.file("inf.pt")); }, {"inf.pt", "fails its CRC-32 check"});
   for (size_t keep : {size_t{100}, bytes.size() / 2, bytes.size() - 10}) {
     std::ofstream(dir.file("short.pt"), std::ios::binary) << bytes.substr(0, keep);
     test::expect_error([&] { train::load_checkpoint(dir.file("short.pt")); }, {dir.file("short.pt"), "cut short"});

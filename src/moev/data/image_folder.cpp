@@ -119,7 +119,10 @@ void check_complete(const std::string& path, const std::vector<unsigned char>& b
     size_t at = 2;
     while (true) {
       if (at + 2 > n) cut("JPEG", at + 2);
-      MOEV_CHECK(b[at] == 0xFF, "file ", path, ": JPEG damaged: no marker at byte ", at);
+      if (b[at] != 0xFF) {  // padding after a segment, which stb skips too
+        ++at;
+        continue;
+      }
       const unsigned char marker = b[at + 1];
       if (marker == 0xFF) {
         ++at;
@@ -176,7 +179,7 @@ void check_complete(const std::string& path, const std::vector<unsigned char>& b
     auto number = [&] {  // after whitespace and # comments
       while (at < n && (std::isspace(b[at]) || b[at] == '#'))
         if (b[at] == '#')
-          while (at < n && b[at] != '\n') ++at;
+          while (at < n && b[at] != '\n' && b[at] != '\r') ++at;
         else
           ++at;
       int64_t v = 0;
@@ -203,7 +206,9 @@ void check_complete(const std::string& path, const std::vector<unsigned char>& b
     const size_t bpp = core ? le16(24) : le16(28), compression = core ? 0 : le32(30);
     if (!sides("BMP", w, h == INT32_MIN ? 0 : std::abs(h))) return;
     if (compression == 0 || compression == 3 || compression == 6) {
-      const size_t needed = le32(10) + (static_cast<size_t>(w) * bpp + 31) / 32 * 4 * static_cast<size_t>(std::abs(h));
+      const size_t row = static_cast<size_t>(w) * bpp, rows = static_cast<size_t>(std::abs(h));
+      // stb reads the last row without its padding.
+      const size_t needed = le32(10) + (row + 31) / 32 * 4 * (rows - 1) + (row + 7) / 8;
       if (n < needed) cut("BMP", needed);
     }
     return;
@@ -212,7 +217,7 @@ void check_complete(const std::string& path, const std::vector<unsigned char>& b
   if (n >= 18 && b[1] <= 1 && (b[2] == 1 || b[2] == 2 || b[2] == 3 || b[2] == 9 || b[2] == 10 || b[2] == 11) &&
       (b[16] == 8 || b[16] == 15 || b[16] == 16 || b[16] == 24 || b[16] == 32)) {
     const int64_t w = static_cast<int64_t>(le16(12)), h = static_cast<int64_t>(le16(14));
-    sides("TGA", w, h);
+    if (!sides("TGA", w, h)) return;
     const size_t pixel = (b[16] + 7) / 8;
     size_t at = 18 + b[0] + (b[1] ? le16(5) * ((b[7] + 7) / 8) : 0);
     const size_t pixels = static_cast<size_t>(w * h);

@@ -1,6 +1,5 @@
 #include "moev/models/placement.h"
 
-#include <algorithm>
 #include <sstream>
 
 #include "moev/core/error.h"
@@ -61,8 +60,6 @@ Placement parse_placement(const std::string& text) {
     } catch (const std::exception&) {
       fail("moe placement '", text, "': expected every-N, last-N, none or a block list like 3,5");
     }
-    MOEV_CHECK(std::count(p.blocks.begin(), p.blocks.end(), p.blocks.back()) == 1, "moe placement '", text,
-               "': block ", p.blocks.back(), " is listed twice");
   }
   return p;
 }

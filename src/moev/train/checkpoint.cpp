@@ -374,13 +374,14 @@ Checkpoint load_checkpoint(const std::string& path, CheckpointLoad what) {
     MOEV_CHECK(t.storage().nbytes() == it->second.second->size, "checkpoint ", path, ": record '", it->second.first,
                "' holds ", it->second.second->size, " bytes but its tensor wants ", t.storage().nbytes(),
                "; the file is corrupt");
-    std::function<void(const char*, uint64_t)> finite;
+    // Judged after the CRC-32: a flipped exponent bit is damage, not a diverged run.
+    bool finite = true;
+    std::function<void(const char*, uint64_t)> check;
     if (weight && t.is_floating_point())
-      finite = [&, type = t.scalar_type()](const char* p, uint64_t n) {
-        MOEV_CHECK(all_finite(p, n, type), "checkpoint ", path, ": tensor '", *weight,
-                   "' holds NaN or infinite values (saved from a diverged run?)");
-      };
-    read_checked(*file, it->second.first, *it->second.second, static_cast<char*>(t.storage().data()), path, finite);
+      check = [&, type = t.scalar_type()](const char* p, uint64_t n) { finite = finite && all_finite(p, n, type); };
+    read_checked(*file, it->second.first, *it->second.second, static_cast<char*>(t.storage().data()), path, check);
+    MOEV_CHECK(finite, "checkpoint ", path, ": tensor '", *weight,
+               "' holds NaN or infinite values (saved from a diverged run?)");
     unread.erase(it);
   };
   auto take = [&](const char* key, std::map<std::string, at::Tensor>& into, bool weights) {

@@ -99,7 +99,8 @@ EnsembleConfig parse_ensemble(const json& s, const std::string& source) {
     }
   }
   MOEV_CHECK(!e.members.empty(), source, ": [ensemble] needs members = [checkpoint, ...]");
-  if (!weights.empty()) {
+  if (weights.empty()) weights.assign(e.members.size(), 1.0);
+  {
     MOEV_CHECK(weights.size() == e.members.size(), source, ": ensemble.weights has ", weights.size(),
                " numbers for ", e.members.size(), " members");
     // Each member's share of the mix, scaled by the largest weight first: the
