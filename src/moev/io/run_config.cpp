@@ -260,10 +260,6 @@ const Field* find_field(const std::string& key) {
   return nullptr;
 }
 
-}  // namespace
-
-namespace {
-
 // A parser callback refusing JSON nested deeper than toml++ allows TOML (256
 // levels): nothing moev reads is that deep, and an error message dumping
 // such a value recursed off the stack (200,000 levels: a segfault).
