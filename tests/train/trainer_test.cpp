@@ -152,6 +152,32 @@ TEST(Trainer, ResumeEqualsUninterruptedRun) { expect_resume_equals_uninterrupted
 
 TEST(Trainer, ResumeEqualsUninterruptedRunWithWeightAverage) { expect_resume_equals_uninterrupted(2, 0.9); }
 
+// train.replicas = 0 means one per thread: a run resumed with other threads (a
+// machine with other cores) cut its batches into other replicas and went on as
+// another run. It keeps the replicas it was saved with.
+TEST(Trainer, ResumeWithOtherThreadsKeepsTheRunsReplicas) {
+  test::TempDir dir;
+  auto full = tiny_run(dir.file("full"));
+  full.train.replicas = 0;
+  full.train.max_steps = 8;
+  train::train_model(full, {});
+  auto part = full;
+  part.train.out_dir = dir.file("part");
+  part.train.max_steps = 4;
+  train::train_model(part, {});
+  part.train.max_steps = 8;
+  part.train.threads = 2;
+  train::TrainRunOptions o;
+  o.resume = true;
+  train::train_model(part, o);
+  const auto a = train::load_checkpoint(train::checkpoint_path(full.train.out_dir), train::CheckpointLoad::kWeights);
+  const auto b = train::load_checkpoint(train::checkpoint_path(part.train.out_dir), train::CheckpointLoad::kWeights);
+  EXPECT_EQ(nlohmann::json::parse(b.state_json).at("replicas"), 1);
+  double worst = 0;
+  for (const auto& [name, v] : a.model) worst = std::max(worst, (v - b.model.at(name)).abs().max().item<double>());
+  EXPECT_LT(worst, 1e-3);  // two threads sum in another order (4e-5 here); two replicas moved them 7e-3
+}
+
 // train.ema_decay: the checkpoint keeps the training weights (to resume) and the
 // average; eval and the run's own figures use the average, --raw-weights the other.
 TEST(Trainer, WeightAverageIsWhatTheRunAndItsUsersEvaluate) {

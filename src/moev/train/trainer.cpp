@@ -153,6 +153,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   Position pos;
   double prior_train_s = 0;  // training seconds before this process (a resumed run)
   int64_t saved_plan = 0;    // a time-budgeted run's planned last step when it was saved
+  int saved_replicas = 0;    // a one-process run's replicas when it was saved (0: not recorded)
   // A second run into a directory would replace the first's log at once and
   // its checkpoint soon after: a forgotten --resume must not cost a long run.
   MOEV_CHECK(opts.resume || !fs::exists(ckpt_file), ckpt_file, ": train.out_dir = ", cfg.train.out_dir,
@@ -168,6 +169,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     pos.batch = st.at("batch").get<int64_t>();
     prior_train_s = st.value("train_elapsed_s", 0.0);
     saved_plan = st.value("planned_steps", int64_t{0});
+    if (st.value("world_size", 1) == 1) saved_replicas = st.value("replicas", 0);
   }
   const auto& tc = cfg.train;
   MOEV_CHECK(tc.batch_size >= 1, "train.batch_size = ", tc.batch_size, ": expected >= 1");
@@ -347,7 +349,10 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
 
   // Replicas share the master's storage, so they are built after its weights are final.
   // Replicas share the master's tensors whole; expert shards keep one per rank.
-  const int n_reps = shards ? 1 : resolve_replicas(tc.replicas, threads, shares[rank]);
+  // With train.replicas = 0 (one per thread) a one-process run resumes with the replicas it had, whatever the
+  // threads now: the replicas cut the batch (BatchNorm statistics, routing groups), the threads only share work.
+  const int requested = tc.replicas == 0 && world == 1 && saved_replicas > 0 ? saved_replicas : tc.replicas;
+  const int n_reps = shards ? 1 : resolve_replicas(requested, threads, shares[rank]);
   // Ranks may hold different replica counts (shares, cores): the job's replicas
   // are numbered across ranks for their router noise, and the optimizer's norm
   // is cut into the job's total, the same number on every rank.
@@ -387,7 +392,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
                         {"combine_weights", cfg.model.router.renormalize
                                                 ? "renormalized over the selected K"
                                                 : "selected softmax gates (V-MoE)"},
-                        {"world_size", world}, {"expert_parallel", shards != nullptr},
+                        {"world_size", world}, {"expert_parallel", shards != nullptr}, {"replicas", n_reps},
                         {"train_elapsed_s", train_elapsed()},
                         {"class_names", ds.train.class_names}};
     if (budgeted) st["planned_steps"] = total_steps;
