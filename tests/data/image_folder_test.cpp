@@ -206,6 +206,17 @@ TEST(ImageFolder, JpegExifOrientationIsApplied) {
       const auto got = decode_image_file(root.file("c/o.jpg"), swap ? w : h, swap ? h : w, 3);
       EXPECT_TRUE(torch::equal(got, want[o - 1].contiguous())) << "orientation " << o << (big ? " MM" : " II");
     }
+  // A tag after the first segment and a padding byte (which stb skips) is found as well.
+  ASSERT_TRUE(plain[2] == 0xFF && plain[3] == 0xE0);  // stb writes its JFIF APP0 first
+  const size_t app0_end = 4 + (size_t{plain[4]} << 8 | plain[5]);
+  std::vector<unsigned char> later = with_orientation(plain, 8, true);
+  const std::vector<unsigned char> exif(later.begin() + 2, later.end() - static_cast<long>(plain.size() - 2));
+  later.assign(plain.begin(), plain.begin() + static_cast<long>(app0_end));
+  later.push_back(0x00);
+  later.insert(later.end(), exif.begin(), exif.end());
+  later.insert(later.end(), plain.begin() + static_cast<long>(app0_end), plain.end());
+  write_bytes(root.file("c/o.jpg"), later);
+  EXPECT_TRUE(torch::equal(decode_image_file(root.file("c/o.jpg"), w, h, 3), want[7].contiguous()));
   // Folders decode through the same path.
   write_bytes(root.file("c/plain.jpg"), with_orientation(plain, 6, false));
   EXPECT_TRUE(torch::equal(read_image_folder(root.path().string(), w, h, 3).images[1], want[5].contiguous()));

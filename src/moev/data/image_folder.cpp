@@ -94,6 +94,43 @@ void check_png_crcs(const std::string& path, const std::vector<unsigned char>& b
   fail("file ", path, ": PNG ends without an IEND chunk (cut short?)");
 }
 
+// Where a JPEG's walk over its segments ended: scan, the first byte of the
+// entropy-coded data after the first scan header; or needed > 0, the bytes
+// the file would need for the segment it ends in.
+struct JpegSegments {
+  size_t scan = 0;
+  size_t needed = 0;
+};
+
+// Steps over a JPEG's segments up to its first scan header, skipping fill and
+// padding bytes between them as stb does, and calls visit(marker, payload
+// begin, payload end) on each segment with a length; visit returns false to
+// stop early (scan and needed then 0). Shared by the completeness check and
+// the EXIF reader so the two cannot disagree on where a segment lies.
+template <class Visit>
+JpegSegments walk_jpeg(const std::vector<unsigned char>& b, Visit visit) {
+  const size_t n = b.size();
+  size_t at = 2;
+  while (true) {
+    if (at + 2 > n) return {0, at + 2};
+    if (b[at] != 0xFF || b[at + 1] == 0xFF) {  // padding, or a fill byte before a marker
+      ++at;
+      continue;
+    }
+    const unsigned char marker = b[at + 1];
+    if (marker == 0x01 || (marker >= 0xD0 && marker <= 0xD7)) {  // markers without a length
+      at += 2;
+      continue;
+    }
+    if (at + 4 > n) return {0, at + 4};
+    const size_t end = at + 2 + (size_t{b[at + 2]} << 8 | b[at + 3]);
+    if (end > n) return {0, end};
+    if (marker != 0xDA && !visit(marker, std::min(at + 4, end), end)) return {};
+    at = end;
+    if (marker == 0xDA) return {at, 0};
+  }
+}
+
 // stb_image decodes a cut-short file without a word: a JPEG's or GIF's missing
 // data as zeros, a PGM/PPM's or TGA's pixels from memory never written (other
 // values on every run). So the file must hold what its header says it holds,
@@ -114,32 +151,11 @@ void check_complete(const std::string& path, const std::vector<unsigned char>& b
   };
   auto le16 = [&](size_t at) { return size_t{b[at]} | size_t{b[at + 1]} << 8; };
   auto le32 = [&](size_t at) { return uint32_t(le16(at)) | uint32_t(le16(at + 2)) << 16; };
-  auto be16 = [&](size_t at) { return size_t{b[at]} << 8 | b[at + 1]; };
   if (n >= 2 && b[0] == 0xFF && b[1] == 0xD8) {  // JPEG: the segments up to the scan, then an end marker
-    size_t at = 2;
-    while (true) {
-      if (at + 2 > n) cut("JPEG", at + 2);
-      if (b[at] != 0xFF) {  // padding after a segment, which stb skips too
-        ++at;
-        continue;
-      }
-      const unsigned char marker = b[at + 1];
-      if (marker == 0xFF) {
-        ++at;
-        continue;
-      }
-      if (marker == 0x01 || (marker >= 0xD0 && marker <= 0xD7)) {  // markers without a length
-        at += 2;
-        continue;
-      }
-      if (at + 4 > n) cut("JPEG", at + 4);
-      const size_t end = at + 2 + be16(at + 2);
-      if (end > n) cut("JPEG", end);
-      at = end;
-      if (marker == 0xDA) break;
-    }
+    const JpegSegments walk = walk_jpeg(b, [](unsigned char, size_t, size_t) { return true; });
+    if (walk.needed > 0) cut("JPEG", walk.needed);
     // Entropy-coded data stuffs every 0xFF it holds (0xFF 0x00), so 0xFF 0xD9 past the first scan is the end.
-    for (size_t i = at; i + 1 < n; ++i)
+    for (size_t i = walk.scan; i + 1 < n; ++i)
       if (b[i] == 0xFF && b[i + 1] == 0xD9) return;
     fail("file ", path, ": JPEG cut short: ", n, " bytes and no end-of-image marker (an interrupted copy or ",
          "download?)");
@@ -240,38 +256,29 @@ void check_complete(const std::string& path, const std::vector<unsigned char>& b
 // tag how to turn them upright; stb_image does not read it.
 int jpeg_orientation(const std::vector<unsigned char>& b) {
   if (b.size() < 4 || b[0] != 0xFF || b[1] != 0xD8) return 1;
-  for (size_t at = 2; at + 4 <= b.size() && b[at] == 0xFF;) {
-    const unsigned char marker = b[at + 1];
-    if (marker == 0xFF) {  // fill byte
-      ++at;
-      continue;
-    }
-    if (marker == 0xDA || marker == 0xD9) return 1;  // image data: no tags past it
-    const size_t length = size_t{b[at + 2]} << 8 | b[at + 3], seg = at + 4;
-    if (length < 2 || at + 2 + length > b.size()) return 1;
-    const size_t end = at + 2 + length;
-    if (marker == 0xE1 && end - seg >= 14 && std::memcmp(&b[seg], "Exif\0\0", 6) == 0) {
-      const size_t tiff = seg + 6;
-      const bool le = b[tiff] == 'I' && b[tiff + 1] == 'I';
-      if (!le && !(b[tiff] == 'M' && b[tiff + 1] == 'M')) return 1;
-      auto u16 = [&](size_t p) { return le ? b[p] | b[p + 1] << 8 : b[p] << 8 | b[p + 1]; };
-      auto u32 = [&](size_t p) { return le ? uint32_t(u16(p)) | uint32_t(u16(p + 2)) << 16
-                                           : uint32_t(u16(p)) << 16 | uint32_t(u16(p + 2)); };
-      const size_t ifd = tiff + u32(tiff + 4);
-      if (ifd < tiff || ifd + 2 > end) return 1;
-      const size_t entries = u16(ifd);
-      for (size_t e = 0; e < entries && ifd + 2 + 12 * (e + 1) <= end; ++e) {
-        const size_t entry = ifd + 2 + 12 * e;
-        if (u16(entry) == 0x0112 && u16(entry + 2) == 3) {
-          const int o = u16(entry + 8);
-          return o >= 1 && o <= 8 ? o : 1;
-        }
+  int orientation = 1;
+  walk_jpeg(b, [&](unsigned char marker, size_t seg, size_t end) {
+    if (marker != 0xE1 || end - seg < 14 || std::memcmp(&b[seg], "Exif\0\0", 6) != 0) return true;
+    const size_t tiff = seg + 6;
+    const bool le = b[tiff] == 'I' && b[tiff + 1] == 'I';
+    if (!le && !(b[tiff] == 'M' && b[tiff + 1] == 'M')) return false;
+    auto u16 = [&](size_t p) { return le ? b[p] | b[p + 1] << 8 : b[p] << 8 | b[p + 1]; };
+    auto u32 = [&](size_t p) { return le ? uint32_t(u16(p)) | uint32_t(u16(p + 2)) << 16
+                                         : uint32_t(u16(p)) << 16 | uint32_t(u16(p + 2)); };
+    const size_t ifd = tiff + u32(tiff + 4);
+    if (ifd < tiff || ifd + 2 > end) return false;
+    const size_t entries = u16(ifd);
+    for (size_t e = 0; e < entries && ifd + 2 + 12 * (e + 1) <= end; ++e) {
+      const size_t entry = ifd + 2 + 12 * e;
+      if (u16(entry) == 0x0112 && u16(entry + 2) == 3) {
+        const int o = u16(entry + 8);
+        orientation = o >= 1 && o <= 8 ? o : 1;
+        break;
       }
-      return 1;
     }
-    at = end;
-  }
-  return 1;
+    return false;  // the first EXIF segment decides, as before
+  });
+  return orientation;
 }
 
 // Turns stb's HWC pixels upright as the EXIF orientation says (5..8 swap the
