@@ -4,6 +4,7 @@
 #pragma once
 
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -28,9 +29,15 @@ struct ConfigFlags {
   bool help_config = false;
   void add_to(CLI::App* cmd);
   io::RunConfig resolve() const;  // defaults <- preset (--model's over the file's) <- file <- flags in order
+  // The config file as JSON, read once: a pipe (`--config <(...)`) read twice
+  // gave nothing the second time, and the run its defaults.
+  const nlohmann::json& file() const;
   // resolve(), unless --help-config or --print-config asked for a listing: then
   // it is printed and nothing is returned (the command exits 0).
   std::optional<io::RunConfig> resolve_or_print() const;
+
+ private:
+  mutable std::shared_ptr<const nlohmann::json> file_;
 };
 
 Runner add_train(CLI::App& app);

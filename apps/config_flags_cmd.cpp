@@ -28,7 +28,8 @@ void check_limit(const std::optional<int64_t>& limit) {
 }
 
 void ConfigFlags::add_to(CLI::App* cmd) {
-  cmd->add_option("-c,--config", config_file, "config file (.toml or .json)");
+  cmd->add_option("-c,--config", config_file,
+                  "config file (.toml or .json; another name is read as JSON if it starts with {)");
   std::string presets;  // from the preset table itself, so the help cannot fall behind it
   for (const auto& n : models::preset_names()) presets += (presets.empty() ? "" : ", ") + n;
   cmd->add_option("-m,--model", preset, "model preset: " + presets);
@@ -82,6 +83,11 @@ std::optional<io::RunConfig> ConfigFlags::resolve_or_print() const {
   return cfg;
 }
 
+const nlohmann::json& ConfigFlags::file() const {
+  if (!file_) file_ = std::make_shared<const nlohmann::json>(io::read_config_file(config_file));
+  return *file_;
+}
+
 io::RunConfig ConfigFlags::resolve() const {
   // --model names the preset in place of the file's (which replaced it without
   // a word); the file's other model and moe keys still go over it. Shorthands
@@ -90,7 +96,7 @@ io::RunConfig ConfigFlags::resolve() const {
   io::RunConfig cfg;
   if (!preset.empty()) cfg.model = models::preset(preset);
   if (!config_file.empty()) {
-    auto file = io::read_config_file(config_file);
+    auto file = this->file();
     if (!preset.empty() && file.is_object() && file.contains("model") && file["model"].is_object())
       file["model"].erase("preset");
     io::apply_json(cfg, file, config_file);

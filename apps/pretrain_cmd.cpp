@@ -53,7 +53,7 @@ Runner add_pretrain(CLI::App& app) {
                    ", which pre-training does not read; use --pretrain-epochs / --pretrain-lr");
     nlohmann::json section = nlohmann::json::object();
     if (!flags->config_file.empty()) {
-      const auto file = io::read_config_file(flags->config_file);
+      const auto& file = flags->file();
       if (file.is_object() && file.contains("pretrain")) section = file["pretrain"];
       train::apply_pretrain_section(*o, section, flags->config_file);
     }

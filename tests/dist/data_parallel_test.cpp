@@ -173,6 +173,27 @@ TEST(DataParallel, KilledRankMakesTheOtherFailWithinTheTimeout) {
   EXPECT_LT(waited, 10 + 5) << "rank 0 took " << waited << " s to notice";
 }
 
+// Each rank reads its own config (a file per machine; a pipe only the first
+// reader gets): a rank set up for another run trained it silently beside the
+// others or hung in a collective. Both ranks fail at once, naming the keys.
+TEST(DataParallel, RanksWithAnotherConfigFailNamingTheKeys) {
+  moev::test::TempDir dir;
+  const std::string env = "WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(moev::test::free_port());
+  const std::string args = kRun + "--threads 1 --max-steps 2 --out " + dir.file("r");
+  moev::test::CliResult r0{}, r1{};
+  std::thread rank0([&] { r0 = moev::test::run_cli(args, env + " RANK=0"); });
+  // Threads are each machine's own and may differ; the model may not.
+  r1 = moev::test::run_cli(args + " --threads 2 --set model.width=48", env + " RANK=1");
+  rank0.join();
+  EXPECT_EQ(r0.code, 1) << r0.out;
+  EXPECT_EQ(r1.code, 1) << r1.out;
+  EXPECT_NE(r1.out.find("rank 1 of 2: its config differs from rank 0's"), std::string::npos) << r1.out;
+  EXPECT_NE(r1.out.find("model.width = 48 (was: 32)"), std::string::npos) << r1.out;
+  EXPECT_EQ(r1.out.find("train.threads"), std::string::npos) << r1.out;
+  EXPECT_NE(r0.out.find("rank 0 of 2: rank(s) 1 have another config"), std::string::npos) << r0.out;
+  EXPECT_FALSE(std::filesystem::exists(dir.file("r") + "/checkpoint.pt"));
+}
+
 // Whether a process still runs (an orphan's zombie, left for whoever adopted it, does not).
 bool running(pid_t pid) {
   std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
@@ -244,7 +265,8 @@ TEST(Launch, AFailedRankStopsTheJobAndBadFlagsAreRefused) {
            {"launch --nproc 0 -- train", "--nproc 0: expected 1..1024"},
            {"launch --nproc 2000000000 -- train", "--nproc 2000000000"},
            {"launch --master-port 70000 -- train", "--master-port 70000"},
-           {"launch --nproc 2 -- sweep --config x.toml", "'sweep' does not run as ranks"}}) {
+           {"launch --nproc 2 -- sweep --config x.toml", "'sweep' does not run as ranks"},
+           {"launch --nproc 2 -- train --config /dev/null", "--config /dev/null: not a regular file"}}) {
     auto bad = moev::test::run_cli(args);
     EXPECT_EQ(bad.code, 1) << args << ": " << bad.out;
     EXPECT_NE(bad.out.find(needle), std::string::npos) << args << ": " << bad.out;

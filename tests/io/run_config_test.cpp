@@ -30,6 +30,16 @@ TEST(RunConfig, TomlJsonAndOverridesLayer) {
   io::apply_override(c, "moe.router=expert_choice");
   EXPECT_DOUBLE_EQ(c.train.lr, 0.002);
   EXPECT_EQ(c.model.router.kind, moe::RouterKind::kExpertChoice);
+  // A name without an extension (`--config <(...)`: /dev/fd/63) is read by its first character.
+  std::ofstream(dir.file("plain_json")) << "\n  {\"train\": {\"epochs\": 7}}";
+  EXPECT_EQ(io::load_run_config(dir.file("plain_json")).train.epochs, 7);
+  std::ofstream(dir.file("plain_toml")) << "# comment\n[train]\nepochs = 6\n";
+  EXPECT_EQ(io::load_run_config(dir.file("plain_toml")).train.epochs, 6);
+  std::ofstream(dir.file("plain_bad")) << "train: {epochs: 5}\n";
+  test::expect_error([&] { io::load_run_config(dir.file("plain_bad")); },
+                     {"plain_bad", "invalid TOML", "does not start with '{'"});
+  std::ofstream(dir.file("c.yaml")) << "[train]\nepochs = 6\n";
+  test::expect_error([&] { io::load_run_config(dir.file("c.yaml")); }, {"c.yaml", "expected a .toml or .json"});
   // JSON round trip keeps every field.
   auto back = io::from_json_string(io::to_json_string(c), "roundtrip");
   EXPECT_EQ(io::to_json_string(back), io::to_json_string(c));

@@ -274,9 +274,14 @@ json::parser_callback_t depth_limit(const std::string& source) {
 
 json read_config_file(const std::string& path) {
   const std::string text = read_text(path, "config file");
-  const bool is_toml = path.size() > 5 && path.compare(path.size() - 5, 5, ".toml") == 0;
-  const bool is_json = path.size() > 5 && path.compare(path.size() - 5, 5, ".json") == 0;
-  MOEV_CHECK(is_toml || is_json, "config file ", path, ": expected a .toml or .json file");
+  const std::string ext = std::filesystem::path(path).extension().string();
+  // A name without an extension (`--config <(...)` is /dev/fd/63) is read by its
+  // first character: a JSON config is a table, `{`; TOML cannot start with one.
+  const size_t first = text.find_first_not_of(" \t\r\n");
+  const bool guess = ext.empty();
+  const bool is_json = ext == ".json" || (guess && first != std::string::npos && text[first] == '{');
+  MOEV_CHECK(guess || ext == ".toml" || is_json, "config file ", path, ": expected a .toml or .json file (or a ",
+             "name without an extension, read as JSON if it starts with '{', else as TOML)");
   if (is_json) {
     // JSON keeps the last of two equal keys in a table; TOML refuses them, and
     // so does this reader, rather than drop the first (a preset, a section).
@@ -307,7 +312,8 @@ json read_config_file(const std::string& path) {
     js << toml::json_formatter{table};
     return json::parse(js.str());
   } catch (const toml::parse_error& e) {
-    fail("config file ", path, ":", e.source().begin.line, ": invalid TOML: ", e.description());
+    fail("config file ", path, ":", e.source().begin.line, ": invalid TOML", guess ? " (no .toml or .json in its name, "
+         "and it does not start with '{')" : "", ": ", e.description());
   }
 }
 

@@ -1,6 +1,7 @@
 #include "moev/train/trainer.h"
 
 #include <chrono>
+#include <cstring>
 #include <deque>
 #include <filesystem>
 #include <fstream>
@@ -70,6 +71,37 @@ int set_threads(int threads) {
 }
 
 namespace {
+
+// Every rank reads its own config (a file per machine; a pipe, which only the
+// first rank to read it gets): a rank set up for another run than rank 0's
+// trained it silently or hung in a collective. Rank 0's config goes to every
+// rank; each names what differs in its own, and all of them fail together.
+void check_same_run(dist::Communicator& comm, const io::RunConfig& cfg) {
+  const std::string mine = io::to_json_string(cfg);
+  auto length = torch::tensor({static_cast<int64_t>(mine.size())});
+  comm.broadcast({length});
+  auto bytes = torch::empty({length.item<int64_t>()}, torch::kUInt8);
+  if (comm.rank() == 0) std::memcpy(bytes.data_ptr(), mine.data(), mine.size());
+  comm.broadcast({bytes});
+  io::RunConfig lead = io::from_json_string(
+      std::string(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel())), "rank 0's config");
+  lead.train.threads = cfg.train.threads;  // each machine its own cores
+  lead.train.progress = cfg.train.progress;
+  lead.train.teacher_cache_mb = cfg.train.teacher_cache_mb;
+  std::string differ;
+  for (const auto& d : io::config_differences(lead, cfg)) differ += "\n  " + d;
+  auto ranks = torch::zeros({comm.size()}, torch::kInt64);
+  ranks[comm.rank()] = differ.empty() ? 0 : 1;
+  comm.all_reduce_sum({ranks});
+  std::string which;
+  for (int r = 0; r < comm.size(); ++r)
+    if (ranks[r].item<int64_t>() != 0) which += (which.empty() ? "" : ", ") + std::to_string(r);
+  MOEV_CHECK(differ.empty(), "rank ", comm.rank(), " of ", comm.size(), ": its config differs from rank 0's ",
+             "(this rank's value, then rank 0's as 'was'):", differ,
+             "\nevery rank must train the same run: the same config file and flags");
+  MOEV_CHECK(which.empty(), "rank ", comm.rank(), " of ", comm.size(), ": rank(s) ", which, " have another config ",
+             "than rank 0 (their errors list the keys); every rank must train the same run");
+}
 
 // Sums the gradients of `params` over this rank's replicas (extra[r][i]) and
 // then over the ranks, into each parameter's .grad. A parameter no token reached
@@ -220,6 +252,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   const int threads = set_threads(tc.threads);
   dist::Communicator* comm = opts.comm;
   const int rank = comm ? comm->rank() : 0, world = comm ? comm->size() : 1;
+  if (comm) check_same_run(*comm, cfg);
   const bool lead = rank == 0;  // writes the run directory, logs, evaluates
   const auto device = parse_device(tc.device);
   models::validate(cfg.model);
