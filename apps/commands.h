@@ -40,6 +40,11 @@ struct ConfigFlags {
   mutable std::shared_ptr<const nlohmann::json> file_;
 };
 
+// Refuses a config that is not a regular file (`--config <(...)`) where each of
+// several processes (a rank, a hard MoE expert) reads it again itself: a pipe
+// gives its text to the first reader only. `reader` names one of them.
+void check_rereadable_config(const std::string& path, const char* reader);
+
 Runner add_train(CLI::App& app);
 Runner add_eval(CLI::App& app);
 Runner add_predict(CLI::App& app);

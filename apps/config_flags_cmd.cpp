@@ -1,4 +1,5 @@
 // The one place where CLI flags become config values.
+#include <filesystem>
 #include <iostream>
 #include <unistd.h>
 
@@ -81,6 +82,13 @@ std::optional<io::RunConfig> ConfigFlags::resolve_or_print() const {
     return std::nullopt;
   }
   return cfg;
+}
+
+void check_rereadable_config(const std::string& path, const char* reader) {
+  std::error_code ec;
+  MOEV_CHECK(!std::filesystem::exists(path, ec) || std::filesystem::is_regular_file(path, ec), "--config ", path,
+             ": not a regular file; each ", reader, " reads the config itself, and a pipe gives its text to the ",
+             "first reader only: write it to a file first");
 }
 
 const nlohmann::json& ConfigFlags::file() const {

@@ -145,6 +145,7 @@ Runner add_hardmoe(CLI::App& app) {
       return 0;
     }
     if (!ta->parsed()) return 1;
+    check_rereadable_config(f->config, "expert");
     // train-all: every expert a `moev hardmoe train-expert` child, so each is
     // exactly the process a cluster scheduler would run.
     MOEV_CHECK(f->jobs >= 1, "--jobs ", f->jobs, ": expected >= 1");

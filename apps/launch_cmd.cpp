@@ -8,7 +8,6 @@
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
 #include <iostream>
 #include <map>
 #include <string>
@@ -123,16 +122,10 @@ Runner add_launch(CLI::App& app) {
     // Only train joins a job; any other command would run N times over one output directory.
     MOEV_CHECK(f->command[0] == "train", "'", f->command[0], "' does not run as ranks of a distributed job ",
                "(moev launch starts train); run it without moev launch");
-    // Every rank reads the config itself; a pipe (`--config <(...)`) gives its text to the first reader only.
     for (size_t i = 1; i < f->command.size(); ++i) {
       const std::string& a = f->command[i];
-      std::string path;
-      if ((a == "--config" || a == "-c") && i + 1 < f->command.size()) path = f->command[i + 1];
-      else if (a.rfind("--config=", 0) == 0) path = a.substr(9);
-      std::error_code ec;
-      MOEV_CHECK(path.empty() || !std::filesystem::exists(path, ec) || std::filesystem::is_regular_file(path, ec),
-                 "--config ", path, ": not a regular file; each rank reads the config itself, and a pipe gives ",
-                 "its text to one of them only: write it to a file first");
+      if ((a == "--config" || a == "-c") && i + 1 < f->command.size()) check_rereadable_config(f->command[i + 1], "rank");
+      else if (a.rfind("--config=", 0) == 0) check_rereadable_config(a.substr(9), "rank");
     }
     const int world = f->nproc * f->nnodes;
     std::vector<Child> kids(f->nproc);
