@@ -189,7 +189,8 @@ Runner add_eval(CLI::App& app) {
         j["shift"][data::to_string(shifts[i])] = rs.top1;
         sum += rs.top1;
         if (!f->json)
-          std::fprintf(stderr, "%-18s top-1 %.4f\n", data::to_string(shifts[i]).c_str(), rs.top1);
+          std::fprintf(stderr, "%-18s %s %.4f\n", data::to_string(shifts[i]).c_str(),
+                       r.multilabel ? "precision@1" : "top-1", rs.top1);
       }
       shift_mean.push_back(shifts.empty() ? 0 : sum / static_cast<double>(shifts.size()));
       all.push_back(j);

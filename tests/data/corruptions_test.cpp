@@ -39,6 +39,13 @@ TEST(Corruptions, DeterministicAndStrongerWithSeverity) {
       prev = change;
     }
   }
+  // A multi-label set keeps its tags: eval scored shifted images by their first tag alone (precision@1 0.70 clean,
+  // 0.13 under every shift).
+  auto tagged = set;
+  tagged.targets = torch::arange(64 * 10).reshape({64, 10}).remainder(3).eq(0).to(torch::kFloat);
+  const auto shifted = data::corrupt(tagged, {"blur", 1});
+  ASSERT_TRUE(shifted.multilabel());
+  EXPECT_TRUE(shifted.targets.equal(tagged.targets));
   // The seed changes the random ones only.
   EXPECT_FALSE(data::corrupt(set, {"gaussian_noise", 2}, 1)
                    .images.equal(data::corrupt(set, {"gaussian_noise", 2}, 2).images));

@@ -132,6 +132,7 @@ ImageSet corrupt(const ImageSet& set, const Shift& shift, uint64_t seed) {
   ImageSet out;
   out.images = to_uint8(y);
   out.labels = set.labels;
+  out.targets = set.targets;  // a multi-label set's tags: without them it was scored on its first tags alone
   out.class_names = set.class_names;
   out.source = set.source + "+" + to_string(shift);
   return out;
