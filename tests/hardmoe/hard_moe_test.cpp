@@ -292,6 +292,58 @@ TEST(HardMoE, AHardMoEFileDisagreeingWithItsPartitionIsRefused) {
   test::expect_error([&] { hardmoe::load_hard_moe(file, c10::Device(c10::kCPU)); }, {"expert 0 has not finished"});
 }
 
+// A finished or half-trained expert kept the settings it was started with
+// when run again with others (reported done, or resumed as it was); an expert
+// checkpoint swapped with another's, or the trunk copied in, was scored as that
+// expert; a link to hardmoe.json looked for its files beside the link.
+TEST(HardMoE, ChangedSettingsSwappedExpertsAndLinksAreCaught) {
+  auto& t = toy();
+  for (int64_t e = 0; e < 3; ++e) t.train(e);
+  const nlohmann::json other = {{"train", {{"batch_size", 10}}}};
+  test::expect_error([&] { hardmoe::train_expert(t.hm, other, 0, "test", {}); },
+                     {"expert 0", "was trained with other settings", "train.batch_size = 10 (was: 20)",
+                      "delete"});
+  // Half-way: a checkpoint and no result yet.
+  const std::string half = t.dir.file("half");
+  fs::create_directories(hardmoe::expert_dir(half, 0));
+  for (const char* f : {"centroids.pt", "partition.csv", "partition.json", "hardmoe.json"})
+    fs::copy_file(fs::path(t.hm.dir) / f, fs::path(half) / f);
+  fs::copy_file(train::checkpoint_path(hardmoe::expert_dir(t.hm.dir, 0)),
+                train::checkpoint_path(hardmoe::expert_dir(half, 0)));
+  auto c = t.hm;
+  c.dir = half;
+  test::expect_error([&] { hardmoe::train_expert(c, other, 0, "test", {}); },
+                     {"expert 0", "was started with other settings", "train.batch_size = 10", "to resume it"});
+  // Swapped checkpoints, the trunk copied in, another expert's result.
+  const std::string swapped = t.dir.file("swapped");
+  fs::copy(t.hm.dir, swapped, fs::copy_options::recursive);
+  const std::string model = (fs::path(swapped) / "hardmoe.json").string();
+  auto ckpt = [&](int64_t e) { return train::checkpoint_path(hardmoe::expert_dir(swapped, e)); };
+  EXPECT_NO_THROW(hardmoe::load_hard_moe(model, c10::Device(c10::kCPU)));
+  fs::rename(ckpt(0), swapped + "/tmp.pt");
+  fs::rename(ckpt(1), ckpt(0));
+  fs::rename(swapped + "/tmp.pt", ckpt(1));
+  test::expect_error([&] { hardmoe::load_hard_moe(model, c10::Device(c10::kCPU)); },
+                     {ckpt(0), "not as expert 0", "expert_1"});
+  fs::copy_file(t.hm.trunk, ckpt(0), fs::copy_options::overwrite_existing);
+  test::expect_error([&] { hardmoe::load_hard_moe(model, c10::Device(c10::kCPU)); }, {ckpt(0), "not as expert 0"});
+  fs::copy_file(train::checkpoint_path(hardmoe::expert_dir(t.hm.dir, 0)), ckpt(0),
+                fs::copy_options::overwrite_existing);
+  fs::copy_file(train::checkpoint_path(hardmoe::expert_dir(t.hm.dir, 1)), ckpt(1),
+                fs::copy_options::overwrite_existing);
+  const std::string result0 = hardmoe::expert_result_file(swapped, 0);
+  fs::copy_file(hardmoe::expert_result_file(swapped, 1), result0, fs::copy_options::overwrite_existing);
+  test::expect_error([&] { hardmoe::load_hard_moe(model, c10::Device(c10::kCPU)); }, {result0, "not expert 0's"});
+  std::ofstream(result0) << "{}";
+  test::expect_error([&] { hardmoe::load_hard_moe(model, c10::Device(c10::kCPU)); }, {result0, "not expert 0's"});
+  fs::copy_file(hardmoe::expert_result_file(t.hm.dir, 0), result0, fs::copy_options::overwrite_existing);
+  // Through a link in another directory, the files beside the link's target.
+  const std::string link = t.dir.file("elsewhere/link.json");
+  fs::create_directories(fs::path(link).parent_path());
+  fs::create_symlink(model, link);
+  EXPECT_NO_THROW(hardmoe::load_hard_moe(link, c10::Device(c10::kCPU)));
+}
+
 // centroids.pt is a plain tensor to Python's torch.load, equal to what moev reads.
 TEST(HardMoE, CentroidsOpenInPython) {
   if (std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") != 0)

@@ -76,6 +76,18 @@ io::RunConfig expert_run_config(const HardMoEConfig& c, const io::RunConfig& tru
   return cfg;
 }
 
+void check_expert_settings(const io::RunConfig& cfg, int64_t expert) {
+  const std::string ckpt = train::checkpoint_path(cfg.train.out_dir);
+  if (!fs::exists(ckpt)) return;
+  const auto saved = io::from_json_string(train::load_checkpoint(ckpt, train::CheckpointLoad::kConfig).config_json,
+                                          ckpt);
+  const std::string differ = train::resume_differences(saved, cfg, {});
+  const bool done = fs::exists((fs::path(cfg.train.out_dir) / "result.json"));
+  MOEV_CHECK(differ.empty(), "expert ", expert, " (", cfg.train.out_dir, ") was ", done ? "trained" : "started",
+             " with other settings than these:", differ, "\n", done ? "drop them to keep it" : "drop them to resume it",
+             ", or delete ", cfg.train.out_dir, " to train it again with them");
+}
+
 ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_t expert, const std::string& source,
                            train::TrainRunOptions opts) {
   // Everything that can be wrong is checked before this expert's directory is touched.
@@ -85,10 +97,13 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
   ExpertOutcome out;
   out.images = static_cast<int64_t>(opts.train_rows.size());
   const std::string result_file = expert_result_file(c.dir, expert);
-  {  // the overrides' keys and types, before "already trained" could hide a typo in them
-    io::RunConfig parsed;
-    if (overrides.is_object() && !overrides.empty()) io::apply_json(parsed, overrides, source);
-  }
+  HardMoEConfig hc = c;
+  hc.trunk = checked_trunk(part, c.dir, c.trunk);
+  const auto trunk_cfg = io::from_json_string(
+      train::load_checkpoint(hc.trunk, train::CheckpointLoad::kConfig).config_json, hc.trunk);
+  // The overrides' keys and types, and the settings an earlier start saved, before "already trained" could hide them.
+  auto cfg = expert_run_config(hc, trunk_cfg, overrides, expert, source);
+  check_expert_settings(cfg, expert);
   if (fs::exists(result_file)) {
     std::ifstream in(result_file);
     out.result = json::parse(in, nullptr, false);
@@ -97,18 +112,13 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
     out.already_done = true;
     return out;
   }
-  HardMoEConfig hc = c;
-  hc.trunk = checked_trunk(part, c.dir, c.trunk);
-  auto trunk_ckpt = train::load_checkpoint(hc.trunk, c.share_decoder ? train::CheckpointLoad::kInference
-                                                                     : train::CheckpointLoad::kConfig);
-  const auto trunk_cfg = io::from_json_string(trunk_ckpt.config_json, hc.trunk);
-  auto cfg = expert_run_config(hc, trunk_cfg, overrides, expert, source);
   // One process per expert: a second one (a rerun while the first still runs,
   // another machine on the same file system) would interleave its checkpoints.
   fs::create_directories(cfg.train.out_dir);
   const io::FileLock lock((fs::path(cfg.train.out_dir) / ".lock").string(),
                           "expert " + std::to_string(expert) + " (" + cfg.train.out_dir + ")");
   if (c.share_decoder) {
+    const auto trunk_ckpt = train::load_checkpoint(hc.trunk, train::CheckpointLoad::kInference);
     // The decoder's tensors under the expert's own names (the same when the
     // architectures match; an expert of another family names it differently).
     auto trunk_model = models::build_model(trunk_cfg.model);
@@ -118,7 +128,6 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
     MOEV_CHECK(!opts.init_tensors.empty(), hc.trunk, ": no tensors of the decoding layer '", trunk_model->decoder(),
                "'");
   }
-  trunk_ckpt = train::Checkpoint{};  // the decoder's tensors are in opts; the rest is not needed while training
   opts.resume = fs::exists(train::checkpoint_path(cfg.train.out_dir));
   auto r = train::train_model(cfg, opts);
   MOEV_CHECK(r.finished, "expert ", expert, " stopped after ", r.steps, " steps before its last epoch (max_steps); ",

@@ -74,7 +74,9 @@ train::TrainedModel load_hard_moe(const std::string& path, const c10::Device& de
              ": not a hard MoE file (expected trunk, experts and centroids)");
   MOEV_CHECK(j["trunk"].is_string() && j["experts"].is_number_integer() && j["centroids"].is_string(), path,
              ": expected trunk and centroids as strings, experts as an integer");
-  const std::string dir = fs::path(path).parent_path().string();
+  // Its files lie beside it, not beside a link to it.
+  std::error_code link_ec;
+  const std::string dir = (fs::is_symlink(path, link_ec) ? fs::canonical(path) : fs::path(path)).parent_path().string();
   const auto partition = read_partition(dir);
   // hardmoe.json repeats what partition.json records, which is what the experts
   // were trained against; an edited copy must not silently lose to it.
@@ -94,9 +96,20 @@ train::TrainedModel load_hard_moe(const std::string& path, const c10::Device& de
   std::vector<models::ClassifierPtr> experts;
   for (int64_t e = 0; e < k; ++e) {
     const std::string ckpt = train::checkpoint_path(expert_dir(dir, e));
-    MOEV_CHECK(fs::exists(expert_result_file(dir, e)), path, ": expert ", e, " has not finished training (no ",
-               expert_result_file(dir, e), "); run moev hardmoe train-expert --expert ", e);
+    const std::string result_file = expert_result_file(dir, e);
+    MOEV_CHECK(fs::exists(result_file), path, ": expert ", e, " has not finished training (no ", result_file,
+               "); run moev hardmoe train-expert --expert ", e);
+    std::ifstream result_in(result_file);
+    const auto result = json::parse(result_in, nullptr, false);
+    MOEV_CHECK(result.is_object() && result.value("expert", int64_t{-1}) == e, result_file, ": not expert ", e,
+               "'s result (damaged, or copied from another expert); delete it and run moev hardmoe train-expert ",
+               "--expert ", e);
     auto x = train::load_trained(ckpt, device, precision);
+    // A checkpoint records the directory it trained in: one swapped in from
+    // another expert, or the trunk copied in, scored as this expert at exit 0.
+    MOEV_CHECK(fs::path(x.cfg.train.out_dir).filename() == fs::path(expert_dir(dir, e)).filename(),
+               ckpt, ": trained as ", x.cfg.train.out_dir, ", not as expert ", e, " (copied or swapped in from ",
+               "elsewhere?); run moev hardmoe train-expert --expert ", e, " in a clean ", expert_dir(dir, e));
     MOEV_CHECK(x.cfg.data.mean == t.cfg.data.mean && x.cfg.data.std == t.cfg.data.std &&
                    x.class_names == t.class_names,
                ckpt, ": expert ", e, " was trained with another normalisation or other classes than the trunk ",
