@@ -130,6 +130,10 @@ void expect_resume_equals_uninterrupted(int replicas, double ema_decay = 0) {
   auto r1 = train::train_model(part, {});
   EXPECT_EQ(r1.steps, 5);
   EXPECT_FALSE(r1.finished);
+  // A kill after the checkpoint at step 5 leaves lines of steps the resumed run
+  // takes again, the last one cut short: they go, so each step is logged once.
+  std::ofstream(std::filesystem::path(part.train.out_dir) / "log.jsonl", std::ios::app)
+      << R"({"step": 6, "epoch": 0, "loss": 9.5})" << "\n" << R"({"step": 7, "epoch": 0, "lo)";
   part.train.max_steps = 0;
   part.train.lr = 1.0;  // ignored: a resumed run keeps its checkpoint's config
   train::TrainRunOptions o;
@@ -146,6 +150,7 @@ void expect_resume_equals_uninterrupted(int replicas, double ema_decay = 0) {
   ASSERT_EQ(a.ema.size(), ema_decay > 0 ? a.model.size() : 0u);
   ASSERT_EQ(b.ema.size(), a.ema.size());
   for (auto& [name, v] : a.ema) EXPECT_TRUE(torch::equal(v, b.ema.at(name))) << name;
+  EXPECT_EQ(logged_losses(part.train.out_dir), logged_losses(full.train.out_dir));
 }
 
 TEST(Trainer, ResumeEqualsUninterruptedRun) { expect_resume_equals_uninterrupted(1); }
@@ -429,6 +434,15 @@ TEST(Trainer, ASecondRunIntoARunsDirectoryAndBadOptimiserSettingsAreRefused) {
   test::expect_error([&] { train::train_model(a, {}); },
                      {train::checkpoint_path(a.train.out_dir), "already holds a run", "--resume"});
   EXPECT_EQ(logged_losses(a.train.out_dir), log_before);
+  // A directory no run started in, holding the user's own config.json: kept.
+  {
+    auto mine = tiny_run(dir.file("mine"));
+    std::filesystem::create_directories(mine.train.out_dir);
+    std::ofstream(dir.file("mine/config.json")) << R"({"model": {"preset": "vmoe-tiny"}})";
+    test::expect_error([&] { train::train_model(mine, {}); },
+                       {"train.out_dir = " + mine.train.out_dir, "holds a config.json that no moev run wrote"});
+    EXPECT_EQ(read_bytes(dir.file("mine/config.json")), R"({"model": {"preset": "vmoe-tiny"}})");
+  }
   // Another process in the directory (here: its lock held), resuming or not:
   // refused before the directory's checkpoint is even looked at.
   {
@@ -485,6 +499,7 @@ TEST(Trainer, ASecondRunIntoARunsDirectoryAndBadOptimiserSettingsAreRefused) {
   // the way of config.json, which fails for root too) fails before training,
   // not at the first checkpoint, and leaves no temporary file behind.
   std::filesystem::create_directories(dir.file("blocked") + "/config.json/x");
+  std::ofstream(dir.file("blocked/.train.lock"));  // a run's directory (else the foreign config.json is refused)
   auto blocked = tiny_run(dir.file("blocked"));
   test::expect_error([&] { train::train_model(blocked, {}); }, {"cannot write", "config.json"});
   for (const auto& entry : std::filesystem::directory_iterator(dir.file("blocked")))

@@ -8,6 +8,7 @@
 #include <iterator>
 #include <optional>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -165,6 +166,26 @@ std::set<std::string> frozen_parameters(torch::nn::Module& model, const std::vec
 struct Position {
   int64_t step = 0, epoch = 0, batch = 0;  // next step, its epoch and batch in epoch
 };
+
+// A run killed after its last checkpoint had logged steps (and perhaps an
+// epoch's evaluation) that it logs again when resumed from it: those lines go,
+// so log.jsonl holds each step once and in order. A line that does not parse
+// (a write cut short by the kill) goes too.
+void trim_log(const fs::path& path, const Position& saved) {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) return;
+  std::istringstream in(io::read_text(path.string(), "log"));
+  std::string kept, line;
+  bool cut = false;
+  while (std::getline(in, line)) {
+    const json j = json::parse(line, nullptr, false);
+    const bool keep = j.is_object() && j.value("step", int64_t{0}) <= saved.step &&
+                      (!j.contains("eval") || j.value("epoch", int64_t{0}) <= saved.epoch);
+    if (keep) kept += line + "\n";
+    cut = cut || !keep;
+  }
+  if (cut) io::write_text_atomic(path.string(), kept);
+}
 
 json eval_json(const EvalResult& e) {
   json j{{"top1", e.top1}, {"top5", e.top5}, {"loss", e.loss}, {"images_per_s", e.images_per_s},
@@ -346,6 +367,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     // the first checkpoint, after the training it was to keep.
     io::write_text_atomic((fs::path(tc.out_dir) / "config.json").string(), io::to_json_string(cfg) + "\n");
     const auto log_path = fs::path(tc.out_dir) / "log.jsonl";
+    if (opts.resume) trim_log(log_path, pos);
     log.open(log_path, opts.resume ? std::ios::app : std::ios::trunc);
     MOEV_CHECK(log.is_open(), "cannot write ", log_path.string(), " (train.out_dir = ", tc.out_dir, ")");
   }
@@ -793,6 +815,13 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   MOEV_CHECK(!ec && fs::is_directory(dir), "train.out_dir = ", cfg.train.out_dir, ": cannot make the run directory (",
              ec ? ec.message() : "a file is in the way", "); expected a directory to write into (--out DIR)");
   const fs::path lock_file = dir / ".train.lock";
+  // A directory no run was started in (no lock file) may hold the user's own
+  // config.json or log.jsonl, which the run would replace at once.
+  if (!created && !fs::exists(lock_file, ec) && !fs::exists(dir / "checkpoint.pt", ec))
+    for (const char* name : {"config.json", "log.jsonl"})
+      MOEV_CHECK(!fs::exists(dir / name, ec), "train.out_dir = ", cfg.train.out_dir, ": holds a ", name,
+                 " that no moev run wrote (no .train.lock beside it), which this run would replace; train into ",
+                 "another --out, or move it away");
   std::optional<io::FileLock> lock;
   lock.emplace(lock_file.string(), "train.out_dir = " + cfg.train.out_dir);
   try {
