@@ -124,6 +124,11 @@ TEST(Router, CapacityFormula) {
   EXPECT_EQ(expert_capacity(cfg, 8 * 49), 103);  // ceil(2*392*1.05/8) = ceil(102.9)
   cfg.capacity_factor = 0.01;
   EXPECT_EQ(expert_capacity(cfg, 10), 1);
+  // At most the group's tokens (an expert takes each once): 1e17 overflowed int64 and dropped every token.
+  for (double c : {8.0, 1e17, 1e300}) {
+    cfg.capacity_factor = c;
+    EXPECT_EQ(expert_capacity(cfg, 392), 392) << c;
+  }
 }
 
 TEST(Router, KMajorPriorityFirstChoicesBeforeSecond) {

@@ -48,7 +48,9 @@ void validate(const RouterConfig& cfg) {
 int64_t expert_capacity(const RouterConfig& cfg, int64_t tokens_per_group) {
   const double c = std::ceil(static_cast<double>(cfg.k) * static_cast<double>(tokens_per_group) *
                              cfg.capacity_factor / static_cast<double>(cfg.num_experts));
-  return std::max<int64_t>(1, static_cast<int64_t>(c));
+  // No expert can take a token twice, so S is the most it is ever offered; a
+  // ratio of 1e17 made c overflow int64 and every token was dropped.
+  return std::max<int64_t>(1, static_cast<int64_t>(std::min(c, static_cast<double>(tokens_per_group))));
 }
 
 namespace {

@@ -12,7 +12,7 @@
 //
 // V-MoE (Riquelme et al. 2021, google-research/vmoe routing.py) conventions:
 // noisy softmax gates in training, top-K choices, K-major priority with token
-// order or Batch Priority Routing, capacity ceil(K * S * C / E), selected gate
+// order or Batch Priority Routing, capacity ceil(K * S * C / E) (at most S), selected gate
 // probabilities as combine weights (not renormalised unless asked).
 #pragma once
 
@@ -49,7 +49,7 @@ struct RouterConfig {
 // Throws moev::Error naming the field when the config cannot route (K > E, ...).
 void validate(const RouterConfig& cfg);
 
-// Slots each expert gets in one group of S tokens: ceil(K * S * C / E), at least 1.
+// Slots each expert gets in one group of S tokens: ceil(K * S * C / E), at least 1, at most S.
 int64_t expert_capacity(const RouterConfig& cfg, int64_t tokens_per_group);
 
 // Auxiliary losses of one routing call (scalars, differentiable), averaged over
