@@ -13,6 +13,7 @@
 #include "moev/analysis/routing_report.h"
 #include "moev/core/device.h"
 #include "moev/core/error.h"
+#include "moev/hardmoe/hard_moe.h"
 #include "moev/io/table.h"
 #include "moev/moe/moe_layer.h"
 #include "moev/train/datasets.h"
@@ -56,8 +57,15 @@ Runner add_analyze(CLI::App& app) {
     train::set_threads(f->threads);
     MOEV_CHECK(f->batch_size >= 1, "--batch-size ", f->batch_size, ": expected >= 1");
     check_limit(f->limit);
-    for (double c : f->capacities)
-      MOEV_CHECK(c > 0, "--capacities: ", c, " is not a capacity ratio > 0");
+    for (size_t i = 0; i < f->capacities.size(); ++i) {
+      const double c = f->capacities[i];
+      MOEV_CHECK(c > 0 && std::isfinite(c), "--capacities: ", c, " is not a capacity ratio > 0");
+      for (size_t j = 0; j < i; ++j)
+        MOEV_CHECK(f->capacities[j] != c, "--capacities: ", c, " is given twice; expected each ratio once");
+    }
+    MOEV_CHECK(!hardmoe::is_hard_moe_file(f->checkpoint), f->checkpoint, ": a hard MoE, which routes whole images ",
+               "to one expert each (moev eval reports how many each served); analyze reads checkpoints with MoE ",
+               "layers or branches");
     const auto device = parse_device("cpu");
     auto t = train::load_trained(f->checkpoint, device, f->precision);
     warn_precision(t.cfg.model);
@@ -70,6 +78,12 @@ Runner add_analyze(CLI::App& app) {
                t.cfg.model.branches, "-branch model has none; drop --capacity-curve for its branch agreement");
     const std::string out =
         f->out.empty() ? (fs::path(f->checkpoint).parent_path() / "analysis").string() : f->out;
+    {  // before the analysis, not after it: a file in the way, or a directory that cannot be made
+      std::error_code ec;
+      fs::create_directories(out, ec);
+      MOEV_CHECK(!ec && fs::is_directory(out), "--out ", out, ": cannot make a directory there (",
+                 ec ? ec.message() : "a file is in the way", ")");
+    }
     auto data = t.cfg.data;
     if (!f->data.empty()) data.path = data.test_path = f->data;
     if (f->limit) data.test_limit = *f->limit;
@@ -106,11 +120,16 @@ Runner add_analyze(CLI::App& app) {
 
     if (f->capacity_curve) {
       std::vector<analysis::CapacityPoint> points;
+      // Expert choice has no token priority for BPR to change: one curve. A
+      // dropless model is routed with each capacity, as the curve asks.
+      const bool expert_choice = layers[0]->router_config().kind == moe::RouterKind::kExpertChoice;
       for (bool bpr : {false, true})
         for (double c : f->capacities) {
+          if (bpr && expert_choice) continue;
           train::RouterOverrides o;
           o.capacity = c;
           o.bpr = bpr;
+          o.dropless = false;
           train::apply_router_overrides(*t.model, o);
           auto e = train::evaluate(*t.model, ds.test, ds.mean, ds.std, f->batch_size, device);
           double dropped = 0;

@@ -8,6 +8,7 @@
 
 #include "commands.h"
 #include "moev/core/error.h"
+#include "moev/hardmoe/hard_moe.h"
 #include "moev/models/model_config.h"
 #include "moev/models/placement.h"
 #include "moev/train/checkpoint.h"
@@ -22,6 +23,8 @@ Runner add_checkpoint(CLI::App& app) {
   info->add_option("checkpoint", *path, "checkpoint file")->required();
   return [info, path]() {
     if (!info->parsed()) return 1;
+    MOEV_CHECK(!hardmoe::is_hard_moe_file(*path), *path, ": a hard MoE file, not a checkpoint; its trunk and each ",
+               "expert have one (moev checkpoint info <dir>/expert_0/checkpoint.pt)");
     const auto ckpt = train::load_checkpoint(*path);
     const auto cfg = io::from_json_string(ckpt.config_json, *path);
     nlohmann::json st;

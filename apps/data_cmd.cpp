@@ -47,6 +47,14 @@ Runner add_data(CLI::App& app) {
     MOEV_CHECK(out.has_filename() && out.filename() != "." && out.filename() != "..", "--out ", f->out,
                ": expected a directory name (the mosaics are staged beside it)");
     std::error_code ec;
+    // A link is followed: the staging directory is renamed onto what it names
+    // (a directory cannot replace the link itself).
+    std::error_code link_ec;  // a path that does not exist is no link
+    for (int hops = 0; hops < 40 && fs::is_symlink(out, link_ec); ++hops) {
+      const fs::path target = fs::read_symlink(out, link_ec);
+      out = (target.is_absolute() ? target : out.parent_path() / target).lexically_normal();
+      if (!out.has_filename()) out = out.parent_path();
+    }
     MOEV_CHECK(!fs::exists(out) || fs::is_directory(out), "--out ", f->out, " is a file; expected a directory");
     const bool empty = !fs::exists(out) || fs::is_empty(out, ec);
     MOEV_CHECK(!ec, "--out ", f->out, ": cannot read it (", ec.message(), ")");
@@ -63,9 +71,9 @@ Runner add_data(CLI::App& app) {
                         stage.string(), "train");
     data::write_mosaics(data::load_fashion_mnist(f->source, false), f->test, static_cast<uint64_t>(f->seed),
                         stage.string(), "test");
-    fs::remove(marker);
-    fs::rename(stage, out, ec);
+    fs::rename(stage, out, ec);  // the marker goes after: a failed rename leaves a staging directory moev can clear
     MOEV_CHECK(!ec, "cannot rename ", stage.string(), " to ", out.string(), " (", ec.message(), ")");
+    fs::remove(out / marker.filename(), ec);
     std::printf("wrote %lld + %lld mosaics (56x56 PNG): %s, %s\n", (long long)f->train, (long long)f->test,
                 (out / "train.csv").string().c_str(), (out / "test.csv").string().c_str());
     return 0;

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <iostream>
 #include <optional>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
@@ -29,7 +30,7 @@ struct EvalFlags {
   std::string data, format, device = "cpu", precision, table;
   std::optional<int64_t> k;
   std::optional<double> capacity;
-  std::optional<std::string> bpr, router;
+  std::optional<std::string> bpr, router, dropless;
   int64_t batch_size = 256;
   std::optional<int64_t> limit;
   int threads = 0;
@@ -52,6 +53,7 @@ Runner add_eval(CLI::App& app) {
   cmd->add_option("--k", f->k, "experts per token at inference");
   cmd->add_option("--capacity", f->capacity, "capacity ratio C at inference");
   cmd->add_option("--bpr", f->bpr, "Batch Priority Routing: on or off");
+  cmd->add_option("--dropless", f->dropless, "no capacity limit: on or off (off: a dropless model with --capacity)");
   cmd->add_option("--router", f->router, "router kind: topk or expert_choice");
   cmd->add_option("--batch-size", f->batch_size, "images per forward pass");
   add_limit_option(cmd, f->limit);
@@ -88,10 +90,11 @@ Runner add_eval(CLI::App& app) {
     o.k = f->k;
     o.capacity = f->capacity;
     o.kind = f->router;
-    if (f->bpr) {
-      MOEV_CHECK(*f->bpr == "on" || *f->bpr == "off", "--bpr ", *f->bpr, ": expected on or off");
-      o.bpr = *f->bpr == "on";
-    }
+    for (auto [flag, value, into] : {std::tuple{"--bpr", &f->bpr, &o.bpr}, {"--dropless", &f->dropless, &o.dropless}})
+      if (*value) {
+        MOEV_CHECK(**value == "on" || **value == "off", flag, " ", **value, ": expected on or off");
+        *into = **value == "on";
+      }
     // Rows: clean, then each shift; one top-1 column per checkpoint.
     io::Table table;
     table.header = {"test set"};
@@ -105,7 +108,7 @@ Runner add_eval(CLI::App& app) {
       auto t = train::load_trained(ckpt, device, f->precision, f->raw_weights);
       warn_precision(t.cfg.model);
       MOEV_CHECK(train::apply_router_overrides(*t.model, o) > 0 || !o.any(), ckpt,
-                 ": --k, --capacity, --bpr and --router set how MoE layers route, and this model has none (model.moe = ",
+                 ": --k, --capacity, --bpr, --router and --dropless set how MoE layers route, and this model has none (model.moe = ",
                  models::to_string(t.cfg.model.moe), "); drop them");
       auto data = t.cfg.data;
       if (!f->data.empty()) data.path = data.test_path = f->data;

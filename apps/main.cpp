@@ -1,13 +1,49 @@
 // The `moev` command: train, eval and predict for Mixture-of-Experts image
 // classifiers. Errors are printed on one line and exit with status 1.
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <iostream>
+
+#include <fcntl.h>
+#include <unistd.h>
 
 #include <c10/util/Exception.h>
 
 #include "commands.h"
 #include "moev/core/error.h"
 
+namespace {
+
+// A closed standard stream (`moev eval ... >&-`) would hand its descriptor to
+// the next file opened (a checkpoint, a log), and printed lines would go into
+// that file. Closed ones read and write /dev/null instead.
+void keep_standard_streams_open() {
+  for (int fd = 0; fd <= 2; ++fd) {
+    if (::fcntl(fd, F_GETFD) != -1 || errno != EBADF) continue;
+    const int n = ::open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);
+    if (n >= 0 && n != fd) {
+      ::dup2(n, fd);
+      ::close(n);
+    }
+  }
+}
+
+// Results printed to a full disk or device (`moev eval --json > res.json`)
+// were lost at exit 0: what stdout still buffers is written and checked.
+int flushed(int code) {
+  std::cout.flush();
+  errno = 0;
+  if (std::fflush(stdout) == 0 && !std::ferror(stdout) && std::cout.good()) return code;
+  std::cerr << "moev: error: writing to standard output failed (" << (errno ? std::strerror(errno) : "write error")
+            << "); the results printed are incomplete\n";
+  return 1;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
+  keep_standard_streams_open();
   CLI::App app{"moev: Mixture-of-Experts image classification (V-MoE, ViT, ConvNeXt, multi-branch ResNeSt, hard MoE) on LibTorch"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "moev 0.1.0");
@@ -46,7 +82,7 @@ int main(int argc, char** argv) {
   }
   try {
     for (auto& [cmd, run] : runners)
-      if (cmd->parsed()) return run();
+      if (cmd->parsed()) return flushed(run());
   } catch (const moev::Error& e) {
     std::cerr << "moev: error: " << e.what() << "\n";
     return 1;

@@ -131,6 +131,15 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   expect_clean_failure("eval " + ckpt + " --capacity 0", {"moe.capacity = 0"});
   expect_clean_failure("eval " + ckpt + " --k 7", {"moe.k = 7"});
   expect_clean_failure("eval " + ckpt + " --bpr maybe", {"--bpr maybe"});
+  // Routing settings that would not apply (dropped 0 at --capacity 0.125 on a dropless model) are refused.
+  expect_clean_failure("eval " + ckpt + " --dropless on --capacity 0.5",
+                       {"--capacity 0.5", "moe.dropless = true", "--dropless off"});
+  expect_clean_failure("eval " + ckpt + " --router expert_choice --bpr on", {"--bpr on", "expert-choice"});
+  // Results that cannot be written fail (they were lost at exit 0); a closed stdout reads as /dev/null.
+  EXPECT_EQ(run("eval " + ckpt + " --limit 64 --json > /dev/full").code, 1);
+  EXPECT_EQ(run("checkpoint info " + ckpt + " > /dev/full").code, 1);
+  const auto closed = run("eval " + ckpt + " --limit 64 --json >&- 2>/dev/null; echo status $?");
+  EXPECT_NE(closed.out.find("status 0"), std::string::npos) << closed.out;
 
   // Robustness table over two checkpoints (the same one twice: equal columns).
   auto s = run("eval " + ckpt + " " + ckpt + " --limit 64 --shift blur:2 --shift contrast:5 --table " +
@@ -169,6 +178,9 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
     EXPECT_TRUE(std::filesystem::exists(dir.file("an") + "/" + f)) << f;
   EXPECT_NE(a.out.find("specialisation"), std::string::npos) << a.out;
   expect_clean_failure("analyze " + ckpt + " --capacities 0", {"--capacities", "> 0"});
+  expect_clean_failure("analyze " + ckpt + " --capacities inf", {"--capacities", "inf"});
+  expect_clean_failure("analyze " + ckpt + " --capacities 0.5 0.5", {"--capacities", "0.5 is given twice"});
+  expect_clean_failure("analyze " + ckpt + " --out " + ckpt, {"--out " + ckpt, "cannot make a directory"});
   expect_clean_failure("analyze " + dir.file("none.pt"), {"none.pt"});
 
   // A real PNG of a Fashion-MNIST-sized image.
@@ -265,6 +277,11 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
       {"sweep.placements", "\"every-1\" repeats \"all\""});
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --set train.lrr=1 --out " +
                            dir.file("b"), {"train.lrr"});
+  // Keys the grid sets for each run replaced the common config's without a word.
+  expect_clean_failure("sweep --config " + dir.file("s.toml") + " --set moe.num_experts=16 --out " + dir.file("b"),
+                       {"moe.num_experts", "sweep.experts", "drop it"});
+  expect_clean_failure("sweep --config " + dir.file("s.toml") + " --set model.moe=all --out " + dir.file("b"),
+                       {"model.moe", "sweep.placements"});
 
   // A time budget instead of epochs: each run stops at its 1.2 s of training,
   // far before its 1000-epoch cap, and says so in its checkpoint.
@@ -521,6 +538,14 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
                        {"--out", "not empty", "new directory"});
   EXPECT_EQ(bytes_of(dir.file("mosaic/train.csv")), manifest);
   expect_clean_failure("data mosaic --out " + dir.file("mosaic/train.csv"), {"is a file"});
+  // A link to an empty directory: the mosaics go into the directory it names (the rename onto the link failed).
+  std::filesystem::create_directories(dir.file("real"));
+  std::filesystem::create_directory_symlink(dir.file("real"), dir.file("link"));
+  r = run("data mosaic --out " + dir.file("link") + " --train 4 --test 4");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_TRUE(std::filesystem::exists(dir.file("real/train.csv")));
+  EXPECT_FALSE(std::filesystem::exists(dir.file("real/.moev-partial")));
+  EXPECT_TRUE(std::filesystem::is_symlink(dir.file("link")));
   const std::string cfg = dir.file("hm.toml");
   std::ofstream(cfg) << "[model]\nfamily = \"convnext\"\nimage_size = 56\nchannels = 1\nnum_classes = 10\n"
                         "patch = 4\ndims = [8, 16, 16]\ndepths = [1, 1, 1]\n"

@@ -45,6 +45,17 @@ TEST(Manifest, ParsesQuotedPathsHeaderAndTags) {
                      {"three.csv:2", "'Coat,Dress' holds a comma", "two fields"});
   std::ofstream(dir.file("q.csv")) << "a.png,\"cat dog\nb.png,bird\n";
   test::expect_error([&] { data::parse_manifest(dir.file("q.csv")); }, {"q.csv:1", "quoted tags"});
+  // Text that is not UTF-8 lines: named, not dumped into one line or cut at a NUL (which opened `a.png`).
+  auto write = [&](const std::string& name, const std::string& bytes) {
+    std::ofstream(dir.file(name), std::ios::binary) << bytes;
+    return dir.file(name);
+  };
+  test::expect_error([&] { data::parse_manifest(write("utf16.csv", std::string("\xFF\xFEp\0a\0", 6))); },
+                     {"utf16.csv", "UTF-16", "UTF-8"});
+  test::expect_error([&] { data::parse_manifest(write("nul.csv", std::string("a.png\0junk,cat\n", 15))); },
+                     {"nul.csv:1", "NUL byte at column 6"});
+  test::expect_error([&] { data::parse_manifest(write("cr.csv", "a.png,cat\rb.png,dog\r")); },
+                     {"cr.csv:1", "carriage return", "LF or CR LF"});
 }
 
 TEST(Manifest, MosaicsAreRealImagesTaggedWithTheirClassesAndDeterministic) {

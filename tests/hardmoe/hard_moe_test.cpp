@@ -279,6 +279,13 @@ TEST(HardMoE, AHardMoEFileDisagreeingWithItsPartitionIsRefused) {
                      {file, "experts = 2", "clustered into 3"});
   write("experts", "3");
   test::expect_error([&] { hardmoe::load_hard_moe(file, c10::Device(c10::kCPU)); }, {file, "experts as an integer"});
+  // Damaged, it is named as a hard MoE file, not as an unreadable checkpoint.
+  for (const auto& [text, needle] : std::vector<std::pair<std::string, std::string>>{
+           {"", "not valid JSON"}, {model.dump().substr(0, 20), "not valid JSON"}, {"[]", "not a hard MoE file"},
+           {R"({"format": "other"})", "not a hard MoE file"}}) {
+    std::ofstream(file) << text;
+    test::expect_error([&] { train::load_trained(file, c10::Device(c10::kCPU)); }, {file, needle});
+  }
   // A trunk moved away since: named as missing, not as another trunk.
   std::ifstream pin(fs::path(dir4) / "partition.json");
   auto partition = nlohmann::json::parse(pin);

@@ -210,6 +210,7 @@ std::vector<std::string> write_capacity_curve(const std::vector<CapacityPoint>& 
     s.x.push_back(p.capacity);
     s.y.push_back(p.top1);
   }
+  if (plot.series[1].x.empty()) plot.series.pop_back();  // expert choice: no BPR curve
   const auto base = fs::path(dir) / "capacity_curve";
   io::write_text_atomic(base.string() + ".csv", t.csv());
   io::write_text_atomic(base.string() + ".md", "# " + title + "\n\n" + t.markdown());

@@ -27,6 +27,13 @@ std::vector<ManifestEntry> parse_manifest(const std::string& path) {
   for (int64_t no = 1; std::getline(in, line); ++no) {
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (no == 1 && line.rfind("\xEF\xBB\xBF", 0) == 0) line.erase(0, 3);  // a UTF-8 byte order mark
+    MOEV_CHECK(no != 1 || (line.rfind("\xFF\xFE", 0) != 0 && line.rfind("\xFE\xFF", 0) != 0), "manifest ", path,
+               ": UTF-16 text (its byte order mark); expected UTF-8 (save it as CSV UTF-8)");
+    // A NUL ended the path where C file functions read it (`a.png\0junk` opened a.png).
+    MOEV_CHECK(line.find('\0') == std::string::npos, "manifest ", path, ":", no, ": a NUL byte at column ",
+               line.find('\0') + 1, "; expected text");
+    MOEV_CHECK(line.find('\r') == std::string::npos, "manifest ", path, ":", no, ": a carriage return inside the ",
+               "line (lines ended by CR alone?); expected lines ended by LF or CR LF");
     if (line.find_first_not_of(" \t") == std::string::npos) continue;
     ManifestEntry e;
     e.line = no;
@@ -49,7 +56,8 @@ std::vector<ManifestEntry> parse_manifest(const std::string& path) {
                  ": expected a comma after the quoted path");
     } else {
       i = line.find(',');
-      MOEV_CHECK(i != std::string::npos, "manifest ", path, ":", no, ": expected `image path,tags`, got '", line, "'");
+      MOEV_CHECK(i != std::string::npos, "manifest ", path, ":", no, ": expected `image path,tags`, got '",
+                 line.size() > 80 ? line.substr(0, 80) + "..." : line, "'");
       e.path = line.substr(0, i);
     }
     std::string rest = line.substr(i + 1);
@@ -95,9 +103,10 @@ MultiLabelSet read_manifest(const std::string& path, int64_t height, int64_t wid
   for (int64_t i = 0; i < N; ++i) {
     const auto& e = entries[i];
     const fs::path p = fs::path(e.path).is_absolute() ? fs::path(e.path) : base / e.path;
-    MOEV_CHECK(fs::exists(p), "manifest ", path, ":", e.line, ": image ", p.string(), " does not exist");
-    MOEV_CHECK(fs::is_regular_file(p), "manifest ", path, ":", e.line, ": image ", p.string(),
-               " is not a file (a directory?)");
+    // Quoted: a space around the comma is part of the path, and would not show otherwise.
+    MOEV_CHECK(fs::exists(p), "manifest ", path, ":", e.line, ": image '", p.string(), "' does not exist");
+    MOEV_CHECK(fs::is_regular_file(p), "manifest ", path, ":", e.line, ": image '", p.string(),
+               "' is not a file (a directory?)");
     for (const auto& tag : e.tags) {
       auto it = column.find(tag);
       MOEV_CHECK(it != column.end(), "manifest ", path, ":", e.line, ": tag '", tag,

@@ -60,17 +60,26 @@ at::Tensor HardMoEImpl::forward(const at::Tensor& images) { return per_expert(im
 at::Tensor HardMoEImpl::embed(const at::Tensor& images) { return per_expert(images, /*logits=*/false); }
 std::string HardMoEImpl::decoder() const { return "experts_0." + experts_[0]->decoder(); }
 
+// A checkpoint is a zip, never JSON: a .json file is read as a hard MoE file,
+// so a damaged one is named as such (not as "an unreadable torch pickle").
 bool is_hard_moe_file(const std::string& path) {
-  if (fs::path(path).extension() != ".json" || !fs::is_regular_file(path)) return false;
-  std::ifstream in(path);
-  auto j = json::parse(in, nullptr, false);
-  return j.is_object() && j.value("format", std::string()) == "moev hard mixture of experts";
+  std::error_code ec;
+  return fs::path(path).extension() == ".json" && fs::is_regular_file(path, ec);
 }
 
 train::TrainedModel load_hard_moe(const std::string& path, const c10::Device& device, const std::string& precision) {
   std::ifstream in(path);
-  auto j = json::parse(in, nullptr, false);
-  MOEV_CHECK(j.is_object() && j.contains("trunk") && j.contains("experts") && j.contains("centroids"), path,
+  MOEV_CHECK(in, path, ": cannot open");
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::exception& e) {
+    fail(path, ": not valid JSON (", e.what(), "); expected the hardmoe.json that moev hardmoe cluster writes");
+  }
+  MOEV_CHECK(j.is_object() && j.value("format", std::string()) == "moev hard mixture of experts", path,
+             ": not a hard MoE file (expected format = \"moev hard mixture of experts\", as moev hardmoe cluster ",
+             "writes it)");
+  MOEV_CHECK(j.contains("trunk") && j.contains("experts") && j.contains("centroids"), path,
              ": not a hard MoE file (expected trunk, experts and centroids)");
   MOEV_CHECK(j["trunk"].is_string() && j["experts"].is_number_integer() && j["centroids"].is_string(), path,
              ": expected trunk and centroids as strings, experts as an integer");

@@ -266,7 +266,7 @@ void save_checkpoint(const std::string& path, const Checkpoint& ckpt) {
 
   const std::string tmp = path + ".tmp";
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  MOEV_CHECK(fd >= 0, "checkpoint ", tmp, ": cannot open for writing");
+  MOEV_CHECK(fd >= 0, "checkpoint ", tmp, ": cannot open for writing (", std::strerror(errno), ")");
   // A failed write is remembered and the rest of the file passed over: told
   // of a short write, torch's zip writer throws, and throws again from its
   // destructor (std::terminate) when it finishes the file there.
@@ -309,6 +309,7 @@ Checkpoint load_checkpoint(const std::string& path, CheckpointLoad what) {
   MOEV_CHECK(!std::filesystem::exists(path) || std::filesystem::is_regular_file(path), "checkpoint ", path,
              ": not a regular file (a pipe or a device?); expected a checkpoint file");
   auto file = std::make_shared<ZipFile>(path);
+  MOEV_CHECK(file->size() > 0, "checkpoint ", path, ": an empty file (0 bytes; an interrupted copy?)");
   const auto members = zip_members(*file, path);
   // A zip's directory is at its end: a file that starts as one but has none was cut short, not another format.
   MOEV_CHECK(!members.empty() || file->size() < 4 || file->le(0, 4) != 0x04034b50, "checkpoint ", path,

@@ -234,6 +234,12 @@ size_t apply_router_overrides(models::Classifier& model, const RouterOverrides& 
     if (o.capacity) cfg.capacity_factor = *o.capacity;
     if (o.bpr) cfg.bpr = *o.bpr;
     if (o.kind) cfg.kind = moe::parse_router_kind(*o.kind);
+    if (o.dropless) cfg.dropless = *o.dropless;
+    // Settings the routing would ignore: named, not scored as if they applied.
+    MOEV_CHECK(!o.capacity || !cfg.dropless, "--capacity ", *o.capacity, ": this model routes without a capacity ",
+               "limit (moe.dropless = true), so none would apply; add --dropless off to route it with one");
+    MOEV_CHECK(!o.bpr || !*o.bpr || cfg.kind != moe::RouterKind::kExpertChoice, "--bpr on: expert-choice routing ",
+               "has no token priority to change (BPR orders the tokens of top-K routing)");
     layer->set_router(cfg);
   }
   return layers.size();

@@ -55,14 +55,16 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
                     std::ostream* progress = nullptr, bool interactive = false,
                     bool routing_by_class = false, int64_t slice_multiple = 1, bool sigmoid_tags = false);
 
-// Sets K, capacity, BPR or router kind of every MoE layer (the model keeps E).
-// Unset values leave that setting as it is; bad values are moev::Errors.
+// Sets K, capacity, BPR, router kind or droplessness of every MoE layer (the
+// model keeps E). Unset values leave that setting as it is; bad values, and a
+// capacity on a dropless layer or BPR on expert choice, are moev::Errors.
 struct RouterOverrides {
   std::optional<int64_t> k;            // experts per token
   std::optional<double> capacity;      // capacity ratio C
   std::optional<bool> bpr;             // Batch Priority Routing
   std::optional<std::string> kind;     // topk | expert_choice
-  bool any() const { return k || capacity || bpr || kind; }
+  std::optional<bool> dropless;        // no capacity limit
+  bool any() const { return k || capacity || bpr || kind || dropless; }
 };
 // Returns the number of MoE layers changed (0 for a model without any).
 size_t apply_router_overrides(models::Classifier& model, const RouterOverrides& o);
