@@ -108,7 +108,8 @@ Runner add_eval(CLI::App& app) {
       auto t = train::load_trained(ckpt, device, f->precision, f->raw_weights);
       warn_precision(t.cfg.model);
       MOEV_CHECK(train::apply_router_overrides(*t.model, o) > 0 || !o.any(), ckpt,
-                 ": --k, --capacity, --bpr, --router and --dropless set how MoE layers route, and this model has none (model.moe = ",
+                 ": --k, --capacity, --bpr, --router and --dropless set how MoE layers route, and this model has ",
+                 "none (model.moe = ",
                  models::to_string(t.cfg.model.moe), "); drop them");
       auto data = t.cfg.data;
       if (!f->data.empty()) data.path = data.test_path = f->data;
