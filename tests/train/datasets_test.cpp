@@ -73,6 +73,13 @@ TEST(Datasets, TestClassesMustBeTheTrainingClassesInOrder) {
   EXPECT_NO_THROW(train::open_datasets(r.data, r.model, true));
   write_classes(dir.file("test"), {"d"});  // a class the model has no output for
   test::expect_error([&] { train::open_datasets(r.data, r.model, true); }, {dir.file("test"), "has 4 classes"});
+  // "café" composed on one machine and decomposed (as macOS stores names) on another print alike: the bytes differ.
+  test::TempDir dir2;
+  write_classes(dir2.file("train"), {"caf\xC3\xA9"});
+  write_classes(dir2.file("test"), {"cafe\xCC\x81"});
+  auto r2 = folder_run(dir2, 1);
+  test::expect_error([&] { train::open_datasets(r2.data, r2.model, true); },
+                     {"class 0 is", "(bytes 63 61 66 65 cc 81 against 63 61 66 c3 a9)"});
 }
 
 }  // namespace moev

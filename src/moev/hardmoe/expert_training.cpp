@@ -32,7 +32,9 @@ io::RunConfig expert_run_config(const HardMoEConfig& c, const io::RunConfig& tru
   // A config naming other data (a --trunk of another run) would be ignored, so
   // it is refused, as are images of another size than the trunk's.
   std::string differ = train::training_data_difference(cfg.data, trunk.data);
-  const auto test_differ = train::test_data_difference(cfg.data, trunk.data);
+  auto test_data = cfg.data;
+  test_data.format = trunk.data.format;  // named once, by the training data's difference
+  const auto test_differ = train::test_data_difference(test_data, trunk.data);
   if (!test_differ.empty()) differ += (differ.empty() ? "" : ", ") + test_differ;
   MOEV_CHECK(differ.empty(), source, ": its [data] (", differ, ", config vs trunk) is not the data the trunk ",
              c.trunk, " was trained on, which the partition and every expert use; give the trunk's run config, ",

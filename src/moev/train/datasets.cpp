@@ -1,5 +1,8 @@
 #include "moev/train/datasets.h"
 
+#include <algorithm>
+#include <cstdio>
+
 #include <torch/torch.h>
 
 #include "moev/core/error.h"
@@ -74,10 +77,28 @@ void check_same_classes(const data::ImageSet& test, const std::vector<std::strin
   auto name = [](const std::vector<std::string>& names, size_t c) {
     return c < names.size() ? "'" + names[c] + "'" : std::string("none");
   };
-  for (size_t c = 0; c < std::max(classes.size(), test.class_names.size()); ++c)
-    MOEV_CHECK(name(classes, c) == name(test.class_names, c), "test set ", test.source, ": class ", c, " is ",
-               name(test.class_names, c), " but ", name(classes, c), " in ", learnt_from,
+  // Names that print alike (a folder's é composed on one machine, e and a
+  // combining accent on another) are told apart by their bytes.
+  auto bytes = [](const std::string& s) {
+    std::string out;
+    char hex[4];
+    for (unsigned char ch : s) {
+      std::snprintf(hex, sizeof hex, " %02x", ch);
+      out += hex;
+    }
+    return out;
+  };
+  for (size_t c = 0; c < std::max(classes.size(), test.class_names.size()); ++c) {
+    const std::string got = name(test.class_names, c), want = name(classes, c);
+    auto non_ascii = [](const std::string& x) {
+      return std::any_of(x.begin(), x.end(), [](char ch) { return static_cast<unsigned char>(ch) >= 0x80; });
+    };
+    const bool look_alike = got != want && c < classes.size() && c < test.class_names.size() &&
+                            (non_ascii(got) || non_ascii(want));
+    MOEV_CHECK(got == want, "test set ", test.source, ": class ", c, " is ", got, " but ", want, " in ", learnt_from,
+               look_alike ? " (bytes" + bytes(test.class_names[c]) + " against" + bytes(classes[c]) + ")" : "",
                ": expected the same classes in the same order");
+  }
 }
 
 Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool load_train) {
