@@ -129,7 +129,7 @@ Runner add_analyze(CLI::App& app) {
           train::RouterOverrides o;
           o.capacity = c;
           o.bpr = bpr;
-          o.dropless = false;
+          if (!expert_choice) o.dropless = false;
           train::apply_router_overrides(*t.model, o);
           auto e = train::evaluate(*t.model, ds.test, ds.mean, ds.std, f->batch_size, device);
           double dropped = 0;

@@ -44,17 +44,13 @@ Runner add_data(CLI::App& app) {
     // to a staging directory that is renamed into place once both manifests exist.
     fs::path out = fs::path(f->out).lexically_normal();
     if (!out.has_filename()) out = out.parent_path();  // "dir/" names dir
-    MOEV_CHECK(out.has_filename() && out.filename() != "." && out.filename() != "..", "--out ", f->out,
-               ": expected a directory name (the mosaics are staged beside it)");
-    std::error_code ec;
     // A link is followed: the staging directory is renamed onto what it names
     // (a directory cannot replace the link itself).
-    std::error_code link_ec;  // a path that does not exist is no link
-    for (int hops = 0; hops < 40 && fs::is_symlink(out, link_ec); ++hops) {
-      const fs::path target = fs::read_symlink(out, link_ec);
-      out = (target.is_absolute() ? target : out.parent_path() / target).lexically_normal();
-      if (!out.has_filename()) out = out.parent_path();
-    }
+    std::error_code link_ec;
+    if (fs::is_symlink(out, link_ec)) out = fs::weakly_canonical(out, link_ec);
+    std::error_code ec;
+    MOEV_CHECK(out.has_filename() && out.filename() != "." && out.filename() != "..", "--out ", f->out,
+               ": expected a directory name (the mosaics are staged beside it)");
     MOEV_CHECK(!fs::exists(out) || fs::is_directory(out), "--out ", f->out, " is a file; expected a directory");
     const bool empty = !fs::exists(out) || fs::is_empty(out, ec);
     MOEV_CHECK(!ec, "--out ", f->out, ": cannot read it (", ec.message(), ")");

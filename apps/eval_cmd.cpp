@@ -102,6 +102,7 @@ Runner add_eval(CLI::App& app) {
     table.rows[0] = {"clean"};
     for (size_t i = 0; i < shifts.size(); ++i) table.rows[i + 1] = {data::to_string(shifts[i])};
     std::vector<double> shift_mean;
+    std::string metric = "top-1";  // precision@1 for a multi-label test set (the checkpoints share one)
     nlohmann::json all = nlohmann::json::array();
     std::optional<std::pair<train::DataConfig, int64_t>> first_test;  // the table's test set and its size
     for (const auto& ckpt : f->checkpoints) {
@@ -184,6 +185,7 @@ Runner add_eval(CLI::App& app) {
       }
       table.header.push_back(ckpt);
       table.rows[0].push_back(io::fmt(r.top1));
+      if (r.multilabel) metric = "precision@1";
       double sum = 0;
       for (size_t i = 0; i < shifts.size(); ++i) {
         auto shifted = data::corrupt(ds.test, shifts[i]);
@@ -203,11 +205,11 @@ Runner add_eval(CLI::App& app) {
       std::vector<std::string> mean_row = {"mean over shifts"};
       for (double m : shift_mean) mean_row.push_back(io::fmt(m));
       table.add(mean_row);
-      if (!f->json) std::printf("\ntop-1 under distribution shift\n%s", table.markdown().c_str());
+      if (!f->json) std::printf("\n%s under distribution shift\n%s", metric.c_str(), table.markdown().c_str());
     }
     if (!f->table.empty()) {  // with --json too (stdout then holds the JSON alone)
       io::write_text_atomic(f->table + ".csv", table.csv());
-      io::write_text_atomic(f->table + ".md", "# top-1 under distribution shift\n\n" + table.markdown());
+      io::write_text_atomic(f->table + ".md", "# " + metric + " under distribution shift\n\n" + table.markdown());
       std::fprintf(f->json ? stderr : stdout, "wrote %s.csv and %s.md\n", f->table.c_str(), f->table.c_str());
     }
     if (f->json) std::cout << (all.size() == 1 ? all[0] : all).dump(2) << "\n";

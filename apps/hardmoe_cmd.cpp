@@ -107,6 +107,7 @@ Runner add_hardmoe(CLI::App& app) {
       "  moev eval runs/hardmoe_mosaic/hardmoe4/hardmoe.json");
 
   return [f, cl, te, ta]() -> int {
+    if (ta->parsed()) check_rereadable_config(f->config, "expert");  // before this process reads it
     const auto r = resolve(*f);
     const auto& hm = r.hm;
     if (cl->parsed()) {
@@ -145,7 +146,6 @@ Runner add_hardmoe(CLI::App& app) {
       return 0;
     }
     if (!ta->parsed()) return 1;
-    check_rereadable_config(f->config, "expert");
     // train-all: every expert a `moev hardmoe train-expert` child, so each is
     // exactly the process a cluster scheduler would run.
     MOEV_CHECK(f->jobs >= 1, "--jobs ", f->jobs, ": expected >= 1");

@@ -124,8 +124,10 @@ Runner add_launch(CLI::App& app) {
                "(moev launch starts train); run it without moev launch");
     for (size_t i = 1; i < f->command.size(); ++i) {
       const std::string& a = f->command[i];
-      if ((a == "--config" || a == "-c") && i + 1 < f->command.size()) check_rereadable_config(f->command[i + 1], "rank");
+      if ((a == "--config" || a == "-c") && i + 1 < f->command.size())
+        check_rereadable_config(f->command[i + 1], "rank");
       else if (a.rfind("--config=", 0) == 0) check_rereadable_config(a.substr(9), "rank");
+      else if (a.size() > 2 && a.rfind("-c", 0) == 0) check_rereadable_config(a.substr(a[2] == '=' ? 3 : 2), "rank");
     }
     const int world = f->nproc * f->nnodes;
     std::vector<Child> kids(f->nproc);

@@ -135,7 +135,8 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   expect_clean_failure("eval " + ckpt + " --dropless on --capacity 0.5",
                        {"--capacity 0.5", "moe.dropless = true", "--dropless off"});
   expect_clean_failure("eval " + ckpt + " --router expert_choice --bpr on", {"--bpr on", "expert-choice"});
-  // Results that cannot be written fail (they were lost at exit 0); a closed stdout reads as /dev/null.
+  // Results that cannot be written fail (they were lost at exit 0). A closed stdout is /dev/null, not a failed
+  // write (or fd 1 handed to the next file opened).
   EXPECT_EQ(run("eval " + ckpt + " --limit 64 --json > /dev/full").code, 1);
   EXPECT_EQ(run("checkpoint info " + ckpt + " > /dev/full").code, 1);
   const auto closed = run("eval " + ckpt + " --limit 64 --json >&- 2>/dev/null; echo status $?");

@@ -188,7 +188,7 @@ TEST(DataParallel, RanksWithAnotherConfigFailNamingTheKeys) {
   EXPECT_EQ(r0.code, 1) << r0.out;
   EXPECT_EQ(r1.code, 1) << r1.out;
   EXPECT_NE(r1.out.find("rank 1 of 2: its config differs from rank 0's"), std::string::npos) << r1.out;
-  EXPECT_NE(r1.out.find("model.width = 48 (was: 32)"), std::string::npos) << r1.out;
+  EXPECT_NE(r1.out.find("model.width = 48 (rank 0: 32)"), std::string::npos) << r1.out;
   EXPECT_EQ(r1.out.find("train.threads"), std::string::npos) << r1.out;
   EXPECT_NE(r0.out.find("rank 0 of 2: rank(s) 1 have another config"), std::string::npos) << r0.out;
   EXPECT_FALSE(std::filesystem::exists(dir.file("r") + "/checkpoint.pt"));

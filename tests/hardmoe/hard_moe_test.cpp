@@ -281,11 +281,15 @@ TEST(HardMoE, AHardMoEFileDisagreeingWithItsPartitionIsRefused) {
   test::expect_error([&] { hardmoe::load_hard_moe(file, c10::Device(c10::kCPU)); }, {file, "experts as an integer"});
   // Damaged, it is named as a hard MoE file, not as an unreadable checkpoint.
   for (const auto& [text, needle] : std::vector<std::pair<std::string, std::string>>{
-           {"", "not valid JSON"}, {model.dump().substr(0, 20), "not valid JSON"}, {"[]", "not a hard MoE file"},
+           {"", "an empty file"}, {model.dump().substr(0, 20), "not valid JSON"}, {"[]", "not a hard MoE file"},
            {R"({"format": "other"})", "not a hard MoE file"}}) {
     std::ofstream(file) << text;
     test::expect_error([&] { train::load_trained(file, c10::Device(c10::kCPU)); }, {file, needle});
   }
+  // A checkpoint is told by its bytes, not its name (moev fuse --out fused.json writes a zip).
+  const std::string named_json = t.dir.file("trunk_copy.json");
+  fs::copy_file(t.hm.trunk, named_json, fs::copy_options::overwrite_existing);
+  EXPECT_NO_THROW(train::load_trained(named_json, c10::Device(c10::kCPU)));
   // A trunk moved away since: named as missing, not as another trunk.
   std::ifstream pin(fs::path(dir4) / "partition.json");
   auto partition = nlohmann::json::parse(pin);

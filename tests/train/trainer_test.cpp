@@ -133,7 +133,8 @@ void expect_resume_equals_uninterrupted(int replicas, double ema_decay = 0) {
   // A kill after the checkpoint at step 5 leaves lines of steps the resumed run
   // takes again, the last one cut short: they go, so each step is logged once.
   std::ofstream(std::filesystem::path(part.train.out_dir) / "log.jsonl", std::ios::app)
-      << R"({"step": 6, "epoch": 0, "loss": 9.5})" << "\n" << R"({"step": 7, "epoch": 0, "lo)";
+      << R"({"step": 6, "epoch": 0, "loss": 9.5})" << "\n" << R"({"step": 5, "epoch": 1, "eval": {"top1": 0.5}})"
+      << "\n" << R"({"step": 7, "epoch": 0, "lo)";
   part.train.max_steps = 0;
   part.train.lr = 1.0;  // ignored: a resumed run keeps its checkpoint's config
   train::TrainRunOptions o;
@@ -151,6 +152,13 @@ void expect_resume_equals_uninterrupted(int replicas, double ema_decay = 0) {
   ASSERT_EQ(b.ema.size(), a.ema.size());
   for (auto& [name, v] : a.ema) EXPECT_TRUE(torch::equal(v, b.ema.at(name))) << name;
   EXPECT_EQ(logged_losses(part.train.out_dir), logged_losses(full.train.out_dir));
+  auto evaluations = [](const std::string& out) {  // an epoch's evaluation line is the resumed run's to write
+    std::ifstream in(std::filesystem::path(out) / "log.jsonl");
+    int n = 0;
+    for (std::string line; std::getline(in, line);) n += line.find("\"eval\"") != std::string::npos;
+    return n;
+  };
+  EXPECT_EQ(evaluations(part.train.out_dir), evaluations(full.train.out_dir));
 }
 
 TEST(Trainer, ResumeEqualsUninterruptedRun) { expect_resume_equals_uninterrupted(1); }

@@ -1,5 +1,6 @@
 #include "moev/hardmoe/hard_moe.h"
 
+#include <cctype>
 #include <filesystem>
 #include <fstream>
 
@@ -60,11 +61,17 @@ at::Tensor HardMoEImpl::forward(const at::Tensor& images) { return per_expert(im
 at::Tensor HardMoEImpl::embed(const at::Tensor& images) { return per_expert(images, /*logits=*/false); }
 std::string HardMoEImpl::decoder() const { return "experts_0." + experts_[0]->decoder(); }
 
-// A checkpoint is a zip, never JSON: a .json file is read as a hard MoE file,
-// so a damaged one is named as such (not as "an unreadable torch pickle").
+// A checkpoint is a zip ("PK"), never JSON: a file starting with `{` or `[`
+// is read as a hard MoE file, so a damaged one is named as such (not as "an
+// unreadable torch pickle"), whatever its name (fuse --out x.json is a zip).
 bool is_hard_moe_file(const std::string& path) {
   std::error_code ec;
-  return fs::path(path).extension() == ".json" && fs::is_regular_file(path, ec);
+  if (!fs::is_regular_file(path, ec)) return false;
+  std::ifstream in(path, std::ios::binary);
+  char ch = 0;
+  while (in.get(ch) && std::isspace(static_cast<unsigned char>(ch))) {
+  }
+  return in && (ch == '{' || ch == '[');
 }
 
 train::TrainedModel load_hard_moe(const std::string& path, const c10::Device& device, const std::string& precision) {
@@ -76,7 +83,7 @@ train::TrainedModel load_hard_moe(const std::string& path, const c10::Device& de
   } catch (const json::exception& e) {
     fail(path, ": not valid JSON (", e.what(), "); expected the hardmoe.json that moev hardmoe cluster writes");
   }
-  MOEV_CHECK(j.is_object() && j.value("format", std::string()) == "moev hard mixture of experts", path,
+  MOEV_CHECK(j.is_object() && j.contains("format") && j["format"] == "moev hard mixture of experts", path,
              ": not a hard MoE file (expected format = \"moev hard mixture of experts\", as moev hardmoe cluster ",
              "writes it)");
   MOEV_CHECK(j.contains("trunk") && j.contains("experts") && j.contains("centroids"), path,
@@ -110,8 +117,8 @@ train::TrainedModel load_hard_moe(const std::string& path, const c10::Device& de
                "); run moev hardmoe train-expert --expert ", e);
     std::ifstream result_in(result_file);
     const auto result = json::parse(result_in, nullptr, false);
-    MOEV_CHECK(result.is_object() && result.value("expert", int64_t{-1}) == e, result_file, ": not expert ", e,
-               "'s result (damaged, or copied from another expert); delete it and run moev hardmoe train-expert ",
+    MOEV_CHECK(result.is_object() && result.contains("expert") && result["expert"] == e, result_file, ": not expert ",
+               e, "'s result (damaged, or copied from another expert); delete it and run moev hardmoe train-expert ",
                "--expert ", e);
     auto x = train::load_trained(ckpt, device, precision);
     // A checkpoint records the directory it trained in: one swapped in from

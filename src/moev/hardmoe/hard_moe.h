@@ -50,8 +50,8 @@ class HardMoEImpl : public models::Classifier {
 TORCH_MODULE(HardMoE);
 
 // Is `path` to be read as a hard MoE's hardmoe.json (what moev hardmoe cluster
-// writes)? Every regular .json file is: checkpoints are zips, so a damaged
-// hardmoe.json is named as one rather than as an unreadable checkpoint.
+// writes)? Every regular file starting with `{` or `[` is: checkpoints are zips, so
+// a damaged hardmoe.json is named as one rather than as an unreadable checkpoint.
 bool is_hard_moe_file(const std::string& path);
 
 // Loads the trunk, centroids and every expert of <dir>/hardmoe.json. An expert

@@ -9,6 +9,8 @@
 #include <fstream>
 #include <sstream>
 
+#include <nlohmann/json.hpp>
+
 #include "moev/core/error.h"
 
 namespace moev::io {
@@ -89,6 +91,21 @@ std::string read_text(const std::string& path, const std::string& what) {
   ss << in.rdbuf();
   MOEV_CHECK(!in.bad(), what, " ", path, ": read failed");
   return ss.str();
+}
+
+void trim_jsonl(const std::string& path, const std::function<bool(const nlohmann::json&)>& keep) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) return;
+  const std::string text = read_text(path, "log");
+  std::istringstream in(text);
+  std::string kept, line;
+  bool cut = !text.empty() && text.back() != '\n';
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_object() && keep(j)) kept += line + "\n";
+    else cut = true;
+  }
+  if (cut) write_text_atomic(path, kept);
 }
 
 std::string last_line_where(const std::string& path, const std::function<bool(const std::string&)>& keep) {

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
 namespace moev::io {
 
 struct Table {
@@ -23,6 +25,13 @@ void write_text_atomic(const std::string& path, const std::string& text);
 
 // The whole file as text; moev::Error naming `what` and the path when it cannot be read.
 std::string read_text(const std::string& path, const std::string& what = "file");
+
+// Keeps the lines of a JSON-lines log whose object passes keep(j), dropping the
+// rest and any line that does not parse (a write a kill cut short); rewritten
+// atomically, and only if something went or the last line lacks its newline
+// (the next append would join onto it). No file: nothing to do. A resumed run
+// uses it to drop what it logged past its checkpoint, which it logs again.
+void trim_jsonl(const std::string& path, const std::function<bool(const nlohmann::json&)>& keep);
 
 // The last line of a text file for which keep(line) holds ("" when none, or
 // no such file), read backwards from the end in blocks: a scheduler follows a

@@ -236,9 +236,13 @@ size_t apply_router_overrides(models::Classifier& model, const RouterOverrides& 
     if (o.kind) cfg.kind = moe::parse_router_kind(*o.kind);
     if (o.dropless) cfg.dropless = *o.dropless;
     // Settings the routing would ignore: named, not scored as if they applied.
-    MOEV_CHECK(!o.capacity || !cfg.dropless, "--capacity ", *o.capacity, ": this model routes without a capacity ",
-               "limit (moe.dropless = true), so none would apply; add --dropless off to route it with one");
-    MOEV_CHECK(!o.bpr || !*o.bpr || cfg.kind != moe::RouterKind::kExpertChoice, "--bpr on: expert-choice routing ",
+    const bool expert_choice = cfg.kind == moe::RouterKind::kExpertChoice;  // always picks C tokens per expert
+    MOEV_CHECK(!o.capacity || !cfg.dropless || expert_choice, "--capacity ", *o.capacity, ": this model routes ",
+               "without a capacity limit (moe.dropless = true), so none would apply; add --dropless off to route it "
+               "with one");
+    MOEV_CHECK(!o.dropless || !expert_choice, "--dropless: expert-choice routing always takes a capacity of tokens ",
+               "per expert, dropless or not");
+    MOEV_CHECK(!o.bpr || !*o.bpr || !expert_choice, "--bpr on: expert-choice routing ",
                "has no token priority to change (BPR orders the tokens of top-K routing)");
     layer->set_router(cfg);
   }

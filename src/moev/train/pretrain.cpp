@@ -357,16 +357,7 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
   }
   fs::create_directories(dir);
   // A killed run logged steps past its checkpoint; the resumed run logs them again.
-  if (o.resume && fs::exists(log_path)) {
-    std::ifstream in(log_path);
-    std::string kept, line;
-    while (std::getline(in, line)) {
-      const auto j = json::parse(line, nullptr, /*allow_exceptions=*/false);
-      if (j.is_object() && j.value("step", int64_t{0}) <= step) kept += line + "\n";
-    }
-    in.close();
-    io::write_text_atomic(log_path.string(), kept);
-  }
+  if (o.resume) io::trim_jsonl(log_path.string(), [&](const json& j) { return j.value("step", int64_t{0}) <= step; });
   std::ofstream log(log_path, o.resume ? std::ios::app : std::ios::trunc);
   MOEV_CHECK(log.good(), "pretrain: cannot write ", log_path.string());
 

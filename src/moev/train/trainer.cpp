@@ -8,7 +8,6 @@
 #include <iterator>
 #include <optional>
 #include <set>
-#include <sstream>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -89,16 +88,23 @@ void check_same_run(dist::Communicator& comm, const io::RunConfig& cfg) {
   lead.train.threads = cfg.train.threads;  // each machine its own cores
   lead.train.progress = cfg.train.progress;
   lead.train.teacher_cache_mb = cfg.train.teacher_cache_mb;
+  lead.train.out_dir = cfg.train.out_dir;  // rank 0 alone writes it; others may spell or mount it otherwise
+  // Every key both ways, empty values too (a teacher on rank 0 and none here is a difference).
+  const json a = io::to_json(cfg), b = io::to_json(lead);
   std::string differ;
-  for (const auto& d : io::config_differences(lead, cfg)) differ += "\n  " + d;
+  for (const auto& [section, keys] : a.items())
+    for (const auto& [key, value] : keys.items()) {
+      const json theirs = b.contains(section) && b[section].contains(key) ? b[section][key] : json();
+      if (value != theirs)
+        differ += "\n  " + section + "." + key + " = " + value.dump() + " (rank 0: " + theirs.dump() + ")";
+    }
   auto ranks = torch::zeros({comm.size()}, torch::kInt64);
   ranks[comm.rank()] = differ.empty() ? 0 : 1;
   comm.all_reduce_sum({ranks});
   std::string which;
   for (int r = 0; r < comm.size(); ++r)
     if (ranks[r].item<int64_t>() != 0) which += (which.empty() ? "" : ", ") + std::to_string(r);
-  MOEV_CHECK(differ.empty(), "rank ", comm.rank(), " of ", comm.size(), ": its config differs from rank 0's ",
-             "(this rank's value, then rank 0's as 'was'):", differ,
+  MOEV_CHECK(differ.empty(), "rank ", comm.rank(), " of ", comm.size(), ": its config differs from rank 0's:", differ,
              "\nevery rank must train the same run: the same config file and flags");
   MOEV_CHECK(which.empty(), "rank ", comm.rank(), " of ", comm.size(), ": rank(s) ", which, " have another config ",
              "than rank 0 (their errors list the keys); every rank must train the same run");
@@ -167,26 +173,6 @@ struct Position {
   int64_t step = 0, epoch = 0, batch = 0;  // next step, its epoch and batch in epoch
 };
 
-// A run killed after its last checkpoint had logged steps (and perhaps an
-// epoch's evaluation) that it logs again when resumed from it: those lines go,
-// so log.jsonl holds each step once and in order. A line that does not parse
-// (a write cut short by the kill) goes too.
-void trim_log(const fs::path& path, const Position& saved) {
-  std::error_code ec;
-  if (!fs::exists(path, ec)) return;
-  std::istringstream in(io::read_text(path.string(), "log"));
-  std::string kept, line;
-  bool cut = false;
-  while (std::getline(in, line)) {
-    const json j = json::parse(line, nullptr, false);
-    const bool keep = j.is_object() && j.value("step", int64_t{0}) <= saved.step &&
-                      (!j.contains("eval") || j.value("epoch", int64_t{0}) <= saved.epoch);
-    if (keep) kept += line + "\n";
-    cut = cut || !keep;
-  }
-  if (cut) io::write_text_atomic(path.string(), kept);
-}
-
 json eval_json(const EvalResult& e) {
   json j{{"top1", e.top1}, {"top5", e.top5}, {"loss", e.loss}, {"images_per_s", e.images_per_s},
          {"expert_load", e.expert_load}, {"dropped", e.dropped}};
@@ -201,6 +187,8 @@ json eval_json(const EvalResult& e) {
 
 // The run itself; train_model holds the directory's lock around it.
 TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
+  // First: a rank that differs is named before any check of its own could stop it alone.
+  if (opts.comm) check_same_run(*opts.comm, cfg);
   const std::string ckpt_file = checkpoint_path(cfg.train.out_dir);
   Checkpoint resume_from;
   Position pos;
@@ -273,7 +261,6 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   const int threads = set_threads(tc.threads);
   dist::Communicator* comm = opts.comm;
   const int rank = comm ? comm->rank() : 0, world = comm ? comm->size() : 1;
-  if (comm) check_same_run(*comm, cfg);
   const bool lead = rank == 0;  // writes the run directory, logs, evaluates
   const auto device = parse_device(tc.device);
   models::validate(cfg.model);
@@ -367,7 +354,13 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     // the first checkpoint, after the training it was to keep.
     io::write_text_atomic((fs::path(tc.out_dir) / "config.json").string(), io::to_json_string(cfg) + "\n");
     const auto log_path = fs::path(tc.out_dir) / "log.jsonl";
-    if (opts.resume) trim_log(log_path, pos);
+    // A run killed after its last checkpoint logged steps (and perhaps an epoch's
+    // evaluation) that it logs again now: each step once, in order.
+    if (opts.resume)
+      io::trim_jsonl(log_path.string(), [&](const json& j) {
+        return j.value("step", int64_t{0}) <= pos.step &&
+               (!j.contains("eval") || j.value("epoch", int64_t{0}) <= pos.epoch);
+      });
     log.open(log_path, opts.resume ? std::ios::app : std::ios::trunc);
     MOEV_CHECK(log.is_open(), "cannot write ", log_path.string(), " (train.out_dir = ", tc.out_dir, ")");
   }
@@ -817,7 +810,7 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   const fs::path lock_file = dir / ".train.lock";
   // A directory no run was started in (no lock file) may hold the user's own
   // config.json or log.jsonl, which the run would replace at once.
-  if (!created && !fs::exists(lock_file, ec) && !fs::exists(dir / "checkpoint.pt", ec))
+  if (!created && !fs::exists(lock_file, ec) && !fs::exists(checkpoint_path(cfg.train.out_dir), ec))
     for (const char* name : {"config.json", "log.jsonl"})
       MOEV_CHECK(!fs::exists(dir / name, ec), "train.out_dir = ", cfg.train.out_dir, ": holds a ", name,
                  " that no moev run wrote (no .train.lock beside it), which this run would replace; train into ",
