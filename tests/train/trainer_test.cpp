@@ -7,6 +7,7 @@
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include <sys/resource.h>
 
@@ -513,6 +514,28 @@ TEST(Trainer, ASecondRunIntoARunsDirectoryAndBadOptimiserSettingsAreRefused) {
   for (const auto& entry : std::filesystem::directory_iterator(dir.file("blocked")))
     EXPECT_EQ(entry.path().filename().string().find(".tmp"), std::string::npos) << entry.path();
   EXPECT_FALSE(std::filesystem::exists(train::checkpoint_path(blocked.train.out_dir)));
+}
+
+// A log line that cannot be written (a full disk: here log.jsonl is /dev/full)
+// was lost without a word until the next checkpoint failed; it is said once,
+// and the run goes on to its checkpoint.
+TEST(Trainer, ALogThatCannotBeWrittenIsReportedOnceAndTrainingGoesOn) {
+  test::TempDir dir;
+  auto run = tiny_run(dir.file("full_disk"));
+  run.train.max_steps = 4;
+  std::filesystem::create_directories(run.train.out_dir);
+  std::ofstream(dir.file("full_disk/.train.lock"));
+  std::filesystem::create_symlink("/dev/full", dir.file("full_disk/log.jsonl"));
+  std::ostringstream progress;
+  train::TrainRunOptions o;
+  o.progress = &progress;
+  const auto r = train::train_model(run, o);
+  EXPECT_EQ(r.steps, 4);
+  EXPECT_TRUE(std::filesystem::exists(train::checkpoint_path(run.train.out_dir)));
+  const std::string said = progress.str();
+  EXPECT_NE(said.find("warning: cannot write " + dir.file("full_disk/log.jsonl") + " at step 1"), std::string::npos)
+      << said;
+  EXPECT_EQ(said.find("warning: cannot write", said.find("warning: cannot write") + 1), std::string::npos) << said;
 }
 
 TEST(Trainer, CheckpointOpensInPython) {

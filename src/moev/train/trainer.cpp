@@ -1,5 +1,6 @@
 #include "moev/train/trainer.h"
 
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <deque>
@@ -349,11 +350,11 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   // anyway, so no rank can start from another (e.g. an older init_from file).
   if (comm) comm->broadcast(shared);
   std::ofstream log;
+  const auto log_path = fs::path(tc.out_dir) / "log.jsonl";
   if (lead) {
     // Checked now: a directory that cannot be written would otherwise fail at
     // the first checkpoint, after the training it was to keep.
     io::write_text_atomic((fs::path(tc.out_dir) / "config.json").string(), io::to_json_string(cfg) + "\n");
-    const auto log_path = fs::path(tc.out_dir) / "log.jsonl";
     // A run killed after its last checkpoint logged steps (and perhaps an epoch's
     // evaluation) that it logs again now: each step once, in order.
     if (opts.resume)
@@ -364,6 +365,22 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     log.open(log_path, opts.resume ? std::ios::app : std::ios::trunc);
     MOEV_CHECK(log.is_open(), "cannot write ", log_path.string(), " (train.out_dir = ", tc.out_dir, ")");
   }
+
+  // A line that cannot be written (a full disk) is said at once, not by the
+  // next checkpoint's failure; training goes on (the checkpoint is what
+  // resumes it), and later lines are tried again.
+  bool log_failed = false;
+  auto write_log = [&](const json& line) {
+    log << line.dump() << "\n" << std::flush;
+    if (log) return;
+    const int err = errno;
+    log.clear();
+    if (log_failed || !opts.progress) return;
+    log_failed = true;
+    *opts.progress << (opts.interactive ? "\r\033[K" : "") << "warning: cannot write " << log_path.string()
+                   << " at step " << pos.step << " (" << std::strerror(err) << "); training goes on, its log misses "
+                   << "lines\n";
+  };
 
   data::LoaderOptions lo = training_loader_options(cfg.data, ds, tc.batch_size, tc.seed);
   const int64_t slices_of = slice_multiple(cfg.model);
@@ -720,7 +737,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
           line["comm_share"] = secs > 0 ? (c - window_comm) / secs : 0.0;
           window_comm = c;
         }
-        log << line.dump() << "\n" << std::flush;
+        write_log(line);
         if (teacher && tc.teacher_cache_mb > 0 && teacher->cache_full() && !cache_full_noted && opts.progress &&
             tc.progress) {
           cache_full_noted = true;
@@ -762,7 +779,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
       json line{{"step", pos.step}, {"epoch", pos.epoch}, {"elapsed_s", elapsed},
                 {"eval", eval_json(out.eval)}};
       if (raw) line["eval_raw"] = eval_json(*raw);
-      log << line.dump() << "\n" << std::flush;
+      write_log(line);
       if (opts.progress && tc.progress) {
         char buf[128];
         if (out.eval.multilabel)
