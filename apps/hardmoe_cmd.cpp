@@ -159,7 +159,7 @@ Runner add_hardmoe(CLI::App& app) {
     std::vector<int64_t> total(k);
     for (int64_t e = 0; e < k; ++e) {
       auto c = hardmoe::expert_run_config(hm, trunk_ckpt_cfg, r.overrides, e, f->config);
-      hardmoe::check_expert_settings(c, e);  // before "done earlier" or a resume could keep other settings
+      hardmoe::check_expert_settings(c, hm.dir, e);  // before "done earlier" or a resume could keep other settings
       total[e] = part.counts[e] / c.train.batch_size * (c.train.epochs + c.train.cooldown_epochs);
     }
     enum State { kWaiting, kRunning, kDone, kFailed };

@@ -78,13 +78,13 @@ io::RunConfig expert_run_config(const HardMoEConfig& c, const io::RunConfig& tru
   return cfg;
 }
 
-void check_expert_settings(const io::RunConfig& cfg, int64_t expert) {
+void check_expert_settings(const io::RunConfig& cfg, const std::string& dir, int64_t expert) {
   const std::string ckpt = train::checkpoint_path(cfg.train.out_dir);
   if (!fs::exists(ckpt)) return;
   const auto saved = io::from_json_string(train::load_checkpoint(ckpt, train::CheckpointLoad::kConfig).config_json,
                                           ckpt);
   const std::string differ = train::resume_differences(saved, cfg, {});
-  const bool done = fs::exists((fs::path(cfg.train.out_dir) / "result.json"));
+  const bool done = fs::exists(expert_result_file(dir, expert));
   MOEV_CHECK(differ.empty(), "expert ", expert, " (", cfg.train.out_dir, ") was ", done ? "trained" : "started",
              " with other settings than these:", differ, "\n", done ? "drop them to keep it" : "drop them to resume it",
              ", or delete ", cfg.train.out_dir, " to train it again with them");
@@ -105,7 +105,7 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
       train::load_checkpoint(hc.trunk, train::CheckpointLoad::kConfig).config_json, hc.trunk);
   // The overrides' keys and types, and the settings an earlier start saved, before "already trained" could hide them.
   auto cfg = expert_run_config(hc, trunk_cfg, overrides, expert, source);
-  check_expert_settings(cfg, expert);
+  check_expert_settings(cfg, c.dir, expert);
   if (fs::exists(result_file)) {
     std::ifstream in(result_file);
     out.result = json::parse(in, nullptr, false);

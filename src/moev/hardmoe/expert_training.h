@@ -38,11 +38,11 @@ struct ExpertOutcome {
 ExpertOutcome train_expert(const HardMoEConfig& c, const nlohmann::json& overrides, int64_t expert,
                            const std::string& source, train::TrainRunOptions opts);
 
-// Refuses to go on with expert i's saved run (its checkpoint, done or half-way)
+// Refuses to go on with expert i's saved run in <dir>/expert_<i> (its checkpoint, done or half-way)
 // under other settings than `cfg`, naming each differing key: the saved ones
 // won without a word, so a changed --set or config key trained (or reported
 // done) an expert as it was first asked for. No checkpoint: nothing to check.
-void check_expert_settings(const io::RunConfig& cfg, int64_t expert);
+void check_expert_settings(const io::RunConfig& cfg, const std::string& dir, int64_t expert);
 
 // <dir>/expert_<i>/result.json (what train_expert writes when expert i is done).
 std::string expert_result_file(const std::string& dir, int64_t expert);
