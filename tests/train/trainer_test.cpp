@@ -335,6 +335,14 @@ TEST(Trainer, ADamagedCheckpointFailsItsCrcCheck) {
     std::ofstream(dir.file("short.pt"), std::ios::binary) << bytes.substr(0, keep);
     test::expect_error([&] { train::load_checkpoint(dir.file("short.pt")); }, {dir.file("short.pt"), "cut short"});
   }
+  // A directory that is there but lists nothing is damage, not a cut (it read as "cut short").
+  auto listless = bytes;
+  const auto end_record = listless.rfind(std::string("PK\x05\x06", 4));
+  ASSERT_NE(end_record, std::string::npos);
+  std::fill_n(listless.begin() + static_cast<std::ptrdiff_t>(end_record) + 8, 4, '\0');
+  std::ofstream(dir.file("listless.pt"), std::ios::binary) << listless;
+  test::expect_error([&] { train::load_checkpoint(dir.file("listless.pt")); },
+                     {dir.file("listless.pt"), "lists no members", "corrupt"});
   EXPECT_NO_THROW(train::load_checkpoint(path));
 }
 

@@ -114,9 +114,11 @@ struct Member {
 
 // The zip's members by name, from its central directory, each checked to lie
 // within the file; a file that is not a readable zip gives none and is left
-// for torch to refuse.
-std::map<std::string, Member> zip_members(const ZipFile& z, const std::string& path) {
+// for torch to refuse. has_directory says whether an end record was found, so
+// a directory listing nothing is told apart from one cut off.
+std::map<std::string, Member> zip_members(const ZipFile& z, const std::string& path, bool& has_directory) {
   std::map<std::string, Member> out;
+  has_directory = false;
   if (z.size() < 22) return out;
   // End of central directory: the last record with its signature (after it, at most a comment).
   const uint64_t lowest = z.size() > 22 + 65535 ? z.size() - 22 - 65535 : 0;
@@ -129,6 +131,7 @@ std::map<std::string, Member> zip_members(const ZipFile& z, const std::string& p
       break;
     }
   if (eocd < 0) return out;
+  has_directory = true;
   uint64_t entries = z.le(eocd + 10, 2), cd = z.le(eocd + 16, 4);
   if ((entries == 0xFFFF || cd == 0xFFFFFFFF) && eocd >= 20 && z.le(eocd - 20, 4) == 0x07064b50) {  // zip64
     const uint64_t rec = z.le(eocd - 20 + 8, 8);
@@ -310,10 +313,14 @@ Checkpoint load_checkpoint(const std::string& path, CheckpointLoad what) {
              ": not a regular file (a pipe or a device?); expected a checkpoint file");
   auto file = std::make_shared<ZipFile>(path);
   MOEV_CHECK(file->size() > 0, "checkpoint ", path, ": an empty file (0 bytes; an interrupted copy?)");
-  const auto members = zip_members(*file, path);
+  bool has_directory = false;
+  const auto members = zip_members(*file, path, has_directory);
   // A zip's directory is at its end: a file that starts as one but has none was cut short, not another format.
-  MOEV_CHECK(!members.empty() || file->size() < 4 || file->le(0, 4) != 0x04034b50, "checkpoint ", path,
-             ": cut short (", file->size(), " bytes and no zip directory at the end; an interrupted copy?)");
+  const bool starts_as_zip = file->size() >= 4 && file->le(0, 4) == 0x04034b50;
+  MOEV_CHECK(!members.empty() || !starts_as_zip || has_directory, "checkpoint ", path, ": cut short (",
+             file->size(), " bytes and no zip directory at the end; an interrupted copy?)");
+  MOEV_CHECK(!members.empty() || !starts_as_zip, "checkpoint ", path,
+             ": its zip directory lists no members though the file holds some; the file is corrupt");
   // The pickle and torch's small records are checked now; each tensor record
   // as it is read, and only if its tensor is wanted.
   std::string records;  // "<archive>/data/": torch names the tensor records <archive>/data/<key>
