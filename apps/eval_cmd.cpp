@@ -162,11 +162,12 @@ Runner add_eval(CLI::App& app) {
       if (!f->json) {
         std::printf("%s%s on %lld images of %s\n", ckpt.c_str(), t.averaged ? " (weight average)" : "",
                     (long long)r.images, ds.test.source.c_str());
-        if (r.multilabel)
-          std::printf("precision@1 %.4f  precision@%lld %.4f  recall@%lld %.4f  mAP %.4f  loss %.4f  %.0f img/s\n",
-                      r.top1, (long long)r.k, r.precision_at_k, (long long)r.k, r.recall_at_k, r.mean_ap, r.loss,
-                      r.images_per_s);
-        else
+        if (r.multilabel) {
+          std::printf("precision@1 %.4f  ", r.top1);
+          if (r.k != 1) std::printf("precision@%lld %.4f  ", (long long)r.k, r.precision_at_k);  // else the same
+          std::printf("recall@%lld %.4f  mAP %.4f  loss %.4f  %.0f img/s\n", (long long)r.k, r.recall_at_k,
+                      r.mean_ap, r.loss, r.images_per_s);
+        } else
           std::printf("top-1 %.4f  top-5 %.4f  loss %.4f  %.0f img/s\n", r.top1, r.top5, r.loss,
                       r.images_per_s);
         if (f->tta)
