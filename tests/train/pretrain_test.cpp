@@ -4,6 +4,9 @@
 // heads (no label reaches the model) and starts a supervised run.
 #include <cmath>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <vector>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -168,6 +171,38 @@ TEST(Pretrain, ToyRunResumesExactlyLeavesHeadsAndStartsTraining) {
   sup.train.epochs = 1;
   sup.train.init_from = dir.file("full") + "/pretrain.pt";
   EXPECT_EQ(train::train_model(sup, {}).steps, 5);
+}
+
+// train.log_every = 0 (no step lines in train) logged every step here; it logs
+// each epoch's end, which the loss curve needs. A line that cannot be written is
+// said once and the run goes on, as in train.
+TEST(Pretrain, LogEveryZeroLogsEpochEndsAndAFullDiskIsSaidOnce) {
+  test::TempDir dir;
+  auto cfg = test::toy_resnest_run(dir.file("ssl"), 2);
+  cfg.train.log_every = 0;
+  cfg.train.progress = true;
+  train::PretrainOptions o;
+  o.epochs = 2;  // 10 steps of 10 images
+  o.queue = 20;
+  o.proj_dim = 16;
+  o.knn_k = 0;
+  train::pretrain(cfg, dir.file("quiet"), o);
+  std::vector<int64_t> steps;
+  std::ifstream log(dir.file("quiet/pretrain_log.jsonl"));
+  for (std::string line; std::getline(log, line);) steps.push_back(nlohmann::json::parse(line).at("step"));
+  EXPECT_EQ(steps, (std::vector<int64_t>{5, 10}));
+
+  std::filesystem::create_directories(dir.file("full_disk"));
+  std::filesystem::create_symlink("/dev/full", dir.file("full_disk/pretrain_log.jsonl"));
+  cfg.train.log_every = 2;
+  std::ostringstream progress;
+  o.progress = &progress;
+  EXPECT_EQ(train::pretrain(cfg, dir.file("full_disk"), o).steps, 10);
+  EXPECT_TRUE(std::filesystem::exists(dir.file("full_disk/pretrain.pt")));
+  const std::string said = progress.str();
+  const std::string warning = "warning: cannot write " + dir.file("full_disk/pretrain_log.jsonl") + " at step 2";
+  EXPECT_NE(said.find(warning), std::string::npos) << said;
+  EXPECT_EQ(said.find("warning: cannot write", said.find(warning) + 1), std::string::npos) << said;
 }
 
 TEST(Pretrain, BadOptionsAndResumesAreErrors) {

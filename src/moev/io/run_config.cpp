@@ -213,7 +213,7 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("train.multilabel_loss", train.multilabel_loss, "multi-label data: softmax (over tags) | sigmoid"),
         MOEV_FIELD("train.checkpoint_every", train.checkpoint_every,
                    "steps between checkpoints (0: only at the end, so a killed run cannot resume)"),
-        MOEV_FIELD("train.log_every", train.log_every, "steps between log lines (0: none)"),
+        MOEV_FIELD("train.log_every", train.log_every, "steps between log lines (0: none; pretrain: each epoch's end)"),
         MOEV_FIELD("train.max_steps", train.max_steps, "stop after N steps (0: epochs)"),
         MOEV_FIELD("train.minutes", train.minutes,
                    "time budget of the training steps, evaluations excluded; the cosine schedule ends "

@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -106,6 +108,23 @@ void trim_jsonl(const std::string& path, const std::function<bool(const nlohmann
     else cut = true;
   }
   if (cut) write_text_atomic(path, kept);
+}
+
+void JsonlLog::open(const std::string& path, bool append) {
+  path_ = path;
+  out_.open(path, append ? std::ios::app : std::ios::trunc);
+  MOEV_CHECK(out_.is_open(), "cannot write ", path, " (", std::strerror(errno), ")");
+}
+
+std::string JsonlLog::write(const nlohmann::json& line, int64_t step) {
+  out_ << line.dump() << "\n" << std::flush;
+  if (out_) return "";
+  const int err = errno;
+  out_.clear();
+  if (failed_) return "";
+  failed_ = true;
+  return "cannot write " + path_ + " at step " + std::to_string(step) + " (" + std::strerror(err != 0 ? err : EIO) +
+         ")";
 }
 
 std::string last_line_where(const std::string& path, const std::function<bool(const std::string&)>& keep) {

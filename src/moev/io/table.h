@@ -2,6 +2,8 @@
 // and as Markdown for people, each file replaced atomically.
 #pragma once
 
+#include <cstdint>
+#include <fstream>
 #include <functional>
 #include <string>
 #include <vector>
@@ -32,6 +34,24 @@ std::string read_text(const std::string& path, const std::string& what = "file")
 // (the next append would join onto it). No file: nothing to do. A resumed run
 // uses it to drop what it logged past its checkpoint, which it logs again.
 void trim_jsonl(const std::string& path, const std::function<bool(const nlohmann::json&)>& keep);
+
+// A run's JSON-lines log, one flushed line per write. A line that cannot be
+// written (a full disk) must not stop a days-long run, whose checkpoint is what
+// resumes it: write() returns "cannot write <path> at step <step> (<strerror>)"
+// for the first such line only, for the caller to say once, and later lines are
+// tried again.
+class JsonlLog {
+ public:
+  // Truncates, or appends to a resumed run's log; moev::Error naming path if it cannot be opened.
+  void open(const std::string& path, bool append);
+  bool is_open() const { return out_.is_open(); }
+  std::string write(const nlohmann::json& line, int64_t step);
+
+ private:
+  std::string path_;
+  std::ofstream out_;
+  bool failed_ = false;
+};
 
 // The last line of a text file for which keep(line) holds ("" when none, or
 // no such file), read backwards from the end in blocks: a scheduler follows a

@@ -212,9 +212,11 @@ void write_curve(const fs::path& log_path, int64_t per_epoch, const fs::path& pn
   viz::Series s;
   s.name = "InfoNCE";
   s.markers = false;
-  std::ifstream in(log_path);
+  // Only a file: a log that is a device (/dev/full on a full-disk test) reads without end.
+  std::ifstream in;
+  if (fs::is_regular_file(log_path)) in.open(log_path);
   std::string line;
-  while (std::getline(in, line)) {
+  while (in.is_open() && std::getline(in, line)) {
     const auto j = json::parse(line, nullptr, /*allow_exceptions=*/false);
     if (!j.is_object() || !j.contains("loss")) continue;
     s.x.push_back(j["step"].get<double>() / static_cast<double>(per_epoch));
@@ -358,8 +360,8 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
   fs::create_directories(dir);
   // A killed run logged steps past its checkpoint; the resumed run logs them again.
   if (o.resume) io::trim_jsonl(log_path.string(), [&](const json& j) { return j.value("step", int64_t{0}) <= step; });
-  std::ofstream log(log_path, o.resume ? std::ios::app : std::ios::trunc);
-  MOEV_CHECK(log.good(), "pretrain: cannot write ", log_path.string());
+  io::JsonlLog log;
+  log.open(log_path.string(), o.resume);
 
   if (!o.resume && o.knn_k > 0) out.knn_top1_init = knn_probe(*model, ds, o.knn_k);
 
@@ -465,12 +467,16 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
       char status[48];
       std::snprintf(status, sizeof status, "loss %.4f", contrastive);
       bar.update(step, status);
-      if (step % std::max<int64_t>(1, tc.log_every) == 0 || step == stop_at) {
-        log << json{{"step", step}, {"epoch", static_cast<double>(step) / per_epoch}, {"loss", window / window_n},
-                    {"lr", lr}}
-                   .dump()
-            << "\n"
-            << std::flush;
+      // log_every = 0 (no step lines in train) logs each epoch's end, which the loss curve needs.
+      const int64_t every = tc.log_every > 0 ? tc.log_every : per_epoch;
+      if (step % every == 0 || step == stop_at) {
+        const std::string why = log.write(
+            json{{"step", step}, {"epoch", static_cast<double>(step) / per_epoch}, {"loss", window / window_n},
+                 {"lr", lr}},
+            step);
+        if (!why.empty() && tc.progress && o.progress)
+          *o.progress << (o.interactive ? "\r\033[K" : "") << "warning: " << why
+                      << "; pre-training goes on, its log misses lines\n";
         window = 0;
         window_n = 0;
       }

@@ -349,7 +349,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   // Every rank built the same weights from the same seed; rank 0's are sent
   // anyway, so no rank can start from another (e.g. an older init_from file).
   if (comm) comm->broadcast(shared);
-  std::ofstream log;
+  io::JsonlLog log;
   const auto log_path = fs::path(tc.out_dir) / "log.jsonl";
   if (lead) {
     // Checked now: a directory that cannot be written would otherwise fail at
@@ -362,24 +362,15 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
         return j.value("step", int64_t{0}) <= pos.step &&
                (!j.contains("eval") || j.value("epoch", int64_t{0}) <= pos.epoch);
       });
-    log.open(log_path, opts.resume ? std::ios::app : std::ios::trunc);
-    MOEV_CHECK(log.is_open(), "cannot write ", log_path.string(), " (train.out_dir = ", tc.out_dir, ")");
+    log.open(log_path.string(), opts.resume);
   }
 
-  // A line that cannot be written (a full disk) is said at once, not by the
-  // next checkpoint's failure; training goes on (the checkpoint is what
-  // resumes it), and later lines are tried again.
-  bool log_failed = false;
+  // Said at once, not by the next checkpoint's failure.
   auto write_log = [&](const json& line) {
-    log << line.dump() << "\n" << std::flush;
-    if (log) return;
-    const int err = errno;
-    log.clear();
-    if (log_failed || !opts.progress) return;
-    log_failed = true;
-    *opts.progress << (opts.interactive ? "\r\033[K" : "") << "warning: cannot write " << log_path.string()
-                   << " at step " << pos.step << " (" << std::strerror(err) << "); training goes on, its log misses "
-                   << "lines\n";
+    const std::string why = log.write(line, pos.step);
+    if (why.empty() || !opts.progress) return;
+    *opts.progress << (opts.interactive ? "\r\033[K" : "") << "warning: " << why
+                   << "; training goes on, its log misses lines\n";
   };
 
   data::LoaderOptions lo = training_loader_options(cfg.data, ds, tc.batch_size, tc.seed);
