@@ -19,9 +19,12 @@ std::pair<at::Tensor, at::Tensor> blobs(int64_t k, int64_t n, int64_t F, uint64_
   auto perm = torch::randperm(k * n, g);
   return {x.index_select(0, perm), label.index_select(0, perm)};
 }
-// Whether the clustering equals the labelling up to renaming.
+// Whether the clustering equals the labelling up to renaming: k distinct
+// (cluster, label) pairs with k clusters and k labels in use is a one-to-one
+// map (the pairs alone pass a constant clustering of k labels).
 bool same_partition(const at::Tensor& a, const at::Tensor& b, int64_t k) {
-  return std::get<0>(at::_unique(a * k + b)).numel() == k;
+  auto distinct = [](const at::Tensor& t) { return std::get<0>(at::_unique(t)).numel(); };
+  return distinct(a * k + b) == k && distinct(a) == k && distinct(b) == k;
 }
 }  // namespace
 

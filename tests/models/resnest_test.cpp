@@ -172,6 +172,21 @@ TEST(ResNeSt, StochasticDepthOnlyInTraining) {
   m->eval();
   torch::NoGradGuard ng;
   EXPECT_TRUE(torch::equal(m->forward(x), m->forward(x)));
+  // In training (BatchNorm held on its running statistics, so that only the
+  // drop can vary) two passes differ, and do not without it. Each block's last
+  // BatchNorm starts at zero (a residual branch that adds nothing, so nothing to
+  // drop); it is set to one.
+  for (double p : {0.5, 0.0}) {
+    cfg.drop_path = p;
+    torch::manual_seed(0);
+    auto t = models::build_model(cfg);
+    for (auto& w : t->named_parameters())
+      if (w.key().find("bn3.weight") != std::string::npos) w.value().fill_(1.0);
+    t->train();
+    for (auto& mod : t->modules(false))
+      if (dynamic_cast<torch::nn::BatchNorm2dImpl*>(mod.get())) mod->eval();
+    EXPECT_EQ(torch::equal(t->forward(x), t->forward(x)), p == 0.0) << "drop_path " << p;
+  }
 }
 
 TEST(ResNeSt, HeadDropoutOnlyInTrainingAndNotInTheEmbeddings) {

@@ -2,7 +2,9 @@
 // dropless equal to a dense weighted-sum reference, and aux-loss ordering.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+#include <ATen/CPUGeneratorImpl.h>
 
+#include <cmath>
 #include <set>
 
 #include "moev/core/error.h"
@@ -84,7 +86,19 @@ TEST_P(RouterInvariants, SlotsConsistentNoOverflowEveryAssignmentPlacedOrDropped
       }
       ASSERT_EQ(r.expert_count[e].item<int64_t>(), r.offsets[e + 1] - r.offsets[e]);
     }
-    if (c.kind == RouterKind::kExpertChoice) continue;
+    if (c.kind == RouterKind::kExpertChoice) {
+      // Each expert fills its capacity in every group (it picks; nobody is turned away), and a token no expert
+      // picked is the dropped share.
+      for (int64_t e = 0; e < c.E; ++e) {
+        int64_t want = 0;
+        for (int64_t g = 0; g < G; ++g) want += expert_capacity(cfg, std::min(S, T - g * S));
+        ASSERT_EQ(r.offsets[e + 1] - r.offsets[e], want) << "expert " << e;
+      }
+      std::set<int64_t> placed;
+      for (const auto& [t, e] : seen) placed.insert(t);
+      ASSERT_NEAR(r.dropped_fraction, 1.0 - double(placed.size()) / double(T), 1e-12);
+      continue;
+    }
     // Every (token, choice) is either in the row assign_row names, or dropped.
     auto ae = r.assign_expert.accessor<int64_t, 2>();
     auto ar = r.assign_row.accessor<int64_t, 2>();
@@ -153,38 +167,59 @@ TEST(Router, KMajorPriorityFirstChoicesBeforeSecond) {
   EXPECT_EQ(tokens_of(r, 1), (std::vector<int64_t>{3, 0}));
 }
 
+// Known answer, with the most confident tokens last so that token order and
+// batch priority place different tokens. Token t prefers expert e(t) by margin
+// m(t) (gate sigmoid(m)); expert 0: tokens 0 2 3 5 7 with margins rising, expert
+// 1: tokens 1 4 6 rising; 2 slots each.
 TEST(Router, BprKeepsHighestGateTokensWhenCapacityShort) {
   RouterConfig cfg;
   cfg.num_experts = 2;
   cfg.k = 1;
-  cfg.capacity_factor = 0.5;  // 8 tokens, 2 experts: 2 slots each
+  cfg.capacity_factor = 0.5;  // 8 tokens, 2 experts: ceil(8 * 0.5 / 2) = 2 slots each
   cfg.group_size = 8;
-  cfg.bpr = true;
-  torch::manual_seed(3);
-  auto logits = torch::randn({8, 2}) * 3;
-  auto r = route(logits, cfg, 1, false);
-  auto gates = torch::softmax(logits, -1);
-  auto [maxg, arg] = gates.max(-1);
-  for (int64_t e = 0; e < 2; ++e) {
-    // Tokens wanting e, sorted by confidence: the placed ones are the top ones.
-    std::vector<std::pair<float, int64_t>> want;
+  const int64_t expert[8] = {0, 1, 0, 0, 1, 0, 1, 0};
+  const float margin[8] = {0.2f, 0.1f, 0.5f, 1.0f, 1.5f, 2.0f, 2.5f, 3.0f};
+  auto logits = torch::zeros({8, 2});
+  for (int64_t t = 0; t < 8; ++t) logits[t][expert[t]] = margin[t];
+  for (bool bpr : {true, false}) {
+    cfg.bpr = bpr;
+    const auto r = route(logits, cfg, 1, false);
+    ASSERT_EQ(r.capacity, 2);
+    // BPR: each expert's two most confident tokens, the most confident first; else the first two in token order.
+    EXPECT_EQ(tokens_of(r, 0), bpr ? (std::vector<int64_t>{7, 5}) : (std::vector<int64_t>{0, 2})) << bpr;
+    EXPECT_EQ(tokens_of(r, 1), bpr ? (std::vector<int64_t>{6, 4}) : (std::vector<int64_t>{1, 4})) << bpr;
+    EXPECT_DOUBLE_EQ(r.dropped_fraction, 0.5);
+    const std::set<int64_t> dropped = bpr ? std::set<int64_t>{0, 1, 2, 3} : std::set<int64_t>{3, 5, 6, 7};
     for (int64_t t = 0; t < 8; ++t)
-      if (arg[t].item<int64_t>() == e) want.push_back({maxg[t].item<float>(), t});
-    std::sort(want.rbegin(), want.rend());
-    std::set<int64_t> expect;
-    for (size_t i = 0; i < std::min<size_t>(2, want.size()); ++i) expect.insert(want[i].second);
-    auto got_v = tokens_of(r, e);
-    EXPECT_EQ(std::set<int64_t>(got_v.begin(), got_v.end()), expect) << "expert " << e;
+      EXPECT_EQ(r.assign_row[t][0].item<int64_t>() < 0, dropped.count(t) == 1) << "token " << t << " bpr " << bpr;
   }
-  // Without BPR, token order wins instead: the first tokens wanting e.
-  cfg.bpr = false;
+}
+
+// Known answer for Expert-Choice: each expert takes the `capacity` tokens of the
+// group with its highest gates, highest first, whatever the tokens' own top
+// choice; a token no expert took is dropped. The second group (tokens 6-8) is
+// ragged and gets the capacity of its 3 tokens.
+TEST(Router, ExpertChoiceTakesEachExpertsHighestGateTokensPerGroup) {
+  RouterConfig cfg;
+  cfg.kind = RouterKind::kExpertChoice;
+  cfg.num_experts = 2;
+  cfg.k = 1;
+  cfg.group_size = 6;
+  // Expert 1's logit is 0, so expert 0's gate rises with its logit and expert 1's falls.
+  const float l0[9] = {2.0f, -1.0f, 0.5f, 3.0f, -2.0f, 0.0f, 1.0f, -0.5f, 0.2f};
+  auto logits = torch::zeros({9, 2});
+  for (int64_t t = 0; t < 9; ++t) logits[t][0] = l0[t];
+  cfg.capacity_factor = 1.0;  // ceil(6 / 2) = 3 per expert in group 0, ceil(3 / 2) = 2 in group 1
+  auto r = route(logits, cfg, 1, false);
+  EXPECT_EQ(tokens_of(r, 0), (std::vector<int64_t>{3, 0, 2, 6, 8}));
+  EXPECT_EQ(tokens_of(r, 1), (std::vector<int64_t>{4, 1, 5, 7, 8}));
+  EXPECT_DOUBLE_EQ(r.dropped_fraction, 0.0);
+  cfg.capacity_factor = 0.5;  // 2 per expert in group 0, 1 in group 1: tokens 2, 5 and 8 go nowhere
   r = route(logits, cfg, 1, false);
-  for (int64_t e = 0; e < 2; ++e) {
-    std::vector<int64_t> first;
-    for (int64_t t = 0; t < 8 && first.size() < 2; ++t)
-      if (arg[t].item<int64_t>() == e) first.push_back(t);
-    EXPECT_EQ(tokens_of(r, e), first);
-  }
+  EXPECT_EQ(tokens_of(r, 0), (std::vector<int64_t>{3, 0, 6}));
+  EXPECT_EQ(tokens_of(r, 1), (std::vector<int64_t>{4, 1, 7}));
+  EXPECT_DOUBLE_EQ(r.dropped_fraction, 3.0 / 9.0);
+  EXPECT_EQ(r.expert_count[0].item<int64_t>(), 3);
 }
 
 TEST(Router, RenormalizeMakesSelectedWeightsSumToOne) {
@@ -252,8 +287,49 @@ TEST(Router, NoiseOnlyInTraining) {
   EXPECT_TRUE(torch::allclose(a.combine_gates, torch::softmax(logits, -1)));
   auto c = route(logits, cfg, 4, true);
   EXPECT_FALSE(torch::equal(a.combine_gates, c.combine_gates));
-  // Noise scale noise_std / E keeps gates close to the clean ones.
-  EXPECT_LT((a.combine_gates - c.combine_gates).abs().max().item<double>(), 0.5);
+}
+
+// Known answers for the auxiliary losses of 2 tokens and 2 experts, the
+// training noise drawn from a generator the test draws the same numbers from:
+// noise N(0, (noise_std / E)^2), importance and load as CV^2 (population) of
+// per-expert sums, load with vmoe's P(logit + own noise > the noisy K-th
+// logit), Switch's E * sum frac_top1 * mean gate, z = mean logsumexp^2.
+TEST(Router, AuxLossesKnownAnswer) {
+  RouterConfig cfg;
+  cfg.num_experts = 2;
+  cfg.k = 1;
+  cfg.noise_std = 1.0;  // sigma = 1 / E = 0.5
+  cfg.group_size = 1;
+  const double l[2][2] = {{std::log(3.0), 0.0}, {std::log(2.0), 0.0}};  // clean gates 3/4 1/4, 2/3 1/3
+  auto logits = torch::tensor({{l[0][0], l[0][1]}, {l[1][0], l[1][1]}}, torch::kFloat);
+  auto gen = at::detail::createCPUGenerator(11), same = at::detail::createCPUGenerator(11);
+  const auto r = route(logits, cfg, /*tokens_per_image=*/2, /*training=*/true, gen);
+  const auto n = at::randn({2, 2}, same, torch::kFloat);
+  const double sigma = 0.5;
+  double noisy[2][2], gate[2][2], load_sum[2] = {0, 0}, gate_sum[2] = {0, 0}, top1_count[2] = {0, 0};
+  for (int t = 0; t < 2; ++t) {
+    for (int e = 0; e < 2; ++e) noisy[t][e] = l[t][e] + sigma * n[t][e].item<double>();
+    const double m = std::max(noisy[t][0], noisy[t][1]);
+    const double z = std::exp(noisy[t][0] - m) + std::exp(noisy[t][1] - m);
+    for (int e = 0; e < 2; ++e) {
+      gate[t][e] = std::exp(noisy[t][e] - m) / z;
+      gate_sum[e] += gate[t][e];
+      load_sum[e] += 0.5 * std::erfc((m - l[t][e]) / (sigma * std::sqrt(2.0)));  // 1 - Phi((thr - l) / sigma)
+    }
+    top1_count[noisy[t][1] > noisy[t][0] ? 1 : 0] += 1;
+  }
+  auto cv2 = [](const double* v) {
+    const double mean = (v[0] + v[1]) / 2, d = v[0] - mean;
+    return d * d / (mean * mean);  // population variance of two values: d^2
+  };
+  for (int t = 0; t < 2; ++t)
+    for (int e = 0; e < 2; ++e) EXPECT_NEAR(r.combine_gates[t][e].item<double>(), gate[t][e], 1e-6);
+  EXPECT_NEAR(r.aux.importance.item<double>(), 25.0 / 144.0, 1e-6);  // sums 17/12 and 7/12
+  EXPECT_NEAR(r.aux.z.item<double>(), (std::pow(std::log(4.0), 2) + std::pow(std::log(3.0), 2)) / 2, 1e-5);
+  EXPECT_NEAR(r.aux.load.item<double>(), cv2(load_sum), 1e-5);
+  EXPECT_NEAR(r.aux.switch_lb.item<double>(),
+              2 * (top1_count[0] / 2 * gate_sum[0] / 2 + top1_count[1] / 2 * gate_sum[1] / 2), 1e-6);
+  EXPECT_GT(r.aux.load.item<double>(), 1e-3);  // the noise did not make the case trivial
 }
 
 TEST(Router, BadConfigsRejectedWithFieldName) {

@@ -166,8 +166,12 @@ TEST(Mixing, TargetsSumToOneAndLamIsTheShareOfEachImage) {
     auto x = torch::arange(B, torch::kFloat).view({B, 1, 1, 1}).expand({B, 1, H, W}).contiguous();
     auto y = torch::arange(B, torch::kInt64) % 3;
     auto t = smoothed_one_hot(y, 3, 0.1);
+    const auto own = t.clone();
     apply_mix(m, x, t);
     ASSERT_TRUE(torch::allclose(t.sum(1), torch::ones({B}), 1e-6, 1e-6));
+    // ... and its target is lam of its own plus 1 - lam of its partner's (labels 0 and 2, 2 and 0, 1 and 1).
+    ASSERT_TRUE(torch::allclose(t, m.lam * own + (1 - m.lam) * own.flip(0), 1e-6, 1e-6))
+        << "step " << step << " kind " << m.kind << " lam " << m.lam;
     for (int64_t i = 0; i < B; ++i)
       ASSERT_NEAR(x[i].mean().item<double>(), m.lam * double(i) + (1 - m.lam) * double(B - 1 - i), 1e-4)
           << "step " << step << " kind " << m.kind;
