@@ -17,6 +17,7 @@
 #include "moev/dist/communicator.h"
 #include "moev/train/checkpoint.h"
 #include "support/free_port.h"
+#include "support/resume_mark.h"
 #include "support/run_cli.h"
 #include "support/temp_dir.h"
 
@@ -122,6 +123,7 @@ TEST(DataParallel, CheckpointOfTwoRanksResumesOnOneAndOnFour) {
   ASSERT_EQ(full.code, 0) << full.out;
   auto half = moev::test::run_cli(launch(2) + run + "--max-steps 2 --out " + dir.file("half"));
   ASSERT_EQ(half.code, 0) << half.out;
+  moev::test::mark_log(dir.file("half"));
   for (const char* to : {"on1", "on4"})
     std::filesystem::copy(dir.file("half"), dir.file(to), std::filesystem::copy_options::recursive);
   auto on1 = moev::test::run_cli("train --resume --max-steps 3 --threads 1 --out " + dir.file("on1"));
@@ -134,6 +136,9 @@ TEST(DataParallel, CheckpointOfTwoRanksResumesOnOneAndOnFour) {
   EXPECT_GT(max_diff(want, weights(dir.file("half"))), 5e-3);
   EXPECT_LT(max_diff(want, weights(dir.file("on1"))), 5e-4);
   EXPECT_LT(max_diff(want, weights(dir.file("on4"))), 5e-4);
+  // Three steps again from the start would match too: the resumed runs kept the cut run's log.
+  EXPECT_TRUE(moev::test::log_has_mark(dir.file("on1")));
+  EXPECT_TRUE(moev::test::log_has_mark(dir.file("on4")));
 }
 
 TEST(DataParallel, KilledRankMakesTheOtherFailWithinTheTimeout) {
@@ -293,12 +298,15 @@ TEST(ExpertParallel, TrainingMatchesDataParallelAndItsCheckpointLoadsAnywhere) {
   EXPECT_NE(info.out.find("written by   2 rank(s), experts split over them"), std::string::npos) << info.out;
   EXPECT_NE(info.out.find("blocks.1.moe.experts.w1 [4, 32, 64]"), std::string::npos) << info.out;
   // Resumed by one process, and by 2 ranks again with the experts split.
+  moev::test::mark_log(dir.file("ep"));
   std::filesystem::copy(dir.file("ep"), dir.file("on1"), std::filesystem::copy_options::recursive);
   auto on1 = moev::test::run_cli("train --resume --max-steps 3 --threads 1 --out " + dir.file("on1"));
   ASSERT_EQ(on1.code, 0) << on1.out;
   auto again = moev::test::run_cli(launch(2) + "train --resume --max-steps 3 --threads 1 --out " + dir.file("ep"));
   ASSERT_EQ(again.code, 0) << again.out;
   EXPECT_LT(max_diff(weights(dir.file("on1")), weights(dir.file("ep"))), 5e-4);
+  EXPECT_TRUE(moev::test::log_has_mark(dir.file("on1")));
+  EXPECT_TRUE(moev::test::log_has_mark(dir.file("ep")));
   // Experts that do not split over the ranks: a clear error on every rank.
   auto bad = moev::test::run_cli(launch(2) + kRun + "--set moe.num_experts=3 --set train.expert_parallel=true --max-steps 1 "
                                  "--threads 1 --out " + dir.file("bad"));

@@ -13,6 +13,7 @@
 
 #include "support/expect_error.h"
 #include "support/temp_dir.h"
+#include "support/resume_mark.h"
 #include "support/toy_resnest.h"
 #include "moev/data/batch_loader.h"
 #include "moev/train/checkpoint.h"
@@ -29,21 +30,35 @@ namespace {
 io::RunConfig toy(const std::string& out, int64_t branches) { return test::toy_resnest_run(out, branches); }
 
 // Runs `s` whole, and again killed after `cut_at` steps and resumed in dir/cut:
-// the two end with the same weights, bit for bit.
+// the two end with the same weights, bit for bit; the cut stopped where asked,
+// short of the end, and the resumed run went on from it (not from step 0).
 void expect_killed_run_resumes_exactly(io::RunConfig s, int64_t cut_at, test::TempDir& dir) {
   s.train.out_dir = dir.file("full");
-  train::train_model(s, {});
+  const auto whole = train::train_model(s, {});
   auto cut = s;
   cut.train.out_dir = dir.file("cut");
   cut.train.max_steps = cut_at;
-  train::train_model(cut, {});
+  const auto part = train::train_model(cut, {});
+  ASSERT_EQ(part.steps, cut_at);
+  ASSERT_FALSE(part.finished);
+  ASSERT_LT(cut_at, whole.steps);
+  const auto halfway = train::load_checkpoint(dir.file("cut") + "/checkpoint.pt").model;
+  test::mark_log(cut.train.out_dir);
   cut.train.max_steps = 0;
   train::TrainRunOptions resume;
   resume.resume = true;
-  train::train_model(cut, resume);
+  const auto rest = train::train_model(cut, resume);
+  EXPECT_EQ(rest.steps, whole.steps);
+  EXPECT_TRUE(rest.finished);
+  EXPECT_TRUE(test::log_has_mark(cut.train.out_dir)) << "the resumed run started again";
   const auto a = train::load_checkpoint(dir.file("full") + "/checkpoint.pt").model;
   const auto b = train::load_checkpoint(dir.file("cut") + "/checkpoint.pt").model;
-  for (const auto& [name, t] : a) EXPECT_TRUE(torch::equal(t, b.at(name))) << name;
+  int64_t moved = 0;
+  for (const auto& [name, t] : a) {
+    EXPECT_TRUE(torch::equal(t, b.at(name))) << name;
+    moved += !torch::equal(t, halfway.at(name));
+  }
+  EXPECT_GT(moved, 0) << "the steps after the cut changed nothing";
 }
 
 // Trains c for one step (logged alone) and returns that log line's `field`,
