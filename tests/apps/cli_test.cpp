@@ -128,6 +128,15 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   ASSERT_EQ(e.code, 0) << e.out;
   EXPECT_NE(e.out.find("\"top1\""), std::string::npos) << e.out;
   EXPECT_NE(e.out.find("\"dropped\""), std::string::npos) << e.out;
+  // The overrides are applied, not just accepted: capacity 0.5 of K = 1 leaves at least half the tokens
+  // unplaced, capacity 4 = E none (stderr, the progress bar, kept out of the JSON).
+  auto dropped = [&](const std::string& flags) {
+    const auto r = run("eval " + ckpt + " --limit 128 --k 1 --json " + flags + " 2>/dev/null; true");
+    const auto j = nlohmann::json::parse(r.out);
+    return j.at("dropped").at(0).get<double>();
+  };
+  EXPECT_GE(dropped("--capacity 0.5"), 0.5);
+  EXPECT_EQ(dropped("--capacity 4"), 0.0);
   expect_clean_failure("eval " + ckpt + " --capacity 0", {"moe.capacity = 0"});
   expect_clean_failure("eval " + ckpt + " --k 7", {"moe.k = 7"});
   expect_clean_failure("eval " + ckpt + " --bpr maybe", {"--bpr maybe"});
@@ -146,6 +155,17 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   auto s = run("eval " + ckpt + " " + ckpt + " --limit 64 --shift blur:2 --shift contrast:5 --table " +
                dir.file("shift"));
   ASSERT_EQ(s.code, 0) << s.out;
+  {
+    std::istringstream csv(bytes_of(dir.file("shift.csv")));
+    std::string line;
+    int rows = 0;
+    for (std::getline(csv, line); std::getline(csv, line); ++rows) {  // shift,<ckpt>,<ckpt>
+      const auto a = line.find(','), b = line.find(',', a + 1);
+      ASSERT_NE(b, std::string::npos) << line;
+      EXPECT_EQ(line.substr(a + 1, b - a - 1), line.substr(b + 1)) << line;
+    }
+    EXPECT_GE(rows, 3) << bytes_of(dir.file("shift.csv"));
+  }
   EXPECT_NE(s.out.find("| blur:2 |"), std::string::npos) << s.out;
   EXPECT_NE(s.out.find("| mean over shifts |"), std::string::npos) << s.out;
   EXPECT_TRUE(std::filesystem::exists(dir.file("shift.csv")));

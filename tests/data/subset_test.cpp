@@ -24,6 +24,14 @@ TEST(ClassSubset, BalancedAndDeterministicPerSeed) {
   EXPECT_TRUE(torch::equal(a.images, b.images));
   EXPECT_TRUE(torch::equal(a.labels, b.labels));
   EXPECT_FALSE(torch::equal(a.images, c.images));
+  // 500 different images, not some drawn twice (the counts alone pass sampling with replacement): a
+  // random projection of each image's pixels, all distinct.
+  torch::manual_seed(0);
+  EXPECT_EQ(std::get<0>(at::_unique(a.images.view({a.size(), -1}).to(torch::kLong).mul(
+                                        torch::randint(1, 1 << 20, {1, a.images[0].numel()}, torch::kLong))
+                                    .sum(1)))
+                .numel(),
+            500);
   // Every picked image is a real training image with its own label: find each in the full set.
   auto flat = full.images.view({full.size(), -1});
   for (int64_t i = 0; i < 20; ++i) {

@@ -10,8 +10,10 @@
 #include "support/toy_resnest.h"
 #include "moev/data/batch_loader.h"
 #include "moev/train/checkpoint.h"
+#include "moev/train/datasets.h"
 #include "moev/train/ensemble.h"
 #include "moev/train/teacher.h"
+#include "moev/train/trained_model.h"
 #include "moev/train/trainer.h"
 
 using namespace moev;
@@ -112,6 +114,19 @@ TEST(Ensemble, ScoresMatchHandCountsAndWeightsAreHonoured) {
   e.members = {{a, 3.0}, {b, 1.0}};
   res = train::evaluate_ensemble(e, 100, 32, nullptr, false);
   EXPECT_NE(res.ensemble.loss, res.members[0].loss);
+  // 3 : 1 is 0.75 of a's probabilities and 0.25 of b's, here from each member on its own.
+  const auto ta = train::load_trained(a, c10::Device(c10::kCPU)), tb = train::load_trained(b, c10::Device(c10::kCPU));
+  auto data = ta.cfg.data;
+  data.test_limit = 100;
+  const auto ds = train::open_datasets(data, ta.cfg.model, /*load_train=*/false);
+  const auto member_probs = [&](const train::TrainedModel& t) {
+    return train::predict_probs(*t.model, ds.test.images, t.cfg.data.mean, t.cfg.data.std, {});
+  };
+  const auto want = train::score_probs(0.75 * member_probs(ta) + 0.25 * member_probs(tb), ds.test.labels);
+  EXPECT_NEAR(res.ensemble.loss, want.loss, 1e-6);
+  EXPECT_DOUBLE_EQ(res.ensemble.top1, want.top1);
+  const auto swapped = train::score_probs(0.25 * member_probs(ta) + 0.75 * member_probs(tb), ds.test.labels);
+  EXPECT_GT(std::abs(want.loss - swapped.loss), 1e-4) << "the two members are too alike for the weights to show";
 
   // A member from a run on other data: its labels would be scored against the first member's test set.
   auto ckpt = train::load_checkpoint(b);
