@@ -19,7 +19,7 @@ namespace moev::app {
 
 namespace {
 struct PredictFlags {
-  std::string checkpoint, device = "cpu";
+  std::string checkpoint, device = "cpu", precision;
   std::vector<std::string> images;
   int64_t top = 3;
   int threads = 0;
@@ -32,14 +32,16 @@ Runner add_predict(CLI::App& app) {
   auto f = std::make_shared<PredictFlags>();
   cmd->add_option("--checkpoint", f->checkpoint, "checkpoint file")->required();
   cmd->add_option("images", f->images, "image files")->required();
-  cmd->add_option("--top", f->top, "classes to print per image");
+  cmd->add_option("--top", f->top, "classes to print per image (default 3)");
   cmd->add_option("--threads", f->threads, "threads, 0 = all cores");
   cmd->add_option("--device", f->device, "cpu or cuda[:N]");
+  cmd->add_option("--precision", f->precision, "GEMM precision fp32 or bf16 (default: as trained)");
   cmd->add_flag("--json", f->json, "print JSON");
   return [f]() {
     train::set_threads(f->threads);
     const auto device = parse_device(f->device);
-    auto t = train::load_trained(f->checkpoint, device);
+    auto t = train::load_trained(f->checkpoint, device, f->precision);
+    warn_precision(t.cfg.model);
     const auto& m = t.cfg.model;
     MOEV_CHECK(f->top >= 1, "--top ", f->top, ": expected >= 1");
     const int64_t k = std::min(f->top, m.num_classes);

@@ -9,6 +9,8 @@
 #include <filesystem>
 #include <vector>
 
+#include <torch/torch.h>
+
 #include "support/expect_error.h"
 #include "support/temp_dir.h"
 
@@ -61,25 +63,50 @@ TEST(Datasets, ModelOutputsMustMatchTheTrainingClasses) {
   test::expect_error([&] { train::open_datasets(r.data, r.model, true); }, {"model.num_classes = 2"});
 }
 
-TEST(Datasets, TestClassesMustBeTheTrainingClassesInOrder) {
+// A test folder with some of the classes (listed alphabetically as always) is
+// scored in the model's class indices, matched by name: its 'c' is label 2,
+// not 1 (it was scored as 'b' before the order was checked, then refused).
+TEST(Datasets, TestClassesAreMatchedToTheTrainingClassesByName) {
   test::TempDir dir;
   write_classes(dir.file("train"), {"a", "b", "c"});
-  // 'b' missing: the test's 'c' would be label 1, scored as 'b'.
   write_classes(dir.file("test"), {"a", "c"});
   auto r = folder_run(dir, 3);
+  auto ds = train::open_datasets(r.data, r.model, true);
+  EXPECT_EQ(ds.test.class_names, (std::vector<std::string>{"a", "b", "c"}));
+  EXPECT_TRUE(torch::equal(ds.test.labels, torch::tensor({0, 0, 2, 2}, torch::kLong))) << ds.test.labels;
+  // Fashion-MNIST's classes in label order against a folder (alphabetical, '_' for '/' and ' '): each image
+  // keeps its class.
+  const std::vector<std::string> fmnist = {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"};
+  data::ImageSet folder;
+  folder.class_names = {"Ankle_boot", "Bag", "Coat", "Dress", "Pullover", "Sandal", "Shirt", "Sneaker", "T-shirt_top",
+                        "Trouser"};
+  folder.labels = torch::arange(10, torch::kLong);
+  folder.source = "photos/test";
+  train::align_classes(folder, fmnist, "the run");
+  EXPECT_TRUE(torch::equal(folder.labels, torch::tensor({9, 8, 4, 3, 2, 5, 6, 7, 0, 1}, torch::kLong)))
+      << folder.labels;
+  EXPECT_EQ(folder.class_names, fmnist);
+  // A class the model does not have, and two folders standing for one class: named.
+  write_classes(dir.file("test"), {"d"});
   test::expect_error([&] { train::open_datasets(r.data, r.model, true); },
-                     {dir.file("test"), "class 1 is 'c' but 'b'", dir.file("train")});
-  write_classes(dir.file("test"), {"b"});  // now a, b, c: the same classes
-  EXPECT_NO_THROW(train::open_datasets(r.data, r.model, true));
-  write_classes(dir.file("test"), {"d"});  // a class the model has no output for
-  test::expect_error([&] { train::open_datasets(r.data, r.model, true); }, {dir.file("test"), "has 4 classes"});
+                     {dir.file("test"), "class 'd' is not one of the 3 classes", dir.file("train")});
+  data::ImageSet other;
+  other.class_names = {"a", "z"};
+  other.labels = torch::tensor({0, 1}, torch::kLong);
+  other.source = "t";
+  test::expect_error([&] { train::align_classes(other, {"a", "b"}, "the run"); },
+                     {"test set t", "class 'z' is not one of the 2 classes of the run ('a', 'b')"});
+  other.class_names = {"T-shirt/top", "T-shirt_top"};
+  test::expect_error([&] { train::align_classes(other, {"T-shirt/top"}, "the run"); },
+                     {"'T-shirt/top' and 'T-shirt_top' both stand for 'T-shirt/top'"});
   // "café" composed on one machine and decomposed (as macOS stores names) on another print alike: the bytes differ.
   test::TempDir dir2;
   write_classes(dir2.file("train"), {"caf\xC3\xA9"});
   write_classes(dir2.file("test"), {"cafe\xCC\x81"});
   auto r2 = folder_run(dir2, 1);
   test::expect_error([&] { train::open_datasets(r2.data, r2.model, true); },
-                     {"class 0 is", "(bytes 63 61 66 65 cc 81 against 63 61 66 c3 a9)"});
+                     {"is not one of", "its bytes 63 61 66 65 cc 81 against 'caf\xC3\xA9': 63 61 66 c3 a9"});
 }
 
 }  // namespace moev

@@ -71,34 +71,78 @@ void check_fits(const data::ImageSet& s, const models::ModelConfig& m) {
 
 }  // namespace
 
+namespace {
+
+// Names that print alike (a folder's é composed on one machine, e and a
+// combining accent on another) are told apart by their bytes.
+std::string hex_bytes(const std::string& s) {
+  std::string out;
+  char hex[4];
+  for (unsigned char ch : s) {
+    std::snprintf(hex, sizeof hex, " %02x", ch);
+    out += hex;
+  }
+  return out;
+}
+
+bool non_ascii(const std::string& x) {
+  return std::any_of(x.begin(), x.end(), [](char ch) { return static_cast<unsigned char>(ch) >= 0x80; });
+}
+
+}  // namespace
+
 void check_same_classes(const data::ImageSet& test, const std::vector<std::string>& classes,
                         const std::string& learnt_from) {
   if (test.multilabel()) return;
   auto name = [](const std::vector<std::string>& names, size_t c) {
     return c < names.size() ? "'" + names[c] + "'" : std::string("none");
   };
-  // Names that print alike (a folder's é composed on one machine, e and a
-  // combining accent on another) are told apart by their bytes.
-  auto bytes = [](const std::string& s) {
-    std::string out;
-    char hex[4];
-    for (unsigned char ch : s) {
-      std::snprintf(hex, sizeof hex, " %02x", ch);
-      out += hex;
-    }
-    return out;
-  };
   for (size_t c = 0; c < std::max(classes.size(), test.class_names.size()); ++c) {
     const std::string got = name(test.class_names, c), want = name(classes, c);
-    auto non_ascii = [](const std::string& x) {
-      return std::any_of(x.begin(), x.end(), [](char ch) { return static_cast<unsigned char>(ch) >= 0x80; });
-    };
     const bool look_alike = got != want && c < classes.size() && c < test.class_names.size() &&
                             (non_ascii(got) || non_ascii(want));
     MOEV_CHECK(got == want, "test set ", test.source, ": class ", c, " is ", got, " but ", want, " in ", learnt_from,
-               look_alike ? " (bytes" + bytes(test.class_names[c]) + " against" + bytes(classes[c]) + ")" : "",
+               look_alike ? " (bytes" + hex_bytes(test.class_names[c]) + " against" + hex_bytes(classes[c]) + ")"
+                          : "",
                ": expected the same classes in the same order");
   }
+}
+
+void align_classes(data::ImageSet& test, const std::vector<std::string>& classes, const std::string& learnt_from) {
+  if (test.multilabel() || test.class_names == classes) return;
+  // A folder name cannot hold '/' (Fashion-MNIST's "T-shirt/top"); data mosaic writes '_' for it, and for
+  // the spaces and commas a tag cannot hold.
+  auto folder_safe = [](std::string n) {
+    for (char& ch : n)
+      if (ch == '/' || ch == ' ' || ch == ',') ch = '_';
+    return n;
+  };
+  std::vector<int64_t> to(test.class_names.size());
+  std::vector<std::string> taken(classes.size());
+  for (size_t c = 0; c < test.class_names.size(); ++c) {
+    const std::string& got = test.class_names[c];
+    auto at = std::find(classes.begin(), classes.end(), got);
+    if (at == classes.end())
+      at = std::find_if(classes.begin(), classes.end(), [&](const std::string& n) { return folder_safe(n) == got; });
+    if (at == classes.end()) {
+      std::string known, alike;
+      for (const auto& n : classes) {
+        known += (known.empty() ? "'" : ", '") + n + "'";
+        if (non_ascii(got) && non_ascii(n)) alike += " '" + n + "':" + hex_bytes(n);  // composed otherwise?
+      }
+      fail("test set ", test.source, ": class '", got, "' is not one of the ", classes.size(), " classes of ",
+           learnt_from, " (", known, ")",
+           alike.empty() ? "" : "; its bytes" + hex_bytes(got) + " against" + alike,
+           ": expected test classes named as the model's ('_' may stand for '/', ' ' or ',')");
+    }
+    const size_t j = static_cast<size_t>(at - classes.begin());
+    MOEV_CHECK(taken[j].empty(), "test set ", test.source, ": classes '", taken[j], "' and '", got,
+               "' both stand for '", classes[j], "' of ", learnt_from, "; expected one each");
+    taken[j] = got;
+    to[c] = static_cast<int64_t>(j);
+  }
+  test.labels = torch::tensor(to, torch::kLong).index_select(0, test.labels);
+  test.class_names = classes;
 }
 
 Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool load_train) {
@@ -124,7 +168,7 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
              "data.tags is empty and there is no training manifest to take the tags from");
   out.test = limit(open_one(d, m, /*train=*/false, vocabulary), d.test_limit, "data.test_limit");
   check_fits(out.test, m);
-  if (load_train) check_same_classes(out.test, out.train.class_names, "the training set " + out.train.source);
+  if (load_train) align_classes(out.test, out.train.class_names, "the training set " + out.train.source);
   out.mean = d.mean;
   out.std = d.std;
   if (out.mean.empty() || out.std.empty()) {

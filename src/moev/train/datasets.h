@@ -27,6 +27,13 @@ Datasets open_datasets(const DataConfig& data, const models::ModelConfig& model,
 void check_same_classes(const data::ImageSet& test, const std::vector<std::string>& classes,
                         const std::string& learnt_from);
 
+// The test set relabelled in the model's class indices, classes matched by
+// name: a folder lists its classes alphabetically, and may hold some of them
+// only. A folder name may write '_' for a '/', ' ' or ',' of the class name
+// (T-shirt_top for T-shirt/top). A class the model does not have, or two that
+// stand for one, is an error naming them. Multi-label sets are left as they are.
+void align_classes(data::ImageSet& test, const std::vector<std::string>& classes, const std::string& learnt_from);
+
 // How training batches of `ds` are made as `data` asks (crop, flip, erasing,
 // AutoAugment, normalisation); a bad data.auto_augment is an error naming it.
 data::LoaderOptions training_loader_options(const DataConfig& data, const Datasets& ds, int64_t batch_size,

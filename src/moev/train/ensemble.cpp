@@ -153,9 +153,13 @@ EnsembleResult evaluate_ensemble(const EnsembleConfig& cfg, std::optional<int64_
   auto data = models.front().cfg.data;
   if (test_limit) data.test_limit = *test_limit;
   auto ds = open_datasets(data, models.front().cfg.model, /*load_train=*/false);
+  // The test set in the first member's class order; the others must share it, as their probabilities are mixed.
   for (size_t m = 0; m < models.size(); ++m)
-    if (models[m].class_names_stored)
-      check_same_classes(ds.test, models[m].class_names, "the training set of " + cfg.members[m].checkpoint);
+    if (models[m].class_names_stored) {
+      const std::string from = "the training set of " + cfg.members[m].checkpoint;
+      if (m == 0) align_classes(ds.test, models[m].class_names, from);
+      else check_same_classes(ds.test, models[m].class_names, from);
+    }
   const int64_t N = ds.test.size(), L = models.front().cfg.model.num_classes;
   std::vector<at::Tensor> probs(models.size());
   for (auto& p : probs) p = torch::empty({N, L});
