@@ -64,7 +64,7 @@ void ConfigFlags::add_to(CLI::App* cmd) {
   shorthand_flag("--max-steps", "train.max_steps", "stop after N steps");
   shorthand_flag("--minutes", "train.minutes", "time budget of the training steps");
   shorthand_flag("--data", "data.path", "dataset directory");
-  shorthand_flag("--format", "data.format", "fashion-mnist, folder or cifar10");
+  shorthand_flag("--format", "data.format", "fashion-mnist, cifar10, folder or manifest");
   shorthand_flag("--experts", "moe.num_experts", "experts per MoE layer");
   shorthand_flag("--moe", "model.moe", "MoE placement: none, every-N, last-N or 3,5");
   cmd->add_flag("--print-config", print_config, "print the resolved config as JSON and exit");

@@ -21,6 +21,9 @@ Runner add_pretrain(CLI::App& app) {
   auto flags = std::make_shared<ConfigFlags>();
   auto o = std::make_shared<train::PretrainOptions>();
   flags->add_to(cmd);
+  // Kept (to be refused with a pointer to --pretrain-epochs / --pretrain-lr below) but out of --help, which
+  // listed them as if pre-training read them.
+  for (const char* f : {"--epochs", "--lr"}) cmd->get_option(f)->group("");
   // Flags bind to `given`; the options are defaults <- the config's
   // [pretrain] section <- these flags <- --set pretrain.<key>=..., as the run
   // config's keys are.

@@ -19,6 +19,8 @@ TEST(Placement, VMoEConventions) {
   EXPECT_EQ(moe_blocks(parse_placement("every-3"), 8), (std::vector<int64_t>{2, 5}));
   EXPECT_EQ(moe_blocks(parse_placement("1,4"), 6), (std::vector<int64_t>{1, 4}));
   EXPECT_TRUE(moe_blocks(parse_placement("none"), 6).empty());
+  EXPECT_EQ(moe_blocks(parse_placement("all"), 3), (std::vector<int64_t>{0, 1, 2}));  // a sweep's word, in train too
+  EXPECT_EQ(to_string(parse_placement("all")), "every-1");
   EXPECT_THROW(moe_blocks(parse_placement("last-4"), 6), moev::Error);
   EXPECT_THROW(moe_blocks(parse_placement("9"), 6), moev::Error);
   EXPECT_THROW(parse_placement("last-x"), moev::Error);

@@ -38,6 +38,7 @@ Placement parse_placement(const std::string& text) {
   Placement p;
   auto dash = text.find('-');
   if (text == "none" || text.empty()) return p;
+  if (text == "all") return parse_placement("every-1");  // as a sweep's placements say it
   if (dash != std::string::npos && (text.rfind("every", 0) == 0 || text.rfind("last", 0) == 0)) {
     p.kind = text.substr(0, dash);
     try {
@@ -45,7 +46,7 @@ Placement parse_placement(const std::string& text) {
       p.n = std::stoll(text.substr(dash + 1), &used);
       MOEV_CHECK(used == text.size() - dash - 1, "");
     } catch (const std::exception&) {
-      fail("moe placement '", text, "': expected every-N, last-N, none or a block list like 3,5");
+      fail("moe placement '", text, "': expected every-N, last-N, all, none or a block list like 3,5");
     }
     return p;
   }
@@ -58,7 +59,7 @@ Placement parse_placement(const std::string& text) {
       p.blocks.push_back(std::stoll(item, &used));
       MOEV_CHECK(used == item.size(), "");
     } catch (const std::exception&) {
-      fail("moe placement '", text, "': expected every-N, last-N, none or a block list like 3,5");
+      fail("moe placement '", text, "': expected every-N, last-N, all, none or a block list like 3,5");
     }
   }
   return p;
