@@ -62,7 +62,7 @@ Runner add_ensemble(CLI::App& app) {
              io::fmt(r.members[i].top5), io::fmt(r.members[i].loss)});
     t.add({"weighted ensemble", "", io::fmt(r.ensemble.top1), io::fmt(r.ensemble.top5), io::fmt(r.ensemble.loss)});
     std::printf("%s on %lld test images%s\n%s", f->config.c_str(), (long long)r.ensemble.images,
-                cfg.tta.enabled ? " with test-time augmentation" : "", t.markdown().c_str());
+                cfg.tta ? " with test-time augmentation" : "", t.markdown().c_str());
     return 0;
   };
 }

@@ -154,7 +154,7 @@ Runner add_eval(CLI::App& app) {
         MOEV_CHECK(f->data.empty() && f->format.empty(), "--tta evaluates the run's own test set: drop --data/--format");
         train::EnsembleConfig one;
         one.members = {{ckpt, 1.0}};
-        one.tta = train::tta_as_trained(t.cfg.data, t.cfg.model.family);
+        one.tta = true;  // the views it trained on
         auto rt = train::evaluate_ensemble(one, f->limit, f->batch_size, nullptr, false).members[0];
         j["tta_top1"] = rt.top1;
         j["tta_top5"] = rt.top5;

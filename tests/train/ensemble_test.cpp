@@ -128,6 +128,24 @@ TEST(Ensemble, ScoresMatchHandCountsAndWeightsAreHonoured) {
   const auto swapped = train::score_probs(0.25 * member_probs(ta) + 0.75 * member_probs(tb), ds.test.labels);
   EXPECT_GT(std::abs(want.loss - swapped.loss), 1e-4) << "the two members are too alike for the weights to show";
 
+  // With tta and no tta_* keys each member sees the views it trained on, as in eval --tta (they were fixed
+  // defaults: 2-pixel shifts, flips and a 1.15x view, whatever the member trained with); a key given applies.
+  train::EnsembleConfig views;
+  views.members = {{a, 1.0}};
+  views.tta = true;
+  const auto as_trained = train::tta_as_trained(ta.cfg.data, ta.cfg.model.family);
+  auto tta_loss = [&](const train::TtaOptions& o) {
+    return train::score_probs(
+               train::predict_probs(*ta.model, ds.test.images, ta.cfg.data.mean, ta.cfg.data.std, o), ds.test.labels)
+        .loss;
+  };
+  EXPECT_NEAR(train::evaluate_ensemble(views, 100, 32, nullptr, false).ensemble.loss, tta_loss(as_trained), 1e-6);
+  views.tta_flip = !as_trained.flip;
+  auto flipped = as_trained;
+  flipped.flip = !as_trained.flip;
+  EXPECT_NEAR(train::evaluate_ensemble(views, 100, 32, nullptr, false).ensemble.loss, tta_loss(flipped), 1e-6);
+  EXPECT_GT(std::abs(tta_loss(flipped) - tta_loss(as_trained)), 1e-5);
+
   // A member from a run on other data: its labels would be scored against the first member's test set.
   auto ckpt = train::load_checkpoint(b);
   auto cfg = nlohmann::json::parse(ckpt.config_json);

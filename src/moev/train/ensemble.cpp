@@ -87,13 +87,14 @@ EnsembleConfig parse_ensemble(const json& s, const std::string& source) {
       }
     } else if (k == "tta" || k == "tta_flip" || k == "other_data") {
       MOEV_CHECK(v.is_boolean(), source, ": ensemble.", k, ": expected true or false");
-      (k == "tta" ? e.tta.enabled : k == "tta_flip" ? e.tta.flip : e.other_data) = v.get<bool>();
+      if (k == "tta_flip") e.tta_flip = v.get<bool>();
+      else (k == "tta" ? e.tta : e.other_data) = v.get<bool>();
     } else if (k == "tta_shift") {
       MOEV_CHECK(v.is_number_integer() && v.get<int64_t>() >= 0, source, ": ensemble.tta_shift: expected an integer >= 0");
-      e.tta.shift = v.get<int64_t>();
+      e.tta_shift = v.get<int64_t>();
     } else if (k == "tta_scale") {
       MOEV_CHECK(v.is_number() && v.get<double>() >= 0, source, ": ensemble.tta_scale: expected a number >= 0");
-      e.tta.scale = v.get<double>();
+      e.tta_scale = v.get<double>();
     } else {
       fail(source, ": ensemble.", k, " is not a key (members, weights, tta, tta_shift, tta_flip, tta_scale, other_data)");
     }
@@ -140,8 +141,9 @@ EnsembleResult evaluate_ensemble(const EnsembleConfig& cfg, std::optional<int64_
                "ensemble: ", m.checkpoint, " takes ", b.channels, "x", b.image_size, " images into ", b.num_classes,
                " classes, but ", cfg.members.front().checkpoint, " ", a.channels, "x", a.image_size, " into ",
                a.num_classes);
-    MOEV_CHECK(!cfg.tta.enabled || cfg.tta.scale == 0 || cfg.tta.scale == 1 || b.family != "vit", "ensemble: ",
-               m.checkpoint, " is a ViT (fixed token grid): set tta_scale = 0");
+    MOEV_CHECK(!cfg.tta || !cfg.tta_scale || *cfg.tta_scale == 0 || *cfg.tta_scale == 1 || b.family != "vit",
+               "ensemble: ", m.checkpoint, " is a ViT (fixed token grid): tta_scale = ", cfg.tta_scale.value_or(0),
+               " cannot resize its input; set tta_scale = 0, or leave it out");
     const auto diff = test_data_difference(models.front().cfg.data, models.back().cfg.data);
     MOEV_CHECK(cfg.other_data || diff.empty(), "ensemble: ", m.checkpoint, " comes from a run with another test set ",
                "than ", cfg.members.front().checkpoint, " (", diff, "); the ensemble is scored on the first member's, ",
@@ -167,11 +169,16 @@ EnsembleResult evaluate_ensemble(const EnsembleConfig& cfg, std::optional<int64_
   int64_t done = 0;
   EnsembleResult res;
   for (size_t m = 0; m < models.size(); ++m) {
+    TtaOptions tta = tta_as_trained(models[m].cfg.data, models[m].cfg.model.family);
+    tta.enabled = cfg.tta;
+    if (cfg.tta_shift) tta.shift = *cfg.tta_shift;
+    if (cfg.tta_flip) tta.flip = *cfg.tta_flip;
+    if (cfg.tta_scale) tta.scale = *cfg.tta_scale;
     const auto t0 = std::chrono::steady_clock::now();
     for (int64_t i = 0; i < N; i += batch_size) {
       const int64_t b = std::min(batch_size, N - i);
       probs[m].narrow(0, i, b).copy_(predict_probs(*models[m].model, ds.test.images.narrow(0, i, b),
-                                                   models[m].cfg.data.mean, models[m].cfg.data.std, cfg.tta));
+                                                   models[m].cfg.data.mean, models[m].cfg.data.std, tta));
       done += b;
       bar.update(done, cfg.members[m].checkpoint);
     }

@@ -45,7 +45,12 @@ struct EnsembleMember {
 
 struct EnsembleConfig {
   std::vector<EnsembleMember> members;
-  TtaOptions tta;
+  bool tta = false;                  // score every member through test-time views
+  // Unset: as each member trained (tta_as_trained): views it never saw cost
+  // accuracy (a flip-only model lost 13 points on 2-pixel shifts).
+  std::optional<int64_t> tta_shift;  // crops shifted by this many pixels
+  std::optional<bool> tta_flip;      // each view also mirrored
+  std::optional<double> tta_scale;   // plus a view resized by this factor (0 or 1: none)
   bool other_data = false;  // allow members whose runs had another test set than the first member's
 };
 
