@@ -146,8 +146,11 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   expect_clean_failure("eval " + ckpt + " --router expert_choice --bpr on", {"--bpr on", "expert-choice"});
   // Results that cannot be written fail (they were lost at exit 0). A closed stdout is /dev/null, not a failed
   // write (or fd 1 handed to the next file opened).
-  EXPECT_EQ(run("eval " + ckpt + " --limit 64 --json > /dev/full").code, 1);
-  EXPECT_EQ(run("checkpoint info " + ckpt + " > /dev/full").code, 1);
+  for (const std::string cmd : {"eval " + ckpt + " --limit 64 --json", "checkpoint info " + ckpt}) {
+    const auto full = run(cmd + " 2>&1 >/dev/full; echo status $?");  // stderr kept, stdout to the full device
+    EXPECT_NE(full.out.find("status 1"), std::string::npos) << cmd << ": " << full.out;
+    EXPECT_NE(full.out.find("writing to standard output failed"), std::string::npos) << cmd << ": " << full.out;
+  }
   const auto closed = run("eval " + ckpt + " --limit 64 --json >&- 2>/dev/null; echo status $?");
   EXPECT_NE(closed.out.find("status 0"), std::string::npos) << closed.out;
 

@@ -21,9 +21,9 @@ TEST(Placement, VMoEConventions) {
   EXPECT_TRUE(moe_blocks(parse_placement("none"), 6).empty());
   EXPECT_EQ(moe_blocks(parse_placement("all"), 3), (std::vector<int64_t>{0, 1, 2}));  // a sweep's word, in train too
   EXPECT_EQ(to_string(parse_placement("all")), "every-1");
-  EXPECT_THROW(moe_blocks(parse_placement("last-4"), 6), moev::Error);
-  EXPECT_THROW(moe_blocks(parse_placement("9"), 6), moev::Error);
-  EXPECT_THROW(parse_placement("last-x"), moev::Error);
+  moev::test::expect_error([&] { moe_blocks(parse_placement("last-4"), 6); }, {"last-4", "6"});
+  moev::test::expect_error([&] { moe_blocks(parse_placement("9"), 6); }, {"block 9 is outside a model of 6 blocks"});
+  moev::test::expect_error([&] { parse_placement("last-x"); }, {"'last-x'", "expected every-N, last-N"});
 }
 
 TEST(ViT, ShapesParamsAndGradients) {
@@ -73,7 +73,7 @@ TEST(ViT, ConvStemShapesAndGradients) {
   EXPECT_EQ(params["patch_embed.weight"].sizes(), (std::vector<int64_t>{128, 8, 7, 7}));
   EXPECT_GT(params["stem.weight"].grad().abs().sum().item<double>(), 0);
   cfg.stem_channels = -1;
-  EXPECT_THROW(validate(cfg), moev::Error);
+  moev::test::expect_error([&] { validate(cfg); }, {"model.stem_channels = -1"});
 }
 
 // The patch embedding runs as one GEMM over gathered patches: the model's
@@ -105,13 +105,13 @@ TEST(ViT, PatchGemmForwardEqualsTheStockConvolutions) {
 
 TEST(ViT, PresetsAndErrors) {
   for (auto& n : preset_names()) EXPECT_NO_THROW(validate(preset(n)));
-  EXPECT_THROW(preset("vit-huge"), moev::Error);
+  moev::test::expect_error([&] { preset("vit-huge"); }, {"'vit-huge'", "vit-tiny"});
   auto c = preset("vmoe-tiny");
   c.router.k = 9;
-  EXPECT_THROW(validate(c), moev::Error);
+  moev::test::expect_error([&] { validate(c); }, {"moe.k = 9"});
   c = preset("vit-tiny");
   c.patch = 5;
-  EXPECT_THROW(validate(c), moev::Error);
+  moev::test::expect_error([&] { validate(c); }, {"model.patch = 5"});
   // Each message names the value at fault: -64 and 0 are multiples of 4, and a
   // width of 2^32 failed in the allocator with a byte count.
   c = preset("vit-tiny");

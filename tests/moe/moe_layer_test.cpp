@@ -8,6 +8,7 @@
 #include "moev/moe/moe_layer.h"
 #include "moev/nn/linear.h"
 #include "moev/train/adamw.h"
+#include "support/expect_error.h"
 #include "support/router_configs.h"
 
 using namespace moev::moe;
@@ -33,20 +34,30 @@ const LayerCase kLayerCases[] = {
 
 void PrintTo(const LayerCase& c, std::ostream* os) { *os << c.name; }
 
+// The layer's gates computed here from its router weights, as V-MoE defines
+// them (eval: no noise): softmax(x W_r^T) over the experts, divided by the sum
+// of each token's K chosen ones when renormalised. Differentiable in x and W_r.
+torch::Tensor reference_gates(MoELayerImpl& layer, const torch::Tensor& x, const RoutingResult& r,
+                              bool renormalize) {
+  auto gates = torch::softmax(torch::matmul(x.reshape({-1, x.size(2)}), layer.router_weight.t()), -1);
+  if (renormalize) gates = gates / (gates.gather(1, r.assign_expert).sum(-1, /*keepdim=*/true) + 1e-9);
+  return gates;
+}
+
 // y[t] = sum over placed (t, e) of gate[t, e] * FFN_e(x[t]).
-torch::Tensor dense_reference(MoELayerImpl& layer, const torch::Tensor& x,
-                              const RoutingResult& r) {
+torch::Tensor dense_reference(MoELayerImpl& layer, const torch::Tensor& x, const RoutingResult& r,
+                              const torch::Tensor& gates) {
   const int64_t D = x.size(2), T = x.size(0) * x.size(1);
   auto xf = x.reshape({T, D});
   auto& ex = *layer.experts;
   auto full = torch::gelu(torch::matmul(xf.unsqueeze(0), ex.w1) + ex.b1.unsqueeze(1));
   full = torch::matmul(full, ex.w2) + ex.b2.unsqueeze(1);  // [E, T, D]
-  auto mask = torch::zeros_like(r.combine_gates);             // [T, E] placed?
-  const int64_t E = r.combine_gates.size(1);
+  auto mask = torch::zeros_like(gates);  // [T, E] placed?
+  const int64_t E = gates.size(1);
   for (int64_t e = 0; e < E; ++e)
     for (int64_t row = r.offsets[e]; row < r.offsets[e + 1]; ++row)
       mask[r.token_index[row].item<int64_t>()][e] = 1;
-  auto w = (mask * r.combine_gates).t().unsqueeze(-1);  // [E, T, 1]
+  auto w = (mask * gates).t().unsqueeze(-1);  // [E, T, 1]
   return (w * full).sum(0).view(x.sizes());
 }
 
@@ -70,7 +81,11 @@ TEST_P(MoELayerCases, MatchesDenseReferenceAndGradientsFlow) {
   ASSERT_EQ(y.sizes(), x.sizes());
   ASSERT_TRUE(torch::isfinite(y).all().item<bool>());
   const auto& r = layer->last_routing();
-  auto ref = dense_reference(*layer, x, r);
+  // The gates the layer combined with are the router's as defined, not only self-consistent.
+  const auto gates = reference_gates(*layer, x, r, c.renormalize && c.kind == RouterKind::kTopK);
+  EXPECT_TRUE(torch::allclose(r.combine_gates, gates, 1e-5, 1e-6))
+      << "max diff " << (r.combine_gates - gates).abs().max().item<double>();
+  auto ref = dense_reference(*layer, x, r, gates);
   EXPECT_TRUE(torch::allclose(y, ref, 1e-4, 1e-5))
       << "max diff " << (y - ref).abs().max().item<double>();
   if (c.dropless) {
@@ -87,11 +102,14 @@ TEST_P(MoELayerCases, MatchesDenseReferenceAndGradientsFlow) {
   EXPECT_GT(x.grad().abs().sum().item<double>(), 0);
   auto gx = x.grad().clone();
   auto gw1 = layer->experts->w1.grad().clone();
+  auto gr = layer->router_weight.grad().clone();
   x.grad().zero_();
   layer->zero_grad();
-  (ref * proj).sum().backward({}, /*retain_graph=*/true);  // shares the gates graph
+  (ref * proj).sum().backward({}, /*retain_graph=*/true);  // through the reference's own gates
   EXPECT_TRUE(torch::allclose(gw1, layer->experts->w1.grad(), 1e-3, 1e-5));
   EXPECT_TRUE(torch::allclose(gx, x.grad(), 1e-3, 1e-5));
+  EXPECT_TRUE(torch::allclose(gr, layer->router_weight.grad(), 1e-3, 1e-5))
+      << "router weight gradient max diff " << (gr - layer->router_weight.grad()).abs().max().item<double>();
   layer->zero_grad();
   layer->train();  // aux losses exist in training only
   layer->forward(x);
@@ -119,7 +137,7 @@ TEST(MoELayer, InferenceOverridesChangeRoutingWithoutRetraining) {
   layer->forward(x);
   EXPECT_GT(layer->last_stats().dropped_fraction, std::max(0.5, d105));
   rc.k = 9;
-  EXPECT_THROW(layer->set_router(rc), std::exception);
+  moev::test::expect_error([&] { layer->set_router(rc); }, {"moe.k = 9"});
 }
 
 // Cosine logits are cos(P x, e_i) / tau: bounded by 1 / tau whatever the token
@@ -156,12 +174,12 @@ TEST(MoELayer, CosineRouterIsScaleFreeBoundedAndTrainable) {
     EXPECT_GT(p->grad().abs().sum().item<double>(), 0);
   // The logits are part of the architecture: eval may not switch them.
   rc.logits = "linear";
-  EXPECT_THROW(layer->set_router(rc), std::exception);
+  moev::test::expect_error([&] { layer->set_router(rc); }, {"moe.router_logits", "linear"});
   rc.logits = "cosine";
   rc.cosine_dim = 7;
-  EXPECT_THROW(layer->set_router(rc), std::exception);
+  moev::test::expect_error([&] { layer->set_router(rc); }, {"cosine_dim 7", "trained with", "cosine_dim 6"});
   rc.logits = "dot";
-  EXPECT_THROW(validate(rc), std::exception);
+  moev::test::expect_error([&] { validate(rc); }, {"moe.router_logits = 'dot'", "expected linear or cosine"});
 }
 
 TEST(MoELayer, FindsLayersInsideModules) {

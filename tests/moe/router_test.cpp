@@ -9,6 +9,7 @@
 
 #include "moev/core/error.h"
 #include "moev/moe/router.h"
+#include "support/expect_error.h"
 #include "support/router_configs.h"
 
 using namespace moev::moe;
@@ -344,8 +345,8 @@ TEST(Router, BadConfigsRejectedWithFieldName) {
   }
   cfg.k = 2;
   cfg.capacity_factor = 0;
-  EXPECT_THROW(validate(cfg), moev::Error);
+  moev::test::expect_error([&] { validate(cfg); }, {"moe.capacity = 0", "expected a capacity ratio > 0"});
   cfg.capacity_factor = -1;
-  EXPECT_THROW(validate(cfg), moev::Error);
-  EXPECT_THROW(parse_router_kind("nearest"), moev::Error);
+  moev::test::expect_error([&] { validate(cfg); }, {"moe.capacity = -1"});
+  moev::test::expect_error([&] { parse_router_kind("nearest"); }, {"'nearest'", "topk or expert_choice"});
 }
