@@ -1,5 +1,7 @@
 // Corruptions of real Fashion-MNIST test images: deterministic, stronger with
 // severity, each doing what its name says; bad specs are clear errors.
+#include <cmath>
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -87,6 +89,29 @@ TEST(Corruptions, EachDoesWhatItsNameSays) {
   const auto rot = f(data::corrupt(set, {"rotate", 5}));
   EXPECT_GT((rot - x).abs().mean().item<double>(), 10.0);
   EXPECT_NEAR(rot.sum().item<double>() / x.sum().item<double>(), 0.95, 0.1);  // corners cut off
+  // ... and by the severity's angle about the centre (25 degrees at 3), even images one way and odd ones the
+  // other: a bright dot 8 pixels above the centre moves along the circle by that angle (a flip or a shift
+  // would not).
+  data::ImageSet dots = set;
+  dots.images = torch::zeros({2, 1, 28, 28}, torch::kUInt8);
+  dots.images.narrow(2, 5, 2).narrow(3, 13, 2).fill_(255);  // rows 5-6, columns 13-14: centre (5.5, 13.5)
+  dots.labels = set.labels.narrow(0, 0, 2);
+  const auto turned = f(data::corrupt(dots, {"rotate", 3}));
+  const auto rows = torch::arange(28, torch::kFloat).view({28, 1}), cols = torch::arange(28, torch::kFloat);
+  for (int64_t i = 0; i < 2; ++i) {
+    const auto w = turned[i][0];
+    const double mass = w.sum().item<double>();
+    ASSERT_GT(mass, 0);
+    const double r = (w * rows).sum().item<double>() / mass - 13.5, c = (w * cols).sum().item<double>() / mass - 13.5;
+    // Angle from "up" (row -8, column 0), counter-clockwise positive as seen on screen.
+    const double degrees = std::atan2(-c, -r) * 180.0 / M_PI;
+    EXPECT_NEAR(std::abs(degrees), 25.0, 2.0) << "image " << i;
+    EXPECT_NEAR(std::hypot(r, c), 8.0, 0.5) << "image " << i;
+  }
+  const auto column = [&](int64_t i) {
+    return (turned[i][0] * cols).sum().item<double>() / turned[i][0].sum().item<double>() - 13.5;
+  };
+  EXPECT_LT(column(0) * column(1), 0) << "both turned the same way";
 }
 
 TEST(Corruptions, SpecsParseOrFailClearly) {
