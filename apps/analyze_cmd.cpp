@@ -87,8 +87,7 @@ Runner add_analyze(CLI::App& app) {
     auto data = t.cfg.data;
     if (!f->data.empty()) data.path = data.test_path = f->data;
     if (f->limit) data.test_limit = *f->limit;
-    auto ds = train::open_datasets(data, t.cfg.model, /*load_train=*/false);
-    if (t.class_names_stored) train::align_classes(ds.test, t.class_names, "the training set of " + f->checkpoint);
+    auto ds = train::open_test_set(t, data, f->checkpoint);
     const std::string title = fs::path(f->checkpoint).parent_path().filename().string();
     if (branches) {
       const auto p = train::predict_branches(*t.model, ds.test, ds.mean, ds.std, f->batch_size, &std::cerr,

@@ -116,8 +116,7 @@ Runner add_eval(CLI::App& app) {
       if (!f->data.empty()) data.path = data.test_path = f->data;
       if (!f->format.empty()) data.format = f->format;
       if (f->limit) data.test_limit = *f->limit;
-      auto ds = train::open_datasets(data, t.cfg.model, /*load_train=*/false);
-      if (t.class_names_stored) train::align_classes(ds.test, t.class_names, "the training set of " + ckpt);
+      auto ds = train::open_test_set(t, data, ckpt);
       // The shift table sets models side by side on the same images.
       if (!shifts.empty() && first_test) {
         auto differ = train::test_data_difference(first_test->first, data);

@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "moev/io/table.h"
+#include "moev/nn/linear.h"
 #include "moev/train/checkpoint.h"
 #include "support/run_cli.h"
 #include "support/temp_dir.h"
@@ -223,6 +224,10 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   auto p16 = run("predict --checkpoint " + ckpt + " --top 2 --json --precision bf16 " + dir.file("img.png") +
                  " 2>/dev/null; true");
   EXPECT_NEAR(top_probability(p16.out), p32, 0.02) << p16.out;
+  if (!moev::nn::native_bf16()) {  // the flag reached the model: it says it runs fp32 here
+    p16 = run("predict --checkpoint " + ckpt + " --precision bf16 " + dir.file("img.png"));
+    EXPECT_NE(p16.out.find("model.precision = bf16, but this CPU has no native bf16"), std::string::npos) << p16.out;
+  }
   expect_clean_failure("predict --checkpoint " + ckpt + " --precision fp16 " + dir.file("img.png"), {"fp16"});
   // A 3x5 thumbnail is classified, with a note that it was blown up.
   ASSERT_TRUE(stbi_write_png(dir.file("tiny.png").c_str(), 3, 5, 1, px.data(), 3));

@@ -97,6 +97,9 @@ TEST(Datasets, TestClassesAreMatchedToTheTrainingClassesByName) {
   other.source = "t";
   test::expect_error([&] { train::align_classes(other, {"a", "b"}, "the run"); },
                      {"test set t", "class 'z' is not one of the 2 classes of the run ('a', 'b')"});
+  other.class_names = {"a_b"};  // could be either of two classes
+  test::expect_error([&] { train::align_classes(other, {"a b", "a/b"}, "the run"); },
+                     {"'a_b' could stand for 'a b' or 'a/b'"});
   other.class_names = {"T-shirt/top", "T-shirt_top"};
   test::expect_error([&] { train::align_classes(other, {"T-shirt/top"}, "the run"); },
                      {"'T-shirt/top' and 'T-shirt_top' both stand for 'T-shirt/top'"});

@@ -1,5 +1,7 @@
 // Test-time augmentation and weighted ensembles: views averaged as defined,
 // scores against hand-computed values, weights honoured, bad configs refused.
+#include <algorithm>
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -128,23 +130,55 @@ TEST(Ensemble, ScoresMatchHandCountsAndWeightsAreHonoured) {
   const auto swapped = train::score_probs(0.25 * member_probs(ta) + 0.75 * member_probs(tb), ds.test.labels);
   EXPECT_GT(std::abs(want.loss - swapped.loss), 1e-4) << "the two members are too alike for the weights to show";
 
-  // With tta and no tta_* keys each member sees the views it trained on, as in eval --tta (they were fixed
-  // defaults: 2-pixel shifts, flips and a 1.15x view, whatever the member trained with); a key given applies.
+  // A member whose classes are listed in another order (state.class_names reversed: its output j means what
+  // the others' L-1-j does) has its columns put back in order before the mix.
+  auto reversed = train::load_checkpoint(b);
+  auto state = nlohmann::json::parse(reversed.state_json);
+  auto names = state.at("class_names").get<std::vector<std::string>>();
+  std::reverse(names.begin(), names.end());
+  state["class_names"] = names;
+  reversed.state_json = state.dump();
+  train::save_checkpoint(dir.file("reversed.pt"), reversed);
+  e.members = {{a, 1.0}, {dir.file("reversed.pt"), 1.0}};
+  res = train::evaluate_ensemble(e, 100, 32, nullptr, false);
+  const auto in_order = train::score_probs(0.5 * member_probs(ta) + 0.5 * member_probs(tb).flip(1), ds.test.labels);
+  EXPECT_NEAR(res.ensemble.loss, in_order.loss, 1e-6);
+  names.back() = "Something else";
+  state["class_names"] = names;
+  reversed.state_json = state.dump();
+  train::save_checkpoint(dir.file("other_classes.pt"), reversed);
+  e.members = {{a, 1.0}, {dir.file("other_classes.pt"), 1.0}};
+  test::expect_error([&] { train::evaluate_ensemble(e, 100, 32, nullptr, false); },
+                     {"other_classes.pt has no class '", "expected members trained on the same classes"});
+
+  // With tta and no tta_* keys each member sees the views it trained on, as in eval --tta: here 1-pixel
+  // shifts and no flips (they were fixed: 2-pixel shifts and flips whatever it trained with); a key given
+  // applies.
+  auto plain = test::toy_resnest_run(dir.file("c"), 1, 3);
+  plain.data.hflip = false;
+  plain.data.crop_padding = 1;
+  train::train_model(plain, {});
+  const auto tc = train::load_trained(dir.file("c/checkpoint.pt"), c10::Device(c10::kCPU));
   train::EnsembleConfig views;
-  views.members = {{a, 1.0}};
+  views.members = {{dir.file("c/checkpoint.pt"), 1.0}};
   views.tta = true;
-  const auto as_trained = train::tta_as_trained(ta.cfg.data, ta.cfg.model.family);
+  const auto as_trained = train::tta_as_trained(tc.cfg.data, tc.cfg.model.family);
+  ASSERT_EQ(as_trained.shift, 1);
+  ASSERT_FALSE(as_trained.flip);
   auto tta_loss = [&](const train::TtaOptions& o) {
     return train::score_probs(
-               train::predict_probs(*ta.model, ds.test.images, ta.cfg.data.mean, ta.cfg.data.std, o), ds.test.labels)
+               train::predict_probs(*tc.model, ds.test.images, tc.cfg.data.mean, tc.cfg.data.std, o), ds.test.labels)
         .loss;
   };
-  EXPECT_NEAR(train::evaluate_ensemble(views, 100, 32, nullptr, false).ensemble.loss, tta_loss(as_trained), 1e-6);
-  views.tta_flip = !as_trained.flip;
+  train::TtaOptions fixed;
+  fixed.enabled = true;
+  const double got = train::evaluate_ensemble(views, 100, 32, nullptr, false).ensemble.loss;
+  EXPECT_NEAR(got, tta_loss(as_trained), 1e-6);
+  EXPECT_GT(std::abs(got - tta_loss(fixed)), 1e-5);
+  views.tta_flip = true;
   auto flipped = as_trained;
-  flipped.flip = !as_trained.flip;
+  flipped.flip = true;
   EXPECT_NEAR(train::evaluate_ensemble(views, 100, 32, nullptr, false).ensemble.loss, tta_loss(flipped), 1e-6);
-  EXPECT_GT(std::abs(tta_loss(flipped) - tta_loss(as_trained)), 1e-5);
 
   // A member from a run on other data: its labels would be scored against the first member's test set.
   auto ckpt = train::load_checkpoint(b);

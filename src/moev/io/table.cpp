@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 
@@ -110,21 +111,29 @@ void trim_jsonl(const std::string& path, const std::function<bool(const nlohmann
   if (cut) write_text_atomic(path, kept);
 }
 
-void JsonlLog::open(const std::string& path, bool append) {
+void JsonlLog::open(const std::string& path, bool append, const std::string& context) {
   path_ = path;
   out_.open(path, append ? std::ios::app : std::ios::trunc);
-  MOEV_CHECK(out_.is_open(), "cannot write ", path, " (", std::strerror(errno), ")");
+  MOEV_CHECK(out_.is_open(), "cannot write ", path, " (", std::strerror(errno), ")",
+             context.empty() ? "" : "; " + context);
 }
 
-std::string JsonlLog::write(const nlohmann::json& line, int64_t step) {
+void JsonlLog::report_to(std::ostream* out, bool interactive, std::string goes_on) {
+  report_ = out;
+  interactive_ = interactive;
+  goes_on_ = std::move(goes_on);
+}
+
+void JsonlLog::write(const nlohmann::json& line, int64_t step) {
   out_ << line.dump() << "\n" << std::flush;
-  if (out_) return "";
+  if (out_) return;
   const int err = errno;
   out_.clear();
-  if (failed_) return "";
+  if (failed_) return;
   failed_ = true;
-  return "cannot write " + path_ + " at step " + std::to_string(step) + " (" + std::strerror(err != 0 ? err : EIO) +
-         ")";
+  if (report_)
+    *report_ << (interactive_ ? "\r\033[K" : "") << "warning: cannot write " << path_ << " at step " << step << " ("
+             << std::strerror(err != 0 ? err : EIO) << "); " << goes_on_ << " goes on, its log misses lines\n";
 }
 
 std::string last_line_where(const std::string& path, const std::function<bool(const std::string&)>& keep) {

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <fstream>
 #include <functional>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -37,20 +38,25 @@ void trim_jsonl(const std::string& path, const std::function<bool(const nlohmann
 
 // A run's JSON-lines log, one flushed line per write. A line that cannot be
 // written (a full disk) must not stop a days-long run, whose checkpoint is what
-// resumes it: write() returns "cannot write <path> at step <step> (<strerror>)"
-// for the first such line only, for the caller to say once, and later lines are
-// tried again.
+// resumes it: the first such line is reported, once, and later lines are tried
+// again.
 class JsonlLog {
  public:
-  // Truncates, or appends to a resumed run's log; moev::Error naming path if it cannot be opened.
-  void open(const std::string& path, bool append);
+  // Truncates, or appends to a resumed run's log; moev::Error naming path (and
+  // `context`, e.g. the config field it came from) if it cannot be opened.
+  void open(const std::string& path, bool append, const std::string& context = "");
   bool is_open() const { return out_.is_open(); }
-  std::string write(const nlohmann::json& line, int64_t step);
+  // Where the report goes (nullptr: nowhere): "warning: cannot write <path> at
+  // step <step> (<strerror>); <goes_on> goes on, its log misses lines", on a
+  // line of its own (a progress bar's cleared first when interactive).
+  void report_to(std::ostream* out, bool interactive, std::string goes_on);
+  void write(const nlohmann::json& line, int64_t step);
 
  private:
-  std::string path_;
+  std::string path_, goes_on_;
   std::ofstream out_;
-  bool failed_ = false;
+  std::ostream* report_ = nullptr;
+  bool interactive_ = false, failed_ = false;
 };
 
 // The last line of a text file for which keep(line) holds ("" when none, or

@@ -131,14 +131,14 @@ std::map<std::string, Member> zip_members(const ZipFile& z, const std::string& p
       break;
     }
   if (eocd < 0) return out;
-  has_directory = true;
   uint64_t entries = z.le(eocd + 10, 2), cd = z.le(eocd + 16, 4);
   if ((entries == 0xFFFF || cd == 0xFFFFFFFF) && eocd >= 20 && z.le(eocd - 20, 4) == 0x07064b50) {  // zip64
     const uint64_t rec = z.le(eocd - 20 + 8, 8);
-    if (!z.has(rec, 56) || z.le(rec, 4) != 0x06064b50) return out;
+    if (!z.has(rec, 56) || z.le(rec, 4) != 0x06064b50) return out;  // no directory to be read: as if cut
     entries = z.le(rec + 32, 8);
     cd = z.le(rec + 48, 8);
   }
+  has_directory = true;
   for (uint64_t e = 0, at = cd; e < entries; ++e) {
     MOEV_CHECK(z.has(at, 46) && z.le(at, 4) == 0x02014b50, "checkpoint ", path,
                ": its zip directory is damaged (entry ", e, " of ", entries, "); the file is corrupt");

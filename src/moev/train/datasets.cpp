@@ -91,23 +91,6 @@ bool non_ascii(const std::string& x) {
 
 }  // namespace
 
-void check_same_classes(const data::ImageSet& test, const std::vector<std::string>& classes,
-                        const std::string& learnt_from) {
-  if (test.multilabel()) return;
-  auto name = [](const std::vector<std::string>& names, size_t c) {
-    return c < names.size() ? "'" + names[c] + "'" : std::string("none");
-  };
-  for (size_t c = 0; c < std::max(classes.size(), test.class_names.size()); ++c) {
-    const std::string got = name(test.class_names, c), want = name(classes, c);
-    const bool look_alike = got != want && c < classes.size() && c < test.class_names.size() &&
-                            (non_ascii(got) || non_ascii(want));
-    MOEV_CHECK(got == want, "test set ", test.source, ": class ", c, " is ", got, " but ", want, " in ", learnt_from,
-               look_alike ? " (bytes" + hex_bytes(test.class_names[c]) + " against" + hex_bytes(classes[c]) + ")"
-                          : "",
-               ": expected the same classes in the same order");
-  }
-}
-
 void align_classes(data::ImageSet& test, const std::vector<std::string>& classes, const std::string& learnt_from) {
   if (test.multilabel() || test.class_names == classes) return;
   // A folder name cannot hold '/' (Fashion-MNIST's "T-shirt/top"); data mosaic writes '_' for it, and for
@@ -122,8 +105,14 @@ void align_classes(data::ImageSet& test, const std::vector<std::string>& classes
   for (size_t c = 0; c < test.class_names.size(); ++c) {
     const std::string& got = test.class_names[c];
     auto at = std::find(classes.begin(), classes.end(), got);
-    if (at == classes.end())
+    if (at == classes.end()) {
       at = std::find_if(classes.begin(), classes.end(), [&](const std::string& n) { return folder_safe(n) == got; });
+      const auto again = at == classes.end() ? at : std::find_if(at + 1, classes.end(), [&](const std::string& n) {
+        return folder_safe(n) == got;
+      });
+      MOEV_CHECK(again == classes.end(), "test set ", test.source, ": class '", got, "' could stand for '", *at,
+                 "' or '", *again, "' of ", learnt_from, "; expected a folder named as one of them exactly");
+    }
     if (at == classes.end()) {
       std::string known, alike;
       for (const auto& n : classes) {

@@ -20,14 +20,10 @@ struct Datasets {
 // Test set only when train == false (eval/predict).
 Datasets open_datasets(const DataConfig& data, const models::ModelConfig& model, bool load_train);
 
-// A set's labels index its own class list, so scoring a model on a test set
-// whose classes are not the ones it learnt (`classes`, from `learnt_from`), in
-// order, would compare the wrong labels: that is an error naming the first
-// class that differs. Multi-label sets map tags by name and are not checked.
-void check_same_classes(const data::ImageSet& test, const std::vector<std::string>& classes,
-                        const std::string& learnt_from);
-
-// The test set relabelled in the model's class indices, classes matched by
+// A set's labels index its own class list, so a model scored on a test set
+// whose classes are not the ones it learnt (`classes`, from `learnt_from`) in
+// the same order would be compared with the wrong labels. Hence the test set
+// relabelled in the model's class indices, classes matched by
 // name: a folder lists its classes alphabetically, and may hold some of them
 // only. A folder name may write '_' for a '/', ' ' or ',' of the class name
 // (T-shirt_top for T-shirt/top). A class the model does not have, or two that

@@ -154,14 +154,23 @@ EnsembleResult evaluate_ensemble(const EnsembleConfig& cfg, std::optional<int64_
              ": expected >= 0 (0: all)");
   auto data = models.front().cfg.data;
   if (test_limit) data.test_limit = *test_limit;
-  auto ds = open_datasets(data, models.front().cfg.model, /*load_train=*/false);
-  // The test set in the first member's class order; the others must share it, as their probabilities are mixed.
-  for (size_t m = 0; m < models.size(); ++m)
-    if (models[m].class_names_stored) {
-      const std::string from = "the training set of " + cfg.members[m].checkpoint;
-      if (m == 0) align_classes(ds.test, models[m].class_names, from);
-      else check_same_classes(ds.test, models[m].class_names, from);
+  auto ds = open_test_set(models.front(), data, cfg.members.front().checkpoint);
+  // The probabilities are mixed class by class: a member that lists the classes in another order (one trained
+  // on a folder, another on the IDX files) has its columns put in the test set's order.
+  std::vector<at::Tensor> columns(models.size());  // undefined: in order already
+  for (size_t m = 1; m < models.size(); ++m) {
+    const auto& names = models[m].class_names;
+    if (!models[m].class_names_stored || ds.test.multilabel() || names == ds.test.class_names) continue;
+    std::vector<int64_t> at(ds.test.class_names.size());
+    for (size_t c = 0; c < at.size(); ++c) {
+      const auto it = std::find(names.begin(), names.end(), ds.test.class_names[c]);
+      MOEV_CHECK(it != names.end(), "ensemble: ", cfg.members[m].checkpoint, " has no class '",
+                 ds.test.class_names[c], "', which ", cfg.members.front().checkpoint, " and its test set have; ",
+                 "expected members trained on the same classes");
+      at[c] = static_cast<int64_t>(it - names.begin());
     }
+    columns[m] = torch::tensor(at, torch::kLong);
+  }
   const int64_t N = ds.test.size(), L = models.front().cfg.model.num_classes;
   std::vector<at::Tensor> probs(models.size());
   for (auto& p : probs) p = torch::empty({N, L});
@@ -177,8 +186,9 @@ EnsembleResult evaluate_ensemble(const EnsembleConfig& cfg, std::optional<int64_
     const auto t0 = std::chrono::steady_clock::now();
     for (int64_t i = 0; i < N; i += batch_size) {
       const int64_t b = std::min(batch_size, N - i);
-      probs[m].narrow(0, i, b).copy_(predict_probs(*models[m].model, ds.test.images.narrow(0, i, b),
-                                                   models[m].cfg.data.mean, models[m].cfg.data.std, tta));
+      auto p = predict_probs(*models[m].model, ds.test.images.narrow(0, i, b), models[m].cfg.data.mean,
+                             models[m].cfg.data.std, tta);
+      probs[m].narrow(0, i, b).copy_(columns[m].defined() ? p.index_select(1, columns[m]) : p);
       done += b;
       bar.update(done, cfg.members[m].checkpoint);
     }

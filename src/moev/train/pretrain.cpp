@@ -361,7 +361,8 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
   // A killed run logged steps past its checkpoint; the resumed run logs them again.
   if (o.resume) io::trim_jsonl(log_path.string(), [&](const json& j) { return j.value("step", int64_t{0}) <= step; });
   io::JsonlLog log;
-  log.open(log_path.string(), o.resume);
+  log.open(log_path.string(), o.resume, "pretrain --out " + out_dir);
+  log.report_to(o.progress, o.interactive, "pre-training");
 
   if (!o.resume && o.knn_k > 0) out.knn_top1_init = knn_probe(*model, ds, o.knn_k);
 
@@ -390,6 +391,8 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
   data::LoaderOptions lo = training_loader_options(cfg.data, ds, B, tc.seed);
   lo.augment = false;  // the two views are random_view's
   const int64_t per_epoch = M / B, total = per_epoch * o.epochs;
+  // log_every = 0 (no step lines in train) logs each epoch's end, which the loss curve needs.
+  const int64_t log_every = tc.log_every > 0 ? tc.log_every : per_epoch;
   const int64_t warmup = std::min(10 * per_epoch, total / 5);
   const uint64_t base = data::splitmix64(tc.seed ^ 0x6d6f636f76327373ULL);
   auto seed_of = [&](int64_t s, int64_t what) { return data::splitmix64(base + 3 * static_cast<uint64_t>(s) + what); };
@@ -467,16 +470,10 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
       char status[48];
       std::snprintf(status, sizeof status, "loss %.4f", contrastive);
       bar.update(step, status);
-      // log_every = 0 (no step lines in train) logs each epoch's end, which the loss curve needs.
-      const int64_t every = tc.log_every > 0 ? tc.log_every : per_epoch;
-      if (step % every == 0 || step == stop_at) {
-        const std::string why = log.write(
-            json{{"step", step}, {"epoch", static_cast<double>(step) / per_epoch}, {"loss", window / window_n},
-                 {"lr", lr}},
-            step);
-        if (!why.empty() && tc.progress && o.progress)
-          *o.progress << (o.interactive ? "\r\033[K" : "") << "warning: " << why
-                      << "; pre-training goes on, its log misses lines\n";
+      if (step % log_every == 0 || step == stop_at) {
+        log.write(json{{"step", step}, {"epoch", static_cast<double>(step) / per_epoch}, {"loss", window / window_n},
+                       {"lr", lr}},
+                  step);
         window = 0;
         window_n = 0;
       }

@@ -268,8 +268,9 @@ std::vector<SweepRow> run_sweep(const std::vector<SweepRun>& runs, const std::st
     o.interactive = interactive;
     auto outcome = train_model(cfg, o);
 
-    auto t = load_trained((dir / "checkpoint.pt").string(), c10::Device(cfg.train.device));
-    auto ds = open_datasets(t.cfg.data, t.cfg.model, /*load_train=*/false);
+    const auto ckpt = (dir / "checkpoint.pt").string();
+    auto t = load_trained(ckpt, c10::Device(cfg.train.device));
+    auto ds = open_test_set(t, t.cfg.data, ckpt);
     auto e = evaluate(*t.model, ds.test, ds.mean, ds.std, 256, c10::Device(cfg.train.device));
     const auto cost = models::model_cost(cfg.model);
     SweepRow r{run.name, run.model, run.placement, run.experts, run.k, e.top1, cost.params,

@@ -36,4 +36,10 @@ TrainedModel load_trained(const std::string& path, const c10::Device& device,
   return t;
 }
 
+Datasets open_test_set(const TrainedModel& t, const DataConfig& data, const std::string& checkpoint) {
+  auto ds = open_datasets(data, t.cfg.model, /*load_train=*/false);
+  if (t.class_names_stored) align_classes(ds.test, t.class_names, "the training set of " + checkpoint);
+  return ds;
+}
+
 }  // namespace moev::train

@@ -9,6 +9,7 @@
 
 #include "moev/io/run_config.h"
 #include "moev/models/classifier.h"
+#include "moev/train/datasets.h"
 
 namespace moev::train {
 
@@ -28,5 +29,11 @@ struct TrainedModel {
 // raw_weights: the last training weights even where the run kept an average.
 TrainedModel load_trained(const std::string& checkpoint, const c10::Device& device,
                           const std::string& precision = "", bool raw_weights = false);
+
+// The test set `data` names, scored by `t` (trained from `checkpoint`): as
+// open_datasets opens it, its classes matched to those t learnt by name
+// (align_classes) when the checkpoint stores them; without them the labels
+// are taken as they come.
+Datasets open_test_set(const TrainedModel& t, const DataConfig& data, const std::string& checkpoint);
 
 }  // namespace moev::train

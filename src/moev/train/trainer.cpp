@@ -362,16 +362,10 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
         return j.value("step", int64_t{0}) <= pos.step &&
                (!j.contains("eval") || j.value("epoch", int64_t{0}) <= pos.epoch);
       });
-    log.open(log_path.string(), opts.resume);
+    log.open(log_path.string(), opts.resume, "train.out_dir = " + tc.out_dir);
+    log.report_to(opts.progress, opts.interactive, "training");  // at once, not by the next checkpoint's failure
   }
-
-  // Said at once, not by the next checkpoint's failure.
-  auto write_log = [&](const json& line) {
-    const std::string why = log.write(line, pos.step);
-    if (why.empty() || !opts.progress) return;
-    *opts.progress << (opts.interactive ? "\r\033[K" : "") << "warning: " << why
-                   << "; training goes on, its log misses lines\n";
-  };
+  auto write_log = [&](const json& line) { log.write(line, pos.step); };
 
   data::LoaderOptions lo = training_loader_options(cfg.data, ds, tc.batch_size, tc.seed);
   const int64_t slices_of = slice_multiple(cfg.model);
