@@ -2,7 +2,9 @@
 // keeps, read backwards in blocks, against a forward scan of the same file.
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -51,4 +53,27 @@ TEST(LastLineWhere, AgreesWithAForwardScanAcrossBlockBoundaries) {
   int asked = 0;
   EXPECT_EQ(io::last_line_where(path, [&](const std::string&) { return ++asked > 0; }), "{\"loss\":9");
   EXPECT_EQ(asked, 1);
+}
+
+// A device is written into, not renamed over: `ensemble --result /dev/full`, run
+// as root, replaced /dev/full with a file (and said nothing). A link is followed.
+TEST(WriteTextAtomic, WritesIntoDevicesAndThroughLinks) {
+  moev::test::TempDir dir;
+  bool failed = false;
+  try {
+    moev::io::write_text_atomic("/dev/full", "{}\n");
+  } catch (const std::exception& e) {
+    failed = std::string(e.what()).find("cannot write /dev/full") != std::string::npos;
+  }
+  EXPECT_TRUE(failed) << "a full device took the text";
+  EXPECT_TRUE(std::filesystem::is_character_file("/dev/full"));
+  EXPECT_NO_THROW(moev::io::write_text_atomic("/dev/null", "x"));
+  EXPECT_TRUE(std::filesystem::is_character_file("/dev/null"));
+  std::ofstream(dir.file("target.json")) << "old";
+  std::filesystem::create_symlink(dir.file("target.json"), dir.file("link.json"));
+  moev::io::write_text_atomic(dir.file("link.json"), "new");
+  EXPECT_TRUE(std::filesystem::is_symlink(dir.file("link.json")));
+  std::ifstream in(dir.file("target.json"));
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(text, "new");
 }

@@ -61,14 +61,26 @@ std::string Table::markdown() const {
 
 void write_text_atomic(const std::string& path, const std::string& text) {
   namespace fs = std::filesystem;
-  const fs::path p(path);
   std::error_code ec;
-  if (p.has_parent_path()) fs::create_directories(p.parent_path(), ec);
+  // A device or a pipe (--result /dev/stdout) is written into: renamed over, it
+  // was replaced by a file (as root, /dev/full became one). A link is followed,
+  // so the file it names is replaced, not the link.
+  const auto kind = fs::status(path, ec).type();
+  if (kind != fs::file_type::not_found && kind != fs::file_type::regular && kind != fs::file_type::directory &&
+      kind != fs::file_type::none) {
+    std::ofstream out(path, std::ios::binary);
+    out << text;
+    out.flush();
+    MOEV_CHECK(out.good(), "cannot write ", path, " (", std::strerror(errno != 0 ? errno : EIO), ")");
+    return;
+  }
+  const fs::path p = fs::is_symlink(path, ec) ? fs::weakly_canonical(path, ec) : fs::path(path);
   // A name of this process's own: two writers of one file (or a user's
   // "<path>.tmp") never meet in the temporary file, and a failed write leaves
   // nothing behind.
+  if (p.has_parent_path()) fs::create_directories(p.parent_path(), ec);
   static std::atomic<uint64_t> serial{0};
-  const std::string tmp = path + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(serial++);
+  const std::string tmp = p.string() + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(serial++);
   auto failed = [&](const std::string& why) {
     fs::remove(tmp, ec);
     fail("cannot write ", path, why);
