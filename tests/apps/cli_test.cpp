@@ -625,6 +625,10 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
     EXPECT_NE(r.out.find(s), std::string::npos) << r.out;
   r = run("predict --checkpoint " + a + "/hardmoe.json --top 2 " + dir.file("mosaic/test/0.png"));
   ASSERT_EQ(r.code, 0) << r.out;
+  // An ensemble scored tagged images as top-1 against each image's first tag (0.16 where eval said 0.56).
+  std::ofstream(dir.file("tagged.toml")) << "[ensemble]\nmembers = [\"" << dir.file("run/checkpoint.pt") << "\"]\n";
+  expect_clean_failure("ensemble --config " + dir.file("tagged.toml") + " --threads 1",
+                       {"run/checkpoint.pt", "tagged images", "single-label test sets only"});
   // Bad input: an expert the partition does not have, a manifest line whose image is missing.
   expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 2", {"--expert 2", "2 experts", "0..1"});
   // Checked though the expert is done (it said "already trained" at exit 0), and 0 experts is not "unset".

@@ -179,6 +179,15 @@ TEST(Ensemble, ScoresMatchHandCountsAndWeightsAreHonoured) {
   auto flipped = as_trained;
   flipped.flip = true;
   EXPECT_NEAR(train::evaluate_ensemble(views, 100, 32, nullptr, false).ensemble.loss, tta_loss(flipped), 1e-6);
+  // Views past the image are refused, naming the key (a shift of 28 read as top-1 0.11 at exit 0; a scale
+  // of 1000 asked for 627 GB).
+  views.tta_shift = 8;
+  test::expect_error([&] { train::evaluate_ensemble(views, 100, 32, nullptr, false); },
+                     {"ensemble.tta_shift = 8", "a quarter of the 28-pixel image (7)"});
+  views.tta_shift = 7;
+  views.tta_scale = 1000.0;
+  test::expect_error([&] { train::evaluate_ensemble(views, 100, 32, nullptr, false); },
+                     {"ensemble.tta_scale = 1000", "0.5..2"});
 
   // A member from a run on other data: its labels would be scored against the first member's test set.
   auto ckpt = train::load_checkpoint(b);

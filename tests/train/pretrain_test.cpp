@@ -203,6 +203,15 @@ TEST(Pretrain, LogEveryZeroLogsEpochEndsAndAFullDiskIsSaidOnce) {
   const std::string warning = "warning: cannot write " + dir.file("full_disk/pretrain_log.jsonl") + " at step 2";
   EXPECT_NE(said.find(warning), std::string::npos) << said;
   EXPECT_EQ(said.find("warning: cannot write", said.find(warning) + 1), std::string::npos) << said;
+
+  // A forgotten --resume started again from step 0: the log emptied at once, pretrain.pt replaced at the
+  // first checkpoint. And the train keys it reads are checked as train checks them (-1 ran at exit 0).
+  const std::string before = test::bytes_of(dir.file("quiet/pretrain.pt"));
+  test::expect_error([&] { train::pretrain(cfg, dir.file("quiet"), o); },
+                     {"quiet/pretrain.pt", "already holds a pre-training run", "--resume"});
+  EXPECT_EQ(test::bytes_of(dir.file("quiet/pretrain.pt")), before);
+  cfg.train.log_every = -1;
+  test::expect_error([&] { train::pretrain(cfg, dir.file("negative"), o); }, {"train.log_every = -1", ">= 0"});
 }
 
 TEST(Pretrain, BadOptionsAndResumesAreErrors) {

@@ -155,6 +155,17 @@ EnsembleResult evaluate_ensemble(const EnsembleConfig& cfg, std::optional<int64_
   auto data = models.front().cfg.data;
   if (test_limit) data.test_limit = *test_limit;
   auto ds = open_test_set(models.front(), data, cfg.members.front().checkpoint);
+  // Scored as top-1 against each image's first tag, a tagged set read as 0.16 where eval gave precision@1 0.56.
+  MOEV_CHECK(!ds.test.multilabel(), "ensemble: ", cfg.members.front().checkpoint, " was trained on tagged images (",
+             ds.test.source, "), and ensembles and test-time augmentation score single-label test sets only; ",
+             "evaluate it with moev eval, without --tta");
+  // Views past the image: a shift of half a side shows mostly padding (top-1 0.46 -> 0.11 at 28 pixels), and
+  // a scale of 1000 asked for 627 GB.
+  const int64_t side = models.front().cfg.model.image_size;
+  MOEV_CHECK(!cfg.tta || !cfg.tta_shift || 4 * *cfg.tta_shift <= side, "ensemble.tta_shift = ",
+             cfg.tta_shift.value_or(0), ": expected at most a quarter of the ", side, "-pixel image (", side / 4, ")");
+  MOEV_CHECK(!cfg.tta || !cfg.tta_scale || *cfg.tta_scale == 0 || (*cfg.tta_scale >= 0.5 && *cfg.tta_scale <= 2),
+             "ensemble.tta_scale = ", cfg.tta_scale.value_or(0), ": expected 0 (no resized view) or 0.5..2");
   // The probabilities are mixed class by class: a member that lists the classes in another order (one trained
   // on a folder, another on the IDX files) has its columns put in the test set's order.
   std::vector<at::Tensor> columns(models.size());  // undefined: in order already

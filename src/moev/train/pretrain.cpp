@@ -235,6 +235,7 @@ void write_curve(const fs::path& log_path, int64_t per_epoch, const fs::path& pn
 PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, const PretrainOptions& o) {
   const auto& tc = cfg.train;
   MOEV_CHECK(!out_dir.empty(), "pretrain: no output directory");
+  validate_train_config(cfg.train);  // the keys it reads (batch, checkpoints, logs, steps) as train checks them
   MOEV_CHECK(o.epochs >= 1, "pretrain: epochs = ", o.epochs, ": expected at least 1");
   MOEV_CHECK(o.lr > 0, "pretrain: lr = ", o.lr, ": expected > 0");
   MOEV_CHECK(o.temperature > 0, "pretrain: temperature = ", o.temperature, ": expected > 0");
@@ -357,6 +358,9 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
     epoch_n = st.value("epoch_steps", int64_t{0});
     rng = c.rng;
   }
+  // A second run into a directory replaced the first's log at once and its checkpoint soon after.
+  MOEV_CHECK(o.resume || !fs::exists(ckpt_path), ckpt_path.string(), ": pretrain --out ", out_dir,
+             " already holds a pre-training run; continue it with --resume, or pre-train into another --out");
   fs::create_directories(dir);
   // A killed run logged steps past its checkpoint; the resumed run logs them again.
   if (o.resume) io::trim_jsonl(log_path.string(), [&](const json& j) { return j.value("step", int64_t{0}) <= step; });

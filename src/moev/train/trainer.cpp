@@ -186,34 +186,9 @@ json eval_json(const EvalResult& e) {
   return j;
 }
 
-// The run itself; train_model holds the directory's lock around it.
-TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
-  // First: a rank that differs is named before any check of its own could stop it alone.
-  if (opts.comm) check_same_run(*opts.comm, cfg);
-  const std::string ckpt_file = checkpoint_path(cfg.train.out_dir);
-  Checkpoint resume_from;
-  Position pos;
-  double prior_train_s = 0;  // training seconds before this process (a resumed run)
-  int64_t saved_plan = 0;    // a time-budgeted run's planned last step when it was saved
-  int saved_replicas = 0;    // a one-process run's replicas when it was saved (0: not recorded)
-  // A second run into a directory would replace the first's log at once and
-  // its checkpoint soon after: a forgotten --resume must not cost a long run.
-  MOEV_CHECK(opts.resume || !fs::exists(ckpt_file), ckpt_file, ": train.out_dir = ", cfg.train.out_dir,
-             " already holds a run; continue it with --resume, or train into another --out (or delete ",
-             cfg.train.out_dir, ") to start anew");
-  if (opts.resume) {
-    resume_from = load_checkpoint(ckpt_file);
-    // The run continues as it was configured; only how it runs may change.
-    cfg = resumed_config(io::from_json_string(resume_from.config_json, ckpt_file), cfg);
-    auto st = json::parse(resume_from.state_json);
-    pos.step = st.at("step").get<int64_t>();
-    pos.epoch = st.at("epoch").get<int64_t>();
-    pos.batch = st.at("batch").get<int64_t>();
-    prior_train_s = st.value("train_elapsed_s", 0.0);
-    saved_plan = st.value("planned_steps", int64_t{0});
-    if (st.value("world_size", 1) == 1) saved_replicas = st.value("replicas", 0);
-  }
-  const auto& tc = cfg.train;
+}  // namespace
+
+void validate_train_config(const TrainConfig& tc) {
   MOEV_CHECK(tc.batch_size >= 1, "train.batch_size = ", tc.batch_size, ": expected >= 1");
   MOEV_CHECK(tc.epochs >= 1, "train.epochs = ", tc.epochs, ": expected >= 1");
   MOEV_CHECK(tc.lr > 0, "train.lr = ", tc.lr, ": expected > 0");
@@ -253,12 +228,45 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
              ": expected [0, 1) (the share of a target spread over all classes)");
   MOEV_CHECK(std::isfinite(tc.minutes) && tc.minutes >= 0, "train.minutes = ", tc.minutes,
              ": expected >= 0 (0: no time budget)");
-  const bool budgeted = tc.minutes > 0;
   // Both are counted in epochs of a schedule whose length a budget leaves open.
-  MOEV_CHECK(!budgeted || (tc.cooldown_epochs == 0 && tc.mix_off_epochs == 0),
+  MOEV_CHECK(tc.minutes <= 0 || (tc.cooldown_epochs == 0 && tc.mix_off_epochs == 0),
              "train.minutes = ", tc.minutes, " with train.cooldown_epochs = ", tc.cooldown_epochs,
              " / train.mix_off_epochs = ", tc.mix_off_epochs,
              ": a time budget needs both 0 (they are counted in epochs; use train.epochs instead of minutes)");
+}
+
+namespace {
+
+// The run itself; train_model holds the directory's lock around it.
+TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
+  // First: a rank that differs is named before any check of its own could stop it alone.
+  if (opts.comm) check_same_run(*opts.comm, cfg);
+  const std::string ckpt_file = checkpoint_path(cfg.train.out_dir);
+  Checkpoint resume_from;
+  Position pos;
+  double prior_train_s = 0;  // training seconds before this process (a resumed run)
+  int64_t saved_plan = 0;    // a time-budgeted run's planned last step when it was saved
+  int saved_replicas = 0;    // a one-process run's replicas when it was saved (0: not recorded)
+  // A second run into a directory would replace the first's log at once and
+  // its checkpoint soon after: a forgotten --resume must not cost a long run.
+  MOEV_CHECK(opts.resume || !fs::exists(ckpt_file), ckpt_file, ": train.out_dir = ", cfg.train.out_dir,
+             " already holds a run; continue it with --resume, or train into another --out (or delete ",
+             cfg.train.out_dir, ") to start anew");
+  if (opts.resume) {
+    resume_from = load_checkpoint(ckpt_file);
+    // The run continues as it was configured; only how it runs may change.
+    cfg = resumed_config(io::from_json_string(resume_from.config_json, ckpt_file), cfg);
+    auto st = json::parse(resume_from.state_json);
+    pos.step = st.at("step").get<int64_t>();
+    pos.epoch = st.at("epoch").get<int64_t>();
+    pos.batch = st.at("batch").get<int64_t>();
+    prior_train_s = st.value("train_elapsed_s", 0.0);
+    saved_plan = st.value("planned_steps", int64_t{0});
+    if (st.value("world_size", 1) == 1) saved_replicas = st.value("replicas", 0);
+  }
+  const auto& tc = cfg.train;
+  validate_train_config(tc);
+  const bool budgeted = tc.minutes > 0;
   const int threads = set_threads(tc.threads);
   dist::Communicator* comm = opts.comm;
   const int rank = comm ? comm->rank() : 0, world = comm ? comm->size() : 1;

@@ -54,6 +54,11 @@ struct TrainOutcome {
 
 std::string checkpoint_path(const std::string& out_dir);
 
+// The train section's values, each out of range an error naming the key and
+// what was expected (a negative learning rate climbed the loss at exit 0).
+// Train and pretrain check the same keys alike.
+void validate_train_config(const TrainConfig& tc);
+
 // train.branch_views: the seed of branch `view`'s batches and mix draws (view 0:
 // the run's own, so branch 0 sees what the run without views would).
 uint64_t branch_view_seed(uint64_t seed, int64_t view);
