@@ -97,6 +97,11 @@ TEST(Datasets, TestClassesAreMatchedToTheTrainingClassesByName) {
   other.source = "t";
   test::expect_error([&] { train::align_classes(other, {"a", "b"}, "the run"); },
                      {"test set t", "class 'z' is not one of the 2 classes of the run ('a', 'b')"});
+  // The other way round: a folder-trained run (T-shirt_top) scored on the IDX files (T-shirt/top).
+  other.class_names = {"Trouser", "T-shirt/top"};
+  other.labels = torch::tensor({0, 1}, torch::kLong);
+  train::align_classes(other, {"T-shirt_top", "Trouser"}, "the run");
+  EXPECT_TRUE(torch::equal(other.labels, torch::tensor({1, 0}, torch::kLong))) << other.labels;
   other.class_names = {"a_b"};  // could be either of two classes
   test::expect_error([&] { train::align_classes(other, {"a b", "a/b"}, "the run"); },
                      {"'a_b' could stand for 'a b' or 'a/b'"});

@@ -91,8 +91,7 @@ bool non_ascii(const std::string& x) {
 
 }  // namespace
 
-void align_classes(data::ImageSet& test, const std::vector<std::string>& classes, const std::string& learnt_from) {
-  if (test.multilabel() || test.class_names == classes) return;
+bool same_class_name(const std::string& a, const std::string& b) {
   // A folder name cannot hold '/' (Fashion-MNIST's "T-shirt/top"); data mosaic writes '_' for it, and for
   // the spaces and commas a tag cannot hold.
   auto folder_safe = [](std::string n) {
@@ -100,19 +99,28 @@ void align_classes(data::ImageSet& test, const std::vector<std::string>& classes
       if (ch == '/' || ch == ' ' || ch == ',') ch = '_';
     return n;
   };
+  return a == b || folder_safe(a) == folder_safe(b);
+}
+
+std::vector<std::string>::const_iterator find_class(const std::vector<std::string>& classes, const std::string& name,
+                                                    const std::string& source, const std::string& learnt_from) {
+  auto at = std::find(classes.begin(), classes.end(), name);
+  if (at != classes.end()) return at;
+  auto alike = [&](const std::string& n) { return same_class_name(n, name); };
+  at = std::find_if(classes.begin(), classes.end(), alike);
+  const auto again = at == classes.end() ? at : std::find_if(at + 1, classes.end(), alike);
+  MOEV_CHECK(again == classes.end(), source, ": class '", name, "' could stand for '", *at, "' or '", *again, "' of ",
+             learnt_from, "; expected a folder named as one of them exactly");
+  return at;
+}
+
+void align_classes(data::ImageSet& test, const std::vector<std::string>& classes, const std::string& learnt_from) {
+  if (test.multilabel() || test.class_names == classes) return;
   std::vector<int64_t> to(test.class_names.size());
   std::vector<std::string> taken(classes.size());
   for (size_t c = 0; c < test.class_names.size(); ++c) {
     const std::string& got = test.class_names[c];
-    auto at = std::find(classes.begin(), classes.end(), got);
-    if (at == classes.end()) {
-      at = std::find_if(classes.begin(), classes.end(), [&](const std::string& n) { return folder_safe(n) == got; });
-      const auto again = at == classes.end() ? at : std::find_if(at + 1, classes.end(), [&](const std::string& n) {
-        return folder_safe(n) == got;
-      });
-      MOEV_CHECK(again == classes.end(), "test set ", test.source, ": class '", got, "' could stand for '", *at,
-                 "' or '", *again, "' of ", learnt_from, "; expected a folder named as one of them exactly");
-    }
+    const auto at = find_class(classes, got, "test set " + test.source, learnt_from);
     if (at == classes.end()) {
       std::string known, alike;
       for (const auto& n : classes) {

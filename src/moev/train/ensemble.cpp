@@ -174,7 +174,8 @@ EnsembleResult evaluate_ensemble(const EnsembleConfig& cfg, std::optional<int64_
     if (!models[m].class_names_stored || ds.test.multilabel() || names == ds.test.class_names) continue;
     std::vector<int64_t> at(ds.test.class_names.size());
     for (size_t c = 0; c < at.size(); ++c) {
-      const auto it = std::find(names.begin(), names.end(), ds.test.class_names[c]);
+      const auto it = find_class(names, ds.test.class_names[c], "ensemble: " + cfg.members[m].checkpoint,
+                                 "the test set of " + cfg.members.front().checkpoint);
       MOEV_CHECK(it != names.end(), "ensemble: ", cfg.members[m].checkpoint, " has no class '",
                  ds.test.class_names[c], "', which ", cfg.members.front().checkpoint, " and its test set have; ",
                  "expected members trained on the same classes");
