@@ -91,6 +91,9 @@ bool non_ascii(const std::string& x) {
 
 }  // namespace
 
+namespace {
+
+// Equal, or equal with '_' for each '/', ' ' and ','.
 bool same_class_name(const std::string& a, const std::string& b) {
   // A folder name cannot hold '/' (Fashion-MNIST's "T-shirt/top"); data mosaic writes '_' for it, and for
   // the spaces and commas a tag cannot hold.
@@ -101,6 +104,8 @@ bool same_class_name(const std::string& a, const std::string& b) {
   };
   return a == b || folder_safe(a) == folder_safe(b);
 }
+
+}  // namespace
 
 std::vector<std::string>::const_iterator find_class(const std::vector<std::string>& classes, const std::string& name,
                                                     const std::string& source, const std::string& learnt_from) {

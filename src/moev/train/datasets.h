@@ -30,13 +30,10 @@ Datasets open_datasets(const DataConfig& data, const models::ModelConfig& model,
 // stand for one, is an error naming them. Multi-label sets are left as they are.
 void align_classes(data::ImageSet& test, const std::vector<std::string>& classes, const std::string& learnt_from);
 
-// Whether two class names name one class: equal, or equal with '_' for each
-// '/', ' ' and ',' (a folder-trained run's T-shirt_top is the IDX T-shirt/top).
-bool same_class_name(const std::string& a, const std::string& b);
-
-// Where `name` is in `classes`: the equal name, else the one same_class_name
-// matches (two such: an error naming both, `source` and `learnt_from`); end()
-// when none does.
+// Where `name` is in `classes`: the equal name, else the one equal with '_'
+// for each '/', ' ' and ',' on either side (a folder-trained run's T-shirt_top
+// is the IDX T-shirt/top; two such: an error naming both, `source` and
+// `learnt_from`); end() when none is.
 std::vector<std::string>::const_iterator find_class(const std::vector<std::string>& classes, const std::string& name,
                                                     const std::string& source, const std::string& learnt_from);
 
