@@ -15,6 +15,24 @@
 
 namespace moev::app {
 
+namespace {
+
+// A pre-training checkpoint keeps its place under "pretrain" (its epochs
+// depend on the data set's size, so only the step is stored).
+std::string position(const nlohmann::json& st) {
+  if (st.is_object() && st.contains("pretrain") && st.at("pretrain").is_object()) {
+    const auto& p = st.at("pretrain");
+    std::string s = "pre-training (moev pretrain) step " + std::to_string(p.value("step", int64_t{0}));
+    if (p.contains("options") && p.at("options").is_object() && p.at("options").contains("epochs"))
+      s += " of " + p.at("options").at("epochs").dump() + " epochs";
+    return s + "; heads untrained (train.init_from starts a supervised run from it)";
+  }
+  return "step " + std::to_string(st.value("step", int64_t{0})) + ", epoch " +
+         std::to_string(st.value("epoch", int64_t{0}));
+}
+
+}  // namespace
+
 Runner add_checkpoint(CLI::App& app) {
   auto* cmd = app.add_subcommand("checkpoint", "inspect checkpoints");
   cmd->require_subcommand(1);
@@ -46,7 +64,7 @@ Runner add_checkpoint(CLI::App& app) {
                                                               std::to_string(m.router.num_experts) + ", K = " +
                                                               std::to_string(m.router.k))
               << ", precision " << m.precision << "\n"
-              << "position     step " << st.value("step", 0) << ", epoch " << st.value("epoch", 0) << "\n"
+              << "position     " << position(st) << "\n"
               << "written by   " << st.value("world_size", 1) << " rank(s)"
               << (st.value("expert_parallel", false) ? ", experts split over them" : "") << "\n"
               << "layout       full tensors: loads on any number of ranks; with train.expert_parallel each "

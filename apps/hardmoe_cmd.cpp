@@ -50,6 +50,7 @@ struct HardMoEFlags {
 struct Resolved {
   hardmoe::HardMoEConfig hm;
   json overrides;
+  std::string source;  // where the overrides came from, for messages about them
 };
 
 Resolved resolve(const HardMoEFlags& f) {
@@ -64,7 +65,11 @@ Resolved resolve(const HardMoEFlags& f) {
   if (!f.dir.empty()) r.hm.dir = f.dir;
   if (!f.trunk.empty()) r.hm.trunk = f.trunk;
   r.overrides = file;  // apply_json skips [hardmoe] (and other commands' sections)
-  for (const auto& s : f.sets) r.overrides.merge_patch(io::override_json(s));
+  r.source = f.config;
+  for (const auto& s : f.sets) {
+    r.overrides.merge_patch(io::override_json(s));
+    r.source += (&s == &f.sets.front() ? " with --set " : ", --set ") + s;
+  }
   if (f.threads > 0) r.hm.expert_threads = f.threads;
   return r;
 }
@@ -118,7 +123,7 @@ Runner add_hardmoe(CLI::App& app) {
                                  io::from_json_string(
                                      train::load_checkpoint(hm.trunk, train::CheckpointLoad::kConfig).config_json,
                                      hm.trunk),
-                                 r.overrides, 0, f->config);
+                                 r.overrides, 0, r.source);
       const auto t0 = std::chrono::steady_clock::now();
       auto p = hardmoe::cluster_trunk(hm, f->batch_size, &std::cerr, stderr_is_terminal());
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -133,7 +138,7 @@ Runner add_hardmoe(CLI::App& app) {
       train::TrainRunOptions o;
       o.progress = &std::cerr;
       o.interactive = stderr_is_terminal();
-      auto out = hardmoe::train_expert(hm, r.overrides, f->expert, f->config, o);
+      auto out = hardmoe::train_expert(hm, r.overrides, f->expert, r.source, o);
       if (out.already_done) {
         std::printf("expert %lld is already trained (%s); delete it to train again\n", (long long)f->expert,
                     hardmoe::expert_result_file(hm.dir, f->expert).c_str());
@@ -158,7 +163,7 @@ Runner add_hardmoe(CLI::App& app) {
         train::load_checkpoint(hm.trunk, train::CheckpointLoad::kConfig).config_json, hm.trunk);
     std::vector<int64_t> total(k);
     for (int64_t e = 0; e < k; ++e) {
-      auto c = hardmoe::expert_run_config(hm, trunk_ckpt_cfg, r.overrides, e, f->config);
+      auto c = hardmoe::expert_run_config(hm, trunk_ckpt_cfg, r.overrides, e, r.source);
       hardmoe::check_expert_settings(c, hm.dir, e);  // before "done earlier" or a resume could keep other settings
       total[e] = part.counts[e] / c.train.batch_size * (c.train.epochs + c.train.cooldown_epochs);
     }

@@ -52,7 +52,7 @@ Runner add_predict(CLI::App& app) {
       // Classified all the same, but a thumbnail blown up past 2x holds little
       // of the detail the model learned from.
       if (2 * size.height < m.image_size || 2 * size.width < m.image_size)
-        std::fprintf(stderr, "note: %s is %lldx%lld, upscaled to the model's %lldx%lld\n", path.c_str(),
+        std::fprintf(stderr, "note: %s is %lldx%lld, stretched more than 2x to the model's %lldx%lld\n", path.c_str(),
                      (long long)size.width, (long long)size.height, (long long)m.image_size,
                      (long long)m.image_size);
     }

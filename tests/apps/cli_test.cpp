@@ -147,7 +147,7 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   expect_clean_failure("eval " + ckpt + " --router expert_choice --bpr on", {"--bpr on", "expert-choice"});
   // Results that cannot be written fail (they were lost at exit 0). A closed stdout is /dev/null, not a failed
   // write (or fd 1 handed to the next file opened).
-  for (const std::string cmd : {"eval " + ckpt + " --limit 64 --json", "checkpoint info " + ckpt}) {
+  for (const std::string& cmd : {"eval " + ckpt + " --limit 64 --json", "checkpoint info " + ckpt}) {
     const auto full = run(cmd + " 2>&1 >/dev/full; echo status $?");  // stderr kept, stdout to the full device
     EXPECT_NE(full.out.find("status 1"), std::string::npos) << cmd << ": " << full.out;
     EXPECT_NE(full.out.find("writing to standard output failed"), std::string::npos) << cmd << ": " << full.out;
@@ -215,7 +215,7 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   auto p = run("predict --checkpoint " + ckpt + " --top 2 --json " + dir.file("img.png"));
   ASSERT_EQ(p.code, 0) << p.out;
   EXPECT_NE(p.out.find("\"probability\""), std::string::npos) << p.out;
-  EXPECT_EQ(p.out.find("upscaled"), std::string::npos) << p.out;
+  EXPECT_EQ(p.out.find("stretched"), std::string::npos) << p.out;
   // In bf16 the same answer within bf16's rounding; a precision it does not know is named.
   auto top_probability = [](const std::string& out) {
     return nlohmann::json::parse(out).at(0).at("top").at(0).at("probability").get<double>();
@@ -228,14 +228,17 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
     p16 = run("predict --checkpoint " + ckpt + " --precision bf16 " + dir.file("img.png"));
     EXPECT_NE(p16.out.find("model.precision = bf16, but this CPU has no native bf16"), std::string::npos) << p16.out;
   }
-  expect_clean_failure("predict --checkpoint " + ckpt + " --precision fp16 " + dir.file("img.png"), {"fp16"});
+  expect_clean_failure("predict --checkpoint " + ckpt + " --precision fp16 " + dir.file("img.png"),
+                       {"--precision fp16", "expected fp32 or bf16"});
   // A 3x5 thumbnail is classified, with a note that it was blown up.
   ASSERT_TRUE(stbi_write_png(dir.file("tiny.png").c_str(), 3, 5, 1, px.data(), 3));
   p = run("predict --checkpoint " + ckpt + " " + dir.file("tiny.png"));
   ASSERT_EQ(p.code, 0) << p.out;
-  EXPECT_NE(p.out.find("tiny.png is 3x5, upscaled to the model's 28x28"), std::string::npos) << p.out;
+  EXPECT_NE(p.out.find("tiny.png is 3x5, stretched more than 2x to the model's 28x28"), std::string::npos) << p.out;
   std::ofstream(dir.file("notes.png")) << "this is text, not an image";
   expect_clean_failure("predict --checkpoint " + ckpt + " " + dir.file("notes.png"), {"notes.png"});
+  std::ofstream(dir.file("empty.png")).flush();  // a copy cut off before its first byte
+  expect_clean_failure("predict --checkpoint " + ckpt + " " + dir.file("empty.png"), {"empty.png is empty (0 bytes)"});
   // Another architecture's weights as the starting point of a run.
   expect_clean_failure("train " + kTiny + "--set moe.num_experts=8 --out " + dir.file("r2") +
                            " --set train.init_from=" + ckpt,
@@ -453,6 +456,13 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   const auto ssl = nlohmann::json::parse(std::ifstream(dir.file("ssl") + "/pretrain.json"));
   EXPECT_EQ(ssl.at("options").at("epochs"), 1) << ssl.dump();
   EXPECT_EQ(ssl.at("options").at("queue"), 20) << ssl.dump();
+  // Its position is under "pretrain": it read as step 0 of a supervised run.
+  r = run("checkpoint info " + dir.file("ssl") + "/pretrain.pt");
+  ASSERT_EQ(r.code, 0) << r.out;
+  ASSERT_GT(ssl.at("steps").get<int>(), 0) << ssl.dump();
+  EXPECT_NE(r.out.find("pre-training (moev pretrain) step " + ssl.at("steps").dump() + " of 1 epochs"),
+            std::string::npos)
+      << r.out;
   r = run("train " + toy + "--set model.branches=2 --set train.init_from=" + dir.file("ssl") + "/pretrain.pt --out " +
           dir.file("ssl_sup"));
   ASSERT_EQ(r.code, 0) << r.out;
@@ -647,6 +657,10 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
                            dir.file("other"),
                        {"hm.toml", "data.path", "mosaic/train.csv", "mosaic/test.csv", "the trunk"});
   EXPECT_FALSE(std::filesystem::exists(dir.file("other")));
+  // The same difference from a --set is named as the flag: the config file holds the trunk's own data.
+  expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 0 --set data.path=" +
+                           dir.file("mosaic/test.csv"),
+                       {"hm.toml with --set data.path=", "mosaic/test.csv", "the trunk"});
   expect_clean_failure("train --config " + cfg + " --set train.multilabel_loss=bce --out " + dir.file("bad"),
                        {"train.multilabel_loss = 'bce'", "softmax or sigmoid"});
   std::ofstream(dir.file("mosaic/bad.csv")) << "path,tags\ntrain/0.png,Trouser\ntrain/missing.png,Bag\n";

@@ -60,6 +60,10 @@ TEST(ImageFolder, PngRoundTripIsExactAndClassesAreSorted) {
   EXPECT_TRUE(torch::equal(set.images[0], hwc_to_chw(a1, 4, 5, 3)));
   EXPECT_TRUE(torch::equal(set.images[1], hwc_to_chw(a0, 4, 5, 3)));
   EXPECT_TRUE(torch::equal(set.images[2], hwc_to_chw(z0, 4, 5, 3)));
+  // An image beside the class folders has no class: it was left out without a word.
+  write_png(root.file("stray.png"), z0, 4, 5, 3);
+  expect_error([&] { read_image_folder(root.path().string(), 4, 5, 3); },
+               {root.path().string(), "stray.png lies in its root, outside every class folder"});
 }
 
 // The lossless formats stb writes besides PNG read back exactly, as predict reads them.

@@ -24,6 +24,13 @@ TEST(Placement, VMoEConventions) {
   moev::test::expect_error([&] { moe_blocks(parse_placement("last-4"), 6); }, {"last-4", "6"});
   moev::test::expect_error([&] { moe_blocks(parse_placement("9"), 6); }, {"block 9 is outside a model of 6 blocks"});
   moev::test::expect_error([&] { parse_placement("last-x"); }, {"'last-x'", "expected every-N, last-N"});
+  // Spaces on either side of a block, as TOML writers and shells leave them; an empty block is an error.
+  EXPECT_EQ(moe_blocks(parse_placement(" 3, 5 "), 6), (std::vector<int64_t>{3, 5}));
+  EXPECT_EQ(moe_blocks(parse_placement("5,1"), 6), (std::vector<int64_t>{1, 5}));
+  for (const char* bad : {"3,5,", "3,,5", ",3"})
+    moev::test::expect_error([&] { parse_placement(bad); }, {std::string("'") + bad + "'", "a block list like 3,5"});
+  // "3,3" built one MoE layer where it asked for two.
+  moev::test::expect_error([&] { moe_blocks(parse_placement("3,5,3"), 6); }, {"block 3 is listed twice"});
 }
 
 TEST(ViT, ShapesParamsAndGradients) {

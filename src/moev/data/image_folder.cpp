@@ -317,6 +317,8 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
   std::vector<unsigned char> bytes(static_cast<size_t>(size));
   in.seekg(0);
   MOEV_CHECK(in.read(reinterpret_cast<char*>(bytes.data()), size), "cannot read image file ", path);
+  // stb would call it "unknown image type", which sends one looking at the format, not the copy.
+  MOEV_CHECK(size > 0, "file ", path, " is empty (0 bytes); expected an image");
   check_png_crcs(path, bytes);
   check_complete(path, bytes);
   int w = 0, h = 0, file_channels = 0;
@@ -377,9 +379,14 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
   ImageSet set;
   std::vector<std::string> files;
   std::vector<int64_t> labels;
-  // Plain files next to the class folders (READMEs, synset lists) are not classes.
+  // Plain files next to the class folders (READMEs, synset lists) are not classes. An image
+  // there has no class either, and skipping it would drop it from the set without a word.
   for (const fs::path& class_dir : sorted_entries(root)) {
-    if (is_hidden(class_dir) || !fs::is_directory(class_dir)) continue;
+    if (is_hidden(class_dir)) continue;
+    MOEV_CHECK(fs::is_directory(class_dir) || !has_image_extension(class_dir), "image folder ", root, ": ",
+               class_dir.filename().string(), " lies in its root, outside every class folder; expected ",
+               "root/<class>/<image> (move it into its class's folder, or out of the data set)");
+    if (!fs::is_directory(class_dir)) continue;
     const auto label = static_cast<int64_t>(set.class_names.size());
     const size_t before = files.size();
     for (const fs::path& file : sorted_entries(class_dir)) {

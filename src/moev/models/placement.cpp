@@ -27,7 +27,10 @@ std::vector<int64_t> moe_blocks(const Placement& p, int64_t depth) {
                  " blocks (valid: 0..", depth - 1, ")");
     out = p.blocks;
     std::sort(out.begin(), out.end());
-    out.erase(std::unique(out.begin(), out.end()), out.end());
+    // "3,3" would read as two MoE layers where the model builds one.
+    const auto twice = std::adjacent_find(out.begin(), out.end());
+    MOEV_CHECK(twice == out.end(), "moe placement: block ", twice == out.end() ? 0 : *twice,
+               " is listed twice; expected each block once");
   } else {
     fail("moe placement '", p.kind, "': expected none, every, last or list");
   }
@@ -51,9 +54,12 @@ Placement parse_placement(const std::string& text) {
     return p;
   }
   p.kind = "list";
-  std::stringstream ss(text);
+  std::stringstream ss(text + ",");  // so that a trailing comma leaves an empty item
   std::string item;
   while (std::getline(ss, item, ',')) {
+    // Spaces around a block are allowed on both sides ("3, 5"), as stoll allows them before it.
+    const auto first = item.find_first_not_of(" \t"), last = item.find_last_not_of(" \t");
+    item = first == std::string::npos ? std::string() : item.substr(first, last - first + 1);
     try {
       size_t used = 0;
       p.blocks.push_back(std::stoll(item, &used));

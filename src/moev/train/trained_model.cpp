@@ -21,6 +21,8 @@ TrainedModel load_trained(const std::string& path, const c10::Device& device,
   try {
     t.model = models::build_model(t.cfg.model);
   } catch (const Error& e) {  // a config edited inside the file, or a --precision it cannot take: say which file
+    // A precision the caller asked for is named as the flag that sets it, not as the file's model.precision.
+    if (!precision.empty()) fail(path, ": --precision ", precision, ": ", e.what());
     fail(path, ": ", e.what());
   }
   load_module_tensors(*t.model, raw_weights ? ckpt.model : inference_weights(ckpt), path);
