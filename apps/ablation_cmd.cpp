@@ -50,7 +50,9 @@ std::string result_file(const train::AblationTask& t) { return (fs::path(t.cfg.t
 json train_result(const std::string& dir) {
   const json last = last_log_line(dir, "eval");
   MOEV_CHECK(!last.is_null(), dir, "/log.jsonl: the run finished without a test evaluation");
-  return {{"top1", last["eval"]["top1"]}, {"seconds", last.value("elapsed_s", 0.0)}};
+  // The run's training seconds, resumed processes included (elapsed_s, in logs written before train_s, counts
+  // only the last process).
+  return {{"top1", last["eval"]["top1"]}, {"seconds", last.value("train_s", last.value("elapsed_s", 0.0))}};
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // `moev fuse`: trains the fusion layer of a multi-branch model with its branches
 // frozen (Sun et al. section 2.3) and writes the fused model as a new checkpoint.
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -62,10 +63,12 @@ Runner add_fuse(CLI::App& app) {
     f->o.progress = &std::cerr;
     f->o.interactive = stderr_is_terminal();
     auto r = train::train_fusion(f->checkpoint, f->out, f->o);
-    std::printf("test top-1: mean of branch logits %.4f, fusion %.4f (fusion trained in %.1f s, %lld steps on "
-                "%lld images)\nwrote %s\n",
+    // r.images counts every image of every epoch.
+    std::printf("test top-1: mean of branch logits %.4f, fusion %.4f (fusion trained in %.1f s: %lld steps, %lld "
+                "epoch%s of %lld images)\nwrote %s\n",
                 r.mean_of_logits.top1, r.fused.top1, r.train_seconds, static_cast<long long>(r.steps),
-                static_cast<long long>(r.images), f->out.c_str());
+                static_cast<long long>(f->o.epochs), f->o.epochs == 1 ? "" : "s",
+                static_cast<long long>(r.images / std::max<int64_t>(1, f->o.epochs)), f->out.c_str());
     if (!f->result.empty()) {
       nlohmann::json j{{"top1", r.fused.top1}, {"mean_of_logits_top1", r.mean_of_logits.top1},
                        {"seconds", r.train_seconds}, {"steps", r.steps}, {"images", r.images},

@@ -6,6 +6,7 @@
 #include <set>
 #include <thread>
 
+#include <nlohmann/json.hpp>
 
 #include "commands.h"
 #include "moev/core/error.h"
@@ -33,6 +34,26 @@ void check_resume_overrides(const ConfigFlags& flags, const io::RunConfig& cfg) 
   MOEV_CHECK(differ.empty(), "--resume continues ", path, " as it was saved; these settings differ from it:",
              differ, "\ndrop them to resume, or start a new run with another --out");
 }
+
+// The thread count sets the order of floating-point sums, so a run resumed on
+// another count does not repeat bit for bit. Unless the command names one
+// (--threads, --set train.threads, a config file's), a resumed run keeps the
+// count it was saved with: `moev train --out DIR --resume` took all cores.
+void keep_saved_threads(const ConfigFlags& flags, io::RunConfig& cfg) {
+  for (const auto* list : {&flags.shorthand, &flags.sets})
+    for (const auto& kv : *list)
+      if (kv.rfind("train.threads=", 0) == 0) return;
+  if (!flags.config_file.empty()) {
+    const auto& file = flags.file();
+    if (file.is_object() && file.contains("train") && file["train"].is_object() && file["train"].contains("threads"))
+      return;
+  }
+  const auto path = train::checkpoint_path(cfg.train.out_dir);
+  if (!std::filesystem::exists(path)) return;  // train_model says what is missing
+  cfg.train.threads =
+      io::from_json_string(train::load_checkpoint(path, train::CheckpointLoad::kConfig).config_json, path)
+          .train.threads;
+}
 }  // namespace
 
 Runner add_train(CLI::App& app) {
@@ -50,6 +71,7 @@ Runner add_train(CLI::App& app) {
     const auto resolved = flags->resolve_or_print();
     if (!resolved) return 0;
     io::RunConfig cfg = *resolved;
+    if (*resume) keep_saved_threads(*flags, cfg);
     // A rank of a distributed job: local ranks share the cores, so "all cores"
     // means this rank's part of them.
     const auto dc = dist_from_environment(cfg);
@@ -68,9 +90,11 @@ Runner add_train(CLI::App& app) {
       std::cout << "rank " << dc.rank << " of " << dc.world_size << ": trained " << r.steps << " steps\n";
       return 0;
     }
-    std::cout << "trained " << r.steps << " steps (" << r.epochs_done << " epochs) in "
-              << static_cast<int64_t>(r.train_seconds) << " s at " << static_cast<int64_t>(r.train_images_per_s)
-              << " img/s";
+    std::cout << "trained " << r.steps << " steps (" << r.epochs_done << (r.epochs_done == 1 ? " epoch" : " epochs")
+              << ") in " << static_cast<int64_t>(r.run_train_seconds) << " s";
+    // A resumed run's rate is this process's: its steps and seconds only.
+    if (*resume) std::cout << " (this process: " << static_cast<int64_t>(r.train_seconds) << " s";
+    std::cout << " at " << static_cast<int64_t>(r.train_images_per_s) << " img/s" << (*resume ? ")" : "");
     if (r.eval.images > 0 && r.eval.multilabel)
       std::cout << "; test precision@1 " << r.eval.top1 << ", mAP " << r.eval.mean_ap;
     else if (r.eval.images > 0)

@@ -89,6 +89,9 @@ TEST(Cli, BadInputsFailCleanly) {
   }
   expect_clean_failure("train " + kTiny + "--set moe.k=5", {"moe.k = 5", "moe.num_experts = 4"});
   expect_clean_failure("train " + kTiny + "--set moe.capacity=-1", {"moe.capacity"});
+  // Top-K settings Expert-Choice would ignore (it trained without them at exit 0).
+  expect_clean_failure("train " + kTiny + "--set moe.router=expert_choice --set moe.bpr=true --out " + dir.file("r"),
+                       {"moe.bpr = true with moe.router = expert_choice"});
   expect_clean_failure("train " + kTiny + "--set data.crop_padding=-2 --out " + dir.file("r"), {"data.crop_padding = -2"});
   expect_clean_failure("train " + kTiny + "--set data.random_erase=2 --out " + dir.file("r"), {"data.random_erase = 2"});
   expect_clean_failure("train " + kTiny + "--device cuda", {"--device cuda"});
@@ -145,6 +148,15 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   expect_clean_failure("eval " + ckpt + " --dropless on --capacity 0.5",
                        {"--capacity 0.5", "moe.dropless = true", "--dropless off"});
   expect_clean_failure("eval " + ckpt + " --router expert_choice --bpr on", {"--bpr on", "expert-choice"});
+  {  // A model trained with BPR still switches to Expert-Choice at inference, which has no use for BPR.
+    auto c = moev::train::load_checkpoint(ckpt);
+    auto cfg = nlohmann::json::parse(c.config_json);
+    cfg["moe"]["bpr"] = true;
+    c.config_json = cfg.dump();
+    moev::train::save_checkpoint(dir.file("bpr.pt"), c);
+    const auto ec = run("eval " + dir.file("bpr.pt") + " --limit 64 --router expert_choice");
+    EXPECT_EQ(ec.code, 0) << ec.out;
+  }
   // Results that cannot be written fail (they were lost at exit 0). A closed stdout is /dev/null, not a failed
   // write (or fd 1 handed to the next file opened).
   for (const std::string& cmd : {"eval " + ckpt + " --limit 64 --json", "checkpoint info " + ckpt}) {
@@ -368,6 +380,19 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   EXPECT_EQ(r.code, 0) << r.out;
   r = run("train --out " + dir.file("n1") + " --resume --threads 1 --set train.progress=false");  // none given
   EXPECT_EQ(r.code, 0) << r.out;
+  // Resumed with no thread count named, a run keeps the one it was saved with: it took all cores, and the
+  // other order of float sums gave other weights than the uninterrupted run.
+  r = run("train " + toy + "--max-steps 2 --out " + dir.file("cut"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  r = run("train --out " + dir.file("cut") + " --resume --set train.progress=false");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(nlohmann::json::parse(std::ifstream(dir.file("cut") + "/config.json")).at("train").at("threads"), 1);
+  {
+    const auto whole = moev::train::load_checkpoint(dir.file("n1") + "/checkpoint.pt");
+    const auto resumed = moev::train::load_checkpoint(dir.file("cut") + "/checkpoint.pt");
+    ASSERT_EQ(whole.model.size(), resumed.model.size());
+    for (const auto& [name, t] : whole.model) EXPECT_TRUE(torch::equal(t, resumed.model.at(name))) << name;
+  }
   expect_clean_failure("train " + toy + "--set model.branches=3 --set train.teacher=" + dir.file("n1") +
                            "/checkpoint.pt --out " + dir.file("a"),
                        {"train.teacher", "model.branches 1 vs 3", "same architecture"});

@@ -349,4 +349,16 @@ TEST(Router, BadConfigsRejectedWithFieldName) {
   cfg.capacity_factor = -1;
   moev::test::expect_error([&] { validate(cfg); }, {"moe.capacity = -1"});
   moev::test::expect_error([&] { parse_router_kind("nearest"); }, {"'nearest'", "topk or expert_choice"});
+  // Expert-Choice has no use for top-K's dropless mode, BPR or renormalised gates: set, they were ignored.
+  cfg.capacity_factor = 1;
+  cfg.kind = RouterKind::kExpertChoice;
+  validate(cfg);
+  for (bool RouterConfig::*flag : {&RouterConfig::dropless, &RouterConfig::bpr, &RouterConfig::renormalize}) {
+    auto bad = cfg;
+    bad.*flag = true;
+    moev::test::expect_error([&] { validate(bad); }, {" = true with moe.router = expert_choice"});
+  }
+  cfg.kind = RouterKind::kTopK;
+  cfg.bpr = cfg.dropless = cfg.renormalize = true;
+  validate(cfg);
 }

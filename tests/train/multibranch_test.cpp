@@ -234,6 +234,32 @@ TEST(MultiBranch, TeacherEnsembleAveragesItsMembersProbabilities) {
                      {"train.teacher = " + n1, "model.branches 1 vs 2"});
 }
 
+// Sun et al.'s objective on the first step, whose model is the same in every
+// run: soft cross-entropy is linear in the target, so with target = lambda *
+// smoothed + (1 - lambda) * teacher the loss is linear in lambda, and at
+// lambda = 1 it is the run without a teacher; the cosine term adds w times the
+// same 1 - cos. Swapped lambdas or a dropped cosine term fail here.
+TEST(MultiBranch, DistillTargetAndCosineTermMakeTheFirstStepsLoss) {
+  test::TempDir dir;
+  train::train_model(toy(dir.file("teacher"), 1), {});
+  int runs = 0;
+  auto loss = [&](double lambda, double cosine, bool teacher = true) {
+    auto c = toy(dir.file("s" + std::to_string(runs++)), 1);
+    if (teacher) c.train.teacher = {dir.file("teacher") + "/checkpoint.pt"};
+    c.train.distill_lambda = lambda;
+    c.train.cosine_loss = cosine;
+    return first_step(c, "loss").first;
+  };
+  const double plain = loss(1, 0, /*teacher=*/false), labels = loss(1, 0), teacher = loss(0, 0);
+  EXPECT_NEAR(labels, plain, 1e-5);
+  ASSERT_GT(std::abs(teacher - labels), 1e-3) << "the teacher's targets are the labels'";
+  EXPECT_NEAR(loss(0.25, 0), 0.25 * labels + 0.75 * teacher, 1e-5);
+  const double mixed = loss(0.5, 0), cos1 = loss(0.5, 1) - mixed, cos2 = loss(0.5, 2) - mixed;
+  EXPECT_GT(cos1, 1e-4);
+  EXPECT_LT(cos1, 1.0);  // a mean of 1 - cos over probability vectors
+  EXPECT_NEAR(cos2, 2 * cos1, 1e-5);
+}
+
 TEST(MultiBranch, TeacherOfAnotherArchitectureIsRefused) {
   test::TempDir dir;
   train::train_model(toy(dir.file("teacher"), 1), {});

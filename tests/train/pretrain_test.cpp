@@ -15,6 +15,7 @@
 #include "support/expect_error.h"
 #include "support/temp_dir.h"
 #include "support/toy_resnest.h"
+#include "moev/io/file_lock.h"
 #include "moev/train/checkpoint.h"
 #include "moev/train/fusion.h"
 #include "moev/train/pretrain.h"
@@ -237,6 +238,19 @@ TEST(Pretrain, BadOptionsAndResumesAreErrors) {
   o.temperature = 0.1;
   test::expect_error([&] { train::pretrain(cfg, dir.file("a"), o); }, {"temperature = 0.2", "not 0.1"});
   o.temperature = 0.2;
+  const double saved_lr = cfg.train.lr;
   cfg.train.lr = 0.5;
-  test::expect_error([&] { train::pretrain(cfg, dir.file("a"), o); }, {"another config"});
+  test::expect_error([&] { train::pretrain(cfg, dir.file("a"), o); }, {"another config", "train.lr = 0.5 (was: "});
+  cfg.train.lr = saved_lr;
+  // A second process in the directory (a run started twice) truncated the other's pretrain.pt.tmp.
+  {
+    io::FileLock held(dir.file("a") + "/.pretrain.lock", "the test");
+    test::expect_error([&] { train::pretrain(cfg, dir.file("a"), o); },
+                       {"pretrain --out " + dir.file("a"), "in use by another process", ".pretrain.lock"});
+  }
+  // A run refused before it wrote anything leaves no directory behind.
+  o.resume = false;
+  o.temperature = 0;
+  test::expect_error([&] { train::pretrain(cfg, dir.file("b"), o); }, {"temperature = 0"});
+  EXPECT_FALSE(std::filesystem::exists(dir.file("b")));
 }

@@ -75,13 +75,14 @@ io::RunConfig one_step_run(const test::TempDir& dir) {
   return a;
 }
 
-std::vector<double> logged_losses(const std::string& out) {
+// The step lines' values of `key` (the loss by default), in order.
+std::vector<double> logged_losses(const std::string& out, const char* key = "loss") {
   std::ifstream in(std::filesystem::path(out) / "log.jsonl");
   std::vector<double> v;
   std::string line;
   while (std::getline(in, line)) {
     auto j = nlohmann::json::parse(line);
-    if (j.contains("loss")) v.push_back(j["loss"].get<double>());
+    if (j.contains(key)) v.push_back(j[key].get<double>());
   }
   return v;
 }
@@ -122,12 +123,15 @@ void expect_resume_equals_uninterrupted(int replicas, double ema_decay = 0) {
   auto full = tiny_run(dir.file("full"));
   full.train.replicas = replicas;
   full.train.ema_decay = ema_decay;
+  // Step lines every 4 steps: the line at step 8 averages steps 5-8 in both runs (the resumed one ran only 6-8).
+  full.train.log_every = 4;
   train::train_model(full, {});
 
   auto part = tiny_run(dir.file("part"));
   part.train.replicas = replicas;
   part.train.ema_decay = ema_decay;
   part.train.max_steps = 5;  // stops mid-epoch 0 (10 steps per epoch), as a kill would
+  part.train.log_every = 4;
   auto r1 = train::train_model(part, {});
   EXPECT_EQ(r1.steps, 5);
   EXPECT_FALSE(r1.finished);
@@ -136,6 +140,12 @@ void expect_resume_equals_uninterrupted(int replicas, double ema_decay = 0) {
   std::ofstream(std::filesystem::path(part.train.out_dir) / "log.jsonl", std::ios::app)
       << R"({"step": 6, "epoch": 0, "loss": 9.5})" << "\n" << R"({"step": 5, "epoch": 1, "eval": {"top1": 0.5}})"
       << "\n" << R"({"step": 7, "epoch": 0, "lo)";
+  const double first_s = nlohmann::json::parse(train::load_checkpoint(train::checkpoint_path(part.train.out_dir),
+                                                                      train::CheckpointLoad::kConfig)
+                                                   .state_json)
+                            .at("train_elapsed_s")
+                            .get<double>();
+  ASSERT_GT(first_s, 0);
   part.train.max_steps = 0;
   part.train.lr = 1.0;  // ignored: a resumed run keeps its checkpoint's config
   train::TrainRunOptions o;
@@ -143,6 +153,17 @@ void expect_resume_equals_uninterrupted(int replicas, double ema_decay = 0) {
   auto r2 = train::train_model(part, o);
   EXPECT_EQ(r2.steps, 20);
   EXPECT_TRUE(r2.finished);
+  // The run's training seconds count the first process's too (the ablation's table took the last process's).
+  EXPECT_GT(r2.run_train_seconds, first_s + r2.train_seconds - 1e-9);
+  {
+    std::ifstream in(std::filesystem::path(part.train.out_dir) / "log.jsonl");
+    double last_train_s = 0;
+    for (std::string line; std::getline(in, line);) {
+      const auto j = nlohmann::json::parse(line);
+      if (j.contains("eval")) last_train_s = j.at("train_s").get<double>();
+    }
+    EXPECT_GT(last_train_s, first_s);
+  }
 
   auto a = train::load_checkpoint(train::checkpoint_path(full.train.out_dir));
   auto b = train::load_checkpoint(train::checkpoint_path(part.train.out_dir));
@@ -153,6 +174,8 @@ void expect_resume_equals_uninterrupted(int replicas, double ema_decay = 0) {
   ASSERT_EQ(b.ema.size(), a.ema.size());
   for (auto& [name, v] : a.ema) EXPECT_TRUE(torch::equal(v, b.ema.at(name))) << name;
   EXPECT_EQ(logged_losses(part.train.out_dir), logged_losses(full.train.out_dir));
+  for (const char* key : {"grad_norm", "aux_loss", "train_acc"})
+    EXPECT_EQ(logged_losses(part.train.out_dir, key), logged_losses(full.train.out_dir, key)) << key;
   auto evaluations = [](const std::string& out) {  // an epoch's evaluation line is the resumed run's to write
     std::ifstream in(std::filesystem::path(out) / "log.jsonl");
     int n = 0;
@@ -437,7 +460,8 @@ TEST(Trainer, ResumeWithoutCheckpointIsAClearError) {
   auto cfg = tiny_run(dir.file("none"));
   train::TrainRunOptions o;
   o.resume = true;
-  test::expect_error([&] { train::train_model(cfg, o); }, {"checkpoint.pt", "cannot open"});
+  test::expect_error([&] { train::train_model(cfg, o); },
+                     {"checkpoint.pt does not exist", "no checkpoint yet", "without --resume"});
 }
 
 // A second run into a directory without resume replaced the first's log at

@@ -138,7 +138,7 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
                 {"images", out.images},
                 {"steps", r.steps},
                 {"epochs", r.epochs_done},
-                {"train_seconds", r.train_seconds},
+                {"train_seconds", r.run_train_seconds},
                 {"train_images_per_s", r.train_images_per_s},
                 {"test_top1", r.eval.top1},
                 {"test_mean_ap", r.eval.mean_ap},

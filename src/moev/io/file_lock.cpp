@@ -6,6 +6,8 @@
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
+#include <iterator>
 
 #include "moev/core/error.h"
 
@@ -30,6 +32,28 @@ FileLock::FileLock(const std::string& path, const std::string& who) {
 
 FileLock::~FileLock() {
   if (fd_ >= 0) ::close(fd_);  // closing releases the lock
+}
+
+RunDirectoryLock::RunDirectoryLock(const std::string& dir, const std::string& lock_name, const std::string& who)
+    : dir_(dir), lock_file_((std::filesystem::path(dir) / lock_name).string()) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  created_ = !fs::exists(dir, ec);
+  fs::create_directories(dir, ec);
+  MOEV_CHECK(!ec && fs::is_directory(dir), who, ": cannot make the run directory (",
+             ec ? ec.message() : "a file is in the way", "); expected a directory to write into (--out DIR)");
+  lock_ = std::make_unique<FileLock>(lock_file_, who);
+}
+
+void RunDirectoryLock::abandon() {
+  namespace fs = std::filesystem;
+  lock_.reset();
+  std::error_code ec;
+  if (created_ && fs::is_directory(dir_, ec) &&
+      std::distance(fs::directory_iterator(dir_, ec), fs::directory_iterator()) == 1 && fs::exists(lock_file_, ec)) {
+    fs::remove(lock_file_, ec);
+    fs::remove(dir_, ec);
+  }
 }
 
 }  // namespace moev::io

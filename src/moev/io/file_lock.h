@@ -1,8 +1,10 @@
 // An exclusive, non-blocking lock on a file (flock), held for the object's
 // life: one process at a time writes a run directory. The kernel drops the
 // lock when the process dies, so a killed run never leaves a stale lock.
+// RunDirectoryLock makes and locks a run directory with it.
 #pragma once
 
+#include <memory>
 #include <string>
 
 namespace moev::io {
@@ -19,6 +21,22 @@ class FileLock {
 
  private:
   int fd_ = -1;
+};
+
+// A run directory held by one process: made if missing, then locked through
+// the file `lock_name` in it. A run refused before it wrote anything calls
+// abandon(), which leaves no directory behind that this object made.
+class RunDirectoryLock {
+ public:
+  // `who` names the setting the directory came from ("train.out_dir = runs/a").
+  RunDirectoryLock(const std::string& dir, const std::string& lock_name, const std::string& who);
+  bool created() const { return created_; }  // the directory did not exist before
+  void abandon();
+
+ private:
+  std::string dir_, lock_file_;
+  bool created_ = false;
+  std::unique_ptr<FileLock> lock_;
 };
 
 }  // namespace moev::io

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <tuple>
 
 #include <torch/torch.h>
 
@@ -43,6 +44,14 @@ void validate(const RouterConfig& cfg) {
   MOEV_CHECK(cfg.logits == "linear" || cfg.logits == "cosine", "moe.router_logits = '", cfg.logits,
              "': expected linear or cosine");
   MOEV_CHECK(cfg.cosine_dim >= 1, "moe.cosine_dim = ", cfg.cosine_dim, ": expected >= 1");
+  // Top-K settings Expert-Choice has no use for: a run that set them trained without them at exit 0.
+  if (cfg.kind == RouterKind::kExpertChoice)
+    for (const auto& [key, on, why] :
+         {std::tuple{"moe.dropless", cfg.dropless, "each expert always takes its capacity of tokens"},
+          {"moe.bpr", cfg.bpr, "there is no token priority to change (BPR orders top-K's tokens)"},
+          {"moe.renormalize", cfg.renormalize, "a token's experts are not a top-K whose gates could sum to 1"}})
+      MOEV_CHECK(!on, key, " = true with moe.router = expert_choice: ", why, "; set ", key,
+                 " = false, or route with topk");
 }
 
 int64_t expert_capacity(const RouterConfig& cfg, int64_t tokens_per_group) {

@@ -244,6 +244,8 @@ size_t apply_router_overrides(models::Classifier& model, const RouterOverrides& 
                "per expert, dropless or not");
     MOEV_CHECK(!o.bpr || !*o.bpr || !expert_choice, "--bpr on: expert-choice routing ",
                "has no token priority to change (BPR orders the tokens of top-K routing)");
+    // A top-K model's own BPR, dropless or renormalised gates mean nothing to the router it is switched to.
+    if (expert_choice) cfg.bpr = cfg.dropless = cfg.renormalize = false;
     layer->set_router(cfg);
   }
   return layers.size();

@@ -13,6 +13,7 @@
 #include "moev/core/error.h"
 #include "moev/data/batch_loader.h"
 #include "moev/data/random.h"
+#include "moev/io/file_lock.h"
 #include "moev/io/table.h"
 #include "moev/moe/moe_layer.h"
 #include "moev/models/model_config.h"
@@ -230,11 +231,9 @@ void write_curve(const fs::path& log_path, int64_t per_epoch, const fs::path& pn
   viz::write_plot(p, png.string());
 }
 
-}  // namespace
-
-PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, const PretrainOptions& o) {
+// The run itself; pretrain holds the directory's lock around it.
+PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out_dir, const PretrainOptions& o) {
   const auto& tc = cfg.train;
-  MOEV_CHECK(!out_dir.empty(), "pretrain: no output directory");
   validate_train_config(cfg.train);  // the keys it reads (batch, checkpoints, logs, steps) as train checks them
   MOEV_CHECK(o.epochs >= 1, "pretrain: epochs = ", o.epochs, ": expected at least 1");
   MOEV_CHECK(o.lr > 0, "pretrain: lr = ", o.lr, ": expected > 0");
@@ -335,10 +334,9 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
     const auto state = json::parse(c.state_json);
     MOEV_CHECK(state.contains("pretrain"), ckpt_path.string(), " is not a pre-training checkpoint");
     // Only how the run runs may change (threads, max_steps, ...), as for moev train --resume.
-    MOEV_CHECK(io::to_json_string(resumed_config(io::from_json_string(c.config_json, ckpt_path.string()), cfg)) ==
-                   config_text,
-               "pretrain --resume: ", ckpt_path.string(),
-               " was written with another config; resume with the config it was started with");
+    const auto differ = resume_differences(io::from_json_string(c.config_json, ckpt_path.string()), cfg, {});
+    MOEV_CHECK(differ.empty(), "pretrain --resume: ", ckpt_path.string(), " was written with another config:", differ,
+               "\nresume with the config it was started with");
     const auto& saved = state.at("pretrain").at("options");
     for (const auto& [k, v] : opts_json.items())
       MOEV_CHECK(saved.contains(k) && saved.at(k) == v, "pretrain --resume: ", ckpt_path.string(), " ran with ", k,
@@ -361,7 +359,6 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
   // A second run into a directory replaced the first's log at once and its checkpoint soon after.
   MOEV_CHECK(o.resume || !fs::exists(ckpt_path), ckpt_path.string(), ": pretrain --out ", out_dir,
              " already holds a pre-training run; continue it with --resume, or pre-train into another --out");
-  fs::create_directories(dir);
   // A killed run logged steps past its checkpoint; the resumed run logs them again.
   if (o.resume) io::trim_jsonl(log_path.string(), [&](const json& j) { return j.value("step", int64_t{0}) <= step; });
   io::JsonlLog log;
@@ -497,6 +494,21 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
   if (out.knn_top1 >= 0) result["knn_top1"] = out.knn_top1;
   io::write_text_atomic((dir / "pretrain.json").string(), result.dump(2) + "\n");
   return out;
+}
+
+}  // namespace
+
+PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, const PretrainOptions& o) {
+  MOEV_CHECK(!out_dir.empty(), "pretrain: no output directory");
+  // Two processes in one directory (a run started twice, a requeued job beside
+  // the old one) would truncate each other's pretrain.pt.tmp and interleave logs.
+  io::RunDirectoryLock lock(out_dir, ".pretrain.lock", "pretrain --out " + out_dir);
+  try {
+    return pretrain_locked(cfg, out_dir, o);
+  } catch (...) {
+    lock.abandon();  // a run refused before it wrote anything leaves no directory behind
+    throw;
+  }
 }
 
 }  // namespace moev::train

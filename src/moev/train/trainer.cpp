@@ -247,12 +247,26 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   double prior_train_s = 0;  // training seconds before this process (a resumed run)
   int64_t saved_plan = 0;    // a time-budgeted run's planned last step when it was saved
   int saved_replicas = 0;    // a one-process run's replicas when it was saved (0: not recorded)
+  // The steps since the last step line, summed. Saved with each checkpoint, so
+  // that a run resumed between two lines logs the line the uninterrupted run
+  // would (it averaged only the steps after the resume).
+  struct {
+    double loss = 0, aux = 0, grad_norm = 0, carried_s = 0;  // carried_s: the window's seconds before `since`
+    int64_t correct = 0, images = 0;
+    std::chrono::steady_clock::time_point since;
+    double seconds(std::chrono::steady_clock::time_point now) const {
+      return carried_s + std::chrono::duration<double>(now - since).count();
+    }
+  } window;
   // A second run into a directory would replace the first's log at once and
   // its checkpoint soon after: a forgotten --resume must not cost a long run.
   MOEV_CHECK(opts.resume || !fs::exists(ckpt_file), ckpt_file, ": train.out_dir = ", cfg.train.out_dir,
              " already holds a run; continue it with --resume, or train into another --out (or delete ",
              cfg.train.out_dir, ") to start anew");
   if (opts.resume) {
+    MOEV_CHECK(fs::exists(ckpt_file), "--resume: ", ckpt_file, " does not exist: train.out_dir = ", cfg.train.out_dir,
+               " holds no checkpoint yet (a run killed before its first, every train.checkpoint_every steps, has none",
+               "); start it again without --resume");
     resume_from = load_checkpoint(ckpt_file);
     // The run continues as it was configured; only how it runs may change.
     cfg = resumed_config(io::from_json_string(resume_from.config_json, ckpt_file), cfg);
@@ -263,6 +277,15 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     prior_train_s = st.value("train_elapsed_s", 0.0);
     saved_plan = st.value("planned_steps", int64_t{0});
     if (st.value("world_size", 1) == 1) saved_replicas = st.value("replicas", 0);
+    if (st.contains("log_window")) {  // not in checkpoints written before it was saved
+      const auto& w = st.at("log_window");
+      window.loss = w.at("loss").get<double>();
+      window.aux = w.at("aux_loss").get<double>();
+      window.grad_norm = w.at("grad_norm").get<double>();
+      window.correct = w.at("correct").get<int64_t>();
+      window.images = w.at("images").get<int64_t>();
+      window.carried_s = w.at("seconds").get<double>();
+    }
   }
   const auto& tc = cfg.train;
   validate_train_config(tc);
@@ -452,6 +475,13 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
                                                 : "selected softmax gates (V-MoE)"},
                         {"world_size", world}, {"expert_parallel", shards != nullptr}, {"replicas", n_reps},
                         {"train_elapsed_s", train_elapsed()},
+                        {"log_window",
+                         {{"loss", window.loss},
+                          {"aux_loss", window.aux},
+                          {"grad_norm", window.grad_norm},
+                          {"correct", window.correct},
+                          {"images", window.images},
+                          {"seconds", window.seconds(std::chrono::steady_clock::now())}}},
                         {"class_names", ds.train.class_names}};
     if (budgeted) st["planned_steps"] = total_steps;
     c.state_json = st.dump();
@@ -488,11 +518,11 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   // after its first steps (allocations, caches) have passed.
   std::deque<std::pair<int64_t, double>> pace;
   const int64_t pace_from = pos.step + 5, pace_every = 10;
-  int64_t images_seen = 0, window_correct = 0, window_images = 0;
-  double window_loss = 0, window_aux = 0, window_grad_norm = 0, ema_loss = -1;
+  int64_t images_seen = 0;
+  double ema_loss = -1;
   bool cache_full_noted = false;  // the note that the teacher's cache filled, printed once
   double window_comm = comm ? comm->seconds_in_collectives() : 0.0;
-  auto t_window = t_start;
+  window.since = t_start;
   reps.train(true);
   // The generator as it was at the checkpoint, restored only now: building the
   // teacher and the replicas above draws from it (weight init), and stochastic
@@ -689,14 +719,14 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
         aux_value = t[1].item<double>();
         correct = static_cast<int64_t>(t[2].item<double>());
       }
-      window_correct += correct;
+      window.correct += correct;
       MOEV_CHECK(std::isfinite(l), "training diverged at step ", pos.step, " (loss ", l,
                  "); lower train.lr or raise train.warmup_steps");
       ema_loss = ema_loss < 0 ? l : 0.98 * ema_loss + 0.02 * l;
-      window_loss += l;
-      window_grad_norm += grad_norm;
-      window_aux += aux_value;
-      window_images += tc.batch_size * views;
+      window.loss += l;
+      window.grad_norm += grad_norm;
+      window.aux += aux_value;
+      window.images += tc.batch_size * views;
       images_seen += tc.batch_size * views;
       char status[96];
       std::snprintf(status, sizeof status, "ep %lld loss %.4f lr %.2e",
@@ -705,15 +735,15 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
 
       if (lead && tc.log_every > 0 && pos.step % tc.log_every == 0) {
         const auto now = std::chrono::steady_clock::now();
-        const double secs = std::chrono::duration<double>(now - t_window).count();
-        const double n = double(window_images) / double(tc.batch_size * views);  // steps
+        const double secs = window.seconds(now);
+        const double n = double(window.images) / double(tc.batch_size * views);  // steps
         json line{{"step", pos.step}, {"epoch", pos.epoch}, {"lr", lr},
-                  {"loss", window_loss / n}, {"aux_loss", window_aux / n},
-                  {"grad_norm", window_grad_norm / n},
-                  {"train_acc", double(window_correct) / double(window_images)},
+                  {"loss", window.loss / n}, {"aux_loss", window.aux / n},
+                  {"grad_norm", window.grad_norm / n},
+                  {"train_acc", double(window.correct) / double(window.images)},
                   {"teacher_images", teacher ? teacher->images_run() : 0},
                   {"teacher_cached", teacher ? teacher->cached() : 0},
-                  {"images_per_s", secs > 0 ? double(window_images) / secs : 0.0}};
+                  {"images_per_s", secs > 0 ? double(window.images) / secs : 0.0}};
         json load = json::array(), dropped = json::array();
         for (const auto& s : reps.last_stats(slices)) {
           int64_t sum = 0;
@@ -739,9 +769,8 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
                          << " images and crops, train.teacher_cache_mb = " << tc.teacher_cache_mb
                          << "); the teacher runs on every new one from now on\n";
         }
-        window_loss = window_aux = window_grad_norm = 0;
-        window_correct = window_images = 0;
-        t_window = now;
+        window = {};
+        window.since = now;
       }
       if (tc.checkpoint_every > 0 && pos.step % tc.checkpoint_every == 0 && pos.step < stop_at)
         save(pos);
@@ -769,7 +798,8 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
       // a time budget counts (a resumed run starts again from 0).
       const double elapsed =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
-      json line{{"step", pos.step}, {"epoch", pos.epoch}, {"elapsed_s", elapsed},
+      // train_s: the run's training seconds so far, the processes it resumed from included.
+      json line{{"step", pos.step}, {"epoch", pos.epoch}, {"elapsed_s", elapsed}, {"train_s", train_elapsed()},
                 {"eval", eval_json(out.eval)}};
       if (raw) line["eval_raw"] = eval_json(*raw);
       write_log(line);
@@ -798,7 +828,8 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   out.finished = finished;
   out.teacher_images = teacher ? teacher->images_run() : 0;
   out.epochs_done = pos.epoch;
-  out.train_seconds = train_elapsed() - prior_train_s;
+  out.run_train_seconds = train_elapsed();
+  out.train_seconds = out.run_train_seconds - prior_train_s;
   out.train_images_per_s = out.train_seconds > 0 ? double(images_seen) / out.train_seconds : 0;
   return out;
 }
@@ -813,31 +844,18 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
   const fs::path dir = cfg.train.out_dir;
   MOEV_CHECK(!cfg.train.out_dir.empty(), "train.out_dir is empty: expected a run directory (--out DIR)");
   std::error_code ec;
-  const bool created = !fs::exists(dir, ec);
-  fs::create_directories(dir, ec);
-  MOEV_CHECK(!ec && fs::is_directory(dir), "train.out_dir = ", cfg.train.out_dir, ": cannot make the run directory (",
-             ec ? ec.message() : "a file is in the way", "); expected a directory to write into (--out DIR)");
-  const fs::path lock_file = dir / ".train.lock";
   // A directory no run was started in (no lock file) may hold the user's own
   // config.json or log.jsonl, which the run would replace at once.
-  if (!created && !fs::exists(lock_file, ec) && !fs::exists(checkpoint_path(cfg.train.out_dir), ec))
+  if (fs::exists(dir, ec) && !fs::exists(dir / ".train.lock", ec) && !fs::exists(checkpoint_path(cfg.train.out_dir), ec))
     for (const char* name : {"config.json", "log.jsonl"})
       MOEV_CHECK(!fs::exists(dir / name, ec), "train.out_dir = ", cfg.train.out_dir, ": holds a ", name,
                  " that no moev run wrote (no .train.lock beside it), which this run would replace; train into ",
                  "another --out, or move it away");
-  std::optional<io::FileLock> lock;
-  lock.emplace(lock_file.string(), "train.out_dir = " + cfg.train.out_dir);
+  io::RunDirectoryLock lock(dir.string(), ".train.lock", "train.out_dir = " + cfg.train.out_dir);
   try {
     return train_locked(std::move(cfg), opts);
   } catch (...) {
-    // A run refused before it wrote anything leaves no directory behind.
-    lock.reset();
-    std::error_code ec;
-    if (created && fs::is_directory(dir, ec) &&
-        std::distance(fs::directory_iterator(dir, ec), fs::directory_iterator()) == 1 && fs::exists(lock_file, ec)) {
-      fs::remove(lock_file, ec);
-      fs::remove(dir, ec);
-    }
+    lock.abandon();  // a run refused before it wrote anything leaves no directory behind
     throw;
   }
 }

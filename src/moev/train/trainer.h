@@ -47,6 +47,7 @@ struct TrainOutcome {
   int64_t epochs_done = 0;        // completed epochs
   bool finished = false;          // all epochs done (false: stopped at max_steps)
   double train_seconds = 0;       // wall time of this process's training steps
+  double run_train_seconds = 0;   // the run's, this process and those it resumed from
   double train_images_per_s = 0;  // this process's training throughput
   int64_t teacher_images = 0;     // distillation: images the teacher ran on (once per image and crop/flip; every changed one)
   EvalResult eval;                // last test-set evaluation (if any)

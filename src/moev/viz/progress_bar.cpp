@@ -38,6 +38,15 @@ void ProgressBar::update(int64_t done, const std::string& status) {
   }
 }
 
+std::string ProgressBar::format_rate(double per_second, const std::string& unit) {
+  char buf[64];
+  if (per_second > 0 && per_second < 1)
+    std::snprintf(buf, sizeof buf, "%.1f s/%s", 1.0 / per_second, unit.c_str());
+  else
+    std::snprintf(buf, sizeof buf, "%.1f %s/s", per_second, unit.c_str());
+  return buf;
+}
+
 void ProgressBar::finish(const std::string& status) {
   if (!out_) return;
   draw(status, true);
@@ -53,9 +62,9 @@ void ProgressBar::draw(const std::string& status, bool final) {
   std::string bar(filled, '#');
   bar.resize(width, '.');
   char buf[256];
-  std::snprintf(buf, sizeof buf, "%s [%s] %lld/%lld %.1f %s/s %s %s", label_.c_str(), bar.c_str(),
-                (long long)done_, (long long)total_, rate, unit_.c_str(),
-                final ? "in" : "ETA", format_duration(final ? elapsed : eta).c_str());
+  std::snprintf(buf, sizeof buf, "%s [%s] %lld/%lld %s %s %s", label_.c_str(), bar.c_str(), (long long)done_,
+                (long long)total_, format_rate(rate, unit_).c_str(), final ? "in" : "ETA",
+                format_duration(final ? elapsed : eta).c_str());
   if (interactive_)
     *out_ << "\r\033[K" << buf << (status.empty() ? "" : "  ") << status << (final ? "\n" : "");
   else

@@ -20,6 +20,9 @@ class ProgressBar {
   void finish(const std::string& status = "");
 
   static std::string format_duration(double seconds);  // "1:02:03" / "2:03"
+  // "585.0 img/s"; below one unit a second, the time per unit ("80.0 s/run"),
+  // which "0.0 run/s" hid.
+  static std::string format_rate(double per_second, const std::string& unit);
 
  private:
   void draw(const std::string& status, bool final);

@@ -1,0 +1,27 @@
+// The progress bar's rate: units per second, or seconds per unit when a unit
+// takes longer than a second (a sweep's runs read "0.0 run/s").
+#include <gtest/gtest.h>
+
+#include <sstream>
+
+#include "moev/viz/progress_bar.h"
+
+using moev::viz::ProgressBar;
+
+TEST(ProgressBar, RateReadsPerSecondOrPerUnit) {
+  EXPECT_EQ(ProgressBar::format_rate(585, "img"), "585.0 img/s");
+  EXPECT_EQ(ProgressBar::format_rate(1, "step"), "1.0 step/s");
+  EXPECT_EQ(ProgressBar::format_rate(0.0125, "run"), "80.0 s/run");
+  EXPECT_EQ(ProgressBar::format_rate(0, "run"), "0.0 run/s");  // nothing done yet
+  EXPECT_EQ(ProgressBar::format_duration(3723), "1:02:03");
+  EXPECT_EQ(ProgressBar::format_duration(123), "2:03");
+}
+
+TEST(ProgressBar, ALineCarriesCountsAndStatus) {
+  std::ostringstream out;
+  ProgressBar bar(&out, 4, "sweep", "run", /*interactive=*/false);
+  bar.update(4, "last run 0.86");
+  bar.finish();
+  EXPECT_NE(out.str().find("sweep [########################] 4/4 "), std::string::npos) << out.str();
+  EXPECT_NE(out.str().find("last run 0.86"), std::string::npos) << out.str();
+}
