@@ -23,8 +23,10 @@ std::string position(const nlohmann::json& st) {
   if (st.is_object() && st.contains("pretrain") && st.at("pretrain").is_object()) {
     const auto& p = st.at("pretrain");
     std::string s = "pre-training (moev pretrain) step " + std::to_string(p.value("step", int64_t{0}));
-    if (p.contains("options") && p.at("options").is_object() && p.at("options").contains("epochs"))
-      s += " of " + p.at("options").at("epochs").dump() + " epochs";
+    if (p.contains("options") && p.at("options").is_object() && p.at("options").contains("epochs")) {
+      const auto epochs = p.at("options").at("epochs");
+      s += " of " + epochs.dump() + (epochs == 1 ? " epoch" : " epochs");
+    }
     return s + "; heads untrained (train.init_from starts a supervised run from it)";
   }
   return "step " + std::to_string(st.value("step", int64_t{0})) + ", epoch " +

@@ -6,6 +6,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -35,10 +36,20 @@ struct ConfigFlags {
   // resolve(), unless --help-config or --print-config asked for a listing: then
   // it is printed and nothing is returned (the command exits 0).
   std::optional<io::RunConfig> resolve_or_print() const;
+  // The keys the flags set (--set and the shorthands), as section.key.
+  std::set<std::string> named_keys() const;
+  // `key` ("train.threads") is set by a flag or by the config file.
+  bool names_key(const std::string& key) const;
 
  private:
   mutable std::shared_ptr<const nlohmann::json> file_;
 };
+
+// The thread count sets the order of floating-point sums, so a run resumed on
+// another count does not repeat bit for bit. Unless the command names one
+// (--threads, --set train.threads, a config file's), a resumed run keeps the
+// count it was saved with (`saved`): `moev train --out DIR --resume` took all cores.
+void keep_saved_threads(const ConfigFlags& flags, const io::RunConfig& saved, io::RunConfig& cfg);
 
 // Refuses a config that is not a regular file (`--config <(...)`) where each of
 // several processes (a rank, a hard MoE expert) reads it again itself: a pipe

@@ -91,6 +91,26 @@ void check_rereadable_config(const std::string& path, const char* reader) {
              "first reader only: write it to a file first");
 }
 
+std::set<std::string> ConfigFlags::named_keys() const {
+  std::set<std::string> named;
+  for (const auto* list : {&shorthand, &sets})
+    for (const auto& kv : *list) named.insert(kv.substr(0, kv.find('=')));
+  return named;
+}
+
+bool ConfigFlags::names_key(const std::string& key) const {
+  if (named_keys().count(key)) return true;
+  if (config_file.empty()) return false;
+  const auto dot = key.find('.');
+  const auto section = key.substr(0, dot), name = key.substr(dot + 1);
+  const auto& f = file();
+  return f.is_object() && f.contains(section) && f[section].is_object() && f[section].contains(name);
+}
+
+void keep_saved_threads(const ConfigFlags& flags, const io::RunConfig& saved, io::RunConfig& cfg) {
+  if (!flags.names_key("train.threads")) cfg.train.threads = saved.train.threads;
+}
+
 const nlohmann::json& ConfigFlags::file() const {
   if (!file_) file_ = std::make_shared<const nlohmann::json>(io::read_config_file(config_file));
   return *file_;

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <memory>
 
@@ -12,6 +13,7 @@
 #include "commands.h"
 #include "moev/core/error.h"
 #include "moev/io/run_config.h"
+#include "moev/train/checkpoint.h"
 #include "moev/train/pretrain.h"
 
 namespace moev::app {
@@ -73,7 +75,12 @@ Runner add_pretrain(CLI::App& app) {
     run_sets.erase(std::remove_if(run_sets.begin(), run_sets.end(),
                                   [](const std::string& s) { return s.rfind("pretrain.", 0) == 0; }),
                    run_sets.end());
-    const io::RunConfig cfg = flags->resolve();
+    io::RunConfig cfg = flags->resolve();
+    const auto saved_path = (std::filesystem::path(cfg.train.out_dir) / "pretrain.pt").string();
+    if (o->resume && std::filesystem::exists(saved_path)) {  // pretrain says what is missing
+      const auto saved = train::load_checkpoint(saved_path, train::CheckpointLoad::kConfig);
+      keep_saved_threads(*flags, io::from_json_string(saved.config_json, saved_path), cfg);
+    }
     if (flags->print_config) {
       auto j = io::to_json(cfg);
       j["pretrain"] = train::pretrain_section(*o);

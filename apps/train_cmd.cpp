@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -21,38 +22,14 @@ namespace {
 // saved run would be dropped without a word: refused, naming each. Without a
 // config file or preset only the keys named by flags count, so
 // `moev train --out DIR --resume` alone stays valid.
-void check_resume_overrides(const ConfigFlags& flags, const io::RunConfig& cfg) {
-  const auto path = train::checkpoint_path(cfg.train.out_dir);
-  if (!std::filesystem::exists(path)) return;  // train_model says what is missing
-  const auto saved = io::from_json_string(train::load_checkpoint(path, train::CheckpointLoad::kConfig).config_json, path);
-  std::set<std::string> named;
-  for (const auto* list : {&flags.shorthand, &flags.sets})
-    for (const auto& kv : *list) named.insert(kv.substr(0, kv.find('=')));
+void check_resume_overrides(const ConfigFlags& flags, const io::RunConfig& saved, const io::RunConfig& cfg,
+                            const std::string& path) {
+  const auto named = flags.named_keys();
   const bool all = !flags.config_file.empty() || !flags.preset.empty();
   if (!all && named.empty()) return;
   const auto differ = train::resume_differences(saved, cfg, all ? std::set<std::string>{} : named);
   MOEV_CHECK(differ.empty(), "--resume continues ", path, " as it was saved; these settings differ from it:",
              differ, "\ndrop them to resume, or start a new run with another --out");
-}
-
-// The thread count sets the order of floating-point sums, so a run resumed on
-// another count does not repeat bit for bit. Unless the command names one
-// (--threads, --set train.threads, a config file's), a resumed run keeps the
-// count it was saved with: `moev train --out DIR --resume` took all cores.
-void keep_saved_threads(const ConfigFlags& flags, io::RunConfig& cfg) {
-  for (const auto* list : {&flags.shorthand, &flags.sets})
-    for (const auto& kv : *list)
-      if (kv.rfind("train.threads=", 0) == 0) return;
-  if (!flags.config_file.empty()) {
-    const auto& file = flags.file();
-    if (file.is_object() && file.contains("train") && file["train"].is_object() && file["train"].contains("threads"))
-      return;
-  }
-  const auto path = train::checkpoint_path(cfg.train.out_dir);
-  if (!std::filesystem::exists(path)) return;  // train_model says what is missing
-  cfg.train.threads =
-      io::from_json_string(train::load_checkpoint(path, train::CheckpointLoad::kConfig).config_json, path)
-          .train.threads;
 }
 }  // namespace
 
@@ -71,15 +48,25 @@ Runner add_train(CLI::App& app) {
     const auto resolved = flags->resolve_or_print();
     if (!resolved) return 0;
     io::RunConfig cfg = *resolved;
-    if (*resume) keep_saved_threads(*flags, cfg);
+    const auto dc = dist_from_environment(cfg);
+    // The run being resumed, read once here (train_model says what is missing).
+    const auto path = train::checkpoint_path(cfg.train.out_dir);
+    std::optional<io::RunConfig> saved;
+    if (*resume && std::filesystem::exists(path)) {
+      const auto ckpt = train::load_checkpoint(path, train::CheckpointLoad::kConfig);
+      saved = io::from_json_string(ckpt.config_json, path);
+      // A job's saved count is rank 0's share of its machine's cores; another job splits them its own way.
+      const auto state = nlohmann::json::parse(ckpt.state_json, nullptr, /*allow_exceptions=*/false);
+      const bool one_process = state.is_object() && state.value("world_size", 1) == 1;
+      if (one_process && dc.world_size == 1) keep_saved_threads(*flags, *saved, cfg);
+    }
     // A rank of a distributed job: local ranks share the cores, so "all cores"
     // means this rank's part of them.
-    const auto dc = dist_from_environment(cfg);
     if (cfg.train.threads == 0 && local_world_size() > 1)
       cfg.train.threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local_world_size());
     std::unique_ptr<dist::Communicator> comm;
     if (dc.world_size > 1) comm = std::make_unique<dist::Communicator>(dc);
-    if (*resume) check_resume_overrides(*flags, cfg);
+    if (saved) check_resume_overrides(*flags, *saved, cfg, path);
     train::TrainRunOptions o;
     o.resume = *resume;
     o.progress = &std::cerr;

@@ -30,7 +30,8 @@ TEST(Placement, VMoEConventions) {
   for (const char* bad : {"3,5,", "3,,5", ",3"})
     moev::test::expect_error([&] { parse_placement(bad); }, {std::string("'") + bad + "'", "a block list like 3,5"});
   // "3,3" built one MoE layer where it asked for two.
-  moev::test::expect_error([&] { moe_blocks(parse_placement("3,5,3"), 6); }, {"block 3 is listed twice"});
+  moev::test::expect_error([&] { refuse_repeated_blocks(parse_placement("3,5,3")); }, {"block 3 is listed twice"});
+  EXPECT_EQ(moe_blocks(parse_placement("3,5,3"), 6), (std::vector<int64_t>{3, 5}));  // as a saved model has it
 }
 
 TEST(ViT, ShapesParamsAndGradients) {

@@ -30,7 +30,6 @@ class RunDirectoryLock {
  public:
   // `who` names the setting the directory came from ("train.out_dir = runs/a").
   RunDirectoryLock(const std::string& dir, const std::string& lock_name, const std::string& who);
-  bool created() const { return created_; }  // the directory did not exist before
   void abandon();
 
  private:
@@ -38,5 +37,18 @@ class RunDirectoryLock {
   bool created_ = false;
   std::unique_ptr<FileLock> lock_;
 };
+
+// Runs `run` (returning its result) in `dir` held by a RunDirectoryLock; a run
+// that throws leaves no directory behind that it made before writing anything.
+template <class Run>
+auto in_run_directory(const std::string& dir, const std::string& lock_name, const std::string& who, Run run) {
+  RunDirectoryLock lock(dir, lock_name, who);
+  try {
+    return run();
+  } catch (...) {
+    lock.abandon();
+    throw;
+  }
+}
 
 }  // namespace moev::io

@@ -27,14 +27,20 @@ std::vector<int64_t> moe_blocks(const Placement& p, int64_t depth) {
                  " blocks (valid: 0..", depth - 1, ")");
     out = p.blocks;
     std::sort(out.begin(), out.end());
-    // "3,3" would read as two MoE layers where the model builds one.
-    const auto twice = std::adjacent_find(out.begin(), out.end());
-    MOEV_CHECK(twice == out.end(), "moe placement: block ", twice == out.end() ? 0 : *twice,
-               " is listed twice; expected each block once");
+    out.erase(std::unique(out.begin(), out.end()), out.end());
   } else {
     fail("moe placement '", p.kind, "': expected none, every, last or list");
   }
   return out;
+}
+
+void refuse_repeated_blocks(const Placement& p) {
+  if (p.kind != "list") return;
+  auto blocks = p.blocks;
+  std::sort(blocks.begin(), blocks.end());
+  const auto twice = std::adjacent_find(blocks.begin(), blocks.end());
+  MOEV_CHECK(twice == blocks.end(), "moe placement '", to_string(p), "': block ", twice == blocks.end() ? 0 : *twice,
+             " is listed twice; expected each block once");
 }
 
 Placement parse_placement(const std::string& text) {

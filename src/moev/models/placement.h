@@ -22,4 +22,8 @@ std::vector<int64_t> moe_blocks(const Placement& p, int64_t depth);
 Placement parse_placement(const std::string& text);
 std::string to_string(const Placement& p);
 
+// A block list naming a block twice ("3,3" builds one MoE layer): an error for
+// a new run. Not part of moe_blocks(), so models saved with one still load.
+void refuse_repeated_blocks(const Placement& p);
+
 }  // namespace moev::models

@@ -44,7 +44,9 @@ void validate(const RouterConfig& cfg) {
   MOEV_CHECK(cfg.logits == "linear" || cfg.logits == "cosine", "moe.router_logits = '", cfg.logits,
              "': expected linear or cosine");
   MOEV_CHECK(cfg.cosine_dim >= 1, "moe.cosine_dim = ", cfg.cosine_dim, ": expected >= 1");
-  // Top-K settings Expert-Choice has no use for: a run that set them trained without them at exit 0.
+}
+
+void refuse_unused_topk_settings(const RouterConfig& cfg) {
   if (cfg.kind == RouterKind::kExpertChoice)
     for (const auto& [key, on, why] :
          {std::tuple{"moe.dropless", cfg.dropless, "each expert always takes its capacity of tokens"},

@@ -49,6 +49,11 @@ struct RouterConfig {
 // Throws moev::Error naming the field when the config cannot route (K > E, ...).
 void validate(const RouterConfig& cfg);
 
+// Top-K's dropless mode, BPR and renormalisation with Expert-Choice, which
+// ignores them: an error for a new run (one that set them trained without them
+// at exit 0). Not part of validate(), so models saved with them still load.
+void refuse_unused_topk_settings(const RouterConfig& cfg);
+
 // Slots each expert gets in one group of S tokens: ceil(K * S * C / E), at least 1, at most S.
 int64_t expert_capacity(const RouterConfig& cfg, int64_t tokens_per_group);
 

@@ -502,13 +502,8 @@ PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, c
   MOEV_CHECK(!out_dir.empty(), "pretrain: no output directory");
   // Two processes in one directory (a run started twice, a requeued job beside
   // the old one) would truncate each other's pretrain.pt.tmp and interleave logs.
-  io::RunDirectoryLock lock(out_dir, ".pretrain.lock", "pretrain --out " + out_dir);
-  try {
-    return pretrain_locked(cfg, out_dir, o);
-  } catch (...) {
-    lock.abandon();  // a run refused before it wrote anything leaves no directory behind
-    throw;
-  }
+  return io::in_run_directory(out_dir, ".pretrain.lock", "pretrain --out " + out_dir,
+                              [&] { return pretrain_locked(cfg, out_dir, o); });
 }
 
 }  // namespace moev::train

@@ -17,13 +17,15 @@ TrainedModel load_trained(const std::string& path, const c10::Device& device,
   refuse_pretraining_checkpoint(ckpt.state_json, path);
   TrainedModel t;
   t.cfg = io::from_json_string(ckpt.config_json, path);
+  // Named as the flag that sets it, not as the file's model.precision.
+  MOEV_CHECK(precision.empty() || precision == "fp32" || precision == "bf16", "--precision ", precision,
+             ": expected fp32 or bf16");
   if (!precision.empty()) t.cfg.model.precision = precision;
   try {
     t.model = models::build_model(t.cfg.model);
   } catch (const Error& e) {  // a config edited inside the file, or a --precision it cannot take: say which file
-    // A precision the caller asked for is named as the flag that sets it, not as the file's model.precision.
-    if (!precision.empty()) fail(path, ": --precision ", precision, ": ", e.what());
-    fail(path, ": ", e.what());
+    const bool flag = !precision.empty() && std::string(e.what()).find("model.precision") != std::string::npos;
+    fail(path, ": ", flag ? "--precision " + precision + ": " : std::string(), e.what());
   }
   load_module_tensors(*t.model, raw_weights ? ckpt.model : inference_weights(ckpt), path);
   t.averaged = !raw_weights && !ckpt.ema.empty();

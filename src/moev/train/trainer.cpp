@@ -20,7 +20,9 @@
 #include "moev/data/subset.h"
 #include "moev/io/file_lock.h"
 #include "moev/io/table.h"
+#include "moev/models/placement.h"
 #include "moev/moe/moe_layer.h"
+#include "moev/moe/router.h"
 #include "moev/train/adamw.h"
 #include "moev/train/checkpoint.h"
 #include "moev/train/replicas.h"
@@ -296,6 +298,10 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   const bool lead = rank == 0;  // writes the run directory, logs, evaluates
   const auto device = parse_device(tc.device);
   models::validate(cfg.model);
+  if (!opts.resume) {  // settings that would be ignored; a resumed run had them already
+    models::refuse_repeated_blocks(cfg.model.moe);
+    moe::refuse_unused_topk_settings(cfg.model.router);
+  }
 
   Datasets ds = open_datasets(cfg.data, cfg.model, /*load_train=*/true);
   cfg.data.mean = ds.mean;  // stored in the checkpoint, so eval/predict normalise alike
@@ -851,13 +857,8 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       MOEV_CHECK(!fs::exists(dir / name, ec), "train.out_dir = ", cfg.train.out_dir, ": holds a ", name,
                  " that no moev run wrote (no .train.lock beside it), which this run would replace; train into ",
                  "another --out, or move it away");
-  io::RunDirectoryLock lock(dir.string(), ".train.lock", "train.out_dir = " + cfg.train.out_dir);
-  try {
-    return train_locked(std::move(cfg), opts);
-  } catch (...) {
-    lock.abandon();  // a run refused before it wrote anything leaves no directory behind
-    throw;
-  }
+  const std::string who = "train.out_dir = " + cfg.train.out_dir;
+  return io::in_run_directory(dir.string(), ".train.lock", who, [&] { return train_locked(std::move(cfg), opts); });
 }
 
 }  // namespace moev::train
