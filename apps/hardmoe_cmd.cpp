@@ -21,6 +21,7 @@
 
 #include "children.h"
 #include "commands.h"
+#include "stop_signal.h"
 #include "moev/core/error.h"
 #include "moev/hardmoe/expert_training.h"
 #include "moev/hardmoe/hardmoe_config.h"
@@ -138,6 +139,7 @@ Runner add_hardmoe(CLI::App& app) {
       train::TrainRunOptions o;
       o.progress = &std::cerr;
       o.interactive = stderr_is_terminal();
+      o.stop = stop_on_signals();
       auto out = hardmoe::train_expert(hm, r.overrides, f->expert, r.source, o);
       if (out.already_done) {
         std::printf("expert %lld is already trained (%s); delete it to train again\n", (long long)f->expert,

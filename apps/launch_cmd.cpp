@@ -52,7 +52,9 @@ void stop_children(int sig) {
     if (p > 0) ::kill(p, sig);
 }
 
-void forward_signal(int sig) { stop_children(sig); }
+// Always as SIGTERM: a terminal's Ctrl-C reaches the ranks already (one process
+// group), and a second SIGINT would stop them at once, before they saved.
+void forward_signal(int) { stop_children(SIGTERM); }
 
 struct Child {
   pid_t pid = -1;

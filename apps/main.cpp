@@ -11,6 +11,7 @@
 #include <c10/util/Exception.h>
 
 #include "commands.h"
+#include "stop_signal.h"
 #include "moev/core/error.h"
 
 namespace {
@@ -83,6 +84,9 @@ int main(int argc, char** argv) {
   try {
     for (auto& [cmd, run] : runners)
       if (cmd->parsed()) return flushed(run());
+  } catch (const moev::Stopped& e) {  // asked to stop, and saved: not an error of the input
+    std::cerr << "moev: " << e.what() << "\n";
+    return flushed(moev::app::stop_exit_code());
   } catch (const moev::Error& e) {
     std::cerr << "moev: error: " << e.what() << "\n";
     return 1;

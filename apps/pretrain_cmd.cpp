@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "stop_signal.h"
 #include "moev/core/error.h"
 #include "moev/io/run_config.h"
 #include "moev/train/checkpoint.h"
@@ -93,7 +94,13 @@ Runner add_pretrain(CLI::App& app) {
                world, "); run it without moev launch");
     o->progress = &std::cerr;
     o->interactive = stderr_is_terminal();
+    o->stop = stop_on_signals();
     const auto r = train::pretrain(cfg, cfg.train.out_dir, *o);
+    if (r.stopped) {
+      std::printf("stopped at step %lld on request; checkpoint: %s\ncontinue with: moev pretrain --out %s --resume\n",
+                  static_cast<long long>(r.steps), r.checkpoint.c_str(), cfg.train.out_dir.c_str());
+      return stop_exit_code();
+    }
     std::printf("pre-trained %lld steps in %.0f s; InfoNCE %.4f", static_cast<long long>(r.steps), r.seconds,
                 r.final_loss);
     if (r.knn_top1 >= 0) {

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "stop_signal.h"
 #include "moev/core/error.h"
 #include "moev/io/table.h"
 #include "moev/train/sweep.h"
@@ -65,7 +66,7 @@ Runner add_sweep(CLI::App& app) {
     for (const auto& why : skipped) std::printf("  (skipped %s)\n", why.c_str());
     if (f->dry_run) return 0;
     train::set_threads(runs.front().cfg.train.threads);
-    auto rows = train::run_sweep(runs, f->out, &std::cerr, stderr_is_terminal());
+    auto rows = train::run_sweep(runs, f->out, &std::cerr, stderr_is_terminal(), stop_on_signals());
     io::Table t;
     t.header = {"run", "top1", "active MFLOPs", "train img/s"};
     for (const auto& r : rows)

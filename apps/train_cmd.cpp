@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "stop_signal.h"
 #include "moev/core/error.h"
 #include "moev/train/checkpoint.h"
 #include "moev/train/trainer.h"
@@ -72,10 +73,18 @@ Runner add_train(CLI::App& app) {
     o.progress = &std::cerr;
     o.interactive = stderr_is_terminal();
     o.comm = comm.get();
+    o.stop = stop_on_signals();
     auto r = train::train_model(cfg, o);
+    const int code = r.stopped ? stop_exit_code() : 0;
     if (dc.rank != 0) {
-      std::cout << "rank " << dc.rank << " of " << dc.world_size << ": trained " << r.steps << " steps\n";
-      return 0;
+      std::cout << "rank " << dc.rank << " of " << dc.world_size << ": " << (r.stopped ? "stopped after " : "trained ")
+                << r.steps << " steps\n";
+      return code;
+    }
+    if (r.stopped) {
+      std::cout << "stopped at step " << r.steps << " on request; checkpoint: "
+                << train::checkpoint_path(cfg.train.out_dir) << "\ncontinue with: moev train --out " << cfg.train.out_dir << " --resume\n";
+      return code;
     }
     std::cout << "trained " << r.steps << " steps (" << r.epochs_done << (r.epochs_done == 1 ? " epoch" : " epochs")
               << ") in " << static_cast<int64_t>(r.run_train_seconds) << " s";

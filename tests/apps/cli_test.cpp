@@ -3,6 +3,7 @@
 // train a few steps, eval with overrides, predict a PNG.
 #include <gtest/gtest.h>
 
+#include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
@@ -10,6 +11,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <regex>
 
 #include <stb/stb_image_write.h>
 #include <zlib.h>
@@ -19,6 +21,7 @@
 #include "moev/io/table.h"
 #include "moev/nn/linear.h"
 #include "moev/train/checkpoint.h"
+#include "moev/train/trained_model.h"
 #include "support/run_cli.h"
 #include "support/temp_dir.h"
 
@@ -118,6 +121,36 @@ TEST(Cli, BadInputsFailCleanly) {
   expect_clean_failure("bogus", {"'bogus' is not a subcommand", "train, eval"});
   expect_clean_failure("checkpoint bogus", {"moev checkpoint", "'bogus'", "info"});
   expect_clean_failure("data", {"moev data", "a subcommand is required", "mosaic"});
+}
+
+// A scheduler's SIGTERM (or Ctrl-C) before its SIGKILL: the run saves the step
+// in progress, says how to go on and exits 143; nothing since the last
+// checkpoint is lost (here there is none before: checkpoint_every = 0).
+TEST(Cli, SigtermSavesTheStepInProgressAndTheRunResumes) {
+  moev::test::TempDir dir;
+  const std::string out = dir.file("run");
+  const pid_t pid = moev::test::start_cli("train " + kTiny +
+                                              "--epochs 500 --set train.checkpoint_every=0 --set train.log_every=1 "
+                                              "--set train.eval_each_epoch=false --out " + out,
+                                          dir.file("out.txt"));
+  ASSERT_GT(pid, 0);
+  const bool training = moev::test::wait_for_lines(out + "/log.jsonl", 3);
+  ::kill(pid, SIGTERM);
+  const int code = moev::test::wait_cli(pid);
+  const auto text = bytes_of(dir.file("out.txt"));
+  ASSERT_TRUE(training) << text;
+  EXPECT_EQ(code, 143) << text;
+  EXPECT_NE(text.find("moev: SIGTERM: saving a checkpoint after this step"), std::string::npos) << text;
+  EXPECT_NE(text.find("continue with: moev train --out " + out + " --resume"), std::string::npos) << text;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(text, m, std::regex("stopped at step (\\d+) on request"))) << text;
+  const int64_t step = std::stoll(m[1]);
+  EXPECT_GE(step, 3);
+  EXPECT_LT(step, 2000);
+  EXPECT_EQ(moev::train::load_trained(out + "/checkpoint.pt", c10::Device(c10::kCPU)).step, step);
+  const auto r = run("train --out " + out + " --resume --max-steps " + std::to_string(step + 2));
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("trained " + std::to_string(step + 2) + " steps"), std::string::npos) << r.out;
 }
 
 TEST(Cli, TrainEvalPredictAndBadPredictInput) {

@@ -12,10 +12,12 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <regex>
 #include <thread>
 
 #include "moev/dist/communicator.h"
 #include "moev/train/checkpoint.h"
+#include "moev/train/trained_model.h"
 #include "support/free_port.h"
 #include "support/resume_mark.h"
 #include "support/run_cli.h"
@@ -240,6 +242,35 @@ TEST(Launch, RanksStopWhenTheLauncherIsKilled) {
     EXPECT_FALSE(running(pid)) << "rank " << pid << " outlived its launcher by 10 s";
     if (running(pid)) ::kill(pid, SIGKILL);
   }
+}
+
+// A scheduler's SIGTERM to the launcher reaches both ranks at their own
+// moments; they stop at one step (the step's figures carry the request), rank 0
+// saves it, and the job exits 143 and resumes from there.
+TEST(Launch, SigtermStopsEveryRankAtOneStepAndTheJobResumes) {
+  moev::test::TempDir dir;
+  const std::string out = dir.file("r");
+  const pid_t launcher = moev::test::start_cli(
+      launch(2) + kRun + "--threads 1 --epochs 1000 --set train.log_every=1 --out " + out, dir.file("out.txt"));
+  ASSERT_GT(launcher, 0);
+  const bool training = moev::test::wait_for_lines(out + "/log.jsonl", 3);
+  ::kill(launcher, SIGTERM);
+  const int code = moev::test::wait_cli(launcher);
+  const auto text = moev::test::bytes_of(dir.file("out.txt"));
+  ASSERT_TRUE(training) << text;
+  EXPECT_EQ(code, 143) << text;
+  std::smatch m0, m1;
+  ASSERT_TRUE(std::regex_search(text, m0, std::regex("\\[rank 0\\] stopped at step (\\d+) on request"))) << text;
+  const std::regex rank1("\\[rank 1\\] rank 1 of 2: stopped after (\\d+) steps");
+  ASSERT_TRUE(std::regex_search(text, m1, rank1)) << text;
+  EXPECT_EQ(m0[1], m1[1]) << text;
+  const int64_t step = std::stoll(m0[1]);
+  EXPECT_GE(step, 3);
+  EXPECT_EQ(moev::train::load_trained(out + "/checkpoint.pt", c10::Device(c10::kCPU)).step, step);
+  const auto r = moev::test::run_cli(launch(2) + "train --out " + out + " --resume --max-steps " +
+                                     std::to_string(step + 2));
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("trained " + std::to_string(step + 2) + " steps"), std::string::npos) << r.out;
 }
 
 // Rank 0 cannot serve the store (its port is taken): it says so at once, and

@@ -1,12 +1,16 @@
 // Runs the real `moev` binary with arguments (and optional environment
-// assignments before it), capturing stdout and stderr together.
+// assignments before it), capturing stdout and stderr together; or starts it in
+// the background, to be signalled while it trains.
 #pragma once
 
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <array>
+#include <chrono>
 #include <cstdio>
 #include <string>
+#include <thread>
 
 namespace moev::test {
 
@@ -24,6 +28,39 @@ inline CliResult run_cli(const std::string& args, const std::string& env = "") {
   while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
   const int status = pclose(p);
   return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), out};
+}
+
+// `moev args` in the background, its stdout and stderr into `output`; its pid.
+inline pid_t start_cli(const std::string& args, const std::string& output) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    const std::string cmd = "exec " + std::string(MOEV_CLI_PATH) + " " + args + " > '" + output + "' 2>&1";
+    ::execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  return pid;
+}
+
+// The exit status of a process start_cli started (128 + signal when killed).
+inline int wait_cli(pid_t pid) {
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+// Waits up to `seconds` for `path` to hold at least `lines` lines; whether it did.
+inline bool wait_for_lines(const std::string& path, int lines, double seconds = 60) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (std::chrono::steady_clock::now() < until) {
+    int n = 0;
+    if (FILE* f = std::fopen(path.c_str(), "r")) {
+      for (int c; (c = std::fgetc(f)) != EOF;) n += c == '\n';
+      std::fclose(f);
+    }
+    if (n >= lines) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
 }
 
 }  // namespace moev::test

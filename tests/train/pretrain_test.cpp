@@ -2,6 +2,7 @@
 // and flip as asked, InfoNCE and the kNN probe give known answers, and a toy
 // run on real Fashion-MNIST images resumes bit for bit, never touches the
 // heads (no label reaches the model) and starts a supervised run.
+#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -142,6 +143,22 @@ TEST(Pretrain, ToyRunResumesExactlyLeavesHeadsAndStartsTraining) {
   const auto b = train::load_checkpoint(dir.file("cut") + "/pretrain.pt");
   for (const auto& [name, t] : a.model) EXPECT_TRUE(torch::equal(t, b.model.at(name))) << name;
   for (const auto& [name, t] : a.optimizer) EXPECT_TRUE(torch::equal(t, b.optimizer.at(name))) << name;
+
+  // A stop request (SIGTERM) saves after the step in progress; the probe and pretrain.json wait for the end.
+  const std::atomic<bool> stop{true};
+  auto asked = o;
+  asked.stop = &stop;
+  const auto stopped = train::pretrain(cfg, dir.file("stop"), asked);
+  EXPECT_TRUE(stopped.stopped);
+  EXPECT_EQ(stopped.steps, 1);
+  EXPECT_FALSE(std::filesystem::exists(dir.file("stop") + "/pretrain.json"));
+  const auto saved = train::load_checkpoint(dir.file("stop") + "/pretrain.pt", train::CheckpointLoad::kConfig);
+  EXPECT_EQ(nlohmann::json::parse(saved.state_json).at("pretrain").at("step"), 1);
+  const auto finished = train::pretrain(cfg, dir.file("stop"), again);
+  EXPECT_FALSE(finished.stopped);
+  EXPECT_EQ(finished.final_loss, full.final_loss);
+  const auto c = train::load_checkpoint(dir.file("stop") + "/pretrain.pt");
+  for (const auto& [name, t] : a.model) EXPECT_TRUE(torch::equal(t, c.model.at(name))) << name;
 
   // No label reaches the model: the heads are as initialised, the trunk is not.
   torch::manual_seed(cfg.train.seed);

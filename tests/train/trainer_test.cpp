@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <atomic>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
@@ -118,7 +119,10 @@ TEST(Trainer, LossFallsAndCheckpointRoundTrips) {
 // Replicas > 1: each step splits the batch over model replicas on their own
 // threads; the run must stay bit-reproducible across the kill and resume.
 // With a weight average (ema_decay > 0) the average must resume exactly too.
-void expect_resume_equals_uninterrupted(int replicas, double ema_decay = 0) {
+// by_stop_request: the first part ends by a stop request (a signal) set before
+// its first step, not by max_steps: it saves after step 1, off the checkpoint
+// interval.
+void expect_resume_equals_uninterrupted(int replicas, double ema_decay = 0, bool by_stop_request = false) {
   test::TempDir dir;
   auto full = tiny_run(dir.file("full"));
   full.train.replicas = replicas;
@@ -130,11 +134,16 @@ void expect_resume_equals_uninterrupted(int replicas, double ema_decay = 0) {
   auto part = tiny_run(dir.file("part"));
   part.train.replicas = replicas;
   part.train.ema_decay = ema_decay;
-  part.train.max_steps = 5;  // stops mid-epoch 0 (10 steps per epoch), as a kill would
+  part.train.max_steps = by_stop_request ? 0 : 5;  // stops mid-epoch 0 (10 steps per epoch), as a kill would
   part.train.log_every = 4;
-  auto r1 = train::train_model(part, {});
-  EXPECT_EQ(r1.steps, 5);
+  const std::atomic<bool> stop{true};
+  train::TrainRunOptions first;
+  if (by_stop_request) first.stop = &stop;
+  auto r1 = train::train_model(part, first);
+  EXPECT_EQ(r1.steps, by_stop_request ? 1 : 5);
   EXPECT_FALSE(r1.finished);
+  EXPECT_EQ(r1.stopped, by_stop_request);
+  EXPECT_EQ(train::load_trained(train::checkpoint_path(part.train.out_dir), torch::kCPU).step, r1.steps);
   // A kill after the checkpoint at step 5 leaves lines of steps the resumed run
   // takes again, the last one cut short: they go, so each step is logged once.
   std::ofstream(std::filesystem::path(part.train.out_dir) / "log.jsonl", std::ios::app)
@@ -189,6 +198,9 @@ void expect_resume_equals_uninterrupted(int replicas, double ema_decay = 0) {
 TEST(Trainer, ResumeEqualsUninterruptedRun) { expect_resume_equals_uninterrupted(1); }
 
 TEST(Trainer, ResumeEqualsUninterruptedRunWithWeightAverage) { expect_resume_equals_uninterrupted(2, 0.9); }
+
+// A stop request (SIGTERM, Ctrl-C) saves after the step in progress: nothing since the last checkpoint is lost.
+TEST(Trainer, StopRequestSavesAndResumesExactly) { expect_resume_equals_uninterrupted(1, 0, true); }
 
 // train.replicas = 0 means one per thread: a run resumed with other threads (a
 // machine with other cores) cut its batches into other replicas and went on as

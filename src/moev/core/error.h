@@ -14,6 +14,13 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& what) : std::runtime_error(what) {}
 };
 
+// A run that stopped because it was asked to (a stop signal), after saving what
+// it had: not a fault of its input. The CLI exits with the signal's status.
+class Stopped : public Error {
+ public:
+  using Error::Error;
+};
+
 namespace detail {
 inline void append(std::ostringstream&) {}
 template <typename T, typename... Rest>

@@ -132,6 +132,9 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
   }
   opts.resume = fs::exists(train::checkpoint_path(cfg.train.out_dir));
   auto r = train::train_model(cfg, opts);
+  if (r.stopped)
+    throw Stopped("expert " + std::to_string(expert) + " stopped at step " + std::to_string(r.steps) +
+                  "; its checkpoint is saved: the same command again continues it");
   MOEV_CHECK(r.finished, "expert ", expert, " stopped after ", r.steps, " steps before its last epoch (max_steps); ",
              "run it again to continue");
   out.result = {{"expert", expert},

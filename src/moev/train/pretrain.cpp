@@ -406,7 +406,7 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
   // the first process, and drop path must continue the stream it left.
   if (rng.defined() && rng.numel() > 0) set_cpu_rng_state(rng);
   // train.max_steps stops early (a planned interruption; --resume continues it).
-  const int64_t stop_at = tc.max_steps > 0 ? std::min(total, tc.max_steps) : total;
+  int64_t stop_at = tc.max_steps > 0 ? std::min(total, tc.max_steps) : total;
   while (step < stop_at) {
     const int64_t epoch = step / per_epoch;
     if (step % per_epoch == 0) {
@@ -471,6 +471,10 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
       char status[48];
       std::snprintf(status, sizeof status, "loss %.4f", contrastive);
       bar.update(step, status);
+      if (o.stop && o.stop->load() && step < stop_at) {  // saved below, like a max_steps pause
+        stop_at = step;
+        out.stopped = true;
+      }
       if (step % log_every == 0 || step == stop_at) {
         log.write(json{{"step", step}, {"epoch", static_cast<double>(step) / per_epoch}, {"loss", window / window_n},
                        {"lr", lr}},
@@ -486,6 +490,7 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
   out.steps = step;
   out.final_loss = epoch_n > 0 ? epoch_loss / epoch_n : 0;
   save();
+  if (out.stopped) return out;  // the probe and pretrain.json are the finished run's
   if (o.knn_k > 0) out.knn_top1 = knn_probe(*model, ds, o.knn_k);
   write_curve(log_path, per_epoch, dir / "pretrain.png");
   json result{{"steps", out.steps},     {"final_loss", out.final_loss}, {"seconds", out.seconds},

@@ -19,6 +19,7 @@
 // run starts from with train.init_from.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <ostream>
 #include <string>
@@ -45,6 +46,9 @@ struct PretrainOptions {
   bool resume = false;              // continue from <out_dir>/pretrain.pt
   std::ostream* progress = nullptr;  // progress bar (nullptr or train.progress = false: none)
   bool interactive = false;
+  // Set (by a signal handler, say) to stop early: the step in progress ends,
+  // pretrain.pt is saved and pretrain() returns with `stopped`.
+  const std::atomic<bool>* stop = nullptr;
 };
 
 struct PretrainOutcome {
@@ -54,6 +58,7 @@ struct PretrainOutcome {
   double knn_top1 = -1;         // and after
   double seconds = 0;           // training steps only
   std::string checkpoint;       // <out_dir>/pretrain.pt
+  bool stopped = false;         // ended early by PretrainOptions::stop (no probe, no pretrain.json); --resume continues
 };
 
 // An option of PretrainOptions as a config file's [pretrain] section, `--set

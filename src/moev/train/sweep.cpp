@@ -240,7 +240,7 @@ void check_run_settings(const io::RunConfig& want, const std::filesystem::path& 
 }  // namespace
 
 std::vector<SweepRow> run_sweep(const std::vector<SweepRun>& runs, const std::string& out_dir,
-                                std::ostream* progress, bool interactive) {
+                                std::ostream* progress, bool interactive, const std::atomic<bool>* stop) {
   namespace fs = std::filesystem;
   std::vector<SweepRow> rows;
   viz::ProgressBar bar(progress, static_cast<int64_t>(runs.size()), "sweep", "run", interactive);
@@ -262,11 +262,19 @@ std::vector<SweepRow> run_sweep(const std::vector<SweepRun>& runs, const std::st
       bar.update(static_cast<int64_t>(i + 1), run.name + " (done before)");
       continue;
     }
+    if (stop && stop->load())  // asked while the last run was evaluated
+      throw Stopped("sweep stopped with " + std::to_string(i) + " of " + std::to_string(runs.size()) +
+                    " runs done: the same sweep command again continues it");
     TrainRunOptions o;
     o.resume = fs::exists(dir / "checkpoint.pt");
     o.progress = progress;
     o.interactive = interactive;
+    o.stop = stop;
     auto outcome = train_model(cfg, o);
+    if (outcome.stopped)
+      throw Stopped("sweep stopped in run " + run.name + " at step " + std::to_string(outcome.steps) + " (" +
+                    std::to_string(i) + " of " + std::to_string(runs.size()) +
+                    " runs done); its checkpoint is saved: the same sweep command again continues it");
 
     const auto ckpt = (dir / "checkpoint.pt").string();
     auto t = load_trained(ckpt, c10::Device(cfg.train.device));

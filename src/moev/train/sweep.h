@@ -6,6 +6,7 @@
 // results.csv / results.md and accuracy against active FLOPs to results.png.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <ostream>
 #include <string>
@@ -54,7 +55,9 @@ struct SweepRow {
 
 // Trains (or resumes, or reads back) every run under out_dir and writes the
 // results table and plot there. progress: run-level progress (nullptr: quiet).
+// stop (set by a signal handler, say): the run in progress saves its checkpoint
+// and a moev::Stopped is thrown; the same sweep again continues it.
 std::vector<SweepRow> run_sweep(const std::vector<SweepRun>& runs, const std::string& out_dir,
-                                std::ostream* progress, bool interactive);
+                                std::ostream* progress, bool interactive, const std::atomic<bool>* stop = nullptr);
 
 }  // namespace moev::train

@@ -718,12 +718,16 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
         aux_value += slice_aux[r];
         correct += slice_correct[r];
       }
+      // A stop asked of any rank stops all of them after this step: the signal
+      // reaches each at its own moment, the sum below at one step.
+      bool stop_now = opts.stop && opts.stop->load();
       if (world > 1) {  // the job's figures, not this rank's
-        auto t = torch::tensor({l, aux_value, double(correct)}, torch::kDouble);
+        auto t = torch::tensor({l, aux_value, double(correct), stop_now ? 1.0 : 0.0}, torch::kDouble);
         comm->all_reduce_sum({t});
         l = t[0].item<double>();
         aux_value = t[1].item<double>();
         correct = static_cast<int64_t>(t[2].item<double>());
+        stop_now = t[3].item<double>() > 0;
       }
       window.correct += correct;
       MOEV_CHECK(std::isfinite(l), "training diverged at step ", pos.step, " (loss ", l,
@@ -777,6 +781,10 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
         }
         window = {};
         window.since = now;
+      }
+      if (stop_now && pos.step < stop_at) {  // saved below, where a max_steps pause is
+        stop_at = pos.step;
+        out.stopped = true;
       }
       if (tc.checkpoint_every > 0 && pos.step % tc.checkpoint_every == 0 && pos.step < stop_at)
         save(pos);
@@ -832,6 +840,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   save(pos);
   out.steps = pos.step;
   out.finished = finished;
+  out.stopped = out.stopped && !finished;  // stopped after its last step: done all the same
   out.teacher_images = teacher ? teacher->images_run() : 0;
   out.epochs_done = pos.epoch;
   out.run_train_seconds = train_elapsed();

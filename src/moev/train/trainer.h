@@ -7,6 +7,7 @@
 // softmax-over-tags or sigmoid loss instead of the cross-entropy.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <ostream>
@@ -40,12 +41,17 @@ struct TrainRunOptions {
   // Copied over the initial weights by name, in a fresh run only (after
   // train.init_from): a hard MoE expert's shared decoder.
   std::map<std::string, at::Tensor> init_tensors;
+  // Set (by a signal handler, say) to stop early: the run finishes the step in
+  // progress, saves its checkpoint and returns with `stopped`. A job's ranks
+  // agree on the step through the step's figures, so every rank stops at it.
+  const std::atomic<bool>* stop = nullptr;
 };
 
 struct TrainOutcome {
   int64_t steps = 0;              // optimizer steps taken in all (incl. before resume)
   int64_t epochs_done = 0;        // completed epochs
-  bool finished = false;          // all epochs done (false: stopped at max_steps)
+  bool finished = false;          // all epochs done (false: stopped at max_steps or by opts.stop)
+  bool stopped = false;           // ended early by opts.stop; --resume continues it
   double train_seconds = 0;       // wall time of this process's training steps
   double run_train_seconds = 0;   // the run's, this process and those it resumed from
   double train_images_per_s = 0;  // this process's training throughput

@@ -1,0 +1,20 @@
+// SIGINT and SIGTERM as a request to stop training cleanly: a scheduler's
+// SIGTERM comes with a grace period before its SIGKILL, and Ctrl-C should not
+// cost the steps since the last checkpoint. Only commands that watch the flag
+// (train, pretrain, sweep, hardmoe train-expert) install it.
+#pragma once
+
+#include <atomic>
+
+namespace moev::app {
+
+// Installs the handlers (once) and returns the flag they set. The first signal
+// asks the command to stop: it ends the step in progress, saves its checkpoint
+// and exits with stop_exit_code(). A later SIGTERM changes nothing (a launcher
+// or scheduler may send it again); a second SIGINT stops at once.
+const std::atomic<bool>* stop_on_signals();
+
+// 128 + the signal that asked to stop (130 SIGINT, 143 SIGTERM); 1 if none did.
+int stop_exit_code();
+
+}  // namespace moev::app
