@@ -105,8 +105,8 @@ Runner add_analyze(CLI::App& app) {
                              stderr_is_terminal(), /*routing_by_class=*/true);
     std::vector<analysis::LayerRouting> lr;
     for (size_t l = 0; l < r.class_counts.size(); ++l)
-      lr.push_back({r.layer_names[l], r.class_counts[l], r.expert_load[l], r.dropped[l], r.image_bits[l],
-                    r.chance_image_bits[l], r.class_gate_sums[l], r.class_tokens[l]});
+      lr.push_back({r.layer_names[l], r.class_counts[l], r.expert_load[l], r.dropped[l], r.unrouted[l],
+                    r.image_bits[l], r.chance_image_bits[l], r.class_gate_sums[l], r.class_tokens[l]});
     auto files = analysis::write_routing_report(lr, t.class_names, title, out);
     std::printf("%s: top-1 %.4f on %lld images\n", f->checkpoint.c_str(), r.top1,
                 (long long)r.images);
@@ -131,11 +131,14 @@ Runner add_analyze(CLI::App& app) {
           if (!expert_choice) o.dropless = false;
           train::apply_router_overrides(*t.model, o);
           auto e = train::evaluate(*t.model, ds.test, ds.mean, ds.std, f->batch_size, device);
-          double dropped = 0;
-          for (double d : e.dropped) dropped += d / static_cast<double>(e.dropped.size());
-          points.push_back({c, bpr, e.top1, dropped});
-          std::fprintf(stderr, "capacity %.3f  bpr %-3s  top-1 %.4f  dropped %.4f\n", c,
-                       bpr ? "on" : "off", e.top1, dropped);
+          double dropped = 0, unrouted = 0;
+          for (size_t l = 0; l < e.dropped.size(); ++l) {
+            dropped += e.dropped[l] / static_cast<double>(e.dropped.size());
+            unrouted += e.unrouted[l] / static_cast<double>(e.unrouted.size());
+          }
+          points.push_back({c, bpr, e.top1, dropped, unrouted});
+          std::fprintf(stderr, "capacity %.3f  bpr %-3s  top-1 %.4f  dropped %.4f  tokens without an expert %.4f\n",
+                       c, bpr ? "on" : "off", e.top1, dropped, unrouted);
         }
       auto more = analysis::write_capacity_curve(points, title + ": top-1 against capacity", out);
       files.insert(files.end(), more.begin(), more.end());

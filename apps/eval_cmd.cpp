@@ -141,7 +141,7 @@ Runner add_eval(CLI::App& app) {
       nlohmann::json j{{"checkpoint", ckpt}, {"weights", t.averaged ? "average" : "trained"},
                        {"images", r.images}, {"top1", r.top1},
                        {"top5", r.top5}, {"loss", r.loss}, {"images_per_s", r.images_per_s},
-                       {"expert_load", r.expert_load}, {"dropped", r.dropped}};
+                       {"expert_load", r.expert_load}, {"dropped", r.dropped}, {"unrouted", r.unrouted}};
       if (r.multilabel)
         j["multilabel"] = {{"precision_at_1", r.top1}, {"k", r.k}, {"precision_at_k", r.precision_at_k},
                            {"recall_at_k", r.recall_at_k}, {"mean_ap", r.mean_ap}};
@@ -178,7 +178,8 @@ Runner add_eval(CLI::App& app) {
           std::printf("\n");
         }
         for (size_t l = 0; l < r.expert_load.size(); ++l) {
-          std::printf("moe layer %zu: dropped %.4f  load", l, r.dropped[l]);
+          std::printf("moe layer %zu: dropped %.4f  tokens without an expert %.4f  load", l, r.dropped[l],
+                      r.unrouted[l]);
           for (double x : r.expert_load[l]) std::printf(" %.3f", x);
           std::printf("\n");
         }

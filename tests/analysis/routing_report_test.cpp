@@ -78,8 +78,8 @@ TEST(RoutingReport, ImageSpreadWeighsEachImageByItsAssignments) {
 
 TEST(RoutingReport, WritesHeatmapsTableAndJson) {
   moev::test::TempDir dir;
-  LayerRouting a{"blocks.1.moe", {{6, 0}, {0, 6}}, {0.5, 0.5}, 0.1, 1.0, 1.5, {{3.0, 0.0}, {0.0, 3.0}}, {6, 6}};
-  LayerRouting b{"blocks.3.moe", {{3, 3}, {3, 3}}, {0.5, 0.5}, 0.0, 0.9, 1.0, {}, {}};  // no routing weights
+  LayerRouting a{"blocks.1.moe", {{6, 0}, {0, 6}}, {0.5, 0.5}, 0.1, 0.025, 1.0, 1.5, {{3.0, 0.0}, {0.0, 3.0}}, {6, 6}};
+  LayerRouting b{"blocks.3.moe", {{3, 3}, {3, 3}}, {0.5, 0.5}, 0.0, 0.0, 0.9, 1.0, {}, {}};  // no routing weights
   auto files = write_routing_report({a, b}, {"shirt", "bag"}, "t", dir.path().string());
   ASSERT_EQ(files.size(), 5u);
   EXPECT_TRUE(std::filesystem::exists(dir.file("routing_weight_0.png")));
@@ -90,6 +90,8 @@ TEST(RoutingReport, WritesHeatmapsTableAndJson) {
   ss << md.rdbuf();
   const std::string text = ss.str();
   // Layer 0: specialisation 1, experts/image 2^1 = 2, chance 2^1.5 = 2.828, concentration 1/3.
-  EXPECT_NE(text.find("| 0 | blocks.1.moe | 1.0000 | 1.0000 | 1.0000 | 2.000 | 2.828 | 0.3333 |"), std::string::npos) << text;
+  EXPECT_NE(text.find("| 0 | blocks.1.moe | 1.0000 | 1.0000 | 1.0000 | 2.000 | 2.828 | 0.3333 | 0.1000 | 0.0250 |"),
+            std::string::npos)
+      << text;
   EXPECT_NE(text.find("| 1 | blocks.3.moe | 0.0000 | 0.0000 | - |"), std::string::npos) << text;
 }

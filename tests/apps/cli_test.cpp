@@ -174,6 +174,10 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   };
   EXPECT_GE(dropped("--capacity 0.5"), 0.5);
   EXPECT_EQ(dropped("--capacity 4"), 0.0);
+  {  // K = 1: a token whose one choice is dropped has no expert left
+    const auto j = nlohmann::json::parse(run("eval " + ckpt + " --limit 128 --k 1 --json --capacity 0.5 2>/dev/null").out);
+    EXPECT_EQ(j.at("unrouted").at(0).get<double>(), j.at("dropped").at(0).get<double>());
+  }
   expect_clean_failure("eval " + ckpt + " --capacity 0", {"moe.capacity = 0"});
   expect_clean_failure("eval " + ckpt + " --k 7", {"moe.k = 7"});
   expect_clean_failure("eval " + ckpt + " --bpr maybe", {"--bpr maybe"});

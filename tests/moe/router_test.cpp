@@ -98,13 +98,17 @@ TEST_P(RouterInvariants, SlotsConsistentNoOverflowEveryAssignmentPlacedOrDropped
       std::set<int64_t> placed;
       for (const auto& [t, e] : seen) placed.insert(t);
       ASSERT_NEAR(r.dropped_fraction, 1.0 - double(placed.size()) / double(T), 1e-12);
+      ASSERT_EQ(r.unrouted_fraction, r.dropped_fraction);
       continue;
     }
     // Every (token, choice) is either in the row assign_row names, or dropped.
     auto ae = r.assign_expert.accessor<int64_t, 2>();
     auto ar = r.assign_row.accessor<int64_t, 2>();
-    int64_t dropped = 0;
+    int64_t dropped = 0, unrouted = 0;
     for (int64_t t = 0; t < T; ++t) {
+      int64_t lost = 0;  // of this token's K choices
+      for (int64_t k = 0; k < c.K; ++k) lost += ar[t][k] < 0;
+      unrouted += lost == c.K;
       for (int64_t k = 0; k < c.K; ++k) {
         if (ar[t][k] < 0) { ++dropped; continue; }
         const int64_t e = ae[t][k];
@@ -114,6 +118,7 @@ TEST_P(RouterInvariants, SlotsConsistentNoOverflowEveryAssignmentPlacedOrDropped
     }
     ASSERT_EQ(dropped + A, T * c.K);
     ASSERT_NEAR(r.dropped_fraction, double(dropped) / double(T * c.K), 1e-12);
+    ASSERT_NEAR(r.unrouted_fraction, double(unrouted) / double(T), 1e-12);
     if (c.dropless) {
       ASSERT_EQ(dropped, 0);
     }
@@ -190,10 +195,35 @@ TEST(Router, BprKeepsHighestGateTokensWhenCapacityShort) {
     EXPECT_EQ(tokens_of(r, 0), bpr ? (std::vector<int64_t>{7, 5}) : (std::vector<int64_t>{0, 2})) << bpr;
     EXPECT_EQ(tokens_of(r, 1), bpr ? (std::vector<int64_t>{6, 4}) : (std::vector<int64_t>{1, 4})) << bpr;
     EXPECT_DOUBLE_EQ(r.dropped_fraction, 0.5);
+    EXPECT_DOUBLE_EQ(r.unrouted_fraction, 0.5);  // K = 1: a dropped assignment is a token without an expert
     const std::set<int64_t> dropped = bpr ? std::set<int64_t>{0, 1, 2, 3} : std::set<int64_t>{3, 5, 6, 7};
     for (int64_t t = 0; t < 8; ++t)
       EXPECT_EQ(r.assign_row[t][0].item<int64_t>() < 0, dropped.count(t) == 1) << "token " << t << " bpr " << bpr;
   }
+}
+
+// Top-2 with one slot per expert: first choices claim the slots before any
+// second. Tokens 0 and 2 take them; tokens 1 and 3 lose both choices and pass
+// by their residual alone. 6 of 8 assignments dropped, 2 of 4 tokens unrouted.
+TEST(Router, TopTwoCountsTokensThatLostEveryChoice) {
+  RouterConfig cfg;
+  cfg.num_experts = 2;
+  cfg.k = 2;
+  cfg.group_size = 4;
+  cfg.capacity_factor = 0.25;  // ceil(2 * 4 * 0.25 / 2) = 1 slot per expert
+  const int64_t first[4] = {0, 0, 1, 1};
+  auto logits = torch::zeros({4, 2});
+  for (int64_t t = 0; t < 4; ++t) logits[t][first[t]] = 1.0f;
+  const auto r = route(logits, cfg, 1, false);
+  ASSERT_EQ(r.capacity, 1);
+  EXPECT_EQ(tokens_of(r, 0), (std::vector<int64_t>{0}));
+  EXPECT_EQ(tokens_of(r, 1), (std::vector<int64_t>{2}));
+  EXPECT_DOUBLE_EQ(r.dropped_fraction, 6.0 / 8.0);
+  EXPECT_DOUBLE_EQ(r.unrouted_fraction, 2.0 / 4.0);
+  cfg.capacity_factor = 1.0;  // four slots each: every choice placed
+  const auto roomy = route(logits, cfg, 1, false);
+  EXPECT_DOUBLE_EQ(roomy.dropped_fraction, 0.0);
+  EXPECT_DOUBLE_EQ(roomy.unrouted_fraction, 0.0);
 }
 
 // Known answer for Expert-Choice: each expert takes the `capacity` tokens of the

@@ -122,7 +122,8 @@ std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& l
   std::vector<std::string> written;
   io::Table table;
   table.header = {"layer", "module", "specialisation", "MI (bits)", "weighted specialisation", "experts / image",
-                  "by chance", "image concentration", "dropped", "max load / mean", "heatmaps"};
+                  "by chance", "image concentration", "dropped", "tokens without an expert", "max load / mean",
+                  "heatmaps"};
   nlohmann::json j = nlohmann::json::array();
   for (size_t l = 0; l < layers.size(); ++l) {
     const auto& L = layers[l];
@@ -149,7 +150,7 @@ std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& l
                             {"mutual_information_bits", mi}, {"image_entropy_bits", L.image_bits},
                             {"chance_image_entropy_bits", L.chance_image_bits},
                             {"image_concentration", conc},
-                            {"dropped", L.dropped}, {"load", L.load},
+                            {"dropped", L.dropped}, {"unrouted", L.unrouted}, {"load", L.load},
                             {"counts", L.counts}, {"p_expert_given_class", h.values}};
     std::string weighted = "-", pngs = png;
     if (!L.gate_sums.empty()) {
@@ -169,7 +170,7 @@ std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& l
     }
     table.add({std::to_string(l), L.name, io::fmt(spec, 4), io::fmt(mi, 4), weighted,
                io::fmt(std::exp2(L.image_bits), 3), io::fmt(std::exp2(L.chance_image_bits), 3),
-               io::fmt(conc, 4), io::fmt(L.dropped, 4), io::fmt(imbalance, 3), pngs});
+               io::fmt(conc, 4), io::fmt(L.dropped, 4), io::fmt(L.unrouted, 4), io::fmt(imbalance, 3), pngs});
     j.push_back(entry);
   }
   const std::string md = "# " + title +
@@ -181,7 +182,9 @@ std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& l
                          "effective number of experts an image's assignments use; by chance = "
                          "the same with each position's tokens shuffled over the images of "
                          "their batch; image concentration = 1 - H(expert | image) / that chance "
-                         "entropy.\n\n" +
+                         "entropy. Dropped = assignments (token, choice) past capacity (Expert-Choice: "
+                         "tokens no expert took); tokens without an expert lost all K choices and pass "
+                         "the layer by their residual alone.\n\n" +
                          table.markdown();
   io::write_text_atomic((fs::path(dir) / "routing.md").string(), md);
   io::write_text_atomic((fs::path(dir) / "routing.json").string(),
@@ -195,7 +198,7 @@ std::vector<std::string> write_capacity_curve(const std::vector<CapacityPoint>& 
                                               const std::string& title, const std::string& dir) {
   namespace fs = std::filesystem;
   io::Table t;
-  t.header = {"capacity", "bpr", "top1", "dropped"};
+  t.header = {"capacity", "bpr", "top1", "dropped", "tokens without an expert"};
   viz::PlotSpec plot;
   plot.title = title;
   plot.xlabel = "inference capacity ratio C";
@@ -205,7 +208,8 @@ std::vector<std::string> write_capacity_curve(const std::vector<CapacityPoint>& 
   plot.series[0].name = "token order";
   plot.series[1].name = "BPR";
   for (const auto& p : points) {
-    t.add({io::fmt(p.capacity, 3), p.bpr ? "on" : "off", io::fmt(p.top1, 4), io::fmt(p.dropped, 4)});
+    t.add({io::fmt(p.capacity, 3), p.bpr ? "on" : "off", io::fmt(p.top1, 4), io::fmt(p.dropped, 4),
+           io::fmt(p.unrouted, 4)});
     auto& s = plot.series[p.bpr ? 1 : 0];
     s.x.push_back(p.capacity);
     s.y.push_back(p.top1);

@@ -47,7 +47,8 @@ struct LayerRouting {
   std::string name;             // module path of the MoE layer
   Counts counts;                // [expert][class]
   std::vector<double> load;     // share of placed assignments per expert
-  double dropped = 0;           // fraction of assignments past capacity
+  double dropped = 0;           // fraction of assignments past capacity (EC: of tokens no expert took)
+  double unrouted = 0;          // fraction of tokens that got no expert (residual only)
   // H(expert | image) in bits, and the same with each position's tokens shuffled
   // over the images of their batch: a layer with few tokens per image shows few
   // experts per image by chance alone, so only the gap says routing is per image.
@@ -73,7 +74,8 @@ struct CapacityPoint {
   double capacity = 0;
   bool bpr = false;
   double top1 = 0;
-  double dropped = 0;  // mean over MoE layers
+  double dropped = 0;   // mean over MoE layers
+  double unrouted = 0;  // tokens without an expert, mean over MoE layers
 };
 // capacity_curve.csv, .md and .png in dir; returns the paths written.
 std::vector<std::string> write_capacity_curve(const std::vector<CapacityPoint>& points,

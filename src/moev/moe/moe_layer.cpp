@@ -82,6 +82,8 @@ at::Tensor MoELayerImpl::forward(const at::Tensor& x) {
   stats_.expert_count.resize(E);  // from the host-side offsets: no device reads
   for (int64_t e = 0; e < E; ++e) stats_.expert_count[e] = r.offsets[e + 1] - r.offsets[e];
   stats_.dropped_fraction = r.dropped_fraction;
+  stats_.unrouted_fraction = r.unrouted_fraction;
+  stats_.tokens = T;
   stats_.capacity = r.capacity;
   stats_.aux = r.aux;
   if (options.keep_routing()) routing_ = std::move(r);

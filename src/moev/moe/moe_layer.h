@@ -38,7 +38,9 @@ struct AuxWeights {
 // What one forward call routed, for logs and analysis.
 struct MoEStats {
   std::vector<int64_t> expert_count;  // slots filled per expert
-  double dropped_fraction = 0;        // assignments past capacity
+  double dropped_fraction = 0;        // assignments past capacity (EC: tokens no expert took)
+  double unrouted_fraction = 0;       // tokens that got no expert at all (residual only)
+  int64_t tokens = 0;                 // T of the call (to merge calls' fractions)
   int64_t capacity = 0;               // slots per expert per group
   AuxLosses aux;                      // unweighted auxiliary losses
 };

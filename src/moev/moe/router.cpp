@@ -206,6 +206,15 @@ void place_topk(RoutingResult& r, const torch::Tensor& gates, const RouterConfig
   r.capacity = cfg.dropless ? std::max<int64_t>(cap_seen, 1) : cap_full;
   r.groups = g.count;
   r.dropped_fraction = T > 0 ? static_cast<double>(dropped) / static_cast<double>(T * K) : 0.0;
+  // A token with one of its K choices dropped still passes an expert; one with all K dropped does not.
+  int64_t unrouted = 0;
+  if (dropped > 0)
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t k = 0;
+      while (k < K && ap[t * K + k] < 0) ++k;
+      unrouted += k == K;
+    }
+  r.unrouted_fraction = T > 0 ? static_cast<double>(unrouted) / static_cast<double>(T) : 0.0;
 }
 
 // Expert-Choice (Zhou et al. 2022): each expert takes the `capacity` tokens of the
@@ -238,6 +247,7 @@ void place_expert_choice(RoutingResult& r, const torch::Tensor& gates, const Rou
   int64_t none = 0;
   for (char p : picked) none += p ? 0 : 1;
   r.dropped_fraction = T > 0 ? static_cast<double>(none) / static_cast<double>(T) : 0.0;
+  r.unrouted_fraction = r.dropped_fraction;
 }
 
 }  // namespace

@@ -79,7 +79,8 @@ struct RoutingResult {
   at::Tensor expert_count;   // int64 [E]: assignments placed per expert
   int64_t capacity = 0;      // assignments per expert per group (dropless: largest seen)
   int64_t groups = 0;        // G
-  double dropped_fraction = 0;  // assignments (token, choice) that got no slot
+  double dropped_fraction = 0;  // assignments (token, choice) that got no slot (EC: tokens no expert took)
+  double unrouted_fraction = 0;  // tokens that got no expert at all: only their residual passes the layer
   AuxLosses aux;              // auxiliary losses of this routing (zeros when not training)
 };
 

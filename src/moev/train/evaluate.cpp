@@ -23,6 +23,7 @@ struct Tally {
   int64_t correct1 = 0, correct5 = 0;
   std::vector<std::vector<int64_t>> counts;  // [layer][expert] placed assignments
   std::vector<double> dropped;               // [layer] sum of dropped fraction x images
+  std::vector<double> unrouted;              // [layer] sum of unrouted fraction x images
   std::vector<torch::Tensor> by_class;       // [layer] [E, classes]
   std::vector<torch::Tensor> gate_by_class;  // [layer] [E, classes] double: summed routing weights
   std::vector<torch::Tensor> class_tokens;   // [layer] [classes] double: tokens per class
@@ -60,6 +61,7 @@ at::Tensor eval_slice(models::Classifier& model, const std::vector<moe::MoELayer
   t.correct5 += hit.any(1).sum().item<int64_t>();
   t.counts.resize(layers.size());
   t.dropped.resize(layers.size(), 0.0);
+  t.unrouted.resize(layers.size(), 0.0);
   t.by_class.resize(layers.size());
   t.gate_by_class.resize(layers.size());
   t.class_tokens.resize(layers.size());
@@ -70,6 +72,7 @@ at::Tensor eval_slice(models::Classifier& model, const std::vector<moe::MoELayer
     if (t.counts[l].empty()) t.counts[l].assign(s.expert_count.size(), 0);
     for (size_t e = 0; e < s.expert_count.size(); ++e) t.counts[l][e] += s.expert_count[e];
     t.dropped[l] += s.dropped_fraction * double(b);
+    t.unrouted[l] += s.unrouted_fraction * double(b);
     if (!routing_by_class) continue;
     const auto& rr = layers[l]->last_routing();
     const int64_t E = static_cast<int64_t>(rr.offsets.size()) - 1, placed = rr.offsets[E];
@@ -151,6 +154,7 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
   Tally all;
   all.counts.resize(layers.size());
   all.dropped.assign(layers.size(), 0.0);
+  all.unrouted.assign(layers.size(), 0.0);
   all.by_class.resize(layers.size());
   all.gate_by_class.resize(layers.size());
   all.class_tokens.resize(layers.size());
@@ -164,6 +168,7 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
       if (all.counts[l].empty()) all.counts[l].assign(t.counts[l].size(), 0);
       for (size_t e = 0; e < t.counts[l].size(); ++e) all.counts[l][e] += t.counts[l][e];
       all.dropped[l] += t.dropped[l];
+      all.unrouted[l] += t.unrouted[l];
       if (t.by_class[l].defined()) {
         accumulate(all.by_class[l], t.by_class[l]);
         accumulate(all.gate_by_class[l], t.gate_by_class[l]);
@@ -192,11 +197,13 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
   }
   r.expert_load.assign(layers.size(), {});
   r.dropped.assign(layers.size(), 0.0);
+  r.unrouted.assign(layers.size(), 0.0);
   for (size_t l = 0; l < layers.size(); ++l) {
     int64_t total = 0;
     for (auto c : all.counts[l]) total += c;
     for (auto c : all.counts[l]) r.expert_load[l].push_back(total ? double(c) / double(total) : 0);
     r.dropped[l] = n ? all.dropped[l] / double(n) : 0;
+    r.unrouted[l] = n ? all.unrouted[l] / double(n) : 0;
     for (int k = 0; k < reps.size(); ++k) reps.moe_layers(k)[l]->options.keep_routing(kept[l]);
     if (all.by_class[l].defined()) {
       auto c = all.by_class[l].contiguous();

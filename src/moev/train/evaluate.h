@@ -27,7 +27,8 @@ struct EvalResult {
   double images_per_s = 0;                   // forward throughput
   int64_t images = 0;
   std::vector<std::vector<double>> expert_load;  // [layer][expert] share of filled slots
-  std::vector<double> dropped;                   // [layer] fraction of assignments dropped
+  std::vector<double> dropped;                   // [layer] fraction of assignments dropped (EC: of tokens)
+  std::vector<double> unrouted;                  // [layer] fraction of tokens that got no expert
   std::vector<std::string> layer_names;          // [layer] module path, e.g. blocks.5.moe
   // With routing_by_class: placed assignments per expert and true class of the
   // image the token came from, [layer][expert][class].

@@ -246,6 +246,7 @@ std::vector<moe::MoEStats> Replicas::last_stats(int n) const {
     for (auto c : s.expert_count) placed += c;
     double assignments = placed / std::max(1e-12, 1.0 - s.dropped_fraction);
     double dropped = s.dropped_fraction * assignments;
+    double unrouted = s.unrouted_fraction * double(s.tokens);
     for (int r = 1; r < n; ++r) {
       const auto& o = moe_[r][i]->last_stats();
       int64_t p = 0;
@@ -256,8 +257,11 @@ std::vector<moe::MoEStats> Replicas::last_stats(int n) const {
       const double a = p / std::max(1e-12, 1.0 - o.dropped_fraction);
       assignments += a;
       dropped += o.dropped_fraction * a;
+      unrouted += o.unrouted_fraction * double(o.tokens);
+      s.tokens += o.tokens;
     }
     s.dropped_fraction = assignments > 0 ? dropped / assignments : 0.0;
+    s.unrouted_fraction = s.tokens > 0 ? unrouted / double(s.tokens) : 0.0;
     out.push_back(std::move(s));
   }
   return out;

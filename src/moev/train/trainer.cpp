@@ -178,7 +178,7 @@ struct Position {
 
 json eval_json(const EvalResult& e) {
   json j{{"top1", e.top1}, {"top5", e.top5}, {"loss", e.loss}, {"images_per_s", e.images_per_s},
-         {"expert_load", e.expert_load}, {"dropped", e.dropped}};
+         {"expert_load", e.expert_load}, {"dropped", e.dropped}, {"unrouted", e.unrouted}};
   if (e.multilabel) {
     j["k"] = e.k;
     j["precision_at_k"] = e.precision_at_k;
@@ -754,7 +754,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
                   {"teacher_images", teacher ? teacher->images_run() : 0},
                   {"teacher_cached", teacher ? teacher->cached() : 0},
                   {"images_per_s", secs > 0 ? double(window.images) / secs : 0.0}};
-        json load = json::array(), dropped = json::array();
+        json load = json::array(), dropped = json::array(), unrouted = json::array();
         for (const auto& s : reps.last_stats(slices)) {
           int64_t sum = 0;
           for (auto c : s.expert_count) sum += c;
@@ -762,9 +762,11 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
           for (auto c : s.expert_count) row.push_back(sum ? double(c) / double(sum) : 0.0);
           load.push_back(row);
           dropped.push_back(s.dropped_fraction);
+          unrouted.push_back(s.unrouted_fraction);
         }
         line["expert_load"] = load;
         line["dropped"] = dropped;
+        line["unrouted"] = unrouted;
         if (comm) {  // share of this window's wall time rank 0 spent in collectives
           const double c = comm->seconds_in_collectives();
           line["comm_share"] = secs > 0 ? (c - window_comm) / secs : 0.0;
