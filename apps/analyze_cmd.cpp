@@ -111,11 +111,12 @@ Runner add_analyze(CLI::App& app) {
     std::printf("%s: top-1 %.4f on %lld images\n", f->checkpoint.c_str(), r.top1,
                 (long long)r.images);
     for (size_t l = 0; l < lr.size(); ++l)
-      std::printf("  %-22s specialisation %.3f (weighted %.3f)  MI %.3f bits  experts/image %.2f (chance %.2f)  dropped %.4f\n",
+      std::printf("  %-22s specialisation %.3f (weighted %.3f)  MI %.3f bits  experts/image %.2f (chance %.2f)  dropped %.4f  "
+                  "tokens without an expert %.4f\n",
                   lr[l].name.c_str(), analysis::specialisation(lr[l].counts),
                   analysis::weighted_specialisation(lr[l].gate_sums),
                   analysis::mutual_information_bits(lr[l].counts), std::exp2(lr[l].image_bits),
-                  std::exp2(lr[l].chance_image_bits), lr[l].dropped);
+                  std::exp2(lr[l].chance_image_bits), lr[l].dropped, lr[l].unrouted);
 
     if (f->capacity_curve) {
       std::vector<analysis::CapacityPoint> points;

@@ -175,6 +175,16 @@ void expect_resume_equals_uninterrupted(int replicas, double ema_decay = 0, bool
     EXPECT_GT(last_train_s, first_s);
   }
 
+  // Run again once done: nothing to train; the checkpoint stays as it was (rewritten, it gained this process's
+  // seconds each time) and the figures are the run's.
+  const auto done = read_bytes(train::checkpoint_path(part.train.out_dir));
+  const auto r3 = train::train_model(part, o);
+  EXPECT_EQ(r3.steps, 20);
+  EXPECT_TRUE(r3.finished);
+  EXPECT_TRUE(read_bytes(train::checkpoint_path(part.train.out_dir)) == done) << "the checkpoint was rewritten";
+  EXPECT_EQ(r3.run_train_seconds, r2.run_train_seconds);
+  EXPECT_EQ(r3.eval.top1, r2.eval.top1);
+
   auto a = train::load_checkpoint(train::checkpoint_path(full.train.out_dir));
   auto b = train::load_checkpoint(train::checkpoint_path(part.train.out_dir));
   ASSERT_EQ(a.model.size(), b.model.size());

@@ -462,7 +462,9 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     return prior_train_s +
            std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count() - eval_seconds;
   };
+  double saved_train_s = prior_train_s;  // what the last checkpoint holds
   auto save = [&](const Position& p) {  // every rank calls it: expert shards are gathered
+    saved_train_s = train_elapsed();
     auto tensors = module_tensors(*model);
     auto opt_state = opt.state();
     std::map<std::string, at::Tensor> averaged;
@@ -480,7 +482,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
                                                 ? "renormalized over the selected K"
                                                 : "selected softmax gates (V-MoE)"},
                         {"world_size", world}, {"expert_parallel", shards != nullptr}, {"replicas", n_reps},
-                        {"train_elapsed_s", train_elapsed()},
+                        {"train_elapsed_s", saved_train_s},
                         {"log_window",
                          {{"loss", window.loss},
                           {"aux_loss", window.aux},
@@ -535,6 +537,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   // depth must see the stream the uninterrupted run saw.
   if (opts.resume && resume_from.rng.numel() > 0) set_cpu_rng_state(resume_from.rng);
   resume_from = Checkpoint{};  // all copied into place: not held (4x the weights) for the rest of the run
+  const Position started_at = pos;
   while (pos.step < stop_at && pos.epoch < all_epochs) {
     std::vector<std::unique_ptr<data::BatchLoader>> loaders;
     for (int64_t v = 0; v < views; ++v) {
@@ -838,14 +841,17 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   // A run resumed after its last epoch (killed while writing its last
   // checkpoint, or run again) still reports the figures of its model.
   const bool finished = pos.epoch >= all_epochs || (budgeted && pos.step >= total_steps);
+  // A resume that took no step (the run was done, or is paused at this max_steps) leaves its checkpoint as it
+  // was: rewriting it added this process's seconds to the run's training time each time.
+  const bool moved = pos.step != started_at.step || pos.epoch != started_at.epoch || !opts.resume;
+  if (moved) save(pos);
+  out.run_train_seconds = saved_train_s;  // the checkpoint's: the evaluation below is no training
   if (lead && finished && out.eval.images == 0 && !comm) out.eval = evaluate_model();
-  save(pos);
   out.steps = pos.step;
   out.finished = finished;
   out.stopped = out.stopped && !finished;  // stopped after its last step: done all the same
   out.teacher_images = teacher ? teacher->images_run() : 0;
   out.epochs_done = pos.epoch;
-  out.run_train_seconds = train_elapsed();
   out.train_seconds = out.run_train_seconds - prior_train_s;
   out.train_images_per_s = out.train_seconds > 0 ? double(images_seen) / out.train_seconds : 0;
   return out;
