@@ -531,6 +531,21 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   EXPECT_NE(r.out.find("pre-training (moev pretrain) step " + ssl.at("steps").dump() + " of 1 epoch;"),
             std::string::npos)
       << r.out;
+  {  // Resumed with no thread count named, pre-training keeps the one it was saved with, as train does.
+    const std::string cut = "pretrain --config " + dir.file("ssl.toml") + " " + toy_ssl +
+                            "--set model.branches=2 --queue 25 --set pretrain.queue=20 --out " + dir.file("sslcut");
+    r = run(cut + " --max-steps 2");
+    ASSERT_EQ(r.code, 0) << r.out;
+    std::string any_threads = cut;
+    any_threads.erase(any_threads.find("--threads 1 "), std::string("--threads 1 ").size());
+    r = run(any_threads + " --resume");
+    ASSERT_EQ(r.code, 0) << r.out;
+    const auto resumed = moev::train::load_checkpoint(dir.file("sslcut") + "/pretrain.pt");
+    EXPECT_EQ(nlohmann::json::parse(resumed.config_json).at("train").at("threads"), 1);
+    const auto whole = moev::train::load_checkpoint(dir.file("ssl") + "/pretrain.pt");
+    ASSERT_EQ(whole.model.size(), resumed.model.size());
+    for (const auto& [name, t] : whole.model) EXPECT_TRUE(torch::equal(t, resumed.model.at(name))) << name;
+  }
   r = run("train " + toy + "--set model.branches=2 --set train.init_from=" + dir.file("ssl") + "/pretrain.pt --out " +
           dir.file("ssl_sup"));
   ASSERT_EQ(r.code, 0) << r.out;
