@@ -108,6 +108,9 @@ Runner add_eval(CLI::App& app) {
     for (const auto& ckpt : f->checkpoints) {
       auto t = train::load_trained(ckpt, device, f->precision, f->raw_weights);
       warn_precision(t.cfg.model);
+      if (f->raw_weights && t.cfg.train.ema_decay <= 0)  // said, as a flag that changes nothing should be
+        std::cerr << "note: " << ckpt << " was trained without a weight average (train.ema_decay = 0): "
+                  << "--raw-weights evaluates the weights it would without the flag\n";
       MOEV_CHECK(train::apply_router_overrides(*t.model, o) > 0 || !o.any(), ckpt,
                  ": --k, --capacity, --bpr, --router and --dropless set how MoE layers route, and this model has ",
                  "none (model.moe = ",

@@ -174,6 +174,9 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   };
   EXPECT_GE(dropped("--capacity 0.5"), 0.5);
   EXPECT_EQ(dropped("--capacity 4"), 0.0);
+  const auto raw = run("eval " + ckpt + " --limit 128 --raw-weights");  // a run without an average: said
+  EXPECT_EQ(raw.code, 0) << raw.out;
+  EXPECT_NE(raw.out.find("trained without a weight average"), std::string::npos) << raw.out;
   {  // K = 1: a token whose one choice is dropped has no expert left
     const auto j = nlohmann::json::parse(run("eval " + ckpt + " --limit 128 --k 1 --json --capacity 0.5 2>/dev/null").out);
     EXPECT_EQ(j.at("unrouted").at(0).get<double>(), j.at("dropped").at(0).get<double>());
