@@ -352,6 +352,16 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   ASSERT_EQ(same.code, 0) << same.out;
   EXPECT_NE(same.out.find("skipped vit-tiny_e2_every-2_k1: the same MoE blocks as vit-tiny_e2_last-1_k1"),
             std::string::npos) << same.out;
+  // Block lists as model.moe takes them: a string, one block, or a TOML array of blocks.
+  std::ofstream(dir.file("a.toml")) << "[sweep]\nmodels = [\"vit-tiny\"]\nexperts = [2]\n"
+                                       "placements = [\"last-1\", [0, 1], 0]\nk = [1]\n" << common;
+  auto arrays = run("sweep --config " + dir.file("a.toml") + " --dry-run --out " + dir.file("b"));
+  ASSERT_EQ(arrays.code, 0) << arrays.out;
+  for (const char* name : {"vit-tiny_e2_last-1_k1", "vit-tiny_e2_0,1_k1", "vit-tiny_e2_0_k1"})
+    EXPECT_NE(arrays.out.find(name), std::string::npos) << name << " in\n" << arrays.out;
+  r = run("train --model vit-tiny --set model.moe=[1,3] --print-config");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(nlohmann::json::parse(r.out.substr(r.out.find('{'))).at("model").at("moe"), "1,3") << r.out;
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --out " + dir.file("s.toml"), {"is a file"});
   for (const char* flags : {"--epochs -3", "--epochs 0", "--minutes -1 --dry-run", "--minutes nan"})
     expect_clean_failure("sweep --config " + dir.file("s.toml") + " " + flags + " --out " + dir.file("b"),
@@ -374,6 +384,9 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   bad("models = [\"vit-tiny\"]\nexperts = [1, 2, 1]\n", {"sweep.experts", "1 repeats 1"});
   bad("models = [\"vit-tiny\"]\nexperts = [2]\nplacements = [\"all\", \"every-1\"]\n",
       {"sweep.placements", "\"every-1\" repeats \"all\""});
+  bad("models = [\"vit-tiny\"]\nexperts = [2]\nplacements = [[0, \"x\"]]\n",
+      {"sweep.placements", "[0,\"x\"]", "block indices"});
+  bad("models = [\"vit-tiny\"]\nexperts = [2]\nplacements = [[]]\n", {"sweep.placements", "empty"});
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --set train.lrr=1 --out " +
                            dir.file("b"), {"train.lrr"});
   // Keys the grid sets for each run replaced the common config's without a word.

@@ -228,11 +228,9 @@ const std::vector<Field>& fields() {
     // Fields whose JSON form is a string but whose C++ type is not.
     Field placement;
     placement.key = "model.moe";
-    placement.help = "MoE placement: none | every-N | last-N | block list \"3,5\"";
+    placement.help = "MoE placement: none | every-N | last-N | block list \"3,5\" or [3, 5]";
     placement.set = [](RunConfig& c, const json& v, const std::string& where) {
-      std::string s;
-      if (v.is_number_integer()) s = std::to_string(v.get<int64_t>());  // one block: `--moe 5`
-      else read_value(v, s, where);
+      const std::string s = placement_text(v, where);
       // An unset shell variable (`--set model.moe=$MOE`) made the model dense without a word.
       MOEV_CHECK(!s.empty(), where, ": model.moe is empty; expected none, every-N, last-N or a block list like 3,5");
       c.model.moe = models::parse_placement(s);
@@ -441,6 +439,22 @@ RunConfig from_json_string(const std::string& text, const std::string& source) {
   // a run reads as the fp32 run it was, rather than failing to load.
   if (cfg.model.family == "resnest" && cfg.model.precision == "bf16") cfg.model.precision = "fp32";
   return cfg;
+}
+
+std::string placement_text(const json& v, const std::string& where) {
+  if (v.is_number_integer()) return std::to_string(v.get<int64_t>());  // one block: `--moe 5`
+  if (v.is_array()) {
+    std::string blocks;
+    for (const auto& b : v) {
+      MOEV_CHECK(b.is_number_integer(), where, ": ", v.dump(), ": expected block indices (integers), got ",
+                 type_name(b));
+      blocks += (blocks.empty() ? "" : ",") + std::to_string(b.get<int64_t>());
+    }
+    return blocks;  // [] is "": refused as empty, as the empty string is
+  }
+  std::string s;
+  read_value(v, s, where);
+  return s;
 }
 
 std::vector<std::pair<std::string, std::string>> config_keys() {

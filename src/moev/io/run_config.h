@@ -57,6 +57,11 @@ bool same_path(const std::string& x, const std::string& y);
 std::vector<std::string> config_differences(const RunConfig& was, const RunConfig& now,
                                             const std::set<std::string>& keys = {});
 
+// A placement as a config writes it: a string ("last-2", "3,5"), one block
+// (5) or an array of blocks ([3, 5], as TOML lists are written); as the string
+// models::parse_placement reads. `where` names the key in errors.
+std::string placement_text(const nlohmann::json& v, const std::string& where);
+
 // All dotted keys with their help text, for --help-config.
 std::vector<std::pair<std::string, std::string>> config_keys();
 

@@ -77,7 +77,13 @@ SweepGrid parse_sweep_grid(const json& section, const std::string& source) {
              "sweep, e.g. [\"vit-tiny\", \"convnext-tiny\"])");
   g.models = read_list<std::string>(section, "models", source, {});
   g.experts = read_list<int64_t>(section, "experts", source, g.experts);
-  g.placements = read_list<std::string>(section, "placements", source, g.placements);
+  if (section.contains("placements")) {
+    const auto& v = section["placements"];
+    MOEV_CHECK(v.is_array() && !v.empty(), source, ": sweep.placements: expected a non-empty list");
+    g.placements.clear();
+    // Each as model.moe takes it: "last-2", "3,5", 5 or [3, 5].
+    for (const auto& p : v) g.placements.push_back(io::placement_text(p, source + ": sweep.placements"));
+  }
   g.ks = read_list<int64_t>(section, "k", source, g.ks);
   const auto same = [](const auto& x) { return x; };
   check_no_repeats(g.models, "models", source, same);
@@ -87,6 +93,8 @@ SweepGrid parse_sweep_grid(const json& section, const std::string& source) {
   for (auto e : g.experts) MOEV_CHECK(e >= 1, source, ": sweep.experts: ", e, " is not >= 1");
   for (auto k : g.ks) MOEV_CHECK(k >= 1, source, ": sweep.k: ", k, " is not >= 1");
   for (const auto& p : g.placements) {
+    MOEV_CHECK(!p.empty(), source, ": sweep.placements: an empty placement; expected none, every-N, last-N or ",
+               "blocks like \"3,5\" or [3, 5]");
     try {
       models::parse_placement(placement_spec(p));
     } catch (const Error& e) {
