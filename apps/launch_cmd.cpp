@@ -60,7 +60,8 @@ struct Child {
   pid_t pid = -1;
   int fd = -1;          // read end of the child's stdout + stderr
   std::string pending;  // a partial line not yet printed
-  int status = -1;      // exit code once it ended
+  int status = -1;      // exit code once it ended (128 + signal when killed)
+  bool killed = false;  // ended by a signal, not by exiting
 };
 
 void forward(Child& c, int rank, const char* data, size_t n) {
@@ -182,6 +183,11 @@ Runner add_launch(CLI::App& app) {
     int open_fds = f->nproc;
     std::chrono::steady_clock::time_point first_failure{};
     bool failed = false;
+    // A rank that stopped on request (130, 143) saves on its way out, and so do
+    // its peers: they are asked, not killed. After any other failure a rank that
+    // takes a SIGTERM as a request to stop may be waiting on the dead one.
+    bool asked_to_stop = false;
+    auto stopped_on_request = [](int status) { return status == 128 + SIGINT || status == 128 + SIGTERM; };
     char buf[4096];
     while (open_fds > 0) {
       std::vector<pollfd> pf;
@@ -210,15 +216,18 @@ Runner add_launch(CLI::App& app) {
         int st = 0;
         if (c.status < 0 && c.pid > 0 && ::waitpid(c.pid, &st, WNOHANG) == c.pid) {
           c.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+          c.killed = !WIFEXITED(st);
           if (c.status != 0 && !failed) {
             failed = true;
+            asked_to_stop = !c.killed && stopped_on_request(c.status);
             first_failure = std::chrono::steady_clock::now();
           }
         }
       }
-      if (failed && std::chrono::steady_clock::now() - first_failure > std::chrono::seconds(5))
+      const auto since = std::chrono::steady_clock::now() - first_failure;
+      if (failed && since > std::chrono::seconds(5))
         for (auto& c : kids)
-          if (c.status < 0) ::kill(c.pid, SIGTERM);
+          if (c.status < 0) ::kill(c.pid, !asked_to_stop && since > std::chrono::seconds(15) ? SIGKILL : SIGTERM);
     }
     int code = 0;
     for (int i = 0; i < f->nproc; ++i) {
@@ -227,10 +236,15 @@ Runner add_launch(CLI::App& app) {
         int st = 0;
         ::waitpid(c.pid, &st, 0);
         c.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        c.killed = !WIFEXITED(st);
       }
       if (c.status != 0) {
-        std::cerr << "moev launch: rank " << f->node_rank * f->nproc + i << " exited with status " << c.status
-                  << "\n";
+        std::cerr << "moev launch: rank " << f->node_rank * f->nproc + i;
+        if (c.killed)
+          std::cerr << " was ended by signal " << c.status - 128 << " (status " << c.status << ")\n";
+        else
+          std::cerr << (stopped_on_request(c.status) ? " stopped on request" : " exited") << " with status "
+                    << c.status << "\n";
         if (code == 0) code = c.status;
       }
     }

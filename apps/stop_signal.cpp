@@ -1,5 +1,5 @@
-// The handler only sets a flag and writes one line (both async-signal-safe);
-// the training loop reads the flag between steps.
+// The handler only touches lock-free atomics and writes one line (all
+// async-signal-safe); the training loop reads the flag between steps.
 #include "stop_signal.h"
 
 #include <csignal>
@@ -11,8 +11,10 @@ namespace moev::app {
 namespace {
 
 std::atomic<bool> g_stop{false};
-volatile std::sig_atomic_t g_signal = 0;
-static_assert(std::atomic<bool>::is_always_lock_free, "the handler needs a lock-free flag");
+std::atomic<int> g_signal{0};   // the first stop signal
+std::atomic<int> g_sigints{0};  // SIGINTs so far: the second stops at once
+static_assert(std::atomic<bool>::is_always_lock_free && std::atomic<int>::is_always_lock_free,
+              "the handler needs lock-free atomics");
 
 void say(const char* text) {
   // Nothing to do on a failed write inside a handler; the stop goes on.
@@ -20,17 +22,18 @@ void say(const char* text) {
 }
 
 void on_stop_signal(int sig) {
-  if (g_signal == 0) {
-    g_signal = sig;
-    g_stop.store(true);
-    say(sig == SIGINT ? "\nmoev: interrupted: saving a checkpoint after this step (Ctrl-C again stops at once)\n"
-                      : "\nmoev: SIGTERM: saving a checkpoint after this step, then stopping\n");
-    return;
-  }
-  if (sig == SIGINT) {  // impatience wins: the last checkpoint stays as it was (writes are atomic)
+  // Only a second SIGINT: under `moev launch` one Ctrl-C brings each rank the
+  // terminal's SIGINT and the launcher's SIGTERM, in either order.
+  if (sig == SIGINT && g_sigints.fetch_add(1) >= 1) {  // impatience wins; the last checkpoint stays (atomic writes)
     std::signal(SIGINT, SIG_DFL);
     std::raise(SIGINT);
+    return;
   }
+  int none = 0;
+  if (!g_signal.compare_exchange_strong(none, sig)) return;  // already stopping
+  g_stop.store(true);
+  say(sig == SIGINT ? "\nmoev: interrupted: saving a checkpoint after this step (Ctrl-C again stops at once)\n"
+                    : "\nmoev: SIGTERM: saving a checkpoint after this step, then stopping\n");
 }
 
 }  // namespace
@@ -43,12 +46,16 @@ const std::atomic<bool>* stop_on_signals() {
     sa.sa_flags = SA_RESTART;  // reads and waits in progress go on rather than fail with EINTR
     ::sigaction(SIGINT, &sa, nullptr);
     ::sigaction(SIGTERM, &sa, nullptr);
+    // A rank whose launcher was killed writes into a pipe nobody reads: that
+    // write must fail, not kill the rank before it saved.
+    std::signal(SIGPIPE, SIG_IGN);
     return true;
   }();
   (void)installed;
   return &g_stop;
 }
 
-int stop_exit_code() { return g_signal ? 128 + static_cast<int>(g_signal) : 1; }
+// A rank of a job stopped by another rank's signal got none itself: it stopped as a SIGTERM asked.
+int stop_exit_code() { return 128 + (g_signal.load() ? g_signal.load() : SIGTERM); }
 
 }  // namespace moev::app

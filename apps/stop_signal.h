@@ -11,10 +11,13 @@ namespace moev::app {
 // Installs the handlers (once) and returns the flag they set. The first signal
 // asks the command to stop: it ends the step in progress, saves its checkpoint
 // and exits with stop_exit_code(). A later SIGTERM changes nothing (a launcher
-// or scheduler may send it again); a second SIGINT stops at once.
+// or scheduler may send it again); a second SIGINT stops at once. SIGPIPE is
+// ignored from then on (a write to a closed pipe fails instead).
 const std::atomic<bool>* stop_on_signals();
 
-// 128 + the signal that asked to stop (130 SIGINT, 143 SIGTERM); 1 if none did.
+// The exit status of a command that stopped on request: 128 + the signal
+// that asked (130 SIGINT, 143 SIGTERM); 143 in a rank that stopped because
+// another rank of its job was asked.
 int stop_exit_code();
 
 }  // namespace moev::app

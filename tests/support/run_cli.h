@@ -32,9 +32,10 @@ inline CliResult run_cli(const std::string& args, const std::string& env = "") {
 
 // `moev args` in the background, its stdout and stderr into `output`; its pid.
 inline pid_t start_cli(const std::string& args, const std::string& output) {
+  // Built before the fork: the child of a threaded process may only make async-signal-safe calls.
+  const std::string cmd = "exec " + std::string(MOEV_CLI_PATH) + " " + args + " > '" + output + "' 2>&1";
   const pid_t pid = ::fork();
   if (pid == 0) {
-    const std::string cmd = "exec " + std::string(MOEV_CLI_PATH) + " " + args + " > '" + output + "' 2>&1";
     ::execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
     ::_exit(127);
   }

@@ -73,27 +73,34 @@ TEST(Replicas, SplitBatchGivesTheWholeBatchGradients) {
 // batch's: counts summed, the dropped share weighted by each slice's
 // assignments and the share of tokens without an expert by its tokens.
 TEST(Replicas, SlicesReportTheWholeBatchsRoutingFigures) {
-  torch::manual_seed(4);
-  auto cfg = tiny_vmoe();
-  cfg.router.capacity_factor = 0.3;  // some tokens lose both choices
-  auto master = models::build_model(cfg);
-  const auto x = torch::randn({24, 1, 28, 28});
-  train::Replicas reps(master, cfg, 2, 2);
-  reps.train(false);
-  torch::NoGradGuard ng;
-  const auto xs = x.split_with_sizes({8, 16});  // whole routing groups of 4 images
-  reps.run(2, [&](int r) { reps.model(r).forward(xs[r]); });
-  const auto split = reps.last_stats(2);
-  reps.run(1, [&](int r) { reps.model(r).forward(x); });
-  const auto whole = reps.last_stats(1);
-  ASSERT_EQ(split.size(), whole.size());
-  for (size_t l = 0; l < whole.size(); ++l) {
-    EXPECT_EQ(split[l].expert_count, whole[l].expert_count) << l;
-    EXPECT_EQ(split[l].tokens, whole[l].tokens) << l;
-    EXPECT_NEAR(split[l].dropped_fraction, whole[l].dropped_fraction, 1e-12) << l;
-    EXPECT_NEAR(split[l].unrouted_fraction, whole[l].unrouted_fraction, 1e-12) << l;
-    EXPECT_GT(whole[l].unrouted_fraction, 0) << l;
-    EXPECT_LT(whole[l].unrouted_fraction, whole[l].dropped_fraction) << l;  // K = 2: most tokens keep one choice
+  for (const auto kind : {moe::RouterKind::kTopK, moe::RouterKind::kExpertChoice}) {
+    torch::manual_seed(4);
+    auto cfg = tiny_vmoe();
+    cfg.router.kind = kind;
+    cfg.router.capacity_factor = 0.3;  // some tokens lose both choices (top-K) or are picked by no expert (EC)
+    auto master = models::build_model(cfg);
+    const auto x = torch::randn({24, 1, 28, 28});
+    train::Replicas reps(master, cfg, 2, 2);
+    reps.train(false);
+    torch::NoGradGuard ng;
+    const auto xs = x.split_with_sizes({8, 16});  // whole routing groups of 4 images
+    reps.run(2, [&](int r) { reps.model(r).forward(xs[r]); });
+    const auto split = reps.last_stats(2);
+    reps.run(1, [&](int r) { reps.model(r).forward(x); });
+    const auto whole = reps.last_stats(1);
+    const bool ec = kind == moe::RouterKind::kExpertChoice;
+    ASSERT_EQ(split.size(), whole.size());
+    for (size_t l = 0; l < whole.size(); ++l) {
+      EXPECT_EQ(split[l].expert_count, whole[l].expert_count) << l << " ec " << ec;
+      EXPECT_EQ(split[l].tokens, whole[l].tokens) << l;
+      EXPECT_NEAR(split[l].dropped_fraction, whole[l].dropped_fraction, 1e-12) << l << " ec " << ec;
+      EXPECT_NEAR(split[l].unrouted_fraction, whole[l].unrouted_fraction, 1e-12) << l << " ec " << ec;
+      EXPECT_GT(whole[l].unrouted_fraction, 0) << l << " ec " << ec;
+      if (ec)  // a token no expert took is both
+        EXPECT_NEAR(split[l].unrouted_fraction, split[l].dropped_fraction, 1e-12) << l;
+      else  // K = 2: most tokens keep one choice
+        EXPECT_LT(whole[l].unrouted_fraction, whole[l].dropped_fraction) << l;
+    }
   }
 }
 

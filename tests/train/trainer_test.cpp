@@ -212,6 +212,50 @@ TEST(Trainer, ResumeEqualsUninterruptedRunWithWeightAverage) { expect_resume_equ
 // A stop request (SIGTERM, Ctrl-C) saves after the step in progress: nothing since the last checkpoint is lost.
 TEST(Trainer, StopRequestSavesAndResumesExactly) { expect_resume_equals_uninterrupted(1, 0, true); }
 
+// A stop at an epoch's last step saves before the epoch's evaluation, which the
+// resumed run makes: the checkpoint comes first in a grace period, and the run
+// ends as the uninterrupted one, evaluation lines included. One step per epoch.
+TEST(Trainer, StopAtAnEpochsEndSavesFirstAndTheResumedRunEvaluates) {
+  test::TempDir dir;
+  auto full = tiny_run(dir.file("full"));
+  full.data.train_limit = 64;
+  full.train.epochs = 3;
+  full.train.warmup_steps = 1;
+  full.train.checkpoint_every = 0;
+  const auto whole = train::train_model(full, {});
+  ASSERT_EQ(whole.steps, 3);
+  auto part = full;
+  part.train.out_dir = dir.file("part");
+  const std::atomic<bool> stop{true};
+  train::TrainRunOptions first;
+  first.stop = &stop;
+  const auto r1 = train::train_model(part, first);
+  EXPECT_TRUE(r1.stopped);
+  EXPECT_EQ(r1.steps, 1);
+  EXPECT_EQ(r1.eval.images, 0) << "evaluated before saving";
+  const auto st = nlohmann::json::parse(
+      train::load_checkpoint(train::checkpoint_path(part.train.out_dir), train::CheckpointLoad::kConfig).state_json);
+  EXPECT_EQ(st.at("epoch"), 0);
+  EXPECT_EQ(st.at("batch"), 1);
+  train::TrainRunOptions o;
+  o.resume = true;
+  const auto r2 = train::train_model(part, o);
+  EXPECT_TRUE(r2.finished);
+  EXPECT_EQ(r2.eval.top1, whole.eval.top1);
+  EXPECT_EQ(logged_losses(part.train.out_dir), logged_losses(full.train.out_dir));
+  auto evaluations = [](const std::string& out) {
+    std::ifstream in(std::filesystem::path(out) / "log.jsonl");
+    std::vector<int64_t> epochs;
+    for (std::string line; std::getline(in, line);) {
+      const auto j = nlohmann::json::parse(line);
+      if (j.contains("eval")) epochs.push_back(j.at("epoch").get<int64_t>());
+    }
+    return epochs;
+  };
+  EXPECT_EQ(evaluations(part.train.out_dir), (std::vector<int64_t>{1, 2, 3}));
+  EXPECT_EQ(evaluations(part.train.out_dir), evaluations(full.train.out_dir));
+}
+
 // train.replicas = 0 means one per thread: a run resumed with other threads (a
 // machine with other cores) cut its batches into other replicas and went on as
 // another run. It keeps the replicas it was saved with.

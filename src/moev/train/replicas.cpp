@@ -240,27 +240,19 @@ void Replicas::train(bool on) {
 std::vector<moe::MoEStats> Replicas::last_stats(int n) const {
   MOEV_CHECK(n >= 1 && n <= size(), "Replicas::last_stats: ", n, " slices for ", size(), " replicas");
   std::vector<moe::MoEStats> out;
+  // Each fraction weighted by its slice's tokens: dropped is per assignment (K per token, the same K in every
+  // slice) or per token (Expert-Choice), unrouted per token.
   for (size_t i = 0; i < moe_[0].size(); ++i) {
     moe::MoEStats s = moe_[0][i]->last_stats();
-    int64_t placed = 0;
-    for (auto c : s.expert_count) placed += c;
-    double assignments = placed / std::max(1e-12, 1.0 - s.dropped_fraction);
-    double dropped = s.dropped_fraction * assignments;
-    double unrouted = s.unrouted_fraction * double(s.tokens);
+    double dropped = s.dropped_fraction * double(s.tokens), unrouted = s.unrouted_fraction * double(s.tokens);
     for (int r = 1; r < n; ++r) {
       const auto& o = moe_[r][i]->last_stats();
-      int64_t p = 0;
-      for (size_t e = 0; e < o.expert_count.size(); ++e) {
-        s.expert_count[e] += o.expert_count[e];
-        p += o.expert_count[e];
-      }
-      const double a = p / std::max(1e-12, 1.0 - o.dropped_fraction);
-      assignments += a;
-      dropped += o.dropped_fraction * a;
+      for (size_t e = 0; e < o.expert_count.size(); ++e) s.expert_count[e] += o.expert_count[e];
+      dropped += o.dropped_fraction * double(o.tokens);
       unrouted += o.unrouted_fraction * double(o.tokens);
       s.tokens += o.tokens;
     }
-    s.dropped_fraction = assignments > 0 ? dropped / assignments : 0.0;
+    s.dropped_fraction = s.tokens > 0 ? dropped / double(s.tokens) : 0.0;
     s.unrouted_fraction = s.tokens > 0 ? unrouted / double(s.tokens) : 0.0;
     out.push_back(std::move(s));
   }

@@ -794,6 +794,9 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
       if (tc.checkpoint_every > 0 && pos.step % tc.checkpoint_every == 0 && pos.step < stop_at)
         save(pos);
     }
+    // Asked to stop at an epoch's end: saved before the epoch's evaluation, which the resumed run makes (the
+    // checkpoint comes first in a scheduler's grace period).
+    if (out.stopped) break;
     // The budget spent inside an epoch ends the run like its last epoch; max_steps only pauses it.
     const bool budget_spent = budgeted && pos.step >= total_steps;
     if (pos.step >= stop_at && pos.batch < per_epoch && !budget_spent) break;  // stopped inside an epoch
