@@ -113,6 +113,7 @@ TEST(Pretrain, ToyRunResumesExactlyLeavesHeadsAndStartsTraining) {
   test::TempDir dir;
   auto cfg = test::toy_resnest_run(dir.file("ssl"), 2);
   cfg.train.checkpoint_every = 4;
+  cfg.train.log_every = 4;  // lines at 4, 8, 12 and the end: the cut at 7 falls inside a window
   train::PretrainOptions o;
   o.epochs = 3;  // 15 steps of 10 images
   o.queue = 20;
@@ -139,6 +140,9 @@ TEST(Pretrain, ToyRunResumesExactlyLeavesHeadsAndStartsTraining) {
   // The figures a resumed run reports are the uninterrupted run's.
   EXPECT_EQ(resumed.knn_top1_init, full.knn_top1_init);
   EXPECT_EQ(resumed.final_loss, full.final_loss);
+  // Its log too: the pause wrote no line of its own, and the next averages the steps the uninterrupted run's does.
+  EXPECT_EQ(test::bytes_of(dir.file("cut") + "/pretrain_log.jsonl"),
+            test::bytes_of(dir.file("full") + "/pretrain_log.jsonl"));
   const auto a = train::load_checkpoint(dir.file("full") + "/pretrain.pt");
   const auto b = train::load_checkpoint(dir.file("cut") + "/pretrain.pt");
   for (const auto& [name, t] : a.model) EXPECT_TRUE(torch::equal(t, b.model.at(name))) << name;

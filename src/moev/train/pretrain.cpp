@@ -328,6 +328,10 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
   PretrainOutcome out;
   out.checkpoint = ckpt_path.string();
   at::Tensor rng;
+  // The step lines' window: saved with the checkpoint, so a resumed run's next line averages the steps the
+  // uninterrupted run's does.
+  double window = 0;
+  int64_t window_n = 0;
   if (o.resume) {
     MOEV_CHECK(fs::exists(ckpt_path), "pretrain --resume: no checkpoint ", ckpt_path.string(), " to resume");
     auto c = load_checkpoint(ckpt_path.string());
@@ -354,6 +358,8 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
     out.knn_top1_init = st.value("knn_top1_init", -1.0);
     epoch_loss = st.value("epoch_loss", 0.0);
     epoch_n = st.value("epoch_steps", int64_t{0});
+    window = st.value("window_loss", 0.0);
+    window_n = st.value("window_steps", int64_t{0});
     rng = c.rng;
   }
   // A second run into a directory replaced the first's log at once and its checkpoint soon after.
@@ -376,7 +382,9 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
                           {"options", opts_json},
                           {"knn_top1_init", out.knn_top1_init},
                           {"epoch_loss", epoch_loss},
-                          {"epoch_steps", epoch_n}}}}
+                          {"epoch_steps", epoch_n},
+                          {"window_loss", window},
+                          {"window_steps", window_n}}}}
                        .dump();
     c.model = module_tensors(*model);
     // The rest of the run's state, which only a resumed pre-training reads back.
@@ -399,8 +407,6 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
   auto seed_of = [&](int64_t s, int64_t what) { return data::splitmix64(base + 3 * static_cast<uint64_t>(s) + what); };
   const auto moe_layers = moe::find_moe_layers(*model);
   viz::ProgressBar bar(tc.progress ? o.progress : nullptr, total, "pretrain", "step", o.interactive, step);
-  double window = 0;
-  int64_t window_n = 0;
   const auto t0 = std::chrono::steady_clock::now();
   // Restored last: everything above that draws (weight init, queues) ran as in
   // the first process, and drop path must continue the stream it left.
@@ -475,7 +481,7 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
         stop_at = step;
         out.stopped = true;
       }
-      if (step % log_every == 0 || step == stop_at) {
+      if (step % log_every == 0 || step == total) {  // a pause (max_steps, a stop) keeps its window
         log.write(json{{"step", step}, {"epoch", static_cast<double>(step) / per_epoch}, {"loss", window / window_n},
                        {"lr", lr}},
                   step);
