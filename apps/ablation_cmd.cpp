@@ -203,10 +203,14 @@ Runner add_ablation(CLI::App& app) {
       const auto& t = tasks[i];
       const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
       if (!ok) {
+        // 130, 143: stopped on request after saving (SIGINT, SIGTERM to the run), not broken.
+        const bool asked = WIFEXITED(status) && (WEXITSTATUS(status) == 130 || WEXITSTATUS(status) == 143);
         if (failure.empty())
-          failure = t.name + " failed (" + (WIFEXITED(status) ? "exit " + std::to_string(WEXITSTATUS(status))
-                                                              : "signal " + std::to_string(WTERMSIG(status))) +
-                    "); see " + (fs::path(t.cfg.train.out_dir) / "output.log").string();
+          failure = t.name + (asked ? " stopped on request (" : " failed (") +
+                    (WIFEXITED(status) ? "exit " + std::to_string(WEXITSTATUS(status))
+                                       : "signal " + std::to_string(WTERMSIG(status))) +
+                    (asked ? "); the same command again continues it" : "); see ") +
+                    (asked ? "" : (fs::path(t.cfg.train.out_dir) / "output.log").string());
         state[i] = kWaiting;
         continue;
       }

@@ -257,8 +257,10 @@ Runner add_hardmoe(CLI::App& app) {
         } else {
           state[e] = kFailed;
           const std::string log = (fs::path(hardmoe::expert_dir(hm.dir, e)) / "output.log").string();
-          line[e] = "FAILED; see " + log;
-          failures.push_back("expert " + std::to_string(e) + " (see " + log + ")");
+          // 130, 143: stopped on request after saving its checkpoint (a SIGTERM to the expert), not broken.
+          const bool asked = WIFEXITED(st) && (WEXITSTATUS(st) == 130 || WEXITSTATUS(st) == 143);
+          line[e] = asked ? "stopped on request (saved; rerun to continue)" : "FAILED; see " + log;
+          failures.push_back("expert " + std::to_string(e) + (asked ? " (stopped on request)" : " (see " + log + ")"));
         }
       } else {
         std::this_thread::sleep_for(std::chrono::milliseconds(500));
