@@ -21,6 +21,7 @@
 
 #include "children.h"
 #include "commands.h"
+#include "stop_signal.h"
 #include "moev/core/error.h"
 #include "moev/io/table.h"
 #include "moev/train/ablation.h"
@@ -203,8 +204,7 @@ Runner add_ablation(CLI::App& app) {
       const auto& t = tasks[i];
       const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
       if (!ok) {
-        // 130, 143: stopped on request after saving (SIGINT, SIGTERM to the run), not broken.
-        const bool asked = WIFEXITED(status) && (WEXITSTATUS(status) == 130 || WEXITSTATUS(status) == 143);
+        const bool asked = stopped_on_request(status);  // saved: not broken
         if (failure.empty())
           failure = t.name + (asked ? " stopped on request (" : " failed (") +
                     (WIFEXITED(status) ? "exit " + std::to_string(WEXITSTATUS(status))

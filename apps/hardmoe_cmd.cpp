@@ -257,8 +257,7 @@ Runner add_hardmoe(CLI::App& app) {
         } else {
           state[e] = kFailed;
           const std::string log = (fs::path(hardmoe::expert_dir(hm.dir, e)) / "output.log").string();
-          // 130, 143: stopped on request after saving its checkpoint (a SIGTERM to the expert), not broken.
-          const bool asked = WIFEXITED(st) && (WEXITSTATUS(st) == 130 || WEXITSTATUS(st) == 143);
+          const bool asked = stopped_on_request(st);  // saved its checkpoint: not broken
           line[e] = asked ? "stopped on request (saved; rerun to continue)" : "FAILED; see " + log;
           failures.push_back("expert " + std::to_string(e) + (asked ? " (stopped on request)" : " (see " + log + ")"));
         }

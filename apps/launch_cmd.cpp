@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "commands.h"
+#include "stop_signal.h"
 #include "moev/core/error.h"
 
 namespace moev::app {
@@ -61,7 +62,7 @@ struct Child {
   int fd = -1;          // read end of the child's stdout + stderr
   std::string pending;  // a partial line not yet printed
   int status = -1;      // exit code once it ended (128 + signal when killed)
-  bool killed = false;  // ended by a signal, not by exiting
+  int wait_status = 0;  // as waitpid gave it
 };
 
 void forward(Child& c, int rank, const char* data, size_t n) {
@@ -187,7 +188,6 @@ Runner add_launch(CLI::App& app) {
     // its peers: they are asked, not killed. After any other failure a rank that
     // takes a SIGTERM as a request to stop may be waiting on the dead one.
     bool asked_to_stop = false;
-    auto stopped_on_request = [](int status) { return status == 128 + SIGINT || status == 128 + SIGTERM; };
     char buf[4096];
     while (open_fds > 0) {
       std::vector<pollfd> pf;
@@ -216,10 +216,10 @@ Runner add_launch(CLI::App& app) {
         int st = 0;
         if (c.status < 0 && c.pid > 0 && ::waitpid(c.pid, &st, WNOHANG) == c.pid) {
           c.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-          c.killed = !WIFEXITED(st);
+          c.wait_status = st;
           if (c.status != 0 && !failed) {
             failed = true;
-            asked_to_stop = !c.killed && stopped_on_request(c.status);
+            asked_to_stop = stopped_on_request(st);
             first_failure = std::chrono::steady_clock::now();
           }
         }
@@ -236,14 +236,14 @@ Runner add_launch(CLI::App& app) {
         int st = 0;
         ::waitpid(c.pid, &st, 0);
         c.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-        c.killed = !WIFEXITED(st);
+        c.wait_status = st;
       }
       if (c.status != 0) {
         std::cerr << "moev launch: rank " << f->node_rank * f->nproc + i;
-        if (c.killed)
+        if (WIFSIGNALED(c.wait_status))
           std::cerr << " was ended by signal " << c.status - 128 << " (status " << c.status << ")\n";
         else
-          std::cerr << (stopped_on_request(c.status) ? " stopped on request" : " exited") << " with status "
+          std::cerr << (stopped_on_request(c.wait_status) ? " stopped on request" : " exited") << " with status "
                     << c.status << "\n";
         if (code == 0) code = c.status;
       }

@@ -5,6 +5,7 @@
 #include <csignal>
 #include <cstring>
 
+#include <sys/wait.h>
 #include <unistd.h>
 
 namespace moev::app {
@@ -56,6 +57,11 @@ const std::atomic<bool>* stop_on_signals() {
 }
 
 // A rank of a job stopped by another rank's signal got none itself: it stopped as a SIGTERM asked.
+bool stopped_on_request(int wait_status) {
+  return WIFEXITED(wait_status) &&
+         (WEXITSTATUS(wait_status) == 128 + SIGINT || WEXITSTATUS(wait_status) == 128 + SIGTERM);
+}
+
 int stop_exit_code() { return 128 + (g_signal.load() ? g_signal.load() : SIGTERM); }
 
 }  // namespace moev::app

@@ -20,4 +20,8 @@ const std::atomic<bool>* stop_on_signals();
 // another rank of its job was asked.
 int stop_exit_code();
 
+// Whether a child's wait status is such an exit (130 or 143, not a kill by a
+// signal): it saved and the same command continues it.
+bool stopped_on_request(int wait_status);
+
 }  // namespace moev::app
