@@ -134,7 +134,7 @@ TEST(Cli, SigtermSavesTheStepInProgressAndTheRunResumes) {
                                               "--set train.eval_each_epoch=false --out " + out,
                                           dir.file("out.txt"));
   ASSERT_GT(pid, 0);
-  const bool training = moev::test::wait_for_lines(out + "/log.jsonl", 3);
+  const bool training = moev::test::wait_for_lines(out + "/log.jsonl", 3, 60, pid);
   ::kill(pid, training ? SIGTERM : SIGKILL);  // not training after a minute: no run of 2000 steps to wait for
   const int code = moev::test::wait_cli(pid);
   const auto text = bytes_of(dir.file("out.txt"));
@@ -738,6 +738,28 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
   std::ofstream(dir.file("tagged.toml")) << "[ensemble]\nmembers = [\"" << dir.file("run/checkpoint.pt") << "\"]\n";
   expect_clean_failure("ensemble --config " + dir.file("tagged.toml") + " --threads 1",
                        {"run/checkpoint.pt", "tagged images", "single-label test sets only"});
+  {  // A SIGTERM to an expert's training (a scheduler's job) saves it, writes no result and says how to go on.
+    const std::string c = dir.file("stopped"), long_cfg = dir.file("hm_long.toml");
+    std::string text = bytes_of(cfg);
+    text.replace(text.find("expert_epochs = 1\n"), 18, "expert_epochs = 1000\n");
+    std::ofstream(long_cfg) << text;
+    r = run("hardmoe cluster --config " + long_cfg + " --dir " + c);
+    ASSERT_EQ(r.code, 0) << r.out;
+    const pid_t pid = moev::test::start_cli("hardmoe train-expert --config " + long_cfg + " --dir " + c +
+                                                " --expert 0 --set train.log_every=1",
+                                            dir.file("stop.txt"));
+    ASSERT_GT(pid, 0);
+    const bool training = moev::test::wait_for_lines(c + "/expert_0/log.jsonl", 2, 60, pid);
+    ::kill(pid, training ? SIGTERM : SIGKILL);
+    const int code = moev::test::wait_cli(pid);
+    text = bytes_of(dir.file("stop.txt"));
+    ASSERT_TRUE(training) << text;
+    EXPECT_EQ(code, 143) << text;
+    EXPECT_NE(text.find("moev: expert 0 stopped at step"), std::string::npos) << text;
+    EXPECT_NE(text.find("the same command again continues it"), std::string::npos) << text;
+    EXPECT_TRUE(std::filesystem::exists(c + "/expert_0/checkpoint.pt"));
+    EXPECT_FALSE(std::filesystem::exists(c + "/expert_0/result.json"));
+  }
   // Bad input: an expert the partition does not have, a manifest line whose image is missing.
   expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 2", {"--expert 2", "2 experts", "0..1"});
   // Checked though the expert is done (it said "already trained" at exit 0), and 0 experts is not "unset".

@@ -253,7 +253,7 @@ TEST(Launch, SigtermToOneRankStopsEveryRankAtOneStepAndTheJobResumes) {
   const pid_t launcher = moev::test::start_cli(
       launch(2) + kRun + "--threads 1 --epochs 1000 --set train.log_every=1 --out " + out, dir.file("out.txt"));
   ASSERT_GT(launcher, 0);
-  const bool training = moev::test::wait_for_lines(out + "/log.jsonl", 3);
+  const bool training = moev::test::wait_for_lines(out + "/log.jsonl", 3, 60, launcher);
   std::vector<pid_t> ranks;  // in rank order: the launcher starts rank 0 first
   std::ifstream children("/proc/" + std::to_string(launcher) + "/task/" + std::to_string(launcher) + "/children");
   for (pid_t pid; children >> pid;) ranks.push_back(pid);

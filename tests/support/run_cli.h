@@ -49,8 +49,20 @@ inline int wait_cli(pid_t pid) {
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
-// Waits up to `seconds` for `path` to hold at least `lines` lines; whether it did.
-inline bool wait_for_lines(const std::string& path, int lines, double seconds = 60) {
+// Whether process `pid` has ended (a zombie not yet waited for counts as ended).
+inline bool has_ended(pid_t pid) {
+  std::string stat;
+  if (FILE* f = std::fopen(("/proc/" + std::to_string(pid) + "/stat").c_str(), "r")) {
+    for (int c; (c = std::fgetc(f)) != EOF;) stat += static_cast<char>(c);
+    std::fclose(f);
+  }
+  const auto close = stat.rfind(')');
+  return close == std::string::npos || close + 2 >= stat.size() || stat[close + 2] == 'Z';
+}
+
+// Waits up to `seconds` for `path` to hold at least `lines` lines; whether it
+// did. With `pid`: gives up as soon as that process has ended (an error at start).
+inline bool wait_for_lines(const std::string& path, int lines, double seconds = 60, pid_t pid = -1) {
   const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
   while (std::chrono::steady_clock::now() < until) {
     int n = 0;
@@ -59,6 +71,7 @@ inline bool wait_for_lines(const std::string& path, int lines, double seconds = 
       std::fclose(f);
     }
     if (n >= lines) return true;
+    if (pid > 0 && has_ended(pid)) return false;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   return false;
