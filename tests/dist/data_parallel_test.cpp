@@ -281,6 +281,43 @@ TEST(Launch, SigtermToOneRankStopsEveryRankAtOneStepAndTheJobResumes) {
   EXPECT_NE(r.out.find("trained " + std::to_string(step + 2) + " steps"), std::string::npos) << r.out;
 }
 
+// A SIGTERM to rank 0 while it evaluates ends the evaluation at its next batch,
+// not after the whole test set: both ranks stop at the epoch's last step, the
+// checkpoint before the epoch's end, and the resumed job makes that evaluation.
+// Data parallel, rank 1 waits for rank 0's evaluation; expert parallel, both
+// run it and agree before each batch. The test set is all 10,000 images, so the
+// evaluation takes seconds, long enough to be signalled inside.
+TEST(Launch, SigtermDuringTheEvaluationStopsTheJobBeforeTheEpochsEnd) {
+  for (const std::string mode : {"", "--set train.expert_parallel=true "}) {
+    SCOPED_TRACE(mode.empty() ? "data parallel" : "expert parallel");
+    moev::test::TempDir dir;
+    const std::string out = dir.file("r");
+    const std::string run = kRun + mode + "--threads 1 --epochs 1 --set model.width=192 --set model.mlp_dim=384 "
+                                          "--set data.test_limit=0 --set train.log_every=1 ";
+    const pid_t launcher = moev::test::start_cli(launch(2) + run + "--out " + out, dir.file("out.txt"));
+    ASSERT_GT(launcher, 0);
+    // The line of step 8 (512 images in batches of 64): the epoch's steps are done and its evaluation begins.
+    const bool evaluating = moev::test::wait_for_lines(out + "/log.jsonl", 8, 60, launcher);
+    std::vector<pid_t> ranks;
+    std::ifstream children("/proc/" + std::to_string(launcher) + "/task/" + std::to_string(launcher) + "/children");
+    for (pid_t pid; children >> pid;) ranks.push_back(pid);
+    if (!evaluating || ranks.size() != 2u) ::kill(launcher, SIGKILL);
+    else ::kill(ranks[0], SIGTERM);
+    const int code = moev::test::wait_cli(launcher);
+    const auto text = moev::test::bytes_of(dir.file("out.txt"));
+    ASSERT_TRUE(evaluating) << text;
+    EXPECT_EQ(code, 143) << text;
+    EXPECT_NE(text.find("[rank 0] stopped at step 8 on request"), std::string::npos) << text;
+    EXPECT_NE(text.find("[rank 1] rank 1 of 2: stopped after 8 steps"), std::string::npos) << text;
+    EXPECT_EQ(moev::test::bytes_of(out + "/log.jsonl").find("\"eval\""), std::string::npos) << "evaluated in full";
+    const auto r = moev::test::run_cli(launch(2) + "train --out " + out + " --resume");
+    EXPECT_EQ(r.code, 0) << r.out;
+    EXPECT_NE(r.out.find("trained 8 steps (1 epoch)"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("test top-1"), std::string::npos) << r.out;
+    EXPECT_NE(moev::test::bytes_of(out + "/log.jsonl").find("\"eval\""), std::string::npos);
+  }
+}
+
 // Rank 0 cannot serve the store (its port is taken): it says so at once, and
 // the launcher stops the other rank within seconds instead of letting it wait
 // out its timeout; bad launcher flags and commands that are not distributed

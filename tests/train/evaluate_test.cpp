@@ -76,3 +76,27 @@ TEST(Evaluate, RoutingWeightsAreThePlacedGatesOnly) {
   EXPECT_GT(gates, 0.5 * tokens);  // the top 2 of 4 gates hold at least half
   EXPECT_LT(gates, 0.999 * tokens);
 }
+
+// A stop asked during an evaluation ends it before the next batch: the figures
+// are those of the batches done, as an evaluation of just those images gives.
+TEST(Evaluate, AStopEndsItAtABatchWithTheFiguresOfTheImagesDone) {
+  auto c = routed_run(1, /*renormalize=*/true, 96);
+  torch::manual_seed(0);
+  auto model = models::build_model(c.model);
+  auto ds = train::open_datasets(c.data, c.model, /*load_train=*/false);
+  int asked = 0;
+  const auto part = train::evaluate(*model, ds.test, ds.mean, ds.std, 32, torch::kCPU, nullptr, false, false, false,
+                                    [&] { return ++asked > 2; });
+  EXPECT_EQ(asked, 3);
+  EXPECT_TRUE(part.stopped);
+  EXPECT_EQ(part.images, 64);
+  c.data.test_limit = 64;
+  auto first = train::open_datasets(c.data, c.model, /*load_train=*/false);
+  const auto whole = train::evaluate(*model, first.test, ds.mean, ds.std, 32, torch::kCPU, nullptr, false, false,
+                                     false, [] { return false; });
+  EXPECT_FALSE(whole.stopped);
+  EXPECT_EQ(whole.images, 64);
+  EXPECT_DOUBLE_EQ(part.top1, whole.top1);
+  EXPECT_DOUBLE_EQ(part.loss, whole.loss);
+  EXPECT_EQ(part.expert_load, whole.expert_load);
+}

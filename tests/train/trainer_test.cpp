@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "support/expect_error.h"
+#include "support/stop_when_seen.h"
 #include "support/temp_dir.h"
 #include "support/tiny_vmoe.h"
 #include "moev/io/file_lock.h"
@@ -218,10 +219,10 @@ TEST(Trainer, ResumeEqualsUninterruptedRunWithWeightAverage) { expect_resume_equ
 // A stop request (SIGTERM, Ctrl-C) saves after the step in progress: nothing since the last checkpoint is lost.
 TEST(Trainer, StopRequestSavesAndResumesExactly) { expect_resume_equals_uninterrupted(1, 0, true); }
 
-// A stop at an epoch's last step saves before the epoch's evaluation, which the
-// resumed run makes: the checkpoint comes first in a grace period, and the run
-// ends as the uninterrupted one, evaluation lines included. One step per epoch.
-TEST(Trainer, StopAtAnEpochsEndSavesFirstAndTheResumedRunEvaluates) {
+// A stop at an epoch's end, or during its evaluation, saves without another
+// step; an evaluation cut short is the resumed run's to make. Each case ends as
+// the uninterrupted run, evaluation lines included. One step per epoch.
+TEST(Trainer, StopAtAnEpochsEndOrDuringItsEvaluationSavesAndTheResumedRunEvaluates) {
   test::TempDir dir;
   auto full = tiny_run(dir.file("full"));
   full.data.train_limit = 64;
@@ -230,27 +231,47 @@ TEST(Trainer, StopAtAnEpochsEndSavesFirstAndTheResumedRunEvaluates) {
   full.train.checkpoint_every = 0;
   const auto whole = train::train_model(full, {});
   ASSERT_EQ(whole.steps, 3);
-  auto part = full;
-  part.train.out_dir = dir.file("part");
-  const std::atomic<bool> stop{true};
-  train::TrainRunOptions first;
-  first.stop = &stop;
-  const auto r1 = train::train_model(part, first);
-  EXPECT_TRUE(r1.stopped);
-  EXPECT_EQ(r1.steps, 1);
-  EXPECT_EQ(r1.eval.images, 0) << "evaluated before saving";
-  const auto st = nlohmann::json::parse(
-      train::load_checkpoint(train::checkpoint_path(part.train.out_dir), train::CheckpointLoad::kConfig).state_json);
-  EXPECT_EQ(st.at("epoch"), 0);
-  EXPECT_EQ(st.at("batch"), 1);
-  train::TrainRunOptions o;
-  o.resume = true;
-  const auto r2 = train::train_model(part, o);
-  EXPECT_TRUE(r2.finished);
-  EXPECT_EQ(r2.eval.top1, whole.eval.top1);
-  EXPECT_EQ(logged_losses(part.train.out_dir), logged_losses(full.train.out_dir));
-  EXPECT_EQ(evaluated_epochs(part.train.out_dir), (std::vector<int64_t>{1, 2, 3}));
-  EXPECT_EQ(evaluated_epochs(part.train.out_dir), evaluated_epochs(full.train.out_dir));
+  struct Case {
+    std::string trigger;           // the progress text that raises the stop ("": raised from the start)
+    int64_t steps, epoch, batch;   // where the first process stops, as its checkpoint says
+    std::vector<int64_t> evaluated;  // the epochs it evaluated
+  };
+  const Case cases[] = {
+      {"", 1, 0, 1, {}},                          // before step 1's check: saved before the evaluation
+      {"] 1/3", 1, 0, 1, {}},                     // after it: the evaluation of epoch 1 cut short
+      {"epoch 1: test top-1", 1, 1, 0, {1}},      // after that evaluation: no step 2
+      {"] 3/3", 3, 2, 1, {1, 2}},                 // the last evaluation cut short: not finished
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE("stop on '" + c.trigger + "'");
+    auto part = full;
+    part.train.out_dir = dir.file("part" + std::to_string(&c - cases));
+    part.train.progress = true;
+    test::StopWhenSeen progress(c.trigger);
+    train::TrainRunOptions first;
+    first.stop = progress.flag();
+    first.progress = &progress;
+    const auto r1 = train::train_model(part, first);
+    EXPECT_TRUE(progress.raised());
+    EXPECT_TRUE(r1.stopped);
+    EXPECT_FALSE(r1.finished);
+    EXPECT_EQ(r1.steps, c.steps);
+    const auto st = nlohmann::json::parse(
+        train::load_checkpoint(train::checkpoint_path(part.train.out_dir), train::CheckpointLoad::kConfig).state_json);
+    EXPECT_EQ(st.at("step"), c.steps);
+    EXPECT_EQ(st.at("epoch"), c.epoch);
+    EXPECT_EQ(st.at("batch"), c.batch);
+    EXPECT_EQ(evaluated_epochs(part.train.out_dir), c.evaluated);
+    train::TrainRunOptions o;
+    o.resume = true;
+    const auto r2 = train::train_model(part, o);
+    EXPECT_TRUE(r2.finished);
+    EXPECT_FALSE(r2.stopped);
+    EXPECT_EQ(r2.eval.images, whole.eval.images);
+    EXPECT_EQ(r2.eval.top1, whole.eval.top1);
+    EXPECT_EQ(logged_losses(part.train.out_dir), logged_losses(full.train.out_dir));
+    EXPECT_EQ(evaluated_epochs(part.train.out_dir), (std::vector<int64_t>{1, 2, 3}));
+  }
 }
 
 // train.replicas = 0 means one per thread: a run resumed with other threads (a

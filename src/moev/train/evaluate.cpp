@@ -110,7 +110,7 @@ at::Tensor eval_slice(models::Classifier& model, const std::vector<moe::MoELayer
 EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector<float>& mean,
                     const std::vector<float>& std, int64_t batch_size, const c10::Device& device,
                     std::ostream* progress, bool interactive, bool routing_by_class,
-                    int64_t slice_multiple, bool sigmoid_tags) {
+                    int64_t slice_multiple, bool sigmoid_tags, const std::function<bool()>& stop) {
   auto& model = reps.model(0);
   const bool was_training = model.is_training();
   reps.train(false);
@@ -132,7 +132,12 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
   at::Tensor scores = ml ? torch::empty({n, set.targets.size(1)}) : at::Tensor();
   viz::ProgressBar bar(progress, n, "eval", "img", interactive);
   const auto t0 = std::chrono::steady_clock::now();
+  int64_t done = 0;  // images evaluated: n unless stopped
   for (int64_t i = 0; i < n; i += batch_size) {
+    if (stop && stop()) {
+      r.stopped = true;
+      break;
+    }
     const int64_t b = std::min(batch_size, n - i);
     auto x = data::normalize_images(set.images.narrow(0, i, b), mean, std).to(device);
     auto y = set.labels.narrow(0, i, b).to(device);
@@ -147,7 +152,8 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
       // softmax model's logits carry a per-image offset (a hard MoE's, one per expert).
       if (ml) out[k].copy_(sigmoid_tags ? torch::sigmoid(logits) : torch::softmax(logits, 1));
     });
-    bar.update(i + b);
+    done = i + b;
+    bar.update(done);
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   bar.finish();
@@ -180,15 +186,16 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
       }
     }
   }
-  r.images = n;
-  r.top1 = n ? double(all.correct1) / double(n) : 0;
-  r.top5 = n ? double(all.correct5) / double(n) : 0;
-  r.loss = n ? all.loss_sum / double(n) : 0;
-  r.images_per_s = secs > 0 ? double(n) / secs : 0;
-  if (ml && n > 0) {
+  r.images = done;
+  r.top1 = done ? double(all.correct1) / double(done) : 0;
+  r.top5 = done ? double(all.correct5) / double(done) : 0;
+  r.loss = done ? all.loss_sum / double(done) : 0;
+  r.images_per_s = secs > 0 ? double(done) / secs : 0;
+  if (ml && done > 0) {
+    const auto targets = set.targets.narrow(0, 0, done);
     // k: the mean number of tags per image, rounded (3 for 2x2 mosaics of 10 classes).
-    const auto k = std::max<int64_t>(1, std::llround(set.targets.sum().item<double>() / double(n)));
-    const auto m = multilabel_metrics(scores, set.targets, k);
+    const auto k = std::max<int64_t>(1, std::llround(targets.sum().item<double>() / double(done)));
+    const auto m = multilabel_metrics(scores.narrow(0, 0, done), targets, k);
     r.multilabel = true;
     r.precision_at_k = m.precision_at_k;
     r.recall_at_k = m.recall_at_k;
@@ -202,8 +209,8 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
     int64_t total = 0;
     for (auto c : all.counts[l]) total += c;
     for (auto c : all.counts[l]) r.expert_load[l].push_back(total ? double(c) / double(total) : 0);
-    r.dropped[l] = n ? all.dropped[l] / double(n) : 0;
-    r.unrouted[l] = n ? all.unrouted[l] / double(n) : 0;
+    r.dropped[l] = done ? all.dropped[l] / double(done) : 0;
+    r.unrouted[l] = done ? all.unrouted[l] / double(done) : 0;
     for (int k = 0; k < reps.size(); ++k) reps.moe_layers(k)[l]->options.keep_routing(kept[l]);
     if (all.by_class[l].defined()) {
       auto c = all.by_class[l].contiguous();
@@ -227,10 +234,11 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
 EvalResult evaluate(models::Classifier& model, const data::ImageSet& set,
                     const std::vector<float>& mean, const std::vector<float>& std,
                     int64_t batch_size, const c10::Device& device, std::ostream* progress,
-                    bool interactive, bool routing_by_class, bool sigmoid_tags) {
+                    bool interactive, bool routing_by_class, bool sigmoid_tags,
+                    const std::function<bool()>& stop) {
   Replicas one(std::static_pointer_cast<models::Classifier>(model.shared_from_this()), {}, 1, 1);
   return evaluate(one, set, mean, std, batch_size, device, progress, interactive, routing_by_class, 1,
-                  sigmoid_tags);
+                  sigmoid_tags, stop);
 }
 
 size_t apply_router_overrides(models::Classifier& model, const RouterOverrides& o) {

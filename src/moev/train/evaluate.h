@@ -3,9 +3,13 @@
 // multi-label set also precision@k, recall@k and mAP, ranked by the model's
 // probabilities: the softmax over tags, or per-tag sigmoids (sigmoid_tags) for
 // a model trained with train.multilabel_loss = "sigmoid"; the loss is that one.
+// `stop`, when given, is asked before every batch: true ends the evaluation
+// there (a stop request during training's evaluation; the caller decides what a
+// partial result means), so a long test set does not outlast a grace period.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <ostream>
 #include <string>
@@ -25,7 +29,9 @@ struct EvalResult {
   double precision_at_k = 0, recall_at_k = 0, mean_ap = 0;
   int64_t k = 0;                             // the mean tag count per image, rounded
   double images_per_s = 0;                   // forward throughput
-  int64_t images = 0;
+  int64_t images = 0;                        // images the figures cover
+  // Ended early by the stop predicate: the figures cover the first `images` only.
+  bool stopped = false;
   std::vector<std::vector<double>> expert_load;  // [layer][expert] share of filled slots
   std::vector<double> dropped;                   // [layer] fraction of assignments dropped (EC: of tokens)
   std::vector<double> unrouted;                  // [layer] fraction of tokens that got no expert
@@ -46,7 +52,8 @@ struct EvalResult {
 EvalResult evaluate(models::Classifier& model, const data::ImageSet& set,
                     const std::vector<float>& mean, const std::vector<float>& std,
                     int64_t batch_size, const c10::Device& device, std::ostream* progress = nullptr,
-                    bool interactive = false, bool routing_by_class = false, bool sigmoid_tags = false);
+                    bool interactive = false, bool routing_by_class = false, bool sigmoid_tags = false,
+                    const std::function<bool()>& stop = {});
 
 // The same, with the batches split over data-parallel replicas (one thread each),
 // in slices of whole routing groups (slice_multiple images).
@@ -54,7 +61,8 @@ class Replicas;
 EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector<float>& mean,
                     const std::vector<float>& std, int64_t batch_size, const c10::Device& device,
                     std::ostream* progress = nullptr, bool interactive = false,
-                    bool routing_by_class = false, int64_t slice_multiple = 1, bool sigmoid_tags = false);
+                    bool routing_by_class = false, int64_t slice_multiple = 1, bool sigmoid_tags = false,
+                    const std::function<bool()>& stop = {});
 
 // Sets K, capacity, BPR, router kind or droplessness of every MoE layer (the
 // model keeps E). Unset values leave that setting as it is; bad values, and a

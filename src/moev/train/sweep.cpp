@@ -287,7 +287,11 @@ std::vector<SweepRow> run_sweep(const std::vector<SweepRun>& runs, const std::st
     const auto ckpt = (dir / "checkpoint.pt").string();
     auto t = load_trained(ckpt, c10::Device(cfg.train.device));
     auto ds = open_test_set(t, t.cfg.data, ckpt);
-    auto e = evaluate(*t.model, ds.test, ds.mean, ds.std, 256, c10::Device(cfg.train.device));
+    auto e = evaluate(*t.model, ds.test, ds.mean, ds.std, 256, c10::Device(cfg.train.device), nullptr, false, false,
+                      false, [stop] { return stop && stop->load(); });
+    if (e.stopped)  // the run is trained and saved: the sweep again evaluates it
+      throw Stopped("sweep stopped while evaluating run " + run.name + " (" + std::to_string(i) + " of " +
+                    std::to_string(runs.size()) + " runs done): the same sweep command again continues it");
     const auto cost = models::model_cost(cfg.model);
     SweepRow r{run.name, run.model, run.placement, run.experts, run.k, e.top1, cost.params,
                cost.active_params, cost.flops, outcome.train_images_per_s, e.images_per_s};

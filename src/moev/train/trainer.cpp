@@ -500,11 +500,24 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     save_checkpoint(ckpt_file, c);
   };
 
+  // A stop asked during an evaluation ends it at the next batch: a test set that
+  // takes minutes would outlast a scheduler's grace period. With expert shards
+  // every rank runs the evaluation's forwards, so they agree batch by batch.
+  const std::function<bool()> eval_stop = [&] {
+    bool asked = opts.stop && opts.stop->load();
+    if (shards && comm) {
+      auto t = torch::tensor({asked ? 1.0 : 0.0}, torch::kDouble);
+      comm->all_reduce_sum({t});
+      asked = t[0].item<double>() > 0;
+    }
+    return asked;
+  };
   // The test-set figures of the training weights (raw), or of the weight
-  // average when the run keeps one (the default).
+  // average when the run keeps one (the default); `stopped` when a stop ended it.
   auto evaluate_model = [&](bool raw = false) {
     auto run = [&] {
-      return evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of, sigmoid_tags);
+      return evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of, sigmoid_tags,
+                      opts.stop || (shards && comm) ? eval_stop : std::function<bool()>{});
     };
     if (!avg || raw) return run();
     EvalResult e;
@@ -538,7 +551,9 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   if (opts.resume && resume_from.rng.numel() > 0) set_cpu_rng_state(resume_from.rng);
   resume_from = Checkpoint{};  // all copied into place: not held (4x the weights) for the rest of the run
   const Position started_at = pos;
-  while (pos.step < stop_at && pos.epoch < all_epochs) {
+  // An epoch whose steps are all taken but whose end is not (a stop came before
+  // or during its evaluation) is entered for that end, its last epoch too.
+  while ((pos.step < stop_at || pos.batch == per_epoch) && pos.epoch < all_epochs) {
     std::vector<std::unique_ptr<data::BatchLoader>> loaders;
     for (int64_t v = 0; v < views; ++v) {
       auto lv = lo;
@@ -800,22 +815,26 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     // The budget spent inside an epoch ends the run like its last epoch; max_steps only pauses it.
     const bool budget_spent = budgeted && pos.step >= total_steps;
     if (pos.step >= stop_at && pos.batch < per_epoch && !budget_spent) break;  // stopped inside an epoch
+    const Position before_eval = pos;  // where an evaluation cut short by a stop leaves the run
     ++pos.epoch;
     pos.batch = 0;
     out.epochs_done = pos.epoch;
     const bool eval_now = tc.eval_each_epoch || pos.epoch == all_epochs || budget_spent;
+    bool eval_stopped = false;
     if (!lead) {
       // Expert shards: every rank runs the evaluation's forwards (each holds
       // experts the others need); otherwise rank 0 evaluates alone.
-      if (eval_now && shards) evaluate_model();
+      if (eval_now && shards) eval_stopped = evaluate_model().stopped;
       if (eval_now) comm->barrier(eval_wait_s);
     } else if (eval_now) {
       const auto t_eval = std::chrono::steady_clock::now();
-      out.eval = evaluate_model();
+      auto e = evaluate_model();
       // What the average adds, beside it (the expert shards' evaluation needs every rank).
       std::optional<EvalResult> raw;
-      if (avg && !shards) raw = evaluate_model(/*raw=*/true);
+      if (avg && !shards && !e.stopped) raw = evaluate_model(/*raw=*/true);
+      eval_stopped = e.stopped || (raw && raw->stopped);
       eval_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_eval).count();
+      if (!eval_stopped) out.eval = std::move(e);
       // Wall time since this process started training, evaluations included: what
       // a time budget counts (a resumed run starts again from 0).
       const double elapsed =
@@ -824,8 +843,8 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
       json line{{"step", pos.step}, {"epoch", pos.epoch}, {"elapsed_s", elapsed}, {"train_s", train_elapsed()},
                 {"eval", eval_json(out.eval)}};
       if (raw) line["eval_raw"] = eval_json(*raw);
-      write_log(line);
-      if (opts.progress && tc.progress) {
+      if (!eval_stopped) write_log(line);
+      if (opts.progress && tc.progress && !eval_stopped) {
         char buf[128];
         if (out.eval.multilabel)
           std::snprintf(buf, sizeof buf, "epoch %lld: test precision@1 %.4f mAP %.4f loss %.4f", (long long)pos.epoch,
@@ -839,6 +858,26 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
       reps.train(true);
       if (comm) comm->barrier(eval_wait_s);
     }
+    if (eval_now) {
+      // A stop asked while the test set was evaluated takes effect here, not a
+      // step later; one cut short leaves the run before its epoch's end, so the
+      // resumed run makes that evaluation.
+      bool stop_now = opts.stop && opts.stop->load();
+      if (comm) {
+        auto t = torch::tensor({stop_now ? 1.0 : 0.0, eval_stopped ? 1.0 : 0.0}, torch::kDouble);
+        comm->all_reduce_sum({t});
+        stop_now = t[0].item<double>() > 0;
+        eval_stopped = t[1].item<double>() > 0;
+      }
+      if (eval_stopped) {
+        pos = before_eval;
+        out.epochs_done = pos.epoch;
+      }
+      if (stop_now || eval_stopped) {
+        out.stopped = true;
+        break;
+      }
+    }
   }
   bar.finish();
   // A run resumed after its last epoch (killed while writing its last
@@ -849,10 +888,14 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   const bool moved = pos.step != started_at.step || pos.epoch != started_at.epoch || !opts.resume;
   if (moved) save(pos);
   out.run_train_seconds = saved_train_s;  // the checkpoint's: the evaluation below is no training
-  if (lead && finished && out.eval.images == 0 && !comm) out.eval = evaluate_model();
+  out.stopped = out.stopped && !finished;  // stopped after its last step: done all the same
+  if (lead && finished && out.eval.images == 0 && !comm) {
+    auto e = evaluate_model();
+    if (e.stopped) out.stopped = true;  // the run is done; a rerun evaluates it
+    else out.eval = std::move(e);
+  }
   out.steps = pos.step;
   out.finished = finished;
-  out.stopped = out.stopped && !finished;  // stopped after its last step: done all the same
   out.teacher_images = teacher ? teacher->images_run() : 0;
   out.epochs_done = pos.epoch;
   out.train_seconds = out.run_train_seconds - prior_train_s;

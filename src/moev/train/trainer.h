@@ -44,6 +44,8 @@ struct TrainRunOptions {
   // Set (by a signal handler, say) to stop early: the run finishes the step in
   // progress, saves its checkpoint and returns with `stopped`. A job's ranks
   // agree on the step through the step's figures, so every rank stops at it.
+  // Set during a test-set evaluation, it ends that at its next batch and the
+  // run saves as it was before it: the resumed run evaluates.
   const std::atomic<bool>* stop = nullptr;
 };
 
