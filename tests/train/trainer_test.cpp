@@ -232,15 +232,15 @@ TEST(Trainer, StopAtAnEpochsEndOrDuringItsEvaluationSavesAndTheResumedRunEvaluat
   const auto whole = train::train_model(full, {});
   ASSERT_EQ(whole.steps, 3);
   struct Case {
-    std::string trigger;           // the progress text that raises the stop ("": raised from the start)
+    std::string trigger;           // the progress line that raises the stop (a regex; "": from the start)
     int64_t steps, epoch, batch;   // where the first process stops, as its checkpoint says
     std::vector<int64_t> evaluated;  // the epochs it evaluated
   };
   const Case cases[] = {
       {"", 1, 0, 1, {}},                          // before step 1's check: saved before the evaluation
-      {"] 1/3", 1, 0, 1, {}},                     // after it: the evaluation of epoch 1 cut short
+      {"\\] 1/3 ", 1, 0, 1, {}},                  // after it: the evaluation of epoch 1 cut short
       {"epoch 1: test top-1", 1, 1, 0, {1}},      // after that evaluation: no step 2
-      {"] 3/3", 3, 2, 1, {1, 2}},                 // the last evaluation cut short: not finished
+      {"\\] 3/3 ", 3, 2, 1, {1, 2}},              // the last evaluation cut short: not finished
   };
   for (const auto& c : cases) {
     SCOPED_TRACE("stop on '" + c.trigger + "'");
@@ -761,6 +761,29 @@ TEST(Trainer, TimeBudgetEndsTheScheduleOnTime) {
   EXPECT_GE(total_s, budget_s * 0.9);
   EXPECT_LE(total_s, budget_s + 2.0);
   EXPECT_NEAR(r2.train_seconds, total_s - first_s, 0.5);
+
+  // A stop during the evaluation after the budget's last step (the bar's last line): the resumed run makes it,
+  // logged as the uninterrupted run logs it.
+  auto cut = tiny_run(dir.file("cut"));
+  cut.train.epochs = 1000;
+  cut.train.minutes = budget_s / 60;
+  cut.train.eval_each_epoch = false;
+  cut.train.checkpoint_every = 0;
+  cut.train.progress = true;
+  test::StopWhenSeen progress("\\] (\\d+)/\\1 ");
+  train::TrainRunOptions first;
+  first.stop = progress.flag();
+  first.progress = &progress;
+  const auto c1 = train::train_model(cut, first);
+  EXPECT_TRUE(progress.raised());
+  EXPECT_TRUE(c1.stopped);
+  EXPECT_FALSE(c1.finished);
+  EXPECT_TRUE(evaluated_epochs(cut.train.out_dir).empty());
+  const auto c2 = train::train_model(cut, o);
+  EXPECT_TRUE(c2.finished);
+  EXPECT_EQ(c2.steps, c1.steps);
+  EXPECT_GT(c2.eval.images, 0);
+  EXPECT_EQ(evaluated_epochs(cut.train.out_dir).size(), 1u);
 }
 
 TEST(Trainer, TimeBudgetWithEpochCountedPhasesIsRefused) {

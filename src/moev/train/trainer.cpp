@@ -552,8 +552,12 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   resume_from = Checkpoint{};  // all copied into place: not held (4x the weights) for the rest of the run
   const Position started_at = pos;
   // An epoch whose steps are all taken but whose end is not (a stop came before
-  // or during its evaluation) is entered for that end, its last epoch too.
-  while ((pos.step < stop_at || pos.batch == per_epoch) && pos.epoch < all_epochs) {
+  // or during its evaluation) is entered for that end, its last epoch too, and
+  // so is the epoch a spent time budget ended inside.
+  auto end_pending = [&] {
+    return pos.batch == per_epoch || (budgeted && pos.batch > 0 && pos.step >= total_steps);
+  };
+  while ((pos.step < stop_at || end_pending()) && pos.epoch < all_epochs) {
     std::vector<std::unique_ptr<data::BatchLoader>> loaders;
     for (int64_t v = 0; v < views; ++v) {
       auto lv = lo;
@@ -834,26 +838,28 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
       if (avg && !shards && !e.stopped) raw = evaluate_model(/*raw=*/true);
       eval_stopped = e.stopped || (raw && raw->stopped);
       eval_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_eval).count();
-      if (!eval_stopped) out.eval = std::move(e);
-      // Wall time since this process started training, evaluations included: what
-      // a time budget counts (a resumed run starts again from 0).
-      const double elapsed =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
-      // train_s: the run's training seconds so far, the processes it resumed from included.
-      json line{{"step", pos.step}, {"epoch", pos.epoch}, {"elapsed_s", elapsed}, {"train_s", train_elapsed()},
-                {"eval", eval_json(out.eval)}};
-      if (raw) line["eval_raw"] = eval_json(*raw);
-      if (!eval_stopped) write_log(line);
-      if (opts.progress && tc.progress && !eval_stopped) {
-        char buf[128];
-        if (out.eval.multilabel)
-          std::snprintf(buf, sizeof buf, "epoch %lld: test precision@1 %.4f mAP %.4f loss %.4f", (long long)pos.epoch,
-                        out.eval.top1, out.eval.mean_ap, out.eval.loss);
-        else
-          std::snprintf(buf, sizeof buf, "epoch %lld: test top-1 %.4f top-5 %.4f loss %.4f",
-                        (long long)pos.epoch, out.eval.top1, out.eval.top5, out.eval.loss);
-        if (opts.interactive) *opts.progress << "\r\033[K";
-        *opts.progress << buf << "\n";
+      if (!eval_stopped) {  // one cut short by a stop is neither logged nor the run's figures
+        out.eval = std::move(e);
+        // Wall time since this process started training, evaluations included: what
+        // a time budget counts (a resumed run starts again from 0).
+        const double elapsed =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+        // train_s: the run's training seconds so far, the processes it resumed from included.
+        json line{{"step", pos.step}, {"epoch", pos.epoch}, {"elapsed_s", elapsed}, {"train_s", train_elapsed()},
+                  {"eval", eval_json(out.eval)}};
+        if (raw) line["eval_raw"] = eval_json(*raw);
+        write_log(line);
+        if (opts.progress && tc.progress) {
+          char buf[128];
+          if (out.eval.multilabel)
+            std::snprintf(buf, sizeof buf, "epoch %lld: test precision@1 %.4f mAP %.4f loss %.4f", (long long)pos.epoch,
+                          out.eval.top1, out.eval.mean_ap, out.eval.loss);
+          else
+            std::snprintf(buf, sizeof buf, "epoch %lld: test top-1 %.4f top-5 %.4f loss %.4f",
+                          (long long)pos.epoch, out.eval.top1, out.eval.top5, out.eval.loss);
+          if (opts.interactive) *opts.progress << "\r\033[K";
+          *opts.progress << buf << "\n";
+        }
       }
       reps.train(true);
       if (comm) comm->barrier(eval_wait_s);
@@ -882,7 +888,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   bar.finish();
   // A run resumed after its last epoch (killed while writing its last
   // checkpoint, or run again) still reports the figures of its model.
-  const bool finished = pos.epoch >= all_epochs || (budgeted && pos.step >= total_steps);
+  const bool finished = pos.epoch >= all_epochs || (budgeted && pos.step >= total_steps && !end_pending());
   // A resume that took no step (the run was done, or is paused at this max_steps) leaves its checkpoint as it
   // was: rewriting it added this process's seconds to the run's training time each time.
   const bool moved = pos.step != started_at.step || pos.epoch != started_at.epoch || !opts.resume;
