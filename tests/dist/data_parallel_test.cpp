@@ -281,19 +281,26 @@ TEST(Launch, SigtermToOneRankStopsEveryRankAtOneStepAndTheJobResumes) {
   EXPECT_NE(r.out.find("trained " + std::to_string(step + 2) + " steps"), std::string::npos) << r.out;
 }
 
-// A SIGTERM to rank 0 while it evaluates ends the evaluation at its next batch,
-// not after the whole test set: both ranks stop at the epoch's last step, the
+// A SIGTERM while rank 0 evaluates ends the evaluation at its next batch, not
+// after the whole test set: both ranks stop at the epoch's last step, the
 // checkpoint before the epoch's end, and the resumed job makes that evaluation.
-// Data parallel, rank 1 waits for rank 0's evaluation; expert parallel, both
-// run it and agree before each batch. The test set is all 10,000 images, so the
-// evaluation takes seconds, long enough to be signalled inside.
+// Data parallel, rank 1 follows rank 0's batches and a signal to either counts;
+// expert parallel, both run the evaluation. Half the test set (20 batches)
+// makes an evaluation of seconds, long enough to be signalled inside.
 TEST(Launch, SigtermDuringTheEvaluationStopsTheJobBeforeTheEpochsEnd) {
-  for (const std::string mode : {"", "--set train.expert_parallel=true "}) {
-    SCOPED_TRACE(mode.empty() ? "data parallel" : "expert parallel");
+  struct Mode {
+    const char* name;
+    std::string flags;
+    int signalled;  // the rank sent SIGTERM
+  };
+  for (const auto& [name, mode, signalled] : {Mode{"data parallel, rank 0", "", 0},
+                                              Mode{"data parallel, rank 1", "", 1},
+                                              Mode{"expert parallel, rank 0", "--set train.expert_parallel=true ", 0}}) {
+    SCOPED_TRACE(name);
     moev::test::TempDir dir;
     const std::string out = dir.file("r");
     const std::string run = kRun + mode + "--threads 1 --epochs 1 --set model.width=192 --set model.mlp_dim=384 "
-                                          "--set data.test_limit=0 --set train.log_every=1 ";
+                                          "--set data.test_limit=5120 --set train.log_every=1 ";
     const pid_t launcher = moev::test::start_cli(launch(2) + run + "--out " + out, dir.file("out.txt"));
     ASSERT_GT(launcher, 0);
     // The line of step 8 (512 images in batches of 64): the epoch's steps are done and its evaluation begins.
@@ -302,7 +309,7 @@ TEST(Launch, SigtermDuringTheEvaluationStopsTheJobBeforeTheEpochsEnd) {
     std::ifstream children("/proc/" + std::to_string(launcher) + "/task/" + std::to_string(launcher) + "/children");
     for (pid_t pid; children >> pid;) ranks.push_back(pid);
     if (!evaluating || ranks.size() != 2u) ::kill(launcher, SIGKILL);
-    else ::kill(ranks[0], SIGTERM);
+    else ::kill(ranks[signalled], SIGTERM);
     const int code = moev::test::wait_cli(launcher);
     const auto text = moev::test::bytes_of(dir.file("out.txt"));
     ASSERT_TRUE(evaluating) << text;

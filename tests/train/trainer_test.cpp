@@ -272,6 +272,20 @@ TEST(Trainer, StopAtAnEpochsEndOrDuringItsEvaluationSavesAndTheResumedRunEvaluat
     EXPECT_EQ(logged_losses(part.train.out_dir), logged_losses(full.train.out_dir));
     EXPECT_EQ(evaluated_epochs(part.train.out_dir), (std::vector<int64_t>{1, 2, 3}));
   }
+  // A stop after the evaluation at a max_steps pause: the run was ending there anyway, paused, not stopped.
+  auto paused = full;
+  paused.train.out_dir = dir.file("paused");
+  paused.train.progress = true;
+  paused.train.max_steps = 1;
+  test::StopWhenSeen progress("epoch 1: test top-1");
+  train::TrainRunOptions o;
+  o.stop = progress.flag();
+  o.progress = &progress;
+  const auto r = train::train_model(paused, o);
+  EXPECT_TRUE(progress.raised());
+  EXPECT_EQ(r.steps, 1);
+  EXPECT_FALSE(r.stopped);
+  EXPECT_FALSE(r.finished);
 }
 
 // train.replicas = 0 means one per thread: a run resumed with other threads (a

@@ -501,23 +501,34 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   };
 
   // A stop asked during an evaluation ends it at the next batch: a test set that
-  // takes minutes would outlast a scheduler's grace period. With expert shards
-  // every rank runs the evaluation's forwards, so they agree batch by batch.
-  const std::function<bool()> eval_stop = [&] {
-    bool asked = opts.stop && opts.stop->load();
-    if (shards && comm) {
-      auto t = torch::tensor({asked ? 1.0 : 0.0}, torch::kDouble);
-      comm->all_reduce_sum({t});
-      asked = t[0].item<double>() > 0;
+  // takes minutes would outlast a scheduler's grace period. The ranks of a job
+  // agree before every batch, so a stop sent to any one of them (a preempted
+  // node's) counts: with expert shards every rank runs the evaluation's forwards;
+  // otherwise rank 0 evaluates alone and the others follow its batches
+  // (follow_evaluation) until it says it is done. Returns {stop asked, rank 0
+  // still evaluating}, summed over the ranks.
+  auto agree = [&](bool evaluating) {
+    const bool asked = opts.stop && opts.stop->load();
+    if (!comm) return std::make_pair(asked, evaluating);
+    auto t = torch::tensor({asked ? 1.0 : 0.0, evaluating && lead ? 1.0 : 0.0}, torch::kDouble);
+    comm->all_reduce_sum({t});
+    return std::make_pair(t[0].item<double>() > 0, t[1].item<double>() > 0 || shards);
+  };
+  const std::function<bool()> eval_stop = [&] { return agree(true).first; };
+  // Ranks but 0 without expert shards, while rank 0 evaluates: true when a stop cut it short.
+  auto follow_evaluation = [&] {
+    for (;;) {
+      const auto [stop, evaluating] = agree(false);
+      if (!evaluating) return false;
+      if (stop) return true;
     }
-    return asked;
   };
   // The test-set figures of the training weights (raw), or of the weight
   // average when the run keeps one (the default); `stopped` when a stop ended it.
   auto evaluate_model = [&](bool raw = false) {
     auto run = [&] {
       return evaluate(reps, ds.test, ds.mean, ds.std, 256, device, nullptr, false, false, slices_of, sigmoid_tags,
-                      opts.stop || (shards && comm) ? eval_stop : std::function<bool()>{});
+                      opts.stop || comm ? eval_stop : std::function<bool()>{});
     };
     if (!avg || raw) return run();
     EvalResult e;
@@ -828,7 +839,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     if (!lead) {
       // Expert shards: every rank runs the evaluation's forwards (each holds
       // experts the others need); otherwise rank 0 evaluates alone.
-      if (eval_now && shards) eval_stopped = evaluate_model().stopped;
+      if (eval_now) eval_stopped = shards ? evaluate_model().stopped : follow_evaluation();
       if (eval_now) comm->barrier(eval_wait_s);
     } else if (eval_now) {
       const auto t_eval = std::chrono::steady_clock::now();
@@ -837,6 +848,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
       std::optional<EvalResult> raw;
       if (avg && !shards && !e.stopped) raw = evaluate_model(/*raw=*/true);
       eval_stopped = e.stopped || (raw && raw->stopped);
+      if (comm && !shards && !eval_stopped) agree(false);  // done: the other ranks stop following
       eval_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_eval).count();
       if (!eval_stopped) {  // one cut short by a stop is neither logged nor the run's figures
         out.eval = std::move(e);
@@ -879,7 +891,8 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
         pos = before_eval;
         out.epochs_done = pos.epoch;
       }
-      if (stop_now || eval_stopped) {
+      // (At a max_steps pause the run ends here anyway: paused, not stopped.)
+      if (eval_stopped || (stop_now && pos.step < stop_at)) {
         out.stopped = true;
         break;
       }
