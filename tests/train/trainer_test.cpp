@@ -100,6 +100,19 @@ std::vector<int64_t> evaluated_epochs(const std::string& out) {
   return epochs;
 }
 
+// Trains `cfg` with its progress written to a stream that raises a stop request
+// at the first line matching `trigger` (a regex; "": from the start), which it must see.
+train::TrainOutcome train_stopped_on(io::RunConfig cfg, const std::string& trigger) {
+  cfg.train.progress = true;
+  test::StopWhenSeen progress(trigger);
+  train::TrainRunOptions o;
+  o.stop = progress.flag();
+  o.progress = &progress;
+  auto r = train::train_model(cfg, o);
+  EXPECT_TRUE(progress.raised()) << "no progress line matched " << trigger;
+  return r;
+}
+
 }  // namespace
 
 TEST(Trainer, LossFallsAndCheckpointRoundTrips) {
@@ -246,13 +259,7 @@ TEST(Trainer, StopAtAnEpochsEndOrDuringItsEvaluationSavesAndTheResumedRunEvaluat
     SCOPED_TRACE("stop on '" + c.trigger + "'");
     auto part = full;
     part.train.out_dir = dir.file("part" + std::to_string(&c - cases));
-    part.train.progress = true;
-    test::StopWhenSeen progress(c.trigger);
-    train::TrainRunOptions first;
-    first.stop = progress.flag();
-    first.progress = &progress;
-    const auto r1 = train::train_model(part, first);
-    EXPECT_TRUE(progress.raised());
+    const auto r1 = train_stopped_on(part, c.trigger);
     EXPECT_TRUE(r1.stopped);
     EXPECT_FALSE(r1.finished);
     EXPECT_EQ(r1.steps, c.steps);
@@ -275,14 +282,8 @@ TEST(Trainer, StopAtAnEpochsEndOrDuringItsEvaluationSavesAndTheResumedRunEvaluat
   // A stop after the evaluation at a max_steps pause: the run was ending there anyway, paused, not stopped.
   auto paused = full;
   paused.train.out_dir = dir.file("paused");
-  paused.train.progress = true;
   paused.train.max_steps = 1;
-  test::StopWhenSeen progress("epoch 1: test top-1");
-  train::TrainRunOptions o;
-  o.stop = progress.flag();
-  o.progress = &progress;
-  const auto r = train::train_model(paused, o);
-  EXPECT_TRUE(progress.raised());
+  const auto r = train_stopped_on(paused, "epoch 1: test top-1");
   EXPECT_EQ(r.steps, 1);
   EXPECT_FALSE(r.stopped);
   EXPECT_FALSE(r.finished);
@@ -783,13 +784,7 @@ TEST(Trainer, TimeBudgetEndsTheScheduleOnTime) {
   cut.train.minutes = budget_s / 60;
   cut.train.eval_each_epoch = false;
   cut.train.checkpoint_every = 0;
-  cut.train.progress = true;
-  test::StopWhenSeen progress("\\] (\\d+)/\\1 ");
-  train::TrainRunOptions first;
-  first.stop = progress.flag();
-  first.progress = &progress;
-  const auto c1 = train::train_model(cut, first);
-  EXPECT_TRUE(progress.raised());
+  const auto c1 = train_stopped_on(cut, "\\] (\\d+)/\\1 ");
   EXPECT_TRUE(c1.stopped);
   EXPECT_FALSE(c1.finished);
   EXPECT_TRUE(evaluated_epochs(cut.train.out_dir).empty());
