@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include "moev/core/error.h"
+#include "moev/nn/batch_norm.h"
 #include "moev/nn/blur_pool.h"
 #include "moev/nn/random.h"
 
@@ -61,11 +62,11 @@ SplitAttentionConvImpl::SplitAttentionConvImpl(int64_t channels, int64_t radix_,
 
 at::Tensor SplitAttentionConvImpl::forward(const at::Tensor& x) {
   const int64_t B = x.size(0), Wd = x.size(1), G = cardinality, R = radix;
-  auto y = torch::relu(bn0->forward(conv->forward(x)));  // [B, R*W, H, W'] radix-major
+  auto y = nn::batch_norm2d(conv->forward(x), *bn0, /*relu=*/true);  // [B, R*W, H, W'] radix-major
   const int64_t H = y.size(2), Wi = y.size(3);
   auto splits = y.view({B, R, Wd, H, Wi});
   auto gap = (R > 1 ? splits.sum(1) : y).mean({2, 3}, /*keepdim=*/true);  // [B, W, 1, 1]
-  auto a = fc2->forward(torch::relu(bn1->forward(fc1->forward(gap))));    // [B, G*R*c, 1, 1] group-major
+  auto a = fc2->forward(nn::batch_norm2d(fc1->forward(gap), *bn1, /*relu=*/true));  // [B, G*R*c, 1, 1] group-major
   if (R == 1) return y * torch::sigmoid(a);
   // Per cardinal group, a softmax over its R splits; then back to radix-major.
   auto w = a.view({B, G, R, Wd / G}).softmax(2).transpose(1, 2).reshape({B, R, Wd, 1, 1});
@@ -88,14 +89,14 @@ ResNeStBlockImpl::ResNeStBlockImpl(const ModelConfig& c, int64_t in, int64_t out
 }
 
 at::Tensor ResNeStBlockImpl::forward(const at::Tensor& x) {
-  auto t = attn->forward(torch::relu(bn1->forward(conv1->forward(x))));
+  auto t = attn->forward(nn::batch_norm2d(conv1->forward(x), *bn1, /*relu=*/true));
   if (stride > 1) t = downsample(t, blur);
-  t = bn3->forward(conv3->forward(t));
+  t = nn::batch_norm2d(conv3->forward(t), *bn3, /*relu=*/false);
   at::Tensor s = x;
   if (shortcut) {
     // The shortcut pools before its 1x1 conv (ResNet-D's "avg down"): a strided
     // 1x1 conv would discard three quarters of the input.
-    s = shortcut_bn->forward(shortcut->forward(stride > 1 ? downsample(x, blur) : x));
+    s = nn::batch_norm2d(shortcut->forward(stride > 1 ? downsample(x, blur) : x), *shortcut_bn, /*relu=*/false);
   }
   return torch::relu(s + drop_residual(t, drop_path, is_training()));
 }
@@ -142,8 +143,8 @@ at::Tensor ResNeStImpl::trunk(const at::Tensor& images) {
   auto x = images;
   for (size_t i = 0; i + 1 < stem->size(); i += 2) {
     if (i > 0) x = downsample(x, cfg.blur_pool, /*max_pool=*/true);
-    x = torch::relu(stem[i + 1]->as<torch::nn::BatchNorm2dImpl>()->forward(
-        stem[i]->as<torch::nn::Conv2dImpl>()->forward(x)));
+    x = nn::batch_norm2d(stem[i]->as<torch::nn::Conv2dImpl>()->forward(x),
+                         *stem[i + 1]->as<torch::nn::BatchNorm2dImpl>(), /*relu=*/true);
   }
   for (auto& blk : *shared) x = blk->as<ResNeStBlockImpl>()->forward(x);
   return x;
