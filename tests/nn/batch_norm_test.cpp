@@ -7,6 +7,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <tuple>
+
 #include "moev/nn/batch_norm.h"
 
 namespace {
@@ -35,14 +37,19 @@ TEST(BatchNorm, MatchesLibTorchInValuesStatisticsAndGradients) {
   torch::manual_seed(7);
   for (const bool training : {true, false})
     for (const bool relu : {true, false})
-      for (const auto& size : {std::vector<int64_t>{8, 5, 7, 9}, std::vector<int64_t>{4, 3, 16, 16}}) {
+      // Sizes, spread and mean: a mean 15x the spread (one-pass sums would cancel), planes of 63 and 256
+      // values, a spread so small that eps weighs (var 1e-6, eps 1e-5), and planes of one value.
+      for (const auto& [size, spread, mean] : {std::make_tuple(std::vector<int64_t>{8, 5, 7, 9}, 2.0, 30.0),
+                                               std::make_tuple(std::vector<int64_t>{4, 3, 16, 16}, 2.0, 30.0),
+                                               std::make_tuple(std::vector<int64_t>{6, 4, 3, 3}, 1e-3, 0.01),
+                                               std::make_tuple(std::vector<int64_t>{32, 5, 1, 1}, 1.0, 0.0)}) {
         SCOPED_TRACE(std::string(training ? "training" : "eval") + (relu ? ", relu" : "") + ", HW=" +
-                     std::to_string(size[2] * size[3]));
+                     std::to_string(size[2] * size[3]) + ", spread " + std::to_string(spread));
         const int64_t C = size[1];
         auto [ours, ref] = two_norms(C);
         ours->train(training);
         ref->train(training);
-        const auto x0 = torch::randn(size) * 2 + 30;  // mean 15x the spread
+        const auto x0 = torch::randn(size) * spread + mean;
         const auto x = x0.clone().requires_grad_(), xr = x0.clone().requires_grad_();
         const auto y = moev::nn::batch_norm2d(x, *ours, relu);
         auto yr = ref->forward(xr);
@@ -63,6 +70,30 @@ TEST(BatchNorm, MatchesLibTorchInValuesStatisticsAndGradients) {
       }
 }
 
+// The backward's ReLU mask is the forward's, also where x * scale + shift is 0
+// up to rounding (x = the running mean: 0 without an FMA, its rounding error
+// with one), on planes of 63 values, which the AVX-512 loops end in an 8-wide
+// remainder: the bias gradient sums dy where the output is positive.
+TEST(BatchNorm, TheBackwardsReluMaskIsTheForwards) {
+  torch::manual_seed(11);
+  torch::nn::BatchNorm2d bn(3);
+  bn->eval();
+  {
+    torch::NoGradGuard ng;
+    bn->weight.copy_(torch::tensor({0.3f, -0.7f, 1.1f}));
+    bn->bias.zero_();
+    bn->running_mean.copy_(torch::tensor({0.37f, -1.23f, 2.9f}));
+    bn->running_var.fill_(0.5f);
+  }
+  const auto x = bn->running_mean.detach().view({1, 3, 1, 1}).expand({4, 3, 7, 9}).contiguous().requires_grad_();
+  const auto y = moev::nn::batch_norm2d(x, *bn, /*relu=*/true);
+  const auto dy = torch::randn({4, 3, 7, 9});
+  (y * dy).sum().backward();
+  const auto want = (dy * y.detach().gt(0)).sum({0, 2, 3});
+  EXPECT_TRUE(torch::allclose(bn->bias.grad(), want, 1e-5, 1e-5)) << bn->bias.grad() << want;
+  EXPECT_TRUE(torch::equal(x.grad().ne(0), y.detach().gt(0).logical_and(dy.ne(0))));
+}
+
 TEST(BatchNorm, ResultsDoNotDependOnTheThreads) {
   torch::manual_seed(8);
   const int threads = at::get_num_threads();
@@ -81,6 +112,19 @@ TEST(BatchNorm, ResultsDoNotDependOnTheThreads) {
   }
   at::set_num_threads(threads);
   EXPECT_TRUE(torch::equal(out[0], out[1]));
+}
+
+// Frozen input (a trunk run without gradients), trained BatchNorm: only the
+// weight and bias gradients, as LibTorch's.
+TEST(BatchNorm, GradientsOfTheParametersAlone) {
+  torch::manual_seed(12);
+  auto [ours, ref] = two_norms(4);
+  const auto x = torch::randn({5, 4, 6, 6}) + 1;
+  const auto dy = torch::randn({5, 4, 6, 6});
+  (moev::nn::batch_norm2d(x, *ours, true) * dy).sum().backward();
+  (torch::relu(ref->forward(x)) * dy).sum().backward();
+  EXPECT_LT(rel(ours->weight.grad(), ref->weight.grad()), 1e-5);
+  EXPECT_LT(rel(ours->bias.grad(), ref->bias.grad()), 1e-5);
 }
 
 // What the fused kernel does not take runs LibTorch's module: double tensors,

@@ -4,6 +4,7 @@
 // fixed order, so results do not depend on the thread count.
 #include "moev/nn/batch_norm.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -17,22 +18,30 @@ namespace moev::nn {
 
 namespace {
 
-// The transform both passes evaluate alike, so the backward's ReLU mask is the
-// forward's exactly.
+// The transform both passes evaluate alike (this file is compiled without FMA
+// contraction, which GCC applied to some loops' remainders and not others'),
+// so the backward's ReLU mask is the forward's exactly.
 [[gnu::always_inline]] inline float affine(float x, float scale, float shift) { return x * scale + shift; }
+
+// Float partial sums over at most this many elements, then added in double:
+// a 224-pixel plane is 50,176 values.
+constexpr int64_t kChunk = 1024;
 
 // Sums of d = x - pivot and d^2 over one plane of n floats. The pivot (a value
 // of the channel) keeps E[d^2] - E[d]^2 from cancelling when |mean| >> std.
 MOEV_CLONES void plane_sums(const float* __restrict x, int64_t n, float pivot, double& s1, double& s2) {
-  float a = 0, b = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t i1 = std::min(n, i0 + kChunk);
+    float a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
-  for (int64_t i = 0; i < n; ++i) {
-    const float d = x[i] - pivot;
-    a += d;
-    b += d * d;
+    for (int64_t i = i0; i < i1; ++i) {
+      const float d = x[i] - pivot;
+      a += d;
+      b += d * d;
+    }
+    s1 += a;
+    s2 += b;
   }
-  s1 += a;
-  s2 += b;
 }
 
 MOEV_CLONES void plane_transform(const float* __restrict x, float* __restrict y, int64_t n, float scale, float shift,
@@ -47,23 +56,26 @@ MOEV_CLONES void plane_transform(const float* __restrict x, float* __restrict y,
 // Sums of g and g (x - mean) over one plane, g = dy masked by the ReLU.
 MOEV_CLONES void plane_grad_sums(const float* __restrict dy, const float* __restrict x, int64_t n, float scale,
                                  float shift, float mean, bool relu, double& s1, double& s2) {
-  float a = 0, b = 0;
-  if (relu) {
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t i1 = std::min(n, i0 + kChunk);
+    float a = 0, b = 0;
+    if (relu) {
 #pragma omp simd reduction(+ : a, b)
-    for (int64_t i = 0; i < n; ++i) {
-      const float g = affine(x[i], scale, shift) > 0.0f ? dy[i] : 0.0f;
-      a += g;
-      b += g * (x[i] - mean);
-    }
-  } else {
+      for (int64_t i = i0; i < i1; ++i) {
+        const float g = affine(x[i], scale, shift) > 0.0f ? dy[i] : 0.0f;
+        a += g;
+        b += g * (x[i] - mean);
+      }
+    } else {
 #pragma omp simd reduction(+ : a, b)
-    for (int64_t i = 0; i < n; ++i) {
-      a += dy[i];
-      b += dy[i] * (x[i] - mean);
+      for (int64_t i = i0; i < i1; ++i) {
+        a += dy[i];
+        b += dy[i] * (x[i] - mean);
+      }
     }
+    s1 += a;
+    s2 += b;
   }
-  s1 += a;
-  s2 += b;
 }
 
 // dx = k g - c0 - c1 (x - mean): with batch statistics c0 = k mean(g) and
@@ -123,11 +135,12 @@ struct BatchNormAct : public torch::autograd::Function<BatchNormAct> {
     const auto dy = grads[0].contiguous();
     const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
     const double n = double(B * HW);
-    auto dx = at::empty_like(x);
+    const bool want_dx = ctx->needs_input_grad(0);
+    auto dx = want_dx ? at::empty_like(x) : at::Tensor();
     auto dw = at::empty({C}, weight.options()), db = at::empty({C}, weight.options());
     const float *xp = x.data_ptr<float>(), *gp = dy.data_ptr<float>(), *w = weight.data_ptr<float>(),
                 *b = bias.data_ptr<float>(), *mp = mean_t.data_ptr<float>(), *sp = invstd_t.data_ptr<float>();
-    float *dxp = dx.data_ptr<float>(), *dwp = dw.data_ptr<float>(), *dbp = db.data_ptr<float>();
+    float *dxp = want_dx ? dx.data_ptr<float>() : nullptr, *dwp = dw.data_ptr<float>(), *dbp = db.data_ptr<float>();
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const float invstd = sp[c], mean = mp[c], scale = w[c] * invstd, shift = b[c] - mean * scale;
@@ -136,6 +149,7 @@ struct BatchNormAct : public torch::autograd::Function<BatchNormAct> {
           plane_grad_sums(gp + (i * C + c) * HW, xp + (i * C + c) * HW, HW, scale, shift, mean, relu, s1, s2);
         dbp[c] = static_cast<float>(s1);
         dwp[c] = static_cast<float>(s2 * invstd);
+        if (!want_dx) continue;
         const float k = scale;
         const float g0 = batch_stats ? static_cast<float>(k * s1 / n) : 0.0f;
         const float g1 = batch_stats ? static_cast<float>(k * double(invstd) * invstd * s2 / n) : 0.0f;
@@ -153,9 +167,10 @@ struct BatchNormAct : public torch::autograd::Function<BatchNormAct> {
 
 at::Tensor batch_norm2d(const at::Tensor& x_in, torch::nn::BatchNorm2dImpl& bn, bool relu) {
   const auto& o = bn.options;
-  const bool fused = x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 4 && o.affine() &&
-                     o.track_running_stats() && o.momentum().has_value() && bn.weight.scalar_type() == at::kFloat &&
-                     x_in.numel() > 0;
+  bool fused = x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 4 && o.affine() &&
+                     o.track_running_stats() && o.momentum().has_value() && x_in.numel() > 0;
+  for (const auto* t : {&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var})
+    fused = fused && t->scalar_type() == at::kFloat && t->device().is_cpu();
   if (!fused) {
     auto y = bn.forward(x_in);
     return relu ? torch::relu(y) : y;
