@@ -453,7 +453,8 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   for (int r = 1; r < reps.size(); ++r)
     for (auto& p : reps.model(r).named_parameters())
       if (frozen.count(p.key())) p.value().requires_grad_(false);
-  // Ranks waiting while rank 0 evaluates alone: a deadline for that, not for one collective.
+  // Ranks waiting at an evaluation's end while rank 0 logs it (they follow its batches, each within the
+  // collectives' dist_timeout): a deadline for that, not for one collective.
   const double eval_wait_s = 30 * tc.dist_timeout;
   auto t_start = std::chrono::steady_clock::now();  // reset when training starts
   double eval_seconds = 0;
