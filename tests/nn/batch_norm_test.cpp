@@ -141,3 +141,74 @@ TEST(BatchNorm, OtherTypesAndOptionsRunTheModule) {
   EXPECT_EQ(yd.scalar_type(), torch::kDouble);
   EXPECT_LT(yd.mean({0, 2, 3}).abs().max().item<double>(), 1e-12);
 }
+
+// A residual block's end, relu(r + k_b bn(x)), against LibTorch's module, a
+// multiply by the sample scales, the sum and torch::relu: values, running
+// statistics and the gradients of x, r, weight and bias, in training and
+// evaluation, with sample scales (some 0: dropped samples, whose BatchNorm
+// gradient is 0) and without, with a residual that does and does not need a
+// gradient, on planes of 49 values (an AVX-512 remainder) and of one.
+TEST(BatchNorm, TheBlockEndMatchesLibTorchsOps) {
+  torch::manual_seed(13);
+  for (const bool training : {true, false})
+    for (const bool scaled : {true, false})
+      for (const bool residual_grad : {true, false})
+        for (const auto& size : {std::vector<int64_t>{6, 5, 7, 7}, std::vector<int64_t>{16, 3, 1, 1}}) {
+          SCOPED_TRACE(std::string(training ? "training" : "eval") + (scaled ? ", scaled" : "") +
+                       (residual_grad ? ", residual grad" : "") + ", HW=" + std::to_string(size[2] * size[3]));
+          const int64_t B = size[0], C = size[1];
+          auto [ours, ref] = two_norms(C);
+          ours->train(training);
+          ref->train(training);
+          const auto x0 = torch::randn(size) * 2 + 3, r0 = torch::randn(size);
+          at::Tensor k;
+          if (scaled) {
+            k = (torch::rand({B}) < 0.7).to(torch::kFloat) / 0.7;
+            k[0] = 0;
+            k[1] = 1 / 0.7;
+          }
+          const auto x = x0.clone().requires_grad_(), xr = x0.clone().requires_grad_();
+          const auto r = r0.clone().requires_grad_(residual_grad), rr = r0.clone().requires_grad_(residual_grad);
+          const auto y = moev::nn::batch_norm2d_add_relu(x, *ours, r, k);
+          auto t = ref->forward(xr);
+          if (scaled) t = t * k.view({-1, 1, 1, 1});
+          const auto yr = torch::relu(rr + t);
+          EXPECT_LT(rel(y, yr), 2e-6);
+          EXPECT_LT(rel(ours->running_mean, ref->running_mean), 1e-6);
+          EXPECT_LT(rel(ours->running_var, ref->running_var), 1e-5);
+          EXPECT_EQ(ours->num_batches_tracked.item<int64_t>(), ref->num_batches_tracked.item<int64_t>());
+          const auto dy = torch::randn(size);
+          (y * dy).sum().backward();
+          (yr * dy).sum().backward();
+          EXPECT_LT(rel(x.grad(), xr.grad()), 1e-4);
+          EXPECT_LT(rel(ours->weight.grad(), ref->weight.grad()), 1e-5);
+          EXPECT_LT(rel(ours->bias.grad(), ref->bias.grad()), 1e-5);
+          if (residual_grad) {
+            EXPECT_TRUE(torch::equal(r.grad(), rr.grad()));
+          } else {
+            EXPECT_FALSE(r.grad().defined());
+          }
+        }
+}
+
+// The block end's results and gradients do not depend on the thread count either.
+TEST(BatchNorm, TheBlockEndDoesNotDependOnTheThreads) {
+  torch::manual_seed(14);
+  const int threads = at::get_num_threads();
+  const auto x0 = torch::randn({16, 12, 14, 14}), r0 = torch::randn({16, 12, 14, 14});
+  const auto dy = torch::randn({16, 12, 14, 14});
+  const auto k = (torch::rand({16}) < 0.8).to(torch::kFloat) / 0.8;
+  std::vector<at::Tensor> out;
+  for (const int t : {1, 2}) {
+    at::set_num_threads(t);
+    torch::manual_seed(15);
+    auto [bn, unused] = two_norms(12);
+    const auto x = x0.clone().requires_grad_(), r = r0.clone().requires_grad_();
+    const auto y = moev::nn::batch_norm2d_add_relu(x, *bn, r, k);
+    (y * dy).sum().backward();
+    out.push_back(torch::cat({y.flatten(), x.grad().flatten(), r.grad().flatten(), bn->weight.grad(),
+                              bn->bias.grad(), bn->running_mean, bn->running_var}));
+  }
+  at::set_num_threads(threads);
+  EXPECT_TRUE(torch::equal(out[0], out[1]));
+}

@@ -36,12 +36,11 @@ at::Tensor downsample(const at::Tensor& x, bool blur, bool max_pool = false) {
   if (max_pool) return F::max_pool2d(x, F::MaxPool2dFuncOptions(3).stride(2).padding(1));
   return F::avg_pool2d(x, F::AvgPool2dFuncOptions(3).stride(2).padding(1).count_include_pad(false));
 }
-at::Tensor drop_residual(const at::Tensor& t, double p, bool training) {
-  if (!training || p <= 0) return t;
-  // Scaled after the product, not through drop_path_scale: (t * keep) / (1 - p)
-  // rounds once, t * (keep / (1 - p)) twice, and the runs and checkpoints
-  // recorded with this order would no longer repeat to the digit.
-  return t * nn::drop_path_keep(t.size(0), p, t.options()).view({-1, 1, 1, 1}) / (1.0 - p);
+// Stochastic depth's per-sample scale of the residual branch, keep / (1 - p),
+// or undefined when nothing is dropped.
+at::Tensor drop_scale(const at::Tensor& t, double p, bool training) {
+  if (!training || p <= 0) return {};
+  return nn::drop_path_keep(t.size(0), p, t.options()) / (1.0 - p);
 }
 }  // namespace
 
@@ -91,14 +90,14 @@ ResNeStBlockImpl::ResNeStBlockImpl(const ModelConfig& c, int64_t in, int64_t out
 at::Tensor ResNeStBlockImpl::forward(const at::Tensor& x) {
   auto t = attn->forward(nn::batch_norm2d(conv1->forward(x), *bn1, /*relu=*/true));
   if (stride > 1) t = downsample(t, blur);
-  t = nn::batch_norm2d(conv3->forward(t), *bn3, /*relu=*/false);
+  t = conv3->forward(t);
   at::Tensor s = x;
   if (shortcut) {
     // The shortcut pools before its 1x1 conv (ResNet-D's "avg down"): a strided
     // 1x1 conv would discard three quarters of the input.
     s = nn::batch_norm2d(shortcut->forward(stride > 1 ? downsample(x, blur) : x), *shortcut_bn, /*relu=*/false);
   }
-  return torch::relu(s + drop_residual(t, drop_path, is_training()));
+  return nn::batch_norm2d_add_relu(t, *bn3, s, drop_scale(t, drop_path, is_training()));
 }
 
 ResNeStImpl::ResNeStImpl(const ModelConfig& c) : cfg(c) {
