@@ -1,6 +1,6 @@
-// BatchNorm2d (+ ReLU) on CPU floats: per channel, one pass for the batch
-// statistics and one for the transform forward; one pass for the two gradient
-// sums and one for dx backward. Each channel is reduced by one thread in a
+// BatchNorm2d (+ ReLU, or + a residual and ReLU at a block's end) on CPU
+// floats: per channel, one pass for the batch statistics and one for the
+// transform forward; one pass for the two gradient sums and one for dx backward. Each channel is reduced by one thread in a
 // fixed order, so results do not depend on the thread count.
 #include "moev/nn/batch_norm.h"
 

@@ -28,9 +28,10 @@ at::Tensor batch_norm2d(const at::Tensor& x, torch::nn::BatchNorm2dImpl& bn, boo
 // x, residual: [B, C, H, W] -> [B, C, H, W] = relu(residual + k_b bn(x)): a
 // residual block's end, its last BatchNorm, stochastic depth (sample_scale k:
 // [B], keep / (1 - p) per sample; undefined: 1), the shortcut's sum and the
-// ReLU in one pass forward and two backward, where LibTorch's ops take five
-// and seven. The backward takes its mask from the saved output, which the
-// next block keeps anyway. bn as in batch_norm2d; differentiable in x,
+// ReLU in two passes over the activation forward (statistics, transform) and
+// two backward, where LibTorch's ops take six and five with stochastic depth.
+// The backward takes its mask from the saved output, which the next block
+// keeps anyway. bn as in batch_norm2d; differentiable in x,
 // residual, weight and bias, not in k.
 at::Tensor batch_norm2d_add_relu(const at::Tensor& x, torch::nn::BatchNorm2dImpl& bn, const at::Tensor& residual,
                                  const at::Tensor& sample_scale);
