@@ -63,6 +63,17 @@ TEST(Datasets, ModelOutputsMustMatchTheTrainingClasses) {
   test::expect_error([&] { train::open_datasets(r.data, r.model, true); }, {"model.num_classes = 2"});
 }
 
+// A folder run without a test root is refused: its training images scored as
+// "test" would report training accuracy under the test set's name.
+TEST(Datasets, AFolderRunNeedsATestRoot) {
+  test::TempDir dir;
+  write_classes(dir.file("train"), {"a", "b"});
+  auto r = folder_run(dir, 2);
+  r.data.test_path.clear();
+  test::expect_error([&] { train::open_datasets(r.data, r.model, true); },
+                     {"data.test_path", dir.file("train"), "not a test set"});
+}
+
 // A test folder with some of the classes (listed alphabetically as always) is
 // scored in the model's class indices, matched by name: its 'c' is label 2,
 // not 1 (it was scored as 'b' before the order was checked, then refused).

@@ -40,8 +40,12 @@ data::ImageSet open_one(const DataConfig& d, const models::ModelConfig& m, bool 
   if (d.format == "fashion-mnist") return data::load_fashion_mnist(d.path, train);
   if (d.format == "cifar10") return data::read_cifar10(d.path, train);
   if (d.format == "folder") {
-    const std::string root = train ? d.path : (d.test_path.empty() ? d.path : d.test_path);
-    return data::read_image_folder(root, m.image_size, m.image_size, m.channels);
+    // Never the training root in its place: the test figures would be training accuracy under another name.
+    MOEV_CHECK(train || !d.test_path.empty(),
+               "data.format = 'folder' needs data.test_path: the root of the test images, one folder per class "
+               "(eval and analyze: --data DIR); the training images (data.path = '", d.path,
+               "') are not a test set");
+    return data::read_image_folder(train ? d.path : d.test_path, m.image_size, m.image_size, m.channels);
   }
   fail("data.format = '", d.format, "': expected fashion-mnist, folder, cifar10 or manifest");
 }
