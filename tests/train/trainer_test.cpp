@@ -608,6 +608,9 @@ TEST(Trainer, ASecondRunIntoARunsDirectoryAndBadOptimiserSettingsAreRefused) {
   };
   const Bad bad[] = {
       {[](io::RunConfig& c) { c.train.beta2 = 1.0; }, "train.beta2 = 1"},
+      // Overflowed the step count: 0 steps at exit 0.
+      {[](io::RunConfig& c) { c.train.epochs = int64_t(1) << 62; }, "train.epochs = 4611686018427387904"},
+      {[](io::RunConfig& c) { c.train.cooldown_epochs = int64_t(1) << 40; }, "train.cooldown_epochs = 1099511627776"},
       {[](io::RunConfig& c) { c.train.beta1 = -1; }, "train.beta1 = -1"},
       {[](io::RunConfig& c) { c.train.min_lr = 1.0; }, "train.min_lr = 1"},
       {[](io::RunConfig& c) { c.train.warmup_steps = -1; }, "train.warmup_steps = -1"},
@@ -793,6 +796,26 @@ TEST(Trainer, TimeBudgetEndsTheScheduleOnTime) {
   EXPECT_EQ(c2.steps, c1.steps);
   EXPECT_GT(c2.eval.images, 0);
   EXPECT_EQ(evaluated_epochs(cut.train.out_dir).size(), 1u);
+}
+
+// A warmup at least as long as the schedule (a preset's 300 steps in a short
+// run) never reaches train.lr nor decays: the run says so once, at its start.
+TEST(Trainer, AWarmupAsLongAsTheScheduleIsNoted) {
+  test::TempDir dir;
+  for (const int64_t warmup : {20, 19}) {  // the schedule: 2 epochs of 10 steps
+    auto cfg = tiny_run(dir.file("w" + std::to_string(warmup)));
+    cfg.train.warmup_steps = warmup;
+    cfg.train.max_steps = 1;
+    cfg.train.progress = true;
+    std::ostringstream progress;
+    train::TrainRunOptions o;
+    o.progress = &progress;
+    train::train_model(cfg, o);
+    const bool noted = progress.str().find("note: train.warmup_steps = 20 is at least the schedule's 20 steps: "
+                                           "the learning rate rises to 0.003 (train.lr = 0.003) and never decays") !=
+                       std::string::npos;
+    EXPECT_EQ(noted, warmup == 20) << progress.str();
+  }
 }
 
 TEST(Trainer, TimeBudgetWithEpochCountedPhasesIsRefused) {

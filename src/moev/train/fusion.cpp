@@ -19,7 +19,8 @@
 namespace moev::train {
 
 FusionOutcome train_fusion(const std::string& path, const std::string& out_path, const FusionOptions& o) {
-  MOEV_CHECK(o.epochs >= 1, "fusion: epochs = ", o.epochs, ": expected >= 1 (--epochs)");
+  MOEV_CHECK(o.epochs >= 1 && o.epochs <= (int64_t(1) << 30), "fusion: epochs = ", o.epochs,
+             ": expected 1..2^30 (--epochs)");
   MOEV_CHECK(o.batch_size >= 1, "fusion: batch size = ", o.batch_size, ": expected >= 1 (--batch-size)");
   MOEV_CHECK(o.lr > 0, "fusion: lr = ", o.lr, ": expected > 0 (--lr)");
   auto ckpt = load_checkpoint(path, CheckpointLoad::kInference);

@@ -235,7 +235,8 @@ void write_curve(const fs::path& log_path, int64_t per_epoch, const fs::path& pn
 PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out_dir, const PretrainOptions& o) {
   const auto& tc = cfg.train;
   validate_train_config(cfg.train);  // the keys it reads (batch, checkpoints, logs, steps) as train checks them
-  MOEV_CHECK(o.epochs >= 1, "pretrain: epochs = ", o.epochs, ": expected at least 1");
+  // At most 2^30: the step count stays within int64 (see train.epochs).
+  MOEV_CHECK(o.epochs >= 1 && o.epochs <= (int64_t(1) << 30), "pretrain: epochs = ", o.epochs, ": expected 1..2^30");
   MOEV_CHECK(o.lr > 0, "pretrain: lr = ", o.lr, ": expected > 0");
   MOEV_CHECK(o.temperature > 0, "pretrain: temperature = ", o.temperature, ": expected > 0");
   MOEV_CHECK(o.momentum >= 0 && o.momentum < 1, "pretrain: momentum = ", o.momentum, ": expected in [0, 1)");

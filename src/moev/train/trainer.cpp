@@ -192,7 +192,10 @@ json eval_json(const EvalResult& e) {
 
 void validate_train_config(const TrainConfig& tc) {
   MOEV_CHECK(tc.batch_size >= 1, "train.batch_size = ", tc.batch_size, ": expected >= 1");
-  MOEV_CHECK(tc.epochs >= 1, "train.epochs = ", tc.epochs, ": expected >= 1");
+  // At most 2^30 epochs of each kind: with at most 2^31 steps per epoch the step counts stay within int64
+  // (train.epochs = 2^62 overflowed them and trained 0 steps at exit 0).
+  constexpr int64_t kMaxEpochs = int64_t(1) << 30;
+  MOEV_CHECK(tc.epochs >= 1 && tc.epochs <= kMaxEpochs, "train.epochs = ", tc.epochs, ": expected 1..2^30");
   MOEV_CHECK(tc.lr > 0, "train.lr = ", tc.lr, ": expected > 0");
   MOEV_CHECK(tc.min_lr >= 0 && tc.min_lr <= tc.lr, "train.min_lr = ", tc.min_lr, ": expected 0..train.lr = ", tc.lr,
              " (the end of the cosine decay from train.lr)");
@@ -203,7 +206,8 @@ void validate_train_config(const TrainConfig& tc) {
   MOEV_CHECK(tc.mixup_alpha >= 0 && tc.cutmix_alpha >= 0, "train.mixup_alpha / train.cutmix_alpha: expected >= 0");
   MOEV_CHECK(tc.mix_off_epochs >= 0 && tc.mix_off_epochs <= tc.epochs, "train.mix_off_epochs = ",
              tc.mix_off_epochs, ": expected 0..train.epochs = ", tc.epochs);
-  MOEV_CHECK(tc.cooldown_epochs >= 0, "train.cooldown_epochs = ", tc.cooldown_epochs, ": expected >= 0");
+  MOEV_CHECK(tc.cooldown_epochs >= 0 && tc.cooldown_epochs <= kMaxEpochs, "train.cooldown_epochs = ",
+             tc.cooldown_epochs, ": expected 0..2^30");
   // Negative ones ran at exit 0: a negative learning rate climbs the loss, a negative decay grows the weights.
   MOEV_CHECK(tc.cooldown_lr >= 0, "train.cooldown_lr = ", tc.cooldown_lr, ": expected >= 0");
   MOEV_CHECK(tc.weight_decay >= 0, "train.weight_decay = ", tc.weight_decay, ": expected >= 0");
@@ -554,6 +558,20 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   int64_t images_seen = 0;
   double ema_loss = -1;
   bool cache_full_noted = false;  // the note that the teacher's cache filled, printed once
+  // A warmup as long as the schedule (a preset's 300 steps in a one-epoch or
+  // one-minute run) never reaches train.lr nor decays: said once, when known.
+  bool warmup_noted = false;
+  auto note_warmup = [&] {
+    if (warmup_noted || tc.warmup_steps < total_steps || !opts.progress || !tc.progress || !lead) return;
+    warmup_noted = true;
+    if (opts.interactive) *opts.progress << "\r\033[K";
+    *opts.progress << "note: train.warmup_steps = " << tc.warmup_steps << " is at least the schedule's "
+                   << total_steps << (budgeted ? " steps planned in the time budget" : " steps")
+                   << ": the learning rate rises to "
+                   << learning_rate(total_steps - 1, total_steps, tc.warmup_steps, tc.lr, tc.min_lr)
+                   << " (train.lr = " << tc.lr << ") and never decays\n";
+  };
+  if (!budgeted) note_warmup();
   double window_comm = comm ? comm->seconds_in_collectives() : 0.0;
   window.since = t_start;
   reps.train(true);
@@ -743,6 +761,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
         total_steps = plan;
         stop_at = stop_step();
         bar.set_total(stop_at);
+        note_warmup();
       }
 
       double l = 0, aux_value = 0;
