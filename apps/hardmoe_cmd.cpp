@@ -61,17 +61,40 @@ Resolved resolve(const HardMoEFlags& f) {
   io::apply_json(run, file, f.config);
   MOEV_CHECK(!f.experts || *f.experts >= 1, "--experts ", f.experts.value_or(0), ": expected >= 1");
   if (f.experts) file["hardmoe"]["experts"] = *f.experts;
+  // --set hardmoe.<key> goes over the file's [hardmoe] (parse_hardmoe_config checks the key), the others over
+  // the expert runs' config.
+  json sets = json::object();
+  std::string hm_source = f.config;
+  for (const auto& s : f.sets) {
+    if (s.rfind("hardmoe.", 0) == 0) {
+      file.merge_patch(io::assignment_json(s));
+      hm_source += (hm_source == f.config ? " with --set " : ", --set ") + s;
+    } else {
+      sets.merge_patch(io::override_json(s));
+    }
+  }
   Resolved r;
-  r.hm = hardmoe::parse_hardmoe_config(file, run, f.config);
+  r.hm = hardmoe::parse_hardmoe_config(file, run, hm_source);
   if (!f.dir.empty()) r.hm.dir = f.dir;
   if (!f.trunk.empty()) r.hm.trunk = f.trunk;
-  r.overrides = file;  // apply_json skips [hardmoe] (and other commands' sections)
-  r.source = f.config;
-  for (const auto& s : f.sets) {
-    r.overrides.merge_patch(io::override_json(s));
-    r.source += (&s == &f.sets.front() ? " with --set " : ", --set ") + s;
-  }
   if (f.threads > 0) r.hm.expert_threads = f.threads;
+  // A run key the [hardmoe] section sets for the experts would be dropped without a word (--set
+  // train.lr=0.5 trained at hardmoe.expert_lr): refused, naming the key that decides.
+  const json t = sets.value("train", json::object());
+  auto decided = [&](const char* key, bool set_by_hardmoe, const char* hm_key, const std::string& hm_value) {
+    MOEV_CHECK(!t.contains(key) || !set_by_hardmoe, "--set train.", key, "=", t.contains(key) ? t[key].dump() : "",
+               ": the experts take hardmoe.", hm_key, " = ", hm_value, " (", f.config,
+               " or --set hardmoe.", hm_key, "=...) in its place");
+  };
+  decided("epochs", r.hm.expert_epochs > 0, "expert_epochs", std::to_string(r.hm.expert_epochs));
+  decided("lr", r.hm.expert_lr > 0, "expert_lr", json(r.hm.expert_lr).dump());
+  decided("warmup_steps", r.hm.expert_warmup_steps >= 0, "expert_warmup_steps",
+          std::to_string(r.hm.expert_warmup_steps));
+  decided("threads", r.hm.expert_threads > 0, "expert_threads", std::to_string(r.hm.expert_threads) + " (--threads)");
+  r.overrides = file;  // apply_json skips [hardmoe] (and other commands' sections)
+  r.overrides.merge_patch(sets);
+  r.source = f.config;
+  for (const auto& s : f.sets) r.source += (&s == &f.sets.front() ? " with --set " : ", --set ") + s;
   return r;
 }
 

@@ -765,6 +765,16 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
   // Checked though the expert is done (it said "already trained" at exit 0), and 0 experts is not "unset".
   expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 0 --set train.lr=abc",
                        {"train.lr", "expected a number"});
+  // A run key that hardmoe.expert_* decides for the experts was dropped without a word; it is refused, and the
+  // [hardmoe] keys take --set.
+  expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 0 --set train.epochs=7",
+                       {"--set train.epochs=7", "hardmoe.expert_epochs = 1", "--set hardmoe.expert_epochs="});
+  expect_clean_failure("hardmoe train-all --config " + cfg + " --set train.threads=2",
+                       {"--set train.threads=2", "hardmoe.expert_threads = 1"});
+  expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 0 --set hardmoe.expert_epochs=2",
+                       {"expert_0", "train.epochs"});  // trained with 1: the new value reaches the expert's config
+  expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 0 --set hardmoe.expert_epoch=2",
+                       {"--set hardmoe.expert_epoch=2", "unknown key"});
   expect_clean_failure("hardmoe cluster --config " + cfg + " --experts 0 --dir " + dir.file("zero"), {"--experts 0"});
   expect_clean_failure("hardmoe train-all --config " + cfg + " --dir " + dir.file("none"),
                        {dir.file("none"), "hardmoe cluster"});
