@@ -387,6 +387,9 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   bad("models = [\"vit-tiny\"]\nexperts = [2]\nplacements = [[0, \"x\"]]\n",
       {"sweep.placements", "[0,\"x\"]", "block indices"});
   bad("models = [\"vit-tiny\"]\nexperts = [2]\nplacements = [[]]\n", {"sweep.placements", "empty"});
+  // A block listed twice was accepted by the plan and refused by its run, after the runs before it had trained.
+  bad("models = [\"vit-tiny\"]\nexperts = [1, 2]\nplacements = [\"last-1\", \"1,1\"]\n",
+      {"sweep.placements", "'1,1'", "block 1 is listed twice"});
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --set train.lrr=1 --out " +
                            dir.file("b"), {"train.lrr"});
   // Keys the grid sets for each run replaced the common config's without a word.

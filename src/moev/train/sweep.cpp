@@ -96,7 +96,8 @@ SweepGrid parse_sweep_grid(const json& section, const std::string& source) {
     MOEV_CHECK(!p.empty(), source, ": sweep.placements: an empty placement; expected none, every-N, last-N or ",
                "blocks like \"3,5\" or [3, 5]");
     try {
-      models::parse_placement(placement_spec(p));
+      // A block listed twice, refused by every new run, is refused here, before any run of the grid trains.
+      models::refuse_repeated_blocks(models::parse_placement(placement_spec(p)));
     } catch (const Error& e) {
       fail(source, ": sweep.placements: ", e.what());
     }
