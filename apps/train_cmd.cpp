@@ -46,7 +46,9 @@ Runner add_train(CLI::App& app) {
       "  moev train --model vmoe-tiny --epochs 3 --out runs/quick\n"
       "  moev train --out runs/quick --resume");
   return [flags, resume]() {
-    const auto resolved = flags->resolve_or_print();
+    // --resume --print-config prints the config the resumed run goes on with (the saved one), below.
+    const bool print_resumed = *resume && flags->print_config && !flags->help_config;
+    const auto resolved = print_resumed ? std::optional<io::RunConfig>(flags->resolve()) : flags->resolve_or_print();
     if (!resolved) return 0;
     io::RunConfig cfg = *resolved;
     const auto dc = dist_from_environment(cfg);
@@ -60,6 +62,13 @@ Runner add_train(CLI::App& app) {
       const auto state = nlohmann::json::parse(ckpt.state_json, nullptr, /*allow_exceptions=*/false);
       const bool one_process = state.is_object() && state.value("world_size", 1) == 1;
       if (one_process && dc.world_size == 1) keep_saved_threads(*flags, *saved, cfg);
+    }
+    if (print_resumed) {
+      MOEV_CHECK(saved, "--resume --print-config: ", path, " does not exist: train.out_dir = ", cfg.train.out_dir,
+                 " holds no run to resume");
+      check_resume_overrides(*flags, *saved, cfg, path);
+      std::cout << io::to_json_string(train::resumed_config(*saved, cfg)) << "\n";
+      return 0;
     }
     // A rank of a distributed job: local ranks share the cores, so "all cores"
     // means this rank's part of them.

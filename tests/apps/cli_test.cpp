@@ -442,6 +442,17 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   EXPECT_EQ(r.code, 0) << r.out;
   r = run("train --out " + dir.file("n1") + " --resume --threads 1 --set train.progress=false");  // none given
   EXPECT_EQ(r.code, 0) << r.out;
+  // --resume --print-config prints what the resumed run goes on with: the saved config (it printed the defaults),
+  // with what may change now; a differing key is refused as the run refuses it.
+  r = run("train --out " + dir.file("n1") + " --resume --threads 2 --print-config");
+  ASSERT_EQ(r.code, 0) << r.out;
+  const auto resumed_cfg = nlohmann::json::parse(r.out.substr(r.out.find('{')));
+  EXPECT_EQ(resumed_cfg.at("model").at("family"), "resnest") << r.out;
+  EXPECT_EQ(resumed_cfg.at("train").at("epochs"), 1) << r.out;
+  EXPECT_EQ(resumed_cfg.at("train").at("threads"), 2) << r.out;
+  expect_clean_failure("train --out " + dir.file("n1") + " --resume --epochs 3 --print-config",
+                       {"train.epochs = 3 (was: 1)"});
+  expect_clean_failure("train --out " + dir.file("none") + " --resume --print-config", {"holds no run to resume"});
   // Resumed with no thread count named, a run keeps the one it was saved with: it took all cores, and the
   // other order of float sums gave other weights than the uninterrupted run.
   r = run("train " + toy + "--max-steps 2 --out " + dir.file("cut"));
@@ -543,6 +554,9 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   const auto ssl = nlohmann::json::parse(std::ifstream(dir.file("ssl") + "/pretrain.json"));
   EXPECT_EQ(ssl.at("options").at("epochs"), 1) << ssl.dump();
   EXPECT_EQ(ssl.at("options").at("queue"), 20) << ssl.dump();
+  // train --resume in a pretraining run's directory names the commands that continue or use it.
+  expect_clean_failure("train --out " + dir.file("ssl") + " --resume",
+                       {"holds a pretraining run", "moev pretrain --out", "train.init_from=" + dir.file("ssl")});
   // Its position is under "pretrain": it read as step 0 of a supervised run.
   r = run("checkpoint info " + dir.file("ssl") + "/pretrain.pt");
   ASSERT_EQ(r.code, 0) << r.out;

@@ -270,6 +270,12 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
              " already holds a run; continue it with --resume, or train into another --out (or delete ",
              cfg.train.out_dir, ") to start anew");
   if (opts.resume) {
+    // A self-supervised run's directory holds pretrain.pt: the command that continues it is another.
+    const auto pretrained = fs::path(cfg.train.out_dir) / "pretrain.pt";
+    MOEV_CHECK(fs::exists(ckpt_file) || !fs::exists(pretrained), "--resume: train.out_dir = ", cfg.train.out_dir,
+               " holds a pretraining run (", pretrained.string(), "), not a supervised one: continue it with moev ",
+               "pretrain --out ", cfg.train.out_dir, " --resume, or start a supervised run from it in another ",
+               "directory with --set train.init_from=", pretrained.string());
     MOEV_CHECK(fs::exists(ckpt_file), "--resume: ", ckpt_file, " does not exist: train.out_dir = ", cfg.train.out_dir,
                " holds no checkpoint yet (a run killed before its first, every train.checkpoint_every steps, has none",
                "); start it again without --resume");
