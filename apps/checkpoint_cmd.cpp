@@ -2,6 +2,7 @@
 // the model, the training position, how many ranks wrote it, and its expert
 // tensors. Checkpoints always hold full tensors (expert shards are gathered
 // before saving), so any number of ranks can load one; this shows it.
+#include <fstream>
 #include <iostream>
 
 #include <nlohmann/json.hpp>
@@ -43,8 +44,15 @@ Runner add_checkpoint(CLI::App& app) {
   info->add_option("checkpoint", *path, "checkpoint file")->required();
   return [info, path]() {
     if (!info->parsed()) return 1;
-    MOEV_CHECK(!hardmoe::is_hard_moe_file(*path), *path, ": a hard MoE file, not a checkpoint; its trunk and each ",
-               "expert have one (moev checkpoint info <dir>/expert_0/checkpoint.pt)");
+    if (hardmoe::is_hard_moe_file(*path)) {  // JSON text: a hardmoe.json, or a run's config.json or log
+      std::ifstream in(*path);
+      const auto j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+      MOEV_CHECK(!(j.is_object() && j.value("format", "") == "moev hard mixture of experts"), *path,
+                 ": a hard MoE file, not a checkpoint; its trunk and each expert have one (moev checkpoint info ",
+                 "<dir>/expert_0/checkpoint.pt)");
+      fail(*path, ": JSON text, not a checkpoint (a checkpoint is the zip archive moev train writes, ",
+           "<run>/checkpoint.pt)");
+    }
     const auto ckpt = train::load_checkpoint(*path);
     const auto cfg = io::from_json_string(ckpt.config_json, *path);
     nlohmann::json st;

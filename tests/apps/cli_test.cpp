@@ -749,6 +749,9 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
   ASSERT_EQ(r.code, 0) << r.out;
   for (const char* s : {"precision@1", "mAP", "hard MoE: images per expert"})
     EXPECT_NE(r.out.find(s), std::string::npos) << r.out;
+  // checkpoint info tells a hard MoE file from other JSON (a run's config.json was called a hard MoE file).
+  expect_clean_failure("checkpoint info " + a + "/hardmoe.json", {"a hard MoE file, not a checkpoint"});
+  expect_clean_failure("checkpoint info " + dir.file("run/config.json"), {"config.json", "JSON text, not a checkpoint"});
   r = run("predict --checkpoint " + a + "/hardmoe.json --top 2 " + dir.file("mosaic/test/0.png"));
   ASSERT_EQ(r.code, 0) << r.out;
   // An ensemble scored tagged images as top-1 against each image's first tag (0.16 where eval said 0.56).

@@ -395,6 +395,44 @@ TEST(Trainer, CheckpointWithNonFiniteWeightsOrADirectoryIsRefused) {
 // floating type, a value in a later 4 MB block, in the average as in the
 // model; the largest, smallest and subnormal finite values still load, and a
 // NaN in the optimizer's moments is not a weight's.
+// A state or config of the wrong kind (hand-edited, or from another tool) is
+// refused when the checkpoint is read, naming the file and the key: it failed
+// later with the JSON library's or LibTorch's words ("isString() INTERNAL
+// ASSERT FAILED ... please report a bug to PyTorch").
+TEST(Trainer, CheckpointMetadataOfTheWrongKindIsRefusedNamingTheKey) {
+  test::TempDir dir;
+  const auto a = one_step_run(dir);
+  const auto good = train::load_checkpoint(train::checkpoint_path(a.train.out_dir));
+  struct Bad {
+    std::string config, state;
+    std::vector<std::string> needles;
+  };
+  const std::vector<Bad> bad = {
+      {good.config_json, R"({"step": "x", "epoch": 0, "batch": 1})", {"state.step = \"x\"", "an integer >= 0"}},
+      {good.config_json, R"({"step": 1, "epoch": -1, "batch": 1})", {"state.epoch = -1", "an integer >= 0"}},
+      {good.config_json, "not json", {"'state' entry is not a JSON object"}},
+      {"[1]", good.state_json, {"'config' entry is not a JSON object"}},
+      {good.config_json, R"({"step": 1, "log_window": {"loss": "a"}})", {"state.log_window.loss = \"a\"", "a number"}},
+      {good.config_json, R"({"class_names": ["a", 2]})", {"state.class_names", "a list of strings"}},
+  };
+  for (size_t i = 0; i < bad.size(); ++i) {
+    auto c = good;
+    c.config_json = bad[i].config;
+    c.state_json = bad[i].state;
+    const auto path = dir.file("bad" + std::to_string(i) + ".pt");
+    train::save_checkpoint(path, c);
+    auto needles = bad[i].needles;
+    needles.push_back(path);
+    test::expect_error([&] { train::load_checkpoint(path, train::CheckpointLoad::kConfig); }, needles);
+  }
+  // An entry that is no text at all, as a Python script can write one.
+  const auto py = dir.file("int_config.pt");
+  const std::string cmd = "/usr/bin/python3 -c \"import torch,sys; d=dict(torch.load(sys.argv[1])); d['config']=5; "
+                          "torch.save(d, sys.argv[2])\" " + train::checkpoint_path(a.train.out_dir) + " " + py;
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  test::expect_error([&] { train::load_checkpoint(py); }, {py, "'config' entry is not JSON text but a value of type Int"});
+}
+
 TEST(Trainer, CheckpointFinitenessCheckCoversEveryFloatTypeAndBlock) {
   test::TempDir dir;
   for (auto type : {torch::kFloat, torch::kDouble, torch::kHalf, torch::kBFloat16}) {

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <mutex>
 
 #include <fcntl.h>
@@ -14,6 +15,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
+
+#include <nlohmann/json.hpp>
 
 #include <c10/core/CPUAllocator.h>
 #include <caffe2/serialize/inline_container.h>
@@ -41,6 +44,76 @@ std::map<std::string, at::Tensor> from_dict(const c10::IValue& v, const std::str
   std::map<std::string, at::Tensor> out;
   for (const auto& kv : v.toGenericDict()) out[kv.key().toStringRef()] = kv.value().toTensor();
   return out;
+}
+
+// The kinds of value the state's keys hold, checked when a checkpoint is read:
+// a hand-edited or foreign state ("step": "x") failed later with the JSON
+// library's words, naming no file or key.
+enum class Kind { kCount, kNumber, kBool, kText, kTexts, kObject };
+
+const std::map<std::string, Kind>& state_kinds() {
+  static const std::map<std::string, Kind> kinds = {
+      {"step", Kind::kCount},          {"epoch", Kind::kCount},       {"batch", Kind::kCount},
+      {"world_size", Kind::kCount},    {"replicas", Kind::kCount},    {"planned_steps", Kind::kCount},
+      {"train_elapsed_s", Kind::kNumber}, {"expert_parallel", Kind::kBool}, {"combine_weights", Kind::kText},
+      {"class_names", Kind::kTexts},   {"log_window", Kind::kObject}, {"pretrain", Kind::kObject},
+      {"fusion", Kind::kObject},       {"log_window.loss", Kind::kNumber}, {"log_window.aux_loss", Kind::kNumber},
+      {"log_window.grad_norm", Kind::kNumber}, {"log_window.correct", Kind::kCount},
+      {"log_window.images", Kind::kCount}, {"log_window.seconds", Kind::kNumber},
+      {"pretrain.step", Kind::kCount}, {"pretrain.queue_ptr", Kind::kCount}, {"pretrain.options", Kind::kObject},
+      {"pretrain.knn_top1_init", Kind::kNumber}, {"pretrain.epoch_loss", Kind::kNumber},
+      {"pretrain.epoch_steps", Kind::kCount}, {"pretrain.window_loss", Kind::kNumber},
+      {"pretrain.window_steps", Kind::kCount}};
+  return kinds;
+}
+
+bool is_kind(const nlohmann::json& v, Kind k) {
+  switch (k) {
+    case Kind::kCount: return v.is_number_integer() && v.get<int64_t>() >= 0;
+    case Kind::kNumber: return v.is_number();
+    case Kind::kBool: return v.is_boolean();
+    case Kind::kText: return v.is_string();
+    case Kind::kTexts:
+      return v.is_array() && std::all_of(v.begin(), v.end(), [](const nlohmann::json& e) { return e.is_string(); });
+    case Kind::kObject: return v.is_object();
+  }
+  return false;
+}
+
+const char* kind_name(Kind k) {
+  switch (k) {
+    case Kind::kCount: return "an integer >= 0";
+    case Kind::kNumber: return "a number";
+    case Kind::kBool: return "true or false";
+    case Kind::kText: return "a string";
+    case Kind::kTexts: return "a list of strings";
+    case Kind::kObject: return "an object";
+  }
+  return "";
+}
+
+// The config and state entries: JSON objects, the state's known keys of their kinds.
+void check_metadata(const c10::IValue& config, const c10::IValue& state, const std::string& path) {
+  for (const auto& [name, v] : {std::pair<const char*, const c10::IValue*>{"config", &config}, {"state", &state}}) {
+    MOEV_CHECK(v->isString(), "checkpoint ", path, ": its '", name, "' entry is not JSON text but a value of type ",
+               v->tagKind());
+    const auto j = nlohmann::json::parse(v->toStringRef(), nullptr, /*allow_exceptions=*/false);
+    MOEV_CHECK(j.is_object(), "checkpoint ", path, ": its '", name, "' entry is not a JSON object");
+    if (std::string(name) != "state") continue;
+    for (const auto& [key, kind] : state_kinds()) {
+      const auto dot = key.find('.');
+      const auto* parent = &j;
+      if (dot != std::string::npos) {
+        const auto top = key.substr(0, dot);
+        if (!j.contains(top) || !j[top].is_object()) continue;
+        parent = &j[top];
+      }
+      const auto leaf = dot == std::string::npos ? key : key.substr(dot + 1);
+      if (!parent->contains(leaf)) continue;
+      MOEV_CHECK(is_kind((*parent)[leaf], kind), "checkpoint ", path, ": state.", key, " = ",
+                 (*parent)[leaf].dump(), ": expected ", kind_name(kind));
+    }
+  }
 }
 
 // CRC-32 of n bytes continued from crc; zlib takes at most 4 GiB per call.
@@ -366,6 +439,7 @@ Checkpoint load_checkpoint(const std::string& path, CheckpointLoad what) {
     MOEV_CHECK(d.contains(std::string(key)), "checkpoint ", path, ": missing entry '", key, "'");
   MOEV_CHECK(d.at(std::string("format")).isString() && d.at(std::string("format")).toStringRef() == kCheckpointFormat,
              "checkpoint ", path, ": format is not ", kCheckpointFormat);
+  check_metadata(d.at(std::string("config")), d.at(std::string("state")), path);
   Checkpoint c;
   c.config_json = d.at(std::string("config")).toStringRef();
   c.state_json = d.at(std::string("state")).toStringRef();
