@@ -44,7 +44,7 @@ Runner add_analyze(CLI::App& app) {
   cmd->add_option("--data", f->data, "test data directory (default: the training run's)");
   cmd->add_flag("--capacity-curve", f->capacity_curve,
                 "also evaluate top-1 at each --capacities value, with and without BPR");
-  cmd->add_option("--capacities", f->capacities, "capacity ratios of the curve")
+  auto* capacities = cmd->add_option("--capacities", f->capacities, "capacity ratios of the curve (with --capacity-curve)")
       ->expected(1, 64)
       ->capture_default_str();
   cmd->add_option("--batch-size", f->batch_size, "images per forward pass");
@@ -52,7 +52,7 @@ Runner add_analyze(CLI::App& app) {
   cmd->add_option("--threads", f->threads, "threads, 0 = all cores");
   cmd->add_option("--precision", f->precision, "GEMM precision fp32 or bf16 (default: as trained)");
   cmd->footer("\nExample:\n  moev analyze runs/vmoe/checkpoint.pt --capacity-curve");
-  return [f]() {
+  return [f, capacities]() {
     namespace fs = std::filesystem;
     train::set_threads(f->threads);
     MOEV_CHECK(f->batch_size >= 1, "--batch-size ", f->batch_size, ": expected >= 1");
@@ -63,6 +63,8 @@ Runner add_analyze(CLI::App& app) {
       for (size_t j = 0; j < i; ++j)
         MOEV_CHECK(f->capacities[j] != c, "--capacities: ", c, " is given twice; expected each ratio once");
     }
+    MOEV_CHECK(!capacities->count() || f->capacity_curve, "--capacities: the points of the capacity curve, which ",
+               "needs --capacity-curve");
     MOEV_CHECK(!hardmoe::is_hard_moe_file(f->checkpoint), f->checkpoint, ": a hard MoE, which routes whole images ",
                "to one expert each (moev eval reports how many each served); analyze reads checkpoints with MoE ",
                "layers or branches");

@@ -86,6 +86,9 @@ Runner add_eval(CLI::App& app) {
                    " is asked for twice; each corruption is one row of the table");
     MOEV_CHECK(!table_option->count() || !f->table.empty(), "--table is empty: expected a file prefix");
     MOEV_CHECK(f->table.empty() || !shifts.empty(), "--table needs --shift");
+    // The shift table scores one view per image: a --tta beside it changed the clean line only.
+    MOEV_CHECK(!f->tta || shifts.empty(), "--tta with --shift: the shift table scores each corrupted test set in ",
+               "one view; run the test-time augmentation as a command of its own");
     train::RouterOverrides o;
     o.k = f->k;
     o.capacity = f->capacity;

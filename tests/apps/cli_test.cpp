@@ -187,6 +187,8 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   // Routing settings that would not apply (dropped 0 at --capacity 0.125 on a dropless model) are refused.
   expect_clean_failure("eval " + ckpt + " --dropless on --capacity 0.5",
                        {"--capacity 0.5", "moe.dropless = true", "--dropless off"});
+  expect_clean_failure("eval " + ckpt + " --dropless on --bpr on", {"--bpr on", "moe.dropless = true", "--dropless off"});
+  expect_clean_failure("eval " + ckpt + " --tta --shift blur:1", {"--tta with --shift", "one view"});
   expect_clean_failure("eval " + ckpt + " --router expert_choice --bpr on", {"--bpr on", "expert-choice"});
   {  // A model trained with BPR still switches to Expert-Choice at inference, which has no use for BPR.
     auto c = moev::train::load_checkpoint(ckpt);
@@ -263,6 +265,7 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   expect_clean_failure("analyze " + ckpt + " --capacities 0", {"--capacities", "> 0"});
   expect_clean_failure("analyze " + ckpt + " --capacities inf", {"--capacities", "inf"});
   expect_clean_failure("analyze " + ckpt + " --capacities 0.5 0.5", {"--capacities", "0.5 is given twice"});
+  expect_clean_failure("analyze " + ckpt + " --capacities 0.5", {"--capacities", "needs --capacity-curve"});
   expect_clean_failure("analyze " + ckpt + " --out " + ckpt, {"--out " + ckpt, "cannot make a directory"});
   expect_clean_failure("analyze " + dir.file("none.pt"), {"none.pt"});
 

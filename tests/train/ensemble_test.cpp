@@ -213,6 +213,11 @@ TEST(Ensemble, ScoresMatchHandCountsAndWeightsAreHonoured) {
 
   using nlohmann::json;
   EXPECT_TRUE(train::parse_ensemble(json{{"members", {"x.pt"}}, {"other_data", true}}, "e.toml").other_data);
+  // The views' keys without tta = true were passed over without a word.
+  test::expect_error([] { train::parse_ensemble(json{{"members", {"x.pt"}}, {"tta_shift", 2}}, "e.toml"); },
+                     {"e.toml", "ensemble.tta_shift without tta = true"});
+  EXPECT_EQ(train::parse_ensemble(json{{"members", {"x.pt"}}, {"tta", true}, {"tta_shift", 2}}, "e.toml").tta_shift,
+            2);
   test::expect_error([] { train::parse_ensemble(json{{"members", {"x.pt", "y.pt"}}, {"weights", {1}}}, "e.toml"); },
                      {"e.toml", "ensemble.weights has 1 numbers for 2 members"});
   test::expect_error([] { train::parse_ensemble(json{{"members", {"x.pt"}}, {"wieghts", {1}}}, "e.toml"); },

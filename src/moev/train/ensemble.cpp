@@ -100,6 +100,10 @@ EnsembleConfig parse_ensemble(const json& s, const std::string& source) {
     }
   }
   MOEV_CHECK(!e.members.empty(), source, ": [ensemble] needs members = [checkpoint, ...]");
+  // The views' keys without tta = true were passed over without a word.
+  for (const char* k : {"tta_shift", "tta_flip", "tta_scale"})
+    MOEV_CHECK(e.tta || !s.contains(k), source, ": ensemble.", k, " without tta = true: the members are scored on ",
+               "the image alone; add tta = true, or drop ", k);
   if (weights.empty()) weights.assign(e.members.size(), 1.0);
   {
     MOEV_CHECK(weights.size() == e.members.size(), source, ": ensemble.weights has ", weights.size(),

@@ -255,6 +255,9 @@ size_t apply_router_overrides(models::Classifier& model, const RouterOverrides& 
     MOEV_CHECK(!o.capacity || !cfg.dropless || expert_choice, "--capacity ", *o.capacity, ": this model routes ",
                "without a capacity limit (moe.dropless = true), so none would apply; add --dropless off to route it "
                "with one");
+    MOEV_CHECK(!o.bpr || !*o.bpr || !cfg.dropless || expert_choice, "--bpr on: this model routes without a capacity ",
+               "limit (moe.dropless = true), so no token is dropped and their priority changes nothing; add ",
+               "--dropless off to route it with one");
     MOEV_CHECK(!o.dropless || !expert_choice, "--dropless: expert-choice routing always takes a capacity of tokens ",
                "per expert, dropless or not");
     MOEV_CHECK(!o.bpr || !*o.bpr || !expert_choice, "--bpr on: expert-choice routing ",
