@@ -39,7 +39,8 @@ Runner add_analyze(CLI::App& app) {
   auto* cmd = app.add_subcommand("analyze", "routing heatmaps, specialisation and capacity curve "
                                             "of a trained MoE model; branch agreement of a multi-branch one");
   auto f = std::make_shared<AnalyzeFlags>();
-  cmd->add_option("checkpoint,--checkpoint", f->checkpoint, "checkpoint file")->required();
+  // Checked in the command, not by CLI11 (as eval's).
+  cmd->add_option("checkpoint,--checkpoint", f->checkpoint, "checkpoint file, positional or after --checkpoint");
   cmd->add_option("--out", f->out, "output directory (default: analysis/ beside the checkpoint)");
   cmd->add_option("--data", f->data, "test data directory (default: the training run's)");
   cmd->add_flag("--capacity-curve", f->capacity_curve,
@@ -54,6 +55,7 @@ Runner add_analyze(CLI::App& app) {
   cmd->footer("\nExample:\n  moev analyze runs/vmoe/checkpoint.pt --capacity-curve");
   return [f, capacities]() {
     namespace fs = std::filesystem;
+    MOEV_CHECK(!f->checkpoint.empty(), "analyze: no checkpoint given; expected moev analyze CHECKPOINT");
     train::set_threads(f->threads);
     MOEV_CHECK(f->batch_size >= 1, "--batch-size ", f->batch_size, ": expected >= 1");
     check_limit(f->limit);

@@ -43,7 +43,9 @@ struct EvalFlags {
 Runner add_eval(CLI::App& app) {
   auto* cmd = app.add_subcommand("eval", "evaluate a checkpoint on its test set");
   auto f = std::make_shared<EvalFlags>();
-  cmd->add_option("checkpoint,--checkpoint", f->checkpoints, "checkpoint file(s)")->required();
+  // Checked in the command, not by CLI11: its help listed the positional and the flag each as REQUIRED, and its
+  // error named the flag alone.
+  cmd->add_option("checkpoint,--checkpoint", f->checkpoints, "checkpoint file(s), positional or after --checkpoint");
   cmd->add_option("--shift", f->shifts,
                   "corrupted test set NAME:SEVERITY (1-5), NAME (all severities) or all; "
                   "names: gaussian_noise, blur, rotate, contrast, occlusion (repeatable)");
@@ -71,6 +73,7 @@ Runner add_eval(CLI::App& app) {
       "  moev eval runs/vmoe/checkpoint.pt --capacity 0.5 --bpr on\n"
       "  moev eval runs/dense/checkpoint.pt runs/moe/checkpoint.pt --shift all --table shift");
   return [f, table_option]() {
+    MOEV_CHECK(!f->checkpoints.empty(), "eval: no checkpoint given; expected moev eval CHECKPOINT [CHECKPOINT...]");
     const int threads = train::set_threads(f->threads);
     const auto device = parse_device(f->device);
     MOEV_CHECK(f->batch_size >= 1, "--batch-size ", f->batch_size, ": expected >= 1");

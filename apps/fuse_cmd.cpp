@@ -37,14 +37,17 @@ Runner add_fuse(CLI::App& app) {
   cmd->footer("\nExample:\n  moev fuse runs/mb3/checkpoint.pt --epochs 30");
   return [f]() {
     train::set_threads(f->threads);
-    if (f->out.empty()) {
+    const bool default_out = f->out.empty();
+    if (default_out) {
       const auto slash = f->checkpoint.find_last_of('/');
       f->out = (slash == std::string::npos ? std::string(".") : f->checkpoint.substr(0, slash)) + "/fused.pt";
     }
     // Checked before training, which the paths would otherwise fail after.
     namespace fs = std::filesystem;
-    MOEV_CHECK(fs::weakly_canonical(f->out) != fs::weakly_canonical(f->checkpoint), "--out ", f->out,
-               ": is the input checkpoint; fusion writes a new file and leaves the trained run as it is");
+    MOEV_CHECK(fs::weakly_canonical(f->out) != fs::weakly_canonical(f->checkpoint),
+               default_out ? "the output, by default fused.pt beside the input (" : "--out ", f->out,
+               default_out ? "), is the input checkpoint itself; give --out another file: " : ": is the input checkpoint; ",
+               "fusion writes a new file and leaves the trained run as it is");
     // A typo in --out replaced a training run's checkpoint (or any file) at exit 0; a new file, or an
     // earlier fusion's output, is what --out may name.
     if (fs::exists(f->out) && !fs::is_directory(f->out)) {

@@ -121,6 +121,10 @@ TEST(Cli, BadInputsFailCleanly) {
   expect_clean_failure("bogus", {"'bogus' is not a subcommand", "train, eval"});
   expect_clean_failure("checkpoint bogus", {"moev checkpoint", "'bogus'", "info"});
   expect_clean_failure("data", {"moev data", "a subcommand is required", "mosaic"});
+  // Named by the form people write (the error named --checkpoint alone, the help marked both forms REQUIRED).
+  expect_clean_failure("eval", {"no checkpoint given", "moev eval CHECKPOINT"});
+  expect_clean_failure("analyze", {"no checkpoint given", "moev analyze CHECKPOINT"});
+  EXPECT_EQ(run("eval --help").out.find("REQUIRED"), std::string::npos);
 }
 
 // A scheduler's SIGTERM (or Ctrl-C) before its SIGKILL: the run saves the step
@@ -603,6 +607,9 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   // Its own output it replaces; another run's checkpoint or any other file it refused to (it replaced them).
   r = run("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 1 --threads 1 --out " + dir.file("s2") + "/fused.pt");
   ASSERT_EQ(r.code, 0) << r.out;
+  // A fused model fused again with no --out: the default output is the input (named as --out, never given).
+  expect_clean_failure("fuse " + dir.file("s2") + "/fused.pt --epochs 1",
+                       {"by default fused.pt beside the input", "is the input checkpoint itself", "give --out"});
   const auto teacher_bytes = bytes_of(dir.file("t2") + "/checkpoint.pt");
   expect_clean_failure("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 1 --out " + dir.file("t2") +
                            "/checkpoint.pt",

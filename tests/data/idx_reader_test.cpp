@@ -118,6 +118,15 @@ TEST(IdxReader, AbsurdHeaderInSmallGzipFailsBeforeAllocating) {
                {dir.file("huge.gz"), "corrupt"});
 }
 
+// A file given as the directory was "not found", though it is there.
+TEST(IdxReader, AFileGivenAsTheDirectoryIsNamedAsAFile) {
+  TempDir dir;
+  write_bytes(dir.file("a.png"), {1, 2, 3});
+  expect_error([&] { load_fashion_mnist(dir.file("a.png"), false); },
+               {dir.file("a.png"), "is a file", "--format folder"});
+  expect_error([&] { load_fashion_mnist(dir.file("none"), false); }, {dir.file("none"), "not found"});
+}
+
 TEST(IdxReader, TrailingBytesAreAnError) {
   TempDir dir;
   write_bytes(dir.file("img"), {0, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 7, 99});

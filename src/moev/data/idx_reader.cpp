@@ -177,6 +177,8 @@ ImageSet read_idx(const std::string& images_gz_or_raw, const std::string& labels
 }
 
 ImageSet load_fashion_mnist(const std::string& dir, bool train) {
+  MOEV_CHECK(!fs::exists(dir) || fs::is_directory(dir), "Fashion-MNIST directory ", dir,
+             " is a file; expected the directory of the IDX files (or --format folder for one folder per class)");
   MOEV_CHECK(fs::is_directory(dir), "Fashion-MNIST directory ", dir, " not found", kInstallHint);
   const std::string prefix = train ? "train" : "t10k";
   const std::string images = find_split_file(dir, prefix + "-images-idx3-ubyte");

@@ -244,7 +244,7 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
   MOEV_CHECK(o.jitter >= 0 && o.jitter < 1, "pretrain: jitter = ", o.jitter, ": expected in [0, 1)");
   MOEV_CHECK(o.queue >= 1 && o.proj_dim >= 1, "pretrain: queue = ", o.queue, " and proj_dim = ", o.proj_dim,
              ": expected at least 1");
-  MOEV_CHECK(o.knn_k >= 0, "pretrain: knn_k = ", o.knn_k, ": expected >= 0 (0: no probe)");
+  MOEV_CHECK(o.knn_k >= 0, "pretrain: knn = ", o.knn_k, ": expected >= 0 (0: no probe)");
   MOEV_CHECK(o.weight_decay >= 0, "pretrain: weight_decay = ", o.weight_decay, ": expected >= 0");
   // Settings of a supervised run that would change what pre-training does if
   // it read them; it does not, so a run that sets them is refused, not misled.
