@@ -122,6 +122,9 @@ io::RunConfig ConfigFlags::resolve() const {
   // and --set then go in the order given: --set went last, so
   // `--set train.epochs=5 --epochs 3` ran 5 epochs.
   io::RunConfig cfg;
+  // Both: the --set went over --model wherever it stood on the line, against "the later one wins".
+  MOEV_CHECK(preset.empty() || !named_keys().count("model.preset"), "--model ", preset,
+             " and --set model.preset both name the model preset; give one of them");
   if (!preset.empty()) cfg.model = models::preset(preset);
   if (!config_file.empty()) {
     auto file = this->file();

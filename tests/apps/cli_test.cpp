@@ -124,6 +124,8 @@ TEST(Cli, BadInputsFailCleanly) {
   // Named by the form people write (the error named --checkpoint alone, the help marked both forms REQUIRED).
   expect_clean_failure("eval", {"no checkpoint given", "moev eval CHECKPOINT"});
   expect_clean_failure("analyze", {"no checkpoint given", "moev analyze CHECKPOINT"});
+  expect_clean_failure("train --set model.preset=vit-tiny --model vmoe-tiny --print-config",
+                       {"--model vmoe-tiny and --set model.preset", "give one"});
   EXPECT_EQ(run("eval --help").out.find("REQUIRED"), std::string::npos);
 }
 
@@ -561,6 +563,10 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   const auto ssl = nlohmann::json::parse(std::ifstream(dir.file("ssl") + "/pretrain.json"));
   EXPECT_EQ(ssl.at("options").at("epochs"), 1) << ssl.dump();
   EXPECT_EQ(ssl.at("options").at("queue"), 20) << ssl.dump();
+  // Pre-training beside a supervised run: its files would pass for that run's.
+  expect_clean_failure("pretrain " + toy_ssl + "--queue 25 --out " + dir.file("n1"),
+                       {"holds a supervised run", "another --out"});
+  EXPECT_FALSE(std::filesystem::exists(dir.file("n1") + "/pretrain_log.jsonl"));
   // train --resume in a pretraining run's directory names the commands that continue or use it.
   expect_clean_failure("train --out " + dir.file("ssl") + " --resume",
                        {"holds a pretraining run", "moev pretrain --out", "train.init_from=" + dir.file("ssl")});

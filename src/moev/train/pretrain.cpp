@@ -366,6 +366,9 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
   // A second run into a directory replaced the first's log at once and its checkpoint soon after.
   MOEV_CHECK(o.resume || !fs::exists(ckpt_path), ckpt_path.string(), ": pretrain --out ", out_dir,
              " already holds a pre-training run; continue it with --resume, or pre-train into another --out");
+  // Beside a supervised run its files would pass for that run's (of another config, perhaps).
+  MOEV_CHECK(o.resume || !fs::exists(train::checkpoint_path(out_dir)), "pretrain --out ", out_dir,
+             " holds a supervised run (", train::checkpoint_path(out_dir), "); pre-train into another --out");
   // A killed run logged steps past its checkpoint; the resumed run logs them again.
   if (o.resume) io::trim_jsonl(log_path.string(), [&](const json& j) { return j.value("step", int64_t{0}) <= step; });
   io::JsonlLog log;
