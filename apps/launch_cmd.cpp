@@ -89,6 +89,11 @@ dist::DistConfig dist_from_environment(const io::RunConfig& cfg) {
   d.master_port = env_int("MASTER_PORT", d.master_port);
   d.interface = env_str("GLOO_SOCKET_IFNAME", "");
   dist::validate(d);
+  // A partial environment (WORLD_SIZE and RANK by hand) waited out the whole timeout without a word.
+  if (!std::getenv("MASTER_ADDR") || !std::getenv("MASTER_PORT"))
+    std::cerr << "moev: note: rank " << d.rank << " of " << d.world_size << ": MASTER_ADDR or MASTER_PORT is not "
+              << "set; meeting the other ranks at " << d.master_addr << ":" << d.master_port << ", waiting up to "
+              << d.timeout_s << " s (train.dist_timeout)\n";
   return d;
 }
 

@@ -126,6 +126,15 @@ TEST(Cli, BadInputsFailCleanly) {
   expect_clean_failure("analyze", {"no checkpoint given", "moev analyze CHECKPOINT"});
   expect_clean_failure("train --set model.preset=vit-tiny --model vmoe-tiny --print-config",
                        {"--model vmoe-tiny and --set model.preset", "give one"});
+  {  // A rank started by hand without MASTER_ADDR waited out the timeout without a word, then named no address.
+    const std::string port = std::to_string(20000 + ::getpid() % 20000);
+    const auto r = moev::test::run_cli("train --model vit-tiny --set train.dist_timeout=2 --out " + dir.file("dist"),
+                                       "WORLD_SIZE=2 RANK=0 MASTER_PORT=" + port);
+    EXPECT_EQ(r.code, 1) << r.out;
+    for (const std::string& n : std::vector<std::string>{"MASTER_ADDR or MASTER_PORT is not set", "127.0.0.1:" + port,
+                                                          "waiting up to 2 s", "are all 2 ranks started"})
+      EXPECT_NE(r.out.find(n), std::string::npos) << n << " missing in " << r.out;
+  }
   EXPECT_EQ(run("eval --help").out.find("REQUIRED"), std::string::npos);
 }
 

@@ -82,8 +82,10 @@ Communicator::Communicator(const DistConfig& cfg) : cfg_(cfg), impl_(std::make_u
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {
-    fail("rank ", cfg.rank, ": could not connect the Gloo process group of ", cfg.world_size,
-         " ranks: ", Impl::first_line(e.what()));
+    fail("rank ", cfg.rank, ": could not connect the Gloo process group of ", cfg.world_size, " ranks at ",
+         "MASTER_ADDR:MASTER_PORT = ", cfg.master_addr, ":", cfg.master_port, " within ", cfg.timeout_s,
+         " s (are all ", cfg.world_size, " ranks started, with the same MASTER_ADDR and MASTER_PORT?): ",
+         Impl::first_line(e.what()));
   }
 }
 
