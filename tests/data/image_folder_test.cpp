@@ -241,6 +241,16 @@ TEST(ImageFolder, HugeImageHeaderIsRefusedBeforeDecoding) {
   write_bytes(root.file("big.png"), std::vector<unsigned char>(png.begin(), png.end()));
   expect_error([&] { decode_image_file(root.file("big.png"), 28, 28, 1); },
                {root.file("big.png"), "20000x20000", "pixels"});
+  // 100000 x 100000: a header stb refuses itself ("too large"), named in the same words.
+  for (int i = 0; i < 2; ++i) {
+    png[17 + 4 * i] = static_cast<char>(100000 >> 16), png[18 + 4 * i] = static_cast<char>((100000 >> 8) & 255);
+    png[19 + 4 * i] = static_cast<char>(100000 & 255);
+  }
+  const uLong crc2 = crc32(crc32(0L, Z_NULL, 0), reinterpret_cast<const Bytef*>(png.data() + 12), 17);
+  for (int i = 0; i < 4; ++i) png[29 + i] = static_cast<char>((crc2 >> (24 - 8 * i)) & 255);
+  write_bytes(root.file("huge.png"), std::vector<unsigned char>(png.begin(), png.end()));
+  expect_error([&] { decode_image_file(root.file("huge.png"), 28, 28, 1); },
+               {root.file("huge.png"), "its header claims an image above 268435456 pixels"});
 }
 
 // stb_image skips PNG chunk CRCs; a flipped pixel byte must not decode at exit 0.

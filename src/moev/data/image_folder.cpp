@@ -327,10 +327,15 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
   if (stbi_info_from_memory(bytes.data(), static_cast<int>(bytes.size()), &w, &h, &file_channels) == 1)
     MOEV_CHECK(int64_t{w} * h <= kMaxSourcePixels, "file ", path, ": a ", w, "x", h, " image, above ",
                kMaxSourcePixels, " pixels");
+
   std::unique_ptr<unsigned char, void (*)(void*)> pixels(
       stbi_load_from_memory(bytes.data(), static_cast<int>(bytes.size()), &w, &h, &file_channels,
                             static_cast<int>(channels)),
       stbi_image_free);
+  // stb refuses some headers itself (a PNG whose rows would pass its 1 GiB), which stbi_info does not report:
+  // the same limit, in moev's words.
+  MOEV_CHECK(pixels != nullptr || std::string(stbi_failure_reason()) != "too large", "file ", path,
+             ": its header claims an image above ", kMaxSourcePixels, " pixels (stb_image: too large)");
   MOEV_CHECK(pixels != nullptr, "file ", path,
              " is not a readable image (stb_image: ", stbi_failure_reason(), ")");
   MOEV_CHECK(w >= 1 && h >= 1, "file ", path, ": an image of ", w, "x", h, " pixels; expected at least 1x1");
