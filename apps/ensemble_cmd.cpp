@@ -42,6 +42,10 @@ Runner add_ensemble(CLI::App& app) {
     check_limit(f->limit);
     auto j = io::read_config_file(f->config);
     MOEV_CHECK(j.is_object() && j.contains("ensemble"), f->config, ": no [ensemble] section (members, weights)");
+    // Each member brings its own model, data and training: a [model] or [data] here was passed over.
+    for (const auto& [section, value] : j.items())
+      MOEV_CHECK(section == "ensemble", f->config, ": [", section, "]: an ensemble config holds [ensemble] only ",
+                 "(each member is scored with its own run's settings; --limit and --batch-size set the scoring)");
     const auto cfg = train::parse_ensemble(j["ensemble"], f->config);
     auto r = train::evaluate_ensemble(cfg, f->limit, f->batch_size, f->json ? nullptr : &std::cerr,
                                       stderr_is_terminal());

@@ -703,6 +703,10 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   std::ofstream(dir.file("ens_bad.toml")) << "[ensemble]\nmembers = [\"" << dir.file("nope.pt") << "\"]\n";
   expect_clean_failure("ensemble --config " + dir.file("ens_bad.toml"), {"nope.pt"});
   expect_clean_failure("ensemble --config " + dir.file("ens.toml") + " --limit -5", {"--limit -5", ">= 0"});
+  // Sections beside [ensemble] were passed over without a word.
+  std::ofstream(dir.file("ens_model.toml")) << "[ensemble]\nmembers = [\"" << dir.file("nope.pt")
+                                            << "\"]\n[model]\npreset = \"vit-tiny\"\n";
+  expect_clean_failure("ensemble --config " + dir.file("ens_model.toml"), {"ens_model.toml", "[model]", "[ensemble] only"});
 }
 
 // The hard MoE as users run it: mosaics, a trunk, clustering, experts trained
