@@ -204,6 +204,8 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
                        {"--capacity 0.5", "moe.dropless = true", "--dropless off"});
   expect_clean_failure("eval " + ckpt + " --dropless on --bpr on", {"--bpr on", "moe.dropless = true", "--dropless off"});
   expect_clean_failure("eval " + ckpt + " --tta --shift blur:1", {"--tta with --shift", "one view"});
+  expect_clean_failure("eval " + ckpt + " --format manifest --data " + dir.file("test.csv"),
+                       {"single-label data (data.format = 'fashion-mnist')", "multi-label test set"});
   expect_clean_failure("eval " + ckpt + " --router expert_choice --bpr on", {"--bpr on", "expert-choice"});
   {  // A model trained with BPR still switches to Expert-Choice at inference, which has no use for BPR.
     auto c = moev::train::load_checkpoint(ckpt);

@@ -41,6 +41,10 @@ TrainedModel load_trained(const std::string& path, const c10::Device& device,
 }
 
 Datasets open_test_set(const TrainedModel& t, const DataConfig& data, const std::string& checkpoint) {
+  // A single-label run scored on a manifest read "data.tags is empty and there is no training manifest".
+  MOEV_CHECK(data.format != "manifest" || t.cfg.data.format == "manifest", checkpoint, " was trained on ",
+             "single-label data (data.format = '", t.cfg.data.format, "'); a manifest is a multi-label test set, ",
+             "which only a run trained on one can score");
   auto ds = open_datasets(data, t.cfg.model, /*load_train=*/false);
   if (t.class_names_stored) align_classes(ds.test, t.class_names, "the training set of " + checkpoint);
   return ds;
