@@ -31,6 +31,22 @@ std::pair<torch::nn::BatchNorm2d, torch::nn::BatchNorm2d> two_norms(int64_t C) {
   return {a, b};
 }
 
+// Ours against LibTorch's: outputs y / yr, running statistics and their counter,
+// then, after one backward of the same dy, the gradients of x / xr, weight and bias.
+void expect_as_libtorch(torch::nn::BatchNorm2d& ours, torch::nn::BatchNorm2d& ref, const at::Tensor& y,
+                        const at::Tensor& yr, const at::Tensor& x, const at::Tensor& xr) {
+  EXPECT_LT(rel(y, yr), 2e-6);
+  EXPECT_LT(rel(ours->running_mean, ref->running_mean), 1e-6);
+  EXPECT_LT(rel(ours->running_var, ref->running_var), 1e-5);
+  EXPECT_EQ(ours->num_batches_tracked.item<int64_t>(), ref->num_batches_tracked.item<int64_t>());
+  const auto dy = torch::randn(y.sizes());
+  (y * dy).sum().backward();
+  (yr * dy).sum().backward();
+  EXPECT_LT(rel(x.grad(), xr.grad()), 1e-4);
+  EXPECT_LT(rel(ours->weight.grad(), ref->weight.grad()), 1e-5);
+  EXPECT_LT(rel(ours->bias.grad(), ref->bias.grad()), 1e-5);
+}
+
 }  // namespace
 
 TEST(BatchNorm, MatchesLibTorchInValuesStatisticsAndGradients) {
@@ -54,19 +70,10 @@ TEST(BatchNorm, MatchesLibTorchInValuesStatisticsAndGradients) {
         const auto y = moev::nn::batch_norm2d(x, *ours, relu);
         auto yr = ref->forward(xr);
         if (relu) yr = torch::relu(yr);
-        EXPECT_LT(rel(y, yr), 2e-6);
-        EXPECT_LT(rel(ours->running_mean, ref->running_mean), 1e-6);
-        EXPECT_LT(rel(ours->running_var, ref->running_var), 1e-5);
-        EXPECT_EQ(ours->num_batches_tracked.item<int64_t>(), ref->num_batches_tracked.item<int64_t>());
         if (relu) {
           EXPECT_TRUE(torch::equal(y.gt(0), yr.gt(0)));
         }
-        const auto dy = torch::randn(size);
-        (y * dy).sum().backward();
-        (yr * dy).sum().backward();
-        EXPECT_LT(rel(x.grad(), xr.grad()), 1e-4);
-        EXPECT_LT(rel(ours->weight.grad(), ref->weight.grad()), 1e-5);
-        EXPECT_LT(rel(ours->bias.grad(), ref->bias.grad()), 1e-5);
+        expect_as_libtorch(ours, ref, y, yr, x, xr);
       }
 }
 
@@ -173,16 +180,7 @@ TEST(BatchNorm, TheBlockEndMatchesLibTorchsOps) {
           auto t = ref->forward(xr);
           if (scaled) t = t * k.view({-1, 1, 1, 1});
           const auto yr = torch::relu(rr + t);
-          EXPECT_LT(rel(y, yr), 2e-6);
-          EXPECT_LT(rel(ours->running_mean, ref->running_mean), 1e-6);
-          EXPECT_LT(rel(ours->running_var, ref->running_var), 1e-5);
-          EXPECT_EQ(ours->num_batches_tracked.item<int64_t>(), ref->num_batches_tracked.item<int64_t>());
-          const auto dy = torch::randn(size);
-          (y * dy).sum().backward();
-          (yr * dy).sum().backward();
-          EXPECT_LT(rel(x.grad(), xr.grad()), 1e-4);
-          EXPECT_LT(rel(ours->weight.grad(), ref->weight.grad()), 1e-5);
-          EXPECT_LT(rel(ours->bias.grad(), ref->bias.grad()), 1e-5);
+          expect_as_libtorch(ours, ref, y, yr, x, xr);
           if (residual_grad) {
             EXPECT_TRUE(torch::equal(r.grad(), rr.grad()));
           } else {
