@@ -64,6 +64,10 @@ Runner add_train(CLI::App& app) {
       if (one_process && dc.world_size == 1) keep_saved_threads(*flags, *saved, cfg);
     }
     if (print_resumed) {
+      MOEV_CHECK(saved || !std::filesystem::exists(std::filesystem::path(cfg.train.out_dir) / "pretrain.pt"),
+                 "--resume --print-config: train.out_dir = ", cfg.train.out_dir, " holds a pretraining run ",
+                 "(pretrain.pt), not a supervised one; moev pretrain --out ", cfg.train.out_dir,
+                 " --resume continues it");
       MOEV_CHECK(saved, "--resume --print-config: ", path, " does not exist: train.out_dir = ", cfg.train.out_dir,
                  " holds no run to resume");
       check_resume_overrides(*flags, *saved, cfg, path);

@@ -152,8 +152,8 @@ TEST(BatchNorm, OtherTypesAndOptionsRunTheModule) {
 // A residual block's end, relu(r + k_b bn(x)), against LibTorch's module, a
 // multiply by the sample scales, the sum and torch::relu: values, running
 // statistics and the gradients of x, r, weight and bias, in training and
-// evaluation, with sample scales (some 0: dropped samples, whose BatchNorm
-// gradient is 0) and without, with a residual that does and does not need a
+// evaluation, with sample scales (some 0: dropped samples, whose inputs get
+// only the batch statistics' share of the gradient) and without, with a residual that does and does not need a
 // gradient, on planes of 49 values (an AVX-512 remainder) and of one.
 TEST(BatchNorm, TheBlockEndMatchesLibTorchsOps) {
   torch::manual_seed(13);

@@ -335,7 +335,8 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
   // stb refuses some headers itself (a PNG whose rows would pass its 1 GiB), which stbi_info does not report:
   // the same limit, in moev's words.
   MOEV_CHECK(pixels != nullptr || std::string(stbi_failure_reason()) != "too large", "file ", path,
-             ": its header claims an image above ", kMaxSourcePixels, " pixels (stb_image: too large)");
+             ": its header claims an image too large to decode (stb_image: too large: a side above 2^24, or more ",
+             "than 1 GiB of pixel rows; moev reads up to ", kMaxSourcePixels, " pixels)");
   MOEV_CHECK(pixels != nullptr, "file ", path,
              " is not a readable image (stb_image: ", stbi_failure_reason(), ")");
   MOEV_CHECK(w >= 1 && h >= 1, "file ", path, ": an image of ", w, "x", h, " pixels; expected at least 1x1");

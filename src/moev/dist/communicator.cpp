@@ -82,10 +82,12 @@ Communicator::Communicator(const DistConfig& cfg) : cfg_(cfg), impl_(std::make_u
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {
+    // Rank 0 serves the store without waiting for the others, so a rank never started fails here too.
     fail("rank ", cfg.rank, ": could not connect the Gloo process group of ", cfg.world_size, " ranks at ",
          "MASTER_ADDR:MASTER_PORT = ", cfg.master_addr, ":", cfg.master_port, " within ", cfg.timeout_s,
-         " s (are all ", cfg.world_size, " ranks started, with the same MASTER_ADDR and MASTER_PORT?): ",
-         Impl::first_line(e.what()));
+         " s (are all ", cfg.world_size, " ranks started, with the same MASTER_ADDR and MASTER_PORT? if so, did ",
+         "one die, or do their hostnames resolve to addresses the others cannot reach? GLOO_SOCKET_IFNAME names ",
+         "the interface): ", Impl::first_line(e.what()));
   }
 }
 

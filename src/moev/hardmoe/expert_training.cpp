@@ -32,11 +32,11 @@ io::RunConfig expert_run_config(const HardMoEConfig& c, const io::RunConfig& tru
   // A config naming other data (a --trunk of another run) would be ignored, so
   // it is refused, as are images of another size than the trunk's.
   std::string differ = train::training_data_difference(cfg.data, trunk.data);
-  if (differ.empty()) {  // else the test set's keys would repeat them (data.path, for an IDX directory)
-    auto test_data = cfg.data;
-    test_data.format = trunk.data.format;
-    differ = train::test_data_difference(test_data, trunk.data);
-  }
+  auto test_data = cfg.data;
+  test_data.format = trunk.data.format;  // named once, by the training data's difference
+  test_data.path = trunk.data.path;      // likewise (an IDX directory's test files are read from data.path)
+  const auto test_differ = train::test_data_difference(test_data, trunk.data);
+  if (!test_differ.empty()) differ += (differ.empty() ? "" : ", ") + test_differ;
   MOEV_CHECK(differ.empty(), source, ": its [data] (config vs trunk: ", differ, ") is not the data the trunk ",
              c.trunk, " was trained on, which the partition and every expert use; give the trunk's run config, ",
              "or drop those keys");

@@ -159,7 +159,7 @@ Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream
   auto trunk = train::load_trained(c.trunk, c10::Device(c10::kCPU));
   MOEV_CHECK(trunk.model->num_branches() == 1, c.trunk, ": model.branches = ", trunk.model->num_branches(),
              ": a hard MoE's trunk is a single-branch model");
-  auto ds = train::open_datasets(trunk.cfg.data, trunk.cfg.model, /*load_train=*/true);
+  auto ds = train::open_datasets(trunk.cfg.data, trunk.cfg.model, /*load_train=*/true, /*load_test=*/false);
   const int64_t n = ds.train.size();
   MOEV_CHECK(n >= c.experts, "hardmoe.experts = ", c.experts, ": more experts than the ", n, " training images of ",
              ds.train.source);

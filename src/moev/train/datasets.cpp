@@ -151,7 +151,7 @@ void align_classes(data::ImageSet& test, const std::vector<std::string>& classes
   test.class_names = classes;
 }
 
-Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool load_train) {
+Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool load_train, bool load_test) {
   Datasets out;
   // A multi-label test set takes its tag columns from the training set (or
   // data.tags, which a trained run stores), so a column means one tag in both.
@@ -170,11 +170,13 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
                out.train.num_classes(), " classes but model.num_classes = ", m.num_classes, ": expected ",
                out.train.num_classes(), " (set model.num_classes)");
   }
-  MOEV_CHECK(d.format != "manifest" || !vocabulary.empty(),
-             "data.tags is empty and there is no training manifest to take the tags from");
-  out.test = limit(open_one(d, m, /*train=*/false, vocabulary), d.test_limit, "data.test_limit");
-  check_fits(out.test, m);
-  if (load_train) align_classes(out.test, out.train.class_names, "the training set " + out.train.source);
+  if (load_test) {
+    MOEV_CHECK(d.format != "manifest" || !vocabulary.empty(),
+               "data.tags is empty and there is no training manifest to take the tags from");
+    out.test = limit(open_one(d, m, /*train=*/false, vocabulary), d.test_limit, "data.test_limit");
+    check_fits(out.test, m);
+    if (load_train) align_classes(out.test, out.train.class_names, "the training set " + out.train.source);
+  }
   out.mean = d.mean;
   out.std = d.std;
   if (out.mean.empty() || out.std.empty()) {

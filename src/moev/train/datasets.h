@@ -18,7 +18,10 @@ struct Datasets {
 };
 
 // Test set only when train == false (eval/predict).
-Datasets open_datasets(const DataConfig& data, const models::ModelConfig& model, bool load_train);
+// load_test = false: no test set (an empty one), for commands that score none
+// (pretraining without its kNN probe, clustering, a fusion not evaluated).
+Datasets open_datasets(const DataConfig& data, const models::ModelConfig& model, bool load_train,
+                       bool load_test = true);
 
 // A set's labels index its own class list, so a model scored on a test set
 // whose classes are not the ones it learnt (`classes`, from `learnt_from`) in

@@ -53,7 +53,7 @@ FusionOutcome train_fusion(const std::string& path, const std::string& out_path,
   ao.weight_decay = o.weight_decay;
   AdamW opt({{"fusion.weight", model->fusion->weight}, {"fusion.bias", model->fusion->bias}}, ao);
 
-  Datasets ds = open_datasets(cfg.data, cfg.model, /*load_train=*/true);
+  Datasets ds = open_datasets(cfg.data, cfg.model, /*load_train=*/true, /*load_test=*/o.evaluate);
   FusionOutcome res;
   const c10::Device cpu(c10::kCPU);
   if (o.evaluate) res.mean_of_logits = evaluate(*model, ds.test, ds.mean, ds.std, 256, cpu);

@@ -37,9 +37,10 @@ class Differences {
   std::ostringstream out_;
 };
 
-// Where a config's test images come from (open_datasets' rule): the folder
-// format falls back to the training root, the others read data.path's test
-// files, the manifest its own CSV.
+// Where a config's test images come from: a folder's or a manifest's
+// data.test_path, the other formats' data.path (their test files). A folder
+// run without data.test_path (refused since session 41; older checkpoints
+// have it) is compared by its training root, where such runs took their "test".
 std::pair<const char*, std::string> test_source(const DataConfig& d) {
   if (d.format == "manifest") return {"test_path", d.test_path};
   if (d.format == "folder" && !d.test_path.empty()) return {"test_path", d.test_path};
