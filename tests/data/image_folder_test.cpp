@@ -229,28 +229,24 @@ TEST(ImageFolder, JpegExifOrientationIsApplied) {
 // A small file whose header claims a huge image is refused before any pixel is allocated.
 TEST(ImageFolder, HugeImageHeaderIsRefusedBeforeDecoding) {
   TempDir root;
-  write_png(root.file("big.png"), pattern(4, 4, 1, 0), 4, 4, 1);
-  std::string png = moev::test::bytes_of(root.file("big.png"));
-  // IHDR's width and height (bytes 16..23) -> 20000 x 20000, its CRC fixed up.
-  for (int i = 0; i < 2; ++i) {
-    png[16 + 4 * i] = 0, png[17 + 4 * i] = 0, png[18 + 4 * i] = static_cast<char>(20000 >> 8);
-    png[19 + 4 * i] = static_cast<char>(20000 & 255);
-  }
-  const uLong crc = crc32(crc32(0L, Z_NULL, 0), reinterpret_cast<const Bytef*>(png.data() + 12), 17);
-  for (int i = 0; i < 4; ++i) png[29 + i] = static_cast<char>((crc >> (24 - 8 * i)) & 255);
-  write_bytes(root.file("big.png"), std::vector<unsigned char>(png.begin(), png.end()));
-  expect_error([&] { decode_image_file(root.file("big.png"), 28, 28, 1); },
-               {root.file("big.png"), "20000x20000", "pixels"});
-  // 100000 x 100000: a header stb refuses itself ("too large"), named in the same words.
-  for (int i = 0; i < 2; ++i) {
-    png[17 + 4 * i] = static_cast<char>(100000 >> 16), png[18 + 4 * i] = static_cast<char>((100000 >> 8) & 255);
-    png[19 + 4 * i] = static_cast<char>(100000 & 255);
-  }
-  const uLong crc2 = crc32(crc32(0L, Z_NULL, 0), reinterpret_cast<const Bytef*>(png.data() + 12), 17);
-  for (int i = 0; i < 4; ++i) png[29 + i] = static_cast<char>((crc2 >> (24 - 8 * i)) & 255);
-  write_bytes(root.file("huge.png"), std::vector<unsigned char>(png.begin(), png.end()));
-  expect_error([&] { decode_image_file(root.file("huge.png"), 28, 28, 1); },
-               {root.file("huge.png"), "its header claims an image too large to decode", "268435456 pixels"});
+  write_png(root.file("small.png"), pattern(4, 4, 1, 0), 4, 4, 1);
+  const std::string png = moev::test::bytes_of(root.file("small.png"));
+  // The PNG with IHDR's width and height (bytes 16..23) set to side x side, its CRC fixed up.
+  auto claiming = [&](uint32_t side, const std::string& name) {
+    std::string p = png;
+    for (int i = 0; i < 2; ++i)
+      for (int b = 0; b < 4; ++b) p[16 + 4 * i + b] = static_cast<char>((side >> (24 - 8 * b)) & 255);
+    const uLong crc = crc32(crc32(0L, Z_NULL, 0), reinterpret_cast<const Bytef*>(p.data() + 12), 17);
+    for (int i = 0; i < 4; ++i) p[29 + i] = static_cast<char>((crc >> (24 - 8 * i)) & 255);
+    write_bytes(root.file(name), std::vector<unsigned char>(p.begin(), p.end()));
+    return root.file(name);
+  };
+  const auto big = claiming(20000, "big.png");
+  expect_error([&] { decode_image_file(big, 28, 28, 1); }, {big, "20000x20000", "pixels"});
+  // 100000 x 100000: a header stb refuses itself ("too large"), named with moev's limit.
+  const auto huge = claiming(100000, "huge.png");
+  expect_error([&] { decode_image_file(huge, 28, 28, 1); },
+               {huge, "its header claims an image too large to decode", "268435456 pixels"});
 }
 
 // stb_image skips PNG chunk CRCs; a flipped pixel byte must not decode at exit 0.
