@@ -17,9 +17,9 @@ struct Datasets {
   std::vector<float> mean, std;  // per channel, as used for training
 };
 
-// Test set only when train == false (eval/predict).
-// load_test = false: no test set (an empty one), for commands that score none
-// (pretraining without its kNN probe, clustering, a fusion not evaluated).
+// The training set when load_train (eval/predict: the test set alone); the
+// test set unless load_test = false (then an empty one), for commands that
+// score none (pretraining without its kNN probe, clustering, an unevaluated fusion).
 Datasets open_datasets(const DataConfig& data, const models::ModelConfig& model, bool load_train,
                        bool load_test = true);
 
