@@ -48,6 +48,12 @@ Runner add_train(CLI::App& app) {
   return [flags, resume]() {
     // --resume --print-config prints the config the resumed run goes on with (the saved one), below.
     const bool print_resumed = *resume && flags->print_config && !flags->help_config;
+    if (flags->print_config && !*resume && !flags->help_config) {  // never a config the run would refuse
+      const auto cfg = flags->resolve();
+      train::check_new_run_config(cfg);
+      std::cout << io::to_json_string(cfg) << "\n";
+      return 0;
+    }
     const auto resolved = print_resumed ? std::optional<io::RunConfig>(flags->resolve()) : flags->resolve_or_print();
     if (!resolved) return 0;
     io::RunConfig cfg = *resolved;

@@ -382,6 +382,9 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   r = run("train --model vit-tiny --set model.moe=[1,3] --print-config");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_EQ(nlohmann::json::parse(r.out.substr(r.out.find('{'))).at("model").at("moe"), "1,3") << r.out;
+  // --print-config checks what the run checks: it printed model.moe = "3,3", which training then refused.
+  expect_clean_failure("train --model vit-tiny --set model.moe=3,3 --print-config", {"block 3 is listed twice"});
+  expect_clean_failure("train --model vit-tiny --set train.lr=-1 --print-config", {"train.lr"});
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --out " + dir.file("s.toml"), {"is a file"});
   for (const char* flags : {"--epochs -3", "--epochs 0", "--minutes -1 --dry-run", "--minutes nan"})
     expect_clean_failure("sweep --config " + dir.file("s.toml") + " " + flags + " --out " + dir.file("b"),

@@ -1,10 +1,15 @@
-// The sweep's own pieces, below the CLI: a stop request while a finished run is
-// scored stops the sweep there, and the same sweep again scores it.
+// The sweep's own pieces, below the CLI: a stop request after a run's last step
+// stops the sweep there, and the same sweep again scores the run without
+// training it further.
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
 
 #include "moev/core/error.h"
+#include "moev/train/checkpoint.h"
 #include "moev/train/sweep.h"
 #include "support/stop_when_seen.h"
 #include "support/temp_dir.h"
@@ -12,10 +17,10 @@
 
 using namespace moev;
 
-// The trainer's last evaluation line comes after the run's own stop check: the
-// stop lands in the sweep's evaluation of the run, which ends at its first
-// batch rather than scoring the whole test set in a grace period.
-TEST(Sweep, AStopDuringARunsScoringStopsTheSweepAndTheSweepAgainScoresIt) {
+// A run's score is its own last evaluation (the sweep scored each run a second
+// time from its checkpoint): stopped before that evaluation, the resumed run
+// makes it, and the sweep takes its figures.
+TEST(Sweep, AStopAfterARunsLastStepStopsTheSweepAndTheSweepAgainScoresIt) {
   test::TempDir dir;
   train::SweepRun run;
   run.name = "tiny_e4_last-1_k1";
@@ -30,12 +35,12 @@ TEST(Sweep, AStopDuringARunsScoringStopsTheSweepAndTheSweepAgainScoresIt) {
   run.cfg.train.epochs = 1;
   run.cfg.train.threads = 1;
   const std::string out = dir.file("sweep");
-  test::StopWhenSeen progress("epoch 1: test top-1");
+  test::StopWhenSeen progress(" 2/2 ");  // the bar at the last of 2 steps
   try {
     train::run_sweep({run}, out, &progress, false, progress.flag());
     ADD_FAILURE() << "the sweep did not stop";
   } catch (const Stopped& e) {
-    EXPECT_NE(std::string(e.what()).find("while evaluating run tiny_e4_last-1_k1"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("stopped in run tiny_e4_last-1_k1 at step 2"), std::string::npos) << e.what();
   }
   EXPECT_TRUE(progress.raised());
   const auto run_dir = std::filesystem::path(out) / run.name;
@@ -46,4 +51,14 @@ TEST(Sweep, AStopDuringARunsScoringStopsTheSweepAndTheSweepAgainScoresIt) {
   EXPECT_GT(rows[0].top1, 0);  // scored: not a blank row
   EXPECT_GT(rows[0].eval_images_per_s, 0);
   EXPECT_TRUE(std::filesystem::exists(run_dir / "result.json"));
+  const auto state = train::load_checkpoint((run_dir / "checkpoint.pt").string(), train::CheckpointLoad::kConfig);
+  EXPECT_EQ(nlohmann::json::parse(state.state_json).at("step"), 2);  // not trained further
+  // The row is the run's logged evaluation, its measured rate too: not a second one.
+  std::ifstream log(run_dir / "log.jsonl");
+  nlohmann::json logged;
+  for (std::string line; std::getline(log, line);)
+    if (line.find("\"eval\"") != std::string::npos) logged = nlohmann::json::parse(line).at("eval");
+  ASSERT_TRUE(logged.is_object());
+  EXPECT_EQ(rows[0].top1, logged.at("top1").get<double>());
+  EXPECT_EQ(rows[0].eval_images_per_s, logged.at("images_per_s").get<double>());
 }

@@ -241,6 +241,13 @@ void validate_train_config(const TrainConfig& tc) {
              ": a time budget needs both 0 (they are counted in epochs; use train.epochs instead of minutes)");
 }
 
+void check_new_run_config(const io::RunConfig& cfg) {
+  validate_train_config(cfg.train);
+  models::validate(cfg.model);
+  models::refuse_repeated_blocks(cfg.model.moe);
+  moe::refuse_unused_topk_settings(cfg.model.router);
+}
+
 namespace {
 
 // The run itself; train_model holds the directory's lock around it.
@@ -300,18 +307,18 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     }
   }
   const auto& tc = cfg.train;
-  validate_train_config(tc);
+  if (opts.resume) {  // settings that would be ignored are not checked: a resumed run had them already
+    validate_train_config(tc);
+    models::validate(cfg.model);
+  } else {
+    check_new_run_config(cfg);
+  }
   const bool budgeted = tc.minutes > 0;
   const int threads = set_threads(tc.threads);
   dist::Communicator* comm = opts.comm;
   const int rank = comm ? comm->rank() : 0, world = comm ? comm->size() : 1;
   const bool lead = rank == 0;  // writes the run directory, logs, evaluates
   const auto device = parse_device(tc.device);
-  models::validate(cfg.model);
-  if (!opts.resume) {  // settings that would be ignored; a resumed run had them already
-    models::refuse_repeated_blocks(cfg.model.moe);
-    moe::refuse_unused_topk_settings(cfg.model.router);
-  }
 
   Datasets ds = open_datasets(cfg.data, cfg.model, /*load_train=*/true);
   cfg.data.mean = ds.mean;  // stored in the checkpoint, so eval/predict normalise alike

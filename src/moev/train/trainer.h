@@ -68,6 +68,12 @@ std::string checkpoint_path(const std::string& out_dir);
 // Train and pretrain check the same keys alike.
 void validate_train_config(const TrainConfig& tc);
 
+// What a new run checks before it opens any data: the train section, the model,
+// and settings the model would ignore (a block listed twice, top-k keys of
+// another router). `train --print-config` runs it too, so it never prints a
+// config the run would refuse.
+void check_new_run_config(const io::RunConfig& cfg);
+
 // train.branch_views: the seed of branch `view`'s batches and mix draws (view 0:
 // the run's own, so branch 0 sees what the run without views would).
 uint64_t branch_view_seed(uint64_t seed, int64_t view);
