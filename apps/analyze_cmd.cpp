@@ -80,6 +80,15 @@ Runner add_analyze(CLI::App& app) {
                "): nothing to analyse; expected MoE layers or model.branches >= 2");
     MOEV_CHECK(!layers.empty() || !f->capacity_curve, f->checkpoint, ": --capacity-curve needs MoE layers, and this ",
                t.cfg.model.branches, "-branch model has none; drop --capacity-curve for its branch agreement");
+    auto data = t.cfg.data;
+    if (!f->data.empty()) data.path = data.test_path = f->data;
+    if (f->limit) data.test_limit = *f->limit;
+    auto ds = train::open_test_set(t, data, f->checkpoint);
+    // Routing by class and branch agreement count each image under one class; a tagged image has several, and
+    // its first tag alone (alphabetically) left the columns of late tags empty.
+    MOEV_CHECK(!ds.test.multilabel(), f->checkpoint, ": analyze scores single-label test images, and ",
+               ds.test.source, " is tagged (multi-label); moev eval reports a tagger's expert load, dropped ",
+               "tokens, precision@k and mAP");
     const std::string out =
         f->out.empty() ? (fs::path(f->checkpoint).parent_path() / "analysis").string() : f->out;
     {  // before the analysis, not after it: a file in the way, or a directory that cannot be made
@@ -88,10 +97,6 @@ Runner add_analyze(CLI::App& app) {
       MOEV_CHECK(!ec && fs::is_directory(out), "--out ", out, ": cannot make a directory there (",
                  ec ? ec.message() : "a file is in the way", ")");
     }
-    auto data = t.cfg.data;
-    if (!f->data.empty()) data.path = data.test_path = f->data;
-    if (f->limit) data.test_limit = *f->limit;
-    auto ds = train::open_test_set(t, data, f->checkpoint);
     const std::string title = fs::path(f->checkpoint).parent_path().filename().string();
     if (branches) {
       const auto p = train::predict_branches(*t.model, ds.test, ds.mean, ds.std, f->batch_size, &std::cerr,

@@ -56,7 +56,7 @@ Runner add_ensemble(CLI::App& app) {
                                 {"top1", r.members[i].top1}});
     if (!f->result.empty()) io::write_text_atomic(f->result, out.dump(2) + "\n");
     if (f->json) {
-      std::cout << out.dump(2) << "\n";
+      std::cout << io::output_json(out) << "\n";
       return 0;
     }
     io::Table t;

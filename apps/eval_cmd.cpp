@@ -222,7 +222,7 @@ Runner add_eval(CLI::App& app) {
       io::write_text_atomic(f->table + ".md", "# " + metric + " under distribution shift\n\n" + table.markdown());
       std::fprintf(f->json ? stderr : stdout, "wrote %s.csv and %s.md\n", f->table.c_str(), f->table.c_str());
     }
-    if (f->json) std::cout << (all.size() == 1 ? all[0] : all).dump(2) << "\n";
+    if (f->json) std::cout << io::output_json(all.size() == 1 ? all[0] : all) << "\n";
     return 0;
   };
 }

@@ -3,6 +3,7 @@
 // MASTER_ADDR, MASTER_PORT) and forwards their output line by line with a rank
 // prefix. Any other launcher (torchrun, Slurm, mpirun, Kubernetes) that sets the
 // same variables starts the same job; dist_from_environment reads them.
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -123,6 +124,14 @@ Runner add_launch(CLI::App& app) {
     constexpr int kMaxRanks = 1024;
     MOEV_CHECK(f->nproc >= 1 && f->nproc <= kMaxRanks, "--nproc ", f->nproc, ": expected 1..", kMaxRanks,
                " ranks on this machine");
+    // 1000 ranks on 2 cores ran into the rendezvous timeout, each rank flooding LibTorch's log lines.
+    const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    MOEV_CHECK(f->nproc <= 16 * cores, "--nproc ", f->nproc, ": this machine has ", cores, " cores, so each rank ",
+               "would get less than 1/16 of one; expected at most ", 16 * cores, " (one rank per core is the ",
+               "usual choice)");
+    if (f->nproc > cores)
+      std::cerr << "moev launch: note: " << f->nproc << " ranks on " << cores << " cores share them (one thread "
+                << "each): steps run slower than with " << cores << " ranks\n";
     MOEV_CHECK(f->nnodes >= 1 && f->nnodes <= kMaxRanks, "--nnodes ", f->nnodes, ": expected 1..", kMaxRanks);
     MOEV_CHECK(f->node_rank >= 0 && f->node_rank < f->nnodes, "--node-rank ", f->node_rank,
                ": expected 0 .. --nnodes - 1 = ", f->nnodes - 1);

@@ -63,23 +63,39 @@ int main(int argc, char** argv) {
   add(moev::app::add_ensemble(app));
   add(moev::app::add_data(app));
   add(moev::app::add_hardmoe(app));
+  // The (sub)command being parsed when a usage error came, and how to name it.
+  auto deepest = [&app] {
+    CLI::App* at = &app;
+    while (!at->get_subcommands().empty()) at = at->get_subcommands().front();
+    return at;
+  };
+  auto name_of = [&app](const CLI::App* at) {
+    std::string name = at->get_name();
+    for (const CLI::App* p = at->get_parent(); p && p != &app; p = p->get_parent()) name = p->get_name() + " " + name;
+    return at == &app ? std::string("moev") : "moev " + name;
+  };
   try {
     app.parse(argc, argv);
   } catch (const CLI::RequiredError& e) {
     // CLI11's "A subcommand is required" does not say which word was not one.
-    CLI::App* at = &app;
-    while (!at->get_subcommands().empty()) at = at->get_subcommands().front();
-    if (at->get_require_subcommand_min() == 0 || !at->get_subcommands().empty()) return app.exit(e);
+    CLI::App* at = deepest();
+    const std::string where = name_of(at);
+    if (at->get_require_subcommand_min() == 0 || !at->get_subcommands().empty()) {
+      std::cerr << "moev: error: " << e.what() << " (" << where << " --help)\n";
+      return 1;
+    }
     std::string names;
     for (const auto* sub : at->get_subcommands({})) names += (names.empty() ? "" : ", ") + sub->get_name();
     const auto rest = at->remaining();
-    const std::string where = at == &app ? "moev" : "moev " + at->get_name();
-    std::cerr << "moev: error: " << where << ": "
+    std::cerr << "moev: error: " << (at == &app ? "" : where + ": ")
               << (rest.empty() ? "a subcommand is required" : "'" + rest.front() + "' is not a subcommand")
               << "; expected one of: " << names << " (" << where << " --help)\n";
     return 1;
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
+    // Usage errors as every other error reads: one line, moev's prefix, status 1 (CLI11's own were 105-114).
+    std::cerr << "moev: error: " << e.what() << " (" << name_of(deepest()) << " --help)\n";
+    return 1;
   }
   try {
     for (auto& [cmd, run] : runners)

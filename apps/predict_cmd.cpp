@@ -1,6 +1,7 @@
 // `moev predict`: classify PNG/JPEG files with a checkpoint (or tag them with a
 // multi-label one, hard MoEs included); top-k classes with probabilities, as
 // text or JSON.
+#include <algorithm>
 #include <cstdio>
 #include <iostream>
 
@@ -12,6 +13,8 @@
 #include "moev/core/error.h"
 #include "moev/data/batch_loader.h"
 #include "moev/data/image_folder.h"
+#include "moev/io/table.h"
+#include "moev/train/evaluate.h"
 #include "moev/train/trained_model.h"
 #include "moev/train/trainer.h"
 
@@ -45,41 +48,51 @@ Runner add_predict(CLI::App& app) {
     const auto& m = t.cfg.model;
     MOEV_CHECK(f->top >= 1, "--top ", f->top, ": expected >= 1");
     const int64_t k = std::min(f->top, m.num_classes);
-    std::vector<torch::Tensor> imgs;
-    for (const auto& path : f->images) {
-      data::SourceSize size;
-      imgs.push_back(data::decode_image_file(path, m.image_size, m.image_size, m.channels, &size));
-      // Classified all the same, but a thumbnail blown up past 2x holds little
-      // of the detail the model learned from.
-      if (2 * size.height < m.image_size || 2 * size.width < m.image_size)
-        std::fprintf(stderr, "note: %s is %lldx%lld, stretched more than 2x to the model's %lldx%lld\n", path.c_str(),
-                     (long long)size.width, (long long)size.height, (long long)m.image_size,
-                     (long long)m.image_size);
-    }
-    auto x = data::normalize_images(torch::stack(imgs), t.cfg.data.mean, t.cfg.data.std).to(device);
-    torch::Tensor probs;
-    {
-      c10::InferenceMode guard;
-      // A tagger trained with per-tag sigmoids answers each tag on its own;
-      // otherwise the scores are one distribution over the classes (or tags).
-      auto logits = t.model->forward(x);
-      const bool per_tag = t.cfg.data.format == "manifest" && t.cfg.train.multilabel_loss == "sigmoid";
-      probs = (per_tag ? torch::sigmoid(logits) : torch::softmax(logits, -1)).to(torch::kCPU);
-    }
-    auto [p, idx] = probs.topk(k, -1);
+    // Each image is classified on its own: its answer does not depend on the other files given, or their order.
+    train::route_each_image_alone(*t.model);
+    const bool per_tag = t.cfg.data.format == "manifest" && t.cfg.train.multilabel_loss == "sigmoid";
     nlohmann::json out = nlohmann::json::array();
-    for (size_t i = 0; i < f->images.size(); ++i) {
-      nlohmann::json preds = nlohmann::json::array();
-      if (!f->json) std::printf("%s\n", f->images[i].c_str());
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t c = idx[i][j].item<int64_t>();
-        const double pr = p[i][j].item<double>();
-        preds.push_back({{"class", t.class_names[c]}, {"label", c}, {"probability", pr}});
-        if (!f->json) std::printf("  %-14s %.4f\n", t.class_names[c].c_str(), pr);
+    // In chunks: 60,000 files at once held every decoded image and activation (~19 GB).
+    constexpr size_t kChunk = 64;
+    for (size_t from = 0; from < f->images.size(); from += kChunk) {
+      const size_t to = std::min(f->images.size(), from + kChunk);
+      std::vector<torch::Tensor> imgs;
+      for (size_t i = from; i < to; ++i) {
+        const auto& path = f->images[i];
+        data::SourceSize size;
+        imgs.push_back(data::decode_image_file(path, m.image_size, m.image_size, m.channels, &size));
+        // Classified all the same, but a thumbnail blown up past 2x holds little
+        // of the detail the model learned from.
+        if (2 * size.height < m.image_size || 2 * size.width < m.image_size)
+          std::fprintf(stderr, "note: %s is %lldx%lld, stretched more than 2x to the model's %lldx%lld\n",
+                       path.c_str(), (long long)size.width, (long long)size.height, (long long)m.image_size,
+                       (long long)m.image_size);
       }
-      out.push_back({{"image", f->images[i]}, {"top", preds}});
+      auto x = data::normalize_images(torch::stack(imgs), t.cfg.data.mean, t.cfg.data.std).to(device);
+      torch::Tensor probs;
+      {
+        c10::InferenceMode guard;
+        // A tagger trained with per-tag sigmoids answers each tag on its own;
+        // otherwise the scores are one distribution over the classes (or tags).
+        auto logits = t.model->forward(x);
+        probs = (per_tag ? torch::sigmoid(logits) : torch::softmax(logits, -1)).to(torch::kCPU);
+      }
+      auto [p, idx] = probs.topk(k, -1);
+      for (size_t i = from; i < to; ++i) {
+        const auto r = static_cast<int64_t>(i - from);
+        nlohmann::json preds = nlohmann::json::array();
+        if (!f->json) std::printf("%s\n", f->images[i].c_str());
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t c = idx[r][j].item<int64_t>();
+          const double pr = p[r][j].item<double>();
+          preds.push_back({{"class", t.class_names[c]}, {"label", c}, {"probability", pr}});
+          if (!f->json) std::printf("  %-14s %.4f\n", t.class_names[c].c_str(), pr);
+        }
+        out.push_back({{"image", f->images[i]}, {"top", preds}});
+      }
+      std::fflush(stdout);
     }
-    if (f->json) std::cout << out.dump(2) << "\n";
+    if (f->json) std::cout << io::output_json(out) << "\n";
     return 0;
   };
 }

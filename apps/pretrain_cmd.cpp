@@ -14,6 +14,7 @@
 #include "stop_signal.h"
 #include "moev/core/error.h"
 #include "moev/io/run_config.h"
+#include "moev/io/table.h"
 #include "moev/train/checkpoint.h"
 #include "moev/train/pretrain.h"
 
@@ -85,7 +86,7 @@ Runner add_pretrain(CLI::App& app) {
     if (flags->print_config) {
       auto j = io::to_json(cfg);
       j["pretrain"] = train::pretrain_section(*o);
-      std::cout << j.dump(2) << "\n";
+      std::cout << io::output_json(j) << "\n";
       return 0;
     }
     // One process: ranks of a job would each write the same files.

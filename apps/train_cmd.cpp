@@ -20,15 +20,19 @@ namespace moev::app {
 namespace {
 // --resume continues a run as it was saved (only threads, device, progress,
 // max_steps and out come from now). A key the user set that differs from the
-// saved run would be dropped without a word: refused, naming each. Without a
-// config file or preset only the keys named by flags count, so
-// `moev train --out DIR --resume` alone stays valid.
+// saved run would be dropped without a word: refused, naming each. With a
+// config file every key counts; with --model the model's (model.*, moe.*: the
+// defaults of the others were listed as differences nobody asked for); else
+// only the keys named by flags, so `moev train --out DIR --resume` alone stays valid.
 void check_resume_overrides(const ConfigFlags& flags, const io::RunConfig& saved, const io::RunConfig& cfg,
                             const std::string& path) {
-  const auto named = flags.named_keys();
-  const bool all = !flags.config_file.empty() || !flags.preset.empty();
-  if (!all && named.empty()) return;
-  const auto differ = train::resume_differences(saved, cfg, all ? std::set<std::string>{} : named);
+  auto keys = flags.named_keys();
+  const bool all = !flags.config_file.empty();
+  if (!flags.preset.empty())
+    for (const auto& [key, help] : io::config_keys())
+      if (key.rfind("model.", 0) == 0 || key.rfind("moe.", 0) == 0) keys.insert(key);
+  if (!all && keys.empty()) return;
+  const auto differ = train::resume_differences(saved, cfg, all ? std::set<std::string>{} : keys);
   MOEV_CHECK(differ.empty(), "--resume continues ", path, " as it was saved; these settings differ from it:",
              differ, "\ndrop them to resume, or start a new run with another --out");
 }
@@ -104,6 +108,13 @@ Runner add_train(CLI::App& app) {
       std::cout << "stopped at step " << r.steps << " on request; checkpoint: "
                 << train::checkpoint_path(cfg.train.out_dir) << "\ncontinue with: moev train --out " << cfg.train.out_dir << " --resume\n";
       return code;
+    }
+    if (!r.finished) {  // paused at train.max_steps: it read like a finished run, without a test figure
+      std::cout << "paused at step " << r.steps << " (train.max_steps = " << cfg.train.max_steps
+                << "); checkpoint: " << train::checkpoint_path(cfg.train.out_dir)
+                << "\ncontinue with: moev train --out " << cfg.train.out_dir
+                << " --resume --max-steps N (N > " << r.steps << ", or 0 for the whole run)\n";
+      return 0;
     }
     std::cout << "trained " << r.steps << " steps (" << r.epochs_done << (r.epochs_done == 1 ? " epoch" : " epochs")
               << ") in " << static_cast<int64_t>(r.run_train_seconds) << " s";

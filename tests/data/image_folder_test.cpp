@@ -358,6 +358,35 @@ TEST(ImageFolder, CutShortOrZeroWidthImagesAreErrorsNamingThem) {
   expect_error([&] { read_image_folder(root.file("f"), 6, 7, 3); }, {root.file("f/c/w0.pgm"), "at least 1"});
 }
 
+// A PGM/PPM's samples run from 0 to its maximum value: stb passed them on as written, so a 4-bit image read as
+// a dark one and a 10-bit camera's frame as a nearly black one. 255 and 65535 were right and stay so.
+TEST(ImageFolder, PgmSamplesAreScaledByTheirMaximumValue) {
+  TempDir root;
+  auto pgm = [&](const std::string& name, int64_t maxval, const std::vector<int>& samples) {
+    std::string head = "P5\n" + std::to_string(samples.size()) + " 1\n" + std::to_string(maxval) + "\n";
+    std::vector<unsigned char> b(head.begin(), head.end());
+    for (int v : samples) {
+      if (maxval > 255) b.push_back(static_cast<unsigned char>(v >> 8));  // big-endian, as Netpbm writes
+      b.push_back(static_cast<unsigned char>(v & 0xFF));
+    }
+    write_bytes(root.file(name), b);
+    return decode_image_file(root.file(name), 1, static_cast<int64_t>(samples.size()), 1).flatten();
+  };
+  auto bytes = [](std::vector<int64_t> v) { return torch::tensor(v, torch::kInt64).to(torch::kUInt8); };
+  EXPECT_TRUE(torch::equal(pgm("m15.pgm", 15, {0, 1, 7, 15}), bytes({0, 17, 119, 255})));
+  EXPECT_TRUE(torch::equal(pgm("m1023.pgm", 1023, {0, 512, 1023, 4}), bytes({0, 128, 255, 1})));
+  EXPECT_TRUE(torch::equal(pgm("m255.pgm", 255, {0, 3, 200, 255}), bytes({0, 3, 200, 255})));
+  // 16-bit samples are big-endian: stb read them in the machine's order, 0x00FF as 255 and 0x0100 as 0.
+  EXPECT_TRUE(torch::equal(pgm("m65535.pgm", 65535, {0, 257 * 3, 65535, 0x00FF, 0x0100}), bytes({0, 3, 255, 1, 1})));
+  // A PPM's colours, as RGB and as grey (stb's weights 77, 150, 29 out of 256, as for 8-bit files).
+  write_bytes(root.file("rgb.ppm"), {'P', '6', '\n', '1', ' ', '1', '\n', '1', '5', '\n', 15, 0, 5});
+  EXPECT_TRUE(torch::equal(decode_image_file(root.file("rgb.ppm"), 1, 1, 3).flatten(), bytes({255, 0, 85})));
+  EXPECT_TRUE(torch::equal(decode_image_file(root.file("rgb.ppm"), 1, 1, 1).flatten(),
+                           bytes({(255 * 77 + 85 * 29) >> 8})));
+  // A sample above the maximum (a broken writer) reads as the maximum, not as a wrapped byte.
+  EXPECT_TRUE(torch::equal(pgm("over.pgm", 15, {16, 200}), bytes({255, 255})));
+}
+
 TEST(ImageFolder, BadArgumentsAndEmptyFolders) {
   TempDir root;
   expect_error([&] { read_image_folder(root.path().string(), 4, 4, 1); },

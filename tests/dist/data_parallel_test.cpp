@@ -278,7 +278,7 @@ TEST(Launch, SigtermToOneRankStopsEveryRankAtOneStepAndTheJobResumes) {
   const auto r = moev::test::run_cli(launch(2) + "train --out " + out + " --resume --max-steps " +
                                      std::to_string(step + 2));
   EXPECT_EQ(r.code, 0) << r.out;
-  EXPECT_NE(r.out.find("trained " + std::to_string(step + 2) + " steps"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("paused at step " + std::to_string(step + 2) + " (train.max_steps"), std::string::npos) << r.out;
 }
 
 // A SIGTERM while rank 0 evaluates ends the evaluation at its next batch, not
@@ -359,6 +359,15 @@ TEST(Launch, AFailedRankStopsTheJobAndBadFlagsAreRefused) {
     EXPECT_EQ(bad.code, 1) << args << ": " << bad.out;
     EXPECT_NE(bad.out.find(needle), std::string::npos) << args << ": " << bad.out;
     EXPECT_EQ(bad.out.find("[rank"), std::string::npos) << args << ": started ranks: " << bad.out;
+  }
+  // Far more ranks than cores (1000 on 2 ran into the rendezvous timeout): refused before any starts.
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (16 * cores < 1024) {
+    const std::string args = "launch --nproc " + std::to_string(16 * cores + 1) + " -- train";
+    auto many = moev::test::run_cli(args);
+    EXPECT_EQ(many.code, 1) << args << ": " << many.out;
+    EXPECT_NE(many.out.find("expected at most " + std::to_string(16 * cores)), std::string::npos) << many.out;
+    EXPECT_EQ(many.out.find("[rank"), std::string::npos) << args << ": started ranks: " << many.out;
   }
 }
 

@@ -253,6 +253,25 @@ TEST(HardMoE, ATrunkWithOtherWeightsAtTheSameStepIsRefused) {
   EXPECT_NE(train::weights_fingerprint(ckpt.model), summary.at("trunk_weights").get<std::string>());
 }
 
+// partition.csv's rows index the training set as it was clustered: a set that changed since, in its images or
+// only in their order (a folder is read in a fixed mixed order since session 42), would train each expert on
+// other images than the gater sends it, without a word.
+TEST(HardMoE, AnExpertOnDataThatChangedSinceClusteringIsRefused) {
+  auto& t = toy();
+  const std::string dir = t.dir.file("changed");
+  fs::create_directories(dir);
+  for (const char* f : {"centroids.pt", "partition.csv", "hardmoe.json"})
+    fs::copy_file(fs::path(t.hm.dir) / f, fs::path(dir) / f);
+  std::ifstream in(fs::path(t.hm.dir) / "partition.json");
+  auto summary = nlohmann::json::parse(in);
+  ASSERT_EQ(summary.at("training_data").get<std::string>().size(), 8u);
+  summary["training_data"] = "00000000";  // what another image, or another order, gives
+  std::ofstream(fs::path(dir) / "partition.json") << summary.dump();
+  test::expect_error([&] { t.train(0, dir); }, {"differs from the one the rows to train on were chosen from",
+                                                "cluster again"});
+  EXPECT_FALSE(fs::exists(fs::path(dir) / "expert_0" / "checkpoint.pt"));
+}
+
 // hardmoe.json repeats partition.json's trunk and expert count; an edited copy
 // used to be ignored, the model assembled from partition.json's instead.
 TEST(HardMoE, AHardMoEFileDisagreeingWithItsPartitionIsRefused) {

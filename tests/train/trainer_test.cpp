@@ -604,6 +604,38 @@ TEST(Trainer, ResumeWithoutCheckpointIsAClearError) {
                      {"checkpoint.pt does not exist", "no checkpoint yet", "without --resume"});
 }
 
+// A folder that gained an image between a kill and --resume was trained on without a word: the checkpoint keeps
+// the training set's fingerprint, and the resumed run compares it.
+TEST(Trainer, ResumeOnChangedDataIsRefused) {
+  test::TempDir dir;
+  auto write_pgm = [&](const std::string& cls, int i) {
+    std::filesystem::create_directories(dir.file("data/" + cls));
+    std::ofstream f(dir.file("data/" + cls + "/" + std::to_string(i) + ".pgm"), std::ios::binary);
+    f << "P5\n28 28\n255\n";
+    for (int p = 0; p < 28 * 28; ++p) f.put(static_cast<char>((p * 7 + i * 31 + cls.size() * 50) % 256));
+  };
+  for (int i = 0; i < 4; ++i) write_pgm("a", i), write_pgm("bb", i);
+  std::filesystem::create_directories(dir.file("test"));
+  std::filesystem::copy(dir.file("data"), dir.file("test"), std::filesystem::copy_options::recursive);
+  auto cfg = tiny_run(dir.file("run"));
+  cfg.data = {};
+  cfg.data.format = "folder";
+  cfg.data.path = dir.file("data");
+  cfg.data.test_path = dir.file("test");
+  cfg.model.num_classes = 2;
+  cfg.train.batch_size = 4;
+  cfg.train.max_steps = 1;
+  train::train_model(cfg, {});
+  train::TrainRunOptions o;
+  o.resume = true;
+  cfg.train.max_steps = 2;
+  EXPECT_EQ(train::train_model(cfg, o).steps, 2);  // the same data: resumed
+  write_pgm("bb", 4);
+  cfg.train.max_steps = 3;
+  test::expect_error([&] { train::train_model(cfg, o); },
+                     {"--resume: the training set", dir.file("data"), "differs from the one", "checkpoint.pt"});
+}
+
 // A second run into a directory without resume replaced the first's log at
 // once and its checkpoint soon after; optimiser settings outside their range
 // diverged later with a message blaming train.lr.

@@ -188,7 +188,7 @@ std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& l
                          table.markdown();
   io::write_text_atomic((fs::path(dir) / "routing.md").string(), md);
   io::write_text_atomic((fs::path(dir) / "routing.json").string(),
-                        nlohmann::json{{"classes", class_names}, {"layers", j}}.dump(1) + "\n");
+                        io::output_json(nlohmann::json{{"classes", class_names}, {"layers", j}}, 1) + "\n");
   written.push_back((fs::path(dir) / "routing.md").string());
   written.push_back((fs::path(dir) / "routing.json").string());
   return written;

@@ -25,6 +25,7 @@
 
 #include "moev/core/bytes.h"
 #include "moev/core/error.h"
+#include "moev/core/utf8.h"
 
 namespace moev::data {
 namespace {
@@ -135,8 +136,15 @@ JpegSegments walk_jpeg(const std::vector<unsigned char>& b, Visit visit) {
 // data as zeros, a PGM/PPM's or TGA's pixels from memory never written (other
 // values on every run). So the file must hold what its header says it holds,
 // as PIL's "image file is truncated" demands; a width or height of 0 (which
-// stb passes on to the resizer's assertion) is refused here too.
-void check_complete(const std::string& path, const std::vector<unsigned char>& b) {
+// stb passes on to the resizer's assertion) is refused here too. Returns where
+// a PGM/PPM's samples are (maxval 0 for the other formats).
+struct Netpbm {
+  int64_t maxval = 0;  // samples run 0..maxval; above 255 each takes two bytes, most significant first
+  size_t offset = 0;   // the first sample's byte
+  int64_t width = 0, height = 0, channels = 0;
+};
+
+Netpbm check_complete(const std::string& path, const std::vector<unsigned char>& b) {
   const size_t n = b.size();
   auto cut = [&](const char* format, size_t needed) {
     fail("file ", path, ": ", format, " cut short: ", n, " bytes, its header asks for ", needed,
@@ -156,7 +164,7 @@ void check_complete(const std::string& path, const std::vector<unsigned char>& b
     if (walk.needed > 0) cut("JPEG", walk.needed);
     // Entropy-coded data stuffs every 0xFF it holds (0xFF 0x00), so 0xFF 0xD9 past the first scan is the end.
     for (size_t i = walk.scan; i + 1 < n; ++i)
-      if (b[i] == 0xFF && b[i + 1] == 0xD9) return;
+      if (b[i] == 0xFF && b[i + 1] == 0xD9) return {};
     fail("file ", path, ": JPEG cut short: ", n, " bytes and no end-of-image marker (an interrupted copy or ",
          "download?)");
   }
@@ -184,9 +192,9 @@ void check_complete(const std::string& path, const std::vector<unsigned char>& b
         if (at + 11 > n) cut("GIF", at + 11);
         at += 10 + ((b[at + 9] & 0x80) ? 3 * (size_t{2} << (b[at + 9] & 7)) : 0) + 1;
         sub_blocks();
-        return;
+        return {};
       } else {
-        return;  // the trailer or something stb refuses itself
+        return {};  // the trailer or something stb refuses itself
       }
     }
   }
@@ -207,10 +215,11 @@ void check_complete(const std::string& path, const std::vector<unsigned char>& b
     const int64_t w = number(), h = number(), maxval = number();
     MOEV_CHECK(maxval >= 1 && maxval <= 65535, "file ", path, ": PGM/PPM with a maximum value of ", maxval,
                "; expected 1 to 65535");
-    if (!sides("PGM/PPM", w, h)) return;
-    const size_t needed = at + 1 + static_cast<size_t>(w * h * (b[1] == '6' ? 3 : 1) * (maxval > 255 ? 2 : 1));
+    const Netpbm pnm{maxval, at + 1, w, h, b[1] == '6' ? 3 : 1};
+    if (!sides("PGM/PPM", w, h)) return pnm;
+    const size_t needed = at + 1 + static_cast<size_t>(w * h * pnm.channels * (maxval > 255 ? 2 : 1));
     if (n < needed) cut("PGM/PPM", needed);
-    return;
+    return pnm;
   }
   if (n >= 2 && b[0] == 'B' && b[1] == 'M') {  // BMP; stb decodes uncompressed ones only
     if (n < 26) cut("BMP", 26);
@@ -220,26 +229,26 @@ void check_complete(const std::string& path, const std::vector<unsigned char>& b
     const int64_t w = core ? static_cast<int64_t>(le16(18)) : static_cast<int32_t>(le32(18));
     const int64_t h = core ? static_cast<int64_t>(le16(20)) : static_cast<int32_t>(le32(22));
     const size_t bpp = core ? le16(24) : le16(28), compression = core ? 0 : le32(30);
-    if (!sides("BMP", w, h == INT32_MIN ? 0 : std::abs(h))) return;
+    if (!sides("BMP", w, h == INT32_MIN ? 0 : std::abs(h))) return {};
     if (compression == 0 || compression == 3 || compression == 6) {
       const size_t row = static_cast<size_t>(w) * bpp, rows = static_cast<size_t>(std::abs(h));
       // stb reads the last row without its padding.
       const size_t needed = le32(10) + (row + 31) / 32 * 4 * (rows - 1) + (row + 7) / 8;
       if (n < needed) cut("BMP", needed);
     }
-    return;
+    return {};
   }
   // TGA has no signature: judged by its header's fields, as stb does.
   if (n >= 18 && b[1] <= 1 && (b[2] == 1 || b[2] == 2 || b[2] == 3 || b[2] == 9 || b[2] == 10 || b[2] == 11) &&
       (b[16] == 8 || b[16] == 15 || b[16] == 16 || b[16] == 24 || b[16] == 32)) {
     const int64_t w = static_cast<int64_t>(le16(12)), h = static_cast<int64_t>(le16(14));
-    if (!sides("TGA", w, h)) return;
+    if (!sides("TGA", w, h)) return {};
     const size_t pixel = (b[16] + 7) / 8;
     size_t at = 18 + b[0] + (b[1] ? le16(5) * ((b[7] + 7) / 8) : 0);
     const size_t pixels = static_cast<size_t>(w * h);
     if (b[2] < 9) {
       if (at + pixels * pixel > n) cut("TGA", at + pixels * pixel);
-      return;
+      return {};
     }
     for (size_t done = 0; done < pixels;) {  // run-length packets: a count, then one pixel or count pixels
       if (at >= n) cut("TGA", at + 1);
@@ -249,6 +258,7 @@ void check_complete(const std::string& path, const std::vector<unsigned char>& b
       done += count;
     }
   }
+  return {};
 }
 
 // The EXIF orientation (1..8) of a JPEG, 1 when it has none or it cannot be
@@ -320,7 +330,7 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
   // stb would call it "unknown image type", which sends one looking at the format, not the copy.
   MOEV_CHECK(size > 0, "file ", path, " is empty (0 bytes); expected an image");
   check_png_crcs(path, bytes);
-  check_complete(path, bytes);
+  const Netpbm pnm = check_complete(path, bytes);
   int w = 0, h = 0, file_channels = 0;
   // From the header, before any pixel is allocated: a small file can claim a
   // huge image (stb alone allows 1 GiB of pixels).
@@ -342,7 +352,28 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
   MOEV_CHECK(w >= 1 && h >= 1, "file ", path, ": an image of ", w, "x", h, " pixels; expected at least 1x1");
 
   const unsigned char* hwc = pixels.get();
-  std::vector<unsigned char> upright, resized;
+  std::vector<unsigned char> upright, resized, scaled;
+  // stb passes a PGM/PPM's samples on as written, whatever its maximum value (a 10-bit camera's frame, maxval
+  // 1023, became a nearly black image, one with maxval 15 a dark one), and reads 16-bit samples in the machine's
+  // byte order rather than the file's. Such files are read here, scaled to 0..255, then given stb's channels.
+  if (pnm.maxval > 0 && pnm.maxval != 255) {
+    const size_t pixels_n = static_cast<size_t>(w) * h, wide = pnm.maxval > 255 ? 2 : 1;
+    const auto fc = static_cast<size_t>(pnm.channels);
+    scaled.resize(pixels_n * channels);
+    auto sample = [&](size_t p, size_t c) {
+      const unsigned char* at = bytes.data() + pnm.offset + (p * fc + c) * wide;
+      const int64_t v = std::min<int64_t>(wide == 2 ? (int64_t{at[0]} << 8 | at[1]) : at[0], pnm.maxval);
+      return static_cast<int>((v * 255 + pnm.maxval / 2) / pnm.maxval);
+    };
+    for (size_t p = 0; p < pixels_n; ++p)
+      for (size_t c = 0; c < static_cast<size_t>(channels); ++c)
+        scaled[p * channels + c] = static_cast<unsigned char>(
+            fc == static_cast<size_t>(channels) ? sample(p, c)
+            : fc == 1                            ? sample(p, 0)  // grey to RGB: repeated
+                      // RGB to grey with stb's weights, as the 8-bit files get it
+                      : (sample(p, 0) * 77 + sample(p, 1) * 150 + sample(p, 2) * 29) >> 8);
+    hwc = scaled.data();
+  }
   if (const int o = jpeg_orientation(bytes); o != 1) {
     std::tie(w, h) = apply_orientation(o, upright, hwc, w, h, static_cast<int>(channels));
     hwc = upright.data();
@@ -393,6 +424,7 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
                class_dir.filename().string(), " lies in its root, outside every class folder; expected ",
                "root/<class>/<image> (move it into its class's folder, or out of the data set)");
     if (!fs::is_directory(class_dir)) continue;
+    check_utf8(class_dir.filename().string(), "image folder " + root + ": the class folder name");
     const auto label = static_cast<int64_t>(set.class_names.size());
     const size_t before = files.size();
     for (const fs::path& file : sorted_entries(class_dir)) {

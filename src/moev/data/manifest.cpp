@@ -12,6 +12,7 @@
 #include <torch/torch.h>
 
 #include "moev/core/error.h"
+#include "moev/core/utf8.h"
 #include "moev/data/image_folder.h"
 #include "moev/io/table.h"
 
@@ -74,8 +75,10 @@ std::vector<ManifestEntry> parse_manifest(const std::string& path) {
     MOEV_CHECK(!e.path.empty(), "manifest ", path, ":", no, ": empty image path");
     std::istringstream ts(rest);
     std::string tag;
-    while (ts >> tag)
+    while (ts >> tag) {
+      check_utf8(tag, "manifest " + path + ":" + std::to_string(no) + ": the tag");
       if (std::find(e.tags.begin(), e.tags.end(), tag) == e.tags.end()) e.tags.push_back(tag);
+    }
     MOEV_CHECK(!e.tags.empty(), "manifest ", path, ":", no, ": image ", e.path, " has no tags");
     out.push_back(std::move(e));
   }

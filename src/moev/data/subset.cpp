@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include "moev/core/error.h"
+#include "moev/data/random.h"
 
 namespace moev::data {
 
@@ -38,6 +39,16 @@ ImageSet class_subset(const ImageSet& set, int64_t k, uint64_t seed) {
   std::sort(keep.begin(), keep.end());
   ImageSet out = select_rows(set, keep);
   out.source = set.source + " (" + std::to_string(k) + " per class, seed " + std::to_string(seed) + ")";
+  return out;
+}
+
+ImageSet mixed_order(const ImageSet& set, uint64_t seed) {
+  std::vector<int64_t> rows(static_cast<size_t>(set.size()));
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<int64_t>(i);
+  std::mt19937_64 rng(seed);
+  for (size_t i = rows.size(); i > 1; --i) std::swap(rows[i - 1], rows[uniform_below(rng, i)]);
+  ImageSet out = select_rows(set, rows);
+  out.source = set.source;  // the same images: named as the user named them
   return out;
 }
 

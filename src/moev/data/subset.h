@@ -14,6 +14,11 @@ namespace moev::data {
 // seed). A class with fewer than K examples is an error naming it.
 ImageSet class_subset(const ImageSet& set, int64_t per_class, uint64_t seed);
 
+// The rows of `set` in a pseudo-random order fixed by `seed` (a Fisher-Yates
+// shuffle on mt19937_64, the same on every machine): a folder tree, read class
+// by class, comes mixed as IDX and CIFAR files do.
+ImageSet mixed_order(const ImageSet& set, uint64_t seed);
+
 // The given rows of `set`, in the given order (a hard MoE expert's partition);
 // a row outside the set is an error.
 ImageSet select_rows(const ImageSet& set, const std::vector<int64_t>& rows);

@@ -97,6 +97,7 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
   const auto part = read_partition(c.dir);
   opts.train_rows = partition_rows(part, expert, c.dir);
   opts.expect_train_size = static_cast<int64_t>(part.expert_of.size());
+  opts.expect_train_data = part.training_data;
   ExpertOutcome out;
   out.images = static_cast<int64_t>(opts.train_rows.size());
   const std::string result_file = expert_result_file(c.dir, expert);

@@ -117,6 +117,7 @@ Partition read_partition(const std::string& dir) {
   if (!p.trunk.empty() && fs::path(p.trunk).is_relative()) p.trunk = (fs::path(dir) / p.trunk).lexically_normal().string();
   p.trunk_step = s.value("trunk_step", int64_t{-1});  // -1: not recorded (older directories)
   p.trunk_weights = s.value("trunk_weights", std::string());
+  p.training_data = s.value("training_data", std::string());
   p.expert_of = read_assignment(partition_csv(dir), p.experts);
   MOEV_CHECK(static_cast<int64_t>(p.expert_of.size()) == s.value("images", int64_t{-1}), partition_csv(dir),
              ": ", p.expert_of.size(), " rows, but ", summary_file(dir), " says ", s.value("images", int64_t{-1}));
@@ -180,6 +181,7 @@ Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream
   p.iterations = km.iterations;
   p.trunk = fs::absolute(c.trunk).lexically_normal().string();
   p.trunk_step = trunk.step;
+  p.training_data = train::data_fingerprint(ds.train);  // rows index these images, in this order
   p.trunk_weights = train::weights_fingerprint(train::inference_weights(train::load_checkpoint(c.trunk, train::CheckpointLoad::kInference)));
   // The gater's rule at inference, applied to the training images too, so an
   // image is trained on by the expert it would be sent to.
@@ -232,7 +234,7 @@ Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream
   viz::write_heatmap(h, (fs::path(c.dir) / "partition.png").string());
   json summary{{"experts", p.experts}, {"images", n}, {"counts", p.counts}, {"inertia", p.inertia},
                {"iterations", p.iterations}, {"features", features.size(1)}, {"trunk", trunk_rel},
-               {"trunk_step", p.trunk_step}, {"trunk_weights", p.trunk_weights},
+               {"trunk_step", p.trunk_step}, {"trunk_weights", p.trunk_weights}, {"training_data", p.training_data},
                {"training_set", ds.train.source}, {"seed", c.seed},
                {"tags", ds.train.class_names}, {"tag_share", h.values}};
   io::write_text_atomic(summary_file(c.dir), summary.dump(2) + "\n");

@@ -34,6 +34,7 @@ struct Partition {
   std::string trunk;               // the checkpoint whose embeddings were clustered (absolute)
   int64_t trunk_step = -1;         // its training step then: a retrained trunk is caught (-1: unknown)
   std::string trunk_weights;       // weights_fingerprint of its weights then ("": unknown, older directories)
+  std::string training_data;       // data_fingerprint of the images clustered ("": unknown, older directories)
 };
 
 // Runs the trunk over its own training set (as the trunk's checkpoint names

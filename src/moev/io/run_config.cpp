@@ -12,6 +12,7 @@
 #include <toml++/toml.h>
 
 #include "moev/core/error.h"
+#include "moev/core/utf8.h"
 #include "moev/io/table.h"
 
 namespace moev::io {
@@ -28,7 +29,7 @@ struct Field {
 };
 
 std::string type_name(const json& v) {
-  std::string s = v.dump();
+  std::string s = v.dump(-1, ' ', false, json::error_handler_t::replace);  // a string may not be UTF-8
   return s.size() > 40 ? s.substr(0, 40) + "..." : s;
 }
 
@@ -61,16 +62,19 @@ void read_value(const json& v, T& out, const std::string& where) {
   } else if constexpr (std::is_same_v<T, std::string>) {
     MOEV_CHECK(v.is_string(), where, ": expected a string, got ", type_name(v));
     out = v.get<std::string>();
+    check_utf8(out, where);
   } else if constexpr (std::is_same_v<typename T::value_type, std::string>) {
     out.clear();
     if (v.is_string()) {  // a string is a list of one: train.teacher = "a.pt" as well as ["a.pt", "b.pt"]
       out.push_back(v.get<std::string>());
+      check_utf8(out.back(), where);
       return;
     }
     MOEV_CHECK(v.is_array(), where, ": expected a string or a list of strings, got ", type_name(v));
     for (const auto& x : v) {
       MOEV_CHECK(x.is_string(), where, ": expected a string or a list of strings, got ", type_name(v));
       out.push_back(x.get<std::string>());
+      check_utf8(out.back(), where);
     }
   } else {  // std::vector of numbers
     using Elem = typename T::value_type;

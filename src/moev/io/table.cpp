@@ -130,6 +130,10 @@ void JsonlLog::open(const std::string& path, bool append, const std::string& con
              context.empty() ? "" : "; " + context);
 }
 
+std::string output_json(const nlohmann::json& j, int indent) {
+  return j.dump(indent, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
 void JsonlLog::report_to(std::ostream* out, bool interactive, std::string goes_on) {
   report_ = out;
   interactive_ = interactive;

@@ -26,6 +26,12 @@ struct Table {
 // directory. Throws moev::Error naming the path on failure.
 void write_text_atomic(const std::string& path, const std::string& text);
 
+// JSON for people and tools to read (stdout, reports): a string that is not
+// UTF-8 (a file name in Latin-1) has its bad bytes replaced by U+FFFD rather
+// than stopping the command after its work. Inputs that moev reads back
+// (configs, checkpoints) are checked for UTF-8 where they are read instead.
+std::string output_json(const nlohmann::json& j, int indent = 2);
+
 // The whole file as text; moev::Error naming `what` and the path when it cannot be read.
 std::string read_text(const std::string& path, const std::string& what = "file");
 

@@ -57,6 +57,7 @@ const std::map<std::string, Kind>& state_kinds() {
       {"world_size", Kind::kCount},    {"replicas", Kind::kCount},    {"planned_steps", Kind::kCount},
       {"train_elapsed_s", Kind::kNumber}, {"expert_parallel", Kind::kBool}, {"combine_weights", Kind::kText},
       {"class_names", Kind::kTexts},   {"log_window", Kind::kObject}, {"pretrain", Kind::kObject},
+      {"train_data", Kind::kText},
       {"fusion", Kind::kObject},       {"log_window.loss", Kind::kNumber}, {"log_window.aux_loss", Kind::kNumber},
       {"log_window.grad_norm", Kind::kNumber}, {"log_window.correct", Kind::kCount},
       {"log_window.images", Kind::kCount}, {"log_window.seconds", Kind::kNumber},

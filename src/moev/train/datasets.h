@@ -23,6 +23,11 @@ struct Datasets {
 Datasets open_datasets(const DataConfig& data, const models::ModelConfig& model, bool load_train,
                        bool load_test = true);
 
+// A short digest (CRC-32) of a set's images, labels, tags and class names, in
+// order: a run resumed, or a hard MoE expert trained, on data that changed
+// since (images added, removed, edited or read in another order) is caught.
+std::string data_fingerprint(const data::ImageSet& set);
+
 // A set's labels index its own class list, so a model scored on a test set
 // whose classes are not the ones it learnt (`classes`, from `learnt_from`) in
 // the same order would be compared with the wrong labels. Hence the test set

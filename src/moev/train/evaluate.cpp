@@ -269,4 +269,15 @@ size_t apply_router_overrides(models::Classifier& model, const RouterOverrides& 
   return layers.size();
 }
 
+size_t route_each_image_alone(models::Classifier& model) {
+  auto layers = moe::find_moe_layers(model);
+  for (auto& layer : layers) {
+    auto cfg = layer->router_config();
+    if (cfg.kind == moe::RouterKind::kExpertChoice) cfg.group_size = 1;  // experts pick among one image's tokens
+    else cfg.dropless = true;
+    layer->set_router(cfg);
+  }
+  return layers.size();
+}
+
 }  // namespace moev::train

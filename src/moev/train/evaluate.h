@@ -78,4 +78,11 @@ struct RouterOverrides {
 // Returns the number of MoE layers changed (0 for a model without any).
 size_t apply_router_overrides(models::Classifier& model, const RouterOverrides& o);
 
+// Makes every MoE layer route each image independently of the others in its
+// batch, for `moev predict`: top-K layers without a capacity limit (each
+// token then goes to its own top K, whatever shares its group; a capacity
+// sized for one image's tokens dropped ~3x the assignments that groups of 8
+// drop), expert-choice layers in groups of one image. Returns the layers changed.
+size_t route_each_image_alone(models::Classifier& model);
+
 }  // namespace moev::train

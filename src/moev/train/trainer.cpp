@@ -259,6 +259,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   Position pos;
   double prior_train_s = 0;  // training seconds before this process (a resumed run)
   int64_t saved_plan = 0;    // a time-budgeted run's planned last step when it was saved
+  std::string saved_train_data;  // data_fingerprint of the set the resumed run trained on ("": not recorded)
   int saved_replicas = 0;    // a one-process run's replicas when it was saved (0: not recorded)
   // The steps since the last step line, summed. Saved with each checkpoint, so
   // that a run resumed between two lines logs the line the uninterrupted run
@@ -295,6 +296,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     pos.batch = st.at("batch").get<int64_t>();
     prior_train_s = st.value("train_elapsed_s", 0.0);
     saved_plan = st.value("planned_steps", int64_t{0});
+    saved_train_data = st.value("train_data", std::string());  // "" in checkpoints from before it was kept
     if (st.value("world_size", 1) == 1) saved_replicas = st.value("replicas", 0);
     if (st.contains("log_window")) {  // not in checkpoints written before it was saved
       const auto& w = st.at("log_window");
@@ -326,6 +328,16 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   MOEV_CHECK(opts.expect_train_size < 0 || ds.train.size() == opts.expect_train_size, "training set ",
              ds.train.source, " has ", ds.train.size(), " images, but the rows to train on were chosen from ",
              opts.expect_train_size, ": the data changed since (cluster again)");
+  // What the run trains on, kept in its checkpoints: resumed on other data (a folder that gained images, another
+  // subset), it would go on without a word, where the README promises the run it was.
+  const std::string train_data = data_fingerprint(ds.train);
+  MOEV_CHECK(opts.expect_train_data.empty() || train_data == opts.expect_train_data, "training set ",
+             ds.train.source, " differs from the one the rows to train on were chosen from (fingerprint ", train_data,
+             ", then ", opts.expect_train_data, "): the data changed since (cluster again)");
+  MOEV_CHECK(saved_train_data.empty() || train_data == saved_train_data, "--resume: the training set ",
+             ds.train.source, " differs from the one ", ckpt_file, " was trained on (fingerprint ", train_data,
+             ", then ", saved_train_data, "): images added, removed, changed or subset otherwise; resume on that ",
+             "data, or start a new run with another --out");
   if (!opts.train_rows.empty()) ds.train = data::select_rows(ds.train, opts.train_rows);
   const bool multilabel = ds.train.multilabel();
   const bool sigmoid_tags = multilabel && tc.multilabel_loss == "sigmoid";
@@ -508,7 +520,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
                           {"correct", window.correct},
                           {"images", window.images},
                           {"seconds", window.seconds(std::chrono::steady_clock::now())}}},
-                        {"class_names", ds.train.class_names}};
+                        {"class_names", ds.train.class_names}, {"train_data", train_data}};
     if (budgeted) st["planned_steps"] = total_steps;
     c.state_json = st.dump();
     c.model = std::move(tensors);

@@ -38,6 +38,8 @@ struct TrainRunOptions {
   // With train_rows: the training set's size they were chosen from (-1: any);
   // another size means the data changed since, an error.
   int64_t expect_train_size = -1;
+  // With train_rows: data_fingerprint of that training set ("": not known, a partition from before it was kept).
+  std::string expect_train_data;
   // Copied over the initial weights by name, in a fresh run only (after
   // train.init_from): a hard MoE expert's shared decoder.
   std::map<std::string, at::Tensor> init_tensors;
