@@ -604,6 +604,23 @@ TEST(Trainer, ResumeWithoutCheckpointIsAClearError) {
                      {"checkpoint.pt does not exist", "no checkpoint yet", "without --resume"});
 }
 
+// A model whose weights, gradients and AdamW moments alone outgrow the machine (16384 experts of width 4096:
+// about 35 TB) is refused naming its size, before anything is allocated; the kernel's OOM killer took other
+// processes with it. A tiny one passes.
+TEST(Trainer, AModelLargerThanTheMachinesMemoryIsRefused) {
+  test::TempDir dir;
+  auto cfg = tiny_run(dir.file("huge"));
+  EXPECT_NO_THROW(train::check_new_run_config(cfg));
+  cfg.model.width = 4096;
+  cfg.model.mlp_dim = 16384;
+  cfg.model.heads = 64;
+  cfg.model.router.num_experts = 16384;
+  test::expect_error([&] { train::check_new_run_config(cfg); },
+                     {"parameters need about", "GB of memory", "moe.num_experts = 16384", "make the model smaller"});
+  test::expect_error([&] { train::train_model(cfg, {}); }, {"make the model smaller"});
+  EXPECT_FALSE(std::filesystem::exists(dir.file("huge")));
+}
+
 // A folder that gained an image between a kill and --resume was trained on without a word: the checkpoint keeps
 // the training set's fingerprint, and the resumed run compares it.
 TEST(Trainer, ResumeOnChangedDataIsRefused) {

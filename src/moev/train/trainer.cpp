@@ -11,11 +11,14 @@
 #include <set>
 #include <thread>
 
+#include <unistd.h>
+
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include "moev/core/device.h"
 #include "moev/core/error.h"
+#include "moev/models/cost.h"
 #include "moev/data/batch_loader.h"
 #include "moev/data/subset.h"
 #include "moev/io/file_lock.h"
@@ -241,11 +244,30 @@ void validate_train_config(const TrainConfig& tc) {
              ": a time budget needs both 0 (they are counted in epochs; use train.epochs instead of minutes)");
 }
 
+namespace {
+// moe.num_experts = 16384 in a tiny V-MoE is 2 billion parameters: their weights, gradients and AdamW's two
+// moments outgrew the machine, and the kernel's out-of-memory killer took other processes with it. Refused
+// before anything is allocated (activations come on top, so passing this is no promise).
+void check_fits_in_memory(const io::RunConfig& cfg) {
+  if (cfg.train.expert_parallel) return;  // experts spread over the ranks, each holding a share
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || page <= 0) return;
+  const double have = double(pages) * double(page);
+  const int64_t params = models::model_cost(cfg.model).params;
+  const double need = double(params) * (16.0 + (cfg.train.ema_decay > 0 ? 4.0 : 0.0));
+  MOEV_CHECK(need <= have, "model: ", params, " parameters need about ", io::fmt(need / 1e9, 1), " GB for their ",
+             "weights, gradients and AdamW's moments", cfg.train.ema_decay > 0 ? " and the weight average" : "",
+             ", more than this machine's ", io::fmt(have / 1e9, 1), " GB of memory (moe.num_experts = ",
+             cfg.model.router.num_experts, ", model.width = ", cfg.model.width, "); make the model smaller");
+}
+}  // namespace
+
 void check_new_run_config(const io::RunConfig& cfg) {
   validate_train_config(cfg.train);
   models::validate(cfg.model);
   models::refuse_repeated_blocks(cfg.model.moe);
   moe::refuse_unused_topk_settings(cfg.model.router);
+  check_fits_in_memory(cfg);
 }
 
 namespace {
