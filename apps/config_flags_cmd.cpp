@@ -61,7 +61,7 @@ void ConfigFlags::add_to(CLI::App* cmd) {
   shorthand_flag("--threads", "train.threads", "threads, 0 = all cores");
   shorthand_flag("--device", "train.device", "cpu or cuda[:N]");
   shorthand_flag("--out", "train.out_dir", "run directory");
-  shorthand_flag("--max-steps", "train.max_steps", "stop after N steps");
+  shorthand_flag("--max-steps", "train.max_steps", "pause after N steps (--resume continues)");
   shorthand_flag("--minutes", "train.minutes", "time budget of the training steps");
   shorthand_flag("--data", "data.path", "dataset directory");
   shorthand_flag("--format", "data.format", "fashion-mnist, cifar10, folder or manifest");

@@ -54,7 +54,7 @@ Runner add_ensemble(CLI::App& app) {
     for (size_t i = 0; i < r.members.size(); ++i)
       out["members"].push_back({{"checkpoint", cfg.members[i].checkpoint}, {"weight", cfg.members[i].weight},
                                 {"top1", r.members[i].top1}});
-    if (!f->result.empty()) io::write_text_atomic(f->result, out.dump(2) + "\n");
+    if (!f->result.empty()) io::write_text_atomic(f->result, io::output_json(out) + "\n");
     if (f->json) {
       std::cout << io::output_json(out) << "\n";
       return 0;

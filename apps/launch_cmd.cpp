@@ -17,6 +17,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -125,7 +126,11 @@ Runner add_launch(CLI::App& app) {
     MOEV_CHECK(f->nproc >= 1 && f->nproc <= kMaxRanks, "--nproc ", f->nproc, ": expected 1..", kMaxRanks,
                " ranks on this machine");
     // 1000 ranks on 2 cores ran into the rendezvous timeout, each rank flooding LibTorch's log lines.
-    const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    // The cores this process may run on (taskset, a cgroup's cpuset), not all the machine has.
+    cpu_set_t allowed;
+    const int cores = ::sched_getaffinity(0, sizeof allowed, &allowed) == 0
+                          ? std::max(1, CPU_COUNT(&allowed))
+                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     MOEV_CHECK(f->nproc <= 16 * cores, "--nproc ", f->nproc, ": this machine has ", cores, " cores, so each rank ",
                "would get less than 1/16 of one; expected at most ", 16 * cores, " (one rank per core is the ",
                "usual choice)");

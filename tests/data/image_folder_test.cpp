@@ -383,6 +383,10 @@ TEST(ImageFolder, PgmSamplesAreScaledByTheirMaximumValue) {
   EXPECT_TRUE(torch::equal(decode_image_file(root.file("rgb.ppm"), 1, 1, 3).flatten(), bytes({255, 0, 85})));
   EXPECT_TRUE(torch::equal(decode_image_file(root.file("rgb.ppm"), 1, 1, 1).flatten(),
                            bytes({(255 * 77 + 85 * 29) >> 8})));
+  // A side past 2^32 wrapped to a small one in stb's ints, which the scaling then read past the file with.
+  write_bytes(root.file("wrap.pgm"), {'P', '5', '\n', '4', '2', '9', '4', '9', '8', '3', '6', '8', '0', ' ', '1', '6',
+                                      '3', '8', '4', '\n', '1', '0', '2', '3', '\n'});
+  expect_error([&] { decode_image_file(root.file("wrap.pgm"), 1, 1, 1); }, {"wrap.pgm", "4294983680x16384", "above"});
   // A sample above the maximum (a broken writer) reads as the maximum, not as a wrapped byte.
   EXPECT_TRUE(torch::equal(pgm("over.pgm", 15, {16, 200}), bytes({255, 255})));
 }

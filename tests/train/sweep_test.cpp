@@ -11,6 +11,7 @@
 #include "moev/core/error.h"
 #include "moev/train/checkpoint.h"
 #include "moev/train/sweep.h"
+#include "support/expect_error.h"
 #include "support/stop_when_seen.h"
 #include "support/temp_dir.h"
 #include "support/tiny_vmoe.h"
@@ -61,4 +62,25 @@ TEST(Sweep, AStopAfterARunsLastStepStopsTheSweepAndTheSweepAgainScoresIt) {
   ASSERT_TRUE(logged.is_object());
   EXPECT_EQ(rows[0].top1, logged.at("top1").get<double>());
   EXPECT_EQ(rows[0].eval_images_per_s, logged.at("images_per_s").get<double>());
+}
+
+// A run paused at train.max_steps has no score: the sweep says so (it scored the half-trained run as done).
+TEST(Sweep, ARunPausedAtMaxStepsIsNotScored) {
+  test::TempDir dir;
+  train::SweepRun run;
+  run.name = "tiny";
+  run.model = "vmoe-tiny";
+  run.placement = "last-1";
+  run.experts = 4;
+  run.k = 1;
+  run.cfg.model = test::tiny_vmoe();
+  run.cfg.data.train_limit = 128;
+  run.cfg.data.test_limit = 64;
+  run.cfg.train.batch_size = 64;
+  run.cfg.train.epochs = 1;
+  run.cfg.train.threads = 1;
+  run.cfg.train.max_steps = 1;
+  test::expect_error([&] { train::run_sweep({run}, dir.file("sweep"), nullptr, false); },
+                     {"sweep run tiny paused at train.max_steps = 1", "drop max_steps"});
+  EXPECT_FALSE(std::filesystem::exists(std::filesystem::path(dir.file("sweep")) / "tiny" / "result.json"));
 }

@@ -651,6 +651,14 @@ TEST(Trainer, ResumeOnChangedDataIsRefused) {
   cfg.train.max_steps = 3;
   test::expect_error([&] { train::train_model(cfg, o); },
                      {"--resume: the training set", dir.file("data"), "differs from the one", "checkpoint.pt"});
+  // A folder run's checkpoint from before the fingerprint (and the mixed order) is refused too.
+  const auto path = train::checkpoint_path(cfg.train.out_dir);
+  auto old = train::load_checkpoint(path);
+  auto state = nlohmann::json::parse(old.state_json);
+  state.erase("train_data");
+  old.state_json = state.dump();
+  train::save_checkpoint(path, old);
+  test::expect_error([&] { train::train_model(cfg, o); }, {"predates the fingerprint", "start a new run"});
 }
 
 // A second run into a directory without resume replaced the first's log at

@@ -216,7 +216,9 @@ Netpbm check_complete(const std::string& path, const std::vector<unsigned char>&
     MOEV_CHECK(maxval >= 1 && maxval <= 65535, "file ", path, ": PGM/PPM with a maximum value of ", maxval,
                "; expected 1 to 65535");
     const Netpbm pnm{maxval, at + 1, w, h, b[1] == '6' ? 3 : 1};
-    if (!sides("PGM/PPM", w, h)) return pnm;
+    // Refused here, not left to stb: its sides are ints, and one past 2^31 wrapped to a small one.
+    MOEV_CHECK(sides("PGM/PPM", w, h), "file ", path, ": a ", w, "x", h, " PGM/PPM, above ", kMaxSourcePixels,
+               " pixels");
     const size_t needed = at + 1 + static_cast<size_t>(w * h * pnm.channels * (maxval > 255 ? 2 : 1));
     if (n < needed) cut("PGM/PPM", needed);
     return pnm;
@@ -359,6 +361,9 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
   if (pnm.maxval > 0 && pnm.maxval != 255) {
     const size_t pixels_n = static_cast<size_t>(w) * h, wide = pnm.maxval > 255 ? 2 : 1;
     const auto fc = static_cast<size_t>(pnm.channels);
+    MOEV_CHECK(pnm.width == w && pnm.height == h && pnm.offset + pixels_n * fc * wide <= bytes.size(), "file ",
+               path, ": its PGM/PPM header (", pnm.width, "x", pnm.height, ") does not match its decoding (", w, "x",
+               h, ")");
     scaled.resize(pixels_n * channels);
     auto sample = [&](size_t p, size_t c) {
       const unsigned char* at = bytes.data() + pnm.offset + (p * fc + c) * wide;

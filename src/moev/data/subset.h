@@ -17,7 +17,7 @@ ImageSet class_subset(const ImageSet& set, int64_t per_class, uint64_t seed);
 // The rows of `set` in a pseudo-random order fixed by `seed` (a Fisher-Yates
 // shuffle on mt19937_64, the same on every machine): a folder tree, read class
 // by class, comes mixed as IDX and CIFAR files do.
-ImageSet mixed_order(const ImageSet& set, uint64_t seed);
+ImageSet mixed_order(ImageSet set, uint64_t seed);
 
 // The given rows of `set`, in the given order (a hard MoE expert's partition);
 // a row outside the set is an error.

@@ -108,6 +108,11 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
   // The overrides' keys and types, and the settings an earlier start saved, before "already trained" could hide them.
   auto cfg = expert_run_config(hc, trunk_cfg, overrides, expert, source);
   check_expert_settings(cfg, c.dir, expert);
+  // Rows index the training set in the order it was clustered in, and folder images have come in a fixed mixed
+  // order since session 42: a partition from before then (no fingerprint) would give each expert other images.
+  MOEV_CHECK(!part.training_data.empty() || trunk_cfg.data.format != "folder" || fs::exists(result_file), c.dir,
+             ": its partition predates the fingerprint of the training set, and folder images are now read in ",
+             "another order, so its rows would name other images: cluster again (moev hardmoe cluster)");
   if (fs::exists(result_file)) {
     std::ifstream in(result_file);
     out.result = json::parse(in, nullptr, false);

@@ -3,6 +3,8 @@
 #include <filesystem>
 
 #include "moev/core/error.h"
+#include "moev/core/utf8.h"
+#include "moev/io/table.h"
 #include "moev/train/trainer.h"
 
 namespace moev::hardmoe {
@@ -17,8 +19,9 @@ HardMoEConfig parse_hardmoe_config(const json& file, const io::RunConfig& run, c
   for (auto& [key, v] : section.items()) {
     const std::string where = source + ": hardmoe." + key;
     auto str = [&](std::string& out) {
-      MOEV_CHECK(v.is_string(), where, ": expected a string, got ", v.dump());
+      MOEV_CHECK(v.is_string(), where, ": expected a string, got ", io::output_json(v, -1));
       out = v.get<std::string>();
+      check_utf8(out, where);
     };
     auto integer = [&](int64_t& out, int64_t min) {
       MOEV_CHECK(v.is_number_integer() && v.get<int64_t>() >= min, where, ": expected an integer >= ", min,

@@ -285,6 +285,9 @@ std::vector<SweepRow> run_sweep(const std::vector<SweepRun>& runs, const std::st
 
     // The run's own last evaluation scored the weights it saved on this test set: loading the checkpoint to
     // score it again doubled each run's evaluation time.
+    MOEV_CHECK(outcome.finished, "sweep run ", run.name, " paused at train.max_steps = ", cfg.train.max_steps,
+               " (step ", outcome.steps, "), before its last epoch: a sweep scores finished runs; drop max_steps ",
+               "(its checkpoint is kept, and the same sweep command continues it)");
     const EvalResult& e = outcome.eval;
     MOEV_CHECK(e.images > 0, "sweep run ", run.name, ": training ended without a test-set evaluation");
     const auto cost = models::model_cost(cfg.model);

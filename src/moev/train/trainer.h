@@ -71,9 +71,10 @@ std::string checkpoint_path(const std::string& out_dir);
 void validate_train_config(const TrainConfig& tc);
 
 // What a new run checks before it opens any data: the train section, the model,
-// and settings the model would ignore (a block listed twice, top-k keys of
-// another router). `train --print-config` runs it too, so it never prints a
-// config the run would refuse.
+// settings the model would ignore (a block listed twice, top-k keys of another
+// router) and whether its weights and optimizer state fit in memory. `train
+// --print-config` runs it too, so it does not print such a config (the data
+// section is checked when the data is opened).
 void check_new_run_config(const io::RunConfig& cfg);
 
 // train.branch_views: the seed of branch `view`'s batches and mix draws (view 0:
