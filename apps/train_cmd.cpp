@@ -12,6 +12,7 @@
 #include "commands.h"
 #include "stop_signal.h"
 #include "moev/core/error.h"
+#include "moev/io/table.h"
 #include "moev/train/checkpoint.h"
 #include "moev/train/trainer.h"
 
@@ -122,9 +123,9 @@ Runner add_train(CLI::App& app) {
     if (*resume) std::cout << " (this process: " << static_cast<int64_t>(r.train_seconds) << " s";
     std::cout << " at " << static_cast<int64_t>(r.train_images_per_s) << " img/s" << (*resume ? ")" : "");
     if (r.eval.images > 0 && r.eval.multilabel)
-      std::cout << "; test precision@1 " << r.eval.top1 << ", mAP " << r.eval.mean_ap;
+      std::cout << "; test precision@1 " << io::fmt(r.eval.top1) << ", mAP " << io::fmt(r.eval.mean_ap);
     else if (r.eval.images > 0)
-      std::cout << "; test top-1 " << r.eval.top1 << ", top-5 " << r.eval.top5;
+      std::cout << "; test top-1 " << io::fmt(r.eval.top1) << ", top-5 " << io::fmt(r.eval.top5);
     std::cout << "\ncheckpoint: " << train::checkpoint_path(cfg.train.out_dir) << "\n";
     return 0;
   };

@@ -96,6 +96,8 @@ TEST(Cli, BadInputsFailCleanly) {
   expect_clean_failure("train " + kTiny + "--set moe.router=expert_choice --set moe.bpr=true --out " + dir.file("r"),
                        {"moe.bpr = true with moe.router = expert_choice"});
   expect_clean_failure("train " + kTiny + "--set data.crop_padding=-2 --out " + dir.file("r"), {"data.crop_padding = -2"});
+  expect_clean_failure("train " + kTiny + "--set data.crop_padding=15 --out " + dir.file("r"),
+                       {"data.crop_padding = 15", "at most half the 28-pixel image side (14)"});
   expect_clean_failure("train " + kTiny + "--set data.random_erase=2 --out " + dir.file("r"), {"data.random_erase = 2"});
   expect_clean_failure("train " + kTiny + "--device cuda", {"--device cuda"});
   // Raw std::filesystem text before, naming neither the key nor the flag; an empty --moe made the model dense.

@@ -91,4 +91,8 @@ TEST(Manifest, MosaicsAreRealImagesTaggedWithTheirClassesAndDeterministic) {
   std::filesystem::create_directories(dir.file("a") + "/train/3.png");  // a directory where the image was
   test::expect_error([&] { data::read_manifest(m1, 56, 56, 1); }, {"train.csv:5", "3.png", "is not a file"});
   test::expect_error([&] { data::read_manifest(m2, 56, 56, 1, {"Trouser"}); }, {"train.csv:", "is not one of the model's 1 tags"});
+  // A header other than moev's is read as an image; the message says what header it passes over.
+  std::ofstream(dir.file("header.csv")) << "image,labels\n";
+  test::expect_error([&] { data::read_manifest(dir.file("header.csv"), 56, 56, 1); },
+                     {"header.csv:1", "image' does not exist", "(a header? the one moev passes over is `path,tags`)"});
 }

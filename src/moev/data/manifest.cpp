@@ -107,7 +107,8 @@ MultiLabelSet read_manifest(const std::string& path, int64_t height, int64_t wid
     const auto& e = entries[i];
     const fs::path p = fs::path(e.path).is_absolute() ? fs::path(e.path) : base / e.path;
     // Quoted: a space around the comma is part of the path, and would not show otherwise.
-    MOEV_CHECK(fs::exists(p), "manifest ", path, ":", e.line, ": image '", p.string(), "' does not exist");
+    MOEV_CHECK(fs::exists(p), "manifest ", path, ":", e.line, ": image '", p.string(), "' does not exist",
+               e.line == 1 ? " (a header? the one moev passes over is `path,tags`)" : "");
     MOEV_CHECK(fs::is_regular_file(p), "manifest ", path, ":", e.line, ": image '", p.string(),
                "' is not a file (a directory?)");
     for (const auto& tag : e.tags) {

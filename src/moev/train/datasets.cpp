@@ -216,6 +216,10 @@ data::LoaderOptions training_loader_options(const DataConfig& data, const Datase
                                             uint64_t seed) {
   // Checked here too, so the message names the config keys (the loader's own check cannot).
   MOEV_CHECK(data.crop_padding >= 0, "data.crop_padding = ", data.crop_padding, ": expected >= 0 pixels");
+  // Past half the side a crop can be all padding: an image of nothing, trained on without a word.
+  const int64_t side = ds.train.images.size(2);
+  MOEV_CHECK(2 * data.crop_padding <= side, "data.crop_padding = ", data.crop_padding, ": expected at most half ",
+             "the ", side, "-pixel image side (", side / 2, "); a larger shift can crop padding alone");
   MOEV_CHECK(data.random_erase >= 0 && data.random_erase <= 1, "data.random_erase = ", data.random_erase,
              ": expected a probability in [0, 1]");
   data::LoaderOptions lo;
