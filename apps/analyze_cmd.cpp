@@ -26,7 +26,7 @@ namespace moev::app {
 
 namespace {
 struct AnalyzeFlags {
-  std::string checkpoint, out, data, precision;
+  std::string checkpoint, out, data, format, precision;
   int64_t batch_size = 256;
   std::optional<int64_t> limit;
   int threads = 0;
@@ -42,7 +42,8 @@ Runner add_analyze(CLI::App& app) {
   // Checked in the command, not by CLI11 (as eval's).
   cmd->add_option("checkpoint,--checkpoint", f->checkpoint, "checkpoint file, positional or after --checkpoint");
   cmd->add_option("--out", f->out, "output directory (default: analysis/ beside the checkpoint)");
-  cmd->add_option("--data", f->data, "test data directory (default: the training run's)");
+  cmd->add_option("--data", f->data, "test data: a directory, or a manifest CSV (default: the training run's)");
+  cmd->add_option("--format", f->format, "fashion-mnist, cifar10, folder or manifest (default: the run's)");
   cmd->add_flag("--capacity-curve", f->capacity_curve,
                 "also evaluate top-1 at each --capacities value, with and without BPR");
   auto* capacities = cmd->add_option("--capacities", f->capacities, "capacity ratios of the curve (with --capacity-curve)")
@@ -82,6 +83,7 @@ Runner add_analyze(CLI::App& app) {
                t.cfg.model.branches, "-branch model has none; drop --capacity-curve for its branch agreement");
     auto data = t.cfg.data;
     if (!f->data.empty()) data.path = data.test_path = f->data;
+    if (!f->format.empty()) data.format = f->format;  // as eval: a Fashion-MNIST run on photos in folders
     if (f->limit) data.test_limit = *f->limit;
     auto ds = train::open_test_set(t, data, f->checkpoint);
     // Routing by class and branch agreement count each image under one class; a tagged image has several, and

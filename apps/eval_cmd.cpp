@@ -50,7 +50,7 @@ Runner add_eval(CLI::App& app) {
                   "corrupted test set NAME:SEVERITY (1-5), NAME (all severities) or all; "
                   "names: gaussian_noise, blur, rotate, contrast, occlusion (repeatable)");
   auto* table_option = cmd->add_option("--table", f->table, "with --shift: write the table to PREFIX.csv and PREFIX.md");
-  cmd->add_option("--data", f->data, "test data directory (default: the training run's)");
+  cmd->add_option("--data", f->data, "test data: a directory, or a manifest CSV (default: the training run's)");
   cmd->add_option("--format", f->format, "fashion-mnist, cifar10, folder or manifest");
   cmd->add_option("--k", f->k, "experts per token at inference");
   cmd->add_option("--capacity", f->capacity, "capacity ratio C at inference");

@@ -96,6 +96,15 @@ TEST(Cli, BadInputsFailCleanly) {
   expect_clean_failure("train " + kTiny + "--set moe.router=expert_choice --set moe.bpr=true --out " + dir.file("r"),
                        {"moe.bpr = true with moe.router = expert_choice"});
   expect_clean_failure("train " + kTiny + "--set data.crop_padding=-2 --out " + dir.file("r"), {"data.crop_padding = -2"});
+  // A list with a stray comma became one path of that name, refused only when the teacher was read.
+  expect_clean_failure("train " + kTiny + "--set 'train.teacher=[\"a.pt\",]' --out " + dir.file("r"),
+                       {"train.teacher=[\"a.pt\",]", "does not parse", "expected JSON"});
+  // A cool-down lengthens the run past train.epochs: said before training, not only in the summary.
+  auto cd = run("train " + kTiny + "--epochs 1 --set train.cooldown_epochs=1 --max-steps 1 --set train.progress=true "
+                "--out " + dir.file("cd"));
+  EXPECT_EQ(cd.code, 0) << cd.out;
+  EXPECT_NE(cd.out.find("note: train.epochs = 1 and then train.cooldown_epochs = 1 at train.cooldown_lr = "),
+            std::string::npos) << cd.out;
   expect_clean_failure("train " + kTiny + "--set data.crop_padding=15 --out " + dir.file("r"),
                        {"data.crop_padding = 15", "at most half the 28-pixel image side (14)"});
   expect_clean_failure("train " + kTiny + "--set data.random_erase=2 --out " + dir.file("r"), {"data.random_erase = 2"});

@@ -364,8 +364,12 @@ json assignment_json(const std::string& assignment) {
   json value;
   try {
     value = json::parse(text, depth_limit("--set " + key));
-  } catch (const json::parse_error&) {
-    value = text;  // bare words are strings: train.device=cpu
+  } catch (const json::parse_error& e) {
+    // Bare words are strings (train.device=cpu); a list with a stray comma became a path of that name.
+    MOEV_CHECK(text.empty() || (text.front() != '[' && text.front() != '{'), "--set ", key, "=",
+               escaped_bytes(text), ": starts as a JSON list or table but does not parse (", e.what(),
+               "); expected JSON, e.g. [\"a.pt\", \"b.pt\"]");
+    value = text;
   } catch (const json::exception& e) {
     fail("--set ", assignment, ": ", text, " is not a number moev can hold (", e.what(), ")");
   }

@@ -624,6 +624,11 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
                    << " (train.lr = " << tc.lr << ") and never decays\n";
   };
   if (!budgeted) note_warmup();
+  // `--epochs 3` on a config with a cool-down trained 8 epochs, said only in the summary.
+  if (!budgeted && tc.cooldown_epochs > 0 && !opts.resume && opts.progress && tc.progress && lead)
+    *opts.progress << "note: train.epochs = " << tc.epochs << " and then train.cooldown_epochs = "
+                   << tc.cooldown_epochs << " at train.cooldown_lr = " << tc.cooldown_lr << ": "
+                   << tc.epochs + tc.cooldown_epochs << " epochs in all\n";
   double window_comm = comm ? comm->seconds_in_collectives() : 0.0;
   window.since = t_start;
   reps.train(true);
