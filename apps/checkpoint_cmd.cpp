@@ -77,8 +77,9 @@ Runner add_checkpoint(CLI::App& app) {
               << "position     " << position(st) << "\n"
               << "written by   " << st.value("world_size", 1) << " rank(s)"
               << (st.value("expert_parallel", false) ? ", experts split over them" : "") << "\n"
-              << "layout       full tensors: loads on any number of ranks; with train.expert_parallel each "
-                 "rank keeps E / ranks experts of every layer\n"
+              << "layout       full tensors: loads on any number of ranks"
+              << (moe_at.empty() ? "" : "; with train.expert_parallel each rank keeps E / ranks experts of every layer")
+              << "\n"
               << "tensors      " << ckpt.model.size() << " model (" << params << " values, " << expert_params
               << " in experts), " << ckpt.optimizer.size() << " optimizer"
               << (ckpt.ema.empty() ? std::string()

@@ -105,16 +105,19 @@ Runner add_train(CLI::App& app) {
                 << r.steps << " steps\n";
       return code;
     }
+    // A job's ranks continue as ranks again (the hint alone moved the run to one process).
+    const std::string as_ranks = dc.world_size > 1 ? " (as ranks: the same launch command with --resume)" : "";
     if (r.stopped) {
       std::cout << "stopped at step " << r.steps << " on request; checkpoint: "
-                << train::checkpoint_path(cfg.train.out_dir) << "\ncontinue with: moev train --out " << cfg.train.out_dir << " --resume\n";
+                << train::checkpoint_path(cfg.train.out_dir) << "\ncontinue with: moev train --out " << cfg.train.out_dir
+                << " --resume" << as_ranks << "\n";
       return code;
     }
     if (!r.finished) {  // paused at train.max_steps: it read like a finished run, without a test figure
       std::cout << "paused at step " << r.steps << " (train.max_steps = " << cfg.train.max_steps
                 << "); checkpoint: " << train::checkpoint_path(cfg.train.out_dir)
                 << "\ncontinue with: moev train --out " << cfg.train.out_dir
-                << " --resume --max-steps N (N > " << r.steps << ", or 0 for the whole run)\n";
+                << " --resume --max-steps N (N > " << r.steps << ", or 0 for the whole run)" << as_ranks << "\n";
       return 0;
     }
     std::cout << "trained " << r.steps << " steps (" << r.epochs_done << (r.epochs_done == 1 ? " epoch" : " epochs")

@@ -635,6 +635,8 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   EXPECT_NE(r.out.find("pre-training (moev pretrain) step " + ssl.at("steps").dump() + " of 1 epoch;"),
             std::string::npos)
       << r.out;
+  // A ResNeSt has no experts to split over ranks: its layout line said how experts were kept.
+  EXPECT_EQ(r.out.find("train.expert_parallel"), std::string::npos) << r.out;
   {  // Resumed with no thread count named, pre-training keeps the one it was saved with, as train does.
     const std::string cut = "pretrain --config " + dir.file("ssl.toml") + " " + toy_ssl +
                             "--set model.branches=2 --queue 25 --set pretrain.queue=20 --out " + dir.file("sslcut");
@@ -832,6 +834,8 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
   expect_clean_failure("checkpoint info " + dir.file("run/config.json"), {"config.json", "JSON text, not a checkpoint"});
   r = run("predict --checkpoint " + a + "/hardmoe.json --top 2 " + dir.file("mosaic/test/0.png"));
   ASSERT_EQ(r.code, 0) << r.out;
+  // A hard MoE's directory in place of its file names that file (it suggested a checkpoint.pt there is none of).
+  expect_clean_failure("predict --checkpoint " + a + " " + dir.file("mosaic/test/0.png"), {a + "/hardmoe.json?"});
   // An ensemble scored tagged images as top-1 against each image's first tag (0.16 where eval said 0.56).
   std::ofstream(dir.file("tagged.toml")) << "[ensemble]\nmembers = [\"" << dir.file("run/checkpoint.pt") << "\"]\n";
   expect_clean_failure("ensemble --config " + dir.file("tagged.toml") + " --threads 1",

@@ -380,8 +380,12 @@ void save_checkpoint(const std::string& path, const Checkpoint& ckpt) {
 
 Checkpoint load_checkpoint(const std::string& path, CheckpointLoad what) {
   MOEV_CHECK(!path.empty(), "checkpoint path is empty: expected a checkpoint file");
-  MOEV_CHECK(!std::filesystem::is_directory(path), "checkpoint ", path, ": is a directory; expected a checkpoint ",
-             "file (", path, "/checkpoint.pt?)");
+  if (std::filesystem::is_directory(path)) {
+    const std::filesystem::path dir(path);
+    const bool hard = std::filesystem::exists(dir / "hardmoe.json");  // a hard MoE's directory: its model file
+    fail("checkpoint ", path, ": is a directory; expected a checkpoint file (",
+         (dir / (hard ? "hardmoe.json" : "checkpoint.pt")).string(), "?)");
+  }
   // A pipe would block the open below (a FIFO without a writer) or fail its seeks.
   MOEV_CHECK(!std::filesystem::exists(path) || std::filesystem::is_regular_file(path), "checkpoint ", path,
              ": not a regular file (a pipe or a device?); expected a checkpoint file");
