@@ -18,13 +18,11 @@
 
 using namespace moev;
 
-// A run's score is its own last evaluation (the sweep scored each run a second
-// time from its checkpoint): stopped before that evaluation, the resumed run
-// makes it, and the sweep takes its figures.
-TEST(Sweep, AStopAfterARunsLastStepStopsTheSweepAndTheSweepAgainScoresIt) {
-  test::TempDir dir;
+namespace {
+// One grid point: a tiny V-MoE, 2 steps of 64 images, scored on 256 test images.
+train::SweepRun tiny_run(const std::string& name) {
   train::SweepRun run;
-  run.name = "tiny_e4_last-1_k1";
+  run.name = name;
   run.model = "vmoe-tiny";
   run.placement = "last-1";
   run.experts = 4;
@@ -35,6 +33,16 @@ TEST(Sweep, AStopAfterARunsLastStepStopsTheSweepAndTheSweepAgainScoresIt) {
   run.cfg.train.batch_size = 64;
   run.cfg.train.epochs = 1;
   run.cfg.train.threads = 1;
+  return run;
+}
+}  // namespace
+
+// A run's score is its own last evaluation (the sweep scored each run a second
+// time from its checkpoint): stopped before that evaluation, the resumed run
+// makes it, and the sweep takes its figures.
+TEST(Sweep, AStopAfterARunsLastStepStopsTheSweepAndTheSweepAgainScoresIt) {
+  test::TempDir dir;
+  const auto run = tiny_run("tiny_e4_last-1_k1");
   const std::string out = dir.file("sweep");
   test::StopWhenSeen progress(" 2/2 ");  // the bar at the last of 2 steps
   try {
@@ -67,18 +75,7 @@ TEST(Sweep, AStopAfterARunsLastStepStopsTheSweepAndTheSweepAgainScoresIt) {
 // A run paused at train.max_steps has no score: the sweep says so (it scored the half-trained run as done).
 TEST(Sweep, ARunPausedAtMaxStepsIsNotScored) {
   test::TempDir dir;
-  train::SweepRun run;
-  run.name = "tiny";
-  run.model = "vmoe-tiny";
-  run.placement = "last-1";
-  run.experts = 4;
-  run.k = 1;
-  run.cfg.model = test::tiny_vmoe();
-  run.cfg.data.train_limit = 128;
-  run.cfg.data.test_limit = 64;
-  run.cfg.train.batch_size = 64;
-  run.cfg.train.epochs = 1;
-  run.cfg.train.threads = 1;
+  auto run = tiny_run("tiny");
   run.cfg.train.max_steps = 1;
   test::expect_error([&] { train::run_sweep({run}, dir.file("sweep"), nullptr, false); },
                      {"sweep run tiny paused at train.max_steps = 1", "drop max_steps"});
