@@ -101,8 +101,8 @@ Runner add_train(CLI::App& app) {
     auto r = train::train_model(cfg, o);
     const int code = r.stopped ? stop_exit_code() : 0;
     if (dc.rank != 0) {
-      std::cout << "rank " << dc.rank << " of " << dc.world_size << ": " << (r.stopped ? "stopped after " : "trained ")
-                << r.steps << " steps\n";
+      std::cout << "rank " << dc.rank << " of " << dc.world_size << ": "
+                << (r.stopped ? "stopped after " : r.finished ? "trained " : "paused after ") << r.steps << " steps\n";
       return code;
     }
     // A job's ranks continue as ranks again (the hint alone moved the run to one process).

@@ -423,6 +423,7 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   // --print-config checks what the run checks: it printed model.moe = "3,3", which training then refused.
   expect_clean_failure("train --model vit-tiny --set model.moe=3,3 --print-config", {"block 3 is listed twice"});
   expect_clean_failure("train --model vit-tiny --set train.lr=-1 --print-config", {"train.lr"});
+  expect_clean_failure("train --model vit-tiny --set data.format=foldr --print-config", {"data.format = 'foldr'"});
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --out " + dir.file("s.toml"), {"is a file"});
   for (const char* flags : {"--epochs -3", "--epochs 0", "--minutes -1 --dry-run", "--minutes nan"})
     expect_clean_failure("sweep --config " + dir.file("s.toml") + " " + flags + " --out " + dir.file("b"),

@@ -177,9 +177,9 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
   // data.tags, which a trained run stores), so a column means one tag in both.
   std::vector<std::string> vocabulary = d.tags;
   if (load_train) {
+    validate_training_data(d, m);
     out.train = limit(open_one(d, m, /*train=*/true, vocabulary), d.train_limit, "data.train_limit");
     if (out.train.multilabel()) vocabulary = out.train.class_names;
-    MOEV_CHECK(d.per_class >= 0, "data.per_class = ", d.per_class, ": expected >= 0 (0: every image)");
     MOEV_CHECK(d.per_class == 0 || !out.train.multilabel(), "data.per_class = ", d.per_class,
                ": a per-class subset needs single-label data, not data.format = 'manifest'");
     if (d.per_class > 0) out.train = data::class_subset(out.train, d.per_class, d.subset_seed);
@@ -212,16 +212,23 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
   return out;
 }
 
+void validate_training_data(const DataConfig& d, const models::ModelConfig& m) {
+  static const char* kFormats[] = {"fashion-mnist", "folder", "cifar10", "manifest"};
+  MOEV_CHECK(std::find(std::begin(kFormats), std::end(kFormats), d.format) != std::end(kFormats), "data.format = '",
+             d.format, "': expected fashion-mnist, folder, cifar10 or manifest");
+  MOEV_CHECK(d.per_class >= 0, "data.per_class = ", d.per_class, ": expected >= 0 (0: every image)");
+  // Checked here, so the message names the config keys (the loader's own check cannot).
+  MOEV_CHECK(d.crop_padding >= 0, "data.crop_padding = ", d.crop_padding, ": expected >= 0 pixels");
+  // Past half the side a crop can be all padding: an image of nothing, trained on without a word.
+  MOEV_CHECK(2 * d.crop_padding <= m.image_size, "data.crop_padding = ", d.crop_padding, ": expected at most half ",
+             "the ", m.image_size, "-pixel image side (", m.image_size / 2, "); a larger shift can crop padding alone");
+  MOEV_CHECK(d.random_erase >= 0 && d.random_erase <= 1, "data.random_erase = ", d.random_erase,
+             ": expected a probability in [0, 1]");
+  data::parse_auto_augment(d.auto_augment, "data.auto_augment");
+}
+
 data::LoaderOptions training_loader_options(const DataConfig& data, const Datasets& ds, int64_t batch_size,
                                             uint64_t seed) {
-  // Checked here too, so the message names the config keys (the loader's own check cannot).
-  MOEV_CHECK(data.crop_padding >= 0, "data.crop_padding = ", data.crop_padding, ": expected >= 0 pixels");
-  // Past half the side a crop can be all padding: an image of nothing, trained on without a word.
-  const int64_t side = ds.train.images.size(2);
-  MOEV_CHECK(2 * data.crop_padding <= side, "data.crop_padding = ", data.crop_padding, ": expected at most half ",
-             "the ", side, "-pixel image side (", side / 2, "); a larger shift can crop padding alone");
-  MOEV_CHECK(data.random_erase >= 0 && data.random_erase <= 1, "data.random_erase = ", data.random_erase,
-             ": expected a probability in [0, 1]");
   data::LoaderOptions lo;
   lo.batch_size = batch_size;
   lo.seed = seed;

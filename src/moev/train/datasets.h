@@ -17,6 +17,12 @@ struct Datasets {
   std::vector<float> mean, std;  // per channel, as used for training
 };
 
+// The data keys a training run reads (format, per_class, crop_padding against
+// the model's side, random_erase, auto_augment), each out of range an error
+// naming it, before any image is read; open_datasets with load_train and
+// `train --print-config` run it.
+void validate_training_data(const DataConfig& data, const models::ModelConfig& model);
+
 // The training set when load_train (eval/predict: the test set alone); the
 // test set unless load_test = false (then an empty one), for commands that
 // score none (pretraining without its kNN probe, clustering, an unevaluated fusion).

@@ -267,6 +267,7 @@ void check_new_run_config(const io::RunConfig& cfg) {
   models::validate(cfg.model);
   models::refuse_repeated_blocks(cfg.model.moe);
   moe::refuse_unused_topk_settings(cfg.model.router);
+  validate_training_data(cfg.data, cfg.model);
   check_fits_in_memory(cfg);
 }
 

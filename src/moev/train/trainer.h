@@ -72,9 +72,8 @@ void validate_train_config(const TrainConfig& tc);
 
 // What a new run checks before it opens any data: the train section, the model,
 // settings the model would ignore (a block listed twice, top-k keys of another
-// router) and whether its weights and optimizer state fit in memory. `train
-// --print-config` runs it too, so it does not print such a config (the data
-// section is checked when the data is opened).
+// router), the data keys and whether its weights and optimizer state fit in
+// memory. `train --print-config` runs it too, so it does not print such a config.
 void check_new_run_config(const io::RunConfig& cfg);
 
 // train.branch_views: the seed of branch `view`'s batches and mix draws (view 0:
