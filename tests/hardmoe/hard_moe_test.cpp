@@ -83,6 +83,13 @@ Toy& toy() {
   return t;
 }
 
+// The toy's clustering copied into `dir` but for partition.json, which a test writes edited.
+void copy_clustering(const Toy& t, const std::string& dir) {
+  fs::create_directories(dir);
+  for (const char* f : {"centroids.pt", "partition.csv", "hardmoe.json"})
+    fs::copy_file(fs::path(t.hm.dir) / f, fs::path(dir) / f);
+}
+
 // Brute force: the index of the smallest squared distance, lower index on ties.
 at::Tensor nearest_by_hand(const at::Tensor& x, const at::Tensor& c) {
   auto d = (x.unsqueeze(1) - c.unsqueeze(0)).pow(2).sum(2);
@@ -223,9 +230,7 @@ TEST(HardMoE, BadExpertIndexOrEmptyPartitionFailsAndLeavesOtherExpertsAlone) {
 TEST(HardMoE, ATrunkWithOtherWeightsAtTheSameStepIsRefused) {
   auto& t = toy();
   const std::string dir3 = t.dir.file("retrained");
-  fs::create_directories(dir3);
-  for (const char* f : {"centroids.pt", "partition.csv", "hardmoe.json"})
-    fs::copy_file(fs::path(t.hm.dir) / f, fs::path(dir3) / f);
+  copy_clustering(t, dir3);
   const std::string copy = t.dir.file("retrained_trunk.pt");
   auto ckpt = train::load_checkpoint(t.hm.trunk);
   train::save_checkpoint(copy, ckpt);
@@ -259,9 +264,7 @@ TEST(HardMoE, ATrunkWithOtherWeightsAtTheSameStepIsRefused) {
 TEST(HardMoE, AnExpertOnDataThatChangedSinceClusteringIsRefused) {
   auto& t = toy();
   const std::string dir = t.dir.file("changed");
-  fs::create_directories(dir);
-  for (const char* f : {"centroids.pt", "partition.csv", "hardmoe.json"})
-    fs::copy_file(fs::path(t.hm.dir) / f, fs::path(dir) / f);
+  copy_clustering(t, dir);
   std::ifstream in(fs::path(t.hm.dir) / "partition.json");
   auto summary = nlohmann::json::parse(in);
   ASSERT_EQ(summary.at("training_data").get<std::string>().size(), 8u);
