@@ -36,6 +36,10 @@ data::ImageSet open_manifest(const std::string& path, const models::ModelConfig&
 // in the same order.
 constexpr uint64_t kFolderOrderSeed = 0x6d6f6576;  // "moev"
 
+[[noreturn]] void unknown_format(const std::string& format) {
+  fail("data.format = '", format, "': expected fashion-mnist, folder, cifar10 or manifest");
+}
+
 data::ImageSet open_one(const DataConfig& d, const models::ModelConfig& m, bool train,
                         const std::vector<std::string>& vocabulary) {
   if (d.format == "manifest") {
@@ -58,7 +62,7 @@ data::ImageSet open_one(const DataConfig& d, const models::ModelConfig& m, bool 
         data::read_image_folder(train ? d.path : d.test_path, m.image_size, m.image_size, m.channels),
         kFolderOrderSeed);
   }
-  fail("data.format = '", d.format, "': expected fashion-mnist, folder, cifar10 or manifest");
+  unknown_format(d.format);
 }
 
 data::ImageSet limit(data::ImageSet s, int64_t n, const char* key) {
@@ -213,9 +217,8 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
 }
 
 void validate_training_data(const DataConfig& d, const models::ModelConfig& m) {
-  static const char* kFormats[] = {"fashion-mnist", "folder", "cifar10", "manifest"};
-  MOEV_CHECK(std::find(std::begin(kFormats), std::end(kFormats), d.format) != std::end(kFormats), "data.format = '",
-             d.format, "': expected fashion-mnist, folder, cifar10 or manifest");
+  static const char* kFormats[] = {"fashion-mnist", "folder", "cifar10", "manifest"};  // as open_one reads them
+  if (std::find(std::begin(kFormats), std::end(kFormats), d.format) == std::end(kFormats)) unknown_format(d.format);
   MOEV_CHECK(d.per_class >= 0, "data.per_class = ", d.per_class, ": expected >= 0 (0: every image)");
   // Checked here, so the message names the config keys (the loader's own check cannot).
   MOEV_CHECK(d.crop_padding >= 0, "data.crop_padding = ", d.crop_padding, ": expected >= 0 pixels");
