@@ -31,7 +31,7 @@ struct PredictFlags {
 }  // namespace
 
 Runner add_predict(CLI::App& app) {
-  auto* cmd = app.add_subcommand("predict", "classify image files (PNG, JPEG, BMP, GIF, PGM/PPM or TGA)");
+  auto* cmd = app.add_subcommand("predict", "classify image files (PNG, JPEG, BMP, GIF, PBM/PGM/PPM or TGA)");
   auto f = std::make_shared<PredictFlags>();
   cmd->add_option("--checkpoint", f->checkpoint, "checkpoint file")->required();
   cmd->add_option("images", f->images, "image files")->required();

@@ -391,6 +391,53 @@ TEST(ImageFolder, PgmSamplesAreScaledByTheirMaximumValue) {
   EXPECT_TRUE(torch::equal(pgm("over.pgm", 15, {16, 200}), bytes({255, 255})));
 }
 
+// stb reads only the binary grey and colour kinds (P5, P6); plain text (P1-P3) and bitmaps (P1, P4) were
+// "unknown image type". Each decodes as its binary twin does.
+TEST(ImageFolder, PlainAndBitmapNetpbmDecodeAsTheirBinaryTwins) {
+  TempDir root;
+  auto text = [&](const std::string& name, const std::string& body) {
+    write_bytes(root.file(name), std::vector<unsigned char>(body.begin(), body.end()));
+    return root.file(name);
+  };
+  auto bytes = [](std::vector<int64_t> v) { return torch::tensor(v, torch::kInt64).to(torch::kUInt8); };
+  auto grey = [](const std::string& path, int64_t h, int64_t w) { return decode_image_file(path, h, w, 1).flatten(); };
+  EXPECT_TRUE(torch::equal(grey(text("a.pgm", "P2\n# a comment\n4 1\n15\n0 1\n7 # another\n 15\n"), 1, 4),
+                           bytes({0, 17, 119, 255})));
+  write_bytes(root.file("b.pgm"), {'P', '5', '\n', '4', ' ', '1', '\n', '1', '5', '\n', 0, 1, 7, 15});
+  EXPECT_TRUE(torch::equal(grey(root.file("b.pgm"), 1, 4), bytes({0, 17, 119, 255})));
+  // 16-bit plain samples are plain numbers; a colour's grey has stb's weights, as the binary kind's.
+  EXPECT_TRUE(torch::equal(grey(text("w.pgm", "P2 2 1 65535 65535 771"), 1, 2), bytes({255, 3})));
+  const std::string ppm = text("c.ppm", "P3 1 1 15\n15 0 5\n");
+  EXPECT_TRUE(torch::equal(decode_image_file(ppm, 1, 1, 3).flatten(), bytes({255, 0, 85})));
+  EXPECT_TRUE(torch::equal(grey(ppm, 1, 1), bytes({(255 * 77 + 85 * 29) >> 8})));
+  // Bitmaps: 1 is black. A plain one's digits need no space between them; a binary one packs each row of 10
+  // pixels into 2 bytes, first pixel in the high bit, the rest of the second byte padding.
+  const auto bits = bytes({0, 255, 0, 0, 255, 255, 255, 255, 255, 255, 255, 0, 255, 255, 255, 255, 255, 255, 255, 0});
+  EXPECT_TRUE(torch::equal(grey(text("a.pbm", "P1\n10 2\n1011000000\n0 1 0 0 0 0 0 0 0 1\n"), 2, 10), bits));
+  write_bytes(root.file("b.pbm"), {'P', '4', '\n', '1', '0', ' ', '2', '\n', 0xB0, 0x3F, 0x40, 0x40});
+  EXPECT_TRUE(torch::equal(grey(root.file("b.pbm"), 2, 10), bits));
+  EXPECT_TRUE(torch::equal(decode_image_file(root.file("b.pbm"), 2, 10, 3), grey(root.file("b.pbm"), 2, 10)
+                                                                                .reshape({1, 2, 10})
+                                                                                .expand({3, 2, 10})));
+  // Short, damaged and unread kinds are errors naming the file.
+  const std::string short_pgm = text("s.pgm", "P2 2 2 255 1 2 3\n");
+  expect_error([&] { grey(short_pgm, 2, 2); }, {short_pgm, "cut short", "3 of the 4 samples"});
+  const std::string short_pbm = text("s.pbm", "P1 4 1 101");
+  expect_error([&] { grey(short_pbm, 1, 4); }, {short_pbm, "cut short"});
+  write_bytes(root.file("s4.pbm"), {'P', '4', ' ', '1', '0', ' ', '2', '\n', 0xB0, 0x3F, 0x40});
+  expect_error([&] { grey(root.file("s4.pbm"), 2, 10); }, {root.file("s4.pbm"), "PBM cut short"});
+  const std::string two = text("two.pbm", "P1 2 1 12");
+  expect_error([&] { grey(two, 1, 2); }, {two, "byte 8", "expected 0 or 1"});
+  const std::string letter = text("x.pgm", "P2 2 1 255 4 x");
+  expect_error([&] { grey(letter, 1, 2); }, {letter, "damaged at byte 13", "expected a number"});
+  const std::string pam = text("a.pam", "P7\nWIDTH 1\nHEIGHT 1\nDEPTH 1\nMAXVAL 255\nENDHDR\n\x01");
+  expect_error([&] { grey(pam, 1, 1); }, {pam, "PAM (P7)", "P1-P6"});
+  // A folder takes .pbm files.
+  fs::create_directories(root.path() / "f" / "c");
+  fs::copy_file(root.file("b.pbm"), root.path() / "f" / "c" / "b.pbm");
+  EXPECT_TRUE(torch::equal(read_image_folder(root.file("f"), 2, 10, 1).images.flatten(), bits));
+}
+
 TEST(ImageFolder, BadArgumentsAndEmptyFolders) {
   TempDir root;
   expect_error([&] { read_image_folder(root.path().string(), 4, 4, 1); },

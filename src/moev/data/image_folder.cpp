@@ -37,8 +37,9 @@ constexpr int64_t kMaxSourcePixels = int64_t{1} << 28;  // 16384 x 16384
 
 bool is_hidden(const fs::path& path) { return path.filename().string().rfind('.', 0) == 0; }
 
-// What stb_image decodes, so a folder takes what predict takes.
-constexpr const char* kImageExtensions[] = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".pnm", ".tga"};
+// What stb_image decodes, and the Netpbm kinds read here, so a folder takes what predict takes.
+constexpr const char* kImageExtensions[] = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pbm",
+                                            ".pgm", ".ppm", ".pnm", ".tga"};
 
 bool has_image_extension(const fs::path& path) {
   std::string ext = path.extension().string();
@@ -139,10 +140,33 @@ JpegSegments walk_jpeg(const std::vector<unsigned char>& b, Visit visit) {
 // stb passes on to the resizer's assertion) is refused here too. Returns where
 // a PGM/PPM's samples are (maxval 0 for the other formats).
 struct Netpbm {
+  char kind = 0;       // '1'..'6' of its magic number P1..P6; 0 for the other formats
   int64_t maxval = 0;  // samples run 0..maxval; above 255 each takes two bytes, most significant first
-  size_t offset = 0;   // the first sample's byte
+  size_t offset = 0;   // the first sample's byte (binary), or where the plain raster's text starts
   int64_t width = 0, height = 0, channels = 0;
 };
+
+// Steps at past whitespace and # comments (which run to the end of their line),
+// as Netpbm headers and plain rasters allow between numbers; false at the end.
+bool skip_netpbm_space(const std::vector<unsigned char>& b, size_t& at) {
+  while (at < b.size() && (std::isspace(b[at]) || b[at] == '#'))
+    if (b[at] == '#')
+      while (at < b.size() && b[at] != '\n' && b[at] != '\r') ++at;
+    else
+      ++at;
+  return at < b.size();
+}
+
+// The next decimal number of a Netpbm header or plain raster from at.
+int64_t netpbm_number(const std::string& path, const std::vector<unsigned char>& b, size_t& at) {
+  const bool more = skip_netpbm_space(b, at);
+  int64_t v = 0;
+  const size_t start = at;
+  while (at < b.size() && std::isdigit(b[at]) && v <= (int64_t{1} << 40)) v = v * 10 + (b[at++] - '0');
+  MOEV_CHECK(at > start, "file ", path, ": PBM/PGM/PPM ", more ? "damaged" : "cut short", " at byte ", start,
+             ": expected a number");
+  return v;
+}
 
 Netpbm check_complete(const std::string& path, const std::vector<unsigned char>& b) {
   const size_t n = b.size();
@@ -198,31 +222,28 @@ Netpbm check_complete(const std::string& path, const std::vector<unsigned char>&
       }
     }
   }
-  if (n >= 2 && b[0] == 'P' && (b[1] == '5' || b[1] == '6')) {  // binary PGM / PPM
+  if (n >= 2 && b[0] == 'P' && b[1] >= '1' && b[1] <= '6') {  // PBM / PGM / PPM, plain (P1-P3) or binary (P4-P6)
+    const char kind = static_cast<char>(b[1]);
+    const bool bits = kind == '1' || kind == '4', plain = kind <= '3';
     size_t at = 2;
-    auto number = [&] {  // after whitespace and # comments
-      while (at < n && (std::isspace(b[at]) || b[at] == '#'))
-        if (b[at] == '#')
-          while (at < n && b[at] != '\n' && b[at] != '\r') ++at;
-        else
-          ++at;
-      int64_t v = 0;
-      const size_t start = at;
-      while (at < n && std::isdigit(b[at]) && v <= (int64_t{1} << 40)) v = v * 10 + (b[at++] - '0');
-      MOEV_CHECK(at > start, "file ", path, ": PGM/PPM header damaged at byte ", start, ": expected a number");
-      return v;
-    };
-    const int64_t w = number(), h = number(), maxval = number();
+    const int64_t w = netpbm_number(path, b, at), h = netpbm_number(path, b, at);
+    const int64_t maxval = bits ? 1 : netpbm_number(path, b, at);
     MOEV_CHECK(maxval >= 1 && maxval <= 65535, "file ", path, ": PGM/PPM with a maximum value of ", maxval,
                "; expected 1 to 65535");
-    const Netpbm pnm{maxval, at + 1, w, h, b[1] == '6' ? 3 : 1};
+    // A binary raster starts after the one whitespace byte that ends the header; a plain one after any.
+    const Netpbm pnm{kind, maxval, plain ? at : at + 1, w, h, kind == '3' || kind == '6' ? 3 : 1};
     // Refused here, not left to stb: its sides are ints, and one past 2^31 wrapped to a small one.
     MOEV_CHECK(sides("PGM/PPM", w, h), "file ", path, ": a ", w, "x", h, " PGM/PPM, above ", kMaxSourcePixels,
                " pixels");
-    const size_t needed = at + 1 + static_cast<size_t>(w * h * pnm.channels * (maxval > 255 ? 2 : 1));
-    if (n < needed) cut("PGM/PPM", needed);
+    if (plain) return pnm;  // its samples are counted as they are read
+    const auto row = static_cast<size_t>(bits ? (w + 7) / 8 : w * pnm.channels * (maxval > 255 ? 2 : 1));
+    const size_t needed = pnm.offset + row * static_cast<size_t>(h);
+    if (n < needed) cut(bits ? "PBM" : "PGM/PPM", needed);
     return pnm;
   }
+  if (n >= 2 && b[0] == 'P' && (b[1] == '7' || b[1] == 'F' || b[1] == 'f'))
+    fail("file ", path, ": a ", b[1] == '7' ? "PAM (P7)" : "PFM (floating-point)", " image; moev reads the ",
+         "Netpbm formats PBM, PGM and PPM (P1-P6), plain or binary (convert it, e.g. with pamtopnm)");
   if (n >= 2 && b[0] == 'B' && b[1] == 'M') {  // BMP; stb decodes uncompressed ones only
     if (n < 26) cut("BMP", 26);
     const size_t header = le32(14);
@@ -319,6 +340,56 @@ std::pair<int, int> apply_orientation(int orientation, std::vector<unsigned char
   return {ow, oh};
 }
 
+// A PBM/PGM/PPM's pixels as 8-bit HWC with the given channels. Read here, not
+// by stb, which knows only the binary grey and colour kinds (P5, P6) and passes
+// their samples on as written whatever the maximum value (a 10-bit camera's
+// frame, maxval 1023, became a nearly black image; one with maxval 15 a dark
+// one), reading 16-bit samples in the machine's byte order, not the file's
+// (most significant first). Samples above the maximum read as the maximum.
+std::vector<unsigned char> decode_netpbm(const std::string& path, const std::vector<unsigned char>& b,
+                                         const Netpbm& pnm, int64_t channels) {
+  const auto fc = static_cast<size_t>(pnm.channels);
+  const size_t pixels_n = static_cast<size_t>(pnm.width * pnm.height), samples_n = pixels_n * fc;
+  const bool bits = pnm.kind == '1' || pnm.kind == '4', wide = pnm.maxval > 255;
+  auto scale = [&](int64_t v) {
+    return static_cast<unsigned char>((std::min(v, pnm.maxval) * 255 + pnm.maxval / 2) / pnm.maxval);
+  };
+  std::vector<unsigned char> samples(samples_n);  // scaled to 0..255, as the file lays them out
+  if (pnm.kind <= '3') {  // plain: decimal text; a PBM's 0s and 1s need no space between them
+    size_t at = pnm.offset;
+    for (size_t i = 0; i < samples_n; ++i) {
+      MOEV_CHECK(skip_netpbm_space(b, at), "file ", path, ": ", bits ? "PBM" : "PGM/PPM", " cut short: ", i,
+                 " of the ", samples_n, " samples its header asks for (an interrupted copy or download?)");
+      if (bits) {
+        MOEV_CHECK(b[at] == '0' || b[at] == '1', "file ", path, ": PBM damaged at byte ", at, ": expected 0 or 1");
+        samples[i] = b[at++] == '1' ? 0 : 255;  // 1 is black
+      } else {
+        samples[i] = scale(netpbm_number(path, b, at));
+      }
+    }
+  } else {
+    const size_t row = bits ? static_cast<size_t>((pnm.width + 7) / 8) : 0;
+    for (size_t i = 0; i < samples_n; ++i) {
+      if (bits) {  // each row packed 8 pixels to a byte, first pixel in the high bit; 1 is black
+        const size_t y = i / static_cast<size_t>(pnm.width), x = i % static_cast<size_t>(pnm.width);
+        samples[i] = (b[pnm.offset + y * row + x / 8] >> (7 - x % 8) & 1) ? 0 : 255;
+      } else {
+        const unsigned char* at = b.data() + pnm.offset + i * (wide ? 2 : 1);
+        samples[i] = scale(wide ? (int64_t{at[0]} << 8 | at[1]) : at[0]);
+      }
+    }
+  }
+  if (fc == static_cast<size_t>(channels)) return samples;
+  std::vector<unsigned char> out(pixels_n * static_cast<size_t>(channels));
+  for (size_t p = 0; p < pixels_n; ++p)
+    for (size_t c = 0; c < static_cast<size_t>(channels); ++c)
+      out[p * channels + c] = fc == 1 ? samples[p]  // grey to RGB: repeated
+                                      // RGB to grey with stb's weights, as its other formats get it
+                                      : static_cast<unsigned char>((samples[p * 3] * 77 + samples[p * 3 + 1] * 150 +
+                                                                    samples[p * 3 + 2] * 29) >> 8);
+  return out;
+}
+
 // Decodes path into dst, uint8 [C, H, W] contiguous; returns the file's own (upright) size.
 SourceSize decode_into(const std::string& path, int64_t height, int64_t width, int64_t channels,
                  uint8_t* dst) {
@@ -333,51 +404,31 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
   MOEV_CHECK(size > 0, "file ", path, " is empty (0 bytes); expected an image");
   check_png_crcs(path, bytes);
   const Netpbm pnm = check_complete(path, bytes);
-  int w = 0, h = 0, file_channels = 0;
-  // From the header, before any pixel is allocated: a small file can claim a
-  // huge image (stb alone allows 1 GiB of pixels).
-  if (stbi_info_from_memory(bytes.data(), static_cast<int>(bytes.size()), &w, &h, &file_channels) == 1)
-    MOEV_CHECK(int64_t{w} * h <= kMaxSourcePixels, "file ", path, ": a ", w, "x", h, " image, above ",
-               kMaxSourcePixels, " pixels");
-
-  std::unique_ptr<unsigned char, void (*)(void*)> pixels(
-      stbi_load_from_memory(bytes.data(), static_cast<int>(bytes.size()), &w, &h, &file_channels,
-                            static_cast<int>(channels)),
-      stbi_image_free);
-  // stb refuses some headers itself (a PNG whose rows would pass its 1 GiB), which stbi_info does not report:
-  // the same limit, in moev's words.
-  MOEV_CHECK(pixels != nullptr || std::string(stbi_failure_reason()) != "too large", "file ", path,
-             ": its header claims an image too large to decode (stb_image: too large: a side above 2^24, or more ",
-             "than 1 GiB of pixel rows; moev reads up to ", kMaxSourcePixels, " pixels)");
-  MOEV_CHECK(pixels != nullptr, "file ", path,
-             " is not a readable image (stb_image: ", stbi_failure_reason(), ")");
-  MOEV_CHECK(w >= 1 && h >= 1, "file ", path, ": an image of ", w, "x", h, " pixels; expected at least 1x1");
-
-  const unsigned char* hwc = pixels.get();
-  std::vector<unsigned char> upright, resized, scaled;
-  // stb passes a PGM/PPM's samples on as written, whatever its maximum value (a 10-bit camera's frame, maxval
-  // 1023, became a nearly black image, one with maxval 15 a dark one), and reads 16-bit samples in the machine's
-  // byte order rather than the file's. Such files are read here, scaled to 0..255, then given stb's channels.
-  if (pnm.maxval > 0 && pnm.maxval != 255) {
-    const size_t pixels_n = static_cast<size_t>(w) * h, wide = pnm.maxval > 255 ? 2 : 1;
-    const auto fc = static_cast<size_t>(pnm.channels);
-    MOEV_CHECK(pnm.width == w && pnm.height == h && pnm.offset + pixels_n * fc * wide <= bytes.size(), "file ",
-               path, ": its PGM/PPM header (", pnm.width, "x", pnm.height, ") does not match its decoding (", w, "x",
-               h, ")");
-    scaled.resize(pixels_n * channels);
-    auto sample = [&](size_t p, size_t c) {
-      const unsigned char* at = bytes.data() + pnm.offset + (p * fc + c) * wide;
-      const int64_t v = std::min<int64_t>(wide == 2 ? (int64_t{at[0]} << 8 | at[1]) : at[0], pnm.maxval);
-      return static_cast<int>((v * 255 + pnm.maxval / 2) / pnm.maxval);
-    };
-    for (size_t p = 0; p < pixels_n; ++p)
-      for (size_t c = 0; c < static_cast<size_t>(channels); ++c)
-        scaled[p * channels + c] = static_cast<unsigned char>(
-            fc == static_cast<size_t>(channels) ? sample(p, c)
-            : fc == 1                            ? sample(p, 0)  // grey to RGB: repeated
-                      // RGB to grey with stb's weights, as the 8-bit files get it
-                      : (sample(p, 0) * 77 + sample(p, 1) * 150 + sample(p, 2) * 29) >> 8);
-    hwc = scaled.data();
+  int w = 0, h = 0;
+  std::vector<unsigned char> netpbm, upright, resized;
+  std::unique_ptr<unsigned char, void (*)(void*)> pixels(nullptr, stbi_image_free);
+  const unsigned char* hwc = nullptr;
+  if (pnm.kind != 0) {
+    netpbm = decode_netpbm(path, bytes, pnm, channels);
+    w = static_cast<int>(pnm.width), h = static_cast<int>(pnm.height);
+    hwc = netpbm.data();
+  } else {
+    int file_channels = 0;
+    // From the header, before any pixel is allocated: a small file can claim a
+    // huge image (stb alone allows 1 GiB of pixels).
+    if (stbi_info_from_memory(bytes.data(), static_cast<int>(bytes.size()), &w, &h, &file_channels) == 1)
+      MOEV_CHECK(int64_t{w} * h <= kMaxSourcePixels, "file ", path, ": a ", w, "x", h, " image, above ",
+                 kMaxSourcePixels, " pixels");
+    pixels.reset(stbi_load_from_memory(bytes.data(), static_cast<int>(bytes.size()), &w, &h, &file_channels,
+                                       static_cast<int>(channels)));
+    // stb refuses some headers itself (a PNG whose rows would pass its 1 GiB), which stbi_info does not report:
+    // the same limit, in moev's words.
+    MOEV_CHECK(pixels != nullptr || std::string(stbi_failure_reason()) != "too large", "file ", path,
+               ": its header claims an image too large to decode (stb_image: too large: a side above 2^24, or more ",
+               "than 1 GiB of pixel rows; moev reads up to ", kMaxSourcePixels, " pixels)");
+    MOEV_CHECK(pixels != nullptr, "file ", path, " is not a readable image (stb_image: ", stbi_failure_reason(), ")");
+    MOEV_CHECK(w >= 1 && h >= 1, "file ", path, ": an image of ", w, "x", h, " pixels; expected at least 1x1");
+    hwc = pixels.get();
   }
   if (const int o = jpeg_orientation(bytes); o != 1) {
     std::tie(w, h) = apply_orientation(o, upright, hwc, w, h, static_cast<int>(channels));

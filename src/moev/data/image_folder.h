@@ -22,8 +22,8 @@ struct SourceSize {
   int64_t height = 0, width = 0;
 };
 
-// One image file (PNG, JPEG, BMP, GIF, PGM/PPM, TGA) -> uint8 [C, H, W], resized and converted like read_image_folder;
-// with `source`, the file's own size is written there.
+// One image file (PNG, JPEG, BMP, GIF, PBM/PGM/PPM, TGA) -> uint8 [C, H, W], resized and converted like
+// read_image_folder; with `source`, the file's own size is written there.
 torch::Tensor decode_image_file(const std::string& path, int64_t height, int64_t width,
                                 int64_t channels, SourceSize* source = nullptr);
 
