@@ -40,6 +40,11 @@ TEST(RunConfig, TomlJsonAndOverridesLayer) {
                      {"plain_bad", "invalid TOML", "does not start with '{'"});
   std::ofstream(dir.file("c.yaml")) << "[train]\nepochs = 6\n";
   test::expect_error([&] { io::load_run_config(dir.file("c.yaml")); }, {"c.yaml", "expected a .toml or .json"});
+  // The extension in capitals (a case-blind file system's copy) is the same kind.
+  std::ofstream(dir.file("C.TOML")) << "[train]\nepochs = 4\n";
+  EXPECT_EQ(io::load_run_config(dir.file("C.TOML")).train.epochs, 4);
+  std::ofstream(dir.file("C.Json")) << R"({"train": {"epochs": 2}})";
+  EXPECT_EQ(io::load_run_config(dir.file("C.Json")).train.epochs, 2);
   // JSON round trip keeps every field.
   auto back = io::from_json_string(io::to_json_string(c), "roundtrip");
   EXPECT_EQ(io::to_json_string(back), io::to_json_string(c));

@@ -20,6 +20,9 @@ c10::Device parse_device(const std::string& name) {
                "--device ", name, ": only ", torch::cuda::device_count(), " CUDA device(s) visible");
   } else {
     MOEV_CHECK(dev.is_cpu(), "--device ", name, ": only cpu and cuda are supported");
+    // LibTorch has one CPU device: cpu:1 ran on it, as if the index chose cores or a socket.
+    MOEV_CHECK(!dev.has_index() || dev.index() == 0, "--device ", name, ": there is one CPU device (cpu or cpu:0); ",
+               "--threads sets how many cores it uses");
   }
   return dev;
 }

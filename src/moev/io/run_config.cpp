@@ -1,7 +1,8 @@
 #include "moev/io/run_config.h"
 
+#include <algorithm>
+#include <cctype>
 #include <filesystem>
-
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -276,7 +277,10 @@ json::parser_callback_t depth_limit(const std::string& source) {
 
 json read_config_file(const std::string& path) {
   const std::string text = read_text(path, "config file");
-  const std::string ext = std::filesystem::path(path).extension().string();
+  std::string ext = std::filesystem::path(path).extension().string();
+  // config.TOML from a case-blind file system is the same file kind.
+  std::transform(ext.begin(), ext.end(), ext.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   // A name without an extension (`--config <(...)` is /dev/fd/63) is read by its
   // first character: a JSON config is a table, `{`; TOML cannot start with one.
   const size_t first = text.find_first_not_of(" \t\r\n");
