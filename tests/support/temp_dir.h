@@ -43,4 +43,12 @@ inline std::string bytes_of(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
+// A 28x28 grey PGM whose pixels follow `salt`, for folder data sets (its directory is created).
+inline void write_pattern_pgm(const std::string& path, int salt) {
+  std::filesystem::create_directories(std::filesystem::path(path).parent_path());
+  std::ofstream f(path, std::ios::binary);
+  f << "P5\n28 28\n255\n";
+  for (int p = 0; p < 28 * 28; ++p) f.put(static_cast<char>((p * 7 + salt * 31) % 256));
+}
+
 }  // namespace moev::test

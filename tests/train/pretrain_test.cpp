@@ -275,3 +275,41 @@ TEST(Pretrain, BadOptionsAndResumesAreErrors) {
   test::expect_error([&] { train::pretrain(cfg, dir.file("b"), o); }, {"temperature = 0"});
   EXPECT_FALSE(std::filesystem::exists(dir.file("b")));
 }
+
+// A pre-training resumed on a folder that changed since went on over other images without a word.
+TEST(Pretrain, ResumeOnChangedDataIsRefused) {
+  test::TempDir dir;
+  for (int i = 0; i < 4; ++i) {
+    test::write_pattern_pgm(dir.file("data/a/" + std::to_string(i) + ".pgm"), i);
+    test::write_pattern_pgm(dir.file("data/b/" + std::to_string(i) + ".pgm"), i + 5);
+  }
+  auto cfg = test::toy_resnest_run(dir.file("ssl"), 1);
+  cfg.data = {};
+  cfg.data.format = "folder";
+  cfg.data.path = dir.file("data");
+  cfg.model.num_classes = 2;
+  cfg.train.batch_size = 4;
+  cfg.train.max_steps = 1;
+  train::PretrainOptions o;
+  o.epochs = 2;
+  o.queue = 4;
+  o.knn_k = 0;
+  train::pretrain(cfg, cfg.train.out_dir, o);
+  o.resume = true;
+  cfg.train.max_steps = 2;
+  train::pretrain(cfg, cfg.train.out_dir, o);  // the same images: resumed
+  test::write_pattern_pgm(dir.file("data/b/9.pgm"), 99);
+  cfg.train.max_steps = 3;
+  test::expect_error([&] { train::pretrain(cfg, cfg.train.out_dir, o); },
+                     {"pretrain --resume: the training set", dir.file("data"), "differs from the one", "pretrain.pt"});
+  // A folder pre-training from before the fingerprint stands in the old order of the images: refused too.
+  std::filesystem::remove(dir.file("data/b/9.pgm"));
+  const std::string path = cfg.train.out_dir + "/pretrain.pt";
+  auto old = train::load_checkpoint(path);
+  auto state = nlohmann::json::parse(old.state_json);
+  state["pretrain"].erase("train_data");
+  old.state_json = state.dump();
+  train::save_checkpoint(path, old);
+  test::expect_error([&] { train::pretrain(cfg, cfg.train.out_dir, o); },
+                     {"pretrain --resume", "predates the fingerprint"});
+}

@@ -626,10 +626,7 @@ TEST(Trainer, AModelLargerThanTheMachinesMemoryIsRefused) {
 TEST(Trainer, ResumeOnChangedDataIsRefused) {
   test::TempDir dir;
   auto write_pgm = [&](const std::string& cls, int i) {
-    std::filesystem::create_directories(dir.file("data/" + cls));
-    std::ofstream f(dir.file("data/" + cls + "/" + std::to_string(i) + ".pgm"), std::ios::binary);
-    f << "P5\n28 28\n255\n";
-    for (int p = 0; p < 28 * 28; ++p) f.put(static_cast<char>((p * 7 + i * 31 + cls.size() * 50) % 256));
+    test::write_pattern_pgm(dir.file("data/" + cls + "/" + std::to_string(i) + ".pgm"), i + 10 * int(cls.size()));
   };
   for (int i = 0; i < 4; ++i) write_pgm("a", i), write_pgm("bb", i);
   std::filesystem::create_directories(dir.file("test"));

@@ -175,6 +175,20 @@ std::string data_fingerprint(const data::ImageSet& set) {
   return weights_fingerprint(parts);
 }
 
+void check_resume_data(const std::string& command, const std::string& checkpoint, const std::string& saved,
+                       const data::ImageSet& train, const std::string& format) {
+  // Folder images have come in a fixed mixed order since session 42; a checkpoint from before (no fingerprint)
+  // stands at a position in the old order, and its limits took another sample.
+  MOEV_CHECK(!saved.empty() || format != "folder", command, ": ", checkpoint, " predates the fingerprint of its ",
+             "training set, and folder images are now read in another order: the run would go on over other batches ",
+             "(and limits over other images); start a new run");
+  if (saved.empty()) return;
+  const std::string now = data_fingerprint(train);
+  MOEV_CHECK(now == saved, command, ": the training set ", train.source, " differs from the one ", checkpoint,
+             " was trained on (fingerprint ", now, ", then ", saved, "): images added, removed, changed or subset ",
+             "otherwise; resume on that data, or start a new run with another --out");
+}
+
 Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool load_train, bool load_test) {
   Datasets out;
   // A multi-label test set takes its tag columns from the training set (or

@@ -324,6 +324,7 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
   const fs::path dir(out_dir), ckpt_path = dir / "pretrain.pt", log_path = dir / "pretrain_log.jsonl";
   const std::string config_text = io::to_json_string(cfg);
   const json opts_json = options_json(o);
+  const std::string train_data = data_fingerprint(ds.train);  // kept, so a resume on other images is refused
   int64_t step = 0, ptr = 0, epoch_n = 0;  // epoch_n, epoch_loss: steps and loss sum of the current epoch
   double epoch_loss = 0;
   PretrainOutcome out;
@@ -354,6 +355,8 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
     opt.load_state(unprefixed(c.optimizer, "adamw."), ckpt_path.string());
     for (int64_t b = 0; b < N; ++b) queues[b].copy_(c.optimizer.at("queue." + std::to_string(b)));
     const auto& st = state.at("pretrain");
+    check_resume_data("pretrain --resume", ckpt_path.string(), st.value("train_data", std::string()), ds.train,
+                      cfg.data.format);
     step = st.at("step").get<int64_t>();
     ptr = st.at("queue_ptr").get<int64_t>();
     out.knn_top1_init = st.value("knn_top1_init", -1.0);
@@ -388,7 +391,8 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
                           {"epoch_loss", epoch_loss},
                           {"epoch_steps", epoch_n},
                           {"window_loss", window},
-                          {"window_steps", window_n}}}}
+                          {"window_steps", window_n},
+                          {"train_data", train_data}}}}
                        .dump();
     c.model = module_tensors(*model);
     // The rest of the run's state, which only a resumed pre-training reads back.

@@ -357,15 +357,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   MOEV_CHECK(opts.expect_train_data.empty() || train_data == opts.expect_train_data, "training set ",
              ds.train.source, " differs from the one the rows to train on were chosen from (fingerprint ", train_data,
              ", then ", opts.expect_train_data, "): the data changed since (cluster again)");
-  // Folder images have come in a fixed mixed order since session 42; a checkpoint from before (no fingerprint)
-  // stands at a position in the old order, and its limits took another sample.
-  MOEV_CHECK(!opts.resume || !saved_train_data.empty() || cfg.data.format != "folder", "--resume: ", ckpt_file,
-             " predates the fingerprint of its training set, and folder images are now read in another order: ",
-             "the run would go on over other batches (and limits over other images); start a new run");
-  MOEV_CHECK(saved_train_data.empty() || train_data == saved_train_data, "--resume: the training set ",
-             ds.train.source, " differs from the one ", ckpt_file, " was trained on (fingerprint ", train_data,
-             ", then ", saved_train_data, "): images added, removed, changed or subset otherwise; resume on that ",
-             "data, or start a new run with another --out");
+  if (opts.resume) check_resume_data("--resume", ckpt_file, saved_train_data, ds.train, cfg.data.format);
   if (!opts.train_rows.empty()) ds.train = data::select_rows(ds.train, opts.train_rows);
   const bool multilabel = ds.train.multilabel();
   const bool sigmoid_tags = multilabel && tc.multilabel_loss == "sigmoid";
