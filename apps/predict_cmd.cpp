@@ -60,13 +60,19 @@ Runner add_predict(CLI::App& app) {
       for (size_t i = from; i < to; ++i) {
         const auto& path = f->images[i];
         data::SourceSize size;
-        imgs.push_back(data::decode_image_file(path, m.image_size, m.image_size, m.channels, &size));
+        imgs.push_back(data::decode_image_file(path, m.image_size, m.image_size, m.channels,
+                                               data::parse_fit(t.cfg.data.resize, "data.resize"), &size));
         // Classified all the same, but a thumbnail blown up past 2x holds little
         // of the detail the model learned from.
         if (2 * size.height < m.image_size || 2 * size.width < m.image_size)
           std::fprintf(stderr, "note: %s is %lldx%lld, stretched more than 2x to the model's %lldx%lld\n",
                        path.c_str(), (long long)size.width, (long long)size.height, (long long)m.image_size,
                        (long long)m.image_size);
+        // Shapes squashed by more than a quarter look unlike what a run trained on square images saw.
+        if (t.cfg.data.resize == "stretch" && 4 * std::max(size.width, size.height) > 5 * std::min(size.width, size.height))
+          std::fprintf(stderr, "note: %s is %lldx%lld, squashed to the model's square (the run has data.resize = "
+                       "stretch; a run trained with center_crop crops it)\n", path.c_str(), (long long)size.width,
+                       (long long)size.height);
       }
       auto x = data::normalize_images(torch::stack(imgs), t.cfg.data.mean, t.cfg.data.std).to(device);
       torch::Tensor probs;

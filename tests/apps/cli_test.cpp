@@ -109,6 +109,9 @@ TEST(Cli, BadInputsFailCleanly) {
                        {"data.crop_padding = 15", "at most half the 28-pixel image side (14)"});
   expect_clean_failure("train " + kTiny + "--set data.random_erase=2 --out " + dir.file("r"), {"data.random_erase = 2"});
   expect_clean_failure("train " + kTiny + "--device cuda", {"--device cuda"});
+  expect_clean_failure("train " + kTiny + "--set data.resize=crop", {"data.resize = 'crop'", "center_crop"});
+  expect_clean_failure("train " + kTiny + "--set data.resize=center_crop",
+                       {"data.resize = center_crop", "folder or manifest", "fashion-mnist"});
   expect_clean_failure("train " + kTiny + "--device cpu:1", {"--device cpu:1", "one CPU device", "--threads"});
   // Raw std::filesystem text before, naming neither the key nor the flag; an empty --moe made the model dense.
   std::ofstream(dir.file("afile")) << "x";

@@ -122,6 +122,40 @@ TEST(ImageFolder, ResizesToTheRequestedSize) {
   EXPECT_NEAR(big[2][5][31].item<uint8_t>(), 220, 2);
 }
 
+// center_crop keeps the largest centred window of the model's aspect ratio: a window the model's size is
+// copied exactly, a larger one resized as a file of just that window would be. Stretch keeps every column.
+TEST(ImageFolder, CenterCropKeepsTheMiddleOfAnotherAspectRatio) {
+  TempDir root;
+  const auto wide = pattern(4, 8, 3, 1), tall = pattern(8, 4, 3, 2), big = pattern(4, 12, 3, 3);
+  write_png(root.file("wide.png"), wide, 4, 8, 3);
+  write_png(root.file("tall.png"), tall, 8, 4, 3);
+  write_png(root.file("big.png"), big, 4, 12, 3);
+  const auto crop = Fit::kCenterCrop;
+  using torch::indexing::Slice;
+  EXPECT_TRUE(decode_image_file(root.file("wide.png"), 4, 4, 3, crop)
+                  .equal(hwc_to_chw(wide, 4, 8, 3).index({Slice(), Slice(), Slice(2, 6)})));
+  EXPECT_TRUE(decode_image_file(root.file("tall.png"), 4, 4, 3, crop)
+                  .equal(hwc_to_chw(tall, 8, 4, 3).index({Slice(), Slice(2, 6), Slice()})));
+  // A square image is the same either way; stretched, the wide one keeps its edges.
+  EXPECT_TRUE(decode_image_file(root.file("wide.png"), 2, 4, 3, crop).equal(decode_image_file(root.file("wide.png"),
+                                                                                                2, 4, 3)));
+  EXPECT_FALSE(decode_image_file(root.file("wide.png"), 4, 4, 3).equal(decode_image_file(root.file("wide.png"), 4, 4,
+                                                                                          3, crop)));
+  // 12x4 to 2x2: the middle 4x4 (columns 4..7), halved.
+  std::vector<unsigned char> middle;
+  for (int y = 0; y < 4; ++y) middle.insert(middle.end(), big.begin() + (y * 12 + 4) * 3, big.begin() + (y * 12 + 8) * 3);
+  write_png(root.file("middle.png"), middle, 4, 4, 3);
+  EXPECT_TRUE(decode_image_file(root.file("big.png"), 2, 2, 3, crop).equal(decode_image_file(root.file("middle.png"),
+                                                                                              2, 2, 3)));
+  // A folder reads with the fit it is given.
+  fs::create_directories(root.path() / "f" / "c");
+  fs::copy_file(root.file("wide.png"), root.path() / "f" / "c" / "wide.png");
+  EXPECT_TRUE(read_image_folder(root.file("f"), 4, 4, 3, crop).images[0].equal(
+      decode_image_file(root.file("wide.png"), 4, 4, 3, crop)));
+  EXPECT_EQ(parse_fit("center_crop", "data.resize"), crop);
+  expect_error([] { parse_fit("crop", "data.resize"); }, {"data.resize = 'crop'", "expected stretch", "center_crop"});
+}
+
 TEST(ImageFolder, JpegDecodesCloseToWhatWasWritten) {
   TempDir root;
   fs::create_directories(root.path() / "c");

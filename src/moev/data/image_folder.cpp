@@ -391,8 +391,8 @@ std::vector<unsigned char> decode_netpbm(const std::string& path, const std::vec
 }
 
 // Decodes path into dst, uint8 [C, H, W] contiguous; returns the file's own (upright) size.
-SourceSize decode_into(const std::string& path, int64_t height, int64_t width, int64_t channels,
-                 uint8_t* dst) {
+SourceSize decode_into(const std::string& path, int64_t height, int64_t width, int64_t channels, Fit fit,
+                       uint8_t* dst) {
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   MOEV_CHECK(in, "cannot open image file ", path);
   const auto size = static_cast<int64_t>(in.tellg());
@@ -435,37 +435,57 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
     hwc = upright.data();
   }
   const SourceSize source{h, w};
+  const int row_bytes = w * static_cast<int>(channels);
+  if (fit == Fit::kCenterCrop) {  // the largest centred window of height:width, rounded to whole pixels
+    if (int64_t{w} * height > int64_t{h} * width) {
+      const int cw = std::max(1, static_cast<int>((int64_t{h} * width * 2 + height) / (2 * height)));
+      hwc += static_cast<size_t>((w - cw) / 2) * static_cast<size_t>(channels);
+      w = cw;
+    } else if (int64_t{w} * height < int64_t{h} * width) {
+      const int ch = std::max(1, static_cast<int>((int64_t{w} * height * 2 + width) / (2 * width)));
+      hwc += static_cast<size_t>((h - ch) / 2) * static_cast<size_t>(row_bytes);
+      h = ch;
+    }
+  }
+  int stride = row_bytes;  // bytes from one row of hwc to the next
   if (h != height || w != width) {
     resized.resize(static_cast<size_t>(height * width * channels));
-    const int ok = stbir_resize_uint8(hwc, w, h, /*input_stride=*/0, resized.data(),
-                                      static_cast<int>(width), static_cast<int>(height),
-                                      /*output_stride=*/0, static_cast<int>(channels));
+    const int ok = stbir_resize_uint8(hwc, w, h, row_bytes, resized.data(), static_cast<int>(width),
+                                      static_cast<int>(height), /*output_stride=*/0, static_cast<int>(channels));
     MOEV_CHECK(ok == 1, "cannot resize ", path, " from ", w, "x", h, " to ", width, "x", height);
     hwc = resized.data();
+    stride = static_cast<int>(width * channels);
   }
   // stb gives interleaved HWC; torch convolutions want planar CHW.
   const int64_t plane = height * width;
-  for (int64_t p = 0; p < plane; ++p) {
-    for (int64_t c = 0; c < channels; ++c) dst[c * plane + p] = hwc[p * channels + c];
-  }
+  for (int64_t y = 0; y < height; ++y)
+    for (int64_t x = 0; x < width; ++x)
+      for (int64_t c = 0; c < channels; ++c) dst[c * plane + y * width + x] = hwc[y * stride + x * channels + c];
   return source;
 }
 
 }  // namespace
 
+Fit parse_fit(const std::string& name, const std::string& key) {
+  if (name == "stretch") return Fit::kStretch;
+  if (name == "center_crop") return Fit::kCenterCrop;
+  fail(key, " = '", name, "': expected stretch (the whole image, squashed to the model's aspect ratio) or ",
+       "center_crop (its largest centred crop of that aspect ratio)");
+}
+
 torch::Tensor decode_image_file(const std::string& path, int64_t height, int64_t width,
-                                int64_t channels, SourceSize* source) {
+                                int64_t channels, Fit fit, SourceSize* source) {
   check_geometry(height, width, channels);
   MOEV_CHECK(fs::exists(path), "image file ", path, " not found");
   MOEV_CHECK(fs::is_regular_file(path), "image file ", path, " is not a regular file (a directory, a pipe?)");
   torch::Tensor image = torch::empty({channels, height, width}, torch::kUInt8);
-  const SourceSize size = decode_into(path, height, width, channels, image.data_ptr<uint8_t>());
+  const SourceSize size = decode_into(path, height, width, channels, fit, image.data_ptr<uint8_t>());
   if (source) *source = size;
   return image;
 }
 
 ImageSet read_image_folder(const std::string& root, int64_t height, int64_t width,
-                           int64_t channels) {
+                           int64_t channels, Fit fit) {
   check_geometry(height, width, channels);
   MOEV_CHECK(fs::is_directory(root), "image folder ", root, " not found");
 
@@ -514,7 +534,7 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
   auto work = [&] {
     for (int64_t i; (i = next.fetch_add(1)) < n;) {
       try {
-        decode_into(files[i], height, width, channels, images + i * image_bytes);
+        decode_into(files[i], height, width, channels, fit, images + i * image_bytes);
       } catch (...) {
         std::lock_guard<std::mutex> lock(error_mutex);
         if (i < error_index) {

@@ -10,12 +10,21 @@
 
 namespace moev::data {
 
+// How an image whose aspect ratio is not the model's is brought to its size:
+// stretched whole (squashing a 3:2 photo's shapes), or its largest centred
+// crop of the model's aspect ratio resized (the edges lost; torchvision's
+// Resize + CenterCrop without the margin).
+enum class Fit { kStretch, kCenterCrop };
+
+// "stretch" | "center_crop" -> Fit; anything else is an error naming `key`.
+Fit parse_fit(const std::string& name, const std::string& key);
+
 // Classes are the subdirectories of root sorted by name (label = rank); files in
 // each are sorted by name. Every image is resized to height x width and turned
 // into `channels` (1 = luminance, 3 = RGB). Hidden files (".*") are skipped; any
 // other non-image or undecodable file is an error naming it.
 ImageSet read_image_folder(const std::string& root, int64_t height, int64_t width,
-                           int64_t channels);
+                           int64_t channels, Fit fit = Fit::kStretch);
 
 // An image file's own size (upright, as EXIF orientation turns it), before resizing.
 struct SourceSize {
@@ -25,6 +34,6 @@ struct SourceSize {
 // One image file (PNG, JPEG, BMP, GIF, PBM/PGM/PPM, TGA) -> uint8 [C, H, W], resized and converted like
 // read_image_folder; with `source`, the file's own size is written there.
 torch::Tensor decode_image_file(const std::string& path, int64_t height, int64_t width,
-                                int64_t channels, SourceSize* source = nullptr);
+                                int64_t channels, Fit fit = Fit::kStretch, SourceSize* source = nullptr);
 
 }  // namespace moev::data

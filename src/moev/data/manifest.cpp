@@ -87,7 +87,7 @@ std::vector<ManifestEntry> parse_manifest(const std::string& path) {
 }
 
 MultiLabelSet read_manifest(const std::string& path, int64_t height, int64_t width, int64_t channels,
-                            const std::vector<std::string>& vocabulary) {
+                            const std::vector<std::string>& vocabulary, Fit fit) {
   const auto entries = parse_manifest(path);
   MultiLabelSet s;
   s.source = path;
@@ -117,7 +117,7 @@ MultiLabelSet read_manifest(const std::string& path, int64_t height, int64_t wid
                  "' is not one of the model's ", T, " tags");
       s.targets[i][it->second] = 1.0f;
     }
-    s.images[i].copy_(decode_image_file(p.string(), height, width, channels));
+    s.images[i].copy_(decode_image_file(p.string(), height, width, channels, fit));
     s.paths.push_back(p.string());
   }
   return s;

@@ -12,6 +12,7 @@
 
 #include <torch/types.h>
 
+#include "moev/data/image_folder.h"
 #include "moev/data/image_set.h"
 
 namespace moev::data {
@@ -41,7 +42,7 @@ struct MultiLabelSet {
 // sorted. A missing or undecodable image, or a tag outside a given vocabulary,
 // is an error naming the manifest line.
 MultiLabelSet read_manifest(const std::string& path, int64_t height, int64_t width, int64_t channels,
-                            const std::vector<std::string>& vocabulary = {});
+                            const std::vector<std::string>& vocabulary = {}, Fit fit = Fit::kStretch);
 
 // `count` 2x2 mosaics (2H x 2W) of images drawn from `src` by a seeded stream,
 // written as <dir>/<split>/<i>.png, with <dir>/<split>.csv listing each with

@@ -160,6 +160,7 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("data.hflip", data.hflip, "random horizontal flip"),
         MOEV_FIELD("data.random_erase", data.random_erase, "probability of erasing one random rectangle per training image"),
         MOEV_FIELD("data.auto_augment", data.auto_augment, "AutoAugment policy after crop and flip: none | imagenet"),
+        MOEV_FIELD("data.resize", data.resize, "folder/manifest images of another aspect ratio: stretch | center_crop"),
         MOEV_FIELD("data.train_limit", data.train_limit, "first N training images (0: all)"),
         MOEV_FIELD("data.test_limit", data.test_limit, "first N test images (0: all)"),
         MOEV_FIELD("data.per_class", data.per_class, "train on K images per class, a seeded balanced subset (0: all)"),

@@ -21,8 +21,8 @@ namespace {
 
 // A multi-label manifest as an ImageSet: labels = each image's first tag column.
 data::ImageSet open_manifest(const std::string& path, const models::ModelConfig& m,
-                             const std::vector<std::string>& vocabulary) {
-  auto ml = data::read_manifest(path, m.image_size, m.image_size, m.channels, vocabulary);
+                             const std::vector<std::string>& vocabulary, data::Fit fit) {
+  auto ml = data::read_manifest(path, m.image_size, m.image_size, m.channels, vocabulary, fit);
   data::ImageSet s;
   s.images = ml.images;
   s.targets = ml.targets;
@@ -45,7 +45,7 @@ data::ImageSet open_one(const DataConfig& d, const models::ModelConfig& m, bool 
   if (d.format == "manifest") {
     const std::string& file = train ? d.path : d.test_path;
     MOEV_CHECK(!file.empty(), "data.format = 'manifest' needs data.test_path: the test manifest CSV");
-    return open_manifest(file, m, vocabulary);
+    return open_manifest(file, m, vocabulary, data::parse_fit(d.resize, "data.resize"));
   }
   if (d.format == "fashion-mnist") return data::load_fashion_mnist(d.path, train);
   if (d.format == "cifar10") return data::read_cifar10(d.path, train);
@@ -59,7 +59,8 @@ data::ImageSet open_one(const DataConfig& d, const models::ModelConfig& m, bool 
     // scored 100 % after two steps, and each MoE routing group of an evaluation held a single class, dropping
     // twice the tokens mixed groups drop: the images come in a fixed mixed order, as IDX files do.
     return data::mixed_order(
-        data::read_image_folder(train ? d.path : d.test_path, m.image_size, m.image_size, m.channels),
+        data::read_image_folder(train ? d.path : d.test_path, m.image_size, m.image_size, m.channels,
+                                data::parse_fit(d.resize, "data.resize")),
         kFolderOrderSeed);
   }
   unknown_format(d.format);
@@ -242,6 +243,11 @@ void validate_training_data(const DataConfig& d, const models::ModelConfig& m) {
   MOEV_CHECK(d.random_erase >= 0 && d.random_erase <= 1, "data.random_erase = ", d.random_erase,
              ": expected a probability in [0, 1]");
   data::parse_auto_augment(d.auto_augment, "data.auto_augment");
+  data::parse_fit(d.resize, "data.resize");
+  // IDX and CIFAR images have the model's size already: there is nothing to crop.
+  MOEV_CHECK(d.resize == "stretch" || d.format == "folder" || d.format == "manifest", "data.resize = ", d.resize,
+             ": applies to the images of data.format = folder or manifest, not to ", d.format,
+             "'s, which are read at their own size");
 }
 
 data::LoaderOptions training_loader_options(const DataConfig& data, const Datasets& ds, int64_t batch_size,

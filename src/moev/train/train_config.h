@@ -20,6 +20,7 @@ struct DataConfig {
   bool hflip = true;                     // random horizontal flip
   double random_erase = 0;               // probability of erasing one random rectangle per image (0: off)
   std::string auto_augment = "none";     // AutoAugment policy after crop and flip: none | imagenet (Cubuk et al.)
+  std::string resize = "stretch";        // folder/manifest images of another aspect ratio: stretch | center_crop
   int64_t train_limit = 0;               // use only the first N training images (0: all)
   int64_t test_limit = 0;                // evaluate on the first N test images (0: all)
   int64_t per_class = 0;                 // train on K images per class, a seeded class-balanced subset (0: all)
