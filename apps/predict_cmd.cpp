@@ -68,8 +68,12 @@ Runner add_predict(CLI::App& app) {
           std::fprintf(stderr, "note: %s is %lldx%lld, stretched more than 2x to the model's %lldx%lld\n",
                        path.c_str(), (long long)size.width, (long long)size.height, (long long)m.image_size,
                        (long long)m.image_size);
+        if (size.alpha)
+          std::fprintf(stderr, "note: %s has an alpha channel, which is dropped: transparent pixels are read as "
+                       "the colours stored under them\n", path.c_str());
         // Shapes squashed by more than a quarter look unlike what a run trained on square images saw.
-        if (t.cfg.data.resize == "stretch" && 4 * std::max(size.width, size.height) > 5 * std::min(size.width, size.height))
+        const int64_t longer = std::max(size.width, size.height), shorter = std::min(size.width, size.height);
+        if (t.cfg.data.resize == "stretch" && 4 * longer > 5 * shorter)
           std::fprintf(stderr, "note: %s is %lldx%lld, squashed to the model's square (the run has data.resize = "
                        "stretch; a run trained with center_crop crops it)\n", path.c_str(), (long long)size.width,
                        (long long)size.height);

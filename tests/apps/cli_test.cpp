@@ -355,6 +355,15 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   p = run("predict --checkpoint " + ckpt + " " + dir.file("tiny.png"));
   ASSERT_EQ(p.code, 0) << p.out;
   EXPECT_NE(p.out.find("tiny.png is 3x5, stretched more than 2x to the model's 28x28"), std::string::npos) << p.out;
+  // A wide photo with transparency: both said (the run stretches; the alpha is dropped).
+  std::vector<unsigned char> rgba(40 * 28 * 4, 200);
+  ASSERT_TRUE(stbi_write_png(dir.file("wide.png").c_str(), 40, 28, 4, rgba.data(), 40 * 4));
+  p = run("predict --checkpoint " + ckpt + " " + dir.file("wide.png") + " " + dir.file("img.png"));
+  ASSERT_EQ(p.code, 0) << p.out;
+  EXPECT_NE(p.out.find("wide.png has an alpha channel, which is dropped"), std::string::npos) << p.out;
+  EXPECT_NE(p.out.find("wide.png is 40x28, squashed to the model's square"), std::string::npos) << p.out;
+  EXPECT_EQ(p.out.find("img.png has"), std::string::npos) << p.out;
+  EXPECT_EQ(p.out.find("img.png is"), std::string::npos) << p.out;
   std::ofstream(dir.file("notes.png")) << "this is text, not an image";
   expect_clean_failure("predict --checkpoint " + ckpt + " " + dir.file("notes.png"), {"notes.png"});
   std::ofstream(dir.file("empty.png")).flush();  // a copy cut off before its first byte

@@ -143,7 +143,8 @@ TEST(ImageFolder, CenterCropKeepsTheMiddleOfAnotherAspectRatio) {
                                                                                           3, crop)));
   // 12x4 to 2x2: the middle 4x4 (columns 4..7), halved.
   std::vector<unsigned char> middle;
-  for (int y = 0; y < 4; ++y) middle.insert(middle.end(), big.begin() + (y * 12 + 4) * 3, big.begin() + (y * 12 + 8) * 3);
+  for (int y = 0; y < 4; ++y)
+    middle.insert(middle.end(), big.begin() + (y * 12 + 4) * 3, big.begin() + (y * 12 + 8) * 3);
   write_png(root.file("middle.png"), middle, 4, 4, 3);
   EXPECT_TRUE(decode_image_file(root.file("big.png"), 2, 2, 3, crop).equal(decode_image_file(root.file("middle.png"),
                                                                                               2, 2, 3)));

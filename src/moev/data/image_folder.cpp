@@ -404,7 +404,7 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
   MOEV_CHECK(size > 0, "file ", path, " is empty (0 bytes); expected an image");
   check_png_crcs(path, bytes);
   const Netpbm pnm = check_complete(path, bytes);
-  int w = 0, h = 0;
+  int w = 0, h = 0, file_channels = 0;
   std::vector<unsigned char> netpbm, upright, resized;
   std::unique_ptr<unsigned char, void (*)(void*)> pixels(nullptr, stbi_image_free);
   const unsigned char* hwc = nullptr;
@@ -413,7 +413,6 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
     w = static_cast<int>(pnm.width), h = static_cast<int>(pnm.height);
     hwc = netpbm.data();
   } else {
-    int file_channels = 0;
     // From the header, before any pixel is allocated: a small file can claim a
     // huge image (stb alone allows 1 GiB of pixels).
     if (stbi_info_from_memory(bytes.data(), static_cast<int>(bytes.size()), &w, &h, &file_channels) == 1)
@@ -434,7 +433,7 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
     std::tie(w, h) = apply_orientation(o, upright, hwc, w, h, static_cast<int>(channels));
     hwc = upright.data();
   }
-  const SourceSize source{h, w};
+  const SourceSize source{h, w, file_channels == 2 || file_channels == 4};
   const int row_bytes = w * static_cast<int>(channels);
   if (fit == Fit::kCenterCrop) {  // the largest centred window of height:width, rounded to whole pixels
     if (int64_t{w} * height > int64_t{h} * width) {

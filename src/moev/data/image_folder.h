@@ -29,6 +29,7 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
 // An image file's own size (upright, as EXIF orientation turns it), before resizing.
 struct SourceSize {
   int64_t height = 0, width = 0;
+  bool alpha = false;  // the file has an alpha channel, which is dropped (the colours as stored, as PIL's convert)
 };
 
 // One image file (PNG, JPEG, BMP, GIF, PBM/PGM/PPM, TGA) -> uint8 [C, H, W], resized and converted like
