@@ -95,6 +95,28 @@ TEST(Plot, SeriesAndTextAreDrawnWhereTheirCoordinatesSay) {
   test::expect_error([&] { viz::write_plot(spec, "/proc/nonexistent/x.png"); }, {"x.png"});
 }
 
+// Long y tick labels (0.595) ran into the turned y title at a fixed left margin: between the title's column
+// and the labels there is now a clear gap.
+TEST(Plot, YTickLabelsKeepClearOfTheYTitle) {
+  test::TempDir dir;
+  viz::PlotSpec spec;
+  spec.title = "top-1 against capacity";
+  spec.xlabel = "capacity";
+  spec.ylabel = "top-1 accuracy";
+  viz::Series a;
+  a.name = "bpr", a.x = {1, 2, 3}, a.y = {0.584, 0.5955, 0.6};
+  spec.series = {a};
+  viz::write_plot(spec, dir.file("p.png"));
+  const Png p = load_png(dir.file("p.png"));
+  const int gap_from = 14 + viz::Canvas::text_height() + viz::Canvas::text_descent(), gap_to = gap_from + 10;
+  int title_px = 0, gap_px = 0;
+  for (int y = 0; y < p.h; ++y)
+    for (int x = 0; x < gap_to; ++x)
+      if (same(p.at(x, y), viz::kBlack)) (x < gap_from ? title_px : gap_px) += 1;
+  EXPECT_GT(title_px, 50);  // the title is there
+  EXPECT_EQ(gap_px, 0);
+}
+
 TEST(Plot, HeatmapCellsTakeTheColourOfTheirValue) {
   test::TempDir dir;
   viz::HeatmapSpec h;

@@ -39,7 +39,8 @@ class Canvas {
   // (x, y) its bottom-left corner.
   void text(double x, double y, const std::string& s, Rgb c, int scale = 2, bool vertical = false);
   static int text_width(const std::string& s, int scale = 2);
-  static int text_height(int scale = 2);
+  static int text_height(int scale = 2);  // above the baseline
+  static int text_descent(int scale = 2) { return 2 * scale; }  // below it: the tails of g, p, q, y
 
   // Writes the PNG through a temporary file and a rename; throws moev::Error
   // naming the path when it cannot be written.

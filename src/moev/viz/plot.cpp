@@ -86,7 +86,13 @@ void write_plot(const PlotSpec& spec, const std::string& path) {
   int legend_w = 0;
   for (const auto& s : spec.series)
     if (!s.name.empty()) legend_w = std::max(legend_w, Canvas::text_width(s.name) + 40);
-  const int left = 90, right = spec.width - 30 - legend_w, top = 50, bottom = spec.height - 70;
+  // Left of the frame: the y title (turned, one text height and descent wide), then the widest tick label (0.595
+  // ran into the title at a fixed 90 pixels).
+  const std::vector<double> yt = nice_ticks(yr.lo, yr.hi);
+  int ytick_w = 0;
+  for (double t : yt) ytick_w = std::max(ytick_w, Canvas::text_width(tick_label(t)));
+  const int left = std::max(90, 14 + Canvas::text_height() + Canvas::text_descent() + 10 + ytick_w + 8);
+  const int right = spec.width - 30 - legend_w, top = 50, bottom = spec.height - 70;
   auto px = [&](double x) {
     const double v = spec.log_x ? std::log2(x) : x;
     return left + (v - xr.lo) / (xr.hi - xr.lo) * (right - left);
@@ -107,7 +113,7 @@ void write_plot(const PlotSpec& spec, const std::string& path) {
     const std::string l = tick_label(t);
     c.text(x - Canvas::text_width(l) / 2.0, bottom + 8, l, kBlack);
   }
-  for (double t : nice_ticks(yr.lo, yr.hi)) {
+  for (double t : yt) {
     const double y = py(t);
     if (y < top || y > bottom) continue;
     c.line(left, y, right, y, kLightGrey);
