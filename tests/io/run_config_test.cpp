@@ -40,6 +40,9 @@ TEST(RunConfig, TomlJsonAndOverridesLayer) {
                      {"plain_bad", "invalid TOML", "does not start with '{'"});
   std::ofstream(dir.file("c.yaml")) << "[train]\nepochs = 6\n";
   test::expect_error([&] { io::load_run_config(dir.file("c.yaml")); }, {"c.yaml", "expected a .toml or .json"});
+  // An ensemble's config given to a run is named as such, not as an unknown key.
+  std::ofstream(dir.file("e.toml")) << "[ensemble]\nmembers = [\"a.pt\"]\n";
+  test::expect_error([&] { io::load_run_config(dir.file("e.toml")); }, {"e.toml", "[ensemble]", "moev ensemble"});
   // The extension in capitals (a case-blind file system's copy) is the same kind.
   std::ofstream(dir.file("C.TOML")) << "[train]\nepochs = 4\n";
   EXPECT_EQ(io::load_run_config(dir.file("C.TOML")).train.epochs, 4);

@@ -337,6 +337,9 @@ void apply_json(RunConfig& cfg, const json& j, const std::string& source) {
     // hardmoe's layout, moev pretrain's options), so one file serves them and
     // the single runs they start; those commands check them.
     if (section == "sweep" || section == "ablation" || section == "hardmoe" || section == "pretrain") continue;
+    // An ensemble's file names checkpoints, not a run: given to a run, it was "unknown config key".
+    MOEV_CHECK(section != "ensemble", source, ": [ensemble] is an ensemble config's section (moev ensemble --config ",
+               source, "); a run's config holds the run's keys (moev train --help-config lists them)");
     MOEV_CHECK(body.is_object(), source, ": '", section, "' must be a table of keys");
     for (auto& [name, value] : body.items()) {
       const std::string key = section + "." + name;
