@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <c10/util/Exception.h>
+#include <glog/logging.h>
 
 #include "commands.h"
 #include "stop_signal.h"
@@ -45,6 +46,12 @@ int flushed(int code) {
 
 int main(int argc, char** argv) {
   keep_standard_streams_open();
+  // LibTorch's distributed engine logs through glog, which, never initialised, began with "Logging before
+  // InitGoogleLogging()" and put its socket lines before moev's own error, which says the same with the setting
+  // to change. Only a fatal message passes (to stderr: an initialised glog would write files under /tmp).
+  FLAGS_logtostderr = true;
+  FLAGS_minloglevel = google::GLOG_FATAL;
+  google::InitGoogleLogging("moev");
   CLI::App app{"moev: Mixture-of-Experts image classification (V-MoE, ViT, ConvNeXt, multi-branch ResNeSt, hard MoE) on LibTorch"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "moev 0.1.0");

@@ -10,7 +10,7 @@ PKGS=(build-essential cmake ccache pkg-config git
       dataset-fashion-mnist
       libgtest-dev libgmock-dev libbenchmark-dev
       nlohmann-json3-dev libtomlplusplus-dev libcli11-dev
-      libstb-dev zlib1g-dev libgoogle-perftools-dev
+      libstb-dev zlib1g-dev libgoogle-perftools-dev libgoogle-glog-dev
       python3-torch python3-torchvision)  # the Python side: checkpoint-compatibility test, bench reference, AutoAugment reference
 missing=()
 for p in "${PKGS[@]}"; do

@@ -152,6 +152,14 @@ TEST(Cli, BadInputsFailCleanly) {
     for (const std::string& n : std::vector<std::string>{"MASTER_ADDR or MASTER_PORT is not set", "127.0.0.1:" + port,
                                                           "waiting up to 2 s", "are all 2 ranks started"})
       EXPECT_NE(r.out.find(n), std::string::npos) << n << " missing in " << r.out;
+    // A rank whose rank 0 never comes: moev's one line, without LibTorch's glog lines before it.
+    const auto alone = moev::test::run_cli("train --model vit-tiny --set train.dist_timeout=1 --out " + dir.file("d1"),
+                                           "WORLD_SIZE=2 RANK=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + port);
+    EXPECT_EQ(alone.code, 1) << alone.out;
+    EXPECT_EQ(alone.out.rfind("moev: error: rank 1: rendezvous at MASTER_ADDR:MASTER_PORT = 127.0.0.1:" + port, 0), 0u)
+        << alone.out;
+    EXPECT_EQ(alone.out.find("InitGoogleLogging"), std::string::npos) << alone.out;
+    EXPECT_EQ(alone.out.find("socket.cpp"), std::string::npos) << alone.out;
   }
   EXPECT_EQ(run("eval --help").out.find("REQUIRED"), std::string::npos);
 }
