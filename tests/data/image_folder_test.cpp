@@ -473,6 +473,13 @@ TEST(ImageFolder, PlainAndBitmapNetpbmDecodeAsTheirBinaryTwins) {
   EXPECT_TRUE(torch::equal(read_image_folder(root.file("f"), 2, 10, 1).images.flatten(), bits));
 }
 
+// A folder too large to hold decoded is refused before its images are allocated, naming what would fit.
+TEST(ImageFolder, ADataSetLargerThanMemoryIsRefusedUpFront) {
+  check_decoded_fit("image folder f", 1000, 3, 224, 224);  // 0.15 GB
+  expect_error([] { check_decoded_fit("image folder f", 2000000, 3, 224, 224); },
+               {"image folder f", "2000000 images decoded at 3x224x224 need 301.1 GB", "smaller model.image_size"});
+}
+
 TEST(ImageFolder, BadArgumentsAndEmptyFolders) {
   TempDir root;
   expect_error([&] { read_image_folder(root.path().string(), 4, 4, 1); },

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cctype>
 #include <climits>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -25,6 +26,7 @@
 
 #include "moev/core/bytes.h"
 #include "moev/core/error.h"
+#include "moev/core/memory.h"
 #include "moev/core/utf8.h"
 
 namespace moev::data {
@@ -465,6 +467,14 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
 
 }  // namespace
 
+void check_decoded_fit(const std::string& source, int64_t n, int64_t channels, int64_t height, int64_t width) {
+  const double have = physical_memory_bytes(), need = double(n) * double(channels * height * width);
+  auto gb = [](double bytes) { return std::round(bytes / 1e8) / 10; };
+  MOEV_CHECK(have <= 0 || need <= 0.8 * have, source, ": ", n, " images decoded at ", channels, "x", height, "x",
+             width, " need ", gb(need), " GB, and moev holds a data set in memory; this machine has ", gb(have),
+             " GB (a smaller model.image_size, or fewer images, fits)");
+}
+
 Fit parse_fit(const std::string& name, const std::string& key) {
   if (name == "stretch") return Fit::kStretch;
   if (name == "center_crop") return Fit::kCenterCrop;
@@ -520,6 +530,7 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
              " has no class subfolders; expected root/<class>/<image>.png");
 
   const auto n = static_cast<int64_t>(files.size());
+  check_decoded_fit(root, n, channels, height, width);
   set.images = torch::empty({n, channels, height, width}, torch::kUInt8);
   set.labels = torch::tensor(labels, torch::kInt64);
   set.source = root;

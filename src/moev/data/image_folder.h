@@ -16,6 +16,11 @@ namespace moev::data {
 // Resize + CenterCrop without the margin).
 enum class Fit { kStretch, kCenterCrop };
 
+// An error naming `source` unless n decoded images of channels x height x width
+// take at most 80 % of physical memory: a folder of 200,000 photos at 224 pixels
+// (30 GB) reached the out-of-memory killer halfway through decoding.
+void check_decoded_fit(const std::string& source, int64_t n, int64_t channels, int64_t height, int64_t width);
+
 // "stretch" | "center_crop" -> Fit; anything else is an error naming `key`.
 Fit parse_fit(const std::string& name, const std::string& key);
 

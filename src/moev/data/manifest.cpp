@@ -100,6 +100,7 @@ MultiLabelSet read_manifest(const std::string& path, int64_t height, int64_t wid
   std::map<std::string, int64_t> column;
   for (size_t t = 0; t < s.tags.size(); ++t) column[s.tags[t]] = static_cast<int64_t>(t);
   const auto N = static_cast<int64_t>(entries.size()), T = static_cast<int64_t>(s.tags.size());
+  check_decoded_fit("manifest " + path, N, channels, height, width);
   s.images = torch::empty({N, channels, height, width}, torch::kUInt8);
   s.targets = torch::zeros({N, T});
   const fs::path base = fs::path(path).parent_path();

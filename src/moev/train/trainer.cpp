@@ -18,6 +18,7 @@
 
 #include "moev/core/device.h"
 #include "moev/core/error.h"
+#include "moev/core/memory.h"
 #include "moev/models/cost.h"
 #include "moev/data/batch_loader.h"
 #include "moev/data/subset.h"
@@ -250,9 +251,8 @@ namespace {
 // before anything is allocated (activations come on top, so passing this is no promise).
 void check_fits_in_memory(const io::RunConfig& cfg) {
   if (cfg.train.expert_parallel) return;  // experts spread over the ranks, each holding a share
-  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
-  if (pages <= 0 || page <= 0) return;
-  const double have = double(pages) * double(page);
+  const double have = physical_memory_bytes();
+  if (have <= 0) return;
   const int64_t params = models::model_cost(cfg.model).params;
   const double need = double(params) * (16.0 + (cfg.train.ema_decay > 0 ? 4.0 : 0.0));
   MOEV_CHECK(need <= have, "model: ", params, " parameters need about ", io::fmt(need / 1e9, 1), " GB for their ",
