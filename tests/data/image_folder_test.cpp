@@ -473,6 +473,23 @@ TEST(ImageFolder, PlainAndBitmapNetpbmDecodeAsTheirBinaryTwins) {
   EXPECT_TRUE(torch::equal(read_image_folder(root.file("f"), 2, 10, 1).images.flatten(), bits));
 }
 
+// A stop asked while a folder decodes (minutes for a large one) ends the reading, saying how far it got.
+TEST(ImageFolder, AStopEndsTheDecodingWithStopped) {
+  TempDir root;
+  fs::create_directories(root.path() / "c");
+  for (int i = 0; i < 3; ++i) write_png(root.file("c/" + std::to_string(i) + ".png"), pattern(4, 4, 1, i), 4, 4, 1);
+  std::atomic<bool> stop{false};
+  EXPECT_EQ(read_image_folder(root.file(""), 4, 4, 1, Fit::kStretch, &stop).size(), 3);
+  stop = true;
+  try {
+    read_image_folder(root.file(""), 4, 4, 1, Fit::kStretch, &stop);
+    ADD_FAILURE() << "no moev::Stopped";
+  } catch (const moev::Stopped& e) {
+    EXPECT_NE(std::string(e.what()).find("stopped while reading image folder " + root.file("") + " (0 of 3 images"),
+              std::string::npos) << e.what();
+  }
+}
+
 // A folder too large to hold decoded is refused before its images are allocated, naming what would fit.
 TEST(ImageFolder, ADataSetLargerThanMemoryIsRefusedUpFront) {
   check_decoded_fit("image folder f", 1000, 3, 224, 224);  // 0.15 GB

@@ -656,6 +656,20 @@ TEST(Trainer, ResumeOnChangedDataIsRefused) {
   old.state_json = state.dump();
   train::save_checkpoint(path, old);
   test::expect_error([&] { train::train_model(cfg, o); }, {"predates the fingerprint", "start a new run"});
+  // A stop while the folder decodes ends the run before its first step, the checkpoint as it was.
+  const std::string before = test::bytes_of(path);
+  std::atomic<bool> stop{true};
+  o.stop = &stop;
+  try {
+    train::train_model(cfg, o);
+    ADD_FAILURE() << "no moev::Stopped";
+  } catch (const moev::Stopped& e) {
+    const std::vector<std::string> parts = {"stopped while reading image folder " + dir.file("data"),
+                                            "before the first step", path + " is as it was"};
+    for (const auto& part : parts)
+      EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(test::bytes_of(path), before);
 }
 
 // A second run into a directory without resume replaced the first's log at

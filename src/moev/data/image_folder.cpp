@@ -494,7 +494,7 @@ torch::Tensor decode_image_file(const std::string& path, int64_t height, int64_t
 }
 
 ImageSet read_image_folder(const std::string& root, int64_t height, int64_t width,
-                           int64_t channels, Fit fit) {
+                           int64_t channels, Fit fit, const std::atomic<bool>* stop) {
   check_geometry(height, width, channels);
   MOEV_CHECK(fs::is_directory(root), "image folder ", root, " not found");
 
@@ -537,14 +537,15 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
 
   uint8_t* images = set.images.data_ptr<uint8_t>();
   const int64_t image_bytes = channels * height * width;
-  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> next{0}, decoded{0};
   std::mutex error_mutex;
   int64_t error_index = n;  // the first failing file in order, so the message is stable
   std::exception_ptr error;
   auto work = [&] {
-    for (int64_t i; (i = next.fetch_add(1)) < n;) {
+    for (int64_t i; (!stop || !stop->load(std::memory_order_relaxed)) && (i = next.fetch_add(1)) < n;) {
       try {
         decode_into(files[i], height, width, channels, fit, images + i * image_bytes);
+        decoded.fetch_add(1, std::memory_order_relaxed);
       } catch (...) {
         std::lock_guard<std::mutex> lock(error_mutex);
         if (i < error_index) {
@@ -561,6 +562,8 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
   work();
   for (auto& thread : threads) thread.join();
   if (error) std::rethrow_exception(error);
+  if (decoded.load() < n) throw Stopped("stopped while reading image folder " + root + " (" +
+                                        std::to_string(decoded.load()) + " of " + std::to_string(n) + " images decoded)");
   return set;
 }
 

@@ -3,6 +3,7 @@
 // decodes a single file for `moev predict`.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -28,8 +29,10 @@ Fit parse_fit(const std::string& name, const std::string& key);
 // each are sorted by name. Every image is resized to height x width and turned
 // into `channels` (1 = luminance, 3 = RGB). Hidden files (".*") are skipped; any
 // other non-image or undecodable file is an error naming it.
+// With `stop` (a signal handler's flag) set while it decodes, it ends within a
+// file per thread and throws moev::Stopped saying how far it got.
 ImageSet read_image_folder(const std::string& root, int64_t height, int64_t width,
-                           int64_t channels, Fit fit = Fit::kStretch);
+                           int64_t channels, Fit fit = Fit::kStretch, const std::atomic<bool>* stop = nullptr);
 
 // An image file's own size (upright, as EXIF orientation turns it), before resizing.
 struct SourceSize {

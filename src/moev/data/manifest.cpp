@@ -87,7 +87,7 @@ std::vector<ManifestEntry> parse_manifest(const std::string& path) {
 }
 
 MultiLabelSet read_manifest(const std::string& path, int64_t height, int64_t width, int64_t channels,
-                            const std::vector<std::string>& vocabulary, Fit fit) {
+                            const std::vector<std::string>& vocabulary, Fit fit, const std::atomic<bool>* stop) {
   const auto entries = parse_manifest(path);
   MultiLabelSet s;
   s.source = path;
@@ -105,6 +105,9 @@ MultiLabelSet read_manifest(const std::string& path, int64_t height, int64_t wid
   s.targets = torch::zeros({N, T});
   const fs::path base = fs::path(path).parent_path();
   for (int64_t i = 0; i < N; ++i) {
+    if (stop && stop->load(std::memory_order_relaxed))
+      throw Stopped("stopped while reading manifest " + path + " (" + std::to_string(i) + " of " + std::to_string(N) +
+                    " images decoded)");
     const auto& e = entries[i];
     const fs::path p = fs::path(e.path).is_absolute() ? fs::path(e.path) : base / e.path;
     // Quoted: a space around the comma is part of the path, and would not show otherwise.

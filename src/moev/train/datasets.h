@@ -2,6 +2,7 @@
 // model (image size, channels, classes) and settles the normalisation.
 #pragma once
 
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -26,8 +27,9 @@ void validate_training_data(const DataConfig& data, const models::ModelConfig& m
 // The training set when load_train (eval/predict: the test set alone); the
 // test set unless load_test = false (then an empty one), for commands that
 // score none (pretraining without its kNN probe, clustering, an unevaluated fusion).
+// `stop` set while a folder or manifest is decoded ends the reading with moev::Stopped.
 Datasets open_datasets(const DataConfig& data, const models::ModelConfig& model, bool load_train,
-                       bool load_test = true);
+                       bool load_test = true, const std::atomic<bool>* stop = nullptr);
 
 // A short digest (CRC-32) of a set's images, labels, tags and class names, in
 // order: a run resumed, or a hard MoE expert trained, on data that changed

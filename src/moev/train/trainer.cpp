@@ -345,7 +345,15 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   const bool lead = rank == 0;  // writes the run directory, logs, evaluates
   const auto device = parse_device(tc.device);
 
-  Datasets ds = open_datasets(cfg.data, cfg.model, /*load_train=*/true);
+  Datasets ds;
+  try {
+    // A job's ranks stop together at a step they agree on, so only a run of its own stops while decoding.
+    ds = open_datasets(cfg.data, cfg.model, /*load_train=*/true, /*load_test=*/true, comm ? nullptr : opts.stop);
+  } catch (const Stopped& e) {  // a large folder takes minutes to decode: a stop need not wait for it
+    throw Stopped(std::string(e.what()) + "; stopped before the first step" +
+                  (opts.resume ? ", so " + ckpt_file + " is as it was (--resume continues it)"
+                               : ": nothing was trained (start the run again)"));
+  }
   cfg.data.mean = ds.mean;  // stored in the checkpoint, so eval/predict normalise alike
   cfg.data.std = ds.std;
   MOEV_CHECK(opts.expect_train_size < 0 || ds.train.size() == opts.expect_train_size, "training set ",
