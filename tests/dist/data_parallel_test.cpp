@@ -201,6 +201,42 @@ TEST(DataParallel, RanksWithAnotherConfigFailNamingTheKeys) {
   EXPECT_FALSE(std::filesystem::exists(dir.file("r") + "/checkpoint.pt"));
 }
 
+// Each machine may mount the data under another path (the paths were compared as config keys, so such a job could
+// not start); what must agree is the images, which a same-path copy of another version broke without a word.
+TEST(DataParallel, RanksMayReadTheDataFromOtherPathsButNotOtherImages) {
+  moev::test::TempDir dir;
+  namespace fs = std::filesystem;
+  const fs::path fmnist = "/usr/share/datasets/fashion-mnist";
+  fs::create_directories(dir.file("same"));
+  fs::create_directories(dir.file("other"));
+  for (const char* f : {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                        "t10k-labels-idx1-ubyte.gz"}) {
+    fs::create_symlink(fmnist / f, dir.path() / "same" / f);
+    // "other" trains on the test images: the same shapes and header, other pictures.
+    const std::string from = std::string(f).rfind("train", 0) == 0 ? "t10k" + std::string(f).substr(5) : f;
+    fs::create_symlink(fmnist / from, dir.path() / "other" / f);
+  }
+  auto job = [&](const std::string& rank1_data, const std::string& out) {
+    const std::string env = "WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(moev::test::free_port());
+    const std::string args = kRun + "--threads 1 --max-steps 1 --out " + dir.file(out);
+    std::pair<moev::test::CliResult, moev::test::CliResult> r;
+    std::thread rank0([&] { r.first = moev::test::run_cli(args, env + " RANK=0"); });
+    r.second = moev::test::run_cli(args + " --set data.path=" + rank1_data, env + " RANK=1");
+    rank0.join();
+    return r;
+  };
+  const auto [a0, a1] = job(dir.file("same"), "a");
+  EXPECT_EQ(a0.code, 0) << a0.out;
+  EXPECT_EQ(a1.code, 0) << a1.out;
+  const auto [b0, b1] = job(dir.file("other"), "b");
+  EXPECT_EQ(b0.code, 1) << b0.out;
+  EXPECT_EQ(b1.code, 1) << b1.out;
+  EXPECT_NE(b1.out.find("rank 1 of 2: its training set " + dir.file("other")), std::string::npos) << b1.out;
+  EXPECT_NE(b1.out.find("differs from rank 0's"), std::string::npos) << b1.out;
+  EXPECT_NE(b0.out.find("rank 0 of 2: rank(s) 1 read another training set"), std::string::npos) << b0.out;
+  EXPECT_FALSE(fs::exists(dir.file("b") + "/checkpoint.pt"));
+}
+
 // Whether a process still runs (an orphan's zombie, left for whoever adopted it, does not).
 bool running(pid_t pid) {
   std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");

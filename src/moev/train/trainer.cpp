@@ -83,19 +83,38 @@ namespace {
 // first rank to read it gets): a rank set up for another run than rank 0's
 // trained it silently or hung in a collective. Rank 0's config goes to every
 // rank; each names what differs in its own, and all of them fail together.
-void check_same_run(dist::Communicator& comm, const io::RunConfig& cfg) {
-  const std::string mine = io::to_json_string(cfg);
+// Rank 0's `mine`, on every rank.
+std::string rank0_string(dist::Communicator& comm, const std::string& mine) {
   auto length = torch::tensor({static_cast<int64_t>(mine.size())});
   comm.broadcast({length});
   auto bytes = torch::empty({length.item<int64_t>()}, torch::kUInt8);
   if (comm.rank() == 0) std::memcpy(bytes.data_ptr(), mine.data(), mine.size());
   comm.broadcast({bytes});
-  io::RunConfig lead = io::from_json_string(
-      std::string(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel())), "rank 0's config");
+  return std::string(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
+}
+
+// The ranks whose `differs` is true ("1, 3"; "" when none), on every rank: a
+// rank that fails alone leaves the others waiting in their next collective.
+std::string ranks_that_differ(dist::Communicator& comm, bool differs) {
+  auto ranks = torch::zeros({comm.size()}, torch::kInt64);
+  ranks[comm.rank()] = differs ? 1 : 0;
+  comm.all_reduce_sum({ranks});
+  std::string which;
+  for (int r = 0; r < comm.size(); ++r)
+    if (ranks[r].item<int64_t>() != 0) which += (which.empty() ? "" : ", ") + std::to_string(r);
+  return which;
+}
+
+void check_same_run(dist::Communicator& comm, const io::RunConfig& cfg) {
+  io::RunConfig lead = io::from_json_string(rank0_string(comm, io::to_json_string(cfg)), "rank 0's config");
   lead.train.threads = cfg.train.threads;  // each machine its own cores
   lead.train.progress = cfg.train.progress;
   lead.train.teacher_cache_mb = cfg.train.teacher_cache_mb;
   lead.train.out_dir = cfg.train.out_dir;  // rank 0 alone writes it; others may spell or mount it otherwise
+  // Each machine may mount the data elsewhere (and only rank 0 evaluates): the training images themselves are
+  // compared once read (check_same_data), which also catches one path holding other images on another machine.
+  lead.data.path = cfg.data.path;
+  lead.data.test_path = cfg.data.test_path;
   // Every key both ways, empty values too (a teacher on rank 0 and none here is a difference).
   const json a = io::to_json(cfg), b = io::to_json(lead);
   std::string differ;
@@ -105,16 +124,23 @@ void check_same_run(dist::Communicator& comm, const io::RunConfig& cfg) {
       if (value != theirs)
         differ += "\n  " + section + "." + key + " = " + value.dump() + " (rank 0: " + theirs.dump() + ")";
     }
-  auto ranks = torch::zeros({comm.size()}, torch::kInt64);
-  ranks[comm.rank()] = differ.empty() ? 0 : 1;
-  comm.all_reduce_sum({ranks});
-  std::string which;
-  for (int r = 0; r < comm.size(); ++r)
-    if (ranks[r].item<int64_t>() != 0) which += (which.empty() ? "" : ", ") + std::to_string(r);
+  const std::string which = ranks_that_differ(comm, !differ.empty());
   MOEV_CHECK(differ.empty(), "rank ", comm.rank(), " of ", comm.size(), ": its config differs from rank 0's:", differ,
              "\nevery rank must train the same run: the same config file and flags");
   MOEV_CHECK(which.empty(), "rank ", comm.rank(), " of ", comm.size(), ": rank(s) ", which, " have another config ",
              "than rank 0 (their errors list the keys); every rank must train the same run");
+}
+
+// Every rank reads the whole training set and takes its share of each batch: a machine whose copy of the data
+// differs (another version under the same path) would train on other images without a word.
+void check_same_data(dist::Communicator& comm, const std::string& train_data, const std::string& source) {
+  const std::string lead = rank0_string(comm, train_data);
+  const std::string which = ranks_that_differ(comm, lead != train_data);
+  MOEV_CHECK(lead == train_data, "rank ", comm.rank(), " of ", comm.size(), ": its training set ", source,
+             " differs from rank 0's (fingerprint ", train_data, ", rank 0: ", lead, "); every rank must read the ",
+             "same images");
+  MOEV_CHECK(which.empty(), "rank ", comm.rank(), " of ", comm.size(), ": rank(s) ", which, " read another ",
+             "training set than rank 0 (see their errors); every rank must read the same images");
 }
 
 // Sums the gradients of `params` over this rank's replicas (extra[r][i]) and
@@ -365,6 +391,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   MOEV_CHECK(opts.expect_train_data.empty() || train_data == opts.expect_train_data, "training set ",
              ds.train.source, " differs from the one the rows to train on were chosen from (fingerprint ", train_data,
              ", then ", opts.expect_train_data, "): the data changed since (cluster again)");
+  if (comm) check_same_data(*comm, train_data, ds.train.source);
   if (opts.resume) check_resume_data("--resume", ckpt_file, saved_train_data, ds.train, cfg.data.format);
   if (!opts.train_rows.empty()) ds.train = data::select_rows(ds.train, opts.train_rows);
   const bool multilabel = ds.train.multilabel();
