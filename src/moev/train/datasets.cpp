@@ -188,7 +188,8 @@ void check_resume_data(const std::string& command, const std::string& checkpoint
   const std::string now = data_fingerprint(train);
   MOEV_CHECK(now == saved, command, ": the training set ", train.source, " differs from the one ", checkpoint,
              " was trained on (fingerprint ", now, ", then ", saved, "): images added, removed, changed or subset ",
-             "otherwise; resume on that data, or start a new run with another --out");
+             "otherwise (or decoded otherwise, by another moev version: the fingerprint is of the pixels read); ",
+             "resume on that data, or start a new run with another --out");
 }
 
 Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool load_train, bool load_test,
