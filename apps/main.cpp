@@ -46,11 +46,10 @@ int flushed(int code) {
 
 int main(int argc, char** argv) {
   keep_standard_streams_open();
-  // LibTorch's distributed engine logs through glog, which, never initialised, began with "Logging before
-  // InitGoogleLogging()" and put its socket lines before moev's own error, which says the same with the setting
-  // to change. Only a fatal message passes (to stderr: an initialised glog would write files under /tmp).
+  // LibTorch logs (its warnings too) through glog, which, never initialised, began with "Logging before
+  // InitGoogleLogging()". Every level still goes to stderr, as before (an initialised glog would otherwise write
+  // files under /tmp); the rendezvous quiets its own socket lines (dist/communicator.cpp).
   FLAGS_logtostderr = true;
-  FLAGS_minloglevel = google::GLOG_FATAL;
   google::InitGoogleLogging("moev");
   CLI::App app{"moev: Mixture-of-Experts image classification (V-MoE, ViT, ConvNeXt, multi-branch ResNeSt, hard MoE) on LibTorch"};
   app.require_subcommand(1);

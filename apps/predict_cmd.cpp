@@ -75,8 +75,9 @@ Runner add_predict(CLI::App& app) {
         const int64_t longer = std::max(size.width, size.height), shorter = std::min(size.width, size.height);
         if (t.cfg.data.resize == "stretch" && 4 * longer > 5 * shorter)
           std::fprintf(stderr, "note: %s is %lldx%lld, squashed to the model's square (the run has data.resize = "
-                       "stretch; a run trained with center_crop crops it)\n", path.c_str(), (long long)size.width,
-                       (long long)size.height);
+                       "stretch%s)\n", path.c_str(), (long long)size.width, (long long)size.height,
+                       t.cfg.data.format == "folder" || t.cfg.data.format == "manifest"
+                           ? "; a run trained with center_crop crops it" : "");
       }
       auto x = data::normalize_images(torch::stack(imgs), t.cfg.data.mean, t.cfg.data.std).to(device);
       torch::Tensor probs;

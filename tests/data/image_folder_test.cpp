@@ -461,6 +461,13 @@ TEST(ImageFolder, PlainAndBitmapNetpbmDecodeAsTheirBinaryTwins) {
   expect_error([&] { grey(short_pbm, 1, 4); }, {short_pbm, "cut short"});
   write_bytes(root.file("s4.pbm"), {'P', '4', ' ', '1', '0', ' ', '2', '\n', 0xB0, 0x3F, 0x40});
   expect_error([&] { grey(root.file("s4.pbm"), 2, 10); }, {root.file("s4.pbm"), "PBM cut short"});
+  // Far too short for its header: refused before its samples are read (it filled a 0.8 GB buffer first).
+  const std::string claims = text("claims.ppm", "P3 16384 16384 255 1");
+  expect_error([&] { grey(claims, 1, 1); }, {claims, "PGM/PPM cut short: 20 bytes"});
+  // An over-long number is one number (it was read as two samples).
+  EXPECT_TRUE(torch::equal(grey(text("long.pgm", "P2 2 1 255 99999999999999999999 0"), 1, 2), bytes({255, 0})));
+  const std::string three = text("three.pgm", "P2 2 1 255 99999999999999999999");
+  expect_error([&] { grey(three, 1, 2); }, {three, "cut short"});
   const std::string two = text("two.pbm", "P1 2 1 12");
   expect_error([&] { grey(two, 1, 2); }, {two, "byte 8", "expected 0 or 1"});
   const std::string letter = text("x.pgm", "P2 2 1 255 4 x");
@@ -488,6 +495,30 @@ TEST(ImageFolder, AStopEndsTheDecodingWithStopped) {
     EXPECT_NE(std::string(e.what()).find("stopped while reading image folder " + root.file("") + " (0 of 3 images"),
               std::string::npos) << e.what();
   }
+}
+
+// Transparency is reported for a PNG or TGA that has it; stb's channel count said 4 for every GIF as well.
+TEST(ImageFolder, SourceSizeSaysWhetherTransparencyWasDropped) {
+  TempDir root;
+  const auto rgba = pattern(3, 5, 4, 1), rgb = pattern(3, 5, 3, 2);
+  write_png(root.file("rgba.png"), rgba, 3, 5, 4);
+  write_png(root.file("rgb.png"), rgb, 3, 5, 3);
+  ASSERT_EQ(stbi_write_tga(root.file("rgba.tga").c_str(), 5, 3, 4, rgba.data()), 1);
+  ASSERT_EQ(stbi_write_tga(root.file("rgb.tga").c_str(), 5, 3, 3, rgb.data()), 1);
+  // 1x1, a colour table of two entries, a graphic control extension without transparency, one frame.
+  write_bytes(root.file("a.gif"), {'G', 'I', 'F', '8', '9', 'a', 1, 0, 1, 0, 0x80, 0, 0, 255, 255, 255, 0, 0, 0, 0x21,
+                                   0xF9, 4, 0, 0, 0, 0, 0, 0x2C, 0, 0, 0, 0, 1, 0, 1, 0, 0, 2, 2, 0x44, 1, 0, 0x3B});
+  auto alpha = [&](const std::string& name) {
+    SourceSize size;
+    decode_image_file(root.file(name), 4, 4, 3, Fit::kStretch, &size);
+    EXPECT_EQ(size.width, name == "a.gif" ? 1 : 5) << name;
+    return size.alpha;
+  };
+  EXPECT_TRUE(alpha("rgba.png"));
+  EXPECT_TRUE(alpha("rgba.tga"));
+  EXPECT_FALSE(alpha("rgb.png"));
+  EXPECT_FALSE(alpha("rgb.tga"));
+  EXPECT_FALSE(alpha("a.gif"));
 }
 
 // A folder too large to hold decoded is refused before its images are allocated, naming what would fit.

@@ -98,6 +98,26 @@ void check_png_crcs(const std::string& path, const std::vector<unsigned char>& b
   fail("file ", path, ": PNG ends without an IEND chunk (cut short?)");
 }
 
+// Whether a PNG or TGA carries transparency (an alpha channel, or a PNG's tRNS
+// chunk), which decoding to 1 or 3 channels drops. Not from stb's channel count:
+// it reports 4 for every GIF and for opaque 32-bit BMPs.
+bool has_transparency(const std::vector<unsigned char>& b) {
+  static constexpr unsigned char kSignature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  if (b.size() >= 26 && std::memcmp(b.data(), kSignature, 8) == 0) {
+    if (b[25] == 4 || b[25] == 6) return true;  // IHDR's colour type: grey or RGB with alpha
+    for (size_t at = 8; at + 8 <= b.size();) {  // the chunks (whole: check_png_crcs ran first)
+      const std::string type(reinterpret_cast<const char*>(&b[at + 4]), 4);
+      if (type == "tRNS") return true;
+      if (type == "IDAT" || type == "IEND") return false;
+      at += 12 + size_t{big_endian32(&b[at])};
+    }
+    return false;
+  }
+  // A TGA (no signature: its header's fields, as check_complete judges it) with alpha bits in its descriptor.
+  return b.size() >= 18 && b[1] <= 1 && (b[2] == 2 || b[2] == 3 || b[2] == 10 || b[2] == 11) &&
+         (b[16] == 32 || b[16] == 16) && (b[17] & 0x0F) != 0;
+}
+
 // Where a JPEG's walk over its segments ended: scan, the first byte of the
 // entropy-coded data after the first scan header; or needed > 0, the bytes
 // the file would need for the segment it ends in.
@@ -164,7 +184,9 @@ int64_t netpbm_number(const std::string& path, const std::vector<unsigned char>&
   const bool more = skip_netpbm_space(b, at);
   int64_t v = 0;
   const size_t start = at;
-  while (at < b.size() && std::isdigit(b[at]) && v <= (int64_t{1} << 40)) v = v * 10 + (b[at++] - '0');
+  // Every digit is read (an over-long number split in two read as two samples); the value stops growing past 2^40.
+  for (; at < b.size() && std::isdigit(b[at]); ++at)
+    if (v <= (int64_t{1} << 40)) v = v * 10 + (b[at] - '0');
   MOEV_CHECK(at > start, "file ", path, ": PBM/PGM/PPM ", more ? "damaged" : "cut short", " at byte ", start,
              ": expected a number");
   return v;
@@ -234,13 +256,21 @@ Netpbm check_complete(const std::string& path, const std::vector<unsigned char>&
                "; expected 1 to 65535");
     // A binary raster starts after the one whitespace byte that ends the header; a plain one after any.
     const Netpbm pnm{kind, maxval, plain ? at : at + 1, w, h, kind == '3' || kind == '6' ? 3 : 1};
+    const char* format = bits ? "PBM" : "PGM/PPM";
     // Refused here, not left to stb: its sides are ints, and one past 2^31 wrapped to a small one.
-    MOEV_CHECK(sides("PGM/PPM", w, h), "file ", path, ": a ", w, "x", h, " PGM/PPM, above ", kMaxSourcePixels,
+    MOEV_CHECK(sides(format, w, h), "file ", path, ": a ", w, "x", h, " ", format, ", above ", kMaxSourcePixels,
                " pixels");
-    if (plain) return pnm;  // its samples are counted as they are read
+    const auto samples = static_cast<size_t>(w * h * pnm.channels);
+    if (plain) {
+      // Each sample takes at least a digit, and a PGM/PPM's a space between two: a 21-byte file claiming
+      // 16384 x 16384 is cut short here, before a buffer for its samples is filled.
+      const size_t least = pnm.offset + (bits ? samples : 2 * samples - 1);
+      if (n < least) cut(format, least);
+      return pnm;  // the samples themselves are counted as they are read
+    }
     const auto row = static_cast<size_t>(bits ? (w + 7) / 8 : w * pnm.channels * (maxval > 255 ? 2 : 1));
     const size_t needed = pnm.offset + row * static_cast<size_t>(h);
-    if (n < needed) cut(bits ? "PBM" : "PGM/PPM", needed);
+    if (n < needed) cut(format, needed);
     return pnm;
   }
   if (n >= 2 && b[0] == 'P' && (b[1] == '7' || b[1] == 'F' || b[1] == 'f'))
@@ -406,7 +436,7 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
   MOEV_CHECK(size > 0, "file ", path, " is empty (0 bytes); expected an image");
   check_png_crcs(path, bytes);
   const Netpbm pnm = check_complete(path, bytes);
-  int w = 0, h = 0, file_channels = 0;
+  int w = 0, h = 0;
   std::vector<unsigned char> netpbm, upright, resized;
   std::unique_ptr<unsigned char, void (*)(void*)> pixels(nullptr, stbi_image_free);
   const unsigned char* hwc = nullptr;
@@ -415,6 +445,7 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
     w = static_cast<int>(pnm.width), h = static_cast<int>(pnm.height);
     hwc = netpbm.data();
   } else {
+    int file_channels = 0;
     // From the header, before any pixel is allocated: a small file can claim a
     // huge image (stb alone allows 1 GiB of pixels).
     if (stbi_info_from_memory(bytes.data(), static_cast<int>(bytes.size()), &w, &h, &file_channels) == 1)
@@ -435,7 +466,7 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
     std::tie(w, h) = apply_orientation(o, upright, hwc, w, h, static_cast<int>(channels));
     hwc = upright.data();
   }
-  const SourceSize source{h, w, file_channels == 2 || file_channels == 4};
+  const SourceSize source{h, w, has_transparency(bytes)};
   const int row_bytes = w * static_cast<int>(channels);
   if (fit == Fit::kCenterCrop) {  // the largest centred window of height:width, rounded to whole pixels
     if (int64_t{w} * height > int64_t{h} * width) {

@@ -7,6 +7,8 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/torch.h>
 
+#include <glog/logging.h>
+
 #include "moev/core/error.h"
 
 namespace moev::dist {
@@ -44,6 +46,19 @@ struct Communicator::Impl {
 };
 
 namespace {
+// c10d logs each failed connection attempt of the rendezvous through glog, and an error line at its deadline,
+// before moev's own message, which says the same with the settings to check: quiet while the job is joined.
+class QuietLibTorchLog {
+ public:
+  QuietLibTorchLog() : saved_(FLAGS_minloglevel) { FLAGS_minloglevel = google::GLOG_FATAL; }
+  ~QuietLibTorchLog() { FLAGS_minloglevel = saved_; }
+  QuietLibTorchLog(const QuietLibTorchLog&) = delete;
+  QuietLibTorchLog& operator=(const QuietLibTorchLog&) = delete;
+
+ private:
+  int saved_;
+};
+
 bool is_loopback(const std::string& host) {
   return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
 }
@@ -53,6 +68,7 @@ Communicator::Communicator(const DistConfig& cfg) : cfg_(cfg), impl_(std::make_u
   validate(cfg);
   if (cfg.world_size == 1) return;  // a job of one: every collective is the identity
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.timeout_s * 1000));
+  const QuietLibTorchLog quiet;
   try {
     c10d::TCPStoreOptions so;
     so.port = static_cast<std::uint16_t>(cfg.master_port);

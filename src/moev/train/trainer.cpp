@@ -378,7 +378,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   } catch (const Stopped& e) {  // a large folder takes minutes to decode: a stop need not wait for it
     throw Stopped(std::string(e.what()) + "; stopped before the first step" +
                   (opts.resume ? ", so " + ckpt_file + " is as it was (--resume continues it)"
-                               : ": nothing was trained (start the run again)"));
+                               : ": nothing was trained"));
   }
   cfg.data.mean = ds.mean;  // stored in the checkpoint, so eval/predict normalise alike
   cfg.data.std = ds.std;
