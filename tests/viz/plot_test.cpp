@@ -39,6 +39,13 @@ Png load_png(const std::string& path) {
   return p;
 }
 bool same(viz::Rgb a, viz::Rgb b) { return a.r == b.r && a.g == b.g && a.b == b.b; }
+viz::PlotSpec labelled(const std::string& title, const std::string& xlabel, const std::string& ylabel) {
+  viz::PlotSpec spec;
+  spec.title = title;
+  spec.xlabel = xlabel;
+  spec.ylabel = ylabel;
+  return spec;
+}
 }  // namespace
 
 TEST(Plot, NiceTicksAndLabels) {
@@ -56,10 +63,7 @@ TEST(Plot, NiceTicksAndLabels) {
 
 TEST(Plot, SeriesAndTextAreDrawnWhereTheirCoordinatesSay) {
   test::TempDir dir;
-  viz::PlotSpec spec;
-  spec.title = "accuracy";
-  spec.xlabel = "capacity";
-  spec.ylabel = "top-1";
+  viz::PlotSpec spec = labelled("accuracy", "capacity", "top-1");
   spec.log_x = true;
   viz::Series a, b;
   a.name = "bpr", a.x = {0.125, 0.5, 2}, a.y = {0.2, 0.6, 0.9};
@@ -99,10 +103,7 @@ TEST(Plot, SeriesAndTextAreDrawnWhereTheirCoordinatesSay) {
 // and the labels there is now a clear gap.
 TEST(Plot, YTickLabelsKeepClearOfTheYTitle) {
   test::TempDir dir;
-  viz::PlotSpec spec;
-  spec.title = "top-1 against capacity";
-  spec.xlabel = "capacity";
-  spec.ylabel = "top-1 accuracy";
+  viz::PlotSpec spec = labelled("top-1 against capacity", "capacity", "top-1 accuracy");
   viz::Series a;
   a.name = "bpr", a.x = {1, 2, 3}, a.y = {0.584, 0.5955, 0.6};
   spec.series = {a};
