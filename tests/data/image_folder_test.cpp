@@ -11,6 +11,7 @@
 
 #include <zlib.h>
 
+#include "moev/core/memory.h"
 #include "support/expect_error.h"
 #include "support/temp_dir.h"
 
@@ -151,7 +152,9 @@ TEST(ImageFolder, CenterCropKeepsTheMiddleOfAnotherAspectRatio) {
   // A folder reads with the fit it is given.
   fs::create_directories(root.path() / "f" / "c");
   fs::copy_file(root.file("wide.png"), root.path() / "f" / "c" / "wide.png");
-  EXPECT_TRUE(read_image_folder(root.file("f"), 4, 4, 3, crop).images[0].equal(
+  ReadOptions cropped;
+  cropped.fit = crop;
+  EXPECT_TRUE(read_image_folder(root.file("f"), 4, 4, 3, cropped).images[0].equal(
       decode_image_file(root.file("wide.png"), 4, 4, 3, crop)));
   EXPECT_EQ(parse_fit("center_crop", "data.resize"), crop);
   expect_error([] { parse_fit("crop", "data.resize"); }, {"data.resize = 'crop'", "expected stretch", "center_crop"});
@@ -486,10 +489,12 @@ TEST(ImageFolder, AStopEndsTheDecodingWithStopped) {
   fs::create_directories(root.path() / "c");
   for (int i = 0; i < 3; ++i) write_png(root.file("c/" + std::to_string(i) + ".png"), pattern(4, 4, 1, i), 4, 4, 1);
   std::atomic<bool> stop{false};
-  EXPECT_EQ(read_image_folder(root.file(""), 4, 4, 1, Fit::kStretch, &stop).size(), 3);
+  ReadOptions ro;
+  ro.stop = &stop;
+  EXPECT_EQ(read_image_folder(root.file(""), 4, 4, 1, ro).size(), 3);
   stop = true;
   try {
-    read_image_folder(root.file(""), 4, 4, 1, Fit::kStretch, &stop);
+    read_image_folder(root.file(""), 4, 4, 1, ro);
     ADD_FAILURE() << "no moev::Stopped";
   } catch (const moev::Stopped& e) {
     EXPECT_NE(std::string(e.what()).find("stopped while reading image folder " + root.file("") + " (0 of 3 images"),
@@ -526,6 +531,11 @@ TEST(ImageFolder, ADataSetLargerThanMemoryIsRefusedUpFront) {
   check_decoded_fit("image folder f", 1000, 3, 224, 224);  // 0.15 GB
   expect_error([] { check_decoded_fit("image folder f", 2000000, 3, 224, 224); },
                {"image folder f", "2000000 images decoded at 3x224x224 need 301.1 GB", "smaller model.image_size"});
+  // A test set that fits alone, but not beside the training set read before it.
+  const double ram = moev::physical_memory_bytes();
+  check_decoded_fit("image folder t", 1000, 1, 100, 100, 0.5 * ram);
+  expect_error([&] { check_decoded_fit("image folder t", int64_t(0.4 * ram / 1e4), 1, 100, 100, 0.5 * ram); },
+               {"image folder t", "GB beside the", "GB of images read before"});
 }
 
 TEST(ImageFolder, BadArgumentsAndEmptyFolders) {

@@ -19,6 +19,7 @@
 #include <fstream>
 #include <memory>
 #include <mutex>
+#include <sstream>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -498,12 +499,15 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
 
 }  // namespace
 
-void check_decoded_fit(const std::string& source, int64_t n, int64_t channels, int64_t height, int64_t width) {
+void check_decoded_fit(const std::string& source, int64_t n, int64_t channels, int64_t height, int64_t width,
+                       double held) {
   const double have = physical_memory_bytes(), need = double(n) * double(channels * height * width);
   auto gb = [](double bytes) { return std::round(bytes / 1e8) / 10; };
-  MOEV_CHECK(have <= 0 || need <= 0.8 * have, source, ": ", n, " images decoded at ", channels, "x", height, "x",
-             width, " need ", gb(need), " GB, and moev holds a data set in memory; this machine has ", gb(have),
-             " GB (a smaller model.image_size, or fewer images, fits)");
+  std::ostringstream beside;
+  if (held > 0) beside << " beside the " << gb(held) << " GB of images read before";
+  MOEV_CHECK(have <= 0 || held + need <= 0.8 * have, source, ": ", n, " images decoded at ", channels, "x", height,
+             "x", width, " need ", gb(need), " GB", beside.str(), ", and moev holds its data sets in memory; this ",
+             "machine has ", gb(have), " GB (a smaller model.image_size, or fewer images, fits)");
 }
 
 Fit parse_fit(const std::string& name, const std::string& key) {
@@ -524,8 +528,9 @@ torch::Tensor decode_image_file(const std::string& path, int64_t height, int64_t
   return image;
 }
 
-ImageSet read_image_folder(const std::string& root, int64_t height, int64_t width,
-                           int64_t channels, Fit fit, const std::atomic<bool>* stop) {
+ImageSet read_image_folder(const std::string& root, int64_t height, int64_t width, int64_t channels,
+                           const ReadOptions& options) {
+  const std::atomic<bool>* stop = options.stop;
   check_geometry(height, width, channels);
   MOEV_CHECK(fs::is_directory(root), "image folder ", root, " not found");
 
@@ -561,7 +566,7 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
              " has no class subfolders; expected root/<class>/<image>.png");
 
   const auto n = static_cast<int64_t>(files.size());
-  check_decoded_fit(root, n, channels, height, width);
+  check_decoded_fit("image folder " + root, n, channels, height, width, options.held_bytes);
   set.images = torch::empty({n, channels, height, width}, torch::kUInt8);
   set.labels = torch::tensor(labels, torch::kInt64);
   set.source = root;
@@ -575,7 +580,7 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
   auto work = [&] {
     for (int64_t i; (!stop || !stop->load(std::memory_order_relaxed)) && (i = next.fetch_add(1)) < n;) {
       try {
-        decode_into(files[i], height, width, channels, fit, images + i * image_bytes);
+        decode_into(files[i], height, width, channels, options.fit, images + i * image_bytes);
         decoded.fetch_add(1, std::memory_order_relaxed);
       } catch (...) {
         std::lock_guard<std::mutex> lock(error_mutex);

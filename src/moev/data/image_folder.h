@@ -17,10 +17,19 @@ namespace moev::data {
 // Resize + CenterCrop without the margin).
 enum class Fit { kStretch, kCenterCrop };
 
-// An error naming `source` unless n decoded images of channels x height x width
-// take at most 80 % of physical memory: a folder of 200,000 photos at 224 pixels
-// (30 GB) reached the out-of-memory killer halfway through decoding.
-void check_decoded_fit(const std::string& source, int64_t n, int64_t channels, int64_t height, int64_t width);
+// An error naming `source` unless n decoded images of channels x height x width,
+// with `held` bytes of images already read (a training set beside its test
+// set), take at most 80 % of physical memory: a folder of 200,000 photos at 224
+// pixels (30 GB) reached the out-of-memory killer halfway through decoding.
+void check_decoded_fit(const std::string& source, int64_t n, int64_t channels, int64_t height, int64_t width,
+                       double held = 0);
+
+// How a folder or manifest is read, beyond the size of its images.
+struct ReadOptions {
+  Fit fit = Fit::kStretch;                  // images of another aspect ratio
+  const std::atomic<bool>* stop = nullptr;  // set (by a signal handler) to end the reading with moev::Stopped
+  double held_bytes = 0;                    // images this process holds already, for check_decoded_fit
+};
 
 // "stretch" | "center_crop" -> Fit; anything else is an error naming `key`.
 Fit parse_fit(const std::string& name, const std::string& key);
@@ -29,10 +38,10 @@ Fit parse_fit(const std::string& name, const std::string& key);
 // each are sorted by name. Every image is resized to height x width and turned
 // into `channels` (1 = luminance, 3 = RGB). Hidden files (".*") are skipped; any
 // other non-image or undecodable file is an error naming it.
-// With `stop` (a signal handler's flag) set while it decodes, it ends within a
-// file per thread and throws moev::Stopped saying how far it got.
-ImageSet read_image_folder(const std::string& root, int64_t height, int64_t width,
-                           int64_t channels, Fit fit = Fit::kStretch, const std::atomic<bool>* stop = nullptr);
+// With options.stop set while it decodes, it ends within a file per thread and
+// throws moev::Stopped saying how far it got.
+ImageSet read_image_folder(const std::string& root, int64_t height, int64_t width, int64_t channels,
+                           const ReadOptions& options = {});
 
 // An image file's own size (upright, as EXIF orientation turns it), before resizing.
 struct SourceSize {

@@ -87,7 +87,8 @@ std::vector<ManifestEntry> parse_manifest(const std::string& path) {
 }
 
 MultiLabelSet read_manifest(const std::string& path, int64_t height, int64_t width, int64_t channels,
-                            const std::vector<std::string>& vocabulary, Fit fit, const std::atomic<bool>* stop) {
+                            const std::vector<std::string>& vocabulary, const ReadOptions& options) {
+  const std::atomic<bool>* stop = options.stop;
   const auto entries = parse_manifest(path);
   MultiLabelSet s;
   s.source = path;
@@ -100,7 +101,7 @@ MultiLabelSet read_manifest(const std::string& path, int64_t height, int64_t wid
   std::map<std::string, int64_t> column;
   for (size_t t = 0; t < s.tags.size(); ++t) column[s.tags[t]] = static_cast<int64_t>(t);
   const auto N = static_cast<int64_t>(entries.size()), T = static_cast<int64_t>(s.tags.size());
-  check_decoded_fit("manifest " + path, N, channels, height, width);
+  check_decoded_fit("manifest " + path, N, channels, height, width, options.held_bytes);
   s.images = torch::empty({N, channels, height, width}, torch::kUInt8);
   s.targets = torch::zeros({N, T});
   const fs::path base = fs::path(path).parent_path();
@@ -121,7 +122,7 @@ MultiLabelSet read_manifest(const std::string& path, int64_t height, int64_t wid
                  "' is not one of the model's ", T, " tags");
       s.targets[i][it->second] = 1.0f;
     }
-    s.images[i].copy_(decode_image_file(p.string(), height, width, channels, fit));
+    s.images[i].copy_(decode_image_file(p.string(), height, width, channels, options.fit));
     s.paths.push_back(p.string());
   }
   return s;

@@ -40,10 +40,9 @@ struct MultiLabelSet {
 // Reads and decodes every image of the manifest (resized to height x width,
 // `channels` 1 or 3). vocabulary: the tag columns; empty: every tag seen,
 // sorted. A missing or undecodable image, or a tag outside a given vocabulary,
-// is an error naming the manifest line. `stop`: as read_image_folder's.
+// is an error naming the manifest line. `options`: as read_image_folder's.
 MultiLabelSet read_manifest(const std::string& path, int64_t height, int64_t width, int64_t channels,
-                            const std::vector<std::string>& vocabulary = {}, Fit fit = Fit::kStretch,
-                            const std::atomic<bool>* stop = nullptr);
+                            const std::vector<std::string>& vocabulary = {}, const ReadOptions& options = {});
 
 // `count` 2x2 mosaics (2H x 2W) of images drawn from `src` by a seeded stream,
 // written as <dir>/<split>/<i>.png, with <dir>/<split>.csv listing each with

@@ -21,9 +21,8 @@ namespace {
 
 // A multi-label manifest as an ImageSet: labels = each image's first tag column.
 data::ImageSet open_manifest(const std::string& path, const models::ModelConfig& m,
-                             const std::vector<std::string>& vocabulary, data::Fit fit,
-                             const std::atomic<bool>* stop) {
-  auto ml = data::read_manifest(path, m.image_size, m.image_size, m.channels, vocabulary, fit, stop);
+                             const std::vector<std::string>& vocabulary, const data::ReadOptions& ro) {
+  auto ml = data::read_manifest(path, m.image_size, m.image_size, m.channels, vocabulary, ro);
   data::ImageSet s;
   s.images = ml.images;
   s.targets = ml.targets;
@@ -42,11 +41,11 @@ constexpr uint64_t kFolderOrderSeed = 0x6d6f6576;  // "moev"
 }
 
 data::ImageSet open_one(const DataConfig& d, const models::ModelConfig& m, bool train,
-                        const std::vector<std::string>& vocabulary, const std::atomic<bool>* stop) {
+                        const std::vector<std::string>& vocabulary, const data::ReadOptions& ro) {
   if (d.format == "manifest") {
     const std::string& file = train ? d.path : d.test_path;
     MOEV_CHECK(!file.empty(), "data.format = 'manifest' needs data.test_path: the test manifest CSV");
-    return open_manifest(file, m, vocabulary, data::parse_fit(d.resize, "data.resize"), stop);
+    return open_manifest(file, m, vocabulary, ro);
   }
   if (d.format == "fashion-mnist") return data::load_fashion_mnist(d.path, train);
   if (d.format == "cifar10") return data::read_cifar10(d.path, train);
@@ -60,8 +59,7 @@ data::ImageSet open_one(const DataConfig& d, const models::ModelConfig& m, bool 
     // scored 100 % after two steps, and each MoE routing group of an evaluation held a single class, dropping
     // twice the tokens mixed groups drop: the images come in a fixed mixed order, as IDX files do.
     return data::mixed_order(
-        data::read_image_folder(train ? d.path : d.test_path, m.image_size, m.image_size, m.channels,
-                                data::parse_fit(d.resize, "data.resize"), stop),
+        data::read_image_folder(train ? d.path : d.test_path, m.image_size, m.image_size, m.channels, ro),
         kFolderOrderSeed);
   }
   unknown_format(d.format);
@@ -199,9 +197,12 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
   // A multi-label test set takes its tag columns from the training set (or
   // data.tags, which a trained run stores), so a column means one tag in both.
   std::vector<std::string> vocabulary = d.tags;
+  data::ReadOptions ro;
+  ro.fit = data::parse_fit(d.resize, "data.resize");
+  ro.stop = stop;
   if (load_train) {
     validate_training_data(d, m);
-    out.train = limit(open_one(d, m, /*train=*/true, vocabulary, stop), d.train_limit, "data.train_limit");
+    out.train = limit(open_one(d, m, /*train=*/true, vocabulary, ro), d.train_limit, "data.train_limit");
     if (out.train.multilabel()) vocabulary = out.train.class_names;
     MOEV_CHECK(d.per_class == 0 || !out.train.multilabel(), "data.per_class = ", d.per_class,
                ": a per-class subset needs single-label data, not data.format = 'manifest'");
@@ -216,7 +217,9 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
   if (load_test) {
     MOEV_CHECK(d.format != "manifest" || !vocabulary.empty(),
                "data.tags is empty and there is no training manifest to take the tags from");
-    out.test = limit(open_one(d, m, /*train=*/false, vocabulary, stop), d.test_limit, "data.test_limit");
+    // Held beside the training set: the two together must fit.
+    if (out.train.images.defined()) ro.held_bytes = static_cast<double>(out.train.images.nbytes());
+    out.test = limit(open_one(d, m, /*train=*/false, vocabulary, ro), d.test_limit, "data.test_limit");
     check_fits(out.test, m);
     if (load_train) align_classes(out.test, out.train.class_names, "the training set " + out.train.source);
   }
