@@ -33,8 +33,10 @@ void on_stop_signal(int sig) {
   int none = 0;
   if (!g_signal.compare_exchange_strong(none, sig)) return;  // already stopping
   g_stop.store(true);
-  say(sig == SIGINT ? "\nmoev: interrupted: saving a checkpoint after this step (Ctrl-C again stops at once)\n"
-                    : "\nmoev: SIGTERM: saving a checkpoint after this step, then stopping\n");
+  // Said before knowing where the run is: while images are still read there is no step to save.
+  say(sig == SIGINT ? "\nmoev: interrupted: stopping after the step in progress, which is saved (Ctrl-C again stops "
+                      "at once)\n"
+                    : "\nmoev: SIGTERM: stopping after the step in progress, which is saved\n");
 }
 
 }  // namespace

@@ -110,7 +110,10 @@ Runner add_train(CLI::App& app) {
     if (r.stopped) {
       std::cout << "stopped at step " << r.steps << " on request; checkpoint: "
                 << train::checkpoint_path(cfg.train.out_dir) << "\ncontinue with: moev train --out " << cfg.train.out_dir
-                << " --resume" << as_ranks << "\n";
+                << " --resume"
+                // The pause it was heading for: without it, the resumed run went on to the end.
+                << (cfg.train.max_steps > r.steps ? " --max-steps " + std::to_string(cfg.train.max_steps) : "")
+                << as_ranks << "\n";
       return code;
     }
     if (!r.finished) {  // paused at train.max_steps: it read like a finished run, without a test figure

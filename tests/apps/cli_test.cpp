@@ -108,11 +108,13 @@ TEST(Cli, BadInputsFailCleanly) {
   expect_clean_failure("train " + kTiny + "--set data.crop_padding=15 --out " + dir.file("r"),
                        {"data.crop_padding = 15", "at most half the 28-pixel image side (14)"});
   expect_clean_failure("train " + kTiny + "--set data.random_erase=2 --out " + dir.file("r"), {"data.random_erase = 2"});
-  expect_clean_failure("train " + kTiny + "--device cuda", {"--device cuda"});
+  expect_clean_failure("train " + kTiny + "--device cuda", {"train.device (--device) = cuda"});
+  expect_clean_failure("eval " + dir.file("missing.pt") + " --device gpu", {"--device gpu: unknown device"});
   expect_clean_failure("train " + kTiny + "--set data.resize=crop", {"data.resize = 'crop'", "center_crop"});
   expect_clean_failure("train " + kTiny + "--set data.resize=center_crop",
                        {"data.resize = center_crop", "folder or manifest", "fashion-mnist"});
-  expect_clean_failure("train " + kTiny + "--device cpu:1", {"--device cpu:1", "one CPU device", "--threads"});
+  expect_clean_failure("train " + kTiny + "--device cpu:1",
+                       {"train.device (--device) = cpu:1", "one CPU device", "--threads"});
   // Raw std::filesystem text before, naming neither the key nor the flag; an empty --moe made the model dense.
   std::ofstream(dir.file("afile")) << "x";
   expect_clean_failure("train " + kTiny + "--out " + dir.file("afile"), {"train.out_dir = ", "afile", "--out DIR"});
@@ -181,7 +183,8 @@ TEST(Cli, SigtermSavesTheStepInProgressAndTheRunResumes) {
   const auto text = bytes_of(dir.file("out.txt"));
   ASSERT_TRUE(training) << text;
   EXPECT_EQ(code, 143) << text;
-  EXPECT_NE(text.find("moev: SIGTERM: saving a checkpoint after this step"), std::string::npos) << text;
+  EXPECT_NE(text.find("moev: SIGTERM: stopping after the step in progress, which is saved"), std::string::npos)
+      << text;
   EXPECT_NE(text.find("continue with: moev train --out " + out + " --resume"), std::string::npos) << text;
   std::smatch m;
   ASSERT_TRUE(std::regex_search(text, m, std::regex("stopped at step (\\d+) on request"))) << text;

@@ -124,7 +124,16 @@ TEST(IdxReader, AFileGivenAsTheDirectoryIsNamedAsAFile) {
   write_bytes(dir.file("a.png"), {1, 2, 3});
   expect_error([&] { load_fashion_mnist(dir.file("a.png"), false); },
                {dir.file("a.png"), "is a file", "--format folder"});
-  expect_error([&] { load_fashion_mnist(dir.file("none"), false); }, {dir.file("none"), "not found"});
+  expect_error([&] { load_fashion_mnist(dir.file("none"), false); }, {dir.file("none"), "not found", "--format"});
+  // A folder tree read as Fashion-MNIST (a forgotten --format folder) was told to install the Debian package.
+  std::filesystem::create_directories(dir.file("tree/shirt"));
+  expect_error([&] { load_fashion_mnist(dir.file("tree"), true); },
+               {dir.file("tree"), "holds folders", "--format folder"});
+  try {
+    load_fashion_mnist(dir.file("tree"), true);
+  } catch (const moev::Error& e) {
+    EXPECT_EQ(std::string(e.what()).find("Debian package"), std::string::npos) << e.what();
+  }
 }
 
 TEST(IdxReader, TrailingBytesAreAnError) {

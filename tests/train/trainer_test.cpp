@@ -672,6 +672,29 @@ TEST(Trainer, ResumeOnChangedDataIsRefused) {
   EXPECT_EQ(test::bytes_of(path), before);
 }
 
+// Resumed with a train.max_steps it had reached, a run trained nothing and said "paused" at exit 0; a stop that
+// came with the max_steps pause was taken for the pause alone (exit 0 where a scheduler needs 143).
+TEST(Trainer, MaxStepsAlreadyReachedIsRefusedAndAStopAtThePauseIsAStop) {
+  test::TempDir dir;
+  auto cfg = tiny_run(dir.file("run"));
+  cfg.train.max_steps = 2;
+  std::atomic<bool> stop{true};
+  train::TrainRunOptions o;
+  o.stop = &stop;
+  cfg.train.max_steps = 1;
+  const auto first = train::train_model(cfg, o);
+  EXPECT_EQ(first.steps, 1);
+  EXPECT_TRUE(first.stopped);
+  o.stop = nullptr;
+  o.resume = true;
+  test::expect_error([&] { train::train_model(cfg, o); },
+                     {"train.max_steps = 1 (--max-steps)", "is at step 1 already", "give a larger --max-steps"});
+  cfg.train.max_steps = 2;
+  const auto second = train::train_model(cfg, o);
+  EXPECT_EQ(second.steps, 2);
+  EXPECT_FALSE(second.stopped);
+}
+
 // A second run into a directory without resume replaced the first's log at
 // once and its checkpoint soon after; optimiser settings outside their range
 // diverged later with a message blaming train.lr.

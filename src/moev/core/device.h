@@ -8,6 +8,7 @@
 
 namespace moev {
 
-c10::Device parse_device(const std::string& name);
+// `what` names where the string came from in messages ("--device", or a run's "train.device").
+c10::Device parse_device(const std::string& name, const std::string& what = "--device");
 
 }  // namespace moev

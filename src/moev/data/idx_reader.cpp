@@ -23,7 +23,20 @@ constexpr uint32_t kImagesMagic = 2051;  // 0x00000803: unsigned bytes, 3 dims
 constexpr uint32_t kLabelsMagic = 2049;  // 0x00000801: unsigned bytes, 1 dim
 constexpr uint32_t kMaxSide = 1 << 15;
 
-const char* kInstallHint = "; install the Debian package dataset-fashion-mnist";
+// Why the IDX files are not in `dir`, for the message: a folder tree read with the wrong data.format (the
+// package hint sent people to install what they had), the package missing, or another directory.
+std::string missing_hint(const fs::path& dir) {
+  std::error_code ec;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec))
+    if (it->is_directory(ec) && it->path().filename().string().rfind('.', 0) != 0)
+      return "; " + dir.string() + " holds folders (one per class?), which data.format = fashion-mnist does not "
+             "read: for a folder of images per class give --format folder (data.format = \"folder\")";
+  if (fs::path(dir).lexically_normal() == fs::path("/usr/share/datasets/fashion-mnist"))
+    return "; install the Debian package dataset-fashion-mnist";
+  return "; data.format = fashion-mnist reads its IDX files (train-images-idx3-ubyte.gz, ...) from data.path "
+         "(--data), where the Debian package dataset-fashion-mnist puts them in /usr/share/datasets/fashion-mnist; "
+         "another kind of data set needs another --format";
+}
 
 class IdxFile {
  public:
@@ -121,7 +134,7 @@ std::string find_split_file(const fs::path& dir, const std::string& stem) {
     const fs::path path = dir / (stem + ext);
     if (fs::is_regular_file(path)) return path.string();
   }
-  fail("Fashion-MNIST file ", (dir / (stem + ".gz")).string(), " not found", kInstallHint);
+  fail("Fashion-MNIST file ", (dir / (stem + ".gz")).string(), " not found", missing_hint(dir));
 }
 
 }  // namespace
@@ -179,7 +192,7 @@ ImageSet read_idx(const std::string& images_gz_or_raw, const std::string& labels
 ImageSet load_fashion_mnist(const std::string& dir, bool train) {
   MOEV_CHECK(!fs::exists(dir) || fs::is_directory(dir), "Fashion-MNIST directory ", dir,
              " is a file; expected the directory of the IDX files (or --format folder for one folder per class)");
-  MOEV_CHECK(fs::is_directory(dir), "Fashion-MNIST directory ", dir, " not found", kInstallHint);
+  MOEV_CHECK(fs::is_directory(dir), "Fashion-MNIST directory ", dir, " not found", missing_hint(dir));
   const std::string prefix = train ? "train" : "t10k";
   const std::string images = find_split_file(dir, prefix + "-images-idx3-ubyte");
   const std::string labels = find_split_file(dir, prefix + "-labels-idx1-ubyte");

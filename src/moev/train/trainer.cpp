@@ -369,7 +369,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   dist::Communicator* comm = opts.comm;
   const int rank = comm ? comm->rank() : 0, world = comm ? comm->size() : 1;
   const bool lead = rank == 0;  // writes the run directory, logs, evaluates
-  const auto device = parse_device(tc.device);
+  const auto device = parse_device(tc.device, "train.device (--device) =");
 
   Datasets ds;
   try {
@@ -508,6 +508,10 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     return tc.max_steps > 0 ? std::min(s, tc.max_steps) : s;
   };
   int64_t stop_at = stop_step();
+  // Resumed with a max_steps it has passed, the run trained nothing and said "paused at step N" at exit 0.
+  MOEV_CHECK(!opts.resume || tc.max_steps == 0 || tc.max_steps > pos.step || pos.step >= all_steps,
+             "train.max_steps = ", tc.max_steps, " (--max-steps): ", ckpt_file, " is at step ", pos.step,
+             " already; give a larger --max-steps, or 0 to train to the end (", all_steps, " steps)");
   // Soft targets [B, L] when anything but the label shapes them.
   const bool mixing = tc.mixup_alpha > 0 || tc.cutmix_alpha > 0;
   const bool soft = mixing || teacher || tc.cosine_loss > 0 || multilabel;
@@ -922,8 +926,10 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
         window = {};
         window.since = now;
       }
-      if (stop_now && pos.step < stop_at) {  // saved below, where a max_steps pause is
-        stop_at = pos.step;
+      // Saved below, where a max_steps pause is. A stop that comes with the pause is still a stop: the run
+      // exited 0 as if merely paused, and a scheduler took the preempted job for a finished one.
+      if (stop_now) {
+        stop_at = std::min(stop_at, pos.step);
         out.stopped = true;
       }
       if (tc.checkpoint_every > 0 && pos.step % tc.checkpoint_every == 0 && pos.step < stop_at)
