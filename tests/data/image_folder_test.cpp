@@ -425,8 +425,8 @@ TEST(ImageFolder, PgmSamplesAreScaledByTheirMaximumValue) {
   write_bytes(root.file("wrap.pgm"), {'P', '5', '\n', '4', '2', '9', '4', '9', '8', '3', '6', '8', '0', ' ', '1', '6',
                                       '3', '8', '4', '\n', '1', '0', '2', '3', '\n'});
   expect_error([&] { decode_image_file(root.file("wrap.pgm"), 1, 1, 1); }, {"wrap.pgm", "4294983680x16384", "above"});
-  // A sample above the maximum (a broken writer) reads as the maximum, not as a wrapped byte.
-  EXPECT_TRUE(torch::equal(pgm("over.pgm", 15, {16, 200}), bytes({255, 255})));
+  // A sample above the maximum (a broken writer's) is refused, naming it: it was read as the maximum.
+  expect_error([&] { pgm("over.pgm", 15, {15, 200}); }, {"over.pgm", "sample 1 is 200", "above the maximum value 15"});
 }
 
 // stb reads only the binary grey and colour kinds (P5, P6); plain text (P1-P3) and bitmaps (P1, P4) were
@@ -467,10 +467,11 @@ TEST(ImageFolder, PlainAndBitmapNetpbmDecodeAsTheirBinaryTwins) {
   // Far too short for its header: refused before its samples are read (it filled a 0.8 GB buffer first).
   const std::string claims = text("claims.ppm", "P3 16384 16384 255 1");
   expect_error([&] { grey(claims, 1, 1); }, {claims, "PGM/PPM cut short: 20 bytes"});
-  // An over-long number is one number (it was read as two samples).
-  EXPECT_TRUE(torch::equal(grey(text("long.pgm", "P2 2 1 255 99999999999999999999 0"), 1, 2), bytes({255, 0})));
-  const std::string three = text("three.pgm", "P2 2 1 255 99999999999999999999");
-  expect_error([&] { grey(three, 1, 2); }, {three, "cut short"});
+  // An over-long number is refused (it was read as two samples), and a sample above the maximum is named.
+  const std::string digits = text("long.pgm", "P2 2 1 255 99999999999999999999 0");
+  expect_error([&] { grey(digits, 1, 2); }, {digits, "damaged at byte 11", "more digits"});
+  const std::string over = text("over.pgm", "P2 2 1 255 0 256");
+  expect_error([&] { grey(over, 1, 2); }, {over, "sample 1 is 256", "above the maximum value 255"});
   const std::string two = text("two.pbm", "P1 2 1 12");
   expect_error([&] { grey(two, 1, 2); }, {two, "byte 8", "expected 0 or 1"});
   const std::string letter = text("x.pgm", "P2 2 1 255 4 x");

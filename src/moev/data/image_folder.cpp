@@ -185,9 +185,12 @@ int64_t netpbm_number(const std::string& path, const std::vector<unsigned char>&
   const bool more = skip_netpbm_space(b, at);
   int64_t v = 0;
   const size_t start = at;
-  // Every digit is read (an over-long number split in two read as two samples); the value stops growing past 2^40.
-  for (; at < b.size() && std::isdigit(b[at]); ++at)
-    if (v <= (int64_t{1} << 40)) v = v * 10 + (b[at] - '0');
+  // Every digit is read: an over-long number was split in two, read as two samples (or a wrong width).
+  for (; at < b.size() && std::isdigit(b[at]); ++at) {
+    MOEV_CHECK(v <= (int64_t{1} << 40), "file ", path, ": PBM/PGM/PPM damaged at byte ", start, ": a number of ",
+               "more digits than any side or sample has");
+    v = v * 10 + (b[at] - '0');
+  }
   MOEV_CHECK(at > start, "file ", path, ": PBM/PGM/PPM ", more ? "damaged" : "cut short", " at byte ", start,
              ": expected a number");
   return v;
@@ -266,7 +269,8 @@ Netpbm check_complete(const std::string& path, const std::vector<unsigned char>&
       // Each sample takes at least a digit, and a PGM/PPM's a space between two: a 21-byte file claiming
       // 16384 x 16384 is cut short here, before a buffer for its samples is filled.
       const size_t least = pnm.offset + (bits ? samples : 2 * samples - 1);
-      if (n < least) cut(format, least);
+      MOEV_CHECK(n >= least, "file ", path, ": ", format, " cut short: ", n, " bytes, where the ", samples,
+                 " samples its header asks for take at least ", least, " (an interrupted copy or download?)");
       return pnm;  // the samples themselves are counted as they are read
     }
     const auto row = static_cast<size_t>(bits ? (w + 7) / 8 : w * pnm.channels * (maxval > 255 ? 2 : 1));
@@ -378,14 +382,17 @@ std::pair<int, int> apply_orientation(int orientation, std::vector<unsigned char
 // their samples on as written whatever the maximum value (a 10-bit camera's
 // frame, maxval 1023, became a nearly black image; one with maxval 15 a dark
 // one), reading 16-bit samples in the machine's byte order, not the file's
-// (most significant first). Samples above the maximum read as the maximum.
+// (most significant first). A sample above the maximum is an error (it was
+// read as the maximum, so a broken writer's file trained without a word).
 std::vector<unsigned char> decode_netpbm(const std::string& path, const std::vector<unsigned char>& b,
                                          const Netpbm& pnm, int64_t channels) {
   const auto fc = static_cast<size_t>(pnm.channels);
   const size_t pixels_n = static_cast<size_t>(pnm.width * pnm.height), samples_n = pixels_n * fc;
   const bool bits = pnm.kind == '1' || pnm.kind == '4', wide = pnm.maxval > 255;
-  auto scale = [&](int64_t v) {
-    return static_cast<unsigned char>((std::min(v, pnm.maxval) * 255 + pnm.maxval / 2) / pnm.maxval);
+  auto scale = [&](int64_t v, size_t i) {
+    MOEV_CHECK(v <= pnm.maxval, "file ", path, ": sample ", i, " is ", v, ", above the maximum value ", pnm.maxval,
+               " its header gives (a damaged file, or a writer that breaks the format)");
+    return static_cast<unsigned char>((v * 255 + pnm.maxval / 2) / pnm.maxval);
   };
   std::vector<unsigned char> samples(samples_n);  // scaled to 0..255, as the file lays them out
   if (pnm.kind <= '3') {  // plain: decimal text; a PBM's 0s and 1s need no space between them
@@ -397,7 +404,7 @@ std::vector<unsigned char> decode_netpbm(const std::string& path, const std::vec
         MOEV_CHECK(b[at] == '0' || b[at] == '1', "file ", path, ": PBM damaged at byte ", at, ": expected 0 or 1");
         samples[i] = b[at++] == '1' ? 0 : 255;  // 1 is black
       } else {
-        samples[i] = scale(netpbm_number(path, b, at));
+        samples[i] = scale(netpbm_number(path, b, at), i);
       }
     }
   } else {
@@ -408,7 +415,7 @@ std::vector<unsigned char> decode_netpbm(const std::string& path, const std::vec
         samples[i] = (b[pnm.offset + y * row + x / 8] >> (7 - x % 8) & 1) ? 0 : 255;
       } else {
         const unsigned char* at = b.data() + pnm.offset + i * (wide ? 2 : 1);
-        samples[i] = scale(wide ? (int64_t{at[0]} << 8 | at[1]) : at[0]);
+        samples[i] = scale(wide ? (int64_t{at[0]} << 8 | at[1]) : at[0], i);
       }
     }
   }
