@@ -61,7 +61,11 @@ Runner add_predict(CLI::App& app) {
         const auto& path = f->images[i];
         data::SourceSize size;
         imgs.push_back(data::decode_image_file(path, m.image_size, m.image_size, m.channels,
-                                               data::parse_fit(t.cfg.data.resize, "data.resize"), &size));
+                                               data::parse_fit(t.cfg.data.resize, "data.resize"), &size,
+                                               /*look_for_alpha=*/true));
+        if (size.colour && m.channels == 1)
+          std::fprintf(stderr, "note: %s is in colour; the model reads it as grey (it was trained with "
+                       "model.channels = 1)\n", path.c_str());
         // Classified all the same, but a thumbnail blown up past 2x holds little
         // of the detail the model learned from.
         if (2 * size.height < m.image_size || 2 * size.width < m.image_size)

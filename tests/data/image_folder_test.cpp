@@ -503,28 +503,43 @@ TEST(ImageFolder, AStopEndsTheDecodingWithStopped) {
   }
 }
 
-// Transparency is reported for a PNG or TGA that has it; stb's channel count said 4 for every GIF as well.
-TEST(ImageFolder, SourceSizeSaysWhetherTransparencyWasDropped) {
+// Transparency is reported where some pixel has it, whatever the format: stb's channel count said 4 for every
+// GIF, and an opaque RGBA PNG has nothing to drop. Colour is what the file stores, for a grey model's note.
+TEST(ImageFolder, SourceSizeSaysWhetherTransparencyOrColourWasDropped) {
   TempDir root;
-  const auto rgba = pattern(3, 5, 4, 1), rgb = pattern(3, 5, 3, 2);
+  auto rgba = pattern(3, 5, 4, 1);
+  const auto rgb = pattern(3, 5, 3, 2), grey = pattern(3, 5, 1, 3);
   write_png(root.file("rgba.png"), rgba, 3, 5, 4);
-  write_png(root.file("rgb.png"), rgb, 3, 5, 3);
   ASSERT_EQ(stbi_write_tga(root.file("rgba.tga").c_str(), 5, 3, 4, rgba.data()), 1);
-  ASSERT_EQ(stbi_write_tga(root.file("rgb.tga").c_str(), 5, 3, 3, rgb.data()), 1);
-  // 1x1, a colour table of two entries, a graphic control extension without transparency, one frame.
-  write_bytes(root.file("a.gif"), {'G', 'I', 'F', '8', '9', 'a', 1, 0, 1, 0, 0x80, 0, 0, 255, 255, 255, 0, 0, 0, 0x21,
-                                   0xF9, 4, 0, 0, 0, 0, 0, 0x2C, 0, 0, 0, 0, 1, 0, 1, 0, 0, 2, 2, 0x44, 1, 0, 0x3B});
-  auto alpha = [&](const std::string& name) {
-    SourceSize size;
-    decode_image_file(root.file(name), 4, 4, 3, Fit::kStretch, &size);
-    EXPECT_EQ(size.width, name == "a.gif" ? 1 : 5) << name;
-    return size.alpha;
+  for (size_t i = 3; i < rgba.size(); i += 4) rgba[i] = 255;
+  write_png(root.file("opaque.png"), rgba, 3, 5, 4);
+  write_png(root.file("rgb.png"), rgb, 3, 5, 3);
+  write_png(root.file("grey.png"), grey, 3, 5, 1);
+  // 1x1, a colour table of two entries, a graphic control extension (transparent index 0, or none), one frame
+  // of index 0.
+  auto gif = [&](const std::string& name, unsigned char flags) {
+    write_bytes(root.file(name), {'G', 'I', 'F', '8', '9', 'a', 1, 0, 1, 0, 0x80, 0, 0, 255, 255, 255, 0, 0, 0, 0x21,
+                                  0xF9, 4, flags, 0, 0, 0, 0, 0x2C, 0, 0, 0, 0, 1, 0, 1, 0, 0, 2, 2, 0x44, 1, 0, 0x3B});
   };
-  EXPECT_TRUE(alpha("rgba.png"));
-  EXPECT_TRUE(alpha("rgba.tga"));
-  EXPECT_FALSE(alpha("rgb.png"));
-  EXPECT_FALSE(alpha("rgb.tga"));
-  EXPECT_FALSE(alpha("a.gif"));
+  gif("opaque.gif", 0);
+  gif("clear.gif", 1);
+  auto look = [&](const std::string& name) {
+    SourceSize size;
+    decode_image_file(root.file(name), 4, 4, 3, Fit::kStretch, &size, /*look_for_alpha=*/true);
+    EXPECT_EQ(size.width, name.find(".gif") != std::string::npos ? 1 : 5) << name;
+    return size;
+  };
+  EXPECT_TRUE(look("rgba.png").alpha);
+  EXPECT_TRUE(look("rgba.tga").alpha);
+  EXPECT_TRUE(look("clear.gif").alpha);
+  for (const char* name : {"opaque.png", "rgb.png", "grey.png", "opaque.gif"}) EXPECT_FALSE(look(name).alpha) << name;
+  EXPECT_TRUE(look("rgb.png").colour);
+  EXPECT_FALSE(look("grey.png").colour);
+  // A folder read with one channel counts its colour images; with three there is nothing to say.
+  fs::create_directories(root.path() / "f" / "c");
+  for (const char* name : {"rgb.png", "grey.png", "opaque.png"}) fs::copy_file(root.file(name), root.path() / "f" / "c" / name);
+  EXPECT_EQ(read_image_folder(root.file("f"), 4, 4, 1).colour_as_grey, 2);
+  EXPECT_EQ(read_image_folder(root.file("f"), 4, 4, 3).colour_as_grey, 0);
 }
 
 // A folder too large to hold decoded is refused before its images are allocated, naming what would fit.

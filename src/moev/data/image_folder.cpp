@@ -99,26 +99,6 @@ void check_png_crcs(const std::string& path, const std::vector<unsigned char>& b
   fail("file ", path, ": PNG ends without an IEND chunk (cut short?)");
 }
 
-// Whether a PNG or TGA carries transparency (an alpha channel, or a PNG's tRNS
-// chunk), which decoding to 1 or 3 channels drops. Not from stb's channel count:
-// it reports 4 for every GIF and for opaque 32-bit BMPs.
-bool has_transparency(const std::vector<unsigned char>& b) {
-  static constexpr unsigned char kSignature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
-  if (b.size() >= 26 && std::memcmp(b.data(), kSignature, 8) == 0) {
-    if (b[25] == 4 || b[25] == 6) return true;  // IHDR's colour type: grey or RGB with alpha
-    for (size_t at = 8; at + 8 <= b.size();) {  // the chunks (whole: check_png_crcs ran first)
-      const std::string type(reinterpret_cast<const char*>(&b[at + 4]), 4);
-      if (type == "tRNS") return true;
-      if (type == "IDAT" || type == "IEND") return false;
-      at += 12 + size_t{big_endian32(&b[at])};
-    }
-    return false;
-  }
-  // A TGA (no signature: its header's fields, as check_complete judges it) with alpha bits in its descriptor.
-  return b.size() >= 18 && b[1] <= 1 && (b[2] == 2 || b[2] == 3 || b[2] == 10 || b[2] == 11) &&
-         (b[16] == 32 || b[16] == 16) && (b[17] & 0x0F) != 0;
-}
-
 // Where a JPEG's walk over its segments ended: scan, the first byte of the
 // entropy-coded data after the first scan header; or needed > 0, the bytes
 // the file would need for the segment it ends in.
@@ -432,7 +412,7 @@ std::vector<unsigned char> decode_netpbm(const std::string& path, const std::vec
 
 // Decodes path into dst, uint8 [C, H, W] contiguous; returns the file's own (upright) size.
 SourceSize decode_into(const std::string& path, int64_t height, int64_t width, int64_t channels, Fit fit,
-                       uint8_t* dst) {
+                       uint8_t* dst, bool look_for_alpha = false) {
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   MOEV_CHECK(in, "cannot open image file ", path);
   const auto size = static_cast<int64_t>(in.tellg());
@@ -445,6 +425,7 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
   check_png_crcs(path, bytes);
   const Netpbm pnm = check_complete(path, bytes);
   int w = 0, h = 0;
+  bool colour = pnm.channels == 3, alpha = false;
   std::vector<unsigned char> netpbm, upright, resized;
   std::unique_ptr<unsigned char, void (*)(void*)> pixels(nullptr, stbi_image_free);
   const unsigned char* hwc = nullptr;
@@ -469,12 +450,23 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
     MOEV_CHECK(pixels != nullptr, "file ", path, " is not a readable image (stb_image: ", stbi_failure_reason(), ")");
     MOEV_CHECK(w >= 1 && h >= 1, "file ", path, ": an image of ", w, "x", h, " pixels; expected at least 1x1");
     hwc = pixels.get();
+    colour = file_channels >= 3;
+    // stb says 2 or 4 channels for any GIF and some opaque BMPs too: the alpha values themselves decide, from a
+    // second decoding that keeps them (the pixels above stay stb's own conversion).
+    if (look_for_alpha && (file_channels == 2 || file_channels == 4)) {
+      int aw = 0, ah = 0, ac = 0;
+      std::unique_ptr<unsigned char, void (*)(void*)> native(
+          stbi_load_from_memory(bytes.data(), static_cast<int>(bytes.size()), &aw, &ah, &ac, file_channels),
+          stbi_image_free);
+      const size_t px = native ? static_cast<size_t>(aw) * static_cast<size_t>(ah) : 0;
+      for (size_t p = 0; p < px && !alpha; ++p) alpha = native.get()[p * file_channels + file_channels - 1] != 255;
+    }
   }
   if (const int o = jpeg_orientation(bytes); o != 1) {
     std::tie(w, h) = apply_orientation(o, upright, hwc, w, h, static_cast<int>(channels));
     hwc = upright.data();
   }
-  const SourceSize source{h, w, has_transparency(bytes)};
+  const SourceSize source{h, w, colour, alpha};
   const int row_bytes = w * static_cast<int>(channels);
   if (fit == Fit::kCenterCrop) {  // the largest centred window of height:width, rounded to whole pixels
     if (int64_t{w} * height > int64_t{h} * width) {
@@ -525,12 +517,12 @@ Fit parse_fit(const std::string& name, const std::string& key) {
 }
 
 torch::Tensor decode_image_file(const std::string& path, int64_t height, int64_t width,
-                                int64_t channels, Fit fit, SourceSize* source) {
+                                int64_t channels, Fit fit, SourceSize* source, bool look_for_alpha) {
   check_geometry(height, width, channels);
   MOEV_CHECK(fs::exists(path), "image file ", path, " not found");
   MOEV_CHECK(fs::is_regular_file(path), "image file ", path, " is not a regular file (a directory, a pipe?)");
   torch::Tensor image = torch::empty({channels, height, width}, torch::kUInt8);
-  const SourceSize size = decode_into(path, height, width, channels, fit, image.data_ptr<uint8_t>());
+  const SourceSize size = decode_into(path, height, width, channels, fit, image.data_ptr<uint8_t>(), look_for_alpha);
   if (source) *source = size;
   return image;
 }
@@ -580,14 +572,15 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
 
   uint8_t* images = set.images.data_ptr<uint8_t>();
   const int64_t image_bytes = channels * height * width;
-  std::atomic<int64_t> next{0}, decoded{0};
+  std::atomic<int64_t> next{0}, decoded{0}, colour{0};
   std::mutex error_mutex;
   int64_t error_index = n;  // the first failing file in order, so the message is stable
   std::exception_ptr error;
   auto work = [&] {
     for (int64_t i; (!stop || !stop->load(std::memory_order_relaxed)) && (i = next.fetch_add(1)) < n;) {
       try {
-        decode_into(files[i], height, width, channels, options.fit, images + i * image_bytes);
+        if (decode_into(files[i], height, width, channels, options.fit, images + i * image_bytes).colour)
+          colour.fetch_add(1, std::memory_order_relaxed);
         decoded.fetch_add(1, std::memory_order_relaxed);
       } catch (...) {
         std::lock_guard<std::mutex> lock(error_mutex);
@@ -607,6 +600,7 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
   if (error) std::rethrow_exception(error);
   if (decoded.load() < n) throw Stopped("stopped while reading image folder " + root + " (" +
                                         std::to_string(decoded.load()) + " of " + std::to_string(n) + " images decoded)");
+  if (channels == 1) set.colour_as_grey = colour.load();
   return set;
 }
 

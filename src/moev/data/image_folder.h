@@ -46,12 +46,16 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
 // An image file's own size (upright, as EXIF orientation turns it), before resizing.
 struct SourceSize {
   int64_t height = 0, width = 0;
-  bool alpha = false;  // the file has an alpha channel, which is dropped (the colours as stored, as PIL's convert)
+  bool colour = false;  // the file stores colour (three channels), whatever the channels it was read with
+  bool alpha = false;   // some pixel is not opaque, and its transparency was dropped (the colours as stored, as
+                        // PIL's convert('RGB')); looked for only when decode_image_file is asked to
+
 };
 
 // One image file (PNG, JPEG, BMP, GIF, PBM/PGM/PPM, TGA) -> uint8 [C, H, W], resized and converted like
 // read_image_folder; with `source`, the file's own size is written there.
 torch::Tensor decode_image_file(const std::string& path, int64_t height, int64_t width,
-                                int64_t channels, Fit fit = Fit::kStretch, SourceSize* source = nullptr);
+                                int64_t channels, Fit fit = Fit::kStretch, SourceSize* source = nullptr,
+                                bool look_for_alpha = false);
 
 }  // namespace moev::data

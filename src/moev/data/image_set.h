@@ -18,6 +18,7 @@ struct ImageSet {
   torch::Tensor targets;                 // float {0, 1} [N, T]: a multi-label set's tags (undefined: single-label)
   std::vector<std::string> class_names;  // index = label (multi-label: the tags, column order)
   std::string source;                    // where it was read from, for messages
+  int64_t colour_as_grey = 0;            // images stored in colour that were read with one channel (luminance)
 
   int64_t size() const { return labels.defined() ? labels.size(0) : 0; }
   bool multilabel() const { return targets.defined(); }

@@ -122,7 +122,9 @@ MultiLabelSet read_manifest(const std::string& path, int64_t height, int64_t wid
                  "' is not one of the model's ", T, " tags");
       s.targets[i][it->second] = 1.0f;
     }
-    s.images[i].copy_(decode_image_file(p.string(), height, width, channels, options.fit));
+    SourceSize size;
+    s.images[i].copy_(decode_image_file(p.string(), height, width, channels, options.fit, &size));
+    s.colour_as_grey += channels == 1 && size.colour;
     s.paths.push_back(p.string());
   }
   return s;

@@ -33,6 +33,7 @@ struct MultiLabelSet {
   std::vector<std::string> tags;   // column t of targets
   std::vector<std::string> paths;  // resolved image paths
   std::string source;
+  int64_t colour_as_grey = 0;      // as ImageSet's
 
   int64_t size() const { return images.defined() ? images.size(0) : 0; }
 };

@@ -29,6 +29,7 @@ data::ImageSet open_manifest(const std::string& path, const models::ModelConfig&
   s.labels = ml.targets.argmax(1).contiguous();  // first maximum: the lowest tag column
   s.class_names = ml.tags;
   s.source = ml.source;
+  s.colour_as_grey = ml.colour_as_grey;
   return s;
 }
 
@@ -200,9 +201,16 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
   data::ReadOptions ro;
   ro.fit = data::parse_fit(d.resize, "data.resize");
   ro.stop = stop;
+  // A folder of colour photos trained a grey model without a word (the presets have one channel).
+  auto note_colour = [&](const data::ImageSet& s) {
+    if (s.colour_as_grey > 0)
+      out.notes.push_back(s.source + ": " + std::to_string(s.colour_as_grey) + " images are in colour, and " +
+                          "model.channels = 1 reads them as grey (luminance); model.channels = 3 keeps the colours");
+  };
   if (load_train) {
     validate_training_data(d, m);
     out.train = limit(open_one(d, m, /*train=*/true, vocabulary, ro), d.train_limit, "data.train_limit");
+    note_colour(out.train);
     if (out.train.multilabel()) vocabulary = out.train.class_names;
     MOEV_CHECK(d.per_class == 0 || !out.train.multilabel(), "data.per_class = ", d.per_class,
                ": a per-class subset needs single-label data, not data.format = 'manifest'");
@@ -220,6 +228,7 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
     // Held beside the training set: the two together must fit.
     if (out.train.images.defined()) ro.held_bytes = static_cast<double>(out.train.images.nbytes());
     out.test = limit(open_one(d, m, /*train=*/false, vocabulary, ro), d.test_limit, "data.test_limit");
+    if (!load_train) note_colour(out.test);  // beside a training set, said once for both
     check_fits(out.test, m);
     if (load_train) align_classes(out.test, out.train.class_names, "the training set " + out.train.source);
   }

@@ -16,6 +16,7 @@ namespace moev::train {
 struct Datasets {
   data::ImageSet train, test;
   std::vector<float> mean, std;  // per channel, as used for training
+  std::vector<std::string> notes;  // for the user, one line each: what reading changed (colour read as grey)
 };
 
 // The data keys a training run reads (format, per_class, crop_padding against

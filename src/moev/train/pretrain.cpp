@@ -262,6 +262,8 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
   set_threads(tc.threads);
 
   Datasets ds = open_datasets(cfg.data, cfg.model, /*load_train=*/true, /*load_test=*/o.knn_k > 0, o.stop);
+  if (o.progress)
+    for (const auto& note : ds.notes) *o.progress << "note: " << note << "\n";
   MOEV_CHECK(o.knn_k <= ds.train.size(), "pretrain: knn = ", o.knn_k, ": more neighbours than the ",
              ds.train.size(), " training images (--knn; 0: no probe)");
   MOEV_CHECK(!ds.train.multilabel(), "pretrain: ", ds.train.source,

@@ -380,6 +380,8 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
                   (opts.resume ? ", so " + ckpt_file + " is as it was (--resume continues it)"
                                : ": nothing was trained"));
   }
+  if (lead && opts.progress)
+    for (const auto& note : ds.notes) *opts.progress << "note: " << note << "\n";
   cfg.data.mean = ds.mean;  // stored in the checkpoint, so eval/predict normalise alike
   cfg.data.std = ds.std;
   MOEV_CHECK(opts.expect_train_size < 0 || ds.train.size() == opts.expect_train_size, "training set ",
