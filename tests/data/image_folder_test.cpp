@@ -537,7 +537,8 @@ TEST(ImageFolder, SourceSizeSaysWhetherTransparencyOrColourWasDropped) {
   EXPECT_FALSE(look("grey.png").colour);
   // A folder read with one channel counts its colour images; with three there is nothing to say.
   fs::create_directories(root.path() / "f" / "c");
-  for (const char* name : {"rgb.png", "grey.png", "opaque.png"}) fs::copy_file(root.file(name), root.path() / "f" / "c" / name);
+  for (const char* name : {"rgb.png", "grey.png", "opaque.png"})
+    fs::copy_file(root.file(name), root.path() / "f" / "c" / name);
   EXPECT_EQ(read_image_folder(root.file("f"), 4, 4, 1).colour_as_grey, 2);
   EXPECT_EQ(read_image_folder(root.file("f"), 4, 4, 3).colour_as_grey, 0);
 }

@@ -598,8 +598,9 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
   work();
   for (auto& thread : threads) thread.join();
   if (error) std::rethrow_exception(error);
-  if (decoded.load() < n) throw Stopped("stopped while reading image folder " + root + " (" +
-                                        std::to_string(decoded.load()) + " of " + std::to_string(n) + " images decoded)");
+  if (decoded.load() < n)
+    throw Stopped("stopped while reading image folder " + root + " (" + std::to_string(decoded.load()) + " of " +
+                  std::to_string(n) + " images decoded)");
   if (channels == 1) set.colour_as_grey = colour.load();
   return set;
 }
