@@ -300,7 +300,7 @@ TEST(Launch, SigtermToOneRankStopsEveryRankAtOneStepAndTheJobResumes) {
   ASSERT_TRUE(training) << text;
   ASSERT_EQ(ranks.size(), 2u) << text;
   EXPECT_EQ(code, 143) << text;  // rank 0's status: stopped as asked, though not signalled itself
-  EXPECT_NE(text.find("[rank 1] moev: SIGTERM: saving"), std::string::npos) << text;
+  EXPECT_NE(text.find("[rank 1] moev: SIGTERM: stopping"), std::string::npos) << text;
   EXPECT_EQ(text.find("[rank 0] moev: SIGTERM"), std::string::npos) << text;
   EXPECT_NE(text.find("rank 0 stopped on request with status 143"), std::string::npos) << text;
   std::smatch m0, m1;

@@ -11,6 +11,7 @@
 
 #include <torch/torch.h>
 
+#include "moev/train/trained_model.h"
 #include "support/expect_error.h"
 #include "support/temp_dir.h"
 
@@ -76,6 +77,20 @@ TEST(Datasets, AFolderRunNeedsATestRoot) {
 
 // A folder is read class by class; its images come mixed, in an order fixed on every machine. Limits took the
 // first class alone (a run scored 100 % after two steps), and an evaluation's MoE routing groups held one class.
+// A run keeps its paths as given; evaluated from another directory, its relative test folder was "not found".
+TEST(Datasets, ARunsRelativeTestPathReadFromElsewhereSaysSo) {
+  train::TrainedModel t;
+  t.cfg.data.format = "folder";
+  t.cfg.data.path = "no/such/train";
+  t.cfg.data.test_path = "no/such/test";
+  test::expect_error([&] { train::open_test_set(t, t.cfg.data, "run/checkpoint.pt"); },
+                     {"run/checkpoint.pt", "no/such/test (data.test_path)", "relative to the directory the run was "
+                      "started in", "--data"});
+  auto other = t.cfg.data;  // a path of the user's own (--data) is theirs to get right: the plain message
+  other.test_path = "elsewhere/test";
+  test::expect_error([&] { train::open_test_set(t, other, "run/checkpoint.pt"); }, {"elsewhere/test", "not found"});
+}
+
 TEST(Datasets, AFoldersImagesComeMixedInAFixedOrder) {
   test::TempDir dir;
   const std::vector<std::string> classes = {"a", "b", "c", "d", "e", "f", "g", "h"};

@@ -1,5 +1,7 @@
 #include "moev/train/trained_model.h"
 
+#include <filesystem>
+
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
@@ -45,6 +47,15 @@ Datasets open_test_set(const TrainedModel& t, const DataConfig& data, const std:
   MOEV_CHECK(data.format != "manifest" || t.cfg.data.format == "manifest", checkpoint, " was trained on ",
              "single-label data (data.format = '", t.cfg.data.format, "'); a manifest is a multi-label test set, ",
              "which only a run trained on one can score");
+  // A run keeps its paths as given: a relative one, read from another directory, was just "not found".
+  const bool own_key = data.format == "folder" || data.format == "manifest";
+  const std::string& where = own_key ? data.test_path : data.path;
+  const std::string& run_where = own_key ? t.cfg.data.test_path : t.cfg.data.path;
+  MOEV_CHECK(where != run_where || where.empty() || std::filesystem::path(where).is_absolute() ||
+                 std::filesystem::exists(where),
+             checkpoint, ": the run's test set ", where, " (", own_key ? "data.test_path" : "data.path", ") is a ",
+             "path relative to the directory the run was started in, and is not found from ",
+             std::filesystem::current_path().string(), "; run from that directory, or give the test set with --data");
   auto ds = open_datasets(data, t.cfg.model, /*load_train=*/false);
   if (t.class_names_stored) align_classes(ds.test, t.class_names, "the training set of " + checkpoint);
   return ds;
