@@ -412,6 +412,10 @@ TEST(HardMoE, ConfigSectionIsCheckedKeyByKey) {
                      {"hardmoe.expertz", "unknown key"});
   test::expect_error([&] { hardmoe::parse_hardmoe_config({{"hardmoe", {{"init", "random"}}}}, run, "f.toml"); },
                      {"hardmoe.init", "trunk or scratch"});
+  // A trunk not trained yet is named as the trunk ("checkpoint X: cannot open" before).
+  c.trunk = "/nonexistent/runs/x/checkpoint.pt";
+  test::expect_error([&] { hardmoe::cluster_trunk(c, 32, nullptr, false); },
+                     {"hardmoe.trunk = /nonexistent/runs/x/checkpoint.pt", "train it first"});
 }
 
 }  // namespace

@@ -157,6 +157,10 @@ std::string checked_trunk(const Partition& p, const std::string& dir, const std:
 }
 
 Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream* progress, bool interactive) {
+  // Named as the trunk: "checkpoint X: cannot open" did not say that it is the model to train first.
+  MOEV_CHECK(fs::exists(c.trunk), "hardmoe.trunk = ", c.trunk, ": no such checkpoint; the trunk is a trained run's ",
+             "checkpoint, clustered by its features (train it first: moev train ... --out <dir>, then trunk = ",
+             "\"<dir>/checkpoint.pt\")");
   auto trunk = train::load_trained(c.trunk, c10::Device(c10::kCPU));
   MOEV_CHECK(trunk.model->num_branches() == 1, c.trunk, ": model.branches = ", trunk.model->num_branches(),
              ": a hard MoE's trunk is a single-branch model");
