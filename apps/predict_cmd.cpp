@@ -64,7 +64,7 @@ Runner add_predict(CLI::App& app) {
                                                data::parse_fit(t.cfg.data.resize, "data.resize"), &size,
                                                /*look_for_alpha=*/true));
         if (size.colour && m.channels == 1)
-          std::fprintf(stderr, "note: %s is in colour; the model reads it as grey (it was trained with "
+          std::fprintf(stderr, "note: %s is stored in colour; the model reads it as grey (it was trained with "
                        "model.channels = 1)\n", path.c_str());
         // Classified all the same, but a thumbnail blown up past 2x holds little
         // of the detail the model learned from.

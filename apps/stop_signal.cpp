@@ -34,9 +34,9 @@ void on_stop_signal(int sig) {
   if (!g_signal.compare_exchange_strong(none, sig)) return;  // already stopping
   g_stop.store(true);
   // Said before knowing where the run is: while images are still read there is no step to save.
-  say(sig == SIGINT ? "\nmoev: interrupted: stopping after the step in progress, which is saved (Ctrl-C again stops "
-                      "at once)\n"
-                    : "\nmoev: SIGTERM: stopping after the step in progress, which is saved\n");
+  say(sig == SIGINT ? "\nmoev: interrupted: stopping; a run in training saves a checkpoint after its current step "
+                      "(Ctrl-C again stops at once)\n"
+                    : "\nmoev: SIGTERM: stopping; a run in training saves a checkpoint after its current step\n");
 }
 
 }  // namespace

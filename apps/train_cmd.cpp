@@ -112,7 +112,7 @@ Runner add_train(CLI::App& app) {
                 << train::checkpoint_path(cfg.train.out_dir) << "\ncontinue with: moev train --out " << cfg.train.out_dir
                 << " --resume"
                 // The pause it was heading for: without it, the resumed run went on to the end.
-                << (cfg.train.max_steps > r.steps ? " --max-steps " + std::to_string(cfg.train.max_steps) : "")
+                << (cfg.train.max_steps >= r.steps ? " --max-steps " + std::to_string(cfg.train.max_steps) : "")
                 << as_ranks << "\n";
       return code;
     }

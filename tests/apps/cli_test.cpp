@@ -183,8 +183,7 @@ TEST(Cli, SigtermSavesTheStepInProgressAndTheRunResumes) {
   const auto text = bytes_of(dir.file("out.txt"));
   ASSERT_TRUE(training) << text;
   EXPECT_EQ(code, 143) << text;
-  EXPECT_NE(text.find("moev: SIGTERM: stopping after the step in progress, which is saved"), std::string::npos)
-      << text;
+  EXPECT_NE(text.find("moev: SIGTERM: stopping; a run in training saves a checkpoint"), std::string::npos) << text;
   EXPECT_NE(text.find("continue with: moev train --out " + out + " --resume"), std::string::npos) << text;
   std::smatch m;
   ASSERT_TRUE(std::regex_search(text, m, std::regex("stopped at step (\\d+) on request"))) << text;
@@ -374,7 +373,7 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   ASSERT_EQ(p.code, 0) << p.out;
   EXPECT_NE(p.out.find("wide.png has an alpha channel, which is dropped"), std::string::npos) << p.out;
   EXPECT_NE(p.out.find("wide.png is 40x28, squashed to the model's square"), std::string::npos) << p.out;
-  EXPECT_NE(p.out.find("wide.png is in colour; the model reads it as grey"), std::string::npos) << p.out;
+  EXPECT_NE(p.out.find("wide.png is stored in colour; the model reads it as grey"), std::string::npos) << p.out;
   EXPECT_EQ(p.out.find("img.png has"), std::string::npos) << p.out;
   EXPECT_EQ(p.out.find("img.png is"), std::string::npos) << p.out;
   std::ofstream(dir.file("notes.png")) << "this is text, not an image";

@@ -134,6 +134,11 @@ TEST(IdxReader, AFileGivenAsTheDirectoryIsNamedAsAFile) {
   } catch (const moev::Error& e) {
     EXPECT_EQ(std::string(e.what()).find("Debian package"), std::string::npos) << e.what();
   }
+  // torchvision's layout, FashionMNIST/raw/*.gz: pointed at the folder that holds them.
+  std::filesystem::create_directories(dir.file("FashionMNIST/raw"));
+  write_bytes(dir.file("FashionMNIST/raw/train-images-idx3-ubyte.gz"), {0});
+  expect_error([&] { load_fashion_mnist(dir.file("FashionMNIST"), true); },
+               {"they are in " + dir.file("FashionMNIST/raw"), "(--data)"});
 }
 
 TEST(IdxReader, TrailingBytesAreAnError) {

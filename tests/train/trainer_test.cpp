@@ -687,12 +687,17 @@ TEST(Trainer, MaxStepsAlreadyReachedIsRefusedAndAStopAtThePauseIsAStop) {
   EXPECT_TRUE(first.stopped);
   o.stop = nullptr;
   o.resume = true;
-  test::expect_error([&] { train::train_model(cfg, o); },
-                     {"train.max_steps = 1 (--max-steps)", "is at step 1 already", "give a larger --max-steps"});
   cfg.train.max_steps = 2;
   const auto second = train::train_model(cfg, o);
   EXPECT_EQ(second.steps, 2);
   EXPECT_FALSE(second.stopped);
+  // Reached exactly, a pause may owe its epoch's end: it goes on. Passed, it is refused.
+  EXPECT_EQ(train::train_model(cfg, o).steps, 2);
+  cfg.train.max_steps = 1;
+  const std::string log_before = test::bytes_of(cfg.train.out_dir + "/log.jsonl");
+  test::expect_error([&] { train::train_model(cfg, o); },
+                     {"train.max_steps = 1 (--max-steps)", "is at step 2 already", "give a larger --max-steps"});
+  EXPECT_EQ(test::bytes_of(cfg.train.out_dir + "/log.jsonl"), log_before);  // refused before the run wrote
 }
 
 // A second run into a directory without resume replaced the first's log at

@@ -27,11 +27,20 @@ constexpr uint32_t kMaxSide = 1 << 15;
 // package hint sent people to install what they had), the package missing, or another directory.
 std::string missing_hint(const fs::path& dir) {
   std::error_code ec;
-  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec))
-    if (it->is_directory(ec) && it->path().filename().string().rfind('.', 0) != 0)
-      return "; " + dir.string() + " holds folders (one per class?), which data.format = fashion-mnist does not "
-             "read: for a folder of images per class give --format folder (data.format = \"folder\")";
-  if (fs::path(dir).lexically_normal() == fs::path("/usr/share/datasets/fashion-mnist"))
+  std::string folders;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    if (!it->is_directory(ec) || it->path().filename().string().rfind('.', 0) == 0) continue;
+    // torchvision's download keeps the files in FashionMNIST/raw.
+    for (const char* name : {"train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"})
+      if (fs::exists(it->path() / name, ec)) return "; they are in " + it->path().string() + ": give that (--data)";
+    folders = it->path().string();
+  }
+  if (!folders.empty())
+    return "; " + dir.string() + " holds folders (one per class?), which data.format = fashion-mnist does not "
+           "read: for a folder of images per class give --format folder (data.format = \"folder\")";
+  std::string plain = dir.string();
+  while (plain.size() > 1 && plain.back() == '/') plain.pop_back();
+  if (fs::path(plain).lexically_normal() == fs::path("/usr/share/datasets/fashion-mnist"))
     return "; install the Debian package dataset-fashion-mnist";
   return "; data.format = fashion-mnist reads its IDX files (train-images-idx3-ubyte.gz, ...) from data.path "
          "(--data), where the Debian package dataset-fashion-mnist puts them in /usr/share/datasets/fashion-mnist; "

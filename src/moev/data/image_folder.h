@@ -46,7 +46,7 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
 // An image file's own size (upright, as EXIF orientation turns it), before resizing.
 struct SourceSize {
   int64_t height = 0, width = 0;
-  bool colour = false;  // the file stores colour (three channels), whatever the channels it was read with
+  bool colour = false;  // the file stores colour (RGB or an RGB palette, as any GIF), whatever it was read with
   bool alpha = false;   // some pixel is not opaque, and its transparency was dropped (the colours as stored, as
                         // PIL's convert('RGB')); looked for only when decode_image_file is asked to
 

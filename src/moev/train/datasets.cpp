@@ -204,8 +204,9 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
   // A folder of colour photos trained a grey model without a word (the presets have one channel).
   auto note_colour = [&](const data::ImageSet& s) {
     if (s.colour_as_grey > 0)
-      out.notes.push_back(s.source + ": " + std::to_string(s.colour_as_grey) + " images are in colour, and " +
-                          "model.channels = 1 reads them as grey (luminance); model.channels = 3 keeps the colours");
+      out.notes.push_back(s.source + ": " + std::to_string(s.colour_as_grey) + " images are stored in colour (RGB, " +
+                          "or a colour palette), and model.channels = 1 reads them as grey (luminance); " +
+                          "model.channels = 3 keeps the colours");
   };
   if (load_train) {
     validate_training_data(d, m);

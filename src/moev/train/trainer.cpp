@@ -406,6 +406,14 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   }
   MOEV_CHECK(ds.train.size() >= tc.batch_size, "training set ", ds.train.source, " has ",
              ds.train.size(), " images, fewer than train.batch_size = ", tc.batch_size);
+  // Resumed with a max_steps it has passed, the run trained nothing and said "paused at step N" at exit 0.
+  // Checked before the run directory is written. Reaching it exactly may still owe an epoch's end (its
+  // evaluation), and a time budget plans its own end: both go on as before.
+  if (const int64_t steps = ds.train.size() / tc.batch_size * (tc.epochs + tc.cooldown_epochs);
+      opts.resume && !budgeted && tc.max_steps > 0)
+    MOEV_CHECK(pos.step <= tc.max_steps || pos.step >= steps, "train.max_steps = ", tc.max_steps, " (--max-steps): ",
+               ckpt_file, " is at step ", pos.step, " already; give a larger --max-steps, or 0 to train to the end (",
+               steps, " steps)");
 
   torch::manual_seed(tc.seed);
   auto model = models::build_model(cfg.model);
@@ -510,10 +518,6 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     return tc.max_steps > 0 ? std::min(s, tc.max_steps) : s;
   };
   int64_t stop_at = stop_step();
-  // Resumed with a max_steps it has passed, the run trained nothing and said "paused at step N" at exit 0.
-  MOEV_CHECK(!opts.resume || tc.max_steps == 0 || tc.max_steps > pos.step || pos.step >= all_steps,
-             "train.max_steps = ", tc.max_steps, " (--max-steps): ", ckpt_file, " is at step ", pos.step,
-             " already; give a larger --max-steps, or 0 to train to the end (", all_steps, " steps)");
   // Soft targets [B, L] when anything but the label shapes them.
   const bool mixing = tc.mixup_alpha > 0 || tc.cutmix_alpha > 0;
   const bool soft = mixing || teacher || tc.cosine_loss > 0 || multilabel;
@@ -1004,8 +1008,8 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
         pos = before_eval;
         out.epochs_done = pos.epoch;
       }
-      // (At a max_steps pause the run ends here anyway: paused, not stopped.)
-      if (eval_stopped || (stop_now && pos.step < stop_at)) {
+      // At a max_steps pause the run ends here anyway, but a stop asked is still a stop (exit 143, not 0).
+      if (eval_stopped || stop_now) {
         out.stopped = true;
         break;
       }
