@@ -101,6 +101,14 @@ Runner add_eval(CLI::App& app) {
         MOEV_CHECK(**value == "on" || **value == "off", flag, " ", **value, ": expected on or off");
         *into = **value == "on";
       }
+    // The TTA line scores the checkpoint as trained, read afresh: routing overrides, raw weights and a precision
+    // changed the plain line only, and the TTA line silently kept the run's own. Refused before any evaluation.
+    if (f->tta) {
+      MOEV_CHECK(f->data.empty() && f->format.empty(), "--tta evaluates the run's own test set: drop --data/--format");
+      MOEV_CHECK(!o.any() && !f->raw_weights && f->precision.empty(), "--tta scores each model as trained (its ",
+                 "routing, weight average and precision); --k, --capacity, --bpr, --router, --dropless, --raw-weights ",
+                 "and --precision would change the plain line only: give them without --tta");
+    }
     // Rows: clean, then each shift; one top-1 column per checkpoint.
     io::Table table;
     table.header = {"test set"};
@@ -126,6 +134,9 @@ Runner add_eval(CLI::App& app) {
       if (!f->format.empty()) data.format = f->format;
       if (f->limit) data.test_limit = *f->limit;
       auto ds = train::open_test_set(t, data, ckpt);
+      MOEV_CHECK(!f->tta || t.replicable, "--tta: ", ckpt, " is a hard MoE; evaluate it without --tta");
+      MOEV_CHECK(!f->tta || !ds.test.multilabel(), "--tta: ", ckpt, " was trained on tagged images (a manifest); ",
+                 "test-time augmentation scores single-label runs: evaluate it without --tta");
       // The shift table sets models side by side on the same images.
       if (!shifts.empty() && first_test) {
         auto differ = train::test_data_difference(first_test->first, data);
@@ -157,9 +168,7 @@ Runner add_eval(CLI::App& app) {
       std::vector<int64_t> served;
       if (hard) served = hard->served();
       if (hard) j["hard_moe_images_per_expert"] = served;
-      MOEV_CHECK(!f->tta || t.replicable, "--tta: ", ckpt, " is a hard MoE; evaluate it without --tta");
       if (f->tta) {  // the same test set (the run's own data), through the TTA views
-        MOEV_CHECK(f->data.empty() && f->format.empty(), "--tta evaluates the run's own test set: drop --data/--format");
         train::EnsembleConfig one;
         one.members = {{ckpt, 1.0}};
         one.tta = true;  // the views it trained on

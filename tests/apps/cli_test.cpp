@@ -232,6 +232,18 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
                        {"--capacity 0.5", "moe.dropless = true", "--dropless off"});
   expect_clean_failure("eval " + ckpt + " --dropless on --bpr on", {"--bpr on", "moe.dropless = true", "--dropless off"});
   expect_clean_failure("eval " + ckpt + " --tta --shift blur:1", {"--tta with --shift", "one view"});
+  // The TTA line read the checkpoint afresh and kept its own routing and weights, whatever the flags said.
+  for (const std::string flags : {"--capacity 0.5", "--k 1", "--dropless on", "--raw-weights", "--precision bf16"}) {
+    const auto r = run("eval " + ckpt + " --tta " + flags);
+    EXPECT_EQ(r.code, 1) << flags << ": " << r.out;
+    EXPECT_NE(r.out.find("--tta scores each model as trained"), std::string::npos) << flags << ": " << r.out;
+    EXPECT_EQ(r.out.find("top-1"), std::string::npos) << flags << ": refused after an evaluation: " << r.out;
+  }
+  {
+    const auto r = run("eval " + ckpt + " --tta --data /usr/share/datasets/fashion-mnist");
+    EXPECT_EQ(r.code, 1) << r.out;
+    EXPECT_EQ(r.out.find("top-1"), std::string::npos) << "refused after an evaluation: " << r.out;
+  }
   expect_clean_failure("eval " + ckpt + " --format manifest --data " + dir.file("test.csv"),
                        {"single-label data (data.format = 'fashion-mnist')", "multi-label test set"});
   expect_clean_failure("eval " + ckpt + " --router expert_choice --bpr on", {"--bpr on", "expert-choice"});

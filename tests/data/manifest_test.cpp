@@ -95,4 +95,7 @@ TEST(Manifest, MosaicsAreRealImagesTaggedWithTheirClassesAndDeterministic) {
   std::ofstream(dir.file("header.csv")) << "image,labels\n";
   test::expect_error([&] { data::read_manifest(dir.file("header.csv"), 56, 56, 1); },
                      {"header.csv:1", "image' does not exist", "(a header? the one moev passes over is `path,tags`)"});
+  // The directory of a mosaic data set given for its manifest read as one without images.
+  test::expect_error([&] { data::read_manifest(dir.file("a"), 56, 56, 1); },
+                     {dir.file("a") + " is a directory", "the manifest CSV itself", "(it holds train.csv)"});
 }

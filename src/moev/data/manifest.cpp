@@ -21,6 +21,14 @@ namespace moev::data {
 namespace fs = std::filesystem;
 
 std::vector<ManifestEntry> parse_manifest(const std::string& path) {
+  // An ifstream opens a directory and reads nothing from it: "no images" sent one looking inside the CSV.
+  if (fs::is_directory(path)) {
+    std::string csvs;
+    for (const auto& e : fs::directory_iterator(path))
+      if (e.path().extension() == ".csv") csvs += (csvs.empty() ? "" : ", ") + e.path().filename().string();
+    fail("manifest ", path, " is a directory; expected the manifest CSV itself",
+         csvs.empty() ? std::string() : " (it holds " + csvs + ")");
+  }
   std::ifstream in(path);
   MOEV_CHECK(in.good(), "manifest ", path, ": cannot open");
   std::vector<ManifestEntry> out;
