@@ -225,7 +225,7 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
     EXPECT_EQ(j.at("unrouted").at(0).get<double>(), j.at("dropped").at(0).get<double>());
   }
   expect_clean_failure("eval " + ckpt + " --capacity 0", {"moe.capacity = 0"});
-  expect_clean_failure("eval " + ckpt + " --k 7", {"moe.k = 7"});
+  expect_clean_failure("eval " + ckpt + " --k 7", {"--k 7: expected 1 to the model's moe.num_experts = 4"});
   expect_clean_failure("eval " + ckpt + " --bpr maybe", {"--bpr maybe"});
   // Routing settings that would not apply (dropped 0 at --capacity 0.125 on a dropless model) are refused.
   expect_clean_failure("eval " + ckpt + " --dropless on --capacity 0.5",

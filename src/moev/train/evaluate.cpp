@@ -245,6 +245,9 @@ size_t apply_router_overrides(models::Classifier& model, const RouterOverrides& 
   auto layers = moe::find_moe_layers(model);
   for (auto& layer : layers) {
     auto cfg = layer->router_config();
+    // Named by the flag: the router's own check said "moe.k = 9", a key the user did not set.
+    MOEV_CHECK(!o.k || (*o.k >= 1 && *o.k <= cfg.num_experts), "--k ", o.k ? *o.k : 0, ": expected 1 to the ",
+               "model's moe.num_experts = ", cfg.num_experts);
     if (o.k) cfg.k = *o.k;
     if (o.capacity) cfg.capacity_factor = *o.capacity;
     if (o.bpr) cfg.bpr = *o.bpr;
