@@ -64,6 +64,13 @@ Runner add_checkpoint(CLI::App& app) {
     const auto& m = cfg.model;
     const auto moe_at = models::moe_blocks(m.moe, models::num_blocks(m));
     int64_t params = 0, expert_params = 0;
+    // A multi-branch model's branches, and whether its fusion layer was trained (moev fuse): "resnest, 3 blocks,
+    // dense" said neither.
+    const auto fusion = ckpt.model.find("fusion_on");
+    const bool fused = fusion != ckpt.model.end() && fusion->second.numel() == 1 && fusion->second.item<int64_t>() != 0;
+    const std::string branches = m.branches > 1 ? ", " + std::to_string(m.branches) + " branches" +
+                                                      (fused ? " joined by a trained fusion layer" : "")
+                                                : std::string();
     for (const auto& [name, t] : ckpt.model) {
       params += t.numel();
       if (name.find(".experts.") != std::string::npos) expert_params += t.numel();
@@ -73,7 +80,7 @@ Runner add_checkpoint(CLI::App& app) {
               << (moe_at.empty() ? std::string("dense") : std::to_string(moe_at.size()) + " MoE layers, E = " +
                                                               std::to_string(m.router.num_experts) + ", K = " +
                                                               std::to_string(m.router.k))
-              << ", precision " << m.precision << "\n"
+              << branches << ", precision " << m.precision << "\n"
               << "position     " << position(st) << "\n"
               << "written by   " << st.value("world_size", 1) << " rank(s)"
               << (st.value("expert_parallel", false) ? ", experts split over them" : "") << "\n"

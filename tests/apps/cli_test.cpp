@@ -711,6 +711,11 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   // Its own output it replaces; another run's checkpoint or any other file it refused to (it replaced them).
   r = run("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 1 --threads 1 --out " + dir.file("s2") + "/fused.pt");
   ASSERT_EQ(r.code, 0) << r.out;
+  // checkpoint info says what a multi-branch model is, and whether it was fused.
+  r = run("checkpoint info " + dir.file("s2") + "/fused.pt");
+  EXPECT_NE(r.out.find(", 2 branches joined by a trained fusion layer,"), std::string::npos) << r.out;
+  r = run("checkpoint info " + dir.file("s2") + "/checkpoint.pt");
+  EXPECT_NE(r.out.find(", 2 branches, precision"), std::string::npos) << r.out;
   // A fused model fused again with no --out: the default output is the input (named as --out, never given).
   expect_clean_failure("fuse " + dir.file("s2") + "/fused.pt --epochs 1",
                        {"by default fused.pt beside the input", "is the input checkpoint itself", "give --out"});
