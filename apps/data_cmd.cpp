@@ -55,6 +55,9 @@ Runner add_data(CLI::App& app) {
     const bool empty = !fs::exists(out) || fs::is_empty(out, ec);
     MOEV_CHECK(!ec, "--out ", f->out, ": cannot read it (", ec.message(), ")");
     MOEV_CHECK(empty, "--out ", f->out, " is not empty (a data set made before?); choose a new directory or delete it first");
+    // Read first: a wrong --fashion-mnist left an empty staging directory behind.
+    const auto train_set = data::load_fashion_mnist(f->source, true);
+    const auto test_set = data::load_fashion_mnist(f->source, false);
     const fs::path stage = out.string() + ".moev-partial";
     const fs::path marker = stage / ".moev-partial";
     MOEV_CHECK(!fs::exists(stage) || fs::exists(marker), stage.string(),
@@ -63,10 +66,8 @@ Runner add_data(CLI::App& app) {
     fs::create_directories(stage, ec);
     MOEV_CHECK(!ec, "--out ", f->out, ": cannot create ", stage.string(), " (", ec.message(), ")");
     std::ofstream(marker) << "moev data mosaic staging directory; renamed to " << out.string() << " when complete\n";
-    data::write_mosaics(data::load_fashion_mnist(f->source, true), f->train, static_cast<uint64_t>(f->seed),
-                        stage.string(), "train");
-    data::write_mosaics(data::load_fashion_mnist(f->source, false), f->test, static_cast<uint64_t>(f->seed),
-                        stage.string(), "test");
+    data::write_mosaics(train_set, f->train, static_cast<uint64_t>(f->seed), stage.string(), "train");
+    data::write_mosaics(test_set, f->test, static_cast<uint64_t>(f->seed), stage.string(), "test");
     fs::rename(stage, out, ec);  // the marker goes after: a failed rename leaves a staging directory moev can clear
     MOEV_CHECK(!ec, "cannot rename ", stage.string(), " to ", out.string(), " (", ec.message(), ")");
     fs::remove(out / marker.filename(), ec);

@@ -224,7 +224,7 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
     EXPECT_GE(j.at("dropped").at(0).get<double>(), 0.5);
     EXPECT_EQ(j.at("unrouted").at(0).get<double>(), j.at("dropped").at(0).get<double>());
   }
-  expect_clean_failure("eval " + ckpt + " --capacity 0", {"moe.capacity = 0"});
+  expect_clean_failure("eval " + ckpt + " --capacity 0", {"--capacity 0: expected a capacity ratio > 0"});
   expect_clean_failure("eval " + ckpt + " --k 7", {"--k 7: expected 1 to the model's moe.num_experts = 4"});
   expect_clean_failure("eval " + ckpt + " --bpr maybe", {"--bpr maybe"});
   // Routing settings that would not apply (dropped 0 at --capacity 0.125 on a dropless model) are refused.
@@ -813,6 +813,10 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
   expect_clean_failure("data mosaic --out " + dir.file("m0") + " --train 0", {"--train 0", "expected 1.."});
   expect_clean_failure("data mosaic --out " + dir.file("m0") + " --test 99999999999", {"--test 99999999999"});
   expect_clean_failure("data mosaic --out ''", {"--out is empty"});
+  // A wrong source is refused before anything is written (it left an empty staging directory behind).
+  expect_clean_failure("data mosaic --out " + dir.file("m9") + " --fashion-mnist " + dir.file("nope"),
+                       {dir.file("nope"), "not found", "dataset-fashion-mnist"});
+  EXPECT_FALSE(std::filesystem::exists(dir.file("m9") + ".moev-partial"));
   EXPECT_FALSE(std::filesystem::exists(dir.file("m0")));
   expect_clean_failure("data mosaic --out " + dir.file("m0") + " --seed -1", {"--seed -1", ">= 0"});
   // An interrupted run's staging directory is cleared; one moev did not make is left alone.

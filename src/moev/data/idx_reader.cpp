@@ -42,9 +42,9 @@ std::string missing_hint(const fs::path& dir) {
   while (plain.size() > 1 && plain.back() == '/') plain.pop_back();
   if (fs::path(plain).lexically_normal() == fs::path("/usr/share/datasets/fashion-mnist"))
     return "; install the Debian package dataset-fashion-mnist";
-  return "; data.format = fashion-mnist reads its IDX files (train-images-idx3-ubyte.gz, ...) from data.path "
-         "(--data), where the Debian package dataset-fashion-mnist puts them in /usr/share/datasets/fashion-mnist; "
-         "another kind of data set needs another --format";
+  return "; Fashion-MNIST is read from its IDX files (train-images-idx3-ubyte.gz, ...) in the directory given, "
+         "which the Debian package dataset-fashion-mnist puts in /usr/share/datasets/fashion-mnist (another kind "
+         "of data set needs another data.format, --format)";
 }
 
 class IdxFile {

@@ -248,6 +248,8 @@ size_t apply_router_overrides(models::Classifier& model, const RouterOverrides& 
     // Named by the flag: the router's own check said "moe.k = 9", a key the user did not set.
     MOEV_CHECK(!o.k || (*o.k >= 1 && *o.k <= cfg.num_experts), "--k ", o.k ? *o.k : 0, ": expected 1 to the ",
                "model's moe.num_experts = ", cfg.num_experts);
+    MOEV_CHECK(!o.capacity || (*o.capacity > 0 && std::isfinite(*o.capacity)), "--capacity ",
+               o.capacity ? *o.capacity : 0.0, ": expected a capacity ratio > 0");
     if (o.k) cfg.k = *o.k;
     if (o.capacity) cfg.capacity_factor = *o.capacity;
     if (o.bpr) cfg.bpr = *o.bpr;
