@@ -177,17 +177,15 @@ std::string data_fingerprint(const data::ImageSet& set) {
 }
 
 void check_resume_data(const std::string& command, const std::string& checkpoint, const std::string& saved,
-                       const data::ImageSet& train, const std::string& format) {
+                       const std::string& now, const std::string& source, const std::string& format) {
   // Folder images have come in a fixed mixed order since session 42; a checkpoint without a fingerprint may stand
   // at a position in the old order (its limits then took another sample), and which it was cannot be told.
   MOEV_CHECK(!saved.empty() || format != "folder", command, ": ", checkpoint, " predates the fingerprint of its ",
              "training set, so moev cannot tell whether it read the folder in today's order (older versions read it ",
              "class by class): the run could go on over other batches (and limits over other images); start a new ",
              "run");
-  if (saved.empty()) return;
-  const std::string now = data_fingerprint(train);
-  MOEV_CHECK(now == saved, command, ": the training set ", train.source, " differs from the one ", checkpoint,
-             " was trained on (fingerprint ", now, ", then ", saved, "): images added, removed, changed or subset ",
+  MOEV_CHECK(saved.empty() || now == saved, command, ": the training set ", source, " differs from the one ",
+             checkpoint, " was trained on (fingerprint ", now, ", then ", saved, "): images added, removed, changed or subset ",
              "otherwise (or decoded otherwise, by another moev version: the fingerprint is of the pixels read); ",
              "resume on that data, or start a new run with another --out");
 }

@@ -38,11 +38,11 @@ Datasets open_datasets(const DataConfig& data, const models::ModelConfig& model,
 std::string data_fingerprint(const data::ImageSet& set);
 
 // For --resume of a run whose checkpoint `checkpoint` kept `saved` (data_fingerprint; "" in checkpoints from
-// before it was kept): an error unless `train` is that set, or the set of a checkpoint too old to tell (folder
-// images then came in another order, so a folder run is refused, an IDX or manifest run goes on). `command`
-// begins the message ("--resume", "pretrain --resume").
+// before it was kept): an error unless `now` (the fingerprint of the training set read from `source`) is that,
+// or the checkpoint is too old to tell (folder images then came in another order, so a folder run is refused,
+// an IDX or manifest run goes on). `command` begins the message ("--resume", "pretrain --resume").
 void check_resume_data(const std::string& command, const std::string& checkpoint, const std::string& saved,
-                       const data::ImageSet& train, const std::string& format);
+                       const std::string& now, const std::string& source, const std::string& format);
 
 // A set's labels index its own class list, so a model scored on a test set
 // whose classes are not the ones it learnt (`classes`, from `learnt_from`) in

@@ -357,8 +357,8 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
     opt.load_state(unprefixed(c.optimizer, "adamw."), ckpt_path.string());
     for (int64_t b = 0; b < N; ++b) queues[b].copy_(c.optimizer.at("queue." + std::to_string(b)));
     const auto& st = state.at("pretrain");
-    check_resume_data("pretrain --resume", ckpt_path.string(), st.value("train_data", std::string()), ds.train,
-                      cfg.data.format);
+    check_resume_data("pretrain --resume", ckpt_path.string(), st.value("train_data", std::string()), train_data,
+                      ds.train.source, cfg.data.format);
     step = st.at("step").get<int64_t>();
     ptr = st.at("queue_ptr").get<int64_t>();
     out.knn_top1_init = st.value("knn_top1_init", -1.0);

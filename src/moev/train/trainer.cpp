@@ -394,7 +394,8 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
              ds.train.source, " differs from the one the rows to train on were chosen from (fingerprint ", train_data,
              ", then ", opts.expect_train_data, "): the data changed since (cluster again)");
   if (comm) check_same_data(*comm, train_data, ds.train.source);
-  if (opts.resume) check_resume_data("--resume", ckpt_file, saved_train_data, ds.train, cfg.data.format);
+  if (opts.resume)
+    check_resume_data("--resume", ckpt_file, saved_train_data, train_data, ds.train.source, cfg.data.format);
   if (!opts.train_rows.empty()) ds.train = data::select_rows(ds.train, opts.train_rows);
   const bool multilabel = ds.train.multilabel();
   const bool sigmoid_tags = multilabel && tc.multilabel_loss == "sigmoid";
