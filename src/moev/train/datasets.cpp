@@ -185,8 +185,8 @@ void check_resume_data(const std::string& command, const std::string& checkpoint
              "class by class): the run could go on over other batches (and limits over other images); start a new ",
              "run");
   MOEV_CHECK(saved.empty() || now == saved, command, ": the training set ", source, " differs from the one ",
-             checkpoint, " was trained on (fingerprint ", now, ", then ", saved, "): images added, removed, changed or subset ",
-             "otherwise (or decoded otherwise, by another moev version: the fingerprint is of the pixels read); ",
+             checkpoint, " was trained on (fingerprint ", now, ", then ", saved, "): images added, removed, changed or ",
+             "subset otherwise (or decoded otherwise, by another moev version: the fingerprint is of the pixels read); ",
              "resume on that data, or start a new run with another --out");
 }
 
