@@ -66,16 +66,16 @@ Runner add_fuse(CLI::App& app) {
     f->o.progress = &std::cerr;
     f->o.interactive = stderr_is_terminal();
     auto r = train::train_fusion(f->checkpoint, f->out, f->o);
-    // r.images counts every image of every epoch.
     std::printf("test top-1: mean of branch logits %.4f, fusion %.4f (fusion trained in %.1f s: %lld steps, %lld "
                 "epoch%s of %lld images)\nwrote %s\n",
                 r.mean_of_logits.top1, r.fused.top1, r.train_seconds, static_cast<long long>(r.steps),
                 static_cast<long long>(f->o.epochs), f->o.epochs == 1 ? "" : "s",
-                static_cast<long long>(r.images / std::max<int64_t>(1, f->o.epochs)), f->out.c_str());
+                static_cast<long long>(r.train_images), f->out.c_str());
     if (!f->result.empty()) {
       nlohmann::json j{{"top1", r.fused.top1}, {"mean_of_logits_top1", r.mean_of_logits.top1},
-                       {"seconds", r.train_seconds}, {"steps", r.steps}, {"images", r.images},
-                       {"checkpoint", f->out},
+                       {"seconds", r.train_seconds}, {"steps", r.steps},
+                       {"train_images", r.train_images}, {"images_seen", r.images_seen},
+                       {"test_images", r.fused.images}, {"checkpoint", f->out},
                        {"options", {{"epochs", f->o.epochs}, {"batch_size", f->o.batch_size}, {"lr", f->o.lr}}}};
       io::write_text_atomic(f->result, j.dump(2) + "\n");
     }

@@ -709,8 +709,15 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("fusion"), std::string::npos) << r.out;
   // Its own output it replaces; another run's checkpoint or any other file it refused to (it replaced them).
-  r = run("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 1 --threads 1 --out " + dir.file("s2") + "/fused.pt");
+  r = run("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 2 --threads 1 --out " + dir.file("s2") +
+          "/fused.pt --result " + dir.file("fuse.json"));
   ASSERT_EQ(r.code, 0) << r.out;
+  // The result's counts: "images" was the training set times the epochs, read as a set's size.
+  const auto fr = nlohmann::json::parse(std::ifstream(dir.file("fuse.json")));
+  EXPECT_FALSE(fr.contains("images")) << fr;
+  EXPECT_EQ(fr.at("images_seen").get<int64_t>(), 2 * fr.at("train_images").get<int64_t>()) << fr;
+  EXPECT_EQ(fr.at("test_images").get<int64_t>(), 100) << fr;
+  EXPECT_NE(r.out.find(" epochs of " + fr.at("train_images").dump() + " images"), std::string::npos) << r.out;
   // checkpoint info says what a multi-branch model is, and whether it was fused.
   r = run("checkpoint info " + dir.file("s2") + "/fused.pt");
   EXPECT_NE(r.out.find(", 2 branches joined by a trained fusion layer,"), std::string::npos) << r.out;

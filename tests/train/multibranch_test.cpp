@@ -333,7 +333,8 @@ TEST(MultiBranch, FusionTrainsOnlyTheFusionLayer) {
   auto res = train::train_fusion(dir.file("mb") + "/checkpoint.pt", dir.file("fused.pt"), o);
   EXPECT_GT(res.fused.images, 0);
   EXPECT_EQ(res.steps, 15);
-  EXPECT_EQ(res.images, 150);  // no image left out of an epoch
+  EXPECT_EQ(res.images_seen, 150);  // no image left out of an epoch
+  EXPECT_EQ(res.train_images, 50);
   const auto before = train::load_checkpoint(dir.file("mb") + "/checkpoint.pt").model;
   const auto after = train::load_checkpoint(dir.file("fused.pt")).model;
   ASSERT_EQ(before.size(), after.size());
@@ -348,7 +349,8 @@ TEST(MultiBranch, FusionTrainsOnlyTheFusionLayer) {
   EXPECT_EQ(changed, 3);  // fusion.weight, fusion.bias, fusion_on
   EXPECT_EQ(after.at("fusion_on").item<int64_t>(), 1);
   const auto fused_state = nlohmann::json::parse(train::load_checkpoint(dir.file("fused.pt")).state_json);
-  EXPECT_EQ(fused_state.at("fusion").at("images"), 150);
+  EXPECT_EQ(fused_state.at("fusion").at("images_seen"), 150);
+  EXPECT_EQ(fused_state.at("fusion").at("train_images"), 150 / o.epochs);
   // A single-branch model has nothing to fuse.
   train::train_model(toy(dir.file("one"), 1), {});
   test::expect_error([&] { train::train_fusion(dir.file("one") + "/checkpoint.pt", dir.file("f1.pt"), o); },

@@ -55,6 +55,7 @@ FusionOutcome train_fusion(const std::string& path, const std::string& out_path,
 
   Datasets ds = open_datasets(cfg.data, cfg.model, /*load_train=*/true, /*load_test=*/o.evaluate);
   FusionOutcome res;
+  res.train_images = ds.train.size();
   const c10::Device cpu(c10::kCPU);
   if (o.evaluate) res.mean_of_logits = evaluate(*model, ds.test, ds.mean, ds.std, 256, cpu);
 
@@ -85,7 +86,7 @@ FusionOutcome train_fusion(const std::string& path, const std::string& out_path,
       loss.backward();
       opt.step(learning_rate(step, total, std::min<int64_t>(total / 10, 100), o.lr, o.lr / 100));
       ++step;
-      res.images += batch.y.size(0);
+      res.images_seen += batch.y.size(0);
       char status[48];
       std::snprintf(status, sizeof status, "loss %.4f", loss.item<double>());
       bar.update(step, status);
@@ -98,7 +99,8 @@ FusionOutcome train_fusion(const std::string& path, const std::string& out_path,
   if (o.evaluate) res.fused = evaluate(*model, ds.test, ds.mean, ds.std, 256, cpu);
 
   auto state = nlohmann::json::parse(ckpt.state_json);
-  state["fusion"] = {{"from", path}, {"epochs", o.epochs}, {"lr", o.lr}, {"steps", res.steps}, {"images", res.images}};
+  state["fusion"] = {{"from", path}, {"epochs", o.epochs}, {"lr", o.lr}, {"steps", res.steps},
+                     {"train_images", res.train_images}, {"images_seen", res.images_seen}};
   ckpt.state_json = state.dump();
   ckpt.model = module_tensors(*model);  // the branches as loaded (averaged, if averaged), the fusion layer
   ckpt.ema.clear();

@@ -31,7 +31,8 @@ struct FusionOutcome {
   EvalResult mean_of_logits;  // the model before (evaluate = true)
   EvalResult fused;           // the fused model
   int64_t steps = 0;           // optimizer steps
-  int64_t images = 0;          // training images the fusion layer saw (every image every epoch)
+  int64_t train_images = 0;    // the training set's size
+  int64_t images_seen = 0;     // train_images x epochs: every image every epoch
   double train_seconds = 0;
 };
 
