@@ -41,7 +41,7 @@ Runner add_analyze(CLI::App& app) {
   auto f = std::make_shared<AnalyzeFlags>();
   // Checked in the command, not by CLI11 (as eval's).
   cmd->add_option("checkpoint,--checkpoint", f->checkpoint, "checkpoint file, positional or after --checkpoint");
-  cmd->add_option("--out", f->out, "output directory (default: analysis/ beside the checkpoint)");
+  cmd->add_option("--out", f->out, "output directory (default: analysis/ beside checkpoint.pt, analysis-NAME/ beside NAME.pt)");
   cmd->add_option("--data", f->data, "test data: a directory, or a manifest CSV (default: the training run's)");
   cmd->add_option("--format", f->format, "fashion-mnist, cifar10, folder or manifest (default: the run's)");
   cmd->add_flag("--capacity-curve", f->capacity_curve,
@@ -91,8 +91,12 @@ Runner add_analyze(CLI::App& app) {
     MOEV_CHECK(!ds.test.multilabel(), f->checkpoint, ": analyze scores single-label test images, and ",
                ds.test.source, " is tagged (multi-label); moev eval reports a tagger's expert load, dropped ",
                "tokens, precision@k and mAP");
+    // fused.pt sits beside checkpoint.pt: one analysis/ for both would let either replace the other's report.
+    const fs::path ck(f->checkpoint);
+    const std::string stem = ck.stem().string();
     const std::string out =
-        f->out.empty() ? (fs::path(f->checkpoint).parent_path() / "analysis").string() : f->out;
+        f->out.empty() ? (ck.parent_path() / (stem == "checkpoint" ? "analysis" : "analysis-" + stem)).string()
+                       : f->out;
     {  // before the analysis, not after it: a file in the way, or a directory that cannot be made
       std::error_code ec;
       fs::create_directories(out, ec);

@@ -748,9 +748,11 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   ASSERT_NE(top1_at, std::string::npos) << e2.out;
   EXPECT_NEAR(agree.at("model_top1").get<double>(), std::stod(e2.out.substr(e2.out.find(':', top1_at) + 1)), 1e-12);
   // A fused model: its output is the fusion layer's, its branches the frozen ones.
-  r = run("analyze " + dir.file("s2") + "/fused.pt --limit 64 --threads 1 --out " + dir.file("an2f"));
+  // By default into analysis-fused/: analysis/ is the unfused checkpoint's, which it replaced.
+  r = run("analyze " + dir.file("s2") + "/fused.pt --limit 64 --threads 1");
   ASSERT_EQ(r.code, 0) << r.out;
-  const auto agree_f = nlohmann::json::parse(std::ifstream(dir.file("an2f") + "/branches.json"));
+  EXPECT_FALSE(std::filesystem::exists(dir.file("s2") + "/analysis")) << r.out;
+  const auto agree_f = nlohmann::json::parse(std::ifstream(dir.file("s2") + "/analysis-fused/branches.json"));
   EXPECT_EQ(agree_f.at("top1"), agree.at("top1"));  // fusion leaves the branches as they were
   const auto e2f = run("eval " + dir.file("s2") + "/fused.pt --limit 64 --threads 1 --json");
   ASSERT_EQ(e2f.code, 0) << e2f.out;
