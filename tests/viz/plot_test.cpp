@@ -140,3 +140,46 @@ TEST(Plot, HeatmapCellsTakeTheColourOfTheirValue) {
   h.values[1].pop_back();
   test::expect_error([&] { viz::write_heatmap(h, dir.file("bad.png")); }, {"rows differ"});
 }
+
+// Axis titles longer than a small grid ran off the picture (the x title off its left edge, the turned y title
+// off its bottom) or into each other: with them, the picture gains exactly their own pixels.
+TEST(Plot, HeatmapAxisTitlesAreDrawnWhole) {
+  test::TempDir dir;
+  viz::HeatmapSpec h;
+  h.title = "b3";
+  h.row_labels = {"0 (10.50)", "1 (13.50)"};
+  h.col_labels = {"0", "1"};
+  h.values = {{0, 99.5}, {99.5, 0}};
+  h.annotate = false;
+  viz::write_heatmap(h, dir.file("bare.png"));
+  h.xlabel = "branch; cells: % predicted differently";
+  h.ylabel = "branch (top-1) of a long name";
+  viz::write_heatmap(h, dir.file("titled.png"));
+  auto black = [](const Png& p) { return p.count(viz::kBlack); };
+  auto alone = [](const std::string& s, bool vertical) {
+    viz::Canvas c(1000, 1000);
+    c.text(100, vertical ? 900 : 100, s, viz::kBlack, 2, vertical);
+    int n = 0;
+    for (int y = 0; y < c.height(); ++y)
+      for (int x = 0; x < c.width(); ++x) n += same(c.at(x, y), viz::kBlack);
+    return n;
+  };
+  EXPECT_EQ(black(load_png(dir.file("titled.png"))) - black(load_png(dir.file("bare.png"))),
+            alone(h.xlabel, false) + alone(h.ylabel, true));
+}
+
+// The colour bar's top is the largest cell, printed as the cell prints it.
+TEST(Plot, HeatmapColourBarMaximumReadsAsTheLargestCell) {
+  test::TempDir dir;
+  viz::HeatmapSpec h;
+  h.values = {{0, 99.5}};
+  h.col_labels = {"a", "b"};
+  h.row_labels = {"r"};
+  viz::write_heatmap(h, dir.file("a.png"));
+  const Png a = load_png(dir.file("a.png"));
+  h.values = {{0, 100.0}};
+  viz::write_heatmap(h, dir.file("b.png"));
+  const Png b = load_png(dir.file("b.png"));
+  ASSERT_EQ(a.w, b.w);
+  EXPECT_EQ(a.px, b.px);  // 99.5 reads "100" in its cell, and so on the bar
+}

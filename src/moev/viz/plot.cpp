@@ -158,6 +158,17 @@ void write_plot(const PlotSpec& spec, const std::string& path) {
   c.save_png(path);
 }
 
+namespace {
+// One format for a cell and for the colour bar's maximum, so that the bar's top
+// reads as the largest cell does (99.5 printed "100" in its cell and "99.5" on the bar).
+std::string cell_label(double v) {
+  if (v == 0) return "0";
+  char buf[16];
+  std::snprintf(buf, sizeof buf, v >= 10 ? "%.0f" : "%.2f", v);
+  return buf;
+}
+}  // namespace
+
 void write_heatmap(const HeatmapSpec& spec, const std::string& path) {
   const size_t rows = spec.values.size();
   MOEV_CHECK(rows > 0, "heatmap ", path, ": no rows");
@@ -173,11 +184,22 @@ void write_heatmap(const HeatmapSpec& spec, const std::string& path) {
   for (const auto& l : spec.row_labels) row_label_w = std::max(row_label_w, Canvas::text_width(l));
   for (const auto& l : spec.col_labels) col_label_w = std::max(col_label_w, Canvas::text_width(l));
   const int cell = spec.cell;
-  const int left = 40 + row_label_w + 10, top = 50 + col_label_w + 10;
+  // The y title is drawn turned at x = kYTitle; nothing else may start left of kLeftOfY.
+  constexpr int kYTitle = 12, kLeftOfY = kYTitle + 14 + 8;
+  const int left = kLeftOfY + row_label_w + 8, top = 50 + col_label_w + 10;
   const int grid_w = cell * static_cast<int>(cols), grid_h = cell * static_cast<int>(rows);
-  const int bar_w = 22 + 16 + Canvas::text_width(tick_label(vmax)) + 16;
-  const int width = std::max(left + grid_w + bar_w, Canvas::text_width(spec.title) + 30);
-  const int height = top + grid_h + 50;
+  const std::string vmax_label = cell_label(vmax);
+  const int bar_w = 22 + 16 + Canvas::text_width(vmax_label) + 16;
+  // The x title is centred under the grid, but never starts left of the y title's column (a title wider
+  // than the grid ran off the left edge).
+  const int xlabel_w = Canvas::text_width(spec.xlabel);
+  const int xlabel_x = std::max(kLeftOfY, left + (grid_w - xlabel_w) / 2);
+  const int width = std::max({left + grid_w + bar_w, Canvas::text_width(spec.title) + 30, xlabel_x + xlabel_w + 10});
+  // The y title is centred on the grid; one longer than the grid starts below the picture's title and reaches
+  // below the grid, the picture growing to hold it.
+  const int ylabel_w = Canvas::text_width(spec.ylabel);
+  const int ylabel_bottom = std::max(36, top + (grid_h - ylabel_w) / 2) + ylabel_w;
+  const int height = std::max(top + grid_h + 50, ylabel_bottom + 12);
   Canvas c(width, height);
 
   for (size_t r = 0; r < rows; ++r)
@@ -187,10 +209,9 @@ void write_heatmap(const HeatmapSpec& spec, const std::string& path) {
       const int x0 = left + static_cast<int>(k) * cell, y0 = top + static_cast<int>(r) * cell;
       c.fill_rect(x0, y0, x0 + cell, y0 + cell, colormap(t));
       if (spec.annotate && cell >= 30) {
-        char buf[16];
-        std::snprintf(buf, sizeof buf, v >= 10 ? "%.0f" : "%.2f", v);
+        const std::string label = cell_label(v);
         const Rgb tc = t > 0.6 ? kBlack : kWhite;
-        c.text(x0 + (cell - Canvas::text_width(buf, 1)) / 2.0, y0 + (cell - 7) / 2.0, buf, tc, 1);
+        c.text(x0 + (cell - Canvas::text_width(label, 1)) / 2.0, y0 + (cell - 7) / 2.0, label, tc, 1);
       }
     }
   c.rect_outline(left, top, left + grid_w + 1, top + grid_h + 1, kBlack);
@@ -207,13 +228,12 @@ void write_heatmap(const HeatmapSpec& spec, const std::string& path) {
   for (int y = 0; y < grid_h; ++y)
     c.fill_rect(bx, top + y, bx + 16, top + y + 1, colormap(1.0 - static_cast<double>(y) / grid_h));
   c.rect_outline(bx, top, bx + 16, top + grid_h, kBlack);
-  c.text(bx + 22, top - 4, tick_label(vmax), kBlack);
+  c.text(bx + 22, top - 4, vmax_label, kBlack);
   c.text(bx + 22, top + grid_h - 10, "0", kBlack);
 
   c.text((width - Canvas::text_width(spec.title)) / 2.0, 14, spec.title, kBlack);
-  c.text(left + (grid_w - Canvas::text_width(spec.xlabel)) / 2.0, top + grid_h + 16, spec.xlabel,
-         kBlack);
-  c.text(12, top + (grid_h + Canvas::text_width(spec.ylabel)) / 2.0, spec.ylabel, kBlack, 2, true);
+  c.text(xlabel_x, top + grid_h + 16, spec.xlabel, kBlack);
+  c.text(kYTitle, ylabel_bottom, spec.ylabel, kBlack, 2, true);
   c.save_png(path);
 }
 
