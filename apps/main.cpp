@@ -80,24 +80,28 @@ int main(int argc, char** argv) {
     for (const CLI::App* p = at->get_parent(); p && p != &app; p = p->get_parent()) name = p->get_name() + " " + name;
     return at == &app ? std::string("moev") : "moev " + name;
   };
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::RequiredError& e) {
-    // CLI11's "A subcommand is required" does not say which word was not one.
-    CLI::App* at = deepest();
+  // A command that needs a subcommand and got none, or a word that is not one: CLI11's "A subcommand is
+  // required" did not say which word was not one. Returns false when that is not the case.
+  auto missing_subcommand = [&](CLI::App* at) {
+    if (at->get_require_subcommand_min() == 0 || !at->get_subcommands().empty()) return false;
     const std::string where = name_of(at);
-    if (at->get_require_subcommand_min() == 0 || !at->get_subcommands().empty()) {
-      std::cerr << "moev: error: " << e.what() << " (" << where << " --help)\n";
-      return 1;
-    }
     std::string names;
     for (const auto* sub : at->get_subcommands({})) names += (names.empty() ? "" : ", ") + sub->get_name();
     const auto rest = at->remaining();
     std::cerr << "moev: error: " << (at == &app ? "" : where + ": ")
               << (rest.empty() ? "a subcommand is required" : "'" + rest.front() + "' is not a subcommand")
               << "; expected one of: " << names << " (" << where << " --help)\n";
+    return true;
+  };
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::RequiredError& e) {
+    if (missing_subcommand(deepest())) return 1;
+    std::cerr << "moev: error: " << e.what() << " (" << name_of(deepest()) << " --help)\n";
     return 1;
   } catch (const CLI::ParseError& e) {
+    // `moev hardmoe eval --help` printed hardmoe's help at status 0, as if `hardmoe eval` were a command.
+    if (e.get_exit_code() == 0 && !deepest()->remaining().empty() && missing_subcommand(deepest())) return 1;
     if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
     // Usage errors as every other error reads: one line, moev's prefix, status 1 (CLI11's own were 105-114).
     std::cerr << "moev: error: " << e.what() << " (" << name_of(deepest()) << " --help)\n";

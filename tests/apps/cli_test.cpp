@@ -136,6 +136,8 @@ TEST(Cli, BadInputsFailCleanly) {
   expect_clean_failure("checkpoint info " + dir.file("fifo.pt"), {"fifo.pt", "not a regular file"});
   // A word that is not a subcommand is named, with the ones there are.
   expect_clean_failure("bogus", {"moev: error: 'bogus' is not a subcommand", "train, eval"});
+  // With --help too: it printed hardmoe's help at status 0, as if `hardmoe eval` were a command.
+  expect_clean_failure("hardmoe eval --help", {"moev hardmoe: 'eval' is not a subcommand", "cluster, train-expert"});
   // CLI11's usage errors read as moev's do (they exited 106-109, without the prefix), naming the command's help.
   expect_clean_failure("train --bogus-flag", {"--bogus-flag", "moev train --help"});
   expect_clean_failure("data mosaic --train", {"--train", "moev data mosaic --help"});
