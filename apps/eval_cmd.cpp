@@ -109,6 +109,34 @@ Runner add_eval(CLI::App& app) {
                  "routing, weight average and precision); --k, --capacity, --bpr, --router, --dropless, --raw-weights ",
                  "and --precision would change the plain line only: give them without --tta");
     }
+    // The data each checkpoint is scored on, as the loop below sets it.
+    auto test_data_of = [&](const io::RunConfig& cfg) {
+      auto data = cfg.data;
+      if (!f->data.empty()) data.path = data.test_path = f->data;
+      if (!f->format.empty()) data.format = f->format;
+      if (f->limit) data.test_limit = *f->limit;
+      return data;
+    };
+    // What can be known from the files alone is checked before any model is scored: the second checkpoint's
+    // other test set, or a hard MoE under --tta, was refused only after the first had been evaluated.
+    if (f->checkpoints.size() > 1 && (!shifts.empty() || f->tta)) {
+      std::optional<train::DataConfig> first;
+      for (const auto& ckpt : f->checkpoints) {
+        MOEV_CHECK(!f->tta || !hardmoe::is_hard_moe_file(ckpt), "--tta: ", ckpt,
+                   " is a hard MoE; evaluate it without --tta");
+        if (shifts.empty()) continue;
+        const auto data = test_data_of(train::trained_config(ckpt));
+        if (!first) first = data;
+        auto differ = train::test_data_difference(*first, data);
+        // Two limits that differ are two test sets; a limit beside none may cover the whole set, which only
+        // reading it tells (below).
+        if (first->test_limit > 0 && data.test_limit > 0 && first->test_limit != data.test_limit)
+          differ += (differ.empty() ? "" : ", ") + std::string("data.test_limit ") +
+                    std::to_string(first->test_limit) + " vs " + std::to_string(data.test_limit);
+        MOEV_CHECK(differ.empty(), "--shift: ", ckpt, " is scored on other test images than ", f->checkpoints[0],
+                   " (", differ, "); the table compares models on the same images: set them with --data/--limit");
+      }
+    }
     // Rows: clean, then each shift; one top-1 column per checkpoint.
     io::Table table;
     table.header = {"test set"};
@@ -129,10 +157,7 @@ Runner add_eval(CLI::App& app) {
                  ": --k, --capacity, --bpr, --router and --dropless set how MoE layers route, and this model has ",
                  "none (model.moe = ",
                  models::to_string(t.cfg.model.moe), "); drop them");
-      auto data = t.cfg.data;
-      if (!f->data.empty()) data.path = data.test_path = f->data;
-      if (!f->format.empty()) data.format = f->format;
-      if (f->limit) data.test_limit = *f->limit;
+      const auto data = test_data_of(t.cfg);
       auto ds = train::open_test_set(t, data, ckpt);
       MOEV_CHECK(!f->tta || t.replicable, "--tta: ", ckpt, " is a hard MoE; evaluate it without --tta");
       MOEV_CHECK(!f->tta || !ds.test.multilabel(), "--tta: ", ckpt, " was trained on tagged images (a manifest); ",

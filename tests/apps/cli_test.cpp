@@ -33,13 +33,14 @@ using moev::test::bytes_of;
 Result run(const std::string& args) { return moev::test::run_cli(args); }
 
 // A clean failure: exit 1, the needles in the message, no crash traces.
-void expect_clean_failure(const std::string& args, const std::vector<std::string>& needles) {
+Result expect_clean_failure(const std::string& args, const std::vector<std::string>& needles) {
   auto r = run(args);
   EXPECT_EQ(r.code, 1) << args << "\n" << r.out;
   EXPECT_NE(r.out.find("moev: error: "), std::string::npos) << r.out;
   for (const char* bad : {"terminate called", "frame #", "Aborted", "Exception raised from"})
     EXPECT_EQ(r.out.find(bad), std::string::npos) << r.out;
   for (const auto& n : needles) EXPECT_NE(r.out.find(n), std::string::npos) << "missing " << n << " in\n" << r.out;
+  return r;
 }
 
 const std::string kTiny =
@@ -309,8 +310,10 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   cfg["data"]["test_limit"] = 32;
   other.config_json = cfg.dump();
   moev::train::save_checkpoint(dir.file("other.pt"), other);
-  expect_clean_failure("eval " + ckpt + " " + dir.file("other.pt") + " --shift blur:2",
-                       {"other.pt", "other test images", "32 test images"});
+  // Refused before the first checkpoint is scored (it came after a full evaluation of it).
+  const auto shifted = expect_clean_failure("eval " + ckpt + " " + dir.file("other.pt") + " --shift blur:2",
+                                            {"other.pt", "other test images", "data.test_limit"});
+  EXPECT_EQ(shifted.out.find("top-1"), std::string::npos) << shifted.out;
   EXPECT_EQ(run("eval " + ckpt + " " + dir.file("other.pt") + " --limit 64 --shift blur:2").code, 0);
 
   // Routing analysis: heatmap per MoE layer, report, capacity curve.

@@ -42,6 +42,13 @@ TrainedModel load_trained(const std::string& path, const c10::Device& device,
   return t;
 }
 
+io::RunConfig trained_config(const std::string& path) {
+  if (hardmoe::is_hard_moe_file(path)) return hardmoe::load_hard_moe(path, c10::Device(c10::kCPU), "").cfg;
+  const auto ckpt = load_checkpoint(path, CheckpointLoad::kConfig);
+  refuse_pretraining_checkpoint(ckpt.state_json, path);
+  return io::from_json_string(ckpt.config_json, path);
+}
+
 Datasets open_test_set(const TrainedModel& t, const DataConfig& data, const std::string& checkpoint) {
   // A single-label run scored on a manifest read "data.tags is empty and there is no training manifest".
   MOEV_CHECK(data.format != "manifest" || t.cfg.data.format == "manifest", checkpoint, " was trained on ",

@@ -30,6 +30,10 @@ struct TrainedModel {
 TrainedModel load_trained(const std::string& checkpoint, const c10::Device& device,
                           const std::string& precision = "", bool raw_weights = false);
 
+// The run config of a checkpoint or a hard MoE's hardmoe.json, read without
+// building its model where the file allows (a checkpoint's weights are not read).
+io::RunConfig trained_config(const std::string& checkpoint);
+
 // The test set `data` names, scored by `t` (trained from `checkpoint`): as
 // open_datasets opens it, its classes matched to those t learnt by name
 // (align_classes) when the checkpoint stores them; without them the labels
