@@ -57,7 +57,13 @@ void stop_children(int sig) {
 
 // Always as SIGTERM: a terminal's Ctrl-C reaches the ranks already (one process
 // group), and a second SIGINT would stop them at once, before they saved.
-void forward_signal(int) { stop_children(SIGTERM); }
+// The launcher's own exit then says which signal asked (130 for Ctrl-C), not the one
+// each rank happened to see first.
+volatile std::sig_atomic_t g_asked_by = 0;
+void forward_signal(int sig) {
+  if (!g_asked_by) g_asked_by = sig;
+  stop_children(SIGTERM);
+}
 
 struct Child {
   pid_t pid = -1;
@@ -267,6 +273,10 @@ Runner add_launch(CLI::App& app) {
         if (code == 0) code = c.status;
       }
     }
+    // Asked to stop, and every rank that ended early stopped as asked: the status of the launcher's signal.
+    bool all_as_asked = true;
+    for (const auto& c : kids) all_as_asked = all_as_asked && (c.status == 0 || stopped_on_request(c.wait_status));
+    if (g_asked_by && code != 0 && all_as_asked) code = 128 + g_asked_by;
     return code;
   };
 }

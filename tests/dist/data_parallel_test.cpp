@@ -317,6 +317,24 @@ TEST(Launch, SigtermToOneRankStopsEveryRankAtOneStepAndTheJobResumes) {
   EXPECT_NE(r.out.find("paused at step " + std::to_string(step + 2) + " (train.max_steps"), std::string::npos) << r.out;
 }
 
+// Ctrl-C to the launcher: the ranks are asked with SIGTERM (a second SIGINT would stop them unsaved), and the
+// launcher exits as Ctrl-C asks, 130, not with the ranks' 143.
+TEST(Launch, SigintToTheLauncherStopsTheJobWithStatus130) {
+  moev::test::TempDir dir;
+  const std::string out = dir.file("r");
+  const pid_t launcher = moev::test::start_cli(
+      launch(2) + kRun + "--threads 1 --epochs 1000 --set train.log_every=1 --out " + out, dir.file("out.txt"));
+  ASSERT_GT(launcher, 0);
+  const bool training = moev::test::wait_for_lines(out + "/log.jsonl", 2, 60, launcher);
+  ::kill(launcher, training ? SIGINT : SIGKILL);
+  const int code = moev::test::wait_cli(launcher);
+  const auto text = moev::test::bytes_of(dir.file("out.txt"));
+  ASSERT_TRUE(training) << text;
+  EXPECT_EQ(code, 130) << text;
+  EXPECT_NE(text.find("rank 0 stopped on request with status 143"), std::string::npos) << text;
+  EXPECT_TRUE(std::filesystem::exists(out + "/checkpoint.pt")) << text;
+}
+
 // A SIGTERM while rank 0 evaluates ends the evaluation at its next batch, not
 // after the whole test set: both ranks stop at the epoch's last step, the
 // checkpoint before the epoch's end, and the resumed job makes that evaluation.
