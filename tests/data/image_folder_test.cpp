@@ -517,12 +517,13 @@ TEST(ImageFolder, SourceSizeSaysWhetherTransparencyOrColourWasDropped) {
   write_png(root.file("grey.png"), grey, 3, 5, 1);
   // 1x1, a colour table of two entries, a graphic control extension (transparent index 0, or none), one frame
   // of index 0.
-  auto gif = [&](const std::string& name, unsigned char flags) {
-    write_bytes(root.file(name), {'G', 'I', 'F', '8', '9', 'a', 1, 0, 1, 0, 0x80, 0, 0, 255, 255, 255, 0, 0, 0, 0x21,
+  auto gif = [&](const std::string& name, unsigned char flags, unsigned char red = 255) {
+    write_bytes(root.file(name), {'G', 'I', 'F', '8', '9', 'a', 1, 0, 1, 0, 0x80, 0, 0, red, 255, 255, 0, 0, 0, 0x21,
                                   0xF9, 4, flags, 0, 0, 0, 0, 0x2C, 0, 0, 0, 0, 1, 0, 1, 0, 0, 2, 2, 0x44, 1, 0, 0x3B});
   };
   gif("opaque.gif", 0);
   gif("clear.gif", 1);
+  gif("cyan.gif", 0, 0);  // a colour table of cyan and black
   auto look = [&](const std::string& name) {
     SourceSize size;
     decode_image_file(root.file(name), 4, 4, 3, Fit::kStretch, &size, /*look_for_alpha=*/true);
@@ -535,9 +536,12 @@ TEST(ImageFolder, SourceSizeSaysWhetherTransparencyOrColourWasDropped) {
   for (const char* name : {"opaque.png", "rgb.png", "grey.png", "opaque.gif"}) EXPECT_FALSE(look(name).alpha) << name;
   EXPECT_TRUE(look("rgb.png").colour);
   EXPECT_FALSE(look("grey.png").colour);
+  // A GIF is grey or colour by its colour table (stb says 4 channels for each).
+  EXPECT_FALSE(look("opaque.gif").colour);
+  EXPECT_TRUE(look("cyan.gif").colour);
   // A folder read with one channel counts its colour images; with three there is nothing to say.
   fs::create_directories(root.path() / "f" / "c");
-  for (const char* name : {"rgb.png", "grey.png", "opaque.png"})
+  for (const char* name : {"rgb.png", "grey.png", "opaque.png", "opaque.gif"})
     fs::copy_file(root.file(name), root.path() / "f" / "c" / name);
   EXPECT_EQ(read_image_folder(root.file("f"), 4, 4, 1).colour_as_grey, 2);
   EXPECT_EQ(read_image_folder(root.file("f"), 4, 4, 3).colour_as_grey, 0);

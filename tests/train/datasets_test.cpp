@@ -19,13 +19,16 @@ namespace moev {
 namespace {
 
 // Two 4x4 grey images in each of `classes`, under root/<class>/.
-void write_classes(const std::string& root, const std::vector<std::string>& classes) {
-  std::vector<unsigned char> px(16);
+// channels = 3: stored as RGB.
+void write_classes(const std::string& root, const std::vector<std::string>& classes, int channels = 1) {
+  std::vector<unsigned char> px(16 * channels);
   for (const auto& c : classes) {
     std::filesystem::create_directories(root + "/" + c);
     for (int i = 0; i < 2; ++i) {
       for (size_t p = 0; p < px.size(); ++p) px[p] = static_cast<unsigned char>(p * 13 + i * 71 + c.size());
-      ASSERT_EQ(stbi_write_png((root + "/" + c + "/" + std::to_string(i) + ".png").c_str(), 4, 4, 1, px.data(), 4), 1);
+      ASSERT_EQ(stbi_write_png((root + "/" + c + "/" + std::to_string(i) + ".png").c_str(), 4, 4, channels,
+                               px.data(), 4 * channels),
+                1);
     }
   }
 }
@@ -163,6 +166,33 @@ TEST(Datasets, TestClassesAreMatchedToTheTrainingClassesByName) {
   auto r2 = folder_run(dir2, 1);
   test::expect_error([&] { train::open_datasets(r2.data, r2.model, true); },
                      {"is not one of", "its bytes 63 61 66 65 cc 81 against 'caf\xC3\xA9': 63 61 66 c3 a9"});
+}
+
+}  // namespace moev
+
+namespace moev {
+
+// A grey model's note on colour images counts what the source holds: it counted the images read, then
+// data.train_limit kept fewer, under a count that read as the run's; a colour test set beside a grey training
+// set went unsaid.
+TEST(Datasets, ColourReadAsGreyIsNotedPerSource) {
+  test::TempDir dir;
+  write_classes(dir.file("train"), {"a", "b", "c"}, 3);
+  write_classes(dir.file("test"), {"a", "b", "c"}, 3);
+  auto r = folder_run(dir, 3);
+  r.data.train_limit = 4;
+  auto ds = train::open_datasets(r.data, r.model, /*load_train=*/true);
+  EXPECT_EQ(ds.train.size(), 4);
+  ASSERT_EQ(ds.notes.size(), 1u);  // said once for both sets
+  EXPECT_NE(ds.notes[0].find(dir.file("train")), std::string::npos) << ds.notes[0];
+  EXPECT_NE(ds.notes[0].find("6 of its 6 images are stored in colour"), std::string::npos) << ds.notes[0];
+  std::filesystem::remove_all(dir.file("train"));
+  write_classes(dir.file("train"), {"a", "b", "c"}, 1);
+  ds = train::open_datasets(r.data, r.model, /*load_train=*/true);
+  ASSERT_EQ(ds.notes.size(), 1u);
+  EXPECT_NE(ds.notes[0].find(dir.file("test")), std::string::npos) << ds.notes[0];
+  r.model.channels = 3;
+  EXPECT_TRUE(train::open_datasets(r.data, r.model, /*load_train=*/true).notes.empty());
 }
 
 }  // namespace moev

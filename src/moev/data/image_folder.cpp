@@ -410,6 +410,33 @@ std::vector<unsigned char> decode_netpbm(const std::string& path, const std::vec
   return out;
 }
 
+// Whether a GIF's first frame is drawn from a grey colour table (every entry
+// with red = green = blue): stb says 4 channels for every GIF, grey ones too.
+// The bytes were checked complete up to that frame (check_complete).
+bool gif_is_grey(const std::vector<unsigned char>& b) {
+  auto grey_table = [&](size_t at, unsigned char flags) {
+    const size_t entries = size_t{2} << (flags & 7);
+    for (size_t e = 0; e < entries && at + 3 * e + 2 < b.size(); ++e)
+      if (b[at + 3 * e] != b[at + 3 * e + 1] || b[at + 3 * e + 1] != b[at + 3 * e + 2]) return false;
+    return true;
+  };
+  const bool global = (b[10] & 0x80) != 0;
+  size_t at = 13 + (global ? 3 * (size_t{2} << (b[10] & 7)) : 0);
+  while (at < b.size()) {
+    if (b[at] == 0x21) {  // an extension: its label, then data sub-blocks up to an empty one
+      at += 2;
+      while (at < b.size() && b[at] != 0) at += size_t{b[at]} + 1;
+      ++at;
+    } else if (b[at] == 0x2C && at + 10 <= b.size()) {  // the frame: a local table takes the global one's place
+      if (b[at + 9] & 0x80) return grey_table(at + 10, b[at + 9]);
+      return global && grey_table(13, b[10]);
+    } else {
+      break;
+    }
+  }
+  return false;
+}
+
 // Decodes path into dst, uint8 [C, H, W] contiguous; returns the file's own (upright) size.
 SourceSize decode_into(const std::string& path, int64_t height, int64_t width, int64_t channels, Fit fit,
                        uint8_t* dst, bool look_for_alpha = false) {
@@ -450,7 +477,8 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
     MOEV_CHECK(pixels != nullptr, "file ", path, " is not a readable image (stb_image: ", stbi_failure_reason(), ")");
     MOEV_CHECK(w >= 1 && h >= 1, "file ", path, ": an image of ", w, "x", h, " pixels; expected at least 1x1");
     hwc = pixels.get();
-    colour = file_channels >= 3;
+    colour = file_channels >= 3 && !(bytes.size() >= 13 && std::memcmp(bytes.data(), "GIF", 3) == 0 &&
+                                     gif_is_grey(bytes));
     // stb says 2 or 4 channels for any GIF and some opaque BMPs too: the alpha values themselves decide, from a
     // second decoding that keeps them (the pixels above stay stb's own conversion).
     if (look_for_alpha && (file_channels == 2 || file_channels == 4)) {

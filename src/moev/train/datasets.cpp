@@ -199,17 +199,22 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
   data::ReadOptions ro;
   ro.fit = data::parse_fit(d.resize, "data.resize");
   ro.stop = stop;
-  // A folder of colour photos trained a grey model without a word (the presets have one channel).
+  // A folder of colour photos trained a grey model without a word (the presets have one channel). Counted
+  // over the images read, before data.train_limit or data.per_class keeps some: the count is of the source.
   auto note_colour = [&](const data::ImageSet& s) {
     if (s.colour_as_grey > 0)
-      out.notes.push_back(s.source + ": " + std::to_string(s.colour_as_grey) + " images are stored in colour (RGB, " +
-                          "or a colour palette), and model.channels = 1 reads them as grey (luminance); " +
-                          "model.channels = 3 keeps the colours");
+      out.notes.push_back(s.source + ": " + std::to_string(s.colour_as_grey) + " of its " +
+                          std::to_string(s.size()) + " images are stored in colour (RGB, or a colour palette), " +
+                          "and model.channels = 1 reads them as grey (luminance); model.channels = 3 keeps the " +
+                          "colours");
   };
+  int64_t train_colour = 0;
   if (load_train) {
     validate_training_data(d, m);
-    out.train = limit(open_one(d, m, /*train=*/true, vocabulary, ro), d.train_limit, "data.train_limit");
+    out.train = open_one(d, m, /*train=*/true, vocabulary, ro);
     note_colour(out.train);
+    train_colour = out.train.colour_as_grey;
+    out.train = limit(std::move(out.train), d.train_limit, "data.train_limit");
     if (out.train.multilabel()) vocabulary = out.train.class_names;
     MOEV_CHECK(d.per_class == 0 || !out.train.multilabel(), "data.per_class = ", d.per_class,
                ": a per-class subset needs single-label data, not data.format = 'manifest'");
@@ -226,8 +231,10 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
                "data.tags is empty and there is no training manifest to take the tags from");
     // Held beside the training set: the two together must fit.
     if (out.train.images.defined()) ro.held_bytes = static_cast<double>(out.train.images.nbytes());
-    out.test = limit(open_one(d, m, /*train=*/false, vocabulary, ro), d.test_limit, "data.test_limit");
-    if (!load_train) note_colour(out.test);  // beside a training set, said once for both
+    out.test = open_one(d, m, /*train=*/false, vocabulary, ro);
+    // Beside a training set in colour, said once for both; a colour test set beside a grey one is said.
+    if (train_colour == 0) note_colour(out.test);
+    out.test = limit(std::move(out.test), d.test_limit, "data.test_limit");
     check_fits(out.test, m);
     if (load_train) align_classes(out.test, out.train.class_names, "the training set " + out.train.source);
   }
