@@ -183,3 +183,32 @@ TEST(Plot, HeatmapColourBarMaximumReadsAsTheLargestCell) {
   ASSERT_EQ(a.w, b.w);
   EXPECT_EQ(a.px, b.px);  // 99.5 reads "100" in its cell, and so on the bar
 }
+
+namespace {
+int black_pixels(const std::string& s) {
+  viz::Canvas c(viz::Canvas::text_width(s) + 20, 40);
+  c.text(10, 10, s, viz::kBlack);
+  int n = 0;
+  for (int y = 0; y < c.height(); ++y)
+    for (int x = 0; x < c.width(); ++x) n += same(c.at(x, y), viz::kBlack);
+  return n;
+}
+}  // namespace
+
+// Every glyph is drawn whole however many follow: the glyph buffer held 300 bytes a character and stb cut the
+// strokes past it without a word, so the x tick "28" read "29" and "80" read "8-" in a sweep's plot.
+TEST(Canvas, EveryGlyphIsDrawnWholeInAString) {
+  for (char ch = 33; ch < 127; ++ch) {
+    const std::string one(1, ch), many(12, ch);
+    EXPECT_EQ(black_pixels(many), 12 * black_pixels(one)) << "'" << one << "'";
+  }
+  EXPECT_EQ(black_pixels("28"), black_pixels("2") + black_pixels("8"));
+}
+
+// Bytes outside printable ASCII were looked up in the font's table by their value, outside it: a UTF-8
+// character is drawn as one '?', as wide.
+TEST(Canvas, NonAsciiTextIsDrawnAsQuestionMarks) {
+  EXPECT_EQ(black_pixels("caf\xc3\xa9"), black_pixels("caf?"));
+  EXPECT_EQ(viz::Canvas::text_width("caf\xc3\xa9 \xe2\x80\x94 x"), viz::Canvas::text_width("caf? ? x"));
+  EXPECT_EQ(black_pixels(std::string("a\xff" "b")), black_pixels("a?b"));
+}

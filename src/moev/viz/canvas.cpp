@@ -97,15 +97,38 @@ void Canvas::marker(double x, double y, int radius, Rgb c) {
 }
 
 namespace {
-// stb_easy_font wants a mutable char*, and emits quads of 4 vertices of 16 bytes.
+// stb_easy_font draws printable ASCII alone and indexes its glyph table by the
+// byte: any other byte (a class folder named in UTF-8, "café") read outside the
+// table. Each UTF-8 character, and each other byte outside 32..126, becomes one '?'.
+std::string printable(const std::string& s) {
+  std::string out;
+  out.reserve(s.size());
+  for (size_t i = 0; i < s.size(); ++i) {
+    const auto b = static_cast<unsigned char>(s[i]);
+    if (b >= 32 && b <= 126) {
+      out += static_cast<char>(b);
+    } else if (b == '\n') {
+      out += ' ';
+    } else {
+      out += '?';
+      if (b >= 0xC0)  // a UTF-8 lead byte: its continuation bytes belong to the same '?'
+        while (i + 1 < s.size() && (static_cast<unsigned char>(s[i + 1]) & 0xC0) == 0x80) ++i;
+    }
+  }
+  return out;
+}
+
+// stb_easy_font emits quads of 4 vertices of 16 bytes and stops, without a word,
+// when the buffer is full: 300 bytes a character cut glyphs of many strokes
+// ("28" drew as "29", "80" as "8-"). No glyph has 32 strokes.
 struct Quads {
   std::vector<char> vbuf;
   int count = 0;
 };
 Quads glyph_quads(const std::string& s) {
-  std::string copy = s;
+  std::string copy = printable(s);  // stb wants a mutable char*
   Quads q;
-  q.vbuf.resize(300 * (copy.size() + 1));
+  q.vbuf.resize(32 * 64 * (copy.size() + 1));
   q.count = stb_easy_font_print(0, 0, copy.data(), nullptr, q.vbuf.data(),
                                 static_cast<int>(q.vbuf.size()));
   return q;
@@ -113,7 +136,7 @@ Quads glyph_quads(const std::string& s) {
 }  // namespace
 
 int Canvas::text_width(const std::string& s, int scale) {
-  std::string copy = s;
+  std::string copy = printable(s);
   return stb_easy_font_width(copy.data()) * scale;
 }
 
