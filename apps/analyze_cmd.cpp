@@ -3,6 +3,7 @@
 // with --capacity-curve, top-1 against inference capacity with and without BPR.
 // For a multi-branch model, how its branches agree (each one's top-1, pairwise
 // disagreement and double fault, the oracle).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -66,6 +67,7 @@ Runner add_analyze(CLI::App& app) {
       for (size_t j = 0; j < i; ++j)
         MOEV_CHECK(f->capacities[j] != c, "--capacities: ", c, " is given twice; expected each ratio once");
     }
+    std::sort(f->capacities.begin(), f->capacities.end());  // measured and printed in the curve's order
     MOEV_CHECK(!capacities->count() || f->capacity_curve, "--capacities: the points of the capacity curve, which ",
                "needs --capacity-curve");
     MOEV_CHECK(!hardmoe::is_hard_moe_file(f->checkpoint), f->checkpoint, ": a hard MoE, which routes whole images ",

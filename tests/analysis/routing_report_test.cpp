@@ -95,3 +95,19 @@ TEST(RoutingReport, WritesHeatmapsTableAndJson) {
       << text;
   EXPECT_NE(text.find("| 1 | blocks.3.moe | 0.0000 | 0.0000 | - |"), std::string::npos) << text;
 }
+
+// Points measured in any order come out in capacity order, per curve: given as 2, 0.5, 1 the curve zig-zagged.
+TEST(RoutingReport, CapacityCurveIsInCapacityOrder) {
+  moev::test::TempDir dir;
+  std::vector<CapacityPoint> points{{2.0, false, 0.9, 0.0, 0.0}, {2.0, true, 0.91, 0.0, 0.0},
+                                    {0.5, false, 0.6, 0.3, 0.1}, {0.5, true, 0.7, 0.3, 0.1},
+                                    {1.0, false, 0.8, 0.1, 0.0}, {1.0, true, 0.85, 0.1, 0.0}};
+  write_capacity_curve(points, "t", dir.path().string());
+  std::ifstream csv(dir.file("capacity_curve.csv"));
+  std::string line;
+  std::vector<std::string> rows;
+  while (std::getline(csv, line)) rows.push_back(line.substr(0, line.find(',', line.find(',') + 1)));
+  const std::vector<std::string> want{"capacity,bpr",  "0.500,off", "0.500,on", "1.000,off",
+                                      "1.000,on",      "2.000,off", "2.000,on"};
+  EXPECT_EQ(rows, want);
+}

@@ -194,9 +194,13 @@ std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& l
   return written;
 }
 
-std::vector<std::string> write_capacity_curve(const std::vector<CapacityPoint>& points,
+std::vector<std::string> write_capacity_curve(const std::vector<CapacityPoint>& given,
                                               const std::string& title, const std::string& dir) {
   namespace fs = std::filesystem;
+  // In capacity order whatever order they were measured in: the curve joined them as given (2, 0.5, 1 zig-zagged).
+  auto points = given;
+  std::stable_sort(points.begin(), points.end(),
+                   [](const CapacityPoint& a, const CapacityPoint& b) { return a.capacity < b.capacity; });
   io::Table t;
   t.header = {"capacity", "bpr", "top1", "dropped", "tokens without an expert"};
   viz::PlotSpec plot;
