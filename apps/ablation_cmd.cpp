@@ -110,6 +110,7 @@ Runner add_ablation(CLI::App& app) {
       t.cfg.train.progress = false;
     }
     std::printf("%zu runs in %s, %d at a time\n", tasks.size(), f->out.c_str(), f->jobs);
+    std::fflush(stdout);  // before the runs' lines on stderr, when both go to one file
     if (f->dry_run) {
       for (const auto& t : tasks) std::printf("  %-28s %s\n", t.name.c_str(), t.row.c_str());
       return 0;
@@ -164,10 +165,16 @@ Runner add_ablation(CLI::App& app) {
     Children children;
     auto& running = children.running;
     std::string failure;
+    // A stop (Ctrl-C, a scheduler's SIGTERM) killed this process without a word, and a SIGTERM reached no run:
+    // the runs going save, no other starts, and the same command continues.
+    const auto* stop = stop_on_signals();
     const auto t0 = std::chrono::steady_clock::now();
     while (done < tasks.size()) {
+      const bool stopping = children.pass_on_stop(stop);
       // Start what can start.
-      for (size_t i = 0; failure.empty() && i < tasks.size() && static_cast<int>(running.size()) < f->jobs; ++i) {
+      for (size_t i = 0; failure.empty() && !stopping && i < tasks.size() &&
+                         static_cast<int>(running.size()) < f->jobs;
+           ++i) {
         const auto& t = tasks[i];
         if (state[i] != kWaiting ||
             std::any_of(t.after.begin(), t.after.end(), [&](const auto& a) { return state[by_name.at(a)] != kDone; }))
@@ -195,8 +202,11 @@ Runner add_ablation(CLI::App& app) {
       }
       if (running.empty()) break;  // a failure stopped the rest
       int status = 0;
-      const pid_t pid = ::waitpid(-1, &status, 0);
-      if (pid < 0 && errno == EINTR) continue;
+      const pid_t pid = ::waitpid(-1, &status, WNOHANG);  // not blocking: a stop is looked for between waits
+      if (pid == 0 || (pid < 0 && errno == EINTR)) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        continue;
+      }
       MOEV_CHECK(pid > 0, "ablation: waiting for the runs failed: ", std::strerror(errno));
       if (!running.count(pid)) continue;
       const size_t i = running[pid];
@@ -228,6 +238,13 @@ Runner add_ablation(CLI::App& app) {
       std::fprintf(stderr, "[%3zu/%zu] %-28s top-1 %.4f  (%.0f s; %.0f s elapsed)\n", done, tasks.size(),
                    t.name.c_str(), top1[i], seconds[i], el);
     }
+    if (stop->load())
+      throw Stopped("ablation: stopped after " + std::to_string(done) + " of " + std::to_string(tasks.size()) +
+                    " runs" +
+                    (failure.empty() || failure.find(" stopped on request") != std::string::npos
+                         ? ""
+                         : " (" + failure + ")") +
+                    "; the same command continues (runs done are kept)");
     MOEV_CHECK(failure.empty(), "ablation: ", failure);
     auto rows = train::summarise_ablation(tasks, top1, seconds);
     train::write_ablation(rows, f->out);

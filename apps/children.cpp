@@ -45,6 +45,14 @@ pid_t spawn_self(const std::vector<std::string>& args, const std::string& log_pa
   return pid;
 }
 
+bool Children::pass_on_stop(const std::atomic<bool>* stop) {
+  if (!stop || !stop->load()) return false;
+  if (!passed_)
+    for (const auto& [pid, task] : running) ::kill(pid, SIGTERM);
+  passed_ = true;
+  return true;
+}
+
 Children::~Children() {
   for (const auto& [pid, task] : running) ::kill(pid, SIGTERM);
   for (const auto& [pid, task] : running) ::waitpid(pid, nullptr, 0);

@@ -6,6 +6,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <map>
 #include <string>
 #include <vector>
@@ -23,6 +24,14 @@ pid_t spawn_self(const std::vector<std::string>& args, const std::string& log_pa
 struct Children {
   std::map<pid_t, size_t> running;  // pid -> the scheduler's task index
   ~Children();
+  // Once `stop` (stop_on_signals) is set: asks every running child to stop with
+  // SIGTERM, once; they save and exit 143. A scheduler stopped with SIGTERM alone
+  // reached no child (Ctrl-C reaches the whole process group; a scheduler's
+  // SIGTERM only this process). Returns whether a stop was asked.
+  bool pass_on_stop(const std::atomic<bool>* stop);
+
+ private:
+  bool passed_ = false;
 };
 
 // The last line of <run_dir>/log.jsonl that has `key` (null if none): how a

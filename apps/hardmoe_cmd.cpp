@@ -243,9 +243,13 @@ Runner add_hardmoe(CLI::App& app) {
     };
     Children children;
     auto& running = children.running;
+    // A stop (Ctrl-C, a scheduler's SIGTERM) killed this process without a word: the experts running save, no
+    // other starts, and the same command continues them.
+    const auto* stop = stop_on_signals();
     const auto t0 = std::chrono::steady_clock::now();
     for (;;) {
-      for (int64_t e = 0; e < k && static_cast<int>(running.size()) < f->jobs; ++e) {
+      const bool stopping = children.pass_on_stop(stop);
+      for (int64_t e = 0; e < k && !stopping && static_cast<int>(running.size()) < f->jobs; ++e) {
         if (state[e] != kWaiting) continue;
         const std::string dir = hardmoe::expert_dir(hm.dir, e);
         fs::create_directories(dir);
@@ -291,14 +295,25 @@ Runner add_hardmoe(CLI::App& app) {
       draw();
     }
     draw();
+    auto list = [](const std::vector<std::string>& v) {
+      std::string all;
+      for (const auto& x : v) all += (all.empty() ? "" : ", ") + x;
+      return all;
+    };
+    if (stop->load()) {
+      std::vector<std::string> waiting;
+      for (int64_t e = 0; e < k; ++e)
+        if (state[e] == kWaiting) waiting.push_back(std::to_string(e));
+      throw Stopped("hardmoe train-all: stopped: " +
+                    (failures.empty() ? std::string("no expert was running") : list(failures)) +
+                    (waiting.empty() ? std::string() : "; not started: expert" +
+                                                           std::string(waiting.size() > 1 ? "s " : " ") + list(waiting)) +
+                    "; the same command continues (experts done are kept)");
+    }
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     // One failed expert leaves the others' results as they are; rerunning trains what is missing.
     MOEV_CHECK(failures.empty(), "hardmoe train-all: ", failures.size(), " of ", k, " experts failed: ",
-               [&] {
-                 std::string all;
-                 for (const auto& x : failures) all += (all.empty() ? "" : ", ") + x;
-                 return all;
-               }());
+               list(failures));
     std::printf("%lld expert%s trained in %s (%d at a time, %s thread%s each); the model: %s\n", (long long)k,
                 k == 1 ? "" : "s", viz::ProgressBar::format_duration(s).c_str(), f->jobs,
                 threads > 0 ? std::to_string(threads).c_str() : "train.threads", threads == 1 ? "" : "s",

@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <filesystem>
@@ -922,6 +923,27 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
     EXPECT_NE(text.find("the same command again continues it"), std::string::npos) << text;
     EXPECT_TRUE(std::filesystem::exists(c + "/expert_0/checkpoint.pt"));
     EXPECT_FALSE(std::filesystem::exists(c + "/expert_0/result.json"));
+    // A SIGTERM to train-all (it died at once, without a word, the expert running left unasked) is passed to the
+    // experts running: they save, none other starts, and it says what stopped.
+    const size_t lines_before = [&] {
+      const auto log = bytes_of(c + "/expert_0/log.jsonl");
+      return static_cast<size_t>(std::count(log.begin(), log.end(), '\n'));
+    }();
+    const pid_t all = moev::test::start_cli("hardmoe train-all --config " + long_cfg + " --dir " + c +
+                                                " --jobs 1 --set train.log_every=1",
+                                            dir.file("stop_all.txt"));
+    ASSERT_GT(all, 0);
+    const bool resumed = moev::test::wait_for_lines(c + "/expert_0/log.jsonl", lines_before + 2, 60, all);
+    ::kill(all, resumed ? SIGTERM : SIGKILL);
+    const int all_code = moev::test::wait_cli(all);
+    text = bytes_of(dir.file("stop_all.txt"));
+    ASSERT_TRUE(resumed) << text;
+    EXPECT_EQ(all_code, 143) << text;
+    EXPECT_NE(text.find("hardmoe train-all: stopped: expert 0 (stopped on request); not started: expert 1"),
+              std::string::npos)
+        << text;
+    EXPECT_NE(bytes_of(c + "/expert_0/output.log").find("moev: expert 0 stopped at step"), std::string::npos);
+    EXPECT_FALSE(std::filesystem::exists(c + "/expert_1"));
   }
   // Bad input: an expert the partition does not have, a manifest line whose image is missing.
   expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 2", {"--expert 2", "2 experts", "0..1"});
