@@ -957,7 +957,7 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
   expect_clean_failure("hardmoe train-all --config " + cfg + " --set train.threads=2",
                        {"--set train.threads=2", "hardmoe.expert_threads = 1"});
   expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 0 --set hardmoe.expert_epochs=2",
-                       {"expert_0", "train.epochs"});  // trained with 1: the new value reaches the expert's config
+                       {"expert_0", "hardmoe.expert_epochs (the expert's train.epochs) = 2 (was: 1)"});  // named as set
   expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 0 --set hardmoe.expert_epoch=2",
                        {"--set hardmoe.expert_epoch=2", "unknown key"});
   expect_clean_failure("hardmoe cluster --config " + cfg + " --experts 0 --dir " + dir.file("zero"), {"--experts 0"});

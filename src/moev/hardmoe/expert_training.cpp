@@ -84,7 +84,17 @@ void check_expert_settings(const io::RunConfig& cfg, const std::string& dir, int
   if (!fs::exists(ckpt)) return;
   const auto saved = io::from_json_string(train::load_checkpoint(ckpt, train::CheckpointLoad::kConfig).config_json,
                                           ckpt);
-  const std::string differ = train::resume_differences(saved, cfg, {});
+  std::string differ = train::resume_differences(saved, cfg, {});
+  // An expert's run keys are set by [hardmoe] keys, which are what the user gave: a change of hardmoe.expert_lr
+  // was reported as train.lr, a key --set may not change for experts.
+  for (const auto& [run_key, key] : {std::pair{"train.epochs", "hardmoe.expert_epochs"},
+                                     {"train.lr", "hardmoe.expert_lr"},
+                                     {"train.warmup_steps", "hardmoe.expert_warmup_steps"},
+                                     {"train.threads", "hardmoe.expert_threads"}}) {
+    const std::string line = std::string("\n  ") + run_key + " = ";
+    for (size_t at = differ.find(line); at != std::string::npos; at = differ.find(line, at + 1))
+      differ.replace(at, line.size(), std::string("\n  ") + key + " (the expert's " + run_key + ") = ");
+  }
   const bool done = fs::exists(expert_result_file(dir, expert));
   MOEV_CHECK(differ.empty(), "expert ", expert, " (", cfg.train.out_dir, ") was ", done ? "trained" : "started",
              " with other settings than these:", differ, "\n", done ? "drop them to keep it" : "drop them to resume it",
