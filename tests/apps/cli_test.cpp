@@ -440,6 +440,24 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --out " + out + " --set train.lr=0.01",
                        {"sweep run", "vit-tiny_dense", "train.lr", "another --out"});
   EXPECT_EQ(bytes_of(out + "/results.csv"), results);
+  // A sweep's directory and a run's are not written into each other (the run's files landed beside the results,
+  // the grid's runs beside a checkpoint).
+  EXPECT_TRUE(std::filesystem::exists(out + "/.sweep.lock"));
+  expect_clean_failure("train --model vit-tiny --max-steps 1 --threads 1 --out " + out,
+                       {"train.out_dir = " + out, "a sweep's directory", "another --out"});
+  EXPECT_FALSE(std::filesystem::exists(out + "/checkpoint.pt"));
+  expect_clean_failure("sweep --config " + dir.file("s.toml") + " --out " + out + "/vit-tiny_dense",
+                       {"vit-tiny_dense", "a training run's directory", "another --out"});
+  EXPECT_FALSE(std::filesystem::exists(out + "/vit-tiny_dense/.sweep.lock"));
+  // The grid takes --set as the run does; a misspelt [sweep] section is named.
+  auto set_grid = run("sweep --config " + dir.file("s.toml") + " --set sweep.experts=[2] --dry-run --out " + out);
+  ASSERT_EQ(set_grid.code, 0) << set_grid.out;
+  EXPECT_NE(set_grid.out.find("1 runs in"), std::string::npos) << set_grid.out;
+  expect_clean_failure("sweep --config " + dir.file("s.toml") + " --set sweep.experts=2 --dry-run --out " + out,
+                       {"s.toml with --set sweep.experts=2: sweep.experts"});
+  std::ofstream(dir.file("typo.toml")) << "[swep]\nmodels = [\"vit-tiny\"]\n" << common;
+  expect_clean_failure("sweep --config " + dir.file("typo.toml") + " --dry-run --out " + out,
+                       {"no [sweep] section", "the file has [data], [model], [swep], [train]"});
   // A grid point skipped for K > E is named.
   std::ofstream(dir.file("k.toml")) << "[sweep]\nmodels = [\"vit-tiny\"]\nexperts = [1, 2]\n"
                                        "placements = [\"last-1\"]\nk = [1, 4]\n" << common;

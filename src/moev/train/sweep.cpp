@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "moev/core/error.h"
+#include "moev/io/file_lock.h"
 #include "moev/io/table.h"
 #include "moev/models/cost.h"
 #include "moev/models/placement.h"
@@ -246,8 +247,10 @@ void check_run_settings(const io::RunConfig& want, const std::filesystem::path& 
 }
 }  // namespace
 
-std::vector<SweepRow> run_sweep(const std::vector<SweepRun>& runs, const std::string& out_dir,
-                                std::ostream* progress, bool interactive, const std::atomic<bool>* stop) {
+namespace {
+
+std::vector<SweepRow> run_sweep_locked(const std::vector<SweepRun>& runs, const std::string& out_dir,
+                                       std::ostream* progress, bool interactive, const std::atomic<bool>* stop) {
   namespace fs = std::filesystem;
   std::vector<SweepRow> rows;
   viz::ProgressBar bar(progress, static_cast<int64_t>(runs.size()), "sweep", "run", interactive);
@@ -300,6 +303,21 @@ std::vector<SweepRow> run_sweep(const std::vector<SweepRun>& runs, const std::st
   bar.finish();
   write_results(rows, out_dir);
   return rows;
+}
+
+}  // namespace
+
+std::vector<SweepRow> run_sweep(const std::vector<SweepRun>& runs, const std::string& out_dir,
+                                std::ostream* progress, bool interactive, const std::atomic<bool>* stop) {
+  namespace fs = std::filesystem;
+  // A training run's directory took the grid's runs beside its own checkpoint; the sweep's own lock file marks
+  // its directory, which `train` refuses in turn.
+  std::error_code ec;
+  for (const char* mark : {".train.lock", "checkpoint.pt", ".pretrain.lock"})
+    MOEV_CHECK(!fs::exists(fs::path(out_dir) / mark, ec), "sweep --out ", out_dir, ": is a training run's directory (",
+               mark, "); a sweep writes one run directory per grid point into its own: give another --out");
+  return io::in_run_directory(out_dir, kSweepLock, "sweep --out " + out_dir,
+                              [&] { return run_sweep_locked(runs, out_dir, progress, interactive, stop); });
 }
 
 }  // namespace moev::train
