@@ -115,11 +115,11 @@ Runner add_launch(CLI::App& app) {
   };
   auto f = std::make_shared<Flags>();
   auto* cmd = app.add_subcommand("launch", "start N local ranks of a distributed job (torchrun's environment)");
-  cmd->add_option("--nproc", f->nproc, "ranks on this machine");
-  cmd->add_option("--nnodes", f->nnodes, "machines in the job");
-  cmd->add_option("--node-rank", f->node_rank, "this machine's index, 0 .. nnodes-1");
-  cmd->add_option("--master-addr", f->master_addr, "host of rank 0");
-  cmd->add_option("--master-port", f->master_port, "TCP port of rank 0's store");
+  cmd->add_option("--nproc", f->nproc, "ranks on this machine")->capture_default_str();
+  cmd->add_option("--nnodes", f->nnodes, "machines in the job")->capture_default_str();
+  cmd->add_option("--node-rank", f->node_rank, "this machine's index, 0 .. nnodes-1")->capture_default_str();
+  cmd->add_option("--master-addr", f->master_addr, "host of rank 0")->capture_default_str();
+  cmd->add_option("--master-port", f->master_port, "TCP port of rank 0's store")->capture_default_str();
   cmd->add_option("command", f->command, "the moev subcommand and its arguments, after --")->required();
   cmd->footer(
       "Examples:\n"

@@ -104,7 +104,13 @@ int main(int argc, char** argv) {
     if (e.get_exit_code() == 0 && !deepest()->remaining().empty() && missing_subcommand(deepest())) return 1;
     if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
     // Usage errors as every other error reads: one line, moev's prefix, status 1 (CLI11's own were 105-114).
-    std::cerr << "moev: error: " << e.what() << " (" << name_of(deepest()) << " --help)\n";
+    const std::string where = name_of(deepest());
+    // `moev launch --nproc 2 train --epochs 1` read train's flags as launch's.
+    const bool launch_flags = where == "moev launch" && dynamic_cast<const CLI::ExtrasError*>(&e) != nullptr;
+    std::cerr << "moev: error: " << e.what()
+              << (launch_flags ? "; the command's own flags go after --: moev launch --nproc 2 -- train --out ..."
+                               : "")
+              << " (" << where << " --help)\n";
     return 1;
   }
   try {

@@ -408,7 +408,9 @@ TEST(Launch, AFailedRankStopsTheJobAndBadFlagsAreRefused) {
            {"launch --nproc 2000000000 -- train", "--nproc 2000000000"},
            {"launch --master-port 70000 -- train", "--master-port 70000"},
            {"launch --nproc 2 -- sweep --config x.toml", "'sweep' does not run as ranks"},
-           {"launch --nproc 2 -- train --config /dev/null", "--config /dev/null: not a regular file"}}) {
+           {"launch --nproc 2 -- train --config /dev/null", "--config /dev/null: not a regular file"},
+           // Without the --, train's flags were read as launch's, with no word on where they go.
+           {"launch --nproc 2 train --epochs 1", "--epochs; the command's own flags go after --"}}) {
     auto bad = moev::test::run_cli(args);
     EXPECT_EQ(bad.code, 1) << args << ": " << bad.out;
     EXPECT_NE(bad.out.find(needle), std::string::npos) << args << ": " << bad.out;
