@@ -935,6 +935,26 @@ TEST(Trainer, TimeBudgetEndsTheScheduleOnTime) {
   EXPECT_EQ(evaluated_epochs(cut.train.out_dir).size(), 1u);
 }
 
+// A budget of about eight steps ends near its time: sampled every tenth step from the fifth, the first plan came at
+// the fifteenth, and a budget of eight steps ran nearly twice as long.
+TEST(Trainer, AShortTimeBudgetEndsNearItsTime) {
+  test::TempDir dir;
+  auto probe = tiny_run(dir.file("probe"));
+  probe.train.max_steps = 20;
+  probe.train.eval_each_epoch = false;
+  probe.train.epochs = 1000;
+  const auto p = train::train_model(probe, {});
+  const double step_s = p.train_seconds / double(p.steps), budget_s = 8 * step_s;
+  auto cfg = tiny_run(dir.file("short"));
+  cfg.train.epochs = 1000;
+  cfg.train.minutes = budget_s / 60;
+  cfg.train.eval_each_epoch = false;
+  cfg.train.checkpoint_every = 0;
+  const auto r = train::train_model(cfg, {});
+  EXPECT_TRUE(r.finished);
+  EXPECT_LE(r.train_seconds, 1.3 * budget_s) << r.steps << " steps of about " << step_s << " s";
+}
+
 // A warmup at least as long as the schedule (a preset's 300 steps in a short
 // run) never reaches train.lr nor decays: the run says so once, at its start.
 TEST(Trainer, AWarmupAsLongAsTheScheduleIsNoted) {
