@@ -49,11 +49,13 @@ Runner add_ensemble(CLI::App& app) {
     const auto cfg = train::parse_ensemble(j["ensemble"], f->config);
     auto r = train::evaluate_ensemble(cfg, f->limit, f->batch_size, f->json ? nullptr : &std::cerr,
                                       stderr_is_terminal());
+    // What the table prints, the JSON holds: it lacked whether TTA was on and the members' top-5 and NLL.
     nlohmann::json out{{"top1", r.ensemble.top1}, {"top5", r.ensemble.top5}, {"loss", r.ensemble.loss},
-                       {"images", r.ensemble.images}, {"members", nlohmann::json::array()}};
+                       {"images", r.ensemble.images}, {"tta", cfg.tta}, {"members", nlohmann::json::array()}};
     for (size_t i = 0; i < r.members.size(); ++i)
       out["members"].push_back({{"checkpoint", cfg.members[i].checkpoint}, {"weight", cfg.members[i].weight},
-                                {"top1", r.members[i].top1}});
+                                {"top1", r.members[i].top1}, {"top5", r.members[i].top5},
+                                {"loss", r.members[i].loss}});
     if (!f->result.empty()) io::write_text_atomic(f->result, io::output_json(out) + "\n");
     if (f->json) {
       std::cout << io::output_json(out) << "\n";

@@ -824,6 +824,13 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   const auto res = nlohmann::json::parse(std::ifstream(dir.file("ens.json")));
   EXPECT_EQ(res.at("images").get<int64_t>(), 50);
   EXPECT_EQ(res.at("members").size(), 2u);
+  // As the table: TTA said, each member's top-5 and NLL beside its top-1.
+  EXPECT_EQ(res.at("tta"), true);
+  for (const auto& m : res.at("members")) {
+    EXPECT_GE(m.at("top5").get<double>(), m.at("top1").get<double>()) << m;
+    EXPECT_GT(m.at("loss").get<double>(), 0) << m;
+    EXPECT_NE(r.out.find(moev::io::fmt(m.at("loss").get<double>())), std::string::npos) << r.out;
+  }
   const double top1 = res.at("top1").get<double>();
   EXPECT_TRUE(top1 >= 0 && top1 <= 1) << top1;
   EXPECT_NE(r.out.find(moev::io::fmt(top1)), std::string::npos) << r.out;
