@@ -280,16 +280,25 @@ TEST(Launch, RanksStopWhenTheLauncherIsKilled) {
   }
 }
 
+// A 2-rank job of a thousand epochs, started in the background with its output in dir/out.txt, and whether it
+// logged `lines` steps within 60 s (the launcher's pid is <= 0 if it did not start).
+namespace {
+std::pair<pid_t, bool> start_long_job(const moev::test::TempDir& dir, const std::string& out, int lines) {
+  const pid_t launcher = moev::test::start_cli(
+      launch(2) + kRun + "--threads 1 --epochs 1000 --set train.log_every=1 --out " + out, dir.file("out.txt"));
+  if (launcher <= 0) return {launcher, false};
+  return {launcher, moev::test::wait_for_lines(out + "/log.jsonl", lines, 60, launcher)};
+}
+}  // namespace
+
 // A SIGTERM to one rank (a preempted node) stops the job: the request travels
 // with the step's reduced figures, so rank 0, which got no signal, stops at the
 // same step and saves it; the job exits 143 and resumes from there.
 TEST(Launch, SigtermToOneRankStopsEveryRankAtOneStepAndTheJobResumes) {
   moev::test::TempDir dir;
   const std::string out = dir.file("r");
-  const pid_t launcher = moev::test::start_cli(
-      launch(2) + kRun + "--threads 1 --epochs 1000 --set train.log_every=1 --out " + out, dir.file("out.txt"));
+  const auto [launcher, training] = start_long_job(dir, out, 3);
   ASSERT_GT(launcher, 0);
-  const bool training = moev::test::wait_for_lines(out + "/log.jsonl", 3, 60, launcher);
   std::vector<pid_t> ranks;  // in rank order: the launcher starts rank 0 first
   std::ifstream children("/proc/" + std::to_string(launcher) + "/task/" + std::to_string(launcher) + "/children");
   for (pid_t pid; children >> pid;) ranks.push_back(pid);
@@ -322,10 +331,8 @@ TEST(Launch, SigtermToOneRankStopsEveryRankAtOneStepAndTheJobResumes) {
 TEST(Launch, SigintToTheLauncherStopsTheJobWithStatus130) {
   moev::test::TempDir dir;
   const std::string out = dir.file("r");
-  const pid_t launcher = moev::test::start_cli(
-      launch(2) + kRun + "--threads 1 --epochs 1000 --set train.log_every=1 --out " + out, dir.file("out.txt"));
+  const auto [launcher, training] = start_long_job(dir, out, 2);
   ASSERT_GT(launcher, 0);
-  const bool training = moev::test::wait_for_lines(out + "/log.jsonl", 2, 60, launcher);
   ::kill(launcher, training ? SIGINT : SIGKILL);
   const int code = moev::test::wait_cli(launcher);
   const auto text = moev::test::bytes_of(dir.file("out.txt"));
