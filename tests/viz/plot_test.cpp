@@ -212,3 +212,22 @@ TEST(Canvas, NonAsciiTextIsDrawnAsQuestionMarks) {
   EXPECT_EQ(viz::Canvas::text_width("caf\xc3\xa9 \xe2\x80\x94 x"), viz::Canvas::text_width("caf? ? x"));
   EXPECT_EQ(black_pixels(std::string("a\xff" "b")), black_pixels("a?b"));
 }
+
+// A point's label near the right of the frame is drawn left of its point: it ran over the frame into the legend
+// ("E4 last-2 K2" across the legend's line in a sweep's plot).
+TEST(Plot, PointLabelsStayInsideTheFrame) {
+  test::TempDir dir;
+  viz::PlotSpec spec = labelled("t", "x", "y");
+  viz::Series a;
+  a.x = {1, 2, 3}, a.y = {1, 2, 3}, a.point_labels = {"dense", "E4 last-2 K1", "E4 last-2 K2"};
+  a.lines = false;
+  spec.series = {a};  // no name: no legend, the frame reaches 30 pixels from the right
+  viz::write_plot(spec, dir.file("p.png"));
+  const Png p = load_png(dir.file("p.png"));
+  int outside = 0, inside = 0;
+  for (int y = 0; y < p.h; ++y)
+    for (int x = 0; x < p.w; ++x)
+      if (same(p.at(x, y), viz::palette(0))) (x > p.w - 30 ? outside : inside) += 1;
+  EXPECT_GT(inside, 100);
+  EXPECT_EQ(outside, 0);
+}

@@ -136,8 +136,13 @@ void write_plot(const PlotSpec& spec, const std::string& path) {
       const double x = px(s.x[i]), y = py(s.y[i]);
       if (s.lines && have_prev) c.line(prev_x, prev_y, x, y, col, 2);
       if (s.markers) c.marker(x, y, 4, col);
-      if (i < s.point_labels.size() && !s.point_labels[i].empty())
-        c.text(x + 7, y - Canvas::text_height(1) - 3, s.point_labels[i], col, 1);
+      if (i < s.point_labels.size() && !s.point_labels[i].empty()) {
+        // Above right of its point, or left of it where it would cross the frame into the legend.
+        const int w = Canvas::text_width(s.point_labels[i], 1);
+        const double lx = x + 7 + w > right ? x - 7 - w : x + 7;
+        const double ly = y - Canvas::text_height(1) - 3 < top ? y + 6 : y - Canvas::text_height(1) - 3;
+        c.text(lx, ly, s.point_labels[i], col, 1);
+      }
       prev_x = x, prev_y = y, have_prev = true;
     }
   }
