@@ -170,9 +170,9 @@ Runner add_ablation(CLI::App& app) {
     const auto* stop = stop_on_signals();
     const auto t0 = std::chrono::steady_clock::now();
     while (done < tasks.size()) {
-      const bool stopping = children.pass_on_stop(stop);
+      children.pass_on_stop(stop);
       // Start what can start.
-      for (size_t i = 0; failure.empty() && !stopping && i < tasks.size() &&
+      for (size_t i = 0; failure.empty() && !stop->load() && i < tasks.size() &&
                          static_cast<int>(running.size()) < f->jobs;
            ++i) {
         const auto& t = tasks[i];
@@ -214,7 +214,7 @@ Runner add_ablation(CLI::App& app) {
       const auto& t = tasks[i];
       const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
       if (!ok) {
-        const bool asked = stopped_on_request(status);  // saved: not broken
+        const bool asked = ended_by_stop(status, stop);  // saved, or had nothing to save: not broken
         if (failure.empty())
           failure = t.name + (asked ? " stopped on request (" : " failed (") +
                     (WIFEXITED(status) ? "exit " + std::to_string(WEXITSTATUS(status))
@@ -238,7 +238,7 @@ Runner add_ablation(CLI::App& app) {
       std::fprintf(stderr, "[%3zu/%zu] %-28s top-1 %.4f  (%.0f s; %.0f s elapsed)\n", done, tasks.size(),
                    t.name.c_str(), top1[i], seconds[i], el);
     }
-    if (stop->load())
+    if (stop->load() && done < tasks.size())  // a stop that came as the last run ended stops nothing
       throw Stopped("ablation: stopped after " + std::to_string(done) + " of " + std::to_string(tasks.size()) +
                     " runs" +
                     (failure.empty() || failure.find(" stopped on request") != std::string::npos

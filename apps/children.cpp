@@ -13,6 +13,7 @@
 #include <fstream>
 
 #include "moev/core/error.h"
+#include "stop_signal.h"
 #include "moev/io/table.h"
 
 namespace moev::app {
@@ -43,6 +44,12 @@ pid_t spawn_self(const std::vector<std::string>& args, const std::string& log_pa
   }
   ::close(fd);
   return pid;
+}
+
+bool ended_by_stop(int wait_status, const std::atomic<bool>* stop) {
+  if (stopped_on_request(wait_status)) return true;
+  return stop && stop->load() && WIFSIGNALED(wait_status) &&
+         (WTERMSIG(wait_status) == SIGTERM || WTERMSIG(wait_status) == SIGINT);
 }
 
 bool Children::pass_on_stop(const std::atomic<bool>* stop) {

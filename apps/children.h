@@ -34,6 +34,11 @@ struct Children {
   bool passed_ = false;
 };
 
+// Whether a child ended as a stop asked: it saved and exited 130/143, or, once
+// `stop` is set, the SIGTERM or SIGINT passed on ended it where it had nothing to
+// save (fuse, ensemble, a train not yet past its start).
+bool ended_by_stop(int wait_status, const std::atomic<bool>* stop);
+
 // The last line of <run_dir>/log.jsonl that has `key` (null if none): how a
 // scheduler follows, or reads the result of, a child's training run.
 nlohmann::json last_log_line(const std::string& run_dir, const std::string& key);

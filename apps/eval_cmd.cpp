@@ -2,6 +2,7 @@
 // layers did; K, capacity, BPR and router kind can be changed without retraining.
 // With --shift, also on deterministic corruptions of the test set, as one table
 // (shift x checkpoint) so dense and MoE models are compared on the same images.
+#include <algorithm>
 #include <cstdio>
 #include <iostream>
 #include <optional>
@@ -117,25 +118,35 @@ Runner add_eval(CLI::App& app) {
       if (f->limit) data.test_limit = *f->limit;
       return data;
     };
+    auto refuse_other_test_set = [&](const std::string& ckpt, const std::string& differ) {
+      MOEV_CHECK(differ.empty(), "--shift: ", ckpt, " is scored on other test images than ", f->checkpoints[0],
+                 " (", differ, "); the table compares models on the same images: set them with --data/--limit");
+    };
     // What can be known from the files alone is checked before any model is scored: the second checkpoint's
     // other test set, or a hard MoE under --tta, was refused only after the first had been evaluated.
-    if (f->checkpoints.size() > 1 && (!shifts.empty() || f->tta)) {
-      std::optional<train::DataConfig> first;
-      for (const auto& ckpt : f->checkpoints) {
-        MOEV_CHECK(!f->tta || !hardmoe::is_hard_moe_file(ckpt), "--tta: ", ckpt,
-                   " is a hard MoE; evaluate it without --tta");
-        if (shifts.empty()) continue;
-        const auto data = test_data_of(train::trained_config(ckpt));
-        if (!first) first = data;
-        auto differ = train::test_data_difference(*first, data);
-        // Two limits that differ are two test sets; a limit beside none may cover the whole set, which only
-        // reading it tells (below).
-        if (first->test_limit > 0 && data.test_limit > 0 && first->test_limit != data.test_limit)
-          differ += (differ.empty() ? "" : ", ") + std::string("data.test_limit ") +
-                    std::to_string(first->test_limit) + " vs " + std::to_string(data.test_limit);
-        MOEV_CHECK(differ.empty(), "--shift: ", ckpt, " is scored on other test images than ", f->checkpoints[0],
-                   " (", differ, "); the table compares models on the same images: set them with --data/--limit");
+    std::optional<std::pair<io::RunConfig, train::DataConfig>> first;
+    std::optional<int64_t> first_whole;  // the first's test set without a limit, read only if limits differ
+    for (const auto& ckpt : f->checkpoints) {
+      MOEV_CHECK(!f->tta || !hardmoe::is_hard_moe_file(ckpt), "--tta: ", ckpt, " is a hard MoE; evaluate it ",
+                 "without --tta");
+      if (shifts.empty() || f->checkpoints.size() < 2) continue;
+      const auto cfg = train::trained_config(ckpt);
+      const auto data = test_data_of(cfg);
+      if (!first) first.emplace(cfg, data);
+      auto differ = train::test_data_difference(first->second, data);
+      // Two limits are two test sets unless both reach past its end (20000 and 0 on 10000 images are the same).
+      if (differ.empty() && first->second.test_limit != data.test_limit) {
+        if (!first_whole) {
+          auto whole = first->second;
+          whole.test_limit = 0;
+          first_whole = train::open_datasets(whole, first->first.model, /*load_train=*/false).test.size();
+        }
+        auto images = [&](int64_t limit) { return limit > 0 ? std::min(limit, *first_whole) : *first_whole; };
+        if (images(first->second.test_limit) != images(data.test_limit))
+          differ = "data.test_limit " + std::to_string(first->second.test_limit) + " vs " +
+                   std::to_string(data.test_limit) + ", of " + std::to_string(*first_whole) + " test images";
       }
+      refuse_other_test_set(ckpt, differ);
     }
     // Rows: clean, then each shift; one top-1 column per checkpoint.
     io::Table table;
@@ -159,7 +170,6 @@ Runner add_eval(CLI::App& app) {
                  models::to_string(t.cfg.model.moe), "); drop them");
       const auto data = test_data_of(t.cfg);
       auto ds = train::open_test_set(t, data, ckpt);
-      MOEV_CHECK(!f->tta || t.replicable, "--tta: ", ckpt, " is a hard MoE; evaluate it without --tta");
       MOEV_CHECK(!f->tta || !ds.test.multilabel(), "--tta: ", ckpt, " was trained on tagged images (a manifest); ",
                  "test-time augmentation scores single-label runs: evaluate it without --tta");
       // The shift table sets models side by side on the same images.
@@ -168,8 +178,7 @@ Runner add_eval(CLI::App& app) {
         if (first_test->second != ds.test.size())
           differ += (differ.empty() ? "" : ", ") + std::to_string(ds.test.size()) + " test images vs " +
                     std::to_string(first_test->second);
-        MOEV_CHECK(differ.empty(), "--shift: ", ckpt, " is scored on other test images than ", f->checkpoints[0],
-                   " (", differ, "); the table compares models on the same images: set them with --data/--limit");
+        refuse_other_test_set(ckpt, differ);
       }
       if (!first_test) first_test.emplace(data, ds.test.size());
       // After the overrides: the replicas copy the master's routing settings.

@@ -189,7 +189,7 @@ Runner add_hardmoe(CLI::App& app) {
     std::vector<int64_t> total(k);
     for (int64_t e = 0; e < k; ++e) {
       auto c = hardmoe::expert_run_config(hm, trunk_ckpt_cfg, r.overrides, e, r.source);
-      hardmoe::check_expert_settings(c, hm.dir, e);  // before "done earlier" or a resume could keep other settings
+      hardmoe::check_expert_settings(c, hm, e);  // before "done earlier" or a resume could keep other settings
       total[e] = part.counts[e] / c.train.batch_size * (c.train.epochs + c.train.cooldown_epochs);
     }
     enum State { kWaiting, kRunning, kDone, kFailed };
@@ -248,8 +248,8 @@ Runner add_hardmoe(CLI::App& app) {
     const auto* stop = stop_on_signals();
     const auto t0 = std::chrono::steady_clock::now();
     for (;;) {
-      const bool stopping = children.pass_on_stop(stop);
-      for (int64_t e = 0; e < k && !stopping && static_cast<int>(running.size()) < f->jobs; ++e) {
+      children.pass_on_stop(stop);
+      for (int64_t e = 0; e < k && !stop->load() && static_cast<int>(running.size()) < f->jobs; ++e) {
         if (state[e] != kWaiting) continue;
         const std::string dir = hardmoe::expert_dir(hm.dir, e);
         fs::create_directories(dir);
@@ -284,7 +284,7 @@ Runner add_hardmoe(CLI::App& app) {
         } else {
           state[e] = kFailed;
           const std::string log = (fs::path(hardmoe::expert_dir(hm.dir, e)) / "output.log").string();
-          const bool asked = stopped_on_request(st);  // saved its checkpoint: not broken
+          const bool asked = ended_by_stop(st, stop);  // saved its checkpoint, or had none: not broken
           line[e] = asked ? "stopped on request (saved; rerun to continue)" : "FAILED; see " + log;
           failures.push_back("expert " + std::to_string(e) + (asked ? " (stopped on request)" : " (see " + log + ")"));
         }
@@ -300,15 +300,16 @@ Runner add_hardmoe(CLI::App& app) {
       for (const auto& x : v) all += (all.empty() ? "" : ", ") + x;
       return all;
     };
-    if (stop->load()) {
-      std::vector<std::string> waiting;
-      for (int64_t e = 0; e < k; ++e)
-        if (state[e] == kWaiting) waiting.push_back(std::to_string(e));
-      throw Stopped("hardmoe train-all: stopped: " +
-                    (failures.empty() ? std::string("no expert was running") : list(failures)) +
-                    (waiting.empty() ? std::string() : "; not started: expert" +
-                                                           std::string(waiting.size() > 1 ? "s " : " ") + list(waiting)) +
-                    "; the same command continues (experts done are kept)");
+    std::vector<std::string> waiting;
+    for (int64_t e = 0; e < k; ++e)
+      if (state[e] == kWaiting) waiting.push_back(std::to_string(e));
+    // A stop that came when every expert was done (or done as it came) stops nothing.
+    if (stop->load() && (!failures.empty() || !waiting.empty())) {
+      std::string what = list(failures);
+      if (!waiting.empty())
+        what += (what.empty() ? "" : "; ") + ("not started: expert" + std::string(waiting.size() > 1 ? "s " : " ")) +
+                list(waiting);
+      throw Stopped("hardmoe train-all: stopped: " + what + "; the same command continues (experts done are kept)");
     }
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     // One failed expert leaves the others' results as they are; rerunning trains what is missing.

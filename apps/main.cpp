@@ -89,7 +89,9 @@ int main(int argc, char** argv) {
     for (const auto* sub : at->get_subcommands({})) names += (names.empty() ? "" : ", ") + sub->get_name();
     const auto rest = at->remaining();
     std::cerr << "moev: error: " << (at == &app ? "" : where + ": ")
-              << (rest.empty() ? "a subcommand is required" : "'" + rest.front() + "' is not a subcommand")
+              << (rest.empty()                ? "a subcommand is required"
+                  : rest.front().rfind('-', 0) == 0 ? "'" + rest.front() + "' is not an option here"
+                                                    : "'" + rest.front() + "' is not a subcommand")
               << "; expected one of: " << names << " (" << where << " --help)\n";
     return true;
   };

@@ -1,7 +1,8 @@
 // SIGINT and SIGTERM as a request to stop training cleanly: a scheduler's
 // SIGTERM comes with a grace period before its SIGKILL, and Ctrl-C should not
 // cost the steps since the last checkpoint. Only commands that watch the flag
-// (train, pretrain, sweep, hardmoe train-expert) install it.
+// (train, pretrain, sweep, hardmoe train-expert; hardmoe train-all and ablation,
+// which pass it on to their runs) install it.
 #pragma once
 
 #include <atomic>

@@ -51,9 +51,10 @@ Runner add_sweep(CLI::App& app) {
                " is a file; expected the sweep's directory");
     auto j = io::read_config_file(f->config);
     // The grid's keys take --set as the run's do ("sweep.k" was an unknown key, read after [sweep] was taken out).
+    auto grid_key = [](const std::string& set) { return set.rfind("sweep.", 0) == 0; };
     std::string grid_source = f->config;  // errors in the grid name the flags that set it too
     for (const auto& s : f->sets)
-      if (s.rfind("sweep.", 0) == 0) {
+      if (grid_key(s)) {
         j.merge_patch(io::assignment_json(s));  // keys checked by the grid
         grid_source += (grid_source == f->config ? " with --set " : ", --set ") + s;
       }
@@ -69,7 +70,7 @@ Runner add_sweep(CLI::App& app) {
     j.erase("sweep");
     std::vector<std::string> sets;
     for (const auto& s : f->sets)
-      if (s.rfind("sweep.", 0) != 0) sets.push_back(s);
+      if (!grid_key(s)) sets.push_back(s);
     if (epochs->count()) sets.push_back("train.epochs=" + std::to_string(f->epochs));
     // As JSON, which keeps every digit (std::to_string turned 1e-7 into 0, no budget).
     if (minutes->count()) sets.push_back("train.minutes=" + nlohmann::json(f->minutes).dump());

@@ -315,6 +315,15 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   const auto shifted = expect_clean_failure("eval " + ckpt + " " + dir.file("other.pt") + " --shift blur:2",
                                             {"other.pt", "other test images", "data.test_limit"});
   EXPECT_EQ(shifted.out.find("top-1"), std::string::npos) << shifted.out;
+  // Limits that both reach past the test set's end name the same images: not refused.
+  cfg["data"]["test_limit"] = 20000;
+  other.config_json = cfg.dump();
+  moev::train::save_checkpoint(dir.file("past.pt"), other);
+  cfg["data"]["test_limit"] = 0;
+  other.config_json = cfg.dump();
+  moev::train::save_checkpoint(dir.file("all.pt"), other);
+  const auto past = run("eval " + dir.file("past.pt") + " " + dir.file("all.pt") + " --shift blur:2 --threads 1");
+  EXPECT_EQ(past.code, 0) << past.out;
   EXPECT_EQ(run("eval " + ckpt + " " + dir.file("other.pt") + " --limit 64 --shift blur:2").code, 0);
 
   // Routing analysis: heatmap per MoE layer, report, capacity curve.
@@ -912,6 +921,7 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
     ASSERT_EQ(x.size(), y.size());
     for (const auto& [name, t] : x) EXPECT_TRUE(torch::equal(t, y.at(name))) << e << " " << name;
   }
+  expect_clean_failure("eval " + a + "/hardmoe.json --tta", {"hardmoe.json is a hard MoE", "without --tta"});
   r = run("eval " + a + "/hardmoe.json --threads 1");
   ASSERT_EQ(r.code, 0) << r.out;
   for (const char* s : {"precision@1", "mAP", "hard MoE: images per expert"})

@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <tuple>
 
 #include <torch/torch.h>
 
@@ -79,7 +80,8 @@ io::RunConfig expert_run_config(const HardMoEConfig& c, const io::RunConfig& tru
   return cfg;
 }
 
-void check_expert_settings(const io::RunConfig& cfg, const std::string& dir, int64_t expert) {
+void check_expert_settings(const io::RunConfig& cfg, const HardMoEConfig& hm, int64_t expert) {
+  const std::string& dir = hm.dir;
   const std::string ckpt = train::checkpoint_path(cfg.train.out_dir);
   if (!fs::exists(ckpt)) return;
   const auto saved = io::from_json_string(train::load_checkpoint(ckpt, train::CheckpointLoad::kConfig).config_json,
@@ -87,10 +89,13 @@ void check_expert_settings(const io::RunConfig& cfg, const std::string& dir, int
   std::string differ = train::resume_differences(saved, cfg, {});
   // An expert's run keys are set by [hardmoe] keys, which are what the user gave: a change of hardmoe.expert_lr
   // was reported as train.lr, a key --set may not change for experts.
-  for (const auto& [run_key, key] : {std::pair{"train.epochs", "hardmoe.expert_epochs"},
-                                     {"train.lr", "hardmoe.expert_lr"},
-                                     {"train.warmup_steps", "hardmoe.expert_warmup_steps"},
-                                     {"train.threads", "hardmoe.expert_threads"}}) {
+  // Unset, they leave the trunk's train.X to the expert, and train.X is the key to name.
+  for (const auto& [run_key, key, set] : {std::tuple{"train.epochs", "hardmoe.expert_epochs", hm.expert_epochs > 0},
+                                          {"train.lr", "hardmoe.expert_lr", hm.expert_lr > 0},
+                                          {"train.warmup_steps", "hardmoe.expert_warmup_steps",
+                                           hm.expert_warmup_steps >= 0},
+                                          {"train.threads", "hardmoe.expert_threads", hm.expert_threads > 0}}) {
+    if (!set) continue;
     const std::string line = std::string("\n  ") + run_key + " = ";
     for (size_t at = differ.find(line); at != std::string::npos; at = differ.find(line, at + 1))
       differ.replace(at, line.size(), std::string("\n  ") + key + " (the expert's " + run_key + ") = ");
@@ -117,7 +122,7 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
       train::load_checkpoint(hc.trunk, train::CheckpointLoad::kConfig).config_json, hc.trunk);
   // The overrides' keys and types, and the settings an earlier start saved, before "already trained" could hide them.
   auto cfg = expert_run_config(hc, trunk_cfg, overrides, expert, source);
-  check_expert_settings(cfg, c.dir, expert);
+  check_expert_settings(cfg, c, expert);
   // Rows index the training set in the order it was clustered in, and folder images have come in a fixed mixed
   // order since session 42: a partition from before then (no fingerprint) would give each expert other images.
   MOEV_CHECK(!part.training_data.empty() || trunk_cfg.data.format != "folder" || fs::exists(result_file), c.dir,

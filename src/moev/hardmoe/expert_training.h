@@ -42,7 +42,8 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const nlohmann::json& overrid
 // under other settings than `cfg`, naming each differing key: the saved ones
 // won without a word, so a changed --set or config key trained (or reported
 // done) an expert as it was first asked for. No checkpoint: nothing to check.
-void check_expert_settings(const io::RunConfig& cfg, const std::string& dir, int64_t expert);
+// A key that a set [hardmoe] key of `hm` decides is named by that key.
+void check_expert_settings(const io::RunConfig& cfg, const HardMoEConfig& hm, int64_t expert);
 
 // <dir>/expert_<i>/result.json (what train_expert writes when expert i is done).
 std::string expert_result_file(const std::string& dir, int64_t expert);

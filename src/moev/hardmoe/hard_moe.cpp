@@ -12,6 +12,7 @@
 #include "moev/hardmoe/expert_training.h"
 #include "moev/hardmoe/hardmoe_config.h"
 #include "moev/hardmoe/partition.h"
+#include "moev/train/checkpoint.h"
 #include "moev/train/trainer.h"
 
 namespace moev::hardmoe {
@@ -74,7 +75,15 @@ bool is_hard_moe_file(const std::string& path) {
   return in && (ch == '{' || ch == '[');
 }
 
-train::TrainedModel load_hard_moe(const std::string& path, const c10::Device& device, const std::string& precision) {
+namespace {
+struct HardMoEFile {
+  std::string dir;     // the directory it lies in (its link's target's)
+  std::string trunk;   // checked against partition.json
+  int64_t experts = 0;
+  std::string centroids;  // relative to dir
+};
+
+HardMoEFile read_hard_moe_file(const std::string& path) {
   std::ifstream in(path);
   MOEV_CHECK(in, path, ": cannot open");
   json j;
@@ -106,9 +115,19 @@ train::TrainedModel load_hard_moe(const std::string& path, const c10::Device& de
   MOEV_CHECK(k == partition.experts, path, ": experts = ", k, ", but ", dir, " was clustered into ",
              partition.experts, " (partition.json)");
   // The trunk as the partition knows it: relative to the directory, at the step it was clustered at.
-  const std::string trunk = checked_trunk(partition, dir);
+  return {dir, checked_trunk(partition, dir), k, j["centroids"].get<std::string>()};
+}
+}  // namespace
+
+io::RunConfig hard_moe_config(const std::string& path) {
+  const auto trunk = read_hard_moe_file(path).trunk;
+  return io::from_json_string(train::load_checkpoint(trunk, train::CheckpointLoad::kConfig).config_json, trunk);
+}
+
+train::TrainedModel load_hard_moe(const std::string& path, const c10::Device& device, const std::string& precision) {
+  const auto [dir, trunk, k, centroids_file] = read_hard_moe_file(path);
   auto t = train::load_trained(trunk, device, precision);
-  const auto centroids = load_centroids((fs::path(dir) / j["centroids"].get<std::string>()).string());
+  const auto centroids = load_centroids((fs::path(dir) / centroids_file).string());
   std::vector<models::ClassifierPtr> experts;
   for (int64_t e = 0; e < k; ++e) {
     const std::string ckpt = train::checkpoint_path(expert_dir(dir, e));

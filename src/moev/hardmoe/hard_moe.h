@@ -54,6 +54,9 @@ TORCH_MODULE(HardMoE);
 // a damaged hardmoe.json is named as one rather than as an unreadable checkpoint.
 bool is_hard_moe_file(const std::string& path);
 
+// The run config of a hard MoE (its trunk's), read without loading any weights.
+io::RunConfig hard_moe_config(const std::string& path);
+
 // Loads the trunk, centroids and every expert of <dir>/hardmoe.json. An expert
 // not yet trained, or one whose data or normalisation differ from the trunk's,
 // is an error naming it. cfg and class_names are the trunk's.

@@ -42,17 +42,26 @@ RunDirectoryLock::RunDirectoryLock(const std::string& dir, const std::string& lo
   fs::create_directories(dir, ec);
   MOEV_CHECK(!ec && fs::is_directory(dir), who, ": cannot make the run directory (",
              ec ? ec.message() : "a file is in the way", "); expected a directory to write into (--out DIR)");
+  if (!created_ && !fs::exists(lock_file_, ec)) entries_before_ = entries(dir_);
   lock_ = std::make_unique<FileLock>(lock_file_, who);
+}
+
+int64_t RunDirectoryLock::entries(const std::string& dir) {
+  std::error_code ec;
+  return std::distance(std::filesystem::directory_iterator(dir, ec), std::filesystem::directory_iterator());
 }
 
 void RunDirectoryLock::abandon() {
   namespace fs = std::filesystem;
   lock_.reset();
   std::error_code ec;
-  if (created_ && fs::is_directory(dir_, ec) &&
-      std::distance(fs::directory_iterator(dir_, ec), fs::directory_iterator()) == 1 && fs::exists(lock_file_, ec)) {
+  if (created_ && fs::is_directory(dir_, ec) && entries(dir_) == 1 && fs::exists(lock_file_, ec)) {
     fs::remove(lock_file_, ec);
     fs::remove(dir_, ec);
+  } else if (entries_before_ >= 0 && entries(dir_) == entries_before_ + 1) {
+    // A directory that was there: the lock file this run added alone goes (it marks a directory as a run's, or
+    // a sweep's, which the run refused before writing has not made it).
+    fs::remove(lock_file_, ec);
   }
 }
 

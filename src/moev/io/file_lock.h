@@ -4,6 +4,7 @@
 // RunDirectoryLock makes and locks a run directory with it.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -33,8 +34,10 @@ class RunDirectoryLock {
   void abandon();
 
  private:
+  static int64_t entries(const std::string& dir);
   std::string dir_, lock_file_;
   bool created_ = false;
+  int64_t entries_before_ = -1;  // a directory that was there without the lock file: its entries then
   std::unique_ptr<FileLock> lock_;
 };
 

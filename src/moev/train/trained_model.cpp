@@ -43,7 +43,7 @@ TrainedModel load_trained(const std::string& path, const c10::Device& device,
 }
 
 io::RunConfig trained_config(const std::string& path) {
-  if (hardmoe::is_hard_moe_file(path)) return hardmoe::load_hard_moe(path, c10::Device(c10::kCPU), "").cfg;
+  if (hardmoe::is_hard_moe_file(path)) return hardmoe::hard_moe_config(path);
   const auto ckpt = load_checkpoint(path, CheckpointLoad::kConfig);
   refuse_pretraining_checkpoint(ckpt.state_json, path);
   return io::from_json_string(ckpt.config_json, path);
