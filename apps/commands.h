@@ -51,6 +51,15 @@ struct ConfigFlags {
 // count it was saved with (`saved`): `moev train --out DIR --resume` took all cores.
 void keep_saved_threads(const ConfigFlags& flags, const io::RunConfig& saved, io::RunConfig& cfg);
 
+// --resume continues a run as it was saved (only threads, device, progress,
+// max_steps and out come from now). A key the user set that differs from the
+// saved run would be dropped without a word: refused, naming each. With a
+// config file every key counts; with --model the model's (model.*, moe.*: the
+// defaults of the others were listed as differences nobody asked for); else
+// only the keys named by flags, so `moev train --out DIR --resume` alone stays valid.
+void check_resume_overrides(const ConfigFlags& flags, const io::RunConfig& saved, const io::RunConfig& cfg,
+                            const std::string& path);
+
 // Refuses a config that is not a regular file (`--config <(...)`) where each of
 // several processes (a rank, a hard MoE expert) reads it again itself: a pipe
 // gives its text to the first reader only. `reader` names one of them.

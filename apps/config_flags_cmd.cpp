@@ -9,6 +9,7 @@
 #include "moev/core/error.h"
 #include "moev/models/model_config.h"
 #include "moev/nn/linear.h"
+#include "moev/train/trainer.h"
 
 namespace moev::app {
 
@@ -105,6 +106,19 @@ bool ConfigFlags::names_key(const std::string& key) const {
   const auto section = key.substr(0, dot), name = key.substr(dot + 1);
   const auto& f = file();
   return f.is_object() && f.contains(section) && f[section].is_object() && f[section].contains(name);
+}
+
+void check_resume_overrides(const ConfigFlags& flags, const io::RunConfig& saved, const io::RunConfig& cfg,
+                            const std::string& path) {
+  auto keys = flags.named_keys();
+  const bool all = !flags.config_file.empty();
+  if (!flags.preset.empty())
+    for (const auto& [key, help] : io::config_keys())
+      if (key.rfind("model.", 0) == 0 || key.rfind("moe.", 0) == 0) keys.insert(key);
+  if (!all && keys.empty()) return;
+  const auto differ = train::resume_differences(saved, cfg, all ? std::set<std::string>{} : keys);
+  MOEV_CHECK(differ.empty(), "--resume continues ", path, " as it was saved; these settings differ from it:",
+             differ, "\ndrop them to resume, or start a new run with another --out");
 }
 
 void keep_saved_threads(const ConfigFlags& flags, const io::RunConfig& saved, io::RunConfig& cfg) {

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <iostream>
 #include <memory>
+#include <optional>
 
 #include <nlohmann/json.hpp>
 
@@ -17,6 +18,7 @@
 #include "moev/io/table.h"
 #include "moev/train/checkpoint.h"
 #include "moev/train/pretrain.h"
+#include "moev/train/trainer.h"
 
 namespace moev::app {
 
@@ -27,7 +29,7 @@ Runner add_pretrain(CLI::App& app) {
   flags->add_to(cmd);
   // Kept (to be refused with a pointer to --pretrain-epochs / --pretrain-lr below) but out of --help, which
   // listed them as if pre-training read them.
-  for (const char* f : {"--epochs", "--lr"}) cmd->get_option(f)->group("");
+  for (const char* f : {"--epochs", "--lr", "--minutes"}) cmd->get_option(f)->group("");
   // Flags bind to `given`; the options are defaults <- the config's
   // [pretrain] section <- these flags <- --set pretrain.<key>=..., as the run
   // config's keys are.
@@ -55,9 +57,30 @@ Runner add_pretrain(CLI::App& app) {
     }
     // The shared shorthands that would set what pre-training does not read.
     for (const auto& a : flags->shorthand)
-      for (const char* k : {"train.epochs=", "train.lr="})
+      for (const char* k : {"train.epochs=", "train.lr=", "train.minutes="})
         MOEV_CHECK(a.rfind(k, 0) != 0, "moev pretrain: ", a, " sets the supervised run's ", std::string(k, strlen(k) - 1),
-                   ", which pre-training does not read; use --pretrain-epochs / --pretrain-lr");
+                   ", which pre-training does not read; use --pretrain-epochs / --pretrain-lr (pre-training runs ",
+                   "for its epochs: a time budget is the supervised run's)");
+    for (const auto& a : flags->sets)  // --minutes listed in --help and then ignored; so was this
+      MOEV_CHECK(a.rfind("train.minutes=", 0) != 0, "moev pretrain: --set ", a, ": a time budget is the supervised ",
+                 "run's; pre-training runs for --pretrain-epochs");
+    // --set pretrain.<key>=... is this command's (applied below); the rest go to the run config.
+    auto& run_sets = flags->in_order;
+    run_sets.erase(std::remove_if(run_sets.begin(), run_sets.end(),
+                                  [](const std::string& s) { return s.rfind("pretrain.", 0) == 0; }),
+                   run_sets.end());
+    // The run being resumed, read once: `moev pretrain --out DIR --resume` (the command a stop prints) continues
+    // it as it was saved, its options too, as `train --resume` does; it was refused as "another config".
+    io::RunConfig cfg = flags->resolve();
+    const auto saved_path = (std::filesystem::path(cfg.train.out_dir) / "pretrain.pt").string();
+    std::optional<io::RunConfig> saved;
+    if (o->resume && std::filesystem::exists(saved_path)) {  // pretrain says what is missing
+      const auto c = train::load_checkpoint(saved_path, train::CheckpointLoad::kConfig);
+      saved = io::from_json_string(c.config_json, saved_path);
+      const auto state = nlohmann::json::parse(c.state_json, nullptr, /*allow_exceptions=*/false);
+      if (state.is_object() && state.contains("pretrain") && state["pretrain"].contains("options"))
+        train::apply_pretrain_section(*o, state["pretrain"]["options"], saved_path);
+    }
     nlohmann::json section = nlohmann::json::object();
     if (!flags->config_file.empty()) {
       const auto& file = flags->file();
@@ -69,19 +92,13 @@ Runner add_pretrain(CLI::App& app) {
         if (k.integer) o.get()->*k.integer = given.get()->*k.integer;
         else o.get()->*k.real = given.get()->*k.real;
       }
-    // --set pretrain.<key>=... is this command's; the rest go to the run config.
     for (const auto& s : flags->sets)
       if (s.rfind("pretrain.", 0) == 0)
         train::apply_pretrain_section(*o, io::assignment_json(s).at("pretrain"), "--set " + s);
-    auto& run_sets = flags->in_order;
-    run_sets.erase(std::remove_if(run_sets.begin(), run_sets.end(),
-                                  [](const std::string& s) { return s.rfind("pretrain.", 0) == 0; }),
-                   run_sets.end());
-    io::RunConfig cfg = flags->resolve();
-    const auto saved_path = (std::filesystem::path(cfg.train.out_dir) / "pretrain.pt").string();
-    if (o->resume && std::filesystem::exists(saved_path)) {  // pretrain says what is missing
-      const auto saved = train::load_checkpoint(saved_path, train::CheckpointLoad::kConfig);
-      keep_saved_threads(*flags, io::from_json_string(saved.config_json, saved_path), cfg);
+    if (saved) {
+      keep_saved_threads(*flags, *saved, cfg);
+      check_resume_overrides(*flags, *saved, cfg, saved_path);
+      cfg = train::resumed_config(*saved, cfg);
     }
     if (flags->print_config) {
       auto j = io::to_json(cfg);
@@ -101,6 +118,13 @@ Runner add_pretrain(CLI::App& app) {
       std::printf("stopped at step %lld on request; checkpoint: %s\ncontinue with: moev pretrain --out %s --resume\n",
                   static_cast<long long>(r.steps), r.checkpoint.c_str(), cfg.train.out_dir.c_str());
       return stop_exit_code();
+    }
+    if (!r.finished) {  // paused at train.max_steps: it read as a finished run, and wrote the finished run's files
+      std::printf("paused at step %lld (train.max_steps = %lld); checkpoint: %s\ncontinue with: moev pretrain --out %s "
+                  "--resume --max-steps N (N > %lld, or 0 for the whole run)\n",
+                  static_cast<long long>(r.steps), static_cast<long long>(cfg.train.max_steps), r.checkpoint.c_str(),
+                  cfg.train.out_dir.c_str(), static_cast<long long>(r.steps));
+      return 0;
     }
     std::printf("pre-trained %lld steps in %.0f s; InfoNCE %.4f", static_cast<long long>(r.steps), r.seconds,
                 r.final_loss);

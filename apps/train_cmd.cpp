@@ -18,26 +18,6 @@
 
 namespace moev::app {
 
-namespace {
-// --resume continues a run as it was saved (only threads, device, progress,
-// max_steps and out come from now). A key the user set that differs from the
-// saved run would be dropped without a word: refused, naming each. With a
-// config file every key counts; with --model the model's (model.*, moe.*: the
-// defaults of the others were listed as differences nobody asked for); else
-// only the keys named by flags, so `moev train --out DIR --resume` alone stays valid.
-void check_resume_overrides(const ConfigFlags& flags, const io::RunConfig& saved, const io::RunConfig& cfg,
-                            const std::string& path) {
-  auto keys = flags.named_keys();
-  const bool all = !flags.config_file.empty();
-  if (!flags.preset.empty())
-    for (const auto& [key, help] : io::config_keys())
-      if (key.rfind("model.", 0) == 0 || key.rfind("moe.", 0) == 0) keys.insert(key);
-  if (!all && keys.empty()) return;
-  const auto differ = train::resume_differences(saved, cfg, all ? std::set<std::string>{} : keys);
-  MOEV_CHECK(differ.empty(), "--resume continues ", path, " as it was saved; these settings differ from it:",
-             differ, "\ndrop them to resume, or start a new run with another --out");
-}
-}  // namespace
 
 Runner add_train(CLI::App& app) {
   auto* cmd = app.add_subcommand("train", "train a model (V-MoE, ViT, ConvNeXt, multi-branch ResNeSt) on an image dataset");

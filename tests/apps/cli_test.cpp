@@ -651,6 +651,9 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   expect_clean_failure("pretrain " + toy + "--out " + dir.file("a"), {"train.epochs=1", "--pretrain-epochs"});
   std::string toy_ssl = toy;
   toy_ssl.erase(toy_ssl.find("--epochs 1 "), std::string("--epochs 1 ").size());
+  // A time budget is the supervised run's: --minutes was in pretrain's --help, and then ignored.
+  expect_clean_failure("pretrain " + toy_ssl + "--minutes 0.05 --out " + dir.file("a"),
+                       {"train.minutes", "--pretrain-epochs"});
   expect_clean_failure("pretrain " + toy_ssl + "--queue 5000 --out " + dir.file("a"), {"queue = 5000", "at most 40"});
   // Supervised-run settings pre-training would not read: refused rather than ignored.
   expect_clean_failure("pretrain " + toy_ssl + "--pretrain-weight-decay -1 --out " + dir.file("a"),
@@ -713,10 +716,18 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
                             "--set model.branches=2 --queue 25 --set pretrain.queue=20 --out " + dir.file("sslcut");
     r = run(cut + " --max-steps 2");
     ASSERT_EQ(r.code, 0) << r.out;
-    std::string any_threads = cut;
-    any_threads.erase(any_threads.find("--threads 1 "), std::string("--threads 1 ").size());
-    r = run(any_threads + " --resume");
+    // A pause says so and how to go on (it read as a finished run, and wrote pretrain.json and the probe).
+    EXPECT_NE(r.out.find("paused at step 2 (train.max_steps = 2)"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("continue with: moev pretrain --out " + dir.file("sslcut") + " --resume"), std::string::npos);
+    EXPECT_FALSE(std::filesystem::exists(dir.file("sslcut") + "/pretrain.json"));
+    expect_clean_failure("pretrain --out " + dir.file("sslcut") + " --resume --max-steps 1",
+                         {"train.max_steps = 1", "at step 2"});
+    // The command a stop or pause prints, with no config: the run as saved, its [pretrain] options too (it was
+    // refused as "written with another config").
+    r = run("pretrain --out " + dir.file("sslcut") + " --resume");
     ASSERT_EQ(r.code, 0) << r.out;
+    expect_clean_failure("pretrain --out " + dir.file("sslcut") + " --resume --set model.branches=3",
+                         {"model.branches = 3 (was: 2)"});
     const auto resumed = moev::train::load_checkpoint(dir.file("sslcut") + "/pretrain.pt");
     EXPECT_EQ(nlohmann::json::parse(resumed.config_json).at("train").at("threads"), 1);
     const auto whole = moev::train::load_checkpoint(dir.file("ssl") + "/pretrain.pt");

@@ -360,6 +360,9 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
     check_resume_data("pretrain --resume", ckpt_path.string(), st.value("train_data", std::string()), train_data,
                       ds.train.source, cfg.data.format);
     step = st.at("step").get<int64_t>();
+    // A pause already passed trained nothing and wrote the finished run's files, at exit 0.
+    MOEV_CHECK(tc.max_steps <= 0 || tc.max_steps > step, "pretrain --resume: train.max_steps = ", tc.max_steps,
+               ", but ", ckpt_path.string(), " is at step ", step, "; give a larger --max-steps, or 0 for the whole run");
     ptr = st.at("queue_ptr").get<int64_t>();
     out.knn_top1_init = st.value("knn_top1_init", -1.0);
     epoch_loss = st.value("epoch_loss", 0.0);
@@ -506,7 +509,8 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
   out.steps = step;
   out.final_loss = epoch_n > 0 ? epoch_loss / epoch_n : 0;
   save();
-  if (out.stopped) return out;  // the probe and pretrain.json are the finished run's
+  out.finished = step >= total;
+  if (!out.finished) return out;  // stopped or paused: the probe and pretrain.json are the finished run's
   if (o.knn_k > 0) out.knn_top1 = knn_probe(*model, ds, o.knn_k);
   write_curve(log_path, per_epoch, dir / "pretrain.png");
   json result{{"steps", out.steps},     {"final_loss", out.final_loss}, {"seconds", out.seconds},

@@ -59,6 +59,7 @@ struct PretrainOutcome {
   double seconds = 0;           // training steps only
   std::string checkpoint;       // <out_dir>/pretrain.pt
   bool stopped = false;         // ended early by PretrainOptions::stop (no probe, no pretrain.json); --resume continues
+  bool finished = false;        // every planned step done (else stopped, or paused at train.max_steps, as stopped)
 };
 
 // An option of PretrainOptions as a config file's [pretrain] section, `--set
