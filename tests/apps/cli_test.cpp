@@ -494,6 +494,11 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   expect_clean_failure("train --model vit-tiny --set model.moe=3,3 --print-config", {"block 3 is listed twice"});
   expect_clean_failure("train --model vit-tiny --set train.lr=-1 --print-config", {"train.lr"});
   expect_clean_failure("train --model vit-tiny --set data.format=foldr --print-config", {"data.format = 'foldr'"});
+  // Augmentations that data.augment = false turns off were trained without, and without a word.
+  expect_clean_failure("train --model vit-tiny --set data.augment=false --set data.random_erase=0.5 --out " +
+                           dir.file("noaug"),
+                       {"data.random_erase = 0.5", "data.augment = false", "set data.augment = true"});
+  EXPECT_FALSE(std::filesystem::exists(dir.file("noaug")));
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --out " + dir.file("s.toml"), {"is a file"});
   for (const char* flags : {"--epochs -3", "--epochs 0", "--minutes -1 --dry-run", "--minutes nan"})
     expect_clean_failure("sweep --config " + dir.file("s.toml") + " " + flags + " --out " + dir.file("b"),

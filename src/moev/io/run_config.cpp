@@ -155,7 +155,7 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("data.tags", data.tags, "manifest: the tag vocabulary (empty: every tag of the training manifest)"),
         MOEV_FIELD("data.mean", data.mean, "per-channel mean (empty: from training set)"),
         MOEV_FIELD("data.std", data.std, "per-channel std (empty: from training set)"),
-        MOEV_FIELD("data.augment", data.augment, "random crop and flip in training"),
+        MOEV_FIELD("data.augment", data.augment, "training augmentation: random crop and flip, then AutoAugment and random erasing if set (false: none of them)"),
         MOEV_FIELD("data.crop_padding", data.crop_padding, "random crop padding, pixels"),
         MOEV_FIELD("data.hflip", data.hflip, "random horizontal flip"),
         MOEV_FIELD("data.random_erase", data.random_erase, "probability of erasing one random rectangle per training image"),

@@ -265,6 +265,10 @@ void validate_training_data(const DataConfig& d, const models::ModelConfig& m) {
   MOEV_CHECK(d.random_erase >= 0 && d.random_erase <= 1, "data.random_erase = ", d.random_erase,
              ": expected a probability in [0, 1]");
   data::parse_auto_augment(d.auto_augment, "data.auto_augment");
+  // data.augment = false turns off the whole training augmentation: these ran as if never set.
+  MOEV_CHECK(d.augment || (d.random_erase == 0 && d.auto_augment == "none"), "data.random_erase = ", d.random_erase,
+             " and data.auto_augment = '", d.auto_augment, "' with data.augment = false, which turns off every ",
+             "training augmentation (crop, flip, AutoAugment, random erasing): set data.augment = true, or drop them");
   data::parse_fit(d.resize, "data.resize");
   // IDX and CIFAR images have the model's size already: there is nothing to crop.
   MOEV_CHECK(d.resize == "stretch" || d.format == "folder" || d.format == "manifest", "data.resize = ", d.resize,
