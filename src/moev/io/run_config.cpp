@@ -229,7 +229,7 @@ const std::vector<Field>& fields() {
         MOEV_FIELD("train.expert_parallel", train.expert_parallel,
                    "distributed job: split each MoE layer's experts over the ranks (E divisible by ranks)"),
         MOEV_FIELD("train.eval_each_epoch", train.eval_each_epoch, "test-set eval per epoch"),
-        MOEV_FIELD("train.progress", train.progress, "progress bar on stderr"),
+        MOEV_FIELD("train.progress", train.progress, "progress bar and per-epoch test lines on stderr (notes print either way; not kept on --resume)"),
     };
     // Fields whose JSON form is a string but whose C++ type is not.
     Field placement;

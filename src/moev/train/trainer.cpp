@@ -653,7 +653,8 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   // one-minute run) never reaches train.lr nor decays: said once, when known.
   bool warmup_noted = false;
   auto note_warmup = [&] {
-    if (warmup_noted || tc.warmup_steps < total_steps || !opts.progress || !tc.progress || !lead) return;
+    // Notes are said with train.progress = false too: it turns off the bar and the epoch lines, not warnings.
+    if (warmup_noted || tc.warmup_steps < total_steps || !opts.progress || !lead) return;
     warmup_noted = true;
     if (opts.interactive) *opts.progress << "\r\033[K";
     *opts.progress << "note: train.warmup_steps = " << tc.warmup_steps << " is at least the schedule's "
@@ -664,7 +665,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   };
   if (!budgeted) note_warmup();
   // `--epochs 3` on a config with a cool-down trained 8 epochs, said only in the summary.
-  if (!budgeted && tc.cooldown_epochs > 0 && !opts.resume && opts.progress && tc.progress && lead)
+  if (!budgeted && tc.cooldown_epochs > 0 && !opts.resume && opts.progress && lead)
     *opts.progress << "note: train.epochs = " << tc.epochs << " and then train.cooldown_epochs = "
                    << tc.cooldown_epochs << " at train.cooldown_lr = " << tc.cooldown_lr << ": "
                    << tc.epochs + tc.cooldown_epochs << " epochs in all\n";
@@ -926,8 +927,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
           window_comm = c;
         }
         write_log(line);
-        if (teacher && tc.teacher_cache_mb > 0 && teacher->cache_full() && !cache_full_noted && opts.progress &&
-            tc.progress) {
+        if (teacher && tc.teacher_cache_mb > 0 && teacher->cache_full() && !cache_full_noted && opts.progress) {
           cache_full_noted = true;
           if (opts.interactive) *opts.progress << "\r\033[K";
           *opts.progress << "note: the teacher's cache is full (" << teacher->cached()
