@@ -1,5 +1,6 @@
 // `moev train`: train a model from a config, with a progress bar, checkpoints and
 // --resume.
+#include <cmath>
 #include <filesystem>
 #include <iostream>
 #include <memory>
@@ -104,9 +105,9 @@ Runner add_train(CLI::App& app) {
       return 0;
     }
     std::cout << "trained " << r.steps << " steps (" << r.epochs_done << (r.epochs_done == 1 ? " epoch" : " epochs")
-              << ") in " << static_cast<int64_t>(r.run_train_seconds) << " s";
+              << ") in " << std::llround(r.run_train_seconds) << " s";
     // A resumed run's rate is this process's: its steps and seconds only.
-    if (*resume) std::cout << " (this process: " << static_cast<int64_t>(r.train_seconds) << " s";
+    if (*resume) std::cout << " (this process: " << std::llround(r.train_seconds) << " s";
     std::cout << " at " << static_cast<int64_t>(r.train_images_per_s) << " img/s" << (*resume ? ")" : "");
     if (r.eval.images > 0 && r.eval.multilabel)
       std::cout << "; test precision@1 " << io::fmt(r.eval.top1) << ", mAP " << io::fmt(r.eval.mean_ap);
