@@ -23,6 +23,7 @@
 #include "commands.h"
 #include "stop_signal.h"
 #include "moev/core/error.h"
+#include "moev/io/file_lock.h"
 #include "moev/io/table.h"
 #include "moev/train/ablation.h"
 #include "moev/train/trainer.h"
@@ -115,6 +116,9 @@ Runner add_ablation(CLI::App& app) {
       for (const auto& t : tasks) std::printf("  %-28s %s\n", t.name.c_str(), t.row.c_str());
       return 0;
     }
+    // Its own kind of directory: a run's or a sweep's took the rows' runs beside its files.
+    io::refuse_other_kinds(f->out, {".ablation.lock"}, "ablation --out");
+    const io::RunDirectoryLock held(f->out, ".ablation.lock", "ablation --out " + f->out);
     std::map<std::string, size_t> by_name;
     for (size_t i = 0; i < tasks.size(); ++i) by_name[tasks[i].name] = i;
     enum State { kWaiting, kRunning, kDone };

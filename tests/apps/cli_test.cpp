@@ -453,11 +453,19 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   // the grid's runs beside a checkpoint).
   EXPECT_TRUE(std::filesystem::exists(out + "/.sweep.lock"));
   expect_clean_failure("train --model vit-tiny --max-steps 1 --threads 1 --out " + out,
-                       {"train.out_dir = " + out, "a sweep's directory", "another --out"});
+                       {"train.out_dir: " + out + " is a sweep's directory (.sweep.lock)", "another directory"});
   EXPECT_FALSE(std::filesystem::exists(out + "/checkpoint.pt"));
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --out " + out + "/vit-tiny_dense",
-                       {"vit-tiny_dense", "a training run's directory", "another --out"});
+                       {"vit-tiny_dense is a training run's directory", "another directory"});
   EXPECT_FALSE(std::filesystem::exists(out + "/vit-tiny_dense/.sweep.lock"));
+  // An ablation's directory is its own kind too: not swept into, nor a sweep's ablated into.
+  std::filesystem::create_directories(dir.file("abl"));
+  std::ofstream(dir.file("abl/.ablation.lock"));
+  expect_clean_failure("sweep --config " + dir.file("s.toml") + " --out " + dir.file("abl"),
+                       {"is an ablation's directory"});
+  std::ofstream(dir.file("abl.toml")) << "[model]\npreset = \"resnest-tiny\"\n";
+  expect_clean_failure("ablation --config " + dir.file("abl.toml") + " --out " + out,
+                       {out + " is a sweep's directory"});
   // The grid takes --set as the run does; a misspelt [sweep] section is named.
   auto set_grid = run("sweep --config " + dir.file("s.toml") + " --set sweep.experts=[2] --dry-run --out " + out);
   ASSERT_EQ(set_grid.code, 0) << set_grid.out;

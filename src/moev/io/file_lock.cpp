@@ -4,6 +4,7 @@
 #include <sys/file.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -62,6 +63,26 @@ void RunDirectoryLock::abandon() {
     // A directory that was there: the lock file this run added alone goes (it marks a directory as a run's, or
     // a sweep's, which the run refused before writing has not made it).
     fs::remove(lock_file_, ec);
+  }
+}
+
+void refuse_other_kinds(const std::string& dir, const std::vector<std::string>& own, const std::string& who) {
+  struct Kind {
+    const char* lock;
+    const char* other_mark;  // a file that marks it too (runs from before the lock files), or nullptr
+    const char* name;
+  };
+  static const Kind kKinds[] = {{".train.lock", "checkpoint.pt", "a training run's"},
+                                {".pretrain.lock", "pretrain.pt", "a pre-training run's"},
+                                {".sweep.lock", nullptr, "a sweep's"},
+                                {".ablation.lock", nullptr, "an ablation's"}};
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  for (const auto& k : kKinds) {
+    if (std::find(own.begin(), own.end(), k.lock) != own.end()) continue;
+    for (const char* mark : {k.lock, k.other_mark})
+      MOEV_CHECK(!mark || !fs::exists(fs::path(dir) / mark, ec), who, ": ", dir, " is ", k.name, " directory (",
+                 mark, "); its files and this command's would mix there: give another directory");
   }
 }
 

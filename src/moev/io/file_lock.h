@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace moev::io {
 
@@ -40,6 +41,13 @@ class RunDirectoryLock {
   int64_t entries_before_ = -1;  // a directory that was there without the lock file: its entries then
   std::unique_ptr<FileLock> lock_;
 };
+
+// A directory a moev command owns is marked by that command's lock file (a
+// training run's also by its checkpoint.pt): .train.lock, .pretrain.lock,
+// .sweep.lock, .ablation.lock. Refuses `dir` when it is marked as a kind whose
+// lock file is not in `own` (the kinds this command may write into): results
+// of two kinds mixed in one directory. `who` names the setting ("sweep --out x").
+void refuse_other_kinds(const std::string& dir, const std::vector<std::string>& own, const std::string& who);
 
 // Runs `run` (returning its result) in `dir` held by a RunDirectoryLock; a run
 // that throws leaves no directory behind that it made before writing anything.

@@ -526,7 +526,9 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
 PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, const PretrainOptions& o) {
   MOEV_CHECK(!out_dir.empty(), "pretrain: no output directory");
   // Two processes in one directory (a run started twice, a requeued job beside
-  // the old one) would truncate each other's pretrain.pt.tmp and interleave logs.
+  // the old one) would truncate each other's pretrain.pt.tmp and interleave logs. A supervised run's directory
+  // is refused inside, naming the command that continues it.
+  io::refuse_other_kinds(out_dir, {".pretrain.lock", ".train.lock"}, "pretrain --out");
   return io::in_run_directory(out_dir, ".pretrain.lock", "pretrain --out " + out_dir,
                               [&] { return pretrain_locked(cfg, out_dir, o); });
 }

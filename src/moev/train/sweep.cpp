@@ -312,11 +312,8 @@ std::vector<SweepRow> run_sweep(const std::vector<SweepRun>& runs, const std::st
   namespace fs = std::filesystem;
   // A training run's directory took the grid's runs beside its own checkpoint; the sweep's own lock file marks
   // its directory, which `train` refuses in turn.
-  std::error_code ec;
-  for (const char* mark : {".train.lock", "checkpoint.pt", ".pretrain.lock"})
-    MOEV_CHECK(!fs::exists(fs::path(out_dir) / mark, ec), "sweep --out ", out_dir, ": is a training run's directory (",
-               mark, "); a sweep writes one run directory per grid point into its own: give another --out");
-  return io::in_run_directory(out_dir, kSweepLock, "sweep --out " + out_dir,
+  io::refuse_other_kinds(out_dir, {".sweep.lock"}, "sweep --out");
+  return io::in_run_directory(out_dir, ".sweep.lock", "sweep --out " + out_dir,
                               [&] { return run_sweep_locked(runs, out_dir, progress, interactive, stop); });
 }
 

@@ -1061,8 +1061,8 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       MOEV_CHECK(!fs::exists(dir / name, ec), "train.out_dir = ", cfg.train.out_dir, ": holds a ", name,
                  " that no moev run wrote (no .train.lock beside it), which this run would replace; train into ",
                  "another --out, or move it away");
-  MOEV_CHECK(!fs::exists(dir / kSweepLock, ec), "train.out_dir = ", cfg.train.out_dir, ": is a sweep's directory (",
-             kSweepLock, "), whose results this run's files would land beside; train into another --out");
+  // A pre-training run's directory is left to pretrain's own check (it names the command that continues it).
+  io::refuse_other_kinds(dir.string(), {".train.lock", ".pretrain.lock"}, "train.out_dir");
   const std::string who = "train.out_dir = " + cfg.train.out_dir;
   return io::in_run_directory(dir.string(), ".train.lock", who, [&] { return train_locked(std::move(cfg), opts); });
 }

@@ -93,10 +93,6 @@ std::string resume_differences(const io::RunConfig& saved, const io::RunConfig& 
 // Sets the intra-op thread count (0: all cores) once per process; returns it.
 int set_threads(int threads);
 
-// The lock file of a sweep's directory (run_sweep), which marks it as one: a
-// run is not trained into it, as a sweep is not run in a run's directory.
-inline constexpr const char* kSweepLock = ".sweep.lock";
-
 TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts);
 
 }  // namespace moev::train
