@@ -188,6 +188,10 @@ Runner add_eval(CLI::App& app) {
       auto* hard = dynamic_cast<hardmoe::HardMoEImpl*>(t.model.get());
       if (hard) hard->reset_served();
       const int64_t slices_of = train::slice_multiple(t.cfg.model);
+      if (train::eval_batch_size(f->batch_size, slices_of) != f->batch_size)
+        std::cerr << "note: " << ckpt << " routes groups of moe.group_size = " << slices_of << " images: evaluated "
+                  << "in batches of " << train::eval_batch_size(f->batch_size, slices_of) << ", whole groups, not "
+                  << "--batch-size " << f->batch_size << " (a last smaller group would route otherwise)\n";
       const bool sigmoid_tags = t.cfg.train.multilabel_loss == "sigmoid";
       auto r = train::evaluate(reps, ds.test, ds.mean, ds.std, f->batch_size, device,
                                f->json ? nullptr : &std::cerr, stderr_is_terminal(), false,

@@ -49,6 +49,10 @@ struct EvalResult {
   std::vector<double> image_bits, chance_image_bits;
 };
 
+// The largest multiple of slice_multiple (a routing group's images) at most
+// batch_size, and at least one group: the batch evaluate runs.
+int64_t eval_batch_size(int64_t batch_size, int64_t slice_multiple);
+
 EvalResult evaluate(models::Classifier& model, const data::ImageSet& set,
                     const std::vector<float>& mean, const std::vector<float>& std,
                     int64_t batch_size, const c10::Device& device, std::ostream* progress = nullptr,
@@ -56,7 +60,8 @@ EvalResult evaluate(models::Classifier& model, const data::ImageSet& set,
                     const std::function<bool()>& stop = {});
 
 // The same, with the batches split over data-parallel replicas (one thread each),
-// in slices of whole routing groups (slice_multiple images).
+// in slices of whole routing groups (slice_multiple images). The batch size is
+// eval_batch_size's, so that every batch holds whole groups.
 class Replicas;
 EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector<float>& mean,
                     const std::vector<float>& std, int64_t batch_size, const c10::Device& device,
