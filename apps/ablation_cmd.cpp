@@ -66,7 +66,7 @@ Runner add_ablation(CLI::App& app) {
   cmd->add_option("-c,--config", f->config, "config file: the runs' common config, and an [ablation] section")
       ->required();
   cmd->add_option("--out", f->out, "ablation directory (one run directory per row and seed)")->capture_default_str();
-  cmd->add_option("--set", f->sets, "override a common config key: section.key=value");
+  cmd->add_option("--set", f->sets, "override a common config key, or an [ablation] one: section.key=value");
   cmd->add_option("-j,--jobs", f->jobs, "runs at a time (each gets cores / jobs threads)")->capture_default_str();
   cmd->add_option("--fusion-epochs", f->fusion_epochs, "epochs of each fusion training")->capture_default_str();
   cmd->add_option("--branches", f->branches, "N of the row groups (overrides ablation.branches)")->delimiter(',');
@@ -83,9 +83,12 @@ Runner add_ablation(CLI::App& app) {
   return [f]() {
     MOEV_CHECK(f->jobs >= 1, "--jobs ", f->jobs, ": expected >= 1");
     auto j = io::read_config_file(f->config);
+    // The [ablation] keys take --set as the runs' do ("ablation.seeds" was an unknown config key).
+    auto run_sets = f->sets;
+    const std::string grid_source = merge_section_sets(j, run_sets, "ablation", f->config);
     train::AblationGrid grid;
     if (j.is_object() && j.contains("ablation")) {
-      grid = train::parse_ablation_grid(j["ablation"], f->config);
+      grid = train::parse_ablation_grid(j["ablation"], grid_source);
       j.erase("ablation");
     }
     if (!f->branches.empty()) grid.branches = f->branches;
@@ -103,7 +106,7 @@ Runner add_ablation(CLI::App& app) {
                "any run, not after the training rows)");
     for (auto n : grid.branches) MOEV_CHECK(n >= 1, "--branches ", n, ": expected >= 1 branch");
     if (!f->no_diversity.empty()) train::check_no_diversity(grid, "--no-diversity");
-    for (const auto& s : f->sets) j.merge_patch(io::override_json(s));
+    for (const auto& s : run_sets) j.merge_patch(io::override_json(s));
     auto tasks = train::plan_ablation(grid, j, f->out, f->config);
     const int cores = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
     for (auto& t : tasks) {

@@ -60,6 +60,13 @@ void keep_saved_threads(const ConfigFlags& flags, const io::RunConfig& saved, io
 void check_resume_overrides(const ConfigFlags& flags, const io::RunConfig& saved, const io::RunConfig& cfg,
                             const std::string& path);
 
+// `--set SECTION.key=value` for a command's own section of `config` ([sweep],
+// [ablation]): merged into the config document `j` (the section's parser checks
+// the keys) and taken out of `sets`, which keeps the run config's. Returns the
+// source the section's errors name ("x.toml with --set sweep.k=1").
+std::string merge_section_sets(nlohmann::json& j, std::vector<std::string>& sets, const std::string& section,
+                               const std::string& config);
+
 // Refuses a config that is not a regular file (`--config <(...)`) where each of
 // several processes (a rank, a hard MoE expert) reads it again itself: a pipe
 // gives its text to the first reader only. `reader` names one of them.

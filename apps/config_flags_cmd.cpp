@@ -121,6 +121,22 @@ void check_resume_overrides(const ConfigFlags& flags, const io::RunConfig& saved
              differ, "\ndrop them to resume, or start a new run with another --out");
 }
 
+std::string merge_section_sets(nlohmann::json& j, std::vector<std::string>& sets, const std::string& section,
+                               const std::string& config) {
+  std::string source = config;
+  std::vector<std::string> rest;
+  for (const auto& s : sets) {
+    if (s.rfind(section + ".", 0) != 0) {
+      rest.push_back(s);
+      continue;
+    }
+    j.merge_patch(io::assignment_json(s));
+    source += (source == config ? " with --set " : ", --set ") + s;
+  }
+  sets = std::move(rest);
+  return source;
+}
+
 void keep_saved_threads(const ConfigFlags& flags, const io::RunConfig& saved, io::RunConfig& cfg) {
   if (!flags.names_key("train.threads")) cfg.train.threads = saved.train.threads;
 }

@@ -51,13 +51,8 @@ Runner add_sweep(CLI::App& app) {
                " is a file; expected the sweep's directory");
     auto j = io::read_config_file(f->config);
     // The grid's keys take --set as the run's do ("sweep.k" was an unknown key, read after [sweep] was taken out).
-    auto grid_key = [](const std::string& set) { return set.rfind("sweep.", 0) == 0; };
-    std::string grid_source = f->config;  // errors in the grid name the flags that set it too
-    for (const auto& s : f->sets)
-      if (grid_key(s)) {
-        j.merge_patch(io::assignment_json(s));  // keys checked by the grid
-        grid_source += (grid_source == f->config ? " with --set " : ", --set ") + s;
-      }
+    auto sets = f->sets;
+    const std::string grid_source = merge_section_sets(j, sets, "sweep", f->config);
     MOEV_CHECK(j.is_object() && j.contains("sweep"), f->config,
                ": no [sweep] section (models, experts, placements, k)", [&] {
                  std::string found;  // a misspelt [swep] is the likely cause: say what is there
@@ -68,9 +63,6 @@ Runner add_sweep(CLI::App& app) {
                }());
     const auto grid = train::parse_sweep_grid(j["sweep"], grid_source);
     j.erase("sweep");
-    std::vector<std::string> sets;
-    for (const auto& s : f->sets)
-      if (!grid_key(s)) sets.push_back(s);
     if (epochs->count()) sets.push_back("train.epochs=" + std::to_string(f->epochs));
     // As JSON, which keeps every digit (std::to_string turned 1e-7 into 0, no budget).
     if (minutes->count()) sets.push_back("train.minutes=" + nlohmann::json(f->minutes).dump());

@@ -502,6 +502,9 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   expect_clean_failure("train --model vit-tiny --set model.moe=3,3 --print-config", {"block 3 is listed twice"});
   expect_clean_failure("train --model vit-tiny --set train.lr=-1 --print-config", {"train.lr"});
   expect_clean_failure("train --model vit-tiny --set data.format=foldr --print-config", {"data.format = 'foldr'"});
+  // A ViT has no stochastic depth: the key was trained as if unset.
+  expect_clean_failure("train --model vit-tiny --set model.drop_path=0.2 --print-config",
+                       {"model.drop_path = 0.2", "a ViT", "has none"});
   // Augmentations that data.augment = false turns off were trained without, and without a word.
   expect_clean_failure("train --model vit-tiny --set data.augment=false --set data.random_erase=0.5 --out " +
                            dir.file("noaug"),
@@ -640,7 +643,14 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
          "no_stochastic_depth = false\n[model]\npreset = \"resnest-tiny\"\ndims = [16, 32, 64]\n"
          "stem_channels = 16\n[data]\nper_class = 5\ntest_limit = 100\n[train]\nbatch_size = 10\nepochs = 1\n"
          "threads = 1\n";
-  auto a = run("ablation --config " + dir.file("abl1.toml") + " --jobs 1 --out " + dir.file("abl1"));
+  // The [ablation] keys take --set as the runs' keys do (it was "unknown config key").
+  auto a = run("ablation --config " + dir.file("abl1.toml") + " --dry-run --set ablation.seeds=2 --out " +
+               dir.file("abl1"));
+  ASSERT_EQ(a.code, 0) << a.out;
+  EXPECT_NE(a.out.find("n1_s1"), std::string::npos) << a.out;
+  expect_clean_failure("ablation --config " + dir.file("abl1.toml") + " --dry-run --set ablation.seedz=2",
+                       {"abl1.toml with --set ablation.seedz=2", "seedz"});
+  a = run("ablation --config " + dir.file("abl1.toml") + " --jobs 1 --out " + dir.file("abl1"));
   ASSERT_EQ(a.code, 0) << a.out;
   a = run("ablation --config " + dir.file("abl1.toml") + " --jobs 1 --out " + dir.file("abl1"));
   EXPECT_EQ(a.code, 0) << a.out;

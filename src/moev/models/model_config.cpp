@@ -218,6 +218,10 @@ void validate(const ModelConfig& c) {
   MOEV_CHECK(c.branches == 1 || c.family == "resnest", "model.branches = ", c.branches,
              ": expert branches are a ResNeSt feature (model.family = resnest)");
   MOEV_CHECK(c.drop_path >= 0 && c.drop_path < 1, "model.drop_path = ", c.drop_path, ": expected [0, 1)");
+  // Trained as if unset, without a word: the ViT's blocks have no stochastic depth.
+  MOEV_CHECK(c.drop_path == 0 || c.family != "vit", "model.drop_path = ", c.drop_path, ": stochastic depth is ",
+             "in ConvNeXt and ResNeSt blocks; a ViT (model.family = vit) has none: set 0 (model.dropout regularises a ",
+             "ViT)");
   MOEV_CHECK(c.depth >= 1, "model.depth = ", c.depth, ": expected >= 1 (blocks)");
   MOEV_CHECK(c.mlp_dim >= 1, "model.mlp_dim = ", c.mlp_dim, ": expected >= 1 (hidden width of an MLP)");
   MOEV_CHECK(c.layer_scale >= 0, "model.layer_scale = ", c.layer_scale,
