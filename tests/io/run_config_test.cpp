@@ -166,3 +166,14 @@ TEST(RunConfig, ShippedConfigsLoadAndBuild) {
   }
   EXPECT_GE(n, 9);
 }
+
+// --help-config lists the keys section by section: model.moe and moe.router came after every train key.
+TEST(RunConfig, KeysAreListedSectionBySection) {
+  std::vector<std::string> sections;
+  for (const auto& [key, help] : moev::io::config_keys()) {
+    const std::string section = key.substr(0, key.find('.'));
+    if (sections.empty() || sections.back() != section) sections.push_back(section);
+  }
+  const std::vector<std::string> want{"model", "moe", "data", "train"};
+  EXPECT_EQ(sections, want);
+}

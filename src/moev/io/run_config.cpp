@@ -242,7 +242,6 @@ const std::vector<Field>& fields() {
       c.model.moe = models::parse_placement(s);
     };
     placement.get = [](const RunConfig& c) { return json(models::to_string(c.model.moe)); };
-    f.push_back(placement);
     Field router;
     router.key = "moe.router";
     router.help = "router kind: topk | expert_choice";
@@ -252,7 +251,9 @@ const std::vector<Field>& fields() {
       c.model.router.kind = moe::parse_router_kind(s);
     };
     router.get = [](const RunConfig& c) { return json(moe::to_string(c.model.router.kind)); };
-    f.push_back(router);
+    // In their sections, as --help-config lists the keys (they came after every train key).
+    const auto first_moe = std::find_if(f.begin(), f.end(), [](const Field& x) { return x.key.rfind("moe.", 0) == 0; });
+    f.insert(f.insert(first_moe, placement) + 1, router);
     return f;
   }();
   return kFields;
