@@ -1014,6 +1014,14 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
     EXPECT_NE(bytes_of(c + "/expert_0/output.log").find("moev: expert 0 stopped at step"), std::string::npos);
     EXPECT_FALSE(std::filesystem::exists(c + "/expert_1"));
   }
+  // An expert's notes name the [hardmoe] keys that set its warmup and rate (they said train.warmup_steps).
+  r = run("hardmoe cluster --config " + cfg + " --dir " + dir.file("warm"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  r = run("hardmoe train-expert --config " + cfg + " --dir " + dir.file("warm") +
+          " --expert 0 --set hardmoe.expert_warmup_steps=500 --set hardmoe.expert_lr=0.002");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("note: hardmoe.expert_warmup_steps = 500 is at least"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("(hardmoe.expert_lr = 0.002)"), std::string::npos) << r.out;
   // Bad input: an expert the partition does not have, a manifest line whose image is missing.
   expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 2", {"--expert 2", "2 experts", "0..1"});
   // Checked though the expert is done (it said "already trained" at exit 0), and 0 experts is not "unset".

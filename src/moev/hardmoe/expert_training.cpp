@@ -153,6 +153,8 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
                "'");
   }
   opts.resume = fs::exists(train::checkpoint_path(cfg.train.out_dir));
+  if (c.expert_warmup_steps >= 0) opts.warmup_key = "hardmoe.expert_warmup_steps";
+  if (c.expert_lr > 0) opts.lr_key = "hardmoe.expert_lr";
   auto r = train::train_model(cfg, opts);
   if (r.stopped)
     throw Stopped("expert " + std::to_string(expert) + " stopped at step " + std::to_string(r.steps) +

@@ -657,11 +657,11 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     if (warmup_noted || tc.warmup_steps < total_steps || !opts.progress || !lead) return;
     warmup_noted = true;
     if (opts.interactive) *opts.progress << "\r\033[K";
-    *opts.progress << "note: train.warmup_steps = " << tc.warmup_steps << " is at least the schedule's "
+    *opts.progress << "note: " << opts.warmup_key << " = " << tc.warmup_steps << " is at least the schedule's "
                    << total_steps << (budgeted ? " steps planned in the time budget" : " steps")
                    << ": the learning rate rises to "
                    << learning_rate(total_steps - 1, total_steps, tc.warmup_steps, tc.lr, tc.min_lr)
-                   << " (train.lr = " << tc.lr << ") and never decays\n";
+                   << " (" << opts.lr_key << " = " << tc.lr << ") and never decays\n";
   };
   if (!budgeted) note_warmup();
   // `--epochs 3` on a config with a cool-down trained 8 epochs, said only in the summary.

@@ -49,6 +49,9 @@ struct TrainRunOptions {
   // Set during a test-set evaluation, it ends that at its next batch and the
   // run saves as it was before it: the resumed run evaluates.
   const std::atomic<bool>* stop = nullptr;
+  // The names the run's notes give train.warmup_steps and train.lr: the keys
+  // the user set them with (a hard MoE expert's hardmoe.expert_*).
+  std::string warmup_key = "train.warmup_steps", lr_key = "train.lr";
 };
 
 struct TrainOutcome {
