@@ -52,12 +52,10 @@ bool ended_by_stop(int wait_status, const std::atomic<bool>* stop) {
          (WTERMSIG(wait_status) == SIGTERM || WTERMSIG(wait_status) == SIGINT);
 }
 
-bool Children::pass_on_stop(const std::atomic<bool>* stop) {
-  if (!stop || !stop->load()) return false;
-  if (!passed_)
-    for (const auto& [pid, task] : running) ::kill(pid, SIGTERM);
+void Children::pass_on_stop(const std::atomic<bool>* stop) {
+  if (!stop || !stop->load() || passed_) return;
+  for (const auto& [pid, task] : running) ::kill(pid, SIGTERM);
   passed_ = true;
-  return true;
 }
 
 Children::~Children() {

@@ -27,8 +27,8 @@ struct Children {
   // Once `stop` (stop_on_signals) is set: asks every running child to stop with
   // SIGTERM, once; they save and exit 143. A scheduler stopped with SIGTERM alone
   // reached no child (Ctrl-C reaches the whole process group; a scheduler's
-  // SIGTERM only this process). Returns whether a stop was asked.
-  bool pass_on_stop(const std::atomic<bool>* stop);
+  // SIGTERM only this process).
+  void pass_on_stop(const std::atomic<bool>* stop);
 
  private:
   bool passed_ = false;
