@@ -1,6 +1,7 @@
 // `moev ensemble`: a weighted ensemble of trained models (Sun et al.'s weighted
 // score average), optionally with test-time augmentation, from the [ensemble]
 // section of a config file; prints each member and the ensemble.
+#include <cmath>
 #include <cstdio>
 #include <iostream>
 
@@ -63,10 +64,12 @@ Runner add_ensemble(CLI::App& app) {
     }
     io::Table t;
     t.header = {"model", "weight", "top-1", "top-5", "NLL"};
+    // Undefined (NaN) with 5 classes or fewer, where every class is in the top 5.
+    auto top5 = [](double v) { return std::isnan(v) ? std::string("-") : io::fmt(v); };
     for (size_t i = 0; i < r.members.size(); ++i)
       t.add({cfg.members[i].checkpoint, io::fmt(cfg.members[i].weight, 4), io::fmt(r.members[i].top1),
-             io::fmt(r.members[i].top5), io::fmt(r.members[i].loss)});
-    t.add({"weighted ensemble", "", io::fmt(r.ensemble.top1), io::fmt(r.ensemble.top5), io::fmt(r.ensemble.loss)});
+             top5(r.members[i].top5), io::fmt(r.members[i].loss)});
+    t.add({"weighted ensemble", "", io::fmt(r.ensemble.top1), top5(r.ensemble.top5), io::fmt(r.ensemble.loss)});
     std::printf("%s on %lld test images%s\n%s", f->config.c_str(), (long long)r.ensemble.images,
                 cfg.tta ? " with test-time augmentation" : "", t.markdown().c_str());
     return 0;

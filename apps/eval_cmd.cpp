@@ -206,6 +206,7 @@ Runner add_eval(CLI::App& app) {
       std::vector<int64_t> served;
       if (hard) served = hard->served();
       if (hard) j["hard_moe_images_per_expert"] = served;
+      double tta_top5 = 0;
       if (f->tta) {  // the same test set (the run's own data), through the TTA views
         train::EnsembleConfig one;
         one.members = {{ckpt, 1.0}};
@@ -213,6 +214,7 @@ Runner add_eval(CLI::App& app) {
         auto rt = train::evaluate_ensemble(one, f->limit, f->batch_size, nullptr, false).members[0];
         j["tta_top1"] = rt.top1;
         j["tta_top5"] = rt.top5;
+        tta_top5 = rt.top5;
       }
       if (!f->json) {
         std::printf("%s%s on %lld images of %s\n", ckpt.c_str(), t.averaged ? " (weight average)" : "",
@@ -223,11 +225,11 @@ Runner add_eval(CLI::App& app) {
           std::printf("recall@%lld %.4f  mAP %.4f  loss %.4f  %.0f img/s\n", (long long)r.k, r.recall_at_k,
                       r.mean_ap, r.loss, r.images_per_s);
         } else
-          std::printf("top-1 %.4f  top-5 %.4f  loss %.4f  %.0f img/s\n", r.top1, r.top5, r.loss,
-                      r.images_per_s);
+          std::printf("top-1 %.4f%s  loss %.4f  %.0f img/s\n", r.top1, train::top5_text(r.top5, "  ").c_str(),
+                      r.loss, r.images_per_s);
         if (f->tta)
-          std::printf("with test-time augmentation: top-1 %.4f  top-5 %.4f\n", j["tta_top1"].get<double>(),
-                      j["tta_top5"].get<double>());
+          std::printf("with test-time augmentation: top-1 %.4f%s\n", j["tta_top1"].get<double>(),
+                      train::top5_text(tta_top5, "  ").c_str());
         if (hard) {
           std::printf("hard MoE: images per expert");
           for (auto c : served) std::printf(" %lld", (long long)c);

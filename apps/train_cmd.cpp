@@ -112,7 +112,7 @@ Runner add_train(CLI::App& app) {
     if (r.eval.images > 0 && r.eval.multilabel)
       std::cout << "; test precision@1 " << io::fmt(r.eval.top1) << ", mAP " << io::fmt(r.eval.mean_ap);
     else if (r.eval.images > 0)
-      std::cout << "; test top-1 " << io::fmt(r.eval.top1) << ", top-5 " << io::fmt(r.eval.top5);
+      std::cout << "; test top-1 " << io::fmt(r.eval.top1) << train::top5_text(r.eval.top5, ", ");
     std::cout << "\ncheckpoint: " << train::checkpoint_path(cfg.train.out_dir) << "\n";
     return 0;
   };

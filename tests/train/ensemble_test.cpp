@@ -100,6 +100,9 @@ TEST(Ensemble, ScoresMatchHandCountsAndWeightsAreHonoured) {
   auto r = train::score_probs(probs, y);
   EXPECT_NEAR(r.top1, 2.0 / 3.0, 1e-9);
   EXPECT_NEAR(r.loss, -(std::log(0.7) + std::log(0.4) + std::log(0.4)) / 3, 1e-6);
+  EXPECT_TRUE(std::isnan(r.top5));  // 3 classes: all in the top 5
+  auto six = torch::tensor({{0.3f, 0.25f, 0.2f, 0.12f, 0.08f, 0.05f}, {0.3f, 0.25f, 0.2f, 0.12f, 0.08f, 0.05f}});
+  EXPECT_NEAR(train::score_probs(six, torch::tensor({4, 5}, torch::kInt64)).top5, 0.5, 1e-9);
 
   test::TempDir dir;
   auto run = [&](const std::string& name, uint64_t seed) {

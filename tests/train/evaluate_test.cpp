@@ -123,3 +123,26 @@ TEST(Evaluate, FiguresDoNotDependOnTheBatchSize) {
   EXPECT_GT(whole.dropped[0], 0.1);  // the capacity drops: the groups matter
   EXPECT_NEAR(odd.dropped[0], whole.dropped[0], 1e-12);  // summed over other batches
 }
+
+// With 5 classes or fewer every class is in the top 5: a 3-class model reported top-5 1.0000. It is undefined
+// (NaN, null in JSON) there, and a count over more classes is kept.
+TEST(Evaluate, TopFiveIsUndefinedWithFiveClassesOrFewer) {
+  auto c = routed_run(1, /*renormalize=*/true, 200);
+  auto ds = train::open_datasets(c.data, c.model, /*load_train=*/false);
+  c.model.num_classes = 3;
+  torch::manual_seed(0);
+  auto model = models::build_model(c.model);
+  const auto keep = ds.test.labels.lt(3).nonzero().view(-1);
+  data::ImageSet three = ds.test;
+  three.images = ds.test.images.index_select(0, keep).contiguous();
+  three.labels = ds.test.labels.index_select(0, keep);
+  three.class_names.resize(3);
+  ASSERT_GT(three.size(), 30);
+  const auto r = train::evaluate(*model, three, ds.mean, ds.std, 32, torch::kCPU);
+  EXPECT_TRUE(std::isnan(r.top5));
+  EXPECT_GE(r.top1, 0.0);
+  EXPECT_EQ(train::top5_text(r.top5), "");
+  EXPECT_EQ(train::top5_text(0.81234, ", "), ", top-5 0.8123");
+  EXPECT_TRUE(std::isnan(train::top5_or_nan(3, 4, 5)));
+  EXPECT_DOUBLE_EQ(train::top5_or_nan(3, 4, 6), 0.75);
+}

@@ -127,7 +127,7 @@ EvalResult score_probs(const at::Tensor& probs, const at::Tensor& labels) {
   const int64_t k = std::min<int64_t>(5, probs.size(1));
   auto top = std::get<1>(probs.topk(k, 1));
   r.top1 = top.narrow(1, 0, 1).eq(y).sum().item<double>() / double(r.images);
-  r.top5 = top.eq(y).any(1).sum().item<double>() / double(r.images);
+  r.top5 = top5_or_nan(top.eq(y).any(1).sum().item<double>(), double(r.images), probs.size(1));
   r.loss = -probs.gather(1, y).clamp_min(1e-12).log().mean().item<double>();
   return r;
 }

@@ -2,6 +2,8 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <limits>
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
@@ -107,6 +109,18 @@ at::Tensor eval_slice(models::Classifier& model, const std::vector<moe::MoELayer
 
 }  // namespace
 
+double top5_or_nan(double correct5, double images, int64_t classes) {
+  if (classes <= 5) return std::numeric_limits<double>::quiet_NaN();
+  return images > 0 ? correct5 / images : 0;
+}
+
+std::string top5_text(double top5, const char* sep) {
+  if (std::isnan(top5)) return "";
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%stop-5 %.4f", sep, top5);
+  return buf;
+}
+
 int64_t eval_batch_size(int64_t batch_size, int64_t slice_multiple) {
   const int64_t g = std::max<int64_t>(1, slice_multiple);
   return std::max(g, batch_size / g * g);
@@ -196,7 +210,7 @@ EvalResult evaluate(Replicas& reps, const data::ImageSet& set, const std::vector
   }
   r.images = done;
   r.top1 = done ? double(all.correct1) / double(done) : 0;
-  r.top5 = done ? double(all.correct5) / double(done) : 0;
+  r.top5 = top5_or_nan(double(all.correct5), double(done), classes);
   r.loss = done ? all.loss_sum / double(done) : 0;
   r.images_per_s = secs > 0 ? double(done) / secs : 0;
   if (ml && done > 0) {

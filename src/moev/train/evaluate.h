@@ -24,6 +24,8 @@ namespace moev::train {
 struct EvalResult {
   // Multi-label sets: top1 is precision@1 (the top class is one of the image's
   // tags), top5 whether any of the top 5 is, loss the softmax-over-tags loss.
+  // With 5 classes (tags) or fewer every class is in the top 5: top5 is NaN
+  // then, null in JSON and left out of printed lines (it read 1.0000).
   double top1 = 0, top5 = 0, loss = 0;       // fractions and mean cross-entropy
   bool multilabel = false;                   // the figures below are set
   double precision_at_k = 0, recall_at_k = 0, mean_ap = 0;
@@ -48,6 +50,11 @@ struct EvalResult {
   // each position's tokens shuffled over the images of their batch (the chance level).
   std::vector<double> image_bits, chance_image_bits;
 };
+
+// top5 as figures are computed: NaN where 5 classes or fewer put every class in the top 5.
+double top5_or_nan(double correct5, double images, int64_t classes);
+// " top-5 0.8123" with the given separator before it, or "" when top5 is undefined (NaN).
+std::string top5_text(double top5, const char* sep = " ");
 
 // The largest multiple of slice_multiple (a routing group's images) at most
 // batch_size, and at least one group: the batch evaluate runs.

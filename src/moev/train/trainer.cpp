@@ -989,8 +989,8 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
             std::snprintf(buf, sizeof buf, "epoch %lld: test precision@1 %.4f mAP %.4f loss %.4f", (long long)pos.epoch,
                           out.eval.top1, out.eval.mean_ap, out.eval.loss);
           else
-            std::snprintf(buf, sizeof buf, "epoch %lld: test top-1 %.4f top-5 %.4f loss %.4f",
-                          (long long)pos.epoch, out.eval.top1, out.eval.top5, out.eval.loss);
+            std::snprintf(buf, sizeof buf, "epoch %lld: test top-1 %.4f%s loss %.4f", (long long)pos.epoch,
+                          out.eval.top1, top5_text(out.eval.top5).c_str(), out.eval.loss);
           if (opts.interactive) *opts.progress << "\r\033[K";
           *opts.progress << buf << "\n";
         }
