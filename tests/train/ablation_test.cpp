@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "support/expect_error.h"
+#include "support/temp_dir.h"
 #include "moev/train/ablation.h"
 
 using namespace moev;
@@ -190,4 +191,26 @@ TEST(Ablation, FirstSeedPlansTheRunsOfThoseSeedsAsTheWholeTableWould) {
     EXPECT_EQ(t.after, w.after) << t.name;
   }
   EXPECT_EQ(by_name(part).at("n3_teacher2_s2")->cfg.train.seed, 2002u);
+}
+
+// The CSV has a line per seed: its seconds are that seed's (they were the row's mean). The Markdown's mean keeps
+// a decimal under 10 s (a fusion step of 0.4 s read 0).
+TEST(Ablation, TablesHoldEachSeedsSecondsAndShortRowsKeepADecimal) {
+  train::AblationGrid g;
+  g.branches = {3};
+  g.seeds = 2;
+  const auto tasks = train::plan_ablation(g, kBase, "/abl", "test");
+  std::vector<double> top1(tasks.size(), 0.8), seconds(tasks.size());
+  for (size_t i = 0; i < tasks.size(); ++i)
+    seconds[i] = tasks[i].kind == train::AblationTask::kFuse ? 0.2 + 0.2 * double(tasks[i].seed)
+                                                             : 100.0 + 20.0 * double(tasks[i].seed);
+  const auto rows = train::summarise_ablation(tasks, top1, seconds);
+  test::TempDir dir;
+  train::write_ablation(rows, dir.path().string());
+  const auto csv = test::bytes_of(dir.file("ablation.csv")), md = test::bytes_of(dir.file("ablation.md"));
+  EXPECT_NE(csv.find("\nN=3,3,1,0,0,0,0.8000,100.0\n"), std::string::npos) << csv;
+  EXPECT_NE(csv.find("\nN=3,3,1,0,0,1,0.8000,120.0\n"), std::string::npos) << csv;
+  EXPECT_NE(csv.find(",1,0.8000,0.4"), std::string::npos) << csv;
+  EXPECT_NE(md.find("| 110 |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| 0.3 |"), std::string::npos) << md;
 }
