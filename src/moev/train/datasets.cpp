@@ -139,8 +139,9 @@ std::vector<std::string>::const_iterator find_class(const std::vector<std::strin
   return at;
 }
 
-void align_classes(data::ImageSet& test, const std::vector<std::string>& classes, const std::string& learnt_from) {
-  if (test.multilabel() || test.class_names == classes) return;
+std::vector<std::string> align_classes(data::ImageSet& test, const std::vector<std::string>& classes,
+                                       const std::string& learnt_from) {
+  if (test.multilabel() || test.class_names == classes) return {};
   std::vector<int64_t> to(test.class_names.size());
   std::vector<std::string> taken(classes.size());
   for (size_t c = 0; c < test.class_names.size(); ++c) {
@@ -165,6 +166,10 @@ void align_classes(data::ImageSet& test, const std::vector<std::string>& classes
   }
   test.labels = torch::tensor(to, torch::kLong).index_select(0, test.labels);
   test.class_names = classes;
+  std::vector<std::string> missing;
+  for (size_t j = 0; j < classes.size(); ++j)
+    if (taken[j].empty()) missing.push_back(classes[j]);
+  return missing;
 }
 
 std::string data_fingerprint(const data::ImageSet& set) {
@@ -236,7 +241,18 @@ Datasets open_datasets(const DataConfig& d, const models::ModelConfig& m, bool l
     if (train_colour == 0) note_colour(out.test);
     out.test = limit(std::move(out.test), d.test_limit, "data.test_limit");
     check_fits(out.test, m);
-    if (load_train) align_classes(out.test, out.train.class_names, "the training set " + out.train.source);
+    if (load_train) {
+      // Allowed (a test set of some classes), but the figures then leave those out: said, as a folder short of
+      // a class by mistake trained without a word.
+      const auto missing = align_classes(out.test, out.train.class_names, "the training set " + out.train.source);
+      std::string names;
+      for (size_t j = 0; j < missing.size() && j < 5; ++j) names += (j ? ", '" : "'") + missing[j] + "'";
+      if (missing.size() > 5) names += ", ...";
+      if (!missing.empty())
+        out.notes.push_back("test set " + out.test.source + " has no folder for " + std::to_string(missing.size()) +
+                            " of the " + std::to_string(out.train.num_classes()) + " training classes (" + names +
+                            "): its figures leave them out");
+    }
   }
   out.mean = d.mean;
   out.std = d.std;

@@ -52,7 +52,9 @@ void check_resume_data(const std::string& command, const std::string& checkpoint
 // only. A folder name may write '_' for a '/', ' ' or ',' of the class name
 // (T-shirt_top for T-shirt/top). A class the model does not have, or two that
 // stand for one, is an error naming them. Multi-label sets are left as they are.
-void align_classes(data::ImageSet& test, const std::vector<std::string>& classes, const std::string& learnt_from);
+// Returns the model's classes the test set has no folder of (none: empty).
+std::vector<std::string> align_classes(data::ImageSet& test, const std::vector<std::string>& classes,
+                                       const std::string& learnt_from);
 
 // Where `name` is in `classes`: the equal name, else the one equal with '_'
 // for each '/', ' ' and ',' on either side (a folder-trained run's T-shirt_top
