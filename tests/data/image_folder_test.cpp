@@ -547,6 +547,101 @@ TEST(ImageFolder, SourceSizeSaysWhetherTransparencyOrColourWasDropped) {
   EXPECT_EQ(read_image_folder(root.file("f"), 4, 4, 3).colour_as_grey, 0);
 }
 
+// A 2x1 palette PNG (pixels: entries 0, 1) with the given two RGB entries, chunks and CRCs as a real one.
+void write_palette_png(const std::string& path, std::vector<unsigned char> entries) {
+  std::vector<unsigned char> out = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
+  auto chunk = [&](const char* type, const std::vector<unsigned char>& data) {
+    const uint32_t n = static_cast<uint32_t>(data.size());
+    for (int k = 3; k >= 0; --k) out.push_back(static_cast<unsigned char>(n >> (8 * k)));
+    std::vector<unsigned char> body(type, type + 4);
+    body.insert(body.end(), data.begin(), data.end());
+    out.insert(out.end(), body.begin(), body.end());
+    const uint32_t crc = static_cast<uint32_t>(crc32(0, body.data(), static_cast<uInt>(body.size())));
+    for (int k = 3; k >= 0; --k) out.push_back(static_cast<unsigned char>(crc >> (8 * k)));
+  };
+  chunk("IHDR", {0, 0, 0, 2, 0, 0, 0, 1, 8, 3, 0, 0, 0});  // 2x1, 8 bits, colour type 3
+  chunk("PLTE", entries);
+  const unsigned char row[] = {0, 0, 1};  // filter none, then the indices
+  std::vector<unsigned char> z(64);
+  uLongf zn = z.size();
+  ASSERT_EQ(compress(z.data(), &zn, row, sizeof row), Z_OK);
+  z.resize(zn);
+  chunk("IDAT", z);
+  chunk("IEND", {});
+  write_bytes(path, out);
+}
+
+// A 2x1 1-bit BMP (pixels: entries 0, 1) with the given two entries (blue, green, red each).
+void write_palette_bmp(const std::string& path, const std::vector<unsigned char>& bgr) {
+  std::vector<unsigned char> b = {'B', 'M', 66, 0, 0, 0, 0, 0, 0, 0, 62, 0, 0, 0,  // file size 66, pixels at 62
+                                  40, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 1, 0, 1, 0,  // 2x1, 1 plane, 1 bit
+                                  0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0};
+  for (int e = 0; e < 2; ++e) {
+    b.insert(b.end(), bgr.begin() + 3 * e, bgr.begin() + 3 * e + 3);
+    b.push_back(0);
+  }
+  for (unsigned char v : {0x40, 0, 0, 0}) b.push_back(v);  // the row: 0 then 1, padded to 4 bytes
+  write_bytes(path, b);
+}
+
+// A palette of grey entries is no colour, in PNG and BMP as in GIF: a grey model's note counted such files as
+// colour read as grey. A GIF's transparent pixels are its table's colour at the transparent index, as PIL reads
+// them (stb left them black).
+TEST(ImageFolder, GreyPalettesAreGreyAndTransparentGifPixelsKeepTheirColour) {
+  TempDir root;
+  write_palette_png(root.file("grey.png"), {0, 0, 0, 200, 200, 200});
+  write_palette_png(root.file("red.png"), {0, 0, 0, 200, 0, 0});
+  write_palette_bmp(root.file("grey.bmp"), {0, 0, 0, 255, 255, 255});
+  write_palette_bmp(root.file("red.bmp"), {0, 0, 0, 0, 0, 255});
+  auto look = [&](const std::string& name, int channels) {
+    SourceSize size;
+    auto image = decode_image_file(root.file(name), 1, 2, channels, Fit::kStretch, &size);
+    return std::make_pair(size, image);
+  };
+  EXPECT_FALSE(look("grey.png", 1).first.colour);
+  EXPECT_FALSE(look("grey.bmp", 1).first.colour);
+  EXPECT_TRUE(look("red.png", 1).first.colour);
+  EXPECT_TRUE(look("red.bmp", 1).first.colour);
+  // The pixels themselves: entry 0 then entry 1.
+  EXPECT_TRUE(torch::equal(look("grey.png", 1).second.view(-1), torch::tensor({0, 200}, torch::kUInt8)));
+  EXPECT_TRUE(torch::equal(look("red.bmp", 3).second.view(-1), torch::tensor({0, 255, 0, 0, 0, 0}, torch::kUInt8)));
+  // 1x1 GIFs of index 0 with a table of (r, 255, 255) and black; index 0 transparent or not.
+  auto gif = [&](const std::string& name, unsigned char flags, unsigned char red) {
+    write_bytes(root.file(name), {'G', 'I', 'F', '8', '9', 'a', 1, 0, 1, 0, 0x80, 0, 0, red, 255, 255, 0, 0, 0, 0x21,
+                                  0xF9, 4, flags, 0, 0, 0, 0, 0x2C, 0, 0, 0, 0, 1, 0, 1, 0, 0, 2, 2, 0x44, 1, 0, 0x3B});
+  };
+  gif("cyan_clear.gif", 1, 0);
+  gif("cyan.gif", 0, 0);
+  for (const char* name : {"cyan_clear.gif", "cyan.gif"}) {
+    EXPECT_TRUE(torch::equal(look(name, 3).second.view(-1), torch::tensor({0, 0, 255, 255, 255, 255}, torch::kUInt8)))
+        << name << " " << look(name, 3).second;
+    // Grey with stb's weights: (0 * 77 + 255 * 150 + 255 * 29) >> 8.
+    EXPECT_TRUE(torch::equal(look(name, 1).second.view(-1), torch::tensor({178, 178}, torch::kUInt8)))
+        << name << " " << look(name, 1).second;
+  }
+}
+
+// stb read a 4-component JPEG without Adobe's segment as YCbCr, dropping the fourth: wrong colours at exit 0.
+TEST(ImageFolder, AFourComponentJpegWithoutAdobesSegmentIsRefused) {
+  TempDir root;
+  // SOI, a baseline frame header of 4 components (1x1), SOS, EOI: refused before stb decodes anything.
+  write_bytes(root.file("cmyk.jpg"), {0xFF, 0xD8, 0xFF, 0xC0, 0, 20, 8, 0, 1, 0, 1, 4, 1, 0x11, 0, 2, 0x11, 0, 3,
+                                      0x11, 0, 4, 0x11, 0, 0xFF, 0xDA, 0, 8, 1, 1, 0, 0, 63, 0, 0, 0xFF, 0xD9});
+  expect_error([&] { decode_image_file(root.file("cmyk.jpg"), 1, 1, 3, Fit::kStretch); },
+               {root.file("cmyk.jpg"), "JPEG of 4 colour components without the Adobe segment"});
+}
+
+// Windows's thumbnail caches and folder settings in a class folder are passed over, as .DS_Store is.
+TEST(ImageFolder, WindowsFolderFilesArePassedOver) {
+  TempDir root;
+  fs::create_directories(root.path() / "c");
+  write_png(root.file("c/a.png"), pattern(4, 5, 3, 1), 4, 5, 3);
+  for (const char* name : {"c/Thumbs.db", "c/desktop.ini", "c/ehthumbs.db"}) write_bytes(root.file(name), {1, 2});
+  EXPECT_EQ(read_image_folder(root.path().string(), 4, 4, 3).size(), 1);
+  write_bytes(root.file("c/notes.txt"), {1});
+  expect_error([&] { read_image_folder(root.path().string(), 4, 4, 3); }, {"notes.txt", "is not an image file"});
+}
+
 // A folder too large to hold decoded is refused before its images are allocated, naming what would fit.
 TEST(ImageFolder, ADataSetLargerThanMemoryIsRefusedUpFront) {
   check_decoded_fit("image folder f", 1000, 3, 224, 224);  // 0.15 GB

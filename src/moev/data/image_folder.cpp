@@ -40,6 +40,15 @@ constexpr int64_t kMaxSourcePixels = int64_t{1} << 28;  // 16384 x 16384
 
 bool is_hidden(const fs::path& path) { return path.filename().string().rfind('.', 0) == 0; }
 
+// Files Windows writes into any folder of pictures it shows (thumbnail caches,
+// folder settings), passed over as macOS's .DS_Store is.
+bool is_system_file(const fs::path& path) {
+  std::string name = path.filename().string();
+  std::transform(name.begin(), name.end(), name.begin(),
+                 [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+  return name == "thumbs.db" || name == "ehthumbs.db" || name == "desktop.ini";
+}
+
 // What stb_image decodes, and the Netpbm kinds read here, so a folder takes what predict takes.
 constexpr const char* kImageExtensions[] = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pbm",
                                             ".pgm", ".ppm", ".pnm", ".tga"};
@@ -410,31 +419,110 @@ std::vector<unsigned char> decode_netpbm(const std::string& path, const std::vec
   return out;
 }
 
-// Whether a GIF's first frame is drawn from a grey colour table (every entry
-// with red = green = blue): stb says 4 channels for every GIF, grey ones too.
+// A GIF's first frame: where its colour table is (a local one takes the
+// global one's place; entries 0: none) and its transparent index (-1: none).
 // The bytes were checked complete up to that frame (check_complete).
-bool gif_is_grey(const std::vector<unsigned char>& b) {
-  auto grey_table = [&](size_t at, unsigned char flags) {
-    const size_t entries = size_t{2} << (flags & 7);
-    for (size_t e = 0; e < entries && at + 3 * e + 2 < b.size(); ++e)
-      if (b[at + 3 * e] != b[at + 3 * e + 1] || b[at + 3 * e + 1] != b[at + 3 * e + 2]) return false;
-    return true;
-  };
-  const bool global = (b[10] & 0x80) != 0;
-  size_t at = 13 + (global ? 3 * (size_t{2} << (b[10] & 7)) : 0);
+struct GifFrame {
+  size_t table = 0, entries = 0;
+  int transparent = -1;
+};
+
+GifFrame gif_first_frame(const std::vector<unsigned char>& b) {
+  GifFrame f;
+  if (b[10] & 0x80) f = {13, size_t{2} << (b[10] & 7), -1};
+  size_t at = 13 + 3 * f.entries;
+  int transparent = -1;
   while (at < b.size()) {
     if (b[at] == 0x21) {  // an extension: its label, then data sub-blocks up to an empty one
+      // The graphic control extension before a frame: flags, delay, transparent index.
+      if (at + 7 <= b.size() && b[at + 1] == 0xF9 && b[at + 2] == 4) transparent = (b[at + 3] & 1) ? b[at + 6] : -1;
       at += 2;
       while (at < b.size() && b[at] != 0) at += size_t{b[at]} + 1;
       ++at;
-    } else if (b[at] == 0x2C && at + 10 <= b.size()) {  // the frame: a local table takes the global one's place
-      if (b[at + 9] & 0x80) return grey_table(at + 10, b[at + 9]);
-      return global && grey_table(13, b[10]);
+    } else if (b[at] == 0x2C && at + 10 <= b.size()) {
+      if (b[at + 9] & 0x80) f = {at + 10, size_t{2} << (b[at + 9] & 7), -1};
+      f.transparent = transparent;
+      return f;
     } else {
       break;
     }
   }
+  return {};
+}
+
+// Whether a palette image is drawn from grey entries only (red = green =
+// blue): stb says 3 or 4 channels for every GIF and for palette PNGs and BMPs,
+// grey ones too, which are then no colour read as grey.
+bool palette_is_grey(const std::vector<unsigned char>& b) {
+  auto grey = [&](size_t at, size_t entries, size_t stride) {
+    if (entries == 0 || at + stride * entries > b.size()) return false;
+    for (size_t e = 0; e < entries; ++e) {
+      const unsigned char* p = &b[at + stride * e];
+      if (p[0] != p[1] || p[1] != p[2]) return false;
+    }
+    return true;
+  };
+  auto u32le = [&](size_t p) { return uint32_t{b[p]} | uint32_t{b[p + 1]} << 8 | uint32_t{b[p + 2]} << 16 |
+                                      uint32_t{b[p + 3]} << 24; };
+  if (b.size() >= 13 && std::memcmp(b.data(), "GIF", 3) == 0) {
+    const GifFrame f = gif_first_frame(b);
+    return grey(f.table, f.entries, 3);
+  }
+  if (b.size() >= 33 && std::memcmp(b.data(), "\x89PNG", 4) == 0) {
+    if (b[25] != 3) return false;  // IHDR's colour type: 3 is a palette
+    for (size_t at = 8; at + 8 <= b.size();) {  // chunks: length, type, data, CRC
+      const size_t length = size_t{b[at]} << 24 | size_t{b[at + 1]} << 16 | size_t{b[at + 2]} << 8 | b[at + 3];
+      if (std::memcmp(&b[at + 4], "PLTE", 4) == 0) return length % 3 == 0 && grey(at + 8, length / 3, 3);
+      if (std::memcmp(&b[at + 4], "IDAT", 4) == 0) return false;
+      at += 12 + length;
+    }
+    return false;
+  }
+  if (b.size() >= 54 && b[0] == 'B' && b[1] == 'M') {
+    const size_t header = u32le(14);
+    if (header == 12) {  // OS/2's: 3-byte entries, as many as the bits allow
+      const size_t bits = size_t{b[24]} | size_t{b[25]} << 8;
+      return bits <= 8 && grey(14 + header, size_t{1} << bits, 3);
+    }
+    const size_t bits = size_t{b[28]} | size_t{b[29]} << 8, used = u32le(46);
+    return bits <= 8 && header < b.size() && grey(14 + header, used ? used : size_t{1} << bits, 4);
+  }
   return false;
+}
+
+// stb leaves a GIF's transparent pixels black (0, 0, 0, 0). The colour stored
+// under them is the table's entry at the transparent index, what PIL reads and
+// what predict's note says: RGBA pixels, n of them, to `channels` channels with
+// those pixels in that colour (grey with stb's weights, as its conversion).
+std::vector<unsigned char> gif_opaque(const std::vector<unsigned char>& b, const GifFrame& f, const unsigned char* rgba,
+                                      size_t n, int channels) {
+  const unsigned char* under = &b[f.table + 3 * static_cast<size_t>(f.transparent)];
+  std::vector<unsigned char> out(n * static_cast<size_t>(channels));
+  for (size_t p = 0; p < n; ++p) {
+    const unsigned char* c = rgba[p * 4 + 3] == 0 ? under : rgba + p * 4;
+    if (channels == 1)
+      out[p] = static_cast<unsigned char>((c[0] * 77 + c[1] * 150 + c[2] * 29) >> 8);
+    else
+      for (int k = 0; k < 3; ++k) out[p * 3 + k] = c[k];
+  }
+  return out;
+}
+
+// stb decodes a JPEG of 4 components as YCbCr and drops the fourth, unless an
+// Adobe segment says they are CMYK or YCCK (libjpeg and PIL read them as CMYK
+// then): wrong colours without a word.
+void check_jpeg_components(const std::string& path, const std::vector<unsigned char>& b) {
+  if (b.size() < 4 || b[0] != 0xFF || b[1] != 0xD8) return;
+  int components = 0;
+  bool adobe = false;
+  walk_jpeg(b, [&](unsigned char marker, size_t seg, size_t end) {
+    if (marker == 0xEE && end - seg >= 12 && std::memcmp(&b[seg], "Adobe", 5) == 0) adobe = true;
+    const bool frame = marker >= 0xC0 && marker <= 0xCF && marker != 0xC4 && marker != 0xC8 && marker != 0xCC;
+    if (frame && end - seg >= 6) components = b[seg + 5];
+    return true;
+  });
+  MOEV_CHECK(components != 4 || adobe, "file ", path, ": a JPEG of 4 colour components without the Adobe ",
+             "segment that says whether they are CMYK or YCCK; expected an RGB or greyscale JPEG (save it as RGB)");
 }
 
 // Decodes path into dst, uint8 [C, H, W] contiguous; returns the file's own (upright) size.
@@ -451,9 +539,10 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
   MOEV_CHECK(size > 0, "file ", path, " is empty (0 bytes); expected an image");
   check_png_crcs(path, bytes);
   const Netpbm pnm = check_complete(path, bytes);
+  check_jpeg_components(path, bytes);
   int w = 0, h = 0;
   bool colour = pnm.channels == 3, alpha = false;
-  std::vector<unsigned char> netpbm, upright, resized;
+  std::vector<unsigned char> netpbm, upright, resized, opaque;
   std::unique_ptr<unsigned char, void (*)(void*)> pixels(nullptr, stbi_image_free);
   const unsigned char* hwc = nullptr;
   if (pnm.kind != 0) {
@@ -467,8 +556,11 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
     if (stbi_info_from_memory(bytes.data(), static_cast<int>(bytes.size()), &w, &h, &file_channels) == 1)
       MOEV_CHECK(int64_t{w} * h <= kMaxSourcePixels, "file ", path, ": a ", w, "x", h, " image, above ",
                  kMaxSourcePixels, " pixels");
+    const GifFrame gif = bytes.size() >= 13 && std::memcmp(bytes.data(), "GIF", 3) == 0 ? gif_first_frame(bytes)
+                                                                                       : GifFrame{};
+    const bool fill = gif.transparent >= 0 && static_cast<size_t>(gif.transparent) < gif.entries;
     pixels.reset(stbi_load_from_memory(bytes.data(), static_cast<int>(bytes.size()), &w, &h, &file_channels,
-                                       static_cast<int>(channels)));
+                                       fill ? 4 : static_cast<int>(channels)));
     // stb refuses some headers itself (a PNG whose rows would pass its 1 GiB), which stbi_info does not report:
     // the same limit, in moev's words.
     MOEV_CHECK(pixels != nullptr || std::string(stbi_failure_reason()) != "too large", "file ", path,
@@ -477,8 +569,12 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
     MOEV_CHECK(pixels != nullptr, "file ", path, " is not a readable image (stb_image: ", stbi_failure_reason(), ")");
     MOEV_CHECK(w >= 1 && h >= 1, "file ", path, ": an image of ", w, "x", h, " pixels; expected at least 1x1");
     hwc = pixels.get();
-    colour = file_channels >= 3 && !(bytes.size() >= 13 && std::memcmp(bytes.data(), "GIF", 3) == 0 &&
-                                     gif_is_grey(bytes));
+    if (fill) {
+      opaque = gif_opaque(bytes, gif, pixels.get(), static_cast<size_t>(w) * static_cast<size_t>(h),
+                          static_cast<int>(channels));
+      hwc = opaque.data();
+    }
+    colour = file_channels >= 3 && !palette_is_grey(bytes);
     // stb says 2 or 4 channels for any GIF and some opaque BMPs too: the alpha values themselves decide, from a
     // second decoding that keeps them (the pixels above stay stb's own conversion).
     if (look_for_alpha && (file_channels == 2 || file_channels == 4)) {
@@ -576,7 +672,7 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
     const auto label = static_cast<int64_t>(set.class_names.size());
     const size_t before = files.size();
     for (const fs::path& file : sorted_entries(class_dir)) {
-      if (is_hidden(file)) continue;
+      if (is_hidden(file) || is_system_file(file)) continue;
       MOEV_CHECK(fs::exists(file), file.string(), " in image folder ", root,
                  " is a broken link: its target does not exist");
       MOEV_CHECK(!fs::is_directory(file), file.string(), " in image folder ", root,
