@@ -405,6 +405,15 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   EXPECT_EQ(p.out.find("img.png is"), std::string::npos) << p.out;
   std::ofstream(dir.file("notes.png")) << "this is text, not an image";
   expect_clean_failure("predict --checkpoint " + ckpt + " " + dir.file("notes.png"), {"notes.png"});
+  // Beside readable files, one that is not is said and passed over: the others are classified, the exit is 1.
+  p = run("predict --checkpoint " + ckpt + " --top 1 --json " + dir.file("img.png") + " " + dir.file("notes.png") +
+          " 2>" + dir.file("err.txt") + "; exit $?");
+  EXPECT_EQ(p.code, 1) << p.out;
+  const auto partial = nlohmann::json::parse(p.out);
+  ASSERT_EQ(partial.size(), 2u) << p.out;
+  EXPECT_EQ(partial.at(0).at("top").at(0).at("label"), alone.at(0).at("label")) << p.out;
+  EXPECT_NE(partial.at(1).at("error").get<std::string>().find("notes.png"), std::string::npos) << p.out;
+  EXPECT_NE(bytes_of(dir.file("err.txt")).find("1 of the 2 files could not be read"), std::string::npos);
   std::ofstream(dir.file("empty.png")).flush();  // a copy cut off before its first byte
   expect_clean_failure("predict --checkpoint " + ckpt + " " + dir.file("empty.png"), {"empty.png is empty (0 bytes)"});
   // Another architecture's weights as the starting point of a run.
