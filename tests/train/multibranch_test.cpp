@@ -32,16 +32,21 @@ io::RunConfig toy(const std::string& out, int64_t branches) { return test::toy_r
 // Runs `s` whole, and again killed after `cut_at` steps and resumed in dir/cut:
 // the two end with the same weights, bit for bit; the cut stopped where asked,
 // short of the end, and the resumed run went on from it (not from step 0).
-void expect_killed_run_resumes_exactly(io::RunConfig s, int64_t cut_at, test::TempDir& dir) {
+// The uninterrupted run's, the cut one's and the resumed one's results.
+struct CutRuns {
+  train::TrainOutcome whole, part, rest;
+};
+
+CutRuns expect_killed_run_resumes_exactly(io::RunConfig s, int64_t cut_at, test::TempDir& dir) {
   s.train.out_dir = dir.file("full");
   const auto whole = train::train_model(s, {});
   auto cut = s;
   cut.train.out_dir = dir.file("cut");
   cut.train.max_steps = cut_at;
   const auto part = train::train_model(cut, {});
-  ASSERT_EQ(part.steps, cut_at);
-  ASSERT_FALSE(part.finished);
-  ASSERT_LT(cut_at, whole.steps);
+  EXPECT_EQ(part.steps, cut_at);
+  EXPECT_FALSE(part.finished);
+  EXPECT_LT(cut_at, whole.steps);
   const auto halfway = train::load_checkpoint(dir.file("cut") + "/checkpoint.pt").model;
   test::mark_log(cut.train.out_dir);
   cut.train.max_steps = 0;
@@ -59,6 +64,7 @@ void expect_killed_run_resumes_exactly(io::RunConfig s, int64_t cut_at, test::Te
     moved += !torch::equal(t, halfway.at(name));
   }
   EXPECT_GT(moved, 0) << "the steps after the cut changed nothing";
+  return {whole, part, rest};
 }
 
 // Trains c for one step (logged alone) and returns that log line's `field`,
@@ -367,7 +373,28 @@ TEST(MultiBranch, KilledRunWithTeacherMixingAndDropPathResumesExactly) {
   s.train.cutmix_alpha = 1.0;
   s.train.epochs = 3;
   s.train.cooldown_epochs = 1;
-  expect_killed_run_resumes_exactly(s, 13, dir);  // inside epoch 2
+  const auto runs = expect_killed_run_resumes_exactly(s, 13, dir);  // inside epoch 2
+  // The resumed run is taught from the cache the checkpoint holds: it runs the teacher on no key cached before
+  // the cut. Refilled, the cache's probabilities came from other batches, and the kernels' blocking by a row's
+  // position in a batch moved them by ~1e-7: a resumed 300-step run then ended with other weights.
+  EXPECT_GT(runs.part.teacher_images, 0);
+  EXPECT_EQ(runs.part.teacher_images + runs.rest.teacher_images, runs.whole.teacher_images);
+  const auto ckpt = train::load_checkpoint(dir.file("cut") + "/checkpoint.pt");
+  ASSERT_EQ(ckpt.optimizer.count("teacher_cache.keys"), 1u);
+  EXPECT_EQ(ckpt.optimizer.at("teacher_cache.probs").size(1), 10);
+  // A teacher file replaced between the stop and the resume is refused: the rest of the run would learn other
+  // targets.
+  auto cut = s;
+  cut.train.out_dir = dir.file("cut2");
+  cut.train.max_steps = 5;
+  train::train_model(cut, {});
+  train::train_model(test::toy_resnest_run(dir.file("other_teacher"), 2, /*seed=*/1), {});
+  std::filesystem::copy_file(dir.file("other_teacher") + "/checkpoint.pt", dir.file("teacher") + "/checkpoint.pt",
+                             std::filesystem::copy_options::overwrite_existing);
+  cut.train.max_steps = 0;
+  train::TrainRunOptions resume;
+  resume.resume = true;
+  test::expect_error([&] { train::train_model(cut, resume); }, {"was taught by other teacher weights"});
 }
 
 // train.branch_views: branch b trains on the batch of its own loader (seed

@@ -11,6 +11,7 @@
 #include <torch/torch.h>
 
 #include "moev/core/error.h"
+#include "moev/train/checkpoint.h"
 #include "moev/train/trained_model.h"
 
 namespace moev::train {
@@ -120,6 +121,7 @@ Teacher::Teacher(const std::vector<std::string>& checkpoints, const models::Mode
     }
     const auto C = static_cast<int64_t>(mean.size());
     t.model->eval();
+    fingerprint_ += (fingerprint_.empty() ? "" : "+") + weights_fingerprint(module_tensors(*t.model));
     members_.push_back({t.model, torch::tensor(scale).view({1, C, 1, 1}), torch::tensor(shift).view({1, C, 1, 1})});
   }
 }
@@ -167,6 +169,35 @@ void Teacher::limit_cache(double megabytes) {
   // A key costs its probabilities plus an unordered_map node and bucket (~64 bytes).
   const double per_key = double(classes_) * sizeof(float) + 64.0;
   max_rows_ = static_cast<int64_t>(std::min(megabytes * 1024.0 * 1024.0 / per_key, 9e18));
+}
+
+std::pair<at::Tensor, at::Tensor> Teacher::cache_tensors() const {
+  const int64_t R = cached();
+  auto keys = torch::empty({R}, torch::kInt64);
+  auto probs = torch::empty({R, classes_}, torch::kFloat);
+  int64_t* kp = keys.data_ptr<int64_t>();
+  for (const auto& [key, row] : rows_) kp[row] = key;
+  float* pp = probs.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) std::copy(cached_row(r), cached_row(r) + classes_, pp + r * classes_);
+  return {keys, probs};
+}
+
+void Teacher::restore_cache(const at::Tensor& keys, const at::Tensor& probs, const std::string& source) {
+  MOEV_CHECK(rows_.empty(), "restore_cache: the cache is not empty");
+  MOEV_CHECK(keys.dim() == 1 && keys.scalar_type() == torch::kInt64 && probs.dim() == 2 &&
+                 probs.scalar_type() == torch::kFloat && probs.size(0) == keys.size(0) && probs.size(1) == classes_,
+             source, ": the teacher's cache holds keys ", keys.sizes(), " and probabilities ", probs.sizes(),
+             "; expected [R] and [R, ", classes_, "]");
+  const auto k = keys.contiguous();
+  const auto p = probs.contiguous();
+  const int64_t* kp = k.data_ptr<int64_t>();
+  const float* pp = p.data_ptr<float>();
+  for (int64_t r = 0; r < k.size(0) && !cache_full(); ++r) {
+    const auto row = static_cast<int64_t>(rows_.size());
+    if (row % kCacheChunkRows == 0) chunks_.emplace_back().reserve(static_cast<size_t>(kCacheChunkRows * classes_));
+    chunks_.back().insert(chunks_.back().end(), pp + r * classes_, pp + (r + 1) * classes_);
+    MOEV_CHECK(rows_.emplace(kp[r], row).second, source, ": the teacher's cache holds key ", kp[r], " twice");
+  }
 }
 
 at::Tensor Teacher::probs_uncached(const at::Tensor& x) {

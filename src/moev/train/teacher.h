@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -51,11 +52,22 @@ class Teacher {
   // it, new keys are taught uncached, each time they come. The cache's size is
   // images x crop/flip variants x classes, unbounded in the data: 50 images
   // per class of ImageNet's 1000 classes with 162 variants each would want
-  // 32 GB. Results do not depend on it (a probability is the same cached or
-  // not); only how often the teacher runs does.
+  // 32 GB. A probability is the same cached or not up to float rounding: the
+  // kernels' blocking puts an image's row of a batch through other code at
+  // some positions (~1e-7 apart), which a long run amplifies. Hence a resumed
+  // run starts with the cache its checkpoint holds (cache_tensors), not an
+  // empty one refilled from other batches.
   void limit_cache(double megabytes);
   int64_t cached() const { return static_cast<int64_t>(rows_.size()); }  // keys held
   bool cache_full() const { return cached() >= max_rows_; }
+
+  // The cache in the order it was filled: keys int64 [R], probabilities float [R, L].
+  std::pair<at::Tensor, at::Tensor> cache_tensors() const;
+  // Fills an empty cache from cache_tensors() of an earlier process (up to the limit); `source` for messages.
+  void restore_cache(const at::Tensor& keys, const at::Tensor& probs, const std::string& source);
+
+  // A digest of every member's weights, in order: a resumed run checks it is taught by the same teacher.
+  const std::string& fingerprint() const { return fingerprint_; }
 
  private:
   // x: [M, C, H, W] in the student's normalisation -> [M, L], the members' mean.
@@ -75,6 +87,7 @@ class Teacher {
   std::vector<std::vector<float>> chunks_;     // kCacheChunkRows rows of `classes_` probabilities each
   int64_t max_rows_ = INT64_MAX;                // the cache's limit, in keys
   int64_t images_run_ = 0;
+  std::string fingerprint_;
 };
 
 // The fields of two model configs that make them different architectures ("" when

@@ -309,6 +309,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   double prior_train_s = 0;  // training seconds before this process (a resumed run)
   int64_t saved_plan = 0;    // a time-budgeted run's planned last step when it was saved
   std::string saved_train_data;  // data_fingerprint of the set the resumed run trained on ("": not recorded)
+  std::string saved_teacher;     // Teacher::fingerprint of the resumed run's teacher ("": none, or not recorded)
   int saved_replicas = 0;    // a one-process run's replicas when it was saved (0: not recorded)
   // The steps since the last step line, summed. Saved with each checkpoint, so
   // that a run resumed between two lines logs the line the uninterrupted run
@@ -346,6 +347,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     prior_train_s = st.value("train_elapsed_s", 0.0);
     saved_plan = st.value("planned_steps", int64_t{0});
     saved_train_data = st.value("train_data", std::string());  // "" in checkpoints from before it was kept
+    saved_teacher = st.value("teacher", std::string());
     if (st.value("world_size", 1) == 1) saved_replicas = st.value("replicas", 0);
     if (st.contains("log_window")) {  // not in checkpoints written before it was saved
       const auto& w = st.at("log_window");
@@ -431,6 +433,16 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     teacher = std::make_unique<Teacher>(tc.teacher, cfg.model, ds.mean, ds.std,
                                         tc.teacher_other_data ? nullptr : &cfg.data);
     teacher->limit_cache(tc.teacher_cache_mb);
+    // A teacher file replaced between the stop and the resume would teach the rest of the run something else.
+    MOEV_CHECK(!opts.resume || saved_teacher.empty() || saved_teacher == teacher->fingerprint(), "--resume: ",
+               ckpt_file, " was taught by other teacher weights than train.teacher holds now (",
+               io::to_json(cfg)["train"]["teacher"].dump(), " was replaced since): resuming would change the "
+               "run's targets halfway; put the teacher back, or start a new run");
+    // The cache the run had: refilled from other batches, its probabilities would differ in rounding.
+    const auto kc = resume_from.optimizer.find("teacher_cache.keys");
+    const auto pc = resume_from.optimizer.find("teacher_cache.probs");
+    if (opts.resume && kc != resume_from.optimizer.end() && pc != resume_from.optimizer.end())
+      teacher->restore_cache(kc->second, pc->second, ckpt_file);
   }
   model->to(device);
   if (!opts.resume && !tc.init_from.empty())
@@ -588,9 +600,17 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
                           {"seconds", window.seconds(std::chrono::steady_clock::now())}}},
                         {"class_names", ds.train.class_names}, {"train_data", train_data}};
     if (budgeted) st["planned_steps"] = total_steps;
+    if (teacher) st["teacher"] = teacher->fingerprint();
     c.state_json = st.dump();
     c.model = std::move(tensors);
     c.optimizer = std::move(opt_state);
+    // A single process's teacher cache goes with it, so a resumed run is taught from the same rows; a job's
+    // ranks each hold their own rows' and refill them (see Teacher::limit_cache).
+    if (teacher && world == 1 && teacher->cached() > 0) {
+      auto [keys, probs] = teacher->cache_tensors();
+      c.optimizer["teacher_cache.keys"] = keys;
+      c.optimizer["teacher_cache.probs"] = probs;
+    }
     c.rng = cpu_rng_state();
     c.ema = std::move(averaged);
     save_checkpoint(ckpt_file, c);
