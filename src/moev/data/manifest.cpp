@@ -8,7 +8,6 @@
 #include <set>
 #include <sstream>
 
-#include <stb/stb_image_write.h>
 #include <torch/torch.h>
 
 #include "moev/core/error.h"
@@ -162,8 +161,7 @@ std::string write_mosaics(const ImageSet& src, int64_t count, uint64_t seed, con
     }
     const std::string name = std::to_string(m) + ".png";
     const std::string file = (folder / name).string();
-    MOEV_CHECK(stbi_write_png(file.c_str(), int(2 * W), int(2 * H), 1, pix.data(), int(2 * W)) != 0,
-               "mosaics: cannot write ", file);
+    io::write_png_atomic(file, pix.data(), int(2 * W), int(2 * H), 1);
     std::string line;
     for (const auto& t : tags) {
       // Tags are single words: class names with spaces or slashes get underscores.

@@ -13,6 +13,7 @@
 #include <utility>
 
 #include <nlohmann/json.hpp>
+#include <stb/stb_image_write.h>
 
 #include "moev/core/error.h"
 
@@ -94,6 +95,16 @@ void write_text_atomic(const std::string& path, const std::string& text) {
   }
   fs::rename(tmp, p, ec);
   if (ec) failed(": " + ec.message());
+}
+
+void write_png_atomic(const std::string& path, const unsigned char* pixels, int w, int h, int channels) {
+  std::string bytes;
+  auto append = [](void* to, void* data, int size) {
+    static_cast<std::string*>(to)->append(static_cast<const char*>(data), static_cast<size_t>(size));
+  };
+  MOEV_CHECK(stbi_write_png_to_func(append, &bytes, w, h, channels, pixels, w * channels) != 0, "cannot encode PNG ",
+             path, " (", w, "x", h, ", ", channels, " channels)");
+  write_text_atomic(path, bytes);
 }
 
 std::string read_text(const std::string& path, const std::string& what) {

@@ -26,6 +26,10 @@ struct Table {
 // directory. Throws moev::Error naming the path on failure.
 void write_text_atomic(const std::string& path, const std::string& text);
 
+// An 8-bit PNG of h rows of w pixels, `channels` interleaved bytes each, written as write_text_atomic writes
+// (stb's own file writer leaves a short write unchecked: a full disk left a cut PNG at exit 0).
+void write_png_atomic(const std::string& path, const unsigned char* pixels, int w, int h, int channels);
+
 // JSON for people and tools to read (stdout, reports): a string that is not
 // UTF-8 (a file name in Latin-1) has its bad bytes replaced by U+FFFD rather
 // than stopping the command after its work. Inputs that moev reads back

@@ -3,12 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
 
 #include <stb/stb_easy_font.h>
-#include <stb/stb_image_write.h>
 
 #include "moev/core/error.h"
+#include "moev/io/table.h"
 
 namespace moev::viz {
 
@@ -160,19 +159,6 @@ void Canvas::text(double x, double y, const std::string& s, Rgb c, int scale, bo
   }
 }
 
-void Canvas::save_png(const std::string& path) const {
-  namespace fs = std::filesystem;
-  const fs::path target(path);
-  if (target.has_parent_path()) {
-    std::error_code ec;
-    fs::create_directories(target.parent_path(), ec);
-  }
-  const std::string tmp = path + ".tmp";
-  const int ok = stbi_write_png(tmp.c_str(), w_, h_, 3, rgb_.data(), w_ * 3);
-  MOEV_CHECK(ok != 0, "cannot write PNG ", path, " (is its directory writable?)");
-  std::error_code ec;
-  fs::rename(tmp, target, ec);
-  MOEV_CHECK(!ec, "cannot write PNG ", path, ": ", ec.message());
-}
+void Canvas::save_png(const std::string& path) const { io::write_png_atomic(path, rgb_.data(), w_, h_, 3); }
 
 }  // namespace moev::viz
