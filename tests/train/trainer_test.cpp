@@ -316,6 +316,37 @@ TEST(Trainer, ResumeWithOtherThreadsKeepsTheRunsReplicas) {
   EXPECT_LT(worst, 1e-3);  // two threads sum in another order (4e-5 here); two replicas moved them 7e-3
 }
 
+// config.json edited to change the run (the learning rate) was overwritten on resume without a word: it is noted,
+// naming the key. Another thread count, which a resume may set, is no edit.
+TEST(Trainer, AnEditedConfigJsonIsNotedOnResume) {
+  test::TempDir dir;
+  auto part = tiny_run(dir.file("part"));
+  part.train.max_steps = 2;
+  train::train_model(part, {});
+  const auto file = dir.file("part") + "/config.json";
+  auto resume_noting = [&](int threads) {
+    ++part.train.max_steps;
+    part.train.threads = threads;
+    std::ostringstream said;
+    train::TrainRunOptions o;
+    o.resume = true;
+    o.progress = &said;
+    train::train_model(part, o);
+    return said.str();
+  };
+  EXPECT_EQ(resume_noting(2).find("was changed since the run wrote it"), std::string::npos);
+  auto text = test::bytes_of(file);
+  const auto at = text.find("\"lr\": ");
+  ASSERT_NE(at, std::string::npos) << text;
+  text.insert(at + 6, "9");  // 0.001 -> 90.001
+  std::ofstream(file) << text;
+  const auto said = resume_noting(1);
+  EXPECT_NE(said.find(file + " was changed since the run wrote it: train.lr = 9"), std::string::npos) << said;
+  EXPECT_EQ(test::bytes_of(file).find("\"lr\": 9"), std::string::npos);  // written from the checkpoint again
+  std::ofstream(file) << "{ not json";
+  EXPECT_NE(resume_noting(1).find("it no longer reads as a config"), std::string::npos);
+}
+
 // train.ema_decay: the checkpoint keeps the training weights (to resume) and the
 // average; eval and the run's own figures use the average, --raw-weights the other.
 TEST(Trainer, WeightAverageIsWhatTheRunAndItsUsersEvaluate) {

@@ -498,7 +498,26 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   if (lead) {
     // Checked now: a directory that cannot be written would otherwise fail at
     // the first checkpoint, after the training it was to keep.
-    io::write_text_atomic((fs::path(tc.out_dir) / "config.json").string(), io::to_json_string(cfg) + "\n");
+    const auto config_file = (fs::path(tc.out_dir) / "config.json").string();
+    // A run goes on with its checkpoint's config; an edit of config.json (to change the learning rate, say)
+    // was overwritten without a word.
+    std::error_code ec;
+    if (opts.resume && opts.progress && fs::exists(config_file, ec)) {
+      std::string edits;
+      try {
+        const auto edited = resumed_config(io::from_json_string(io::read_text(config_file, "config"), config_file),
+                                           cfg);
+        for (const auto& d : io::config_differences(cfg, edited)) edits += (edits.empty() ? "" : "; ") + d;
+      } catch (const Error& e) {
+        edits = std::string("it no longer reads as a config: ") + e.what();
+      }
+      if (!edits.empty())
+        *opts.progress << "note: " << config_file << " was changed since the run wrote it: " << edits
+                       << ". A resumed run goes on with its checkpoint's config, and config.json is written from it "
+                       << "again; a changed setting needs a new run (from this one: --set train.init_from="
+                       << ckpt_file << ")\n";
+    }
+    io::write_text_atomic(config_file, io::to_json_string(cfg) + "\n");
     // A run killed after its last checkpoint logged steps (and perhaps an epoch's
     // evaluation) that it logs again now: each step once, in order.
     if (opts.resume)
