@@ -49,7 +49,7 @@ pid_t spawn_self(const std::vector<std::string>& args, const std::string& log_pa
 bool ended_by_stop(int wait_status, const std::atomic<bool>* stop) {
   if (stopped_on_request(wait_status)) return true;
   return stop && stop->load() && WIFSIGNALED(wait_status) &&
-         (WTERMSIG(wait_status) == SIGTERM || WTERMSIG(wait_status) == SIGINT);
+         (WTERMSIG(wait_status) == SIGTERM || WTERMSIG(wait_status) == SIGINT || WTERMSIG(wait_status) == SIGHUP);
 }
 
 void Children::pass_on_stop(const std::atomic<bool>* stop) {

@@ -34,9 +34,11 @@ void on_stop_signal(int sig) {
   if (!g_signal.compare_exchange_strong(none, sig)) return;  // already stopping
   g_stop.store(true);
   // Said before knowing where the run is: while images are still read there is no step to save.
-  say(sig == SIGINT ? "\nmoev: interrupted: stopping; a run in training saves a checkpoint after its current step "
-                      "(Ctrl-C again stops at once)\n"
-                    : "\nmoev: SIGTERM: stopping; a run in training saves a checkpoint after its current step\n");
+  say(sig == SIGINT   ? "\nmoev: interrupted: stopping; a run in training saves a checkpoint after its current step "
+                        "(Ctrl-C again stops at once)\n"
+      : sig == SIGHUP ? "\nmoev: SIGHUP (its terminal closed): stopping; a run in training saves a checkpoint after "
+                        "its current step\n"
+                      : "\nmoev: SIGTERM: stopping; a run in training saves a checkpoint after its current step\n");
 }
 
 }  // namespace
@@ -49,6 +51,8 @@ const std::atomic<bool>* stop_on_signals() {
     sa.sa_flags = SA_RESTART;  // reads and waits in progress go on rather than fail with EINTR
     ::sigaction(SIGINT, &sa, nullptr);
     ::sigaction(SIGTERM, &sa, nullptr);
+    // A closed terminal (an ssh session that dropped) killed a run without saving: it stops as SIGTERM asks.
+    ::sigaction(SIGHUP, &sa, nullptr);
     // A rank whose launcher was killed writes into a pipe nobody reads: that
     // write must fail, not kill the rank before it saved.
     std::signal(SIGPIPE, SIG_IGN);
@@ -61,7 +65,8 @@ const std::atomic<bool>* stop_on_signals() {
 // A rank of a job stopped by another rank's signal got none itself: it stopped as a SIGTERM asked.
 bool stopped_on_request(int wait_status) {
   return WIFEXITED(wait_status) &&
-         (WEXITSTATUS(wait_status) == 128 + SIGINT || WEXITSTATUS(wait_status) == 128 + SIGTERM);
+         (WEXITSTATUS(wait_status) == 128 + SIGINT || WEXITSTATUS(wait_status) == 128 + SIGTERM ||
+          WEXITSTATUS(wait_status) == 128 + SIGHUP);
 }
 
 int stop_exit_code() { return 128 + (g_signal.load() ? g_signal.load() : SIGTERM); }

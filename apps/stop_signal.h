@@ -1,4 +1,4 @@
-// SIGINT and SIGTERM as a request to stop training cleanly: a scheduler's
+// SIGINT, SIGTERM and SIGHUP as a request to stop training cleanly: a scheduler's
 // SIGTERM comes with a grace period before its SIGKILL, and Ctrl-C should not
 // cost the steps since the last checkpoint. Only commands that watch the flag
 // (train, pretrain, sweep, hardmoe train-expert; hardmoe train-all and ablation,
@@ -17,7 +17,7 @@ namespace moev::app {
 const std::atomic<bool>* stop_on_signals();
 
 // The exit status of a command that stopped on request: 128 + the signal
-// that asked (130 SIGINT, 143 SIGTERM); 143 in a rank that stopped because
+// that asked (130 SIGINT, 143 SIGTERM, 129 SIGHUP); 143 in a rank that stopped because
 // another rank of its job was asked.
 int stop_exit_code();
 
