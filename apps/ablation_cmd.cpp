@@ -224,8 +224,7 @@ Runner add_ablation(CLI::App& app) {
         const bool asked = ended_by_stop(status, stop);  // saved, or had nothing to save: not broken
         if (failure.empty())
           failure = t.name + (asked ? " stopped on request (" : " failed (") +
-                    (WIFEXITED(status) ? "exit " + std::to_string(WEXITSTATUS(status))
-                                       : "signal " + std::to_string(WTERMSIG(status))) +
+                    wait_status_text(status) +
                     (asked ? "); the same command again continues it" : "); see ") +
                     (asked ? "" : (fs::path(t.cfg.train.out_dir) / "output.log").string());
         state[i] = kWaiting;

@@ -46,6 +46,12 @@ pid_t spawn_self(const std::vector<std::string>& args, const std::string& log_pa
   return pid;
 }
 
+std::string wait_status_text(int wait_status) {
+  if (WIFEXITED(wait_status)) return "exit " + std::to_string(WEXITSTATUS(wait_status));
+  const int sig = WTERMSIG(wait_status);
+  return "signal " + std::to_string(sig) + ", " + ::strsignal(sig);
+}
+
 bool ended_by_stop(int wait_status, const std::atomic<bool>* stop) {
   if (stopped_on_request(wait_status)) return true;
   return stop && stop->load() && WIFSIGNALED(wait_status) &&

@@ -37,6 +37,10 @@ struct Children {
 // Whether a child ended as a stop asked: it saved and exited 130/143, or, once
 // `stop` is set, the SIGTERM or SIGINT passed on ended it where it had nothing to
 // save (fuse, ensemble, a train not yet past its start).
+// A child's wait status for people: "exit 1", or "signal 9, Killed" for a child killed by one (its own
+// log cannot say so).
+std::string wait_status_text(int wait_status);
+
 bool ended_by_stop(int wait_status, const std::atomic<bool>* stop);
 
 // The last line of <run_dir>/log.jsonl that has `key` (null if none): how a

@@ -285,8 +285,10 @@ Runner add_hardmoe(CLI::App& app) {
           state[e] = kFailed;
           const std::string log = (fs::path(hardmoe::expert_dir(hm.dir, e)) / "output.log").string();
           const bool asked = ended_by_stop(st, stop);  // saved its checkpoint, or had none: not broken
-          line[e] = asked ? "stopped on request (saved; rerun to continue)" : "FAILED; see " + log;
-          failures.push_back("expert " + std::to_string(e) + (asked ? " (stopped on request)" : " (see " + log + ")"));
+          line[e] = asked ? "stopped on request (saved; rerun to continue)"
+                          : "FAILED (" + wait_status_text(st) + "); see " + log;
+          failures.push_back("expert " + std::to_string(e) +
+                             (asked ? " (stopped on request)" : " (" + wait_status_text(st) + "; see " + log + ")"));
         }
       } else {
         std::this_thread::sleep_for(std::chrono::milliseconds(500));
