@@ -547,7 +547,8 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   int64_t total_steps = budgeted && saved_plan > 0 ? std::min(saved_plan, epoch_steps) : epoch_steps;
   auto stop_step = [&] {
     const int64_t s = budgeted ? total_steps : all_steps;
-    return tc.max_steps > 0 ? std::min(s, tc.max_steps) : s;
+    // A finished run has no pause ahead: its bar read "350/25" under --max-steps 25.
+    return tc.max_steps > 0 && pos.step < s ? std::min(s, tc.max_steps) : s;
   };
   int64_t stop_at = stop_step();
   // Soft targets [B, L] when anything but the label shapes them.
