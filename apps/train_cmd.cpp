@@ -54,6 +54,8 @@ Runner add_train(CLI::App& app) {
       const auto state = nlohmann::json::parse(ckpt.state_json, nullptr, /*allow_exceptions=*/false);
       const bool one_process = state.is_object() && state.value("world_size", 1) == 1;
       if (one_process && dc.world_size == 1) keep_saved_threads(*flags, *saved, cfg);
+      // How often it saves is the run's own unless the command names it (a preempted job may save more often).
+      if (!flags->names_key("train.checkpoint_every")) cfg.train.checkpoint_every = saved->train.checkpoint_every;
     }
     if (print_resumed) {
       MOEV_CHECK(saved || !std::filesystem::exists(std::filesystem::path(cfg.train.out_dir) / "pretrain.pt"),

@@ -621,6 +621,12 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   EXPECT_EQ(resumed_cfg.at("model").at("family"), "resnest") << r.out;
   EXPECT_EQ(resumed_cfg.at("train").at("epochs"), 1) << r.out;
   EXPECT_EQ(resumed_cfg.at("train").at("threads"), 2) << r.out;
+  // How often it saves may change on resume (it was refused), and is kept when not named (not the default's).
+  r = run("train --out " + dir.file("n1") + " --resume --set train.checkpoint_every=7 --print-config");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(nlohmann::json::parse(r.out.substr(r.out.find('{'))).at("train").at("checkpoint_every"), 7) << r.out;
+  EXPECT_EQ(resumed_cfg.at("train").at("checkpoint_every"),
+            nlohmann::json::parse(std::ifstream(dir.file("n1") + "/config.json")).at("train").at("checkpoint_every"));
   expect_clean_failure("train --out " + dir.file("n1") + " --resume --epochs 3 --print-config",
                        {"train.epochs = 3 (was: 1)"});
   expect_clean_failure("train --out " + dir.file("none") + " --resume --print-config", {"holds no run to resume"});

@@ -56,6 +56,7 @@ io::RunConfig resumed_config(io::RunConfig saved, const io::RunConfig& now) {
   saved.train.progress = now.train.progress;
   saved.train.max_steps = now.train.max_steps;
   saved.train.teacher_cache_mb = now.train.teacher_cache_mb;  // how often the teacher runs, not what it says
+  saved.train.checkpoint_every = now.train.checkpoint_every;  // when it saves, not what it learns
   saved.train.out_dir = now.train.out_dir;
   return saved;
 }
