@@ -117,7 +117,10 @@ TEST(Replicas, ShareTheMastersWeightsAndSliceOnGroupBoundaries) {
     EXPECT_TRUE(torch::equal(reps.model(r).parameters()[0], master->parameters()[0]));
 
   EXPECT_EQ(reps.slice_sizes(128, 8), (std::vector<int64_t>{40, 40, 48}));
-  EXPECT_EQ(reps.slice_sizes(2, 8), (std::vector<int64_t>{1, 1}));
+  // Never more slices than groups: a slice smaller than a group routed with another capacity.
+  EXPECT_EQ(reps.slice_sizes(2, 8), (std::vector<int64_t>{2}));
+  EXPECT_EQ(reps.slice_sizes(16, 8), (std::vector<int64_t>{8, 8}));
+  EXPECT_EQ(reps.slice_sizes(20, 8), (std::vector<int64_t>{8, 12}));
   EXPECT_EQ(reps.slice_sizes(10, 1), (std::vector<int64_t>{3, 3, 4}));
   EXPECT_EQ(train::resolve_replicas(0, 2, 128), 2);
   EXPECT_EQ(train::resolve_replicas(4, 2, 3), 3);

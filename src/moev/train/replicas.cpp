@@ -111,7 +111,11 @@ std::vector<int64_t> split_rows(int64_t batch, int parts, int64_t multiple) {
 }
 
 std::vector<int64_t> Replicas::slice_sizes(int64_t batch, int64_t multiple) const {
-  return split_rows(batch, size(), multiple);
+  // No more slices than the batch has routing groups: a slice smaller than a group routed with another
+  // capacity (train.replicas = 1000 dropped 47 % of the tokens where one replica dropped 29 %). Replicas
+  // past that wait.
+  const int64_t groups = multiple > 1 ? std::max<int64_t>(1, batch / multiple) : batch;
+  return split_rows(batch, static_cast<int>(std::min<int64_t>(size(), groups)), multiple);
 }
 
 // Threads and ATen: at::set_num_threads() also clears oneDNN's primitive cache,

@@ -61,8 +61,9 @@ class Replicas {
   models::Classifier& model(int r) { return *models_[r]; }
   std::vector<moe::MoELayer>& moe_layers(int r) { return moe_[r]; }
 
-  // Cuts [B, ...] into size() slices along dim 0: multiples of `multiple` images
-  // where the batch allows, the last slice taking the rest. Empty slices are left out.
+  // Cuts [B, ...] into at most size() slices along dim 0, and no more than the
+  // batch has groups of `multiple` images: multiples of `multiple` images, the
+  // last slice taking the rest (a batch of less than a group is one slice).
   std::vector<int64_t> slice_sizes(int64_t batch, int64_t multiple) const;
 
   // Runs fn(r) for replicas r < n, replica 0 on the calling thread and the others
