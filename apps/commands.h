@@ -40,6 +40,8 @@ struct ConfigFlags {
   std::set<std::string> named_keys() const;
   // `key` ("train.threads") is set by a flag or by the config file.
   bool names_key(const std::string& key) const;
+  // Refuses a key this command sets that the resolved model does not read (moev::Error naming it).
+  void check_keys_apply(const io::RunConfig& cfg) const;
 
  private:
   mutable std::shared_ptr<const nlohmann::json> file_;

@@ -1,5 +1,7 @@
 // The one place where CLI flags become config values.
 #include <filesystem>
+#include <map>
+#include <set>
 #include <iostream>
 #include <unistd.h>
 
@@ -146,6 +148,47 @@ const nlohmann::json& ConfigFlags::file() const {
   return *file_;
 }
 
+namespace {
+// Model keys only some families build from, by family: set for another, they trained as if unset (a ConvNeXt
+// with model.heads = 3). model.drop_path and model.branches have their own messages (models::validate).
+const std::map<std::string, std::set<std::string>>& family_keys() {
+  static const std::map<std::string, std::set<std::string>> keys = {
+      {"model.width", {"vit", "convnext-iso"}},
+      {"model.depth", {"vit", "convnext-iso"}},
+      {"model.heads", {"vit"}},
+      {"model.dims", {"convnext", "resnest"}},
+      {"model.depths", {"convnext", "resnest"}},
+      {"model.pad_odd", {"convnext"}},
+      {"model.layer_scale", {"convnext", "convnext-iso"}},
+      {"model.shared_stages", {"resnest"}},
+      {"model.radix", {"resnest"}},
+      {"model.cardinality", {"resnest"}},
+      {"model.blur_pool", {"resnest"}},
+  };
+  return keys;
+}
+}  // namespace
+
+// The keys this command's --set and shorthands set, and the model they build: a key its model does not read is
+// refused, naming the family (or the placement) that leaves it unread. A config file's keys are not: a run's
+// config.json, which `moev train --config` takes again, holds every key of every family.
+void ConfigFlags::check_keys_apply(const io::RunConfig& cfg) const {
+  const auto& family = cfg.model.family;
+  for (const auto& key : named_keys()) {
+    const auto at = family_keys().find(key);
+    if (at != family_keys().end() && !at->second.count(family)) {
+      std::string which;
+      for (const auto& f : at->second) which += (which.empty() ? "" : ", ") + f;
+      fail(key, " is set, but a ", family, " model does not read it (", which, " models do): drop it, or choose ",
+           "a model of that family");
+    }
+    // ResNeSt's experts are branches; its own check names them (models::validate).
+    if (key.rfind("moe.", 0) == 0 && cfg.model.moe.kind == "none" && family != "resnest")
+      fail(key, " is set, but model.moe = none: the model has no MoE layers to read it; place some (e.g. --moe ",
+           "last-2, or --model vmoe-tiny) or drop it");
+  }
+}
+
 io::RunConfig ConfigFlags::resolve() const {
   // --model names the preset in place of the file's (which replaced it without
   // a word); the file's other model and moe keys still go over it. Shorthands
@@ -163,6 +206,7 @@ io::RunConfig ConfigFlags::resolve() const {
     io::apply_json(cfg, file, config_file);
   }
   for (const auto& s : in_order) io::apply_override(cfg, s);
+  check_keys_apply(cfg);
   warn_precision(cfg.model);
   return cfg;
 }

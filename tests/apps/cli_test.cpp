@@ -55,6 +55,11 @@ TEST(Cli, BadInputsFailCleanly) {
   moev::test::TempDir dir;
   expect_clean_failure("train " + kTiny + "--data " + dir.file("nope") + " --out " + dir.file("r"),
                        {dir.file("nope"), "dataset-fashion-mnist"});
+  // Keys the model does not read were trained as if unset: a ConvNeXt's heads, a dense ViT's experts.
+  expect_clean_failure("train --model convnext-tiny --set model.heads=3 --print-config",
+                       {"model.heads is set, but a convnext model does not read it (vit models do)"});
+  expect_clean_failure("train --model vit-tiny --experts 4 --print-config",
+                       {"moe.num_experts is set, but model.moe = none"});
   // A truncated IDX file: the first half of the real training images.
   std::filesystem::create_directories(dir.file("trunc"));
   for (const char* f : {"t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
