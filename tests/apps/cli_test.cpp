@@ -60,6 +60,8 @@ TEST(Cli, BadInputsFailCleanly) {
                        {"model.heads is set, but a convnext model does not read it (vit models do)"});
   expect_clean_failure("train --model vit-tiny --experts 4 --print-config",
                        {"moe.num_experts is set, but model.moe = none"});
+  expect_clean_failure("train --config \"\" --print-config", {"--config: an empty path"});
+  expect_clean_failure("train --set train.multilabel_loss=foo --print-config", {"train.multilabel_loss = 'foo'"});
   // A truncated IDX file: the first half of the real training images.
   std::filesystem::create_directories(dir.file("trunc"));
   for (const char* f : {"t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
@@ -88,11 +90,11 @@ TEST(Cli, BadInputsFailCleanly) {
   for (const auto& [flags, epochs] : std::vector<std::pair<std::string, int>>{
            {"--epochs 3", 3}, {"--set train.epochs=5 --epochs 3", 3}, {"--epochs 3 --set train.epochs=5", 5},
            {"--set train.epochs=4 --epochs 3 --set train.epochs=5 --epochs 2", 2}}) {
-    auto printed = run("train --config " + dir.file("vmoe.toml") + " --set model.width=48 --model convnext-tiny " +
+    auto printed = run("train --config " + dir.file("vmoe.toml") + " --set model.width=48 --model convnext-iso-tiny " +
                        flags + " --print-config");
     ASSERT_EQ(printed.code, 0) << printed.out;
     const auto resolved = nlohmann::json::parse(printed.out);
-    EXPECT_EQ(resolved.at("model").at("family"), "convnext") << flags << printed.out;
+    EXPECT_EQ(resolved.at("model").at("family"), "convnext-iso") << flags << printed.out;
     EXPECT_EQ(resolved.at("model").at("width"), 48) << flags << printed.out;  // the preset goes first
     EXPECT_EQ(resolved.at("model").at("stem_channels"), 24) << flags << printed.out;
     EXPECT_EQ(resolved.at("train").at("epochs"), epochs) << flags;
@@ -494,6 +496,9 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   EXPECT_NE(set_grid.out.find("1 runs in"), std::string::npos) << set_grid.out;
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --set sweep.experts=2 --dry-run --out " + out,
                        {"s.toml with --set sweep.experts=2: sweep.experts"});
+  // Each run's directory is the sweep's to name: a train.out_dir was dropped without a word.
+  expect_clean_failure("sweep --config " + dir.file("s.toml") + " --set train.out_dir=x --dry-run --out " + out,
+                       {"train.out_dir: a sweep sets it for each run"});
   std::ofstream(dir.file("typo.toml")) << "[swep]\nmodels = [\"vit-tiny\"]\n" << common;
   expect_clean_failure("sweep --config " + dir.file("typo.toml") + " --dry-run --out " + out,
                        {"no [sweep] section", "the file has [data], [model], [swep], [train]"});

@@ -141,6 +141,13 @@ TEST(Ablation, BadGridsAreErrorsNamingTheKey) {
                      {"abl.toml", "ablation.no_stochastic_depth", "true or false"});
   test::expect_error([] { train::parse_ablation_grid(json{{"first_seed", -1}}, "abl.toml"); },
                      {"abl.toml", "ablation.first_seed", ">= 0"});
+  // Keys the plan sets for each run were replaced without a word (--set model.branches=3 still ran 1, 3, 5).
+  for (const auto& [section, key] : {std::pair{"model", "branches"}, {"train", "seed"}, {"train", "out_dir"}}) {
+    json fixed = kBase;
+    fixed[section][key] = key == std::string("out_dir") ? json("x") : json(3);
+    test::expect_error([&] { train::plan_ablation(train::AblationGrid{}, fixed, "/abl", "abl.toml"); },
+                       {"abl.toml", std::string(section) + "." + key + ": an ablation sets it for each run"});
+  }
   json views = kBase;
   views["train"] = {{"branch_views", true}};
   test::expect_error([&] { train::plan_ablation(train::AblationGrid{}, views, "/abl", "abl.toml"); },

@@ -111,7 +111,8 @@ std::vector<SweepRun> expand_grid(const SweepGrid& grid, const json& base, const
   // Each run's own: the grid replaced them in every run without a word.
   for (const auto& [section, key, from] :
        {std::tuple{"model", "moe", "sweep.placements (and sweep.experts = 1 for dense)"},
-        {"moe", "num_experts", "sweep.experts"}, {"moe", "k", "sweep.k"}})
+        {"moe", "num_experts", "sweep.experts"}, {"moe", "k", "sweep.k"},
+        {"train", "out_dir", "--out and the run's name"}})
     MOEV_CHECK(!(base.contains(section) && base[section].is_object() && base[section].contains(key)), source, ": ",
                section, ".", key, ": a sweep sets it for each run from ", from, "; drop it here");
   std::vector<SweepRun> runs;

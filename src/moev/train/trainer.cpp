@@ -223,6 +223,9 @@ json eval_json(const EvalResult& e) {
 
 void validate_train_config(const TrainConfig& tc) {
   MOEV_CHECK(tc.batch_size >= 1, "train.batch_size = ", tc.batch_size, ": expected >= 1");
+  // Checked whatever the data: "foo" passed on single-label data, and stood in the run's config.
+  MOEV_CHECK(tc.multilabel_loss == "softmax" || tc.multilabel_loss == "sigmoid", "train.multilabel_loss = '",
+             tc.multilabel_loss, "': expected softmax or sigmoid");
   // At most 2^30 epochs of each kind: with at most 2^31 steps per epoch the step counts stay within int64
   // (train.epochs = 2^62 overflowed them and trained 0 steps at exit 0).
   constexpr int64_t kMaxEpochs = int64_t(1) << 30;
