@@ -391,6 +391,9 @@ TEST(Router, BadConfigsRejectedWithFieldName) {
     moev::test::expect_error([&] { refuse_unused_topk_settings(bad); }, {" = true with moe.router = expert_choice"});
   }
   cfg.kind = RouterKind::kTopK;
-  cfg.bpr = cfg.dropless = cfg.renormalize = true;
+  cfg.dropless = cfg.renormalize = true;
   refuse_unused_topk_settings(cfg);
+  // BPR orders tokens for a capacity dropless routing does not have: eval refused the pair, train took it.
+  cfg.bpr = true;
+  moev::test::expect_error([&] { refuse_unused_topk_settings(cfg); }, {"moe.bpr = true with moe.dropless = true"});
 }

@@ -54,6 +54,9 @@ void refuse_unused_topk_settings(const RouterConfig& cfg) {
           {"moe.renormalize", cfg.renormalize, "a token's experts are not a top-K whose gates could sum to 1"}})
       MOEV_CHECK(!on, key, " = true with moe.router = expert_choice: ", why, "; set ", key,
                  " = false, or route with topk");
+  // BPR orders tokens for the capacity a dropless router does not have (eval refused the pair; train took it).
+  MOEV_CHECK(!(cfg.dropless && cfg.bpr), "moe.bpr = true with moe.dropless = true: every assignment is placed, ",
+             "so there is no priority to give; set one of them false");
 }
 
 int64_t expert_capacity(const RouterConfig& cfg, int64_t tokens_per_group) {

@@ -50,7 +50,7 @@ struct RouterConfig {
 void validate(const RouterConfig& cfg);
 
 // Top-K's dropless mode, BPR and renormalisation with Expert-Choice, which
-// ignores them: an error for a new run (one that set them trained without them
+// ignores them, and BPR with dropless top-K: an error for a new run (one that set them trained without them
 // at exit 0). Not part of validate(), so models saved with them still load.
 void refuse_unused_topk_settings(const RouterConfig& cfg);
 
