@@ -62,6 +62,9 @@ TEST(Cli, BadInputsFailCleanly) {
                        {"moe.num_experts is set, but model.moe = none"});
   expect_clean_failure("train --config \"\" --print-config", {"--config: an empty path"});
   expect_clean_failure("train --set train.multilabel_loss=foo --print-config", {"train.multilabel_loss = 'foo'"});
+  // --print-config refuses what the run refuses (these printed at exit 0).
+  expect_clean_failure("train --set data.test_limit=-5 --print-config", {"data.test_limit = -5: expected >= 0"});
+  expect_clean_failure("train --device gpu --print-config", {"train.device (--device) = gpu"});
   // A truncated IDX file: the first half of the real training images.
   std::filesystem::create_directories(dir.file("trunc"));
   for (const char* f : {"t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",

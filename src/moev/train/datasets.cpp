@@ -273,6 +273,9 @@ void validate_training_data(const DataConfig& d, const models::ModelConfig& m) {
   static const char* kFormats[] = {"fashion-mnist", "folder", "cifar10", "manifest"};  // as open_one reads them
   if (std::find(std::begin(kFormats), std::end(kFormats), d.format) == std::end(kFormats)) unknown_format(d.format);
   MOEV_CHECK(d.per_class >= 0, "data.per_class = ", d.per_class, ": expected >= 0 (0: every image)");
+  // Also checked where the sets are cut; here too, so --print-config refuses what the run would.
+  MOEV_CHECK(d.train_limit >= 0, "data.train_limit = ", d.train_limit, ": expected >= 0 (0: every image)");
+  MOEV_CHECK(d.test_limit >= 0, "data.test_limit = ", d.test_limit, ": expected >= 0 (0: every image)");
   // Checked here, so the message names the config keys (the loader's own check cannot).
   MOEV_CHECK(d.crop_padding >= 0, "data.crop_padding = ", d.crop_padding, ": expected >= 0 pixels");
   // Past half the side a crop can be all padding: an image of nothing, trained on without a word.

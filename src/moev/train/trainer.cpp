@@ -299,6 +299,7 @@ void check_new_run_config(const io::RunConfig& cfg) {
   moe::refuse_unused_topk_settings(cfg.model.router);
   validate_training_data(cfg.data, cfg.model);
   check_fits_in_memory(cfg);
+  parse_device(cfg.train.device, "train.device (--device) =");  // --print-config printed "gpu" at exit 0
 }
 
 namespace {
