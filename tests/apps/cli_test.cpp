@@ -65,6 +65,9 @@ TEST(Cli, BadInputsFailCleanly) {
   // --print-config refuses what the run refuses (these printed at exit 0).
   expect_clean_failure("train --set data.test_limit=-5 --print-config", {"data.test_limit = -5: expected >= 0"});
   expect_clean_failure("train --device gpu --print-config", {"train.device (--device) = gpu"});
+  // A folder's or a manifest's keys with IDX data were set and unread.
+  expect_clean_failure("train --set data.test_path=/tmp --print-config",
+                       {"data.test_path = /tmp: data.format = fashion-mnist reads its test set from data.path"});
   // A truncated IDX file: the first half of the real training images.
   std::filesystem::create_directories(dir.file("trunc"));
   for (const char* f : {"t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",

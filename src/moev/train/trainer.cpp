@@ -300,6 +300,13 @@ void check_new_run_config(const io::RunConfig& cfg) {
   validate_training_data(cfg.data, cfg.model);
   check_fits_in_memory(cfg);
   parse_device(cfg.train.device, "train.device (--device) =");  // --print-config printed "gpu" at exit 0
+  // Read by folder and manifest data only: with the other formats they were set and unread.
+  const auto& d = cfg.data;
+  const bool own_test_path = d.format == "folder" || d.format == "manifest";
+  MOEV_CHECK(d.test_path.empty() || own_test_path, "data.test_path = ", d.test_path, ": data.format = ", d.format,
+             " reads its test set from data.path (its own test files); drop data.test_path");
+  MOEV_CHECK(d.tags.empty() || d.format == "manifest", "data.tags is set, but data.format = ", d.format,
+             " has classes, not the tags of a manifest; drop data.tags");
 }
 
 namespace {
