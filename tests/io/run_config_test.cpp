@@ -68,7 +68,15 @@ TEST(RunConfig, BadInputsNameFileAndKey) {
   test::TempDir dir;
   std::ofstream(dir.file("unknown.toml")) << "[train]\nlrr = 0.1\n";
   test::expect_error([&] { io::load_run_config(dir.file("unknown.toml")); },
-                     {"unknown.toml", "train.lrr", "unknown config key"});
+                     {"unknown.toml", "train.lrr", "unknown config key", "did you mean 'train.lr'?"});
+  // A key of another section is named in its own; one far from every key gets no guess.
+  test::expect_error([] { io::override_json("train.augment=true"); }, {"did you mean 'data.augment'?"});
+  try {
+    io::override_json("model.zzzzzz=1");
+    ADD_FAILURE() << "model.zzzzzz was taken";
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()).find("did you mean"), std::string::npos) << e.what();
+  }
   std::ofstream(dir.file("type.toml")) << "[train]\nepochs = \"ten\"\n";
   test::expect_error([&] { io::load_run_config(dir.file("type.toml")); },
                      {"type.toml", "train.epochs", "expected an integer"});

@@ -265,6 +265,35 @@ const Field* find_field(const std::string& key) {
   return nullptr;
 }
 
+// "; did you mean 'data.augment'?" for an unknown key: the key of that name in another section (train.augment),
+// else the nearest by edits, at most two (train.epoch, moe.num_expert); "" when none is near.
+std::string did_you_mean(const std::string& key) {
+  const auto dot = key.find('.');
+  const std::string name = dot == std::string::npos ? key : key.substr(dot + 1);
+  auto edits = [](const std::string& a, const std::string& b) {
+    std::vector<size_t> row(b.size() + 1);
+    for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+    for (size_t i = 1; i <= a.size(); ++i) {
+      size_t diagonal = row[0];
+      row[0] = i;
+      for (size_t j = 1; j <= b.size(); ++j) {
+        const size_t up = row[j];
+        row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+        diagonal = up;
+      }
+    }
+    return row[b.size()];
+  };
+  std::string best;
+  size_t best_edits = 3;
+  for (const auto& f : fields()) {
+    if (f.key.substr(f.key.find('.') + 1) == name) return "; did you mean '" + f.key + "'?";
+    const size_t d = edits(key, f.key);
+    if (d < best_edits) best_edits = d, best = f.key;
+  }
+  return best.empty() ? "" : "; did you mean '" + best + "'?";
+}
+
 // A parser callback refusing JSON nested deeper than toml++ allows TOML (256
 // levels): nothing moev reads is that deep, and an error message dumping
 // such a value recursed off the stack (200,000 levels: a segfault).
@@ -346,8 +375,8 @@ void apply_json(RunConfig& cfg, const json& j, const std::string& source) {
       const std::string key = section + "." + name;
       if (key == "model.preset") continue;
       const Field* f = find_field(key);
-      MOEV_CHECK(f != nullptr, source, ": unknown config key '", key,
-                 "' (moev train --help-config lists the keys)");
+      MOEV_CHECK(f != nullptr, source, ": unknown config key '", key, "'", did_you_mean(key),
+                 " (moev train --help-config lists the keys)");
       f->set(cfg, value, source + ": " + key);
     }
   }
@@ -391,7 +420,7 @@ json override_json(const std::string& assignment) {
   json j = assignment_json(assignment);
   const std::string key = assignment.substr(0, assignment.find('='));
   if (key != "model.preset" && !find_field(key))
-    fail("--set: unknown config key '", key, "' (moev train --help-config lists the keys)");
+    fail("--set: unknown config key '", key, "'", did_you_mean(key), " (moev train --help-config lists the keys)");
   return j;
 }
 
