@@ -100,7 +100,8 @@ Runner add_pretrain(CLI::App& app) {
       check_resume_overrides(*flags, *saved, cfg, saved_path);
       cfg = train::resumed_config(*saved, cfg);
     }
-    if (flags->print_config) {
+    if (flags->print_config) {  // never options the run would refuse (--queue -1 printed at exit 0)
+      train::validate_pretrain_options(*o);
       auto j = io::to_json(cfg);
       j["pretrain"] = train::pretrain_section(*o);
       std::cout << io::output_json(j) << "\n";

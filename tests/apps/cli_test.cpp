@@ -747,6 +747,8 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   const auto printed = nlohmann::json::parse(r.out.substr(r.out.find('{')));
   EXPECT_EQ(printed.at("pretrain").at("queue"), 25) << r.out;
   EXPECT_EQ(printed.at("pretrain").at("knn"), 5) << r.out;
+  // Options the run refuses are refused when printed too (they printed at exit 0).
+  expect_clean_failure("pretrain " + toy_ssl + "--momentum 1.5 --print-config", {"pretrain: momentum = 1.5"});
   r = run("pretrain --help-config");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("pretrain.queue"), std::string::npos) << r.out;

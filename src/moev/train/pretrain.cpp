@@ -231,10 +231,9 @@ void write_curve(const fs::path& log_path, int64_t per_epoch, const fs::path& pn
   viz::write_plot(p, png.string());
 }
 
-// The run itself; pretrain holds the directory's lock around it.
-PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out_dir, const PretrainOptions& o) {
-  const auto& tc = cfg.train;
-  validate_train_config(cfg.train);  // the keys it reads (batch, checkpoints, logs, steps) as train checks them
+}  // namespace
+
+void validate_pretrain_options(const PretrainOptions& o) {
   // At most 2^30: the step count stays within int64 (see train.epochs).
   MOEV_CHECK(o.epochs >= 1 && o.epochs <= (int64_t(1) << 30), "pretrain: epochs = ", o.epochs, ": expected 1..2^30");
   MOEV_CHECK(o.lr > 0, "pretrain: lr = ", o.lr, ": expected > 0");
@@ -246,6 +245,15 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
              ": expected at least 1");
   MOEV_CHECK(o.knn_k >= 0, "pretrain: knn = ", o.knn_k, ": expected >= 0 (0: no probe)");
   MOEV_CHECK(o.weight_decay >= 0, "pretrain: weight_decay = ", o.weight_decay, ": expected >= 0");
+}
+
+namespace {
+
+// The run itself; pretrain holds the directory's lock around it.
+PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out_dir, const PretrainOptions& o) {
+  const auto& tc = cfg.train;
+  validate_train_config(cfg.train);  // the keys it reads (batch, checkpoints, logs, steps) as train checks them
+  validate_pretrain_options(o);
   // Settings of a supervised run that would change what pre-training does if
   // it read them; it does not, so a run that sets them is refused, not misled.
   MOEV_CHECK(tc.init_from.empty(), "pretrain: train.init_from = ", tc.init_from,

@@ -87,6 +87,9 @@ nlohmann::json pretrain_section(const PretrainOptions& o);
 // writes <out_dir>/pretrain.pt (atomically, every checkpoint_every steps and at
 // the end; a killed run resumes from it with o.resume, exactly),
 // pretrain_log.jsonl, pretrain.json and pretrain.png (the loss curve).
+// Throws moev::Error naming the option outside its range (pretrain checks them; so does --print-config).
+void validate_pretrain_options(const PretrainOptions& o);
+
 PretrainOutcome pretrain(const io::RunConfig& cfg, const std::string& out_dir, const PretrainOptions& o);
 
 // Refuses a pre-training checkpoint (its heads are as initialised) where a
