@@ -42,6 +42,9 @@ struct ConfigFlags {
   bool names_key(const std::string& key) const;
   // Refuses a key this command sets that the resolved model does not read (moev::Error naming it).
   void check_keys_apply(const io::RunConfig& cfg) const;
+  // body(), an error about a key that only the config file set ("train.epochs = 1e12: expected ...") naming
+  // the file: the message named the key alone.
+  int naming_the_file(const std::function<int()>& body) const;
 
  private:
   mutable std::shared_ptr<const nlohmann::json> file_;

@@ -191,6 +191,22 @@ void ConfigFlags::check_keys_apply(const io::RunConfig& cfg) const {
   }
 }
 
+int ConfigFlags::naming_the_file(const std::function<int()>& body) const {
+  try {
+    return body();
+  } catch (const Stopped&) {
+    throw;
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    const auto space = what.find(' ');
+    const std::string key = what.substr(0, space);
+    if (config_file.empty() || space == std::string::npos || what.compare(space, 3, " = ") != 0 ||
+        named_keys().count(key) || !names_key(key) || what.find(config_file) != std::string::npos)
+      throw;
+    throw Error(what + " (set in " + config_file + ")");
+  }
+}
+
 io::RunConfig ConfigFlags::resolve() const {
   // --model names the preset in place of the file's (which replaced it without
   // a word); the file's other model and moe keys still go over it. Shorthands

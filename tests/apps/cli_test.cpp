@@ -61,6 +61,10 @@ TEST(Cli, BadInputsFailCleanly) {
   expect_clean_failure("train --model vit-tiny --experts 4 --print-config",
                        {"moe.num_experts is set, but model.moe = none"});
   expect_clean_failure("train --config \"\" --print-config", {"--config: an empty path"});
+  // A value out of range names the file that set it (the message named the key alone).
+  std::ofstream(dir.file("huge.toml")) << "[train]\nepochs = 2000000000\n";
+  expect_clean_failure("train --config " + dir.file("huge.toml") + " --print-config",
+                       {"train.epochs = 2000000000: expected 1..2^30 (set in " + dir.file("huge.toml") + ")"});
   expect_clean_failure("train --set train.multilabel_loss=foo --print-config", {"train.multilabel_loss = 'foo'"});
   // --print-config refuses what the run refuses (these printed at exit 0).
   expect_clean_failure("train --set data.test_limit=-5 --print-config", {"data.test_limit = -5: expected >= 0"});
