@@ -40,8 +40,10 @@ struct ConfigFlags {
   std::set<std::string> named_keys() const;
   // `key` ("train.threads") is set by a flag or by the config file.
   bool names_key(const std::string& key) const;
-  // Refuses a key this command sets that the resolved model does not read (moev::Error naming it).
+  // Refuses a key this command sets that the resolved model does not read (moev::Error naming it). Not for a
+  // resumed run, whose model is the saved one (check_resume_overrides compares the keys with it).
   void check_keys_apply(const io::RunConfig& cfg) const;
+  bool resuming = false;  // set by a command before resolve(): --resume
   // body(), an error about a key that only the config file set ("train.epochs = 1e12: expected ...") naming
   // the file: the message named the key alone.
   int naming_the_file(const std::function<int()>& body) const;

@@ -175,6 +175,7 @@ const std::map<std::string, std::set<std::string>>& family_keys() {
 // refused, naming the family (or the placement) that leaves it unread. A config file's keys are not: a run's
 // config.json, which `moev train --config` takes again, holds every key of every family.
 void ConfigFlags::check_keys_apply(const io::RunConfig& cfg) const {
+  if (resuming) return;
   const auto& family = cfg.model.family;
   for (const auto& key : named_keys()) {
     const auto at = family_keys().find(key);

@@ -57,7 +57,8 @@ Runner add_predict(CLI::App& app) {
     const auto fit = data::parse_fit(t.cfg.data.resize, "data.resize");
     // A file that cannot be read is said and passed over: one damaged file of a thousand gave no answer for any.
     // The exit is non-zero then.
-    std::vector<std::string> unread(f->images.size());
+    std::vector<std::string> unread(f->images.size());  // why file i could not be read
+    std::vector<bool> failed_at(f->images.size(), false);
     size_t failed = 0;
     for (size_t from = 0; from < f->images.size(); from += kChunk) {
       const size_t to = std::min(f->images.size(), from + kChunk);
@@ -73,6 +74,7 @@ Runner add_predict(CLI::App& app) {
         } catch (const Error& e) {
           if (f->images.size() == 1) throw;  // its own message is the whole story
           unread[i] = e.what();
+          failed_at[i] = true;
           ++failed;
           std::fprintf(stderr, "error: %s\n", e.what());
           continue;
@@ -109,7 +111,7 @@ Runner add_predict(CLI::App& app) {
       const auto [p, idx] = imgs.empty() ? std::tuple<torch::Tensor, torch::Tensor>() : probs.topk(k, -1);
       int64_t r = 0;  // the row of the next file read
       for (size_t i = from; i < to; ++i) {
-        if (!unread[i].empty()) {
+        if (failed_at[i]) {
           out.push_back({{"image", f->images[i]}, {"error", unread[i]}});
           continue;
         }

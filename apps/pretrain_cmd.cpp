@@ -71,6 +71,7 @@ Runner add_pretrain(CLI::App& app) {
                    run_sets.end());
     // The run being resumed, read once: `moev pretrain --out DIR --resume` (the command a stop prints) continues
     // it as it was saved, its options too, as `train --resume` does; it was refused as "another config".
+    flags->resuming = o->resume;
     io::RunConfig cfg = flags->resolve();
     const auto saved_path = (std::filesystem::path(cfg.train.out_dir) / "pretrain.pt").string();
     std::optional<io::RunConfig> saved;

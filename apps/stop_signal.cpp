@@ -52,7 +52,9 @@ const std::atomic<bool>* stop_on_signals() {
     ::sigaction(SIGINT, &sa, nullptr);
     ::sigaction(SIGTERM, &sa, nullptr);
     // A closed terminal (an ssh session that dropped) killed a run without saving: it stops as SIGTERM asks.
-    ::sigaction(SIGHUP, &sa, nullptr);
+    // Unless started under nohup (SIGHUP ignored), which asks the run to go on.
+    struct sigaction hup {};
+    if (::sigaction(SIGHUP, nullptr, &hup) == 0 && hup.sa_handler != SIG_IGN) ::sigaction(SIGHUP, &sa, nullptr);
     // A rank whose launcher was killed writes into a pipe nobody reads: that
     // write must fail, not kill the rank before it saved.
     std::signal(SIGPIPE, SIG_IGN);

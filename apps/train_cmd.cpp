@@ -23,6 +23,7 @@ namespace {
 
 // The command, its config resolved from `flags`.
 int run_train(ConfigFlags& flags, bool resume) {
+  flags.resuming = resume;
   // --resume --print-config prints the config the resumed run goes on with (the saved one), below.
   const bool print_resumed = resume && flags.print_config && !flags.help_config;
   if (flags.print_config && !resume && !flags.help_config) {  // never a config the run would refuse

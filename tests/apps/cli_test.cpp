@@ -625,6 +625,9 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
                        {"model.branches = 5 (was: 1)", "train.epochs = 2 (was: 1)", "another --out"});
   r = run("train " + toy + "--out " + dir.file("n1") + " --resume");  // the same settings
   EXPECT_EQ(r.code, 0) << r.out;
+  // A run's own key repeated on resume, with no --model: judged against the saved ResNeSt, not the default ViT.
+  r = run("train --set model.dims=[16,32,64] --out " + dir.file("n1") + " --resume");
+  EXPECT_EQ(r.code, 0) << r.out;
   // --model alone compares the model's keys: the other keys' defaults were listed as differences too.
   r = run("train --model resnest-tiny --out " + dir.file("n1") + " --resume");
   EXPECT_EQ(r.code, 1) << r.out;

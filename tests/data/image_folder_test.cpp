@@ -628,7 +628,7 @@ TEST(ImageFolder, AFourComponentJpegWithoutAdobesSegmentIsRefused) {
   write_bytes(root.file("cmyk.jpg"), {0xFF, 0xD8, 0xFF, 0xC0, 0, 20, 8, 0, 1, 0, 1, 4, 1, 0x11, 0, 2, 0x11, 0, 3,
                                       0x11, 0, 4, 0x11, 0, 0xFF, 0xDA, 0, 8, 1, 1, 0, 0, 63, 0, 0, 0xFF, 0xD9});
   expect_error([&] { decode_image_file(root.file("cmyk.jpg"), 1, 1, 3, Fit::kStretch); },
-               {root.file("cmyk.jpg"), "JPEG of 4 colour components without the Adobe segment"});
+               {root.file("cmyk.jpg"), "JPEG of 4 colour components without an Adobe segment"});
 }
 
 // Windows's thumbnail caches and folder settings in a class folder are passed over, as .DS_Store is.

@@ -425,6 +425,7 @@ std::vector<unsigned char> decode_netpbm(const std::string& path, const std::vec
 struct GifFrame {
   size_t table = 0, entries = 0;
   int transparent = -1;
+  size_t left = 0, top = 0, width = 0, height = 0;  // the frame's rectangle on the screen
 };
 
 GifFrame gif_first_frame(const std::vector<unsigned char>& b) {
@@ -442,6 +443,8 @@ GifFrame gif_first_frame(const std::vector<unsigned char>& b) {
     } else if (b[at] == 0x2C && at + 10 <= b.size()) {
       if (b[at + 9] & 0x80) f = {at + 10, size_t{2} << (b[at + 9] & 7), -1};
       f.transparent = transparent;
+      auto u16 = [&](size_t p) { return size_t{b[p]} | size_t{b[p + 1]} << 8; };
+      f.left = u16(at + 1), f.top = u16(at + 3), f.width = u16(at + 5), f.height = u16(at + 7);
       return f;
     } else {
       break;
@@ -478,12 +481,13 @@ bool palette_is_grey(const std::vector<unsigned char>& b) {
     }
     return false;
   }
-  if (b.size() >= 54 && b[0] == 'B' && b[1] == 'M') {
+  if (b.size() >= 26 && b[0] == 'B' && b[1] == 'M') {
     const size_t header = u32le(14);
     if (header == 12) {  // OS/2's: 3-byte entries, as many as the bits allow
       const size_t bits = size_t{b[24]} | size_t{b[25]} << 8;
       return bits <= 8 && grey(14 + header, size_t{1} << bits, 3);
     }
+    if (b.size() < 54) return false;
     const size_t bits = size_t{b[28]} | size_t{b[29]} << 8, used = u32le(46);
     return bits <= 8 && header < b.size() && grey(14 + header, used ? used : size_t{1} << bits, 4);
   }
@@ -494,12 +498,16 @@ bool palette_is_grey(const std::vector<unsigned char>& b) {
 // under them is the table's entry at the transparent index, what PIL reads and
 // what predict's note says: RGBA pixels, n of them, to `channels` channels with
 // those pixels in that colour (grey with stb's weights, as its conversion).
+// Outside the frame's rectangle a pixel is the screen's background, not a transparent one: left as stb reads it.
 std::vector<unsigned char> gif_opaque(const std::vector<unsigned char>& b, const GifFrame& f, const unsigned char* rgba,
-                                      size_t n, int channels) {
+                                      size_t w, size_t h, int channels) {
   const unsigned char* under = &b[f.table + 3 * static_cast<size_t>(f.transparent)];
+  const size_t n = w * h;
   std::vector<unsigned char> out(n * static_cast<size_t>(channels));
   for (size_t p = 0; p < n; ++p) {
-    const unsigned char* c = rgba[p * 4 + 3] == 0 ? under : rgba + p * 4;
+    const size_t x = p % w, y = p / w;
+    const bool in_frame = x >= f.left && x < f.left + f.width && y >= f.top && y < f.top + f.height;
+    const unsigned char* c = rgba[p * 4 + 3] == 0 && in_frame ? under : rgba + p * 4;
     if (channels == 1)
       out[p] = static_cast<unsigned char>((c[0] * 77 + c[1] * 150 + c[2] * 29) >> 8);
     else
@@ -516,13 +524,14 @@ void check_jpeg_components(const std::string& path, const std::vector<unsigned c
   int components = 0;
   bool adobe = false;
   walk_jpeg(b, [&](unsigned char marker, size_t seg, size_t end) {
-    if (marker == 0xEE && end - seg >= 12 && std::memcmp(&b[seg], "Adobe", 5) == 0) adobe = true;
+    // The transform byte: 0 CMYK, 2 YCCK, which stb reads; 1 (YCbCr) it reads as 3 components and a dropped one.
+    if (marker == 0xEE && end - seg >= 12 && std::memcmp(&b[seg], "Adobe", 5) == 0) adobe = b[seg + 11] != 1;
     const bool frame = marker >= 0xC0 && marker <= 0xCF && marker != 0xC4 && marker != 0xC8 && marker != 0xCC;
     if (frame && end - seg >= 6) components = b[seg + 5];
     return true;
   });
-  MOEV_CHECK(components != 4 || adobe, "file ", path, ": a JPEG of 4 colour components without the Adobe ",
-             "segment that says whether they are CMYK or YCCK; expected an RGB or greyscale JPEG (save it as RGB)");
+  MOEV_CHECK(components != 4 || adobe, "file ", path, ": a JPEG of 4 colour components without an Adobe ",
+             "segment that says they are CMYK or YCCK; expected an RGB or greyscale JPEG (save it as RGB)");
 }
 
 // Decodes path into dst, uint8 [C, H, W] contiguous; returns the file's own (upright) size.
@@ -570,7 +579,7 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
     MOEV_CHECK(w >= 1 && h >= 1, "file ", path, ": an image of ", w, "x", h, " pixels; expected at least 1x1");
     hwc = pixels.get();
     if (fill) {
-      opaque = gif_opaque(bytes, gif, pixels.get(), static_cast<size_t>(w) * static_cast<size_t>(h),
+      opaque = gif_opaque(bytes, gif, pixels.get(), static_cast<size_t>(w), static_cast<size_t>(h),
                           static_cast<int>(channels));
       hwc = opaque.data();
     }

@@ -114,7 +114,7 @@ std::vector<SweepRun> expand_grid(const SweepGrid& grid, const json& base, const
         {"moe", "num_experts", "sweep.experts"}, {"moe", "k", "sweep.k"},
         {"train", "out_dir", "--out and the run's name"}})
     MOEV_CHECK(!(base.contains(section) && base[section].is_object() && base[section].contains(key)), source, ": ",
-               section, ".", key, ": a sweep sets it for each run from ", from, "; drop it here");
+               section, ".", key, ": a sweep sets it for each run from ", from, "; drop it from the config and --set");
   std::vector<SweepRun> runs;
   // Two placements can pick the same blocks of one model (last-2 and every-2
   // of a 4-block one): trained once, under the first name.
