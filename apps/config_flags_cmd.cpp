@@ -35,7 +35,9 @@ void ConfigFlags::add_to(CLI::App* cmd) {
   cmd->add_option("-c,--config", config_file,
                   "config file (.toml or .json; another name is read as JSON if it starts with {)")
       // "" ran the defaults without a word (an unset shell variable, --config "$CFG").
-      ->check([](const std::string& v) { return v.empty() ? std::string("an empty path: expected a config file") : ""; });
+      ->check([](const std::string& v) {
+        return v.empty() ? std::string("an empty path: expected a config file") : std::string();
+      });
   std::string presets;  // from the preset table itself, so the help cannot fall behind it
   for (const auto& n : models::preset_names()) presets += (presets.empty() ? "" : ", ") + n;
   cmd->add_option("-m,--model", preset, "model preset: " + presets);

@@ -49,6 +49,12 @@ bool is_system_file(const fs::path& path) {
   return name == "thumbs.db" || name == "ehthumbs.db" || name == "desktop.ini";
 }
 
+// Little-endian fields of BMP, GIF and TGA headers; the caller checked the bytes are there.
+size_t le16(const std::vector<unsigned char>& b, size_t at) { return size_t{b[at]} | size_t{b[at + 1]} << 8; }
+uint32_t le32(const std::vector<unsigned char>& b, size_t at) {
+  return uint32_t(le16(b, at)) | uint32_t(le16(b, at + 2)) << 16;
+}
+
 // What stb_image decodes, and the Netpbm kinds read here, so a folder takes what predict takes.
 constexpr const char* kImageExtensions[] = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pbm",
                                             ".pgm", ".ppm", ".pnm", ".tga"};
@@ -198,8 +204,6 @@ Netpbm check_complete(const std::string& path, const std::vector<unsigned char>&
                "height of at least 1");
     return w <= kMaxSourcePixels && h <= kMaxSourcePixels && w * h <= kMaxSourcePixels;
   };
-  auto le16 = [&](size_t at) { return size_t{b[at]} | size_t{b[at + 1]} << 8; };
-  auto le32 = [&](size_t at) { return uint32_t(le16(at)) | uint32_t(le16(at + 2)) << 16; };
   if (n >= 2 && b[0] == 0xFF && b[1] == 0xD8) {  // JPEG: the segments up to the scan, then an end marker
     const JpegSegments walk = walk_jpeg(b, [](unsigned char, size_t, size_t) { return true; });
     if (walk.needed > 0) cut("JPEG", walk.needed);
@@ -212,7 +216,7 @@ Netpbm check_complete(const std::string& path, const std::vector<unsigned char>&
   if (n >= 6 && (std::memcmp(b.data(), "GIF87a", 6) == 0 || std::memcmp(b.data(), "GIF89a", 6) == 0)) {
     // stb reads the first frame: the blocks up to it and its data sub-blocks must all be there.
     if (n < 13) cut("GIF", 13);
-    sides("GIF", static_cast<int64_t>(le16(6)), static_cast<int64_t>(le16(8)));  // 16-bit: small enough
+    sides("GIF", static_cast<int64_t>(le16(b, 6)), static_cast<int64_t>(le16(b, 8)));  // 16-bit: small enough
     size_t at = 13 + ((b[10] & 0x80) ? 3 * (size_t{2} << (b[10] & 7)) : 0);
     auto sub_blocks = [&] {
       while (true) {
@@ -272,17 +276,17 @@ Netpbm check_complete(const std::string& path, const std::vector<unsigned char>&
          "Netpbm formats PBM, PGM and PPM (P1-P6), plain or binary (convert it, e.g. with pamtopnm)");
   if (n >= 2 && b[0] == 'B' && b[1] == 'M') {  // BMP; stb decodes uncompressed ones only
     if (n < 26) cut("BMP", 26);
-    const size_t header = le32(14);
+    const size_t header = le32(b, 14);
     const bool core = header == 12;  // OS/2's: 16-bit sides
     if (!core && n < 34) cut("BMP", 34);
-    const int64_t w = core ? static_cast<int64_t>(le16(18)) : static_cast<int32_t>(le32(18));
-    const int64_t h = core ? static_cast<int64_t>(le16(20)) : static_cast<int32_t>(le32(22));
-    const size_t bpp = core ? le16(24) : le16(28), compression = core ? 0 : le32(30);
+    const int64_t w = core ? static_cast<int64_t>(le16(b, 18)) : static_cast<int32_t>(le32(b, 18));
+    const int64_t h = core ? static_cast<int64_t>(le16(b, 20)) : static_cast<int32_t>(le32(b, 22));
+    const size_t bpp = core ? le16(b, 24) : le16(b, 28), compression = core ? 0 : le32(b, 30);
     if (!sides("BMP", w, h == INT32_MIN ? 0 : std::abs(h))) return {};
     if (compression == 0 || compression == 3 || compression == 6) {
       const size_t row = static_cast<size_t>(w) * bpp, rows = static_cast<size_t>(std::abs(h));
       // stb reads the last row without its padding.
-      const size_t needed = le32(10) + (row + 31) / 32 * 4 * (rows - 1) + (row + 7) / 8;
+      const size_t needed = le32(b, 10) + (row + 31) / 32 * 4 * (rows - 1) + (row + 7) / 8;
       if (n < needed) cut("BMP", needed);
     }
     return {};
@@ -290,10 +294,10 @@ Netpbm check_complete(const std::string& path, const std::vector<unsigned char>&
   // TGA has no signature: judged by its header's fields, as stb does.
   if (n >= 18 && b[1] <= 1 && (b[2] == 1 || b[2] == 2 || b[2] == 3 || b[2] == 9 || b[2] == 10 || b[2] == 11) &&
       (b[16] == 8 || b[16] == 15 || b[16] == 16 || b[16] == 24 || b[16] == 32)) {
-    const int64_t w = static_cast<int64_t>(le16(12)), h = static_cast<int64_t>(le16(14));
+    const int64_t w = static_cast<int64_t>(le16(b, 12)), h = static_cast<int64_t>(le16(b, 14));
     if (!sides("TGA", w, h)) return {};
     const size_t pixel = (b[16] + 7) / 8;
-    size_t at = 18 + b[0] + (b[1] ? le16(5) * ((b[7] + 7) / 8) : 0);
+    size_t at = 18 + b[0] + (b[1] ? le16(b, 5) * ((b[7] + 7) / 8) : 0);
     const size_t pixels = static_cast<size_t>(w * h);
     if (b[2] < 9) {
       if (at + pixels * pixel > n) cut("TGA", at + pixels * pixel);
@@ -443,8 +447,7 @@ GifFrame gif_first_frame(const std::vector<unsigned char>& b) {
     } else if (b[at] == 0x2C && at + 10 <= b.size()) {
       if (b[at + 9] & 0x80) f = {at + 10, size_t{2} << (b[at + 9] & 7), -1};
       f.transparent = transparent;
-      auto u16 = [&](size_t p) { return size_t{b[p]} | size_t{b[p + 1]} << 8; };
-      f.left = u16(at + 1), f.top = u16(at + 3), f.width = u16(at + 5), f.height = u16(at + 7);
+      f.left = le16(b, at + 1), f.top = le16(b, at + 3), f.width = le16(b, at + 5), f.height = le16(b, at + 7);
       return f;
     } else {
       break;
@@ -465,8 +468,6 @@ bool palette_is_grey(const std::vector<unsigned char>& b) {
     }
     return true;
   };
-  auto u32le = [&](size_t p) { return uint32_t{b[p]} | uint32_t{b[p + 1]} << 8 | uint32_t{b[p + 2]} << 16 |
-                                      uint32_t{b[p + 3]} << 24; };
   if (b.size() >= 13 && std::memcmp(b.data(), "GIF", 3) == 0) {
     const GifFrame f = gif_first_frame(b);
     return grey(f.table, f.entries, 3);
@@ -482,13 +483,13 @@ bool palette_is_grey(const std::vector<unsigned char>& b) {
     return false;
   }
   if (b.size() >= 26 && b[0] == 'B' && b[1] == 'M') {
-    const size_t header = u32le(14);
+    const size_t header = le32(b, 14);
     if (header == 12) {  // OS/2's: 3-byte entries, as many as the bits allow
-      const size_t bits = size_t{b[24]} | size_t{b[25]} << 8;
+      const size_t bits = le16(b, 24);
       return bits <= 8 && grey(14 + header, size_t{1} << bits, 3);
     }
     if (b.size() < 54) return false;
-    const size_t bits = size_t{b[28]} | size_t{b[29]} << 8, used = u32le(46);
+    const size_t bits = le16(b, 28), used = le32(b, 46);
     return bits <= 8 && header < b.size() && grey(14 + header, used ? used : size_t{1} << bits, 4);
   }
   return false;

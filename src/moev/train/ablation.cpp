@@ -76,7 +76,8 @@ std::vector<AblationTask> plan_ablation(const AblationGrid& g, const json& base,
         {"train", "teacher", "the plain runs of its seed (ablation.teachers)"},
         {"train", "out_dir", "--out and the run's name"}})
     MOEV_CHECK(!(base.contains(section) && base[section].is_object() && base[section].contains(key)), source, ": ",
-               section, ".", key, ": an ablation sets it for each run from ", from, "; drop it from the config and --set");
+               section, ".", key, ": an ablation sets it for each run from ", from,
+               "; drop it from the config and --set");
   MOEV_CHECK(common.model.family == "resnest", source, ": the ablation needs a ResNeSt model ",
              "(model.preset = \"resnest-tiny\" or model.family = \"resnest\"), got model.family = ",
              common.model.family);
