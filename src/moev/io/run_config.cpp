@@ -416,6 +416,14 @@ json assignment_json(const std::string& assignment) {
   return j;
 }
 
+void refuse_planned_keys(const json& base, const std::string& source, const char* planner,
+                         std::initializer_list<PlannedKey> keys) {
+  for (const auto& k : keys)
+    MOEV_CHECK(!(base.contains(k.section) && base[k.section].is_object() && base[k.section].contains(k.key)), source,
+               ": ", k.section, ".", k.key, ": ", planner, " sets it for each run from ", k.from,
+               "; drop it from the config and --set");
+}
+
 json override_json(const std::string& assignment) {
   json j = assignment_json(assignment);
   const std::string key = assignment.substr(0, assignment.find('='));

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <set>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -38,6 +39,16 @@ void apply_override(RunConfig& cfg, const std::string& assignment);
 // The same override as {"section": {"key": value}}, for merging into a config
 // document (the key is checked against the known fields).
 nlohmann::json override_json(const std::string& assignment);
+
+// Keys a sweep or an ablation ("a sweep") sets for each of its runs, {section, key, where from}: set in its base
+// config (file or --set) they were replaced in every run without a word, so they are refused, naming `source`.
+struct PlannedKey {
+  const char* section;
+  const char* key;
+  const char* from;
+};
+void refuse_planned_keys(const nlohmann::json& base, const std::string& source, const char* planner,
+                         std::initializer_list<PlannedKey> keys);
 // As override_json, the key unchecked: for sections other commands read
 // (moev pretrain's [pretrain]).
 nlohmann::json assignment_json(const std::string& assignment);

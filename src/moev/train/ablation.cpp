@@ -5,7 +5,6 @@
 #include <filesystem>
 #include <map>
 #include <set>
-#include <tuple>
 
 #include "moev/core/error.h"
 #include "moev/io/table.h"
@@ -69,15 +68,12 @@ std::vector<AblationTask> plan_ablation(const AblationGrid& g, const json& base,
   io::RunConfig common;
   io::apply_json(common, base, source);
   // Each run's own: the plan replaced them in every run without a word (--set model.branches=3 still ran 1, 3, 5).
-  for (const auto& [section, key, from] :
-       {std::tuple{"model", "branches", "ablation.branches (--branches)"},
-        {"train", "seed", "the run's seed (ablation.seeds, --first-seed)"},
-        {"data", "subset_seed", "the run's seed (ablation.seeds, --first-seed)"},
-        {"train", "teacher", "the plain runs of its seed (ablation.teachers)"},
-        {"train", "out_dir", "--out and the run's name"}})
-    MOEV_CHECK(!(base.contains(section) && base[section].is_object() && base[section].contains(key)), source, ": ",
-               section, ".", key, ": an ablation sets it for each run from ", from,
-               "; drop it from the config and --set");
+  io::refuse_planned_keys(base, source, "an ablation",
+                          {{"model", "branches", "ablation.branches (--branches)"},
+                           {"train", "seed", "the run's seed (ablation.seeds, --first-seed)"},
+                           {"data", "subset_seed", "the run's seed (ablation.seeds, --first-seed)"},
+                           {"train", "teacher", "the plain runs of its seed (ablation.teachers)"},
+                           {"train", "out_dir", "--out and the run's name"}});
   MOEV_CHECK(common.model.family == "resnest", source, ": the ablation needs a ResNeSt model ",
              "(model.preset = \"resnest-tiny\" or model.family = \"resnest\"), got model.family = ",
              common.model.family);

@@ -109,12 +109,11 @@ std::vector<SweepRun> expand_grid(const SweepGrid& grid, const json& base, const
   MOEV_CHECK(!(base.contains("model") && base["model"].contains("preset")), source,
              ": model.preset: a sweep takes its models from sweep.models");
   // Each run's own: the grid replaced them in every run without a word.
-  for (const auto& [section, key, from] :
-       {std::tuple{"model", "moe", "sweep.placements (and sweep.experts = 1 for dense)"},
-        {"moe", "num_experts", "sweep.experts"}, {"moe", "k", "sweep.k"},
-        {"train", "out_dir", "--out and the run's name"}})
-    MOEV_CHECK(!(base.contains(section) && base[section].is_object() && base[section].contains(key)), source, ": ",
-               section, ".", key, ": a sweep sets it for each run from ", from, "; drop it from the config and --set");
+  io::refuse_planned_keys(base, source, "a sweep",
+                          {{"model", "moe", "sweep.placements (and sweep.experts = 1 for dense)"},
+                           {"moe", "num_experts", "sweep.experts"},
+                           {"moe", "k", "sweep.k"},
+                           {"train", "out_dir", "--out and the run's name"}});
   std::vector<SweepRun> runs;
   // Two placements can pick the same blocks of one model (last-2 and every-2
   // of a 4-block one): trained once, under the first name.
