@@ -56,8 +56,18 @@ Runner add_data(CLI::App& app) {
     MOEV_CHECK(!ec, "--out ", f->out, ": cannot read it (", ec.message(), ")");
     MOEV_CHECK(empty, "--out ", f->out, " is not empty (a data set made before?); choose a new directory or delete it first");
     // Read first: a wrong --fashion-mnist left an empty staging directory behind.
-    const auto train_set = data::load_fashion_mnist(f->source, true);
-    const auto test_set = data::load_fashion_mnist(f->source, false);
+    data::ImageSet train_set, test_set;
+    try {
+      train_set = data::load_fashion_mnist(f->source, true);
+      test_set = data::load_fashion_mnist(f->source, false);
+    } catch (const Error& e) {
+      // The reader's hint for a folder tree names train's --format, which this command does not have.
+      std::string why = e.what();
+      const auto hint = why.find(": for a folder of images per class give --format folder");
+      if (hint != std::string::npos)
+        why = why.substr(0, hint) + ": moev data mosaic reads Fashion-MNIST's IDX files only (--fashion-mnist DIR)";
+      fail("--fashion-mnist ", f->source, ": ", why);
+    }
     const fs::path stage = out.string() + ".moev-partial";
     const fs::path marker = stage / ".moev-partial";
     MOEV_CHECK(!fs::exists(stage) || fs::exists(marker), stage.string(),

@@ -90,7 +90,13 @@ Resolved resolve(const HardMoEFlags& f) {
   decided("lr", r.hm.expert_lr > 0, "expert_lr", json(r.hm.expert_lr).dump());
   decided("warmup_steps", r.hm.expert_warmup_steps >= 0, "expert_warmup_steps",
           std::to_string(r.hm.expert_warmup_steps));
-  decided("threads", r.hm.expert_threads > 0, "expert_threads", std::to_string(r.hm.expert_threads) + " (--threads)");
+  // expert_threads is 1 unless named: credited to the file, the default read as the user's setting.
+  const bool threads_named = f.threads > 0 || (file.contains("hardmoe") && file["hardmoe"].is_object() &&
+                                               file["hardmoe"].contains("expert_threads"));
+  MOEV_CHECK(!t.contains("threads") || r.hm.expert_threads <= 0, "--set train.threads=", t.value("threads", json()).dump(),
+             ": the experts take hardmoe.expert_threads = ", r.hm.expert_threads,
+             f.threads > 0 ? " (--threads)" : threads_named ? " (" + hm_source + ")" : " (its default)",
+             " in its place: give --threads N, or hardmoe.expert_threads = 0 to let train.threads decide");
   r.overrides = file;  // apply_json skips [hardmoe] (and other commands' sections)
   r.overrides.merge_patch(sets);
   r.source = f.config;
@@ -184,11 +190,14 @@ Runner add_hardmoe(CLI::App& app) {
     MOEV_CHECK(!f->experts || *f->experts == k, "--experts ", f->experts.value_or(0), ": the partition in ", hm.dir,
                " has ", k, " experts");
     const int threads = hm.expert_threads;
+    auto checked = hm;  // the trunk as each expert will find it (the recorded one, or --trunk for a moved directory)
+    checked.trunk = hardmoe::checked_trunk(part, hm.dir, hm.trunk);
     const auto trunk_ckpt_cfg = io::from_json_string(
-        train::load_checkpoint(hm.trunk, train::CheckpointLoad::kConfig).config_json, hm.trunk);
+        train::load_checkpoint(checked.trunk, train::CheckpointLoad::kConfig).config_json, checked.trunk);
     std::vector<int64_t> total(k);
     for (int64_t e = 0; e < k; ++e) {
-      auto c = hardmoe::expert_run_config(hm, trunk_ckpt_cfg, r.overrides, e, r.source);
+      hardmoe::check_expert_rows(part, hm.dir, e);  // before "done earlier" reported another clustering's expert
+      auto c = hardmoe::expert_run_config(checked, trunk_ckpt_cfg, r.overrides, e, r.source);
       hardmoe::check_expert_settings(c, hm, e);  // before "done earlier" or a resume could keep other settings
       total[e] = part.counts[e] / c.train.batch_size * (c.train.epochs + c.train.cooldown_epochs);
     }

@@ -72,7 +72,8 @@ Runner add_predict(CLI::App& app) {
         } catch (const Stopped&) {
           throw;
         } catch (const Error& e) {
-          if (f->images.size() == 1) throw;  // its own message is the whole story
+          // One file: its own message is the whole story, unless a script reads the JSON for it.
+          if (f->images.size() == 1 && !f->json) throw;
           unread[i] = e.what();
           failed_at[i] = true;
           ++failed;

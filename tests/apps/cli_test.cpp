@@ -439,6 +439,13 @@ TEST(Cli, TrainEvalPredictAndBadPredictInput) {
   EXPECT_EQ(partial.at(0).at("top").at(0).at("label"), alone.at(0).at("label")) << p.out;
   EXPECT_NE(partial.at(1).at("error").get<std::string>().find("notes.png"), std::string::npos) << p.out;
   EXPECT_NE(bytes_of(dir.file("err.txt")).find("1 of the 2 files could not be read"), std::string::npos);
+  // With --json, one file alone still gets its entry: a script reading the JSON got nothing to parse.
+  p = run("predict --checkpoint " + ckpt + " --json " + dir.file("notes.png") + " 2>" + dir.file("err.txt") +
+          "; exit $?");
+  EXPECT_EQ(p.code, 1) << p.out;
+  const auto alone_bad = nlohmann::json::parse(p.out);
+  ASSERT_EQ(alone_bad.size(), 1u) << p.out;
+  EXPECT_NE(alone_bad.at(0).at("error").get<std::string>().find("notes.png"), std::string::npos) << p.out;
   std::ofstream(dir.file("empty.png")).flush();  // a copy cut off before its first byte
   expect_clean_failure("predict --checkpoint " + ckpt + " " + dir.file("empty.png"), {"empty.png is empty (0 bytes)"});
   // Another architecture's weights as the starting point of a run.
@@ -773,6 +780,11 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   // train --resume in a pretraining run's directory names the commands that continue or use it.
   expect_clean_failure("train --out " + dir.file("ssl") + " --resume",
                        {"holds a pretraining run", "moev pretrain --out", "train.init_from=" + dir.file("ssl")});
+  // A new supervised run there was accepted: its checkpoint.pt and config.json among pretrain's files.
+  expect_clean_failure("train " + toy + "--out " + dir.file("ssl"),
+                       {"holds a pretraining run", "moev pretrain --out", "train.init_from=" + dir.file("ssl")});
+  EXPECT_FALSE(std::filesystem::exists(dir.file("ssl") + "/checkpoint.pt"));
+  EXPECT_FALSE(std::filesystem::exists(dir.file("ssl") + "/.train.lock"));
   // Its position is under "pretrain": it read as step 0 of a supervised run.
   r = run("checkpoint info " + dir.file("ssl") + "/pretrain.pt");
   ASSERT_EQ(r.code, 0) << r.out;
@@ -1080,7 +1092,10 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
   expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 0 --set train.epochs=7",
                        {"--set train.epochs=7", "hardmoe.expert_epochs = 1", "--set hardmoe.expert_epochs="});
   expect_clean_failure("hardmoe train-all --config " + cfg + " --set train.threads=2",
-                       {"--set train.threads=2", "hardmoe.expert_threads = 1"});
+                       {"--set train.threads=2", "hardmoe.expert_threads = 1 (its default)", "--threads N",
+                        "hardmoe.expert_threads = 0"});
+  // The hard MoE's directory is no run directory (a run trained into it beside partition.json and hardmoe.json).
+  expect_clean_failure("train --config " + cfg + " --out " + b, {b, "a hard MoE's directory", "partition.json"});
   expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 0 --set hardmoe.expert_epochs=2",
                        {"expert_0", "hardmoe.expert_epochs (the expert's train.epochs) = 2 (was: 1)"});  // named as set
   expect_clean_failure("hardmoe train-expert --config " + cfg + " --expert 0 --set hardmoe.expert_epoch=2",

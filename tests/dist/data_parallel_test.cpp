@@ -201,6 +201,41 @@ TEST(DataParallel, RanksWithAnotherConfigFailNamingTheKeys) {
   EXPECT_FALSE(std::filesystem::exists(dir.file("r") + "/checkpoint.pt"));
 }
 
+// A rank started with another WORLD_SIZE waited the whole timeout and blamed the network; a RANK given twice
+// trained beside its twin until a collective timed out, past train.dist_timeout. Both are named at once now.
+TEST(DataParallel, AnotherWorldSizeOrARankGivenTwiceIsNamedAtOnce) {
+  moev::test::TempDir dir;
+  const std::string env = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(moev::test::free_port());
+  const std::string args = kRun + "--threads 1 --max-steps 2 --set train.dist_timeout=60 --out " + dir.file("w");
+  moev::test::CliResult r0{}, r1{};
+  const auto t0 = std::chrono::steady_clock::now();
+  std::thread rank0([&] { r0 = moev::test::run_cli(args, env + " WORLD_SIZE=3 RANK=0"); });
+  r1 = moev::test::run_cli(args, env + " WORLD_SIZE=2 RANK=1");
+  rank0.join();
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 30);
+  EXPECT_EQ(r0.code, 1) << r0.out;
+  EXPECT_EQ(r1.code, 1) << r1.out;
+  EXPECT_NE(r0.out.find("rank 0: WORLD_SIZE = 3 here, but rank 1 was started with WORLD_SIZE = 2"),
+            std::string::npos) << r0.out;
+  EXPECT_NE(r1.out.find("rank 1: WORLD_SIZE = 2 here, but rank 0 was started with WORLD_SIZE = 3"),
+            std::string::npos) << r1.out;
+  // Three processes for two ranks: one of the two rank 1s is refused, the job trains.
+  const std::string job = "MASTER_ADDR=127.0.0.1 WORLD_SIZE=2 MASTER_PORT=" + std::to_string(moev::test::free_port());
+  const std::string run = kRun + "--threads 1 --max-steps 2 --set train.dist_timeout=60 --out ";
+  moev::test::CliResult a{}, b{}, c{};
+  std::thread ta([&] { a = moev::test::run_cli(run + dir.file("a"), job + " RANK=0"); });
+  std::thread tb([&] { b = moev::test::run_cli(run + dir.file("b"), job + " RANK=1"); });
+  c = moev::test::run_cli(run + dir.file("c"), job + " RANK=1");
+  ta.join();
+  tb.join();
+  EXPECT_EQ(a.code, 0) << a.out;
+  EXPECT_EQ(b.code + c.code, 1) << b.out << c.out;
+  const auto& twin = b.code == 1 ? b : c;
+  EXPECT_NE(twin.out.find("another process has joined this job"), std::string::npos) << twin.out;
+  EXPECT_NE(twin.out.find("as rank 1 already"), std::string::npos) << twin.out;
+  EXPECT_TRUE(std::filesystem::exists(dir.file("a") + "/checkpoint.pt"));
+}
+
 // Each machine may mount the data under another path (the paths were compared as config keys, so such a job could
 // not start); what must agree is the images, which a same-path copy of another version broke without a word.
 TEST(DataParallel, RanksMayReadTheDataFromOtherPathsButNotOtherImages) {

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <sstream>
 
@@ -88,6 +89,19 @@ void copy_clustering(const Toy& t, const std::string& dir) {
   fs::create_directories(dir);
   for (const char* f : {"centroids.pt", "partition.csv", "hardmoe.json"})
     fs::copy_file(fs::path(t.hm.dir) / f, fs::path(dir) / f);
+}
+
+// Writes `expert_of` as dir's partition.csv, and records it in dir's partition.json as cluster would (a
+// partition.csv that partition.json does not record is refused as edited by hand).
+void write_partition(const std::string& dir, const std::vector<int64_t>& expert_of, const std::string& eol = "\n") {
+  std::ofstream csv(fs::path(dir) / "partition.csv", std::ios::binary);
+  csv << "row,expert" << eol;
+  for (size_t i = 0; i < expert_of.size(); ++i) csv << i << "," << expert_of[i] << eol;
+  csv.close();
+  std::ifstream in(fs::path(dir) / "partition.json");
+  auto summary = nlohmann::json::parse(in);
+  summary["assignment"] = train::index_fingerprint(expert_of);
+  std::ofstream(fs::path(dir) / "partition.json") << summary.dump();
 }
 
 // Brute force: the index of the smallest squared distance, lower index on ties.
@@ -191,10 +205,9 @@ TEST(HardMoE, BadExpertIndexOrEmptyPartitionFailsAndLeavesOtherExpertsAlone) {
   for (const char* f : {"centroids.pt", "partition.json", "hardmoe.json"})
     fs::copy_file(fs::path(t.hm.dir) / f, fs::path(dir2) / f);
   const auto p = hardmoe::read_partition(t.hm.dir);
-  std::ofstream csv(fs::path(dir2) / "partition.csv");
-  csv << "row,expert\n";
-  for (size_t i = 0; i < p.expert_of.size(); ++i) csv << i << "," << (i % 2) << "\n";
-  csv.close();
+  std::vector<int64_t> halves;
+  for (size_t i = 0; i < p.expert_of.size(); ++i) halves.push_back(static_cast<int64_t>(i % 2));
+  write_partition(dir2, halves);
   test::expect_error([&] { t.train(2, dir2); }, {"expert 2", "is empty", dir2});
   EXPECT_FALSE(fs::exists(hardmoe::expert_dir(dir2, 2)));
   // One process per expert: while another holds its lock, a second one stops before writing.
@@ -375,6 +388,124 @@ TEST(HardMoE, ChangedSettingsSwappedExpertsAndLinksAreCaught) {
   fs::create_directories(fs::path(link).parent_path());
   fs::create_symlink(model, link);
   EXPECT_NO_THROW(hardmoe::load_hard_moe(link, c10::Device(c10::kCPU)));
+}
+
+// An expert is a model of the images its partition gives it. A partition.csv edited by hand (even between a kill
+// and the rerun), or experts copied in from another clustering, trained or reported done on other images than the
+// centroids send them, at exit 0.
+TEST(HardMoE, AnEditedPartitionOrExpertsOfAnotherClusteringAreRefused) {
+  auto& t = toy();
+  for (int64_t e = 0; e < 3; ++e) t.train(e);
+  const auto p = hardmoe::read_partition(t.hm.dir);
+  ASSERT_EQ(p.assignment, train::index_fingerprint(p.expert_of));
+  // One row moved to another expert, partition.json left as cluster wrote it.
+  const std::string edited = t.dir.file("hand_edited");
+  fs::copy(t.hm.dir, edited, fs::copy_options::recursive);
+  {
+    std::ofstream csv(fs::path(edited) / "partition.csv");
+    csv << "row,expert\n";
+    for (size_t i = 0; i < p.expert_of.size(); ++i) csv << i << "," << (i == 0 ? (p.expert_of[0] + 1) % 3 : p.expert_of[i]) << "\n";
+  }
+  for (auto call : std::vector<std::function<void()>>{
+           [&] { t.train(1, edited); },
+           [&] { hardmoe::load_hard_moe((fs::path(edited) / "hardmoe.json").string(), c10::Device(c10::kCPU)); }})
+    test::expect_error(call, {"partition.csv is not the partition", "partition.json records", "edited or replaced"});
+  // Saved from a spreadsheet (CRLF lines), the same partition is read as it is.
+  write_partition(edited, p.expert_of, "\r\n");
+  EXPECT_EQ(hardmoe::read_partition(edited).expert_of, p.expert_of);
+  // A consistent partition that is another one (experts renumbered), with the experts of the first copied in:
+  // done, half-trained or loaded, each is refused.
+  std::vector<int64_t> renumbered;
+  for (auto e : p.expert_of) renumbered.push_back((e + 1) % 3);
+  write_partition(edited, renumbered);
+  const std::string model = (fs::path(edited) / "hardmoe.json").string();
+  test::expect_error([&] { hardmoe::load_hard_moe(model, c10::Device(c10::kCPU)); },
+                     {"expert_0", "trained on other images", "copied in from another clustering"});
+  test::expect_error([&] { t.train(2, edited); }, {"expert 2 trained on other images"});
+  fs::remove(hardmoe::expert_result_file(edited, 1));  // half-way: the resume is refused too
+  const std::string ckpt1 = train::checkpoint_path(hardmoe::expert_dir(edited, 1));
+  const std::string before = bytes_of(ckpt1);
+  test::expect_error([&] { t.train(1, edited); }, {"expert 1 trained on other images"});
+  EXPECT_EQ(bytes_of(ckpt1), before);
+  // Below the hard MoE, the trainer refuses the resume on other rows as well.
+  auto run = hardmoe::expert_run_config(t.hm, io::from_json_string(train::load_checkpoint(
+                                                                      t.hm.trunk, train::CheckpointLoad::kConfig)
+                                                                      .config_json,
+                                                                  t.hm.trunk),
+                                        nlohmann::json::object(), 1, "test");
+  run.train.out_dir = hardmoe::expert_dir(edited, 1);
+  train::TrainRunOptions opts;
+  opts.resume = true;
+  opts.train_rows = hardmoe::partition_rows(hardmoe::read_partition(edited), 1, edited);
+  test::expect_error([&] { train::train_model(run, opts); }, {"--resume", "trained on other rows", "partition"});
+  EXPECT_EQ(bytes_of(ckpt1), before);
+  // Clustering again gives the experts' own partition back; into 2 clusters, it is refused over them.
+  auto two = t.hm;
+  two.dir = edited;
+  two.experts = 2;
+  test::expect_error([&] { hardmoe::cluster_trunk(two, 32, nullptr, false); },
+                     {"holds expert 0", "another partition than this clustering gives"});
+  two.experts = 3;
+  EXPECT_NO_THROW(hardmoe::cluster_trunk(two, 32, nullptr, false));
+  EXPECT_EQ(hardmoe::read_partition(edited).expert_of, p.expert_of);
+  // A directory that lost its centroids and summary is mended by clustering again, its experts kept.
+  const std::string lost = t.dir.file("lost_centroids");
+  fs::copy(t.hm.dir, lost, fs::copy_options::recursive);
+  fs::remove(fs::path(lost) / "centroids.pt");
+  fs::remove(fs::path(lost) / "partition.json");
+  auto c = t.hm;
+  c.dir = lost;
+  test::expect_error([&] { hardmoe::read_partition(lost); }, {"partition.json", "cannot open"});
+  EXPECT_NO_THROW(hardmoe::cluster_trunk(c, 32, nullptr, false));
+  EXPECT_TRUE(bytes_of((fs::path(lost) / "centroids.pt").string()) ==
+              bytes_of((fs::path(t.hm.dir) / "centroids.pt").string()));
+  EXPECT_NO_THROW(hardmoe::load_hard_moe((fs::path(lost) / "hardmoe.json").string(), c10::Device(c10::kCPU)));
+}
+
+// A hard MoE directory moved away from its trunk: the trunk named now (--trunk) is taken if its step and weights
+// are the recorded ones; and an expert half-trained under one name of the trunk resumes under another.
+TEST(HardMoE, AMovedDirectoryTakesTheSameTrunkByAnotherName) {
+  auto& t = toy();
+  const std::string moved = t.dir.file("moved");
+  copy_clustering(t, moved);
+  std::ifstream in(fs::path(t.hm.dir) / "partition.json");
+  auto summary = nlohmann::json::parse(in);
+  summary["trunk"] = "../gone/checkpoint.pt";
+  std::ofstream(fs::path(moved) / "partition.json") << summary.dump();
+  const auto p = hardmoe::read_partition(moved);
+  test::expect_error([&] { hardmoe::checked_trunk(p, moved); }, {"gone/checkpoint.pt", "does not exist"});
+  EXPECT_EQ(hardmoe::checked_trunk(p, moved, t.hm.trunk), t.hm.trunk);
+  // A trunk of other weights under the given name is not taken for it.
+  auto ckpt = train::load_checkpoint(t.hm.trunk);
+  for (auto& [name, w] : ckpt.model)
+    if (w.is_floating_point()) {
+      w.view(-1)[0] += 1e-3;
+      break;
+    }
+  const std::string other = t.dir.file("moved_other_trunk.pt");
+  train::save_checkpoint(other, ckpt);
+  test::expect_error([&] { hardmoe::checked_trunk(p, moved, other); }, {other, "holds other weights",
+                                                                        "not the same trunk"});
+  // The expert's saved train.init_from names the trunk as it was found then; another path to it is no change.
+  const std::string half = t.dir.file("renamed_trunk");
+  copy_clustering(t, half);
+  fs::copy_file(fs::path(t.hm.dir) / "partition.json", fs::path(half) / "partition.json");
+  fs::create_directories(hardmoe::expert_dir(half, 0));
+  auto trunk_cfg = io::from_json_string(train::load_checkpoint(t.hm.trunk, train::CheckpointLoad::kConfig).config_json,
+                                        t.hm.trunk);
+  auto hc = t.hm;
+  hc.dir = half;
+  auto cfg = hardmoe::expert_run_config(hc, trunk_cfg, nlohmann::json::object(), 0, "test");
+  cfg.train.max_steps = 1;
+  train::TrainRunOptions opts;
+  opts.train_rows = hardmoe::partition_rows(hardmoe::read_partition(half), 0, half);
+  train::train_model(cfg, opts);
+  hc.trunk = (fs::path(t.hm.trunk).parent_path() / "." / "checkpoint.pt").string();  // the same file
+  auto now = hardmoe::expert_run_config(hc, trunk_cfg, nlohmann::json::object(), 0, "test");
+  EXPECT_NE(now.train.init_from, cfg.train.init_from);
+  EXPECT_NO_THROW(hardmoe::check_expert_settings(now, hc, 0));
+  now.train.batch_size = 10;
+  test::expect_error([&] { hardmoe::check_expert_settings(now, hc, 0); }, {"train.batch_size = 10"});
 }
 
 // centroids.pt is a plain tensor to Python's torch.load, equal to what moev reads.

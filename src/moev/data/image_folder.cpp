@@ -665,7 +665,9 @@ ImageSet read_image_folder(const std::string& root, int64_t height, int64_t widt
                            const ReadOptions& options) {
   const std::atomic<bool>* stop = options.stop;
   check_geometry(height, width, channels);
-  MOEV_CHECK(fs::is_directory(root), "image folder ", root, " not found");
+  MOEV_CHECK(fs::is_directory(root), "image folder ", root,
+             fs::exists(root) ? " is a file; expected a directory of class folders (<root>/<class>/<image>)"
+                              : " not found");
 
   ImageSet set;
   std::vector<std::string> files;

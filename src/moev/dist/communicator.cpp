@@ -74,9 +74,14 @@ Communicator::Communicator(const DistConfig& cfg) : cfg_(cfg), impl_(std::make_u
     so.port = static_cast<std::uint16_t>(cfg.master_port);
     so.isServer = cfg.rank == 0;
     so.numWorkers = static_cast<size_t>(cfg.world_size);
-    so.waitWorkers = true;
+    // The ranks are counted below, each by its own key: a server waiting for a count of workers could not tell
+    // a rank not started from one with another WORLD_SIZE, or a RANK given twice.
+    so.waitWorkers = false;
     so.timeout = timeout;
     impl_->store = c10::make_intrusive<c10d::TCPStore>(cfg.master_addr, so);
+    join(timeout);
+  } catch (const Error&) {
+    throw;
   } catch (const std::exception& e) {
     // Rank 0 serves the store: its bind fails at once, not after the timeout.
     MOEV_CHECK(cfg.rank != 0 || std::string(e.what()).find("in use") == std::string::npos, "rank 0: MASTER_PORT = ",
@@ -104,6 +109,38 @@ Communicator::Communicator(const DistConfig& cfg) : cfg_(cfg), impl_(std::make_u
          " s (are all ", cfg.world_size, " ranks started, with the same MASTER_ADDR and MASTER_PORT? if so, did ",
          "one die, or do their hostnames resolve to addresses the others cannot reach? GLOO_SOCKET_IFNAME names ",
          "the interface): ", Impl::first_line(e.what()));
+  }
+}
+
+void Communicator::join(std::chrono::milliseconds timeout) {
+  auto& store = *impl_->store;
+  const std::string r = std::to_string(cfg_.rank), w = std::to_string(cfg_.world_size);
+  // A rank given twice (a job started twice by hand, a copied command line) trained as the other's twin until a
+  // collective timed out, long after train.dist_timeout.
+  const int64_t joined = store.add("moev/joined/" + r, 1);
+  MOEV_CHECK(joined == 1, "rank ", cfg_.rank, ": another process has joined this job at MASTER_ADDR:MASTER_PORT = ",
+             cfg_.master_addr, ":", cfg_.master_port, " as rank ", cfg_.rank, " already: each process needs its own ",
+             "RANK, 0..WORLD_SIZE-1 (is this job, or this rank, started twice?)");
+  store.set("moev/world_size/" + r, std::vector<uint8_t>(w.begin(), w.end()));
+  // Ranks of other WORLD_SIZEs waited the whole timeout, then blamed the network.
+  auto agree = [&](int other) {
+    const std::string key = "moev/world_size/" + std::to_string(other);
+    try {
+      store.wait({key}, timeout);
+    } catch (const std::exception&) {
+      fail("rank ", cfg_.rank, ": rank ", other, " did not join the job at MASTER_ADDR:MASTER_PORT = ",
+           cfg_.master_addr, ":", cfg_.master_port, " within train.dist_timeout = ", cfg_.timeout_s, " s (are all ",
+           cfg_.world_size, " ranks started, with the same MASTER_ADDR and MASTER_PORT?)");
+    }
+    const auto v = store.get(key);
+    const std::string theirs(v.begin(), v.end());
+    MOEV_CHECK(theirs == w, "rank ", cfg_.rank, ": WORLD_SIZE = ", w, " here, but rank ", other, " was started with ",
+               "WORLD_SIZE = ", theirs, ": every rank of a job needs the same WORLD_SIZE (and its own RANK below it)");
+  };
+  if (cfg_.rank != 0) {
+    agree(0);
+  } else {
+    for (int other = 1; other < cfg_.world_size; ++other) agree(other);
   }
 }
 

@@ -9,6 +9,7 @@
 // The c10d headers stay in the .cpp: they are heavy and only this file needs them.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -64,6 +65,9 @@ class Communicator {
   void barrier(double timeout_s = 0);
 
  private:
+  // Each rank joins the store under its RANK, once, and checks that the others have its WORLD_SIZE.
+  void join(std::chrono::milliseconds timeout);
+
   struct Impl;
   DistConfig cfg_;
   std::unique_ptr<Impl> impl_;

@@ -84,8 +84,10 @@ void check_expert_settings(const io::RunConfig& cfg, const HardMoEConfig& hm, in
   const std::string& dir = hm.dir;
   const std::string ckpt = train::checkpoint_path(cfg.train.out_dir);
   if (!fs::exists(ckpt)) return;
-  const auto saved = io::from_json_string(train::load_checkpoint(ckpt, train::CheckpointLoad::kConfig).config_json,
-                                          ckpt);
+  auto saved = io::from_json_string(train::load_checkpoint(ckpt, train::CheckpointLoad::kConfig).config_json, ckpt);
+  // The trunk is named as the command found it (relative to the cwd then, or a moved directory's --trunk);
+  // checked_trunk has made sure it is the same training state, so another path to it is no other setting.
+  if (!saved.train.init_from.empty() && !cfg.train.init_from.empty()) saved.train.init_from = cfg.train.init_from;
   std::string differ = train::resume_differences(saved, cfg, {});
   // An expert's run keys are set by [hardmoe] keys, which are what the user gave: a change of hardmoe.expert_lr
   // was reported as train.lr, a key --set may not change for experts.
@@ -111,6 +113,7 @@ ExpertOutcome train_expert(const HardMoEConfig& c, const json& overrides, int64_
   // Everything that can be wrong is checked before this expert's directory is touched.
   const auto part = read_partition(c.dir);
   opts.train_rows = partition_rows(part, expert, c.dir);
+  check_expert_rows(part, c.dir, expert);  // before "done earlier" could report another clustering's expert
   opts.expect_train_size = static_cast<int64_t>(part.expert_of.size());
   opts.expect_train_data = part.training_data;
   ExpertOutcome out;

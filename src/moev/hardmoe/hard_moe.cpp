@@ -81,6 +81,7 @@ struct HardMoEFile {
   std::string trunk;   // checked against partition.json
   int64_t experts = 0;
   std::string centroids;  // relative to dir
+  Partition partition;    // partition.json's and partition.csv's
 };
 
 HardMoEFile read_hard_moe_file(const std::string& path) {
@@ -115,7 +116,7 @@ HardMoEFile read_hard_moe_file(const std::string& path) {
   MOEV_CHECK(k == partition.experts, path, ": experts = ", k, ", but ", dir, " was clustered into ",
              partition.experts, " (partition.json)");
   // The trunk as the partition knows it: relative to the directory, at the step it was clustered at.
-  return {dir, checked_trunk(partition, dir), k, j["centroids"].get<std::string>()};
+  return {dir, checked_trunk(partition, dir), k, j["centroids"].get<std::string>(), partition};
 }
 }  // namespace
 
@@ -125,7 +126,7 @@ io::RunConfig hard_moe_config(const std::string& path) {
 }
 
 train::TrainedModel load_hard_moe(const std::string& path, const c10::Device& device, const std::string& precision) {
-  const auto [dir, trunk, k, centroids_file] = read_hard_moe_file(path);
+  const auto [dir, trunk, k, centroids_file, partition] = read_hard_moe_file(path);
   auto t = train::load_trained(trunk, device, precision);
   const auto centroids = load_centroids((fs::path(dir) / centroids_file).string());
   std::vector<models::ClassifierPtr> experts;
@@ -145,6 +146,7 @@ train::TrainedModel load_hard_moe(const std::string& path, const c10::Device& de
     MOEV_CHECK(fs::path(x.cfg.train.out_dir).filename() == fs::path(expert_dir(dir, e)).filename(),
                ckpt, ": trained as ", x.cfg.train.out_dir, ", not as expert ", e, " (copied or swapped in from ",
                "elsewhere?); run moev hardmoe train-expert --expert ", e, " in a clean ", expert_dir(dir, e));
+    check_expert_rows(partition, dir, e);
     MOEV_CHECK(x.cfg.data.mean == t.cfg.data.mean && x.cfg.data.std == t.cfg.data.std &&
                    x.class_names == t.class_names,
                ckpt, ": expert ", e, " was trained with another normalisation or other classes than the trunk ",

@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -15,6 +16,7 @@
 #include "moev/train/checkpoint.h"
 #include "moev/train/datasets.h"
 #include "moev/train/trained_model.h"
+#include "moev/train/trainer.h"
 #include "moev/viz/plot.h"
 #include "moev/viz/progress_bar.h"
 
@@ -67,11 +69,17 @@ std::vector<int64_t> read_assignment(const std::string& file, int64_t k) {
   std::ifstream in(file);
   MOEV_CHECK(in, file, ": cannot open (run moev hardmoe cluster first)");
   std::string line;
-  std::getline(in, line);
+  // A spreadsheet saves CRLF lines; the CR printed raw left the quote in the message unclosed.
+  auto next = [&] {
+    if (!std::getline(in, line)) return false;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    return true;
+  };
+  next();
   MOEV_CHECK(line == "row,expert", file, ":1: expected the header 'row,expert', got '", line, "'");
   std::vector<int64_t> out;
   int64_t lineno = 1;
-  while (std::getline(in, line)) {
+  while (next()) {
     ++lineno;
     if (line.empty()) continue;
     int64_t row = -1, expert = -1;
@@ -118,9 +126,17 @@ Partition read_partition(const std::string& dir) {
   p.trunk_step = s.value("trunk_step", int64_t{-1});  // -1: not recorded (older directories)
   p.trunk_weights = s.value("trunk_weights", std::string());
   p.training_data = s.value("training_data", std::string());
+  p.assignment = s.value("assignment", std::string());
   p.expert_of = read_assignment(partition_csv(dir), p.experts);
   MOEV_CHECK(static_cast<int64_t>(p.expert_of.size()) == s.value("images", int64_t{-1}), partition_csv(dir),
              ": ", p.expert_of.size(), " rows, but ", summary_file(dir), " says ", s.value("images", int64_t{-1}));
+  // The centroids send each image to an expert by the partition cluster wrote; experts trained on an edited one
+  // learned other images than they are sent.
+  const std::string now = train::index_fingerprint(p.expert_of);
+  MOEV_CHECK(p.assignment.empty() || now == p.assignment, partition_csv(dir), " is not the partition ",
+             summary_file(dir), " records (fingerprint ", now, ", recorded ", p.assignment, "): edited or replaced ",
+             "since moev hardmoe cluster wrote it, while the centroids still send images by the recorded one; ",
+             "put it back, or cluster again into a new hardmoe.dir");
   p.counts.assign(static_cast<size_t>(p.experts), 0);
   for (auto e : p.expert_of) ++p.counts[static_cast<size_t>(e)];
   p.centroids = load_centroids(centroids_file(dir));
@@ -140,20 +156,42 @@ std::vector<int64_t> partition_rows(const Partition& p, int64_t expert, const st
   return rows;
 }
 
+std::string trained_rows(const std::string& run_dir) {
+  const std::string ckpt = train::checkpoint_path(run_dir);
+  if (!fs::exists(ckpt)) return "";
+  const auto st = json::parse(train::load_checkpoint(ckpt, train::CheckpointLoad::kConfig).state_json, nullptr, false);
+  return st.is_object() ? st.value("train_rows", std::string()) : "";
+}
+
+void check_expert_rows(const Partition& p, const std::string& dir, int64_t expert) {
+  const std::string rows = trained_rows(expert_dir(dir, expert));
+  if (rows.empty()) return;
+  const std::string given = train::index_fingerprint(partition_rows(p, expert, dir));
+  MOEV_CHECK(rows == given, expert_dir(dir, expert), ": expert ", expert, " trained on other images (fingerprint ",
+             rows, ") than the partition in ", dir, " gives it (", given, "): copied in from another clustering? ",
+             "Delete ", expert_dir(dir, expert), " and train it again (moev hardmoe train-expert --expert ", expert, ")");
+}
+
 std::string checked_trunk(const Partition& p, const std::string& dir, const std::string& given) {
-  MOEV_CHECK(fs::exists(p.trunk), summary_file(dir), ": its trunk ", p.trunk, " does not exist");
-  MOEV_CHECK(given.empty() || !fs::exists(given) || fs::equivalent(given, p.trunk), "the trunk ", given,
+  // A directory copied or moved away from its trunk: the trunk named now is taken if it is the same training
+  // state, which only a recorded weights fingerprint can tell.
+  const bool moved = !fs::exists(p.trunk) && !given.empty() && fs::exists(given) && !p.trunk_weights.empty();
+  MOEV_CHECK(moved || fs::exists(p.trunk), summary_file(dir), ": its trunk ", p.trunk, " does not exist",
+             given.empty() || p.trunk_weights.empty() ? "" : " (nor does --trunk / hardmoe.trunk " + given + ")");
+  MOEV_CHECK(moved || given.empty() || !fs::exists(given) || fs::equivalent(given, p.trunk), "the trunk ", given,
              " is not the one ", dir, " was clustered from (", p.trunk, "): experts must share the gater's trunk");
-  const auto ckpt = train::load_checkpoint(p.trunk, train::CheckpointLoad::kInference);
+  const std::string trunk = moved ? given : p.trunk;
+  const auto ckpt = train::load_checkpoint(trunk, train::CheckpointLoad::kInference);
   const auto st = json::parse(ckpt.state_json, nullptr, false);
   const int64_t step = st.is_object() ? st.value("step", int64_t{-1}) : -1;
-  MOEV_CHECK(p.trunk_step < 0 || step == p.trunk_step, p.trunk, " is at step ", step, " but ", dir, " was clustered from it at step ",
-             p.trunk_step, ": the trunk changed since; cluster again into a new directory");
+  MOEV_CHECK(p.trunk_step < 0 || step == p.trunk_step, trunk, " is at step ", step, " but ", dir,
+             " was clustered from ", p.trunk, " at step ", p.trunk_step,
+             moved ? ": not the same trunk" : ": the trunk changed since; cluster again into a new directory");
   const auto weights = train::weights_fingerprint(train::inference_weights(ckpt));
-  MOEV_CHECK(p.trunk_weights.empty() || weights == p.trunk_weights, p.trunk, " holds other weights (fingerprint ",
-             weights, ") than when ", dir, " was clustered from it (", p.trunk_weights,
-             "): the trunk was retrained since; cluster again into a new directory");
-  return p.trunk;
+  MOEV_CHECK(p.trunk_weights.empty() || weights == p.trunk_weights, trunk, " holds other weights (fingerprint ",
+             weights, ") than ", p.trunk, " when ", dir, " was clustered from it (", p.trunk_weights,
+             moved ? "): not the same trunk" : "): the trunk was retrained since; cluster again into a new directory");
+  return trunk;
 }
 
 Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream* progress, bool interactive) {
@@ -199,17 +237,30 @@ Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream
 
   fs::create_directories(c.dir);
   const std::string trunk_rel = fs::relative(p.trunk, fs::absolute(c.dir)).string();
-  if (fs::exists(partition_csv(c.dir))) {
-    // Experts trained on the old partition would no longer match the gater.
-    bool trained = false;
-    for (const auto& entry : fs::directory_iterator(c.dir))
-      trained = trained || (entry.path().filename().string().rfind("expert_", 0) == 0 &&
-                            fs::exists(entry.path() / "checkpoint.pt"));
-    if (trained) {
-      auto old = read_partition(c.dir);
-      MOEV_CHECK(old.expert_of == p.expert_of, c.dir, " holds experts trained on another partition; ",
-                 "cluster into a new hardmoe.dir, or delete ", c.dir, "'s expert_* directories first");
+  // Experts trained on another partition would no longer match the gater. Each records its rows; one from
+  // before that is judged by the partition.csv it was trained with. Nothing else of the old files is needed, so
+  // a directory that lost its centroids (or summary) is mended by clustering again.
+  p.assignment = train::index_fingerprint(p.expert_of);
+  std::vector<int64_t> old;
+  bool old_read = false;
+  for (int64_t e = 0; fs::is_directory(expert_dir(c.dir, e)) || e < p.experts; ++e) {
+    if (!fs::exists(train::checkpoint_path(expert_dir(c.dir, e)))) continue;
+    const std::string rows = trained_rows(expert_dir(c.dir, e));
+    bool same = e < p.experts;
+    if (same && !rows.empty()) {
+      same = rows == train::index_fingerprint(partition_rows(p, e, c.dir));
+    } else if (same) {
+      if (!old_read) {
+        MOEV_CHECK(fs::exists(partition_csv(c.dir)), c.dir, " holds expert ", e, ", which does not record its rows, ",
+                   "and no partition.csv to tell which they were; cluster into a new hardmoe.dir, or delete ", c.dir,
+                   "'s expert_* directories first");
+        old = read_assignment(partition_csv(c.dir), std::numeric_limits<int64_t>::max());
+        old_read = true;
+      }
+      same = old == p.expert_of;
     }
+    MOEV_CHECK(same, c.dir, " holds expert ", e, ", trained on another partition than this clustering gives; ",
+               "cluster into a new hardmoe.dir, or delete ", c.dir, "'s expert_* directories first");
   }
   std::string csv = "row,expert\n";
   csv.reserve(csv.size() + static_cast<size_t>(n) * 8);
@@ -239,6 +290,7 @@ Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream
   json summary{{"experts", p.experts}, {"images", n}, {"counts", p.counts}, {"inertia", p.inertia},
                {"iterations", p.iterations}, {"features", features.size(1)}, {"trunk", trunk_rel},
                {"trunk_step", p.trunk_step}, {"trunk_weights", p.trunk_weights}, {"training_data", p.training_data},
+               {"assignment", p.assignment},
                {"training_set", ds.train.source}, {"seed", c.seed},
                {"tags", ds.train.class_names}, {"tag_share", h.values}};
   io::write_text_atomic(summary_file(c.dir), summary.dump(2) + "\n");

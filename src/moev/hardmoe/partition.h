@@ -35,6 +35,7 @@ struct Partition {
   int64_t trunk_step = -1;         // its training step then: a retrained trunk is caught (-1: unknown)
   std::string trunk_weights;       // weights_fingerprint of its weights then ("": unknown, older directories)
   std::string training_data;       // data_fingerprint of the images clustered ("": unknown, older directories)
+  std::string assignment;          // index_fingerprint of expert_of, as cluster wrote it ("": older directories)
 };
 
 // Runs the trunk over its own training set (as the trunk's checkpoint names
@@ -47,8 +48,10 @@ struct Partition {
 Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream* progress, bool interactive);
 
 // What cluster_trunk wrote to `dir`; a missing or malformed file is an error
-// naming it. The trunk is stored relative to `dir`, so the directory moves
-// with its trunk.
+// naming it, and so is a partition.csv that is not the one partition.json
+// records (edited by hand or copied from another clustering: the centroids
+// would send images to experts trained on others). The trunk is stored
+// relative to `dir`, so the directory moves with its trunk.
 Partition read_partition(const std::string& dir);
 
 // centroids.pt: the [k, F] tensor (a pickled tensor; torch.load in Python reads it too).
@@ -58,11 +61,20 @@ at::Tensor load_centroids(const std::string& path);
 // is an error naming the expert and the directory.
 std::vector<int64_t> partition_rows(const Partition& p, int64_t expert, const std::string& dir);
 
+// The index_fingerprint of the rows expert `expert` trained on, as its checkpoint in `run_dir` records it
+// ("": no checkpoint, or one from before it was kept).
+std::string trained_rows(const std::string& run_dir);
+
+// Refuses expert `expert` of `dir` when its checkpoint records other rows than the partition `p` gives it (an
+// expert copied in from another clustering). Nothing recorded (no checkpoint, an older one): nothing to check.
+void check_expert_rows(const Partition& p, const std::string& dir, int64_t expert);
+
 // The trunk checkpoint a hard MoE in `dir` was clustered from, checked to be
 // the same training state (step) and the same weights (a trunk retrained to the
 // same step, from another seed or data, would put images into the old
 // clusters' feature space); `given` (a config's or flag's trunk, may be empty)
-// must name the same file.
+// must name the same file, unless the recorded one is gone (the directory moved
+// away from its trunk): then `given` is used, if it is that trunk by step and weights.
 std::string checked_trunk(const Partition& p, const std::string& dir, const std::string& given = "");
 
 }  // namespace moev::hardmoe

@@ -75,7 +75,9 @@ void refuse_other_kinds(const std::string& dir, const std::vector<std::string>& 
   static const Kind kKinds[] = {{".train.lock", "checkpoint.pt", "a training run's"},
                                 {".pretrain.lock", "pretrain.pt", "a pre-training run's"},
                                 {".sweep.lock", nullptr, "a sweep's"},
-                                {".ablation.lock", nullptr, "an ablation's"}};
+                                {".ablation.lock", nullptr, "an ablation's"},
+                                // No lock: moev hardmoe cluster writes its files atomically, and no command owns it.
+                                {"partition.json", "hardmoe.json", "a hard MoE's"}};
   namespace fs = std::filesystem;
   std::error_code ec;
   for (const auto& k : kKinds) {

@@ -44,7 +44,7 @@ class RunDirectoryLock {
 
 // A directory a moev command owns is marked by that command's lock file (a
 // training run's also by its checkpoint.pt): .train.lock, .pretrain.lock,
-// .sweep.lock, .ablation.lock. Refuses `dir` when it is marked as a kind whose
+// .sweep.lock, .ablation.lock; a hard MoE's by its partition.json. Refuses `dir` when it is marked as a kind whose
 // lock file is not in `own` (the kinds this command may write into): results
 // of two kinds mixed in one directory. `who` names the setting ("sweep --out x").
 void refuse_other_kinds(const std::string& dir, const std::vector<std::string>& own, const std::string& who);

@@ -181,6 +181,11 @@ std::string data_fingerprint(const data::ImageSet& set) {
   return weights_fingerprint(parts);
 }
 
+std::string index_fingerprint(const std::vector<int64_t>& values) {
+  auto t = torch::from_blob(const_cast<int64_t*>(values.data()), {static_cast<int64_t>(values.size())}, torch::kInt64);
+  return weights_fingerprint({{"values", t}});
+}
+
 void check_resume_data(const std::string& command, const std::string& checkpoint, const std::string& saved,
                        const std::string& now, const std::string& source, const std::string& format) {
   // Folder images have come in a fixed mixed order since session 42; a checkpoint without a fingerprint may stand

@@ -37,6 +37,11 @@ Datasets open_datasets(const DataConfig& data, const models::ModelConfig& model,
 // since (images added, removed, edited or read in another order) is caught.
 std::string data_fingerprint(const data::ImageSet& set);
 
+// The same digest of a list of integers: the rows a hard MoE expert trains on,
+// a partition's expert per row. An expert resumed, reported done or loaded
+// against another partition than it trained on is caught by it.
+std::string index_fingerprint(const std::vector<int64_t>& values);
+
 // For --resume of a run whose checkpoint `checkpoint` kept `saved` (data_fingerprint; "" in checkpoints from
 // before it was kept): an error unless `now` (the fingerprint of the training set read from `source`) is that,
 // or the checkpoint is too old to tell (folder images then came in another order, so a folder run is refused,

@@ -68,9 +68,10 @@ std::string resume_differences(const io::RunConfig& saved, const io::RunConfig& 
   return out;
 }
 
+// Far past any core count, threads only contend (and make a replica each).
+constexpr int kMaxThreads = 1024;
+
 int set_threads(int threads) {
-  // Far past any core count, threads only contend (and make a replica each).
-  constexpr int kMaxThreads = 1024;
   MOEV_CHECK(threads >= 0 && threads <= kMaxThreads, "threads = ", threads, ": expected 0..", kMaxThreads,
              " (0: all cores, ", std::thread::hardware_concurrency(), " here)");
   const int n = std::max(1, threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency()));
@@ -223,6 +224,10 @@ json eval_json(const EvalResult& e) {
 
 void validate_train_config(const TrainConfig& tc) {
   MOEV_CHECK(tc.batch_size >= 1, "train.batch_size = ", tc.batch_size, ": expected >= 1");
+  // Named by its key here (set_threads, which --threads of other commands reach too, says "threads"), and so
+  // refused by --print-config as by the run.
+  MOEV_CHECK(tc.threads >= 0 && tc.threads <= kMaxThreads, "train.threads = ", tc.threads, ": expected 0..",
+             kMaxThreads, " (0: all cores, ", std::thread::hardware_concurrency(), " here)");
   // Checked whatever the data: "foo" passed on single-label data, and stood in the run's config.
   MOEV_CHECK(tc.multilabel_loss == "softmax" || tc.multilabel_loss == "sigmoid", "train.multilabel_loss = '",
              tc.multilabel_loss, "': expected softmax or sigmoid");
@@ -313,15 +318,22 @@ namespace {
 
 // The run itself; train_model holds the directory's lock around it.
 TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
+  const std::string ckpt_file = checkpoint_path(cfg.train.out_dir);
+  // Every rank reads the checkpoint it resumes from. A machine without it (no shared file system) resolved its
+  // config from the defaults and was first refused for the keys that differed from rank 0's.
+  MOEV_CHECK(!opts.resume || !opts.comm || opts.comm->rank() == 0 || fs::exists(ckpt_file), "rank ",
+             opts.comm ? opts.comm->rank() : 0, ": --resume: ", ckpt_file, " does not exist on this machine: every ",
+             "rank reads the run's checkpoint to resume, so give each machine rank 0's run directory (a shared file ",
+             "system, or a copy of train.out_dir) before resuming the job");
   // First: a rank that differs is named before any check of its own could stop it alone.
   if (opts.comm) check_same_run(*opts.comm, cfg);
-  const std::string ckpt_file = checkpoint_path(cfg.train.out_dir);
   Checkpoint resume_from;
   Position pos;
   double prior_train_s = 0;  // training seconds before this process (a resumed run)
   int64_t saved_plan = 0;    // a time-budgeted run's planned last step when it was saved
   std::string saved_train_data;  // data_fingerprint of the set the resumed run trained on ("": not recorded)
   std::string saved_teacher;     // Teacher::fingerprint of the resumed run's teacher ("": none, or not recorded)
+  std::string saved_rows;        // index_fingerprint of the rows it trained on ("": all, or not recorded)
   int saved_replicas = 0;    // a one-process run's replicas when it was saved (0: not recorded)
   // The steps since the last step line, summed. Saved with each checkpoint, so
   // that a run resumed between two lines logs the line the uninterrupted run
@@ -360,6 +372,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     saved_plan = st.value("planned_steps", int64_t{0});
     saved_train_data = st.value("train_data", std::string());  // "" in checkpoints from before it was kept
     saved_teacher = st.value("teacher", std::string());
+    saved_rows = st.value("train_rows", std::string());
     if (st.value("world_size", 1) == 1) saved_replicas = st.value("replicas", 0);
     if (st.contains("log_window")) {  // not in checkpoints written before it was saved
       const auto& w = st.at("log_window");
@@ -410,6 +423,13 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   if (comm) check_same_data(*comm, train_data, ds.train.source);
   if (opts.resume)
     check_resume_data("--resume", ckpt_file, saved_train_data, train_data, ds.train.source, cfg.data.format);
+  // A hard MoE expert's rows: resumed on another partition (an edited or replaced one), the run went on over
+  // other images, with another length of epoch, without a word.
+  const std::string train_rows = opts.train_rows.empty() ? "" : index_fingerprint(opts.train_rows);
+  MOEV_CHECK(!opts.resume || saved_rows.empty() || saved_rows == train_rows, "--resume: ", ckpt_file,
+             " trained on other rows of ", ds.train.source, " than it is given now (fingerprint ", saved_rows,
+             ", now ", train_rows.empty() ? "all of them" : train_rows, "): its partition changed since; ",
+             "put the partition back, or start this run anew in another directory");
   if (!opts.train_rows.empty()) ds.train = data::select_rows(ds.train, opts.train_rows);
   const bool multilabel = ds.train.multilabel();
   const bool sigmoid_tags = multilabel && tc.multilabel_loss == "sigmoid";
@@ -633,6 +653,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
                         {"class_names", ds.train.class_names}, {"train_data", train_data}};
     if (budgeted) st["planned_steps"] = total_steps;
     if (teacher) st["teacher"] = teacher->fingerprint();
+    if (!train_rows.empty()) st["train_rows"] = train_rows;
     c.state_json = st.dump();
     c.model = std::move(tensors);
     c.optimizer = std::move(opt_state);
@@ -1113,7 +1134,13 @@ TrainOutcome train_model(io::RunConfig cfg, const TrainRunOptions& opts) {
       MOEV_CHECK(!fs::exists(dir / name, ec), "train.out_dir = ", cfg.train.out_dir, ": holds a ", name,
                  " that no moev run wrote (no .train.lock beside it), which this run would replace; train into ",
                  "another --out, or move it away");
-  // A pre-training run's directory is left to pretrain's own check (it names the command that continues it).
+  // A pre-training run's directory is named as one, with the command that continues it and the way to start
+  // from it; a new run there would put a supervised run's files among its.
+  const bool pretrained = fs::exists(dir / "pretrain.pt", ec) || fs::exists(dir / ".pretrain.lock", ec);
+  MOEV_CHECK(opts.resume || !pretrained, "train.out_dir = ", cfg.train.out_dir, " holds a pretraining run ",
+             "(pretrain.pt, .pretrain.lock): continue it with moev pretrain --out ", cfg.train.out_dir, " --resume, ",
+             "or start a supervised run from it in another directory with --set train.init_from=",
+             (dir / "pretrain.pt").string());
   io::refuse_other_kinds(dir.string(), {".train.lock", ".pretrain.lock"}, "train.out_dir");
   const std::string who = "train.out_dir = " + cfg.train.out_dir;
   return io::in_run_directory(dir.string(), ".train.lock", who, [&] { return train_locked(std::move(cfg), opts); });
