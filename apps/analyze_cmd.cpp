@@ -158,7 +158,10 @@ Runner add_analyze(CLI::App& app) {
           std::fprintf(stderr, "capacity %.3f  bpr %-3s  top-1 %.4f  dropped %.4f  tokens without an expert %.4f\n",
                        c, bpr ? "on" : "off", e.top1, dropped, unrouted);
         }
-      auto more = analysis::write_capacity_curve(points, title + ": top-1 against capacity", out);
+      // The image count in the title: an earlier --capacity-curve's files stay beside a later analysis's, and a
+      // --limit of either made the two read as one analysis.
+      auto more = analysis::write_capacity_curve(
+          points, title + ": top-1 against capacity, " + std::to_string(ds.test.size()) + " test images", out);
       files.insert(files.end(), more.begin(), more.end());
     }
     for (const auto& p : files) std::printf("wrote %s\n", p.c_str());

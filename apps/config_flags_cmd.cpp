@@ -124,7 +124,10 @@ void check_resume_overrides(const ConfigFlags& flags, const io::RunConfig& saved
   if (!all && keys.empty()) return;
   const auto differ = train::resume_differences(saved, cfg, all ? std::set<std::string>{} : keys);
   MOEV_CHECK(differ.empty(), "--resume continues ", path, " as it was saved; these settings differ from it:",
-             differ, "\ndrop them to resume, or start a new run with another --out");
+             differ, all ? "\nwith --config, every key is compared, the file's and the defaults it leaves: resume "
+                             "with --out DIR --resume alone (it takes the run's own settings), or start a new run "
+                             "with another --out"
+                           : "\ndrop them to resume, or start a new run with another --out");
 }
 
 std::string merge_section_sets(nlohmann::json& j, std::vector<std::string>& sets, const std::string& section,

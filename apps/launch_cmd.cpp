@@ -4,6 +4,7 @@
 // prefix. Any other launcher (torchrun, Slurm, mpirun, Kubernetes) that sets the
 // same variables starts the same job; dist_from_environment reads them.
 #include <algorithm>
+#include <numeric>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -71,6 +72,7 @@ struct Child {
   std::string pending;  // a partial line not yet printed
   int status = -1;      // exit code once it ended (128 + signal when killed)
   int wait_status = 0;  // as waitpid gave it
+  int ended = -1;       // the order in which it was seen to end (0: first)
 };
 
 void forward(Child& c, int rank, const char* data, size_t n) {
@@ -209,6 +211,7 @@ Runner add_launch(CLI::App& app) {
     int open_fds = f->nproc;
     std::chrono::steady_clock::time_point first_failure{};
     bool failed = false;
+    int ended = 0;  // ranks seen to end so far
     // A rank that stopped on request (130, 143) saves on its way out, and so do
     // its peers: they are asked, not killed. After any other failure a rank that
     // takes a SIGTERM as a request to stop may be waiting on the dead one.
@@ -229,9 +232,9 @@ Runner add_launch(CLI::App& app) {
         Child& c = kids[who[j]];
         const ssize_t n = ::read(c.fd, buf, sizeof buf);
         if (n > 0) {
-          forward(c, who[j], buf, static_cast<size_t>(n));
+          forward(c, f->node_rank * f->nproc + who[j], buf, static_cast<size_t>(n));
         } else {
-          if (!c.pending.empty()) forward(c, who[j], "\n", 1);
+          if (!c.pending.empty()) forward(c, f->node_rank * f->nproc + who[j], "\n", 1);
           ::close(c.fd);
           c.fd = -1;
           --open_fds;
@@ -242,6 +245,7 @@ Runner add_launch(CLI::App& app) {
         if (c.status < 0 && c.pid > 0 && ::waitpid(c.pid, &st, WNOHANG) == c.pid) {
           c.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
           c.wait_status = st;
+          c.ended = ended++;
           if (c.status != 0 && !failed) {
             failed = true;
             asked_to_stop = stopped_on_request(st);
@@ -255,14 +259,20 @@ Runner add_launch(CLI::App& app) {
           if (c.status < 0) ::kill(c.pid, !asked_to_stop && since > std::chrono::seconds(15) ? SIGKILL : SIGTERM);
     }
     int code = 0;
-    for (int i = 0; i < f->nproc; ++i) {
-      auto& c = kids[i];
+    for (auto& c : kids)
       if (c.status < 0) {
         int st = 0;
         ::waitpid(c.pid, &st, 0);
         c.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
         c.wait_status = st;
+        c.ended = ended++;
       }
+    // In the order they ended: the first failure is the cause (a killed rank), the others' errors its effect.
+    std::vector<int> order(kids.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return kids[a].ended < kids[b].ended; });
+    for (const int i : order) {
+      auto& c = kids[i];
       if (c.status != 0) {
         std::cerr << "moev launch: rank " << f->node_rank * f->nproc + i;
         if (WIFSIGNALED(c.wait_status))

@@ -98,8 +98,13 @@ int run_train(ConfigFlags& flags, bool resume) {
               << " --resume --max-steps N (N > " << r.steps << ", or 0 for the whole run)" << as_ranks << "\n";
     return 0;
   }
-  std::cout << "trained " << r.steps << " steps (" << r.epochs_done << (r.epochs_done == 1 ? " epoch" : " epochs")
-            << ") in " << std::llround(r.run_train_seconds) << " s";
+  std::cout << "trained " << r.steps << " steps (";
+  // A time budget ends the run inside an epoch, which counts as its last: the steps say how far it got.
+  if (cfg.train.minutes > 0 && r.steps_per_epoch > 0 && r.steps % r.steps_per_epoch != 0)
+    std::cout << io::fmt(static_cast<double>(r.steps) / r.steps_per_epoch, 1) << " epochs";
+  else
+    std::cout << r.epochs_done << (r.epochs_done == 1 ? " epoch" : " epochs");
+  std::cout << ") in " << std::llround(r.run_train_seconds) << " s";
   // A resumed run's rate is this process's: its steps and seconds only.
   if (resume) std::cout << " (this process: " << std::llround(r.train_seconds) << " s";
   std::cout << " at " << static_cast<int64_t>(r.train_images_per_s) << " img/s" << (resume ? ")" : "");

@@ -621,6 +621,69 @@ TEST(ImageFolder, GreyPalettesAreGreyAndTransparentGifPixelsKeepTheirColour) {
   }
 }
 
+// A run-length coded BMP (RLE8 at 8 bits, RLE4 at 4): headers, a grey palette of `entries` colours (entry i is
+// grey `step` * i), then `codes` as they are.
+std::vector<unsigned char> rle_bmp(int bpp, int w, int h, int entries, int step, const std::vector<unsigned char>& codes) {
+  auto le32 = [](std::vector<unsigned char>& b, uint32_t v) {
+    for (int i = 0; i < 4; ++i) b.push_back(static_cast<unsigned char>(v >> (8 * i)));
+  };
+  const uint32_t offset = 14 + 40 + 4 * entries;
+  std::vector<unsigned char> b = {'B', 'M'};
+  le32(b, offset + codes.size());
+  le32(b, 0);
+  le32(b, offset);
+  le32(b, 40);
+  le32(b, w);
+  le32(b, h);
+  b.insert(b.end(), {1, 0, static_cast<unsigned char>(bpp), 0});
+  le32(b, bpp == 8 ? 1 : 2);  // BI_RLE8, BI_RLE4
+  le32(b, codes.size());
+  le32(b, 2835);
+  le32(b, 2835);
+  le32(b, entries);
+  le32(b, 0);
+  for (int e = 0; e < entries; ++e) b.insert(b.end(), {static_cast<unsigned char>(step * e),
+                                                       static_cast<unsigned char>(step * e),
+                                                       static_cast<unsigned char>(step * e), 0});
+  b.insert(b.end(), codes.begin(), codes.end());
+  return b;
+}
+
+// ImageMagick writes palette BMPs run-length coded by default, which stb refuses ("BMP RLE"). Known answers for
+// each kind of code: runs, pixels stored as they are (padded to an even byte count), a move, ends of line and of
+// the bitmap, and the pixels they skip (index 0).
+TEST(ImageFolder, RunLengthCodedBmpsAreRead) {
+  TempDir root;
+  // 6x3, rows bottom-up: [run 3 of 2][as stored 4 5 6, padded][EOL] / [run 2 of 7][move 3 right][run 1 of 1][EOL] /
+  // [end]: the top row never drawn.
+  write_bytes(root.file("rle8.bmp"), rle_bmp(8, 6, 3, 8, 30, {3, 2, 0, 3, 4, 5, 6, 0, 0, 0, 2, 7, 0, 2, 3, 0, 1, 1,
+                                                             0, 0, 0, 1}));
+  auto rle8 = decode_image_file(root.file("rle8.bmp"), 3, 6, 1, Fit::kStretch);
+  const std::vector<int> top_down8 = {0, 0, 0, 0, 0, 0, 7, 7, 0, 0, 0, 1, 2, 2, 2, 4, 5, 6};
+  std::vector<uint8_t> want8;
+  for (int i : top_down8) want8.push_back(static_cast<uint8_t>(30 * i));
+  EXPECT_TRUE(torch::equal(rle8.view(-1), torch::tensor(want8, torch::kUInt8))) << rle8;
+  // 5x2 at 4 bits: [run 5 alternating 1, 2][EOL] / [3 as stored: 3 4 5][run 2 of 15, 0][end].
+  write_bytes(root.file("rle4.bmp"), rle_bmp(4, 5, 2, 16, 16, {5, 0x12, 0, 0, 0, 3, 0x34, 0x50, 2, 0xF0, 0, 1}));
+  auto rle4 = decode_image_file(root.file("rle4.bmp"), 2, 5, 1, Fit::kStretch);
+  const std::vector<int> top_down4 = {3, 4, 5, 15, 0, 1, 2, 1, 2, 1};
+  std::vector<uint8_t> want4;
+  for (int i : top_down4) want4.push_back(static_cast<uint8_t>(16 * i));
+  EXPECT_TRUE(torch::equal(rle4.view(-1), torch::tensor(want4, torch::kUInt8))) << rle4;
+  // In colour too, and grey palettes are no colour.
+  SourceSize size;
+  auto rgb = decode_image_file(root.file("rle8.bmp"), 3, 6, 3, Fit::kStretch, &size);
+  EXPECT_FALSE(size.colour);
+  EXPECT_TRUE(torch::equal(rgb[0], rle8[0]) && torch::equal(rgb[2], rle8[0]));
+  // Cut short before the end-of-bitmap code, or an index outside the palette: named, not read as black.
+  write_bytes(root.file("cut.bmp"), rle_bmp(8, 6, 3, 8, 30, {3, 2, 0, 3, 4, 5}));
+  expect_error([&] { decode_image_file(root.file("cut.bmp"), 3, 6, 1, Fit::kStretch); },
+               {"cut.bmp", "cut short", "run-length coded pixels"});
+  write_bytes(root.file("index.bmp"), rle_bmp(8, 6, 3, 8, 30, {3, 9, 0, 1}));
+  expect_error([&] { decode_image_file(root.file("index.bmp"), 3, 6, 1, Fit::kStretch); },
+               {"index.bmp", "palette index 9", "palette of 8 colours"});
+}
+
 // stb read a 4-component JPEG without Adobe's segment as YCbCr, dropping the fourth: wrong colours at exit 0.
 TEST(ImageFolder, AFourComponentJpegWithoutAdobesSegmentIsRefused) {
   TempDir root;

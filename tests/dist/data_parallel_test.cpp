@@ -444,6 +444,10 @@ TEST(Launch, AFailedRankStopsTheJobAndBadFlagsAreRefused) {
   EXPECT_NE(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("is in use on this machine"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("rank 1 was ended by signal 15"), std::string::npos) << r.out;  // stopped, not timed out
+  // Reported in the order they ended, the cause first, and its status is the launcher's.
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_LT(r.out.find("moev launch: rank 0 exited with status 1"), r.out.find("rank 1 was ended by signal 15"))
+      << r.out;
   EXPECT_LT(took, 45) << r.out;
   for (const auto& [args, needle] : std::vector<std::pair<std::string, std::string>>{
            {"launch --nproc 0 -- train", "--nproc 0: expected 1..1024"},

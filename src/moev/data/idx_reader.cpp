@@ -194,7 +194,8 @@ ImageSet read_idx(const std::string& images_gz_or_raw, const std::string& labels
   } else {
     for (int64_t c = 0; c < num_classes; ++c) set.class_names.push_back(std::to_string(c));
   }
-  set.source = images_gz_or_raw;
+  // Both files: a message about the set (a fingerprint that differs) named the images when the labels changed.
+  set.source = images_gz_or_raw + " (labels " + labels_gz_or_raw + ")";
   return set;
 }
 

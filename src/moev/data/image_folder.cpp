@@ -495,6 +495,85 @@ bool palette_is_grey(const std::vector<unsigned char>& b) {
   return false;
 }
 
+// A BMP whose pixels are run-length coded (RLE8 or RLE4: ImageMagick writes palette images so by default).
+bool is_rle_bmp(const std::vector<unsigned char>& b) {
+  if (b.size() < 54 || b[0] != 'B' || b[1] != 'M' || le32(b, 14) < 40) return false;
+  const uint32_t compression = le32(b, 30);
+  return compression == 1 || compression == 2;
+}
+
+// stb decodes uncompressed BMPs only: a run-length coded one is rewritten as the
+// uncompressed 8-bit BMP it describes (its headers and palette kept) and read
+// as any other. Pixels the codes skip (a delta, a line ended early) are palette
+// index 0, as PIL and Windows read them.
+std::vector<unsigned char> bmp_rle_expanded(const std::vector<unsigned char>& b, const std::string& path) {
+  const size_t header = le32(b, 14), bpp = le16(b, 28), used = le32(b, 46), offset = le32(b, 10);
+  const uint32_t compression = le32(b, 30);
+  const int64_t w = static_cast<int32_t>(le32(b, 18)), h = static_cast<int32_t>(le32(b, 22));
+  MOEV_CHECK((compression == 1 && bpp == 8) || (compression == 2 && bpp == 4), "file ", path, ": a BMP coded ",
+             compression == 1 ? "RLE8" : "RLE4", " at ", bpp, " bits per pixel; expected ",
+             compression == 1 ? "8" : "4");
+  MOEV_CHECK(w >= 1 && h >= 1, "file ", path, ": a run-length coded BMP of ", w, "x", h, " pixels; expected a width ",
+             "and height of at least 1 (the format does not store such an image top-down)");
+  MOEV_CHECK(w * h <= kMaxSourcePixels, "file ", path, ": a ", w, "x", h, " image, above ", kMaxSourcePixels,
+             " pixels");
+  const size_t entries = used ? used : size_t{1} << bpp, palette = 14 + header;
+  MOEV_CHECK(entries <= (size_t{1} << bpp), "file ", path, ": a BMP palette of ", entries, " colours at ", bpp,
+             " bits per pixel");
+  MOEV_CHECK(palette + 4 * entries <= b.size() && offset <= b.size(), "file ", path, ": BMP cut short: ", b.size(),
+             " bytes, before the end of its palette (an interrupted copy or download?)");
+  const size_t stride = (static_cast<size_t>(w) + 3) / 4 * 4;
+  std::vector<unsigned char> px(stride * static_cast<size_t>(h), 0);  // rows bottom-up, as stored
+  size_t at = offset, x = 0, y = 0;
+  auto need = [&](size_t bytes) {
+    MOEV_CHECK(at + bytes <= b.size(), "file ", path, ": BMP cut short: ", b.size(), " bytes, inside its ",
+               "run-length coded pixels (an interrupted copy or download?)");
+  };
+  auto put = [&](unsigned index) {
+    MOEV_CHECK(index < entries, "file ", path, ": a BMP pixel of palette index ", index, ", outside its palette of ",
+               entries, " colours");
+    if (x < static_cast<size_t>(w) && y < static_cast<size_t>(h)) px[y * stride + x] = static_cast<unsigned char>(index);
+    ++x;
+  };
+  auto nibble = [](unsigned byte, size_t i) { return i % 2 == 0 ? byte >> 4 : byte & 15u; };
+  for (bool end = false; !end;) {
+    need(2);
+    const unsigned count = b[at], value = b[at + 1];
+    at += 2;
+    if (count > 0) {  // a run of `count` pixels: one index, or (RLE4) two alternating
+      for (unsigned i = 0; i < count; ++i) put(bpp == 8 ? value : nibble(value, i));
+    } else if (value == 0) {  // end of line
+      x = 0;
+      ++y;
+    } else if (value == 1) {  // end of bitmap
+      end = true;
+    } else if (value == 2) {  // move right and up
+      need(2);
+      x += b[at];
+      y += b[at + 1];
+      at += 2;
+    } else {  // `value` pixels stored as they are, padded to an even byte count
+      const size_t bytes = bpp == 8 ? value : (value + 1) / 2;
+      need(bytes);
+      for (unsigned i = 0; i < value; ++i) put(bpp == 8 ? b[at + i] : nibble(b[at + i / 2], i));
+      at += (bytes + 1) / 2 * 2;
+    }
+    end = end || y >= static_cast<size_t>(h);  // past the top row nothing more is drawn
+  }
+  std::vector<unsigned char> out(b.begin(), b.begin() + static_cast<std::ptrdiff_t>(palette + 4 * entries));
+  auto set32 = [&](size_t pos, size_t v) {
+    for (int i = 0; i < 4; ++i) out[pos + i] = static_cast<unsigned char>(v >> (8 * i));
+  };
+  out.insert(out.end(), px.begin(), px.end());
+  set32(2, out.size());
+  set32(10, palette + 4 * entries);
+  out[28] = 8, out[29] = 0;  // bits per pixel
+  set32(30, 0);              // uncompressed
+  set32(34, px.size());
+  set32(46, entries);
+  return out;
+}
+
 // stb leaves a GIF's transparent pixels black (0, 0, 0, 0). The colour stored
 // under them is the table's entry at the transparent index, what PIL reads and
 // what predict's note says: RGBA pixels, n of them, to `channels` channels with
@@ -550,6 +629,7 @@ SourceSize decode_into(const std::string& path, int64_t height, int64_t width, i
   check_png_crcs(path, bytes);
   const Netpbm pnm = check_complete(path, bytes);
   check_jpeg_components(path, bytes);
+  if (is_rle_bmp(bytes)) bytes = bmp_rle_expanded(bytes, path);
   int w = 0, h = 0;
   bool colour = pnm.channels == 3, alpha = false;
   std::vector<unsigned char> netpbm, upright, resized, opaque;
