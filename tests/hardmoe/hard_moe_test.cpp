@@ -91,6 +91,12 @@ void copy_clustering(const Toy& t, const std::string& dir) {
     fs::copy_file(fs::path(t.hm.dir) / f, fs::path(dir) / f);
 }
 
+// The toy clustering's partition.json, to write edited into a copy.
+nlohmann::json summary_of(const Toy& t) {
+  std::ifstream in(fs::path(t.hm.dir) / "partition.json");
+  return nlohmann::json::parse(in);
+}
+
 // Writes `expert_of` as dir's partition.csv, and records it in dir's partition.json as cluster would (a
 // partition.csv that partition.json does not record is refused as edited by hand).
 void write_partition(const std::string& dir, const std::vector<int64_t>& expert_of, const std::string& eol = "\n") {
@@ -128,8 +134,7 @@ TEST(HardMoE, EveryTrainingImageIsInExactlyOnePartitionItsNearestCentroids) {
     for (auto r : hardmoe::partition_rows(p, e, t.hm.dir)) ++seen[static_cast<size_t>(r)];
   for (auto s : seen) EXPECT_EQ(s, 1);
   // The summary's tag shares: expert e's images with tag t over its image count.
-  std::ifstream in(fs::path(t.hm.dir) / "partition.json");
-  auto summary = nlohmann::json::parse(in);
+  auto summary = summary_of(t);
   auto a = torch::tensor(p.expert_of, torch::kInt64);
   for (int64_t e = 0; e < p.experts; ++e) {
     auto mine = ds.train.targets.index_select(0, a.eq(e).nonzero().squeeze(1));
@@ -247,8 +252,7 @@ TEST(HardMoE, ATrunkWithOtherWeightsAtTheSameStepIsRefused) {
   const std::string copy = t.dir.file("retrained_trunk.pt");
   auto ckpt = train::load_checkpoint(t.hm.trunk);
   train::save_checkpoint(copy, ckpt);
-  std::ifstream in(fs::path(t.hm.dir) / "partition.json");
-  auto summary = nlohmann::json::parse(in);
+  auto summary = summary_of(t);
   ASSERT_EQ(summary.at("trunk_weights").get<std::string>().size(), 8u);
   summary["trunk"] = copy;
   std::ofstream(fs::path(dir3) / "partition.json") << summary.dump();
@@ -278,8 +282,7 @@ TEST(HardMoE, AnExpertOnDataThatChangedSinceClusteringIsRefused) {
   auto& t = toy();
   const std::string dir = t.dir.file("changed");
   copy_clustering(t, dir);
-  std::ifstream in(fs::path(t.hm.dir) / "partition.json");
-  auto summary = nlohmann::json::parse(in);
+  auto summary = summary_of(t);
   ASSERT_EQ(summary.at("training_data").get<std::string>().size(), 8u);
   summary["training_data"] = "00000000";  // what another image, or another order, gives
   std::ofstream(fs::path(dir) / "partition.json") << summary.dump();
@@ -468,8 +471,7 @@ TEST(HardMoE, AMovedDirectoryTakesTheSameTrunkByAnotherName) {
   auto& t = toy();
   const std::string moved = t.dir.file("moved");
   copy_clustering(t, moved);
-  std::ifstream in(fs::path(t.hm.dir) / "partition.json");
-  auto summary = nlohmann::json::parse(in);
+  auto summary = summary_of(t);
   summary["trunk"] = "../gone/checkpoint.pt";
   std::ofstream(fs::path(moved) / "partition.json") << summary.dump();
   const auto p = hardmoe::read_partition(moved);
