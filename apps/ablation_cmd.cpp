@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <set>
 #include <fstream>
 #include <iostream>
 #include <limits>
@@ -145,6 +146,18 @@ Runner add_ablation(CLI::App& app) {
       const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
       auto was = io::from_json_string(text, run.string());
       was.train.threads = t.cfg.train.threads;  // how it runs, not what it computes
+      // Paths the plan derives from --out: the same runs whether --out is named runs/abl, ./runs/abl or absolutely
+      // (the refusal said to delete finished runs). Each run is named by its directory under the ablation's.
+      auto under_out = [](const std::string& p) {
+        const fs::path q(p);
+        return (q.parent_path().filename() / q.filename()).string();
+      };
+      if (fs::path(was.train.out_dir).filename() == fs::path(t.cfg.train.out_dir).filename())
+        was.train.out_dir = t.cfg.train.out_dir;
+      bool same_teachers = was.train.teacher.size() == t.cfg.train.teacher.size();
+      for (size_t m = 0; same_teachers && m < was.train.teacher.size(); ++m)
+        same_teachers = under_out(was.train.teacher[m]) == under_out(t.cfg.train.teacher[m]);
+      if (same_teachers) was.train.teacher = t.cfg.train.teacher;
       std::string differ;
       for (const auto& d : io::config_differences(was, t.cfg)) differ += "\n  " + d;
       MOEV_CHECK(differ.empty(), run.string(), ": run ", t.name, " of this ablation directory was started with ",
@@ -259,6 +272,33 @@ Runner add_ablation(CLI::App& app) {
     for (const auto& r : rows)
       t.add({r.row, io::fmt(100 * r.mean, 2), io::fmt(100 * r.spread, 2), std::to_string(r.top1.size())});
     std::printf("%swrote %s/ablation.csv, ablation.md, ablation.png\n", t.markdown().c_str(), f->out.c_str());
+    // The table holds this command's seeds; finished runs of other seeds in the directory (an earlier
+    // --first-seed, another machine's share) are said, with the command that tabulates them all.
+    std::set<uint64_t> others;
+    uint64_t lo = tasks.front().seed, hi = lo;
+    for (const auto& task : tasks) lo = std::min(lo, task.seed), hi = std::max(hi, task.seed);
+    for (const auto& task : tasks) {
+      const std::string stem = task.name.substr(0, task.name.rfind("_s") + 2);
+      std::error_code ec;
+      for (fs::directory_iterator it(f->out, ec), end; !ec && it != end; it.increment(ec)) {
+        const std::string name = it->path().filename().string();
+        if (name.rfind(stem, 0) != 0 || name.size() == stem.size() ||
+            name.find_first_not_of("0123456789", stem.size()) != std::string::npos ||
+            !fs::exists(it->path() / "result.json"))
+          continue;
+        const uint64_t seed = std::stoull(name.substr(stem.size()));
+        if (seed < lo || seed > hi) others.insert(seed);
+      }
+    }
+    if (!others.empty()) {
+      const uint64_t first = std::min(lo, *others.begin()), last = std::max(hi, *others.rbegin());
+      std::fprintf(stderr, "note: %s also holds finished runs of seed%s", f->out.c_str(), others.size() > 1 ? "s" : "");
+      for (auto sd : others) std::fprintf(stderr, " %llu", static_cast<unsigned long long>(sd));
+      std::fprintf(stderr, ", outside this table (seeds %llu..%llu); --first-seed %llu --seeds %llu tabulates "
+                   "them all (runs done are not trained again)\n", static_cast<unsigned long long>(lo),
+                   static_cast<unsigned long long>(hi), static_cast<unsigned long long>(first),
+                   static_cast<unsigned long long>(last - first + 1));
+    }
     return 0;
   };
 }

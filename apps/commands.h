@@ -112,4 +112,9 @@ void warn_precision(const models::ModelConfig& model);
 void add_limit_option(CLI::App* cmd, std::optional<int64_t>& limit);
 void check_limit(const std::optional<int64_t>& limit);
 
+// --result FILE of fuse and ensemble (eval's --json is printed): a new file, or an earlier result (a JSON object),
+// which it replaces; anything else (a checkpoint, the command's own config, a directory) is refused before the
+// work, as a typo replaced a trained checkpoint at exit 0. The directory it lies in must exist or be makeable.
+void check_result_file(const std::string& path, const char* flag = "--result");
+
 }  // namespace moev::app

@@ -1,5 +1,6 @@
 // The one place where CLI flags become config values.
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <set>
 #include <iostream>
@@ -29,6 +30,23 @@ void add_limit_option(CLI::App* cmd, std::optional<int64_t>& limit) {
 
 void check_limit(const std::optional<int64_t>& limit) {
   MOEV_CHECK(!limit || *limit >= 0, "--limit ", limit.value_or(0), ": expected a number of test images >= 0 (0: all)");
+}
+
+void check_result_file(const std::string& path, const char* flag) {
+  namespace fs = std::filesystem;
+  if (path.empty()) return;
+  std::error_code ec;
+  MOEV_CHECK(!fs::is_directory(path, ec), flag, " ", path, ": is a directory; expected a file to write");
+  if (fs::exists(path, ec)) {
+    std::ifstream in(path, std::ios::binary);
+    const auto j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    MOEV_CHECK(j.is_object(), flag, " ", path, ": exists and is not an earlier result (a JSON object): a checkpoint, ",
+               "a config or another file, which it would replace; remove it or name another file");
+  }
+  const fs::path parent = fs::path(path).parent_path();
+  if (!parent.empty()) fs::create_directories(parent, ec);
+  MOEV_CHECK(parent.empty() || fs::is_directory(parent), flag, " ", path, ": cannot make its directory ",
+             parent.string(), ec ? " (" + ec.message() + ")" : "");
 }
 
 void ConfigFlags::add_to(CLI::App* cmd) {

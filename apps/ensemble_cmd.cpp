@@ -3,6 +3,7 @@
 // section of a config file; prints each member and the ensemble.
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 
 #include <nlohmann/json.hpp>
@@ -41,6 +42,10 @@ Runner add_ensemble(CLI::App& app) {
   return [f]() {
     train::set_threads(f->threads);
     check_limit(f->limit);
+    check_result_file(f->result);
+    std::error_code ec;  // a config written as JSON is an object too
+    MOEV_CHECK(f->result.empty() || !std::filesystem::equivalent(f->result, f->config, ec), "--result ", f->result,
+               ": is the ensemble's own config (--config); name another file");
     auto j = io::read_config_file(f->config);
     MOEV_CHECK(j.is_object() && j.contains("ensemble"), f->config, ": no [ensemble] section (members, weights)");
     // Each member brings its own model, data and training: a [model] or [data] here was passed over.

@@ -60,9 +60,15 @@ Runner add_fuse(CLI::App& app) {
       MOEV_CHECK(fused, "--out ", f->out, ": exists and is not the output of an earlier fuse (a run's checkpoint, ",
                  "another file); fuse replaces only its own output: remove the file or name another --out");
     }
-    for (const auto* path : {&f->out, &f->result})
-      MOEV_CHECK(path->empty() || !fs::is_directory(*path), *path, ": is a directory; expected a file to write (",
-                 path == &f->out ? "--out" : "--result", ")");
+    MOEV_CHECK(!fs::is_directory(f->out), f->out, ": is a directory; expected a file to write (--out)");
+    check_result_file(f->result);
+    // Its directory now, not after the training (the error named the temporary file).
+    if (const auto parent = fs::path(f->out).parent_path(); !parent.empty()) {
+      std::error_code ec;
+      fs::create_directories(parent, ec);
+      MOEV_CHECK(fs::is_directory(parent), "--out ", f->out, ": cannot make its directory ", parent.string(),
+                 ec ? " (" + ec.message() + ")" : "");
+    }
     f->o.progress = &std::cerr;
     f->o.interactive = stderr_is_terminal();
     auto r = train::train_fusion(f->checkpoint, f->out, f->o);

@@ -708,6 +708,19 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   a = run("ablation --config " + dir.file("abl1.toml") + " --jobs 1 --out " + dir.file("abl1"));
   EXPECT_EQ(a.code, 0) << a.out;
   EXPECT_NE(a.out.find("1 runs already done"), std::string::npos) << a.out;
+  // The same directory named another way: its runs were refused as started with another train.out_dir.
+  a = run("ablation --config " + dir.file("abl1.toml") + " --jobs 1 --out " + dir.file("abl1") + "/../abl1");
+  EXPECT_EQ(a.code, 0) << a.out;
+  EXPECT_NE(a.out.find("1 runs already done"), std::string::npos) << a.out;
+  // A table grown by a seed: its CSV names seed 1 (it said 0), and the run of seed 0 beside it is pointed at.
+  a = run("ablation --config " + dir.file("abl1.toml") + " --jobs 1 --first-seed 1 --out " + dir.file("abl1"));
+  ASSERT_EQ(a.code, 0) << a.out;
+  EXPECT_NE(bytes_of(dir.file("abl1") + "/ablation.csv").find("\nN=1,1,0,0,0,1,"), std::string::npos)
+      << bytes_of(dir.file("abl1") + "/ablation.csv");
+  EXPECT_NE(a.out.find("also holds finished runs of seed 0, outside this table (seeds 1..1); --first-seed 0 "
+                       "--seeds 2 tabulates them all"),
+            std::string::npos)
+      << a.out;
   expect_clean_failure("ablation --config " + dir.file("abl1.toml") + " --jobs 1 --set train.epochs=2 --out " +
                            dir.file("abl1"),
                        {"n1_s0", "train.epochs = 2 (was: 1)", "another --out"});
@@ -858,6 +871,11 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
                            "/checkpoint.pt",
                        {dir.file("t2") + "/checkpoint.pt", "not the output of an earlier fuse", "--out"});
   EXPECT_EQ(bytes_of(dir.file("t2") + "/checkpoint.pt"), teacher_bytes);
+  // --result over a checkpoint replaced it with a few hundred bytes of JSON at exit 0.
+  expect_clean_failure("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 1 --out " + dir.file("s2") +
+                           "/fused.pt --result " + dir.file("t2") + "/checkpoint.pt",
+                       {"--result " + dir.file("t2") + "/checkpoint.pt", "not an earlier result"});
+  EXPECT_EQ(bytes_of(dir.file("t2") + "/checkpoint.pt"), teacher_bytes);
   std::ofstream(dir.file("notes.txt")) << "mine";
   expect_clean_failure("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 1 --out " + dir.file("notes.txt"),
                        {dir.file("notes.txt"), "not the output of an earlier fuse"});
@@ -920,6 +938,10 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   expect_clean_failure("eval " + dir.file("edited.pt"), {"edited.pt", "model.branches = 0"});
   std::ofstream(dir.file("ens.toml")) << "[ensemble]\nmembers = [\"" << dir.file("s2") << "/fused.pt\", \""
                                       << dir.file("n1") << "/checkpoint.pt\"]\nweights = [3, 1]\ntta = true\n";
+  for (const std::string& target : {dir.file("ens.toml"), dir.file("t2") + "/checkpoint.pt"})
+    expect_clean_failure("ensemble --config " + dir.file("ens.toml") + " --limit 50 --result " + target,
+                         {"--result " + target, "not an earlier result"});
+  EXPECT_EQ(bytes_of(dir.file("t2") + "/checkpoint.pt"), teacher_bytes);
   r = run("ensemble --config " + dir.file("ens.toml") + " --limit 50 --threads 1 --result " + dir.file("ens.json"));
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("weighted ensemble"), std::string::npos) << r.out;

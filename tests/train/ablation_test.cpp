@@ -220,4 +220,12 @@ TEST(Ablation, TablesHoldEachSeedsSecondsAndShortRowsKeepADecimal) {
   EXPECT_NE(csv.find(",1,0.8000,0.4"), std::string::npos) << csv;
   EXPECT_NE(md.find("| 110 |"), std::string::npos) << md;
   EXPECT_NE(md.find("| 0.3 |"), std::string::npos) << md;
+  // A table of seeds 5 and 6 (--first-seed 5) said seed 0 and 1: two machines' shares both claimed seed 0.
+  g.first_seed = 5;
+  const auto later = train::plan_ablation(g, kBase, "/abl", "test");
+  train::write_ablation(train::summarise_ablation(later, top1, seconds), dir.path().string());
+  const auto csv5 = test::bytes_of(dir.file("ablation.csv"));
+  EXPECT_NE(csv5.find("\nN=3,3,1,0,0,5,0.8000,"), std::string::npos) << csv5;
+  EXPECT_NE(csv5.find("\nN=3,3,1,0,0,6,0.8000,"), std::string::npos) << csv5;
+  EXPECT_EQ(csv5.find("\nN=3,3,1,0,0,0,"), std::string::npos) << csv5;
 }

@@ -238,6 +238,27 @@ TEST(MultiBranch, TeacherEnsembleAveragesItsMembersProbabilities) {
   // One member of another architecture spoils the ensemble, and is named.
   test::expect_error([&] { train::Teacher({a, n1}, la.cfg.model, mean, sd); },
                      {"train.teacher = " + n1, "model.branches 1 vs 2"});
+
+  // Classes are matched by name: a teacher listing them in another order (a folder's) taught permuted targets.
+  auto relabelled = [&](const std::string& name, std::vector<std::string> classes) {
+    auto ckpt = train::load_checkpoint(a);
+    auto st = nlohmann::json::parse(ckpt.state_json);
+    st["class_names"] = classes;
+    ckpt.state_json = st.dump();
+    train::save_checkpoint(dir.file(name), ckpt);
+    return dir.file(name);
+  };
+  ASSERT_EQ(la.class_names.size(), 10u);
+  auto reversed = la.class_names;
+  std::reverse(reversed.begin(), reversed.end());
+  const auto flipped = relabelled("reversed.pt", reversed);
+  train::Teacher r({flipped}, la.cfg.model, mean, sd, nullptr, la.class_names);
+  EXPECT_TRUE(torch::allclose(r.probs_uncached(x), pa.flip(1), 1e-5, 1e-6));
+  std::vector<std::string> other;
+  for (int c = 0; c < 10; ++c) other.push_back("c" + std::to_string(c));
+  const auto foreign = relabelled("other_classes.pt", other);
+  test::expect_error([&] { train::Teacher({foreign}, la.cfg.model, mean, sd, nullptr, la.class_names); },
+                     {"train.teacher = " + foreign, "no class '" + la.class_names[0] + "'", "not other classes"});
 }
 
 // Sun et al.'s objective on the first step, whose model is the same in every

@@ -188,6 +188,7 @@ std::vector<AblationRow> summarise_ablation(const std::vector<AblationTask>& tas
     auto& r = rows[at[t.row]];
     r.top1.push_back(top1[i]);
     r.seed_seconds.push_back(seconds[i]);
+    r.seeds.push_back(t.seed);
     r.seconds += seconds[i];
   }
   for (auto& r : rows) {
@@ -212,7 +213,8 @@ void write_ablation(const std::vector<AblationRow>& rows, const std::string& out
     std::string per;
     for (size_t s = 0; s < r.top1.size(); ++s) {
       csv.add({r.row, std::to_string(r.branches), r.diversity ? "1" : "0", r.distill ? "1" : "0",
-               r.fusion ? "1" : "0", std::to_string(s), io::fmt(r.top1[s]), io::fmt(r.seed_seconds[s], 1)});
+               r.fusion ? "1" : "0", std::to_string(s < r.seeds.size() ? r.seeds[s] : s), io::fmt(r.top1[s]),
+               io::fmt(r.seed_seconds[s], 1)});
       per += (s ? " / " : "") + io::fmt(100 * r.top1[s], 2);
     }
     // Whole seconds, but a row of seconds (a fusion step on a small set) keeps a decimal: it read 0.

@@ -70,6 +70,7 @@ struct AblationRow {
   double mean = 0, spread = 0;    // mean and sample standard deviation of top1
   double seconds = 0;             // mean training seconds per seed (fusion: of the fusion step)
   std::vector<double> seed_seconds;  // per seed, as top1
+  std::vector<uint64_t> seeds;       // which seed each is (--first-seed: not 0, 1, ...)
 };
 
 // Groups the finished tasks' results (top1[i], seconds[i] for tasks[i]) into

@@ -12,6 +12,7 @@
 
 #include "moev/core/error.h"
 #include "moev/train/checkpoint.h"
+#include "moev/train/datasets.h"
 #include "moev/train/trained_model.h"
 
 namespace moev::train {
@@ -95,10 +96,17 @@ std::string test_data_difference(const DataConfig& a, const DataConfig& b) {
 }
 
 Teacher::Teacher(const std::vector<std::string>& checkpoints, const models::ModelConfig& student,
-                 const std::vector<float>& mean, const std::vector<float>& std, const DataConfig* student_data) {
+                 const std::vector<float>& mean, const std::vector<float>& std, const DataConfig* student_data,
+                 const std::vector<std::string>& student_classes) {
   MOEV_CHECK(!checkpoints.empty(), "train.teacher: no checkpoint given");
   classes_ = student.num_classes;
   for (const auto& checkpoint : checkpoints) {
+    // Named as the teacher: a relative path is the working directory's, which a resume from elsewhere changes.
+    std::error_code ec;
+    MOEV_CHECK(fs::exists(checkpoint, ec), "train.teacher = ", checkpoint, ": no such file",
+               fs::path(checkpoint).is_relative()
+                   ? " (a relative path is read from the working directory, " + fs::current_path(ec).string() + ")"
+                   : "");
     auto t = load_trained(checkpoint, c10::Device(c10::kCPU));
     const auto diff = architecture_difference(t.cfg.model, student);
     MOEV_CHECK(diff.empty(), "train.teacher = ", checkpoint, ": the teacher is not a model of the student's ",
@@ -119,10 +127,26 @@ Teacher::Teacher(const std::vector<std::string>& checkpoints, const models::Mode
       scale.push_back(std[c] / ts[c]);
       shift.push_back((mean[c] - tm[c]) / ts[c]);
     }
+    // Matched by position, a folder-trained teacher (classes in folder order) taught an IDX-trained student
+    // permuted targets at exit 0; one of other classes passed whenever the count agreed.
+    at::Tensor columns;
+    if (t.class_names_stored && !student_classes.empty() && t.class_names != student_classes) {
+      std::vector<int64_t> at(student_classes.size());
+      for (size_t c = 0; c < at.size(); ++c) {
+        const auto it = find_class(t.class_names, student_classes[c], "train.teacher = " + checkpoint,
+                                   "the student's training set");
+        MOEV_CHECK(it != t.class_names.end(), "train.teacher = ", checkpoint, ": the teacher has no class '",
+                   student_classes[c], "', which the student's training set has; expected a teacher of the ",
+                   "student's classes (train.teacher_other_data allows other images, not other classes)");
+        at[c] = static_cast<int64_t>(it - t.class_names.begin());
+      }
+      columns = torch::tensor(at, torch::kLong);
+    }
     const auto C = static_cast<int64_t>(mean.size());
     t.model->eval();
     fingerprint_ += (fingerprint_.empty() ? "" : "+") + weights_fingerprint(module_tensors(*t.model));
-    members_.push_back({t.model, torch::tensor(scale).view({1, C, 1, 1}), torch::tensor(shift).view({1, C, 1, 1})});
+    members_.push_back({t.model, torch::tensor(scale).view({1, C, 1, 1}), torch::tensor(shift).view({1, C, 1, 1}),
+                        columns});
   }
 }
 
@@ -220,6 +244,7 @@ at::Tensor Teacher::forward_chunks(const at::Tensor& x) {
     at::Tensor sum;
     for (const auto& m : members_) {
       auto p = torch::softmax(m.model->forward(chunk * m.scale + m.shift), 1);
+      if (m.columns.defined()) p = p.index_select(1, m.columns);
       sum = sum.defined() ? sum + p : p;
     }
     parts.push_back((sum / static_cast<double>(members_.size())).narrow(0, 0, n));

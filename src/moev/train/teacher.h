@@ -32,9 +32,12 @@ class Teacher {
   // normalisation of the images it will be given. With student_data, a member
   // trained on other images than those (training_data_difference) is an error
   // too: in a data-efficient run it would pass on labels the student may not see.
+  // student_classes (the training set's class names; empty: not checked): a member that lists them in another
+  // order (one trained on a folder, the student on the IDX files) has its probabilities put in the student's,
+  // names matched as eval matches them; a member lacking one of them is an error.
   Teacher(const std::vector<std::string>& checkpoints, const models::ModelConfig& student,
           const std::vector<float>& student_mean, const std::vector<float>& student_std,
-          const DataConfig* student_data = nullptr);
+          const DataConfig* student_data = nullptr, const std::vector<std::string>& student_classes = {});
 
   // x: [B, C, H, W] normalised as the student's, index/aug: int64 [B] from the
   // loader -> probabilities [B, L]; runs the teacher on the rows not cached yet
@@ -76,6 +79,7 @@ class Teacher {
   struct Member {
     models::ClassifierPtr model;
     at::Tensor scale, shift;  // [1, C, 1, 1]: student normalisation -> this member's
+    at::Tensor columns;       // int64 [L]: its column of each student class (undefined: the same order)
   };
   std::vector<Member> members_;
   int64_t classes_ = 0;

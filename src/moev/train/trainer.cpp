@@ -463,7 +463,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   std::unique_ptr<Teacher> teacher;
   if (!tc.teacher.empty()) {
     teacher = std::make_unique<Teacher>(tc.teacher, cfg.model, ds.mean, ds.std,
-                                        tc.teacher_other_data ? nullptr : &cfg.data);
+                                        tc.teacher_other_data ? nullptr : &cfg.data, ds.train.class_names);
     teacher->limit_cache(tc.teacher_cache_mb);
     // A teacher file replaced between the stop and the resume would teach the rest of the run something else.
     MOEV_CHECK(!opts.resume || saved_teacher.empty() || saved_teacher == teacher->fingerprint(), "--resume: ",
