@@ -25,3 +25,22 @@ TEST(ProgressBar, ALineCarriesCountsAndStatus) {
   EXPECT_NE(out.str().find("sweep [########################] 4/4 "), std::string::npos) << out.str();
   EXPECT_NE(out.str().find("last run 0.86"), std::string::npos) << out.str();
 }
+
+// Without a terminal, a line per tenth of the way, forward only: a time budget's re-estimated total moved the share
+// back across a tenth, and the same tenth was printed again with a smaller count.
+TEST(ProgressBar, ALogGetsEachTenthOnceWhenTheTotalIsReestimated) {
+  std::ostringstream out;
+  ProgressBar bar(&out, 100, "train", "step", /*interactive=*/false);
+  bar.update(40);
+  bar.set_total(110);
+  bar.update(41);  // 37%: back in the fourth tenth
+  bar.set_total(100);
+  bar.update(42);  // the fifth tenth's 40% again
+  bar.update(50);
+  const std::string log = out.str();
+  size_t lines = 0;
+  for (char c : log) lines += c == '\n';
+  EXPECT_EQ(lines, 2u) << log;
+  EXPECT_NE(log.find(" 40/100 "), std::string::npos) << log;
+  EXPECT_NE(log.find(" 50/100 "), std::string::npos) << log;
+}

@@ -32,7 +32,9 @@ void ProgressBar::update(int64_t done, const std::string& status) {
     draw(status, false);
   } else {
     const int decile = total_ > 0 ? static_cast<int>(10 * done_ / total_) : 0;
-    if (decile == last_decile_) return;
+    // Only forward: a time budget re-estimates the total, and its share of the way then fell back across a
+    // tenth and printed the same tenth again (32 lines instead of about 11, the bar going backwards).
+    if (decile <= last_decile_) return;
     last_decile_ = decile;
     draw(status, false);
   }
