@@ -146,18 +146,10 @@ Runner add_ablation(CLI::App& app) {
       const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
       auto was = io::from_json_string(text, run.string());
       was.train.threads = t.cfg.train.threads;  // how it runs, not what it computes
-      // Paths the plan derives from --out: the same runs whether --out is named runs/abl, ./runs/abl or absolutely
-      // (the refusal said to delete finished runs). Each run is named by its directory under the ablation's.
-      auto under_out = [](const std::string& p) {
-        const fs::path q(p);
-        return (q.parent_path().filename() / q.filename()).string();
-      };
+      // The run's directory the plan derives from --out: the same run whether --out is named runs/abl, ./runs/abl
+      // or absolutely (the refusal said to delete finished runs). Teachers are compared as files already.
       if (fs::path(was.train.out_dir).filename() == fs::path(t.cfg.train.out_dir).filename())
         was.train.out_dir = t.cfg.train.out_dir;
-      bool same_teachers = was.train.teacher.size() == t.cfg.train.teacher.size();
-      for (size_t m = 0; same_teachers && m < was.train.teacher.size(); ++m)
-        same_teachers = under_out(was.train.teacher[m]) == under_out(t.cfg.train.teacher[m]);
-      if (same_teachers) was.train.teacher = t.cfg.train.teacher;
       std::string differ;
       for (const auto& d : io::config_differences(was, t.cfg)) differ += "\n  " + d;
       MOEV_CHECK(differ.empty(), run.string(), ": run ", t.name, " of this ablation directory was started with ",
@@ -295,7 +287,7 @@ Runner add_ablation(CLI::App& app) {
       std::fprintf(stderr, "note: %s also holds finished runs of seed%s", f->out.c_str(), others.size() > 1 ? "s" : "");
       for (auto sd : others) std::fprintf(stderr, " %llu", static_cast<unsigned long long>(sd));
       std::fprintf(stderr, ", outside this table (seeds %llu..%llu); --first-seed %llu --seeds %llu tabulates "
-                   "them all (runs done are not trained again)\n", static_cast<unsigned long long>(lo),
+                   "them all (runs done are kept)\n", static_cast<unsigned long long>(lo),
                    static_cast<unsigned long long>(hi), static_cast<unsigned long long>(first),
                    static_cast<unsigned long long>(last - first + 1));
     }

@@ -37,11 +37,14 @@ void check_result_file(const std::string& path, const char* flag) {
   if (path.empty()) return;
   std::error_code ec;
   MOEV_CHECK(!fs::is_directory(path, ec), flag, " ", path, ": is a directory; expected a file to write");
-  if (fs::exists(path, ec)) {
+  // An empty file (mktemp's) is there to be written; a JSON object is an earlier result only with its figures
+  // (a run's config.json or a hard MoE's hardmoe.json are objects too).
+  if (fs::exists(path, ec) && fs::file_size(path, ec) > 0) {
     std::ifstream in(path, std::ios::binary);
     const auto j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-    MOEV_CHECK(j.is_object(), flag, " ", path, ": exists and is not an earlier result (a JSON object): a checkpoint, ",
-               "a config or another file, which it would replace; remove it or name another file");
+    MOEV_CHECK(j.is_object() && j.contains("top1"), flag, " ", path, ": exists and is not an earlier result (a JSON ",
+               "object with top1): a checkpoint, a config or another file, which it would replace; remove it or name ",
+               "another file");
   }
   const fs::path parent = fs::path(path).parent_path();
   if (!parent.empty()) fs::create_directories(parent, ec);

@@ -62,6 +62,8 @@ Runner add_fuse(CLI::App& app) {
     }
     MOEV_CHECK(!fs::is_directory(f->out), f->out, ": is a directory; expected a file to write (--out)");
     check_result_file(f->result);
+    MOEV_CHECK(f->result.empty() || fs::weakly_canonical(f->result) != fs::weakly_canonical(f->out), "--result ",
+               f->result, ": is --out, the fused checkpoint itself; name another file");
     // Its directory now, not after the training (the error named the temporary file).
     if (const auto parent = fs::path(f->out).parent_path(); !parent.empty()) {
       std::error_code ec;

@@ -100,7 +100,7 @@ int run_train(ConfigFlags& flags, bool resume) {
   }
   std::cout << "trained " << r.steps << " steps (";
   // A time budget ends the run inside an epoch, which counts as its last: the steps say how far it got.
-  if (cfg.train.minutes > 0 && r.steps_per_epoch > 0 && r.steps % r.steps_per_epoch != 0)
+  if (r.budgeted && r.steps_per_epoch > 0 && r.steps % r.steps_per_epoch != 0)
     std::cout << io::fmt(static_cast<double>(r.steps) / r.steps_per_epoch, 1) << " epochs";
   else
     std::cout << r.epochs_done << (r.epochs_done == 1 ? " epoch" : " epochs");

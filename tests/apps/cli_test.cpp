@@ -884,6 +884,9 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
                            "/fused.pt --result " + dir.file("t2") + "/checkpoint.pt",
                        {"--result " + dir.file("t2") + "/checkpoint.pt", "not an earlier result"});
   EXPECT_EQ(bytes_of(dir.file("t2") + "/checkpoint.pt"), teacher_bytes);
+  expect_clean_failure("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 1 --out " + dir.file("f.pt") +
+                           " --result " + dir.file("f.pt"),
+                       {"--result " + dir.file("f.pt"), "is --out"});
   std::ofstream(dir.file("notes.txt")) << "mine";
   expect_clean_failure("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 1 --out " + dir.file("notes.txt"),
                        {dir.file("notes.txt"), "not the output of an earlier fuse"});
@@ -950,6 +953,7 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
     expect_clean_failure("ensemble --config " + dir.file("ens.toml") + " --limit 50 --result " + target,
                          {"--result " + target, "not an earlier result"});
   EXPECT_EQ(bytes_of(dir.file("t2") + "/checkpoint.pt"), teacher_bytes);
+  std::ofstream(dir.file("ens.json")).flush();  // an empty file (mktemp's) is there to be written
   r = run("ensemble --config " + dir.file("ens.toml") + " --limit 50 --threads 1 --result " + dir.file("ens.json"));
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("weighted ensemble"), std::string::npos) << r.out;

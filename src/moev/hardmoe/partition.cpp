@@ -177,7 +177,9 @@ std::string checked_trunk(const Partition& p, const std::string& dir, const std:
   // state, which only a recorded weights fingerprint can tell.
   const bool moved = !fs::exists(p.trunk) && !given.empty() && fs::exists(given) && !p.trunk_weights.empty();
   MOEV_CHECK(moved || fs::exists(p.trunk), summary_file(dir), ": its trunk ", p.trunk, " does not exist",
-             given.empty() || p.trunk_weights.empty() ? "" : " (nor does --trunk / hardmoe.trunk " + given + ")");
+             given.empty() || p.trunk_weights.empty() ? "" : " (nor does --trunk / hardmoe.trunk " + given + ")",
+             "; if the directory or the trunk moved, moev hardmoe cluster --trunk <its checkpoint> --dir ", dir,
+             " records its new place (trained experts are kept when their rows are unchanged)");
   MOEV_CHECK(moved || given.empty() || !fs::exists(given) || fs::equivalent(given, p.trunk), "the trunk ", given,
              " is not the one ", dir, " was clustered from (", p.trunk, "): experts must share the gater's trunk");
   const std::string trunk = moved ? given : p.trunk;

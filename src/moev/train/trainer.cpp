@@ -721,6 +721,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
 
   TrainOutcome out;
   out.steps_per_epoch = per_epoch;
+  out.budgeted = budgeted;
   // train.branch_views: branch b trains on the batches of a loader and mix draws
   // of its own (view 0 those of the plain run), like a separately trained model
   // but for the trunk they share (Havasi et al. 2021's independent inputs).

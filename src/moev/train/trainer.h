@@ -58,6 +58,7 @@ struct TrainOutcome {
   int64_t steps = 0;              // optimizer steps taken in all (incl. before resume)
   int64_t epochs_done = 0;        // completed epochs (a time budget spent inside one ends it: counted)
   int64_t steps_per_epoch = 0;    // the training set's batches per epoch
+  bool budgeted = false;          // the run has a time budget (train.minutes, as saved)
   bool finished = false;          // all epochs done (false: stopped at max_steps or by opts.stop)
   bool stopped = false;           // ended early by opts.stop; --resume continues it
   double train_seconds = 0;       // wall time of this process's training steps
