@@ -428,6 +428,33 @@ TEST(Launch, SigtermDuringTheEvaluationStopsTheJobBeforeTheEpochsEnd) {
 // the launcher stops the other rank within seconds instead of letting it wait
 // out its timeout; bad launcher flags and commands that are not distributed
 // are refused before any rank starts.
+// A rank killed from outside is the cause; rank 0's all-reduce error its effect. The launcher named rank 0 first
+// and exited with its status 1: it reported by rank index, not in the order the ranks ended.
+TEST(Launch, AKilledRankIsNamedFirstAndItsStatusIsTheLaunchers) {
+  moev::test::TempDir dir;
+  const auto [launcher, started] = start_long_job(dir, dir.file("r"), 2);
+  ASSERT_GT(launcher, 0);
+  if (!started) ::kill(launcher, SIGKILL);
+  ASSERT_TRUE(started) << moev::test::bytes_of(dir.file("out.txt"));
+  pid_t rank1 = -1;  // the child whose environment says RANK=1
+  std::ifstream children("/proc/" + std::to_string(launcher) + "/task/" + std::to_string(launcher) + "/children");
+  for (pid_t pid; children >> pid;) {
+    std::ifstream env("/proc/" + std::to_string(pid) + "/environ", std::ios::binary);
+    for (std::string var; std::getline(env, var, '\0');)
+      if (var == "RANK=1") rank1 = pid;
+  }
+  if (rank1 <= 0) ::kill(launcher, SIGKILL);
+  ASSERT_GT(rank1, 0);
+  ::kill(rank1, SIGKILL);
+  EXPECT_EQ(moev::test::wait_cli(launcher), 137);
+  const std::string out = moev::test::bytes_of(dir.file("out.txt"));
+  const auto killed = out.find("moev launch: rank 1 was ended by signal 9 (status 137)");
+  ASSERT_NE(killed, std::string::npos) << out;
+  const auto effect = out.find("moev launch: rank 0 exited with status 1");
+  ASSERT_NE(effect, std::string::npos) << out;
+  EXPECT_LT(killed, effect) << out;
+}
+
 TEST(Launch, AFailedRankStopsTheJobAndBadFlagsAreRefused) {
   moev::test::TempDir dir;
   const int held = ::socket(AF_INET, SOCK_STREAM, 0);
