@@ -117,4 +117,7 @@ void check_limit(const std::optional<int64_t>& limit);
 // work, as a typo replaced a trained checkpoint at exit 0. The directory it lies in must exist or be makeable.
 void check_result_file(const std::string& path, const char* flag = "--result");
 
+// The directory a file named by `flag` goes into, made now (before the work, not when the file is written).
+void make_parent_directory(const std::string& path, const char* flag);
+
 }  // namespace moev::app

@@ -46,7 +46,13 @@ void check_result_file(const std::string& path, const char* flag) {
                "object with top1): a checkpoint, a config or another file, which it would replace; remove it or name ",
                "another file");
   }
+  make_parent_directory(path, flag);
+}
+
+void make_parent_directory(const std::string& path, const char* flag) {
+  namespace fs = std::filesystem;
   const fs::path parent = fs::path(path).parent_path();
+  std::error_code ec;
   if (!parent.empty()) fs::create_directories(parent, ec);
   MOEV_CHECK(parent.empty() || fs::is_directory(parent), flag, " ", path, ": cannot make its directory ",
              parent.string(), ec ? " (" + ec.message() + ")" : "");

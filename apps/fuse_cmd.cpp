@@ -64,13 +64,7 @@ Runner add_fuse(CLI::App& app) {
     check_result_file(f->result);
     MOEV_CHECK(f->result.empty() || fs::weakly_canonical(f->result) != fs::weakly_canonical(f->out), "--result ",
                f->result, ": is --out, the fused checkpoint itself; name another file");
-    // Its directory now, not after the training (the error named the temporary file).
-    if (const auto parent = fs::path(f->out).parent_path(); !parent.empty()) {
-      std::error_code ec;
-      fs::create_directories(parent, ec);
-      MOEV_CHECK(fs::is_directory(parent), "--out ", f->out, ": cannot make its directory ", parent.string(),
-                 ec ? " (" + ec.message() + ")" : "");
-    }
+    make_parent_directory(f->out, "--out");  // now, not after the training (the error named the temporary file)
     f->o.progress = &std::cerr;
     f->o.interactive = stderr_is_terminal();
     auto r = train::train_fusion(f->checkpoint, f->out, f->o);
