@@ -75,7 +75,7 @@ Runner add_analyze(CLI::App& app) {
                "layers or branches");
     const auto device = parse_device("cpu");
     auto t = train::load_trained(f->checkpoint, device, f->precision);
-    warn_precision(t.cfg.model);
+    note_trained(t);
     auto layers = moe::find_moe_layers(*t.model);
     const bool branches = t.cfg.model.branches >= 2;
     MOEV_CHECK(!layers.empty() || branches, f->checkpoint, ": the model has no MoE layers (model.moe = ",

@@ -13,6 +13,7 @@
 #include "moev/models/model_config.h"
 #include "moev/models/placement.h"
 #include "moev/train/checkpoint.h"
+#include "moev/train/trained_model.h"
 
 namespace moev::app {
 
@@ -81,7 +82,14 @@ Runner add_checkpoint(CLI::App& app) {
                                                               std::to_string(m.router.num_experts) + ", K = " +
                                                               std::to_string(m.router.k))
               << branches << ", precision " << m.precision << "\n"
-              << "position     " << position(st) << "\n"
+              << "position     " << position(st)
+              << (st.contains("pretrain") ? ""
+                  : train::unfinished_training(cfg, ckpt.state_json, *path).empty()
+                      ? " (the run's end)"
+                      : ", of " + std::to_string(cfg.train.epochs + cfg.train.cooldown_epochs) +
+                            (cfg.train.epochs + cfg.train.cooldown_epochs == 1 ? " epoch" : " epochs") +
+                            ": unfinished (moev train --out DIR --resume finishes it)")
+              << "\n"
               << "written by   " << st.value("world_size", 1) << " rank(s)"
               << (st.value("expert_parallel", false) ? ", experts split over them" : "") << "\n"
               << "layout       full tensors: loads on any number of ranks"

@@ -15,6 +15,10 @@
 #include "moev/dist/communicator.h"
 #include "moev/io/run_config.h"
 
+namespace moev::train {
+struct TrainedModel;
+}  // namespace moev::train
+
 namespace moev::app {
 
 using Runner = std::function<int()>;
@@ -107,6 +111,10 @@ bool stderr_is_terminal();
 // Silent for ResNeSt, which refuses bf16 with an error of its own.
 void warn_precision(const models::ModelConfig& model);
 
+// What eval, predict and analyze say of a model they loaded: warn_precision, and
+// a note when its run had not ended (train::unfinished_training).
+void note_trained(const train::TrainedModel& t);
+
 // --limit N of eval, analyze and ensemble: the first N test images (0: all of
 // them); unset keeps the run's data.test_limit. check_limit refuses N < 0.
 void add_limit_option(CLI::App* cmd, std::optional<int64_t>& limit);
@@ -114,10 +122,14 @@ void check_limit(const std::optional<int64_t>& limit);
 
 // --result FILE of fuse and ensemble (eval's --json is printed): a new file, or an earlier result (a JSON object),
 // which it replaces; anything else (a checkpoint, the command's own config, a directory) is refused before the
-// work, as a typo replaced a trained checkpoint at exit 0. The directory it lies in must exist or be makeable.
+// work, as a typo replaced a trained checkpoint at exit 0. The directory it lies in must exist or be makeable
+// (check_parent_directory).
 void check_result_file(const std::string& path, const char* flag = "--result");
 
-// The directory a file named by `flag` goes into, made now (before the work, not when the file is written).
+// Before the work: the directory a file named by `flag` goes into exists, or the nearest existing directory
+// above it is one this process can write in; nothing is made, so a command refused later (its inputs checked
+// after its flags) leaves no empty directory behind. make_parent_directory makes it when the file is written.
+void check_parent_directory(const std::string& path, const char* flag);
 void make_parent_directory(const std::string& path, const char* flag);
 
 }  // namespace moev::app

@@ -12,6 +12,7 @@
 #include "moev/core/error.h"
 #include "moev/models/model_config.h"
 #include "moev/nn/linear.h"
+#include "moev/train/trained_model.h"
 #include "moev/train/trainer.h"
 
 namespace moev::app {
@@ -22,6 +23,11 @@ void warn_precision(const models::ModelConfig& model) {
   if (model.family != "resnest" && model.precision == "bf16" && !nn::native_bf16())
     std::cerr << "moev: note: model.precision = bf16, but this CPU has no native bf16 dot products "
                  "(AVX512_BF16 or AMX); running the GEMMs in fp32\n";
+}
+
+void note_trained(const train::TrainedModel& t) {
+  warn_precision(t.cfg.model);
+  if (!t.unfinished.empty()) std::cerr << "note: " << t.unfinished << "\n";
 }
 
 void add_limit_option(CLI::App* cmd, std::optional<int64_t>& limit) {
@@ -46,7 +52,18 @@ void check_result_file(const std::string& path, const char* flag) {
                "object with top1): a checkpoint, a config or another file, which it would replace; remove it or name ",
                "another file");
   }
-  make_parent_directory(path, flag);
+  check_parent_directory(path, flag);
+}
+
+void check_parent_directory(const std::string& path, const char* flag) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::path above = fs::absolute(path, ec).parent_path();
+  while (!fs::exists(above, ec) && above.has_relative_path()) above = above.parent_path();
+  MOEV_CHECK(fs::is_directory(above, ec), flag, " ", path, ": cannot make its directory: ", above.string(),
+             " is a file, not a directory");
+  MOEV_CHECK(access(above.c_str(), W_OK) == 0, flag, " ", path, ": cannot write in ", above.string(),
+             " (no permission)");
 }
 
 void make_parent_directory(const std::string& path, const char* flag) {

@@ -62,7 +62,10 @@ Runner add_ensemble(CLI::App& app) {
       out["members"].push_back({{"checkpoint", cfg.members[i].checkpoint}, {"weight", cfg.members[i].weight},
                                 {"top1", r.members[i].top1}, {"top5", r.members[i].top5},
                                 {"loss", r.members[i].loss}});
-    if (!f->result.empty()) io::write_text_atomic(f->result, io::output_json(out) + "\n");
+    if (!f->result.empty()) {
+      make_parent_directory(f->result, "--result");
+      io::write_text_atomic(f->result, io::output_json(out) + "\n");
+    }
     if (f->json) {
       std::cout << io::output_json(out) << "\n";
       return 0;

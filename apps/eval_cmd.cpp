@@ -160,7 +160,7 @@ Runner add_eval(CLI::App& app) {
     std::optional<std::pair<train::DataConfig, int64_t>> first_test;  // the table's test set and its size
     for (const auto& ckpt : f->checkpoints) {
       auto t = train::load_trained(ckpt, device, f->precision, f->raw_weights);
-      warn_precision(t.cfg.model);
+      note_trained(t);
       if (f->raw_weights && t.cfg.train.ema_decay <= 0)  // said, as a flag that changes nothing should be
         std::cerr << "note: " << ckpt << " was trained without a weight average (train.ema_decay = 0): "
                   << "--raw-weights evaluates the weights it would without the flag\n";

@@ -64,7 +64,7 @@ Runner add_fuse(CLI::App& app) {
     check_result_file(f->result);
     MOEV_CHECK(f->result.empty() || fs::weakly_canonical(f->result) != fs::weakly_canonical(f->out), "--result ",
                f->result, ": is --out, the fused checkpoint itself; name another file");
-    make_parent_directory(f->out, "--out");  // now, not after the training (the error named the temporary file)
+    check_parent_directory(f->out, "--out");  // now, not after the training (the error named the temporary file)
     f->o.progress = &std::cerr;
     f->o.interactive = stderr_is_terminal();
     auto r = train::train_fusion(f->checkpoint, f->out, f->o);
@@ -79,6 +79,7 @@ Runner add_fuse(CLI::App& app) {
                        {"train_images", r.train_images}, {"images_seen", r.images_seen},
                        {"test_images", r.fused.images}, {"checkpoint", f->out},
                        {"options", {{"epochs", f->o.epochs}, {"batch_size", f->o.batch_size}, {"lr", f->o.lr}}}};
+      make_parent_directory(f->result, "--result");
       io::write_text_atomic(f->result, j.dump(2) + "\n");
     }
     return 0;

@@ -44,7 +44,7 @@ Runner add_predict(CLI::App& app) {
     train::set_threads(f->threads);
     const auto device = parse_device(f->device);
     auto t = train::load_trained(f->checkpoint, device, f->precision);
-    warn_precision(t.cfg.model);
+    note_trained(t);
     const auto& m = t.cfg.model;
     MOEV_CHECK(f->top >= 1, "--top ", f->top, ": expected >= 1");
     const int64_t k = std::min(f->top, m.num_classes);

@@ -61,9 +61,15 @@ Runner add_pretrain(CLI::App& app) {
         MOEV_CHECK(a.rfind(k, 0) != 0, "moev pretrain: ", a, " sets the supervised run's ", std::string(k, strlen(k) - 1),
                    ", which pre-training does not read; use --pretrain-epochs / --pretrain-lr (pre-training runs ",
                    "for its epochs: a time budget is the supervised run's)");
-    for (const auto& a : flags->sets)  // --minutes listed in --help and then ignored; so was this
+    for (const auto& a : flags->sets) {  // --minutes listed in --help and then ignored; so was this
       MOEV_CHECK(a.rfind("train.minutes=", 0) != 0, "moev pretrain: --set ", a, ": a time budget is the supervised ",
                  "run's; pre-training runs for --pretrain-epochs");
+      // Refused as --epochs and --lr are; given with --set, they were taken and changed nothing.
+      for (const char* k : {"train.epochs=", "train.lr="})
+        MOEV_CHECK(a.rfind(k, 0) != 0, "moev pretrain: --set ", a, " sets the supervised run's ",
+                   std::string(k, strlen(k) - 1), ", which pre-training does not read; use --set pretrain.",
+                   std::string(k + 6, strlen(k) - 7), "=... (or --pretrain-", std::string(k + 6, strlen(k) - 7), ")");
+    }
     // --set pretrain.<key>=... is this command's (applied below); the rest go to the run config.
     auto& run_sets = flags->in_order;
     run_sets.erase(std::remove_if(run_sets.begin(), run_sets.end(),

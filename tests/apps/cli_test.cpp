@@ -672,8 +672,20 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   // other order of float sums gave other weights than the uninterrupted run.
   r = run("train " + toy + "--max-steps 2 --out " + dir.file("cut"));
   ASSERT_EQ(r.code, 0) << r.out;
+  // A paused run's weights are said to be one's where they are used, and by checkpoint info.
+  const std::string cut_ckpt = dir.file("cut") + "/checkpoint.pt";
+  r = run("eval " + cut_ckpt + " --limit 16");
+  EXPECT_NE(r.out.find("note: " + cut_ckpt + " is an unfinished run's: it stopped at step 2, after 0 of"),
+            std::string::npos) << r.out;
+  r = run("checkpoint info " + cut_ckpt);
+  EXPECT_NE(r.out.find("step 2, epoch 0, of 1 epoch: unfinished (moev train --out DIR --resume"), std::string::npos)
+      << r.out;
   r = run("train --out " + dir.file("cut") + " --resume --set train.progress=false");
   ASSERT_EQ(r.code, 0) << r.out;
+  r = run("checkpoint info " + cut_ckpt);
+  EXPECT_NE(r.out.find(", epoch 1 (the run's end)"), std::string::npos) << r.out;
+  r = run("eval " + cut_ckpt + " --limit 16");
+  EXPECT_EQ(r.out.find("unfinished"), std::string::npos) << r.out;
   EXPECT_EQ(nlohmann::json::parse(std::ifstream(dir.file("cut") + "/config.json")).at("train").at("threads"), 1);
   {
     const auto whole = moev::train::load_checkpoint(dir.file("n1") + "/checkpoint.pt");
@@ -684,7 +696,15 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   expect_clean_failure("train " + toy + "--set model.branches=3 --set train.teacher=" + dir.file("n1") +
                            "/checkpoint.pt --out " + dir.file("a"),
                        {"train.teacher", "model.branches 1 vs 3", "same architecture"});
-  expect_clean_failure("fuse " + dir.file("n1") + "/checkpoint.pt", {"multi-branch model", "1 branch"});
+  // Refused over its input, it leaves no directory of --out or --result behind (they were made first).
+  expect_clean_failure("fuse " + dir.file("n1") + "/checkpoint.pt --out " + dir.file("new_out") + "/f.pt --result " +
+                           dir.file("new_res") + "/r.json",
+                       {"multi-branch model", "1 branch"});
+  EXPECT_FALSE(std::filesystem::exists(dir.file("new_out")));
+  EXPECT_FALSE(std::filesystem::exists(dir.file("new_res")));
+  std::ofstream(dir.file("plain")) << "x";
+  expect_clean_failure("fuse " + dir.file("n1") + "/checkpoint.pt --out " + dir.file("plain") + "/sub/f.pt",
+                       {"--out " + dir.file("plain") + "/sub/f.pt", "cannot make its directory", "not a directory"});
   expect_clean_failure("fuse " + dir.file("n1") + "/checkpoint.pt --lr 0", {"lr = 0", "--lr"});
   expect_clean_failure("train " + toy + "--set train.label_smoothing=-0.1 --out " + dir.file("a"),
                        {"train.label_smoothing = -0.1", "[0, 1)"});
@@ -751,6 +771,11 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   // A time budget is the supervised run's: --minutes was in pretrain's --help, and then ignored.
   expect_clean_failure("pretrain " + toy_ssl + "--minutes 0.05 --out " + dir.file("a"),
                        {"train.minutes", "--pretrain-epochs"});
+  // --set train.epochs and train.lr were taken and read by nothing, where --epochs and --lr are refused.
+  expect_clean_failure("pretrain " + toy_ssl + "--set train.epochs=3 --out " + dir.file("a"),
+                       {"--set train.epochs=3", "pre-training does not read", "pretrain.epochs=", "--pretrain-epochs"});
+  expect_clean_failure("pretrain " + toy_ssl + "--set train.lr=0.1 --out " + dir.file("a"),
+                       {"--set train.lr=0.1", "pretrain.lr=", "--pretrain-lr"});
   expect_clean_failure("pretrain " + toy_ssl + "--queue 5000 --out " + dir.file("a"), {"queue = 5000", "at most 40"});
   // Supervised-run settings pre-training would not read: refused rather than ignored.
   expect_clean_failure("pretrain " + toy_ssl + "--pretrain-weight-decay -1 --out " + dir.file("a"),
@@ -858,10 +883,10 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   EXPECT_NE(r.out.find("fusion"), std::string::npos) << r.out;
   // Its own output it replaces; another run's checkpoint or any other file it refused to (it replaced them).
   r = run("fuse " + dir.file("s2") + "/checkpoint.pt --epochs 2 --threads 1 --out " + dir.file("s2") +
-          "/fused.pt --result " + dir.file("fuse.json"));
+          "/fused.pt --result " + dir.file("res/fuse.json"));
   ASSERT_EQ(r.code, 0) << r.out;
   // The result's counts: "images" was the training set times the epochs, read as a set's size.
-  const auto fr = nlohmann::json::parse(std::ifstream(dir.file("fuse.json")));
+  const auto fr = nlohmann::json::parse(std::ifstream(dir.file("res/fuse.json")));
   EXPECT_FALSE(fr.contains("images")) << fr;
   EXPECT_EQ(fr.at("images_seen").get<int64_t>(), 2 * fr.at("train_images").get<int64_t>()) << fr;
   EXPECT_EQ(fr.at("test_images").get<int64_t>(), 100) << fr;

@@ -235,6 +235,9 @@ TEST(MultiBranch, TeacherEnsembleAveragesItsMembersProbabilities) {
   EXPECT_TRUE(torch::allclose(t.probs(x, index, aug, 1), expected, 1e-5, 1e-6));
   EXPECT_EQ(t.images_run(), 80);  // images, whatever the number of members
 
+  // A member named twice (here by another spelling) counted double in the average.
+  test::expect_error([&] { train::Teacher({a, b, dir.file("a") + "/../a/checkpoint.pt"}, la.cfg.model, mean, sd); },
+                     {"train.teacher lists " + dir.file("a") + "/../a/checkpoint.pt twice", "each member once"});
   // One member of another architecture spoils the ensemble, and is named.
   test::expect_error([&] { train::Teacher({a, n1}, la.cfg.model, mean, sd); },
                      {"train.teacher = " + n1, "model.branches 1 vs 2"});
@@ -259,6 +262,61 @@ TEST(MultiBranch, TeacherEnsembleAveragesItsMembersProbabilities) {
   const auto foreign = relabelled("other_classes.pt", other);
   test::expect_error([&] { train::Teacher({foreign}, la.cfg.model, mean, sd, nullptr, la.class_names); },
                      {"train.teacher = " + foreign, "no class '" + la.class_names[0] + "'", "not other classes"});
+}
+
+// A paused run's weights (--max-steps, a stop) were taught from and fused as a trained model's without a word:
+// each use notes them, with where the run stopped and how to finish it, until the run has ended.
+TEST(MultiBranch, AnUnfinishedRunIsNotedWhereItIsUsed) {
+  test::TempDir dir;
+  auto c = toy(dir.file("paused"), 2);
+  c.train.max_steps = 3;
+  train::train_model(c, {});
+  const auto paused = dir.file("paused") + "/checkpoint.pt";
+  const auto t = train::load_trained(paused, c10::Device(c10::kCPU));
+  for (const std::string& needle : std::vector<std::string>{paused + " is an unfinished run's",
+                                                             "step 3, after 0 of 2 epochs",
+                                                             "moev train --out " + dir.file("paused") + " --resume"})
+    EXPECT_NE(t.unfinished.find(needle), std::string::npos) << t.unfinished << "\nmissing: " << needle;
+  const auto& mean = t.cfg.data.mean;
+  const auto& sd = t.cfg.data.std;
+  EXPECT_EQ(train::Teacher({paused}, t.cfg.model, mean, sd).notes(), std::vector<std::string>{"train.teacher: " +
+                                                                                               t.unfinished});
+  auto s = toy(dir.file("student"), 2);
+  s.train.teacher = {paused};
+  s.train.max_steps = 1;
+  std::ostringstream said;
+  train::TrainRunOptions o;
+  o.progress = &said;
+  train::train_model(s, o);
+  EXPECT_NE(said.str().find("note: train.teacher: " + t.unfinished + "\n"), std::string::npos) << said.str();
+  train::FusionOptions fo;
+  fo.epochs = 1;
+  fo.evaluate = false;
+  std::ostringstream fused_said;
+  fo.progress = &fused_said;
+  train::train_fusion(paused, dir.file("fused.pt"), fo);
+  EXPECT_NE(fused_said.str().find("note: " + t.unfinished), std::string::npos) << fused_said.str();
+  // The fusion of a paused run is the paused run's too.
+  EXPECT_FALSE(train::load_trained(dir.file("fused.pt"), c10::Device(c10::kCPU)).unfinished.empty());
+
+  // Finished: nothing to say.
+  c.train.max_steps = 0;
+  train::TrainRunOptions resume;
+  resume.resume = true;
+  ASSERT_TRUE(train::train_model(c, resume).finished);
+  EXPECT_EQ(train::load_trained(paused, c10::Device(c10::kCPU)).unfinished, "");
+  EXPECT_TRUE(train::Teacher({paused}, t.cfg.model, mean, sd).notes().empty());
+
+  // Known answers: the cool-down is part of the schedule; a time budget ends at its planned step.
+  auto cfg = c;
+  cfg.train.epochs = 2;
+  cfg.train.cooldown_epochs = 1;
+  EXPECT_NE(train::unfinished_training(cfg, R"({"step": 20, "epoch": 2})", "x.pt").find("after 2 of 3 epochs (cool-"),
+            std::string::npos);
+  EXPECT_EQ(train::unfinished_training(cfg, R"({"step": 30, "epoch": 3})", "x.pt"), "");
+  EXPECT_EQ(train::unfinished_training(cfg, R"({"step": 7, "epoch": 0, "planned_steps": 7})", "x.pt"), "");
+  EXPECT_NE(train::unfinished_training(cfg, R"({"step": 6, "epoch": 0, "planned_steps": 7})", "x.pt"), "");
+  EXPECT_EQ(train::unfinished_training(cfg, R"({"pretrain": {"step": 6}})", "x.pt"), "");  // not a train run's
 }
 
 // Sun et al.'s objective on the first step, whose model is the same in every
@@ -344,6 +402,9 @@ TEST(MultiBranch, ArchitectureDifferenceNamesEveryShapingField) {
   a.moe = b.moe;  // same placement, other expert count
   EXPECT_EQ(train::architecture_difference(a, b),
             "model.branches 1 vs 3, model.moe every-2 (E " + std::to_string(a.router.num_experts) + ") vs every-2 (E 4)");
+  // Another family is named alone, not with every field the two presets set apart.
+  EXPECT_EQ(train::architecture_difference(models::preset("vit-tiny"), models::preset("resnest-tiny")),
+            "model.family \"vit\" vs \"resnest\"");
 }
 
 TEST(MultiBranch, FusionTrainsOnlyTheFusionLayer) {

@@ -396,11 +396,12 @@ TEST(Trainer, CheckpointOfAnotherArchitectureIsRefusedNamingTheTensor) {
   b.model.router.num_experts = 8;
   b.train.init_from = train::checkpoint_path(a.train.out_dir);
   test::expect_error([&] { train::train_model(b, {}); },
-                     {b.train.init_from, "blocks.1.moe.experts.b1", "[4, 64]", "[8, 64]"});
+                     {"train.init_from = " + b.train.init_from, "blocks.1.moe.experts.b1", "[4, 64]", "[8, 64]",
+                      "its model differs from this run's: model.moe ", "(E 4) vs ", "(E 8)"});
   auto c = tiny_run(dir.file("c"));
   c.model.moe = models::parse_placement("none");
   c.train.init_from = b.train.init_from;
-  test::expect_error([&] { train::train_model(c, {}); }, {"blocks.1.fc1.bias", "missing"});
+  test::expect_error([&] { train::train_model(c, {}); }, {"blocks.1.fc1.bias", "missing", "vs none (E"});
 }
 
 // A NaN weight (a run saved after diverging, a damaged file) would otherwise

@@ -99,6 +99,31 @@ TEST(Plot, SeriesAndTextAreDrawnWhereTheirCoordinatesSay) {
   test::expect_error([&] { viz::write_plot(spec, "/proc/nonexistent/x.png"); }, {"x.png"});
 }
 
+// The ablation's x is a count of branches: ticks at 1.5 and 2.5 marked branch counts no run has. Given x_ticks,
+// the vertical grid lines are those and no others.
+TEST(Plot, GivenXTicksAreTheOnlyVerticalGridLines) {
+  test::TempDir dir;
+  viz::PlotSpec spec = labelled("ablation", "branches N", "top-1 (%)");
+  viz::Series a;
+  a.name = "plain", a.x = {1, 3, 5}, a.y = {81.5, 81.4, 81.6};
+  spec.series = {a};
+  auto grid_columns = [&](const std::string& name) {
+    viz::write_plot(spec, dir.file(name));
+    const Png p = load_png(dir.file(name));
+    int columns = 0;
+    for (int x = 0; x < p.w; ++x) {
+      int grey = 0;
+      for (int y = 0; y < p.h; ++y) grey += same(p.at(x, y), viz::kLightGrey);
+      columns += grey > p.h / 3;
+    }
+    return columns;
+  };
+  const int nice = grid_columns("nice.png");
+  spec.x_ticks = {1, 3, 5};
+  EXPECT_EQ(grid_columns("given.png"), 3);
+  EXPECT_GT(nice, 3);  // 1, 2, 3, 4, 5 (or finer) without them
+}
+
 // Long y tick labels (0.595) ran into the turned y title at a fixed left margin: between the title's column
 // and the labels there is now a clear gap.
 TEST(Plot, YTickLabelsKeepClearOfTheYTitle) {

@@ -218,8 +218,10 @@ void write_ablation(const std::vector<AblationRow>& rows, const std::string& out
       per += (s ? " / " : "") + io::fmt(100 * r.top1[s], 2);
     }
     // Whole seconds, but a row of seconds (a fusion step on a small set) keeps a decimal: it read 0.
-    md.add({r.row, io::fmt(100 * r.mean, 2), io::fmt(100 * r.spread, 2), std::to_string(r.top1.size()), per,
-            io::fmt(r.seconds, r.seconds < 10 ? 1 : 0)});
+    // One seed has no spread: "0.00" read as seeds that agreed.
+    md.add({r.row, io::fmt(100 * r.mean, 2), r.top1.size() > 1 ? io::fmt(100 * r.spread, 2) : "-",
+            std::to_string(r.top1.size()), per,
+            r.seconds > 0 ? io::fmt(r.seconds, r.seconds < 10 ? 1 : 0) : "-"});  // a teacher row trains nothing
   }
   io::write_text_atomic((fs::path(out_dir) / "ablation.csv").string(), csv.csv());
   io::write_text_atomic((fs::path(out_dir) / "ablation.md").string(), md.markdown());
@@ -227,6 +229,9 @@ void write_ablation(const std::vector<AblationRow>& rows, const std::string& out
   p.title = "Multi-branch MoE ablation: mean test top-1 over seeds";
   p.xlabel = "expert branches N";
   p.ylabel = "top-1 (%)";
+  for (const auto& r : rows)  // the branch counts run, not 1.5 or 2.5 branches between them
+    if (std::find(p.x_ticks.begin(), p.x_ticks.end(), double(r.branches)) == p.x_ticks.end())
+      p.x_ticks.push_back(double(r.branches));
   const char* kinds[] = {"plain", "w/o diversity", "teacher ensemble", "+ distill", "+ distill + fusion"};
   for (int k = 0; k < 5; ++k) {
     viz::Series s;

@@ -139,6 +139,7 @@ EnsembleResult evaluate_ensemble(const EnsembleConfig& cfg, std::optional<int64_
   std::vector<TrainedModel> models;
   for (const auto& m : cfg.members) {
     models.push_back(load_trained(m.checkpoint, c10::Device(c10::kCPU)));
+    if (progress && !models.back().unfinished.empty()) *progress << "note: " << models.back().unfinished << "\n";
     const auto& a = models.front().cfg.model;
     const auto& b = models.back().cfg.model;
     MOEV_CHECK(a.image_size == b.image_size && a.channels == b.channels && a.num_classes == b.num_classes,

@@ -1,6 +1,7 @@
 #include "moev/train/fusion.h"
 
 #include <chrono>
+#include <filesystem>
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -14,6 +15,7 @@
 #include "moev/train/datasets.h"
 #include "moev/train/pretrain.h"
 #include "moev/train/schedule.h"
+#include "moev/train/trained_model.h"
 #include "moev/viz/progress_bar.h"
 
 namespace moev::train {
@@ -26,6 +28,8 @@ FusionOutcome train_fusion(const std::string& path, const std::string& out_path,
   auto ckpt = load_checkpoint(path, CheckpointLoad::kInference);
   refuse_pretraining_checkpoint(ckpt.state_json, path);
   auto cfg = io::from_json_string(ckpt.config_json, path);
+  if (const auto note = unfinished_training(cfg, ckpt.state_json, path); !note.empty() && o.progress)
+    *o.progress << "note: " << note << "\n";
   MOEV_CHECK(cfg.model.family == "resnest" && cfg.model.branches >= 2, path, ": a fusion layer needs a ",
              "multi-branch model (model.family = resnest, model.branches >= 2); this one is ", cfg.model.family,
              " with ", cfg.model.branches, " branch(es)");
@@ -105,6 +109,12 @@ FusionOutcome train_fusion(const std::string& path, const std::string& out_path,
   ckpt.model = module_tensors(*model);  // the branches as loaded (averaged, if averaged), the fusion layer
   ckpt.ema.clear();
   ckpt.optimizer.clear();  // the branches' optimizer state would resume nothing here
+  // Made only now: a fusion refused over its inputs left an empty directory behind.
+  const auto parent = std::filesystem::path(out_path).parent_path();
+  std::error_code ec;
+  if (!parent.empty()) std::filesystem::create_directories(parent, ec);
+  MOEV_CHECK(parent.empty() || std::filesystem::is_directory(parent), out_path, ": cannot make its directory ",
+             parent.string(), ec ? " (" + ec.message() + ")" : "");
   save_checkpoint(out_path, ckpt);
   return res;
 }

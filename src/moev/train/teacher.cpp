@@ -60,6 +60,11 @@ std::string architecture_difference(const models::ModelConfig& a, const models::
   rb.model = b;
   const auto ja = io::to_json(ra)["model"], jb = io::to_json(rb)["model"];
   Differences out;
+  // Another family differs in everything: its fields (a ViT's patch and heads, ResNeSt's radix) were listed too.
+  if (a.family != b.family) {
+    out.add("model.family", a.family, b.family);
+    return out.str();
+  }
   for (const char* k : kKeys)
     if (ja.contains(k) && jb.contains(k)) out.add(std::string("model.") + k, ja[k], jb[k]);
   if (models::to_string(a.moe) != models::to_string(b.moe) ||
@@ -99,6 +104,12 @@ Teacher::Teacher(const std::vector<std::string>& checkpoints, const models::Mode
                  const std::vector<float>& mean, const std::vector<float>& std, const DataConfig* student_data,
                  const std::vector<std::string>& student_classes) {
   MOEV_CHECK(!checkpoints.empty(), "train.teacher: no checkpoint given");
+  // Twice in the list, a member counted double in the average without a word.
+  for (size_t i = 0; i < checkpoints.size(); ++i)
+    for (size_t j = i + 1; j < checkpoints.size(); ++j)
+      MOEV_CHECK(!io::same_path(checkpoints[i], checkpoints[j]), "train.teacher lists ", checkpoints[j],
+                 " twice (as ", nlohmann::json(checkpoints[i]).dump(), " and ", nlohmann::json(checkpoints[j]).dump(),
+                 "); expected each member once (the ensemble averages its members' probabilities equally)");
   classes_ = student.num_classes;
   for (const auto& checkpoint : checkpoints) {
     // Named as the teacher: a relative path is the working directory's, which a resume from elsewhere changes.
@@ -108,6 +119,7 @@ Teacher::Teacher(const std::vector<std::string>& checkpoints, const models::Mode
                    ? " (a relative path is read from the working directory, " + fs::current_path(ec).string() + ")"
                    : "");
     auto t = load_trained(checkpoint, c10::Device(c10::kCPU));
+    if (!t.unfinished.empty()) notes_.push_back("train.teacher: " + t.unfinished);
     const auto diff = architecture_difference(t.cfg.model, student);
     MOEV_CHECK(diff.empty(), "train.teacher = ", checkpoint, ": the teacher is not a model of the student's ",
                "architecture (", diff, "); distillation expects a teacher of the same architecture");

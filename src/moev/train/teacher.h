@@ -50,6 +50,8 @@ class Teacher {
   at::Tensor probs_uncached(const at::Tensor& x);
 
   int64_t images_run() const { return images_run_; }  // teacher forwards so far
+  // What the student's run should say of its teacher: a member whose run had not ended (unfinished_training).
+  const std::vector<std::string>& notes() const { return notes_; }
 
   // At most `megabytes` of cached probabilities (map entries included): past
   // it, new keys are taught uncached, each time they come. The cache's size is
@@ -92,6 +94,7 @@ class Teacher {
   int64_t max_rows_ = INT64_MAX;                // the cache's limit, in keys
   int64_t images_run_ = 0;
   std::string fingerprint_;
+  std::vector<std::string> notes_;
 };
 
 // The fields of two model configs that make them different architectures ("" when

@@ -35,11 +35,32 @@ TrainedModel load_trained(const std::string& path, const c10::Device& device,
   t.model->eval();
   auto state = nlohmann::json::parse(ckpt.state_json);
   t.step = state.value("step", int64_t{0});
+  t.unfinished = unfinished_training(t.cfg, ckpt.state_json, path);
   if (state.contains("class_names")) t.class_names = state["class_names"].get<std::vector<std::string>>();
   t.class_names_stored = !t.class_names.empty();
   for (int64_t i = static_cast<int64_t>(t.class_names.size()); i < t.cfg.model.num_classes; ++i)
     t.class_names.push_back("class " + std::to_string(i));
   return t;
+}
+
+std::string unfinished_training(const io::RunConfig& cfg, const std::string& state_json,
+                                const std::string& checkpoint) {
+  const auto st = nlohmann::json::parse(state_json, nullptr, false);
+  if (!st.is_object() || !st.contains("epoch") || !st["epoch"].is_number_integer()) return "";  // not a train run's
+  const auto epoch = st["epoch"].get<int64_t>();
+  const auto step = st.value("step", int64_t{0});
+  const int64_t all_epochs = cfg.train.epochs + cfg.train.cooldown_epochs;
+  if (epoch >= all_epochs) return "";
+  // A time budget ends the run at its planned step, inside an epoch.
+  if (st.contains("planned_steps") && st["planned_steps"].is_number_integer() &&
+      step >= st["planned_steps"].get<int64_t>())
+    return "";
+  const auto dir = std::filesystem::path(checkpoint).parent_path();
+  return checkpoint + " is an unfinished run's: it stopped at step " + std::to_string(step) + ", after " +
+         std::to_string(epoch) + " of " + std::to_string(all_epochs) + (all_epochs == 1 ? " epoch" : " epochs") +
+         (cfg.train.cooldown_epochs > 0 ? " (cool-down included)" : "") +
+         " (paused by --max-steps, or stopped before its end); moev train --out " +
+         (dir.empty() ? std::string(".") : dir.string()) + " --resume finishes it";
 }
 
 io::RunConfig trained_config(const std::string& path) {

@@ -21,7 +21,15 @@ struct TrainedModel {
   int64_t step = 0;                      // training steps behind these weights
   bool replicable = true;                // Replicas can rebuild it from cfg.model (a hard MoE cannot)
   bool averaged = false;                 // the weights are the run's average (train.ema_decay)
+  std::string unfinished;                // a note when its run stopped before its end (unfinished_training)
 };
+
+// Empty when the run that wrote a checkpoint ended its schedule (its epochs and
+// cool-down, or its time budget); otherwise a note naming `checkpoint`, where the
+// run stopped and how to finish it. A paused or killed run's weights were taught
+// from, fused and scored as a trained model's without a word.
+std::string unfinished_training(const io::RunConfig& cfg, const std::string& state_json,
+                                const std::string& checkpoint);
 
 // checkpoint: a checkpoint.pt, or a hard MoE's hardmoe.json.
 // precision: "" keeps the model.precision it was trained with; "fp32" or "bf16"

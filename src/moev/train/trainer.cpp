@@ -465,6 +465,8 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     teacher = std::make_unique<Teacher>(tc.teacher, cfg.model, ds.mean, ds.std,
                                         tc.teacher_other_data ? nullptr : &cfg.data, ds.train.class_names);
     teacher->limit_cache(tc.teacher_cache_mb);
+    if (opts.progress && lead && !opts.resume)
+      for (const auto& note : teacher->notes()) *opts.progress << "note: " << note << "\n";
     // A teacher file replaced between the stop and the resume would teach the rest of the run something else.
     MOEV_CHECK(!opts.resume || saved_teacher.empty() || saved_teacher == teacher->fingerprint(), "--resume: ",
                ckpt_file, " was taught by other teacher weights than train.teacher holds now (",
@@ -479,11 +481,16 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   model->to(device);
   if (!opts.resume && !tc.init_from.empty()) {
     const auto init = load_checkpoint(tc.init_from, CheckpointLoad::kInference);
-    load_module_tensors(*model, inference_weights(init), tc.init_from);
+    const auto from = io::from_json_string(init.config_json, tc.init_from);
+    try {
+      load_module_tensors(*model, inference_weights(init), "train.init_from = " + tc.init_from);
+    } catch (const Error& e) {  // a tensor's name and shape said nothing of which setting differs
+      const auto arch = architecture_difference(from.model, cfg.model);
+      fail(e.what(), arch.empty() ? "" : "; its model differs from this run's: " + arch);
+    }
     // Said, since nothing else shows it: a supervised run on more labels than this one's subset (a data-efficient
     // run started from a model of the whole set) reached 0.87 where 0.54 was this data's own.
     const auto st = json::parse(init.state_json, nullptr, false);
-    const auto from = io::from_json_string(init.config_json, tc.init_from);
     const bool supervised = st.is_object() && !st.contains("pretrain");
     const std::string differ = supervised ? training_data_difference(from.data, cfg.data) : "";
     if (lead && opts.progress)

@@ -100,10 +100,10 @@ void write_plot(const PlotSpec& spec, const std::string& path) {
   auto py = [&](double y) { return bottom - (y - yr.lo) / (yr.hi - yr.lo) * (bottom - top); };
 
   // Grid and ticks.
-  std::vector<double> xt;
-  if (spec.log_x) {
+  std::vector<double> xt = spec.x_ticks;
+  if (xt.empty() && spec.log_x) {
     for (double e = std::ceil(xr.lo); e <= std::floor(xr.hi); e += 1) xt.push_back(std::exp2(e));
-  } else {
+  } else if (xt.empty()) {
     xt = nice_ticks(xr.lo, xr.hi);
   }
   for (double t : xt) {

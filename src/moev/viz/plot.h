@@ -19,6 +19,7 @@ struct PlotSpec {
   std::string title, xlabel, ylabel;
   std::vector<Series> series;
   bool log_x = false;          // logarithmic x axis (all x must be > 0)
+  std::vector<double> x_ticks;  // the x values to mark (empty: evenly spaced, or powers of 2 on a log axis)
   int width = 900, height = 560;
 };
 
