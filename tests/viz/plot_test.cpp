@@ -46,6 +46,14 @@ viz::PlotSpec labelled(const std::string& title, const std::string& xlabel, cons
   spec.ylabel = ylabel;
   return spec;
 }
+viz::PlotSpec one_series(const std::string& title, const std::string& xlabel, const std::string& ylabel,
+                         const std::string& name, std::vector<double> x, std::vector<double> y) {
+  viz::PlotSpec spec = labelled(title, xlabel, ylabel);
+  viz::Series s;
+  s.name = name, s.x = std::move(x), s.y = std::move(y);
+  spec.series = {s};
+  return spec;
+}
 }  // namespace
 
 TEST(Plot, NiceTicksAndLabels) {
@@ -103,10 +111,7 @@ TEST(Plot, SeriesAndTextAreDrawnWhereTheirCoordinatesSay) {
 // the vertical grid lines are those and no others.
 TEST(Plot, GivenXTicksAreTheOnlyVerticalGridLines) {
   test::TempDir dir;
-  viz::PlotSpec spec = labelled("ablation", "branches N", "top-1 (%)");
-  viz::Series a;
-  a.name = "plain", a.x = {1, 3, 5}, a.y = {81.5, 81.4, 81.6};
-  spec.series = {a};
+  viz::PlotSpec spec = one_series("ablation", "branches N", "top-1 (%)", "plain", {1, 3, 5}, {81.5, 81.4, 81.6});
   auto grid_columns = [&](const std::string& name) {
     viz::write_plot(spec, dir.file(name));
     const Png p = load_png(dir.file(name));
@@ -128,10 +133,8 @@ TEST(Plot, GivenXTicksAreTheOnlyVerticalGridLines) {
 // and the labels there is now a clear gap.
 TEST(Plot, YTickLabelsKeepClearOfTheYTitle) {
   test::TempDir dir;
-  viz::PlotSpec spec = labelled("top-1 against capacity", "capacity", "top-1 accuracy");
-  viz::Series a;
-  a.name = "bpr", a.x = {1, 2, 3}, a.y = {0.584, 0.5955, 0.6};
-  spec.series = {a};
+  const viz::PlotSpec spec =
+      one_series("top-1 against capacity", "capacity", "top-1 accuracy", "bpr", {1, 2, 3}, {0.584, 0.5955, 0.6});
   viz::write_plot(spec, dir.file("p.png"));
   const Png p = load_png(dir.file("p.png"));
   const int gap_from = 14 + viz::Canvas::text_height() + viz::Canvas::text_descent(), gap_to = gap_from + 10;
