@@ -114,14 +114,14 @@ Runner add_ablation(CLI::App& app) {
       if (t.cfg.train.threads == 0) t.cfg.train.threads = std::max(1, cores / f->jobs);
       t.cfg.train.progress = false;
     }
-    std::printf("%zu runs in %s, %d at a time\n", tasks.size(), f->out.c_str(), f->jobs);
+    std::printf("%zu run%s in %s, %d at a time\n", tasks.size(), tasks.size() == 1 ? "" : "s", f->out.c_str(), f->jobs);
     std::fflush(stdout);  // before the runs' lines on stderr, when both go to one file
+    // Its own kind of directory: a run's or a sweep's took the rows' runs beside its files (--dry-run too).
+    io::refuse_other_kinds(f->out, {".ablation.lock"}, "ablation --out");
     if (f->dry_run) {
       for (const auto& t : tasks) std::printf("  %-28s %s\n", t.name.c_str(), t.row.c_str());
       return 0;
     }
-    // Its own kind of directory: a run's or a sweep's took the rows' runs beside its files.
-    io::refuse_other_kinds(f->out, {".ablation.lock"}, "ablation --out");
     const io::RunDirectoryLock held(f->out, ".ablation.lock", "ablation --out " + f->out);
     std::map<std::string, size_t> by_name;
     for (size_t i = 0; i < tasks.size(); ++i) by_name[tasks[i].name] = i;

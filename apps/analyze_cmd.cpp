@@ -70,7 +70,7 @@ Runner add_analyze(CLI::App& app) {
     std::sort(f->capacities.begin(), f->capacities.end());  // measured and printed in the curve's order
     MOEV_CHECK(!capacities->count() || f->capacity_curve, "--capacities: the points of the capacity curve, which ",
                "needs --capacity-curve");
-    MOEV_CHECK(!hardmoe::is_hard_moe_file(f->checkpoint), f->checkpoint, ": a hard MoE, which routes whole images ",
+    MOEV_CHECK(!hardmoe::declares_hard_moe(f->checkpoint), f->checkpoint, ": a hard MoE, which routes whole images ",
                "to one expert each (moev eval reports how many each served); analyze reads checkpoints with MoE ",
                "layers or branches");
     const auto device = parse_device("cpu");
@@ -128,10 +128,10 @@ Runner add_analyze(CLI::App& app) {
     std::printf("%s: top-1 %.4f on %lld images\n", f->checkpoint.c_str(), r.top1,
                 (long long)r.images);
     for (size_t l = 0; l < lr.size(); ++l)
-      std::printf("  %-22s specialisation %.3f (weighted %.3f)  MI %.3f bits  experts/image %.2f (chance %.2f)  dropped %.4f  "
+      std::printf("  %-22s specialisation %s (weighted %s)  MI %.3f bits  experts/image %.2f (chance %.2f)  dropped %.4f  "
                   "tokens without an expert %.4f\n",
-                  lr[l].name.c_str(), analysis::specialisation(lr[l].counts),
-                  analysis::weighted_specialisation(lr[l].gate_sums),
+                  lr[l].name.c_str(), analysis::score_text(analysis::specialisation(lr[l].counts)).c_str(),
+                  analysis::score_text(analysis::weighted_specialisation(lr[l].gate_sums)).c_str(),
                   analysis::mutual_information_bits(lr[l].counts), std::exp2(lr[l].image_bits),
                   std::exp2(lr[l].chance_image_bits), lr[l].dropped, lr[l].unrouted);
 
@@ -156,12 +156,13 @@ Runner add_analyze(CLI::App& app) {
           }
           points.push_back({c, bpr, e.top1, dropped, unrouted});
           std::fprintf(stderr, "capacity %.3f  bpr %-3s  top-1 %.4f  dropped %.4f  tokens without an expert %.4f\n",
-                       c, bpr ? "on" : "off", e.top1, dropped, unrouted);
+                       c, expert_choice ? "-" : bpr ? "on" : "off", e.top1, dropped, unrouted);
         }
       // The image count in the title: an earlier --capacity-curve's files stay beside a later analysis's, and a
       // --limit of either made the two read as one analysis.
       auto more = analysis::write_capacity_curve(
-          points, title + ": top-1 against capacity, " + std::to_string(ds.test.size()) + " test images", out);
+          points, title + ": top-1 against capacity, " + std::to_string(ds.test.size()) + " test images", out,
+          expert_choice);
       files.insert(files.end(), more.begin(), more.end());
     }
     for (const auto& p : files) std::printf("wrote %s\n", p.c_str());

@@ -21,18 +21,28 @@ namespace {
 
 // A pre-training checkpoint keeps its place under "pretrain" (its epochs
 // depend on the data set's size, so only the step is stored).
-std::string position(const nlohmann::json& st) {
-  if (st.is_object() && st.contains("pretrain") && st.at("pretrain").is_object()) {
-    const auto& p = st.at("pretrain");
-    std::string s = "pre-training (moev pretrain) step " + std::to_string(p.value("step", int64_t{0}));
-    if (p.contains("options") && p.at("options").is_object() && p.at("options").contains("epochs")) {
-      const auto epochs = p.at("options").at("epochs");
-      s += " of " + epochs.dump() + (epochs == 1 ? " epoch" : " epochs");
-    }
-    return s + "; heads untrained (train.init_from starts a supervised run from it)";
+bool is_pretraining(const nlohmann::json& st) {
+  return st.is_object() && st.contains("pretrain") && st.at("pretrain").is_object();
+}
+std::string pretrain_position(const nlohmann::json& st) {
+  const auto& p = st.at("pretrain");
+  std::string s = "pre-training (moev pretrain) step " + std::to_string(p.value("step", int64_t{0}));
+  if (p.contains("options") && p.at("options").is_object() && p.at("options").contains("epochs")) {
+    const auto epochs = p.at("options").at("epochs");
+    s += " of " + epochs.dump() + (epochs == 1 ? " epoch" : " epochs");
   }
-  return "step " + std::to_string(st.value("step", int64_t{0})) + ", epoch " +
-         std::to_string(st.value("epoch", int64_t{0}));
+  return s + "; heads untrained (train.init_from starts a supervised run from it)";
+}
+
+// "step 21, after 1 of 2 epochs: unfinished (...)": "epoch 1" read as the epoch it was in or the epochs done.
+std::string train_position(const io::RunConfig& cfg, const nlohmann::json& st, const std::string& state_json,
+                           const std::string& path) {
+  const int64_t all = cfg.train.epochs + cfg.train.cooldown_epochs;
+  return "step " + std::to_string(st.value("step", int64_t{0})) + ", after " +
+         std::to_string(st.value("epoch", int64_t{0})) + " of " + std::to_string(all) + (all == 1 ? " epoch" : " epochs") +
+         (train::unfinished_training(cfg, state_json, path).empty()
+              ? " (the run's end)"
+              : ": unfinished (moev train --out DIR --resume finishes it)");
 }
 
 }  // namespace
@@ -46,9 +56,7 @@ Runner add_checkpoint(CLI::App& app) {
   return [info, path]() {
     if (!info->parsed()) return 1;
     if (hardmoe::is_hard_moe_file(*path)) {  // JSON text: a hardmoe.json, or a run's config.json or log
-      std::ifstream in(*path);
-      const auto j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-      MOEV_CHECK(!(j.is_object() && j.value("format", "") == "moev hard mixture of experts"), *path,
+      MOEV_CHECK(!hardmoe::declares_hard_moe(*path), *path,
                  ": a hard MoE file, not a checkpoint; its trunk and each expert have one (moev checkpoint info ",
                  "<dir>/expert_0/checkpoint.pt)");
       fail(*path, ": JSON text, not a checkpoint (a checkpoint is the zip archive moev train writes, ",
@@ -82,14 +90,8 @@ Runner add_checkpoint(CLI::App& app) {
                                                               std::to_string(m.router.num_experts) + ", K = " +
                                                               std::to_string(m.router.k))
               << branches << ", precision " << m.precision << "\n"
-              << "position     " << position(st)
-              << (st.contains("pretrain") ? ""
-                  : train::unfinished_training(cfg, ckpt.state_json, *path).empty()
-                      ? " (the run's end)"
-                      : ", of " + std::to_string(cfg.train.epochs + cfg.train.cooldown_epochs) +
-                            (cfg.train.epochs + cfg.train.cooldown_epochs == 1 ? " epoch" : " epochs") +
-                            ": unfinished (moev train --out DIR --resume finishes it)")
-              << "\n"
+              << "position     "
+              << (is_pretraining(st) ? pretrain_position(st) : train_position(cfg, st, ckpt.state_json, *path)) << "\n"
               << "written by   " << st.value("world_size", 1) << " rank(s)"
               << (st.value("expert_parallel", false) ? ", experts split over them" : "") << "\n"
               << "layout       full tensors: loads on any number of ranks"

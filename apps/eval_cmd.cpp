@@ -90,6 +90,8 @@ Runner add_eval(CLI::App& app) {
                    " is asked for twice; each corruption is one row of the table");
     MOEV_CHECK(!table_option->count() || !f->table.empty(), "--table is empty: expected a file prefix");
     MOEV_CHECK(f->table.empty() || !shifts.empty(), "--table needs --shift");
+    // Before the evaluation: an unwritable place was found only when the table was written, after it.
+    if (!f->table.empty()) check_parent_directory(f->table + ".csv", "--table");
     // The shift table scores one view per image: a --tta beside it changed the clean line only.
     MOEV_CHECK(!f->tta || shifts.empty(), "--tta with --shift: the shift table scores each corrupted test set in ",
                "one view; run the test-time augmentation as a command of its own");
@@ -199,7 +201,8 @@ Runner add_eval(CLI::App& app) {
       nlohmann::json j{{"checkpoint", ckpt}, {"weights", t.averaged ? "average" : "trained"},
                        {"images", r.images}, {"top1", r.top1},
                        {"top5", r.top5}, {"loss", r.loss}, {"images_per_s", r.images_per_s},
-                       {"expert_load", r.expert_load}, {"dropped", r.dropped}, {"unrouted", r.unrouted}};
+                       {"expert_load", r.expert_load}, {"dropped", r.dropped}, {"unrouted", r.unrouted},
+                       {"step", t.step}, {"finished", t.unfinished.empty()}};  // a script reads no stderr note
       if (r.multilabel)
         j["multilabel"] = {{"precision_at_1", r.top1}, {"k", r.k}, {"precision_at_k", r.precision_at_k},
                            {"recall_at_k", r.recall_at_k}, {"mean_ap", r.mean_ap}};

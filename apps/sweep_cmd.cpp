@@ -11,6 +11,7 @@
 #include "commands.h"
 #include "stop_signal.h"
 #include "moev/core/error.h"
+#include "moev/io/file_lock.h"
 #include "moev/io/table.h"
 #include "moev/train/sweep.h"
 #include "moev/train/trainer.h"
@@ -69,7 +70,8 @@ Runner add_sweep(CLI::App& app) {
     for (const auto& s : sets) j.merge_patch(io::override_json(s));
     std::vector<std::string> skipped;
     const auto runs = train::expand_grid(grid, j, f->config, &skipped);
-    std::printf("%zu runs in %s\n", runs.size(), f->out.c_str());
+    io::refuse_other_kinds(f->out, {".sweep.lock"}, "sweep --out");  // --dry-run listed runs it would refuse
+    std::printf("%zu run%s in %s\n", runs.size(), runs.size() == 1 ? "" : "s", f->out.c_str());
     for (const auto& r : runs) std::printf("  %s\n", r.name.c_str());
     for (const auto& why : skipped) std::printf("  (skipped %s)\n", why.c_str());
     if (f->dry_run) return 0;

@@ -67,6 +67,15 @@ int run_train(ConfigFlags& flags, bool resume) {
   std::unique_ptr<dist::Communicator> comm;
   if (dc.world_size > 1) comm = std::make_unique<dist::Communicator>(dc);
   if (saved) check_resume_overrides(flags, *saved, cfg, path);
+  // A sweep's or an ablation's file trains here as its common config alone (a dense ViT for the sweep's):
+  // said, as that is seldom what was meant.
+  if (!resume && dc.rank == 0 && !flags.config_file.empty())
+    for (const char* grid : {"sweep", "ablation"})
+      if (flags.file().is_object() && flags.file().contains(grid))
+        std::cerr << "note: " << flags.config_file << " has a [" << grid << "] section, which moev " << grid
+                  << " reads; moev train trains the file's common config alone (model.family = " << cfg.model.family
+                  << ", model.moe = " << models::to_string(cfg.model.moe) << "): moev " << grid << " --config "
+                  << flags.config_file << " runs its " << (grid[0] == 's' ? "grid" : "rows") << "\n";
   train::TrainRunOptions o;
   o.resume = resume;
   o.progress = &std::cerr;
@@ -77,7 +86,8 @@ int run_train(ConfigFlags& flags, bool resume) {
   const int code = r.stopped ? stop_exit_code() : 0;
   if (dc.rank != 0) {
     std::cout << "rank " << dc.rank << " of " << dc.world_size << ": "
-              << (r.stopped ? "stopped after " : r.finished ? "trained " : "paused after ") << r.steps << " steps\n";
+              << (r.stopped ? "stopped after " : r.finished ? "trained " : "paused after ") << r.steps
+              << (r.steps == 1 ? " step\n" : " steps\n");
     return code;
   }
   // A job's ranks continue as ranks again (the hint alone moved the run to one process).
@@ -98,7 +108,7 @@ int run_train(ConfigFlags& flags, bool resume) {
               << " --resume --max-steps N (N > " << r.steps << ", or 0 for the whole run)" << as_ranks << "\n";
     return 0;
   }
-  std::cout << "trained " << r.steps << " steps (";
+  std::cout << "trained " << r.steps << (r.steps == 1 ? " step (" : " steps (");
   // A time budget ends the run inside an epoch, which counts as its last: the steps say how far it got.
   if (r.budgeted && r.steps_per_epoch > 0 && r.steps % r.steps_per_epoch != 0)
     std::cout << io::fmt(static_cast<double>(r.steps) / r.steps_per_epoch, 1) << " epochs";

@@ -9,8 +9,12 @@
 #include <fstream>
 #include <sstream>
 
+#include <nlohmann/json.hpp>
+#include <stb/stb_image.h>
+
 #include "moev/analysis/routing_report.h"
 #include "moev/core/error.h"
+#include "support/expect_error.h"
 #include "support/temp_dir.h"
 
 using namespace moev::analysis;
@@ -29,6 +33,13 @@ TEST(RoutingReport, MutualInformationAtItsEnds) {
   const double h = -(0.25 * std::log2(0.25) + 0.75 * std::log2(0.75));
   EXPECT_NEAR(mutual_information_bits({{3, 1}, {1, 3}}), 1.0 - h, 1e-12);
   EXPECT_NEAR(specialisation({}), 0.0, 1e-12);
+  // Images of one class (a test folder of one class): 0 / 0, reported as 0 ("routing ignores the class").
+  EXPECT_TRUE(std::isnan(specialisation({{4, 0}, {2, 0}})));
+  EXPECT_TRUE(std::isnan(weighted_specialisation({{0.0, 0.4}, {0.0, 0.2}})));
+  EXPECT_EQ(score_text(specialisation({{4, 0}, {2, 0}})), "n/a");
+  EXPECT_EQ(score_text(0.25), "0.250");
+  // One expert takes every assignment of two classes: routing does ignore the class.
+  EXPECT_NEAR(specialisation({{4, 4}, {0, 0}}), 0.0, 1e-12);
 }
 
 TEST(RoutingReport, ExpertGivenClassColumnsSumToOne) {
@@ -94,6 +105,45 @@ TEST(RoutingReport, WritesHeatmapsTableAndJson) {
             std::string::npos)
       << text;
   EXPECT_NE(text.find("| 1 | blocks.3.moe | 0.0000 | 0.0000 | - |"), std::string::npos) << text;
+
+  // Test images of one class of three: the score is n/a, the absent classes are null in the JSON and left out
+  // of the heatmaps (their P(expert | class) is undefined, not a column of zeros).
+  LayerRouting one{"blocks.1.moe", {{0, 5, 0}, {0, 1, 0}}, {0.8, 0.2}, 0, 0, 0.5, 0.9, {{0, 2.0, 0}, {0, 0.5, 0}},
+                   {0, 6, 0}};
+  moev::test::TempDir dir1;
+  write_routing_report({one}, {"shirt", "bag", "boot"}, "t", dir1.path().string());
+  std::ifstream md1(dir1.file("routing.md"));
+  std::stringstream ss1;
+  ss1 << md1.rdbuf();
+  EXPECT_NE(ss1.str().find("| 0 | blocks.1.moe | n/a | 0.0000 | n/a |"), std::string::npos) << ss1.str();
+  const auto j = nlohmann::json::parse(std::ifstream(dir1.file("routing.json")));
+  const auto& p = j.at("layers")[0].at("p_expert_given_class");
+  EXPECT_TRUE(p[0][0].is_null());
+  EXPECT_NEAR(p[0][1].get<double>(), 5.0 / 6.0, 1e-12);
+  EXPECT_TRUE(j.at("layers")[0].at("mean_routing_weight")[1][2].is_null());
+  EXPECT_TRUE(j.at("layers")[0].at("specialisation").is_null());
+  // Of 30 classes, one present: one column, not 30 (cells of 40 pixels; the titles take ~500).
+  std::vector<std::string> thirty;
+  for (int c = 0; c < 30; ++c) thirty.push_back("c" + std::to_string(c));
+  auto of_thirty = [&](int64_t absent) {
+    LayerRouting r = one;
+    r.counts = {std::vector<int64_t>(30, absent), std::vector<int64_t>(30, absent)};
+    r.counts[0][1] = 5, r.counts[1][1] = 1;
+    r.gate_sums = {std::vector<double>(30, 0.1 * double(absent)), std::vector<double>(30, 0.0)};
+    r.gate_sums[0][1] = 2.0;
+    r.class_tokens.assign(30, double(absent));
+    r.class_tokens[1] = 6;
+    return r;
+  };
+  moev::test::TempDir d1, d12;
+  write_routing_report({of_thirty(0)}, thirty, "t", d1.path().string());
+  write_routing_report({of_thirty(1)}, thirty, "t", d12.path().string());
+  for (const char* png : {"routing_0.png", "routing_weight_0.png"}) {
+    int w1 = 0, w12 = 0, h = 0, ch = 0;
+    ASSERT_TRUE(stbi_info((d1.path() / png).c_str(), &w1, &h, &ch)) << png;
+    ASSERT_TRUE(stbi_info((d12.path() / png).c_str(), &w12, &h, &ch)) << png;
+    EXPECT_LT(w1, w12 - 600) << png;  // 29 columns of 40 fewer, less what the titles take
+  }
 }
 
 // Points measured in any order come out in capacity order, per curve: given as 2, 0.5, 1 the curve zig-zagged.
@@ -110,4 +160,12 @@ TEST(RoutingReport, CapacityCurveIsInCapacityOrder) {
   const std::vector<std::string> want{"capacity,bpr",  "0.500,off", "0.500,on", "1.000,off",
                                       "1.000,on",      "2.000,off", "2.000,on"};
   EXPECT_EQ(rows, want);
+  // An Expert-Choice model's one curve has no token priority to be "off".
+  write_capacity_curve({{1.0, false, 0.8, 0.1, 0.0}, {0.5, false, 0.6, 0.3, 0.1}}, "t", dir.path().string(), true);
+  std::ifstream ec(dir.file("capacity_curve.csv"));
+  rows.clear();
+  while (std::getline(ec, line)) rows.push_back(line.substr(0, line.find(',', line.find(',') + 1)));
+  EXPECT_EQ(rows, (std::vector<std::string>{"capacity,bpr", "0.500,-", "1.000,-"}));
+  moev::test::expect_error(
+      [&] { write_capacity_curve({{1.0, true, 0.8, 0.1, 0.0}}, "t", dir.path().string(), true); }, {"BPR point"});
 }

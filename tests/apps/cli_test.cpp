@@ -476,6 +476,12 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   EXPECT_EQ(lines, 3);
   EXPECT_TRUE(std::filesystem::exists(out + "/results.png"));
   EXPECT_TRUE(std::filesystem::exists(out + "/results.md"));
+  // The sweep's file given to train trained its common config, a dense ViT, without a word.
+  r = run("train --config " + dir.file("s.toml") + " --max-steps 1 --out " + dir.file("as_train"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("s.toml has a [sweep] section, which moev sweep reads; moev train trains the file's common "
+                       "config alone (model.family = vit, model.moe = none): moev sweep --config "),
+            std::string::npos) << r.out;
   auto again = run("sweep --config " + dir.file("s.toml") + " --out " + out);
   ASSERT_EQ(again.code, 0) << again.out;
   EXPECT_NE(again.out.find("done before"), std::string::npos) << again.out;
@@ -499,6 +505,9 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --out " + out + "/vit-tiny_dense",
                        {"vit-tiny_dense is a training run's directory", "another directory"});
   EXPECT_FALSE(std::filesystem::exists(out + "/vit-tiny_dense/.sweep.lock"));
+  // --dry-run listed the grid for that directory at exit 0, and the sweep then refused it.
+  expect_clean_failure("sweep --config " + dir.file("s.toml") + " --dry-run --out " + out + "/vit-tiny_dense",
+                       {"vit-tiny_dense is a training run's directory"});
   // An ablation's directory is its own kind too: not swept into, nor a sweep's ablated into.
   std::filesystem::create_directories(dir.file("abl"));
   std::ofstream(dir.file("abl/.ablation.lock"));
@@ -510,7 +519,7 @@ TEST(Cli, SweepRunsResumesAndRejectsBadGrids) {
   // The grid takes --set as the run does; a misspelt [sweep] section is named.
   auto set_grid = run("sweep --config " + dir.file("s.toml") + " --set sweep.experts=[2] --dry-run --out " + out);
   ASSERT_EQ(set_grid.code, 0) << set_grid.out;
-  EXPECT_NE(set_grid.out.find("1 runs in"), std::string::npos) << set_grid.out;
+  EXPECT_NE(set_grid.out.find("1 run in"), std::string::npos) << set_grid.out;
   expect_clean_failure("sweep --config " + dir.file("s.toml") + " --set sweep.experts=2 --dry-run --out " + out,
                        {"s.toml with --set sweep.experts=2: sweep.experts"});
   // Each run's directory is the sweep's to name: a train.out_dir was dropped without a word.
@@ -674,18 +683,22 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   ASSERT_EQ(r.code, 0) << r.out;
   // A paused run's weights are said to be one's where they are used, and by checkpoint info.
   const std::string cut_ckpt = dir.file("cut") + "/checkpoint.pt";
-  r = run("eval " + cut_ckpt + " --limit 16");
+  r = run("eval " + cut_ckpt + " --limit 16 --json");
   EXPECT_NE(r.out.find("note: " + cut_ckpt + " is an unfinished run's: it stopped at step 2, after 0 of"),
             std::string::npos) << r.out;
+  const auto paused_json = nlohmann::json::parse(r.out.substr(r.out.find('{')));
+  EXPECT_EQ(paused_json.at("finished"), false) << r.out;
+  EXPECT_EQ(paused_json.at("step"), 2) << r.out;
   r = run("checkpoint info " + cut_ckpt);
-  EXPECT_NE(r.out.find("step 2, epoch 0, of 1 epoch: unfinished (moev train --out DIR --resume"), std::string::npos)
+  EXPECT_NE(r.out.find("step 2, after 0 of 1 epoch: unfinished (moev train --out DIR --resume"), std::string::npos)
       << r.out;
   r = run("train --out " + dir.file("cut") + " --resume --set train.progress=false");
   ASSERT_EQ(r.code, 0) << r.out;
   r = run("checkpoint info " + cut_ckpt);
-  EXPECT_NE(r.out.find(", epoch 1 (the run's end)"), std::string::npos) << r.out;
-  r = run("eval " + cut_ckpt + " --limit 16");
+  EXPECT_NE(r.out.find(", after 1 of 1 epoch (the run's end)"), std::string::npos) << r.out;
+  r = run("eval " + cut_ckpt + " --limit 16 --json");
   EXPECT_EQ(r.out.find("unfinished"), std::string::npos) << r.out;
+  EXPECT_EQ(nlohmann::json::parse(r.out).at("finished"), true) << r.out;
   EXPECT_EQ(nlohmann::json::parse(std::ifstream(dir.file("cut") + "/config.json")).at("train").at("threads"), 1);
   {
     const auto whole = moev::train::load_checkpoint(dir.file("n1") + "/checkpoint.pt");
@@ -1082,6 +1095,10 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
   // checkpoint info tells a hard MoE file from other JSON (a run's config.json was called a hard MoE file).
   expect_clean_failure("checkpoint info " + a + "/hardmoe.json", {"a hard MoE file, not a checkpoint"});
   expect_clean_failure("checkpoint info " + dir.file("run/config.json"), {"config.json", "JSON text, not a checkpoint"});
+  // eval and predict called it "not a hard MoE file", analyze "a hard MoE".
+  for (const std::string cmd : {"eval ", "analyze ", "predict --checkpoint "})
+    expect_clean_failure(cmd + dir.file("run/config.json") + (cmd[0] == 'p' ? " " + a + "/hardmoe.json" : ""),
+                         {"config.json: JSON text, not a checkpoint", "nor a hard MoE's hardmoe.json"});
   r = run("predict --checkpoint " + a + "/hardmoe.json --top 2 " + dir.file("mosaic/test/0.png"));
   ASSERT_EQ(r.code, 0) << r.out;
   // A hard MoE's directory in place of its file names that file (it suggested a checkpoint.pt there is none of).

@@ -319,8 +319,8 @@ TEST(HardMoE, AHardMoEFileDisagreeingWithItsPartitionIsRefused) {
   test::expect_error([&] { hardmoe::load_hard_moe(file, c10::Device(c10::kCPU)); }, {file, "experts as an integer"});
   // Damaged, it is named as a hard MoE file, not as an unreadable checkpoint.
   for (const auto& [text, needle] : std::vector<std::pair<std::string, std::string>>{
-           {"", "an empty file"}, {model.dump().substr(0, 20), "not valid JSON"}, {"[]", "not a hard MoE file"},
-           {R"({"format": "other"})", "not a hard MoE file"}}) {
+           {"", "an empty file"}, {model.dump().substr(0, 20), "not valid JSON"}, {"[]", "nor a hard MoE's hardmoe.json"},
+           {R"({"format": "other"})", "JSON text, not a checkpoint"}}) {
     std::ofstream(file) << text;
     test::expect_error([&] { train::load_trained(file, c10::Device(c10::kCPU)); }, {file, needle});
   }

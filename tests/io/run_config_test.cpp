@@ -80,6 +80,15 @@ TEST(RunConfig, BadInputsNameFileAndKey) {
   std::ofstream(dir.file("type.toml")) << "[train]\nepochs = \"ten\"\n";
   test::expect_error([&] { io::load_run_config(dir.file("type.toml")); },
                      {"type.toml", "train.epochs", "expected an integer"});
+  // A router kind or a preset of another name: the key and the file were not named.
+  std::ofstream(dir.file("router.toml")) << "[moe]\nrouter = \"foo\"\n";
+  test::expect_error([&] { io::load_run_config(dir.file("router.toml")); },
+                     {"router.toml: moe.router", "'foo'", "expected topk or expert_choice"});
+  io::RunConfig rc;
+  test::expect_error([&] { io::apply_override(rc, "moe.router=foo"); }, {"--set moe.router=foo", "'foo'"});
+  std::ofstream(dir.file("preset.toml")) << "[model]\npreset = \"vmoe-tin\"\n";
+  test::expect_error([&] { io::load_run_config(dir.file("preset.toml")); },
+                     {"preset.toml: model.preset", "'vmoe-tin' is unknown"});
   std::ofstream(dir.file("syntax.toml")) << "[train\nepochs = 1\n";
   test::expect_error([&] { io::load_run_config(dir.file("syntax.toml")); },
                      {"syntax.toml", "invalid TOML"});

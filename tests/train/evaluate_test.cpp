@@ -122,6 +122,17 @@ TEST(Evaluate, FiguresDoNotDependOnTheBatchSize) {
   ASSERT_EQ(odd.dropped.size(), whole.dropped.size());
   EXPECT_GT(whole.dropped[0], 0.1);  // the capacity drops: the groups matter
   EXPECT_NEAR(odd.dropped[0], whole.dropped[0], 1e-12);  // summed over other batches
+  // analyze's experts per image by chance dealt each position's tokens within a batch: it moved with the batch
+  // size (7.31 experts at 8, 7.51 at 1000). They are dealt over all the test images now.
+  auto routed_at = [&](int64_t batch) {
+    return train::evaluate(*model, ds.test, ds.mean, ds.std, batch, torch::kCPU, nullptr, false,
+                           /*routing_by_class=*/true);
+  };
+  const auto by8 = routed_at(8), by104 = routed_at(104);
+  ASSERT_EQ(by8.chance_image_bits.size(), 1u);
+  EXPECT_GT(by8.chance_image_bits[0], 0.1);
+  EXPECT_NEAR(by8.chance_image_bits[0], by104.chance_image_bits[0], 1e-12);
+  EXPECT_NEAR(by8.image_bits[0], by104.image_bits[0], 1e-12);
 }
 
 // With 5 classes or fewer every class is in the top 5: a 3-class model reported top-5 1.0000. It is undefined

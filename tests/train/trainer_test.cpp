@@ -420,7 +420,14 @@ TEST(Trainer, CheckpointWithNonFiniteWeightsOrADirectoryIsRefused) {
   ckpt.model.at(name).view(-1)[3] = 0.0f;
   train::save_checkpoint(dir.file("ok.pt"), ckpt);
   EXPECT_NO_THROW(train::load_checkpoint(dir.file("ok.pt")));
-  test::expect_error([&] { train::load_checkpoint(a.train.out_dir); }, {a.train.out_dir, "is a directory"});
+  test::expect_error([&] { train::load_checkpoint(a.train.out_dir); },
+                     {a.train.out_dir, "is a directory", train::checkpoint_path(a.train.out_dir) + "?"});
+  // The directory of a sweep or an ablation: its runs' checkpoints are named, not "<dir>/checkpoint.pt?".
+  const auto parent = std::filesystem::path(a.train.out_dir).parent_path().string();
+  test::expect_error([&] { train::load_checkpoint(parent); },
+                     {parent + ": is a directory of ", "(a sweep's or an ablation's?)", "checkpoint.pt"});
+  std::filesystem::create_directories(dir.file("empty_dir"));
+  test::expect_error([&] { train::load_checkpoint(dir.file("empty_dir")); }, {"with no checkpoint.pt in it"});
   test::expect_error([&] { train::load_checkpoint(""); }, {"checkpoint path is empty"});
 }
 

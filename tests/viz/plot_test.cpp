@@ -210,6 +210,13 @@ TEST(Plot, HeatmapColourBarMaximumReadsAsTheLargestCell) {
   const Png b = load_png(dir.file("b.png"));
   ASSERT_EQ(a.w, b.w);
   EXPECT_EQ(a.px, b.px);  // 99.5 reads "100" in its cell, and so on the bar
+  // Small values keep two significant digits: 0.0046 and 0.0047 both read "0.00", at the top of the bar too.
+  h.values = {{0, 0.0046}};
+  viz::write_heatmap(h, dir.file("c.png"));
+  h.values = {{0, 0.0047}};
+  viz::write_heatmap(h, dir.file("d.png"));
+  EXPECT_NE(load_png(dir.file("c.png")).px, load_png(dir.file("d.png")).px);
+  EXPECT_EQ(viz::Canvas::text_width("0.0046"), viz::Canvas::text_width("0.0047"));  // so not by their widths
 }
 
 namespace {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <limits>
 
 #include <nlohmann/json.hpp>
 
@@ -57,6 +58,9 @@ template <class T>
 double normalised_mutual_information(const std::vector<std::vector<T>>& counts) {
   const Marginals m = marginals(counts);
   if (m.total <= 0) return 0;
+  // One class (a test folder of one class): 0 / 0, which read as "routing ignores the class".
+  if (std::count_if(m.cls.begin(), m.cls.end(), [](double v) { return v > 0; }) < 2)
+    return std::numeric_limits<double>::quiet_NaN();
   const double h = std::min(entropy_bits(m.expert, m.total), entropy_bits(m.cls, m.total));
   return h > 0 ? std::min(1.0, mutual_information(counts) / h) : 0;
 }
@@ -115,6 +119,8 @@ std::vector<std::vector<double>> expert_given_class(const Counts& counts) {
   return p;
 }
 
+std::string score_text(double v, int decimals) { return std::isnan(v) ? "n/a" : io::fmt(v, decimals); }
+
 std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& layers,
                                               const std::vector<std::string>& class_names,
                                               const std::string& title, const std::string& dir) {
@@ -134,12 +140,32 @@ std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& l
     const std::string png = "routing_" + std::to_string(l) + ".png";
 
     viz::HeatmapSpec h;
-    h.title = title + "  " + L.name + "  specialisation " + io::fmt(spec, 3);
+    h.title = title + "  " + L.name + "  specialisation " + score_text(spec, 3);
     h.xlabel = "class (cells: P(expert | class))";
     h.ylabel = "expert";
-    h.col_labels = class_names;
     for (size_t e = 0; e < L.counts.size(); ++e) h.row_labels.push_back(std::to_string(e));
-    h.values = expert_given_class(L.counts);
+    // Classes the test images do not have: P(expert | class) is undefined there, not a column of zeros.
+    const Marginals m = marginals(L.counts);
+    std::vector<size_t> present;
+    for (size_t c = 0; c < m.cls.size(); ++c)
+      if (m.cls[c] > 0 || m.total <= 0) present.push_back(c);
+    auto keep_present = [&](const std::vector<std::vector<double>>& v) {
+      std::vector<std::vector<double>> out(v.size());
+      for (size_t e = 0; e < v.size(); ++e)
+        for (size_t c : present) out[e].push_back(v[e][c]);
+      return out;
+    };
+    auto with_nulls = [&](const std::vector<std::vector<double>>& v) {  // JSON: every class, null where absent
+      nlohmann::json out = nlohmann::json::array();
+      for (const auto& row : v) {
+        auto& r = out.emplace_back(nlohmann::json::array());
+        for (size_t c = 0; c < row.size(); ++c)
+          r.push_back(m.total <= 0 || m.cls[c] > 0 ? nlohmann::json(row[c]) : nlohmann::json(nullptr));
+      }
+      return out;
+    };
+    for (size_t c : present) h.col_labels.push_back(c < class_names.size() ? class_names[c] : std::to_string(c));
+    h.values = keep_present(expert_given_class(L.counts));
     h.cell = L.counts.size() > 16 ? 18 : 40;
     h.annotate = h.cell >= 30;
     viz::write_heatmap(h, (fs::path(dir) / png).string());
@@ -151,24 +177,25 @@ std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& l
                             {"chance_image_entropy_bits", L.chance_image_bits},
                             {"image_concentration", conc},
                             {"dropped", L.dropped}, {"unrouted", L.unrouted}, {"load", L.load},
-                            {"counts", L.counts}, {"p_expert_given_class", h.values}};
+                            {"counts", L.counts}, {"p_expert_given_class", with_nulls(expert_given_class(L.counts))}};
     std::string weighted = "-", pngs = png;
     if (!L.gate_sums.empty()) {
       const double wspec = weighted_specialisation(L.gate_sums);
       const std::string wpng = "routing_weight_" + std::to_string(l) + ".png";
       viz::HeatmapSpec hw = h;
-      hw.title = title + "  " + L.name + "  weighted specialisation " + io::fmt(wspec, 3);
+      hw.title = title + "  " + L.name + "  weighted specialisation " + score_text(wspec, 3);
       hw.xlabel = "class (cells: mean routing weight)";
-      hw.values = mean_routing_weight(L.gate_sums, L.class_tokens);
+      const auto weights = mean_routing_weight(L.gate_sums, L.class_tokens);
+      hw.values = keep_present(weights);
       viz::write_heatmap(hw, (fs::path(dir) / wpng).string());
       written.push_back((fs::path(dir) / wpng).string());
-      weighted = io::fmt(wspec, 4);
+      weighted = score_text(wspec, 4);
       pngs += ", " + wpng;
       entry["weighted_specialisation"] = wspec;
-      entry["mean_routing_weight"] = hw.values;
+      entry["mean_routing_weight"] = with_nulls(weights);
       entry["class_tokens"] = L.class_tokens;
     }
-    table.add({std::to_string(l), L.name, io::fmt(spec, 4), io::fmt(mi, 4), weighted,
+    table.add({std::to_string(l), L.name, score_text(spec, 4), io::fmt(mi, 4), weighted,
                io::fmt(std::exp2(L.image_bits), 3), io::fmt(std::exp2(L.chance_image_bits), 3),
                io::fmt(conc, 4), io::fmt(L.dropped, 4), io::fmt(L.unrouted, 4), io::fmt(imbalance, 3), pngs});
     j.push_back(entry);
@@ -180,8 +207,8 @@ std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& l
                          "routing weight, whose mean per expert and class is the second heatmap "
                          "(the V-MoE paper's figure). Experts / image = 2^H(expert | image), the "
                          "effective number of experts an image's assignments use; by chance = "
-                         "the same with each position's tokens shuffled over the images of "
-                         "their batch; image concentration = 1 - H(expert | image) / that chance "
+                         "the same with each position's tokens shuffled over all the test "
+                         "images; image concentration = 1 - H(expert | image) / that chance "
                          "entropy. Dropped = assignments (token, choice) past capacity (Expert-Choice: "
                          "tokens no expert took); tokens without an expert lost all K choices and pass "
                          "the layer by their residual alone.\n\n" +
@@ -195,7 +222,8 @@ std::vector<std::string> write_routing_report(const std::vector<LayerRouting>& l
 }
 
 std::vector<std::string> write_capacity_curve(const std::vector<CapacityPoint>& given,
-                                              const std::string& title, const std::string& dir) {
+                                              const std::string& title, const std::string& dir,
+                                              bool expert_choice) {
   namespace fs = std::filesystem;
   // In capacity order whatever order they were measured in: the curve joined them as given (2, 0.5, 1 zig-zagged).
   auto points = given;
@@ -209,11 +237,12 @@ std::vector<std::string> write_capacity_curve(const std::vector<CapacityPoint>& 
   plot.ylabel = "top-1 accuracy";
   plot.log_x = true;
   plot.series.resize(2);
-  plot.series[0].name = "token order";
+  plot.series[0].name = expert_choice ? "expert choice" : "token order";
   plot.series[1].name = "BPR";
   for (const auto& p : points) {
-    t.add({io::fmt(p.capacity, 3), p.bpr ? "on" : "off", io::fmt(p.top1, 4), io::fmt(p.dropped, 4),
-           io::fmt(p.unrouted, 4)});
+    MOEV_CHECK(!expert_choice || !p.bpr, "capacity curve: a BPR point of an Expert-Choice model");
+    t.add({io::fmt(p.capacity, 3), expert_choice ? "-" : p.bpr ? "on" : "off", io::fmt(p.top1, 4),
+           io::fmt(p.dropped, 4), io::fmt(p.unrouted, 4)});
     auto& s = plot.series[p.bpr ? 1 : 0];
     s.x.push_back(p.capacity);
     s.y.push_back(p.top1);

@@ -17,8 +17,11 @@ using Weights = std::vector<std::vector<double>>;  // [expert][class] summed rou
 // class of its image, under the empirical joint distribution `counts`.
 double mutual_information_bits(const Counts& counts);
 // The same normalised to [0, 1] by the smaller of H(expert) and H(class): 0 when
-// routing ignores the class, 1 when one determines the other.
+// routing ignores the class, 1 when one determines the other; NaN (undefined,
+// "n/a" in reports) when the assignments come from fewer than two classes.
 double specialisation(const Counts& counts);
+// A score for people: `decimals` decimals, or "n/a" where it is undefined (NaN).
+std::string score_text(double v, int decimals = 3);
 // P(expert | class): each class's assignments split over the experts (columns
 // sum to 1), [expert][class].
 std::vector<std::vector<double>> expert_given_class(const Counts& counts);
@@ -50,7 +53,7 @@ struct LayerRouting {
   double dropped = 0;           // fraction of assignments past capacity (EC: of tokens no expert took)
   double unrouted = 0;          // fraction of tokens that got no expert (residual only)
   // H(expert | image) in bits, and the same with each position's tokens shuffled
-  // over the images of their batch: a layer with few tokens per image shows few
+  // over all the test images: a layer with few tokens per image shows few
   // experts per image by chance alone, so only the gap says routing is per image.
   double image_bits = 0, chance_image_bits = 0;
   Weights gate_sums;                 // [expert][class] routing weights of placed assignments (empty: not measured)
@@ -77,8 +80,10 @@ struct CapacityPoint {
   double dropped = 0;   // mean over MoE layers
   double unrouted = 0;  // tokens without an expert, mean over MoE layers
 };
-// capacity_curve.csv, .md and .png in dir; returns the paths written.
+// capacity_curve.csv, .md and .png in dir; returns the paths written. expert_choice: the points are an
+// Expert-Choice model's, one curve without a token priority (not "token order", and no BPR column value).
 std::vector<std::string> write_capacity_curve(const std::vector<CapacityPoint>& points,
-                                              const std::string& title, const std::string& dir);
+                                              const std::string& title, const std::string& dir,
+                                              bool expert_choice = false);
 
 }  // namespace moev::analysis

@@ -75,6 +75,13 @@ bool is_hard_moe_file(const std::string& path) {
   return in && (ch == '{' || ch == '[');
 }
 
+bool declares_hard_moe(const std::string& path) {
+  if (!is_hard_moe_file(path)) return false;
+  std::ifstream in(path);
+  const auto j = json::parse(in, nullptr, /*allow_exceptions=*/false);
+  return j.is_object() && j.value("format", "") == kHardMoEFormat;
+}
+
 namespace {
 struct HardMoEFile {
   std::string dir;     // the directory it lies in (its link's target's)
@@ -93,9 +100,10 @@ HardMoEFile read_hard_moe_file(const std::string& path) {
   } catch (const json::exception& e) {
     fail(path, ": not valid JSON (", e.what(), "); expected the hardmoe.json that moev hardmoe cluster writes");
   }
-  MOEV_CHECK(j.is_object() && j.contains("format") && j["format"] == "moev hard mixture of experts", path,
-             ": not a hard MoE file (expected format = \"moev hard mixture of experts\", as moev hardmoe cluster ",
-             "writes it)");
+  // A run's config.json (or any JSON) given where a checkpoint goes was called "not a hard MoE file".
+  MOEV_CHECK(j.is_object() && j.contains("format") && j["format"] == kHardMoEFormat, path,
+             ": JSON text, not a checkpoint (the zip archive moev train writes, <run>/checkpoint.pt) nor a hard ",
+             "MoE's hardmoe.json (format = \"", kHardMoEFormat, "\", as moev hardmoe cluster writes it)");
   MOEV_CHECK(j.contains("trunk") && j.contains("experts") && j.contains("centroids"), path,
              ": not a hard MoE file (expected trunk, experts and centroids)");
   MOEV_CHECK(j["trunk"].is_string() && j["experts"].is_number_integer() && j["centroids"].is_string(), path,

@@ -49,10 +49,15 @@ class HardMoEImpl : public models::Classifier {
 };
 TORCH_MODULE(HardMoE);
 
+// hardmoe.json's "format": what tells it from other JSON.
+inline constexpr const char* kHardMoEFormat = "moev hard mixture of experts";
+
 // Is `path` to be read as a hard MoE's hardmoe.json (what moev hardmoe cluster
 // writes)? Every regular file starting with `{` or `[` is: checkpoints are zips, so
 // a damaged hardmoe.json is named as one rather than as an unreadable checkpoint.
 bool is_hard_moe_file(const std::string& path);
+// Is it one in fact: a JSON object with moev hard MoE's format (a run's config.json is JSON text too)?
+bool declares_hard_moe(const std::string& path);
 
 // The run config of a hard MoE (its trunk's), read without loading any weights.
 io::RunConfig hard_moe_config(const std::string& path);

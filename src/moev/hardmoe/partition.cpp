@@ -12,6 +12,7 @@
 #include "moev/cluster/kmeans.h"
 #include "moev/core/error.h"
 #include "moev/data/batch_loader.h"
+#include "moev/hardmoe/hard_moe.h"
 #include "moev/io/table.h"
 #include "moev/train/checkpoint.h"
 #include "moev/train/datasets.h"
@@ -296,7 +297,7 @@ Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream
                {"training_set", ds.train.source}, {"seed", c.seed},
                {"tags", ds.train.class_names}, {"tag_share", h.values}};
   io::write_text_atomic(summary_file(c.dir), summary.dump(2) + "\n");
-  json model{{"format", "moev hard mixture of experts"}, {"trunk", trunk_rel}, {"experts", p.experts},
+  json model{{"format", kHardMoEFormat}, {"trunk", trunk_rel}, {"experts", p.experts},
              {"centroids", "centroids.pt"}, {"share_decoder", c.share_decoder}};
   io::write_text_atomic(model_file(c.dir), model.dump(2) + "\n");
   return p;

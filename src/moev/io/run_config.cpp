@@ -248,7 +248,11 @@ const std::vector<Field>& fields() {
     router.set = [](RunConfig& c, const json& v, const std::string& where) {
       std::string s;
       read_value(v, s, where);
-      c.model.router.kind = moe::parse_router_kind(s);
+      try {
+        c.model.router.kind = moe::parse_router_kind(s);
+      } catch (const Error& e) {  // "router kind 'foo'" named neither the key nor the file
+        fail(where, ": ", e.what());
+      }
     };
     router.get = [](const RunConfig& c) { return json(moe::to_string(c.model.router.kind)); };
     // In their sections, as --help-config lists the keys (they came after every train key).
@@ -360,7 +364,11 @@ void apply_json(RunConfig& cfg, const json& j, const std::string& source) {
   if (j.contains("model") && j["model"].is_object() && j["model"].contains("preset")) {
     const auto& p = j["model"]["preset"];
     MOEV_CHECK(p.is_string(), source, ": model.preset: expected a string");
-    cfg.model = models::preset(p.get<std::string>());
+    try {
+      cfg.model = models::preset(p.get<std::string>());
+    } catch (const Error& e) {  // named the preset, not the file it was in
+      fail(source, ": model.preset: ", e.what());
+    }
   }
   for (auto& [section, body] : j.items()) {
     // Sections of other commands (moev sweep's grid, moev ablation's rows, moev

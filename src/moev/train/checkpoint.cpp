@@ -381,10 +381,21 @@ void save_checkpoint(const std::string& path, const Checkpoint& ckpt) {
 Checkpoint load_checkpoint(const std::string& path, CheckpointLoad what) {
   MOEV_CHECK(!path.empty(), "checkpoint path is empty: expected a checkpoint file");
   if (std::filesystem::is_directory(path)) {
-    const std::filesystem::path dir(path);
-    const bool hard = std::filesystem::exists(dir / "hardmoe.json");  // a hard MoE's directory: its model file
-    fail("checkpoint ", path, ": is a directory; expected a checkpoint file (",
-         (dir / (hard ? "hardmoe.json" : "checkpoint.pt")).string(), "?)");
+    namespace fs = std::filesystem;
+    const fs::path dir(path);
+    std::error_code ec;
+    for (const char* model : {"hardmoe.json", "checkpoint.pt"})  // a hard MoE's directory, a run's
+      if (fs::exists(dir / model, ec))
+        fail("checkpoint ", path, ": is a directory; expected a checkpoint file (", (dir / model).string(), "?)");
+    // A sweep's or an ablation's directory holds a run per directory: "<dir>/checkpoint.pt?" was no file.
+    std::vector<std::string> runs;
+    for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec))
+      if (fs::exists(it->path() / "checkpoint.pt", ec)) runs.push_back((it->path() / "checkpoint.pt").string());
+    std::sort(runs.begin(), runs.end());
+    MOEV_CHECK(runs.empty(), "checkpoint ", path, ": is a directory of ", runs.size(), " run", runs.size() == 1 ? "" : "s",
+               " (a sweep's or an ablation's?); expected one run's checkpoint file, e.g. ", runs.front());
+    fail("checkpoint ", path, ": is a directory with no checkpoint.pt in it; expected a checkpoint file (a run's is ",
+         "<run>/checkpoint.pt)");
   }
   // A pipe would block the open below (a FIFO without a writer) or fail its seeks.
   MOEV_CHECK(!std::filesystem::exists(path) || std::filesystem::is_regular_file(path), "checkpoint ", path,

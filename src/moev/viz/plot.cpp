@@ -169,7 +169,8 @@ namespace {
 std::string cell_label(double v) {
   if (v == 0) return "0";
   char buf[16];
-  std::snprintf(buf, sizeof buf, v >= 10 ? "%.0f" : "%.2f", v);
+  // Two significant digits below 0.1: a routing weight's mean of 0.0046 read "0.00" at the top of the bar.
+  std::snprintf(buf, sizeof buf, v >= 10 ? "%.0f" : std::abs(v) >= 0.1 ? "%.2f" : "%.2g", v);
   return buf;
 }
 }  // namespace
