@@ -114,10 +114,10 @@ Runner add_ablation(CLI::App& app) {
       if (t.cfg.train.threads == 0) t.cfg.train.threads = std::max(1, cores / f->jobs);
       t.cfg.train.progress = false;
     }
-    std::printf("%zu run%s in %s, %d at a time\n", tasks.size(), tasks.size() == 1 ? "" : "s", f->out.c_str(), f->jobs);
-    std::fflush(stdout);  // before the runs' lines on stderr, when both go to one file
     // Its own kind of directory: a run's or a sweep's took the rows' runs beside its files (--dry-run too).
     io::refuse_other_kinds(f->out, {".ablation.lock"}, "ablation --out");
+    std::printf("%zu run%s in %s, %d at a time\n", tasks.size(), tasks.size() == 1 ? "" : "s", f->out.c_str(), f->jobs);
+    std::fflush(stdout);  // before the runs' lines on stderr, when both go to one file
     if (f->dry_run) {
       for (const auto& t : tasks) std::printf("  %-28s %s\n", t.name.c_str(), t.row.c_str());
       return 0;

@@ -41,7 +41,7 @@ std::string train_position(const io::RunConfig& cfg, const nlohmann::json& st, c
   return "step " + std::to_string(st.value("step", int64_t{0})) + ", after " +
          std::to_string(st.value("epoch", int64_t{0})) + " of " + std::to_string(all) + (all == 1 ? " epoch" : " epochs") +
          (train::unfinished_training(cfg, state_json, path).empty()
-              ? " (the run's end)"
+              ? (st.value("epoch", int64_t{0}) < all ? " (its time budget's end)" : " (the run's end)")
               : ": unfinished (moev train --out DIR --resume finishes it)");
 }
 

@@ -62,7 +62,7 @@ void check_parent_directory(const std::string& path, const char* flag) {
   while (!fs::exists(above, ec) && above.has_relative_path()) above = above.parent_path();
   MOEV_CHECK(fs::is_directory(above, ec), flag, " ", path, ": cannot make its directory: ", above.string(),
              " is a file, not a directory");
-  MOEV_CHECK(access(above.c_str(), W_OK) == 0, flag, " ", path, ": cannot write in ", above.string(),
+  MOEV_CHECK(access(above.c_str(), W_OK | X_OK) == 0, flag, " ", path, ": cannot write in ", above.string(),
              " (no permission)");
 }
 

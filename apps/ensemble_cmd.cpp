@@ -61,12 +61,14 @@ Runner add_ensemble(CLI::App& app) {
     for (size_t i = 0; i < r.members.size(); ++i)
       out["members"].push_back({{"checkpoint", cfg.members[i].checkpoint}, {"weight", cfg.members[i].weight},
                                 {"top1", r.members[i].top1}, {"top5", r.members[i].top5},
-                                {"loss", r.members[i].loss}});
+                                {"loss", r.members[i].loss}, {"finished", r.unfinished[i].empty()}});
     if (!f->result.empty()) {
       make_parent_directory(f->result, "--result");
       io::write_text_atomic(f->result, io::output_json(out) + "\n");
     }
-    if (f->json) {
+    if (f->json) {  // the notes went to the progress stream, which --json leaves out
+      for (const auto& note : r.unfinished)
+        if (!note.empty()) std::cerr << "note: " << note << "\n";
       std::cout << io::output_json(out) << "\n";
       return 0;
     }

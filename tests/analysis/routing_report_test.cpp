@@ -33,7 +33,8 @@ TEST(RoutingReport, MutualInformationAtItsEnds) {
   const double h = -(0.25 * std::log2(0.25) + 0.75 * std::log2(0.75));
   EXPECT_NEAR(mutual_information_bits({{3, 1}, {1, 3}}), 1.0 - h, 1e-12);
   EXPECT_NEAR(specialisation({}), 0.0, 1e-12);
-  // Images of one class (a test folder of one class): 0 / 0, reported as 0 ("routing ignores the class").
+  // Images of one class (a test folder of one class): 0 / 0, which was reported as 0 ("routing ignores the
+  // class"), is undefined.
   EXPECT_TRUE(std::isnan(specialisation({{4, 0}, {2, 0}})));
   EXPECT_TRUE(std::isnan(weighted_specialisation({{0.0, 0.4}, {0.0, 0.2}})));
   EXPECT_EQ(score_text(specialisation({{4, 0}, {2, 0}})), "n/a");

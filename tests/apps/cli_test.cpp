@@ -999,6 +999,7 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   const auto res = nlohmann::json::parse(std::ifstream(dir.file("ens.json")));
   EXPECT_EQ(res.at("images").get<int64_t>(), 50);
   EXPECT_EQ(res.at("members").size(), 2u);
+  EXPECT_EQ(res.at("members")[0].at("finished"), true) << res;  // --json has no stderr note to read
   // As the table: TTA said, each member's top-5 and NLL beside its top-1.
   EXPECT_EQ(res.at("tta"), true);
   for (const auto& m : res.at("members")) {

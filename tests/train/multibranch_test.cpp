@@ -296,8 +296,13 @@ TEST(MultiBranch, AnUnfinishedRunIsNotedWhereItIsUsed) {
   fo.progress = &fused_said;
   train::train_fusion(paused, dir.file("fused.pt"), fo);
   EXPECT_NE(fused_said.str().find("note: " + t.unfinished), std::string::npos) << fused_said.str();
-  // The fusion of a paused run is the paused run's too.
-  EXPECT_FALSE(train::load_trained(dir.file("fused.pt"), c10::Device(c10::kCPU)).unfinished.empty());
+  // The fusion of a paused run is the paused run's too: that run is to be finished, and fused again.
+  const auto fused_note = train::load_trained(dir.file("fused.pt"), c10::Device(c10::kCPU)).unfinished;
+  for (const std::string& needle : std::vector<std::string>{dir.file("fused.pt") + " fused the branches of an "
+                                                            "unfinished run (" + paused + ")",
+                                                            "moev train --out " + dir.file("paused") + " --resume",
+                                                            "moev fuse " + paused + " fuses it again"})
+    EXPECT_NE(fused_note.find(needle), std::string::npos) << fused_note << "\nmissing: " << needle;
 
   // Finished: nothing to say.
   c.train.max_steps = 0;

@@ -389,8 +389,10 @@ Checkpoint load_checkpoint(const std::string& path, CheckpointLoad what) {
         fail("checkpoint ", path, ": is a directory; expected a checkpoint file (", (dir / model).string(), "?)");
     // A sweep's or an ablation's directory holds a run per directory: "<dir>/checkpoint.pt?" was no file.
     std::vector<std::string> runs;
-    for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec))
-      if (fs::exists(it->path() / "checkpoint.pt", ec)) runs.push_back((it->path() / "checkpoint.pt").string());
+    for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+      std::error_code entry_ec;  // an unreadable entry is passed over, not the end of the listing
+      if (fs::exists(it->path() / "checkpoint.pt", entry_ec)) runs.push_back((it->path() / "checkpoint.pt").string());
+    }
     std::sort(runs.begin(), runs.end());
     MOEV_CHECK(runs.empty(), "checkpoint ", path, ": is a directory of ", runs.size(), " run", runs.size() == 1 ? "" : "s",
                " (a sweep's or an ablation's?); expected one run's checkpoint file, e.g. ", runs.front());

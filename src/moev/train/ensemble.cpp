@@ -194,6 +194,7 @@ EnsembleResult evaluate_ensemble(const EnsembleConfig& cfg, std::optional<int64_
   viz::ProgressBar bar(progress, N * static_cast<int64_t>(models.size()), "ensemble", "img", interactive);
   int64_t done = 0;
   EnsembleResult res;
+  for (const auto& m : models) res.unfinished.push_back(m.unfinished);
   for (size_t m = 0; m < models.size(); ++m) {
     TtaOptions tta = tta_as_trained(models[m].cfg.data, models[m].cfg.model.family);
     tta.enabled = cfg.tta;

@@ -62,6 +62,7 @@ EnsembleConfig parse_ensemble(const nlohmann::json& section, const std::string& 
 struct EnsembleResult {
   std::vector<EvalResult> members;  // each member alone (with the same TTA)
   EvalResult ensemble;              // the weighted mean of their probabilities
+  std::vector<std::string> unfinished;  // [member] a note when its run had not ended (unfinished_training), or ""
 };
 
 // Evaluates every member and their weighted ensemble on the first member's test

@@ -8,6 +8,7 @@
 #include <torch/torch.h>
 
 #include "moev/analysis/routing_report.h"
+#include "moev/core/keyed_permutation.h"
 #include "moev/data/batch_loader.h"
 #include "moev/moe/moe_layer.h"
 #include "moev/train/multilabel.h"
@@ -30,43 +31,6 @@ struct Tally {
   std::vector<torch::Tensor> class_tokens;   // [layer] [classes] double: tokens per class
   std::vector<analysis::ImageSpread> spread;  // [layer] per-image spread
   std::vector<std::vector<int32_t>> dealt;     // [layer] [images x E]: placed assignments of the tokens dealt to each
-};
-
-// A keyed random permutation of [0, n), evaluated one element at a time: a 4-round Feistel network over the
-// next power of 4 at or above n, walked back into range (each step is a bijection, so its cycle through
-// [0, n) is too). It deals each position's tokens over all test images without storing a permutation per
-// layer and position, the same whatever batches the evaluation ran in.
-class Deal {
- public:
-  Deal(int64_t n, uint64_t key) : n_(n), key_(key) {
-    while ((int64_t{1} << (2 * half_)) < n) ++half_;
-    mask_ = (uint64_t{1} << half_) - 1;
-  }
-  int64_t operator()(int64_t i) const {
-    uint64_t v = static_cast<uint64_t>(i);
-    do v = step(v);
-    while (v >= static_cast<uint64_t>(n_));
-    return static_cast<int64_t>(v);
-  }
-
- private:
-  static uint64_t mix(uint64_t z) {  // SplitMix64's finaliser
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-  }
-  uint64_t step(uint64_t v) const {
-    uint64_t l = v >> half_, r = v & mask_;
-    for (uint64_t round = 0; round < 4; ++round) {
-      const uint64_t f = l ^ (mix(r ^ (key_ + round * 0x9e3779b97f4a7c15ULL)) & mask_);
-      l = r;
-      r = f;
-    }
-    return (l << half_) | r;
-  }
-  int64_t n_;
-  uint64_t key_, mask_ = 0;
-  int half_ = 0;
 };
 
 void accumulate(torch::Tensor& sum, const torch::Tensor& add) { sum = sum.defined() ? sum + add : add; }
@@ -144,7 +108,7 @@ at::Tensor eval_slice(models::Classifier& model, const std::vector<moe::MoELayer
     const int64_t* ep = ex.data_ptr<int64_t>();
     for (int64_t a = 0; a < placed; ++a) {
       const int64_t p = tp[a] % tokens_per_image;
-      const int64_t to = Deal(images, (static_cast<uint64_t>(l) << 32) + static_cast<uint64_t>(p))(
+      const int64_t to = core::KeyedPermutation(images, (static_cast<uint64_t>(l) << 32) + static_cast<uint64_t>(p))(
           first_image + tp[a] / tokens_per_image);
       ++dealt[static_cast<size_t>(to * E + ep[a])];
     }

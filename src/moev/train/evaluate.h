@@ -47,7 +47,7 @@ struct EvalResult {
   std::vector<std::vector<std::vector<double>>> class_gate_sums;
   std::vector<std::vector<double>> class_tokens;
   // With routing_by_class: [layer] H(expert | image) in bits, and the same with
-  // each position's tokens shuffled over the images of their batch (the chance level).
+  // each position's tokens shuffled over all the test images (the chance level).
   std::vector<double> image_bits, chance_image_bits;
 };
 

@@ -55,12 +55,19 @@ std::string unfinished_training(const io::RunConfig& cfg, const std::string& sta
   if (st.contains("planned_steps") && st["planned_steps"].is_number_integer() &&
       step >= st["planned_steps"].get<int64_t>())
     return "";
-  const auto dir = std::filesystem::path(checkpoint).parent_path();
-  return checkpoint + " is an unfinished run's: it stopped at step " + std::to_string(step) + ", after " +
-         std::to_string(epoch) + " of " + std::to_string(all_epochs) + (all_epochs == 1 ? " epoch" : " epochs") +
+  // A fused model holds its source run's state: that run is the one to finish, and the fusion to train again
+  // (resuming the run leaves fused.pt as it is).
+  const bool fused = st.contains("fusion") && st["fusion"].is_object() && st["fusion"].contains("from") &&
+                     st["fusion"]["from"].is_string();
+  const std::string source = fused ? st["fusion"]["from"].get<std::string>() : checkpoint;
+  const auto dir = std::filesystem::path(source).parent_path();
+  return checkpoint + (fused ? " fused the branches of an unfinished run (" + source + ")" : " is an unfinished run's") +
+         ": it stopped at step " + std::to_string(step) + ", after " + std::to_string(epoch) + " of " +
+         std::to_string(all_epochs) + (all_epochs == 1 ? " epoch" : " epochs") +
          (cfg.train.cooldown_epochs > 0 ? " (cool-down included)" : "") +
          " (paused by --max-steps, or stopped before its end); moev train --out " +
-         (dir.empty() ? std::string(".") : dir.string()) + " --resume finishes it";
+         (dir.empty() ? std::string(".") : dir.string()) + " --resume finishes it" +
+         (fused ? ", and moev fuse " + source + " fuses it again" : "");
 }
 
 io::RunConfig trained_config(const std::string& path) {
