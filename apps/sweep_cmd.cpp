@@ -70,7 +70,8 @@ Runner add_sweep(CLI::App& app) {
     for (const auto& s : sets) j.merge_patch(io::override_json(s));
     std::vector<std::string> skipped;
     const auto runs = train::expand_grid(grid, j, f->config, &skipped);
-    io::refuse_other_kinds(f->out, {".sweep.lock"}, "sweep --out");  // --dry-run listed runs it would refuse
+    // Before the listing (run_sweep checks again, for its library callers): --dry-run listed runs it would refuse.
+    io::refuse_other_kinds(f->out, {".sweep.lock"}, "sweep --out");
     std::printf("%zu run%s in %s\n", runs.size(), runs.size() == 1 ? "" : "s", f->out.c_str());
     for (const auto& r : runs) std::printf("  %s\n", r.name.c_str());
     for (const auto& why : skipped) std::printf("  (skipped %s)\n", why.c_str());

@@ -927,7 +927,7 @@ TEST(Trainer, TimeBudgetEndsTheScheduleOnTime) {
   auto r = train::train_model(cfg, {});
   EXPECT_TRUE(r.finished);
   EXPECT_LT(r.steps, 10000);
-  EXPECT_GT(r.steps, 20);
+  EXPECT_GT(r.steps, 5);
   EXPECT_GE(r.train_seconds, budget_s * 0.9);
   EXPECT_LE(r.train_seconds, budget_s + 2.0);
   EXPECT_GT(r.eval.images, 0);
@@ -935,12 +935,13 @@ TEST(Trainer, TimeBudgetEndsTheScheduleOnTime) {
   auto st = checkpoint_state(cfg.train.out_dir);
   EXPECT_EQ(st.at("planned_steps").get<int64_t>(), r.steps);
 
-  // Paused after 20 steps, then resumed: the second process gets what is left.
+  // Paused a third of the way in, then resumed: the second process gets what is left. The pause is counted from
+  // the first run's steps, not fixed: under a sanitizer 20 steps did not fit in the budget.
   auto part = tiny_run(dir.file("part"));
   part.train.epochs = 1000;
   part.train.minutes = budget_s / 60;
   part.train.eval_each_epoch = false;
-  part.train.max_steps = 20;
+  part.train.max_steps = std::max<int64_t>(2, r.steps / 3);
   auto r1 = train::train_model(part, {});
   EXPECT_FALSE(r1.finished);
   const double first_s = checkpoint_state(part.train.out_dir).at("train_elapsed_s").get<double>();
@@ -950,7 +951,7 @@ TEST(Trainer, TimeBudgetEndsTheScheduleOnTime) {
   o.resume = true;
   auto r2 = train::train_model(part, o);
   EXPECT_TRUE(r2.finished);
-  EXPECT_GT(r2.steps, 20);
+  EXPECT_GT(r2.steps, part.train.max_steps);
   const double total_s = checkpoint_state(part.train.out_dir).at("train_elapsed_s").get<double>();
   EXPECT_GE(total_s, budget_s * 0.9);
   EXPECT_LE(total_s, budget_s + 2.0);

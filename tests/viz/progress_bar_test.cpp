@@ -44,3 +44,17 @@ TEST(ProgressBar, ALogGetsEachTenthOnceWhenTheTotalIsReestimated) {
   EXPECT_NE(log.find(" 40/100 "), std::string::npos) << log;
   EXPECT_NE(log.find(" 50/100 "), std::string::npos) << log;
 }
+
+// A time budget before its first plan: the total is unknown ("?") and the ETA is the time left of the budget, not
+// that of the epoch cap (a 1-minute budget's first line read an ETA of hours); a plan makes it a count again.
+TEST(ProgressBar, AnEndWithoutATotalCountsDownToTheEnd) {
+  std::ostringstream out;
+  ProgressBar bar(&out, 100000, "train", "step", /*interactive=*/false);
+  bar.set_end_in(90);
+  bar.update(1);
+  EXPECT_NE(out.str().find(" 1/? "), std::string::npos) << out.str();
+  EXPECT_NE(out.str().find("ETA 1:30"), std::string::npos) << out.str();  // 89.99... s rounds to 1:30
+  bar.set_total(20);
+  bar.update(10);
+  EXPECT_NE(out.str().find("[############............] 10/20 "), std::string::npos) << out.str();
+}

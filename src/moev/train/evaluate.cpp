@@ -106,10 +106,15 @@ at::Tensor eval_slice(models::Classifier& model, const std::vector<moe::MoELayer
     const auto tok = token.contiguous(), ex = expert.contiguous();
     const int64_t* tp = tok.data_ptr<int64_t>();
     const int64_t* ep = ex.data_ptr<int64_t>();
+    // A token's K assignments share its deal: computed once per token (the placed list is in expert order).
+    std::vector<int64_t> dealt_to(static_cast<size_t>(b * tokens_per_image), -1);
     for (int64_t a = 0; a < placed; ++a) {
-      const int64_t p = tp[a] % tokens_per_image;
-      const int64_t to = core::KeyedPermutation(images, (static_cast<uint64_t>(l) << 32) + static_cast<uint64_t>(p))(
-          first_image + tp[a] / tokens_per_image);
+      int64_t& to = dealt_to[static_cast<size_t>(tp[a])];
+      if (to < 0) {
+        const int64_t p = tp[a] % tokens_per_image;
+        to = core::KeyedPermutation(images, (static_cast<uint64_t>(l) << 32) + static_cast<uint64_t>(p))(
+            first_image + tp[a] / tokens_per_image);
+      }
       ++dealt[static_cast<size_t>(to * E + ep[a])];
     }
   }

@@ -738,6 +738,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   viz::ProgressBar bar(tc.progress && lead ? opts.progress : nullptr, stop_at, "train", "step",
                        opts.interactive, pos.step);
   t_start = std::chrono::steady_clock::now();
+  if (budgeted && !(saved_plan > 0)) bar.set_end_in(tc.minutes * 60 - prior_train_s);  // until the first plan
   // The budget's step time, from the last (step, seconds) samples of this process,
   // after its first steps (allocations, caches) have passed.
   std::deque<std::pair<int64_t, double>> pace;

@@ -1,5 +1,6 @@
 #include "moev/viz/progress_bar.h"
 
+#include <algorithm>
 #include <cstdio>
 
 namespace moev::viz {
@@ -58,14 +59,19 @@ void ProgressBar::draw(const std::string& status, bool final) {
   const double elapsed =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
   const double rate = elapsed > 0 ? static_cast<double>(done_ - start_) / elapsed : 0;
-  const double eta = rate > 0 ? static_cast<double>(total_ - done_) / rate : -1;
+  const double eta =
+      deadline_ ? std::max(0.0, std::chrono::duration<double>(end_ - std::chrono::steady_clock::now()).count())
+      : rate > 0 ? static_cast<double>(total_ - done_) / rate
+                 : -1;
   const int width = 24;
-  const int filled = total_ > 0 ? static_cast<int>(width * std::min<int64_t>(done_, total_) / total_) : 0;
+  const int filled =
+      total_ > 0 && !deadline_ ? static_cast<int>(width * std::min<int64_t>(done_, total_) / total_) : 0;
   std::string bar(filled, '#');
   bar.resize(width, '.');
+  const std::string total = deadline_ ? "?" : std::to_string(total_);
   char buf[256];
-  std::snprintf(buf, sizeof buf, "%s [%s] %lld/%lld %s %s %s", label_.c_str(), bar.c_str(), (long long)done_,
-                (long long)total_, format_rate(rate, unit_).c_str(), final ? "in" : "ETA",
+  std::snprintf(buf, sizeof buf, "%s [%s] %lld/%s %s %s %s", label_.c_str(), bar.c_str(), (long long)done_,
+                total.c_str(), format_rate(rate, unit_).c_str(), final ? "in" : "ETA",
                 format_duration(final ? elapsed : eta).c_str());
   if (interactive_)
     *out_ << "\r\033[K" << buf << (status.empty() ? "" : "  ") << status << (final ? "\n" : "");

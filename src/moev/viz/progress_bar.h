@@ -16,7 +16,17 @@ class ProgressBar {
   ProgressBar(std::ostream* out, int64_t total, std::string label, std::string unit,
               bool interactive, int64_t start = 0);
   void update(int64_t done, const std::string& status = "");
-  void set_total(int64_t total) { total_ = total; }  // work whose size is re-estimated (a time budget)
+  void set_total(int64_t total) {  // work whose size is re-estimated (a time budget)
+    total_ = total;
+    deadline_ = false;
+  }
+  // Work whose size is not known yet but whose end is (a time budget before its first plan): the total reads "?"
+  // and the ETA counts down to the end, until set_total. The epoch cap's total gave a 1-minute budget an ETA of hours.
+  void set_end_in(double seconds) {
+    end_ = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                                  std::chrono::duration<double>(seconds));
+    deadline_ = true;
+  }
   void finish(const std::string& status = "");
 
   static std::string format_duration(double seconds);  // "1:02:03" / "2:03"
@@ -31,7 +41,8 @@ class ProgressBar {
   std::string label_, unit_;
   bool interactive_;
   int last_decile_ = -1;
-  std::chrono::steady_clock::time_point t0_, last_draw_;
+  bool deadline_ = false;
+  std::chrono::steady_clock::time_point t0_, last_draw_, end_;
 };
 
 }  // namespace moev::viz
