@@ -2,6 +2,7 @@
 // the model, the training position, how many ranks wrote it, and its expert
 // tensors. Checkpoints always hold full tensors (expert shards are gathered
 // before saving), so any number of ranks can load one; this shows it.
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 
@@ -24,12 +25,21 @@ namespace {
 bool is_pretraining(const nlohmann::json& st) {
   return st.is_object() && st.contains("pretrain") && st.at("pretrain").is_object();
 }
-std::string pretrain_position(const nlohmann::json& st) {
+// "step 36 of 160 (40 epochs)": "step 36 of 40 epochs" mixed its units, and a paused run read as a finished one.
+std::string pretrain_position(const nlohmann::json& st, const std::string& path) {
   const auto& p = st.at("pretrain");
-  std::string s = "pre-training (moev pretrain) step " + std::to_string(p.value("step", int64_t{0}));
+  const int64_t step = p.value("step", int64_t{0}), total = p.value("total_steps", int64_t{0});
+  std::string s = "pre-training (moev pretrain) step " + std::to_string(step);
+  if (total > 0) s += " of " + std::to_string(total);
   if (p.contains("options") && p.at("options").is_object() && p.at("options").contains("epochs")) {
     const auto epochs = p.at("options").at("epochs");
-    s += " of " + epochs.dump() + (epochs == 1 ? " epoch" : " epochs");
+    s += (total > 0 ? " (" : " of a run of ") + epochs.dump() + (epochs == 1 ? " epoch" : " epochs") +
+         (total > 0 ? ")" : "");
+  }
+  if (total > 0 && step < total) {
+    const auto dir = std::filesystem::path(path).parent_path();
+    s += ": unfinished (moev pretrain --out " + (dir.empty() ? std::string(".") : dir.string()) +
+         " --resume finishes it)";
   }
   return s + "; heads untrained (train.init_from starts a supervised run from it)";
 }
@@ -42,7 +52,9 @@ std::string train_position(const io::RunConfig& cfg, const nlohmann::json& st, c
          std::to_string(st.value("epoch", int64_t{0})) + " of " + std::to_string(all) + (all == 1 ? " epoch" : " epochs") +
          (train::unfinished_training(cfg, state_json, path).empty()
               ? (st.value("epoch", int64_t{0}) < all ? " (its time budget's end)" : " (the run's end)")
-              : ": unfinished (moev train --out DIR --resume finishes it)");
+              : ": unfinished (" + train::resume_command(std::filesystem::path(path).parent_path().string(),
+                                                         state_json) +
+                    " finishes it)");
 }
 
 }  // namespace
@@ -91,7 +103,9 @@ Runner add_checkpoint(CLI::App& app) {
                                                               std::to_string(m.router.k))
               << branches << ", precision " << m.precision << "\n"
               << "position     "
-              << (is_pretraining(st) ? pretrain_position(st) : train_position(cfg, st, ckpt.state_json, *path)) << "\n"
+              << (is_pretraining(st) ? pretrain_position(st, *path)
+                                     : train_position(cfg, st, ckpt.state_json, *path))
+              << "\n"
               << "written by   " << st.value("world_size", 1) << " rank(s)"
               << (st.value("expert_parallel", false) ? ", experts split over them" : "") << "\n"
               << "layout       full tensors: loads on any number of ranks"

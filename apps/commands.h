@@ -59,8 +59,11 @@ struct ConfigFlags {
 // The thread count sets the order of floating-point sums, so a run resumed on
 // another count does not repeat bit for bit. Unless the command names one
 // (--threads, --set train.threads, a config file's), a resumed run keeps the
-// count it was saved with (`saved`): `moev train --out DIR --resume` took all cores.
-void keep_saved_threads(const ConfigFlags& flags, const io::RunConfig& saved, io::RunConfig& cfg);
+// count it was saved with (`saved`): `moev train --out DIR --resume` took all cores (keep_threads false: a job's
+// ranks split the cores their own way). How often it saves is the run's own too unless the command names it (a
+// preempted job may save more often): `moev pretrain --out DIR --resume` saved every 200 steps, not its 5.
+void keep_saved_run_settings(const ConfigFlags& flags, const io::RunConfig& saved, io::RunConfig& cfg,
+                             bool keep_threads);
 
 // --resume continues a run as it was saved (only threads, device, progress,
 // max_steps and out come from now). A key the user set that differs from the

@@ -190,8 +190,10 @@ std::string merge_section_sets(nlohmann::json& j, std::vector<std::string>& sets
   return source;
 }
 
-void keep_saved_threads(const ConfigFlags& flags, const io::RunConfig& saved, io::RunConfig& cfg) {
-  if (!flags.names_key("train.threads")) cfg.train.threads = saved.train.threads;
+void keep_saved_run_settings(const ConfigFlags& flags, const io::RunConfig& saved, io::RunConfig& cfg,
+                             bool keep_threads) {
+  if (keep_threads && !flags.names_key("train.threads")) cfg.train.threads = saved.train.threads;
+  if (!flags.names_key("train.checkpoint_every")) cfg.train.checkpoint_every = saved.train.checkpoint_every;
 }
 
 const nlohmann::json& ConfigFlags::file() const {

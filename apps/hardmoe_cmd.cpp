@@ -54,6 +54,27 @@ struct Resolved {
   std::string source;  // where the overrides came from, for messages about them
 };
 
+// The error a failed expert's output.log ends with ("" if none): the cause, in train-all's summary, which named
+// only the log of each failed expert.
+std::string last_error_line(const std::string& log) {
+  std::ifstream in(log);
+  std::string line, last;
+  while (std::getline(in, line))
+    if (line.rfind("moev: error: ", 0) == 0) last = line.substr(13);
+  return last;
+}
+
+// Experts with fewer training images than a batch cannot take a step (the trainer drops a partial last batch):
+// "" when every expert has a batch, else the list ("0 (18 images), 5 (7 images)").
+std::string experts_below_a_batch(const hardmoe::Partition& p, int64_t batch_size, const std::vector<bool>& done) {
+  std::string list;
+  for (int64_t e = 0; e < p.experts; ++e)
+    if (!done[static_cast<size_t>(e)] && p.counts[static_cast<size_t>(e)] < batch_size)
+      list += (list.empty() ? "" : ", ") + std::to_string(e) + " (" + std::to_string(p.counts[static_cast<size_t>(e)]) +
+              " image" + (p.counts[static_cast<size_t>(e)] == 1 ? "" : "s") + ")";
+  return list;
+}
+
 Resolved resolve(const HardMoEFlags& f) {
   auto file = io::read_config_file(f.config);
   MOEV_CHECK(file.is_object(), f.config, ": expected a table of sections");
@@ -149,11 +170,10 @@ Runner add_hardmoe(CLI::App& app) {
       train::set_threads(f->threads);
       // The experts' runs checked now (the config's data and image size against
       // the trunk's), not after the clustering, in every expert.
-      hardmoe::expert_run_config(hm,
-                                 io::from_json_string(
-                                     train::load_checkpoint(hm.trunk, train::CheckpointLoad::kConfig).config_json,
-                                     hm.trunk),
-                                 r.overrides, 0, r.source);
+      const auto expert_cfg = hardmoe::expert_run_config(
+          hm, io::from_json_string(train::load_checkpoint(hm.trunk, train::CheckpointLoad::kConfig).config_json,
+                                   hm.trunk),
+          r.overrides, 0, r.source);
       const auto t0 = std::chrono::steady_clock::now();
       auto p = hardmoe::cluster_trunk(hm, f->batch_size, &std::cerr, stderr_is_terminal());
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -162,6 +182,15 @@ Runner add_hardmoe(CLI::App& app) {
                   p.inertia);
       for (auto c : p.counts) std::printf(" %lld", (long long)c);
       std::printf("\nwrote %s/partition.csv, centroids.pt, partition.json, partition.png, hardmoe.json\n", hm.dir.c_str());
+      // Said now, not by each expert's run after the others have trained (train-all refuses to start them).
+      const std::string small =
+          experts_below_a_batch(p, expert_cfg.train.batch_size, std::vector<bool>(static_cast<size_t>(p.experts)));
+      if (!small.empty())
+        std::fprintf(stderr,
+                     "note: expert%s %s get%s fewer training images than train.batch_size = %lld and cannot train; "
+                     "cluster into fewer experts, or lower train.batch_size\n",
+                     small.find(',') == std::string::npos ? "" : "s", small.c_str(),
+                     small.find(',') == std::string::npos ? "s" : "", (long long)expert_cfg.train.batch_size);
       return 0;
     }
     if (te->parsed()) {
@@ -195,12 +224,22 @@ Runner add_hardmoe(CLI::App& app) {
     const auto trunk_ckpt_cfg = io::from_json_string(
         train::load_checkpoint(checked.trunk, train::CheckpointLoad::kConfig).config_json, checked.trunk);
     std::vector<int64_t> total(k);
+    std::vector<bool> done(static_cast<size_t>(k));
+    int64_t batch_size = 0;
     for (int64_t e = 0; e < k; ++e) {
       hardmoe::check_expert_rows(part, hm.dir, e);  // before "done earlier" reported another clustering's expert
       auto c = hardmoe::expert_run_config(checked, trunk_ckpt_cfg, r.overrides, e, r.source);
       hardmoe::check_expert_settings(c, hm, e);  // before "done earlier" or a resume could keep other settings
       total[e] = part.counts[e] / c.train.batch_size * (c.train.epochs + c.train.cooldown_epochs);
+      done[static_cast<size_t>(e)] = fs::exists(hardmoe::expert_result_file(hm.dir, e));
+      batch_size = c.train.batch_size;
     }
+    // Refused before any expert starts: they failed one by one after the others had trained.
+    const std::string small = experts_below_a_batch(part, batch_size, done);
+    const bool one = small.find(',') == std::string::npos;
+    MOEV_CHECK(small.empty(), "hardmoe train-all: expert", one ? " " : "s ", small, " of ", hm.dir,
+               one ? " has" : " have", " fewer training images than train.batch_size = ", batch_size,
+               " and cannot train; lower it (--set train.batch_size=N) or cluster into fewer experts");
     enum State { kWaiting, kRunning, kDone, kFailed };
     std::vector<State> state(k, kWaiting);
     std::vector<std::string> line(k, "waiting");
@@ -296,8 +335,11 @@ Runner add_hardmoe(CLI::App& app) {
           const bool asked = ended_by_stop(st, stop);  // saved its checkpoint, or had none: not broken
           line[e] = asked ? "stopped on request (saved; rerun to continue)"
                           : "FAILED (" + wait_status_text(st) + "); see " + log;
+          const std::string why = asked ? "" : last_error_line(log);
           failures.push_back("expert " + std::to_string(e) +
-                             (asked ? " (stopped on request)" : " (" + wait_status_text(st) + "; see " + log + ")"));
+                             (asked ? " (stopped on request)"
+                                    : " (" + wait_status_text(st) + (why.empty() ? "" : ": " + why) + "; see " + log +
+                                          ")"));
         }
       } else {
         std::this_thread::sleep_for(std::chrono::milliseconds(500));

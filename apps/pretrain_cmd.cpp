@@ -103,7 +103,7 @@ Runner add_pretrain(CLI::App& app) {
       if (s.rfind("pretrain.", 0) == 0)
         train::apply_pretrain_section(*o, io::assignment_json(s).at("pretrain"), "--set " + s);
     if (saved) {
-      keep_saved_threads(*flags, *saved, cfg);
+      keep_saved_run_settings(*flags, *saved, cfg, /*keep_threads=*/true);
       check_resume_overrides(*flags, *saved, cfg, saved_path);
       cfg = train::resumed_config(*saved, cfg);
     }

