@@ -52,9 +52,7 @@ std::string train_position(const io::RunConfig& cfg, const nlohmann::json& st, c
          std::to_string(st.value("epoch", int64_t{0})) + " of " + std::to_string(all) + (all == 1 ? " epoch" : " epochs") +
          (train::unfinished_training(cfg, state_json, path).empty()
               ? (st.value("epoch", int64_t{0}) < all ? " (its time budget's end)" : " (the run's end)")
-              : ": unfinished (" + train::resume_command(std::filesystem::path(path).parent_path().string(),
-                                                         state_json) +
-                    " finishes it)");
+              : ": unfinished (" + train::resume_command(path, state_json) + " finishes it)");
 }
 
 }  // namespace

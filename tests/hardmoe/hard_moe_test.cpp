@@ -499,10 +499,15 @@ TEST(HardMoE, AnExpertsRunNamesTheCommandThatResumesIt) {
   t.train(1);
   const std::string dir = hardmoe::expert_dir(t.hm.dir, 1);
   const auto ckpt = train::load_checkpoint(train::checkpoint_path(dir), train::CheckpointLoad::kConfig);
-  EXPECT_EQ(train::resume_command(dir, ckpt.state_json),
-            "moev hardmoe train-expert --config <the hard MoE's config> --dir " + t.hm.dir +
-                " --expert 1 (or the moev hardmoe train-all that started it)");
-  EXPECT_EQ(train::resume_command("runs/a", "{\"step\": 3}"), "moev train --out runs/a --resume");
+  const std::string want = "moev hardmoe train-expert --config <the hard MoE's config> --dir " + t.hm.dir +
+                           " --expert 1 (or the moev hardmoe train-all that started it)";
+  EXPECT_EQ(train::resume_command(train::checkpoint_path(dir), ckpt.state_json), want);
+  // Named with a trailing slash, the directory's name is still expert_1 (it was "", and train --resume was named).
+  EXPECT_EQ(train::resume_command(dir + "//checkpoint.pt", ckpt.state_json), want);
+  EXPECT_EQ(train::resume_command("runs/a/checkpoint.pt", "{\"step\": 3}"), "moev train --out runs/a --resume");
+  // A fused model's run is its source's, wherever the fused file lies.
+  EXPECT_EQ(train::resume_command("elsewhere/x.pt", "{\"fusion\": {\"from\": \"runs/b/checkpoint.pt\"}}"),
+            "moev train --out runs/b --resume");
   auto run = io::from_json_string(ckpt.config_json, dir);
   train::TrainRunOptions opts;
   opts.resume = true;

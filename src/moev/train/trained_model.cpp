@@ -60,21 +60,27 @@ std::string unfinished_training(const io::RunConfig& cfg, const std::string& sta
   const bool fused = st.contains("fusion") && st["fusion"].is_object() && st["fusion"].contains("from") &&
                      st["fusion"]["from"].is_string();
   const std::string source = fused ? st["fusion"]["from"].get<std::string>() : checkpoint;
-  const auto dir = std::filesystem::path(source).parent_path();
   return checkpoint + (fused ? " fused the branches of an unfinished run (" + source + ")" : " is an unfinished run's") +
          ": it stopped at step " + std::to_string(step) + ", after " + std::to_string(epoch) + " of " +
          std::to_string(all_epochs) + (all_epochs == 1 ? " epoch" : " epochs") +
          (cfg.train.cooldown_epochs > 0 ? " (cool-down included)" : "") +
-         " (paused by --max-steps, or stopped before its end); " + resume_command(dir.string(), state_json) +
+         " (paused by --max-steps, or stopped before its end); " + resume_command(checkpoint, state_json) +
          " finishes it" + (fused ? ", and moev fuse " + source + " fuses it again" : "");
 }
 
-std::string resume_command(const std::string& run_dir, const std::string& state_json) {
+std::string resume_command(const std::string& checkpoint, const std::string& state_json) {
+  namespace fs = std::filesystem;
   const auto st = nlohmann::json::parse(state_json, nullptr, false);
-  const std::filesystem::path dir = run_dir.empty() ? std::string(".") : run_dir;
-  const std::string name = dir.lexically_normal().filename().string();
+  // A fused model's run is its source's.
+  const bool fused = st.is_object() && st.contains("fusion") && st["fusion"].is_object() &&
+                     st["fusion"].contains("from") && st["fusion"]["from"].is_string();
+  fs::path dir = fs::path(fused ? st["fusion"]["from"].get<std::string>() : checkpoint).parent_path();
+  dir = (dir.empty() ? fs::path(".") : dir).lexically_normal();
+  if (!dir.has_filename()) dir = dir.parent_path();  // "expert_0/": its name, not ""
+  const fs::path whole = fs::absolute(dir).lexically_normal();  // "." inside expert_0: expert_0
+  const std::string name = (whole.has_filename() ? whole : whole.parent_path()).filename().string();
   if (st.is_object() && st.contains("train_rows") && name.rfind("expert_", 0) == 0) {
-    const auto hm_dir = dir.lexically_normal().parent_path();
+    const fs::path hm_dir = dir.filename() == "." || dir.filename() == ".." ? whole.parent_path() : dir.parent_path();
     return "moev hardmoe train-expert --config <the hard MoE's config> --dir " +
            (hm_dir.empty() ? std::string(".") : hm_dir.string()) + " --expert " + name.substr(7) +
            " (or the moev hardmoe train-all that started it)";

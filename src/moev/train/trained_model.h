@@ -31,10 +31,11 @@ struct TrainedModel {
 std::string unfinished_training(const io::RunConfig& cfg, const std::string& state_json,
                                 const std::string& checkpoint);
 
-// The command that continues the run in `run_dir` whose checkpoint's state is `state_json`: moev train --out DIR
-// --resume, or for a hard MoE's expert (its state records the partition's rows) moev hardmoe train-expert, which
-// gives the run its rows (train --resume had none to give, and failed as if the partition had changed).
-std::string resume_command(const std::string& run_dir, const std::string& state_json);
+// The command that continues the run of `checkpoint`, whose state is `state_json` (a fused model's: its source
+// run): moev train --out DIR --resume, or for a hard MoE's expert (its state records the partition's rows) moev
+// hardmoe train-expert, which gives the run its rows (train --resume had none to give, and failed as if the
+// partition had changed).
+std::string resume_command(const std::string& checkpoint, const std::string& state_json);
 
 // checkpoint: a checkpoint.pt, or a hard MoE's hardmoe.json.
 // precision: "" keeps the model.precision it was trained with; "fp32" or "bf16"

@@ -377,7 +377,7 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     // Before the data is read: without its rows, the expert's run failed as if its partition had changed.
     MOEV_CHECK(saved_rows.empty() || !opts.train_rows.empty(), "--resume: ", ckpt_file, " is a hard MoE expert's ",
                "run (it trains on its partition's rows of the training set); ",
-               resume_command(cfg.train.out_dir, resume_from.state_json), " resumes it");
+               resume_command(ckpt_file, resume_from.state_json), " resumes it");
     if (st.value("world_size", 1) == 1) saved_replicas = st.value("replicas", 0);
     if (st.contains("log_window")) {  // not in checkpoints written before it was saved
       const auto& w = st.at("log_window");
@@ -755,7 +755,8 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
   viz::ProgressBar bar(tc.progress && lead ? opts.progress : nullptr, stop_at, "train", "step",
                        opts.interactive, pos.step);
   t_start = std::chrono::steady_clock::now();
-  if (budgeted && !(saved_plan > 0)) bar.set_end_in(tc.minutes * 60 - prior_train_s);  // until the first plan
+  // Until the first plan; not when --max-steps ends this process first.
+  if (budgeted && !(saved_plan > 0) && stop_at == total_steps) bar.set_end_in(tc.minutes * 60 - prior_train_s);
   // The budget's step time, from the last (step, seconds) samples of this process,
   // after its first steps (allocations, caches) have passed.
   std::deque<std::pair<int64_t, double>> pace;

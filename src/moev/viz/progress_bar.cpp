@@ -52,6 +52,7 @@ std::string ProgressBar::format_rate(double per_second, const std::string& unit)
 
 void ProgressBar::finish(const std::string& status) {
   if (!out_) return;
+  if (deadline_) set_total(done_);  // ended before a total came: what was done is the whole
   draw(status, true);
 }
 
