@@ -36,11 +36,7 @@ std::string pretrain_position(const nlohmann::json& st, const std::string& path)
     s += (total > 0 ? " (" : " of a run of ") + epochs.dump() + (epochs == 1 ? " epoch" : " epochs") +
          (total > 0 ? ")" : "");
   }
-  if (total > 0 && step < total) {
-    const auto dir = std::filesystem::path(path).parent_path();
-    s += ": unfinished (moev pretrain --out " + (dir.empty() ? std::string(".") : dir.string()) +
-         " --resume finishes it)";
-  }
+  if (total > 0 && step < total) s += ": unfinished (" + train::resume_command(path, st.dump()) + " finishes it)";
   return s + "; heads untrained (train.init_from starts a supervised run from it)";
 }
 

@@ -505,6 +505,8 @@ TEST(HardMoE, AnExpertsRunNamesTheCommandThatResumesIt) {
   // Named with a trailing slash, the directory's name is still expert_1 (it was "", and train --resume was named).
   EXPECT_EQ(train::resume_command(dir + "//checkpoint.pt", ckpt.state_json), want);
   EXPECT_EQ(train::resume_command("runs/a/checkpoint.pt", "{\"step\": 3}"), "moev train --out runs/a --resume");
+  EXPECT_EQ(train::resume_command("runs/p/pretrain.pt", "{\"pretrain\": {\"step\": 3}}"),
+            "moev pretrain --out runs/p --resume");
   // A fused model's run is its source's, wherever the fused file lies.
   EXPECT_EQ(train::resume_command("elsewhere/x.pt", "{\"fusion\": {\"from\": \"runs/b/checkpoint.pt\"}}"),
             "moev train --out runs/b --resume");

@@ -85,7 +85,8 @@ std::string resume_command(const std::string& checkpoint, const std::string& sta
            (hm_dir.empty() ? std::string(".") : hm_dir.string()) + " --expert " + name.substr(7) +
            " (or the moev hardmoe train-all that started it)";
   }
-  return "moev train --out " + dir.string() + " --resume";
+  const bool pretraining = st.is_object() && st.contains("pretrain");
+  return (pretraining ? "moev pretrain --out " : "moev train --out ") + dir.string() + " --resume";
 }
 
 io::RunConfig trained_config(const std::string& path) {

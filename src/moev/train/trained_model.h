@@ -32,7 +32,7 @@ std::string unfinished_training(const io::RunConfig& cfg, const std::string& sta
                                 const std::string& checkpoint);
 
 // The command that continues the run of `checkpoint`, whose state is `state_json` (a fused model's: its source
-// run): moev train --out DIR --resume, or for a hard MoE's expert (its state records the partition's rows) moev
+// run): moev train --out DIR --resume (moev pretrain for a pre-training), or for a hard MoE's expert (its state records the partition's rows) moev
 // hardmoe train-expert, which gives the run its rows (train --resume had none to give, and failed as if the
 // partition had changed).
 std::string resume_command(const std::string& checkpoint, const std::string& state_json);

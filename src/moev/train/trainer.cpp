@@ -509,11 +509,10 @@ TrainOutcome train_locked(io::RunConfig cfg, const TrainRunOptions& opts) {
     if (st.is_object() && st.contains("pretrain") && st["pretrain"].is_object()) {
       const auto& p = st["pretrain"];
       const int64_t step = p.value("step", int64_t{0}), total = p.value("total_steps", int64_t{0});
-      const auto dir = fs::path(tc.init_from).parent_path();
       if (step < total)
         unfinished = tc.init_from + " is an unfinished pre-training's: it stopped at step " + std::to_string(step) +
-                     " of " + std::to_string(total) + "; moev pretrain --out " +
-                     (dir.empty() ? std::string(".") : dir.string()) + " --resume finishes it";
+                     " of " + std::to_string(total) + "; " + resume_command(tc.init_from, init.state_json) +
+                     " finishes it";
     }
     if (lead && opts.progress && !unfinished.empty()) *opts.progress << "note: " << unfinished << "\n";
   }
