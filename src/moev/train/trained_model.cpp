@@ -43,6 +43,15 @@ TrainedModel load_trained(const std::string& path, const c10::Device& device,
   return t;
 }
 
+namespace {
+// The checkpoint a fused model's branches came from ("" for any other state).
+std::string fused_from(const nlohmann::json& st) {
+  const bool fused = st.is_object() && st.contains("fusion") && st["fusion"].is_object() &&
+                     st["fusion"].contains("from") && st["fusion"]["from"].is_string();
+  return fused ? st["fusion"]["from"].get<std::string>() : "";
+}
+}  // namespace
+
 std::string unfinished_training(const io::RunConfig& cfg, const std::string& state_json,
                                 const std::string& checkpoint) {
   const auto st = nlohmann::json::parse(state_json, nullptr, false);
@@ -57,9 +66,9 @@ std::string unfinished_training(const io::RunConfig& cfg, const std::string& sta
     return "";
   // A fused model holds its source run's state: that run is the one to finish, and the fusion to train again
   // (resuming the run leaves fused.pt as it is).
-  const bool fused = st.contains("fusion") && st["fusion"].is_object() && st["fusion"].contains("from") &&
-                     st["fusion"]["from"].is_string();
-  const std::string source = fused ? st["fusion"]["from"].get<std::string>() : checkpoint;
+  const std::string from = fused_from(st);
+  const bool fused = !from.empty();
+  const std::string source = fused ? from : checkpoint;
   return checkpoint + (fused ? " fused the branches of an unfinished run (" + source + ")" : " is an unfinished run's") +
          ": it stopped at step " + std::to_string(step) + ", after " + std::to_string(epoch) + " of " +
          std::to_string(all_epochs) + (all_epochs == 1 ? " epoch" : " epochs") +
@@ -71,10 +80,8 @@ std::string unfinished_training(const io::RunConfig& cfg, const std::string& sta
 std::string resume_command(const std::string& checkpoint, const std::string& state_json) {
   namespace fs = std::filesystem;
   const auto st = nlohmann::json::parse(state_json, nullptr, false);
-  // A fused model's run is its source's.
-  const bool fused = st.is_object() && st.contains("fusion") && st["fusion"].is_object() &&
-                     st["fusion"].contains("from") && st["fusion"]["from"].is_string();
-  fs::path dir = fs::path(fused ? st["fusion"]["from"].get<std::string>() : checkpoint).parent_path();
+  const std::string from = fused_from(st);  // a fused model's run is its source's
+  fs::path dir = fs::path(from.empty() ? checkpoint : from).parent_path();
   dir = (dir.empty() ? fs::path(".") : dir).lexically_normal();
   if (!dir.has_filename()) dir = dir.parent_path();  // "expert_0/": its name, not ""
   const fs::path whole = fs::absolute(dir).lexically_normal();  // "." inside expert_0: expert_0
